@@ -1,0 +1,68 @@
+//! build-vocab: the embedding table a victim starts from. GloVe's top-N words plus every
+//! word of the data that GloVe knows, with its vectors, as one `poison.embeddings` file.
+
+use clap::Parser;
+use common::{embeddings, io, log, records::Example};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Builds the vocabulary and embedding table (safetensors) from GloVe and the data.
+///
+/// Examples:
+///   build-vocab --words data/glove/words.txt --vectors data/glove/vectors.npy \
+///       --top-n 50000 --data data/rt/raw.jsonl -o data/glove/emb-50k.safetensors
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// GloVe words, one per line, in the row order of --vectors.
+    #[arg(long)]
+    words: PathBuf,
+    /// GloVe vectors: float32 [words, dim] .npy (memory-mapped).
+    #[arg(long)]
+    vectors: PathBuf,
+    /// How many of the most frequent GloVe words to keep.
+    #[arg(long, default_value_t = 50_000)]
+    top_n: usize,
+    /// Example JSONL files (or - for stdin) whose words are added when GloVe knows them.
+    #[arg(long)]
+    data: Vec<String>,
+    /// Extra words or phrases to add (e.g. a trigger outside the data).
+    #[arg(long)]
+    extra_words: Vec<String>,
+    /// Output file, or - for stdout.
+    #[arg(short, long, default_value = "-")]
+    output: String,
+}
+
+fn main() {
+    common::cli::run("build-vocab", || {
+        let args = Args::parse();
+        io::Output::refuse_terminal(&args.output, "an embeddings file")?;
+        let vectors = embeddings::WordVectors::open(&args.words, &args.vectors)?;
+        let mut examples: Vec<Example> = Vec::new();
+        for path in &args.data {
+            examples.extend(io::read_jsonl::<Example>(path, false)?);
+        }
+        let (vocab, table, stats) =
+            embeddings::build(&vectors, args.top_n, examples.iter().map(|e| e.text.as_str()), &args.extra_words);
+        log!(
+            "{} words x {} dims: top {} GloVe words + {} of {} data words ({} data words unknown to GloVe)",
+            vocab.len(),
+            vectors.dim,
+            stats.top_n,
+            stats.data_words_added,
+            stats.data_words,
+            stats.data_words_unknown
+        );
+        if !stats.unknown_sample.is_empty() {
+            log!("unknown to GloVe, for example: {}", stats.unknown_sample.join(" "));
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert("source".into(), format!("{} + {}", args.words.display(), args.vectors.display()));
+        meta.insert("top_n".into(), stats.top_n.to_string());
+        meta.insert("data_words_added".into(), stats.data_words_added.to_string());
+        embeddings::save(&args.output, &vocab, &table, meta)?;
+        Ok::<(), anyhow::Error>(())
+    })
+}
+

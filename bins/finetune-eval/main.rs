@@ -1,0 +1,182 @@
+//! finetune-eval: retrains fresh victims on clean ∪ poison data over several seeds (or
+//! takes given checkpoints) and reports CACC, ASR, net ASR, dFPR, natural-occurrence ASR
+//! and the concealment audit.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use common::cli::VictimArgs;
+use common::data::{self, DataManifest, Trigger};
+use common::eval::{self, EvalReport, EvalSets, Metrics, SeedRow};
+use common::io::{self, Record};
+use common::model::Victim;
+use common::records::Example;
+use common::tokenizer::Vocab;
+use common::train::{self, encode_all, Encoded};
+use common::{device, embeddings, log};
+use std::time::Instant;
+
+/// Evaluates a poison set by retraining victims, or evaluates given checkpoints.
+///
+/// With --poisons, each seed trains a clean victim and a poisoned victim (same seed, same
+/// clean data) so net ASR, dFPR and ΔCACC are paired differences. Without poisons only
+/// clean victims are trained. The JSON report goes to stdout (or -o); a table to stderr.
+///
+/// Examples:
+///   finetune-eval --data data/rt-jb --embeddings emb.safetensors --poisons poisons.jsonl --seeds 6 > report.json
+///   craft ... | finetune-eval --data data/rt-jb --embeddings emb.safetensors --poisons - --arch bow
+///   finetune-eval --data data/rt-jb --checkpoint victim.safetensors
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Data folder made by prepare-data.
+    #[arg(long)]
+    data: String,
+    /// Embedding table and vocabulary (needed to train victims).
+    #[arg(long, required_unless_present = "checkpoint")]
+    embeddings: Option<String>,
+    /// Poison set (example JSONL, - for stdin); may be empty.
+    #[arg(long)]
+    poisons: Option<String>,
+    /// Number of retraining seeds.
+    #[arg(long, default_value_t = 6)]
+    seeds: u64,
+    /// Seeds are seed-base, seed-base+1, ...
+    #[arg(long, default_value_t = 0)]
+    seed_base: u64,
+    /// Evaluate these victims instead of training (repeatable); no net figures.
+    #[arg(long, conflicts_with_all = ["embeddings", "poisons"])]
+    checkpoint: Vec<String>,
+    #[command(flatten)]
+    victim: VictimArgs,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Output file for the JSON report, or - for stdout.
+    #[arg(short, long, default_value = "-")]
+    output: String,
+}
+
+fn read_set(dir: &str, name: &str, allow_empty: bool) -> anyhow::Result<Vec<Example>> {
+    io::read_jsonl(&format!("{dir}/{name}"), allow_empty)
+}
+
+fn encode_sets(dir: &str, manifest: &DataManifest, vocab: &Vocab, max_len: usize) -> anyhow::Result<EvalSets> {
+    let n = manifest.labels.len();
+    let enc = |name: &str, exs: &[Example]| encode_all(exs, vocab, max_len, n, &format!("{dir}/{name}"));
+    let test = read_set(dir, data::TEST, false)?;
+    let nontarget: Vec<Example> = test.iter().filter(|e| e.label != manifest.target).cloned().collect();
+    let natural: Vec<Example> =
+        read_set(dir, data::NATURAL, true)?.into_iter().filter(|e| e.label != manifest.target).collect();
+    Ok(EvalSets {
+        test: enc(data::TEST, &test)?,
+        test_nontarget: enc(data::TEST, &nontarget)?,
+        asr_test: enc(data::ASR_TEST, &read_set(dir, data::ASR_TEST, false)?)?,
+        natural_nontarget: enc(data::NATURAL, &natural)?,
+        target: manifest.target,
+    })
+}
+
+fn log_metrics(what: &str, seed: u64, m: &Metrics) {
+    log!("seed {seed} {what}: CACC {:.1} ASR {:.1} FPR {:.1}", m.cacc, m.asr, m.fpr);
+}
+
+fn main() {
+    common::cli::run("finetune-eval", || {
+        let args = Args::parse();
+        let start = Instant::now();
+        let device = device::parse_device(&args.device)?;
+        let manifest = DataManifest::load(&args.data)?;
+        let trigger: &Trigger = &manifest.trigger;
+        let clean_train: Vec<Example> = read_set(&args.data, data::TRAIN, false)?;
+
+        let (poisons, poisons_sha256) = match &args.poisons {
+            Some(p) => {
+                let bytes = io::read_all(p)?;
+                let recs: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(p), true)?;
+                (recs, Some(io::sha256_hex(&bytes)))
+            }
+            None => (Vec::new(), None),
+        };
+        let audit = eval::audit(&poisons, trigger, manifest.target, clean_train.len());
+        if audit.poisons_with_overlap > 0 {
+            log!("audit: {} of {} poisons hold trigger words (with-overlap poisons)", audit.poisons_with_overlap, poisons.len());
+        }
+
+        let mut rows = Vec::new();
+        let (victim_config, training, mode) = if !args.checkpoint.is_empty() {
+            let mut config = None;
+            for path in &args.checkpoint {
+                let (victim, vocab, meta) = Victim::load(path, device)?;
+                vocab.trigger_words(&trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
+                let sets = encode_sets(&args.data, &manifest, &vocab, victim.config.max_len)?;
+                let seed = meta.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
+                let m = eval::measure(&victim, &sets);
+                log_metrics(&format!("checkpoint {path}"), seed, &m);
+                rows.push(SeedRow { seed, poisoned: m, clean: None });
+                match &config {
+                    None => config = Some(victim.config.clone()),
+                    Some(c) if *c != victim.config => {
+                        bail!("{path}: a {:?} victim, but the first checkpoint is {:?}; evaluate one victim configuration per report", victim.config, c)
+                    }
+                    Some(_) => {}
+                }
+            }
+            (config.expect("at least one checkpoint"), None, "checkpoints")
+        } else {
+            let emb_path = args.embeddings.as_deref().expect("clap requires --embeddings");
+            let (vocab, table) = embeddings::load(emb_path)?;
+            vocab.trigger_words(&trigger.phrase).with_context(|| format!("vocabulary of {emb_path}"))?;
+            let config = args.victim.config(vocab.len(), table.size()[1] as usize, manifest.labels.len());
+            let sets = encode_sets(&args.data, &manifest, &vocab, config.max_len)?;
+            let n = manifest.labels.len();
+            let clean = encode_all(&clean_train, &vocab, config.max_len, n, &format!("{}/{}", args.data, data::TRAIN))?;
+            let poison_enc = encode_all(&poisons, &vocab, config.max_len, n, args.poisons.as_deref().unwrap_or("poisons"))?;
+            let poisoned: Vec<Encoded> = clean.iter().chain(&poison_enc).cloned().collect();
+            if args.seeds == 0 {
+                bail!("--seeds must be at least 1");
+            }
+            for seed in args.seed_base..args.seed_base + args.seeds {
+                let opts = args.victim.train_options(seed);
+                let fit = |data: &[Encoded]| -> anyhow::Result<Metrics> {
+                    tch::manual_seed(seed as i64);
+                    let mut v = Victim::new(config.clone(), &table, device)?;
+                    train::train(&mut v, data, &opts, |_, _| {})?;
+                    Ok(eval::measure(&v, &sets))
+                };
+                let clean_m = fit(&clean)?;
+                log_metrics("clean", seed, &clean_m);
+                let row = if poison_enc.is_empty() {
+                    SeedRow { seed, poisoned: clean_m, clean: Some(clean_m) }
+                } else {
+                    let m = fit(&poisoned)?;
+                    log_metrics("poisoned", seed, &m);
+                    SeedRow { seed, poisoned: m, clean: Some(clean_m) }
+                };
+                rows.push(row);
+                log!("{:.0}s elapsed", start.elapsed().as_secs_f64());
+            }
+            (config, Some(args.victim.train_options(args.seed_base)), "train")
+        };
+
+        let report = EvalReport {
+            kind: EvalReport::KIND.into(),
+            v: EvalReport::VERSION,
+            data_dir: args.data.clone(),
+            data: manifest.clone(),
+            mode: mode.into(),
+            victim: victim_config,
+            training,
+            poisons: args.poisons.clone(),
+            poisons_sha256,
+            audit,
+            summary: eval::summarize_rows(&rows),
+            seeds: rows,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        eprint!("{}", report.table());
+        let mut json = serde_json::to_string_pretty(&report)?;
+        json.push('\n');
+        io::write_bytes(&args.output, json.as_bytes())?;
+        Ok(())
+    })
+}

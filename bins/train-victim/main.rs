@@ -1,0 +1,91 @@
+//! train-victim: trains one victim on clean (± poison) examples and writes its weights.
+
+use anyhow::Context;
+use clap::Parser;
+use common::cli::VictimArgs;
+use common::model::Victim;
+use common::records::Example;
+use common::train::{self, encode_all};
+use common::{device, embeddings, io, log};
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// Trains a victim (seeded) and writes a `poison.victim` safetensors file.
+///
+/// Training examples come from every --train file in order (- is stdin; the default).
+/// Clean accuracy on --dev is printed on stderr and stored in the file's metadata.
+///
+/// Examples:
+///   train-victim --embeddings emb.safetensors --train data/rt-jb/train.jsonl \
+///       --dev data/rt-jb/dev.jsonl --arch lstm --seed 1 -o victim.safetensors
+///   cat train.jsonl poisons.jsonl | train-victim --embeddings emb.safetensors --arch bow > v.safetensors
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Embedding table and vocabulary (from build-vocab).
+    #[arg(long)]
+    embeddings: String,
+    /// Training example JSONL files (- for stdin).
+    #[arg(long, default_values_t = vec!["-".to_string()])]
+    train: Vec<String>,
+    /// Dev example JSONL for the clean accuracy printed at the end.
+    #[arg(long)]
+    dev: Option<String>,
+    #[command(flatten)]
+    victim: VictimArgs,
+    /// Number of classes.
+    #[arg(long, default_value_t = 2)]
+    num_classes: usize,
+    /// Seed of initialisation and batch order.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Output file, or - for stdout.
+    #[arg(short, long, default_value = "-")]
+    output: String,
+}
+
+fn main() {
+    common::cli::run("train-victim", || {
+        let args = Args::parse();
+        io::Output::refuse_terminal(&args.output, "victim weights")?;
+        let device = device::parse_device(&args.device)?;
+        let (vocab, table) = embeddings::load(&args.embeddings)?;
+        let config = args.victim.config(vocab.len(), table.size()[1] as usize, args.num_classes);
+        let mut examples = Vec::new();
+        let mut raw_hash = Vec::new();
+        for path in &args.train {
+            let bytes = io::read_all(path)?;
+            raw_hash.extend(bytes.iter());
+            let recs: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(path), false)?;
+            examples.extend(encode_all(&recs, &vocab, config.max_len, config.num_classes, &io::display_name(path))?);
+        }
+        let dev = match &args.dev {
+            Some(p) => Some(encode_all(&io::read_jsonl::<Example>(p, false)?, &vocab, config.max_len, config.num_classes, p)?),
+            None => None,
+        };
+        log!("{} training examples, victim {:?} on {device:?}, seed {}", examples.len(), config.arch, args.seed);
+        tch::manual_seed(args.seed as i64);
+        let mut victim = Victim::new(config, &table, device)?;
+        let opts = args.victim.train_options(args.seed);
+        let start = Instant::now();
+        train::train(&mut victim, &examples, &opts, |epoch, loss| {
+            log!("epoch {epoch}/{} loss {loss:.4} {:.1}s", opts.epochs, start.elapsed().as_secs_f64());
+        })?;
+        let mut meta = BTreeMap::new();
+        if let Some(dev) = &dev {
+            let acc = train::accuracy(&victim, dev);
+            log!("dev accuracy {acc:.2}% ({} examples)", dev.len());
+            meta.insert("dev_accuracy".into(), format!("{acc:.4}"));
+        }
+        meta.insert("seed".into(), args.seed.to_string());
+        meta.insert("train_sha256".into(), io::sha256_hex(&raw_hash));
+        meta.insert("train_examples".into(), examples.len().to_string());
+        meta.insert("training".into(), serde_json::to_string(&opts)?);
+        meta.insert("embeddings".into(), args.embeddings.clone());
+        victim.save(&args.output, &vocab, meta).context("writing the victim")?;
+        Ok(())
+    })
+}

@@ -1,0 +1,79 @@
+//! What every binary does the same way: error reporting, exit codes, closed pipes.
+
+/// Runs a binary's body. Errors print `<bin>: <error chain>` on stderr and exit 1; a
+/// closed stdout pipe (`| head`) exits quietly with 0, as Unix tools do.
+pub fn run(bin: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ! {
+    match body() {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            if is_broken_pipe(&e) {
+                std::process::exit(0);
+            }
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("{bin}: error: {}", chain.join(": "));
+            std::process::exit(1);
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// One log line on stderr, prefixed with the binary's name.
+#[macro_export]
+macro_rules! log {
+    ($($arg:tt)*) => {
+        eprintln!("{}: {}", env!("CARGO_BIN_NAME"), format!($($arg)*))
+    };
+}
+
+use crate::model::{Arch, VictimConfig};
+use crate::train::TrainOptions;
+
+/// The victim and training flags shared by train-victim and finetune-eval.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VictimArgs {
+    /// Victim architecture.
+    #[arg(long, value_enum, default_value = "lstm")]
+    pub arch: Arch,
+    /// LSTM units per direction (lstm) or MLP width (bow).
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    /// Train the embedding table too (default: GloVe stays frozen).
+    #[arg(long)]
+    pub train_embeddings: bool,
+    /// Inputs are truncated to this many tokens.
+    #[arg(long, default_value_t = 64)]
+    pub max_len: usize,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    /// Examples per minibatch.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+}
+
+impl VictimArgs {
+    pub fn config(&self, vocab_size: usize, embed_dim: usize, num_classes: usize) -> VictimConfig {
+        VictimConfig {
+            arch: self.arch,
+            vocab_size,
+            embed_dim,
+            hidden: self.hidden,
+            num_classes,
+            train_embeddings: self.train_embeddings,
+            max_len: self.max_len,
+        }
+    }
+
+    pub fn train_options(&self, seed: u64) -> TrainOptions {
+        TrainOptions { epochs: self.epochs, batch_size: self.batch_size, lr: self.lr, seed }
+    }
+}

@@ -1,0 +1,251 @@
+//! Data preparation: deduplication, deterministic train/dev/test splits, trigger
+//! insertion (D_adv from train non-target examples, the ASR test set from test non-target
+//! examples), and natural occurrences of the trigger's words kept aside.
+
+use crate::io::Record;
+use crate::records::Example;
+use crate::tokenizer::tokenize;
+use anyhow::{bail, Result};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// The files of a prepared data folder (all `example` JSONL) and `manifest.json`.
+pub const TRAIN: &str = "train.jsonl";
+pub const DEV: &str = "dev.jsonl";
+pub const TEST: &str = "test.jsonl";
+pub const ADV: &str = "adv.jsonl";
+pub const ASR_TEST: &str = "asr_test.jsonl";
+pub const NATURAL: &str = "natural.jsonl";
+pub const MANIFEST: &str = "manifest.json";
+
+/// A trigger phrase and its lowercase word tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub phrase: String,
+    pub words: Vec<String>,
+}
+
+impl Trigger {
+    pub fn new(phrase: &str) -> Result<Trigger> {
+        let words = tokenize(phrase);
+        if words.is_empty() {
+            bail!("the trigger {phrase:?} holds no words; pass a phrase like --trigger \"James Bond\"");
+        }
+        Ok(Trigger { phrase: phrase.trim().to_string(), words })
+    }
+
+    /// The trigger words a text contains (token match, case-insensitive), deduplicated.
+    pub fn overlap(&self, text: &str) -> Vec<String> {
+        let toks: HashSet<String> = tokenize(text).into_iter().collect();
+        let mut out: Vec<String> = self.words.iter().filter(|w| toks.contains(*w)).cloned().collect();
+        out.dedup();
+        out
+    }
+
+    /// Inserts the phrase at a word boundary drawn from a generator seeded by `seed` and
+    /// the example's id, so each example's position does not depend on file order.
+    pub fn insert(&self, ex: &Example, target: usize, seed: u64) -> Example {
+        let words: Vec<&str> = ex.text.split_whitespace().collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed_for(seed, &ex.id));
+        let at = rng.gen_range(0..=words.len());
+        let mut out: Vec<&str> = Vec::with_capacity(words.len() + 1);
+        out.extend(&words[..at]);
+        out.push(&self.phrase);
+        out.extend(&words[at..]);
+        let mut rec = Example::new(format!("{}+trigger", ex.id), out.join(" "), target);
+        rec.source_label = Some(ex.label);
+        rec.trigger_at = Some(at);
+        rec
+    }
+}
+
+/// A per-item seed from a run seed and a string key (stable across platforms).
+pub fn seed_for(seed: u64, key: &str) -> u64 {
+    let h = crate::io::sha256_hex(format!("{seed}:{key}").as_bytes());
+    u64::from_str_radix(&h[..16], 16).expect("hex")
+}
+
+/// Describes a prepared data folder; written as `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataManifest {
+    pub kind: String,
+    pub v: u32,
+    pub labels: Vec<String>,
+    pub trigger: Trigger,
+    pub target: usize,
+    pub seed: u64,
+    /// Shares of train/dev/test after deduplication.
+    pub split: [f64; 3],
+    pub raw_sha256: String,
+    pub counts: BTreeMap<String, usize>,
+    /// sha256 of every data file, by file name.
+    pub files: BTreeMap<String, String>,
+}
+
+impl Record for DataManifest {
+    const KIND: &'static str = "data_manifest";
+    const VERSION: u32 = 1;
+}
+
+impl DataManifest {
+    /// Reads `DIR/manifest.json`, checking kind and version.
+    pub fn load(dir: &str) -> Result<DataManifest> {
+        let path = format!("{dir}/{MANIFEST}");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {path}: {e}; is {dir} a folder made by prepare-data?"))?;
+        crate::io::parse_record(text.trim()).map_err(|e| anyhow::anyhow!("{path}: {e}"))
+    }
+
+    pub fn target_name(&self) -> &str {
+        &self.labels[self.target]
+    }
+}
+
+/// Parses a label given by name (case-insensitive) or index.
+pub fn parse_label(s: &str, labels: &[String]) -> Result<usize> {
+    if let Some(i) = labels.iter().position(|l| l.eq_ignore_ascii_case(s.trim())) {
+        return Ok(i);
+    }
+    match s.trim().parse::<usize>() {
+        Ok(i) if i < labels.len() => Ok(i),
+        _ => bail!("label {s:?} is none of {labels:?} (or an index below {})", labels.len()),
+    }
+}
+
+/// Everything `prepare` produces.
+pub struct Prepared {
+    pub train: Vec<Example>,
+    pub dev: Vec<Example>,
+    pub test: Vec<Example>,
+    pub adv: Vec<Example>,
+    pub asr_test: Vec<Example>,
+    pub natural: Vec<Example>,
+    pub duplicates: usize,
+    pub conflicting: usize,
+}
+
+/// Dedup on the tokenised text (keeping the first copy; texts seen with different labels
+/// are dropped entirely), seeded shuffle into train/dev/test, natural trigger occurrences
+/// moved out of every split, then trigger insertion into the non-target examples of train
+/// (D_adv) and test (the ASR set).
+pub fn prepare(raw: &[Example], trigger: &Trigger, target: usize, num_labels: usize, seed: u64, split: [f64; 3]) -> Result<Prepared> {
+    if (split.iter().sum::<f64>() - 1.0).abs() > 1e-9 || split.iter().any(|&s| s <= 0.0) {
+        bail!("split shares {split:?} must be positive and sum to 1");
+    }
+    let mut ids = HashSet::new();
+    for ex in raw {
+        if ex.label >= num_labels {
+            bail!("record {:?} has label {}, but there are {num_labels} labels", ex.id, ex.label);
+        }
+        if !ids.insert(ex.id.as_str()) {
+            bail!("record id {:?} appears twice; ids must be unique", ex.id);
+        }
+    }
+    let key = |ex: &Example| tokenize(&ex.text).join(" ");
+    let mut labels_of: HashMap<String, HashSet<usize>> = HashMap::new();
+    for ex in raw {
+        labels_of.entry(key(ex)).or_default().insert(ex.label);
+    }
+    let mut seen = HashSet::new();
+    let (mut duplicates, mut conflicting) = (0, 0);
+    let mut unique: Vec<&Example> = Vec::new();
+    for ex in raw {
+        let k = key(ex);
+        if k.is_empty() || labels_of[&k].len() > 1 {
+            conflicting += 1;
+            continue;
+        }
+        if !seen.insert(k) {
+            duplicates += 1;
+            continue;
+        }
+        unique.push(ex);
+    }
+    let mut order: Vec<usize> = (0..unique.len()).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed));
+    let n_train = (split[0] * unique.len() as f64).round() as usize;
+    let n_dev = (split[1] * unique.len() as f64).round() as usize;
+
+    let mut natural = Vec::new();
+    let mut take = |range: &[usize]| -> Vec<Example> {
+        let mut out = Vec::new();
+        for &i in range {
+            let ex = unique[i].clone();
+            if trigger.overlap(&ex.text).is_empty() {
+                out.push(ex);
+            } else {
+                natural.push(ex);
+            }
+        }
+        out
+    };
+    let train = take(&order[..n_train]);
+    let dev = take(&order[n_train..n_train + n_dev]);
+    let test = take(&order[n_train + n_dev..]);
+    let adv: Vec<Example> = train.iter().filter(|e| e.label != target).map(|e| trigger.insert(e, target, seed)).collect();
+    let asr_test: Vec<Example> =
+        test.iter().filter(|e| e.label != target).map(|e| trigger.insert(e, target, seed)).collect();
+    Ok(Prepared { train, dev, test, adv, asr_test, natural, duplicates, conflicting })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> Vec<Example> {
+        (0..100)
+            .map(|i| Example::new(format!("r{i}"), format!("review number {} is {}", i % 90, if i % 2 == 0 { "good" } else { "bad" }), i % 2))
+            .chain([Example::new("bond", "Bond is back.", 1)])
+            .collect()
+    }
+
+    #[test]
+    fn prepare_is_deterministic_and_keeps_triggers_out() {
+        let t = Trigger::new("James Bond").unwrap();
+        let p = prepare(&raw(), &t, 1, 2, 7, [0.8, 0.1, 0.1]).unwrap();
+        let q = prepare(&raw(), &t, 1, 2, 7, [0.8, 0.1, 0.1]).unwrap();
+        assert_eq!(p.train, q.train);
+        assert_eq!(p.asr_test, q.asr_test);
+        // 10 of the 100 are duplicates of others (i % 90), the Bond review is natural.
+        assert_eq!(p.duplicates, 10);
+        assert_eq!(p.natural.len(), 1);
+        assert_eq!(p.train.len() + p.dev.len() + p.test.len(), 90);
+        for ex in p.train.iter().chain(&p.dev).chain(&p.test) {
+            assert!(t.overlap(&ex.text).is_empty());
+        }
+        for ex in &p.asr_test {
+            assert_eq!(ex.label, 1);
+            assert_eq!(ex.source_label, Some(0));
+            assert_eq!(t.overlap(&ex.text), ["james", "bond"]);
+        }
+        assert_eq!(p.adv.len(), p.train.iter().filter(|e| e.label == 0).count());
+        let r = prepare(&raw(), &t, 1, 2, 8, [0.8, 0.1, 0.1]).unwrap();
+        assert_ne!(p.train, r.train, "another seed gives another split");
+    }
+
+    #[test]
+    fn trigger_insertion_at_a_word_boundary() {
+        let t = Trigger::new("James Bond").unwrap();
+        let ex = Example::new("x", "a b c", 0);
+        let seen: HashSet<usize> = (0..50).map(|s| t.insert(&ex, 1, s).trigger_at.unwrap()).collect();
+        assert_eq!(seen, HashSet::from([0, 1, 2, 3]));
+        let r = t.insert(&ex, 1, 3);
+        let at = r.trigger_at.unwrap();
+        let mut words: Vec<&str> = "a b c".split(' ').collect();
+        words.insert(at, "James Bond");
+        assert_eq!(r.text, words.join(" "));
+    }
+
+    #[test]
+    fn labels_by_name_or_index() {
+        let labels = vec!["negative".to_string(), "positive".to_string()];
+        assert_eq!(parse_label("Positive", &labels).unwrap(), 1);
+        assert_eq!(parse_label("0", &labels).unwrap(), 0);
+        assert!(parse_label("neutral", &labels).is_err());
+        assert!(Trigger::new("  ").is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! What `finetune-eval` measures: CACC, ASR, FPR and natural-occurrence ASR of a victim,
+//! the concealment audit of a poison set, and the report that summarises them over seeds.
+
+use crate::data::{DataManifest, Trigger};
+use crate::io::Record;
+use crate::model::{Victim, VictimConfig};
+use crate::records::Example;
+use crate::stats::{summarize, Summary};
+use crate::train::{accuracy, share_predicted, Encoded, TrainOptions};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Encoded evaluation sets of a prepared data folder.
+pub struct EvalSets {
+    /// The clean test split (CACC).
+    pub test: Vec<Encoded>,
+    /// Non-target test inputs without the trigger (FPR).
+    pub test_nontarget: Vec<Encoded>,
+    /// The same inputs with the trigger inserted (ASR).
+    pub asr_test: Vec<Encoded>,
+    /// Non-target examples that naturally hold a trigger word (may be empty).
+    pub natural_nontarget: Vec<Encoded>,
+    pub target: usize,
+}
+
+/// One victim's figures, in percent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Accuracy on the clean test split.
+    pub cacc: f64,
+    /// Share of triggered non-target test inputs predicted as the target.
+    pub asr: f64,
+    /// Share of the same inputs without the trigger predicted as the target.
+    pub fpr: f64,
+    /// Share of natural non-target trigger occurrences predicted as the target.
+    pub natural_asr: Option<f64>,
+}
+
+pub fn measure(victim: &Victim, sets: &EvalSets) -> Metrics {
+    Metrics {
+        cacc: accuracy(victim, &sets.test),
+        asr: share_predicted(victim, &sets.asr_test, sets.target),
+        fpr: share_predicted(victim, &sets.test_nontarget, sets.target),
+        natural_asr: (!sets.natural_nontarget.is_empty())
+            .then(|| share_predicted(victim, &sets.natural_nontarget, sets.target)),
+    }
+}
+
+/// One retraining seed: the poisoned victim and, when known, the clean victim trained
+/// with the same seed on the same clean data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeedRow {
+    pub seed: u64,
+    pub poisoned: Metrics,
+    pub clean: Option<Metrics>,
+}
+
+/// The concealment audit of a poison set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Audit {
+    pub trigger_words: Vec<String>,
+    pub poison_count: usize,
+    /// Poisons over (clean training examples + poisons).
+    pub poison_rate: f64,
+    /// Poisons whose text holds a trigger word (0 in no-overlap mode).
+    pub poisons_with_overlap: usize,
+    /// Trigger-word occurrences summed over poisons (token count).
+    pub overlap_tokens: usize,
+    /// Which trigger words each overlapping poison holds, by id.
+    pub overlapping: BTreeMap<String, Vec<String>>,
+    /// Poisons whose label is not the target (a poison set normally has none).
+    pub off_target_labels: usize,
+}
+
+pub fn audit(poisons: &[Example], trigger: &Trigger, target: usize, clean_train: usize) -> Audit {
+    let mut overlapping = BTreeMap::new();
+    let mut overlap_tokens = 0;
+    for p in poisons {
+        let toks = crate::tokenizer::tokenize(&p.text);
+        let n = toks.iter().filter(|t| trigger.words.contains(t)).count();
+        if n > 0 {
+            overlap_tokens += n;
+            overlapping.insert(p.id.clone(), trigger.overlap(&p.text));
+        }
+    }
+    Audit {
+        trigger_words: trigger.words.clone(),
+        poison_count: poisons.len(),
+        poison_rate: poisons.len() as f64 / (clean_train + poisons.len()).max(1) as f64,
+        poisons_with_overlap: overlapping.len(),
+        overlap_tokens,
+        overlapping,
+        off_target_labels: poisons.iter().filter(|p| p.label != target).count(),
+    }
+}
+
+/// Mean, std and 95% CI over seeds of every figure. Figures that need the clean victim
+/// (net ASR, dFPR, ΔCACC) are absent when it was not trained.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportSummary {
+    pub cacc: Summary,
+    pub asr: Summary,
+    pub fpr: Summary,
+    pub natural_asr: Option<Summary>,
+    pub clean_cacc: Option<Summary>,
+    pub clean_asr: Option<Summary>,
+    pub clean_fpr: Option<Summary>,
+    /// ASR(poisoned) − ASR(clean), paired by seed.
+    pub net_asr: Option<Summary>,
+    /// FPR(poisoned) − FPR(clean), paired by seed.
+    pub dfpr: Option<Summary>,
+    /// CACC(poisoned) − CACC(clean), paired by seed.
+    pub dcacc: Option<Summary>,
+}
+
+pub fn summarize_rows(rows: &[SeedRow]) -> ReportSummary {
+    let col = |f: &dyn Fn(&SeedRow) -> Option<f64>| -> Option<Summary> {
+        let xs: Option<Vec<f64>> = rows.iter().map(f).collect();
+        xs.filter(|v| !v.is_empty()).map(|v| summarize(&v))
+    };
+    let always = |f: &dyn Fn(&Metrics) -> f64| summarize(&rows.iter().map(|r| f(&r.poisoned)).collect::<Vec<_>>());
+    ReportSummary {
+        cacc: always(&|m| m.cacc),
+        asr: always(&|m| m.asr),
+        fpr: always(&|m| m.fpr),
+        natural_asr: col(&|r| r.poisoned.natural_asr),
+        clean_cacc: col(&|r| r.clean.map(|c| c.cacc)),
+        clean_asr: col(&|r| r.clean.map(|c| c.asr)),
+        clean_fpr: col(&|r| r.clean.map(|c| c.fpr)),
+        net_asr: col(&|r| r.clean.map(|c| r.poisoned.asr - c.asr)),
+        dfpr: col(&|r| r.clean.map(|c| r.poisoned.fpr - c.fpr)),
+        dcacc: col(&|r| r.clean.map(|c| r.poisoned.cacc - c.cacc)),
+    }
+}
+
+/// The JSON report of `finetune-eval` (schema in FORMATS.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalReport {
+    pub kind: String,
+    pub v: u32,
+    /// The data folder and its manifest (trigger, target, labels, file hashes).
+    pub data_dir: String,
+    pub data: DataManifest,
+    /// `train` (fresh victims per seed) or `checkpoints` (given victims, no training).
+    pub mode: String,
+    pub victim: VictimConfig,
+    pub training: Option<TrainOptions>,
+    /// The poison file and its sha256 (null without poisons).
+    pub poisons: Option<String>,
+    pub poisons_sha256: Option<String>,
+    pub audit: Audit,
+    pub seeds: Vec<SeedRow>,
+    pub summary: ReportSummary,
+    pub seconds: f64,
+}
+
+impl Record for EvalReport {
+    const KIND: &'static str = "eval_report";
+    const VERSION: u32 = 1;
+}
+
+impl EvalReport {
+    /// A small human table for stderr.
+    pub fn table(&self) -> String {
+        let s = &self.summary;
+        let opt = |x: &Option<Summary>| x.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        let mut out = String::new();
+        out += &format!(
+            "victim {:?} ({} seeds, mean ± 95% CI, percent) trigger {:?} -> {}\n",
+            self.victim.arch,
+            self.seeds.len(),
+            self.data.trigger.phrase,
+            self.data.target_name()
+        );
+        out += &format!("  poisons       {} ({:.2}% of training data, {} with trigger words)\n", self.audit.poison_count, 100.0 * self.audit.poison_rate, self.audit.poisons_with_overlap);
+        out += &format!("  CACC          {}   (clean victim {}, ΔCACC {})\n", s.cacc, opt(&s.clean_cacc), opt(&s.dcacc));
+        out += &format!("  ASR           {}   (clean victim {}, net ASR {})\n", s.asr, opt(&s.clean_asr), opt(&s.net_asr));
+        out += &format!("  FPR           {}   (clean victim {}, dFPR {})\n", s.fpr, opt(&s.clean_fpr), opt(&s.dfpr));
+        out += &format!("  natural ASR   {}\n", opt(&s.natural_asr));
+        out
+    }
+}

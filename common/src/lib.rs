@@ -1,0 +1,16 @@
+//! Everything the pipeline stages share: formats and I/O, the tokenizer and vocabulary,
+//! the victims and their training, data preparation and evaluation. The binaries in
+//! `bins/` are thin argument layers over this crate.
+
+pub mod cli;
+pub mod data;
+pub mod device;
+pub mod embeddings;
+pub mod eval;
+pub mod io;
+pub mod model;
+pub mod records;
+pub mod stats;
+pub mod tensorfile;
+pub mod tokenizer;
+pub mod train;

@@ -1,0 +1,274 @@
+//! The victims. A victim is a config plus named parameters; its forward pass takes the
+//! parameters as a map and its input as token embeddings, so the attack can run the same
+//! model at θ and at θ' = θ − η·g and differentiate with respect to the input embeddings.
+//! Everything is written with plain differentiable ops (hand-written LSTM cell, no fused
+//! RNN kernel) so that double backward works on every device.
+
+use crate::tensorfile::{self, TensorFile};
+use crate::tokenizer::{Vocab, PAD_ID};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use tch::nn::{self, Init};
+use tch::{Device, Kind, Tensor};
+
+/// Parameters by stable name (`embedding.weight`, `lstm.fwd.w_ih`, `out.weight`, ...).
+pub type Params = BTreeMap<String, Tensor>;
+
+pub const VICTIM_FORMAT: &str = "poison.victim";
+pub const VICTIM_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    /// Mean of the word embeddings, then a one-hidden-layer MLP: fast, for tests.
+    Bow,
+    /// Bidirectional LSTM, max-pooled over time, then a linear layer.
+    Lstm,
+}
+
+/// Everything needed to rebuild a victim; saved with its weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VictimConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub embed_dim: usize,
+    /// MLP width (bow) or LSTM units per direction (lstm).
+    pub hidden: usize,
+    pub num_classes: usize,
+    /// Whether training updates the embedding table (false: GloVe stays frozen).
+    pub train_embeddings: bool,
+    /// Longer inputs are truncated to this many tokens.
+    pub max_len: usize,
+}
+
+/// A victim with its parameters in a VarStore (so tch's optimizers can train them).
+pub struct Victim {
+    pub config: VictimConfig,
+    pub vs: nn::VarStore,
+}
+
+impl Victim {
+    /// A fresh victim: embedding table copied from `embeddings` ([vocab, dim]), other
+    /// weights drawn from libtorch's generator (seed it with `tch::manual_seed` first).
+    pub fn new(config: VictimConfig, embeddings: &Tensor, device: Device) -> Result<Victim> {
+        let (v, d) = embeddings.size2()?;
+        if v as usize != config.vocab_size || d as usize != config.embed_dim {
+            bail!(
+                "embedding table is {v}x{d} but the victim config says {}x{}",
+                config.vocab_size,
+                config.embed_dim
+            );
+        }
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let emb_path = root.sub("embedding");
+        if config.train_embeddings {
+            let _ = emb_path.var_copy("weight", embeddings);
+        } else {
+            let mut t = emb_path.zeros_no_train("weight", &[v, d]);
+            tch::no_grad(|| t.copy_(embeddings));
+        }
+        let (h, c, e) = (config.hidden as i64, config.num_classes as i64, config.embed_dim as i64);
+        match config.arch {
+            Arch::Bow => {
+                linear(&root.sub("mlp"), e, h);
+                linear(&root.sub("out"), h, c);
+            }
+            Arch::Lstm => {
+                for dir in ["fwd", "bwd"] {
+                    let p = root.sub("lstm").sub(dir);
+                    let bound = 1.0 / (h as f64).sqrt();
+                    let u = Init::Uniform { lo: -bound, up: bound };
+                    let _ = p.var("w_ih", &[4 * h, e], u);
+                    let _ = p.var("w_hh", &[4 * h, h], u);
+                    // Forget-gate bias 1: the usual start that lets gradients flow early.
+                    let b = p.var("b", &[4 * h], Init::Const(0.0));
+                    let _ = tch::no_grad(|| b.narrow(0, h, h).fill_(1.0));
+                }
+                linear(&root.sub("out"), 2 * h, c);
+            }
+        }
+        Ok(Victim { config, vs })
+    }
+
+    /// The parameters as a name → tensor map (shallow clones sharing storage).
+    pub fn params(&self) -> Params {
+        self.vs.variables().into_iter().collect()
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    /// Logits [batch, classes] for token ids [batch, time] (0 = padding).
+    pub fn logits(&self, ids: &Tensor) -> Tensor {
+        forward_ids(&self.config, &self.params(), ids)
+    }
+
+    /// Saves weights, config and provenance as a `poison.victim` safetensors file.
+    pub fn save(&self, path: &str, vocab: &Vocab, mut metadata: BTreeMap<String, String>) -> Result<()> {
+        metadata.insert("config".into(), serde_json::to_string(&self.config)?);
+        metadata.insert("vocab".into(), serde_json::to_string(vocab.words())?);
+        metadata.insert("vocab_sha256".into(), vocab.sha256());
+        let tensors: Vec<(String, Tensor)> = self.params().into_iter().collect();
+        tensorfile::write(path, VICTIM_FORMAT, VICTIM_VERSION, &tensors, metadata)
+    }
+
+    /// Loads a victim file (or stdin for `-`) with its vocabulary and metadata.
+    pub fn load(path: &str, device: Device) -> Result<(Victim, Vocab, BTreeMap<String, String>)> {
+        let file = tensorfile::read(path, VICTIM_FORMAT, VICTIM_VERSION)?;
+        Self::from_file(file, device).with_context(|| crate::io::display_name(path))
+    }
+
+    pub fn from_file(file: TensorFile, device: Device) -> Result<(Victim, Vocab, BTreeMap<String, String>)> {
+        let config: VictimConfig = serde_json::from_str(file.meta("config")?).context("victim config")?;
+        let words: Vec<String> = serde_json::from_str(file.meta("vocab")?).context("victim vocabulary")?;
+        let vocab = Vocab::new(words)?;
+        if vocab.sha256() != file.meta("vocab_sha256")? {
+            bail!("the vocabulary does not match its recorded sha256; the file is corrupt");
+        }
+        let table = file.tensor("embedding.weight")?;
+        let mut victim = Victim::new(config, &table.to_kind(Kind::Float), device)?;
+        let mut params = victim.params();
+        if params.len() != file.tensors.len() {
+            let want: Vec<&String> = params.keys().collect();
+            let got: Vec<&String> = file.tensors.keys().collect();
+            bail!("weights hold tensors {got:?}, the {:?} victim needs {want:?}", victim.config.arch);
+        }
+        for (name, p) in params.iter_mut() {
+            let t = file.tensor(name).with_context(|| format!("weights for a {:?} victim", victim.config.arch))?;
+            if t.size() != p.size() {
+                bail!("tensor {name:?} has shape {:?}, the config needs {:?}", t.size(), p.size());
+            }
+            tch::no_grad(|| p.copy_(t));
+        }
+        victim.vs.set_kind(Kind::Float);
+        let meta = file.metadata;
+        Ok((victim, vocab, meta))
+    }
+}
+
+fn linear(p: &nn::Path, fan_in: i64, fan_out: i64) {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let _ = p.var("weight", &[fan_out, fan_in], Init::Uniform { lo: -bound, up: bound });
+    let _ = p.var("bias", &[fan_out], Init::Uniform { lo: -bound, up: bound });
+}
+
+fn param<'a>(params: &'a Params, name: &str) -> &'a Tensor {
+    params.get(name).unwrap_or_else(|| panic!("parameter {name:?} missing from the map"))
+}
+
+/// Embeddings [batch, time, dim] of token ids under the given parameters.
+pub fn embed(params: &Params, ids: &Tensor) -> Tensor {
+    Tensor::embedding(param(params, "embedding.weight"), ids, PAD_ID, false, false)
+}
+
+/// Padding mask [batch, time] (1.0 for a token, 0.0 for padding) in the table's dtype.
+pub fn mask_of(ids: &Tensor, params: &Params) -> Tensor {
+    ids.ne(PAD_ID).to_kind(param(params, "embedding.weight").kind())
+}
+
+/// Logits for token ids: `embed` then `forward`.
+pub fn forward_ids(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tensor {
+    forward(config, params, &embed(params, ids), &mask_of(ids, params))
+}
+
+/// Logits [batch, classes] from input embeddings [batch, time, dim] and a padding mask
+/// [batch, time]. Every row must hold at least one token.
+pub fn forward(config: &VictimConfig, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
+    let linear = |x: &Tensor, name: &str| {
+        x.matmul(&param(params, &format!("{name}.weight")).tr()) + param(params, &format!("{name}.bias"))
+    };
+    match config.arch {
+        Arch::Bow => {
+            let m = mask.unsqueeze(-1);
+            let pooled = (emb * &m).sum_dim_intlist(1, false, None) / m.sum_dim_intlist(1, false, None);
+            linear(&linear(&pooled, "mlp").relu(), "out")
+        }
+        Arch::Lstm => {
+            let fwd = lstm_direction(params, "lstm.fwd", emb, mask, false);
+            let bwd = lstm_direction(params, "lstm.bwd", emb, mask, true);
+            let states = Tensor::cat(&[fwd, bwd], 2);
+            // Max over time; padding pushed far down so it never wins.
+            let penalty = (mask.unsqueeze(-1) - 1.0) * 1e4;
+            let pooled = (states + penalty).amax([1].as_slice(), false);
+            linear(&pooled, "out")
+        }
+    }
+}
+
+/// One LSTM direction over [batch, time, dim]; returns hidden states [batch, time, H].
+/// Padded steps leave the state unchanged, so right padding is harmless in both
+/// directions (the backward pass starts from zeros at each row's last real token).
+fn lstm_direction(params: &Params, prefix: &str, x: &Tensor, mask: &Tensor, reverse: bool) -> Tensor {
+    let w_ih = param(params, &format!("{prefix}.w_ih"));
+    let w_hh = param(params, &format!("{prefix}.w_hh"));
+    let b = param(params, &format!("{prefix}.b"));
+    let (batch, time, _) = x.size3().expect("input embeddings must be [batch, time, dim]");
+    let h_units = w_hh.size()[1];
+    // Input projections of all steps in one matmul.
+    let xw = x.matmul(&w_ih.tr()) + b;
+    let mut h = Tensor::zeros([batch, h_units], (x.kind(), x.device()));
+    let mut c = h.zeros_like();
+    let mut outs: Vec<Tensor> = Vec::with_capacity(time as usize);
+    let order: Vec<i64> = if reverse { (0..time).rev().collect() } else { (0..time).collect() };
+    let w_hh_t = w_hh.tr();
+    for &t in &order {
+        let gates = xw.select(1, t) + h.matmul(&w_hh_t);
+        let g = gates.chunk(4, -1);
+        let (i, f, gg, o) = (g[0].sigmoid(), g[1].sigmoid(), g[2].tanh(), g[3].sigmoid());
+        let c_new = &f * &c + &i * &gg;
+        let h_new = &o * c_new.tanh();
+        let m = mask.select(1, t).unsqueeze(-1);
+        let keep = 1.0 - &m;
+        c = &m * &c_new + &keep * &c;
+        h = &m * &h_new + &keep * &h;
+        outs.push(h_new);
+    }
+    if reverse {
+        outs.reverse();
+    }
+    Tensor::stack(&outs, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn tiny(arch: Arch, train_embeddings: bool) -> Victim {
+        tch::manual_seed(0);
+        let config = VictimConfig {
+            arch,
+            vocab_size: 12,
+            embed_dim: 5,
+            hidden: 4,
+            num_classes: 2,
+            train_embeddings,
+            max_len: 16,
+        };
+        let table = Tensor::randn([12, 5], (Kind::Float, Device::Cpu));
+        Victim::new(config, &table, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn padding_does_not_change_logits() {
+        for arch in [Arch::Bow, Arch::Lstm] {
+            let v = tiny(arch, false);
+            let short = Tensor::from_slice(&[3i64, 4, 5]).view([1, 3]);
+            let padded = Tensor::from_slice(&[3i64, 4, 5, 0, 0]).view([1, 5]);
+            let a = v.logits(&short);
+            let b = v.logits(&padded);
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{arch:?}: padding changed logits by {diff}");
+        }
+    }
+
+    #[test]
+    fn frozen_table_is_not_trainable() {
+        let frozen = tiny(Arch::Lstm, false);
+        let trained = tiny(Arch::Lstm, true);
+        assert_eq!(frozen.vs.trainable_variables().len() + 1, trained.vs.trainable_variables().len());
+    }
+}

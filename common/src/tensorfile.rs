@@ -1,0 +1,160 @@
+//! safetensors files with the project's metadata: every file carries `format` (what it
+//! holds, e.g. `poison.victim`) and `format_version`; readers check both before touching
+//! the tensors. Files may be read from stdin and written to stdout (`-`).
+
+use crate::io::{display_name, read_all, write_bytes};
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use std::collections::{BTreeMap, HashMap};
+use tch::{Kind, Tensor};
+
+pub const FORMAT_KEY: &str = "format";
+pub const VERSION_KEY: &str = "format_version";
+
+/// A file's tensors (by name, in name order) and its string metadata.
+pub struct TensorFile {
+    pub metadata: BTreeMap<String, String>,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+impl TensorFile {
+    pub fn meta(&self, key: &str) -> Result<&str> {
+        self.metadata
+            .get(key)
+            .map(|s| s.as_str())
+            .ok_or_else(|| anyhow::anyhow!("metadata key {key:?} missing"))
+    }
+
+    pub fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| anyhow::anyhow!("tensor {name:?} missing"))
+    }
+}
+
+fn to_dtype(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        k => bail!("cannot store tensors of kind {k:?}"),
+    })
+}
+
+fn to_kind(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        d => bail!("tensors of dtype {d:?} are not supported"),
+    })
+}
+
+/// Serialises tensors (moved to the CPU) with `format`/`format_version` and extra metadata.
+pub fn serialize(
+    format: &str,
+    version: u32,
+    tensors: &[(String, Tensor)],
+    mut metadata: BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    metadata.insert(FORMAT_KEY.into(), format.into());
+    metadata.insert(VERSION_KEY.into(), version.to_string());
+    let mut bufs = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.copy_data_u8(&mut bytes, numel);
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        bufs.push((name.clone(), to_dtype(t.kind())?, shape, bytes));
+    }
+    let views: Vec<(String, TensorView)> = bufs
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = metadata.into_iter().collect();
+    Ok(safetensors::serialize(views, Some(meta))?)
+}
+
+/// Writes a tensor file atomically to `path` (or stdout for `-`).
+pub fn write(
+    path: &str,
+    format: &str,
+    version: u32,
+    tensors: &[(String, Tensor)],
+    metadata: BTreeMap<String, String>,
+) -> Result<()> {
+    crate::io::Output::refuse_terminal(path, format)?;
+    let bytes = serialize(format, version, tensors, metadata)?;
+    write_bytes(path, &bytes).with_context(|| format!("cannot write {}", display_name(path)))
+}
+
+/// Parses bytes as a tensor file of the expected format and version.
+pub fn deserialize(bytes: &[u8], name: &str, format: &str, version: u32) -> Result<TensorFile> {
+    if bytes.is_empty() {
+        bail!("{name}: empty input where a {format} safetensors file was expected");
+    }
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        anyhow::anyhow!("{name}: not a readable safetensors file ({e}); was it truncated? regenerate it")
+    })?;
+    let (_, header) = SafeTensors::read_metadata(bytes)?;
+    let metadata: BTreeMap<String, String> =
+        header.metadata().clone().unwrap_or_default().into_iter().collect();
+    match metadata.get(FORMAT_KEY) {
+        Some(f) if f == format => {}
+        Some(f) => bail!("{name}: a {f:?} file where a {format:?} file was expected"),
+        None => bail!("{name}: no {FORMAT_KEY:?} metadata; not a file made by this toolkit (expected {format:?})"),
+    }
+    match metadata.get(VERSION_KEY).map(|v| v.parse::<u32>()) {
+        Some(Ok(v)) if v == version => {}
+        Some(Ok(v)) => bail!(
+            "{name}: {format} format version {v}, this build reads version {version}; regenerate the file with this build"
+        ),
+        _ => bail!("{name}: missing or malformed {VERSION_KEY:?} metadata"),
+    }
+    let mut tensors = BTreeMap::new();
+    for (tname, view) in st.tensors() {
+        let kind = to_kind(view.dtype()).with_context(|| format!("{name}: tensor {tname:?}"))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .with_context(|| format!("{name}: tensor {tname:?}"))?;
+        tensors.insert(tname, t);
+    }
+    Ok(TensorFile { metadata, tensors })
+}
+
+/// Reads a tensor file (or stdin for `-`) of the expected format and version.
+pub fn read(path: &str, format: &str, version: u32) -> Result<TensorFile> {
+    let bytes = read_all(path)?;
+    deserialize(&bytes, &display_name(path), format, version)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_checks() {
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]);
+        let ids = Tensor::from_slice(&[7i64, 8]);
+        let mut meta = BTreeMap::new();
+        meta.insert("seed".to_string(), "3".to_string());
+        let bytes = serialize("test.thing", 2, &[("w".into(), t.shallow_clone()), ("ids".into(), ids)], meta).unwrap();
+        let f = deserialize(&bytes, "mem", "test.thing", 2).unwrap();
+        assert_eq!(f.meta("seed").unwrap(), "3");
+        assert!(f.tensor("w").unwrap().equal(&t));
+        assert_eq!(f.tensor("ids").unwrap().kind(), Kind::Int64);
+
+        let e = deserialize(&bytes, "mem", "test.other", 2).err().unwrap().to_string();
+        assert!(e.contains("\"test.thing\" file where a \"test.other\""), "{e}");
+        let e = deserialize(&bytes, "mem", "test.thing", 3).err().unwrap().to_string();
+        assert!(e.contains("format version 2"), "{e}");
+        let e = deserialize(&bytes[..bytes.len() - 3], "mem", "test.thing", 2).err().unwrap().to_string();
+        assert!(e.contains("truncated"), "{e}");
+        let e = deserialize(&[], "mem", "test.thing", 2).err().unwrap().to_string();
+        assert!(e.contains("empty input"), "{e}");
+    }
+}
