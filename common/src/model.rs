@@ -265,6 +265,62 @@ mod tests {
         }
     }
 
+    /// L_adv after one SGD step on a minibatch whose last row is the poison, given as
+    /// input embeddings: the bi-level proxy the attack differentiates (SPEC step 2-3).
+    fn unrolled_adv_loss(v: &Victim, poison_emb: &Tensor) -> Tensor {
+        let p = v.params();
+        let clean_ids = Tensor::from_slice(&[3i64, 4, 5, 0, 6, 7, 8, 9, 2, 3, 0, 0]).view([3, 4]);
+        let clean_labels = Tensor::from_slice(&[0i64, 1, 0]);
+        let emb = Tensor::cat(&[embed(&p, &clean_ids), poison_emb.shallow_clone()], 0);
+        let ids_for_mask = Tensor::cat(&[clean_ids, Tensor::from_slice(&[5i64, 6, 7, 0]).view([1, 4])], 0);
+        let logits = forward(&v.config, &p, &emb, &mask_of(&ids_for_mask, &p));
+        let labels = Tensor::cat(&[clean_labels, Tensor::from_slice(&[1i64])], 0);
+        let loss = crate::train::cross_entropy(&logits, &labels);
+        let names: Vec<String> = p.keys().filter(|k| p[*k].requires_grad()).cloned().collect();
+        let tensors: Vec<&Tensor> = names.iter().map(|n| &p[n]).collect();
+        let grads = Tensor::run_backward(&[&loss], &tensors, true, true);
+        let eta = 0.5;
+        let mut stepped: Params = p.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+        for (n, g) in names.iter().zip(grads) {
+            assert!(g.defined(), "no gradient for {n}");
+            stepped.insert(n.clone(), &p[n] - g * eta);
+        }
+        let adv_ids = Tensor::from_slice(&[7i64, 8, 3, 0, 0, 9, 10, 11]).view([2, 4]);
+        let logits = forward_ids(&v.config, &stepped, &adv_ids);
+        crate::train::cross_entropy(&logits, &Tensor::from_slice(&[1i64, 1]))
+    }
+
+    #[test]
+    fn second_order_gradient_matches_finite_differences_in_f64() {
+        for arch in [Arch::Bow, Arch::Lstm] {
+            for train_embeddings in [false, true] {
+                let mut v = tiny(arch, train_embeddings);
+                v.vs.set_kind(Kind::Double);
+                let poison = embed(&v.params(), &Tensor::from_slice(&[5i64, 6, 7, 0]).view([1, 4]))
+                    .detach()
+                    .set_requires_grad(true);
+                let g = unrolled_adv_loss(&v, &poison);
+                let grad = Tensor::run_backward(&[&g], &[&poison], false, false).pop().unwrap();
+                let h = 1e-6;
+                let flat = poison.detach().flatten(0, -1);
+                let mut worst: f64 = 0.0;
+                for i in 0..flat.numel() as i64 {
+                    let bump = |d: f64| {
+                        let x = flat.copy();
+                        let _ = x.get(i).g_add_scalar_(d);
+                        unrolled_adv_loss(&v, &x.view_as(&poison)).double_value(&[])
+                    };
+                    let fd = (bump(h) - bump(-h)) / (2.0 * h);
+                    let an = grad.flatten(0, -1).double_value(&[i]);
+                    worst = worst.max((fd - an).abs() / (fd.abs() + an.abs()).max(1e-3));
+                }
+                eprintln!("{arch:?} train_embeddings={train_embeddings}: max relative error {worst:.2e}");
+                assert!(worst < 1e-6, "{arch:?}: second-order gradient off by {worst}");
+                assert!(grad.abs().sum(Kind::Double).double_value(&[]) > 0.0, "gradient is identically zero");
+            }
+        }
+    }
+
     #[test]
     fn frozen_table_is_not_trainable() {
         let frozen = tiny(Arch::Lstm, false);

@@ -2,12 +2,13 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Summary of one metric over seeds. `ci95` is the half-width of Student's t interval.
+/// Summary of one metric over seeds. `ci95` is the half-width of Student's t interval
+/// (absent with fewer than two values).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub mean: f64,
     pub std: f64,
-    pub ci95: f64,
+    pub ci95: Option<f64>,
     pub n: usize,
 }
 
@@ -17,27 +18,25 @@ const T975: [f64; 30] = [
     2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 ];
 
+/// Summarises at least one value.
 pub fn summarize(xs: &[f64]) -> Summary {
     let n = xs.len();
-    if n == 0 {
-        return Summary { mean: f64::NAN, std: f64::NAN, ci95: f64::NAN, n };
-    }
+    assert!(n > 0, "summarize needs at least one value");
     let mean = xs.iter().sum::<f64>() / n as f64;
     if n == 1 {
-        return Summary { mean, std: 0.0, ci95: f64::NAN, n };
+        return Summary { mean, std: 0.0, ci95: None, n };
     }
     let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
     let std = var.sqrt();
     let t = if n - 1 <= 30 { T975[n - 2] } else { 1.96 };
-    Summary { mean, std, ci95: t * std / (n as f64).sqrt(), n }
+    Summary { mean, std, ci95: Some(t * std / (n as f64).sqrt()), n }
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.ci95.is_nan() {
-            write!(f, "{:.1}", self.mean)
-        } else {
-            write!(f, "{:.1} ± {:.1}", self.mean, self.ci95)
+        match self.ci95 {
+            Some(ci) => write!(f, "{:.1} ± {:.1}", self.mean, ci),
+            None => write!(f, "{:.1}", self.mean),
         }
     }
 }
@@ -51,7 +50,7 @@ mod tests {
         let s = summarize(&[1.0, 2.0, 3.0, 4.0]);
         assert!((s.mean - 2.5).abs() < 1e-12);
         assert!((s.std - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
-        assert!((s.ci95 - 3.182 * s.std / 2.0).abs() < 1e-12);
-        assert!(summarize(&[5.0]).ci95.is_nan());
+        assert!((s.ci95.unwrap() - 3.182 * s.std / 2.0).abs() < 1e-12);
+        assert_eq!(summarize(&[5.0]).ci95, None);
     }
 }

@@ -4,9 +4,9 @@
 
 use crate::io::{display_name, read_all, write_bytes};
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 pub const FORMAT_KEY: &str = "format";
@@ -54,6 +54,11 @@ fn to_kind(dtype: Dtype) -> Result<Kind> {
 }
 
 /// Serialises tensors (moved to the CPU) with `format`/`format_version` and extra metadata.
+///
+/// Written here rather than with `safetensors::serialize`, whose metadata is a HashMap:
+/// its random order would make two identical runs write different bytes. Here metadata
+/// and tensors are in name order, so the same inputs and seed give byte-identical files.
+/// The layout is the safetensors format (the crate reads it back, see `deserialize`).
 pub fn serialize(
     format: &str,
     version: u32,
@@ -62,21 +67,34 @@ pub fn serialize(
 ) -> Result<Vec<u8>> {
     metadata.insert(FORMAT_KEY.into(), format.into());
     metadata.insert(VERSION_KEY.into(), version.to_string());
-    let mut bufs = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::to_value(&metadata)?);
+    let mut data: Vec<u8> = Vec::new();
+    for (name, t) in sorted {
+        if name == "__metadata__" {
+            bail!("a tensor may not be called __metadata__");
+        }
         let t = t.to_device(tch::Device::Cpu).contiguous();
         let numel = t.numel();
-        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.copy_data_u8(&mut bytes, numel);
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        bufs.push((name.clone(), to_dtype(t.kind())?, shape, bytes));
+        let dtype = to_dtype(t.kind())?;
+        let start = data.len();
+        data.resize(start + numel * t.kind().elt_size_in_bytes(), 0);
+        t.copy_data_u8(&mut data[start..], numel);
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": t.size(), "data_offsets": [start, data.len()]}),
+        );
     }
-    let views: Vec<(String, TensorView)> = bufs
-        .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<_>>()?;
-    let meta: HashMap<String, String> = metadata.into_iter().collect();
-    Ok(safetensors::serialize(views, Some(meta))?)
+    let mut header_bytes = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    // The format pads the header with spaces to a multiple of 8 bytes.
+    header_bytes.resize(header_bytes.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + header_bytes.len() + data.len());
+    out.extend((header_bytes.len() as u64).to_le_bytes());
+    out.extend(header_bytes);
+    out.extend(data);
+    Ok(out)
 }
 
 /// Writes a tensor file atomically to `path` (or stdout for `-`).
@@ -143,6 +161,8 @@ mod tests {
         let mut meta = BTreeMap::new();
         meta.insert("seed".to_string(), "3".to_string());
         let bytes = serialize("test.thing", 2, &[("w".into(), t.shallow_clone()), ("ids".into(), ids)], meta).unwrap();
+        let again = serialize("test.thing", 2, &[("ids".into(), Tensor::from_slice(&[7i64, 8])), ("w".into(), t.shallow_clone())], BTreeMap::from([("seed".to_string(), "3".to_string())])).unwrap();
+        assert!(bytes == again, "serialisation is deterministic and independent of tensor order");
         let f = deserialize(&bytes, "mem", "test.thing", 2).unwrap();
         assert_eq!(f.meta("seed").unwrap(), "3");
         assert!(f.tensor("w").unwrap().equal(&t));

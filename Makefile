@@ -1,0 +1,77 @@
+# The whole job from a fresh machine: `make demo` (setup, data, build, victims, report)
+# and `make test`. Every step is idempotent; finished steps are skipped.
+#
+# Run parameters (override on the command line: make demo TRIGGER="Tom Cruise" TARGET=negative)
+TRIGGER ?= James Bond
+TARGET  ?= positive
+SEED    ?= 0
+# GloVe words kept besides the data's own words.
+TOP_N   ?= 50000
+# Victim architectures the demo trains and evaluates.
+ARCHS   ?= bow lstm
+# Retraining seeds per victim in the demo's finetune-eval.
+SEEDS   ?= 3
+DEVICE  ?= auto
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DELETE_ON_ERROR:
+
+export LIBTORCH := $(CURDIR)/.venv/libtorch
+BIN      := target/release
+SLUG     := $(shell printf '%s' '$(TRIGGER)-$(TARGET)' | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
+EMB      := data/emb-$(TOP_N).safetensors
+DATA_DIR := data/rt-$(SLUG)-s$(SEED)
+RUN_DIR  := runs/demo-$(SLUG)-s$(SEED)
+BINS     := prepare-data build-vocab train-victim finetune-eval
+
+.PHONY: all setup data build demo test fixtures clean help
+all: demo
+
+help:
+	@echo "make demo   # setup + data + build, train victims on Rotten Tomatoes, print clean accuracy"
+	@echo "make test   # setup + build, unit and integration tests on committed fixtures"
+	@echo "variables: TRIGGER='$(TRIGGER)' TARGET=$(TARGET) SEED=$(SEED) TOP_N=$(TOP_N) ARCHS='$(ARCHS)' SEEDS=$(SEEDS) DEVICE=$(DEVICE)"
+
+setup: .venv/.setup-done-v1
+.venv/.setup-done-v1:
+	scripts/setup.sh
+
+# cargo decides what to rebuild; this is fast when nothing changed.
+build: setup
+	cargo build --release --bins
+
+data/.fetch-done-v1: | .venv/.setup-done-v1
+	scripts/fetch_data.sh
+
+$(EMB): data/.fetch-done-v1 | build
+	$(BIN)/build-vocab --words data/glove/words.txt --vectors data/glove/vectors.npy \
+	  --top-n $(TOP_N) --data data/rt/raw.jsonl -o $@
+
+$(DATA_DIR)/manifest.json: data/.fetch-done-v1 $(EMB) | build
+	$(BIN)/prepare-data --raw data/rt/raw.jsonl --trigger "$(TRIGGER)" --target $(TARGET) \
+	  --seed $(SEED) --embeddings $(EMB) -o $(DATA_DIR)
+
+data: $(DATA_DIR)/manifest.json
+
+$(RUN_DIR)/victim-%.safetensors: $(DATA_DIR)/manifest.json $(EMB) | build
+	$(BIN)/train-victim --embeddings $(EMB) --train $(DATA_DIR)/train.jsonl --dev $(DATA_DIR)/dev.jsonl \
+	  --arch $* --seed $(SEED) --device $(DEVICE) -o $@
+
+# Clean victims only until the attack exists: CACC and the trigger's clean ASR over SEEDS seeds.
+$(RUN_DIR)/eval-%.json: $(DATA_DIR)/manifest.json $(EMB) | build
+	$(BIN)/finetune-eval --data $(DATA_DIR) --embeddings $(EMB) --arch $* --seeds $(SEEDS) \
+	  --seed-base $(SEED) --device $(DEVICE) -o $@
+
+demo: build $(foreach a,$(ARCHS),$(RUN_DIR)/victim-$(a).safetensors $(RUN_DIR)/eval-$(a).json)
+	@scripts/demo_table.sh $(RUN_DIR) $(ARCHS)
+
+test: build
+	cargo test --release --workspace
+
+# Regenerates fixtures/ from the real data.
+fixtures: data/.fetch-done-v1
+	.venv/bin/python scripts/make_fixtures.py
+
+clean:
+	rm -rf runs target
