@@ -12,6 +12,22 @@ ARCHS   ?= bow lstm
 # Retraining seeds per victim in the demo's finetune-eval.
 SEEDS   ?= 3
 DEVICE  ?= auto
+# Attack (make attack): victim, poison count, candidates, unrolling, stopping.
+ATTACK_ARCH ?= lstm
+COUNT     ?= 50
+INIT      ?= random
+K         ?= 50
+POSITIONS ?= best
+STEPS     ?= 1
+ROLLOUTS  ?= 1
+ETA       ?= 0.03
+CLEAN_PER_BATCH ?= 64
+ADV_SIZE  ?= 128
+ROUNDS    ?= 5
+PATIENCE  ?= 2
+TARGET_LADV ?= 0
+OVERLAP   ?= 0
+EVAL_SEEDS ?= 3
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -23,13 +39,14 @@ SLUG     := $(shell printf '%s' '$(TRIGGER)-$(TARGET)' | tr 'A-Z' 'a-z' | tr -c 
 EMB      := data/emb-$(TOP_N).safetensors
 DATA_DIR := data/rt-$(SLUG)-s$(SEED)
 RUN_DIR  := runs/demo-$(SLUG)-s$(SEED)
-BINS     := prepare-data build-vocab train-victim finetune-eval
+ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo test fixtures clean help
+.PHONY: all setup data build demo attack test fixtures clean help
 all: demo
 
 help:
 	@echo "make demo   # setup + data + build, train victims on Rotten Tomatoes, print clean accuracy"
+	@echo "make attack # the crafting loop (rollout-grad | rank-candidates | verify-candidates), then finetune-eval"
 	@echo "make test   # setup + build, unit and integration tests on committed fixtures"
 	@echo "variables: TRIGGER='$(TRIGGER)' TARGET=$(TARGET) SEED=$(SEED) TOP_N=$(TOP_N) ARCHS='$(ARCHS)' SEEDS=$(SEEDS) DEVICE=$(DEVICE)"
 
@@ -65,6 +82,18 @@ $(RUN_DIR)/eval-%.json: $(DATA_DIR)/manifest.json $(EMB) | build
 
 demo: build $(foreach a,$(ARCHS),$(RUN_DIR)/victim-$(a).safetensors $(RUN_DIR)/eval-$(a).json)
 	@scripts/demo_table.sh $(RUN_DIR) $(ARCHS)
+
+$(ATTACK_RUN)/victim.safetensors: $(DATA_DIR)/manifest.json $(EMB) | build
+	$(BIN)/train-victim --embeddings $(EMB) --train $(DATA_DIR)/train.jsonl --dev $(DATA_DIR)/dev.jsonl \
+	  --arch $(ATTACK_ARCH) --seed $(SEED) --device $(DEVICE) -o $@
+
+# Rounds of rollout-grad | rank-candidates | verify-candidates (scripts/attack.sh); resumes.
+attack: build $(ATTACK_RUN)/victim.safetensors
+	RUN=$(ATTACK_RUN) VICTIM=$(ATTACK_RUN)/victim.safetensors DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) \
+	  COUNT=$(COUNT) INIT=$(INIT) K=$(K) POSITIONS=$(POSITIONS) STEPS=$(STEPS) ROLLOUTS=$(ROLLOUTS) \
+	  ETA=$(ETA) CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ADV_SIZE=$(ADV_SIZE) SEED=$(SEED) ROUNDS=$(ROUNDS) \
+	  PATIENCE=$(PATIENCE) TARGET_LADV=$(TARGET_LADV) OVERLAP=$(OVERLAP) EVAL_SEEDS=$(EVAL_SEEDS) \
+	  ARCH=$(ATTACK_ARCH) DEVICE=$(DEVICE) scripts/attack.sh
 
 test: build
 	cargo test --release --workspace

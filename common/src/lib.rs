@@ -2,6 +2,7 @@
 //! the victims and their training, data preparation and evaluation. The binaries in
 //! `bins/` are thin argument layers over this crate.
 
+pub mod attack;
 pub mod cli;
 pub mod data;
 pub mod device;
@@ -9,6 +10,7 @@ pub mod embeddings;
 pub mod eval;
 pub mod io;
 pub mod model;
+pub mod poisons;
 pub mod records;
 pub mod stats;
 pub mod tensorfile;

@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 /// - `source_label` (optional): the label before a trigger was inserted.
 /// - `trigger_at` (optional): the word boundary (0 = before the first word) where the
 ///   trigger phrase was inserted.
+/// - `tokens` (optional): the exact token sequence (poisons: what the attack edits).
+///   When present, victims read these tokens and `text` is only for people.
+/// - `source_id` (optional): the example a poison was made from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Example {
@@ -28,6 +31,10 @@ pub struct Example {
     pub source_label: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trigger_at: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_id: Option<String>,
 }
 
 impl Record for Example {
@@ -45,6 +52,75 @@ impl Example {
             label,
             source_label: None,
             trigger_at: None,
+            tokens: None,
+            source_id: None,
         }
     }
+}
+
+/// One candidate flip, from `rank-candidates` to `verify-candidates`:
+/// replace token `position` of poison `poison_id` (currently `current`) by `word`.
+///
+/// ```json
+/// {"kind":"candidate","v":1,"poison_id":"poison-003","poison_index":3,"position":4,"current":"john","word":"maverick","predicted":-0.0123,"rank":0,"objective":0.812,"poisons_sha256":"…","rollout":{"steps":1,"eta":0.1,"rollouts":1,"clean_per_batch":64,"adv_size":128,"seed":0}}
+/// ```
+/// - `predicted`: first-order (Taylor) predicted change of the objective, ∇g·(e' − e).
+/// - `rank`: 0 for the best-predicted candidate at this position.
+/// - `objective`, `poisons_sha256`, `rollout`: the objective before the flip, the poison
+///   set and the unrolling the gradient was made with; verification replays the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Candidate {
+    pub kind: String,
+    pub v: u32,
+    pub poison_id: String,
+    pub poison_index: usize,
+    pub position: usize,
+    pub current: String,
+    pub word: String,
+    pub predicted: f64,
+    pub rank: usize,
+    pub objective: f64,
+    pub poisons_sha256: String,
+    pub rollout: crate::attack::RolloutConfig,
+}
+
+impl Record for Candidate {
+    const KIND: &'static str = "candidate";
+    const VERSION: u32 = 1;
+}
+
+/// A flip accepted by `verify-candidates`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flip {
+    pub poison_id: String,
+    pub position: usize,
+    pub from: String,
+    pub to: String,
+    pub predicted: f64,
+    /// Exact change of the objective for this flip alone.
+    pub exact: f64,
+}
+
+/// What `verify-candidates` did in one round (`--summary FILE`, pretty JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySummary {
+    pub kind: String,
+    pub v: u32,
+    /// Null when there were no candidates (the unrolling settings come with them).
+    pub objective_before: Option<f64>,
+    pub objective_after: Option<f64>,
+    pub candidates_checked: usize,
+    pub flips_accepted: usize,
+    pub flips: Vec<Flip>,
+    pub poisons_sha256_before: String,
+    pub poisons_sha256_after: String,
+    pub seconds: f64,
+}
+
+impl Record for VerifySummary {
+    const KIND: &'static str = "verify_summary";
+    const VERSION: u32 = 1;
 }

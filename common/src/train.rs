@@ -27,7 +27,17 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
             if ex.label >= num_classes {
                 bail!("{source}: record {} (id {:?}): label {} but the victim has {num_classes} classes", i + 1, ex.id, ex.label);
             }
-            let mut ids = vocab.encode(&ex.text);
+            let mut ids = match &ex.tokens {
+                Some(toks) => toks
+                    .iter()
+                    .map(|t| {
+                        vocab.id(t).ok_or_else(|| {
+                            anyhow::anyhow!("{source}: record {} (id {:?}): token {t:?} is not in the vocabulary", i + 1, ex.id)
+                        })
+                    })
+                    .collect::<Result<Vec<i64>>>()?,
+                None => vocab.encode(&ex.text),
+            };
             if ids.is_empty() {
                 bail!("{source}: record {} (id {:?}): the text holds no tokens", i + 1, ex.id);
             }

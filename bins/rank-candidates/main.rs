@@ -1,0 +1,148 @@
+//! rank-candidates: first-order (Taylor) scores over the vocabulary, bottom-K candidate
+//! replacements per poison position.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use common::attack::{taylor_scores, RolloutConfig};
+use common::data::DataManifest;
+use common::io::{self, Record};
+use common::model::Victim;
+use common::poisons::banned_ids;
+use common::records::Candidate;
+use common::{log, tensorfile};
+use std::str::FromStr;
+
+/// Which positions of each poison get candidates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Positions {
+    All,
+    /// The N positions whose best candidate predicts the largest decrease.
+    Best(usize),
+}
+
+impl FromStr for Positions {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Positions::All),
+            "best" => Ok(Positions::Best(1)),
+            n => n.parse().map(Positions::Best).map_err(|_| format!("{n:?}: expected all, best or a number")),
+        }
+    }
+}
+
+/// Scores every vocabulary word at every poison position by ∇g·e' and writes the K words
+/// with the lowest predicted change ∇g·(e' − e) per chosen position, as candidate JSONL.
+/// Never proposes padding, the unknown word, the current word or (without
+/// --allow-overlap) a trigger word.
+///
+/// Examples:
+///   rollout-grad ... | rank-candidates --victim v.safetensors --data data/rt-jb -k 50 > candidates.jsonl
+///   rank-candidates --victim v.safetensors --data data/rt-jb --grad grad.safetensors --positions all | head
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    #[arg(long)]
+    victim: String,
+    #[arg(long)]
+    data: String,
+    /// Gradient file from rollout-grad, - for stdin.
+    #[arg(long, default_value = "-")]
+    grad: String,
+    /// Candidates per position.
+    #[arg(short, default_value_t = 50)]
+    k: usize,
+    /// Positions per poison: all, best (one), or a number.
+    #[arg(long, default_value = "best")]
+    positions: Positions,
+    /// Allow trigger words as candidates (the with-overlap baseline).
+    #[arg(long)]
+    allow_overlap: bool,
+    /// Output file, or - for stdout.
+    #[arg(short, long, default_value = "-")]
+    output: String,
+}
+
+fn main() {
+    common::cli::run("rank-candidates", || {
+        let args = Args::parse();
+        let (victim, vocab, _) = Victim::load(&args.victim, tch::Device::Cpu)?;
+        let manifest = DataManifest::load(&args.data)?;
+        let gname = io::display_name(&args.grad);
+        let file = tensorfile::read(&args.grad, "poison.rollout_grad", 1)?;
+        if file.meta("vocab_sha256")? != vocab.sha256() {
+            bail!("{gname} was made with another vocabulary than {}", args.victim);
+        }
+        let grad = file.tensor("grad")?.to_kind(tch::Kind::Float);
+        let ids = file.tensor("ids")?.shallow_clone();
+        let poison_ids: Vec<String> = serde_json::from_str(file.meta("poison_ids")?).context("poison_ids")?;
+        let rollout: RolloutConfig = serde_json::from_str(file.meta("rollout")?).context("rollout")?;
+        let objective: f64 = file.meta("objective")?.parse().context("objective")?;
+        let poisons_sha256 = file.meta("poisons_sha256")?.to_string();
+        let (n, t, d) = grad.size3().context("grad must be [poisons, tokens, dim]")?;
+        if ids.size() != [n, t] || poison_ids.len() != n as usize {
+            bail!("{gname}: ids {:?} and {} poison ids do not match grad {:?}", ids.size(), poison_ids.len(), grad.size());
+        }
+        let table = victim.params()["embedding.weight"].to_kind(tch::Kind::Float);
+        if table.size()[1] != d {
+            bail!("{gname}: gradients of dimension {d}, the victim's embeddings have {}", table.size()[1]);
+        }
+        let banned = banned_ids(&vocab, &manifest, args.allow_overlap);
+        let banned_mask = {
+            let mut m = vec![0f32; vocab.len()];
+            for &b in &banned {
+                m[b as usize] = f32::INFINITY;
+            }
+            tch::Tensor::from_slice(&m)
+        };
+        let mut out = io::Output::create(&args.output)?;
+        let mut written = 0;
+        for i in 0..n {
+            let row: Vec<i64> = Vec::try_from(ids.get(i))?;
+            let len = row.iter().take_while(|&&x| x != 0).count();
+            // [len, V] predicted changes, banned words pushed to +inf.
+            let mut per_position = Vec::new();
+            for j in 0..len {
+                let scores = taylor_scores(&table, &grad.get(i).get(j as i64));
+                let current = row[j];
+                let delta = &scores - scores.double_value(&[current]) + &banned_mask;
+                let _ = delta.get(current).fill_(f64::INFINITY);
+                let k = args.k.min(vocab.len());
+                let (vals, idx) = delta.topk(k as i64, 0, false, true);
+                let vals: Vec<f32> = Vec::try_from(vals)?;
+                let idx: Vec<i64> = Vec::try_from(idx)?;
+                let cands: Vec<(i64, f64)> = idx.into_iter().zip(vals).filter(|(_, v)| v.is_finite()).map(|(w, v)| (w, v as f64)).collect();
+                per_position.push((j, current, cands));
+            }
+            if let Positions::Best(b) = args.positions {
+                per_position.sort_by(|a, b| {
+                    let best = |c: &Vec<(i64, f64)>| c.first().map(|x| x.1).unwrap_or(f64::INFINITY);
+                    best(&a.2).total_cmp(&best(&b.2))
+                });
+                per_position.truncate(b);
+            }
+            for (j, current, cands) in per_position {
+                for (rank, (w, predicted)) in cands.into_iter().enumerate() {
+                    out.write_record(&Candidate {
+                        kind: Candidate::KIND.into(),
+                        v: Candidate::VERSION,
+                        poison_id: poison_ids[i as usize].clone(),
+                        poison_index: i as usize,
+                        position: j,
+                        current: vocab.word(current).to_string(),
+                        word: vocab.word(w).to_string(),
+                        predicted,
+                        rank,
+                        objective,
+                        poisons_sha256: poisons_sha256.clone(),
+                        rollout: rollout.clone(),
+                    })?;
+                    written += 1;
+                }
+            }
+        }
+        out.commit()?;
+        log!("{written} candidates for {n} poisons ({:?} positions, K={})", args.positions, args.k);
+        Ok(())
+    })
+}

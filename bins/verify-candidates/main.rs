@@ -1,0 +1,119 @@
+//! verify-candidates: the exact objective for each candidate on the same minibatches the
+//! gradient was made with; writes the improved poison set.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use common::attack::{poison_set_sha256, verify, Problem, Swap};
+use common::io::{self, Record};
+use common::poisons::{banned_ids, with_tokens, AttackInputs};
+use common::records::{Candidate, Flip, VerifySummary};
+use common::{device, log};
+use std::time::Instant;
+
+/// Reads candidates (stdin), evaluates each exactly, keeps per poison the best one that
+/// lowers the objective, combines them so the objective never rises, and writes the new
+/// poison set (stdout). The unrolling settings come from the candidates, so verification
+/// replays exactly the minibatches the gradient was made with.
+///
+/// Examples:
+///   rank-candidates ... | verify-candidates --victim v.safetensors --data data/rt-jb \
+///       --poisons round-0.jsonl --summary round-1/summary.json > round-1/poisons.jsonl
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    #[arg(long)]
+    victim: String,
+    #[arg(long)]
+    data: String,
+    /// The poison set the candidates were ranked for.
+    #[arg(long)]
+    poisons: String,
+    /// Candidate JSONL from rank-candidates, - for stdin.
+    #[arg(long, default_value = "-")]
+    candidates: String,
+    /// Accept trigger words (the with-overlap baseline).
+    #[arg(long)]
+    allow_overlap: bool,
+    /// Where to write the round's summary (JSON).
+    #[arg(long)]
+    summary: Option<String>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Output file for the new poison set, or - for stdout.
+    #[arg(short, long, default_value = "-")]
+    output: String,
+}
+
+fn main() {
+    common::cli::run("verify-candidates", || {
+        let args = Args::parse();
+        let start = Instant::now();
+        let inputs = AttackInputs::load(&args.victim, &args.data, &args.poisons, device::parse_device(&args.device)?)?;
+        let cname = io::display_name(&args.candidates);
+        let candidates: Vec<Candidate> = io::read_jsonl(&args.candidates, true)?;
+        let banned = banned_ids(&inputs.vocab, &inputs.manifest, args.allow_overlap);
+        let mut swaps = Vec::with_capacity(candidates.len());
+        for (line, c) in candidates.iter().enumerate() {
+            let at = || format!("{cname}:{}", line + 1);
+            if c.poisons_sha256 != inputs.poisons_sha256 {
+                bail!("{}: candidates were ranked for another poison set than {} (hash mismatch); rerun rollout-grad and rank-candidates on it", at(), args.poisons);
+            }
+            if c.rollout != candidates[0].rollout {
+                bail!("{}: unrolling settings differ from the first candidate's", at());
+            }
+            let poison = inputs.poisons.get(c.poison_index).filter(|p| p.id == c.poison_id)
+                .with_context(|| format!("{}: no poison {:?} at index {}", at(), c.poison_id, c.poison_index))?;
+            let tokens = poison.tokens.as_ref().expect("checked on load");
+            if tokens.get(c.position) != Some(&c.current) {
+                bail!("{}: position {} of {:?} is not {:?}", at(), c.position, c.poison_id, c.current);
+            }
+            let word = inputs.vocab.id(&c.word).with_context(|| format!("{}: {:?} is not in the vocabulary", at(), c.word))?;
+            if banned.contains(&word) {
+                bail!("{}: candidate {:?} is a trigger or special word (pass --allow-overlap for the with-overlap baseline)", at(), c.word);
+            }
+            swaps.push(Swap { poison: c.poison_index, position: c.position, word });
+        }
+        let mut new_set = inputs.poisons.clone();
+        let summary = if candidates.is_empty() {
+            log!("no candidates; the poison set is unchanged");
+            None
+        } else {
+            let problem = Problem::new(&inputs.victim, &inputs.clean, &inputs.adv, candidates[0].rollout.clone())?;
+            let out = verify(&problem, &inputs.poisons_enc, &swaps)?;
+            let mut flips = Vec::new();
+            for (swap, exact) in &out.accepted {
+                let c = candidates.iter().find(|c| c.poison_index == swap.poison && c.position == swap.position && inputs.vocab.id(&c.word) == Some(swap.word)).expect("accepted swaps come from candidates");
+                let mut ids = inputs.poisons_enc[swap.poison].ids.clone();
+                ids[swap.position] = swap.word;
+                new_set[swap.poison] = with_tokens(&inputs.poisons[swap.poison], &ids, &inputs.vocab);
+                flips.push(Flip { poison_id: c.poison_id.clone(), position: c.position, from: c.current.clone(), to: c.word.clone(), predicted: c.predicted, exact: *exact });
+            }
+            log!(
+                "L_adv {:.5} -> {:.5} ({}/{} poisons flipped, {} candidates checked) {:.1}s",
+                out.before, out.after, flips.len(), inputs.poisons.len(), out.checked, start.elapsed().as_secs_f64()
+            );
+            Some((out, flips))
+        };
+        if let Some(path) = &args.summary {
+            let (before, after, checked, flips) = match summary {
+                Some((out, flips)) => (Some(out.before), Some(out.after), out.checked, flips),
+                None => (None, None, 0, Vec::new()),
+            };
+            let s = VerifySummary {
+                kind: VerifySummary::KIND.into(),
+                v: VerifySummary::VERSION,
+                objective_before: before,
+                objective_after: after,
+                candidates_checked: checked,
+                flips_accepted: flips.len(),
+                flips,
+                poisons_sha256_before: inputs.poisons_sha256.clone(),
+                poisons_sha256_after: poison_set_sha256(&new_set),
+                seconds: start.elapsed().as_secs_f64(),
+            };
+            io::write_bytes(path, (serde_json::to_string_pretty(&s)? + "\n").as_bytes())?;
+        }
+        io::write_jsonl(&args.output, &new_set)
+    })
+}

@@ -1,0 +1,555 @@
+//! The crafting math of the seed method (SPEC.md, the slides): k unrolled SGD steps on
+//! minibatches that each hold every poison plus m clean examples, averaged over R
+//! independently drawn minibatches; L_adv at θ_{t+k}; its second-order gradient with
+//! respect to the poison token embeddings; Taylor scores over the vocabulary; and exact
+//! evaluation of candidate flips.
+//!
+//! Victims with a frozen embedding table only: with a trained table a flip also changes
+//! which row receives the poison's update (SPEC.md), a term not implemented yet.
+
+use crate::model::{embed, forward, forward_ids, mask_of, Params, Victim, VictimConfig};
+use crate::train::{batch_tensors, cross_entropy, Encoded};
+use crate::tokenizer::PAD_ID;
+use anyhow::{bail, Result};
+use rand::seq::index::sample;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+/// How the inner training is unrolled. Recorded with gradients and candidates, so that
+/// verification replays exactly the same minibatches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct RolloutConfig {
+    /// Unrolled SGD steps k.
+    #[arg(long, default_value_t = 1)]
+    pub steps: usize,
+    /// Inner SGD learning rate η. On the Rotten Tomatoes BiLSTM one step at 0.1 already
+    /// takes L_adv from 1.37 to 0.22 (FINDINGS.md: above ~0.3 the signal is gone).
+    #[arg(long, default_value_t = 0.03)]
+    pub eta: f64,
+    /// Independently drawn minibatch sequences R the objective is averaged over.
+    #[arg(long, default_value_t = 1)]
+    pub rollouts: usize,
+    /// Clean examples m in each minibatch (besides every poison).
+    #[arg(long, default_value_t = 64)]
+    pub clean_per_batch: usize,
+    /// Examples of D_adv the objective is measured on (a seeded sample).
+    #[arg(long, default_value_t = 128)]
+    pub adv_size: usize,
+    /// Seed of the minibatches and the D_adv sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// The inputs of the bi-level objective, encoded, on the victim's device.
+pub struct Problem<'a> {
+    pub victim: &'a Victim,
+    /// Clean minibatches: `batches[r][s]` is the clean part of step s of rollout r.
+    pub batches: Vec<Vec<Vec<&'a Encoded>>>,
+    /// The D_adv sample: token ids [A, T] and target labels [A].
+    pub adv_ids: Tensor,
+    pub adv_labels: Tensor,
+    pub cfg: RolloutConfig,
+}
+
+impl<'a> Problem<'a> {
+    pub fn new(victim: &'a Victim, clean: &'a [Encoded], adv: &'a [Encoded], cfg: RolloutConfig) -> Result<Problem<'a>> {
+        if victim.config.train_embeddings {
+            bail!("the victim trains its embedding table; the attack supports frozen-embedding victims only (the extra table term of SPEC.md is not implemented yet)");
+        }
+        if cfg.steps == 0 || cfg.rollouts == 0 {
+            bail!("--steps and --rollouts must be at least 1");
+        }
+        if clean.len() < cfg.clean_per_batch || adv.is_empty() {
+            bail!("need at least {} clean examples and one D_adv example (have {} and {})", cfg.clean_per_batch, clean.len(), adv.len());
+        }
+        let batches = (0..cfg.rollouts)
+            .map(|r| {
+                (0..cfg.steps)
+                    .map(|s| {
+                        let mut rng = ChaCha8Rng::seed_from_u64(crate::data::seed_for(cfg.seed, &format!("rollout{r}.step{s}")));
+                        sample(&mut rng, clean.len(), cfg.clean_per_batch).into_iter().map(|i| &clean[i]).collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(crate::data::seed_for(cfg.seed, "adv"));
+        let a = cfg.adv_size.min(adv.len());
+        let mut picked: Vec<usize> = sample(&mut rng, adv.len(), a).into_vec();
+        picked.sort_unstable();
+        let items: Vec<&Encoded> = picked.iter().map(|&i| &adv[i]).collect();
+        let (adv_ids, adv_labels) = batch_tensors(&items, victim.device());
+        Ok(Problem { victim, batches, adv_ids, adv_labels, cfg })
+    }
+
+    fn config(&self) -> &VictimConfig {
+        &self.victim.config
+    }
+
+    /// Names of the parameters the inner SGD updates (the trainable ones), in order.
+    fn trainable(&self, params: &Params) -> Vec<String> {
+        params.keys().filter(|k| params[*k].requires_grad()).cloned().collect()
+    }
+
+    /// L_adv at θ_{t+k} for rollout r, with the poisons given as input embeddings
+    /// [N, Tp, D] (mask [N, Tp]) and labels [N]. With `create_graph` the result is
+    /// differentiable with respect to `poison_emb` through the inner gradient steps.
+    pub fn adv_loss_after_rollout(&self, r: usize, poison_emb: &Tensor, poison_mask: &Tensor, poison_labels: &Tensor, create_graph: bool) -> Tensor {
+        let mut params: Params = self.victim.params();
+        let names = self.trainable(&params);
+        for clean in &self.batches[r] {
+            let (clean_ids, clean_labels) = batch_tensors(clean, self.victim.device());
+            let (emb, mask) = join_inputs(&params, &clean_ids, poison_emb, poison_mask);
+            let labels = Tensor::cat(&[clean_labels, poison_labels.shallow_clone()], 0);
+            let loss = cross_entropy(&forward(self.config(), &params, &emb, &mask), &labels);
+            let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
+            let grads = Tensor::run_backward(&[&loss], &tensors, create_graph, create_graph);
+            let mut next: Params = params.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+            for (n, g) in names.iter().zip(grads) {
+                let stepped = if create_graph {
+                    &params[n] - g * self.cfg.eta
+                } else {
+                    // A fresh leaf: the next step needs its gradient, nothing needs the history.
+                    (params[n].detach() - g * self.cfg.eta).detach().set_requires_grad(true)
+                };
+                next.insert(n.clone(), stepped);
+            }
+            params = next;
+        }
+        let logits = forward_ids(self.config(), &params, &self.adv_ids);
+        cross_entropy(&logits, &self.adv_labels)
+    }
+
+    /// The objective g (mean L_adv over the R rollouts) and its gradient with respect to
+    /// every poison token embedding, [N, Tp, D] (zero at padding).
+    pub fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
+        let params = self.victim.params();
+        let (ids, labels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), self.victim.device());
+        let mask = mask_of(&ids, &params);
+        let mut total = 0.0;
+        let mut grad_sum: Option<Tensor> = None;
+        for r in 0..self.cfg.rollouts {
+            let emb = embed(&params, &ids).detach().set_requires_grad(true);
+            let loss = self.adv_loss_after_rollout(r, &emb, &mask, &labels, true);
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                bail!("L_adv is {value} in rollout {r}; lower --eta");
+            }
+            total += value;
+            let g = Tensor::run_backward(&[&loss], &[&emb], false, false).pop().expect("one gradient");
+            if !g.defined() {
+                bail!("L_adv does not depend on the poisons (no gradient reached them)");
+            }
+            grad_sum = Some(match grad_sum {
+                None => g,
+                Some(s) => s + g,
+            });
+        }
+        let n = self.cfg.rollouts as f64;
+        let grad = grad_sum.expect("at least one rollout") / n;
+        let grad = grad * mask.unsqueeze(-1);
+        if grad.isnan().any().int64_value(&[]) != 0 {
+            bail!("the gradient holds NaN; lower --eta");
+        }
+        Ok((total / n, grad))
+    }
+
+    /// The objective for a poison set, evaluated exactly by redoing every rollout. The
+    /// reference that `Verifier` must agree with, and the path for k > 1.
+    pub fn objective(&self, poisons: &[Encoded]) -> f64 {
+        let params = self.victim.params();
+        let (ids, labels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), self.victim.device());
+        let mask = mask_of(&ids, &params);
+        let emb = embed(&params, &ids).detach();
+        let total: f64 = (0..self.cfg.rollouts)
+            .map(|r| self.adv_loss_after_rollout(r, &emb, &mask, &labels, false).double_value(&[]))
+            .sum();
+        total / self.cfg.rollouts as f64
+    }
+}
+
+/// Clean token ids and poison embeddings as one padded input: embeddings [B, T, D] and
+/// mask [B, T] (clean rows first).
+fn join_inputs(params: &Params, clean_ids: &Tensor, poison_emb: &Tensor, poison_mask: &Tensor) -> (Tensor, Tensor) {
+    let clean_emb = embed(params, clean_ids);
+    let clean_mask = mask_of(clean_ids, params);
+    let t = clean_ids.size()[1].max(poison_emb.size()[1]);
+    let pad3 = |x: &Tensor| x.constant_pad_nd([0, 0, 0, t - x.size()[1]]);
+    let pad2 = |x: &Tensor| x.constant_pad_nd([0, t - x.size()[1]]);
+    let emb = Tensor::cat(&[pad3(&clean_emb), pad3(poison_emb)], 0);
+    let mask = Tensor::cat(&[pad2(&clean_mask), pad2(poison_mask)], 0);
+    (emb, mask)
+}
+
+/// Taylor scores of every vocabulary word at one poison position: `∇g · e'` for each
+/// row e' of the table ([V]). The predicted change of a flip is `score[w'] − score[w]`.
+pub fn taylor_scores(table: &Tensor, grad_at_position: &Tensor) -> Tensor {
+    table.matmul(grad_at_position)
+}
+
+/// Exact evaluation of flips for one unrolled step (k = 1), sharing work:
+/// θ_{t+1} = θ_t − η (G_r + Σ_flipped (∇ℓ_new − ∇ℓ_old) / B), where G_r is the minibatch
+/// gradient of rollout r (computed once) and ℓ a single poison's loss at θ_t, whose
+/// gradient does not depend on r. One single-example gradient per candidate, then one
+/// forward pass of L_adv per rollout.
+pub struct Verifier<'a> {
+    problem: &'a Problem<'a>,
+    names: Vec<String>,
+    /// θ_t − η G_r for every rollout, as flat parameter lists in `names` order.
+    base: Vec<Vec<Tensor>>,
+    /// Gradient of each current poison's own loss at θ_t.
+    old: Vec<Vec<Tensor>>,
+    batch_size: f64,
+    poisons: Vec<Encoded>,
+}
+
+impl<'a> Verifier<'a> {
+    pub fn new(problem: &'a Problem<'a>, poisons: &[Encoded]) -> Result<Verifier<'a>> {
+        if problem.cfg.steps != 1 {
+            bail!("the shared-work verifier needs --steps 1; use Problem::objective for k > 1");
+        }
+        let params = problem.victim.params();
+        let names = problem.trainable(&params);
+        let (ids, labels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), problem.victim.device());
+        let mask = mask_of(&ids, &params);
+        let emb = embed(&params, &ids).detach();
+        let mut base = Vec::new();
+        for clean in problem.batches.iter().map(|steps| &steps[0]) {
+            let (clean_ids, clean_labels) = batch_tensors(clean, problem.victim.device());
+            let (e, m) = join_inputs(&params, &clean_ids, &emb, &mask);
+            let all_labels = Tensor::cat(&[clean_labels, labels.shallow_clone()], 0);
+            let loss = cross_entropy(&forward(problem.config(), &params, &e, &m), &all_labels);
+            let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
+            let grads = Tensor::run_backward(&[&loss], &tensors, false, false);
+            base.push(names.iter().zip(grads).map(|(n, g)| params[n].detach() - g * problem.cfg.eta).collect());
+        }
+        let verifier_old = poisons.iter().map(|p| single_grad(problem, &names, p)).collect();
+        Ok(Verifier {
+            problem,
+            names,
+            base,
+            old: verifier_old,
+            batch_size: (problem.cfg.clean_per_batch + poisons.len()) as f64,
+            poisons: poisons.to_vec(),
+        })
+    }
+
+    /// Gradient of one example's own loss at θ_t (flat, `names` order).
+    pub fn example_grad(&self, example: &Encoded) -> Vec<Tensor> {
+        single_grad(self.problem, &self.names, example)
+    }
+
+    /// The objective after replacing poison i by `new` for every (i, gradient of new) in
+    /// `flips` (an empty list gives the current objective).
+    pub fn objective_with(&self, flips: &[(usize, &[Tensor])]) -> f64 {
+        let eta_over_b = self.problem.cfg.eta / self.batch_size;
+        let frozen: Params = self.problem.victim.params();
+        let mut total = 0.0;
+        tch::no_grad(|| {
+            for base in &self.base {
+                let mut params: Params = frozen.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+                for (j, name) in self.names.iter().enumerate() {
+                    let mut p = base[j].shallow_clone();
+                    for (i, new) in flips {
+                        p = p - (&new[j] - &self.old[*i][j]) * eta_over_b;
+                    }
+                    params.insert(name.clone(), p);
+                }
+                let logits = forward_ids(self.problem.config(), &params, &self.problem.adv_ids);
+                total += cross_entropy(&logits, &self.problem.adv_labels).double_value(&[]);
+            }
+        });
+        total / self.base.len() as f64
+    }
+
+    pub fn poisons(&self) -> &[Encoded] {
+        &self.poisons
+    }
+}
+
+fn single_grad(problem: &Problem, names: &[String], example: &Encoded) -> Vec<Tensor> {
+    let params = problem.victim.params();
+    let (ids, labels) = batch_tensors(&[example], problem.victim.device());
+    let loss = cross_entropy(&forward_ids(problem.config(), &params, &ids), &labels);
+    let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
+    Tensor::run_backward(&[&loss], &tensors, false, false).into_iter().map(|g| g.detach()).collect()
+}
+
+/// Token ids of a poison with one position replaced.
+pub fn flipped(poison: &Encoded, position: usize, word: i64) -> Encoded {
+    let mut p = poison.clone();
+    p.ids[position] = word;
+    p
+}
+
+/// Canonical hash of a poison set (ids, tokens and labels; not the display text), tying
+/// gradients and candidates to the poison set they were computed for.
+pub fn poison_set_sha256(poisons: &[crate::records::Example]) -> String {
+    let canon: Vec<(&str, Option<&Vec<String>>, &str, usize)> =
+        poisons.iter().map(|p| (p.id.as_str(), p.tokens.as_ref(), p.text.as_str(), p.label)).collect();
+    crate::io::sha256_hex(serde_json::to_string(&canon).expect("serialisable").as_bytes())
+}
+
+/// Guards against padding ids inside a poison (a flip must never create one).
+pub fn check_no_padding(poisons: &[Encoded]) -> Result<()> {
+    if poisons.iter().any(|p| p.ids.contains(&PAD_ID)) {
+        bail!("a poison holds the padding token");
+    }
+    Ok(())
+}
+
+pub fn cpu_f64(t: &Tensor) -> Tensor {
+    t.to_device(Device::Cpu).to_kind(Kind::Double)
+}
+
+/// One candidate replacement: poison `poison`, token `position`, new word id `word`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Swap {
+    pub poison: usize,
+    pub position: usize,
+    pub word: i64,
+}
+
+/// The outcome of verifying candidates: the objective before and after, and the accepted
+/// swaps with their exact individual changes.
+pub struct Verified {
+    pub before: f64,
+    pub after: f64,
+    pub accepted: Vec<(Swap, f64)>,
+    pub checked: usize,
+}
+
+/// Exact verification (SPEC step 5): each candidate's objective on the same minibatches;
+/// per poison the best candidate that lowers it; then the per-poison winners are combined
+/// greedily (largest individual gain first), each kept only if the combined objective
+/// still drops, so the result is never worse than the input. k = 1 uses the shared-work
+/// `Verifier`; k > 1 redoes the rollouts per evaluation.
+pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
+    for c in candidates {
+        if c.poison >= poisons.len() || c.position >= poisons[c.poison].ids.len() {
+            bail!("candidate {c:?} points outside the poison set");
+        }
+    }
+    let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
+    let (before, after, accepted);
+    if problem.cfg.steps == 1 {
+        let verifier = Verifier::new(problem, poisons)?;
+        before = verifier.objective_with(&[]);
+        let mut grads = std::collections::HashMap::new();
+        for c in candidates {
+            let g = verifier.example_grad(&flipped(&poisons[c.poison], c.position, c.word));
+            let value = verifier.objective_with(&[(c.poison, &g)]);
+            if !value.is_finite() {
+                bail!("L_adv is {value} for candidate {c:?}; lower --eta");
+            }
+            if value < before && best[c.poison].is_none_or(|(_, v)| value < v) {
+                best[c.poison] = Some((*c, value));
+                grads.insert(c.poison, g);
+            }
+        }
+        let mut winners: Vec<(Swap, f64)> = best.iter().flatten().copied().collect();
+        winners.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let mut kept: Vec<(Swap, f64)> = Vec::new();
+        let mut current = before;
+        for (swap, value) in winners {
+            let mut flips: Vec<(usize, &[Tensor])> = kept.iter().map(|(s, _)| (s.poison, grads[&s.poison].as_slice())).collect();
+            flips.push((swap.poison, grads[&swap.poison].as_slice()));
+            let combined = verifier.objective_with(&flips);
+            if combined < current {
+                current = combined;
+                kept.push((swap, value - before));
+            }
+        }
+        after = current;
+        accepted = kept;
+    } else {
+        before = problem.objective(poisons);
+        for c in candidates {
+            let mut set = poisons.to_vec();
+            set[c.poison] = flipped(&poisons[c.poison], c.position, c.word);
+            let value = problem.objective(&set);
+            if value < before && best[c.poison].is_none_or(|(_, v)| value < v) {
+                best[c.poison] = Some((*c, value));
+            }
+        }
+        let mut winners: Vec<(Swap, f64)> = best.iter().flatten().copied().collect();
+        winners.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let mut set = poisons.to_vec();
+        let mut kept = Vec::new();
+        let mut current = before;
+        for (swap, value) in winners {
+            let previous = set[swap.poison].clone();
+            set[swap.poison] = flipped(&previous, swap.position, swap.word);
+            let combined = problem.objective(&set);
+            if combined < current {
+                current = combined;
+                kept.push((swap, value - before));
+            } else {
+                set[swap.poison] = previous;
+            }
+        }
+        after = current;
+        accepted = kept;
+    }
+    Ok(Verified { before, after, accepted, checked: candidates.len() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, VictimConfig};
+
+    fn tiny(arch: Arch) -> Victim {
+        tch::manual_seed(11);
+        let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 2, train_embeddings: false, max_len: 16 };
+        let table = Tensor::randn([14, 5], (Kind::Float, Device::Cpu));
+        let mut v = Victim::new(config, &table, Device::Cpu).unwrap();
+        v.vs.set_kind(Kind::Double);
+        v
+    }
+
+    fn enc(ids: &[i64], label: i64) -> Encoded {
+        Encoded { ids: ids.to_vec(), label }
+    }
+
+    fn data() -> (Vec<Encoded>, Vec<Encoded>, Vec<Encoded>) {
+        let clean: Vec<Encoded> = (0..12).map(|i| enc(&[2 + i % 7, 3 + (i * 5) % 9, 4 + i % 3][..(1 + i as usize % 3)], i % 2)).collect();
+        let adv = vec![enc(&[12, 13, 4], 1), enc(&[5, 12, 13], 1), enc(&[12, 13], 1)];
+        let poisons = vec![enc(&[6, 7, 8], 1), enc(&[9, 10], 1)];
+        (clean, adv, poisons)
+    }
+
+    fn cfg(steps: usize, rollouts: usize) -> RolloutConfig {
+        RolloutConfig { steps, eta: 0.5, rollouts, clean_per_batch: 4, adv_size: 3, seed: 1 }
+    }
+
+    /// The objective as a function of the poison embeddings, without any graph.
+    fn objective_of_embeddings(problem: &Problem, emb: &Tensor, poisons: &[Encoded]) -> f64 {
+        let params = problem.victim.params();
+        let (ids, labels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
+        let mask = mask_of(&ids, &params);
+        (0..problem.cfg.rollouts)
+            .map(|r| problem.adv_loss_after_rollout(r, emb, &mask, &labels, false).double_value(&[]))
+            .sum::<f64>()
+            / problem.cfg.rollouts as f64
+    }
+
+    #[test]
+    fn second_order_gradient_matches_finite_differences_in_f64() {
+        let (clean, adv, poisons) = data();
+        for arch in [Arch::Bow, Arch::Lstm] {
+            for (steps, rollouts) in [(1, 1), (2, 2)] {
+                let v = tiny(arch);
+                let problem = Problem::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
+                let (g, grad) = problem.objective_and_grad(&poisons).unwrap();
+                let (ids, _) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
+                let emb = embed(&v.params(), &ids).detach();
+                assert!((g - objective_of_embeddings(&problem, &emb, &poisons)).abs() < 1e-12);
+                assert!((g - problem.objective(&poisons)).abs() < 1e-12);
+                let flat = emb.flatten(0, -1);
+                let h = 1e-5;
+                let mut worst: f64 = 0.0;
+                for i in 0..flat.numel() as i64 {
+                    let bump = |d: f64| {
+                        let x = flat.copy();
+                        let _ = x.get(i).g_add_scalar_(d);
+                        objective_of_embeddings(&problem, &x.view_as(&emb), &poisons)
+                    };
+                    let fd = (bump(h) - bump(-h)) / (2.0 * h);
+                    let an = grad.flatten(0, -1).double_value(&[i]);
+                    // Padding positions have no gradient by construction; the FD there is
+                    // also zero because the mask removes them from every computation.
+                    worst = worst.max((fd - an).abs() / (fd.abs() + an.abs()).max(1e-4));
+                }
+                eprintln!("{arch:?} k={steps} R={rollouts}: g {g:.6}, max relative error {worst:.2e}");
+                assert!(worst < 1e-6, "{arch:?} k={steps}: relative error {worst}");
+            }
+        }
+    }
+
+    #[test]
+    fn shared_work_verifier_equals_the_full_rollout_and_taylor_predicts_the_sign() {
+        let (clean, adv, poisons) = data();
+        for arch in [Arch::Bow, Arch::Lstm] {
+            let v = tiny(arch);
+            let problem = Problem::new(&v, &clean, &adv, cfg(1, 2)).unwrap();
+            let verifier = Verifier::new(&problem, &poisons).unwrap();
+            let g0 = problem.objective(&poisons);
+            assert!((verifier.objective_with(&[]) - g0).abs() < 1e-12);
+            let (_, grad) = problem.objective_and_grad(&poisons).unwrap();
+            let table = v.params()["embedding.weight"].shallow_clone();
+            let (mut predicted, mut exact) = (Vec::new(), Vec::new());
+            for (i, p) in poisons.iter().enumerate() {
+                for pos in 0..p.ids.len() {
+                    let scores = taylor_scores(&table, &grad.get(i as i64).get(pos as i64));
+                    for w in 2..14i64 {
+                        let new = flipped(p, pos, w);
+                        let ng = verifier.example_grad(&new);
+                        let fast = verifier.objective_with(&[(i, &ng)]);
+                        let mut set = poisons.clone();
+                        set[i] = new;
+                        let slow = problem.objective(&set);
+                        assert!((fast - slow).abs() < 1e-10, "{arch:?}: shared {fast} vs full {slow}");
+                        predicted.push(scores.double_value(&[w]) - scores.double_value(&[p.ids[pos]]));
+                        exact.push(slow - g0);
+                    }
+                }
+            }
+            // Two flips at once, also against the full rollout.
+            let a = flipped(&poisons[0], 1, 3);
+            let b = flipped(&poisons[1], 0, 4);
+            let (ga, gb) = (verifier.example_grad(&a), verifier.example_grad(&b));
+            let both = verifier.objective_with(&[(0, &ga), (1, &gb)]);
+            assert!((both - problem.objective(&[a, b])).abs() < 1e-10);
+            let r = correlation(&predicted, &exact);
+            eprintln!("{arch:?}: Taylor-predicted vs exact change, Pearson r = {r:.3} over {} flips", exact.len());
+            assert!(r > 0.3, "{arch:?}: Taylor prediction correlates only {r}");
+        }
+    }
+
+    #[test]
+    fn verify_never_raises_the_objective_and_agrees_across_paths() {
+        let (clean, adv, poisons) = data();
+        let v = tiny(Arch::Lstm);
+        let swaps: Vec<Swap> = (0..poisons.len())
+            .flat_map(|i| (0..poisons[i].ids.len()).flat_map(move |p| (2..14).map(move |w| Swap { poison: i, position: p, word: w })))
+            .collect();
+        let mut results = Vec::new();
+        for steps in [1, 2] {
+            let problem = Problem::new(&v, &clean, &adv, cfg(steps, 2)).unwrap();
+            let out = verify(&problem, &poisons, &swaps).unwrap();
+            assert!(out.after <= out.before, "k={steps}: {} -> {}", out.before, out.after);
+            let mut set = poisons.clone();
+            for (s, _) in &out.accepted {
+                set[s.poison] = flipped(&set[s.poison], s.position, s.word);
+            }
+            assert!((problem.objective(&set) - out.after).abs() < 1e-10, "reported objective is the exact one");
+            assert!(!out.accepted.is_empty(), "some flip helps on this toy problem");
+            results.push(out.after);
+        }
+        // A candidate list that only hurts leaves the set unchanged.
+        let problem = Problem::new(&v, &clean, &adv, cfg(1, 1)).unwrap();
+        let all = verify(&problem, &poisons, &swaps).unwrap();
+        let worst: Vec<Swap> = swaps
+            .iter()
+            .copied()
+            .filter(|s| {
+                let mut set = poisons.clone();
+                set[s.poison] = flipped(&set[s.poison], s.position, s.word);
+                problem.objective(&set) > all.before
+            })
+            .collect();
+        let none = verify(&problem, &poisons, &worst).unwrap();
+        assert!(none.accepted.is_empty() && none.after == none.before);
+    }
+
+    pub(crate) fn correlation(x: &[f64], y: &[f64]) -> f64 {
+        let n = x.len() as f64;
+        let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+        let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+        let vx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum();
+        let vy: f64 = y.iter().map(|b| (b - my).powi(2)).sum();
+        cov / (vx * vy).sqrt()
+    }
+}

@@ -1,0 +1,170 @@
+//! Poison sets: initialisation strategies, loading everything a crafting stage needs, and
+//! applying accepted flips.
+
+use crate::attack::poison_set_sha256;
+use crate::data::{self, DataManifest};
+use crate::model::Victim;
+use crate::records::Example;
+use crate::tokenizer::{tokenize, Vocab, PAD_ID, UNK_ID};
+use crate::train::{encode_all, Encoded};
+use anyhow::{bail, Context, Result};
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, HashSet};
+use tch::{Device, Kind, Tensor};
+
+/// How initial poisons are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+pub enum InitStrategy {
+    /// D_adv sentences (non-target train examples with the trigger) with each trigger
+    /// word replaced by a random frequent word: the unoptimised baseline.
+    Random,
+    /// The same with each trigger word replaced by its nearest embedding neighbour.
+    Neighbour,
+    /// D_adv sentences as they are, trigger included: the with-overlap baseline.
+    Overlap,
+    /// Clean target-class training examples.
+    CleanTarget,
+}
+
+/// Words a no-overlap poison may never hold: the trigger's words, padding, unknown.
+pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool) -> HashSet<i64> {
+    let mut banned: HashSet<i64> = [PAD_ID, UNK_ID].into();
+    if !allow_overlap {
+        banned.extend(manifest.trigger.words.iter().filter_map(|w| vocab.id(w)));
+    }
+    banned
+}
+
+/// Nearest neighbour of `word` by cosine similarity among the first `among` rows,
+/// skipping `banned`.
+pub fn nearest_neighbour(table: &Tensor, word: i64, among: i64, banned: &HashSet<i64>) -> i64 {
+    let t = table.narrow(0, 0, among.min(table.size()[0])).to_kind(Kind::Float);
+    let norms = t.norm_scalaropt_dim(2, [1].as_slice(), false).clamp_min(1e-8);
+    let q = table.get(word).to_kind(Kind::Float);
+    let sims = t.matmul(&q) / (norms * q.norm().clamp_min(1e-8));
+    let order = sims.argsort(0, true);
+    let order: Vec<i64> = Vec::try_from(order.to_device(Device::Cpu)).expect("i64");
+    order.into_iter().find(|i| *i != word && !banned.contains(i)).expect("a neighbour exists")
+}
+
+/// Makes `count` initial poisons (seeded). Tokens unknown to the vocabulary are dropped;
+/// poisons are truncated to `max_len` tokens.
+pub fn init(
+    strategy: InitStrategy,
+    count: usize,
+    seed: u64,
+    dir: &str,
+    manifest: &DataManifest,
+    vocab: &Vocab,
+    table: &Tensor,
+    max_len: usize,
+) -> Result<Vec<Example>> {
+    let source: Vec<Example> = match strategy {
+        InitStrategy::CleanTarget => crate::io::read_jsonl::<Example>(&format!("{dir}/{}", data::TRAIN), false)?
+            .into_iter()
+            .filter(|e| e.label == manifest.target)
+            .collect(),
+        _ => crate::io::read_jsonl(&format!("{dir}/{}", data::ADV), false)?,
+    };
+    if source.len() < count {
+        bail!("only {} source sentences for {count} poisons", source.len());
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(seed, "init-poisons"));
+    let mut picked = sample(&mut rng, source.len(), count).into_vec();
+    picked.sort_unstable();
+    let trigger: HashSet<&str> = manifest.trigger.words.iter().map(|s| s.as_str()).collect();
+    let banned = banned_ids(vocab, manifest, false);
+    let frequent = 10_000.min(vocab.len() as i64);
+    let mut out = Vec::with_capacity(count);
+    for (k, &i) in picked.iter().enumerate() {
+        let ex = &source[i];
+        let mut tokens: Vec<String> = Vec::new();
+        for tok in tokenize(&ex.text) {
+            let word = if trigger.contains(tok.as_str()) {
+                match strategy {
+                    InitStrategy::Random => loop {
+                        let w = rng.gen_range(2..frequent);
+                        if !banned.contains(&w) {
+                            break vocab.word(w).to_string();
+                        }
+                    },
+                    InitStrategy::Neighbour => {
+                        let id = vocab.id(&tok).expect("trigger words are in the vocabulary");
+                        vocab.word(nearest_neighbour(table, id, 50_000, &banned)).to_string()
+                    }
+                    InitStrategy::Overlap | InitStrategy::CleanTarget => tok,
+                }
+            } else {
+                tok
+            };
+            if vocab.id(&word).is_some() {
+                tokens.push(word);
+            }
+        }
+        tokens.truncate(max_len);
+        if tokens.is_empty() {
+            bail!("source {:?} has no known tokens", ex.id);
+        }
+        let mut p = Example::new(format!("poison-{k:03}"), tokens.join(" "), manifest.target);
+        p.source_id = Some(ex.id.trim_end_matches("+trigger").to_string());
+        p.tokens = Some(tokens);
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Everything a crafting stage loads: the victim, the data and the poison set, encoded.
+pub struct AttackInputs {
+    pub victim: Victim,
+    pub vocab: Vocab,
+    pub manifest: DataManifest,
+    pub clean: Vec<Encoded>,
+    /// D_adv without the sentences the poisons were made from.
+    pub adv: Vec<Encoded>,
+    pub poisons: Vec<Example>,
+    pub poisons_enc: Vec<Encoded>,
+    pub poisons_sha256: String,
+    pub victim_meta: BTreeMap<String, String>,
+}
+
+impl AttackInputs {
+    pub fn load(victim: &str, dir: &str, poisons_path: &str, device: Device) -> Result<AttackInputs> {
+        let (victim, vocab, victim_meta) = Victim::load(victim, device)?;
+        let manifest = DataManifest::load(dir)?;
+        vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
+        let poisons: Vec<Example> = crate::io::read_jsonl(poisons_path, false)?;
+        let pname = crate::io::display_name(poisons_path);
+        for (i, p) in poisons.iter().enumerate() {
+            if p.tokens.is_none() {
+                bail!("{pname}: record {} (id {:?}) has no \"tokens\"; make poison sets with init-poisons", i + 1, p.id);
+            }
+            if p.label != manifest.target {
+                bail!("{pname}: record {} (id {:?}) has label {}, the target is {}", i + 1, p.id, p.label, manifest.target);
+            }
+        }
+        let n = manifest.labels.len();
+        let max_len = victim.config.max_len;
+        let poisons_enc = encode_all(&poisons, &vocab, max_len, n, &pname)?;
+        let clean_ex: Vec<Example> = crate::io::read_jsonl(&format!("{dir}/{}", data::TRAIN), false)?;
+        let clean = encode_all(&clean_ex, &vocab, max_len, n, &format!("{dir}/{}", data::TRAIN))?;
+        let sources: HashSet<&str> = poisons.iter().filter_map(|p| p.source_id.as_deref()).collect();
+        let adv_ex: Vec<Example> = crate::io::read_jsonl::<Example>(&format!("{dir}/{}", data::ADV), false)?
+            .into_iter()
+            .filter(|e| !sources.contains(e.id.trim_end_matches("+trigger")))
+            .collect();
+        let adv = encode_all(&adv_ex, &vocab, max_len, n, &format!("{dir}/{}", data::ADV))?;
+        let poisons_sha256 = poison_set_sha256(&poisons);
+        Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256, victim_meta })
+    }
+}
+
+/// A poison with its tokens replaced (text = tokens joined by spaces).
+pub fn with_tokens(p: &Example, ids: &[i64], vocab: &Vocab) -> Example {
+    let tokens: Vec<String> = ids.iter().map(|&i| vocab.word(i).to_string()).collect();
+    let mut out = p.clone();
+    out.text = tokens.join(" ");
+    out.tokens = Some(tokens);
+    out
+}

@@ -1,0 +1,96 @@
+//! Helpers shared by the integration tests: run the real binaries, feed pipes, and build
+//! embeddings and a data folder from the committed fixtures.
+#![allow(dead_code)]
+
+use common::records::Example;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub fn bin(name: &str) -> Command {
+    let path = match name {
+        "build-vocab" => env!("CARGO_BIN_EXE_build-vocab"),
+        "prepare-data" => env!("CARGO_BIN_EXE_prepare-data"),
+        "train-victim" => env!("CARGO_BIN_EXE_train-victim"),
+        "finetune-eval" => env!("CARGO_BIN_EXE_finetune-eval"),
+        "init-poisons" => env!("CARGO_BIN_EXE_init-poisons"),
+        "rollout-grad" => env!("CARGO_BIN_EXE_rollout-grad"),
+        "rank-candidates" => env!("CARGO_BIN_EXE_rank-candidates"),
+        "verify-candidates" => env!("CARGO_BIN_EXE_verify-candidates"),
+        other => panic!("unknown binary {other}"),
+    };
+    Command::new(path)
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(rel)
+}
+
+/// Runs a command with `stdin` bytes fed through a pipe; returns its output.
+pub fn run_with_stdin(cmd: &mut Command, stdin: &[u8]) -> Output {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = pipe.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    out
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    run_with_stdin(cmd, b"")
+}
+
+pub fn ok(out: &Output) -> &Output {
+    assert!(out.status.success(), "command failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Embeddings and a prepared data folder made from the fixtures in a temporary folder.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Setup { dir };
+        ok(&run(bin("build-vocab")
+            .arg("--words").arg(fixture("glove-mini/words.txt"))
+            .arg("--vectors").arg(fixture("glove-mini/vectors.npy"))
+            .args(["--top-n", "2000", "--data"]).arg(fixture("rt-mini/raw.jsonl"))
+            .arg("-o").arg(s.emb())));
+        ok(&run(bin("prepare-data")
+            .arg("--raw").arg(fixture("rt-mini/raw.jsonl"))
+            .args(["--trigger", "James Bond", "--target", "positive", "--embeddings"]).arg(s.emb())
+            .arg("-o").arg(s.data())));
+        s
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    pub fn emb(&self) -> PathBuf {
+        self.path("emb.safetensors")
+    }
+    pub fn data(&self) -> PathBuf {
+        self.path("data")
+    }
+    pub fn file(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.data().join(name)).unwrap()
+    }
+    pub fn train_victim(&self) -> Command {
+        let mut c = bin("train-victim");
+        c.arg("--embeddings").arg(self.emb()).args(["--arch", "bow", "--epochs", "3", "--device", "cpu"]);
+        c
+    }
+}
+
+pub fn records(bytes: &[u8]) -> Vec<Example> {
+    common::io::read_jsonl_from(bytes, "test", true).unwrap()
+}
