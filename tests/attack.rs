@@ -106,18 +106,20 @@ fn taylor_predicted_change_correlates_with_the_exact_change_on_the_fixture() {
     let (g0, grad) = problem.objective_and_grad(&inputs.poisons_enc).unwrap();
     let verifier = Verifier::new(&problem, &inputs.poisons_enc).unwrap();
     let table = inputs.victim.params()["embedding.weight"].shallow_clone();
-    let (mut predicted, mut exact) = (Vec::new(), Vec::new());
+    let (mut predicted, mut flips) = (Vec::new(), Vec::new());
     for (i, p) in inputs.poisons_enc.iter().enumerate() {
         for pos in (0..p.ids.len()).step_by(3) {
             let scores = taylor_scores(&table, &grad.get(i as i64).get(pos as i64));
             for w in (2..inputs.vocab.len() as i64).step_by(457).take(8) {
-                let new = common::attack::flipped(p, pos, w);
-                let value = verifier.objective_with(&[(i, &verifier.example_grad(&new))]);
                 predicted.push(scores.double_value(&[w]) - scores.double_value(&[p.ids[pos]]));
-                exact.push(value - g0);
+                flips.push((i, common::attack::flipped(p, pos, w)));
             }
         }
     }
+    let examples: Vec<_> = flips.iter().map(|(_, e)| e.clone()).collect();
+    let grads = verifier.example_grads(&examples);
+    let sets: Vec<Vec<(usize, &[tch::Tensor])>> = flips.iter().zip(&grads).map(|((i, _), g)| vec![(*i, g.as_slice())]).collect();
+    let exact: Vec<f64> = verifier.objectives_with(&sets).into_iter().map(|v| v - g0).collect();
     let n = predicted.len() as f64;
     let (mp, me) = (predicted.iter().sum::<f64>() / n, exact.iter().sum::<f64>() / n);
     let cov: f64 = predicted.iter().zip(&exact).map(|(p, e)| (p - mp) * (e - me)).sum();

@@ -49,7 +49,7 @@ fn main() {
         let (objective, grad) = problem.objective_and_grad(&inputs.poisons_enc)?;
         log!(
             "L_adv {objective:.5} over {} D_adv inputs, {} poisons, k={} R={} η={} {:.1}s",
-            problem.adv_ids.size()[0],
+            problem.adv_count(),
             inputs.poisons.len(),
             args.rollout.steps,
             args.rollout.rollouts,

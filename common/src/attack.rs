@@ -17,6 +17,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+/// D_adv inputs per length bucket in the objective's forward pass.
+const ADV_BUCKET: usize = 32;
+
 /// How the inner training is unrolled. Recorded with gradients and candidates, so that
 /// verification replays exactly the same minibatches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
@@ -47,9 +50,10 @@ pub struct Problem<'a> {
     pub victim: &'a Victim,
     /// Clean minibatches: `batches[r][s]` is the clean part of step s of rollout r.
     pub batches: Vec<Vec<Vec<&'a Encoded>>>,
-    /// The D_adv sample: token ids [A, T] and target labels [A].
-    pub adv_ids: Tensor,
-    pub adv_labels: Tensor,
+    /// The D_adv sample, sorted by length in buckets of `ADV_BUCKET` (less padding: the
+    /// L_adv pass is compute-bound once candidates are stacked): token ids [n, T],
+    /// target labels [n], and the bucket's share n / A of the mean.
+    pub adv: Vec<(Tensor, Tensor, f64)>,
     pub cfg: RolloutConfig,
 }
 
@@ -77,10 +81,38 @@ impl<'a> Problem<'a> {
         let mut rng = ChaCha8Rng::seed_from_u64(crate::data::seed_for(cfg.seed, "adv"));
         let a = cfg.adv_size.min(adv.len());
         let mut picked: Vec<usize> = sample(&mut rng, adv.len(), a).into_vec();
-        picked.sort_unstable();
-        let items: Vec<&Encoded> = picked.iter().map(|&i| &adv[i]).collect();
-        let (adv_ids, adv_labels) = batch_tensors(&items, victim.device());
-        Ok(Problem { victim, batches, adv_ids, adv_labels, cfg })
+        picked.sort_by_key(|&i| (adv[i].ids.len(), i));
+        let adv_buckets = picked
+            .chunks(ADV_BUCKET)
+            .map(|chunk| {
+                let items: Vec<&Encoded> = chunk.iter().map(|&i| &adv[i]).collect();
+                let (ids, labels) = batch_tensors(&items, victim.device());
+                (ids, labels, chunk.len() as f64 / a as f64)
+            })
+            .collect();
+        Ok(Problem { victim, batches, adv: adv_buckets, cfg })
+    }
+
+    /// Number of D_adv inputs the objective is measured on.
+    pub fn adv_count(&self) -> i64 {
+        self.adv.iter().map(|(ids, _, _)| ids.size()[0]).sum()
+    }
+
+    /// L_adv (mean negative log-probability of the target over the D_adv sample) under
+    /// `params`; [C] for stacked parameters.
+    pub fn adv_loss(&self, params: &Params) -> Tensor {
+        let mut total: Option<Tensor> = None;
+        for (ids, labels, share) in &self.adv {
+            let logits = forward_ids(self.config(), params, ids);
+            let idx = labels.unsqueeze(-1).expand_as(&logits.narrow(-1, 0, 1));
+            let nll = -logits.log_softmax(-1, None::<Kind>).gather(-1, &idx, false).squeeze_dim(-1);
+            let part = nll.mean_dim([-1].as_slice(), false, None::<Kind>) * *share;
+            total = Some(match total {
+                None => part,
+                Some(t) => t + part,
+            });
+        }
+        total.expect("a non-empty D_adv sample")
     }
 
     fn config(&self) -> &VictimConfig {
@@ -117,8 +149,7 @@ impl<'a> Problem<'a> {
             }
             params = next;
         }
-        let logits = forward_ids(self.config(), &params, &self.adv_ids);
-        cross_entropy(&logits, &self.adv_labels)
+        self.adv_loss(&params)
     }
 
     /// The objective g (mean L_adv over the R rollouts) and its gradient with respect to
@@ -240,27 +271,73 @@ impl<'a> Verifier<'a> {
         single_grad(self.problem, &self.names, example)
     }
 
+    /// `example_grad` for many examples in one pass: C copies of θ_t are stacked and
+    /// example c runs only under copy c, so the gradient of the summed losses with
+    /// respect to copy c is example c's own gradient. A batch-of-one LSTM pass is all
+    /// per-op overhead; this turns C of them into one batch of C.
+    pub fn example_grads(&self, examples: &[Encoded]) -> Vec<Vec<Tensor>> {
+        if examples.is_empty() {
+            return Vec::new();
+        }
+        let c = examples.len() as i64;
+        let theta = self.problem.victim.params();
+        let mut params: Params = theta.iter().map(|(k, t)| (k.clone(), t.detach())).collect();
+        let mut stacked = Vec::with_capacity(self.names.len());
+        for name in &self.names {
+            let mut shape = vec![c];
+            shape.extend(theta[name].size());
+            let s = theta[name].detach().unsqueeze(0).expand(shape.as_slice(), false).contiguous().set_requires_grad(true);
+            params.insert(name.clone(), s.shallow_clone());
+            stacked.push(s);
+        }
+        let (ids, labels) = batch_tensors(&examples.iter().collect::<Vec<_>>(), self.problem.victim.device());
+        let ids = ids.unsqueeze(1); // [C, 1, T]: one example per parameter copy
+        let emb = embed(&params, &ids);
+        let mask = mask_of(&ids, &params);
+        let logits = forward(self.problem.config(), &params, &emb, &mask).squeeze_dim(1); // [C, classes]
+        let loss = logits.log_softmax(-1, None::<Kind>).gather(-1, &labels.unsqueeze(-1), false).sum(None::<Kind>) * -1.0;
+        let grads = Tensor::run_backward(&[&loss], &stacked.iter().collect::<Vec<_>>(), false, false);
+        (0..c).map(|k| grads.iter().map(|g| g.get(k)).collect()).collect()
+    }
+
     /// The objective after replacing poison i by `new` for every (i, gradient of new) in
     /// `flips` (an empty list gives the current objective).
     pub fn objective_with(&self, flips: &[(usize, &[Tensor])]) -> f64 {
+        self.objectives_with(&[flips.to_vec()])[0]
+    }
+
+    /// `objective_with` for many flip sets at once: their θ' are stacked and L_adv runs
+    /// once per rollout for up to `STACK` sets (see `model::forward`).
+    pub fn objectives_with(&self, flip_sets: &[Vec<(usize, &[Tensor])>]) -> Vec<f64> {
+        const STACK: usize = 16;
         let eta_over_b = self.problem.cfg.eta / self.batch_size;
         let frozen: Params = self.problem.victim.params();
-        let mut total = 0.0;
+        let mut out = Vec::with_capacity(flip_sets.len());
         tch::no_grad(|| {
-            for base in &self.base {
-                let mut params: Params = frozen.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
-                for (j, name) in self.names.iter().enumerate() {
-                    let mut p = base[j].shallow_clone();
-                    for (i, new) in flips {
-                        p = p - (&new[j] - &self.old[*i][j]) * eta_over_b;
+            for chunk in flip_sets.chunks(STACK) {
+                let mut total = Tensor::zeros([chunk.len() as i64], (Kind::Double, Device::Cpu));
+                for base in &self.base {
+                    let mut params: Params = frozen.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+                    for (j, name) in self.names.iter().enumerate() {
+                        let sets: Vec<Tensor> = chunk
+                            .iter()
+                            .map(|flips| {
+                                let mut p = base[j].shallow_clone();
+                                for (i, new) in flips {
+                                    p = p - (&new[j] - &self.old[*i][j]) * eta_over_b;
+                                }
+                                p
+                            })
+                            .collect();
+                        params.insert(name.clone(), Tensor::stack(&sets, 0));
                     }
-                    params.insert(name.clone(), p);
+                    total += self.problem.adv_loss(&params).to_device(Device::Cpu).to_kind(Kind::Double);
                 }
-                let logits = forward_ids(self.problem.config(), &params, &self.problem.adv_ids);
-                total += cross_entropy(&logits, &self.problem.adv_labels).double_value(&[]);
+                let values: Vec<f64> = Vec::try_from(total / self.base.len() as f64).expect("f64 objectives");
+                out.extend(values);
             }
         });
-        total / self.base.len() as f64
+        out
     }
 
     pub fn poisons(&self) -> &[Encoded] {
@@ -337,15 +414,20 @@ pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Re
         let verifier = Verifier::new(problem, poisons)?;
         before = verifier.objective_with(&[]);
         let mut grads = std::collections::HashMap::new();
-        for c in candidates {
-            let g = verifier.example_grad(&flipped(&poisons[c.poison], c.position, c.word));
-            let value = verifier.objective_with(&[(c.poison, &g)]);
-            if !value.is_finite() {
-                bail!("L_adv is {value} for candidate {c:?}; lower --eta");
-            }
-            if value < before && best[c.poison].is_none_or(|(_, v)| value < v) {
-                best[c.poison] = Some((*c, value));
-                grads.insert(c.poison, g);
+        for chunk in candidates.chunks(64) {
+            let flips: Vec<Encoded> = chunk.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
+            let chunk_grads = verifier.example_grads(&flips);
+            let sets: Vec<Vec<(usize, &[Tensor])>> =
+                chunk.iter().zip(&chunk_grads).map(|(c, g)| vec![(c.poison, g.as_slice())]).collect();
+            let values = verifier.objectives_with(&sets);
+            for ((c, g), value) in chunk.iter().zip(chunk_grads).zip(values) {
+                if !value.is_finite() {
+                    bail!("L_adv is {value} for candidate {c:?}; lower --eta");
+                }
+                if value < before && best[c.poison].is_none_or(|(_, v)| value < v) {
+                    best[c.poison] = Some((*c, value));
+                    grads.insert(c.poison, g);
+                }
             }
         }
         let mut winners: Vec<(Swap, f64)> = best.iter().flatten().copied().collect();
@@ -401,6 +483,7 @@ mod tests {
     use crate::model::{Arch, VictimConfig};
 
     fn tiny(arch: Arch) -> Victim {
+        let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(11);
         let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 2, train_embeddings: false, max_len: 16 };
         let table = Tensor::randn([14, 5], (Kind::Float, Device::Cpu));
@@ -494,6 +577,21 @@ mod tests {
                         predicted.push(scores.double_value(&[w]) - scores.double_value(&[p.ids[pos]]));
                         exact.push(slow - g0);
                     }
+                }
+            }
+            // Stacked evaluation of several flip sets equals one at a time.
+            let ga = verifier.example_grad(&flipped(&poisons[0], 0, 5));
+            let gb = verifier.example_grad(&flipped(&poisons[1], 1, 6));
+            let sets = vec![vec![(0, ga.as_slice())], vec![], vec![(1, gb.as_slice())], vec![(0, ga.as_slice()), (1, gb.as_slice())]];
+            let stacked = verifier.objectives_with(&sets);
+            for (set, value) in sets.iter().zip(&stacked) {
+                assert!((verifier.objective_with(set) - value).abs() < 1e-12);
+            }
+            // Per-example gradients in one stacked pass equal one pass each.
+            let examples: Vec<Encoded> = vec![flipped(&poisons[0], 0, 5), flipped(&poisons[1], 1, 6), poisons[0].clone()];
+            for (e, batched) in examples.iter().zip(verifier.example_grads(&examples)) {
+                for (a, b) in verifier.example_grad(e).iter().zip(&batched) {
+                    assert!((a - b).abs().max().double_value(&[]) < 1e-12, "{arch:?}: stacked per-example gradient differs");
                 }
             }
             // Two flips at once, also against the full rollout.

@@ -16,3 +16,8 @@ pub mod stats;
 pub mod tensorfile;
 pub mod tokenizer;
 pub mod train;
+
+/// libtorch's generator is global: tests that seed it and then draw weights hold this
+/// lock, or tests running in parallel threads interleave their draws.
+#[cfg(test)]
+pub(crate) static TEST_RNG_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

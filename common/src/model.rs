@@ -177,51 +177,68 @@ pub fn forward_ids(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tens
 
 /// Logits [batch, classes] from input embeddings [batch, time, dim] and a padding mask
 /// [batch, time]. Every row must hold at least one token.
+///
+/// Stacked parameters: when every parameter but the embedding table carries a leading
+/// dimension C (C parameter sets, e.g. θ' for C candidate flips), the inputs run under
+/// all C sets at once and the logits are [C, batch, classes]. The inputs are either
+/// shared ([batch, time, dim]) or one batch per set ([C, batch, time, dim], mask
+/// [C, batch, time]). One pass instead of C amortises the per-op cost that dominates
+/// these small models on a CPU.
 pub fn forward(config: &VictimConfig, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
     let linear = |x: &Tensor, name: &str| {
-        x.matmul(&param(params, &format!("{name}.weight")).tr()) + param(params, &format!("{name}.bias"))
+        let w = param(params, &format!("{name}.weight"));
+        x.matmul(&w.transpose(-1, -2)) + param(params, &format!("{name}.bias")).unsqueeze(-2)
     };
     match config.arch {
         Arch::Bow => {
             let m = mask.unsqueeze(-1);
-            let pooled = (emb * &m).sum_dim_intlist(1, false, None) / m.sum_dim_intlist(1, false, None);
+            let pooled = (emb * &m).sum_dim_intlist(-2, false, None) / m.sum_dim_intlist(-2, false, None);
             linear(&linear(&pooled, "mlp").relu(), "out")
         }
         Arch::Lstm => {
             let fwd = lstm_direction(params, "lstm.fwd", emb, mask, false);
             let bwd = lstm_direction(params, "lstm.bwd", emb, mask, true);
-            let states = Tensor::cat(&[fwd, bwd], 2);
+            let states = Tensor::cat(&[fwd, bwd], -1);
             // Max over time; padding pushed far down so it never wins.
             let penalty = (mask.unsqueeze(-1) - 1.0) * 1e4;
-            let pooled = (states + penalty).amax([1].as_slice(), false);
+            let pooled = (states + penalty).amax([-2].as_slice(), false);
             linear(&pooled, "out")
         }
     }
 }
 
-/// One LSTM direction over [batch, time, dim]; returns hidden states [batch, time, H].
-/// Padded steps leave the state unchanged, so right padding is harmless in both
-/// directions (the backward pass starts from zeros at each row's last real token).
+/// One LSTM direction over [batch, time, dim]; returns hidden states [batch, time, H]
+/// ([C, batch, time, H] for stacked parameters). Padded steps leave the state unchanged,
+/// so right padding is harmless in both directions (the backward pass starts from zeros
+/// at each row's last real token).
 fn lstm_direction(params: &Params, prefix: &str, x: &Tensor, mask: &Tensor, reverse: bool) -> Tensor {
     let w_ih = param(params, &format!("{prefix}.w_ih"));
     let w_hh = param(params, &format!("{prefix}.w_hh"));
     let b = param(params, &format!("{prefix}.b"));
-    let (batch, time, _) = x.size3().expect("input embeddings must be [batch, time, dim]");
-    let h_units = w_hh.size()[1];
-    // Input projections of all steps in one matmul.
-    let xw = x.matmul(&w_ih.tr()) + b;
-    let mut h = Tensor::zeros([batch, h_units], (x.kind(), x.device()));
+    let time = x.size()[x.dim() - 2];
+    let h_units = w_hh.size()[w_hh.dim() - 1];
+    // Input projections of all steps in one matmul: [(C,) batch, time, 4H].
+    let xw = if w_ih.dim() == 3 {
+        let x = if x.dim() == 3 { x.unsqueeze(0) } else { x.shallow_clone() };
+        x.matmul(&w_ih.transpose(-1, -2).unsqueeze(1)) + b.unsqueeze(1).unsqueeze(1)
+    } else {
+        x.matmul(&w_ih.tr()) + b
+    };
+    let mut state_shape = xw.size();
+    state_shape.remove(state_shape.len() - 2);
+    *state_shape.last_mut().unwrap() = h_units;
+    let mut h = Tensor::zeros(state_shape.as_slice(), (x.kind(), x.device()));
     let mut c = h.zeros_like();
     let mut outs: Vec<Tensor> = Vec::with_capacity(time as usize);
     let order: Vec<i64> = if reverse { (0..time).rev().collect() } else { (0..time).collect() };
-    let w_hh_t = w_hh.tr();
+    let w_hh_t = w_hh.transpose(-1, -2);
     for &t in &order {
-        let gates = xw.select(1, t) + h.matmul(&w_hh_t);
+        let gates = xw.select(-2, t) + h.matmul(&w_hh_t);
         let g = gates.chunk(4, -1);
         let (i, f, gg, o) = (g[0].sigmoid(), g[1].sigmoid(), g[2].tanh(), g[3].sigmoid());
         let c_new = &f * &c + &i * &gg;
         let h_new = &o * c_new.tanh();
-        let m = mask.select(1, t).unsqueeze(-1);
+        let m = mask.select(-1, t).unsqueeze(-1);
         let keep = 1.0 - &m;
         c = &m * &c_new + &keep * &c;
         h = &m * &h_new + &keep * &h;
@@ -230,7 +247,7 @@ fn lstm_direction(params: &Params, prefix: &str, x: &Tensor, mask: &Tensor, reve
     if reverse {
         outs.reverse();
     }
-    Tensor::stack(&outs, 1)
+    Tensor::stack(&outs, -2)
 }
 
 #[cfg(test)]
@@ -238,6 +255,7 @@ mod tests {
     use super::*;
 
     pub(crate) fn tiny(arch: Arch, train_embeddings: bool) -> Victim {
+        let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(0);
         let config = VictimConfig {
             arch,
@@ -317,6 +335,42 @@ mod tests {
                 eprintln!("{arch:?} train_embeddings={train_embeddings}: max relative error {worst:.2e}");
                 assert!(worst < 1e-6, "{arch:?}: second-order gradient off by {worst}");
                 assert!(grad.abs().sum(Kind::Double).double_value(&[]) > 0.0, "gradient is identically zero");
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_parameters_equal_one_pass_per_set() {
+        for arch in [Arch::Bow, Arch::Lstm] {
+            let v = tiny(arch, false);
+            let sets: Vec<Params> = (0..3)
+                .map(|k| {
+                    v.params()
+                        .into_iter()
+                        .map(|(n, t)| {
+                            let t = t.detach();
+                            let t = if n == "embedding.weight" { t } else { &t + t.randn_like() * (0.1 * k as f64) };
+                            (n, t)
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut stacked: Params = Params::new();
+            for name in sets[0].keys() {
+                let t = if name == "embedding.weight" {
+                    sets[0][name].shallow_clone()
+                } else {
+                    Tensor::stack(&sets.iter().map(|p| p[name].shallow_clone()).collect::<Vec<_>>(), 0)
+                };
+                stacked.insert(name.clone(), t);
+            }
+            let ids = Tensor::from_slice(&[3i64, 4, 5, 0, 6, 7, 8, 9, 2, 0, 0, 0]).view([3, 4]);
+            let all = forward_ids(&v.config, &stacked, &ids);
+            assert_eq!(all.size(), [3, 3, 2]);
+            for (k, p) in sets.iter().enumerate() {
+                let one = forward_ids(&v.config, p, &ids);
+                let diff = (all.get(k as i64) - one).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "{arch:?}: set {k} differs by {diff}");
             }
         }
     }

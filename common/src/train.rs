@@ -157,6 +157,7 @@ mod tests {
             ids.rotate_left((i % 3) as usize);
             data.push(Encoded { ids, label });
         }
+        let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(1);
         (data, Tensor::randn([8, 6], (Kind::Float, Device::Cpu)))
     }
@@ -168,6 +169,7 @@ mod tests {
             let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 8, num_classes: 2, train_embeddings: false, max_len: 8 };
             let opts = TrainOptions { epochs: 30, batch_size: 16, lr: 0.02, seed: 3 };
             let run = || {
+                let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
                 tch::manual_seed(5);
                 let mut v = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
                 train(&mut v, &data, &opts, |_, _| {}).unwrap();
