@@ -45,7 +45,7 @@ ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 
 all: demo
 
 help:
-	@echo "make demo   # setup + data + build, train victims on Rotten Tomatoes, print clean accuracy"
+	@echo "make demo   # setup + data + build, clean victims on Rotten Tomatoes, then make attack; prints the tables"
 	@echo "make attack # the crafting loop (rollout-grad | rank-candidates | verify-candidates), then finetune-eval"
 	@echo "make test   # setup + build, unit and integration tests on committed fixtures"
 	@echo "variables: TRIGGER='$(TRIGGER)' TARGET=$(TARGET) SEED=$(SEED) TOP_N=$(TOP_N) ARCHS='$(ARCHS)' SEEDS=$(SEEDS) DEVICE=$(DEVICE)"
@@ -75,13 +75,19 @@ $(RUN_DIR)/victim-%.safetensors: $(DATA_DIR)/manifest.json $(EMB) | build
 	$(BIN)/train-victim --embeddings $(EMB) --train $(DATA_DIR)/train.jsonl --dev $(DATA_DIR)/dev.jsonl \
 	  --arch $* --seed $(SEED) --device $(DEVICE) -o $@
 
-# Clean victims only until the attack exists: CACC and the trigger's clean ASR over SEEDS seeds.
+# Clean victims: CACC and the trigger's clean ASR over SEEDS seeds.
 $(RUN_DIR)/eval-%.json: $(DATA_DIR)/manifest.json $(EMB) | build
 	$(BIN)/finetune-eval --data $(DATA_DIR) --embeddings $(EMB) --arch $* --seeds $(SEEDS) \
-	  --seed-base $(SEED) --device $(DEVICE) -o $@
+	  --seed-base $(SEED) --device $(DEVICE) --clean-cache runs/clean-cache -o $@
 
-demo: build $(foreach a,$(ARCHS),$(RUN_DIR)/victim-$(a).safetensors $(RUN_DIR)/eval-$(a).json)
+# The main job: clean victims (accuracy, the trigger's clean ASR), then the crafting loop
+# against the $(ATTACK_ARCH) victim and the evaluation of its poisons.
+demo: build $(foreach a,$(ARCHS),$(RUN_DIR)/victim-$(a).safetensors $(RUN_DIR)/eval-$(a).json) attack
+	@echo
 	@scripts/demo_table.sh $(RUN_DIR) $(ARCHS)
+	@echo
+	@(column -t $(ATTACK_RUN)/rounds.tsv 2>/dev/null || cat $(ATTACK_RUN)/rounds.tsv)
+	@cat $(ATTACK_RUN)/table.txt
 
 $(ATTACK_RUN)/victim.safetensors: $(DATA_DIR)/manifest.json $(EMB) | build
 	$(BIN)/train-victim --embeddings $(EMB) --train $(DATA_DIR)/train.jsonl --dev $(DATA_DIR)/dev.jsonl \
@@ -93,7 +99,7 @@ attack: build $(ATTACK_RUN)/victim.safetensors
 	  COUNT=$(COUNT) INIT=$(INIT) K=$(K) POSITIONS=$(POSITIONS) STEPS=$(STEPS) ROLLOUTS=$(ROLLOUTS) \
 	  ETA=$(ETA) CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ADV_SIZE=$(ADV_SIZE) SEED=$(SEED) ROUNDS=$(ROUNDS) \
 	  PATIENCE=$(PATIENCE) TARGET_LADV=$(TARGET_LADV) OVERLAP=$(OVERLAP) EVAL_SEEDS=$(EVAL_SEEDS) \
-	  ARCH=$(ATTACK_ARCH) DEVICE=$(DEVICE) scripts/attack.sh
+	  ARCH=$(ATTACK_ARCH) DEVICE=$(DEVICE) CLEAN_CACHE=runs/clean-cache scripts/attack.sh
 
 test: build
 	cargo test --release --workspace

@@ -11,6 +11,7 @@ set -euo pipefail
 : "${COUNT:=50}" "${INIT:=random}" "${K:=50}" "${POSITIONS:=best}" "${STEPS:=1}" "${ROLLOUTS:=1}"
 : "${ETA:=0.03}" "${CLEAN_PER_BATCH:=64}" "${ADV_SIZE:=128}" "${SEED:=0}" "${ROUNDS:=5}"
 : "${PATIENCE:=2}" "${TARGET_LADV:=0}" "${OVERLAP:=0}" "${EVAL_SEEDS:=3}" "${ARCH:=lstm}" "${DEVICE:=auto}"
+: "${CLEAN_CACHE:=}"
 
 log() { echo "attack: $*" >&2; }
 json() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1]))[sys.argv[2]]; print("" if v is None else v)' "$@"; }
@@ -80,9 +81,10 @@ column -t "$RUN/rounds.tsv" >&2 || cat "$RUN/rounds.tsv" >&2
 for what in init final; do
   p="$RUN/poisons.jsonl"; [ "$what" = init ] && p="$r0/poisons.jsonl"
   [ -f "$RUN/eval-$what.json" ] || "$BIN/finetune-eval" --data "$DATA" --embeddings "$EMB" --poisons "$p" \
-    --arch "$ARCH" --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" -o "$RUN/eval-$what.json"
+    --arch "$ARCH" --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" \
+    ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$RUN/eval-$what.json"
 done
-python3 - "$RUN" <<'PY'
+python3 - "$RUN" > "$RUN/table.txt.tmp" <<'PY'
 import json, sys
 run = sys.argv[1]
 def fmt(s):
@@ -94,3 +96,5 @@ for what, name in [("init", "initial (unoptimised)"), ("final", "crafted")]:
     print(f"{name:<22} {fmt(s['net_asr']):<14} {fmt(s['dfpr']):<14} {fmt(s['cacc']):<14} {fmt(s['dcacc']):<14} {r['audit']['poisons_with_overlap']}/{r['audit']['poison_count']}")
 print(f"(mean ± 95% CI over {len(r['seeds'])} retraining seeds, percent; reports in {run}/)")
 PY
+mv "$RUN/table.txt.tmp" "$RUN/table.txt"
+cat "$RUN/table.txt"

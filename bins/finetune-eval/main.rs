@@ -51,6 +51,11 @@ struct Args {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Folder caching each seed's clean-victim figures, keyed by a hash of the data files,
+    /// embeddings, victim config and training options: evaluations of several poison sets
+    /// on the same data then train each clean victim once.
+    #[arg(long)]
+    clean_cache: Option<String>,
     /// Output file for the JSON report, or - for stdout.
     #[arg(short, long, default_value = "-")]
     output: String,
@@ -125,6 +130,7 @@ fn main() {
         } else {
             let emb_path = args.embeddings.as_deref().expect("clap requires --embeddings");
             let (vocab, table) = embeddings::load(emb_path)?;
+            let emb_sha = io::sha256_file(std::path::Path::new(emb_path))?;
             vocab.trigger_words(&trigger.phrase).with_context(|| format!("vocabulary of {emb_path}"))?;
             let config = args.victim.config(vocab.len(), table.size()[1] as usize, manifest.labels.len());
             let sets = encode_sets(&args.data, &manifest, &vocab, config.max_len)?;
@@ -143,7 +149,24 @@ fn main() {
                     train::train(&mut v, data, &opts, |_, _| {})?;
                     Ok(eval::measure(&v, &sets))
                 };
-                let clean_m = fit(&clean)?;
+                let key = args.clean_cache.as_ref().map(|dir| -> anyhow::Result<String> {
+                    let k = serde_json::json!({"files": manifest.files, "embeddings": emb_sha, "victim": config, "training": opts});
+                    Ok(format!("{dir}/clean-{}.json", io::sha256_hex(serde_json::to_string(&k)?.as_bytes())))
+                }).transpose()?;
+                let cached: Option<Metrics> = key.as_ref().and_then(|k| std::fs::read_to_string(k).ok()).and_then(|t| serde_json::from_str(&t).ok());
+                let clean_m = match cached {
+                    Some(m) => {
+                        log!("seed {seed} clean: from {}", key.as_deref().unwrap_or_default());
+                        m
+                    }
+                    None => {
+                        let m = fit(&clean)?;
+                        if let Some(k) = &key {
+                            io::write_bytes(k, serde_json::to_string(&m)?.as_bytes())?;
+                        }
+                        m
+                    }
+                };
                 log_metrics("clean", seed, &clean_m);
                 let row = if poison_enc.is_empty() {
                     SeedRow { seed, poisoned: clean_m, clean: Some(clean_m) }
