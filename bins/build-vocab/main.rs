@@ -12,7 +12,7 @@ use std::path::PathBuf;
 ///   build-vocab --words data/glove/words.txt --vectors data/glove/vectors.npy \
 ///       --top-n 50000 --data data/rt/raw.jsonl -o data/glove/emb-50k.safetensors
 #[derive(Parser)]
-#[command(version)]
+#[command(version, verbatim_doc_comment)]
 struct Args {
     /// GloVe words, one per line, in the row order of --vectors.
     #[arg(long)]

@@ -26,7 +26,7 @@ use std::time::Instant;
 ///   craft ... | finetune-eval --data data/rt-jb --embeddings emb.safetensors --poisons - --arch bow
 ///   finetune-eval --data data/rt-jb --checkpoint victim.safetensors
 #[derive(Parser)]
-#[command(version)]
+#[command(version, verbatim_doc_comment)]
 struct Args {
     /// Data folder made by prepare-data.
     #[arg(long)]

@@ -13,14 +13,10 @@ use common::{device, io, log};
 ///   init-poisons --victim v.safetensors --data data/rt-jb --count 50 > round-0.jsonl
 ///   init-poisons --victim v.safetensors --data data/rt-jb --strategy overlap --count 50 | finetune-eval ... --poisons -
 #[derive(Parser)]
-#[command(version)]
+#[command(version, verbatim_doc_comment)]
 struct Args {
-    /// Victim whose vocabulary (and table, for neighbours) the poisons use.
-    #[arg(long)]
-    victim: String,
-    /// Data folder made by prepare-data.
-    #[arg(long)]
-    data: String,
+    #[command(flatten)]
+    inputs: common::cli::CraftArgs,
     /// Number of poisons.
     #[arg(long, default_value_t = 50)]
     count: usize,
@@ -37,10 +33,10 @@ struct Args {
 fn main() {
     common::cli::run("init-poisons", || {
         let args = Args::parse();
-        let (victim, vocab, _) = Victim::load(&args.victim, device::parse_device("cpu")?)?;
-        let manifest = DataManifest::load(&args.data)?;
+        let (victim, vocab, _) = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
+        let manifest = DataManifest::load(&args.inputs.data)?;
         let table = victim.params()["embedding.weight"].shallow_clone();
-        let set = poisons::init(args.strategy, args.count, args.seed, &args.data, &manifest, &vocab, &table, victim.config.max_len)?;
+        let set = poisons::init(args.strategy, args.count, args.seed, &args.inputs.data, &manifest, &vocab, &table, victim.config.max_len)?;
         log!("{} poisons ({:?}), target {}", set.len(), args.strategy, manifest.target_name());
         io::write_jsonl(&args.output, &set)
     })

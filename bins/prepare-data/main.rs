@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 ///   prepare-data --raw data/rt/raw.jsonl --trigger "James Bond" --target positive -o data/rt-jb
 ///   prepare-data --raw - --trigger "Tom Cruise" --target negative --seed 1 -o /tmp/tc < raw.jsonl
 #[derive(Parser)]
-#[command(version)]
+#[command(version, verbatim_doc_comment)]
 struct Args {
     /// Raw example JSONL (or - for stdin).
     #[arg(long, default_value = "-")]

@@ -40,12 +40,10 @@ impl FromStr for Positions {
 ///   rollout-grad ... | rank-candidates --victim v.safetensors --data data/rt-jb -k 50 > candidates.jsonl
 ///   rank-candidates --victim v.safetensors --data data/rt-jb --grad grad.safetensors --positions all | head
 #[derive(Parser)]
-#[command(version)]
+#[command(version, verbatim_doc_comment)]
 struct Args {
-    #[arg(long)]
-    victim: String,
-    #[arg(long)]
-    data: String,
+    #[command(flatten)]
+    inputs: common::cli::CraftArgs,
     /// Gradient file from rollout-grad, - for stdin.
     #[arg(long, default_value = "-")]
     grad: String,
@@ -66,12 +64,12 @@ struct Args {
 fn main() {
     common::cli::run("rank-candidates", || {
         let args = Args::parse();
-        let (victim, vocab, _) = Victim::load(&args.victim, tch::Device::Cpu)?;
-        let manifest = DataManifest::load(&args.data)?;
+        let (victim, vocab, _) = Victim::load(&args.inputs.victim, tch::Device::Cpu)?;
+        let manifest = DataManifest::load(&args.inputs.data)?;
         let gname = io::display_name(&args.grad);
         let file = tensorfile::read(&args.grad, "poison.rollout_grad", 1)?;
         if file.meta("vocab_sha256")? != vocab.sha256() {
-            bail!("{gname} was made with another vocabulary than {}", args.victim);
+            bail!("{gname} was made with another vocabulary than {}", args.inputs.victim);
         }
         let grad = file.tensor("grad")?.to_kind(tch::Kind::Float);
         let ids = file.tensor("ids")?.shallow_clone();

@@ -18,14 +18,10 @@ pub const GRAD_FORMAT: &str = "poison.rollout_grad";
 ///   rollout-grad --victim v.safetensors --data data/rt-jb --poisons p.jsonl --steps 2 --rollouts 4 \
 ///     | rank-candidates --victim v.safetensors --data data/rt-jb > candidates.jsonl
 #[derive(Parser)]
-#[command(version)]
+#[command(version, verbatim_doc_comment)]
 struct Args {
-    /// The victim θ_t (from train-victim).
-    #[arg(long)]
-    victim: String,
-    /// Data folder made by prepare-data (clean train split and D_adv).
-    #[arg(long)]
-    data: String,
+    #[command(flatten)]
+    inputs: common::cli::CraftArgs,
     /// Current poison set (example JSONL with tokens), - for stdin.
     #[arg(long, default_value = "-")]
     poisons: String,
@@ -44,7 +40,7 @@ fn main() {
         let args = Args::parse();
         io::Output::refuse_terminal(&args.output, "gradients")?;
         let start = Instant::now();
-        let inputs = AttackInputs::load(&args.victim, &args.data, &args.poisons, device::parse_device(&args.device)?)?;
+        let inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
         let problem = Problem::new(&inputs.victim, &inputs.clean, &inputs.adv, args.rollout.clone())?;
         let (objective, grad) = problem.objective_and_grad(&inputs.poisons_enc)?;
         log!(

@@ -20,7 +20,7 @@ use std::time::Instant;
 ///       --dev data/rt-jb/dev.jsonl --arch lstm --seed 1 -o victim.safetensors
 ///   cat train.jsonl poisons.jsonl | train-victim --embeddings emb.safetensors --arch bow > v.safetensors
 #[derive(Parser)]
-#[command(version)]
+#[command(version, verbatim_doc_comment)]
 struct Args {
     /// Embedding table and vocabulary (from build-vocab).
     #[arg(long)]

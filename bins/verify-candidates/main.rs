@@ -19,12 +19,10 @@ use std::time::Instant;
 ///   rank-candidates ... | verify-candidates --victim v.safetensors --data data/rt-jb \
 ///       --poisons round-0.jsonl --summary round-1/summary.json > round-1/poisons.jsonl
 #[derive(Parser)]
-#[command(version)]
+#[command(version, verbatim_doc_comment)]
 struct Args {
-    #[arg(long)]
-    victim: String,
-    #[arg(long)]
-    data: String,
+    #[command(flatten)]
+    inputs: common::cli::CraftArgs,
     /// The poison set the candidates were ranked for.
     #[arg(long)]
     poisons: String,
@@ -49,7 +47,7 @@ fn main() {
     common::cli::run("verify-candidates", || {
         let args = Args::parse();
         let start = Instant::now();
-        let inputs = AttackInputs::load(&args.victim, &args.data, &args.poisons, device::parse_device(&args.device)?)?;
+        let inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
         let cname = io::display_name(&args.candidates);
         let candidates: Vec<Candidate> = io::read_jsonl(&args.candidates, true)?;
         let banned = banned_ids(&inputs.vocab, &inputs.manifest, args.allow_overlap);

@@ -77,3 +77,15 @@ impl VictimArgs {
         TrainOptions { epochs: self.epochs, batch_size: self.batch_size, lr: self.lr, seed }
     }
 }
+
+/// The inputs every crafting stage (init-poisons, rollout-grad, rank-candidates,
+/// verify-candidates) is given.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CraftArgs {
+    /// The victim θ_t the poisons are crafted against (from train-victim).
+    #[arg(long)]
+    pub victim: String,
+    /// Data folder made by prepare-data (clean train split, D_adv, trigger and target).
+    #[arg(long)]
+    pub data: String,
+}
