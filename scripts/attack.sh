@@ -8,7 +8,7 @@
 # after PATIENCE rounds without an accepted flip; then finetune-eval evaluates the result.
 set -euo pipefail
 : "${RUN:?}" "${VICTIM:?}" "${DATA:?}" "${EMB:?}" "${BIN:=target/release}"
-: "${COUNT:=50}" "${INIT:=random}" "${K:=50}" "${POSITIONS:=best}" "${STEPS:=1}" "${ROLLOUTS:=1}"
+: "${COUNT:=50}" "${INIT:=random}" "${K:=10}" "${POSITIONS:=5}" "${STEPS:=1}" "${ROLLOUTS:=1}"
 : "${ETA:=0.03}" "${CLEAN_PER_BATCH:=64}" "${ADV_SIZE:=128}" "${SEED:=0}" "${ROUNDS:=5}"
 : "${PATIENCE:=2}" "${TARGET_LADV:=0}" "${OVERLAP:=0}" "${EVAL_SEEDS:=3}" "${ARCH:=lstm}" "${DEVICE:=auto}"
 : "${CLEAN_CACHE:=}"

@@ -50,8 +50,12 @@ struct Args {
     /// Candidates per position.
     #[arg(short, default_value_t = 50)]
     k: usize,
-    /// Positions per poison: all, best (one), or a number.
-    #[arg(long, default_value = "best")]
+    /// Positions per poison: all, best (one), or a number N (the N positions whose best
+    /// candidate predicts the largest decrease). Measured on Rotten Tomatoes (BiLSTM, 50
+    /// poisons, round 1): at 2,500 exact checks, 5 positions x K=10 lowered L_adv
+    /// 0.862 -> 0.692, one position x K=50 only to 0.734; all positions x K=3 (3,474
+    /// checks) to 0.678.
+    #[arg(long, default_value = "5")]
     positions: Positions,
     /// Allow trigger words as candidates (the with-overlap baseline).
     #[arg(long)]
