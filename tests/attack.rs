@@ -165,3 +165,25 @@ fn the_attack_loop_resumes_after_an_interruption_and_reaches_the_same_poisons() 
     let out = run(&mut attack(&full, "6"));
     assert!(!out.status.success() && stderr(&out).contains("other settings"), "{}", stderr(&out));
 }
+
+#[test]
+fn no_overlap_refuses_trigger_words_and_with_overlap_accepts_them() {
+    let a = Attack::new();
+    let p0 = a.s.path("p0.jsonl");
+    ok(&run(a.stage("init-poisons").args(["--count", "4", "-o"]).arg(&p0)));
+    let grad = ok(&run(a.stage("rollout-grad").args(Attack::ROLLOUT).arg("--poisons").arg(&p0))).stdout.clone();
+    let cands = ok(&run_with_stdin(&mut a.stage("rank-candidates").args(["-k", "400", "--positions", "all"]), &grad)).stdout.clone();
+    let text = String::from_utf8(cands).unwrap();
+    assert!(!text.contains("\"word\":\"bond\"") && !text.contains("\"word\":\"james\""), "no-overlap ranking proposed a trigger word");
+    // A forged trigger candidate is refused unless --allow-overlap.
+    let first = text.lines().next().unwrap();
+    let word = first.split("\"word\":\"").nth(1).unwrap().split('"').next().unwrap();
+    let forged = first.replacen(&format!("\"word\":\"{word}\""), "\"word\":\"bond\"", 1);
+    let out = run_with_stdin(&mut a.stage("verify-candidates").args(["--device", "cpu", "--poisons"]).arg(&p0), forged.as_bytes());
+    assert!(!out.status.success() && stderr(&out).contains("trigger or special word"), "{}", stderr(&out));
+    let out = ok(&run_with_stdin(&mut a.stage("verify-candidates").args(["--device", "cpu", "--allow-overlap", "--poisons"]).arg(&p0), forged.as_bytes())).clone();
+    assert_eq!(records(&out.stdout).len(), 4);
+    // With-overlap initial poisons keep the trigger.
+    let overlap = ok(&run(a.stage("init-poisons").args(["--count", "4", "--strategy", "overlap"]))).stdout.clone();
+    assert!(records(&overlap).iter().all(|p| p.text.contains("james bond")));
+}
