@@ -42,7 +42,7 @@ DATA_DIR := data/rt-$(SLUG)-s$(SEED)
 RUN_DIR  := runs/demo-$(SLUG)-s$(SEED)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo attack test fixtures clean help
+.PHONY: all setup data build demo attack test bench fixtures clean help
 all: demo
 
 help:
@@ -104,6 +104,10 @@ attack: build $(ATTACK_RUN)/victim.safetensors
 
 test: build
 	cargo test --release --workspace
+
+# Cost ratios of a crafting round, measured side by side (benches/crafting.rs).
+bench: build
+	cargo bench --bench crafting
 
 # Regenerates fixtures/ from the real data.
 fixtures: data/.fetch-done-v1

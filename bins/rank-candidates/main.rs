@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use common::attack::{taylor_scores, RolloutConfig};
+use common::attack::{bottom_k, RolloutConfig};
 use common::data::DataManifest;
 use common::io::{self, Record};
 use common::model::Victim;
@@ -102,20 +102,9 @@ fn main() {
         for i in 0..n {
             let row: Vec<i64> = Vec::try_from(ids.get(i))?;
             let len = row.iter().take_while(|&&x| x != 0).count();
-            // [len, V] predicted changes, banned words pushed to +inf.
-            let mut per_position = Vec::new();
-            for j in 0..len {
-                let scores = taylor_scores(&table, &grad.get(i).get(j as i64));
-                let current = row[j];
-                let delta = &scores - scores.double_value(&[current]) + &banned_mask;
-                let _ = delta.get(current).fill_(f64::INFINITY);
-                let k = args.k.min(vocab.len());
-                let (vals, idx) = delta.topk(k as i64, 0, false, true);
-                let vals: Vec<f32> = Vec::try_from(vals)?;
-                let idx: Vec<i64> = Vec::try_from(idx)?;
-                let cands: Vec<(i64, f64)> = idx.into_iter().zip(vals).filter(|(_, v)| v.is_finite()).map(|(w, v)| (w, v as f64)).collect();
-                per_position.push((j, current, cands));
-            }
+            let ranked = bottom_k(&table, &grad.get(i), &row[..len], &banned_mask, args.k);
+            let mut per_position: Vec<(usize, i64, Vec<(i64, f64)>)> =
+                ranked.into_iter().enumerate().map(|(j, c)| (j, row[j], c)).collect();
             if let Positions::Best(b) = args.positions {
                 per_position.sort_by(|a, b| {
                     let best = |c: &Vec<(i64, f64)>| c.first().map(|x| x.1).unwrap_or(f64::INFINITY);

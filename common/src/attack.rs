@@ -219,6 +219,26 @@ pub fn taylor_scores(table: &Tensor, grad_at_position: &Tensor) -> Tensor {
     table.matmul(grad_at_position)
 }
 
+/// Bottom-K candidates at every position of one poison: for positions j < `ids.len()`,
+/// the K words w' with the lowest predicted change `∇g_j·(E_{w'} − E_{w_j})`, skipping
+/// words where `banned` ([V], 0 or +inf) is infinite and the current word. One
+/// [len, D] × [D, V] product per poison rather than one per position.
+pub fn bottom_k(table: &Tensor, grad: &Tensor, ids: &[i64], banned: &Tensor, k: usize) -> Vec<Vec<(i64, f64)>> {
+    let len = ids.len() as i64;
+    let scores = grad.narrow(0, 0, len).matmul(&table.tr()); // [len, V]
+    let current = Tensor::from_slice(ids).to_device(scores.device()).unsqueeze(1);
+    let mut delta = &scores - scores.gather(1, &current, false) + banned.unsqueeze(0);
+    let _ = delta.scatter_value_(1, &current, f64::INFINITY);
+    let k = (k as i64).min(table.size()[0]);
+    let (vals, idx) = delta.topk(k, 1, false, true);
+    let vals: Vec<f32> = Vec::try_from(vals.to_kind(Kind::Float).flatten(0, -1).to_device(Device::Cpu)).expect("f32");
+    let idx: Vec<i64> = Vec::try_from(idx.flatten(0, -1).to_device(Device::Cpu)).expect("i64");
+    idx.chunks(k as usize)
+        .zip(vals.chunks(k as usize))
+        .map(|(ws, vs)| ws.iter().zip(vs).filter(|(_, v)| v.is_finite()).map(|(&w, &v)| (w, v as f64)).collect())
+        .collect()
+}
+
 /// Exact evaluation of flips for one unrolled step (k = 1), sharing work:
 /// θ_{t+1} = θ_t − η (G_r + Σ_flipped (∇ℓ_new − ∇ℓ_old) / B), where G_r is the minibatch
 /// gradient of rollout r (computed once) and ℓ a single poison's loss at θ_t, whose
@@ -600,6 +620,17 @@ mod tests {
             let (ga, gb) = (verifier.example_grad(&a), verifier.example_grad(&b));
             let both = verifier.objective_with(&[(0, &ga), (1, &gb)]);
             assert!((both - problem.objective(&[a, b])).abs() < 1e-10);
+            // The batched ranking agrees with per-position scores.
+            let banned = Tensor::zeros([14], (Kind::Double, Device::Cpu));
+            let _ = banned.narrow(0, 0, 3).fill_(f64::INFINITY);
+            let ranked = bottom_k(&table, &grad.get(0), &poisons[0].ids, &banned, 4);
+            for (pos, cands) in ranked.iter().enumerate() {
+                let scores = taylor_scores(&table, &grad.get(0).get(pos as i64));
+                let cur = scores.double_value(&[poisons[0].ids[pos]]);
+                let mut want: Vec<(i64, f64)> = (3..14).filter(|&w| w != poisons[0].ids[pos]).map(|w| (w, scores.double_value(&[w]) - cur)).collect();
+                want.sort_by(|a, b| a.1.total_cmp(&b.1));
+                assert_eq!(cands.iter().map(|c| c.0).collect::<Vec<_>>(), want[..4].iter().map(|c| c.0).collect::<Vec<_>>());
+            }
             let r = correlation(&predicted, &exact);
             eprintln!("{arch:?}: Taylor-predicted vs exact change, Pearson r = {r:.3} over {} flips", exact.len());
             assert!(r > 0.3, "{arch:?}: Taylor prediction correlates only {r}");
