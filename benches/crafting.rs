@@ -61,7 +61,7 @@ fn main() {
             let _ = problem.objective_and_grad(&poisons).unwrap();
         });
         // 96 candidates: the naive path redoes the whole rollout for each.
-        let swaps: Vec<Swap> = (0..96).map(|k| Swap { poison: k % 50, position: k % 10, word: 2 + k as i64 * 997 }).collect();
+        let swaps: Vec<Swap> = (0..96).map(|k| Swap { poison: k % 50, position: k % 10, word: 2 + (k as i64 * 997) % (VOCAB - 2) }).collect();
         let naive = time(1, || {
             for s in &swaps {
                 let mut set = poisons.clone();
