@@ -61,21 +61,17 @@ struct Args {
     output: String,
 }
 
-fn read_set(dir: &str, name: &str, allow_empty: bool) -> anyhow::Result<Vec<Example>> {
-    io::read_jsonl(&format!("{dir}/{name}"), allow_empty)
-}
-
 fn encode_sets(dir: &str, manifest: &DataManifest, vocab: &Vocab, max_len: usize) -> anyhow::Result<EvalSets> {
     let n = manifest.labels.len();
     let enc = |name: &str, exs: &[Example]| encode_all(exs, vocab, max_len, n, &format!("{dir}/{name}"));
-    let test = read_set(dir, data::TEST, false)?;
+    let test = data::read_set(dir, data::TEST, false)?;
     let nontarget: Vec<Example> = test.iter().filter(|e| e.label != manifest.target).cloned().collect();
     let natural: Vec<Example> =
-        read_set(dir, data::NATURAL, true)?.into_iter().filter(|e| e.label != manifest.target).collect();
+        data::read_set(dir, data::NATURAL, true)?.into_iter().filter(|e| e.label != manifest.target).collect();
     Ok(EvalSets {
         test: enc(data::TEST, &test)?,
         test_nontarget: enc(data::TEST, &nontarget)?,
-        asr_test: enc(data::ASR_TEST, &read_set(dir, data::ASR_TEST, false)?)?,
+        asr_test: enc(data::ASR_TEST, &data::read_set(dir, data::ASR_TEST, false)?)?,
         natural_nontarget: enc(data::NATURAL, &natural)?,
         target: manifest.target,
     })
@@ -92,7 +88,7 @@ fn main() {
         let device = device::parse_device(&args.device)?;
         let manifest = DataManifest::load(&args.data)?;
         let trigger: &Trigger = &manifest.trigger;
-        let clean_train: Vec<Example> = read_set(&args.data, data::TRAIN, false)?;
+        let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;
 
         let (poisons, poisons_sha256) = match &args.poisons {
             Some(p) => {

@@ -7,9 +7,8 @@
 //! Victims with a frozen embedding table only: with a trained table a flip also changes
 //! which row receives the poison's update (SPEC.md), a term not implemented yet.
 
-use crate::model::{embed, forward, forward_ids, mask_of, Params, Victim, VictimConfig};
+use crate::model::{embed, forward, forward_ids, mask_of, shallow_copy, Params, Victim, VictimConfig};
 use crate::train::{batch_tensors, cross_entropy, Encoded};
-use crate::tokenizer::PAD_ID;
 use anyhow::{bail, Result};
 use rand::seq::index::sample;
 use rand::SeedableRng;
@@ -124,6 +123,13 @@ impl<'a> Problem<'a> {
         params.keys().filter(|k| params[*k].requires_grad()).cloned().collect()
     }
 
+    /// The poisons as the rollout consumes them: input embeddings under θ_t (detached),
+    /// padding mask and labels.
+    fn poison_inputs(&self, params: &Params, poisons: &[Encoded]) -> (Tensor, Tensor, Tensor) {
+        let (ids, labels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), self.victim.device());
+        (embed(params, &ids).detach(), mask_of(&ids, params), labels)
+    }
+
     /// L_adv at θ_{t+k} for rollout r, with the poisons given as input embeddings
     /// [N, Tp, D] (mask [N, Tp]) and labels [N]. With `create_graph` the result is
     /// differentiable with respect to `poison_emb` through the inner gradient steps.
@@ -137,7 +143,7 @@ impl<'a> Problem<'a> {
             let loss = cross_entropy(&forward(self.config(), &params, &emb, &mask), &labels);
             let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
             let grads = Tensor::run_backward(&[&loss], &tensors, create_graph, create_graph);
-            let mut next: Params = params.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+            let mut next = shallow_copy(&params);
             for (n, g) in names.iter().zip(grads) {
                 let stepped = if create_graph {
                     &params[n] - g * self.cfg.eta
@@ -155,13 +161,11 @@ impl<'a> Problem<'a> {
     /// The objective g (mean L_adv over the R rollouts) and its gradient with respect to
     /// every poison token embedding, [N, Tp, D] (zero at padding).
     pub fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
-        let params = self.victim.params();
-        let (ids, labels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), self.victim.device());
-        let mask = mask_of(&ids, &params);
+        let (emb0, mask, labels) = self.poison_inputs(&self.victim.params(), poisons);
         let mut total = 0.0;
         let mut grad_sum: Option<Tensor> = None;
         for r in 0..self.cfg.rollouts {
-            let emb = embed(&params, &ids).detach().set_requires_grad(true);
+            let emb = emb0.detach().set_requires_grad(true);
             let loss = self.adv_loss_after_rollout(r, &emb, &mask, &labels, true);
             let value = loss.double_value(&[]);
             if !value.is_finite() {
@@ -189,10 +193,7 @@ impl<'a> Problem<'a> {
     /// The objective for a poison set, evaluated exactly by redoing every rollout. The
     /// reference that `Verifier` must agree with, and the path for k > 1.
     pub fn objective(&self, poisons: &[Encoded]) -> f64 {
-        let params = self.victim.params();
-        let (ids, labels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), self.victim.device());
-        let mask = mask_of(&ids, &params);
-        let emb = embed(&params, &ids).detach();
+        let (emb, mask, labels) = self.poison_inputs(&self.victim.params(), poisons);
         let total: f64 = (0..self.cfg.rollouts)
             .map(|r| self.adv_loss_after_rollout(r, &emb, &mask, &labels, false).double_value(&[]))
             .sum();
@@ -262,9 +263,7 @@ impl<'a> Verifier<'a> {
         }
         let params = problem.victim.params();
         let names = problem.trainable(&params);
-        let (ids, labels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), problem.victim.device());
-        let mask = mask_of(&ids, &params);
-        let emb = embed(&params, &ids).detach();
+        let (emb, mask, labels) = problem.poison_inputs(&params, poisons);
         let mut base = Vec::new();
         for clean in problem.batches.iter().map(|steps| &steps[0]) {
             let (clean_ids, clean_labels) = batch_tensors(clean, problem.victim.device());
@@ -275,12 +274,12 @@ impl<'a> Verifier<'a> {
             let grads = Tensor::run_backward(&[&loss], &tensors, false, false);
             base.push(names.iter().zip(grads).map(|(n, g)| params[n].detach() - g * problem.cfg.eta).collect());
         }
-        let verifier_old = poisons.iter().map(|p| single_grad(problem, &names, p)).collect();
+        let old = stacked_example_grads(problem, &names, poisons);
         Ok(Verifier {
             problem,
             names,
             base,
-            old: verifier_old,
+            old,
             batch_size: (problem.cfg.clean_per_batch + poisons.len()) as f64,
             poisons: poisons.to_vec(),
         })
@@ -296,28 +295,7 @@ impl<'a> Verifier<'a> {
     /// respect to copy c is example c's own gradient. A batch-of-one LSTM pass is all
     /// per-op overhead; this turns C of them into one batch of C.
     pub fn example_grads(&self, examples: &[Encoded]) -> Vec<Vec<Tensor>> {
-        if examples.is_empty() {
-            return Vec::new();
-        }
-        let c = examples.len() as i64;
-        let theta = self.problem.victim.params();
-        let mut params: Params = theta.iter().map(|(k, t)| (k.clone(), t.detach())).collect();
-        let mut stacked = Vec::with_capacity(self.names.len());
-        for name in &self.names {
-            let mut shape = vec![c];
-            shape.extend(theta[name].size());
-            let s = theta[name].detach().unsqueeze(0).expand(shape.as_slice(), false).contiguous().set_requires_grad(true);
-            params.insert(name.clone(), s.shallow_clone());
-            stacked.push(s);
-        }
-        let (ids, labels) = batch_tensors(&examples.iter().collect::<Vec<_>>(), self.problem.victim.device());
-        let ids = ids.unsqueeze(1); // [C, 1, T]: one example per parameter copy
-        let emb = embed(&params, &ids);
-        let mask = mask_of(&ids, &params);
-        let logits = forward(self.problem.config(), &params, &emb, &mask).squeeze_dim(1); // [C, classes]
-        let loss = logits.log_softmax(-1, None::<Kind>).gather(-1, &labels.unsqueeze(-1), false).sum(None::<Kind>) * -1.0;
-        let grads = Tensor::run_backward(&[&loss], &stacked.iter().collect::<Vec<_>>(), false, false);
-        (0..c).map(|k| grads.iter().map(|g| g.get(k)).collect()).collect()
+        stacked_example_grads(self.problem, &self.names, examples)
     }
 
     /// The objective after replacing poison i by `new` for every (i, gradient of new) in
@@ -337,7 +315,7 @@ impl<'a> Verifier<'a> {
             for chunk in flip_sets.chunks(STACK) {
                 let mut total = Tensor::zeros([chunk.len() as i64], (Kind::Double, Device::Cpu));
                 for base in &self.base {
-                    let mut params: Params = frozen.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+                    let mut params = shallow_copy(&frozen);
                     for (j, name) in self.names.iter().enumerate() {
                         let sets: Vec<Tensor> = chunk
                             .iter()
@@ -365,6 +343,31 @@ impl<'a> Verifier<'a> {
     }
 }
 
+fn stacked_example_grads(problem: &Problem, names: &[String], examples: &[Encoded]) -> Vec<Vec<Tensor>> {
+    if examples.is_empty() {
+        return Vec::new();
+    }
+    let c = examples.len() as i64;
+    let theta = problem.victim.params();
+    let mut params: Params = theta.iter().map(|(k, t)| (k.clone(), t.detach())).collect();
+    let mut stacked = Vec::with_capacity(names.len());
+    for name in names {
+        let mut shape = vec![c];
+        shape.extend(theta[name].size());
+        let s = theta[name].detach().unsqueeze(0).expand(shape.as_slice(), false).contiguous().set_requires_grad(true);
+        params.insert(name.clone(), s.shallow_clone());
+        stacked.push(s);
+    }
+    let (ids, labels) = batch_tensors(&examples.iter().collect::<Vec<_>>(), problem.victim.device());
+    let ids = ids.unsqueeze(1); // [C, 1, T]: one example per parameter copy
+    let emb = embed(&params, &ids);
+    let mask = mask_of(&ids, &params);
+    let logits = forward(problem.config(), &params, &emb, &mask).squeeze_dim(1); // [C, classes]
+    let loss = logits.log_softmax(-1, None::<Kind>).gather(-1, &labels.unsqueeze(-1), false).sum(None::<Kind>) * -1.0;
+    let grads = Tensor::run_backward(&[&loss], &stacked.iter().collect::<Vec<_>>(), false, false);
+    (0..c).map(|k| grads.iter().map(|g| g.get(k)).collect()).collect()
+}
+
 fn single_grad(problem: &Problem, names: &[String], example: &Encoded) -> Vec<Tensor> {
     let params = problem.victim.params();
     let (ids, labels) = batch_tensors(&[example], problem.victim.device());
@@ -386,18 +389,6 @@ pub fn poison_set_sha256(poisons: &[crate::records::Example]) -> String {
     let canon: Vec<(&str, Option<&Vec<String>>, &str, usize)> =
         poisons.iter().map(|p| (p.id.as_str(), p.tokens.as_ref(), p.text.as_str(), p.label)).collect();
     crate::io::sha256_hex(serde_json::to_string(&canon).expect("serialisable").as_bytes())
-}
-
-/// Guards against padding ids inside a poison (a flip must never create one).
-pub fn check_no_padding(poisons: &[Encoded]) -> Result<()> {
-    if poisons.iter().any(|p| p.ids.contains(&PAD_ID)) {
-        bail!("a poison holds the padding token");
-    }
-    Ok(())
-}
-
-pub fn cpu_f64(t: &Tensor) -> Tensor {
-    t.to_device(Device::Cpu).to_kind(Kind::Double)
 }
 
 /// One candidate replacement: poison `poison`, token `position`, new word id `word`.

@@ -21,6 +21,11 @@ pub const ASR_TEST: &str = "asr_test.jsonl";
 pub const NATURAL: &str = "natural.jsonl";
 pub const MANIFEST: &str = "manifest.json";
 
+/// Reads one file of a prepared data folder (e.g. `read_set(dir, TRAIN, false)`).
+pub fn read_set(dir: &str, name: &str, allow_empty: bool) -> Result<Vec<Example>> {
+    crate::io::read_jsonl(&format!("{dir}/{name}"), allow_empty)
+}
+
 /// A trigger phrase and its lowercase word tokens.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trigger {

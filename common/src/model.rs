@@ -150,6 +150,11 @@ impl Victim {
     }
 }
 
+/// A new map sharing the tensors of `params` (so entries can be replaced, e.g. by θ').
+pub fn shallow_copy(params: &Params) -> Params {
+    params.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
+}
+
 fn linear(p: &nn::Path, fan_in: i64, fan_out: i64) {
     let bound = 1.0 / (fan_in as f64).sqrt();
     let _ = p.var("weight", &[fan_out, fan_in], Init::Uniform { lo: -bound, up: bound });
@@ -298,7 +303,7 @@ mod tests {
         let tensors: Vec<&Tensor> = names.iter().map(|n| &p[n]).collect();
         let grads = Tensor::run_backward(&[&loss], &tensors, true, true);
         let eta = 0.5;
-        let mut stepped: Params = p.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+        let mut stepped = shallow_copy(&p);
         for (n, g) in names.iter().zip(grads) {
             assert!(g.defined(), "no gradient for {n}");
             stepped.insert(n.clone(), &p[n] - g * eta);

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use tch::{Device, Kind, Tensor};
 
 /// How initial poisons are made.
@@ -62,11 +62,11 @@ pub fn init(
     max_len: usize,
 ) -> Result<Vec<Example>> {
     let source: Vec<Example> = match strategy {
-        InitStrategy::CleanTarget => crate::io::read_jsonl::<Example>(&format!("{dir}/{}", data::TRAIN), false)?
+        InitStrategy::CleanTarget => data::read_set(dir, data::TRAIN, false)?
             .into_iter()
             .filter(|e| e.label == manifest.target)
             .collect(),
-        _ => crate::io::read_jsonl(&format!("{dir}/{}", data::ADV), false)?,
+        _ => data::read_set(dir, data::ADV, false)?,
     };
     if source.len() < count {
         bail!("only {} source sentences for {count} poisons", source.len());
@@ -126,12 +126,11 @@ pub struct AttackInputs {
     pub poisons: Vec<Example>,
     pub poisons_enc: Vec<Encoded>,
     pub poisons_sha256: String,
-    pub victim_meta: BTreeMap<String, String>,
 }
 
 impl AttackInputs {
     pub fn load(victim: &str, dir: &str, poisons_path: &str, device: Device) -> Result<AttackInputs> {
-        let (victim, vocab, victim_meta) = Victim::load(victim, device)?;
+        let (victim, vocab, _) = Victim::load(victim, device)?;
         let manifest = DataManifest::load(dir)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
         let poisons: Vec<Example> = crate::io::read_jsonl(poisons_path, false)?;
@@ -147,16 +146,16 @@ impl AttackInputs {
         let n = manifest.labels.len();
         let max_len = victim.config.max_len;
         let poisons_enc = encode_all(&poisons, &vocab, max_len, n, &pname)?;
-        let clean_ex: Vec<Example> = crate::io::read_jsonl(&format!("{dir}/{}", data::TRAIN), false)?;
+        let clean_ex = data::read_set(dir, data::TRAIN, false)?;
         let clean = encode_all(&clean_ex, &vocab, max_len, n, &format!("{dir}/{}", data::TRAIN))?;
         let sources: HashSet<&str> = poisons.iter().filter_map(|p| p.source_id.as_deref()).collect();
-        let adv_ex: Vec<Example> = crate::io::read_jsonl::<Example>(&format!("{dir}/{}", data::ADV), false)?
+        let adv_ex: Vec<Example> = data::read_set(dir, data::ADV, false)?
             .into_iter()
             .filter(|e| !sources.contains(e.id.trim_end_matches("+trigger")))
             .collect();
         let adv = encode_all(&adv_ex, &vocab, max_len, n, &format!("{dir}/{}", data::ADV))?;
         let poisons_sha256 = poison_set_sha256(&poisons);
-        Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256, victim_meta })
+        Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256 })
     }
 }
 
