@@ -137,42 +137,60 @@ fn main() {
             if args.seeds == 0 {
                 bail!("--seeds must be at least 1");
             }
-            for seed in args.seed_base..args.seed_base + args.seeds {
+            // Clean victims come from the cache when it holds them; every victim still to
+            // train (clean and poisoned, all seeds) trains in one stack (train::train_many).
+            let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
+            let cache_key = |seed: u64| -> anyhow::Result<Option<String>> {
                 let opts = args.victim.train_options(seed);
-                let fit = |data: &[Encoded]| -> anyhow::Result<Metrics> {
-                    tch::manual_seed(seed as i64);
-                    let mut v = Victim::new(config.clone(), &table, device)?;
-                    train::train(&mut v, data, &opts, |_, _| {})?;
-                    Ok(eval::measure(&v, &sets))
-                };
-                let key = args.clean_cache.as_ref().map(|dir| -> anyhow::Result<String> {
+                args.clean_cache.as_ref().map(|dir| -> anyhow::Result<String> {
                     let k = serde_json::json!({"files": manifest.files, "embeddings": emb_sha, "victim": config, "training": opts});
                     Ok(format!("{dir}/clean-{}.json", io::sha256_hex(serde_json::to_string(&k)?.as_bytes())))
-                }).transpose()?;
-                let cached: Option<Metrics> = key.as_ref().and_then(|k| std::fs::read_to_string(k).ok()).and_then(|t| serde_json::from_str(&t).ok());
-                let clean_m = match cached {
-                    Some(m) => {
-                        log!("seed {seed} clean: from {}", key.as_deref().unwrap_or_default());
-                        m
-                    }
-                    None => {
-                        let m = fit(&clean)?;
-                        if let Some(k) = &key {
-                            io::write_bytes(k, serde_json::to_string(&m)?.as_bytes())?;
-                        }
-                        m
-                    }
-                };
-                log_metrics("clean", seed, &clean_m);
-                let row = if poison_enc.is_empty() {
-                    SeedRow { seed, poisoned: clean_m, clean: Some(clean_m) }
+                }).transpose()
+            };
+            let mut clean_m: Vec<Option<Metrics>> = Vec::new();
+            for &seed in &seeds {
+                let cached = cache_key(seed)?.and_then(|k| std::fs::read_to_string(&k).ok()).and_then(|t| serde_json::from_str::<Metrics>(&t).ok());
+                if cached.is_some() {
+                    log!("seed {seed} clean: from the cache");
+                }
+                clean_m.push(cached);
+            }
+            // (seed index, poisoned?) of every victim to train.
+            let mut jobs: Vec<(usize, bool)> = (0..seeds.len()).filter(|&i| clean_m[i].is_none()).map(|i| (i, false)).collect();
+            if !poison_enc.is_empty() {
+                jobs.extend((0..seeds.len()).map(|i| (i, true)));
+            }
+            let mut victims = Vec::with_capacity(jobs.len());
+            for &(i, _) in &jobs {
+                tch::manual_seed(seeds[i] as i64);
+                victims.push(Victim::new(config.clone(), &table, device)?);
+            }
+            let sets_of: Vec<&[Encoded]> = jobs.iter().map(|&(_, p)| if p { &poisoned[..] } else { &clean[..] }).collect();
+            let opts: Vec<_> = jobs.iter().map(|&(i, _)| args.victim.train_options(seeds[i])).collect();
+            log!("training {} victims together ({} seeds)", jobs.len(), seeds.len());
+            train::train_many(&mut victims, &sets_of, &opts, |epoch, _| {
+                log!("epoch {epoch}/{} {:.0}s", args.victim.epochs, start.elapsed().as_secs_f64());
+            })?;
+            let mut poisoned_m: Vec<Option<Metrics>> = vec![None; seeds.len()];
+            for (&(i, is_poisoned), v) in jobs.iter().zip(&victims) {
+                let m = eval::measure(v, &sets);
+                if is_poisoned {
+                    poisoned_m[i] = Some(m);
                 } else {
-                    let m = fit(&poisoned)?;
-                    log_metrics("poisoned", seed, &m);
-                    SeedRow { seed, poisoned: m, clean: Some(clean_m) }
-                };
-                rows.push(row);
-                log!("{:.0}s elapsed", start.elapsed().as_secs_f64());
+                    if let Some(k) = cache_key(seeds[i])? {
+                        io::write_bytes(&k, serde_json::to_string(&m)?.as_bytes())?;
+                    }
+                    clean_m[i] = Some(m);
+                }
+            }
+            for (i, &seed) in seeds.iter().enumerate() {
+                let clean = clean_m[i].expect("every clean victim trained or cached");
+                log_metrics("clean", seed, &clean);
+                let poisoned = poisoned_m[i].unwrap_or(clean);
+                if poisoned_m[i].is_some() {
+                    log_metrics("poisoned", seed, &poisoned);
+                }
+                rows.push(SeedRow { seed, poisoned, clean: Some(clean) });
             }
             (config, Some(args.victim.train_options(args.seed_base)), "train")
         };

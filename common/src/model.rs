@@ -167,7 +167,17 @@ fn param<'a>(params: &'a Params, name: &str) -> &'a Tensor {
 
 /// Embeddings [batch, time, dim] of token ids under the given parameters.
 pub fn embed(params: &Params, ids: &Tensor) -> Tensor {
-    Tensor::embedding(param(params, "embedding.weight"), ids, PAD_ID, false, false)
+    let table = param(params, "embedding.weight");
+    if table.dim() == 3 {
+        // Stacked tables [C, V, D] (victims trained together that each train their own
+        // table) and ids [C, ...]: row w of table c is row c·V + w of the flattened stack.
+        let (c, v) = (table.size()[0], table.size()[1]);
+        let mut view = vec![c];
+        view.extend(std::iter::repeat_n(1, ids.dim() - 1));
+        let offsets = (Tensor::arange(c, (tch::Kind::Int64, ids.device())) * v).view(view.as_slice());
+        return Tensor::embedding(&table.flatten(0, 1), &(ids + offsets), -1, false, false);
+    }
+    Tensor::embedding(table, ids, PAD_ID, false, false)
 }
 
 /// Padding mask [batch, time] (1.0 for a token, 0.0 for padding) in the table's dtype.
@@ -224,8 +234,13 @@ fn lstm_direction(params: &Params, prefix: &str, x: &Tensor, mask: &Tensor, reve
     let h_units = w_hh.size()[w_hh.dim() - 1];
     // Input projections of all steps in one matmul: [(C,) batch, time, 4H].
     let xw = if w_ih.dim() == 3 {
-        let x = if x.dim() == 3 { x.unsqueeze(0) } else { x.shallow_clone() };
-        x.matmul(&w_ih.transpose(-1, -2).unsqueeze(1)) + b.unsqueeze(1).unsqueeze(1)
+        // One [C, B·T, D] × [C, D, 4H] product: broadcasting the weights over the batch
+        // instead would materialise B copies of them (and of their gradient).
+        let c = w_ih.size()[0];
+        let x = if x.dim() == 3 { x.unsqueeze(0).expand([c, -1, -1, -1], false) } else { x.shallow_clone() };
+        let (bsz, t) = (x.size()[1], x.size()[2]);
+        let xw = x.flatten(1, 2).matmul(&w_ih.transpose(-1, -2));
+        xw.view([c, bsz, t, -1]) + b.unsqueeze(1).unsqueeze(1)
     } else {
         x.matmul(&w_ih.tr()) + b
     };
@@ -237,16 +252,20 @@ fn lstm_direction(params: &Params, prefix: &str, x: &Tensor, mask: &Tensor, reve
     let mut outs: Vec<Tensor> = Vec::with_capacity(time as usize);
     let order: Vec<i64> = if reverse { (0..time).rev().collect() } else { (0..time).collect() };
     let w_hh_t = w_hh.transpose(-1, -2);
+    // unbind once: the backward of T separate `select`s would build T zero tensors of
+    // xw's full size (quadratic in the length; it dominated training time).
+    let xw_t = xw.unbind(-2);
+    let live_t = mask.unsqueeze(-1).unbind(-2);
     for &t in &order {
-        let gates = xw.select(-2, t) + h.matmul(&w_hh_t);
+        let gates = &xw_t[t as usize] + h.matmul(&w_hh_t);
         let g = gates.chunk(4, -1);
         let (i, f, gg, o) = (g[0].sigmoid(), g[1].sigmoid(), g[2].tanh(), g[3].sigmoid());
         let c_new = &f * &c + &i * &gg;
         let h_new = &o * c_new.tanh();
-        let m = mask.select(-1, t).unsqueeze(-1);
-        let keep = 1.0 - &m;
-        c = &m * &c_new + &keep * &c;
-        h = &m * &h_new + &keep * &h;
+        let m = &live_t[t as usize];
+        let keep = 1.0 - m;
+        c = m * &c_new + &keep * &c;
+        h = m * &h_new + &keep * &h;
         outs.push(h_new);
     }
     if reverse {

@@ -3,12 +3,12 @@
 
 use crate::model::{forward_ids, Victim};
 use crate::records::Example;
-use crate::tokenizer::{Vocab, PAD_ID};
+use crate::tokenizer::{Vocab, PAD_ID, UNK_ID};
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tch::{nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// An example as token ids (truncated to the victim's `max_len`).
 #[derive(Debug, Clone, PartialEq)]
@@ -60,7 +60,8 @@ pub fn batch_tensors(items: &[&Encoded], device: Device) -> (Tensor, Tensor) {
 }
 
 /// Batches of indices for one epoch: shuffled, then sorted by length within pools of
-/// 50 batches (less padding, the LSTM runs fewer steps), then the batches shuffled.
+/// 50 batches (less padding, the LSTM runs fewer steps). Returned shortest first; the
+/// order they are trained in comes from `aligned_schedules`.
 pub fn epoch_batches(data: &[Encoded], batch_size: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..data.len()).collect();
     order.shuffle(rng);
@@ -70,8 +71,47 @@ pub fn epoch_batches(data: &[Encoded], batch_size: usize, rng: &mut ChaCha8Rng) 
         pool.sort_by_key(|&i| data[i].ids.len());
         batches.extend(pool.chunks(batch_size).map(|c| c.to_vec()));
     }
-    batches.shuffle(rng);
+    let longest = |b: &Vec<usize>| b.iter().map(|&i| data[i].ids.len()).max().unwrap_or(0);
+    batches.sort_by_key(longest); // stable: ties keep their shuffled order
     batches
+}
+
+/// Length blocks of an epoch (see `aligned_schedules`).
+pub const LENGTH_BLOCKS: usize = 32;
+
+/// The step order of several victims' batches in one epoch (each list sorted by length),
+/// so that victims trained together (`train_many`) see batches of similar length at the
+/// same step and little padding. Each victim's batches fall into `LENGTH_BLOCKS` blocks
+/// by length quantile and are shuffled within each block by the victim's own generator;
+/// the blocks are visited in one random order drawn from `epoch_seed`. Within a block the
+/// victims with fewer batches idle (`None`) at its end. So the sequence of batches a
+/// victim trains on depends only on its own data, seed and the epoch, never on the
+/// victims trained with it.
+pub fn aligned_schedules(counts: &[usize], epoch_seed: u64, rngs: &mut [ChaCha8Rng]) -> Vec<Vec<Option<usize>>> {
+    let mut order: Vec<usize> = (0..LENGTH_BLOCKS).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(epoch_seed));
+    let blocks: Vec<Vec<Vec<usize>>> = counts
+        .iter()
+        .zip(rngs.iter_mut())
+        .map(|(&n, rng)| {
+            let mut b = vec![Vec::new(); LENGTH_BLOCKS];
+            for r in 0..n {
+                b[r * LENGTH_BLOCKS / n].push(r);
+            }
+            for block in &mut b {
+                block.shuffle(rng);
+            }
+            b
+        })
+        .collect();
+    let mut out = vec![Vec::new(); counts.len()];
+    for &k in &order {
+        let steps = blocks.iter().map(|b| b[k].len()).max().unwrap_or(0);
+        for (i, b) in blocks.iter().enumerate() {
+            out[i].extend((0..steps).map(|s| b[k].get(s).copied()));
+        }
+    }
+    out
 }
 
 /// Training hyper-parameters.
@@ -91,28 +131,138 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
 /// Trains with Adam; `on_epoch(epoch, mean_loss)` is called after each epoch. A NaN or
 /// infinite loss stops training with an error naming the epoch and step.
 pub fn train(victim: &mut Victim, data: &[Encoded], opts: &TrainOptions, mut on_epoch: impl FnMut(usize, f64)) -> Result<()> {
-    if data.is_empty() {
-        bail!("no training examples");
+    train_many(std::slice::from_mut(victim), &[data], std::slice::from_ref(opts), |e, losses| on_epoch(e, losses[0]))
+}
+
+const ADAM_BETA1: f64 = 0.9;
+const ADAM_BETA2: f64 = 0.999;
+const ADAM_EPS: f64 = 1e-8;
+
+/// Trains several victims of one configuration at once, each on its own data with its own
+/// seed (batch order) and learning rate: their parameters are stacked into [C, ...]
+/// tensors and every step runs one forward/backward pass for all of them (see
+/// `model::forward`). A small BiLSTM step is mostly per-operation overhead, so C victims
+/// cost far less than C times one. The summed loss keeps the victims' gradients apart and
+/// Adam is elementwise, so each victim follows its own Adam trajectory; a victim whose
+/// data runs out of batches early is held still. `on_epoch(epoch, mean losses)`.
+pub fn train_many(victims: &mut [Victim], data: &[&[Encoded]], opts: &[TrainOptions], mut on_epoch: impl FnMut(usize, &[f64])) -> Result<()> {
+    let c = victims.len();
+    if c == 0 {
+        return Ok(());
     }
-    let mut opt = tch::nn::Adam::default().build(&victim.vs, opts.lr)?;
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let device = victim.device();
-    for epoch in 1..=opts.epochs {
-        let (mut sum, mut count) = (0.0, 0usize);
-        for (step, batch) in epoch_batches(data, opts.batch_size, &mut rng).iter().enumerate() {
-            let items: Vec<&Encoded> = batch.iter().map(|&i| &data[i]).collect();
-            let (ids, labels) = batch_tensors(&items, device);
-            let loss = cross_entropy(&forward_ids(&victim.config, &victim.params(), &ids), &labels);
-            let l = loss.double_value(&[]);
-            if !l.is_finite() {
-                bail!("training loss is {l} at epoch {epoch} step {}; lower the learning rate (--lr)", step + 1);
+    assert!(data.len() == c && opts.len() == c, "one data set and one option set per victim");
+    if let Some(i) = data.iter().position(|d| d.is_empty()) {
+        bail!("no training examples for victim {}", i + 1);
+    }
+    let config = victims[0].config.clone();
+    if victims.iter().any(|v| v.config != config) || opts.iter().any(|o| o.epochs != opts[0].epochs) {
+        bail!("victims trained together must share one configuration and epoch count");
+    }
+    let device = victims[0].device();
+    let epochs = opts[0].epochs;
+    // Every victim's batches for every epoch, drawn from its own seeded generator.
+    let mut rngs: Vec<ChaCha8Rng> = opts.iter().map(|o| ChaCha8Rng::seed_from_u64(o.seed)).collect();
+    let first = victims[0].params();
+    let names: Vec<String> = first.keys().filter(|k| first[*k].requires_grad()).cloned().collect();
+    let frozen: Vec<String> = first.keys().filter(|k| !first[*k].requires_grad()).cloned().collect();
+    let mut params: crate::model::Params = crate::model::Params::new();
+    for name in &frozen {
+        // Frozen tensors (the embedding table) are the same for every victim: shared.
+        params.insert(name.clone(), first[name].detach());
+    }
+    let stack_of = |name: &str| Tensor::stack(&victims.iter().map(|v| v.params()[name].detach()).collect::<Vec<_>>(), 0);
+    let mut leaves: Vec<Tensor> = names.iter().map(|n| stack_of(n).set_requires_grad(true)).collect();
+    let mut m: Vec<Tensor> = leaves.iter().map(|t| t.zeros_like()).collect();
+    let mut v: Vec<Tensor> = leaves.iter().map(|t| t.zeros_like()).collect();
+    let mut steps_done = vec![0i32; c];
+    let lr = Tensor::from_slice(&opts.iter().map(|o| o.lr).collect::<Vec<_>>()).to_device(device);
+    let kind = first[&names[0]].kind();
+    for epoch in 1..=epochs {
+        let sorted: Vec<Vec<Vec<usize>>> =
+            (0..c).map(|i| epoch_batches(data[i], opts[i].batch_size, &mut rngs[i])).collect();
+        let counts: Vec<usize> = sorted.iter().map(|b| b.len()).collect();
+        let schedules = aligned_schedules(&counts, crate::data::seed_for(0, &format!("batch-order-epoch{epoch}")), &mut rngs);
+        let steps = schedules[0].len();
+        let (mut sums, mut counts) = (vec![0.0; c], vec![0usize; c]);
+        for step in 0..steps {
+            let batch_of = |i: usize| -> &[usize] { schedules[i][step].map_or(&[][..], |r| &sorted[i][r][..]) };
+            let active: Vec<bool> = (0..c).map(|i| schedules[i][step].is_some()).collect();
+            let rows = (0..c).map(|i| batch_of(i).len()).max().unwrap_or(1).max(1);
+            let time = (0..c).flat_map(|i| batch_of(i).iter().map(move |&j| data[i][j].ids.len())).max().unwrap_or(1);
+            // Rows beyond a victim's batch hold one real token with weight 0 (an all-padding
+            // row would divide by zero in the bag-of-words mean).
+            let mut ids = vec![PAD_ID; c * rows * time];
+            let mut labels = vec![0i64; c * rows];
+            let mut weights = vec![0f64; c * rows];
+            for i in 0..c {
+                let batch = batch_of(i);
+                for r in 0..rows {
+                    let at = (i * rows + r) * time;
+                    match batch.get(r) {
+                        Some(&j) => {
+                            let e = &data[i][j];
+                            ids[at..at + e.ids.len()].copy_from_slice(&e.ids);
+                            labels[i * rows + r] = e.label;
+                            weights[i * rows + r] = 1.0 / batch.len() as f64;
+                        }
+                        None => ids[at] = UNK_ID,
+                    }
+                }
             }
-            opt.backward_step(&loss);
-            sum += l * items.len() as f64;
-            count += items.len();
+            let shape = [c as i64, rows as i64, time as i64];
+            let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
+            let labels = Tensor::from_slice(&labels).view([c as i64, rows as i64]).to_device(device);
+            let weights = Tensor::from_slice(&weights).view([c as i64, rows as i64]).to_kind(kind).to_device(device);
+            for (n, leaf) in names.iter().zip(&leaves) {
+                params.insert(n.clone(), leaf.shallow_clone());
+            }
+            let logits = forward_ids(&config, &params, &ids); // [C, rows, classes]
+            let nll = -logits.log_softmax(-1, None::<Kind>).gather(-1, &labels.unsqueeze(-1), false).squeeze_dim(-1);
+            let per_victim = (nll * &weights).sum_dim_intlist(-1, false, None::<Kind>); // [C]
+            let losses: Vec<f64> = Vec::try_from(per_victim.detach().to_kind(Kind::Double).to_device(Device::Cpu)).expect("f64 losses");
+            for i in (0..c).filter(|&i| active[i]) {
+                if !losses[i].is_finite() {
+                    bail!("training loss is {} for victim {} at epoch {epoch} step {}; lower the learning rate (--lr)", losses[i], i + 1, step + 1);
+                }
+                sums[i] += losses[i] * batch_of(i).len() as f64;
+                counts[i] += batch_of(i).len();
+                steps_done[i] += 1;
+            }
+            let grads = Tensor::run_backward(&[&per_victim.sum(None::<Kind>)], &leaves.iter().collect::<Vec<_>>(), false, false);
+            // Adam (the PyTorch defaults), per victim: bias corrections use each victim's own
+            // step count; inactive victims keep their parameters and moments.
+            let on: Vec<f64> = active.iter().map(|&a| if a { 1.0 } else { 0.0 }).collect();
+            let on = Tensor::from_slice(&on).to_device(device).to_kind(kind);
+            let bc1 = Tensor::from_slice(&steps_done.iter().map(|&t| 1.0 - ADAM_BETA1.powi(t.max(1))).collect::<Vec<_>>()).to_device(device);
+            let bc2 = Tensor::from_slice(&steps_done.iter().map(|&t| 1.0 - ADAM_BETA2.powi(t.max(1))).collect::<Vec<_>>()).to_device(device);
+            let step_size = (&lr / &bc1).to_kind(kind) * &on;
+            let bc2_sqrt = bc2.sqrt().to_kind(kind);
+            tch::no_grad(|| {
+                for k in 0..leaves.len() {
+                    let g = &grads[k];
+                    let view: Vec<i64> = std::iter::once(c as i64).chain(std::iter::repeat_n(1, g.dim() - 1)).collect();
+                    let on_k = on.view(view.as_slice());
+                    let keep = 1.0 - &on_k;
+                    m[k] = &on_k * (&m[k] * ADAM_BETA1 + g * (1.0 - ADAM_BETA1)) + &keep * &m[k];
+                    v[k] = &on_k * (&v[k] * ADAM_BETA2 + g * g * (1.0 - ADAM_BETA2)) + &keep * &v[k];
+                    let denom = v[k].sqrt() / bc2_sqrt.view(view.as_slice()) + ADAM_EPS;
+                    let update = &m[k] / denom * step_size.view(view.as_slice());
+                    let _ = leaves[k].f_sub_(&update).expect("in-place Adam step");
+                }
+            });
         }
-        on_epoch(epoch, sum / count as f64);
+        let means: Vec<f64> = sums.iter().zip(&counts).map(|(s, n)| s / (*n).max(1) as f64).collect();
+        on_epoch(epoch, &means);
     }
+    // Write the trained slices back into each victim's variables.
+    tch::no_grad(|| {
+        for (i, victim) in victims.iter_mut().enumerate() {
+            let mut vars = victim.params();
+            for (n, leaf) in names.iter().zip(&leaves) {
+                vars.get_mut(n).expect("same parameter names").copy_(&leaf.get(i as i64));
+            }
+        }
+    });
     Ok(())
 }
 
@@ -160,6 +310,59 @@ mod tests {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(1);
         (data, Tensor::randn([8, 6], (Kind::Float, Device::Cpu)))
+    }
+
+    #[test]
+    fn victims_trained_together_equal_victims_trained_alone_in_f64() {
+        // Different data sizes (one victim idles at some steps) and seeds; f64 so that the
+        // comparison is exact up to summation order.
+        for arch in [Arch::Bow, Arch::Lstm] {
+            let (data, table) = toy();
+            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 5, num_classes: 2, train_embeddings: false, max_len: 8 };
+            let make = |seed: i64| {
+                let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+                tch::manual_seed(seed);
+                let mut v = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
+                v.vs.set_kind(Kind::Double);
+                v
+            };
+            let sets: [&[Encoded]; 2] = [&data[..150], &data[..97]];
+            let opts = [TrainOptions { epochs: 3, batch_size: 16, lr: 0.01, seed: 1 }, TrainOptions { epochs: 3, batch_size: 16, lr: 0.02, seed: 2 }];
+            let mut together = vec![make(7), make(8)];
+            train_many(&mut together, &sets, &opts, |_, _| {}).unwrap();
+            for i in 0..2 {
+                let mut alone = make(7 + i as i64);
+                train(&mut alone, sets[i], &opts[i], |_, _| {}).unwrap();
+                let (a, b) = (alone.params(), together[i].params());
+                for (name, t) in &a {
+                    let diff = (t - &b[name]).abs().max().double_value(&[]);
+                    assert!(diff < 1e-10, "{arch:?} victim {i}: {name} differs by {diff} when trained in a stack");
+                }
+                assert!(!a["out.bias"].equal(&make(7 + i as i64).params()["out.bias"]), "training moved the parameters");
+            }
+        }
+    }
+
+    #[test]
+    fn aligned_schedules_give_every_batch_once_whatever_the_stack() {
+        let rngs = |seeds: &[u64]| seeds.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect::<Vec<_>>();
+        let s = aligned_schedules(&[100, 70, 100], 5, &mut rngs(&[1, 2, 3]));
+        for (n, sched) in [100usize, 70, 100].iter().zip(&s) {
+            assert_eq!(sched.len(), s[0].len(), "one step count for the stack");
+            let mut got: Vec<usize> = sched.iter().flatten().copied().collect();
+            got.sort_unstable();
+            assert_eq!(got, (0..*n).collect::<Vec<_>>(), "each batch exactly once");
+        }
+        let alone = aligned_schedules(&[70], 5, &mut rngs(&[2]));
+        let mine = |x: &Vec<Option<usize>>| x.iter().flatten().copied().collect::<Vec<_>>();
+        assert_eq!(mine(&alone[0]), mine(&s[1]), "a victim's order does not depend on the stack");
+        assert_ne!(mine(&alone[0]), (0..70).collect::<Vec<_>>(), "the order is shuffled");
+        // At every step where both are active, the two length ranks are in the same block.
+        for (a, b) in s[0].iter().zip(&s[1]) {
+            if let (Some(a), Some(b)) = (a, b) {
+                assert_eq!(a * LENGTH_BLOCKS / 100, b * LENGTH_BLOCKS / 70);
+            }
+        }
     }
 
     #[test]
