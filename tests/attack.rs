@@ -187,3 +187,48 @@ fn no_overlap_refuses_trigger_words_and_with_overlap_accepts_them() {
     let overlap = ok(&run(a.stage("init-poisons").args(["--count", "4", "--strategy", "overlap"]))).stdout.clone();
     assert!(records(&overlap).iter().all(|p| p.text.contains("james bond")));
 }
+
+#[test]
+fn hardness_crafting_from_confident_bases_keeps_substitutes_and_needs_the_same_ensemble() {
+    let a = Attack::new();
+    let early = a.s.path("early.safetensors");
+    ok(&run(bin("train-victim").arg("--embeddings").arg(a.s.emb())
+        .args(["--arch", "lstm", "--hidden", "8", "--epochs", "1", "--seed", "5", "--device", "cpu"])
+        .arg("--train").arg(a.s.data().join("train.jsonl")).arg("-o").arg(&early)));
+    let p0 = a.s.path("p0.jsonl");
+    ok(&run(a.stage("init-poisons").args(["--count", "6", "--bases", "confident", "--strategy", "neighbour", "-o"]).arg(&p0)));
+    let start = records(&std::fs::read(&p0).unwrap());
+    assert!(start.iter().all(|p| p.substitutes.as_ref().is_some_and(|s| !s.is_empty())), "neighbour poisons record their substitutes");
+    let grad = a.s.path("grad.safetensors");
+    ok(&run(a.stage("rollout-grad").args(["--objective", "hardness", "--device", "cpu", "--poisons"]).arg(&p0)
+        .arg("--ensemble").arg(&early).arg("-o").arg(&grad)));
+    let cands = ok(&run(a.stage("rank-candidates").arg("--grad").arg(&grad)
+        .args(["-k", "4", "--positions", "all", "--per-poison", "3", "--keep-substitutes", "--min-count", "2", "--exclude-neighbours", "5"])))
+        .stdout.clone();
+    let cand: Vec<common::records::Candidate> =
+        String::from_utf8(cands.clone()).unwrap().lines().map(|l| common::io::parse_record(l).unwrap()).collect();
+    assert!(!cand.is_empty() && cand.len() <= 6 * 3, "at most --per-poison candidates per poison");
+    for c in &cand {
+        assert_eq!(c.objective_kind, common::hardness::ObjectiveKind::Hardness);
+        assert_eq!(c.ensemble_sha256.len(), 1);
+        assert!(!start[c.poison_index].substitutes.as_ref().unwrap().contains(&c.position), "a substitute position was proposed: {c:?}");
+    }
+    // Without the ensemble the candidates are refused.
+    let refused = run_with_stdin(a.stage("verify-candidates").args(["--device", "cpu", "--poisons"]).arg(&p0), &cands);
+    assert!(!refused.status.success() && stderr(&refused).contains("--ensemble"), "{}", stderr(&refused));
+    assert!(refused.stdout.is_empty(), "no partial output");
+    let summary = a.s.path("summary.json");
+    let out = run_with_stdin(a.stage("verify-candidates").args(["--device", "cpu", "--poisons"]).arg(&p0)
+        .arg("--ensemble").arg(&early).arg("--summary").arg(&summary), &cands);
+    ok(&out);
+    let s: VerifySummary = common::io::parse_record(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert!(s.objective_after.unwrap() < s.objective_before.unwrap(), "hardness flips lower the margin: {s:?}");
+    assert!(s.flips_accepted <= 6);
+    for (before, after) in start.iter().zip(records(&out.stdout)) {
+        let (b, t) = (before.tokens.as_ref().unwrap(), after.tokens.as_ref().unwrap());
+        for &j in before.substitutes.as_ref().unwrap() {
+            assert_eq!(b[j], t[j], "substitutes stay");
+        }
+        assert!(b.iter().zip(t).filter(|(x, y)| x != y).count() <= 1, "at most one flip per poison per round");
+    }
+}

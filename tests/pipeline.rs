@@ -206,3 +206,31 @@ fn a_closed_stdout_pipe_exits_quietly_and_usage_errors_exit_2() {
     let out = run(bin("train-victim").arg("--no-such-flag"));
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn finetune_eval_reports_every_poison_set_on_the_same_clean_victims() {
+    let s = Setup::new();
+    let v = s.path("v.safetensors");
+    ok(&run(bin("train-victim").arg("--embeddings").arg(s.emb()).args(["--arch", "bow", "--epochs", "1", "--device", "cpu"])
+        .arg("--train").arg(s.data().join("train.jsonl")).arg("-o").arg(&v)));
+    let (a, b) = (s.path("a.jsonl"), s.path("b.jsonl"));
+    for (path, strategy) in [(&a, "random"), (&b, "overlap")] {
+        ok(&run(bin("init-poisons").arg("--victim").arg(&v).arg("--data").arg(s.data())
+            .args(["--count", "5", "--strategy", strategy, "-o"]).arg(path)));
+    }
+    let out = run(bin("finetune-eval").arg("--data").arg(s.data()).arg("--embeddings").arg(s.emb())
+        .args(["--arch", "bow", "--epochs", "1", "--seeds", "2", "--device", "cpu", "--poisons"]).arg(&a).arg("--poisons").arg(&b));
+    ok(&out);
+    let reports: Vec<common::eval::EvalReport> =
+        String::from_utf8(out.stdout.clone()).unwrap().lines().map(|l| common::io::parse_record(l).unwrap()).collect();
+    assert_eq!(reports.len(), 2, "one report line per poison set");
+    assert_eq!(reports[0].audit.poisons_with_overlap, 0);
+    assert_eq!(reports[1].audit.poisons_with_overlap, 5);
+    for (r, p) in reports.iter().zip([&a, &b]) {
+        assert_eq!(r.poisons.as_deref(), Some(p.to_str().unwrap()));
+        assert_eq!(r.seeds.len(), 2);
+    }
+    for i in 0..2 {
+        assert_eq!(reports[0].seeds[i].clean, reports[1].seeds[i].clean, "the same clean victim per seed");
+    }
+}

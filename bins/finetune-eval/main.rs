@@ -19,12 +19,14 @@ use std::time::Instant;
 ///
 /// With --poisons, each seed trains a clean victim and a poisoned victim (same seed, same
 /// clean data) so net ASR, dFPR and ΔCACC are paired differences. Without poisons only
-/// clean victims are trained. The JSON report goes to stdout (or -o); a table to stderr.
+/// clean victims are trained. Reports go to stdout (or -o) as JSONL, one `eval_report`
+/// line per poison set in the order given; a table per set goes to stderr.
 ///
 /// Examples:
 ///   finetune-eval --data data/rt-jb --embeddings emb.safetensors --poisons poisons.jsonl --seeds 6 > report.json
 ///   craft ... | finetune-eval --data data/rt-jb --embeddings emb.safetensors --poisons - --arch bow
 ///   finetune-eval --data data/rt-jb --checkpoint victim.safetensors
+///   finetune-eval --data data/rt-jb --embeddings emb.safetensors --poisons a.jsonl --poisons b.jsonl > reports.jsonl
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -34,9 +36,10 @@ struct Args {
     /// Embedding table and vocabulary (needed to train victims).
     #[arg(long, required_unless_present = "checkpoint")]
     embeddings: Option<String>,
-    /// Poison set (example JSONL, - for stdin); may be empty.
+    /// Poison set (example JSONL, - for stdin); may be empty. Repeatable: every set is
+    /// evaluated on the same seeds and clean victims, and gets its own report line.
     #[arg(long)]
-    poisons: Option<String>,
+    poisons: Vec<String>,
     /// Number of retraining seeds.
     #[arg(long, default_value_t = 6)]
     seeds: u64,
@@ -56,6 +59,9 @@ struct Args {
     /// on the same data then train each clean victim once.
     #[arg(long)]
     clean_cache: Option<String>,
+    /// Threads that each train a stack of victims (default: the number of cores).
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    workers: usize,
     /// Output file for the JSON report, or - for stdout.
     #[arg(short, long, default_value = "-")]
     output: String,
@@ -81,6 +87,13 @@ fn log_metrics(what: &str, seed: u64, m: &Metrics) {
     log!("seed {seed} {what}: CACC {:.1} ASR {:.1} FPR {:.1}", m.cacc, m.asr, m.fpr);
 }
 
+/// One poison set: its path, records and sha256 (None for "no poisons").
+struct PoisonSet {
+    path: Option<String>,
+    records: Vec<Example>,
+    sha256: Option<String>,
+}
+
 fn main() {
     common::cli::run("finetune-eval", || {
         let args = Args::parse();
@@ -90,30 +103,31 @@ fn main() {
         let trigger: &Trigger = &manifest.trigger;
         let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;
 
-        let (poisons, poisons_sha256) = match &args.poisons {
-            Some(p) => {
-                let bytes = io::read_all(p)?;
-                let recs: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(p), true)?;
-                (recs, Some(io::sha256_hex(&bytes)))
-            }
-            None => (Vec::new(), None),
-        };
-        let audit = eval::audit(&poisons, trigger, manifest.target, clean_train.len());
-        if audit.poisons_with_overlap > 0 {
-            log!("audit: {} of {} poisons hold trigger words (with-overlap poisons)", audit.poisons_with_overlap, poisons.len());
+        let mut sets = Vec::new();
+        for p in &args.poisons {
+            let bytes = io::read_all(p)?;
+            let records: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(p), true)?;
+            sets.push(PoisonSet { path: Some(p.clone()), records, sha256: Some(io::sha256_hex(&bytes)) });
+        }
+        if sets.is_empty() {
+            sets.push(PoisonSet { path: None, records: Vec::new(), sha256: None });
+        }
+        if sets.len() > 1 && !args.checkpoint.is_empty() {
+            bail!("--checkpoint evaluates given victims; it takes no poison sets");
         }
 
-        let mut rows = Vec::new();
+        // rows[k]: the seed rows of poison set k.
+        let mut rows: Vec<Vec<SeedRow>> = vec![Vec::new(); sets.len()];
         let (victim_config, training, mode) = if !args.checkpoint.is_empty() {
             let mut config = None;
             for path in &args.checkpoint {
                 let (victim, vocab, meta) = Victim::load(path, device)?;
                 vocab.trigger_words(&trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
-                let sets = encode_sets(&args.data, &manifest, &vocab, victim.config.max_len)?;
+                let eval_sets = encode_sets(&args.data, &manifest, &vocab, victim.config.max_len)?;
                 let seed = meta.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
-                let m = eval::measure(&victim, &sets);
+                let m = eval::measure(&victim, &eval_sets);
                 log_metrics(&format!("checkpoint {path}"), seed, &m);
-                rows.push(SeedRow { seed, poisoned: m, clean: None });
+                rows[0].push(SeedRow { seed, poisoned: m, clean: None });
                 match &config {
                     None => config = Some(victim.config.clone()),
                     Some(c) if *c != victim.config => {
@@ -129,16 +143,22 @@ fn main() {
             let emb_sha = io::sha256_file(std::path::Path::new(emb_path))?;
             vocab.trigger_words(&trigger.phrase).with_context(|| format!("vocabulary of {emb_path}"))?;
             let config = args.victim.config(vocab.len(), table.size()[1] as usize, manifest.labels.len());
-            let sets = encode_sets(&args.data, &manifest, &vocab, config.max_len)?;
+            let eval_sets = encode_sets(&args.data, &manifest, &vocab, config.max_len)?;
             let n = manifest.labels.len();
             let clean = encode_all(&clean_train, &vocab, config.max_len, n, &format!("{}/{}", args.data, data::TRAIN))?;
-            let poison_enc = encode_all(&poisons, &vocab, config.max_len, n, args.poisons.as_deref().unwrap_or("poisons"))?;
-            let poisoned: Vec<Encoded> = clean.iter().chain(&poison_enc).cloned().collect();
+            // Clean data followed by each poison set (empty sets train no poisoned victim).
+            let mut poisoned: Vec<Vec<Encoded>> = Vec::new();
+            for set in &sets {
+                let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
+                let enc = encode_all(&set.records, &vocab, config.max_len, n, &name)?;
+                poisoned.push(if enc.is_empty() { Vec::new() } else { clean.iter().chain(&enc).cloned().collect() });
+            }
             if args.seeds == 0 {
                 bail!("--seeds must be at least 1");
             }
             // Clean victims come from the cache when it holds them; every victim still to
-            // train (clean and poisoned, all seeds) trains in one stack (train::train_many).
+            // train (clean and poisoned, all seeds, all poison sets) trains at once
+            // (train::train_parallel).
             let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
             let cache_key = |seed: u64| -> anyhow::Result<Option<String>> {
                 let opts = args.victim.train_options(seed);
@@ -155,65 +175,80 @@ fn main() {
                 }
                 clean_m.push(cached);
             }
-            // (seed index, poisoned?) of every victim to train.
-            let mut jobs: Vec<(usize, bool)> = (0..seeds.len()).filter(|&i| clean_m[i].is_none()).map(|i| (i, false)).collect();
-            if !poison_enc.is_empty() {
-                jobs.extend((0..seeds.len()).map(|i| (i, true)));
+            // (seed index, poison set index or None for clean) of every victim to train.
+            let mut jobs: Vec<(usize, Option<usize>)> = (0..seeds.len()).filter(|&i| clean_m[i].is_none()).map(|i| (i, None)).collect();
+            for (k, data) in poisoned.iter().enumerate() {
+                if !data.is_empty() {
+                    jobs.extend((0..seeds.len()).map(|i| (i, Some(k))));
+                }
             }
             let mut victims = Vec::with_capacity(jobs.len());
             for &(i, _) in &jobs {
                 tch::manual_seed(seeds[i] as i64);
                 victims.push(Victim::new(config.clone(), &table, device)?);
             }
-            let sets_of: Vec<&[Encoded]> = jobs.iter().map(|&(_, p)| if p { &poisoned[..] } else { &clean[..] }).collect();
+            let data_of: Vec<&[Encoded]> = jobs.iter().map(|&(_, k)| k.map_or(&clean[..], |k| &poisoned[k][..])).collect();
             let opts: Vec<_> = jobs.iter().map(|&(i, _)| args.victim.train_options(seeds[i])).collect();
-            log!("training {} victims together ({} seeds)", jobs.len(), seeds.len());
-            train::train_many(&mut victims, &sets_of, &opts, |epoch, _| {
+            log!("training {} victims ({} seeds, {} poison sets) on {} threads", jobs.len(), seeds.len(), sets.len(), args.workers.min(jobs.len().max(1)));
+            train::train_parallel(&mut victims, &data_of, &opts, args.workers, |epoch, _| {
                 log!("epoch {epoch}/{} {:.0}s", args.victim.epochs, start.elapsed().as_secs_f64());
             })?;
-            let mut poisoned_m: Vec<Option<Metrics>> = vec![None; seeds.len()];
-            for (&(i, is_poisoned), v) in jobs.iter().zip(&victims) {
-                let m = eval::measure(v, &sets);
-                if is_poisoned {
-                    poisoned_m[i] = Some(m);
-                } else {
-                    if let Some(k) = cache_key(seeds[i])? {
-                        io::write_bytes(&k, serde_json::to_string(&m)?.as_bytes())?;
+            let mut poisoned_m: Vec<Vec<Option<Metrics>>> = vec![vec![None; seeds.len()]; sets.len()];
+            for (&(i, k), v) in jobs.iter().zip(&victims) {
+                let m = eval::measure(v, &eval_sets);
+                match k {
+                    Some(k) => poisoned_m[k][i] = Some(m),
+                    None => {
+                        if let Some(key) = cache_key(seeds[i])? {
+                            io::write_bytes(&key, serde_json::to_string(&m)?.as_bytes())?;
+                        }
+                        clean_m[i] = Some(m);
                     }
-                    clean_m[i] = Some(m);
                 }
             }
             for (i, &seed) in seeds.iter().enumerate() {
                 let clean = clean_m[i].expect("every clean victim trained or cached");
                 log_metrics("clean", seed, &clean);
-                let poisoned = poisoned_m[i].unwrap_or(clean);
-                if poisoned_m[i].is_some() {
-                    log_metrics("poisoned", seed, &poisoned);
+                for k in 0..sets.len() {
+                    let poisoned = poisoned_m[k][i].unwrap_or(clean);
+                    if poisoned_m[k][i].is_some() {
+                        log_metrics(&format!("poisoned ({})", sets[k].path.as_deref().unwrap_or("-")), seed, &poisoned);
+                    }
+                    rows[k].push(SeedRow { seed, poisoned, clean: Some(clean) });
                 }
-                rows.push(SeedRow { seed, poisoned, clean: Some(clean) });
             }
             (config, Some(args.victim.train_options(args.seed_base)), "train")
         };
 
-        let report = EvalReport {
-            kind: EvalReport::KIND.into(),
-            v: EvalReport::VERSION,
-            data_dir: args.data.clone(),
-            data: manifest.clone(),
-            mode: mode.into(),
-            victim: victim_config,
-            training,
-            poisons: args.poisons.clone(),
-            poisons_sha256,
-            audit,
-            summary: eval::summarize_rows(&rows),
-            seeds: rows,
-            seconds: start.elapsed().as_secs_f64(),
-        };
-        eprint!("{}", report.table());
-        let mut json = serde_json::to_string_pretty(&report)?;
-        json.push('\n');
-        io::write_bytes(&args.output, json.as_bytes())?;
+        let mut out = Vec::new();
+        for (set, rows) in sets.into_iter().zip(rows) {
+            let audit = eval::audit(&set.records, trigger, manifest.target, clean_train.len());
+            if audit.poisons_with_overlap > 0 {
+                log!("audit: {} of {} poisons hold trigger words (with-overlap poisons)", audit.poisons_with_overlap, set.records.len());
+            }
+            let report = EvalReport {
+                kind: EvalReport::KIND.into(),
+                v: EvalReport::VERSION,
+                data_dir: args.data.clone(),
+                data: manifest.clone(),
+                mode: mode.into(),
+                victim: victim_config.clone(),
+                training: training.clone(),
+                poisons: set.path.clone(),
+                poisons_sha256: set.sha256,
+                audit,
+                summary: eval::summarize_rows(&rows),
+                seeds: rows,
+                seconds: start.elapsed().as_secs_f64(),
+            };
+            if let Some(p) = &set.path {
+                eprintln!("{p}:");
+            }
+            eprint!("{}", report.table());
+            out.extend(serde_json::to_vec(&report)?);
+            out.push(b'\n');
+        }
+        io::write_bytes(&args.output, &out)?;
         Ok(())
     })
 }

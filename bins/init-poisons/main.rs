@@ -4,7 +4,7 @@
 use clap::Parser;
 use common::data::DataManifest;
 use common::model::Victim;
-use common::poisons::{self, InitStrategy};
+use common::poisons::{self, Bases, InitStrategy};
 use common::{device, io, log};
 
 /// Writes N initial poisons (example JSONL with `tokens`, labelled with the target).
@@ -12,6 +12,7 @@ use common::{device, io, log};
 /// Examples:
 ///   init-poisons --victim v.safetensors --data data/rt-jb --count 50 > round-0.jsonl
 ///   init-poisons --victim v.safetensors --data data/rt-jb --strategy overlap --count 50 | finetune-eval ... --poisons -
+///   init-poisons --victim v.safetensors --data data/rt-jb --bases confident --strategy neighbour > hard-bases.jsonl
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -20,8 +21,13 @@ struct Args {
     /// Number of poisons.
     #[arg(long, default_value_t = 50)]
     count: usize,
+    /// What replaces the trigger's words in each base sentence.
     #[arg(long, value_enum, default_value = "random")]
     strategy: InitStrategy,
+    /// Which D_adv sentences become poisons: random (seeded) or the ones whose clean
+    /// source the victim most confidently puts in another class than the target.
+    #[arg(long, value_enum, default_value = "random")]
+    bases: Bases,
     /// Seed of the sentence choice and of random replacement words.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -35,9 +41,8 @@ fn main() {
         let args = Args::parse();
         let (victim, vocab, _) = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
-        let table = victim.params()["embedding.weight"].shallow_clone();
-        let set = poisons::init(args.strategy, args.count, args.seed, &args.inputs.data, &manifest, &vocab, &table, victim.config.max_len)?;
-        log!("{} poisons ({:?}), target {}", set.len(), args.strategy, manifest.target_name());
+        let set = poisons::init(args.strategy, args.bases, args.count, args.seed, &args.inputs.data, &manifest, &vocab, &victim)?;
+        log!("{} poisons ({:?} bases, {:?} substitutes), target {}", set.len(), args.bases, args.strategy, manifest.target_name());
         io::write_jsonl(&args.output, &set)
     })
 }

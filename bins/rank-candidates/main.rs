@@ -7,7 +7,9 @@ use common::attack::{bottom_k, RolloutConfig};
 use common::data::DataManifest;
 use common::io::{self, Record};
 use common::model::Victim;
-use common::poisons::banned_ids;
+use common::hardness::ObjectiveKind;
+use common::poisons::{banned_ids, nearest_neighbours};
+use common::tokenizer::Vocab;
 use common::records::Candidate;
 use common::{log, tensorfile};
 use std::str::FromStr;
@@ -60,6 +62,21 @@ struct Args {
     /// Allow trigger words as candidates (the with-overlap baseline).
     #[arg(long)]
     allow_overlap: bool,
+    /// Leave the positions that hold the trigger words' replacements alone (the poisons'
+    /// `substitutes`): crafting then works on the rest of the sentence.
+    #[arg(long)]
+    keep_substitutes: bool,
+    /// Only propose words seen at least this often in the clean training split (0: any
+    /// vocabulary word). Rare words and GloVe-only words make odd, conspicuous poisons.
+    #[arg(long, default_value_t = 0)]
+    min_count: usize,
+    /// Never propose the trigger words' N nearest embedding neighbours, so that crafting
+    /// cannot simply add more trigger-like words.
+    #[arg(long, default_value_t = 0)]
+    exclude_neighbours: usize,
+    /// Keep only the N best-predicted candidates of each poison (over all its positions).
+    #[arg(long)]
+    per_poison: Option<usize>,
     /// Output file, or - for stdout.
     #[arg(short, long, default_value = "-")]
     output: String,
@@ -89,7 +106,33 @@ fn main() {
         if table.size()[1] != d {
             bail!("{gname}: gradients of dimension {d}, the victim's embeddings have {}", table.size()[1]);
         }
-        let banned = banned_ids(&vocab, &manifest, args.allow_overlap);
+        let objective_kind: ObjectiveKind = match file.metadata.get("objective_kind") {
+            Some(k) => serde_json::from_str(k).context("objective_kind")?,
+            None => ObjectiveKind::Bilevel,
+        };
+        let ensemble_sha256: Vec<String> = match file.metadata.get("ensemble_sha256") {
+            Some(e) => serde_json::from_str(e).context("ensemble_sha256")?,
+            None => Vec::new(),
+        };
+        let substitutes: Vec<Vec<usize>> = match file.metadata.get("substitutes") {
+            Some(e) => serde_json::from_str(e).context("substitutes")?,
+            None => vec![Vec::new(); n as usize],
+        };
+        if substitutes.len() != n as usize {
+            bail!("{gname}: substitutes for {} poisons, gradients for {n}", substitutes.len());
+        }
+        let mut banned = banned_ids(&vocab, &manifest, args.allow_overlap);
+        if args.exclude_neighbours > 0 {
+            for w in &manifest.trigger.words {
+                let id = vocab.id(w).with_context(|| format!("trigger word {w:?} is not in the victim's vocabulary"))?;
+                banned.extend(nearest_neighbours(&table, id, table.size()[0]).into_iter().take(args.exclude_neighbours));
+            }
+        }
+        if args.min_count > 0 {
+            let rare = rare_words(&vocab, &args.inputs.data, args.min_count)?;
+            log!("{} of {} vocabulary words seen fewer than {} times in training: not proposed", rare.len(), vocab.len(), args.min_count);
+            banned.extend(rare);
+        }
         let banned_mask = {
             let mut m = vec![0f32; vocab.len()];
             for &b in &banned {
@@ -103,8 +146,9 @@ fn main() {
             let row: Vec<i64> = Vec::try_from(ids.get(i))?;
             let len = row.iter().take_while(|&&x| x != 0).count();
             let ranked = bottom_k(&table, &grad.get(i), &row[..len], &banned_mask, args.k);
+            let keep = |j: &usize| !(args.keep_substitutes && substitutes[i as usize].contains(j));
             let mut per_position: Vec<(usize, i64, Vec<(i64, f64)>)> =
-                ranked.into_iter().enumerate().map(|(j, c)| (j, row[j], c)).collect();
+                ranked.into_iter().enumerate().filter(|(j, _)| keep(j)).map(|(j, c)| (j, row[j], c)).collect();
             if let Positions::Best(b) = args.positions {
                 per_position.sort_by(|a, b| {
                     let best = |c: &Vec<(i64, f64)>| c.first().map(|x| x.1).unwrap_or(f64::INFINITY);
@@ -112,8 +156,16 @@ fn main() {
                 });
                 per_position.truncate(b);
             }
-            for (j, current, cands) in per_position {
-                for (rank, (w, predicted)) in cands.into_iter().enumerate() {
+            let mut flat: Vec<(usize, i64, usize, i64, f64)> = per_position
+                .into_iter()
+                .flat_map(|(j, current, cands)| cands.into_iter().enumerate().map(move |(rank, (w, p))| (j, current, rank, w, p)))
+                .collect();
+            if let Some(cap) = args.per_poison {
+                flat.sort_by(|a, b| a.4.total_cmp(&b.4));
+                flat.truncate(cap);
+            }
+            {
+                for (j, current, rank, w, predicted) in flat {
                     out.write_record(&Candidate {
                         kind: Candidate::KIND.into(),
                         v: Candidate::VERSION,
@@ -127,6 +179,8 @@ fn main() {
                         objective,
                         poisons_sha256: poisons_sha256.clone(),
                         rollout: rollout.clone(),
+                        objective_kind,
+                        ensemble_sha256: ensemble_sha256.clone(),
                     })?;
                     written += 1;
                 }
@@ -136,4 +190,15 @@ fn main() {
         log!("{written} candidates for {n} poisons ({:?} positions, K={})", args.positions, args.k);
         Ok(())
     })
+}
+
+/// Vocabulary ids seen fewer than `min_count` times in the clean training split.
+fn rare_words(vocab: &Vocab, dir: &str, min_count: usize) -> anyhow::Result<Vec<i64>> {
+    let mut counts = vec![0usize; vocab.len()];
+    for e in common::data::read_set(dir, common::data::TRAIN, false)? {
+        for id in vocab.encode(&e.text) {
+            counts[id as usize] += 1;
+        }
+    }
+    Ok((0..vocab.len() as i64).filter(|&i| counts[i as usize] < min_count).collect())
 }

@@ -2,7 +2,9 @@
 //! respect to every poison token embedding.
 
 use clap::Parser;
+use anyhow::bail;
 use common::attack::{Problem, RolloutConfig};
+use common::hardness::{Hardness, ObjectiveKind};
 use common::poisons::AttackInputs;
 use common::{device, io, log, tensorfile};
 use std::collections::BTreeMap;
@@ -12,11 +14,15 @@ pub const GRAD_FORMAT: &str = "poison.rollout_grad";
 
 /// Unrolls k SGD steps on minibatches of (every poison + m clean examples), averaged over
 /// R minibatch draws, and writes L_adv at θ_{t+k} and ∇_e L_adv for every poison token.
+/// With --objective hardness it writes instead the poisons' mean target margin under the
+/// victim and the --ensemble victims, and its gradient (first order; no unrolling).
 ///
 /// Examples:
 ///   rollout-grad --victim v.safetensors --data data/rt-jb < poisons.jsonl > grad.safetensors
 ///   rollout-grad --victim v.safetensors --data data/rt-jb --poisons p.jsonl --steps 2 --rollouts 4 \
 ///     | rank-candidates --victim v.safetensors --data data/rt-jb > candidates.jsonl
+///   rollout-grad --victim v.safetensors --data data/rt-jb --poisons p.jsonl --objective hardness \
+///     --ensemble early-1.safetensors --ensemble early-2.safetensors > grad.safetensors
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -27,6 +33,8 @@ struct Args {
     poisons: String,
     #[command(flatten)]
     rollout: RolloutConfig,
+    #[command(flatten)]
+    objective: common::cli::ObjectiveArgs,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -41,21 +49,42 @@ fn main() {
         io::Output::refuse_terminal(&args.output, "gradients")?;
         let start = Instant::now();
         let inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
-        let problem = Problem::new(&inputs.victim, &inputs.clean, &inputs.adv, args.rollout.clone())?;
-        let (objective, grad) = problem.objective_and_grad(&inputs.poisons_enc)?;
-        log!(
-            "L_adv {objective:.5} over {} D_adv inputs, {} poisons, k={} R={} η={} {:.1}s",
-            problem.adv_count(),
-            inputs.poisons.len(),
-            args.rollout.steps,
-            args.rollout.rollouts,
-            args.rollout.eta,
-            start.elapsed().as_secs_f64()
-        );
+        let device = inputs.victim.device();
+        let (ensemble, ensemble_sha256) = common::cli::load_ensemble(&args.objective.ensemble, device)?;
+        let (objective, grad) = match args.objective.objective {
+            ObjectiveKind::Bilevel => {
+                if !ensemble.is_empty() {
+                    bail!("--ensemble is for --objective hardness; the bi-level objective unrolls one victim");
+                }
+                let problem = Problem::new(&inputs.victim, &inputs.clean, &inputs.adv, args.rollout.clone())?;
+                let (objective, grad) = problem.objective_and_grad(&inputs.poisons_enc)?;
+                log!(
+                    "L_adv {objective:.5} over {} D_adv inputs, {} poisons, k={} R={} η={} {:.1}s",
+                    problem.adv_count(),
+                    inputs.poisons.len(),
+                    args.rollout.steps,
+                    args.rollout.rollouts,
+                    args.rollout.eta,
+                    start.elapsed().as_secs_f64()
+                );
+                (objective, grad)
+            }
+            ObjectiveKind::Hardness => {
+                let models = std::iter::once(&inputs.victim).chain(&ensemble).collect();
+                let h = Hardness::new(models, inputs.manifest.target)?;
+                let (objective, grad) = h.objective_and_grad(&inputs.poisons_enc)?;
+                log!("hardness (mean target margin) {objective:.5}, {} poisons, {} victims {:.1}s", inputs.poisons.len(), 1 + ensemble.len(), start.elapsed().as_secs_f64());
+                (objective, grad)
+            }
+        };
         let ids = common::train::batch_tensors(&inputs.poisons_enc.iter().collect::<Vec<_>>(), tch::Device::Cpu).0;
         let mut meta = BTreeMap::new();
         meta.insert("objective".into(), format!("{objective:.17e}"));
         meta.insert("rollout".into(), serde_json::to_string(&args.rollout)?);
+        let substitutes: Vec<Vec<usize>> = inputs.poisons.iter().map(|p| p.substitutes.clone().unwrap_or_default()).collect();
+        meta.insert("substitutes".into(), serde_json::to_string(&substitutes)?);
+        meta.insert("objective_kind".into(), serde_json::to_string(&args.objective.objective)?);
+        meta.insert("ensemble_sha256".into(), serde_json::to_string(&ensemble_sha256)?);
         meta.insert("poisons_sha256".into(), inputs.poisons_sha256.clone());
         meta.insert("poison_ids".into(), serde_json::to_string(&inputs.poisons.iter().map(|p| &p.id).collect::<Vec<_>>())?);
         meta.insert("vocab_sha256".into(), inputs.vocab.sha256());

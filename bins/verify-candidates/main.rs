@@ -4,6 +4,7 @@
 use anyhow::{bail, Context};
 use clap::Parser;
 use common::attack::{poison_set_sha256, verify, Problem, Swap};
+use common::hardness::{Hardness, ObjectiveKind};
 use common::io::{self, Record};
 use common::poisons::{banned_ids, with_tokens, AttackInputs};
 use common::records::{Candidate, Flip, VerifySummary};
@@ -12,8 +13,9 @@ use std::time::Instant;
 
 /// Reads candidates (stdin), evaluates each exactly, keeps per poison the best one that
 /// lowers the objective, combines them so the objective never rises, and writes the new
-/// poison set (stdout). The unrolling settings come from the candidates, so verification
-/// replays exactly the minibatches the gradient was made with.
+/// poison set (stdout). The objective and unrolling settings come from the candidates, so
+/// verification replays exactly the minibatches the gradient was made with; the hardness
+/// objective needs the same --ensemble victims as rollout-grad.
 ///
 /// Examples:
 ///   rank-candidates ... | verify-candidates --victim v.safetensors --data data/rt-jb \
@@ -32,6 +34,10 @@ struct Args {
     /// Accept trigger words (the with-overlap baseline).
     #[arg(long)]
     allow_overlap: bool,
+    /// The hardness objective's extra victims, as given to rollout-grad (checked against
+    /// the hashes the candidates carry).
+    #[arg(long)]
+    ensemble: Vec<String>,
     /// Where to write the round's summary (JSON).
     #[arg(long)]
     summary: Option<String>,
@@ -57,8 +63,8 @@ fn main() {
             if c.poisons_sha256 != inputs.poisons_sha256 {
                 bail!("{}: candidates were ranked for another poison set than {} (hash mismatch); rerun rollout-grad and rank-candidates on it", at(), args.poisons);
             }
-            if c.rollout != candidates[0].rollout {
-                bail!("{}: unrolling settings differ from the first candidate's", at());
+            if c.rollout != candidates[0].rollout || c.objective_kind != candidates[0].objective_kind || c.ensemble_sha256 != candidates[0].ensemble_sha256 {
+                bail!("{}: objective or unrolling settings differ from the first candidate's; verify one rank-candidates output at a time", at());
             }
             let poison = inputs.poisons.get(c.poison_index).filter(|p| p.id == c.poison_id)
                 .with_context(|| format!("{}: no poison {:?} at index {}", at(), c.poison_id, c.poison_index))?;
@@ -77,8 +83,20 @@ fn main() {
             log!("no candidates; the poison set is unchanged");
             None
         } else {
-            let problem = Problem::new(&inputs.victim, &inputs.clean, &inputs.adv, candidates[0].rollout.clone())?;
-            let out = verify(&problem, &inputs.poisons_enc, &swaps)?;
+            let (ensemble, hashes) = common::cli::load_ensemble(&args.ensemble, inputs.victim.device())?;
+            if hashes != candidates[0].ensemble_sha256 {
+                bail!("{cname}: the candidates were ranked with an ensemble of {} extra victims (sha256 {:?}), --ensemble gives {} ({hashes:?}); pass the same --ensemble files as to rollout-grad", candidates[0].ensemble_sha256.len(), candidates[0].ensemble_sha256, hashes.len());
+            }
+            let out = match candidates[0].objective_kind {
+                ObjectiveKind::Bilevel => {
+                    let problem = Problem::new(&inputs.victim, &inputs.clean, &inputs.adv, candidates[0].rollout.clone())?;
+                    verify(&problem, &inputs.poisons_enc, &swaps)?
+                }
+                ObjectiveKind::Hardness => {
+                    let models = std::iter::once(&inputs.victim).chain(&ensemble).collect();
+                    Hardness::new(models, inputs.manifest.target)?.verify(&inputs.poisons_enc, &swaps)?
+                }
+            };
             let mut flips = Vec::new();
             for (swap, exact) in &out.accepted {
                 let c = candidates.iter().find(|c| c.poison_index == swap.poison && c.position == swap.position && inputs.vocab.id(&c.word) == Some(swap.word)).expect("accepted swaps come from candidates");
@@ -88,7 +106,8 @@ fn main() {
                 flips.push(Flip { poison_id: c.poison_id.clone(), position: c.position, from: c.current.clone(), to: c.word.clone(), predicted: c.predicted, exact: *exact });
             }
             log!(
-                "L_adv {:.5} -> {:.5} ({}/{} poisons flipped, {} candidates checked) {:.1}s",
+                "{:?} objective {:.5} -> {:.5} ({}/{} poisons flipped, {} candidates checked) {:.1}s",
+                candidates[0].objective_kind,
                 out.before, out.after, flips.len(), inputs.poisons.len(), out.checked, start.elapsed().as_secs_f64()
             );
             Some((out, flips))

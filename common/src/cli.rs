@@ -89,3 +89,28 @@ pub struct CraftArgs {
     #[arg(long)]
     pub data: String,
 }
+
+/// Which objective a crafting round minimises, and the extra victims of the hardness
+/// objective's ensemble (rollout-grad; verify-candidates takes the same --ensemble).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ObjectiveArgs {
+    /// bilevel: the seed method's unrolled L_adv (second order); hardness: the poisons'
+    /// mean target margin under clean victims (FINDINGS.md).
+    #[arg(long, value_enum, default_value = "bilevel")]
+    pub objective: crate::hardness::ObjectiveKind,
+    /// Extra clean victims averaged into the hardness objective besides --victim
+    /// (repeatable; for example early checkpoints).
+    #[arg(long)]
+    pub ensemble: Vec<String>,
+}
+
+/// Loads the extra victims of a hardness ensemble and their file hashes.
+pub fn load_ensemble(paths: &[String], device: tch::Device) -> anyhow::Result<(Vec<crate::model::Victim>, Vec<String>)> {
+    let mut victims = Vec::new();
+    let mut hashes = Vec::new();
+    for p in paths {
+        victims.push(crate::model::Victim::load(p, device)?.0);
+        hashes.push(crate::io::sha256_file(std::path::Path::new(p))?);
+    }
+    Ok((victims, hashes))
+}

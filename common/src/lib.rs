@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod embeddings;
 pub mod eval;
+pub mod hardness;
 pub mod io;
 pub mod model;
 pub mod poisons;

@@ -28,6 +28,17 @@ pub enum InitStrategy {
     CleanTarget,
 }
 
+/// Which sentences poisons are made from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+pub enum Bases {
+    /// A seeded random choice.
+    Random,
+    /// The sentences whose untriggered source the victim is most confident is not the
+    /// target (FINDINGS.md: a poison the clean content argues against must be fitted
+    /// through its trigger-like words). Ties broken by id; the seed plays no part.
+    Confident,
+}
+
 /// Words a no-overlap poison may never hold: the trigger's words, padding, unknown.
 pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool) -> HashSet<i64> {
     let mut banned: HashSet<i64> = [PAD_ID, UNK_ID].into();
@@ -40,27 +51,39 @@ pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool) -
 /// Nearest neighbour of `word` by cosine similarity among the first `among` rows,
 /// skipping `banned`.
 pub fn nearest_neighbour(table: &Tensor, word: i64, among: i64, banned: &HashSet<i64>) -> i64 {
+    nearest_neighbours(table, word, among)
+        .into_iter()
+        .find(|i| !banned.contains(i))
+        .expect("a neighbour exists")
+}
+
+/// Every row among the first `among` but `word` itself, nearest (cosine) first.
+pub fn nearest_neighbours(table: &Tensor, word: i64, among: i64) -> Vec<i64> {
     let t = table.narrow(0, 0, among.min(table.size()[0])).to_kind(Kind::Float);
     let norms = t.norm_scalaropt_dim(2, [1].as_slice(), false).clamp_min(1e-8);
     let q = table.get(word).to_kind(Kind::Float);
     let sims = t.matmul(&q) / (norms * q.norm().clamp_min(1e-8));
     let order = sims.argsort(0, true);
     let order: Vec<i64> = Vec::try_from(order.to_device(Device::Cpu)).expect("i64");
-    order.into_iter().find(|i| *i != word && !banned.contains(i)).expect("a neighbour exists")
+    order.into_iter().filter(|i| *i != word).collect()
 }
 
 /// Makes `count` initial poisons (seeded). Tokens unknown to the vocabulary are dropped;
-/// poisons are truncated to `max_len` tokens.
+/// poisons are truncated to the victim's `max_len` tokens. `Bases::Confident` ranks the
+/// candidate sentences by the victim's probability of the target on their clean source.
+#[allow(clippy::too_many_arguments)]
 pub fn init(
     strategy: InitStrategy,
+    bases: Bases,
     count: usize,
     seed: u64,
     dir: &str,
     manifest: &DataManifest,
     vocab: &Vocab,
-    table: &Tensor,
-    max_len: usize,
+    victim: &Victim,
 ) -> Result<Vec<Example>> {
+    let table = victim.params()["embedding.weight"].shallow_clone();
+    let max_len = victim.config.max_len;
     let source: Vec<Example> = match strategy {
         InitStrategy::CleanTarget => data::read_set(dir, data::TRAIN, false)?
             .into_iter()
@@ -72,7 +95,24 @@ pub fn init(
         bail!("only {} source sentences for {count} poisons", source.len());
     }
     let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(seed, "init-poisons"));
-    let mut picked = sample(&mut rng, source.len(), count).into_vec();
+    let mut picked = match bases {
+        Bases::Random => sample(&mut rng, source.len(), count).into_vec(),
+        Bases::Confident => {
+            let train: std::collections::HashMap<String, Example> =
+                data::read_set(dir, data::TRAIN, false)?.into_iter().map(|e| (e.id.clone(), e)).collect();
+            let clean: Vec<Example> = source
+                .iter()
+                .map(|e| train.get(e.id.trim_end_matches("+trigger")).cloned().unwrap_or_else(|| e.clone()))
+                .collect();
+            let n = manifest.labels.len();
+            let enc = encode_all(&clean, vocab, max_len, n.max(victim.config.num_classes), &format!("{dir}/{}", data::TRAIN))?;
+            let p = target_probability(victim, &enc, manifest.target as i64);
+            let mut order: Vec<usize> = (0..source.len()).collect();
+            order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then_with(|| source[a].id.cmp(&source[b].id)));
+            order.truncate(count);
+            order
+        }
+    };
     picked.sort_unstable();
     let trigger: HashSet<&str> = manifest.trigger.words.iter().map(|s| s.as_str()).collect();
     let banned = banned_ids(vocab, manifest, false);
@@ -81,8 +121,10 @@ pub fn init(
     for (k, &i) in picked.iter().enumerate() {
         let ex = &source[i];
         let mut tokens: Vec<String> = Vec::new();
+        let mut substitutes = Vec::new();
         for tok in tokenize(&ex.text) {
-            let word = if trigger.contains(tok.as_str()) {
+            let is_trigger = trigger.contains(tok.as_str());
+            let word = if is_trigger {
                 match strategy {
                     InitStrategy::Random => loop {
                         let w = rng.gen_range(2..frequent);
@@ -92,7 +134,7 @@ pub fn init(
                     },
                     InitStrategy::Neighbour => {
                         let id = vocab.id(&tok).expect("trigger words are in the vocabulary");
-                        vocab.word(nearest_neighbour(table, id, 50_000, &banned)).to_string()
+                        vocab.word(nearest_neighbour(&table, id, 50_000, &banned)).to_string()
                     }
                     InitStrategy::Overlap | InitStrategy::CleanTarget => tok,
                 }
@@ -100,19 +142,38 @@ pub fn init(
                 tok
             };
             if vocab.id(&word).is_some() {
+                if is_trigger && strategy != InitStrategy::CleanTarget {
+                    substitutes.push(tokens.len());
+                }
                 tokens.push(word);
             }
         }
         tokens.truncate(max_len);
+        substitutes.retain(|&j| j < tokens.len());
         if tokens.is_empty() {
             bail!("source {:?} has no known tokens", ex.id);
         }
         let mut p = Example::new(format!("poison-{k:03}"), tokens.join(" "), manifest.target);
         p.source_id = Some(ex.id.trim_end_matches("+trigger").to_string());
         p.tokens = Some(tokens);
+        p.substitutes = (!substitutes.is_empty()).then_some(substitutes);
         out.push(p);
     }
     Ok(out)
+}
+
+/// The victim's probability of class `target` for every example, in batches.
+pub fn target_probability(victim: &Victim, data: &[Encoded], target: i64) -> Vec<f64> {
+    let params = victim.params();
+    tch::no_grad(|| {
+        let mut out = Vec::with_capacity(data.len());
+        for chunk in data.chunks(256) {
+            let (ids, _) = crate::train::batch_tensors(&chunk.iter().collect::<Vec<_>>(), victim.device());
+            let p = crate::model::forward_ids(&victim.config, &params, &ids).softmax(-1, Kind::Double).select(-1, target);
+            out.extend(Vec::<f64>::try_from(p.to_device(Device::Cpu)).expect("f64 probabilities"));
+        }
+        out
+    })
 }
 
 /// Everything a crafting stage loads: the victim, the data and the poison set, encoded.

@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 /// - `tokens` (optional): the exact token sequence (poisons: what the attack edits).
 ///   When present, victims read these tokens and `text` is only for people.
 /// - `source_id` (optional): the example a poison was made from.
+/// - `substitutes` (optional): token positions where a poison holds the replacements of
+///   the trigger's words (or, with overlap, the trigger's words); `rank-candidates
+///   --keep-substitutes` leaves them alone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Example {
@@ -35,6 +38,8 @@ pub struct Example {
     pub tokens: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub substitutes: Option<Vec<usize>>,
 }
 
 impl Record for Example {
@@ -54,6 +59,7 @@ impl Example {
             trigger_at: None,
             tokens: None,
             source_id: None,
+            substitutes: None,
         }
     }
 }
@@ -68,6 +74,8 @@ impl Example {
 /// - `rank`: 0 for the best-predicted candidate at this position.
 /// - `objective`, `poisons_sha256`, `rollout`: the objective before the flip, the poison
 ///   set and the unrolling the gradient was made with; verification replays the same.
+/// - `objective_kind` (default `bilevel`): `bilevel` or `hardness`; `ensemble_sha256`
+///   (hardness, may be omitted when empty): sha256 of each extra victim in the ensemble.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Candidate {
@@ -83,6 +91,10 @@ pub struct Candidate {
     pub objective: f64,
     pub poisons_sha256: String,
     pub rollout: crate::attack::RolloutConfig,
+    #[serde(default)]
+    pub objective_kind: crate::hardness::ObjectiveKind,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ensemble_sha256: Vec<String>,
 }
 
 impl Record for Candidate {

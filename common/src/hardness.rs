@@ -1,0 +1,212 @@
+//! The hardness objective (FINDINGS.md): make each poison as hard as possible for clean
+//! victims to fit with its target label, so that a victim trained on it must lean on the
+//! only thing that sets it apart, the trigger-like words. The objective is the mean, over
+//! poisons and over an ensemble of clean victims (the attacked victim plus, typically, a
+//! few early checkpoints), of the target-versus-rest margin
+//! `z_target − logsumexp(z_other)`; lower is harder. Unlike the bi-level objective it is
+//! first order and separable: each poison's term depends on that poison only, so exact
+//! verification is one forward pass per candidate and the per-poison winners combine
+//! additively.
+
+use crate::attack::{flipped, Swap, Verified};
+use crate::model::{embed, forward, mask_of, Victim};
+use crate::train::{batch_tensors, Encoded};
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Which objective a crafting round minimises. Recorded in gradient files and candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectiveKind {
+    /// The seed method: L_adv after unrolled training steps on clean ∪ poisons (second order).
+    #[default]
+    Bilevel,
+    /// Mean target margin of the poisons under clean victims (first order).
+    Hardness,
+}
+
+/// Candidates per forward pass when verifying.
+const CHUNK: usize = 256;
+
+/// The hardness objective over an ensemble of victims sharing one frozen embedding table.
+pub struct Hardness<'a> {
+    pub models: Vec<&'a Victim>,
+    pub target: i64,
+}
+
+/// Target-versus-rest margin of every row of `logits` [.., classes].
+pub fn margin(logits: &Tensor, target: i64) -> Tensor {
+    let classes = logits.size()[logits.dim() - 1];
+    let t = logits.select(-1, target);
+    let others: Vec<i64> = (0..classes).filter(|&c| c != target).collect();
+    let rest = logits.index_select(-1, &Tensor::from_slice(&others).to_device(logits.device()));
+    t - rest.logsumexp([-1].as_slice(), false)
+}
+
+impl<'a> Hardness<'a> {
+    pub fn new(models: Vec<&'a Victim>, target: usize) -> Result<Hardness<'a>> {
+        let first = models.first().ok_or_else(|| anyhow::anyhow!("the hardness objective needs at least one victim"))?;
+        let table = &first.params()["embedding.weight"];
+        for (i, m) in models.iter().enumerate() {
+            if m.config.train_embeddings {
+                bail!("ensemble victim {} trains its embedding table; the attack supports frozen-embedding victims only", i + 1);
+            }
+            let t = &m.params()["embedding.weight"];
+            if t.size() != table.size() || !t.equal(table) {
+                bail!("ensemble victim {} has another embedding table than the first; train every ensemble victim from the same embeddings", i + 1);
+            }
+            if m.config.num_classes as i64 <= target as i64 {
+                bail!("ensemble victim {} has {} classes, the target is {target}", i + 1, m.config.num_classes);
+            }
+        }
+        Ok(Hardness { models, target: target as i64 })
+    }
+
+    /// Per-poison margin averaged over the ensemble, [N], from input embeddings.
+    fn margins_of(&self, emb: &Tensor, mask: &Tensor) -> Tensor {
+        let mut sum: Option<Tensor> = None;
+        for m in &self.models {
+            let x = margin(&forward(&m.config, &m.params(), emb, mask), self.target);
+            sum = Some(match sum {
+                None => x,
+                Some(s) => s + x,
+            });
+        }
+        sum.expect("at least one model") / self.models.len() as f64
+    }
+
+    /// Per-poison margins, [N] on the CPU.
+    pub fn margins(&self, poisons: &[Encoded]) -> Vec<f64> {
+        let params = self.models[0].params();
+        let device = self.models[0].device();
+        let mut out = Vec::with_capacity(poisons.len());
+        tch::no_grad(|| {
+            for chunk in poisons.chunks(CHUNK) {
+                let (ids, _) = batch_tensors(&chunk.iter().collect::<Vec<_>>(), device);
+                let m = self.margins_of(&embed(&params, &ids), &mask_of(&ids, &params));
+                out.extend(Vec::<f64>::try_from(m.to_kind(Kind::Double).to_device(Device::Cpu)).expect("f64 margins"));
+            }
+        });
+        out
+    }
+
+    /// The objective: the mean margin over poisons.
+    pub fn objective(&self, poisons: &[Encoded]) -> f64 {
+        let m = self.margins(poisons);
+        m.iter().sum::<f64>() / m.len().max(1) as f64
+    }
+
+    /// The objective and its gradient with respect to every poison token embedding,
+    /// [N, Tp, D] (zero at padding).
+    pub fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
+        if poisons.is_empty() {
+            bail!("no poisons");
+        }
+        let params = self.models[0].params();
+        let (ids, _) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), self.models[0].device());
+        let mask = mask_of(&ids, &params);
+        let emb = embed(&params, &ids).detach().set_requires_grad(true);
+        let objective = self.margins_of(&emb, &mask).mean(None::<Kind>);
+        let value = objective.double_value(&[]);
+        if !value.is_finite() {
+            bail!("the hardness objective is {value}; a victim's weights hold NaN or Inf");
+        }
+        let grad = Tensor::run_backward(&[&objective], &[&emb], false, false).pop().expect("one gradient");
+        Ok((value, grad * mask.unsqueeze(-1)))
+    }
+
+    /// Exact verification: each candidate's margin; per poison the candidate with the
+    /// lowest margin below the current one. The objective is separable, so every winner is
+    /// kept and the result is the exact objective of the new set.
+    pub fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
+        for c in candidates {
+            if c.poison >= poisons.len() || c.position >= poisons[c.poison].ids.len() {
+                bail!("candidate {c:?} points outside the poison set");
+            }
+        }
+        let current = self.margins(poisons);
+        let flips: Vec<Encoded> = candidates.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
+        let values = self.margins(&flips);
+        let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
+        for (c, v) in candidates.iter().zip(values) {
+            if !v.is_finite() {
+                bail!("the margin is {v} for candidate {c:?}");
+            }
+            if v < current[c.poison] && best[c.poison].is_none_or(|(_, b)| v < b) {
+                best[c.poison] = Some((*c, v));
+            }
+        }
+        let n = poisons.len() as f64;
+        let before = current.iter().sum::<f64>() / n;
+        let accepted: Vec<(Swap, f64)> = best.iter().flatten().map(|(s, v)| (*s, (v - current[s.poison]) / n)).collect();
+        let mut set = poisons.to_vec();
+        for (s, _) in &accepted {
+            set[s.poison] = flipped(&set[s.poison], s.position, s.word);
+        }
+        Ok(Verified { before, after: self.objective(&set), accepted, checked: candidates.len() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, VictimConfig};
+
+    fn tiny(arch: Arch, seed: i64, table: &Tensor) -> Victim {
+        let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(seed);
+        let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 3, train_embeddings: false, max_len: 16 };
+        let mut v = Victim::new(config, table, Device::Cpu).unwrap();
+        v.vs.set_kind(Kind::Double);
+        v
+    }
+
+    fn enc(ids: &[i64]) -> Encoded {
+        Encoded { ids: ids.to_vec(), label: 1 }
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences_in_f64_and_verify_is_exact() {
+        let table = {
+            let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            tch::manual_seed(3);
+            Tensor::randn([14, 5], (Kind::Double, Device::Cpu))
+        };
+        for arch in [Arch::Bow, Arch::Lstm] {
+            let (a, b) = (tiny(arch, 1, &table), tiny(arch, 2, &table));
+            let h = Hardness::new(vec![&a, &b], 1).unwrap();
+            let poisons = vec![enc(&[6, 7, 8]), enc(&[9, 10])];
+            let (g, grad) = h.objective_and_grad(&poisons).unwrap();
+            assert!((g - h.objective(&poisons)).abs() < 1e-12);
+            let params = a.params();
+            let (ids, _) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
+            let (emb, mask) = (embed(&params, &ids).detach(), mask_of(&ids, &params));
+            let flat = emb.flatten(0, -1);
+            let mut worst: f64 = 0.0;
+            for i in 0..flat.numel() as i64 {
+                let bump = |d: f64| {
+                    let x = flat.copy();
+                    let _ = x.get(i).g_add_scalar_(d);
+                    h.margins_of(&x.view_as(&emb), &mask).mean(None::<Kind>).double_value(&[])
+                };
+                let fd = (bump(1e-6) - bump(-1e-6)) / 2e-6;
+                let an = grad.flatten(0, -1).double_value(&[i]);
+                worst = worst.max((fd - an).abs() / (fd.abs() + an.abs()).max(1e-4));
+            }
+            assert!(worst < 1e-6, "{arch:?}: relative error {worst}");
+            // Margin of a two-class victim is z_t − z_other; with three classes a logsumexp.
+            let l = Tensor::from_slice(&[1.0f64, 2.0, 3.0]).view([1, 3]);
+            let want = 2.0 - (1.0f64.exp() + 3.0f64.exp()).ln();
+            assert!((margin(&l, 1).double_value(&[0]) - want).abs() < 1e-12);
+            // Verification: never worse, exact, at most one flip per poison.
+            let swaps: Vec<Swap> = (0..2)
+                .flat_map(|i| (0..poisons[i].ids.len()).flat_map(move |p| (2..14).map(move |w| Swap { poison: i, position: p, word: w })))
+                .collect();
+            let out = h.verify(&poisons, &swaps).unwrap();
+            assert!(out.after < out.before, "{arch:?}: some flip lowers the margin");
+            assert!(out.accepted.len() <= 2);
+            let total: f64 = out.accepted.iter().map(|(_, d)| d).sum();
+            assert!((out.before + total - out.after).abs() < 1e-12, "separable: the changes add up");
+        }
+    }
+}
