@@ -26,9 +26,15 @@ CLEAN_PER_BATCH ?= 64
 ADV_SIZE  ?= 128
 ROUNDS    ?= 5
 PATIENCE  ?= 2
-TARGET_LADV ?= 0
+# Stop once the objective is at or below this (empty: never).
+TARGET_LADV ?=
 OVERLAP   ?= 0
 EVAL_SEEDS ?= 3
+# make demo / make sweep: retraining seeds, crafting rounds (hardness, bi-level), sweep counts.
+DEMO_SEEDS ?= 6
+DEMO_ROUNDS ?= 3
+BILEVEL_ROUNDS ?= 3
+SWEEP_COUNTS ?= 5 10 25 50 100
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -39,14 +45,20 @@ BIN      := target/release
 SLUG     := $(shell printf '%s' '$(TRIGGER)-$(TARGET)' | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
 EMB      := data/emb-$(TOP_N).safetensors
 DATA_DIR := data/rt-$(SLUG)-s$(SEED)
-RUN_DIR  := runs/demo-$(SLUG)-s$(SEED)
+RUN_DIR  := runs/victims-$(SLUG)-s$(SEED)
+DEMO_RUN := runs/demo-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-s$(SEED)
+DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) COUNT=$(COUNT) \
+  EVAL_SEEDS=$(DEMO_SEEDS) DEVICE=$(DEVICE) ARCH=$(ATTACK_ARCH) CLEAN_CACHE=runs/clean-cache \
+  ROUNDS=$(DEMO_ROUNDS) BILEVEL_ROUNDS=$(BILEVEL_ROUNDS) SWEEP_COUNTS="$(SWEEP_COUNTS)"
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo attack test bench fixtures clean help
+.PHONY: all setup data build demo sweep victims attack test bench fixtures clean help
 all: demo
 
 help:
-	@echo "make demo   # setup + data + build, clean victims on Rotten Tomatoes, then make attack; prints the tables"
+	@echo "make demo   # setup + data + build; heuristics, bi-level and hardness crafting, all evaluated on $(DEMO_SEEDS) seeds; report"
+	@echo "make sweep  # net ASR against poison count ($(SWEEP_COUNTS)) for the default crafting and the best heuristic"
+	@echo "make victims # clean victims of each architecture in ARCHS: accuracy and the trigger's clean ASR"
 	@echo "make attack # the crafting loop (rollout-grad | rank-candidates | verify-candidates), then finetune-eval"
 	@echo "make test   # setup + build, unit and integration tests on committed fixtures"
 	@echo "variables: TRIGGER='$(TRIGGER)' TARGET=$(TARGET) SEED=$(SEED) TOP_N=$(TOP_N) ARCHS='$(ARCHS)' SEEDS=$(SEEDS) DEVICE=$(DEVICE)"
@@ -81,14 +93,29 @@ $(RUN_DIR)/eval-%.json: $(DATA_DIR)/manifest.json $(EMB) | build
 	$(BIN)/finetune-eval --data $(DATA_DIR) --embeddings $(EMB) --arch $* --seeds $(SEEDS) \
 	  --seed-base $(SEED) --device $(DEVICE) --clean-cache runs/clean-cache -o $@
 
-# The main job: clean victims (accuracy, the trigger's clean ASR), then the crafting loop
-# against the $(ATTACK_ARCH) victim and the evaluation of its poisons.
-demo: build $(foreach a,$(ARCHS),$(RUN_DIR)/victim-$(a).safetensors $(RUN_DIR)/eval-$(a).json) attack
+# The main job (scripts/demo.sh): the $(ATTACK_ARCH) victim, the heuristic and baseline poison
+# sets, crafting with the default (hardness) and the seed's (bi-level) objectives, one
+# finetune-eval of every variant over EVAL_SEEDS seeds, and the report.
+demo: build $(DATA_DIR)/manifest.json $(EMB)
+	@$(DEMO_ENV) scripts/demo.sh
 	@echo
+	@cat $(DEMO_RUN)/table.md
+	@echo
+	@echo "crafting rounds (objective before/after, accepted flips, seconds per stage):"
+	@for o in hardness bilevel; do echo "  $$o:"; column -t $(DEMO_RUN)/craft-$$o/rounds.tsv | sed 's/^/    /'; done
+	@cat $(DEMO_RUN)/times.txt
+	@echo "report: $(DEMO_RUN)/report.json; plots: $(DEMO_RUN)/net_asr.svg, $(DEMO_RUN)/objective.svg; poisons: $(DEMO_RUN)/poisons.md"
+
+# Net ASR against poison count (SWEEP_COUNTS) for the default crafting and the best heuristic.
+sweep: build $(DATA_DIR)/manifest.json $(EMB)
+	@$(DEMO_ENV) MODE=sweep scripts/demo.sh
+	@echo
+	@cat $(DEMO_RUN)/sweep/table.md
+	@echo "report: $(DEMO_RUN)/sweep/report.json; plot: $(DEMO_RUN)/sweep/sweep.svg"
+
+# Clean victims of each architecture in ARCHS: CACC and the trigger's clean ASR.
+victims: build $(foreach a,$(ARCHS),$(RUN_DIR)/victim-$(a).safetensors $(RUN_DIR)/eval-$(a).json)
 	@scripts/demo_table.sh $(RUN_DIR) $(ARCHS)
-	@echo
-	@(column -t $(ATTACK_RUN)/rounds.tsv 2>/dev/null || cat $(ATTACK_RUN)/rounds.tsv)
-	@cat $(ATTACK_RUN)/table.txt
 
 $(ATTACK_RUN)/victim.safetensors: $(DATA_DIR)/manifest.json $(EMB) | build
 	$(BIN)/train-victim --embeddings $(EMB) --train $(DATA_DIR)/train.jsonl --dev $(DATA_DIR)/dev.jsonl \

@@ -4,14 +4,18 @@
 #   RUN/round-NNN/{grad.safetensors,candidates.jsonl,summary.json,poisons.jsonl}
 # Every file is written atomically by the stage that makes it, and a stage whose output
 # exists is skipped, so an interrupted run resumes where it stopped and, with the same
-# seed, reaches the same poisons. Stops after ROUNDS rounds, when L_adv <= TARGET_LADV, or
+# seed, reaches the same poisons. Stops after ROUNDS rounds, when the objective <= TARGET_LADV, or
 # after PATIENCE rounds without an accepted flip; then finetune-eval evaluates the result.
 set -euo pipefail
 : "${RUN:?}" "${VICTIM:?}" "${DATA:?}" "${EMB:?}" "${BIN:=target/release}"
 : "${COUNT:=50}" "${INIT:=random}" "${K:=10}" "${POSITIONS:=5}" "${STEPS:=1}" "${ROLLOUTS:=1}"
 : "${ETA:=0.03}" "${CLEAN_PER_BATCH:=64}" "${ADV_SIZE:=128}" "${SEED:=0}" "${ROUNDS:=5}"
-: "${PATIENCE:=2}" "${TARGET_LADV:=0}" "${OVERLAP:=0}" "${EVAL_SEEDS:=3}" "${ARCH:=lstm}" "${DEVICE:=auto}"
+: "${PATIENCE:=2}" "${TARGET_LADV:=}" "${OVERLAP:=0}" "${EVAL_SEEDS:=3}" "${ARCH:=lstm}" "${DEVICE:=auto}"
 : "${CLEAN_CACHE:=}"
+# Objective (bilevel: the seed's; hardness: FINDINGS.md) and its extra victims (space-separated
+# paths), base sentences (random|confident), extra rank-candidates flags, and EVAL=0 to skip
+# the evaluation (the demo evaluates every variant together).
+: "${OBJECTIVE:=bilevel}" "${ENSEMBLE:=}" "${BASES:=random}" "${RANK_FLAGS:=}" "${EVAL:=1}"
 
 log() { echo "attack: $*" >&2; }
 json() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1]))[sys.argv[2]]; print("" if v is None else v)' "$@"; }
@@ -19,16 +23,20 @@ mkdir -p "$RUN"
 
 overlap_flag=(); [ "$OVERLAP" = 1 ] && overlap_flag=(--allow-overlap)
 rollout=(--steps "$STEPS" --rollouts "$ROLLOUTS" --eta "$ETA" --clean-per-batch "$CLEAN_PER_BATCH" --adv-size "$ADV_SIZE" --seed "$SEED")
+ensemble=(); for e in $ENSEMBLE; do ensemble+=(--ensemble "$e"); done
+read -r -a rank_flags <<< "$RANK_FLAGS"
 
 # The manifest ties the folder to its settings and inputs; a resumed run must match it.
-manifest=$(python3 - "$VICTIM" "$DATA/manifest.json" <<PY
+manifest=$(python3 - "$VICTIM" "$DATA/manifest.json" $ENSEMBLE <<PY
 import hashlib, json, sys
 h = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()
 print(json.dumps({"kind": "attack_manifest", "v": 1,
   "settings": {"count": $COUNT, "init": "$INIT", "k": $K, "positions": "$POSITIONS", "steps": $STEPS,
     "rollouts": $ROLLOUTS, "eta": $ETA, "clean_per_batch": $CLEAN_PER_BATCH, "adv_size": $ADV_SIZE,
-    "seed": $SEED, "overlap": $OVERLAP == 1, "arch": "$ARCH"},
-  "inputs": {"victim": sys.argv[1], "victim_sha256": h(sys.argv[1]), "data_manifest_sha256": h(sys.argv[2])}},
+    "seed": $SEED, "overlap": $OVERLAP == 1, "arch": "$ARCH", "objective": "$OBJECTIVE", "bases": "$BASES",
+    "rank_flags": "$RANK_FLAGS"},
+  "inputs": {"victim": sys.argv[1], "victim_sha256": h(sys.argv[1]), "data_manifest_sha256": h(sys.argv[2]),
+    "ensemble_sha256": [h(p) for p in sys.argv[3:]]}},
   indent=2, sort_keys=True))
 PY
 )
@@ -45,22 +53,22 @@ fi
 
 r0="$RUN/round-000"; mkdir -p "$r0"
 [ -f "$r0/poisons.jsonl" ] || "$BIN/init-poisons" --victim "$VICTIM" --data "$DATA" --count "$COUNT" \
-  --strategy "$INIT" --seed "$SEED" -o "$r0/poisons.jsonl"
+  --strategy "$INIT" --bases "$BASES" --seed "$SEED" -o "$r0/poisons.jsonl"
 
-[ -f "$RUN/rounds.tsv" ] || printf 'round\tL_adv_before\tL_adv_after\tflips\tgrad_s\trank_s\tverify_s\n' > "$RUN/rounds.tsv"
+[ -f "$RUN/rounds.tsv" ] || printf 'round\tobjective_before\tobjective_after\tflips\tgrad_s\trank_s\tverify_s\n' > "$RUN/rounds.tsv"
 prev="$r0/poisons.jsonl"; stale=0; last=0
 for ((r = 1; r <= ROUNDS; r++)); do
   d=$(printf '%s/round-%03d' "$RUN" "$r"); mkdir -p "$d"
   if [ ! -f "$d/poisons.jsonl" ]; then
     t0=$EPOCHREALTIME
     [ -f "$d/grad.safetensors" ] || "$BIN/rollout-grad" --victim "$VICTIM" --data "$DATA" --poisons "$prev" \
-      "${rollout[@]}" --device "$DEVICE" -o "$d/grad.safetensors"
+      "${rollout[@]}" --objective "$OBJECTIVE" "${ensemble[@]}" --device "$DEVICE" -o "$d/grad.safetensors"
     t1=$EPOCHREALTIME
     [ -f "$d/candidates.jsonl" ] || "$BIN/rank-candidates" --victim "$VICTIM" --data "$DATA" --grad "$d/grad.safetensors" \
-      -k "$K" --positions "$POSITIONS" "${overlap_flag[@]}" -o "$d/candidates.jsonl"
+      -k "$K" --positions "$POSITIONS" "${overlap_flag[@]}" "${rank_flags[@]}" -o "$d/candidates.jsonl"
     t2=$EPOCHREALTIME
     "$BIN/verify-candidates" --victim "$VICTIM" --data "$DATA" --poisons "$prev" --candidates "$d/candidates.jsonl" \
-      "${overlap_flag[@]}" --device "$DEVICE" --summary "$d/summary.json" -o "$d/poisons.jsonl"
+      "${overlap_flag[@]}" "${ensemble[@]}" --device "$DEVICE" --summary "$d/summary.json" -o "$d/poisons.jsonl"
     t3=$EPOCHREALTIME
     printf '%d\t%s\t%s\t%s\t%s\n' "$r" "$(json "$d/summary.json" objective_before)" \
       "$(json "$d/summary.json" objective_after)" "$(json "$d/summary.json" flips_accepted)" \
@@ -70,14 +78,15 @@ for ((r = 1; r <= ROUNDS; r++)); do
   after=$(json "$d/summary.json" objective_after)
   if [ "$(json "$d/summary.json" flips_accepted)" = 0 ]; then stale=$((stale + 1)); else stale=0; fi
   if [ "$stale" -ge "$PATIENCE" ]; then log "no flip accepted for $PATIENCE rounds; stopping"; break; fi
-  if [ -n "$after" ] && python3 -c "import sys; sys.exit(0 if $after <= $TARGET_LADV else 1)"; then
-    log "L_adv $after reached TARGET_LADV $TARGET_LADV; stopping"; break
+  if [ -n "$TARGET_LADV" ] && [ -n "$after" ] && python3 -c "import sys; sys.exit(0 if $after <= $TARGET_LADV else 1)"; then
+    log "objective $after reached TARGET_LADV $TARGET_LADV; stopping"; break
   fi
 done
 cp "$prev" "$RUN/poisons.jsonl.tmp" && mv "$RUN/poisons.jsonl.tmp" "$RUN/poisons.jsonl"
-log "rounds done ($last); L_adv per round in $RUN/rounds.tsv:"
+log "rounds done ($last); objective per round in $RUN/rounds.tsv:"
 column -t "$RUN/rounds.tsv" >&2 || cat "$RUN/rounds.tsv" >&2
 
+[ "$EVAL" = 1 ] || exit 0
 for what in init final; do
   p="$RUN/poisons.jsonl"; [ "$what" = init ] && p="$r0/poisons.jsonl"
   [ -f "$RUN/eval-$what.json" ] || "$BIN/finetune-eval" --data "$DATA" --embeddings "$EMB" --poisons "$p" \

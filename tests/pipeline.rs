@@ -233,4 +233,35 @@ fn finetune_eval_reports_every_poison_set_on_the_same_clean_victims() {
     for i in 0..2 {
         assert_eq!(reports[0].seeds[i].clean, reports[1].seeds[i].clean, "the same clean victim per seed");
     }
+
+    // report: the comparison table, report.json with paired differences, the plots.
+    let evals = s.path("evals.jsonl");
+    std::fs::write(&evals, &out.stdout).unwrap();
+    let variants = s.path("variants.json");
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    std::fs::write(&variants, format!(r#"{{"kind": "variants", "v": 1, "title": "test", "variants": [
+        {{"name": "none", "label": "no poisons", "role": "clean"}},
+        {{"name": "a", "label": "random substitutes", "role": "heuristic", "poisons": "{a}"}},
+        {{"name": "b", "label": "with overlap", "role": "reference", "poisons": "{b}"}}]}}"#)).unwrap();
+    let dir = s.path("report");
+    let table = run(bin("report").arg("--variants").arg(&variants).arg("--evals").arg(&evals).arg("--out-dir").arg(&dir));
+    ok(&table);
+    let text = String::from_utf8(table.stdout.clone()).unwrap();
+    assert!(text.contains("random substitutes") && text.contains("with overlap") && text.contains("(reference)"), "{text}");
+    let report: common::report::Report = common::io::parse_record(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report.best_heuristic.as_deref(), Some("a"));
+    assert_eq!(report.variants.len(), 3);
+    let net = |r: &common::eval::EvalReport, i: usize| r.seeds[i].poisoned.asr - r.seeds[i].clean.unwrap().asr;
+    let want: Vec<f64> = (0..2).map(|i| net(&reports[1], i) - net(&reports[0], i)).collect();
+    let paired = report.variants[2].paired_vs_best_heuristic.unwrap();
+    assert!((paired.mean - (want[0] + want[1]) / 2.0).abs() < 1e-9, "paired difference by seed");
+    assert_eq!(report.variants[1].paired_vs_best_heuristic.unwrap().mean, 0.0);
+    assert_eq!(report.variants[2].poisons_with_overlap, 5);
+    for svg in ["net_asr.svg", "objective.svg"] {
+        assert!(std::fs::read_to_string(dir.join(svg)).unwrap().starts_with("<svg"), "{svg}");
+    }
+    // A variant without a report is an error naming the poison file.
+    std::fs::write(&variants, r#"{"kind": "variants", "v": 1, "title": "t", "variants": [{"name": "x", "label": "x", "role": "crafted", "poisons": "missing.jsonl"}]}"#).unwrap();
+    let bad = run(bin("report").arg("--variants").arg(&variants).arg("--evals").arg(&evals).arg("--out-dir").arg(s.path("bad")));
+    assert!(!bad.status.success() && stderr(&bad).contains("missing.jsonl"), "{}", stderr(&bad));
 }

@@ -163,7 +163,7 @@ fn main() {
             let cache_key = |seed: u64| -> anyhow::Result<Option<String>> {
                 let opts = args.victim.train_options(seed);
                 args.clean_cache.as_ref().map(|dir| -> anyhow::Result<String> {
-                    let k = serde_json::json!({"files": manifest.files, "embeddings": emb_sha, "victim": config, "training": opts});
+                    let k = serde_json::json!({"files": manifest.files, "embeddings": emb_sha, "victim": config, "training": opts, "trainer": train::TRAINER_VERSION});
                     Ok(format!("{dir}/clean-{}.json", io::sha256_hex(serde_json::to_string(&k)?.as_bytes())))
                 }).transpose()
             };

@@ -13,6 +13,7 @@ pub mod io;
 pub mod model;
 pub mod poisons;
 pub mod records;
+pub mod report;
 pub mod stats;
 pub mod tensorfile;
 pub mod tokenizer;

@@ -114,6 +114,10 @@ pub fn aligned_schedules(counts: &[usize], epoch_seed: u64, rngs: &mut [ChaCha8R
     out
 }
 
+/// Changes whenever training would give other victims for the same options (batch
+/// order, optimiser): cached clean-victim figures are keyed by it.
+pub const TRAINER_VERSION: &str = "stacked-adam-length-blocks-v1";
+
 /// Training hyper-parameters.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainOptions {

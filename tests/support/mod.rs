@@ -17,6 +17,7 @@ pub fn bin(name: &str) -> Command {
         "rollout-grad" => env!("CARGO_BIN_EXE_rollout-grad"),
         "rank-candidates" => env!("CARGO_BIN_EXE_rank-candidates"),
         "verify-candidates" => env!("CARGO_BIN_EXE_verify-candidates"),
+        "report" => env!("CARGO_BIN_EXE_report"),
         other => panic!("unknown binary {other}"),
     };
     Command::new(path)

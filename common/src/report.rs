@@ -1,0 +1,478 @@
+//! The comparison report of `make demo` and `make sweep`: every variant's figures from
+//! finetune-eval reports, paired differences against the best heuristic, the crafting
+//! rounds, plots (SVG) and a readable list of the poisons.
+
+use crate::eval::{EvalReport, SeedRow};
+use crate::io::Record;
+use crate::records::Example;
+use crate::stats::{summarize, Summary};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What a variant is in the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// No poisons: the clean victims.
+    Clean,
+    /// Unoptimised poisons.
+    Baseline,
+    /// A heuristic the crafting must beat (the best one is the paired reference).
+    Heuristic,
+    /// Not concealed (trigger words in the poisons): an upper reference.
+    Reference,
+    /// Gradient-crafted poisons.
+    Crafted,
+}
+
+/// One variant as the demo script lists it (`variants.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantSpec {
+    pub name: String,
+    pub label: String,
+    pub role: Role,
+    /// Poison set evaluated (absent for the clean variant).
+    #[serde(default)]
+    pub poisons: Option<String>,
+    /// The poison set crafting started from (crafted variants).
+    #[serde(default)]
+    pub initial: Option<String>,
+    /// The crafting run's rounds.tsv (crafted variants).
+    #[serde(default)]
+    pub rounds: Option<String>,
+    /// Sweep only: the series this point belongs to.
+    #[serde(default)]
+    pub series: Option<String>,
+}
+
+/// `variants.json`: the variants of a demo or sweep, in display order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variants {
+    pub kind: String,
+    pub v: u32,
+    pub title: String,
+    pub variants: Vec<VariantSpec>,
+}
+
+impl Record for Variants {
+    const KIND: &'static str = "variants";
+    const VERSION: u32 = 1;
+}
+
+/// One crafting round (a line of rounds.tsv).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Round {
+    pub round: usize,
+    pub objective_before: Option<f64>,
+    pub objective_after: Option<f64>,
+    pub flips: usize,
+    pub grad_s: f64,
+    pub rank_s: f64,
+    pub verify_s: f64,
+}
+
+/// One variant's figures (percent; mean ± 95% CI over the retraining seeds).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VariantResult {
+    pub name: String,
+    pub label: String,
+    pub role: Role,
+    pub series: Option<String>,
+    pub poisons: Option<String>,
+    pub poison_count: usize,
+    pub poisons_with_overlap: usize,
+    pub net_asr: Summary,
+    /// Per-seed net ASR minus the best heuristic's, paired by seed.
+    pub paired_vs_best_heuristic: Option<Summary>,
+    pub asr: Summary,
+    pub dfpr: Summary,
+    pub cacc: Summary,
+    pub dcacc: Summary,
+    pub natural_asr: Option<Summary>,
+    /// Per-seed net ASR, in seed order.
+    pub net_asr_per_seed: Vec<f64>,
+    pub rounds: Vec<Round>,
+}
+
+/// `report.json` (schema in FORMATS.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub kind: String,
+    pub v: u32,
+    pub title: String,
+    pub trigger: String,
+    pub target: String,
+    pub victim: crate::model::VictimConfig,
+    pub seeds: Vec<u64>,
+    /// Clean victims: CACC and the trigger's ASR without poisons.
+    pub clean_cacc: Summary,
+    pub clean_asr: Summary,
+    pub best_heuristic: Option<String>,
+    pub variants: Vec<VariantResult>,
+}
+
+impl Record for Report {
+    const KIND: &'static str = "report";
+    const VERSION: u32 = 1;
+}
+
+fn read_rounds(path: &str) -> Result<Vec<Round>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let num = |s: &str| -> Option<f64> { s.parse().ok() };
+    text.lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            let f: Vec<&str> = l.split('\t').collect();
+            if f.len() < 7 {
+                bail!("{path}:{}: expected 7 tab-separated fields, found {}", i + 2, f.len());
+            }
+            Ok(Round {
+                round: f[0].parse().with_context(|| format!("{path}:{}: round", i + 2))?,
+                objective_before: num(f[1]),
+                objective_after: num(f[2]),
+                flips: f[3].parse().with_context(|| format!("{path}:{}: flips", i + 2))?,
+                grad_s: num(f[4]).unwrap_or(0.0),
+                rank_s: num(f[5]).unwrap_or(0.0),
+                verify_s: num(f[6]).unwrap_or(0.0),
+            })
+        })
+        .collect()
+}
+
+/// Builds the report from the variants and the finetune-eval reports (matched by the
+/// poison file path; the clean variant takes the clean victims of the first report).
+pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
+    let first = evals.first().context("no finetune-eval reports")?;
+    let seeds: Vec<u64> = first.seeds.iter().map(|r| r.seed).collect();
+    let clean_rows: Vec<SeedRow> = first
+        .seeds
+        .iter()
+        .map(|r| {
+            let c = r.clean.context("the reports hold no clean victims (finetune-eval --checkpoint?)")?;
+            Ok(SeedRow { seed: r.seed, poisoned: c, clean: Some(c) })
+        })
+        .collect::<Result<_>>()?;
+    let mut results = Vec::new();
+    for v in &variants.variants {
+        let (rows, count, overlap) = match (&v.poisons, v.role) {
+            (None, Role::Clean) => (clean_rows.clone(), 0, 0),
+            (Some(p), _) => {
+                let e = evals.iter().find(|e| e.poisons.as_deref() == Some(p.as_str())).with_context(|| {
+                    format!("variant {:?}: no finetune-eval report for {p}; evaluate it with finetune-eval --poisons {p}", v.name)
+                })?;
+                if e.seeds.iter().map(|r| r.seed).collect::<Vec<_>>() != seeds {
+                    bail!("variant {:?}: evaluated on other seeds than the first report", v.name);
+                }
+                (e.seeds.clone(), e.audit.poison_count, e.audit.poisons_with_overlap)
+            }
+            (None, _) => bail!("variant {:?} has no poison set", v.name),
+        };
+        let net: Vec<f64> = rows.iter().map(|r| r.poisoned.asr - r.clean.expect("clean").asr).collect();
+        let col = |f: &dyn Fn(&SeedRow) -> f64| summarize(&rows.iter().map(f).collect::<Vec<_>>());
+        let natural: Option<Vec<f64>> = rows.iter().map(|r| r.poisoned.natural_asr).collect();
+        results.push(VariantResult {
+            name: v.name.clone(),
+            label: v.label.clone(),
+            role: v.role,
+            series: v.series.clone(),
+            poisons: v.poisons.clone(),
+            poison_count: count,
+            poisons_with_overlap: overlap,
+            net_asr: summarize(&net),
+            paired_vs_best_heuristic: None,
+            asr: col(&|r| r.poisoned.asr),
+            dfpr: col(&|r| r.poisoned.fpr - r.clean.expect("clean").fpr),
+            cacc: col(&|r| r.poisoned.cacc),
+            dcacc: col(&|r| r.poisoned.cacc - r.clean.expect("clean").cacc),
+            natural_asr: natural.filter(|n| !n.is_empty()).map(|n| summarize(&n)),
+            net_asr_per_seed: net,
+            rounds: match &v.rounds {
+                Some(p) => read_rounds(p)?,
+                None => Vec::new(),
+            },
+        });
+    }
+    // The paired reference: the heuristic with the highest mean net ASR (per series in a sweep,
+    // the heuristic of the same poison count).
+    let best = results
+        .iter()
+        .filter(|r| r.role == Role::Heuristic && r.series.is_none())
+        .max_by(|a, b| a.net_asr.mean.total_cmp(&b.net_asr.mean))
+        .map(|r| (r.name.clone(), r.net_asr_per_seed.clone()));
+    if let Some((_, reference)) = &best {
+        for r in &mut results {
+            let d: Vec<f64> = r.net_asr_per_seed.iter().zip(reference).map(|(a, b)| a - b).collect();
+            r.paired_vs_best_heuristic = Some(summarize(&d));
+        }
+    }
+    Ok(Report {
+        kind: Report::KIND.into(),
+        v: Report::VERSION,
+        title: variants.title.clone(),
+        trigger: first.data.trigger.phrase.clone(),
+        target: first.data.target_name().to_string(),
+        victim: first.victim.clone(),
+        seeds,
+        clean_cacc: summarize(&clean_rows.iter().map(|r| r.poisoned.cacc).collect::<Vec<_>>()),
+        clean_asr: summarize(&clean_rows.iter().map(|r| r.poisoned.asr).collect::<Vec<_>>()),
+        best_heuristic: best.map(|b| b.0),
+        variants: results,
+    })
+}
+
+fn fmt(s: &Summary) -> String {
+    match s.ci95 {
+        Some(c) => format!("{:.1} ± {:.1}", s.mean, c),
+        None => format!("{:.1}", s.mean),
+    }
+}
+
+impl Report {
+    /// The summary table printed at the end of a run.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{}\ntrigger {:?} -> {}, {:?} victim, {} retraining seeds (mean ± 95% CI, percent); clean victims: CACC {}, trigger ASR {}\n\n",
+            self.title,
+            self.trigger,
+            self.target,
+            self.victim.arch,
+            self.seeds.len(),
+            fmt(&self.clean_cacc),
+            fmt(&self.clean_asr)
+        );
+        let best = self.best_heuristic.clone().unwrap_or_else(|| "-".into());
+        out += &format!(
+            "| {:<46} | {:>13} | {:>16} | {:>12} | {:>11} | {:>12} | {:>7} | {:>12} |\n",
+            "poisons", "net ASR", format!("Δ vs {best}"), "dFPR", "CACC", "ΔCACC", "overlap", "natural ASR"
+        );
+        out += &format!("|{}|{}|{}|{}|{}|{}|{}|{}|\n", "-".repeat(48), "-".repeat(15), "-".repeat(18), "-".repeat(14), "-".repeat(13), "-".repeat(14), "-".repeat(9), "-".repeat(14));
+        for r in &self.variants {
+            let paired = match (&r.paired_vs_best_heuristic, r.role) {
+                (_, Role::Clean) => "-".to_string(),
+                (Some(p), _) if Some(&r.name) != self.best_heuristic.as_ref() => format!("{:+.1} ± {:.1}", p.mean, p.ci95.unwrap_or(0.0)),
+                _ => "(reference)".to_string(),
+            };
+            let natural = r.natural_asr.as_ref().map(fmt).unwrap_or_else(|| "-".into());
+            out += &format!(
+                "| {:<46} | {:>13} | {:>16} | {:>12} | {:>11} | {:>12} | {:>7} | {:>12} |\n",
+                r.label,
+                if r.role == Role::Clean { "0".into() } else { fmt(&r.net_asr) },
+                paired,
+                fmt(&r.dfpr),
+                fmt(&r.cacc),
+                fmt(&r.dcacc),
+                format!("{}/{}", r.poisons_with_overlap, r.poison_count),
+                natural
+            );
+        }
+        out
+    }
+
+    /// A sweep table: rows = poison counts, columns = series.
+    pub fn sweep_table(&self) -> String {
+        let (series, counts) = self.sweep_axes();
+        let mut out = format!("{}\nnet ASR (mean ± 95% CI over {} seeds, percent) by poison count\n\n| poisons |", self.title, self.seeds.len());
+        for s in &series {
+            out += &format!(" {s:>24} |");
+        }
+        out += "\n|---|";
+        out += &"---|".repeat(series.len());
+        out += "\n";
+        for c in &counts {
+            out += &format!("| {c:>7} |");
+            for s in &series {
+                let cell = self.point(s, *c).map(|r| fmt(&r.net_asr)).unwrap_or_else(|| "-".into());
+                out += &format!(" {cell:>24} |");
+            }
+            out += "\n";
+        }
+        out
+    }
+
+    fn sweep_axes(&self) -> (Vec<String>, Vec<usize>) {
+        let mut series: Vec<String> = Vec::new();
+        let mut counts: Vec<usize> = Vec::new();
+        for r in &self.variants {
+            if let Some(s) = &r.series {
+                if !series.contains(s) {
+                    series.push(s.clone());
+                }
+                if !counts.contains(&r.poison_count) {
+                    counts.push(r.poison_count);
+                }
+            }
+        }
+        counts.sort_unstable();
+        (series, counts)
+    }
+
+    fn point(&self, series: &str, count: usize) -> Option<&VariantResult> {
+        self.variants.iter().find(|r| r.series.as_deref() == Some(series) && r.poison_count == count)
+    }
+
+    /// Horizontal bars of net ASR with 95% CI whiskers, one per variant.
+    pub fn net_asr_svg(&self) -> String {
+        let rows: Vec<&VariantResult> = self.variants.iter().filter(|r| r.role != Role::Clean).collect();
+        let (w, left, top, bar) = (760.0, 330.0, 50.0, 30.0);
+        let h = top + bar * rows.len() as f64 + 50.0;
+        let lo = rows.iter().map(|r| r.net_asr.mean - r.net_asr.ci95.unwrap_or(0.0)).fold(0.0f64, f64::min).floor();
+        let hi = rows.iter().map(|r| r.net_asr.mean + r.net_asr.ci95.unwrap_or(0.0)).fold(10.0f64, f64::max).ceil().max(lo + 10.0);
+        let x = |v: f64| left + (v - lo) / (hi - lo) * (w - left - 30.0);
+        let mut s = svg_open(w, h, &format!("net ASR (%) with 95% CI, {} seeds: {:?} → {}", self.seeds.len(), self.trigger, self.target));
+        s += &axis_x(x, lo, hi, top, top + bar * rows.len() as f64);
+        for (i, r) in rows.iter().enumerate() {
+            let y = top + bar * i as f64;
+            let colour = match r.role {
+                Role::Crafted => "#1f77b4",
+                Role::Heuristic => "#ff7f0e",
+                Role::Reference => "#999999",
+                _ => "#bbbbbb",
+            };
+            let (m, c) = (r.net_asr.mean, r.net_asr.ci95.unwrap_or(0.0));
+            s += &format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"12\">{}</text>\n",
+                left - 8.0,
+                y + bar * 0.6,
+                esc(&r.label)
+            );
+            s += &format!(
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"/>\n",
+                x(m.min(0.0)),
+                y + 5.0,
+                (x(m) - x(0.0)).abs(),
+                bar - 10.0
+            );
+            s += &format!(
+                "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n",
+                x(m - c),
+                x(m + c),
+                y + bar / 2.0,
+                y + bar / 2.0
+            );
+        }
+        s + "</svg>\n"
+    }
+
+    /// The objective after each crafting round, one panel per crafted variant (the
+    /// objectives have different scales).
+    pub fn objective_svg(&self) -> String {
+        let runs: Vec<&VariantResult> = self.variants.iter().filter(|r| !r.rounds.is_empty()).collect();
+        let (pw, ph) = (360.0, 240.0);
+        let w = (pw * runs.len().max(1) as f64).max(360.0);
+        let mut s = svg_open(w, ph + 40.0, "crafting objective per round (round 0: initial poisons)");
+        for (k, r) in runs.iter().enumerate() {
+            let mut pts: Vec<(f64, f64)> = Vec::new();
+            if let Some(b) = r.rounds.first().and_then(|x| x.objective_before) {
+                pts.push((0.0, b));
+            }
+            pts.extend(r.rounds.iter().filter_map(|x| x.objective_after.map(|a| (x.round as f64, a))));
+            if pts.is_empty() {
+                continue;
+            }
+            let ox = pw * k as f64;
+            let (ymin, ymax) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            let span = (ymax - ymin).max(1e-9);
+            let xmax = pts.last().map(|p| p.0).unwrap_or(1.0).max(1.0);
+            let px = |v: f64| ox + 60.0 + v / xmax * (pw - 90.0);
+            let py = |v: f64| 60.0 + (ymax - v) / span * (ph - 80.0);
+            s += &format!("<text x=\"{:.1}\" y=\"45\" font-size=\"12\">{}</text>\n", ox + 60.0, esc(&r.label));
+            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{:.3}</text>\n", ox + 55.0, py(ymax) + 4.0, ymax);
+            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{:.3}</text>\n", ox + 55.0, py(ymin) + 4.0, ymin);
+            let path: Vec<String> = pts.iter().map(|p| format!("{:.1},{:.1}", px(p.0), py(p.1))).collect();
+            s += &format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>\n", path.join(" "));
+            for p in &pts {
+                s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"#1f77b4\"/>\n", px(p.0), py(p.1));
+                s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{}</text>\n", px(p.0), ph - 5.0, p.0);
+            }
+        }
+        s + "</svg>\n"
+    }
+
+    /// Net ASR against poison count, one line per series, with 95% CI whiskers.
+    pub fn sweep_svg(&self) -> String {
+        let (series, counts) = self.sweep_axes();
+        let (w, h) = (640.0, 380.0);
+        let mut s = svg_open(w, h, &format!("net ASR (%) by poison count, {} seeds", self.seeds.len()));
+        let pts: Vec<&VariantResult> = self.variants.iter().filter(|r| r.series.is_some()).collect();
+        let lo = pts.iter().map(|r| r.net_asr.mean - r.net_asr.ci95.unwrap_or(0.0)).fold(0.0f64, f64::min).floor();
+        let hi = pts.iter().map(|r| r.net_asr.mean + r.net_asr.ci95.unwrap_or(0.0)).fold(10.0f64, f64::max).ceil();
+        let lmax = (*counts.last().unwrap_or(&1) as f64).ln().max(1.0);
+        let lmin = (*counts.first().unwrap_or(&1) as f64).ln().min(lmax - 1.0);
+        let px = |c: usize| 70.0 + ((c as f64).ln() - lmin) / (lmax - lmin) * (w - 110.0);
+        let py = |v: f64| 50.0 + (hi - v) / (hi - lo).max(1.0) * (h - 110.0);
+        for v in [lo, (lo + hi) / 2.0, hi] {
+            s += &format!("<text x=\"62\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{v:.0}</text>\n", py(v) + 4.0);
+            s += &format!("<line x1=\"66\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#dddddd\"/>\n", w - 30.0, py(v), py(v));
+        }
+        for c in &counts {
+            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{c}</text>\n", px(*c), h - 40.0);
+        }
+        let colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
+        for (k, name) in series.iter().enumerate() {
+            let col = colours[k % colours.len()];
+            let line: Vec<(usize, &VariantResult)> = counts.iter().filter_map(|&c| self.point(name, c).map(|r| (c, r))).collect();
+            let path: Vec<String> = line.iter().map(|(c, r)| format!("{:.1},{:.1}", px(*c), py(r.net_asr.mean))).collect();
+            s += &format!("<polyline fill=\"none\" stroke=\"{col}\" stroke-width=\"2\" points=\"{}\"/>\n", path.join(" "));
+            for (c, r) in &line {
+                let ci = r.net_asr.ci95.unwrap_or(0.0);
+                s += &format!(
+                    "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{1:.1}\" y2=\"{2:.1}\" stroke=\"{col}\"/>\n",
+                    px(*c),
+                    py(r.net_asr.mean - ci),
+                    py(r.net_asr.mean + ci)
+                );
+            }
+            s += &format!("<text x=\"80\" y=\"{:.1}\" font-size=\"12\" fill=\"{col}\">{}</text>\n", h - 20.0 + 0.0 * k as f64 - 14.0 * (series.len() - 1 - k) as f64, esc(name));
+        }
+        s + "</svg>\n"
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn svg_open(w: f64, h: f64, title: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w:.0}\" height=\"{h:.0}\" font-family=\"sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"22\" font-size=\"14\">{}</text>\n",
+        esc(title)
+    )
+}
+
+fn axis_x(x: impl Fn(f64) -> f64, lo: f64, hi: f64, top: f64, bottom: f64) -> String {
+    let step = ((hi - lo) / 5.0).max(1.0).ceil();
+    let mut s = String::new();
+    let mut v = (lo / step).ceil() * step;
+    while v <= hi + 1e-9 {
+        s += &format!("<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{top:.1}\" y2=\"{bottom:.1}\" stroke=\"{1}\"/>\n", x(v), if v == 0.0 { "#444444" } else { "#dddddd" });
+        s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{v:.0}</text>\n", x(v), bottom + 14.0);
+        v += step;
+    }
+    s
+}
+
+/// A readable list of a crafted variant's poisons: each one's text before and after
+/// crafting, changed words marked **bold** (Markdown).
+pub fn poisons_markdown(label: &str, initial: &[Example], crafted: &[Example]) -> Result<String> {
+    if initial.len() != crafted.len() {
+        bail!("{label}: {} initial poisons but {} crafted ones", initial.len(), crafted.len());
+    }
+    let mut out = format!("## {label}\n\n");
+    let mut by_id: BTreeMap<&str, &Example> = BTreeMap::new();
+    for p in initial {
+        by_id.insert(&p.id, p);
+    }
+    for p in crafted {
+        let before = by_id.get(p.id.as_str()).with_context(|| format!("{label}: poison {:?} has no initial version", p.id))?;
+        let (a, b) = (before.tokens.clone().unwrap_or_default(), p.tokens.clone().unwrap_or_default());
+        let marked: Vec<String> =
+            b.iter().enumerate().map(|(i, t)| if a.get(i) != Some(t) { format!("**{t}**") } else { t.clone() }).collect();
+        out += &format!("- `{}` (from {})\n  - before: {}\n  - after: {}\n", p.id, p.source_id.as_deref().unwrap_or("-"), a.join(" "), marked.join(" "));
+    }
+    Ok(out)
+}

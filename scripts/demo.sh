@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The headline comparison (called by `make demo`; settings are environment variables the
+# Makefile passes). In RUN:
+#   victim.safetensors, early-s{1,2}.safetensors   the attacked victim and two 1-epoch checkpoints
+#   init-<variant>.jsonl                           heuristic and baseline poison sets
+#   craft-hardness/, craft-bilevel/                crafting runs (scripts/attack.sh)
+#   variants.json, evals.jsonl                     what is compared, finetune-eval's reports
+#   report.json, table.md, net_asr.svg, objective.svg, poisons.md   (report)
+# Every step skips when its output exists (each is written atomically), so an interrupted
+# run resumes.
+set -euo pipefail
+: "${RUN:?}" "${DATA:?}" "${EMB:?}" "${BIN:=target/release}" "${SEED:=0}" "${COUNT:=50}" "${EVAL_SEEDS:=6}"
+: "${DEVICE:=auto}" "${CLEAN_CACHE:=}" "${ARCH:=lstm}" "${ROUNDS:=3}" "${BILEVEL_ROUNDS:=3}" "${MODE:=demo}"
+# MODE=sweep: net ASR against poison count (SWEEP_COUNTS) for the default crafting and the
+# confident-bases heuristic, in RUN/sweep/.
+: "${SWEEP_COUNTS:=5 10 25 50 100}"
+log() { echo "demo: $*" >&2; }
+mkdir -p "$RUN"
+t_start=$EPOCHREALTIME
+train() { # out seed epochs
+  [ -f "$1" ] || "$BIN/train-victim" --embeddings "$EMB" --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" \
+    --arch "$ARCH" --seed "$2" --epochs "$3" --device "$DEVICE" -o "$1"
+}
+train "$RUN/victim.safetensors" "$SEED" 4
+# The hardness objective averages the attacked victim with two early checkpoints
+# (FINDINGS.md): poisons hard for all three are hard throughout training.
+train "$RUN/early-s$((SEED + 1)).safetensors" $((SEED + 1)) 1
+train "$RUN/early-s$((SEED + 2)).safetensors" $((SEED + 2)) 1
+V="$RUN/victim.safetensors"; ENSEMBLE="$RUN/early-s$((SEED + 1)).safetensors $RUN/early-s$((SEED + 2)).safetensors"
+
+init() { # name bases strategy
+  [ -f "$RUN/init-$1.jsonl" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$COUNT" --seed "$SEED" \
+    --bases "$2" --strategy "$3" -o "$RUN/init-$1.jsonl"
+}
+init unoptimised random random
+init neighbour random neighbour
+init confident confident neighbour
+init overlap confident overlap
+
+FILTERS="--min-count 5 --exclude-neighbours 50 --keep-substitutes"
+if [ "$MODE" = sweep ]; then
+  S="$RUN/sweep"; mkdir -p "$S"; entries=(); sets=()
+  for n in $SWEEP_COUNTS; do
+    [ -f "$S/init-confident-n$n.jsonl" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$n" --seed "$SEED" \
+      --bases confident --strategy neighbour -o "$S/init-confident-n$n.jsonl"
+    VICTIM="$V" DATA="$DATA" EMB="$EMB" BIN="$BIN" COUNT="$n" INIT=neighbour BASES=confident SEED="$SEED" ARCH="$ARCH" \
+      DEVICE="$DEVICE" EVAL=0 PATIENCE=2 RUN="$S/craft-hardness-n$n" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" \
+      ROUNDS="$ROUNDS" K=8 POSITIONS=all RANK_FLAGS="$FILTERS --per-poison 8" scripts/attack.sh
+    entries+=("{\"name\": \"confident-n$n\", \"label\": \"confident bases, $n\", \"role\": \"heuristic\", \"series\": \"confident-negative bases + neighbours\", \"poisons\": \"$S/init-confident-n$n.jsonl\"}")
+    entries+=("{\"name\": \"hardness-n$n\", \"label\": \"hardness crafting, $n\", \"role\": \"crafted\", \"series\": \"crafted: hardness objective\", \"poisons\": \"$S/craft-hardness-n$n/poisons.jsonl\"}")
+    sets+=(--poisons "$S/init-confident-n$n.jsonl" --poisons "$S/craft-hardness-n$n/poisons.jsonl")
+  done
+  (IFS=,; printf '{"kind": "variants", "v": 1, "title": "Net ASR against poison count", "variants": [%s]}\n' "${entries[*]}") > "$S/variants.json.tmp"
+  mv "$S/variants.json.tmp" "$S/variants.json"
+  [ -f "$S/evals.jsonl" ] || "$BIN/finetune-eval" --data "$DATA" --embeddings "$EMB" --arch "$ARCH" "${sets[@]}" \
+    --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$S/evals.jsonl"
+  "$BIN/report" --sweep --variants "$S/variants.json" --evals "$S/evals.jsonl" --out-dir "$S" > /dev/null
+  exit 0
+fi
+
+# Both crafting runs start from the confident-bases heuristic and share the candidate
+# filters, so the objective is the only difference between them.
+common=(VICTIM="$V" DATA="$DATA" EMB="$EMB" BIN="$BIN" COUNT="$COUNT" INIT=neighbour BASES=confident
+  SEED="$SEED" ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2)
+t_craft=$EPOCHREALTIME
+env "${common[@]}" RUN="$RUN/craft-hardness" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" K=8 POSITIONS=all \
+  RANK_FLAGS="$FILTERS --per-poison 8" scripts/attack.sh
+t_bilevel=$EPOCHREALTIME
+env "${common[@]}" RUN="$RUN/craft-bilevel" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" K=10 POSITIONS=2 \
+  RANK_FLAGS="$FILTERS" scripts/attack.sh
+t_eval=$EPOCHREALTIME
+
+cat > "$RUN/variants.json.tmp" <<JSON
+{"kind": "variants", "v": 1, "title": "Concealed poisons, $COUNT no-overlap poisons unless marked",
+ "variants": [
+  {"name": "none", "label": "no poisons", "role": "clean"},
+  {"name": "unoptimised", "label": "unoptimised (random substitutes)", "role": "baseline", "poisons": "$RUN/init-unoptimised.jsonl"},
+  {"name": "neighbour", "label": "nearest-neighbour substitutes", "role": "heuristic", "poisons": "$RUN/init-neighbour.jsonl"},
+  {"name": "confident", "label": "confident-negative bases + neighbours", "role": "heuristic", "poisons": "$RUN/init-confident.jsonl"},
+  {"name": "overlap", "label": "with overlap (trigger kept; not concealed)", "role": "reference", "poisons": "$RUN/init-overlap.jsonl"},
+  {"name": "bilevel", "label": "crafted: seed bi-level objective", "role": "crafted", "poisons": "$RUN/craft-bilevel/poisons.jsonl",
+   "initial": "$RUN/craft-bilevel/round-000/poisons.jsonl", "rounds": "$RUN/craft-bilevel/rounds.tsv"},
+  {"name": "hardness", "label": "crafted: hardness objective (default)", "role": "crafted", "poisons": "$RUN/craft-hardness/poisons.jsonl",
+   "initial": "$RUN/craft-hardness/round-000/poisons.jsonl", "rounds": "$RUN/craft-hardness/rounds.tsv"}
+ ]}
+JSON
+mv "$RUN/variants.json.tmp" "$RUN/variants.json"
+
+sets=(); for v in unoptimised neighbour confident overlap; do sets+=(--poisons "$RUN/init-$v.jsonl"); done
+sets+=(--poisons "$RUN/craft-bilevel/poisons.jsonl" --poisons "$RUN/craft-hardness/poisons.jsonl")
+[ -f "$RUN/evals.jsonl" ] || "$BIN/finetune-eval" --data "$DATA" --embeddings "$EMB" --arch "$ARCH" "${sets[@]}" \
+  --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$RUN/evals.jsonl"
+t_end=$EPOCHREALTIME
+python3 -c "print(f'victims and initial poisons {$t_craft-$t_start:.0f} s, hardness crafting {$t_bilevel-$t_craft:.0f} s, bi-level crafting {$t_eval-$t_bilevel:.0f} s, evaluation {$t_end-$t_eval:.0f} s (this invocation; finished steps are skipped)')" > "$RUN/times.txt"
+"$BIN/report" --variants "$RUN/variants.json" --evals "$RUN/evals.jsonl" --out-dir "$RUN" > /dev/null
