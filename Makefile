@@ -31,8 +31,9 @@ TARGET_LADV ?=
 OVERLAP   ?= 0
 EVAL_SEEDS ?= 3
 # make demo / make sweep: retraining seeds, crafting rounds (hardness, bi-level), sweep counts.
+# One hardness round: measured on the demo's 6 seeds, net ASR after 1 / 3 rounds 49.8 / 40.6.
 DEMO_SEEDS ?= 6
-DEMO_ROUNDS ?= 3
+DEMO_ROUNDS ?= 1
 BILEVEL_ROUNDS ?= 3
 SWEEP_COUNTS ?= 5 10 25 50 100
 

@@ -28,6 +28,17 @@ train "$RUN/early-s$((SEED + 1)).safetensors" $((SEED + 1)) 1
 train "$RUN/early-s$((SEED + 2)).safetensors" $((SEED + 2)) 1
 V="$RUN/victim.safetensors"; ENSEMBLE="$RUN/early-s$((SEED + 1)).safetensors $RUN/early-s$((SEED + 2)).safetensors"
 
+# One finetune-eval of every poison set (dir, --poisons args...); redone when a set changed
+# (evals.key holds their hashes and the evaluation settings).
+evaluate() {
+  local dir=$1; shift
+  local key; key=$( (printf '%s\n' "$EVAL_SEEDS $SEED $ARCH"; for f in "$@"; do [ "$f" = --poisons ] || sha256sum "$f"; done) | sha256sum)
+  if [ -f "$dir/evals.jsonl" ] && [ "$(cat "$dir/evals.key" 2>/dev/null)" = "$key" ]; then return; fi
+  "$BIN/finetune-eval" --data "$DATA" --embeddings "$EMB" --arch "$ARCH" "$@" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
+    --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$dir/evals.jsonl"
+  printf '%s\n' "$key" > "$dir/evals.key.tmp" && mv "$dir/evals.key.tmp" "$dir/evals.key"
+}
+
 init() { # name bases strategy
   [ -f "$RUN/init-$1.jsonl" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$COUNT" --seed "$SEED" \
     --bases "$2" --strategy "$3" -o "$RUN/init-$1.jsonl"
@@ -52,8 +63,7 @@ if [ "$MODE" = sweep ]; then
   done
   (IFS=,; printf '{"kind": "variants", "v": 1, "title": "Net ASR against poison count", "variants": [%s]}\n' "${entries[*]}") > "$S/variants.json.tmp"
   mv "$S/variants.json.tmp" "$S/variants.json"
-  [ -f "$S/evals.jsonl" ] || "$BIN/finetune-eval" --data "$DATA" --embeddings "$EMB" --arch "$ARCH" "${sets[@]}" \
-    --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$S/evals.jsonl"
+  evaluate "$S" "${sets[@]}"
   "$BIN/report" --sweep --variants "$S/variants.json" --evals "$S/evals.jsonl" --out-dir "$S" > /dev/null
   exit 0
 fi
@@ -88,8 +98,7 @@ mv "$RUN/variants.json.tmp" "$RUN/variants.json"
 
 sets=(); for v in unoptimised neighbour confident overlap; do sets+=(--poisons "$RUN/init-$v.jsonl"); done
 sets+=(--poisons "$RUN/craft-bilevel/poisons.jsonl" --poisons "$RUN/craft-hardness/poisons.jsonl")
-[ -f "$RUN/evals.jsonl" ] || "$BIN/finetune-eval" --data "$DATA" --embeddings "$EMB" --arch "$ARCH" "${sets[@]}" \
-  --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$RUN/evals.jsonl"
+evaluate "$RUN" "${sets[@]}"
 t_end=$EPOCHREALTIME
 python3 -c "print(f'victims and initial poisons {$t_craft-$t_start:.0f} s, hardness crafting {$t_bilevel-$t_craft:.0f} s, bi-level crafting {$t_eval-$t_bilevel:.0f} s, evaluation {$t_end-$t_eval:.0f} s (this invocation; finished steps are skipped)')" > "$RUN/times.txt"
 "$BIN/report" --variants "$RUN/variants.json" --evals "$RUN/evals.jsonl" --out-dir "$RUN" > /dev/null

@@ -28,6 +28,10 @@ struct Args {
     /// source the victim most confidently puts in another class than the target.
     #[arg(long, value_enum, default_value = "random")]
     bases: Bases,
+    /// With --strategy neighbour: spread the poisons over each trigger word's N nearest
+    /// neighbours (poison k takes the (k mod N)-th) instead of always the nearest.
+    #[arg(long, default_value_t = 1)]
+    neighbour_pool: usize,
     /// Seed of the sentence choice and of random replacement words.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -41,7 +45,7 @@ fn main() {
         let args = Args::parse();
         let (victim, vocab, _) = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
-        let set = poisons::init(args.strategy, args.bases, args.count, args.seed, &args.inputs.data, &manifest, &vocab, &victim)?;
+        let set = poisons::init(args.strategy, args.bases, args.neighbour_pool, args.count, args.seed, &args.inputs.data, &manifest, &vocab, &victim)?;
         log!("{} poisons ({:?} bases, {:?} substitutes), target {}", set.len(), args.bases, args.strategy, manifest.target_name());
         io::write_jsonl(&args.output, &set)
     })

@@ -48,15 +48,6 @@ pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool) -
     banned
 }
 
-/// Nearest neighbour of `word` by cosine similarity among the first `among` rows,
-/// skipping `banned`.
-pub fn nearest_neighbour(table: &Tensor, word: i64, among: i64, banned: &HashSet<i64>) -> i64 {
-    nearest_neighbours(table, word, among)
-        .into_iter()
-        .find(|i| !banned.contains(i))
-        .expect("a neighbour exists")
-}
-
 /// Every row among the first `among` but `word` itself, nearest (cosine) first.
 pub fn nearest_neighbours(table: &Tensor, word: i64, among: i64) -> Vec<i64> {
     let t = table.narrow(0, 0, among.min(table.size()[0])).to_kind(Kind::Float);
@@ -68,13 +59,16 @@ pub fn nearest_neighbours(table: &Tensor, word: i64, among: i64) -> Vec<i64> {
     order.into_iter().filter(|i| *i != word).collect()
 }
 
-/// Makes `count` initial poisons (seeded). Tokens unknown to the vocabulary are dropped;
+/// Makes `count` initial poisons (seeded). With `InitStrategy::Neighbour`, poison k
+/// replaces each trigger word by its (k mod `neighbour_pool`)-th nearest neighbour (0 =
+/// nearest). Tokens unknown to the vocabulary are dropped;
 /// poisons are truncated to the victim's `max_len` tokens. `Bases::Confident` ranks the
 /// candidate sentences by the victim's probability of the target on their clean source.
 #[allow(clippy::too_many_arguments)]
 pub fn init(
     strategy: InitStrategy,
     bases: Bases,
+    neighbour_pool: usize,
     count: usize,
     seed: u64,
     dir: &str,
@@ -133,8 +127,14 @@ pub fn init(
                         }
                     },
                     InitStrategy::Neighbour => {
+                        // Poison k takes neighbour k mod pool (pool 1: always the nearest).
                         let id = vocab.id(&tok).expect("trigger words are in the vocabulary");
-                        vocab.word(nearest_neighbour(&table, id, 50_000, &banned)).to_string()
+                        let pool: Vec<i64> = nearest_neighbours(&table, id, 50_000)
+                            .into_iter()
+                            .filter(|w| !banned.contains(w))
+                            .take(neighbour_pool.max(1))
+                            .collect();
+                        vocab.word(pool[k % pool.len()]).to_string()
                     }
                     InitStrategy::Overlap | InitStrategy::CleanTarget => tok,
                 }

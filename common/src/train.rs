@@ -274,7 +274,8 @@ pub fn train_many(victims: &mut [Victim], data: &[&[Encoded]], opts: &[TrainOpti
 /// with one libtorch thread: the small BiLSTM steps are bound by per-operation overhead,
 /// which one process's intra-op threads do not share but separate threads do (2 cores:
 /// two stacks of 6 train 12 victims faster than one stack of 12 on two intra-op threads).
-/// Each victim's result does not depend on the grouping. `on_epoch` reports the first group.
+/// Each victim runs the same computation whatever the grouping (only floating-point
+/// summation order can differ). `on_epoch` reports the first group.
 pub fn train_parallel(
     victims: &mut [Victim],
     data: &[&[Encoded]],
