@@ -39,24 +39,27 @@ evaluate() {
   printf '%s\n' "$key" > "$dir/evals.key.tmp" && mv "$dir/evals.key.tmp" "$dir/evals.key"
 }
 
-init() { # name bases strategy
-  [ -f "$RUN/init-$1.jsonl" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$COUNT" --seed "$SEED" \
-    --bases "$2" --strategy "$3" -o "$RUN/init-$1.jsonl"
+init() { # out count bases strategy
+  [ -f "$1" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$2" --seed "$SEED" \
+    --bases "$3" --strategy "$4" -o "$1"
 }
-init unoptimised random random
-init neighbour random neighbour
-init confident confident neighbour
-init overlap confident overlap
 
+# Crafting starts from the confident-bases heuristic with shared candidate filters, so the
+# objective (and its search budget) is the only difference between crafting runs.
 FILTERS="--min-count 5 --exclude-neighbours 50 --keep-substitutes"
+craft() { # run-folder count settings...
+  env VICTIM="$V" DATA="$DATA" EMB="$EMB" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
+    ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 RUN="$1" "${@:3}" scripts/attack.sh
+}
+craft_hardness() { # run-folder count
+  craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" K=8 POSITIONS=all RANK_FLAGS="$FILTERS --per-poison 8"
+}
+
 if [ "$MODE" = sweep ]; then
   S="$RUN/sweep"; mkdir -p "$S"; entries=(); sets=()
   for n in $SWEEP_COUNTS; do
-    [ -f "$S/init-confident-n$n.jsonl" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$n" --seed "$SEED" \
-      --bases confident --strategy neighbour -o "$S/init-confident-n$n.jsonl"
-    VICTIM="$V" DATA="$DATA" EMB="$EMB" BIN="$BIN" COUNT="$n" INIT=neighbour BASES=confident SEED="$SEED" ARCH="$ARCH" \
-      DEVICE="$DEVICE" EVAL=0 PATIENCE=2 RUN="$S/craft-hardness-n$n" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" \
-      ROUNDS="$ROUNDS" K=8 POSITIONS=all RANK_FLAGS="$FILTERS --per-poison 8" scripts/attack.sh
+    init "$S/init-confident-n$n.jsonl" "$n" confident neighbour
+    craft_hardness "$S/craft-hardness-n$n" "$n"
     entries+=("{\"name\": \"confident-n$n\", \"label\": \"confident bases, $n\", \"role\": \"heuristic\", \"series\": \"confident-negative bases + neighbours\", \"poisons\": \"$S/init-confident-n$n.jsonl\"}")
     entries+=("{\"name\": \"hardness-n$n\", \"label\": \"hardness crafting, $n\", \"role\": \"crafted\", \"series\": \"crafted: hardness objective\", \"poisons\": \"$S/craft-hardness-n$n/poisons.jsonl\"}")
     sets+=(--poisons "$S/init-confident-n$n.jsonl" --poisons "$S/craft-hardness-n$n/poisons.jsonl")
@@ -68,16 +71,15 @@ if [ "$MODE" = sweep ]; then
   exit 0
 fi
 
-# Both crafting runs start from the confident-bases heuristic and share the candidate
-# filters, so the objective is the only difference between them.
-common=(VICTIM="$V" DATA="$DATA" EMB="$EMB" BIN="$BIN" COUNT="$COUNT" INIT=neighbour BASES=confident
-  SEED="$SEED" ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2)
+init "$RUN/init-unoptimised.jsonl" "$COUNT" random random
+init "$RUN/init-neighbour.jsonl" "$COUNT" random neighbour
+init "$RUN/init-confident.jsonl" "$COUNT" confident neighbour
+init "$RUN/init-overlap.jsonl" "$COUNT" confident overlap
+
 t_craft=$EPOCHREALTIME
-env "${common[@]}" RUN="$RUN/craft-hardness" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" K=8 POSITIONS=all \
-  RANK_FLAGS="$FILTERS --per-poison 8" scripts/attack.sh
+craft_hardness "$RUN/craft-hardness" "$COUNT"
 t_bilevel=$EPOCHREALTIME
-env "${common[@]}" RUN="$RUN/craft-bilevel" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" K=10 POSITIONS=2 \
-  RANK_FLAGS="$FILTERS" scripts/attack.sh
+craft "$RUN/craft-bilevel" "$COUNT" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" K=10 POSITIONS=2 RANK_FLAGS="$FILTERS"
 t_eval=$EPOCHREALTIME
 
 cat > "$RUN/variants.json.tmp" <<JSON

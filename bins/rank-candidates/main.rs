@@ -106,18 +106,11 @@ fn main() {
         if table.size()[1] != d {
             bail!("{gname}: gradients of dimension {d}, the victim's embeddings have {}", table.size()[1]);
         }
-        let objective_kind: ObjectiveKind = match file.metadata.get("objective_kind") {
-            Some(k) => serde_json::from_str(k).context("objective_kind")?,
-            None => ObjectiveKind::Bilevel,
-        };
-        let ensemble_sha256: Vec<String> = match file.metadata.get("ensemble_sha256") {
-            Some(e) => serde_json::from_str(e).context("ensemble_sha256")?,
-            None => Vec::new(),
-        };
-        let substitutes: Vec<Vec<usize>> = match file.metadata.get("substitutes") {
-            Some(e) => serde_json::from_str(e).context("substitutes")?,
-            None => vec![Vec::new(); n as usize],
-        };
+        // Keys older gradient files lack: the bi-level objective, no ensemble, no substitutes.
+        let objective_kind: ObjectiveKind = file.meta_json("objective_kind").context(gname.clone())?.unwrap_or_default();
+        let ensemble_sha256: Vec<String> = file.meta_json("ensemble_sha256").context(gname.clone())?.unwrap_or_default();
+        let substitutes: Vec<Vec<usize>> =
+            file.meta_json("substitutes").context(gname.clone())?.unwrap_or_else(|| vec![Vec::new(); n as usize]);
         if substitutes.len() != n as usize {
             bail!("{gname}: substitutes for {} poisons, gradients for {n}", substitutes.len());
         }
@@ -164,26 +157,24 @@ fn main() {
                 flat.sort_by(|a, b| a.4.total_cmp(&b.4));
                 flat.truncate(cap);
             }
-            {
-                for (j, current, rank, w, predicted) in flat {
-                    out.write_record(&Candidate {
-                        kind: Candidate::KIND.into(),
-                        v: Candidate::VERSION,
-                        poison_id: poison_ids[i as usize].clone(),
-                        poison_index: i as usize,
-                        position: j,
-                        current: vocab.word(current).to_string(),
-                        word: vocab.word(w).to_string(),
-                        predicted,
-                        rank,
-                        objective,
-                        poisons_sha256: poisons_sha256.clone(),
-                        rollout: rollout.clone(),
-                        objective_kind,
-                        ensemble_sha256: ensemble_sha256.clone(),
-                    })?;
-                    written += 1;
-                }
+            for (j, current, rank, w, predicted) in flat {
+                out.write_record(&Candidate {
+                    kind: Candidate::KIND.into(),
+                    v: Candidate::VERSION,
+                    poison_id: poison_ids[i as usize].clone(),
+                    poison_index: i as usize,
+                    position: j,
+                    current: vocab.word(current).to_string(),
+                    word: vocab.word(w).to_string(),
+                    predicted,
+                    rank,
+                    objective,
+                    poisons_sha256: poisons_sha256.clone(),
+                    rollout: rollout.clone(),
+                    objective_kind,
+                    ensemble_sha256: ensemble_sha256.clone(),
+                })?;
+                written += 1;
             }
         }
         out.commit()?;

@@ -399,6 +399,16 @@ pub struct Swap {
     pub word: i64,
 }
 
+/// Refuses a candidate whose poison or position lies outside the poison set.
+pub fn check_swaps(poisons: &[Encoded], candidates: &[Swap]) -> Result<()> {
+    for c in candidates {
+        if c.poison >= poisons.len() || c.position >= poisons[c.poison].ids.len() {
+            bail!("candidate {c:?} points outside the poison set");
+        }
+    }
+    Ok(())
+}
+
 /// The outcome of verifying candidates: the objective before and after, and the accepted
 /// swaps with their exact individual changes.
 pub struct Verified {
@@ -414,11 +424,7 @@ pub struct Verified {
 /// still drops, so the result is never worse than the input. k = 1 uses the shared-work
 /// `Verifier`; k > 1 redoes the rollouts per evaluation.
 pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
-    for c in candidates {
-        if c.poison >= poisons.len() || c.position >= poisons[c.poison].ids.len() {
-            bail!("candidate {c:?} points outside the poison set");
-        }
-    }
+    check_swaps(poisons, candidates)?;
     let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
     let (before, after, accepted);
     if problem.cfg.steps == 1 {

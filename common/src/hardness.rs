@@ -8,7 +8,7 @@
 //! verification is one forward pass per candidate and the per-poison winners combine
 //! additively.
 
-use crate::attack::{flipped, Swap, Verified};
+use crate::attack::{check_swaps, flipped, Swap, Verified};
 use crate::model::{embed, forward, mask_of, Victim};
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
@@ -119,11 +119,7 @@ impl<'a> Hardness<'a> {
     /// lowest margin below the current one. The objective is separable, so every winner is
     /// kept and the result is the exact objective of the new set.
     pub fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
-        for c in candidates {
-            if c.poison >= poisons.len() || c.position >= poisons[c.poison].ids.len() {
-                bail!("candidate {c:?} points outside the poison set");
-            }
-        }
+        check_swaps(poisons, candidates)?;
         let current = self.margins(poisons);
         let flips: Vec<Encoded> = candidates.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
         let values = self.margins(&flips);

@@ -98,8 +98,7 @@ pub fn init(
                 .iter()
                 .map(|e| train.get(e.id.trim_end_matches("+trigger")).cloned().unwrap_or_else(|| e.clone()))
                 .collect();
-            let n = manifest.labels.len();
-            let enc = encode_all(&clean, vocab, max_len, n.max(victim.config.num_classes), &format!("{dir}/{}", data::TRAIN))?;
+            let enc = encode_all(&clean, vocab, max_len, manifest.labels.len(), &format!("{dir}/{}", data::TRAIN))?;
             let p = target_probability(victim, &enc, manifest.target as i64);
             let mut order: Vec<usize> = (0..source.len()).collect();
             order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then_with(|| source[a].id.cmp(&source[b].id)));

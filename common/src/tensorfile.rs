@@ -26,6 +26,14 @@ impl TensorFile {
             .ok_or_else(|| anyhow::anyhow!("metadata key {key:?} missing"))
     }
 
+    /// A JSON metadata value, or None when the key is absent (keys added after v1 files).
+    pub fn meta_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.metadata
+            .get(key)
+            .map(|v| serde_json::from_str(v).map_err(|e| anyhow::anyhow!("metadata key {key:?} is not valid: {e}")))
+            .transpose()
+    }
+
     pub fn tensor(&self, name: &str) -> Result<&Tensor> {
         self.tensors.get(name).ok_or_else(|| anyhow::anyhow!("tensor {name:?} missing"))
     }

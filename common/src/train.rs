@@ -187,7 +187,7 @@ pub fn train_many(victims: &mut [Victim], data: &[&[Encoded]], opts: &[TrainOpti
         let counts: Vec<usize> = sorted.iter().map(|b| b.len()).collect();
         let schedules = aligned_schedules(&counts, crate::data::seed_for(0, &format!("batch-order-epoch{epoch}")), &mut rngs);
         let steps = schedules[0].len();
-        let (mut sums, mut counts) = (vec![0.0; c], vec![0usize; c]);
+        let (mut loss_sums, mut seen) = (vec![0.0; c], vec![0usize; c]);
         for step in 0..steps {
             let batch_of = |i: usize| -> &[usize] { schedules[i][step].map_or(&[][..], |r| &sorted[i][r][..]) };
             let active: Vec<bool> = (0..c).map(|i| schedules[i][step].is_some()).collect();
@@ -228,8 +228,8 @@ pub fn train_many(victims: &mut [Victim], data: &[&[Encoded]], opts: &[TrainOpti
                 if !losses[i].is_finite() {
                     bail!("training loss is {} for victim {} at epoch {epoch} step {}; lower the learning rate (--lr)", losses[i], i + 1, step + 1);
                 }
-                sums[i] += losses[i] * batch_of(i).len() as f64;
-                counts[i] += batch_of(i).len();
+                loss_sums[i] += losses[i] * batch_of(i).len() as f64;
+                seen[i] += batch_of(i).len();
                 steps_done[i] += 1;
             }
             let grads = Tensor::run_backward(&[&per_victim.sum(None::<Kind>)], &leaves.iter().collect::<Vec<_>>(), false, false);
@@ -255,7 +255,7 @@ pub fn train_many(victims: &mut [Victim], data: &[&[Encoded]], opts: &[TrainOpti
                 }
             });
         }
-        let means: Vec<f64> = sums.iter().zip(&counts).map(|(s, n)| s / (*n).max(1) as f64).collect();
+        let means: Vec<f64> = loss_sums.iter().zip(&seen).map(|(s, n)| s / (*n).max(1) as f64).collect();
         on_epoch(epoch, &means);
     }
     // Write the trained slices back into each victim's variables.
