@@ -21,7 +21,7 @@ struct Args {
     #[arg(long)]
     vectors: PathBuf,
     /// How many of the most frequent GloVe words to keep.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 50_000, value_parser = common::cli::at_least_one)]
     top_n: usize,
     /// Example JSONL files (or - for stdin) whose words are added when GloVe knows them.
     #[arg(long)]

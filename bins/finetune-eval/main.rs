@@ -11,7 +11,7 @@ use common::io::{self, Record};
 use common::model::Victim;
 use common::records::Example;
 use common::tokenizer::Vocab;
-use common::train::{self, encode_all, Encoded};
+use common::train::{self, encode_all, Encoded, LongTexts};
 use common::{device, embeddings, log};
 use std::time::Instant;
 
@@ -41,7 +41,7 @@ struct Args {
     #[arg(long)]
     poisons: Vec<String>,
     /// Number of retraining seeds.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, value_parser = common::cli::at_least_one_u64)]
     seeds: u64,
     /// Seeds are seed-base, seed-base+1, ...
     #[arg(long, default_value_t = 0)]
@@ -60,7 +60,7 @@ struct Args {
     #[arg(long)]
     clean_cache: Option<String>,
     /// Threads that each train a stack of victims (default: the number of cores).
-    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()), value_parser = common::cli::at_least_one)]
     workers: usize,
     /// Output file for the JSON report, or - for stdout.
     #[arg(short, long, default_value = "-")]
@@ -69,7 +69,7 @@ struct Args {
 
 fn encode_sets(dir: &str, manifest: &DataManifest, vocab: &Vocab, max_len: usize) -> anyhow::Result<EvalSets> {
     let n = manifest.labels.len();
-    let enc = |name: &str, exs: &[Example]| encode_all(exs, vocab, max_len, n, &format!("{dir}/{name}"));
+    let enc = |name: &str, exs: &[Example]| encode_all(exs, vocab, max_len, n, LongTexts::Truncate, &format!("{dir}/{name}"));
     let test = data::read_set(dir, data::TEST, false)?;
     let nontarget: Vec<Example> = test.iter().filter(|e| e.label != manifest.target).cloned().collect();
     let natural: Vec<Example> =
@@ -121,7 +121,7 @@ fn main() {
         let (victim_config, training, mode) = if !args.checkpoint.is_empty() {
             let mut config = None;
             for path in &args.checkpoint {
-                let (victim, vocab, meta) = Victim::load(path, device)?;
+                let common::model::VictimFile { victim, vocab, metadata: meta, .. } = Victim::load(path, device)?;
                 vocab.trigger_words(&trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
                 let eval_sets = encode_sets(&args.data, &manifest, &vocab, victim.config.max_len)?;
                 let seed = meta.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -145,16 +145,13 @@ fn main() {
             let config = args.victim.config(vocab.len(), table.size()[1] as usize, manifest.labels.len());
             let eval_sets = encode_sets(&args.data, &manifest, &vocab, config.max_len)?;
             let n = manifest.labels.len();
-            let clean = encode_all(&clean_train, &vocab, config.max_len, n, &format!("{}/{}", args.data, data::TRAIN))?;
+            let clean = encode_all(&clean_train, &vocab, config.max_len, n, LongTexts::Truncate, &format!("{}/{}", args.data, data::TRAIN))?;
             // Clean data followed by each poison set (empty sets train no poisoned victim).
             let mut poisoned: Vec<Vec<Encoded>> = Vec::new();
             for set in &sets {
                 let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
-                let enc = encode_all(&set.records, &vocab, config.max_len, n, &name)?;
+                let enc = encode_all(&set.records, &vocab, config.max_len, n, LongTexts::Truncate, &name)?;
                 poisoned.push(if enc.is_empty() { Vec::new() } else { clean.iter().chain(&enc).cloned().collect() });
-            }
-            if args.seeds == 0 {
-                bail!("--seeds must be at least 1");
             }
             // Clean victims come from the cache when it holds them; every victim still to
             // train (clean and poisoned, all seeds, all poison sets) trains at once

@@ -19,7 +19,7 @@ struct Args {
     #[command(flatten)]
     inputs: common::cli::CraftArgs,
     /// Number of poisons.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = common::cli::at_least_one)]
     count: usize,
     /// What replaces the trigger's words in each base sentence.
     #[arg(long, value_enum, default_value = "random")]
@@ -30,7 +30,7 @@ struct Args {
     bases: Bases,
     /// With --strategy neighbour: spread the poisons over each trigger word's N nearest
     /// neighbours (poison k takes the (k mod N)-th) instead of always the nearest.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = common::cli::at_least_one)]
     neighbour_pool: usize,
     /// Seed of the sentence choice and of random replacement words.
     #[arg(long, default_value_t = 0)]
@@ -43,7 +43,7 @@ struct Args {
 fn main() {
     common::cli::run("init-poisons", || {
         let args = Args::parse();
-        let (victim, vocab, _) = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
+        let common::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
         let set = poisons::init(args.strategy, args.bases, args.neighbour_pool, args.count, args.seed, &args.inputs.data, &manifest, &vocab, &victim)?;
         log!("{} poisons ({:?} bases, {:?} substitutes), target {}", set.len(), args.bases, args.strategy, manifest.target_name());

@@ -74,14 +74,15 @@ fn main() {
             (data::ASR_TEST, &p.asr_test),
             (data::NATURAL, &p.natural),
         ];
-        std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output))?;
+        // Written whole or not at all: a rerun over an existing folder never leaves a mix.
+        let out = io::OutputDir::create(&args.output)?;
         let mut files = BTreeMap::new();
         let mut counts = BTreeMap::new();
         for (name, set) in sets {
             let bytes = io::jsonl_bytes(set)?;
             files.insert(name.to_string(), io::sha256_hex(&bytes));
             counts.insert(name.trim_end_matches(".jsonl").to_string(), set.len());
-            io::write_bytes(&format!("{}/{name}", args.output), &bytes)?;
+            io::write_bytes(&out.path(name), &bytes)?;
         }
         counts.insert("raw".into(), raw.len());
         counts.insert("duplicates".into(), p.duplicates);
@@ -98,8 +99,7 @@ fn main() {
             counts,
             files,
         };
-        // The manifest is written last: its presence marks a finished folder.
-        io::write_bytes(&format!("{}/{}", args.output, data::MANIFEST), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
-        Ok(())
+        io::write_bytes(&out.path(data::MANIFEST), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+        out.commit()
     })
 }

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use common::attack::{bottom_k, RolloutConfig};
+use common::attack::{bottom_k, RolloutConfig, GRAD_FORMAT, GRAD_VERSION};
 use common::data::DataManifest;
 use common::io::{self, Record};
 use common::model::Victim;
@@ -28,7 +28,10 @@ impl FromStr for Positions {
         match s {
             "all" => Ok(Positions::All),
             "best" => Ok(Positions::Best(1)),
-            n => n.parse().map(Positions::Best).map_err(|_| format!("{n:?}: expected all, best or a number")),
+            n => match n.parse::<usize>() {
+                Ok(0) | Err(_) => Err(format!("{n:?}: expected all, best or a number of at least 1")),
+                Ok(k) => Ok(Positions::Best(k)),
+            },
         }
     }
 }
@@ -50,7 +53,7 @@ struct Args {
     #[arg(long, default_value = "-")]
     grad: String,
     /// Candidates per position.
-    #[arg(short, default_value_t = 50)]
+    #[arg(short, default_value_t = 50, value_parser = common::cli::at_least_one)]
     k: usize,
     /// Positions per poison: all, best (one), or a number N (the N positions whose best
     /// candidate predicts the largest decrease). Measured on Rotten Tomatoes (BiLSTM, 50
@@ -75,7 +78,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     exclude_neighbours: usize,
     /// Keep only the N best-predicted candidates of each poison (over all its positions).
-    #[arg(long)]
+    #[arg(long, value_parser = common::cli::at_least_one)]
     per_poison: Option<usize>,
     /// Output file, or - for stdout.
     #[arg(short, long, default_value = "-")]
@@ -85,10 +88,10 @@ struct Args {
 fn main() {
     common::cli::run("rank-candidates", || {
         let args = Args::parse();
-        let (victim, vocab, _) = Victim::load(&args.inputs.victim, tch::Device::Cpu)?;
+        let common::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, tch::Device::Cpu)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
         let gname = io::display_name(&args.grad);
-        let file = tensorfile::read(&args.grad, "poison.rollout_grad", 1)?;
+        let file = tensorfile::read(&args.grad, GRAD_FORMAT, GRAD_VERSION)?;
         if file.meta("vocab_sha256")? != vocab.sha256() {
             bail!("{gname} was made with another vocabulary than {}", args.inputs.victim);
         }
@@ -98,6 +101,7 @@ fn main() {
         let rollout: RolloutConfig = serde_json::from_str(file.meta("rollout")?).context("rollout")?;
         let objective: f64 = file.meta("objective")?.parse().context("objective")?;
         let poisons_sha256 = file.meta("poisons_sha256")?.to_string();
+        let victim_sha256 = file.meta("victim_sha256").context(gname.clone())?.to_string();
         let (n, t, d) = grad.size3().context("grad must be [poisons, tokens, dim]")?;
         if ids.size() != [n, t] || poison_ids.len() != n as usize {
             bail!("{gname}: ids {:?} and {} poison ids do not match grad {:?}", ids.size(), poison_ids.len(), grad.size());
@@ -170,6 +174,7 @@ fn main() {
                     rank,
                     objective,
                     poisons_sha256: poisons_sha256.clone(),
+                    victim_sha256: victim_sha256.clone(),
                     rollout: rollout.clone(),
                     objective_kind,
                     ensemble_sha256: ensemble_sha256.clone(),

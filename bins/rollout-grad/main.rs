@@ -3,14 +3,12 @@
 
 use clap::Parser;
 use anyhow::bail;
-use common::attack::{Problem, RolloutConfig};
+use common::attack::{Problem, RolloutConfig, GRAD_FORMAT, GRAD_VERSION};
 use common::hardness::{Hardness, ObjectiveKind};
 use common::poisons::AttackInputs;
 use common::{device, io, log, tensorfile};
 use std::collections::BTreeMap;
 use std::time::Instant;
-
-pub const GRAD_FORMAT: &str = "poison.rollout_grad";
 
 /// Unrolls k SGD steps on minibatches of (every poison + m clean examples), averaged over
 /// R minibatch draws, and writes L_adv at θ_{t+k} and ∇_e L_adv for every poison token.
@@ -86,12 +84,13 @@ fn main() {
         meta.insert("objective_kind".into(), serde_json::to_string(&args.objective.objective)?);
         meta.insert("ensemble_sha256".into(), serde_json::to_string(&ensemble_sha256)?);
         meta.insert("poisons_sha256".into(), inputs.poisons_sha256.clone());
+        meta.insert("victim_sha256".into(), inputs.victim_sha256.clone());
         meta.insert("poison_ids".into(), serde_json::to_string(&inputs.poisons.iter().map(|p| &p.id).collect::<Vec<_>>())?);
         meta.insert("vocab_sha256".into(), inputs.vocab.sha256());
         tensorfile::write(
             &args.output,
             GRAD_FORMAT,
-            1,
+            GRAD_VERSION,
             &[("grad".into(), grad.to_kind(tch::Kind::Float)), ("ids".into(), ids)],
             meta,
         )

@@ -63,6 +63,9 @@ fn main() {
             if c.poisons_sha256 != inputs.poisons_sha256 {
                 bail!("{}: candidates were ranked for another poison set than {} (hash mismatch); rerun rollout-grad and rank-candidates on it", at(), args.poisons);
             }
+            if c.victim_sha256 != inputs.victim_sha256 {
+                bail!("{}: candidates were ranked from gradients of another victim than {} (hash mismatch); pass the --victim given to rollout-grad", at(), args.inputs.victim);
+            }
             if c.rollout != candidates[0].rollout || c.objective_kind != candidates[0].objective_kind || c.ensemble_sha256 != candidates[0].ensemble_sha256 {
                 bail!("{}: objective or unrolling settings differ from the first candidate's; verify one rank-candidates output at a time", at());
             }

@@ -16,6 +16,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+/// The gradient file rollout-grad writes and rank-candidates reads (FORMATS.md).
+pub const GRAD_FORMAT: &str = "poison.rollout_grad";
+/// 2: `victim_sha256` metadata added.
+pub const GRAD_VERSION: u32 = 2;
+
 /// D_adv inputs per length bucket in the objective's forward pass.
 const ADV_BUCKET: usize = 32;
 
@@ -24,20 +29,20 @@ const ADV_BUCKET: usize = 32;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 pub struct RolloutConfig {
     /// Unrolled SGD steps k.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::cli::at_least_one)]
     pub steps: usize,
     /// Inner SGD learning rate η. On the Rotten Tomatoes BiLSTM one step at 0.1 already
     /// takes L_adv from 1.37 to 0.22 (FINDINGS.md: above ~0.3 the signal is gone).
-    #[arg(long, default_value_t = 0.03)]
+    #[arg(long, default_value_t = 0.03, value_parser = crate::cli::positive_rate)]
     pub eta: f64,
     /// Independently drawn minibatch sequences R the objective is averaged over.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::cli::at_least_one)]
     pub rollouts: usize,
     /// Clean examples m in each minibatch (besides every poison).
     #[arg(long, default_value_t = 64)]
     pub clean_per_batch: usize,
     /// Examples of D_adv the objective is measured on (a seeded sample).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::cli::at_least_one)]
     pub adv_size: usize,
     /// Seed of the minibatches and the D_adv sample.
     #[arg(long, default_value_t = 0)]

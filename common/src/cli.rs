@@ -41,22 +41,22 @@ pub struct VictimArgs {
     #[arg(long, value_enum, default_value = "lstm")]
     pub arch: Arch,
     /// LSTM units per direction (lstm) or MLP width (bow).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub hidden: usize,
     /// Train the embedding table too (default: GloVe stays frozen).
     #[arg(long)]
     pub train_embeddings: bool,
     /// Inputs are truncated to this many tokens.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_len: usize,
     /// Passes over the training data.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     pub epochs: usize,
     /// Examples per minibatch.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub batch_size: usize,
     /// Adam learning rate.
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 2e-3, value_parser = positive_rate)]
     pub lr: f64,
 }
 
@@ -109,8 +109,33 @@ pub fn load_ensemble(paths: &[String], device: tch::Device) -> anyhow::Result<(V
     let mut victims = Vec::new();
     let mut hashes = Vec::new();
     for p in paths {
-        victims.push(crate::model::Victim::load(p, device)?.0);
-        hashes.push(crate::io::sha256_file(std::path::Path::new(p))?);
+        let loaded = crate::model::Victim::load(p, device)?;
+        victims.push(loaded.victim);
+        hashes.push(loaded.sha256);
     }
     Ok((victims, hashes))
+}
+
+/// clap parser for counts and sizes that must be at least 1 (`--k 0` would otherwise
+/// reach the math and fail obscurely or write an empty output).
+pub fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{s:?} is not a whole number: {e}")),
+    }
+}
+
+/// `at_least_one` for u64 values.
+pub fn at_least_one_u64(s: &str) -> Result<u64, String> {
+    at_least_one(s).map(|n| n as u64)
+}
+
+/// clap parser for rates (learning rates, η): finite and above zero.
+pub fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(x) => Err(format!("{x} is not a finite number above 0")),
+        Err(e) => Err(format!("{s:?} is not a number: {e}")),
+    }
 }

@@ -40,7 +40,8 @@ impl WordVectors {
         if rows != words.len() {
             bail!("{} has {rows} rows but {} lists {} words", npy_path.display(), words_path.display(), words.len());
         }
-        if mmap.len() < data_offset + rows * dim * 4 {
+        let data_bytes = rows.checked_mul(dim).and_then(|n| n.checked_mul(4)).and_then(|n| n.checked_add(data_offset));
+        if data_bytes.is_none_or(|end| mmap.len() < end) {
             bail!("{}: truncated (expected {} bytes of data)", npy_path.display(), rows * dim * 4);
         }
         Ok(WordVectors { words, dim, rows, mmap, data_offset, fortran_order })
@@ -163,8 +164,11 @@ pub fn load(path: &str) -> Result<(Vocab, Tensor)> {
         bail!("{name}: the vocabulary does not match its recorded sha256; the file is corrupt, rebuild it with build-vocab");
     }
     let table = file.tensor("embedding")?.shallow_clone();
-    if table.size() != [vocab.len() as i64, table.size()[1]] || table.dim() != 2 {
-        bail!("{name}: table shape {:?} does not match the {} vocabulary words", table.size(), vocab.len());
+    if table.dim() != 2 || table.size()[0] != vocab.len() as i64 {
+        bail!("{name}: table shape {:?} does not match the {} vocabulary words; the file is corrupt, rebuild it with build-vocab", table.size(), vocab.len());
+    }
+    if !bool::try_from(table.isfinite().all())? {
+        bail!("{name}: the embedding table holds NaN or Inf; rebuild it with build-vocab");
     }
     Ok((vocab, table))
 }

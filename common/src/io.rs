@@ -83,13 +83,31 @@ pub fn read_jsonl<T: Record>(path: &str, allow_empty: bool) -> Result<Vec<T>> {
     read_jsonl_from(open_input(path)?, &display_name(path), allow_empty)
 }
 
+/// The longest JSONL line a reader accepts. Records here are sentences and small reports
+/// (well under 1 MiB); the bound keeps a file without newlines, or a hostile one, from
+/// being read whole into one string.
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
+
 /// `read_jsonl` over any reader; `name` is used in error messages.
-pub fn read_jsonl_from<T: Record>(reader: impl BufRead, name: &str, allow_empty: bool) -> Result<Vec<T>> {
+pub fn read_jsonl_from<T: Record>(mut reader: impl BufRead, name: &str, allow_empty: bool) -> Result<Vec<T>> {
     let mut out = Vec::new();
     let mut blank_at: Option<usize> = None;
-    for (i, line) in reader.lines().enumerate() {
-        let line_no = i + 1;
-        let line = line.with_context(|| format!("{name}:{line_no}: cannot read (not UTF-8?)"))?;
+    let mut buf = Vec::new();
+    for line_no in 1.. {
+        buf.clear();
+        let n = (&mut reader)
+            .take(MAX_RECORD_BYTES as u64 + 1)
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("{name}:{line_no}: cannot read"))?;
+        if n == 0 {
+            break;
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+        } else if buf.len() > MAX_RECORD_BYTES {
+            bail!("{name}:{line_no}: a line longer than {} MiB; is this a JSONL file of this toolkit?", MAX_RECORD_BYTES >> 20);
+        }
+        let line = std::str::from_utf8(&buf).map_err(|e| anyhow::anyhow!("{name}:{line_no}: not UTF-8 text ({e})"))?;
         if line.trim().is_empty() {
             blank_at.get_or_insert(line_no);
             continue;
@@ -97,7 +115,7 @@ pub fn read_jsonl_from<T: Record>(reader: impl BufRead, name: &str, allow_empty:
         if let Some(b) = blank_at {
             bail!("{name}:{b}: blank line inside a JSONL file; remove it");
         }
-        let rec = parse_record::<T>(&line).with_context(|| format!("{name}:{line_no}"))?;
+        let rec = parse_record::<T>(line).with_context(|| format!("{name}:{line_no}"))?;
         out.push(rec);
     }
     if out.is_empty() && !allow_empty {
@@ -210,6 +228,62 @@ impl Write for Output {
             OutputInner::Stdout(w) => w.flush(),
             OutputInner::File { writer, .. } => writer.as_mut().expect("open").flush(),
         }
+    }
+}
+
+/// An output folder that appears whole or not at all: files are written into a temporary
+/// folder beside the destination, which `commit` renames into place (replacing an older
+/// folder of that name). Dropped uncommitted, the temporary folder is removed.
+pub struct OutputDir {
+    tmp: tempfile::TempDir,
+    dest: PathBuf,
+}
+
+impl OutputDir {
+    pub fn create(dest: &str) -> Result<OutputDir> {
+        let dest = PathBuf::from(dest);
+        let name = dest.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.is_empty() || name == ".." {
+            bail!("{}: not a folder name to write into", dest.display());
+        }
+        let parent = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).with_context(|| format!("cannot create folder {}", parent.display()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".tmp")
+            .tempdir_in(&parent)
+            .with_context(|| format!("cannot create a temporary folder in {}", parent.display()))?;
+        Ok(OutputDir { tmp, dest })
+    }
+
+    /// Where to write the file `name` before the commit.
+    pub fn path(&self, name: &str) -> String {
+        self.tmp.path().join(name).to_string_lossy().into_owned()
+    }
+
+    pub fn commit(self) -> Result<()> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(self.tmp.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
+        let dest = self.dest;
+        let old = if dest.exists() {
+            let parent = self.tmp.path().parent().expect("temporary folder has a parent").to_path_buf();
+            let old = tempfile::Builder::new().prefix(".old.").suffix(".tmp").tempdir_in(&parent)?.keep();
+            std::fs::rename(&dest, old.join("folder")).with_context(|| format!("cannot move the old {} aside", dest.display()))?;
+            Some(old)
+        } else {
+            None
+        };
+        std::fs::rename(self.tmp.keep(), &dest).with_context(|| format!("cannot move the output into {}", dest.display()))?;
+        if let Some(old) = old {
+            std::fs::remove_dir_all(&old).with_context(|| format!("cannot remove {}", old.display()))?;
+        }
+        Ok(())
     }
 }
 

@@ -116,38 +116,87 @@ impl Victim {
         tensorfile::write(path, VICTIM_FORMAT, VICTIM_VERSION, &tensors, metadata)
     }
 
-    /// Loads a victim file (or stdin for `-`) with its vocabulary and metadata.
-    pub fn load(path: &str, device: Device) -> Result<(Victim, Vocab, BTreeMap<String, String>)> {
+    /// Loads a victim file (or stdin for `-`) with its vocabulary, metadata and hash.
+    pub fn load(path: &str, device: Device) -> Result<VictimFile> {
         let file = tensorfile::read(path, VICTIM_FORMAT, VICTIM_VERSION)?;
         Self::from_file(file, device).with_context(|| crate::io::display_name(path))
     }
 
-    pub fn from_file(file: TensorFile, device: Device) -> Result<(Victim, Vocab, BTreeMap<String, String>)> {
+    /// Checks a victim file against its own config before building anything: the
+    /// vocabulary, every tensor's name and shape (so a config that declares an absurd size
+    /// is refused without allocating it) and that every weight is finite.
+    pub fn from_file(file: TensorFile, device: Device) -> Result<VictimFile> {
         let config: VictimConfig = serde_json::from_str(file.meta("config")?).context("victim config")?;
         let words: Vec<String> = serde_json::from_str(file.meta("vocab")?).context("victim vocabulary")?;
         let vocab = Vocab::new(words)?;
         if vocab.sha256() != file.meta("vocab_sha256")? {
             bail!("the vocabulary does not match its recorded sha256; the file is corrupt");
         }
+        if config.vocab_size != vocab.len() {
+            bail!("the config says {} vocabulary words, the file lists {}; the file is corrupt", config.vocab_size, vocab.len());
+        }
+        if config.num_classes < 2 || config.max_len == 0 || config.hidden == 0 || config.embed_dim == 0 {
+            bail!("config {config:?} has a zero size or fewer than 2 classes; the file is corrupt");
+        }
+        let want = param_shapes(&config);
+        let names_differ = want.len() != file.tensors.len() || want.keys().any(|k| !file.tensors.contains_key(k));
+        if names_differ {
+            let got: Vec<&String> = file.tensors.keys().collect();
+            bail!(
+                "weights hold tensors {got:?}, a {:?} victim needs {:?}; is this a victim of another architecture or version?",
+                config.arch,
+                want.keys().collect::<Vec<_>>()
+            );
+        }
+        for (name, shape) in &want {
+            let t = &file.tensors[name];
+            if &t.size() != shape {
+                bail!("tensor {name:?} has shape {:?}, the config needs {shape:?}; the weights do not match their config or vocabulary", t.size());
+            }
+            if t.is_floating_point() && !bool::try_from(t.isfinite().all())? {
+                bail!("tensor {name:?} holds NaN or Inf (training diverged?); retrain the victim, e.g. with a lower --lr");
+            }
+        }
         let table = file.tensor("embedding.weight")?;
         let mut victim = Victim::new(config, &table.to_kind(Kind::Float), device)?;
-        let mut params = victim.params();
-        if params.len() != file.tensors.len() {
-            let want: Vec<&String> = params.keys().collect();
-            let got: Vec<&String> = file.tensors.keys().collect();
-            bail!("weights hold tensors {got:?}, the {:?} victim needs {want:?}", victim.config.arch);
-        }
-        for (name, p) in params.iter_mut() {
-            let t = file.tensor(name).with_context(|| format!("weights for a {:?} victim", victim.config.arch))?;
-            if t.size() != p.size() {
-                bail!("tensor {name:?} has shape {:?}, the config needs {:?}", t.size(), p.size());
-            }
-            tch::no_grad(|| p.copy_(t));
+        for (name, p) in victim.params().iter_mut() {
+            tch::no_grad(|| p.copy_(&file.tensors[name]));
         }
         victim.vs.set_kind(Kind::Float);
-        let meta = file.metadata;
-        Ok((victim, vocab, meta))
+        Ok(VictimFile { victim, vocab, metadata: file.metadata, sha256: file.sha256 })
     }
+}
+
+/// A victim as loaded from its file.
+pub struct VictimFile {
+    pub victim: Victim,
+    pub vocab: Vocab,
+    pub metadata: BTreeMap<String, String>,
+    /// sha256 of the file's bytes: what gradients and candidates record, so that a later
+    /// stage can tell it is given the same victim.
+    pub sha256: String,
+}
+
+/// The parameter names and shapes a config implies (what `Victim::new` creates).
+pub fn param_shapes(config: &VictimConfig) -> BTreeMap<String, Vec<i64>> {
+    let (v, e, h, c) = (config.vocab_size as i64, config.embed_dim as i64, config.hidden as i64, config.num_classes as i64);
+    let mut shapes = BTreeMap::from([("embedding.weight".to_string(), vec![v, e])]);
+    let layers: Vec<(String, Vec<i64>)> = match config.arch {
+        Arch::Bow => vec![("mlp".into(), vec![h, e]), ("out".into(), vec![c, h])],
+        Arch::Lstm => {
+            for dir in ["fwd", "bwd"] {
+                shapes.insert(format!("lstm.{dir}.w_ih"), vec![4 * h, e]);
+                shapes.insert(format!("lstm.{dir}.w_hh"), vec![4 * h, h]);
+                shapes.insert(format!("lstm.{dir}.b"), vec![4 * h]);
+            }
+            vec![("out".into(), vec![c, 2 * h])]
+        }
+    };
+    for (name, w) in layers {
+        shapes.insert(format!("{name}.bias"), vec![w[0]]);
+        shapes.insert(format!("{name}.weight"), w);
+    }
+    shapes
 }
 
 /// A new map sharing the tensors of `params` (so entries can be replaced, e.g. by θ').
@@ -277,6 +326,15 @@ fn lstm_direction(params: &Params, prefix: &str, x: &Tensor, mask: &Tensor, reve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn param_shapes_are_what_new_creates() {
+        for arch in [Arch::Bow, Arch::Lstm] {
+            let v = tiny(arch, false);
+            let made: BTreeMap<String, Vec<i64>> = v.params().iter().map(|(k, t)| (k.clone(), t.size())).collect();
+            assert_eq!(made, param_shapes(&v.config), "{arch:?}");
+        }
+    }
 
     pub(crate) fn tiny(arch: Arch, train_embeddings: bool) -> Victim {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());

@@ -3,10 +3,10 @@
 
 use crate::attack::poison_set_sha256;
 use crate::data::{self, DataManifest};
-use crate::model::Victim;
+use crate::model::{Victim, VictimFile};
 use crate::records::Example;
 use crate::tokenizer::{tokenize, Vocab, PAD_ID, UNK_ID};
-use crate::train::{encode_all, Encoded};
+use crate::train::{encode_all, Encoded, LongTexts};
 use anyhow::{bail, Context, Result};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -98,7 +98,7 @@ pub fn init(
                 .iter()
                 .map(|e| train.get(e.id.trim_end_matches("+trigger")).cloned().unwrap_or_else(|| e.clone()))
                 .collect();
-            let enc = encode_all(&clean, vocab, max_len, manifest.labels.len(), &format!("{dir}/{}", data::TRAIN))?;
+            let enc = encode_all(&clean, vocab, max_len, manifest.labels.len(), LongTexts::Truncate, &format!("{dir}/{}", data::TRAIN))?;
             let p = target_probability(victim, &enc, manifest.target as i64);
             let mut order: Vec<usize> = (0..source.len()).collect();
             order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then_with(|| source[a].id.cmp(&source[b].id)));
@@ -186,11 +186,13 @@ pub struct AttackInputs {
     pub poisons: Vec<Example>,
     pub poisons_enc: Vec<Encoded>,
     pub poisons_sha256: String,
+    /// sha256 of the victim file (recorded in gradients and candidates).
+    pub victim_sha256: String,
 }
 
 impl AttackInputs {
     pub fn load(victim: &str, dir: &str, poisons_path: &str, device: Device) -> Result<AttackInputs> {
-        let (victim, vocab, _) = Victim::load(victim, device)?;
+        let VictimFile { victim, vocab, sha256: victim_sha256, .. } = Victim::load(victim, device)?;
         let manifest = DataManifest::load(dir)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
         let poisons: Vec<Example> = crate::io::read_jsonl(poisons_path, false)?;
@@ -205,17 +207,17 @@ impl AttackInputs {
         }
         let n = manifest.labels.len();
         let max_len = victim.config.max_len;
-        let poisons_enc = encode_all(&poisons, &vocab, max_len, n, &pname)?;
+        let poisons_enc = encode_all(&poisons, &vocab, max_len, n, LongTexts::Refuse, &pname)?;
         let clean_ex = data::read_set(dir, data::TRAIN, false)?;
-        let clean = encode_all(&clean_ex, &vocab, max_len, n, &format!("{dir}/{}", data::TRAIN))?;
+        let clean = encode_all(&clean_ex, &vocab, max_len, n, LongTexts::Truncate, &format!("{dir}/{}", data::TRAIN))?;
         let sources: HashSet<&str> = poisons.iter().filter_map(|p| p.source_id.as_deref()).collect();
         let adv_ex: Vec<Example> = data::read_set(dir, data::ADV, false)?
             .into_iter()
             .filter(|e| !sources.contains(e.id.trim_end_matches("+trigger")))
             .collect();
-        let adv = encode_all(&adv_ex, &vocab, max_len, n, &format!("{dir}/{}", data::ADV))?;
+        let adv = encode_all(&adv_ex, &vocab, max_len, n, LongTexts::Truncate, &format!("{dir}/{}", data::ADV))?;
         let poisons_sha256 = poison_set_sha256(&poisons);
-        Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256 })
+        Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256, victim_sha256 })
     }
 }
 

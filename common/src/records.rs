@@ -68,12 +68,13 @@ impl Example {
 /// replace token `position` of poison `poison_id` (currently `current`) by `word`.
 ///
 /// ```json
-/// {"kind":"candidate","v":1,"poison_id":"poison-003","poison_index":3,"position":4,"current":"john","word":"maverick","predicted":-0.0123,"rank":0,"objective":0.812,"poisons_sha256":"…","rollout":{"steps":1,"eta":0.1,"rollouts":1,"clean_per_batch":64,"adv_size":128,"seed":0}}
+/// {"kind":"candidate","v":2,"poison_id":"poison-003","poison_index":3,"position":4,"current":"john","word":"maverick","predicted":-0.0123,"rank":0,"objective":0.812,"poisons_sha256":"…","victim_sha256":"…","rollout":{"steps":1,"eta":0.1,"rollouts":1,"clean_per_batch":64,"adv_size":128,"seed":0}}
 /// ```
 /// - `predicted`: first-order (Taylor) predicted change of the objective, ∇g·(e' − e).
 /// - `rank`: 0 for the best-predicted candidate at this position.
-/// - `objective`, `poisons_sha256`, `rollout`: the objective before the flip, the poison
-///   set and the unrolling the gradient was made with; verification replays the same.
+/// - `objective`, `poisons_sha256`, `victim_sha256`, `rollout`: the objective before the
+///   flip, the poison set, the victim file and the unrolling the gradient was made with;
+///   verification checks it is given the same and replays the same unrolling.
 /// - `objective_kind` (default `bilevel`): `bilevel` or `hardness`; `ensemble_sha256`
 ///   (hardness, may be omitted when empty): sha256 of each extra victim in the ensemble.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +91,7 @@ pub struct Candidate {
     pub rank: usize,
     pub objective: f64,
     pub poisons_sha256: String,
+    pub victim_sha256: String,
     pub rollout: crate::attack::RolloutConfig,
     #[serde(default)]
     pub objective_kind: crate::hardness::ObjectiveKind,
@@ -99,7 +101,8 @@ pub struct Candidate {
 
 impl Record for Candidate {
     const KIND: &'static str = "candidate";
-    const VERSION: u32 = 1;
+    /// 2: `victim_sha256` added.
+    const VERSION: u32 = 2;
 }
 
 /// A flip accepted by `verify-candidates`.

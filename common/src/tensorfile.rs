@@ -16,6 +16,8 @@ pub const VERSION_KEY: &str = "format_version";
 pub struct TensorFile {
     pub metadata: BTreeMap<String, String>,
     pub tensors: BTreeMap<String, Tensor>,
+    /// sha256 of the file's bytes.
+    pub sha256: String,
 }
 
 impl TensorFile {
@@ -149,7 +151,7 @@ pub fn deserialize(bytes: &[u8], name: &str, format: &str, version: u32) -> Resu
             .with_context(|| format!("{name}: tensor {tname:?}"))?;
         tensors.insert(tname, t);
     }
-    Ok(TensorFile { metadata, tensors })
+    Ok(TensorFile { metadata, tensors, sha256: crate::io::sha256_hex(bytes) })
 }
 
 /// Reads a tensor file (or stdin for `-`) of the expected format and version.

@@ -17,34 +17,61 @@ pub struct Encoded {
     pub label: i64,
 }
 
-/// Encodes examples; `source` names the file in errors. A text without tokens or with a
-/// label the victim cannot predict is an error naming the record.
-pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_classes: usize, source: &str) -> Result<Vec<Encoded>> {
-    examples
+/// What `encode_all` does with a text longer than the victim's `max_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LongTexts {
+    /// Keep the first `max_len` tokens, as the victim reads any input (data splits); the
+    /// number truncated is reported on stderr.
+    Truncate,
+    /// Refuse (poisons: tokens past `max_len` would be crafted but never read).
+    Refuse,
+}
+
+/// Encodes examples; `source` names the file in errors. A text without tokens, made only
+/// of unknown words, longer than `max_len` under `LongTexts::Refuse`, or with a label the
+/// victim cannot predict is an error naming the record.
+pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_classes: usize, long: LongTexts, source: &str) -> Result<Vec<Encoded>> {
+    let mut truncated = 0;
+    let encoded = examples
         .iter()
         .enumerate()
         .map(|(i, ex)| {
+            let record = || format!("{source}: record {} (id {:?})", i + 1, ex.id);
             if ex.label >= num_classes {
-                bail!("{source}: record {} (id {:?}): label {} but the victim has {num_classes} classes", i + 1, ex.id, ex.label);
+                bail!("{}: label {} but the victim has {num_classes} classes", record(), ex.label);
             }
             let mut ids = match &ex.tokens {
                 Some(toks) => toks
                     .iter()
-                    .map(|t| {
-                        vocab.id(t).ok_or_else(|| {
-                            anyhow::anyhow!("{source}: record {} (id {:?}): token {t:?} is not in the vocabulary", i + 1, ex.id)
-                        })
-                    })
+                    .map(|t| vocab.id(t).ok_or_else(|| anyhow::anyhow!("{}: token {t:?} is not in the vocabulary", record())))
                     .collect::<Result<Vec<i64>>>()?,
                 None => vocab.encode(&ex.text),
             };
             if ids.is_empty() {
-                bail!("{source}: record {} (id {:?}): the text holds no tokens", i + 1, ex.id);
+                bail!("{}: the text holds no tokens; drop the record", record());
             }
-            ids.truncate(max_len);
+            if ids.iter().all(|&id| id == crate::tokenizer::UNK_ID) {
+                bail!(
+                    "{}: every word of {:?} is unknown to the vocabulary ({} words); drop the record or rebuild the vocabulary with build-vocab --data over this file",
+                    record(),
+                    ex.text.chars().take(60).collect::<String>(),
+                    vocab.len()
+                );
+            }
+            if ids.len() > max_len {
+                if long == LongTexts::Refuse {
+                    bail!("{}: {} tokens, more than the victim's max_len {max_len}; shorten it or use a victim trained with a larger --max-len", record(), ids.len());
+                }
+                truncated += 1;
+                ids.truncate(max_len);
+            }
             Ok(Encoded { ids, label: ex.label as i64 })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    if truncated > 0 {
+        eprintln!("{source}: {truncated} of {} texts are longer than max_len {max_len} tokens and were truncated", examples.len());
+    }
+    Ok(encoded)
 }
 
 /// Pads a batch to its longest row: ids [batch, time] and labels [batch].
