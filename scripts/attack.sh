@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The iterative poisoning loop (called by `make attack`; every setting is an environment
 # variable the Makefile passes). Each round lives in its own folder:
-#   RUN/round-NNN/{grad.safetensors,candidates.jsonl,summary.json,poisons.jsonl}
-# Every file is written atomically by the stage that makes it, and a stage whose output
-# exists is skipped, so an interrupted run resumes where it stopped and, with the same
-# seed, reaches the same poisons. Stops after ROUNDS rounds, when the objective <= TARGET_LADV, or
+#   RUN/round-NNN/{grad.safetensors,candidates.jsonl,summary.json,poisons.jsonl,seconds.tsv,row.tsv}
+# Every file is written atomically (by the stage that makes it, or here through a .tmp
+# file and mv), and a stage whose output exists is skipped, so a run killed at any moment
+# resumes where it stopped and, with the same seed, reaches the same poisons
+# (tests/resume.rs checks this). Stops after ROUNDS rounds, when the objective <= TARGET_LADV, or
 # after PATIENCE rounds without an accepted flip; then finetune-eval evaluates the result.
 set -euo pipefail
 : "${RUN:?}" "${VICTIM:?}" "${DATA:?}" "${EMB:?}" "${BIN:=target/release}"
@@ -51,29 +52,56 @@ else
   printf '%s\n' "$manifest" > "$RUN/manifest.json.tmp" && mv "$RUN/manifest.json.tmp" "$RUN/manifest.json"
 fi
 
-r0="$RUN/round-000"; mkdir -p "$r0"
-[ -f "$r0/poisons.jsonl" ] || "$BIN/init-poisons" --victim "$VICTIM" --data "$DATA" --count "$COUNT" \
+# Temporary files of an invocation that was killed (finished files are never .tmp).
+find "$RUN" -name '.*.tmp' -prune -exec rm -rf {} +
+
+# Runs one stage of round $r; a failure (bad input, NaN objective, ...) names the round.
+stage() { # name command...
+  local name=$1; shift
+  "$@" || { log "round $r: $name failed (its error is above); finished rounds are kept, rerun to resume"; exit 1; }
+}
+# Seconds since $1 (an $EPOCHREALTIME), or - when the stage's output came from an earlier run.
+since() { python3 -c "print(f'{$EPOCHREALTIME - $1:.1f}')"; }
+
+r=0; r0="$RUN/round-000"; mkdir -p "$r0"
+[ -f "$r0/poisons.jsonl" ] || stage init-poisons "$BIN/init-poisons" --victim "$VICTIM" --data "$DATA" --count "$COUNT" \
   --strategy "$INIT" --bases "$BASES" --seed "$SEED" -o "$r0/poisons.jsonl"
 
-[ -f "$RUN/rounds.tsv" ] || printf 'round\tobjective_before\tobjective_after\tflips\tgrad_s\trank_s\tverify_s\n' > "$RUN/rounds.tsv"
+# rounds.tsv is rebuilt (atomically) from each round's row.tsv after every round.
+rows=()
+write_rounds() {
+  { printf 'round\tobjective_before\tobjective_after\tflips\tgrad_s\trank_s\tverify_s\n'; cat "${rows[@]}" /dev/null; } > "$RUN/rounds.tsv.tmp"
+  mv "$RUN/rounds.tsv.tmp" "$RUN/rounds.tsv"
+}
 prev="$r0/poisons.jsonl"; stale=0; last=0
 for ((r = 1; r <= ROUNDS; r++)); do
   d=$(printf '%s/round-%03d' "$RUN" "$r"); mkdir -p "$d"
   if [ ! -f "$d/poisons.jsonl" ]; then
-    t0=$EPOCHREALTIME
-    [ -f "$d/grad.safetensors" ] || "$BIN/rollout-grad" --victim "$VICTIM" --data "$DATA" --poisons "$prev" \
-      "${rollout[@]}" --objective "$OBJECTIVE" "${ensemble[@]}" --device "$DEVICE" -o "$d/grad.safetensors"
-    t1=$EPOCHREALTIME
-    [ -f "$d/candidates.jsonl" ] || "$BIN/rank-candidates" --victim "$VICTIM" --data "$DATA" --grad "$d/grad.safetensors" \
-      -k "$K" --positions "$POSITIONS" "${overlap_flag[@]}" "${rank_flags[@]}" -o "$d/candidates.jsonl"
-    t2=$EPOCHREALTIME
-    "$BIN/verify-candidates" --victim "$VICTIM" --data "$DATA" --poisons "$prev" --candidates "$d/candidates.jsonl" \
-      "${overlap_flag[@]}" "${ensemble[@]}" --device "$DEVICE" --summary "$d/summary.json" -o "$d/poisons.jsonl"
-    t3=$EPOCHREALTIME
-    printf '%d\t%s\t%s\t%s\t%s\n' "$r" "$(json "$d/summary.json" objective_before)" \
-      "$(json "$d/summary.json" objective_after)" "$(json "$d/summary.json" flips_accepted)" \
-      "$(python3 -c "print(f'{$t1-$t0:.1f}\t{$t2-$t1:.1f}\t{$t3-$t2:.1f}')")" >> "$RUN/rounds.tsv"
+    grad_s=-; rank_s=-
+    if [ ! -f "$d/grad.safetensors" ]; then
+      t=$EPOCHREALTIME
+      stage rollout-grad "$BIN/rollout-grad" --victim "$VICTIM" --data "$DATA" --poisons "$prev" \
+        "${rollout[@]}" --objective "$OBJECTIVE" "${ensemble[@]}" --device "$DEVICE" -o "$d/grad.safetensors"
+      grad_s=$(since "$t")
+    fi
+    if [ ! -f "$d/candidates.jsonl" ]; then
+      t=$EPOCHREALTIME
+      stage rank-candidates "$BIN/rank-candidates" --victim "$VICTIM" --data "$DATA" --grad "$d/grad.safetensors" \
+        -k "$K" --positions "$POSITIONS" "${overlap_flag[@]}" "${rank_flags[@]}" -o "$d/candidates.jsonl"
+      rank_s=$(since "$t")
+    fi
+    t=$EPOCHREALTIME
+    stage verify-candidates "$BIN/verify-candidates" --victim "$VICTIM" --data "$DATA" --poisons "$prev" \
+      --candidates "$d/candidates.jsonl" "${overlap_flag[@]}" "${ensemble[@]}" --device "$DEVICE" \
+      --summary "$d/summary.json" -o "$d/poisons.jsonl"
+    printf '%s\t%s\t%s\n' "$grad_s" "$rank_s" "$(since "$t")" > "$d/seconds.tsv.tmp" && mv "$d/seconds.tsv.tmp" "$d/seconds.tsv"
   fi
+  if [ ! -f "$d/row.tsv" ]; then
+    seconds="-\t-\t-"; [ -f "$d/seconds.tsv" ] && seconds=$(cat "$d/seconds.tsv")
+    printf '%d\t%s\t%s\t%s\t%b\n' "$r" "$(json "$d/summary.json" objective_before)" "$(json "$d/summary.json" objective_after)" \
+      "$(json "$d/summary.json" flips_accepted)" "$seconds" > "$d/row.tsv.tmp" && mv "$d/row.tsv.tmp" "$d/row.tsv"
+  fi
+  rows+=("$d/row.tsv"); write_rounds
   prev="$d/poisons.jsonl"; last=$r
   after=$(json "$d/summary.json" objective_after)
   if [ "$(json "$d/summary.json" flips_accepted)" = 0 ]; then stale=$((stale + 1)); else stale=0; fi
@@ -82,6 +110,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     log "objective $after reached TARGET_LADV $TARGET_LADV; stopping"; break
   fi
 done
+[ "$last" -gt 0 ] || write_rounds
 cp "$prev" "$RUN/poisons.jsonl.tmp" && mv "$RUN/poisons.jsonl.tmp" "$RUN/poisons.jsonl"
 log "rounds done ($last); objective per round in $RUN/rounds.tsv:"
 column -t "$RUN/rounds.tsv" >&2 || cat "$RUN/rounds.tsv" >&2

@@ -69,9 +69,10 @@ pub struct Round {
     pub objective_before: Option<f64>,
     pub objective_after: Option<f64>,
     pub flips: usize,
-    pub grad_s: f64,
-    pub rank_s: f64,
-    pub verify_s: f64,
+    /// Seconds per stage; None when the stage ran in an earlier, interrupted invocation.
+    pub grad_s: Option<f64>,
+    pub rank_s: Option<f64>,
+    pub verify_s: Option<f64>,
 }
 
 /// One variant's figures (percent; mean ± 95% CI over the retraining seeds).
@@ -136,9 +137,9 @@ fn read_rounds(path: &str) -> Result<Vec<Round>> {
                 objective_before: num(f[1]),
                 objective_after: num(f[2]),
                 flips: f[3].parse().with_context(|| format!("{path}:{}: flips", i + 2))?,
-                grad_s: num(f[4]).unwrap_or(0.0),
-                rank_s: num(f[5]).unwrap_or(0.0),
-                verify_s: num(f[6]).unwrap_or(0.0),
+                grad_s: num(f[4]),
+                rank_s: num(f[5]),
+                verify_s: num(f[6]),
             })
         })
         .collect()
