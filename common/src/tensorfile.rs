@@ -154,10 +154,18 @@ pub fn deserialize(bytes: &[u8], name: &str, format: &str, version: u32) -> Resu
     Ok(TensorFile { metadata, tensors, sha256: crate::io::sha256_hex(bytes) })
 }
 
-/// Reads a tensor file (or stdin for `-`) of the expected format and version.
+/// Reads a tensor file (or stdin for `-`) of the expected format and version. Files are
+/// memory-mapped rather than read: nothing is allocated for the file itself, and the
+/// header's shapes are validated against the file's length before any tensor is built.
 pub fn read(path: &str, format: &str, version: u32) -> Result<TensorFile> {
-    let bytes = read_all(path)?;
-    deserialize(&bytes, &display_name(path), format, version)
+    if path == crate::io::STDIO {
+        return deserialize(&read_all(path)?, &display_name(path), format, version);
+    }
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {path}"))?;
+    // SAFETY: mapped read-only; the toolkit replaces files by rename, never in place, so
+    // the mapped bytes do not change under us.
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {path}"))?;
+    deserialize(&map, path, format, version)
 }
 
 #[cfg(test)]
