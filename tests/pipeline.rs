@@ -6,8 +6,6 @@ mod support;
 
 use common::eval::EvalReport;
 use common::io::Record;
-use std::io::Read;
-use std::process::Output;
 use std::process::Stdio;
 use support::*;
 
@@ -124,88 +122,7 @@ fn finetune_eval_pairs_clean_and_poisoned_victims_and_audits_overlap() {
     assert!(stderr(&out).contains("net ASR"), "summary table on stderr");
 }
 
-// ---- bad input: clear error naming file and record, non-zero exit, no partial output ----
-
-fn expect_error(out: &Output, needles: &[&str]) {
-    assert!(!out.status.success(), "should have failed");
-    let err = stderr(out);
-    for n in needles {
-        assert!(err.contains(n), "stderr lacks {n:?}: {err}");
-    }
-}
-
-#[test]
-fn malformed_wrong_version_and_empty_jsonl_are_refused_without_output() {
-    let s = Setup::new();
-    let good = String::from_utf8(s.file("train.jsonl")).unwrap();
-    let mut lines: Vec<&str> = good.lines().take(5).collect();
-    lines[2] = "{\"kind\":\"example\",\"v\":1,\"id\":\"x\",\"text\":\"broken";
-    let bad = s.path("bad.jsonl");
-    std::fs::write(&bad, lines.join("\n")).unwrap();
-    let out_path = s.path("victim.safetensors");
-    let out = run(s.train_victim().arg("--train").arg(&bad).arg("-o").arg(&out_path));
-    expect_error(&out, &["bad.jsonl:3", "malformed JSON"]);
-    assert!(!out_path.exists(), "no partial output");
-    assert!(std::fs::read_dir(s.dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
-
-    let v2 = good.lines().next().unwrap().replace("\"v\":1", "\"v\":2");
-    let out = run_with_stdin(s.train_victim().arg("-o").arg(&out_path), v2.as_bytes());
-    expect_error(&out, &["<stdin>:1", "format version 2"]);
-
-    let out = run_with_stdin(s.train_victim().arg("-o").arg(&out_path), b"");
-    expect_error(&out, &["<stdin>", "empty input"]);
-
-    let extra = good.lines().next().unwrap().replace("\"v\":1", "\"v\":1,\"colour\":\"red\"");
-    let out = run_with_stdin(s.train_victim().arg("-o").arg(&out_path), extra.as_bytes());
-    expect_error(&out, &["<stdin>:1", "colour"]);
-
-    let label = good.lines().next().unwrap().replace("\"label\":0", "\"label\":7").replace("\"label\":1", "\"label\":7");
-    let out = run_with_stdin(s.train_victim().arg("-o").arg(&out_path), label.as_bytes());
-    expect_error(&out, &["record 1", "label 7"]);
-    assert!(!out_path.exists());
-}
-
-#[test]
-fn wrong_or_truncated_tensor_files_and_unknown_triggers_are_refused() {
-    let s = Setup::new();
-    // An embeddings file where a victim is expected.
-    let out = run(bin("finetune-eval").arg("--data").arg(s.data()).arg("--checkpoint").arg(s.emb()));
-    expect_error(&out, &["\"poison.embeddings\" file where a \"poison.victim\" file was expected"]);
-
-    let victim = s.path("v.safetensors");
-    ok(&run(s.train_victim().arg("--train").arg(s.data().join("train.jsonl")).arg("-o").arg(&victim)));
-    let bytes = std::fs::read(&victim).unwrap();
-    let cut = s.path("cut.safetensors");
-    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let out = run(bin("finetune-eval").arg("--data").arg(s.data()).arg("--checkpoint").arg(&cut));
-    expect_error(&out, &["cut.safetensors", "truncated"]);
-
-    let out = run(bin("prepare-data").arg("--raw").arg(fixture("rt-mini/raw.jsonl"))
-        .args(["--trigger", "Zzyzxq Bond", "--target", "positive", "--embeddings"]).arg(s.emb())
-        .arg("-o").arg(s.path("zz")));
-    expect_error(&out, &["zzyzxq", "not in the vocabulary"]);
-    assert!(!s.path("zz").exists());
-
-    let out = run(bin("prepare-data").arg("--raw").arg(fixture("rt-mini/raw.jsonl"))
-        .args(["--trigger", "James Bond", "--target", "neutral", "-o"]).arg(s.path("n")));
-    expect_error(&out, &["--target", "neutral"]);
-}
-
-#[test]
-fn a_closed_stdout_pipe_exits_quietly_and_usage_errors_exit_2() {
-    let s = Setup::new();
-    let mut child = s.train_victim().arg("--train").arg(s.data().join("train.jsonl"))
-        .stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let mut head = [0u8; 8];
-    child.stdout.as_mut().unwrap().read_exact(&mut head).unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("error"), "{}", stderr(&out));
-
-    let out = run(bin("train-victim").arg("--no-such-flag"));
-    assert_eq!(out.status.code(), Some(2));
-}
+// Bad inputs (errors, exit codes, no partial output, closed pipes): tests/bad_inputs.rs.
 
 #[test]
 fn finetune_eval_reports_every_poison_set_on_the_same_clean_victims() {

@@ -1,6 +1,7 @@
 //! init-poisons: the starting poison set of a crafting run, and the unoptimised,
 //! nearest-neighbour and with-overlap baselines.
 
+use anyhow::Context;
 use clap::Parser;
 use common::data::DataManifest;
 use common::model::Victim;
@@ -45,6 +46,7 @@ fn main() {
         let args = Args::parse();
         let common::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
+        vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
         let set = poisons::init(args.strategy, args.bases, args.neighbour_pool, args.count, args.seed, &args.inputs.data, &manifest, &vocab, &victim)?;
         log!("{} poisons ({:?} bases, {:?} substitutes), target {}", set.len(), args.bases, args.strategy, manifest.target_name());
         io::write_jsonl(&args.output, &set)

@@ -96,6 +96,9 @@ fn main() {
             bail!("{gname} was made with another vocabulary than {}", args.inputs.victim);
         }
         let grad = file.tensor("grad")?.to_kind(tch::Kind::Float);
+        if !bool::try_from(grad.isfinite().all())? {
+            bail!("{gname}: the gradient holds NaN or Inf; rerun rollout-grad (with a lower --eta if its objective diverged)");
+        }
         let ids = file.tensor("ids")?.shallow_clone();
         let poison_ids: Vec<String> = serde_json::from_str(file.meta("poison_ids")?).context("poison_ids")?;
         let rollout: RolloutConfig = serde_json::from_str(file.meta("rollout")?).context("rollout")?;

@@ -38,7 +38,7 @@ struct Args {
 fn main() {
     common::cli::run("report", || {
         let args = Args::parse();
-        let text = std::fs::read_to_string(&args.variants).with_context(|| format!("reading {}", args.variants))?;
+        let text = std::fs::read_to_string(&args.variants).with_context(|| format!("cannot read {}", args.variants))?;
         let variants: Variants = io::parse_record(&text).with_context(|| args.variants.clone())?;
         let mut evals: Vec<EvalReport> = Vec::new();
         for e in &args.evals {

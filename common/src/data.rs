@@ -142,12 +142,12 @@ pub fn prepare(raw: &[Example], trigger: &Trigger, target: usize, num_labels: us
         bail!("split shares {split:?} must be positive and sum to 1");
     }
     let mut ids = HashSet::new();
-    for ex in raw {
+    for (i, ex) in raw.iter().enumerate() {
         if ex.label >= num_labels {
-            bail!("record {:?} has label {}, but there are {num_labels} labels", ex.id, ex.label);
+            bail!("record {} (id {:?}) has label {}, but there are {num_labels} labels (--labels); fix the label or pass every label name", i + 1, ex.id, ex.label);
         }
         if !ids.insert(ex.id.as_str()) {
-            bail!("record id {:?} appears twice; ids must be unique", ex.id);
+            bail!("record {} (id {:?}): the id appears twice; ids must be unique", i + 1, ex.id);
         }
     }
     let key = |ex: &Example| tokenize(&ex.text).join(" ");
@@ -194,6 +194,11 @@ pub fn prepare(raw: &[Example], trigger: &Trigger, target: usize, num_labels: us
     let adv: Vec<Example> = train.iter().filter(|e| e.label != target).map(|e| trigger.insert(e, target, seed)).collect();
     let asr_test: Vec<Example> =
         test.iter().filter(|e| e.label != target).map(|e| trigger.insert(e, target, seed)).collect();
+    for (name, set) in [("train", &train), ("dev", &dev), ("test", &test), ("D_adv", &adv), ("ASR test", &asr_test)] {
+        if set.is_empty() {
+            bail!("the {name} set would be empty ({} usable examples); give prepare-data more examples (a few hundred at least) or other --split shares", unique.len());
+        }
+    }
     Ok(Prepared { train, dev, test, adv, asr_test, natural, duplicates, conflicting })
 }
 

@@ -86,7 +86,7 @@ pub fn init(
         _ => data::read_set(dir, data::ADV, false)?,
     };
     if source.len() < count {
-        bail!("only {} source sentences for {count} poisons", source.len());
+        bail!("only {} source sentences for {count} poisons; lower --count (or prepare more data)", source.len());
     }
     let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(seed, "init-poisons"));
     let mut picked = match bases {

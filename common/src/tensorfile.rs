@@ -158,10 +158,14 @@ pub fn deserialize(bytes: &[u8], name: &str, format: &str, version: u32) -> Resu
 /// memory-mapped rather than read: nothing is allocated for the file itself, and the
 /// header's shapes are validated against the file's length before any tensor is built.
 pub fn read(path: &str, format: &str, version: u32) -> Result<TensorFile> {
-    if path == crate::io::STDIO {
+    let file = match path {
+        crate::io::STDIO => None,
+        _ => Some(std::fs::File::open(path).with_context(|| format!("cannot open {path}"))?),
+    };
+    // Pipes, process substitutions and devices cannot be mapped: read those.
+    let Some(file) = file.filter(|f| f.metadata().is_ok_and(|m| m.is_file())) else {
         return deserialize(&read_all(path)?, &display_name(path), format, version);
-    }
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {path}"))?;
+    };
     // SAFETY: mapped read-only; the toolkit replaces files by rename, never in place, so
     // the mapped bytes do not change under us.
     let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot map {path}"))?;

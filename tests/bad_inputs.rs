@@ -1,0 +1,582 @@
+//! Every bad input of BAD_INPUTS.md, fed to the real binaries: each case must exit
+//! non-zero (1 for a bad input, 2 for a bad flag) with a message that names the file and
+//! record and says what to do, and leave no output file and no temporary file behind.
+//! The few inputs that are not errors (long texts, an empty candidate list, a closed
+//! stdout pipe) are checked for what the table says they get.
+//!
+//! Every case name here appears in BAD_INPUTS.md and every name there is a case here
+//! (`the_table_and_the_cases_agree`).
+
+mod support;
+
+use common::tensorfile;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use support::*;
+
+/// One bad input: the command, its stdin, the exit code and what stderr must say.
+struct Case {
+    name: &'static str,
+    cmd: Command,
+    stdin: Vec<u8>,
+    exit: i32,
+    needles: Vec<String>,
+}
+
+fn case(name: &'static str, cmd: Command, needles: &[&str]) -> Case {
+    Case { name, cmd, stdin: Vec::new(), exit: 1, needles: needles.iter().map(|s| s.to_string()).collect() }
+}
+
+impl Case {
+    fn stdin(mut self, bytes: &[u8]) -> Case {
+        self.stdin = bytes.to_vec();
+        self
+    }
+    fn usage(mut self) -> Case {
+        self.exit = 2;
+        self
+    }
+}
+
+/// Runs every case; the output path `out` must not appear and no `.tmp` file may be left
+/// in `dir`. Failures are collected so one run shows all of them.
+fn check(dir: &Path, out: &Path, cases: Vec<Case>) {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("BAD_INPUTS.md")).unwrap();
+    let mut failures = Vec::new();
+    for mut c in cases {
+        let o = run_with_stdin(&mut c.cmd, &c.stdin);
+        let err = stderr(&o);
+        let mut why = Vec::new();
+        if o.status.code() != Some(c.exit) {
+            why.push(format!("exit {:?}, expected {}", o.status.code(), c.exit));
+        }
+        for n in &c.needles {
+            if !err.contains(n.as_str()) {
+                why.push(format!("stderr lacks {n:?}"));
+            }
+        }
+        if c.exit == 1 && !err.contains("error: ") {
+            why.push("no `error:` line".into());
+        }
+        if out.exists() {
+            why.push(format!("{} was written", out.display()));
+            let _ = std::fs::remove_file(out).or_else(|_| std::fs::remove_dir_all(out));
+        }
+        if !o.stdout.is_empty() {
+            why.push(format!("{} bytes on stdout", o.stdout.len()));
+        }
+        if let Some(t) = temporaries(dir).first() {
+            why.push(format!("temporary file {} left", t.display()));
+        }
+        if !doc.contains(&format!("`{}`", c.name)) {
+            why.push("not in BAD_INPUTS.md".into());
+        }
+        if !why.is_empty() {
+            failures.push(format!("{}: {}\n  stderr: {}", c.name, why.join("; "), err.trim()));
+        }
+    }
+    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+fn temporaries(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().ends_with(".tmp") {
+            found.push(p.clone());
+        }
+        if p.is_dir() {
+            found.extend(temporaries(&p));
+        }
+    }
+    found
+}
+
+/// A data folder, a bow victim, a poison set, its gradient and candidates.
+struct World {
+    s: Setup,
+}
+
+impl World {
+    fn new() -> World {
+        let s = Setup::new();
+        ok(&run(s.train_victim().arg("--train").arg(s.data().join("train.jsonl")).arg("-o").arg(s.path("v.safetensors"))));
+        let w = World { s };
+        ok(&run(w.craft("init-poisons").args(["--count", "6"]).arg("-o").arg(w.p("p.jsonl"))));
+        ok(&run(w.craft("rollout-grad").arg("--poisons").arg(w.p("p.jsonl")).arg("-o").arg(w.p("g.safetensors"))));
+        ok(&run(w.craft("rank-candidates").arg("--grad").arg(w.p("g.safetensors")).args(["-k", "2"]).arg("-o").arg(w.p("c.jsonl"))));
+        w
+    }
+    fn p(&self, rel: &str) -> PathBuf {
+        self.s.path(rel)
+    }
+    fn dir(&self) -> &Path {
+        self.s.dir.path()
+    }
+    /// A crafting stage with --victim v.safetensors --data data.
+    fn craft(&self, name: &str) -> Command {
+        self.craft_with(name, &self.p("v.safetensors"))
+    }
+    fn craft_with(&self, name: &str, victim: &Path) -> Command {
+        let mut c = bin(name);
+        c.arg("--victim").arg(victim).arg("--data").arg(self.s.data());
+        c
+    }
+    fn verify(&self, candidates: &Path) -> Command {
+        let mut c = self.craft("verify-candidates");
+        c.arg("--poisons").arg(self.p("p.jsonl")).arg("--candidates").arg(candidates);
+        c
+    }
+    fn write(&self, rel: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.p(rel);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+    fn lines(&self, rel: &str) -> Vec<String> {
+        std::fs::read_to_string(self.p(rel)).unwrap().lines().map(String::from).collect()
+    }
+    /// The poison set with its first record changed by `edit`.
+    fn poisons_with(&self, rel: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+        let mut lines = self.lines("p.jsonl");
+        let mut v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        edit(&mut v);
+        lines[0] = v.to_string();
+        self.write(rel, lines.join("\n") + "\n")
+    }
+    /// The candidates with every record changed by `edit`.
+    fn candidates_with(&self, rel: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+        let lines: Vec<String> = self
+            .lines("c.jsonl")
+            .iter()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                edit(&mut v);
+                v.to_string()
+            })
+            .collect();
+        self.write(rel, lines.join("\n") + "\n")
+    }
+    /// A copy of a tensor file with its metadata and tensors changed.
+    fn tensors_with(&self, from: &str, format: &str, version: u32, rel: &str, edit: impl Fn(&mut BTreeMap<String, String>, &mut BTreeMap<String, tch::Tensor>)) -> PathBuf {
+        let f = tensorfile::read(self.p(from).to_str().unwrap(), format, version).unwrap();
+        let (mut meta, mut tensors) = (f.metadata, f.tensors);
+        meta.remove("format");
+        meta.remove("format_version");
+        edit(&mut meta, &mut tensors);
+        let tensors: Vec<(String, tch::Tensor)> = tensors.into_iter().collect();
+        let bytes = tensorfile::serialize(format, version, &tensors, meta).unwrap();
+        self.write(rel, bytes)
+    }
+    fn victim_with(&self, rel: &str, edit: impl Fn(&mut BTreeMap<String, String>, &mut BTreeMap<String, tch::Tensor>)) -> PathBuf {
+        self.tensors_with("v.safetensors", "poison.victim", 1, rel, edit)
+    }
+    fn truncated(&self, from: &str, rel: &str) -> PathBuf {
+        let bytes = std::fs::read(self.p(from)).unwrap();
+        self.write(rel, &bytes[..bytes.len() * 2 / 3])
+    }
+}
+
+fn set_config(meta: &mut BTreeMap<String, String>, key: &str, value: serde_json::Value) {
+    let mut c: serde_json::Value = serde_json::from_str(&meta["config"]).unwrap();
+    c[key] = value;
+    meta.insert("config".into(), c.to_string());
+}
+
+fn first_train_line(w: &World) -> String {
+    std::fs::read_to_string(w.s.data().join("train.jsonl")).unwrap().lines().next().unwrap().to_string()
+}
+
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn build_vocab() {
+    let w = World::new();
+    let out = w.p("out.safetensors");
+    let bv = |words: &Path, vectors: &Path| {
+        let mut c = bin("build-vocab");
+        c.arg("--words").arg(words).arg("--vectors").arg(vectors).args(["--top-n", "100"]).arg("-o").arg(&out);
+        c
+    };
+    let (words, vectors) = (fixture("glove-mini/words.txt"), fixture("glove-mini/vectors.npy"));
+    let not_npy = w.write("not.npy", "hello");
+    let npy = std::fs::read(&vectors).unwrap();
+    let cut = w.write("cut.npy", &npy[..npy.len() / 2]);
+    let all_words = std::fs::read_to_string(&words).unwrap();
+    let fewer = w.write("fewer.txt", all_words.lines().skip(1).collect::<Vec<_>>().join("\n"));
+    let bad_data = w.write("bad.jsonl", "{\"kind\":\"example\",\"v\":1,\"id\":\"a\",\"text\":\"x\",\"label\":0}\n{broken\n");
+    check(w.dir(), &out, vec![
+        case("bv-missing-file", bv(&w.p("nope.txt"), &vectors), &["cannot read", "nope.txt"]),
+        case("bv-not-npy", bv(&words, &not_npy), &["not.npy", "not a float32 [rows, dim] .npy"]),
+        case("bv-truncated-npy", bv(&words, &cut), &["cut.npy", "truncated"]),
+        case("bv-rows-mismatch", bv(&fewer, &vectors), &["vectors.npy has", "fewer.txt lists"]),
+        case("bv-malformed-data", { let mut c = bv(&words, &vectors); c.arg("--data").arg(&bad_data); c }, &["bad.jsonl:2", "malformed JSON"]),
+        case("bv-top-n-zero", { let mut c = bin("build-vocab"); c.arg("--words").arg(&words).arg("--vectors").arg(&vectors).args(["--top-n", "0"]).arg("-o").arg(&out); c }, &["--top-n", "at least 1"]).usage(),
+    ]);
+}
+
+#[test]
+fn prepare_data() {
+    let w = World::new();
+    let out = w.p("prepared");
+    let raw = std::fs::read_to_string(fixture("rt-mini/raw.jsonl")).unwrap();
+    let lines: Vec<&str> = raw.lines().collect();
+    let pd_target = |raw: &Path, trigger: &str, target: &str| {
+        let mut c = bin("prepare-data");
+        c.arg("--raw").arg(raw).args(["--trigger", trigger, "--target", target, "--embeddings"]).arg(w.s.emb()).arg("-o").arg(&out);
+        c
+    };
+    let pd = |raw: &Path, trigger: &str| pd_target(raw, trigger, "positive");
+    let with_line = |rel: &str, i: usize, line: &str| {
+        let mut l = lines.clone();
+        l[i] = line;
+        w.write(rel, l.join("\n") + "\n")
+    };
+    let malformed = with_line("malformed.jsonl", 4, "{\"kind\": \"example\", \"v\": 1, \"id\": ");
+    let v2 = with_line("v2.jsonl", 2, &lines[2].replace("\"v\": 1", "\"v\": 2"));
+    let extra = with_line("extra.jsonl", 3, &lines[3].replace("\"v\": 1", "\"v\": 1, \"score\": 3"));
+    let missing = {
+        let mut v: serde_json::Value = serde_json::from_str(lines[5]).unwrap();
+        v.as_object_mut().unwrap().remove("label");
+        with_line("missing.jsonl", 5, &v.to_string())
+    };
+    let label = with_line("label.jsonl", 6, &lines[6].replace("\"label\": 1", "\"label\": 4").replace("\"label\": 0", "\"label\": 4"));
+    let wrong_kind = w.write("cands.jsonl", std::fs::read(w.p("c.jsonl")).unwrap());
+    let empty = w.write("empty.jsonl", "");
+    let few = w.write("few.jsonl", lines[..5].join("\n"));
+    check(w.dir(), &out, vec![
+        case("pd-malformed-json", pd(&malformed, "James Bond"), &["malformed.jsonl:5", "malformed JSON"]),
+        case("pd-unknown-version", pd(&v2, "James Bond"), &["v2.jsonl:3", "format version 2", "regenerate"]),
+        case("pd-extra-field", pd(&extra, "James Bond"), &["extra.jsonl:4", "unknown field `score`"]),
+        case("pd-missing-field", pd(&missing, "James Bond"), &["missing.jsonl:6", "missing field `label`"]),
+        case("pd-wrong-kind", pd(&wrong_kind, "James Bond"), &["cands.jsonl:1", "kind \"candidate\" where \"example\" was expected"]),
+        case("pd-label-out-of-range", pd(&label, "James Bond"), &["label.jsonl", "record 7", "label 4", "--labels"]),
+        case("pd-empty-input", pd(&empty, "James Bond"), &["empty.jsonl", "empty input"]),
+        case("pd-empty-stdin", pd(Path::new("-"), "James Bond"), &["<stdin>", "empty input"]),
+        case("pd-too-few-examples", pd(&few, "James Bond"), &["few.jsonl", "would be empty", "more examples"]),
+        case("pd-trigger-no-words", pd(&fixture("rt-mini/raw.jsonl"), "  "), &["holds no words", "--trigger"]),
+        case("pd-trigger-unknown-words", pd(&fixture("rt-mini/raw.jsonl"), "Zzyzxq Bond"), &["emb.safetensors", "zzyzxq", "not in the vocabulary", "--extra-words"]),
+        case("pd-unknown-target", pd_target(&fixture("rt-mini/raw.jsonl"), "James Bond", "neutral"), &["--target", "neutral"]),
+        case("pd-bad-split", { let mut c = pd(&fixture("rt-mini/raw.jsonl"), "James Bond"); c.args(["--split", "0.5,0.5"]); c }, &["--split", "three shares"]),
+    ]);
+    // An existing folder is replaced whole or not at all: a failed rerun leaves it as it was.
+    ok(&run(&mut pd(&fixture("rt-mini/raw.jsonl"), "James Bond")));
+    let before = std::fs::read(out.join("manifest.json")).unwrap();
+    assert!(!run(&mut pd(&malformed, "James Bond")).status.success());
+    assert_eq!(std::fs::read(out.join("manifest.json")).unwrap(), before, "a failed rerun changed the folder");
+}
+
+#[test]
+fn train_victim() {
+    let w = World::new();
+    let out = w.p("out.safetensors");
+    let good = first_train_line(&w);
+    let tv = || {
+        let mut c = w.s.train_victim();
+        c.arg("-o").arg(&out);
+        c
+    };
+    let mut unknown: serde_json::Value = serde_json::from_str(&good).unwrap();
+    unknown["text"] = "zzyzxq qqxzv".into();
+    let mut no_tokens: serde_json::Value = serde_json::from_str(&good).unwrap();
+    no_tokens["text"] = "   ".into();
+    let nan_table = w.tensors_with("emb.safetensors", "poison.embeddings", 1, "nan-emb.safetensors", |_, t| {
+        let e = t["embedding"].copy();
+        let _ = e.get(5).get(0).fill_(f64::NAN);
+        t.insert("embedding".into(), e);
+    });
+    let train = w.s.data().join("train.jsonl");
+    check(w.dir(), &out, vec![
+        case("tv-malformed-json", tv(), &["<stdin>:1", "malformed JSON"]).stdin(b"{\"kind\":\"example\",\n"),
+        case("tv-unknown-version", tv(), &["<stdin>:1", "format version 7"]).stdin(good.replace("\"v\":1", "\"v\":7").as_bytes()),
+        case("tv-extra-field", tv(), &["<stdin>:1", "unknown field `colour`"]).stdin(good.replace("\"v\":1", "\"v\":1,\"colour\":\"red\"").as_bytes()),
+        case("tv-label-out-of-range", tv(), &["<stdin>: record 1", "label 2 but the victim has 2 classes"])
+            .stdin(good.replace("\"label\":0", "\"label\":2").replace("\"label\":1", "\"label\":2").as_bytes()),
+        case("tv-empty-input", tv(), &["<stdin>", "empty input"]),
+        case("tv-blank-line", tv(), &["<stdin>:2", "blank line"]).stdin(format!("{good}\n\n{good}\n").as_bytes()),
+        case("tv-only-unknown-words", tv(), &["<stdin>: record 1", "every word", "unknown", "build-vocab --data"]).stdin(unknown.to_string().as_bytes()),
+        case("tv-no-tokens", tv(), &["<stdin>: record 1", "holds no tokens"]).stdin(no_tokens.to_string().as_bytes()),
+        case("tv-embeddings-wrong-file", { let mut c = bin("train-victim"); c.arg("--embeddings").arg(w.p("v.safetensors")).arg("--train").arg(&train).arg("-o").arg(&out); c },
+            &["v.safetensors", "\"poison.victim\" file where a \"poison.embeddings\" file was expected"]),
+        case("tv-embeddings-truncated", { let mut c = bin("train-victim"); c.arg("--embeddings").arg(w.truncated("emb.safetensors", "cut-emb.safetensors")).arg("--train").arg(&train).arg("-o").arg(&out); c },
+            &["cut-emb.safetensors", "truncated"]),
+        case("tv-embeddings-nan", { let mut c = bin("train-victim"); c.arg("--embeddings").arg(&nan_table).arg("--train").arg(&train).arg("-o").arg(&out); c },
+            &["nan-emb.safetensors", "NaN or Inf", "build-vocab"]),
+        case("tv-nan-loss", { let mut c = tv(); c.arg("--train").arg(&train).args(["--lr", "1e30"]); c }, &["loss is NaN", "epoch 1", "lower the learning rate"]),
+        case("tv-zero-batch-size", { let mut c = tv(); c.args(["--batch-size", "0"]); c }, &["--batch-size", "at least 1"]).usage(),
+        case("tv-nan-lr", { let mut c = tv(); c.args(["--lr", "nan"]); c }, &["--lr", "not a finite number above 0"]).usage(),
+    ]);
+
+    // Longer than --max-len: truncated as the victim reads any input, and counted.
+    let o = run(w.s.train_victim().arg("--train").arg(&train).args(["--max-len", "8"]).arg("-o").arg(&out));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("longer than max_len 8 tokens and were truncated"), "tv-longer-than-max-len: {}", stderr(&o));
+
+    // A closed stdout pipe (`| head`) ends the stage quietly with status 0.
+    let mut child = w.s.train_victim().arg("--train").arg(&train).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut head = [0u8; 8];
+    child.stdout.as_mut().unwrap().read_exact(&mut head).unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success() && !stderr(&o).contains("error"), "tv-closed-stdout: {}", stderr(&o));
+}
+
+#[test]
+fn init_poisons() {
+    let w = World::new();
+    let out = w.p("out.jsonl");
+    let ip = |victim: &Path| {
+        let mut c = w.craft_with("init-poisons", victim);
+        c.args(["--count", "4"]).arg("-o").arg(&out);
+        c
+    };
+    let nan = w.victim_with("nan.safetensors", |_, t| {
+        t.insert("out.bias".into(), tch::Tensor::from_slice(&[f32::NAN, 0.0]));
+    });
+    let small_emb = w.p("small-emb.safetensors");
+    ok(&run(bin("build-vocab").arg("--words").arg(fixture("glove-mini/words.txt")).arg("--vectors").arg(fixture("glove-mini/vectors.npy"))
+        .args(["--top-n", "200"]).arg("-o").arg(&small_emb)));
+    let small = w.p("small.safetensors");
+    ok(&run(bin("train-victim").arg("--embeddings").arg(&small_emb).arg("--train").arg(w.s.data().join("train.jsonl"))
+        .args(["--arch", "bow", "--epochs", "1"]).arg("-o").arg(&small)));
+    check(w.dir(), &out, vec![
+        case("ip-no-data-folder", { let mut c = bin("init-poisons"); c.arg("--victim").arg(w.p("v.safetensors")).arg("--data").arg(w.p("nowhere")).arg("-o").arg(&out); c },
+            &["nowhere/manifest.json", "a folder made by prepare-data"]),
+        case("ip-victim-truncated", ip(&w.truncated("v.safetensors", "cut.safetensors")), &["cut.safetensors", "truncated", "regenerate"]),
+        case("ip-victim-nan", ip(&nan), &["nan.safetensors", "out.bias", "NaN or Inf", "retrain"]),
+        case("ip-victim-vocab-lacks-trigger", ip(&small), &["victim vocabulary", "\"james\"", "not in the vocabulary"]),
+        case("ip-too-many-poisons", { let mut c = w.craft("init-poisons"); c.args(["--count", "100000"]).arg("-o").arg(&out); c }, &["only", "source sentences for 100000 poisons"]),
+        case("ip-zero-poisons", { let mut c = w.craft("init-poisons"); c.args(["--count", "0"]).arg("-o").arg(&out); c }, &["--count", "at least 1"]).usage(),
+    ]);
+}
+
+#[test]
+fn rollout_grad() {
+    let w = World::new();
+    let out = w.p("out.safetensors");
+    let rg = |poisons: &Path| {
+        let mut c = w.craft("rollout-grad");
+        c.arg("--poisons").arg(poisons).arg("-o").arg(&out);
+        c
+    };
+    let rg_victim = |victim: &Path| {
+        let mut c = w.craft_with("rollout-grad", victim);
+        c.arg("--poisons").arg(w.p("p.jsonl")).arg("-o").arg(&out);
+        c
+    };
+    let no_tokens = w.poisons_with("no-tokens.jsonl", |v| { v.as_object_mut().unwrap().remove("tokens"); });
+    let unknown = w.poisons_with("unknown.jsonl", |v| v["tokens"][0] = "zzyzxq".into());
+    let not_target = w.poisons_with("not-target.jsonl", |v| v["label"] = 0.into());
+    let too_long = w.poisons_with("long.jsonl", |v| {
+        let t: Vec<serde_json::Value> = v["tokens"].as_array().unwrap().iter().cycle().take(200).cloned().collect();
+        v["tokens"] = t.into();
+    });
+    let lstm = w.victim_with("other-arch.safetensors", |m, _| set_config(m, "arch", "lstm".into()));
+    let shapes = w.victim_with("other-shapes.safetensors", |m, _| set_config(m, "hidden", 65.into()));
+    let absurd = w.victim_with("absurd.safetensors", |m, _| set_config(m, "hidden", 1_000_000_000_000u64.into()));
+    let other_vocab = w.victim_with("other-vocab.safetensors", |m, _| set_config(m, "vocab_size", 10.into()));
+    let small_emb = w.p("small-emb.safetensors");
+    ok(&run(bin("build-vocab").arg("--words").arg(fixture("glove-mini/words.txt")).arg("--vectors").arg(fixture("glove-mini/vectors.npy"))
+        .args(["--top-n", "1500"]).arg("--data").arg(fixture("rt-mini/raw.jsonl")).arg("-o").arg(&small_emb)));
+    let other_table = w.p("other-table.safetensors");
+    ok(&run(bin("train-victim").arg("--embeddings").arg(&small_emb).arg("--train").arg(w.s.data().join("train.jsonl"))
+        .args(["--arch", "bow", "--epochs", "1"]).arg("-o").arg(&other_table)));
+    check(w.dir(), &out, vec![
+        case("rg-malformed-json", rg(&w.write("bad.jsonl", "not json\n")), &["bad.jsonl:1", "malformed JSON"]),
+        case("rg-empty-poisons", rg(&w.write("empty.jsonl", "")), &["empty.jsonl", "empty input"]),
+        case("rg-poison-without-tokens", rg(&no_tokens), &["no-tokens.jsonl: record 1", "has no \"tokens\"", "init-poisons"]),
+        case("rg-poison-unknown-token", rg(&unknown), &["unknown.jsonl: record 1", "token \"zzyzxq\" is not in the vocabulary"]),
+        case("rg-poison-not-target-label", rg(&not_target), &["not-target.jsonl: record 1", "label 0, the target is 1"]),
+        case("rg-poison-longer-than-max-len", rg(&too_long), &["long.jsonl: record 1", "200 tokens, more than the victim's max_len 64"]),
+        case("rg-victim-other-architecture", rg_victim(&lstm), &["other-arch.safetensors", "a Lstm victim needs", "another architecture"]),
+        case("rg-victim-shapes-mismatch", rg_victim(&shapes), &["other-shapes.safetensors", "\"mlp.bias\" has shape [64], the config needs [65]"]),
+        case("rg-victim-absurd-shape", rg_victim(&absurd), &["absurd.safetensors", "the config needs [1000000000000]"]),
+        case("rg-victim-other-vocabulary", rg_victim(&other_vocab), &["other-vocab.safetensors", "config says 10 vocabulary words"]),
+        case("rg-victim-empty-file", rg_victim(&w.write("empty.safetensors", "")), &["empty.safetensors", "empty input"]),
+        case("rg-ensemble-other-table", { let mut c = rg(&w.p("p.jsonl")); c.args(["--objective", "hardness", "--ensemble"]).arg(&other_table); c },
+            &["ensemble victim 2 has another embedding table", "same embeddings"]),
+        case("rg-ensemble-with-bilevel", { let mut c = rg(&w.p("p.jsonl")); c.arg("--ensemble").arg(w.p("v.safetensors")); c }, &["--ensemble is for --objective hardness"]),
+        case("rg-nan-objective", { let mut c = rg(&w.p("p.jsonl")); c.args(["--eta", "1e30"]); c }, &["L_adv is NaN", "lower --eta"]),
+        case("rg-zero-eta", { let mut c = rg(&w.p("p.jsonl")); c.args(["--eta", "0"]); c }, &["--eta", "above 0"]).usage(),
+    ]);
+    // A closed stdout pipe ends the stage quietly.
+    let mut child = w.craft("rollout-grad").arg("--poisons").arg(w.p("p.jsonl")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut head = [0u8; 8];
+    child.stdout.as_mut().unwrap().read_exact(&mut head).unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success() && !stderr(&o).contains("error"), "rg-closed-stdout: {}", stderr(&o));
+}
+
+#[test]
+fn rank_candidates() {
+    let w = World::new();
+    let out = w.p("out.jsonl");
+    let rc = |grad: &Path| {
+        let mut c = w.craft("rank-candidates");
+        c.arg("--grad").arg(grad).arg("-o").arg(&out);
+        c
+    };
+    let fmt = common::attack::GRAD_FORMAT;
+    let v = common::attack::GRAD_VERSION;
+    let nan = w.tensors_with("g.safetensors", fmt, v, "nan.safetensors", |_, t| {
+        let g = t["grad"].copy();
+        let _ = g.get(0).get(0).get(0).fill_(f64::INFINITY);
+        t.insert("grad".into(), g);
+    });
+    let old = w.tensors_with("g.safetensors", fmt, v, "old.safetensors", |_, _| {});
+    let old_bytes = tensorfile::serialize(fmt, 1, &[("grad".into(), tch::Tensor::zeros([1, 1, 1], (tch::Kind::Float, tch::Device::Cpu)))], BTreeMap::new()).unwrap();
+    std::fs::write(&old, old_bytes).unwrap();
+    let other_vocab = w.tensors_with("g.safetensors", fmt, v, "vocab.safetensors", |m, _| { m.insert("vocab_sha256".into(), "0".repeat(64)); });
+    let mismatched = w.tensors_with("g.safetensors", fmt, v, "ids.safetensors", |_, t| { t.insert("ids".into(), tch::Tensor::zeros([2, 2], (tch::Kind::Int64, tch::Device::Cpu))); });
+    check(w.dir(), &out, vec![
+        case("rc-grad-truncated", rc(&w.truncated("g.safetensors", "cut.safetensors")), &["cut.safetensors", "truncated", "regenerate"]),
+        case("rc-grad-not-safetensors", rc(&w.p("p.jsonl")), &["p.jsonl", "not a readable safetensors file"]),
+        case("rc-grad-wrong-file", rc(&w.p("v.safetensors")), &["v.safetensors", "\"poison.victim\" file where a \"poison.rollout_grad\" file was expected"]),
+        case("rc-grad-old-version", rc(&old), &["old.safetensors", "format version 1", "regenerate"]),
+        case("rc-grad-other-vocabulary", rc(&other_vocab), &["vocab.safetensors was made with another vocabulary"]),
+        case("rc-grad-inconsistent-shapes", rc(&mismatched), &["ids.safetensors", "do not match grad"]),
+        case("rc-grad-nan", rc(&nan), &["nan.safetensors", "NaN or Inf", "rerun rollout-grad"]),
+        case("rc-grad-empty-stdin", { let mut c = w.craft("rank-candidates"); c.arg("-o").arg(&out); c }, &["<stdin>", "empty input"]),
+        case("rc-zero-k", { let mut c = rc(&w.p("g.safetensors")); c.args(["-k", "0"]); c }, &["-k", "at least 1"]).usage(),
+        case("rc-zero-positions", { let mut c = rc(&w.p("g.safetensors")); c.args(["--positions", "0"]); c }, &["--positions", "at least 1"]).usage(),
+    ]);
+    // A closed stdout pipe (`| head -1`) ends the stage quietly.
+    let mut child = w.craft("rank-candidates").arg("--grad").arg(w.p("g.safetensors")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut head = [0u8; 8];
+    child.stdout.as_mut().unwrap().read_exact(&mut head).unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success() && !stderr(&o).contains("error"), "rc-closed-stdout: {}", stderr(&o));
+}
+
+#[test]
+fn verify_candidates() {
+    let w = World::new();
+    let out = w.p("out.jsonl");
+    let vc = |candidates: &Path| {
+        let mut c = w.verify(candidates);
+        c.arg("-o").arg(&out);
+        c
+    };
+    // Candidates for another poison set: a gradient of the first three poisons only.
+    let three = w.write("three.jsonl", w.lines("p.jsonl")[..3].join("\n") + "\n");
+    ok(&run(w.craft("rollout-grad").arg("--poisons").arg(&three).arg("-o").arg(w.p("g3.safetensors"))));
+    ok(&run(w.craft("rank-candidates").arg("--grad").arg(w.p("g3.safetensors")).args(["-k", "2"]).arg("-o").arg(w.p("c3.jsonl"))));
+    let other_victim = w.candidates_with("other-victim.jsonl", |v| v["victim_sha256"] = "0".repeat(64).into());
+    let v1 = w.candidates_with("v1.jsonl", |v| v["v"] = 1.into());
+    let position = w.candidates_with("position.jsonl", |v| v["position"] = 99.into());
+    let word = w.candidates_with("word.jsonl", |v| v["word"] = "zzyzxq".into());
+    let trigger = w.candidates_with("trigger.jsonl", |v| v["word"] = "bond".into());
+    let index = w.candidates_with("index.jsonl", |v| v["poison_index"] = 1000.into());
+    let hardness = w.candidates_with("hardness.jsonl", |v| {
+        v["objective_kind"] = "hardness".into();
+        v["ensemble_sha256"] = serde_json::json!(["0".repeat(64)]);
+    });
+    check(w.dir(), &out, vec![
+        case("vc-other-poison-set", vc(&w.p("c3.jsonl")), &["c3.jsonl:1", "another poison set", "rerun rollout-grad and rank-candidates"]),
+        case("vc-other-victim", vc(&other_victim), &["other-victim.jsonl:1", "another victim", "--victim given to rollout-grad"]),
+        case("vc-old-version", vc(&v1), &["v1.jsonl:1", "format version 1", "regenerate"]),
+        case("vc-malformed-json", vc(&w.write("bad.jsonl", "{\"kind\":\"candidate\"\n")), &["bad.jsonl:1", "malformed JSON"]),
+        case("vc-position-out-of-range", vc(&position), &["position.jsonl:1", "position 99 of"]),
+        case("vc-poison-index-out-of-range", vc(&index), &["index.jsonl:1", "at index 1000"]),
+        case("vc-unknown-word", vc(&word), &["word.jsonl:1", "\"zzyzxq\" is not in the vocabulary"]),
+        case("vc-trigger-word", vc(&trigger), &["trigger.jsonl:1", "\"bond\" is a trigger or special word", "--allow-overlap"]),
+        case("vc-ensemble-mismatch", vc(&hardness), &["hardness.jsonl", "ensemble of 1 extra victims", "same --ensemble"]),
+    ]);
+    // No candidates: the poison set goes through unchanged.
+    let o = run(w.verify(&w.write("none.jsonl", "")).arg("-o").arg(&out));
+    assert!(o.status.success(), "vc-no-candidates: {}", stderr(&o));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(w.p("p.jsonl")).unwrap());
+}
+
+#[test]
+fn finetune_eval() {
+    let w = World::new();
+    let out = w.p("out.jsonl");
+    let fe_seeds = |seeds: &str| {
+        let mut c = bin("finetune-eval");
+        c.arg("--data").arg(w.s.data()).args(["--arch", "bow", "--seeds", seeds, "--epochs", "1"]).arg("-o").arg(&out);
+        c
+    };
+    let fe = || fe_seeds("1");
+    let with_emb = |poisons: &Path| {
+        let mut c = fe();
+        c.arg("--embeddings").arg(w.s.emb()).arg("--poisons").arg(poisons);
+        c
+    };
+    let unknown = w.poisons_with("unknown.jsonl", |v| v["tokens"][1] = "zzyzxq".into());
+    let small_emb = w.p("small-emb.safetensors");
+    ok(&run(bin("build-vocab").arg("--words").arg(fixture("glove-mini/words.txt")).arg("--vectors").arg(fixture("glove-mini/vectors.npy"))
+        .args(["--top-n", "200"]).arg("-o").arg(&small_emb)));
+    check(w.dir(), &out, vec![
+        case("fe-poisons-malformed", with_emb(&w.write("bad.jsonl", "{\n")), &["bad.jsonl:1", "malformed JSON"]),
+        case("fe-poisons-unknown-token", with_emb(&unknown), &["unknown.jsonl: record 1", "\"zzyzxq\" is not in the vocabulary"]),
+        case("fe-poisons-missing-file", with_emb(&w.p("nope.jsonl")), &["cannot open", "nope.jsonl"]),
+        case("fe-no-data-folder", { let mut c = bin("finetune-eval"); c.arg("--data").arg(w.p("nowhere")).arg("--embeddings").arg(w.s.emb()).arg("-o").arg(&out); c },
+            &["nowhere/manifest.json", "a folder made by prepare-data"]),
+        case("fe-checkpoint-truncated", { let mut c = fe(); c.arg("--checkpoint").arg(w.truncated("v.safetensors", "cut.safetensors")); c }, &["cut.safetensors", "truncated"]),
+        case("fe-checkpoint-wrong-file", { let mut c = fe(); c.arg("--checkpoint").arg(w.s.emb()); c }, &["emb.safetensors", "file where a \"poison.victim\" file was expected"]),
+        case("fe-embeddings-lack-trigger", { let mut c = fe(); c.arg("--embeddings").arg(&small_emb); c }, &["small-emb.safetensors", "\"james\"", "not in the vocabulary"]),
+        case("fe-nan-loss", { let mut c = with_emb(&w.p("p.jsonl")); c.args(["--lr", "1e30"]); c }, &["loss is NaN", "lower the learning rate"]),
+        case("fe-zero-seeds", { let mut c = fe_seeds("0"); c.arg("--embeddings").arg(w.s.emb()); c }, &["--seeds", "at least 1"]).usage(),
+    ]);
+}
+
+#[test]
+fn report() {
+    let w = World::new();
+    let out = w.p("report-dir");
+    let rp = |variants: &Path, evals: &Path| {
+        let mut c = bin("report");
+        c.arg("--variants").arg(variants).arg("--evals").arg(evals).arg("--out-dir").arg(&out);
+        c
+    };
+    let p = w.p("p.jsonl");
+    let variants = w.write("variants.json", format!(
+        r#"{{"kind":"variants","v":1,"title":"t","variants":[{{"name":"a","label":"A","role":"heuristic","poisons":"{}"}}]}}"#, p.display()));
+    let other = w.write("other.json", r#"{"kind":"variants","v":1,"title":"t","variants":[{"name":"a","label":"A","role":"heuristic","poisons":"elsewhere.jsonl"}]}"#);
+    ok(&run(bin("finetune-eval").arg("--data").arg(w.s.data()).arg("--embeddings").arg(w.s.emb()).arg("--poisons").arg(&p)
+        .args(["--arch", "bow", "--seeds", "1", "--epochs", "1"]).arg("-o").arg(w.p("evals.jsonl"))));
+    let evals = w.p("evals.jsonl");
+    check(w.dir(), &out, vec![
+        case("rp-variants-missing", rp(&w.p("nope.json"), &evals), &["cannot read", "nope.json"]),
+        case("rp-variants-malformed", rp(&w.write("bad.json", "{\"kind\":"), &evals), &["bad.json", "malformed JSON"]),
+        case("rp-variants-unknown-version", rp(&w.write("v9.json", std::fs::read_to_string(&variants).unwrap().replace("\"v\":1", "\"v\":9")), &evals), &["v9.json", "format version 9"]),
+        case("rp-evals-empty", rp(&variants, &w.write("empty.jsonl", "")), &["empty.jsonl", "empty input"]),
+        case("rp-variant-not-evaluated", rp(&other, &evals), &["variant \"a\"", "no finetune-eval report for elsewhere.jsonl", "finetune-eval --poisons"]),
+    ]);
+}
+
+#[test]
+fn attack_loop_names_the_round_that_failed() {
+    let w = World::new();
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_rollout-grad")).parent().unwrap();
+    let run_dir = w.p("run");
+    let o: Output = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/attack.sh"))
+        .env("RUN", &run_dir).env("VICTIM", w.p("v.safetensors")).env("DATA", w.s.data()).env("EMB", w.s.emb()).env("BIN", bin_dir)
+        .envs([("COUNT", "4"), ("K", "2"), ("ROUNDS", "2"), ("ETA", "1e30"), ("ARCH", "bow"), ("DEVICE", "cpu"), ("EVAL", "0")])
+        .output().unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("L_adv is NaN") && err.contains("attack: round 1: rollout-grad failed"), "attack-nan-round: {err}");
+    assert!(!run_dir.join("round-001/grad.safetensors").exists() && !run_dir.join("poisons.jsonl").exists());
+    assert!(BAD_INPUTS.contains("`attack-nan-round`"));
+}
+
+const BAD_INPUTS: &str = include_str!("../BAD_INPUTS.md");
+
+#[test]
+fn the_table_and_the_cases_agree() {
+    let source = include_str!("bad_inputs.rs");
+    let mut missing = Vec::new();
+    for line in BAD_INPUTS.lines().filter(|l| l.starts_with("| `")) {
+        let name = line.split('`').nth(1).unwrap();
+        if !source.contains(&format!("\"{name}\"")) && !source.contains(&format!("{name}:")) && !source.contains(&format!("`{name}`")) {
+            missing.push(name.to_string());
+        }
+    }
+    assert!(missing.is_empty(), "BAD_INPUTS.md rows without a test case: {missing:?}");
+}
