@@ -295,7 +295,6 @@ fn train_victim() {
             .stdin(good.replace("\"label\":0", "\"label\":2").replace("\"label\":1", "\"label\":2").as_bytes()),
         case("tv-empty-input", tv(), &["<stdin>", "empty input"]),
         case("tv-blank-line", tv(), &["<stdin>:2", "blank line"]).stdin(format!("{good}\n\n{good}\n").as_bytes()),
-        case("tv-only-unknown-words", tv(), &["<stdin>: record 1", "every word", "unknown", "build-vocab --data"]).stdin(unknown.to_string().as_bytes()),
         case("tv-no-tokens", tv(), &["<stdin>: record 1", "holds no tokens"]).stdin(no_tokens.to_string().as_bytes()),
         case("tv-embeddings-wrong-file", { let mut c = bin("train-victim"); c.arg("--embeddings").arg(w.p("v.safetensors")).arg("--train").arg(&train).arg("-o").arg(&out); c },
             &["v.safetensors", "\"poison.victim\" file where a \"poison.embeddings\" file was expected"]),
@@ -312,6 +311,12 @@ fn train_victim() {
     let o = run(w.s.train_victim().arg("--train").arg(&train).args(["--max-len", "8"]).arg("-o").arg(&out));
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("longer than max_len 8 tokens and were truncated"), "tv-longer-than-max-len: {}", stderr(&o));
+
+    // A text of only unknown words is read as <unk>s, as the victim reads any input, and counted.
+    let o = run_with_stdin(w.s.train_victim().arg("-o").arg(&out), format!("{good}\n{unknown}\n").as_bytes());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("<stdin>: 1 of 2 texts hold only words unknown to the vocabulary"), "tv-only-unknown-words: {}", stderr(&o));
+    std::fs::remove_file(&out).unwrap();
 
     // A closed stdout pipe (`| head`) ends the stage quietly with status 0.
     let mut child = w.s.train_victim().arg("--train").arg(&train).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -367,6 +372,7 @@ fn rollout_grad() {
     };
     let no_tokens = w.poisons_with("no-tokens.jsonl", |v| { v.as_object_mut().unwrap().remove("tokens"); });
     let unknown = w.poisons_with("unknown.jsonl", |v| v["tokens"][0] = "zzyzxq".into());
+    let only_unk = w.poisons_with("only-unk.jsonl", |v| v["tokens"] = serde_json::json!(["<unk>", "<unk>"]));
     let not_target = w.poisons_with("not-target.jsonl", |v| v["label"] = 0.into());
     let too_long = w.poisons_with("long.jsonl", |v| {
         let t: Vec<serde_json::Value> = v["tokens"].as_array().unwrap().iter().cycle().take(200).cloned().collect();
@@ -387,6 +393,7 @@ fn rollout_grad() {
         case("rg-empty-poisons", rg(&w.write("empty.jsonl", "")), &["empty.jsonl", "empty input"]),
         case("rg-poison-without-tokens", rg(&no_tokens), &["no-tokens.jsonl: record 1", "has no \"tokens\"", "init-poisons"]),
         case("rg-poison-unknown-token", rg(&unknown), &["unknown.jsonl: record 1", "token \"zzyzxq\" is not in the vocabulary"]),
+        case("rg-poison-only-unknown-words", rg(&only_unk), &["only-unk.jsonl: record 1", "every token is unknown", "init-poisons"]),
         case("rg-poison-not-target-label", rg(&not_target), &["not-target.jsonl: record 1", "label 0, the target is 1"]),
         case("rg-poison-longer-than-max-len", rg(&too_long), &["long.jsonl: record 1", "200 tokens, more than the victim's max_len 64"]),
         case("rg-victim-other-architecture", rg_victim(&lstm), &["other-arch.safetensors", "a Lstm victim needs", "another architecture"]),

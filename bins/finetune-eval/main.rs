@@ -11,7 +11,7 @@ use common::io::{self, Record};
 use common::model::Victim;
 use common::records::Example;
 use common::tokenizer::Vocab;
-use common::train::{self, encode_all, Encoded, LongTexts};
+use common::train::{self, encode_all, Encoded, TextPolicy};
 use common::{device, embeddings, log};
 use std::time::Instant;
 
@@ -69,7 +69,7 @@ struct Args {
 
 fn encode_sets(dir: &str, manifest: &DataManifest, vocab: &Vocab, max_len: usize) -> anyhow::Result<EvalSets> {
     let n = manifest.labels.len();
-    let enc = |name: &str, exs: &[Example]| encode_all(exs, vocab, max_len, n, LongTexts::Truncate, &format!("{dir}/{name}"));
+    let enc = |name: &str, exs: &[Example]| encode_all(exs, vocab, max_len, n, TextPolicy::Data, &format!("{dir}/{name}"));
     let test = data::read_set(dir, data::TEST, false)?;
     let nontarget: Vec<Example> = test.iter().filter(|e| e.label != manifest.target).cloned().collect();
     let natural: Vec<Example> =
@@ -145,12 +145,12 @@ fn main() {
             let config = args.victim.config(vocab.len(), table.size()[1] as usize, manifest.labels.len());
             let eval_sets = encode_sets(&args.data, &manifest, &vocab, config.max_len)?;
             let n = manifest.labels.len();
-            let clean = encode_all(&clean_train, &vocab, config.max_len, n, LongTexts::Truncate, &format!("{}/{}", args.data, data::TRAIN))?;
+            let clean = encode_all(&clean_train, &vocab, config.max_len, n, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
             // Clean data followed by each poison set (empty sets train no poisoned victim).
             let mut poisoned: Vec<Vec<Encoded>> = Vec::new();
             for set in &sets {
                 let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
-                let enc = encode_all(&set.records, &vocab, config.max_len, n, LongTexts::Truncate, &name)?;
+                let enc = encode_all(&set.records, &vocab, config.max_len, n, TextPolicy::Data, &name)?;
                 poisoned.push(if enc.is_empty() { Vec::new() } else { clean.iter().chain(&enc).cloned().collect() });
             }
             // Clean victims come from the cache when it holds them; every victim still to

@@ -5,7 +5,7 @@ use clap::Parser;
 use common::cli::VictimArgs;
 use common::model::Victim;
 use common::records::Example;
-use common::train::{self, encode_all, LongTexts};
+use common::train::{self, encode_all, TextPolicy};
 use common::{device, embeddings, io, log};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -60,10 +60,10 @@ fn main() {
             let bytes = io::read_all(path)?;
             raw_hash.extend(bytes.iter());
             let recs: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(path), false)?;
-            examples.extend(encode_all(&recs, &vocab, config.max_len, config.num_classes, LongTexts::Truncate, &io::display_name(path))?);
+            examples.extend(encode_all(&recs, &vocab, config.max_len, config.num_classes, TextPolicy::Data, &io::display_name(path))?);
         }
         let dev = match &args.dev {
-            Some(p) => Some(encode_all(&io::read_jsonl::<Example>(p, false)?, &vocab, config.max_len, config.num_classes, LongTexts::Truncate, p)?),
+            Some(p) => Some(encode_all(&io::read_jsonl::<Example>(p, false)?, &vocab, config.max_len, config.num_classes, TextPolicy::Data, p)?),
             None => None,
         };
         log!("{} training examples, victim {:?} on {device:?}, seed {}", examples.len(), config.arch, args.seed);

@@ -6,7 +6,7 @@ use crate::data::{self, DataManifest};
 use crate::model::{Victim, VictimFile};
 use crate::records::Example;
 use crate::tokenizer::{tokenize, Vocab, PAD_ID, UNK_ID};
-use crate::train::{encode_all, Encoded, LongTexts};
+use crate::train::{encode_all, Encoded, TextPolicy};
 use anyhow::{bail, Context, Result};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -98,7 +98,7 @@ pub fn init(
                 .iter()
                 .map(|e| train.get(e.id.trim_end_matches("+trigger")).cloned().unwrap_or_else(|| e.clone()))
                 .collect();
-            let enc = encode_all(&clean, vocab, max_len, manifest.labels.len(), LongTexts::Truncate, &format!("{dir}/{}", data::TRAIN))?;
+            let enc = encode_all(&clean, vocab, max_len, manifest.labels.len(), TextPolicy::Data, &format!("{dir}/{}", data::TRAIN))?;
             let p = target_probability(victim, &enc, manifest.target as i64);
             let mut order: Vec<usize> = (0..source.len()).collect();
             order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then_with(|| source[a].id.cmp(&source[b].id)));
@@ -207,15 +207,15 @@ impl AttackInputs {
         }
         let n = manifest.labels.len();
         let max_len = victim.config.max_len;
-        let poisons_enc = encode_all(&poisons, &vocab, max_len, n, LongTexts::Refuse, &pname)?;
+        let poisons_enc = encode_all(&poisons, &vocab, max_len, n, TextPolicy::Poisons, &pname)?;
         let clean_ex = data::read_set(dir, data::TRAIN, false)?;
-        let clean = encode_all(&clean_ex, &vocab, max_len, n, LongTexts::Truncate, &format!("{dir}/{}", data::TRAIN))?;
+        let clean = encode_all(&clean_ex, &vocab, max_len, n, TextPolicy::Data, &format!("{dir}/{}", data::TRAIN))?;
         let sources: HashSet<&str> = poisons.iter().filter_map(|p| p.source_id.as_deref()).collect();
         let adv_ex: Vec<Example> = data::read_set(dir, data::ADV, false)?
             .into_iter()
             .filter(|e| !sources.contains(e.id.trim_end_matches("+trigger")))
             .collect();
-        let adv = encode_all(&adv_ex, &vocab, max_len, n, LongTexts::Truncate, &format!("{dir}/{}", data::ADV))?;
+        let adv = encode_all(&adv_ex, &vocab, max_len, n, TextPolicy::Data, &format!("{dir}/{}", data::ADV))?;
         let poisons_sha256 = poison_set_sha256(&poisons);
         Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256, victim_sha256 })
     }

@@ -17,21 +17,23 @@ pub struct Encoded {
     pub label: i64,
 }
 
-/// What `encode_all` does with a text longer than the victim's `max_len`.
+/// How `encode_all` treats texts a victim reads poorly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LongTexts {
-    /// Keep the first `max_len` tokens, as the victim reads any input (data splits); the
-    /// number truncated is reported on stderr.
-    Truncate,
-    /// Refuse (poisons: tokens past `max_len` would be crafted but never read).
-    Refuse,
+pub enum TextPolicy {
+    /// Data splits: a text longer than `max_len` keeps its first `max_len` tokens and a
+    /// text of only unknown words is read as `<unk>`s, as the victim reads any input;
+    /// both are counted on stderr. (Rotten Tomatoes holds such texts, e.g. "Eh.".)
+    Data,
+    /// Poisons: both are refused. Tokens past `max_len` would be crafted but never read,
+    /// and a poison of unknown words carries nothing.
+    Poisons,
 }
 
-/// Encodes examples; `source` names the file in errors. A text without tokens, made only
-/// of unknown words, longer than `max_len` under `LongTexts::Refuse`, or with a label the
-/// victim cannot predict is an error naming the record.
-pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_classes: usize, long: LongTexts, source: &str) -> Result<Vec<Encoded>> {
-    let mut truncated = 0;
+/// Encodes examples; `source` names the file in errors. A text without tokens or with a
+/// label the victim cannot predict is an error naming the record; long and unknown-word
+/// texts are handled by `policy`.
+pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_classes: usize, policy: TextPolicy, source: &str) -> Result<Vec<Encoded>> {
+    let (mut truncated, mut unknown) = (0, 0);
     let encoded = examples
         .iter()
         .enumerate()
@@ -51,15 +53,13 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
                 bail!("{}: the text holds no tokens; drop the record", record());
             }
             if ids.iter().all(|&id| id == crate::tokenizer::UNK_ID) {
-                bail!(
-                    "{}: every word of {:?} is unknown to the vocabulary ({} words); drop the record or rebuild the vocabulary with build-vocab --data over this file",
-                    record(),
-                    ex.text.chars().take(60).collect::<String>(),
-                    vocab.len()
-                );
+                if policy == TextPolicy::Poisons {
+                    bail!("{}: every token is unknown to the vocabulary; a poison must hold words the victim knows (make poison sets with init-poisons)", record());
+                }
+                unknown += 1;
             }
             if ids.len() > max_len {
-                if long == LongTexts::Refuse {
+                if policy == TextPolicy::Poisons {
                     bail!("{}: {} tokens, more than the victim's max_len {max_len}; shorten it or use a victim trained with a larger --max-len", record(), ids.len());
                 }
                 truncated += 1;
@@ -70,6 +70,9 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
         .collect::<Result<Vec<_>>>()?;
     if truncated > 0 {
         eprintln!("{source}: {truncated} of {} texts are longer than max_len {max_len} tokens and were truncated", examples.len());
+    }
+    if unknown > 0 {
+        eprintln!("{source}: {unknown} of {} texts hold only words unknown to the vocabulary (read as <unk>)", examples.len());
     }
     Ok(encoded)
 }
