@@ -43,6 +43,7 @@ fn main() {
     let poisons = examples(&mut rng, 50, Some(1));
     println!("crafting costs on this machine ({} threads), median of repeated runs", tch::get_num_threads());
     println!("{:<6} {:>14} {:>16} {:>7} {:>22} {:>22} {:>8}", "victim", "train step ms", "rollout-grad ms", "ratio", "naive verify eval/s", "shared verify eval/s", "speedup");
+    let mut breakdown = Vec::new();
     for arch in [Arch::Bow, Arch::Lstm] {
         let config = VictimConfig { arch, vocab_size: VOCAB as usize, embed_dim: 50, hidden: 64, num_classes: 2, train_embeddings: false, max_len: 64 };
         let victim = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
@@ -60,6 +61,24 @@ fn main() {
         let rollout = time(9, || {
             let _ = problem.objective_and_grad(&poisons).unwrap();
         });
+        // Where rollout-grad's time goes: the inner gradient kept differentiable, then
+        // L_adv at θ' (forward), then the backward to the poison embeddings.
+        let inner = time(9, || {
+            let loss = cross_entropy(&forward_ids(&config, &params, &ids), &labels);
+            let _ = Tensor::run_backward(&[&loss], &trainable, true, true);
+        });
+        let (emb0, pmask, plabels) = {
+            let (pids, pl) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
+            (common::model::embed(&params, &pids).detach(), common::model::mask_of(&pids, &params), pl)
+        };
+        let through_adv = time(9, || {
+            let e = emb0.detach().set_requires_grad(true);
+            let _ = problem.adv_loss_after_rollout(0, &e, &pmask, &plabels, true);
+        });
+        let adv_forward = time(9, || {
+            let _ = tch::no_grad(|| problem.adv_loss(&params));
+        });
+        breakdown.push((arch, step, inner, through_adv - inner, rollout - through_adv, adv_forward));
         // 96 candidates: the naive path redoes the whole rollout for each.
         let swaps: Vec<Swap> = (0..96).map(|k| Swap { poison: k % 50, position: k % 10, word: 2 + (k as i64 * 997) % (VOCAB - 2) }).collect();
         let naive = time(1, || {
@@ -81,6 +100,13 @@ fn main() {
             swaps.len() as f64 / naive,
             swaps.len() as f64 / shared,
             naive / shared
+        );
+    }
+    println!("\nrollout-grad broken down (ms): inner gradient with its graph, L_adv at θ', backward to the poisons; L_adv forward alone");
+    for (arch, step, inner, adv, back, adv_forward) in breakdown {
+        println!(
+            "  {:<5} step {:>6.1}  inner {:>6.1} ({:.1} steps)  L_adv {:>6.1}  backward {:>6.1} ({:.1} steps)  L_adv forward alone {:>6.1}",
+            format!("{arch:?}").to_lowercase(), step * 1e3, inner * 1e3, inner / step, adv * 1e3, back * 1e3, back / step, adv_forward * 1e3
         );
     }
     // Ranking: Taylor scores of 50 poisons x 30 positions against vocabularies of three sizes.

@@ -22,7 +22,7 @@ pub const GRAD_FORMAT: &str = "poison.rollout_grad";
 pub const GRAD_VERSION: u32 = 2;
 
 /// D_adv inputs per length bucket in the objective's forward pass.
-const ADV_BUCKET: usize = 32;
+const ADV_BUCKET: usize = 64;
 
 /// How the inner training is unrolled. Recorded with gradients and candidates, so that
 /// verification replays exactly the same minibatches.
@@ -141,13 +141,26 @@ impl<'a> Problem<'a> {
     pub fn adv_loss_after_rollout(&self, r: usize, poison_emb: &Tensor, poison_mask: &Tensor, poison_labels: &Tensor, create_graph: bool) -> Tensor {
         let mut params: Params = self.victim.params();
         let names = self.trainable(&params);
-        for clean in &self.batches[r] {
+        for (step, clean) in self.batches[r].iter().enumerate() {
             let (clean_ids, clean_labels) = batch_tensors(clean, self.victim.device());
-            let (emb, mask) = join_inputs(&params, &clean_ids, poison_emb, poison_mask);
-            let labels = Tensor::cat(&[clean_labels, poison_labels.shallow_clone()], 0);
-            let loss = cross_entropy(&forward(self.config(), &params, &emb, &mask), &labels);
             let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
-            let grads = Tensor::run_backward(&[&loss], &tensors, create_graph, create_graph);
+            let grads = if step == 0 && create_graph {
+                // At θ_t the clean examples' gradient does not depend on the poisons, so
+                // it is taken without a graph and only the poisons' part stays
+                // differentiable: the double backward then runs over the poisons alone
+                // (50 of 114 examples by default) instead of the whole minibatch.
+                let batch = (clean.len() as i64 + poison_emb.size()[0]) as f64;
+                let clean_loss = summed_nll(&forward_ids(self.config(), &params, &clean_ids), &clean_labels);
+                let clean_grads = Tensor::run_backward(&[&clean_loss], &tensors, false, false);
+                let poison_loss = summed_nll(&forward(self.config(), &params, poison_emb, poison_mask), poison_labels);
+                let poison_grads = Tensor::run_backward(&[&poison_loss], &tensors, true, true);
+                clean_grads.into_iter().zip(poison_grads).map(|(c, p)| (c + p) / batch).collect()
+            } else {
+                let (emb, mask) = join_inputs(&params, &clean_ids, poison_emb, poison_mask);
+                let labels = Tensor::cat(&[clean_labels, poison_labels.shallow_clone()], 0);
+                let loss = cross_entropy(&forward(self.config(), &params, &emb, &mask), &labels);
+                Tensor::run_backward(&[&loss], &tensors, create_graph, create_graph)
+            };
             let mut next = shallow_copy(&params);
             for (n, g) in names.iter().zip(grads) {
                 let stepped = if create_graph {
@@ -204,6 +217,11 @@ impl<'a> Problem<'a> {
             .sum();
         total / self.cfg.rollouts as f64
     }
+}
+
+/// Sum over the batch of the negative log-likelihood of each row's label.
+fn summed_nll(logits: &Tensor, labels: &Tensor) -> Tensor {
+    -logits.log_softmax(-1, None::<Kind>).gather(-1, &labels.unsqueeze(-1), false).sum(None::<Kind>)
 }
 
 /// Clean token ids and poison embeddings as one padded input: embeddings [B, T, D] and

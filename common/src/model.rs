@@ -260,8 +260,13 @@ pub fn forward(config: &VictimConfig, params: &Params, emb: &Tensor, mask: &Tens
             linear(&linear(&pooled, "mlp").relu(), "out")
         }
         Arch::Lstm => {
-            let fwd = lstm_direction(params, "lstm.fwd", emb, mask, false);
-            let bwd = lstm_direction(params, "lstm.bwd", emb, mask, true);
+            // Right padding only follows a row's real tokens, so the forward direction
+            // runs unmasked (its outputs at padded steps are pooled away below). The
+            // backward direction runs forward over each row's tokens reversed in place,
+            // so it too starts from zeros at the row's last real token.
+            let reversal = reversal_index(mask);
+            let fwd = lstm_direction(params, "lstm.fwd", emb);
+            let bwd = unreverse(&lstm_direction(params, "lstm.bwd", &reverse_rows(emb, &reversal)), &reversal);
             let states = Tensor::cat(&[fwd, bwd], -1);
             // Max over time; padding pushed far down so it never wins.
             let penalty = (mask.unsqueeze(-1) - 1.0) * 1e4;
@@ -271,11 +276,32 @@ pub fn forward(config: &VictimConfig, params: &Params, emb: &Tensor, mask: &Tens
     }
 }
 
-/// One LSTM direction over [batch, time, dim]; returns hidden states [batch, time, H]
-/// ([C, batch, time, H] for stacked parameters). Padded steps leave the state unchanged,
-/// so right padding is harmless in both directions (the backward pass starts from zeros
-/// at each row's last real token).
-fn lstm_direction(params: &Params, prefix: &str, x: &Tensor, mask: &Tensor, reverse: bool) -> Tensor {
+/// For a padding mask [..., T]: index [..., T] that reverses each row's real tokens in
+/// place (position t < len ↦ len − 1 − t) and leaves its padding where it is. The map
+/// is its own inverse.
+fn reversal_index(mask: &Tensor) -> Tensor {
+    let t = mask.size()[mask.dim() - 1];
+    let steps = Tensor::arange(t, (Kind::Int64, mask.device()));
+    let len = mask.sum_dim_intlist(-1, true, Kind::Int64);
+    let reversed = &len - 1 - &steps;
+    reversed.where_self(&steps.lt_tensor(&len), &steps.expand_as(&reversed))
+}
+
+/// Rows of x [..., T, D] reordered along time by `reversal_index` (index [..., T]).
+fn reverse_rows(x: &Tensor, index: &Tensor) -> Tensor {
+    x.gather(-2, &index.unsqueeze(-1).expand_as(x), false)
+}
+
+/// Undoes `reverse_rows` on hidden states [..., T, H], which may carry a leading stack
+/// dimension the index lacks (inputs shared by stacked parameter sets).
+fn unreverse(h: &Tensor, index: &Tensor) -> Tensor {
+    h.gather(-2, &index.unsqueeze(-1).expand(h.size().as_slice(), false), false)
+}
+
+/// One LSTM direction over [batch, time, dim] (or [C, batch, time, dim]); returns hidden
+/// states [batch, time, H] ([C, batch, time, H] for stacked parameters) at every step.
+/// No masking: with right padding, the states at real tokens never see the padding.
+fn lstm_direction(params: &Params, prefix: &str, x: &Tensor) -> Tensor {
     let w_ih = param(params, &format!("{prefix}.w_ih"));
     let w_hh = param(params, &format!("{prefix}.w_hh"));
     let b = param(params, &format!("{prefix}.b"));
@@ -299,26 +325,16 @@ fn lstm_direction(params: &Params, prefix: &str, x: &Tensor, mask: &Tensor, reve
     let mut h = Tensor::zeros(state_shape.as_slice(), (x.kind(), x.device()));
     let mut c = h.zeros_like();
     let mut outs: Vec<Tensor> = Vec::with_capacity(time as usize);
-    let order: Vec<i64> = if reverse { (0..time).rev().collect() } else { (0..time).collect() };
     let w_hh_t = w_hh.transpose(-1, -2);
     // unbind once: the backward of T separate `select`s would build T zero tensors of
     // xw's full size (quadratic in the length; it dominated training time).
-    let xw_t = xw.unbind(-2);
-    let live_t = mask.unsqueeze(-1).unbind(-2);
-    for &t in &order {
-        let gates = &xw_t[t as usize] + h.matmul(&w_hh_t);
+    for x_t in xw.unbind(-2) {
+        let gates = x_t + h.matmul(&w_hh_t);
         let g = gates.chunk(4, -1);
         let (i, f, gg, o) = (g[0].sigmoid(), g[1].sigmoid(), g[2].tanh(), g[3].sigmoid());
-        let c_new = &f * &c + &i * &gg;
-        let h_new = &o * c_new.tanh();
-        let m = &live_t[t as usize];
-        let keep = 1.0 - m;
-        c = m * &c_new + &keep * &c;
-        h = m * &h_new + &keep * &h;
-        outs.push(h_new);
-    }
-    if reverse {
-        outs.reverse();
+        c = &f * &c + &i * &gg;
+        h = &o * c.tanh();
+        outs.push(h.shallow_clone());
     }
     Tensor::stack(&outs, -2)
 }
