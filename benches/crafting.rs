@@ -1,28 +1,31 @@
 //! `make bench`: the cost of a crafting round, as ratios measured side by side in one run
 //! (never in timed tests: the machines are noisy). Synthetic inputs of the real sizes:
-//! a 55,178 × 50 table, 50 poisons and 64 clean examples of 10–30 tokens, 128 D_adv inputs.
+//! a 55,178 × 50 table, 50 poisons and 64 clean examples of 10–30 tokens, 128 D_adv
+//! inputs. Peak memory of each stage on the real data: scripts/bench_stages.sh.
 
-use common::attack::{bottom_k, flipped, taylor_scores, verify, Problem, RolloutConfig, Swap};
-use common::model::{forward_ids, Arch, Victim, VictimConfig};
+use common::attack::{bottom_k, flipped, taylor_scores, Problem, RolloutConfig, Verifier};
+use common::model::{embed, forward_ids, mask_of, Arch, Victim, VictimConfig};
 use common::train::{batch_tensors, cross_entropy, Encoded};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 const VOCAB: i64 = 55_178;
+const DIM: i64 = 50;
+const HIDDEN: i64 = 64;
 
-fn examples(rng: &mut rand_chacha::ChaCha8Rng, n: usize, label: Option<i64>) -> Vec<Encoded> {
+fn examples(rng: &mut rand_chacha::ChaCha8Rng, n: usize, lengths: std::ops::RangeInclusive<usize>, label: Option<i64>) -> Vec<Encoded> {
     (0..n)
         .map(|_| {
-            let len = rng.gen_range(10..=30);
+            let len = rng.gen_range(lengths.clone());
             Encoded { ids: (0..len).map(|_| rng.gen_range(2..VOCAB)).collect(), label: label.unwrap_or(rng.gen_range(0..2)) }
         })
         .collect()
 }
 
-/// Median wall time of `f` over `reps` runs, in seconds.
+/// Median wall time of `f` over `reps` runs after one warm-up, in seconds.
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f(); // warm-up
+    f();
     let mut ts: Vec<f64> = (0..reps)
         .map(|_| {
             let t = Instant::now();
@@ -34,22 +37,75 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     ts[reps / 2]
 }
 
+/// Counted multiply-add FLOPs of one forward pass over padded token ids [N, T]: per token
+/// and direction, the input projection 2·D·4H and the recurrence 2·H·4H (the LSTM); the
+/// MLP on the mean embedding (bow). Elementwise work is left out: it is small in FLOPs
+/// and its cost shows up as the gap between counted and measured rates.
+fn forward_flops(arch: Arch, ids: &[&Encoded]) -> f64 {
+    let t = ids.iter().map(|e| e.ids.len()).max().unwrap_or(0) as f64;
+    let n = ids.len() as f64;
+    let (d, h) = (DIM as f64, HIDDEN as f64);
+    match arch {
+        Arch::Lstm => n * t * 2.0 * 2.0 * 4.0 * h * (d + h) + n * 2.0 * 2.0 * h * 2.0,
+        Arch::Bow => n * t * d + n * 2.0 * (d * h + h * 2.0),
+    }
+}
+
+fn victim(arch: Arch, table: &Tensor) -> Victim {
+    let config = VictimConfig { arch, vocab_size: table.size()[0] as usize, embed_dim: DIM as usize, hidden: HIDDEN as usize, num_classes: 2, train_embeddings: false, max_len: 64 };
+    Victim::new(config, table, Device::Cpu).unwrap()
+}
+
+fn rollout_config() -> RolloutConfig {
+    RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 128, seed: 0 }
+}
+
+/// Exact checks of `swaps` by the shipped shared-work path: (objective per swap, seconds).
+fn shared_checks(problem: &Problem, poisons: &[Encoded], swaps: &[(usize, usize, i64)]) -> (Vec<f64>, f64) {
+    let t = Instant::now();
+    let verifier = Verifier::new(problem, poisons).unwrap();
+    let news: Vec<Encoded> = swaps.iter().map(|&(i, j, w)| flipped(&poisons[i], j, w)).collect();
+    let grads = verifier.example_grads(&news);
+    let sets: Vec<Vec<(usize, &[Tensor])>> = swaps.iter().zip(&grads).map(|(&(i, _, _), g)| vec![(i, g.as_slice())]).collect();
+    let values = verifier.objectives_with(&sets);
+    (values, t.elapsed().as_secs_f64())
+}
+
+/// The same checks, each by redoing the whole rollout: (objective per swap, seconds).
+fn naive_checks(problem: &Problem, poisons: &[Encoded], swaps: &[(usize, usize, i64)]) -> (Vec<f64>, f64) {
+    let t = Instant::now();
+    let values = swaps
+        .iter()
+        .map(|&(i, j, w)| {
+            let mut set = poisons.to_vec();
+            set[i] = flipped(&set[i], j, w);
+            problem.objective(&set)
+        })
+        .collect();
+    (values, t.elapsed().as_secs_f64())
+}
+
+fn swaps_for(poisons: &[Encoded], n: usize) -> Vec<(usize, usize, i64)> {
+    (0..n).map(|k| (k % poisons.len(), k % poisons[k % poisons.len()].ids.len(), 2 + (k as i64 * 997) % (VOCAB - 2))).collect()
+}
+
 fn main() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     tch::manual_seed(0);
-    let table = Tensor::randn([VOCAB, 50], (Kind::Float, Device::Cpu)) * 0.4;
-    let clean = examples(&mut rng, 2000, None);
-    let adv = examples(&mut rng, 128, Some(1));
-    let poisons = examples(&mut rng, 50, Some(1));
-    println!("crafting costs on this machine ({} threads), median of repeated runs", tch::get_num_threads());
-    println!("{:<6} {:>14} {:>16} {:>7} {:>22} {:>22} {:>8}", "victim", "train step ms", "rollout-grad ms", "ratio", "naive verify eval/s", "shared verify eval/s", "speedup");
+    let table = Tensor::randn([VOCAB, DIM], (Kind::Float, Device::Cpu)) * 0.4;
+    let clean = examples(&mut rng, 2000, 10..=30, None);
+    let adv = examples(&mut rng, 128, 10..=30, Some(1));
+    let poisons = examples(&mut rng, 50, 10..=30, Some(1));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("crafting costs on this machine ({cores} cores, {} libtorch threads), median of repeated runs", tch::get_num_threads());
+    println!();
+    println!("{:<6} {:>10} {:>13} {:>7} {:>16} {:>17} {:>8} {:>14}", "victim", "step ms", "rollout ms", "ratio", "naive checks/s", "shared checks/s", "speedup", "max |Δ value|");
     let mut breakdown = Vec::new();
     for arch in [Arch::Bow, Arch::Lstm] {
-        let config = VictimConfig { arch, vocab_size: VOCAB as usize, embed_dim: 50, hidden: 64, num_classes: 2, train_embeddings: false, max_len: 64 };
-        let victim = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
-        let cfg = RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 128, seed: 0 };
-        let problem = Problem::new(&victim, &clean, &adv, cfg).unwrap();
-        // One ordinary training step on the same minibatch (poisons + clean part).
+        let victim = victim(arch, &table);
+        let config = victim.config.clone();
+        let problem = Problem::new(&victim, &clean, &adv, rollout_config()).unwrap();
+        // One ordinary training step on the same minibatch (clean part + poisons).
         let batch: Vec<&Encoded> = problem.batches[0][0].iter().copied().chain(poisons.iter()).collect();
         let (ids, labels) = batch_tensors(&batch, Device::Cpu);
         let params = victim.params();
@@ -61,59 +117,125 @@ fn main() {
         let rollout = time(9, || {
             let _ = problem.objective_and_grad(&poisons).unwrap();
         });
-        // Where rollout-grad's time goes: the inner gradient kept differentiable, then
-        // L_adv at θ' (forward), then the backward to the poison embeddings.
-        let inner = time(9, || {
-            let loss = cross_entropy(&forward_ids(&config, &params, &ids), &labels);
-            let _ = Tensor::run_backward(&[&loss], &trainable, true, true);
-        });
-        let (emb0, pmask, plabels) = {
-            let (pids, pl) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
-            (common::model::embed(&params, &pids).detach(), common::model::mask_of(&pids, &params), pl)
-        };
+        // Where rollout-grad's time goes: L_adv at θ' with its graph (the inner step
+        // included), then the backward to the poison embeddings.
+        let (pids, plabels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
+        let (emb0, pmask) = (embed(&params, &pids).detach(), mask_of(&pids, &params));
         let through_adv = time(9, || {
             let e = emb0.detach().set_requires_grad(true);
             let _ = problem.adv_loss_after_rollout(0, &e, &pmask, &plabels, true);
         });
-        let adv_forward = time(9, || {
-            let _ = tch::no_grad(|| problem.adv_loss(&params));
+        let adv_graph = time(9, || {
+            let _ = problem.adv_loss(&params);
         });
-        breakdown.push((arch, step, inner, through_adv - inner, rollout - through_adv, adv_forward));
-        // 96 candidates: the naive path redoes the whole rollout for each.
-        let swaps: Vec<Swap> = (0..96).map(|k| Swap { poison: k % 50, position: k % 10, word: 2 + (k as i64 * 997) % (VOCAB - 2) }).collect();
-        let naive = time(1, || {
-            for s in &swaps {
-                let mut set = poisons.clone();
-                set[s.poison] = flipped(&set[s.poison], s.position, s.word);
-                let _ = problem.objective(&set);
-            }
+        let adv_no_grad = time(9, || {
+            let _ = problem.adv_loss_no_grad(&params);
         });
-        let shared = time(3, || {
-            let _ = verify(&problem, &poisons, &swaps).unwrap();
-        });
+        // 96 candidates, checked exactly both ways; the values must agree.
+        let swaps = swaps_for(&poisons, 96);
+        let (naive_values, naive) = naive_checks(&problem, &poisons, &swaps);
+        let mut shared_times = Vec::new();
+        let mut shared_values = Vec::new();
+        for _ in 0..3 {
+            let (v, t) = shared_checks(&problem, &poisons, &swaps);
+            shared_times.push(t);
+            shared_values = v;
+        }
+        shared_times.sort_by(f64::total_cmp);
+        let shared = shared_times[1];
+        let max_diff = naive_values.iter().zip(&shared_values).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         println!(
-            "{:<6} {:>14.1} {:>16.1} {:>7.2} {:>22.1} {:>22.1} {:>7.1}x",
+            "{:<6} {:>10.1} {:>13.1} {:>7.2} {:>16.1} {:>17.1} {:>7.1}x {:>14.1e}",
             format!("{arch:?}").to_lowercase(),
             step * 1e3,
             rollout * 1e3,
             rollout / step,
             swaps.len() as f64 / naive,
             swaps.len() as f64 / shared,
-            naive / shared
+            naive / shared,
+            max_diff
         );
+        let adv_items: Vec<&Encoded> = adv.iter().collect();
+        let flops = (forward_flops(arch, &batch), forward_flops(arch, &adv_items), forward_flops(arch, &poisons.iter().collect::<Vec<_>>()));
+        breakdown.push((arch, step, rollout, through_adv, adv_graph, adv_no_grad, flops));
     }
-    println!("\nrollout-grad broken down (ms): inner gradient with its graph, L_adv at θ', backward to the poisons; L_adv forward alone");
-    for (arch, step, inner, adv, back, adv_forward) in breakdown {
+    println!("\"ratio\": rollout-grad (one unrolled step and the second-order gradient) over one training step on the");
+    println!("same minibatch. \"checks/s\": exact objective evaluations of candidate flips; naive redoes the whole");
+    println!("rollout per candidate, shared is verify-candidates' path (set-up included); |Δ value|: largest difference.");
+
+    println!("\nwhere the time goes (ms), with counted forward GFLOP (backward counted as 2x forward)");
+    for (arch, step, rollout, through_adv, adv_graph, adv_no_grad, (fb, fa, fp)) in &breakdown {
+        let gf = |f: f64, s: f64| f / s / 1e9;
         println!(
-            "  {:<5} step {:>6.1}  inner {:>6.1} ({:.1} steps)  L_adv {:>6.1}  backward {:>6.1} ({:.1} steps)  L_adv forward alone {:>6.1}",
-            format!("{arch:?}").to_lowercase(), step * 1e3, inner * 1e3, inner / step, adv * 1e3, back * 1e3, back / step, adv_forward * 1e3
+            "  {:<5} train step {:>6.1} ({:.2} GFLOP, {:>5.1} GFLOP/s) | rollout {:>6.1}: to L_adv at θ' {:>6.1}, backward {:>6.1} | L_adv forward: with graph {:>5.1}, no graph {:>5.1} ({:.2} GFLOP, {:>5.1} GFLOP/s)",
+            format!("{arch:?}").to_lowercase(),
+            step * 1e3,
+            3.0 * fb / 1e9,
+            gf(3.0 * fb, *step),
+            rollout * 1e3,
+            through_adv * 1e3,
+            (rollout - through_adv) * 1e3,
+            adv_graph * 1e3,
+            adv_no_grad * 1e3,
+            fa / 1e9,
+            gf(*fa, *adv_no_grad),
+        );
+        // The floor of rollout-grad in counted work: the minibatch's forward and backward
+        // (3 F_b), L_adv's forward and backward at θ' (3 F_a), and the second-order term,
+        // a backward through the poisons' part of the inner gradient (about 2 × 3 F_p).
+        let floor = (3.0 * fb + 3.0 * fa + 6.0 * fp) / (3.0 * fb);
+        println!("        counted floor of the rollout: {floor:.2} training steps; measured {:.2}", rollout / step);
+    }
+
+    // Threads: libtorch's intra-op threads on these small passes.
+    println!("\nlibtorch intra-op threads (lstm): rollout-grad ms and shared checks/s");
+    {
+        let victim = victim(Arch::Lstm, &table);
+        let problem = Problem::new(&victim, &clean, &adv, rollout_config()).unwrap();
+        let swaps = swaps_for(&poisons, 48);
+        let threads = tch::get_num_threads();
+        for n in [1, 2] {
+            tch::set_num_threads(n);
+            let rollout = time(5, || {
+                let _ = problem.objective_and_grad(&poisons).unwrap();
+            });
+            let (_, t) = shared_checks(&problem, &poisons, &swaps);
+            println!("  {n} thread(s): rollout {:>6.1} ms, shared checks {:>6.1}/s", rollout * 1e3, swaps.len() as f64 / t);
+        }
+        tch::set_num_threads(threads);
+    }
+
+    // How a round's cost grows: poison count, poison length (lstm; rank at the real vocabulary).
+    println!("\nround cost against poison count and length (lstm): rollout-grad ms, shared checks/s, rank ms (5 positions x K=10 per poison)");
+    let vic = victim(Arch::Lstm, &table);
+    let banned = Tensor::zeros([VOCAB], (Kind::Float, Device::Cpu));
+    for (count, lengths) in [(10, 10..=30), (50, 10..=30), (100, 10..=30), (50, 5..=10), (50, 30..=60)] {
+        let ps = examples(&mut rng, count, lengths.clone(), Some(1));
+        let problem = Problem::new(&vic, &clean, &adv, rollout_config()).unwrap();
+        let rollout = time(3, || {
+            let _ = problem.objective_and_grad(&ps).unwrap();
+        });
+        let swaps = swaps_for(&ps, 48);
+        let (_, t) = shared_checks(&problem, &ps, &swaps);
+        let (_, grad) = problem.objective_and_grad(&ps).unwrap();
+        let rank = time(3, || {
+            for (i, p) in ps.iter().enumerate() {
+                let _ = bottom_k(&table, &grad.get(i as i64), &p.ids, &banned, 10);
+            }
+        });
+        let checks = count * 5 * 10;
+        let round = rollout + rank + checks as f64 * t / swaps.len() as f64;
+        println!(
+            "  {count:>3} poisons of {:>2}-{:<2} tokens: rollout {:>6.1} ms, checks {:>6.1}/s, rank {:>6.1} ms; a round of {checks} checks {:>6.1} s",
+            lengths.start(), lengths.end(), rollout * 1e3, swaps.len() as f64 / t, rank * 1e3, round
         );
     }
+
     // Ranking: Taylor scores of 50 poisons x 30 positions against vocabularies of three sizes.
-    println!("\nrank-candidates scoring (50 poisons x 30 positions, bottom-50 per position)");
+    println!("\nrank-candidates scoring against vocabulary size (50 poisons x 30 positions, bottom-50 per position)");
     for v in [20_000i64, 100_000, 400_000] {
-        let table = Tensor::randn([v, 50], (Kind::Float, Device::Cpu));
-        let grad = Tensor::randn([50, 30, 50], (Kind::Float, Device::Cpu));
+        let table = Tensor::randn([v, DIM], (Kind::Float, Device::Cpu));
+        let grad = Tensor::randn([50, 30, DIM], (Kind::Float, Device::Cpu));
         let banned = Tensor::zeros([v], (Kind::Float, Device::Cpu));
         let ids: Vec<i64> = (0..30).map(|j| 2 + j * 13).collect();
         let per_position = time(1, || {

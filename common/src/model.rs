@@ -260,26 +260,92 @@ pub fn forward(config: &VictimConfig, params: &Params, emb: &Tensor, mask: &Tens
             linear(&linear(&pooled, "mlp").relu(), "out")
         }
         Arch::Lstm => {
-            // Right padding only follows a row's real tokens, so the forward direction
-            // runs unmasked (its outputs at padded steps are pooled away below). The
-            // backward direction runs forward over each row's tokens reversed in place,
-            // so it too starts from zeros at the row's last real token.
-            let reversal = reversal_index(mask);
-            let fwd = lstm_direction(params, "lstm.fwd", emb);
-            let bwd = unreverse(&lstm_direction(params, "lstm.bwd", &reverse_rows(emb, &reversal)), &reversal);
-            let states = Tensor::cat(&[fwd, bwd], -1);
-            // Max over time; padding pushed far down so it never wins.
-            let penalty = (mask.unsqueeze(-1) - 1.0) * 1e4;
-            let pooled = (states + penalty).amax([-2].as_slice(), false);
-            linear(&pooled, "out")
+            let states = lstm_states(params, emb, mask, lstm_direction);
+            linear(&max_over_time(&states, mask), "out")
         }
     }
+}
+
+/// Logits for token ids under one (unstacked) parameter set, without a graph: passes
+/// that need no gradient (the L_adv pass of each exact check in verification). The LSTM
+/// runs libtorch's own LSTM kernel, measured 2.2× faster than the hand-written cell on
+/// this CPU (`make bench`); the hand-written cell stays for everything differentiated,
+/// where double backward must work on every device. Equal to `forward_ids` up to float
+/// rounding (tested).
+pub fn forward_ids_no_grad(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tensor {
+    forward_frozen_no_grad(config, params, &FrozenInput::new(params, ids))
+}
+
+/// Token ids with what does not depend on the trainable weights: their embeddings under
+/// the frozen table, the padding mask and the row reversal of the backward direction.
+/// Verification runs thousands of no-grad passes over the same D_adv inputs.
+pub struct FrozenInput {
+    pub ids: Tensor,
+    emb: Tensor,
+    mask: Tensor,
+    reversal: Tensor,
+    emb_reversed: Tensor,
+}
+
+impl FrozenInput {
+    pub fn new(params: &Params, ids: &Tensor) -> FrozenInput {
+        tch::no_grad(|| {
+            let (emb, mask) = (embed(params, ids), mask_of(ids, params));
+            let reversal = reversal_index(&mask);
+            let emb_reversed = reverse_rows(&emb, &reversal);
+            FrozenInput { ids: ids.shallow_clone(), emb, mask, reversal, emb_reversed }
+        })
+    }
+}
+
+/// `forward_ids_no_grad` on a prepared input (the embedding table must be the one the
+/// input was prepared with; the attack's victims keep it frozen).
+pub fn forward_frozen_no_grad(config: &VictimConfig, params: &Params, input: &FrozenInput) -> Tensor {
+    tch::no_grad(|| {
+        if config.arch == Arch::Bow || param(params, "out.weight").dim() != 2 {
+            return forward_ids(config, params, &input.ids);
+        }
+        let fwd = libtorch_lstm_direction(params, "lstm.fwd", &input.emb);
+        let bwd = unreverse(&libtorch_lstm_direction(params, "lstm.bwd", &input.emb_reversed), &input.reversal);
+        let pooled = max_over_time(&Tensor::cat(&[fwd, bwd], -1), &input.mask);
+        pooled.matmul(&param(params, "out.weight").tr()) + param(params, "out.bias")
+    })
+}
+
+/// Both LSTM directions' hidden states [.., T, 2H] at every step, each direction computed
+/// by `direction`. Right padding only follows a row's real tokens, so the forward
+/// direction runs unmasked (its outputs at padded steps are pooled away). The backward
+/// direction runs forward over each row's tokens reversed in place, so it too starts from
+/// zeros at the row's last real token.
+fn lstm_states(params: &Params, emb: &Tensor, mask: &Tensor, direction: fn(&Params, &str, &Tensor) -> Tensor) -> Tensor {
+    let reversal = reversal_index(mask);
+    let fwd = direction(params, "lstm.fwd", emb);
+    let bwd = unreverse(&direction(params, "lstm.bwd", &reverse_rows(emb, &reversal)), &reversal);
+    Tensor::cat(&[fwd, bwd], -1)
+}
+
+/// Max over time of states [.., T, F]; padding pushed far down so it never wins.
+pub(crate) fn max_over_time(states: &Tensor, mask: &Tensor) -> Tensor {
+    let penalty = (mask.unsqueeze(-1) - 1.0) * 1e4;
+    (states + penalty).amax([-2].as_slice(), false)
+}
+
+/// One LSTM direction by libtorch's kernel (batch-first, no graph): the same cell as
+/// `lstm_direction` (gate order i, f, g, o; one bias, passed as b_ih with b_hh = 0).
+fn libtorch_lstm_direction(params: &Params, prefix: &str, x: &Tensor) -> Tensor {
+    let w_ih = param(params, &format!("{prefix}.w_ih"));
+    let w_hh = param(params, &format!("{prefix}.w_hh"));
+    let b = param(params, &format!("{prefix}.b"));
+    let h0 = Tensor::zeros([1, x.size()[0], w_hh.size()[1]], (x.kind(), x.device()));
+    let zero_b = b.zeros_like();
+    let weights = [w_ih, w_hh, b, &zero_b];
+    x.lstm(&[&h0, &h0], &weights, true, 1, 0.0, false, false, true).0
 }
 
 /// For a padding mask [..., T]: index [..., T] that reverses each row's real tokens in
 /// place (position t < len ↦ len − 1 − t) and leaves its padding where it is. The map
 /// is its own inverse.
-fn reversal_index(mask: &Tensor) -> Tensor {
+pub(crate) fn reversal_index(mask: &Tensor) -> Tensor {
     let t = mask.size()[mask.dim() - 1];
     let steps = Tensor::arange(t, (Kind::Int64, mask.device()));
     let len = mask.sum_dim_intlist(-1, true, Kind::Int64);
@@ -288,13 +354,13 @@ fn reversal_index(mask: &Tensor) -> Tensor {
 }
 
 /// Rows of x [..., T, D] reordered along time by `reversal_index` (index [..., T]).
-fn reverse_rows(x: &Tensor, index: &Tensor) -> Tensor {
+pub(crate) fn reverse_rows(x: &Tensor, index: &Tensor) -> Tensor {
     x.gather(-2, &index.unsqueeze(-1).expand_as(x), false)
 }
 
 /// Undoes `reverse_rows` on hidden states [..., T, H], which may carry a leading stack
 /// dimension the index lacks (inputs shared by stacked parameter sets).
-fn unreverse(h: &Tensor, index: &Tensor) -> Tensor {
+pub(crate) fn unreverse(h: &Tensor, index: &Tensor) -> Tensor {
     h.gather(-2, &index.unsqueeze(-1).expand(h.size().as_slice(), false), false)
 }
 
@@ -376,8 +442,27 @@ mod tests {
             let padded = Tensor::from_slice(&[3i64, 4, 5, 0, 0]).view([1, 5]);
             let a = v.logits(&short);
             let b = v.logits(&padded);
-            let diff = (a - b).abs().max().double_value(&[]);
+            let diff = (&a - b).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "{arch:?}: padding changed logits by {diff}");
+            // In a batch beside longer and shorter rows (each row reversed in place for
+            // the backward direction).
+            let batch = Tensor::from_slice(&[9i64, 8, 7, 6, 5, 3, 4, 5, 0, 0, 2, 0, 0, 0, 0]).view([3, 5]);
+            let in_batch = v.logits(&batch).get(1);
+            let diff = (a.get(0) - in_batch).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{arch:?}: other rows changed logits by {diff}");
+        }
+    }
+
+    #[test]
+    fn the_no_grad_forward_equals_the_differentiable_one() {
+        for arch in [Arch::Bow, Arch::Lstm] {
+            let v = tiny(arch, false);
+            let ids = Tensor::from_slice(&[9i64, 8, 7, 6, 5, 3, 4, 5, 0, 0, 2, 0, 0, 0, 0]).view([3, 5]);
+            let a = v.logits(&ids);
+            let b = forward_ids_no_grad(&v.config, &v.params(), &ids);
+            assert!(!b.requires_grad());
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{arch:?}: the no-grad forward differs by {diff}");
         }
     }
 
