@@ -7,7 +7,7 @@
 //! Victims with a frozen embedding table only: with a trained table a flip also changes
 //! which row receives the poison's update (SPEC.md), a term not implemented yet.
 
-use crate::model::{embed, forward, forward_frozen_no_grad, forward_ids, mask_of, shallow_copy, FrozenInput, Params, Victim, VictimConfig};
+use crate::model::{embed, forward, forward_frozen_no_grad, forward_ids, forward_ids_first_order, mask_of, shallow_copy, FrozenInput, Params, Victim, VictimConfig};
 use crate::train::{batch_tensors, cross_entropy, Encoded};
 use anyhow::{bail, Result};
 use rand::seq::index::sample;
@@ -108,8 +108,10 @@ impl<'a> Problem<'a> {
 
     /// L_adv (mean negative log-probability of the target over the D_adv sample) under
     /// `params`; [C] for stacked parameters.
+    /// Differentiable once: L_adv at θ' is never differentiated twice (the second-order
+    /// term comes from the inner step), so it runs libtorch's LSTM kernel.
     pub fn adv_loss(&self, params: &Params) -> Tensor {
-        self.adv_loss_by(|k| forward_ids(self.config(), params, &self.adv[k].0))
+        self.adv_loss_by(|k| forward_ids_first_order(self.config(), params, &self.adv[k].0))
     }
 
     /// `adv_loss` without a graph, through `model::forward_frozen_no_grad` (libtorch's
@@ -165,7 +167,7 @@ impl<'a> Problem<'a> {
                 // differentiable: the double backward then runs over the poisons alone
                 // (50 of 114 examples by default) instead of the whole minibatch.
                 let batch = (clean.len() as i64 + poison_emb.size()[0]) as f64;
-                let clean_loss = summed_nll(&forward_ids(self.config(), &params, &clean_ids), &clean_labels);
+                let clean_loss = summed_nll(&forward_ids_first_order(self.config(), &params, &clean_ids), &clean_labels);
                 let clean_grads = Tensor::run_backward(&[&clean_loss], &tensors, false, false);
                 let poison_loss = summed_nll(&forward(self.config(), &params, poison_emb, poison_mask), poison_labels);
                 let poison_grads = Tensor::run_backward(&[&poison_loss], &tensors, true, true);

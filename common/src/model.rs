@@ -333,13 +333,36 @@ pub(crate) fn max_over_time(states: &Tensor, mask: &Tensor) -> Tensor {
 /// One LSTM direction by libtorch's kernel (batch-first, no graph): the same cell as
 /// `lstm_direction` (gate order i, f, g, o; one bias, passed as b_ih with b_hh = 0).
 fn libtorch_lstm_direction(params: &Params, prefix: &str, x: &Tensor) -> Tensor {
+    libtorch_lstm(params, prefix, x, false)
+}
+
+/// `libtorch_lstm_direction` in training mode, for passes differentiated once (cuDNN's
+/// backward needs the forward in training mode; with no dropout nothing else changes).
+fn libtorch_lstm_direction_train(params: &Params, prefix: &str, x: &Tensor) -> Tensor {
+    libtorch_lstm(params, prefix, x, true)
+}
+
+fn libtorch_lstm(params: &Params, prefix: &str, x: &Tensor, train: bool) -> Tensor {
     let w_ih = param(params, &format!("{prefix}.w_ih"));
     let w_hh = param(params, &format!("{prefix}.w_hh"));
     let b = param(params, &format!("{prefix}.b"));
     let h0 = Tensor::zeros([1, x.size()[0], w_hh.size()[1]], (x.kind(), x.device()));
     let zero_b = b.zeros_like();
     let weights = [w_ih, w_hh, b, &zero_b];
-    x.lstm(&[&h0, &h0], &weights, true, 1, 0.0, false, false, true).0
+    x.lstm(&[&h0, &h0], &weights, true, 1, 0.0, train, false, true).0
+}
+
+/// Logits for token ids under one (unstacked) parameter set through libtorch's LSTM
+/// kernel with autograd: for passes differentiated once (the clean part of the first inner
+/// step, L_adv at θ'), never twice, since the kernel's backward is not differentiable on
+/// every backend. Equal to `forward_ids` up to float rounding, gradients included (tested).
+pub fn forward_ids_first_order(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tensor {
+    if config.arch == Arch::Bow || param(params, "out.weight").dim() != 2 {
+        return forward_ids(config, params, ids);
+    }
+    let mask = mask_of(ids, params);
+    let states = lstm_states(params, &embed(params, ids), &mask, libtorch_lstm_direction_train);
+    max_over_time(&states, &mask).matmul(&param(params, "out.weight").tr()) + param(params, "out.bias")
 }
 
 /// For a padding mask [..., T]: index [..., T] that reverses each row's real tokens in
@@ -450,6 +473,25 @@ mod tests {
             let in_batch = v.logits(&batch).get(1);
             let diff = (a.get(0) - in_batch).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "{arch:?}: other rows changed logits by {diff}");
+        }
+    }
+
+    #[test]
+    fn the_kernel_forward_and_its_gradient_equal_the_hand_written_ones() {
+        let v = tiny(Arch::Lstm, false);
+        let ids = Tensor::from_slice(&[9i64, 8, 7, 6, 5, 3, 4, 5, 0, 0, 2, 0, 0, 0, 0]).view([3, 5]);
+        let labels = Tensor::from_slice(&[0i64, 1, 1]);
+        let p = v.params();
+        let names: Vec<&String> = p.keys().filter(|k| p[*k].requires_grad()).collect();
+        let tensors: Vec<&Tensor> = names.iter().map(|n| &p[*n]).collect();
+        let hand = crate::train::cross_entropy(&forward_ids(&v.config, &p, &ids), &labels);
+        let kernel = crate::train::cross_entropy(&forward_ids_first_order(&v.config, &p, &ids), &labels);
+        assert!((hand.double_value(&[]) - kernel.double_value(&[])).abs() < 1e-6);
+        let a = Tensor::run_backward(&[&hand], &tensors, false, false);
+        let b = Tensor::run_backward(&[&kernel], &tensors, false, false);
+        for ((n, a), b) in names.iter().zip(a).zip(b) {
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{n}: gradients differ by {diff}");
         }
     }
 
