@@ -62,6 +62,7 @@ help:
 	@echo "make victims # clean victims of each architecture in ARCHS: accuracy and the trigger's clean ASR"
 	@echo "make attack # the crafting loop (rollout-grad | rank-candidates | verify-candidates), then finetune-eval"
 	@echo "make test   # setup + build, unit and integration tests on committed fixtures"
+	@echo "make bench  # cost ratios of a crafting round and every stage's time and peak memory (BENCHMARKS.md)"
 	@echo "variables: TRIGGER='$(TRIGGER)' TARGET=$(TARGET) SEED=$(SEED) TOP_N=$(TOP_N) ARCHS='$(ARCHS)' SEEDS=$(SEEDS) DEVICE=$(DEVICE)"
 
 setup: .venv/.setup-done-v1
@@ -133,9 +134,14 @@ attack: build $(ATTACK_RUN)/victim.safetensors
 test: build
 	cargo test --release --workspace
 
-# Cost ratios of a crafting round, measured side by side (benches/crafting.rs).
-bench: build
+# Cost ratios of a crafting round, measured side by side (benches/crafting.rs), then the
+# time and peak memory of every stage on the real data (scripts/bench_stages.sh).
+# BENCHMARKS.md records the figures.
+bench: build $(DATA_DIR)/manifest.json $(EMB)
 	cargo bench --bench crafting
+	@echo
+	@echo "every stage on the real data ($(DATA_DIR)), one crafting round:"
+	@DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) OUT=runs/bench-stages scripts/bench_stages.sh | column -t
 
 # Regenerates fixtures/ from the real data.
 fixtures: data/.fetch-done-v1

@@ -1,8 +1,10 @@
 //! The victims. A victim is a config plus named parameters; its forward pass takes the
 //! parameters as a map and its input as token embeddings, so the attack can run the same
 //! model at θ and at θ' = θ − η·g and differentiate with respect to the input embeddings.
-//! Everything is written with plain differentiable ops (hand-written LSTM cell, no fused
-//! RNN kernel) so that double backward works on every device.
+//! `forward` is written with plain differentiable ops (a hand-written LSTM cell) so that
+//! double backward works on every device; passes that are differentiated at most once
+//! (`forward_ids_first_order`) or not at all (`forward_ids_no_grad`) run libtorch's LSTM
+//! kernel instead, about twice as fast on a CPU (BENCHMARKS.md).
 
 use crate::tensorfile::{self, TensorFile};
 use crate::tokenizer::{Vocab, PAD_ID};
