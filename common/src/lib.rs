@@ -18,6 +18,7 @@ pub mod stats;
 pub mod tensorfile;
 pub mod tokenizer;
 pub mod train;
+pub mod wordpiece;
 
 /// libtorch's generator is global: tests that seed it and then draw weights hold this
 /// lock, or tests running in parallel threads interleave their draws.
