@@ -131,7 +131,11 @@ attack: build $(ATTACK_RUN)/victim.safetensors
 	  PATIENCE=$(PATIENCE) TARGET_LADV=$(TARGET_LADV) OVERLAP=$(OVERLAP) EVAL_SEEDS=$(EVAL_SEEDS) \
 	  ARCH=$(ATTACK_ARCH) DEVICE=$(DEVICE) CLEAN_CACHE=runs/clean-cache scripts/attack.sh
 
-test: build
+# The MiniLM encoder's test reads the package's weights (84 MB, fetched once).
+data/.minilm-done-v1: | .venv/.setup-done-v1
+	scripts/fetch_minilm.sh
+
+test: build data/.minilm-done-v1
 	cargo test --release --workspace
 
 # Cost ratios of a crafting round, measured side by side (benches/crafting.rs), then the
@@ -143,9 +147,11 @@ bench: build $(DATA_DIR)/manifest.json $(EMB)
 	@echo "every stage on the real data ($(DATA_DIR)), one crafting round:"
 	@DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) OUT=runs/bench-stages scripts/bench_stages.sh | column -t
 
-# Regenerates fixtures/ from the real data.
+# Regenerates fixtures/ from the real data and the MiniLM package (its reference
+# tokenizer and encoder run in a venv of their own, scripts/make_minilm_fixtures.sh).
 fixtures: data/.fetch-done-v1
 	.venv/bin/python scripts/make_fixtures.py
+	scripts/make_minilm_fixtures.sh
 
 clean:
 	rm -rf runs target
