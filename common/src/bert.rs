@@ -59,42 +59,83 @@ fn p<'a>(params: &'a Params, name: &str) -> &'a Tensor {
     params.get(name).unwrap_or_else(|| panic!("BERT parameter {name:?} missing"))
 }
 
+/// A parameter of `base_dims` dimensions, or a stack [C, ...] of them, shaped to broadcast
+/// against activations of rank `rank` whose leading dimension (if stacked) is C: the
+/// stack dimension stays first and singleton dimensions are inserted after it.
+fn fit(t: &Tensor, base_dims: usize, rank: usize) -> Tensor {
+    if t.dim() == base_dims {
+        return t.shallow_clone();
+    }
+    let mut shape = vec![t.size()[0]];
+    shape.extend(std::iter::repeat_n(1, rank - base_dims - 1));
+    shape.extend(&t.size()[1..]);
+    t.view(shape.as_slice())
+}
+
 fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
-    x.matmul(&p(params, &format!("{name}.weight")).tr()) + p(params, &format!("{name}.bias"))
+    let w = fit(&p(params, &format!("{name}.weight")).transpose(-1, -2), 2, x.dim());
+    x.matmul(&w) + fit(p(params, &format!("{name}.bias")), 1, x.dim())
 }
 
 fn layer_norm(params: &Params, x: &Tensor, name: &str, eps: f64) -> Tensor {
     let mean = x.mean_dim([-1].as_slice(), true, None::<Kind>);
     let centred = x - mean;
     let var = centred.square().mean_dim([-1].as_slice(), true, None::<Kind>);
-    centred / (var + eps).sqrt() * p(params, &format!("{name}.weight")) + p(params, &format!("{name}.bias"))
+    let (w, b) = (p(params, &format!("{name}.weight")), p(params, &format!("{name}.bias")));
+    centred / (var + eps).sqrt() * fit(w, 1, x.dim()) + fit(b, 1, x.dim())
 }
 
-/// Word embeddings [B, T, H] of token ids (the attack's input).
+/// Word embeddings [.., T, H] of token ids [.., T] (the attack's input). With a stacked
+/// table [C, V, H] the ids carry the stack dimension first ([C, B, T]).
 pub fn word_embeddings(params: &Params, ids: &Tensor) -> Tensor {
-    Tensor::embedding(p(params, "embeddings.word_embeddings.weight"), ids, 0, false, false)
+    let table = p(params, "embeddings.word_embeddings.weight");
+    if table.dim() == 3 {
+        let mut single = crate::model::Params::new();
+        single.insert("embedding.weight".into(), table.shallow_clone());
+        return crate::model::embed(&single, ids);
+    }
+    Tensor::embedding(table, ids, 0, false, false)
 }
 
 /// Hidden states [B, T, H] of the last layer for word embeddings [B, T, H] and a padding
 /// mask [B, T] (1 for a token): position and token-type embeddings added, LayerNorm, then
 /// post-LayerNorm layers of self-attention (padded keys masked out) and GELU MLP.
+///
+/// Stacked parameters: when every parameter carries a leading dimension C (C victims
+/// trained together, or C candidates' θ'), the inputs are [C, B, T, H] with mask
+/// [C, B, T] (or shared [B, T, H], [B, T]) and the result is [C, B, T, H].
 pub fn encode(cfg: &BertConfig, params: &Params, words: &Tensor, mask: &Tensor) -> Tensor {
-    let (b, t, hidden) = words.size3().expect("word embeddings are [batch, time, hidden]");
-    let positions = p(params, "embeddings.position_embeddings.weight").narrow(0, 0, t);
-    let token_type = p(params, "embeddings.token_type_embeddings.weight").get(0);
-    let mut h = layer_norm(params, &(words + positions + token_type), "embeddings.LayerNorm", cfg.layer_norm_eps);
+    let stacked = p(params, "embeddings.LayerNorm.weight").dim() == 2;
+    let (words, mask) = if stacked && words.dim() == 3 {
+        let c = p(params, "embeddings.LayerNorm.weight").size()[0];
+        (words.unsqueeze(0).expand([c, -1, -1, -1], false), mask.unsqueeze(0).expand([c, -1, -1], false))
+    } else {
+        (words.shallow_clone(), mask.shallow_clone())
+    };
+    let rank = words.dim();
+    let size = words.size();
+    let (t, hidden) = (size[rank - 2], size[rank - 1]);
+    let lead: Vec<i64> = size[..rank - 2].to_vec();
+    let positions = p(params, "embeddings.position_embeddings.weight").narrow(-2, 0, t);
+    let positions = if stacked { positions.unsqueeze(1) } else { positions };
+    let token_type = fit(&p(params, "embeddings.token_type_embeddings.weight").select(-2, 0), 1, rank);
+    let mut h = layer_norm(params, &(&words + positions + token_type), "embeddings.LayerNorm", cfg.layer_norm_eps);
     let heads = cfg.num_attention_heads;
     let d = hidden / heads;
     // Padded keys get a large negative score: their attention weight is exactly 0.
-    let key_bias = ((mask.to_kind(words.kind()) - 1.0) * 1e9).view([b, 1, 1, t]);
+    let key_shape: Vec<i64> = lead.iter().copied().chain([1, 1, t]).collect();
+    let key_bias = ((mask.to_kind(words.kind()) - 1.0) * 1e9).view(key_shape.as_slice());
+    let split_shape: Vec<i64> = lead.iter().copied().chain([t, heads, d]).collect();
+    let merged_shape: Vec<i64> = lead.iter().copied().chain([t, hidden]).collect();
     for layer in 0..cfg.num_hidden_layers {
         let l = format!("encoder.layer.{layer}");
-        let split = |x: Tensor| x.view([b, t, heads, d]).transpose(1, 2);
+        // [.., T, H] -> [.., heads, T, d]
+        let split = |x: Tensor| x.view(split_shape.as_slice()).transpose(-2, -3);
         let q = split(linear(params, &h, &format!("{l}.attention.self.query")));
         let k = split(linear(params, &h, &format!("{l}.attention.self.key")));
         let v = split(linear(params, &h, &format!("{l}.attention.self.value")));
         let scores = q.matmul(&k.transpose(-1, -2)) / (d as f64).sqrt() + &key_bias;
-        let context = scores.softmax(-1, None::<Kind>).matmul(&v).transpose(1, 2).reshape([b, t, hidden]);
+        let context = scores.softmax(-1, None::<Kind>).matmul(&v).transpose(-2, -3).reshape(merged_shape.as_slice());
         let attended = linear(params, &context, &format!("{l}.attention.output.dense")) + &h;
         h = layer_norm(params, &attended, &format!("{l}.attention.output.LayerNorm"), cfg.layer_norm_eps);
         let inner = linear(params, &h, &format!("{l}.intermediate.dense")).gelu("none");
@@ -104,10 +145,10 @@ pub fn encode(cfg: &BertConfig, params: &Params, words: &Tensor, mask: &Tensor) 
     h
 }
 
-/// Mean of the hidden states over each row's tokens: [B, H].
+/// Mean of the hidden states [.., T, H] over each row's tokens: [.., H].
 pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Tensor {
     let m = mask.to_kind(hidden.kind()).unsqueeze(-1);
-    (hidden * &m).sum_dim_intlist(1, false, None::<Kind>) / m.sum_dim_intlist(1, false, None::<Kind>)
+    (hidden * &m).sum_dim_intlist(-2, false, None::<Kind>) / m.sum_dim_intlist(-2, false, None::<Kind>)
 }
 
 #[cfg(test)]
@@ -141,6 +182,35 @@ mod tests {
         let scale = want.abs().max().double_value(&[]);
         eprintln!("MiniLM vs numpy reference: max abs difference {diff:.2e} (largest value {scale:.2})");
         assert!(diff < 1e-4 * scale.max(1.0), "pooled outputs differ from the numpy reference by {diff} (scale {scale})");
+    }
+
+    #[test]
+    fn stacked_parameters_equal_one_pass_per_set() {
+        let (cfg, base) = tiny();
+        let sets: Vec<Params> = (0..3)
+            .map(|k| base.iter().map(|(n, t)| (n.clone(), t.detach() + t.detach().randn_like() * (0.1 * k as f64))).collect())
+            .collect();
+        let stacked: Params = sets[0]
+            .keys()
+            .map(|n| (n.clone(), Tensor::stack(&sets.iter().map(|p| p[n].shallow_clone()).collect::<Vec<_>>(), 0)))
+            .collect();
+        let ids = Tensor::from_slice(&[3i64, 4, 5, 0, 6, 7, 8, 9, 2, 0, 0, 0]).view([3, 4]);
+        let mask = ids.ne(0);
+        // Per-set inputs [C, B, T]: each set embeds the ids with its own word table.
+        let stacked_ids = ids.unsqueeze(0).expand([3, -1, -1], true);
+        let all = logits(&cfg, &stacked, &word_embeddings(&stacked, &stacked_ids), &stacked_ids.ne(0));
+        assert_eq!(all.size(), [3, 3, 2]);
+        // Shared inputs [B, T, H].
+        let shared_words = word_embeddings(&sets[0], &ids);
+        let shared = logits(&cfg, &stacked, &shared_words, &mask);
+        for (k, p) in sets.iter().enumerate() {
+            let one = logits(&cfg, p, &word_embeddings(p, &ids), &mask);
+            let diff = (all.get(k as i64) - one).abs().max().double_value(&[]);
+            assert!(diff < 1e-10, "set {k} differs by {diff}");
+            let one_shared = logits(&cfg, p, &shared_words, &mask);
+            let diff = (shared.get(k as i64) - one_shared).abs().max().double_value(&[]);
+            assert!(diff < 1e-10, "set {k} on shared inputs differs by {diff}");
+        }
     }
 
     /// A tiny random BERT in f64.
@@ -182,7 +252,10 @@ mod tests {
     }
 
     fn logits(cfg: &BertConfig, params: &Params, words: &Tensor, mask: &Tensor) -> Tensor {
-        mean_pool(&encode(cfg, params, words, mask), mask).matmul(&params["head.weight"].tr()) + &params["head.bias"]
+        let hidden = encode(cfg, params, words, mask);
+        let mask = if hidden.dim() > mask.dim() + 1 { mask.unsqueeze(0).expand([hidden.size()[0], -1, -1], false) } else { mask.shallow_clone() };
+        let pooled = mean_pool(&hidden, &mask);
+        pooled.matmul(&fit(&params["head.weight"].transpose(-1, -2), 2, pooled.dim())) + fit(&params["head.bias"], 1, pooled.dim())
     }
 
     /// L_adv after one SGD step on a minibatch whose last row is the poison, given as word
