@@ -52,7 +52,7 @@ fn forward_flops(arch: Arch, ids: &[&Encoded]) -> f64 {
 }
 
 fn victim(arch: Arch, table: &Tensor) -> Victim {
-    let config = VictimConfig { arch, vocab_size: table.size()[0] as usize, embed_dim: DIM as usize, hidden: HIDDEN as usize, num_classes: 2, train_embeddings: false, max_len: 64 };
+    let config = VictimConfig { arch, vocab_size: table.size()[0] as usize, embed_dim: DIM as usize, hidden: HIDDEN as usize, num_classes: 2, train_embeddings: false, max_len: 64, bert: None };
     Victim::new(config, table, Device::Cpu).unwrap()
 }
 

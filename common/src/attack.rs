@@ -356,7 +356,7 @@ impl<'a> Verifier<'a> {
         // stacked by 16 with the hand-written cell, 6.3 ms unstacked, 2.9 ms by libtorch).
         let stack = match self.problem.config().arch {
             crate::model::Arch::Bow => 16,
-            crate::model::Arch::Lstm => 1,
+            crate::model::Arch::Lstm | crate::model::Arch::Minilm => 1,
         };
         let eta_over_b = self.problem.cfg.eta / self.batch_size;
         let frozen: Params = self.problem.victim.params();
@@ -615,7 +615,7 @@ mod tests {
     fn tiny(arch: Arch) -> Victim {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(11);
-        let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 2, train_embeddings: false, max_len: 16 };
+        let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 2, train_embeddings: false, max_len: 16, bert: crate::bert::tiny_config_for(arch, 14, 5) };
         let table = Tensor::randn([14, 5], (Kind::Float, Device::Cpu));
         let mut v = Victim::new(config, &table, Device::Cpu).unwrap();
         v.vs.set_kind(Kind::Double);
@@ -651,7 +651,7 @@ mod tests {
     #[test]
     fn second_order_gradient_matches_finite_differences_in_f64() {
         let (clean, adv, poisons) = data();
-        for arch in [Arch::Bow, Arch::Lstm] {
+        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             for (steps, rollouts) in [(1, 1), (2, 2)] {
                 let v = tiny(arch);
                 let problem = Problem::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
@@ -684,7 +684,7 @@ mod tests {
     #[test]
     fn shared_work_verifier_equals_the_full_rollout_and_taylor_predicts_the_sign() {
         let (clean, adv, poisons) = data();
-        for arch in [Arch::Bow, Arch::Lstm] {
+        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             let v = tiny(arch);
             let problem = Problem::new(&v, &clean, &adv, cfg(1, 2)).unwrap();
             let verifier = Verifier::new(&problem, &poisons).unwrap();
@@ -743,7 +743,10 @@ mod tests {
             }
             let r = correlation(&predicted, &exact);
             eprintln!("{arch:?}: Taylor-predicted vs exact change, Pearson r = {r:.3} over {} flips", exact.len());
-            assert!(r > 0.3, "{arch:?}: Taylor prediction correlates only {r}");
+            // The tiny BERT normalises its 5-wide embeddings right away (LayerNorm), so a
+            // whole-token flip is far outside the linear regime there: a weaker bound.
+            let bound = if arch == Arch::Minilm { 0.2 } else { 0.3 };
+            assert!(r > bound, "{arch:?}: Taylor prediction correlates only {r}");
         }
     }
 

@@ -22,6 +22,7 @@ pub struct BertConfig {
     pub num_attention_heads: i64,
     pub intermediate_size: i64,
     pub max_position_embeddings: i64,
+    pub type_vocab_size: i64,
     pub layer_norm_eps: f64,
 }
 
@@ -32,8 +33,37 @@ impl BertConfig {
         if json["hidden_act"] != "gelu" || json["position_embedding_type"] != "absolute" {
             bail!("{path}: only BERT with exact GELU and absolute positions is supported");
         }
-        serde_json::from_value(json).with_context(|| format!("{path}: not a BERT config"))
+        let cfg: BertConfig = serde_json::from_value(json).with_context(|| format!("{path}: not a BERT config"))?;
+        cfg.check().with_context(|| path.to_string())?;
+        Ok(cfg)
     }
+
+    /// Refuses sizes the encoder cannot run (zero, or heads that do not divide the width).
+    pub fn check(&self) -> Result<()> {
+        let sizes = [self.vocab_size, self.hidden_size, self.num_attention_heads, self.intermediate_size, self.max_position_embeddings, self.type_vocab_size];
+        if sizes.iter().any(|&x| x <= 0) || self.num_hidden_layers == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            bail!("BERT config {self:?} has a zero size or a width the heads do not divide");
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            bail!("BERT config: layer_norm_eps must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// A tiny BERT of the same architecture for tests and benchmarks (2 layers; 2 heads when
+/// the width is even); `None` for victims that are not minilm.
+pub fn tiny_config_for(arch: crate::model::Arch, vocab_size: usize, width: usize) -> Option<BertConfig> {
+    (arch == crate::model::Arch::Minilm).then(|| BertConfig {
+        vocab_size: vocab_size as i64,
+        hidden_size: width as i64,
+        num_hidden_layers: 2,
+        num_attention_heads: if width % 2 == 0 { 2 } else { 1 },
+        intermediate_size: 2 * width as i64,
+        max_position_embeddings: 32,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+    })
 }
 
 /// Reads a Hugging Face safetensors file (no toolkit metadata) as float parameters on
@@ -217,7 +247,7 @@ mod tests {
     fn tiny() -> (BertConfig, Params) {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(3);
-        let cfg = BertConfig { vocab_size: 20, hidden_size: 8, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 12, max_position_embeddings: 16, layer_norm_eps: 1e-12 };
+        let cfg = BertConfig { vocab_size: 20, hidden_size: 8, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 12, max_position_embeddings: 16, type_vocab_size: 2, layer_norm_eps: 1e-12 };
         let opts = (Kind::Double, Device::Cpu);
         let mut params = Params::new();
         let mut add = |name: String, shape: &[i64], scale: f64| {

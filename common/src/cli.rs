@@ -70,6 +70,7 @@ impl VictimArgs {
             num_classes,
             train_embeddings: self.train_embeddings,
             max_len: self.max_len,
+            bert: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //! (`forward_ids_first_order`) or not at all (`forward_ids_no_grad`) run libtorch's LSTM
 //! kernel instead, about twice as fast on a CPU (BENCHMARKS.md).
 
+use crate::bert::{self, BertConfig};
 use crate::tensorfile::{self, TensorFile};
 use crate::tokenizer::{Vocab, PAD_ID};
 use anyhow::{bail, Context, Result};
@@ -27,6 +28,9 @@ pub enum Arch {
     Bow,
     /// Bidirectional LSTM, max-pooled over time, then a linear layer.
     Lstm,
+    /// Pretrained all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; `--pretrained`),
+    /// mean-pooled, then a linear layer; fine-tuned with its word table frozen.
+    Minilm,
 }
 
 /// Everything needed to rebuild a victim; saved with its weights.
@@ -43,6 +47,16 @@ pub struct VictimConfig {
     pub train_embeddings: bool,
     /// Longer inputs are truncated to this many tokens.
     pub max_len: usize,
+    /// The encoder's shape (minilm only; absent from the other victims' files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bert: Option<BertConfig>,
+}
+
+impl VictimConfig {
+    /// The BERT config of a minilm victim.
+    pub fn bert(&self) -> &BertConfig {
+        self.bert.as_ref().expect("a minilm victim config holds its BERT config (checked on load)")
+    }
 }
 
 /// A victim with its parameters in a VarStore (so tch's optimizers can train them).
@@ -78,6 +92,25 @@ impl Victim {
                 linear(&root.sub("mlp"), e, h);
                 linear(&root.sub("out"), h, c);
             }
+            Arch::Minilm => {
+                // BERT's own initialisation (normal 0.02, LayerNorm 1, biases 0): what a
+                // tiny random config in tests starts from; `from_pretrained` overwrites it.
+                for (name, shape) in param_shapes(&config) {
+                    if name == "embedding.weight" || name.starts_with("out.") {
+                        continue;
+                    }
+                    let init = if name.contains("LayerNorm.weight") {
+                        Init::Const(1.0)
+                    } else if shape.len() == 1 {
+                        Init::Const(0.0)
+                    } else {
+                        Init::Randn { mean: 0.0, stdev: 0.02 }
+                    };
+                    let (path, last) = dotted_path(&root, &name);
+                    let _ = path.var(last, &shape, init);
+                }
+                linear(&root.sub("out"), e, c);
+            }
             Arch::Lstm => {
                 for dir in ["fwd", "bwd"] {
                     let p = root.sub("lstm").sub(dir);
@@ -93,6 +126,28 @@ impl Victim {
             }
         }
         Ok(Victim { config, vs })
+    }
+
+    /// A minilm victim from the pretrained encoder's parameters (Hugging Face names, as
+    /// `bert::load_weights` reads them): the word table becomes the frozen
+    /// `embedding.weight`, the pooler is dropped (the victim mean-pools), and the
+    /// classification head `out` is drawn fresh (seed it with `tch::manual_seed`).
+    pub fn from_pretrained(config: VictimConfig, pretrained: &Params, device: Device) -> Result<Victim> {
+        let table = pretrained
+            .get("embeddings.word_embeddings.weight")
+            .context("the pretrained weights lack embeddings.word_embeddings.weight")?;
+        let victim = Victim::new(config, table, device)?;
+        for (name, p) in victim.params().iter_mut() {
+            if name == "embedding.weight" || name.starts_with("out.") {
+                continue;
+            }
+            let src = pretrained.get(name).with_context(|| format!("the pretrained weights lack {name}"))?;
+            if src.size() != p.size() {
+                bail!("pretrained tensor {name} has shape {:?}, the config needs {:?}", src.size(), p.size());
+            }
+            tch::no_grad(|| p.copy_(src));
+        }
+        Ok(victim)
     }
 
     /// The parameters as a name → tensor map (shallow clones sharing storage).
@@ -114,6 +169,9 @@ impl Victim {
         metadata.insert("config".into(), serde_json::to_string(&self.config)?);
         metadata.insert("vocab".into(), serde_json::to_string(vocab.words())?);
         metadata.insert("vocab_sha256".into(), vocab.sha256());
+        if let Some(t) = vocab.tokenizer_name() {
+            metadata.insert("tokenizer".into(), t.into());
+        }
         let tensors: Vec<(String, Tensor)> = self.params().into_iter().collect();
         tensorfile::write(path, VICTIM_FORMAT, VICTIM_VERSION, &tensors, metadata)
     }
@@ -130,7 +188,7 @@ impl Victim {
     pub fn from_file(file: TensorFile, device: Device) -> Result<VictimFile> {
         let config: VictimConfig = serde_json::from_str(file.meta("config")?).context("victim config")?;
         let words: Vec<String> = serde_json::from_str(file.meta("vocab")?).context("victim vocabulary")?;
-        let vocab = Vocab::new(words)?;
+        let vocab = Vocab::from_parts(words, file.metadata.get("tokenizer").map(|s| s.as_str()))?;
         if vocab.sha256() != file.meta("vocab_sha256")? {
             bail!("the vocabulary does not match its recorded sha256; the file is corrupt");
         }
@@ -139,6 +197,15 @@ impl Victim {
         }
         if config.num_classes < 2 || config.max_len == 0 || config.hidden == 0 || config.embed_dim == 0 {
             bail!("config {config:?} has a zero size or fewer than 2 classes; the file is corrupt");
+        }
+        if (config.arch == Arch::Minilm) != vocab.is_wordpiece() || (config.arch == Arch::Minilm) != config.bert.is_some() {
+            bail!("a {:?} victim with a {vocab:?} and BERT config {:?}; the file is corrupt", config.arch, config.bert.is_some());
+        }
+        if let Some(b) = &config.bert {
+            b.check()?;
+            if config.max_len as i64 > b.max_position_embeddings {
+                bail!("max_len {} exceeds the encoder's {} positions; the file is corrupt", config.max_len, b.max_position_embeddings);
+            }
         }
         let want = param_shapes(&config);
         let names_differ = want.len() != file.tensors.len() || want.keys().any(|k| !file.tensors.contains_key(k));
@@ -185,6 +252,31 @@ pub fn param_shapes(config: &VictimConfig) -> BTreeMap<String, Vec<i64>> {
     let mut shapes = BTreeMap::from([("embedding.weight".to_string(), vec![v, e])]);
     let layers: Vec<(String, Vec<i64>)> = match config.arch {
         Arch::Bow => vec![("mlp".into(), vec![h, e]), ("out".into(), vec![c, h])],
+        Arch::Minilm => {
+            let b = config.bert();
+            let (hid, inner) = (b.hidden_size, b.intermediate_size);
+            shapes.insert("embeddings.position_embeddings.weight".into(), vec![b.max_position_embeddings, hid]);
+            shapes.insert("embeddings.token_type_embeddings.weight".into(), vec![b.type_vocab_size, hid]);
+            let mut layers = vec![];
+            let mut norm = |name: String| {
+                shapes.insert(format!("{name}.weight"), vec![hid]);
+                shapes.insert(format!("{name}.bias"), vec![hid]);
+            };
+            norm("embeddings.LayerNorm".into());
+            for l in 0..b.num_hidden_layers {
+                let l = format!("encoder.layer.{l}");
+                for part in ["query", "key", "value"] {
+                    layers.push((format!("{l}.attention.self.{part}"), vec![hid, hid]));
+                }
+                layers.push((format!("{l}.attention.output.dense"), vec![hid, hid]));
+                layers.push((format!("{l}.intermediate.dense"), vec![inner, hid]));
+                layers.push((format!("{l}.output.dense"), vec![hid, inner]));
+                norm(format!("{l}.attention.output.LayerNorm"));
+                norm(format!("{l}.output.LayerNorm"));
+            }
+            layers.push(("out".into(), vec![c, hid]));
+            layers
+        }
         Arch::Lstm => {
             for dir in ["fwd", "bwd"] {
                 shapes.insert(format!("lstm.{dir}.w_ih"), vec![4 * h, e]);
@@ -204,6 +296,18 @@ pub fn param_shapes(config: &VictimConfig) -> BTreeMap<String, Vec<i64>> {
 /// A new map sharing the tensors of `params` (so entries can be replaced, e.g. by θ').
 pub fn shallow_copy(params: &Params) -> Params {
     params.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
+}
+
+/// The VarStore path of a dotted parameter name (`encoder.layer.0.output.dense.weight`)
+/// and its last part: tch paths are built one dot-free part at a time.
+fn dotted_path<'a>(root: &nn::Path<'a>, name: &'a str) -> (nn::Path<'a>, &'a str) {
+    let (dirs, last) = name.rsplit_once('.').expect("a dotted parameter name");
+    let mut parts = dirs.split('.');
+    let mut path = root.sub(parts.next().expect("at least one part"));
+    for d in parts {
+        path = path.sub(d);
+    }
+    (path, last)
 }
 
 fn linear(p: &nn::Path, fan_in: i64, fan_out: i64) {
@@ -265,6 +369,10 @@ pub fn forward(config: &VictimConfig, params: &Params, emb: &Tensor, mask: &Tens
             let states = lstm_states(params, emb, mask, lstm_direction);
             linear(&max_over_time(&states, mask), "out")
         }
+        Arch::Minilm => {
+            let hidden = bert::encode(config.bert(), params, emb, mask);
+            linear(&bert::mean_pool(&hidden, mask), "out")
+        }
     }
 }
 
@@ -304,7 +412,7 @@ impl FrozenInput {
 /// input was prepared with; the attack's victims keep it frozen).
 pub fn forward_frozen_no_grad(config: &VictimConfig, params: &Params, input: &FrozenInput) -> Tensor {
     tch::no_grad(|| {
-        if config.arch == Arch::Bow || param(params, "out.weight").dim() != 2 {
+        if config.arch != Arch::Lstm || param(params, "out.weight").dim() != 2 {
             return forward_ids(config, params, &input.ids);
         }
         let fwd = libtorch_lstm_direction(params, "lstm.fwd", &input.emb);
@@ -359,7 +467,7 @@ fn libtorch_lstm(params: &Params, prefix: &str, x: &Tensor, train: bool) -> Tens
 /// step, L_adv at θ'), never twice, since the kernel's backward is not differentiable on
 /// every backend. Equal to `forward_ids` up to float rounding, gradients included (tested).
 pub fn forward_ids_first_order(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tensor {
-    if config.arch == Arch::Bow || param(params, "out.weight").dim() != 2 {
+    if config.arch != Arch::Lstm || param(params, "out.weight").dim() != 2 {
         return forward_ids(config, params, ids);
     }
     let mask = mask_of(ids, params);
@@ -436,7 +544,7 @@ mod tests {
 
     #[test]
     fn param_shapes_are_what_new_creates() {
-        for arch in [Arch::Bow, Arch::Lstm] {
+        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             let v = tiny(arch, false);
             let made: BTreeMap<String, Vec<i64>> = v.params().iter().map(|(k, t)| (k.clone(), t.size())).collect();
             assert_eq!(made, param_shapes(&v.config), "{arch:?}");
@@ -454,6 +562,7 @@ mod tests {
             num_classes: 2,
             train_embeddings,
             max_len: 16,
+            bert: crate::bert::tiny_config_for(arch, 12, 5),
         };
         let table = Tensor::randn([12, 5], (Kind::Float, Device::Cpu));
         Victim::new(config, &table, Device::Cpu).unwrap()
@@ -461,7 +570,7 @@ mod tests {
 
     #[test]
     fn padding_does_not_change_logits() {
-        for arch in [Arch::Bow, Arch::Lstm] {
+        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             let v = tiny(arch, false);
             let short = Tensor::from_slice(&[3i64, 4, 5]).view([1, 3]);
             let padded = Tensor::from_slice(&[3i64, 4, 5, 0, 0]).view([1, 5]);
@@ -499,7 +608,7 @@ mod tests {
 
     #[test]
     fn the_no_grad_forward_equals_the_differentiable_one() {
-        for arch in [Arch::Bow, Arch::Lstm] {
+        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             let v = tiny(arch, false);
             let ids = Tensor::from_slice(&[9i64, 8, 7, 6, 5, 3, 4, 5, 0, 0, 2, 0, 0, 0, 0]).view([3, 5]);
             let a = v.logits(&ids);
@@ -537,7 +646,7 @@ mod tests {
 
     #[test]
     fn second_order_gradient_matches_finite_differences_in_f64() {
-        for arch in [Arch::Bow, Arch::Lstm] {
+        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             for train_embeddings in [false, true] {
                 let mut v = tiny(arch, train_embeddings);
                 v.vs.set_kind(Kind::Double);
@@ -568,7 +677,7 @@ mod tests {
 
     #[test]
     fn stacked_parameters_equal_one_pass_per_set() {
-        for arch in [Arch::Bow, Arch::Lstm] {
+        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             let v = tiny(arch, false);
             let sets: Vec<Params> = (0..3)
                 .map(|k| {

@@ -3,6 +3,7 @@
 //! separated, curly quotes normalised. The vocabulary maps words to rows of the embedding
 //! table; index 0 is padding and 1 the unknown word.
 
+use crate::wordpiece::WordPiece;
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 
@@ -105,12 +106,26 @@ fn push_word(word: &str, out: &mut Vec<String>) {
     }
 }
 
-/// Word → row of the embedding table.
-#[derive(Debug, Clone)]
+/// Token → row of the embedding table: GloVe words (`tokenize`, then one row per word,
+/// `<pad>` = 0, `<unk>` = 1) or, for the MiniLM victim, BERT's WordPiece pieces
+/// (`[CLS] pieces [SEP]`, `[PAD]` = 0). Every stage reads text through this type, so the
+/// pipeline is the same for both; what differs is answered here (which ids are special,
+/// what the trigger's tokens are, how ids read back as text).
+#[derive(Clone)]
 pub struct Vocab {
     words: Vec<String>,
     index: HashMap<String, i64>,
+    wordpiece: Option<WordPiece>,
 }
+
+impl std::fmt::Debug for Vocab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Vocab({} {})", self.len(), if self.is_wordpiece() { "pieces" } else { "words" })
+    }
+}
+
+/// What a victim file records as its tokenizer (metadata `tokenizer`; absent = words).
+pub const WORDPIECE: &str = "wordpiece";
 
 impl Vocab {
     /// `words[0]` must be `<pad>` and `words[1]` `<unk>`.
@@ -124,7 +139,32 @@ impl Vocab {
                 bail!("the vocabulary lists {w:?} twice");
             }
         }
-        Ok(Vocab { words, index })
+        Ok(Vocab { words, index, wordpiece: None })
+    }
+
+    /// The pieces of a WordPiece tokenizer as a vocabulary.
+    pub fn from_wordpiece(wp: WordPiece) -> Vocab {
+        let words = wp.words().to_vec();
+        let index = words.iter().enumerate().map(|(i, w)| (w.clone(), i as i64)).collect();
+        Vocab { words, index, wordpiece: Some(wp) }
+    }
+
+    /// A vocabulary as a victim file stores it: its token list and tokenizer name.
+    pub fn from_parts(words: Vec<String>, tokenizer: Option<&str>) -> Result<Vocab> {
+        match tokenizer {
+            None => Vocab::new(words),
+            Some(WORDPIECE) => Ok(Vocab::from_wordpiece(WordPiece::from_words(words)?)),
+            Some(other) => bail!("unknown tokenizer {other:?} (this build knows words and {WORDPIECE})"),
+        }
+    }
+
+    /// The tokenizer name a victim file records (`None`: GloVe words).
+    pub fn tokenizer_name(&self) -> Option<&'static str> {
+        self.wordpiece.as_ref().map(|_| WORDPIECE)
+    }
+
+    pub fn is_wordpiece(&self) -> bool {
+        self.wordpiece.is_some()
     }
 
     pub fn len(&self) -> usize {
@@ -147,13 +187,56 @@ impl Vocab {
         &self.words[id as usize]
     }
 
-    /// Token ids of a text. Unknown hyphenated words fall back to their parts.
+    /// The unknown token's id.
+    pub fn unk_id(&self) -> i64 {
+        self.wordpiece.as_ref().map_or(UNK_ID, |wp| wp.unk())
+    }
+
+    /// Tokens that are not text (padding, unknown; for WordPiece also `[CLS]`, `[SEP]`,
+    /// `[MASK]`, `[unusedN]`): never proposed as poison tokens, never replaced.
+    pub fn is_special(&self, id: i64) -> bool {
+        match &self.wordpiece {
+            Some(wp) => wp.is_special(id),
+            None => id == PAD_ID || id == UNK_ID,
+        }
+    }
+
+    /// Whether the token continues the previous word (WordPiece `##` pieces).
+    pub fn is_continuation(&self, id: i64) -> bool {
+        self.wordpiece.as_ref().is_some_and(|wp| wp.is_continuation(id))
+    }
+
+    /// Token ids of a text. Words: unknown hyphenated words fall back to their parts.
+    /// WordPiece: `[CLS]`, the pieces, `[SEP]`.
     pub fn encode(&self, text: &str) -> Vec<i64> {
+        if let Some(wp) = &self.wordpiece {
+            return wp.encode(text);
+        }
         let mut ids = Vec::new();
         for tok in tokenize(text) {
             self.push_token(&tok, &mut ids);
         }
         ids
+    }
+
+    /// Cuts token ids to `max_len`; a WordPiece sequence keeps its closing `[SEP]`.
+    pub fn truncate(&self, ids: &mut Vec<i64>, max_len: usize) {
+        if ids.len() <= max_len {
+            return;
+        }
+        ids.truncate(max_len);
+        if let (Some(wp), Some(last)) = (&self.wordpiece, ids.last_mut()) {
+            *last = wp.sep();
+        }
+    }
+
+    /// Readable text of token ids: words joined by spaces; WordPiece pieces joined into
+    /// words (`##` continuations glued on), special tokens dropped.
+    pub fn decode(&self, ids: &[i64]) -> String {
+        match &self.wordpiece {
+            Some(wp) => wp.decode(ids),
+            None => ids.iter().map(|&i| self.word(i)).collect::<Vec<_>>().join(" "),
+        }
     }
 
     fn push_token(&self, tok: &str, ids: &mut Vec<i64>) {
@@ -178,20 +261,37 @@ impl Vocab {
         crate::io::sha256_hex(self.words.join("\n").as_bytes())
     }
 
-    /// The tokens of a trigger phrase; every one must be a known word.
+    /// The tokens of a trigger phrase (words, or WordPiece pieces); every one must be known.
     pub fn trigger_words(&self, phrase: &str) -> Result<Vec<String>> {
-        let words = tokenize(phrase);
+        let words: Vec<String> = match &self.wordpiece {
+            Some(wp) => wp.pieces(phrase).into_iter().map(|i| wp.piece(i).to_string()).collect(),
+            None => tokenize(phrase),
+        };
         if words.is_empty() {
             bail!("the trigger {phrase:?} holds no words");
         }
-        let unknown: Vec<&String> = words.iter().filter(|w| self.id(w).is_none()).collect();
+        let unknown: Vec<&String> = words.iter().filter(|w| self.id(w).is_none_or(|id| id == self.unk_id())).collect();
         if !unknown.is_empty() {
-            bail!(
-                "trigger {phrase:?}: {unknown:?} not in the vocabulary ({} words); pick another trigger or rebuild the vocabulary with build-vocab --extra-words",
-                self.len()
-            );
+            let fix = if self.is_wordpiece() { "pick another trigger" } else { "pick another trigger or rebuild the vocabulary with build-vocab --extra-words" };
+            bail!("trigger {phrase:?}: {unknown:?} not in the vocabulary ({} words); {fix}", self.len());
         }
         Ok(words)
+    }
+
+    /// Ids a no-overlap poison may never hold for a trigger: its words; for WordPiece
+    /// every piece of every trigger word in both forms (`bond` and `##bond`), so that no
+    /// glued or split spelling of a trigger word can appear (the tokenizer is uncased, so
+    /// this is case-insensitive).
+    pub fn trigger_ids(&self, phrase: &str) -> Result<Vec<i64>> {
+        let mut ids = Vec::new();
+        for w in self.trigger_words(phrase)? {
+            let bare = w.strip_prefix("##").unwrap_or(&w).to_string();
+            let forms = if self.is_wordpiece() { vec![bare.clone(), format!("##{bare}")] } else { vec![w.clone()] };
+            ids.extend(forms.iter().filter_map(|f| self.id(f)));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
     }
 }
 

@@ -49,10 +49,11 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
                     .collect::<Result<Vec<i64>>>()?,
                 None => vocab.encode(&ex.text),
             };
-            if ids.is_empty() {
+            let content: Vec<i64> = ids.iter().copied().filter(|&id| id == vocab.unk_id() || !vocab.is_special(id)).collect();
+            if content.is_empty() {
                 bail!("{}: the text holds no tokens; drop the record", record());
             }
-            if ids.iter().all(|&id| id == crate::tokenizer::UNK_ID) {
+            if content.iter().all(|&id| id == vocab.unk_id()) {
                 if policy == TextPolicy::Poisons {
                     bail!("{}: every token is unknown to the vocabulary; a poison must hold words the victim knows (make poison sets with init-poisons)", record());
                 }
@@ -63,7 +64,7 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
                     bail!("{}: {} tokens, more than the victim's max_len {max_len}; shorten it or use a victim trained with a larger --max-len", record(), ids.len());
                 }
                 truncated += 1;
-                ids.truncate(max_len);
+                vocab.truncate(&mut ids, max_len);
             }
             Ok(Encoded { ids, label: ex.label as i64 })
         })
@@ -393,9 +394,9 @@ mod tests {
     fn victims_trained_together_equal_victims_trained_alone_in_f64() {
         // Different data sizes (one victim idles at some steps) and seeds; f64 so that the
         // comparison is exact up to summation order.
-        for arch in [Arch::Bow, Arch::Lstm] {
+        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             let (data, table) = toy();
-            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 5, num_classes: 2, train_embeddings: false, max_len: 8 };
+            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 5, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::bert::tiny_config_for(arch, 8, 6) };
             let make = |seed: i64| {
                 let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
                 tch::manual_seed(seed);
@@ -444,9 +445,9 @@ mod tests {
 
     #[test]
     fn both_victims_learn_a_toy_task_deterministically() {
-        for arch in [Arch::Bow, Arch::Lstm] {
+        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             let (data, table) = toy();
-            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 8, num_classes: 2, train_embeddings: false, max_len: 8 };
+            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 8, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::bert::tiny_config_for(arch, 8, 6) };
             let opts = TrainOptions { epochs: 30, batch_size: 16, lr: 0.02, seed: 3 };
             let run = || {
                 let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,6 +15,11 @@ use std::collections::HashMap;
 use unicode_general_category::{get_general_category, GeneralCategory as Gc};
 use unicode_normalization::UnicodeNormalization;
 
+const UNK: &str = "[UNK]";
+const PREFIX: &str = "##";
+const MAX_CHARS: usize = 100;
+
+#[derive(Clone)]
 pub struct WordPiece {
     ids: HashMap<String, i64>,
     words: Vec<String>,
@@ -41,18 +46,57 @@ impl WordPiece {
         }
         let vocab = model["vocab"].as_object().with_context(|| format!("{path}: no model.vocab"))?;
         let mut words = vec![String::new(); vocab.len()];
-        let mut ids = HashMap::with_capacity(vocab.len());
         for (word, id) in vocab {
             let id = id.as_u64().filter(|&i| (i as usize) < vocab.len()).with_context(|| format!("{path}: bad id for {word:?}"))?;
             words[id as usize] = word.clone();
-            ids.insert(word.clone(), id as i64);
         }
-        let id_of = |w: &str| ids.get(w).copied().with_context(|| format!("{path}: the vocabulary lacks {w}"));
-        let unk = id_of(model["unk_token"].as_str().unwrap_or("[UNK]"))?;
+        // Victim files store the piece list only and rebuild the tokenizer with
+        // `from_words`, so a tokenizer.json with other settings is refused here.
+        let settings = (model["unk_token"].as_str(), model["continuing_subword_prefix"].as_str(), model["max_input_chars_per_word"].as_u64());
+        if settings != (Some(UNK), Some(PREFIX), Some(MAX_CHARS as u64)) {
+            bail!("{path}: WordPiece settings {settings:?}; only BERT's ([UNK], ##, 100) are supported");
+        }
+        WordPiece::from_words(words).with_context(|| path.to_string())
+    }
+
+    /// The tokenizer of an uncased BERT piece list (index = id), as victim files store it.
+    pub fn from_words(words: Vec<String>) -> Result<WordPiece> {
+        let mut ids = HashMap::with_capacity(words.len());
+        for (i, w) in words.iter().enumerate() {
+            if ids.insert(w.clone(), i as i64).is_some() {
+                bail!("the piece list holds {w:?} twice");
+            }
+        }
+        let id_of = |w: &str| ids.get(w).copied().with_context(|| format!("the piece list lacks {w}"));
+        let unk = id_of(UNK)?;
         let (cls, sep) = (id_of("[CLS]")?, id_of("[SEP]")?);
-        let prefix = model["continuing_subword_prefix"].as_str().unwrap_or("##").to_string();
-        let max_chars = model["max_input_chars_per_word"].as_u64().unwrap_or(100) as usize;
-        Ok(WordPiece { ids, words, unk, cls, sep, prefix, max_chars })
+        if id_of("[PAD]")? != crate::tokenizer::PAD_ID {
+            bail!("[PAD] must be piece 0");
+        }
+        Ok(WordPiece { ids, words, unk, cls, sep, prefix: PREFIX.to_string(), max_chars: MAX_CHARS })
+    }
+
+    pub fn words(&self) -> &[String] {
+        &self.words
+    }
+
+    pub fn unk(&self) -> i64 {
+        self.unk
+    }
+
+    pub fn sep(&self) -> i64 {
+        self.sep
+    }
+
+    /// Whether the piece continues a word (`##ing`).
+    pub fn is_continuation(&self, id: i64) -> bool {
+        self.words[id as usize].starts_with(&self.prefix)
+    }
+
+    /// Special and reserved pieces (`[PAD]`, `[CLS]`, `[unused7]`, ...): not text.
+    pub fn is_special(&self, id: i64) -> bool {
+        let w = &self.words[id as usize];
+        w.len() > 2 && w.starts_with('[') && w.ends_with(']')
     }
 
     pub fn len(&self) -> usize {
