@@ -12,7 +12,7 @@ use common::model::Victim;
 use common::records::Example;
 use common::tokenizer::Vocab;
 use common::train::{self, encode_all, Encoded, TextPolicy};
-use common::{device, embeddings, log};
+use common::{device, log};
 use std::time::Instant;
 
 /// Evaluates a poison set by retraining victims, or evaluates given checkpoints.
@@ -33,9 +33,9 @@ struct Args {
     /// Data folder made by prepare-data.
     #[arg(long)]
     data: String,
-    /// Embedding table and vocabulary (needed to train victims).
-    #[arg(long, required_unless_present = "checkpoint")]
-    embeddings: Option<String>,
+    /// Where the trained victims start (needed unless --checkpoint).
+    #[command(flatten)]
+    base: common::cli::BaseArgs,
     /// Poison set (example JSONL, - for stdin); may be empty. Repeatable: every set is
     /// evaluated on the same seeds and clean victims, and gets its own report line.
     #[arg(long)]
@@ -47,7 +47,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed_base: u64,
     /// Evaluate these victims instead of training (repeatable); no net figures.
-    #[arg(long, conflicts_with_all = ["embeddings", "poisons"])]
+    #[arg(long, conflicts_with_all = ["embeddings", "pretrained", "poisons"])]
     checkpoint: Vec<String>,
     #[command(flatten)]
     victim: VictimArgs,
@@ -138,19 +138,18 @@ fn main() {
             }
             (config.expect("at least one checkpoint"), None, "checkpoints")
         } else {
-            let emb_path = args.embeddings.as_deref().expect("clap requires --embeddings");
-            let (vocab, table) = embeddings::load(emb_path)?;
-            let emb_sha = io::sha256_file(std::path::Path::new(emb_path))?;
-            vocab.trigger_words(&trigger.phrase).with_context(|| format!("vocabulary of {emb_path}"))?;
-            let config = args.victim.config(vocab.len(), table.size()[1] as usize, manifest.labels.len());
-            let eval_sets = encode_sets(&args.data, &manifest, &vocab, config.max_len)?;
+            let base = args.base.load()?;
+            let (vocab, emb_sha) = (&base.vocab, &base.sha256);
+            vocab.trigger_words(&trigger.phrase).with_context(|| format!("vocabulary of {}", base.source))?;
+            let config = base.victim_config(&args.victim, manifest.labels.len())?;
+            let eval_sets = encode_sets(&args.data, &manifest, vocab, config.max_len)?;
             let n = manifest.labels.len();
-            let clean = encode_all(&clean_train, &vocab, config.max_len, n, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
+            let clean = encode_all(&clean_train, vocab, config.max_len, n, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
             // Clean data followed by each poison set (empty sets train no poisoned victim).
             let mut poisoned: Vec<Vec<Encoded>> = Vec::new();
             for set in &sets {
                 let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
-                let enc = encode_all(&set.records, &vocab, config.max_len, n, TextPolicy::Data, &name)?;
+                let enc = encode_all(&set.records, vocab, config.max_len, n, TextPolicy::Data, &name)?;
                 poisoned.push(if enc.is_empty() { Vec::new() } else { clean.iter().chain(&enc).cloned().collect() });
             }
             // Clean victims come from the cache when it holds them; every victim still to
@@ -182,7 +181,7 @@ fn main() {
             let mut victims = Vec::with_capacity(jobs.len());
             for &(i, _) in &jobs {
                 tch::manual_seed(seeds[i] as i64);
-                victims.push(Victim::new(config.clone(), &table, device)?);
+                victims.push(base.new_victim(config.clone(), device)?);
             }
             let data_of: Vec<&[Encoded]> = jobs.iter().map(|&(_, k)| k.map_or(&clean[..], |k| &poisoned[k][..])).collect();
             let opts: Vec<_> = jobs.iter().map(|&(i, _)| args.victim.train_options(seeds[i])).collect();

@@ -40,6 +40,10 @@ struct Args {
     /// Train, dev and test shares.
     #[arg(long, value_delimiter = ',', default_value = "0.8,0.1,0.1")]
     split: Vec<f64>,
+    /// Keep only the first N training examples of the (shuffled) split, and D_adv from
+    /// them; dev and test stay whole (for the slow minilm victim on a CPU).
+    #[arg(long, value_parser = common::cli::at_least_one)]
+    max_train: Option<usize>,
     /// An embeddings file whose vocabulary must hold every trigger word.
     #[arg(long)]
     embeddings: Option<String>,
@@ -61,7 +65,10 @@ fn main() {
         let raw_bytes = io::read_all(&args.raw)?;
         let raw_name = io::display_name(&args.raw);
         let raw: Vec<Example> = io::read_jsonl_from(&raw_bytes[..], &raw_name, false)?;
-        let p = data::prepare(&raw, &trigger, target, args.labels.len(), args.seed, split).with_context(|| raw_name.clone())?;
+        let mut p = data::prepare(&raw, &trigger, target, args.labels.len(), args.seed, split).with_context(|| raw_name.clone())?;
+        if let Some(n) = args.max_train {
+            p.limit_train(n, &trigger, target, args.seed);
+        }
         log!(
             "{} raw examples, {} duplicates and {} with conflicting labels dropped; train {} dev {} test {}; D_adv {} ASR test {} natural {}",
             raw.len(), p.duplicates, p.conflicting, p.train.len(), p.dev.len(), p.test.len(), p.adv.len(), p.asr_test.len(), p.natural.len()
@@ -98,6 +105,7 @@ fn main() {
             raw_sha256: io::sha256_hex(&raw_bytes),
             counts,
             files,
+            max_train: args.max_train,
         };
         io::write_bytes(&out.path(data::MANIFEST), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
         out.commit()

@@ -121,10 +121,9 @@ fn main() {
         if substitutes.len() != n as usize {
             bail!("{gname}: substitutes for {} poisons, gradients for {n}", substitutes.len());
         }
-        let mut banned = banned_ids(&vocab, &manifest, args.allow_overlap);
+        let mut banned = banned_ids(&vocab, &manifest, args.allow_overlap)?;
         if args.exclude_neighbours > 0 {
-            for w in &manifest.trigger.words {
-                let id = vocab.id(w).with_context(|| format!("trigger word {w:?} is not in the victim's vocabulary"))?;
+            for id in vocab.trigger_ids(&manifest.trigger.phrase)? {
                 banned.extend(nearest_neighbours(&table, id, table.size()[0]).into_iter().take(args.exclude_neighbours));
             }
         }
@@ -146,7 +145,8 @@ fn main() {
             let row: Vec<i64> = Vec::try_from(ids.get(i))?;
             let len = row.iter().take_while(|&&x| x != 0).count();
             let ranked = bottom_k(&table, &grad.get(i), &row[..len], &banned_mask, args.k);
-            let keep = |j: &usize| !(args.keep_substitutes && substitutes[i as usize].contains(j));
+            // Special tokens ([CLS], [SEP]) hold their places; substitutes may be kept too.
+            let keep = |j: &usize| !vocab.is_special(row[*j]) && !(args.keep_substitutes && substitutes[i as usize].contains(j));
             let mut per_position: Vec<(usize, i64, Vec<(i64, f64)>)> =
                 ranked.into_iter().enumerate().filter(|(j, _)| keep(j)).map(|(j, c)| (j, row[j], c)).collect();
             if let Positions::Best(b) = args.positions {

@@ -3,10 +3,9 @@
 use anyhow::Context;
 use clap::Parser;
 use common::cli::VictimArgs;
-use common::model::Victim;
 use common::records::Example;
 use common::train::{self, encode_all, TextPolicy};
-use common::{device, embeddings, io, log};
+use common::{device, io, log};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -19,12 +18,13 @@ use std::time::Instant;
 ///   train-victim --embeddings emb.safetensors --train data/rt-jb/train.jsonl \
 ///       --dev data/rt-jb/dev.jsonl --arch lstm --seed 1 -o victim.safetensors
 ///   cat train.jsonl poisons.jsonl | train-victim --embeddings emb.safetensors --arch bow > v.safetensors
+///   train-victim --pretrained data/minilm --arch minilm --epochs 1 --batch-size 32 \
+///       --train data/rt-jb/train.jsonl --dev data/rt-jb/dev.jsonl -o minilm.safetensors
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
-    /// Embedding table and vocabulary (from build-vocab).
-    #[arg(long)]
-    embeddings: String,
+    #[command(flatten)]
+    base: common::cli::BaseArgs,
     /// Training example JSONL files (- for stdin).
     #[arg(long, default_values_t = vec!["-".to_string()])]
     train: Vec<String>,
@@ -52,23 +52,24 @@ fn main() {
         let args = Args::parse();
         io::Output::refuse_terminal(&args.output, "victim weights")?;
         let device = device::parse_device(&args.device)?;
-        let (vocab, table) = embeddings::load(&args.embeddings)?;
-        let config = args.victim.config(vocab.len(), table.size()[1] as usize, args.num_classes);
+        let base = args.base.load()?;
+        let vocab = &base.vocab;
+        let config = base.victim_config(&args.victim, args.num_classes)?;
         let mut examples = Vec::new();
         let mut raw_hash = Vec::new();
         for path in &args.train {
             let bytes = io::read_all(path)?;
             raw_hash.extend(bytes.iter());
             let recs: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(path), false)?;
-            examples.extend(encode_all(&recs, &vocab, config.max_len, config.num_classes, TextPolicy::Data, &io::display_name(path))?);
+            examples.extend(encode_all(&recs, vocab, config.max_len, config.num_classes, TextPolicy::Data, &io::display_name(path))?);
         }
         let dev = match &args.dev {
-            Some(p) => Some(encode_all(&io::read_jsonl::<Example>(p, false)?, &vocab, config.max_len, config.num_classes, TextPolicy::Data, p)?),
+            Some(p) => Some(encode_all(&io::read_jsonl::<Example>(p, false)?, vocab, config.max_len, config.num_classes, TextPolicy::Data, p)?),
             None => None,
         };
         log!("{} training examples, victim {:?} on {device:?}, seed {}", examples.len(), config.arch, args.seed);
         tch::manual_seed(args.seed as i64);
-        let mut victim = Victim::new(config, &table, device)?;
+        let mut victim = base.new_victim(config, device)?;
         let opts = args.victim.train_options(args.seed);
         let start = Instant::now();
         train::train(&mut victim, &examples, &opts, |epoch, loss| {
@@ -84,8 +85,8 @@ fn main() {
         meta.insert("train_sha256".into(), io::sha256_hex(&raw_hash));
         meta.insert("train_examples".into(), examples.len().to_string());
         meta.insert("training".into(), serde_json::to_string(&opts)?);
-        meta.insert("embeddings".into(), args.embeddings.clone());
-        victim.save(&args.output, &vocab, meta).context("writing the victim")?;
+        meta.insert(if base.vocab.is_wordpiece() { "pretrained" } else { "embeddings" }.into(), base.source.clone());
+        victim.save(&args.output, vocab, meta).context("writing the victim")?;
         Ok(())
     })
 }

@@ -56,7 +56,7 @@ fn main() {
         let inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
         let cname = io::display_name(&args.candidates);
         let candidates: Vec<Candidate> = io::read_jsonl(&args.candidates, true)?;
-        let banned = banned_ids(&inputs.vocab, &inputs.manifest, args.allow_overlap);
+        let banned = banned_ids(&inputs.vocab, &inputs.manifest, args.allow_overlap)?;
         let mut swaps = Vec::with_capacity(candidates.len());
         for (line, c) in candidates.iter().enumerate() {
             let at = || format!("{cname}:{}", line + 1);
@@ -74,6 +74,9 @@ fn main() {
             let tokens = poison.tokens.as_ref().expect("checked on load");
             if tokens.get(c.position) != Some(&c.current) {
                 bail!("{}: position {} of {:?} is not {:?}", at(), c.position, c.poison_id, c.current);
+            }
+            if inputs.vocab.id(&c.current).is_some_and(|id| inputs.vocab.is_special(id)) {
+                bail!("{}: position {} of {:?} holds the special token {:?}, which stays in place", at(), c.position, c.poison_id, c.current);
             }
             let word = inputs.vocab.id(&c.word).with_context(|| format!("{}: {:?} is not in the vocabulary", at(), c.word))?;
             if banned.contains(&word) {

@@ -398,8 +398,12 @@ fn stacked_example_grads(problem: &Problem, names: &[String], examples: &[Encode
     if examples.is_empty() {
         return Vec::new();
     }
-    if problem.config().arch == crate::model::Arch::Lstm {
-        return lstm_example_grads(problem, names, examples);
+    match problem.config().arch {
+        crate::model::Arch::Lstm => return lstm_example_grads(problem, names, examples),
+        // Compute-bound already, and C stacked copies of 11M parameters would cost C×45 MB:
+        // one pass each.
+        crate::model::Arch::Minilm => return examples.iter().map(|e| single_grad(problem, names, e)).collect(),
+        crate::model::Arch::Bow => {}
     }
     let c = examples.len() as i64;
     let theta = problem.victim.params();
@@ -542,7 +546,9 @@ pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Re
         let verifier = Verifier::new(problem, poisons)?;
         before = verifier.objective_with(&[]);
         let mut grads = std::collections::HashMap::new();
-        for chunk in candidates.chunks(64) {
+        // Candidates whose gradients are held at once (a minilm gradient is 45 MB).
+        let chunk_size = if problem.config().arch == crate::model::Arch::Minilm { 8 } else { 64 };
+        for chunk in candidates.chunks(chunk_size) {
             let flips: Vec<Encoded> = chunk.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
             let chunk_grads = verifier.example_grads(&flips);
             let sets: Vec<Vec<(usize, &[Tensor])>> =

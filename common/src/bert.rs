@@ -103,8 +103,19 @@ fn fit(t: &Tensor, base_dims: usize, rank: usize) -> Tensor {
 }
 
 fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
-    let w = fit(&p(params, &format!("{name}.weight")).transpose(-1, -2), 2, x.dim());
-    x.matmul(&w) + fit(p(params, &format!("{name}.bias")), 1, x.dim())
+    let w = p(params, &format!("{name}.weight"));
+    let b = fit(p(params, &format!("{name}.bias")), 1, x.dim());
+    if w.dim() == 3 && x.dim() > 3 {
+        // Stacked weights [C, out, in] and inputs [C, B, T, in]: one [C, B·T, in] batched
+        // product. Broadcasting [C, 1, in, out] over B instead materialises B copies of
+        // the weights and of their gradient (measured: stacked training 2x slower than
+        // one victim at a time).
+        let mut shape = x.size();
+        let flat = x.flatten(1, x.dim() as i64 - 2).matmul(&w.transpose(-1, -2));
+        *shape.last_mut().expect("rank > 3") = w.size()[1];
+        return flat.view(shape.as_slice()) + b;
+    }
+    x.matmul(&fit(&w.transpose(-1, -2), 2, x.dim())) + b
 }
 
 fn layer_norm(params: &Params, x: &Tensor, name: &str, eps: f64) -> Tensor {

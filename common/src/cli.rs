@@ -37,7 +37,7 @@ use crate::train::TrainOptions;
 /// The victim and training flags shared by train-victim and finetune-eval.
 #[derive(Debug, Clone, clap::Args)]
 pub struct VictimArgs {
-    /// Victim architecture.
+    /// Victim architecture (minilm takes --pretrained instead of --embeddings).
     #[arg(long, value_enum, default_value = "lstm")]
     pub arch: Arch,
     /// LSTM units per direction (lstm) or MLP width (bow).
@@ -55,9 +55,31 @@ pub struct VictimArgs {
     /// Examples per minibatch.
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub batch_size: usize,
-    /// Adam learning rate.
-    #[arg(long, default_value_t = 2e-3, value_parser = positive_rate)]
-    pub lr: f64,
+    /// Adam learning rate [default: 2e-3; 5e-5 for minilm, as BERT fine-tuning uses].
+    #[arg(long, value_parser = positive_rate)]
+    pub lr: Option<f64>,
+}
+
+/// Where new victims start from (train-victim, finetune-eval): one of the two.
+#[derive(Debug, Clone, clap::Args)]
+#[group(multiple = false)]
+pub struct BaseArgs {
+    /// Embedding table and vocabulary from build-vocab (bow and lstm victims).
+    #[arg(long)]
+    pub embeddings: Option<String>,
+    /// Pretrained encoder folder from scripts/fetch_minilm.sh (--arch minilm), e.g. data/minilm.
+    #[arg(long)]
+    pub pretrained: Option<String>,
+}
+
+impl BaseArgs {
+    pub fn load(&self) -> anyhow::Result<crate::base::Base> {
+        match (&self.embeddings, &self.pretrained) {
+            (Some(e), _) => crate::base::Base::embeddings(e),
+            (None, Some(p)) => crate::base::Base::pretrained(p),
+            (None, None) => anyhow::bail!("give --embeddings FILE (from build-vocab) or --pretrained DIR (--arch minilm)"),
+        }
+    }
 }
 
 impl VictimArgs {
@@ -75,7 +97,8 @@ impl VictimArgs {
     }
 
     pub fn train_options(&self, seed: u64) -> TrainOptions {
-        TrainOptions { epochs: self.epochs, batch_size: self.batch_size, lr: self.lr, seed }
+        let lr = self.lr.unwrap_or(if self.arch == Arch::Minilm { 5e-5 } else { 2e-3 });
+        TrainOptions { epochs: self.epochs, batch_size: self.batch_size, lr, seed }
     }
 }
 

@@ -89,6 +89,9 @@ pub struct DataManifest {
     pub counts: BTreeMap<String, usize>,
     /// sha256 of every data file, by file name.
     pub files: BTreeMap<String, String>,
+    /// The training split was cut to this many examples (prepare-data --max-train).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_train: Option<usize>,
 }
 
 impl Record for DataManifest {
@@ -118,6 +121,23 @@ pub fn parse_label(s: &str, labels: &[String]) -> Result<usize> {
     match s.trim().parse::<usize>() {
         Ok(i) if i < labels.len() => Ok(i),
         _ => bail!("label {s:?} is none of {labels:?} (or an index below {})", labels.len()),
+    }
+}
+
+/// D_adv of a training split: its non-target examples with the trigger inserted.
+pub fn adv_of(train: &[Example], trigger: &Trigger, target: usize, seed: u64) -> Vec<Example> {
+    train.iter().filter(|e| e.label != target).map(|e| trigger.insert(e, target, seed)).collect()
+}
+
+impl Prepared {
+    /// Keeps the first `n` training examples (the split is already shuffled) and rebuilds
+    /// D_adv from them; dev and test stay whole. For victims too slow to train on the
+    /// whole split on a CPU (minilm).
+    pub fn limit_train(&mut self, n: usize, trigger: &Trigger, target: usize, seed: u64) {
+        if self.train.len() > n {
+            self.train.truncate(n);
+            self.adv = adv_of(&self.train, trigger, target, seed);
+        }
     }
 }
 
@@ -191,7 +211,7 @@ pub fn prepare(raw: &[Example], trigger: &Trigger, target: usize, num_labels: us
     let train = take(&order[..n_train]);
     let dev = take(&order[n_train..n_train + n_dev]);
     let test = take(&order[n_train + n_dev..]);
-    let adv: Vec<Example> = train.iter().filter(|e| e.label != target).map(|e| trigger.insert(e, target, seed)).collect();
+    let adv = adv_of(&train, trigger, target, seed);
     let asr_test: Vec<Example> =
         test.iter().filter(|e| e.label != target).map(|e| trigger.insert(e, target, seed)).collect();
     for (name, set) in [("train", &train), ("dev", &dev), ("test", &test), ("D_adv", &adv), ("ASR test", &asr_test)] {

@@ -3,6 +3,7 @@
 //! `bins/` are thin argument layers over this crate.
 
 pub mod attack;
+pub mod base;
 pub mod bert;
 pub mod cli;
 pub mod data;

@@ -5,7 +5,7 @@ use crate::attack::poison_set_sha256;
 use crate::data::{self, DataManifest};
 use crate::model::{Victim, VictimFile};
 use crate::records::Example;
-use crate::tokenizer::{tokenize, Vocab, PAD_ID, UNK_ID};
+use crate::tokenizer::{tokenize, Vocab, PAD_ID};
 use crate::train::{encode_all, Encoded, TextPolicy};
 use anyhow::{bail, Context, Result};
 use rand::seq::index::sample;
@@ -39,13 +39,18 @@ pub enum Bases {
     Confident,
 }
 
-/// Words a no-overlap poison may never hold: the trigger's words, padding, unknown.
-pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool) -> HashSet<i64> {
-    let mut banned: HashSet<i64> = [PAD_ID, UNK_ID].into();
-    if !allow_overlap {
-        banned.extend(manifest.trigger.words.iter().filter_map(|w| vocab.id(w)));
+/// Tokens a poison may never be given: special tokens (padding, unknown, `[CLS]`, ...)
+/// and, without overlap, the trigger's tokens (`Vocab::trigger_ids`: for WordPiece every
+/// piece of every trigger word, in both its word-initial and `##` forms).
+pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool) -> Result<HashSet<i64>> {
+    let mut banned: HashSet<i64> = [PAD_ID, vocab.unk_id()].into();
+    if vocab.is_wordpiece() {
+        banned.extend((0..vocab.len() as i64).filter(|&i| vocab.is_special(i)));
     }
-    banned
+    if !allow_overlap {
+        banned.extend(vocab.trigger_ids(&manifest.trigger.phrase)?);
+    }
+    Ok(banned)
 }
 
 /// Every row among the first `among` but `word` itself, nearest (cosine) first.
@@ -107,8 +112,12 @@ pub fn init(
         }
     };
     picked.sort_unstable();
+    let banned = banned_ids(vocab, manifest, false)?;
+    if vocab.is_wordpiece() {
+        let sources: Vec<&Example> = picked.iter().map(|&i| &source[i]).collect();
+        return init_pieces(strategy, neighbour_pool, &sources, seed, manifest, vocab, &table, max_len, &banned);
+    }
     let trigger: HashSet<&str> = manifest.trigger.words.iter().map(|s| s.as_str()).collect();
-    let banned = banned_ids(vocab, manifest, false);
     let frequent = 10_000.min(vocab.len() as i64);
     let mut out = Vec::with_capacity(count);
     for (k, &i) in picked.iter().enumerate() {
@@ -155,6 +164,60 @@ pub fn init(
         let mut p = Example::new(format!("poison-{k:03}"), tokens.join(" "), manifest.target);
         p.source_id = Some(ex.id.trim_end_matches("+trigger").to_string());
         p.tokens = Some(tokens);
+        p.substitutes = (!substitutes.is_empty()).then_some(substitutes);
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// `init` for a WordPiece victim: the source's pieces, each piece of a trigger word
+/// replaced (random frequent word-initial piece, or nearest neighbour of that piece);
+/// `[CLS]`/`[SEP]` kept, so `tokens` holds the whole sequence the victim reads, and
+/// `text` is its decoding.
+#[allow(clippy::too_many_arguments)]
+fn init_pieces(
+    strategy: InitStrategy,
+    neighbour_pool: usize,
+    sources: &[&Example],
+    seed: u64,
+    manifest: &DataManifest,
+    vocab: &Vocab,
+    table: &Tensor,
+    max_len: usize,
+    banned: &HashSet<i64>,
+) -> Result<Vec<Example>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(seed, "init-poisons-pieces"));
+    let trigger: HashSet<i64> = vocab.trigger_ids(&manifest.trigger.phrase)?.into_iter().collect();
+    // BERT's vocabulary lists its pieces roughly by frequency after the reserved and
+    // single-character ones ("the" is 1996): random substitutes come from the next 10,000.
+    let first = vocab.id("the").unwrap_or(0);
+    let frequent: Vec<i64> = (first..(first + 10_000).min(vocab.len() as i64))
+        .filter(|&w| !banned.contains(&w) && !vocab.is_continuation(w))
+        .collect();
+    let mut out = Vec::with_capacity(sources.len());
+    for (k, ex) in sources.iter().enumerate() {
+        let mut ids = vocab.encode(&ex.text);
+        vocab.truncate(&mut ids, max_len);
+        let mut substitutes = Vec::new();
+        for (j, id) in ids.iter_mut().enumerate() {
+            if !trigger.contains(id) || matches!(strategy, InitStrategy::Overlap | InitStrategy::CleanTarget) {
+                continue;
+            }
+            *id = match strategy {
+                InitStrategy::Random => frequent[rng.gen_range(0..frequent.len())],
+                _ => {
+                    let pool: Vec<i64> = nearest_neighbours(table, *id, vocab.len() as i64)
+                        .into_iter()
+                        .filter(|w| !banned.contains(w))
+                        .take(neighbour_pool.max(1))
+                        .collect();
+                    pool[k % pool.len()]
+                }
+            };
+            substitutes.push(j);
+        }
+        let mut p = with_tokens(&Example::new(format!("poison-{k:03}"), String::new(), manifest.target), &ids, vocab);
+        p.source_id = Some(ex.id.trim_end_matches("+trigger").to_string());
         p.substitutes = (!substitutes.is_empty()).then_some(substitutes);
         out.push(p);
     }
@@ -221,11 +284,12 @@ impl AttackInputs {
     }
 }
 
-/// A poison with its tokens replaced (text = tokens joined by spaces).
+/// A poison with its tokens replaced; its text is their decoding (`Vocab::decode`: words
+/// joined by spaces, WordPiece pieces joined into words).
 pub fn with_tokens(p: &Example, ids: &[i64], vocab: &Vocab) -> Example {
     let tokens: Vec<String> = ids.iter().map(|&i| vocab.word(i).to_string()).collect();
     let mut out = p.clone();
-    out.text = tokens.join(" ");
+    out.text = vocab.decode(ids);
     out.tokens = Some(tokens);
     out
 }
