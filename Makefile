@@ -37,6 +37,38 @@ DEMO_ROUNDS ?= 1
 BILEVEL_ROUNDS ?= 3
 SWEEP_COUNTS ?= 5 10 25 50 100
 
+# The demo's victims start from GloVe (BASE_FLAGS) and train 4 epochs (TRAIN_FLAGS, given to
+# train-victim and finetune-eval); the hardness ensemble's early checkpoints train
+# EARLY_EPOCHS; each crafting objective searches K candidates at POSITIONS positions.
+BASE_FLAGS = --embeddings $(EMB)
+TRAIN_FLAGS ?= --epochs 4
+EARLY_EPOCHS ?= 1
+HARDNESS_SEARCH ?= K=8 POSITIONS=all
+BILEVEL_SEARCH ?= K=10 POSITIONS=2
+DATA_SUFFIX :=
+PREPARE_FLAGS :=
+BASE_DEPS :=
+
+# make demo VICTIM=minilm: the pretrained transformer victim (all-MiniLM-L6-v2 fine-tuned,
+# word table frozen) on the first MINILM_TRAIN sentences of the training split (dev and test
+# whole), 2 epochs, batches of 32, 64 WordPiece tokens; smaller searches and D_adv sample, 3
+# seeds. Sized to finish well within an hour on 2 CPU cores (README).
+VICTIM ?= glove
+MINILM_TRAIN ?= 3000
+ifeq ($(VICTIM),minilm)
+ATTACK_ARCH := minilm
+DATA_SUFFIX := -train$(MINILM_TRAIN)
+PREPARE_FLAGS := --max-train $(MINILM_TRAIN)
+BASE_FLAGS = --pretrained data/minilm
+BASE_DEPS := data/.minilm-done-v1
+TRAIN_FLAGS := --epochs 2 --batch-size 32 --max-len 64
+HARDNESS_SEARCH := K=4 POSITIONS=5
+BILEVEL_SEARCH := K=3 POSITIONS=2
+ADV_SIZE := 64
+CLEAN_PER_BATCH := 32
+DEMO_SEEDS := 3
+endif
+
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DELETE_ON_ERROR:
@@ -45,12 +77,15 @@ export LIBTORCH := $(CURDIR)/.venv/libtorch
 BIN      := target/release
 SLUG     := $(shell printf '%s' '$(TRIGGER)-$(TARGET)' | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
 EMB      := data/emb-$(TOP_N).safetensors
-DATA_DIR := data/rt-$(SLUG)-s$(SEED)
+DATA_DIR := data/rt-$(SLUG)-s$(SEED)$(DATA_SUFFIX)
 RUN_DIR  := runs/victims-$(SLUG)-s$(SEED)
 DEMO_RUN := runs/demo-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-s$(SEED)
 DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) COUNT=$(COUNT) \
   EVAL_SEEDS=$(DEMO_SEEDS) DEVICE=$(DEVICE) ARCH=$(ATTACK_ARCH) CLEAN_CACHE=runs/clean-cache \
-  ROUNDS=$(DEMO_ROUNDS) BILEVEL_ROUNDS=$(BILEVEL_ROUNDS) SWEEP_COUNTS="$(SWEEP_COUNTS)"
+  ROUNDS=$(DEMO_ROUNDS) BILEVEL_ROUNDS=$(BILEVEL_ROUNDS) SWEEP_COUNTS="$(SWEEP_COUNTS)" \
+  BASE_FLAGS="$(BASE_FLAGS)" TRAIN_FLAGS="$(TRAIN_FLAGS)" EARLY_EPOCHS=$(EARLY_EPOCHS) \
+  HARDNESS_SEARCH="$(HARDNESS_SEARCH)" BILEVEL_SEARCH="$(BILEVEL_SEARCH)" ADV_SIZE=$(ADV_SIZE) \
+  CLEAN_PER_BATCH=$(CLEAN_PER_BATCH)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
 .PHONY: all setup data build demo sweep victims attack test bench fixtures clean help
@@ -82,7 +117,7 @@ $(EMB): data/.fetch-done-v1 | build
 
 $(DATA_DIR)/manifest.json: data/.fetch-done-v1 $(EMB) | build
 	$(BIN)/prepare-data --raw data/rt/raw.jsonl --trigger "$(TRIGGER)" --target $(TARGET) \
-	  --seed $(SEED) --embeddings $(EMB) -o $(DATA_DIR)
+	  --seed $(SEED) --embeddings $(EMB) $(PREPARE_FLAGS) -o $(DATA_DIR)
 
 data: $(DATA_DIR)/manifest.json
 
@@ -98,7 +133,7 @@ $(RUN_DIR)/eval-%.json: $(DATA_DIR)/manifest.json $(EMB) | build
 # The main job (scripts/demo.sh): the $(ATTACK_ARCH) victim, the heuristic and baseline poison
 # sets, crafting with the default (hardness) and the seed's (bi-level) objectives, one
 # finetune-eval of every variant over EVAL_SEEDS seeds, and the report.
-demo: build $(DATA_DIR)/manifest.json $(EMB)
+demo: build $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS)
 	@$(DEMO_ENV) scripts/demo.sh
 	@echo
 	@cat $(DEMO_RUN)/table.md

@@ -8,7 +8,7 @@
 # (tests/resume.rs checks this). Stops after ROUNDS rounds, when the objective <= TARGET_LADV, or
 # after PATIENCE rounds without an accepted flip; then finetune-eval evaluates the result.
 set -euo pipefail
-: "${RUN:?}" "${VICTIM:?}" "${DATA:?}" "${EMB:?}" "${BIN:=target/release}"
+: "${RUN:?}" "${VICTIM:?}" "${DATA:?}" "${EMB:=}" "${BIN:=target/release}"
 : "${COUNT:=50}" "${INIT:=random}" "${K:=10}" "${POSITIONS:=5}" "${STEPS:=1}" "${ROLLOUTS:=1}"
 : "${ETA:=0.03}" "${CLEAN_PER_BATCH:=64}" "${ADV_SIZE:=128}" "${SEED:=0}" "${ROUNDS:=5}"
 : "${PATIENCE:=2}" "${TARGET_LADV:=}" "${OVERLAP:=0}" "${EVAL_SEEDS:=3}" "${ARCH:=lstm}" "${DEVICE:=auto}"
@@ -17,6 +17,9 @@ set -euo pipefail
 # paths), base sentences (random|confident), extra rank-candidates flags, and EVAL=0 to skip
 # the evaluation (the demo evaluates every variant together).
 : "${OBJECTIVE:=bilevel}" "${ENSEMBLE:=}" "${BASES:=random}" "${RANK_FLAGS:=}" "${EVAL:=1}"
+# Where the evaluation's victims start and how they train (see demo.sh).
+: "${BASE_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=}"
+read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 
 log() { echo "attack: $*" >&2; }
 json() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1]))[sys.argv[2]]; print("" if v is None else v)' "$@"; }
@@ -118,8 +121,8 @@ column -t "$RUN/rounds.tsv" >&2 || cat "$RUN/rounds.tsv" >&2
 [ "$EVAL" = 1 ] || exit 0
 for what in init final; do
   p="$RUN/poisons.jsonl"; [ "$what" = init ] && p="$r0/poisons.jsonl"
-  [ -f "$RUN/eval-$what.json" ] || "$BIN/finetune-eval" --data "$DATA" --embeddings "$EMB" --poisons "$p" \
-    --arch "$ARCH" --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" \
+  [ -f "$RUN/eval-$what.json" ] || "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --poisons "$p" \
+    --arch "$ARCH" "${train_flags[@]}" --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" \
     ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$RUN/eval-$what.json"
 done
 python3 - "$RUN" > "$RUN/table.txt.tmp" <<'PY'

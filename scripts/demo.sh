@@ -9,32 +9,40 @@
 # Every step skips when its output exists (each is written atomically), so an interrupted
 # run resumes.
 set -euo pipefail
-: "${RUN:?}" "${DATA:?}" "${EMB:?}" "${BIN:=target/release}" "${SEED:=0}" "${COUNT:=50}" "${EVAL_SEEDS:=6}"
+: "${RUN:?}" "${DATA:?}" "${EMB:=}" "${BIN:=target/release}" "${SEED:=0}" "${COUNT:=50}" "${EVAL_SEEDS:=6}"
 : "${DEVICE:=auto}" "${CLEAN_CACHE:=}" "${ARCH:=lstm}" "${ROUNDS:=3}" "${BILEVEL_ROUNDS:=3}" "${MODE:=demo}"
 # MODE=sweep: net ASR against poison count (SWEEP_COUNTS) for the default crafting and the
 # confident-bases heuristic, in RUN/sweep/.
 : "${SWEEP_COUNTS:=5 10 25 50 100}"
+# Where victims start (BASE_FLAGS: --embeddings FILE, or --pretrained DIR for minilm), how
+# they train (TRAIN_FLAGS, given to train-victim and finetune-eval alike), the early
+# checkpoints' epochs, and each crafting run's search settings (attack.sh variables; the
+# rollout's ADV_SIZE and CLEAN_PER_BATCH come from the environment too).
+: "${BASE_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=--epochs 4}" "${EARLY_EPOCHS:=1}"
+: "${HARDNESS_SEARCH:=K=8 POSITIONS=all}" "${BILEVEL_SEARCH:=K=10 POSITIONS=2}"
+read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
+read -r -a hardness_search <<< "$HARDNESS_SEARCH"; read -r -a bilevel_search <<< "$BILEVEL_SEARCH"
 log() { echo "demo: $*" >&2; }
 mkdir -p "$RUN"
 t_start=$EPOCHREALTIME
-train() { # out seed epochs
-  [ -f "$1" ] || "$BIN/train-victim" --embeddings "$EMB" --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" \
-    --arch "$ARCH" --seed "$2" --epochs "$3" --device "$DEVICE" -o "$1"
+train() { # out seed [more flags: a later --epochs wins]
+  [ -f "$1" ] || "$BIN/train-victim" "${base_flags[@]}" --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" \
+    --arch "$ARCH" --seed "$2" "${train_flags[@]}" "${@:3}" --device "$DEVICE" -o "$1"
 }
-train "$RUN/victim.safetensors" "$SEED" 4
+train "$RUN/victim.safetensors" "$SEED"
 # The hardness objective averages the attacked victim with two early checkpoints
 # (FINDINGS.md): poisons hard for all three are hard throughout training.
-train "$RUN/early-s$((SEED + 1)).safetensors" $((SEED + 1)) 1
-train "$RUN/early-s$((SEED + 2)).safetensors" $((SEED + 2)) 1
+train "$RUN/early-s$((SEED + 1)).safetensors" $((SEED + 1)) --epochs "$EARLY_EPOCHS"
+train "$RUN/early-s$((SEED + 2)).safetensors" $((SEED + 2)) --epochs "$EARLY_EPOCHS"
 V="$RUN/victim.safetensors"; ENSEMBLE="$RUN/early-s$((SEED + 1)).safetensors $RUN/early-s$((SEED + 2)).safetensors"
 
 # One finetune-eval of every poison set (dir, --poisons args...); redone when a set changed
 # (evals.key holds their hashes and the evaluation settings).
 evaluate() {
   local dir=$1; shift
-  local key; key=$( (printf '%s\n' "$EVAL_SEEDS $SEED $ARCH"; for f in "$@"; do [ "$f" = --poisons ] || sha256sum "$f"; done) | sha256sum)
+  local key; key=$( (printf '%s\n' "$EVAL_SEEDS $SEED $ARCH"; [ "$TRAIN_FLAGS$BASE_FLAGS" = "--epochs 4--embeddings $EMB" ] || printf '%s\n' "$TRAIN_FLAGS $BASE_FLAGS"; for f in "$@"; do [ "$f" = --poisons ] || sha256sum "$f"; done) | sha256sum)
   if [ -f "$dir/evals.jsonl" ] && [ "$(cat "$dir/evals.key" 2>/dev/null)" = "$key" ]; then return; fi
-  "$BIN/finetune-eval" --data "$DATA" --embeddings "$EMB" --arch "$ARCH" "$@" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
+  "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "$@" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
     --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$dir/evals.jsonl"
   printf '%s\n' "$key" > "$dir/evals.key.tmp" && mv "$dir/evals.key.tmp" "$dir/evals.key"
 }
@@ -48,11 +56,11 @@ init() { # out count bases strategy
 # objective (and its search budget) is the only difference between crafting runs.
 FILTERS="--min-count 5 --exclude-neighbours 50 --keep-substitutes"
 craft() { # run-folder count settings...
-  env VICTIM="$V" DATA="$DATA" EMB="$EMB" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
+  env VICTIM="$V" DATA="$DATA" EMB="$EMB" BASE_FLAGS="$BASE_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
     ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 RUN="$1" "${@:3}" scripts/attack.sh
 }
 craft_hardness() { # run-folder count
-  craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" K=8 POSITIONS=all RANK_FLAGS="$FILTERS --per-poison 8"
+  craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" RANK_FLAGS="$FILTERS --per-poison 8"
 }
 
 if [ "$MODE" = sweep ]; then
@@ -79,7 +87,7 @@ init "$RUN/init-overlap.jsonl" "$COUNT" confident overlap
 t_craft=$EPOCHREALTIME
 craft_hardness "$RUN/craft-hardness" "$COUNT"
 t_bilevel=$EPOCHREALTIME
-craft "$RUN/craft-bilevel" "$COUNT" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" K=10 POSITIONS=2 RANK_FLAGS="$FILTERS"
+craft "$RUN/craft-bilevel" "$COUNT" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" "${bilevel_search[@]}" RANK_FLAGS="$FILTERS"
 t_eval=$EPOCHREALTIME
 
 cat > "$RUN/variants.json.tmp" <<JSON
