@@ -287,6 +287,22 @@ fn train_victim() {
         t.insert("embedding".into(), e);
     });
     let train = w.s.data().join("train.jsonl");
+    // The MiniLM package (make test fetches it) and a folder mixing its tokenizer and
+    // weights with another model's config.
+    let minilm = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/minilm");
+    let mixed = w.p("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    for f in ["tokenizer.json", "model.safetensors"] {
+        std::os::unix::fs::symlink(minilm.join(f), mixed.join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(minilm.join("config.json")).unwrap().replace("\"vocab_size\": 30522", "\"vocab_size\": 30000");
+    assert!(config.contains("30000"), "the package's config.json names its vocabulary size");
+    std::fs::write(mixed.join("config.json"), config).unwrap();
+    let pretrained = |dir: &Path| {
+        let mut c = bin("train-victim");
+        c.arg("--pretrained").arg(dir).args(["--arch", "minilm"]).arg("--train").arg(&train).arg("-o").arg(&out);
+        c
+    };
     check(w.dir(), &out, vec![
         case("tv-malformed-json", tv(), &["<stdin>:1", "malformed JSON"]).stdin(b"{\"kind\":\"example\",\n"),
         case("tv-unknown-version", tv(), &["<stdin>:1", "format version 7"]).stdin(good.replace("\"v\":1", "\"v\":7").as_bytes()),
@@ -305,6 +321,12 @@ fn train_victim() {
         case("tv-nan-loss", { let mut c = tv(); c.arg("--train").arg(&train).args(["--lr", "1e30"]); c }, &["loss is NaN", "epoch 1", "lower the learning rate"]),
         case("tv-zero-batch-size", { let mut c = tv(); c.args(["--batch-size", "0"]); c }, &["--batch-size", "at least 1"]).usage(),
         case("tv-nan-lr", { let mut c = tv(); c.args(["--lr", "nan"]); c }, &["--lr", "not a finite number above 0"]).usage(),
+        case("tv-no-base", { let mut c = bin("train-victim"); c.arg("--train").arg(&train).arg("-o").arg(&out); c }, &["--embeddings FILE", "--pretrained DIR"]),
+        case("tv-both-bases", { let mut c = tv(); c.arg("--pretrained").arg(&minilm); c }, &["--pretrained", "cannot be used with"]).usage(),
+        case("tv-minilm-from-embeddings", { let mut c = tv(); c.arg("--train").arg(&train).args(["--arch", "minilm"]); c }, &["--arch minilm", "--pretrained data/minilm"]),
+        case("tv-pretrained-for-lstm", { let mut c = pretrained(&minilm); c.args(["--arch", "lstm"]); c }, &["--pretrained is for --arch minilm", "--embeddings"]),
+        case("tv-pretrained-missing", pretrained(&w.p("nowhere")), &["nowhere", "config.json", "scripts/fetch_minilm.sh"]),
+        case("tv-pretrained-mixed-folder", pretrained(&mixed), &["mixed", "30522 pieces", "config.json says 30000"]),
     ]);
 
     // Longer than --max-len: truncated as the victim reads any input, and counted.

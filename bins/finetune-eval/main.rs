@@ -28,7 +28,7 @@ use std::time::Instant;
 ///   finetune-eval --data data/rt-jb --checkpoint victim.safetensors
 ///   finetune-eval --data data/rt-jb --embeddings emb.safetensors --poisons a.jsonl --poisons b.jsonl > reports.jsonl
 #[derive(Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(version, verbatim_doc_comment, args_override_self = true)]
 struct Args {
     /// Data folder made by prepare-data.
     #[arg(long)]
@@ -62,6 +62,11 @@ struct Args {
     /// Threads that each train a stack of victims (default: the number of cores).
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()), value_parser = common::cli::at_least_one)]
     workers: usize,
+    /// Victims trained together in one stack per thread; more train in later waves
+    /// [default: all at once; minilm: 2, since a stack's activations grow with its size
+    /// (11 stacked MiniLM victims per thread held 22 GB)].
+    #[arg(long, value_parser = common::cli::at_least_one)]
+    stack: Option<usize>,
     /// Output file for the JSON report, or - for stdout.
     #[arg(short, long, default_value = "-")]
     output: String,
@@ -185,9 +190,11 @@ fn main() {
             }
             let data_of: Vec<&[Encoded]> = jobs.iter().map(|&(_, k)| k.map_or(&clean[..], |k| &poisoned[k][..])).collect();
             let opts: Vec<_> = jobs.iter().map(|&(i, _)| args.victim.train_options(seeds[i])).collect();
-            log!("training {} victims ({} seeds, {} poison sets) on {} threads", jobs.len(), seeds.len(), sets.len(), args.workers.min(jobs.len().max(1)));
-            train::train_parallel(&mut victims, &data_of, &opts, args.workers, |epoch, _| {
-                log!("epoch {epoch}/{} {:.0}s", args.victim.epochs, start.elapsed().as_secs_f64());
+            let stack = args.stack.unwrap_or(if config.arch == common::model::Arch::Minilm { 2 } else { usize::MAX });
+            let waves = jobs.len().div_ceil(args.workers.saturating_mul(stack).max(1));
+            log!("training {} victims ({} seeds, {} poison sets) on {} threads in {waves} wave(s)", jobs.len(), seeds.len(), sets.len(), args.workers.min(jobs.len().max(1)));
+            train::train_in_waves(&mut victims, &data_of, &opts, args.workers, stack, |wave, epoch, _| {
+                log!("wave {}/{waves} epoch {epoch}/{} {:.0}s", wave + 1, args.victim.epochs, start.elapsed().as_secs_f64());
             })?;
             let mut poisoned_m: Vec<Vec<Option<Metrics>>> = vec![vec![None; seeds.len()]; sets.len()];
             for (&(i, k), v) in jobs.iter().zip(&victims) {

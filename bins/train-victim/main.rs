@@ -21,7 +21,7 @@ use std::time::Instant;
 ///   train-victim --pretrained data/minilm --arch minilm --epochs 1 --batch-size 32 \
 ///       --train data/rt-jb/train.jsonl --dev data/rt-jb/dev.jsonl -o minilm.safetensors
 #[derive(Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(version, verbatim_doc_comment, args_override_self = true)]
 struct Args {
     #[command(flatten)]
     base: common::cli::BaseArgs,

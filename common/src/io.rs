@@ -149,6 +149,9 @@ pub struct Output {
 enum OutputInner {
     File { tmp: tempfile::NamedTempFile, writer: Option<BufWriter<File>>, dest: PathBuf },
     Stdout(BufWriter<std::io::Stdout>),
+    /// An existing destination that is not a regular file (`/dev/null`, a FIFO): written
+    /// in place, since renaming a temporary file over it would replace the device.
+    Device(BufWriter<File>),
 }
 
 impl Output {
@@ -157,6 +160,10 @@ impl Output {
             return Ok(Output { inner: OutputInner::Stdout(BufWriter::new(std::io::stdout())) });
         }
         let dest = PathBuf::from(path);
+        if std::fs::metadata(&dest).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+            let f = std::fs::OpenOptions::new().write(true).open(&dest).with_context(|| format!("cannot write to {path}"))?;
+            return Ok(Output { inner: OutputInner::Device(BufWriter::new(f)) });
+        }
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -199,6 +206,10 @@ impl Output {
                 w.flush()?;
                 Ok(())
             }
+            OutputInner::Device(mut w) => {
+                w.flush()?;
+                Ok(())
+            }
             OutputInner::File { tmp, mut writer, dest } => {
                 let w = writer.take().expect("writer present until commit");
                 let f = w.into_inner().map_err(|e| e.into_error())?;
@@ -220,12 +231,14 @@ impl Write for Output {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match &mut self.inner {
             OutputInner::Stdout(w) => w.write(buf),
+            OutputInner::Device(w) => w.write(buf),
             OutputInner::File { writer, .. } => writer.as_mut().expect("open").write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match &mut self.inner {
             OutputInner::Stdout(w) => w.flush(),
+            OutputInner::Device(w) => w.flush(),
             OutputInner::File { writer, .. } => writer.as_mut().expect("open").flush(),
         }
     }
@@ -310,4 +323,29 @@ pub fn jsonl_bytes<T: Serialize>(records: &[T]) -> Result<Vec<u8>> {
         jsonl::write(&mut bytes, r).map_err(|e| anyhow::anyhow!("cannot serialise a record: {e}"))?;
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `-o /dev/null` or a named pipe must be written in place: the atomic rename would
+    /// replace the device or pipe with a regular file (it once replaced /dev/null here).
+    #[test]
+    fn outputs_that_are_not_regular_files_are_written_in_place() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let status = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(status.success());
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        write_bytes(fifo.to_str().unwrap(), b"through the pipe").unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo(), "the pipe was replaced by a file");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file: {leftovers:?}");
+    }
 }

@@ -344,6 +344,25 @@ pub fn train_parallel(
     results.into_iter().collect()
 }
 
+/// `train_parallel` over successive waves of at most `workers × max_stack` victims, so
+/// that at most `max_stack` victims share a stack: a stack's activations grow with its
+/// size (11 stacked MiniLM victims per thread held 22 GB), and a compute-bound victim
+/// gains nothing from stacking. `on_epoch(wave, epoch, losses)`.
+pub fn train_in_waves(
+    victims: &mut [Victim],
+    data: &[&[Encoded]],
+    opts: &[TrainOptions],
+    workers: usize,
+    max_stack: usize,
+    mut on_epoch: impl FnMut(usize, usize, &[f64]) + Send,
+) -> Result<()> {
+    let wave = workers.max(1).saturating_mul(max_stack.max(1));
+    for (w, ((v, d), o)) in victims.chunks_mut(wave).zip(data.chunks(wave)).zip(opts.chunks(wave)).enumerate() {
+        train_parallel(v, d, o, workers, |e, l| on_epoch(w, e, l))?;
+    }
+    Ok(())
+}
+
 /// Predicted class of every example, in batches, without building a graph.
 pub fn predict(victim: &Victim, data: &[Encoded], batch_size: usize) -> Vec<usize> {
     let params = victim.params();
