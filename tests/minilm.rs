@@ -104,11 +104,31 @@ fn the_minilm_victim_goes_through_every_stage() {
         assert!(c.current != "[CLS]" && c.current != "[SEP]", "[CLS]/[SEP] stay in place: {c:?}");
         let w = v.id(&c.word).unwrap();
         assert!(!v.is_special(w) && !banned.contains(&w), "candidate {:?} is special or a trigger piece", c.word);
+        assert_eq!(v.is_continuation(w), v.is_continuation(v.id(&c.current).unwrap()), "a flip keeps the piece's kind: {c:?}");
     }
-    let poisons_path = p("poisons.jsonl");
-    std::fs::write(&poisons_path, &init_out.stdout).unwrap();
     let candidates_path = p("candidates.jsonl");
     std::fs::write(&candidates_path, &ranked.stdout).unwrap();
+    let poisons_path = p("poisons.jsonl");
+    std::fs::write(&poisons_path, &init_out.stdout).unwrap();
+    // Hand-made candidates that break the WordPiece rules are refused, naming the line.
+    let first: serde_json::Value = serde_json::from_slice(ranked.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    let tokens = poisons[first["poison_index"].as_u64().unwrap() as usize].tokens.clone().unwrap();
+    let mut at_cls = first.clone();
+    at_cls["position"] = 0.into();
+    at_cls["current"] = tokens[0].clone().into();
+    let mut glued = first.clone();
+    let current_is_continuation = v.is_continuation(v.id(first["current"].as_str().unwrap()).unwrap());
+    glued["word"] = if current_is_continuation { "film" } else { "##s" }.into();
+    for (bad, needle) in [(at_cls, "holds the special token \"[CLS]\""), (glued, "keeps a piece word-initial or `##`")] {
+        let path = p("bad-candidates.jsonl");
+        std::fs::write(&path, format!("{bad}\n")).unwrap();
+        let mut verify = bin("verify-candidates");
+        craft(&mut verify);
+        let out = run(verify.arg("--poisons").arg(p("poisons.jsonl")).arg("--candidates").arg(&path));
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert!(stderr(&out).contains("bad-candidates.jsonl:1") && stderr(&out).contains(needle), "{}", stderr(&out));
+        assert!(out.stdout.is_empty());
+    }
     let mut verify = bin("verify-candidates");
     craft(&mut verify);
     let verified = run(verify.arg("--poisons").arg(&poisons_path).arg("--candidates").arg(&candidates_path)

@@ -139,12 +139,26 @@ fn main() {
             }
             tch::Tensor::from_slice(&m)
         };
+        // WordPiece: a flip keeps a position's kind (a word-initial piece stays word-initial,
+        // a `##` piece stays `##`), so the poison still decodes into the same words and reads
+        // as text ("the movie gets" never becomes "the moviecre").
+        let continuation = tch::Tensor::from_slice(&(0..vocab.len() as i64).map(|i| vocab.is_continuation(i)).collect::<Vec<bool>>());
+        let (initial_mask, continuation_mask) = (
+            banned_mask.where_scalarother(&continuation.logical_not(), f64::INFINITY),
+            banned_mask.where_scalarother(&continuation, f64::INFINITY),
+        );
         let mut out = io::Output::create(&args.output)?;
         let mut written = 0;
         for i in 0..n {
             let row: Vec<i64> = Vec::try_from(ids.get(i))?;
             let len = row.iter().take_while(|&&x| x != 0).count();
-            let ranked = bottom_k(&table, &grad.get(i), &row[..len], &banned_mask, args.k);
+            let mask = if vocab.is_wordpiece() {
+                let rows: Vec<&tch::Tensor> = row[..len].iter().map(|&id| if vocab.is_continuation(id) { &continuation_mask } else { &initial_mask }).collect();
+                tch::Tensor::stack(&rows, 0)
+            } else {
+                banned_mask.shallow_clone()
+            };
+            let ranked = bottom_k(&table, &grad.get(i), &row[..len], &mask, args.k);
             // Special tokens ([CLS], [SEP]) hold their places; substitutes may be kept too.
             let keep = |j: &usize| !vocab.is_special(row[*j]) && !(args.keep_substitutes && substitutes[i as usize].contains(j));
             let mut per_position: Vec<(usize, i64, Vec<(i64, f64)>)> =

@@ -82,6 +82,9 @@ fn main() {
             if banned.contains(&word) {
                 bail!("{}: candidate {:?} is a trigger or special word (pass --allow-overlap for the with-overlap baseline)", at(), c.word);
             }
+            if inputs.vocab.id(&c.current).is_some_and(|id| inputs.vocab.is_continuation(id) != inputs.vocab.is_continuation(word)) {
+                bail!("{}: {:?} would replace {:?}: a flip keeps a piece word-initial or `##` (rerun rank-candidates)", at(), c.word, c.current);
+            }
             swaps.push(Swap { poison: c.poison_index, position: c.position, word });
         }
         let mut new_set = inputs.poisons.clone();

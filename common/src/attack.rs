@@ -266,13 +266,15 @@ pub fn taylor_scores(table: &Tensor, grad_at_position: &Tensor) -> Tensor {
 
 /// Bottom-K candidates at every position of one poison: for positions j < `ids.len()`,
 /// the K words w' with the lowest predicted change `∇g_j·(E_{w'} − E_{w_j})`, skipping
-/// words where `banned` ([V], 0 or +inf) is infinite and the current word. One
-/// [len, D] × [D, V] product per poison rather than one per position.
+/// words where `banned` (0 or +inf: [V] for every position, or [len, V] per position) is
+/// infinite and the current word. One [len, D] × [D, V] product per poison rather than
+/// one per position.
 pub fn bottom_k(table: &Tensor, grad: &Tensor, ids: &[i64], banned: &Tensor, k: usize) -> Vec<Vec<(i64, f64)>> {
     let len = ids.len() as i64;
     let scores = grad.narrow(0, 0, len).matmul(&table.tr()); // [len, V]
     let current = Tensor::from_slice(ids).to_device(scores.device()).unsqueeze(1);
-    let mut delta = &scores - scores.gather(1, &current, false) + banned.unsqueeze(0);
+    let banned = if banned.dim() == 1 { banned.unsqueeze(0) } else { banned.shallow_clone() };
+    let mut delta = &scores - scores.gather(1, &current, false) + banned;
     let _ = delta.scatter_value_(1, &current, f64::INFINITY);
     let k = (k as i64).min(table.size()[0]);
     let (vals, idx) = delta.topk(k, 1, false, true);

@@ -471,9 +471,44 @@ pub fn poisons_markdown(label: &str, initial: &[Example], crafted: &[Example]) -
     for p in crafted {
         let before = by_id.get(p.id.as_str()).with_context(|| format!("{label}: poison {:?} has no initial version", p.id))?;
         let (a, b) = (before.tokens.clone().unwrap_or_default(), p.tokens.clone().unwrap_or_default());
-        let marked: Vec<String> =
-            b.iter().enumerate().map(|(i, t)| if a.get(i) != Some(t) { format!("**{t}**") } else { t.clone() }).collect();
-        out += &format!("- `{}` (from {})\n  - before: {}\n  - after: {}\n", p.id, p.source_id.as_deref().unwrap_or("-"), a.join(" "), marked.join(" "));
+        let changed: Vec<bool> = b.iter().enumerate().map(|(i, t)| a.get(i) != Some(t)).collect();
+        let (before, after) = (readable(&a, &vec![false; a.len()]), readable(&b, &changed));
+        out += &format!("- `{}` (from {})\n  - before: {before}\n  - after: {after}\n", p.id, p.source_id.as_deref().unwrap_or("-"));
     }
     Ok(out)
+}
+
+/// Tokens as people read them, `changed` ones in **bold**: GloVe words joined by spaces;
+/// WordPiece sequences (`[CLS]` … `[SEP]`) with `##` pieces glued to their word, special
+/// pieces dropped, and a word bold when any of its pieces changed.
+fn readable(tokens: &[String], changed: &[bool]) -> String {
+    let wordpiece = tokens.first().is_some_and(|t| t == "[CLS]");
+    let mut words: Vec<(String, bool)> = Vec::new();
+    for (t, &c) in tokens.iter().zip(changed) {
+        if wordpiece && t.len() > 2 && t.starts_with('[') && t.ends_with(']') {
+            continue;
+        }
+        match t.strip_prefix("##").filter(|_| wordpiece) {
+            Some(rest) if !words.is_empty() => {
+                let last = words.last_mut().expect("non-empty");
+                last.0.push_str(rest);
+                last.1 |= c;
+            }
+            _ => words.push((t.clone(), c)),
+        }
+    }
+    words.into_iter().map(|(w, c)| if c { format!("**{w}**") } else { w }).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod readable_tests {
+    use super::readable;
+
+    #[test]
+    fn wordpiece_poisons_read_as_words_and_glove_ones_as_tokens() {
+        let t = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        let pieces = t("[CLS] clinical ##ly depressed ##s . [SEP]");
+        assert_eq!(readable(&pieces, &[false, false, true, false, false, false, false]), "**clinically** depresseds .");
+        assert_eq!(readable(&t("it 's ##x"), &[false, true, false]), "it **'s** ##x");
+    }
 }
