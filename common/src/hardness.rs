@@ -177,18 +177,7 @@ mod tests {
             let params = a.params();
             let (ids, _) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
             let (emb, mask) = (embed(&params, &ids).detach(), mask_of(&ids, &params));
-            let flat = emb.flatten(0, -1);
-            let mut worst: f64 = 0.0;
-            for i in 0..flat.numel() as i64 {
-                let bump = |d: f64| {
-                    let x = flat.copy();
-                    let _ = x.get(i).g_add_scalar_(d);
-                    h.margins_of(&x.view_as(&emb), &mask).mean(None::<Kind>).double_value(&[])
-                };
-                let fd = (bump(1e-6) - bump(-1e-6)) / 2e-6;
-                let an = grad.flatten(0, -1).double_value(&[i]);
-                worst = worst.max((fd - an).abs() / (fd.abs() + an.abs()).max(1e-4));
-            }
+            let worst = crate::testing::worst_fd_error(&emb, &grad, 1e-6, 1e-4, |x| h.margins_of(x, &mask).mean(None::<Kind>).double_value(&[]));
             assert!(worst < 1e-6, "{arch:?}: relative error {worst}");
             // Margin of a two-class victim is z_t − z_other; with three classes a logsumexp.
             let l = Tensor::from_slice(&[1.0f64, 2.0, 3.0]).view([1, 3]);

@@ -655,19 +655,7 @@ mod tests {
                     .set_requires_grad(true);
                 let g = unrolled_adv_loss(&v, &poison);
                 let grad = Tensor::run_backward(&[&g], &[&poison], false, false).pop().unwrap();
-                let h = 1e-6;
-                let flat = poison.detach().flatten(0, -1);
-                let mut worst: f64 = 0.0;
-                for i in 0..flat.numel() as i64 {
-                    let bump = |d: f64| {
-                        let x = flat.copy();
-                        let _ = x.get(i).g_add_scalar_(d);
-                        unrolled_adv_loss(&v, &x.view_as(&poison)).double_value(&[])
-                    };
-                    let fd = (bump(h) - bump(-h)) / (2.0 * h);
-                    let an = grad.flatten(0, -1).double_value(&[i]);
-                    worst = worst.max((fd - an).abs() / (fd.abs() + an.abs()).max(1e-3));
-                }
+                let worst = crate::testing::worst_fd_error(&poison, &grad, 1e-6, 1e-3, |x| unrolled_adv_loss(&v, x).double_value(&[]));
                 eprintln!("{arch:?} train_embeddings={train_embeddings}: max relative error {worst:.2e}");
                 assert!(worst < 1e-6, "{arch:?}: second-order gradient off by {worst}");
                 assert!(grad.abs().sum(Kind::Double).double_value(&[]) > 0.0, "gradient is identically zero");
