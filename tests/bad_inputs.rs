@@ -67,7 +67,7 @@ fn check(dir: &Path, out: &Path, cases: Vec<Case>) {
         if !o.stdout.is_empty() {
             why.push(format!("{} bytes on stdout", o.stdout.len()));
         }
-        if let Some(t) = temporaries(dir).first() {
+        if let Some(t) = temporary_files(dir).first() {
             why.push(format!("temporary file {} left", t.display()));
         }
         if !doc.contains(&format!("`{}`", c.name)) {
@@ -78,20 +78,6 @@ fn check(dir: &Path, out: &Path, cases: Vec<Case>) {
         }
     }
     assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
-}
-
-fn temporaries(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.file_name().unwrap().to_string_lossy().ends_with(".tmp") {
-            found.push(p.clone());
-        }
-        if p.is_dir() {
-            found.extend(temporaries(&p));
-        }
-    }
-    found
 }
 
 /// A data folder, a bow victim, a poison set, its gradient and candidates.

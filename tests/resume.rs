@@ -49,20 +49,6 @@ fn outcome(run: &Path) -> Vec<(String, String)> {
     out
 }
 
-fn temporary_files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.file_name().unwrap().to_string_lossy().ends_with(".tmp") {
-            found.push(p.clone());
-        }
-        if p.is_dir() {
-            found.extend(temporary_files(&p));
-        }
-    }
-    found
-}
-
 #[test]
 fn killing_the_attack_at_any_moment_and_rerunning_reaches_the_same_poisons() {
     let s = Setup::new();

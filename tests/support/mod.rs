@@ -92,6 +92,22 @@ impl Setup {
     }
 }
 
+/// Every `*.tmp` file or folder under `dir` (what an interrupted or failed atomic write
+/// would leave behind).
+pub fn temporary_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap().to_string_lossy().ends_with(".tmp") {
+            found.push(p.clone());
+        }
+        if p.is_dir() {
+            found.extend(temporary_files(&p));
+        }
+    }
+    found
+}
+
 pub fn records(bytes: &[u8]) -> Vec<Example> {
     common::io::read_jsonl_from(bytes, "test", true).unwrap()
 }
