@@ -132,31 +132,26 @@ fn main() {
             log!("{} of {} vocabulary words seen fewer than {} times in training: not proposed", rare.len(), vocab.len(), args.min_count);
             banned.extend(rare);
         }
-        let banned_mask = {
-            let mut m = vec![0f32; vocab.len()];
-            for &b in &banned {
-                m[b as usize] = f32::INFINITY;
-            }
+        // A flip keeps a position's kind (a word-initial piece stays word-initial, a WordPiece
+        // `##` piece stays `##`), so the poison still decodes into the same words and reads as
+        // text ("the movie gets" never becomes "the moviecre"). GloVe words are all initial.
+        let mask_of_kind = |continuation: bool| {
+            let m: Vec<f32> = (0..vocab.len() as i64)
+                .map(|i| if banned.contains(&i) || vocab.is_continuation(i) != continuation { f32::INFINITY } else { 0.0 })
+                .collect();
             tch::Tensor::from_slice(&m)
         };
-        // WordPiece: a flip keeps a position's kind (a word-initial piece stays word-initial,
-        // a `##` piece stays `##`), so the poison still decodes into the same words and reads
-        // as text ("the movie gets" never becomes "the moviecre").
-        let continuation = tch::Tensor::from_slice(&(0..vocab.len() as i64).map(|i| vocab.is_continuation(i)).collect::<Vec<bool>>());
-        let (initial_mask, continuation_mask) = (
-            banned_mask.where_scalarother(&continuation.logical_not(), f64::INFINITY),
-            banned_mask.where_scalarother(&continuation, f64::INFINITY),
-        );
+        let masks = [mask_of_kind(false), mask_of_kind(true)];
         let mut out = io::Output::create(&args.output)?;
         let mut written = 0;
         for i in 0..n {
             let row: Vec<i64> = Vec::try_from(ids.get(i))?;
             let len = row.iter().take_while(|&&x| x != 0).count();
             let mask = if vocab.is_wordpiece() {
-                let rows: Vec<&tch::Tensor> = row[..len].iter().map(|&id| if vocab.is_continuation(id) { &continuation_mask } else { &initial_mask }).collect();
+                let rows: Vec<&tch::Tensor> = row[..len].iter().map(|&id| &masks[vocab.is_continuation(id) as usize]).collect();
                 tch::Tensor::stack(&rows, 0)
             } else {
-                banned_mask.shallow_clone()
+                masks[0].shallow_clone()
             };
             let ranked = bottom_k(&table, &grad.get(i), &row[..len], &mask, args.k);
             // Special tokens ([CLS], [SEP]) hold their places; substitutes may be kept too.

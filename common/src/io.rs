@@ -141,28 +141,28 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// An output that becomes visible only when `commit` is called: a temporary file beside
 /// the destination, renamed over it on commit and deleted if dropped uncommitted. For `-`
-/// it writes through to stdout (a pipe cannot be atomic; the reader sees EOF on error).
+/// it writes through to stdout (a pipe cannot be atomic; the reader sees EOF on error), as
+/// it does to an existing destination that is not a regular file (`/dev/null`, a FIFO):
+/// renaming a temporary file over it would replace the device.
 pub struct Output {
     inner: OutputInner,
 }
 
 enum OutputInner {
     File { tmp: tempfile::NamedTempFile, writer: Option<BufWriter<File>>, dest: PathBuf },
-    Stdout(BufWriter<std::io::Stdout>),
-    /// An existing destination that is not a regular file (`/dev/null`, a FIFO): written
-    /// in place, since renaming a temporary file over it would replace the device.
-    Device(BufWriter<File>),
+    /// Stdout, or a device or pipe named as the destination: written in place.
+    Direct(BufWriter<Box<dyn Write>>),
 }
 
 impl Output {
     pub fn create(path: &str) -> Result<Output> {
         if path == STDIO {
-            return Ok(Output { inner: OutputInner::Stdout(BufWriter::new(std::io::stdout())) });
+            return Ok(Output { inner: OutputInner::Direct(BufWriter::new(Box::new(std::io::stdout()))) });
         }
         let dest = PathBuf::from(path);
         if std::fs::metadata(&dest).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
             let f = std::fs::OpenOptions::new().write(true).open(&dest).with_context(|| format!("cannot write to {path}"))?;
-            return Ok(Output { inner: OutputInner::Device(BufWriter::new(f)) });
+            return Ok(Output { inner: OutputInner::Direct(BufWriter::new(Box::new(f))) });
         }
         let dir = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -187,10 +187,6 @@ impl Output {
         Ok(())
     }
 
-    pub fn is_stdout(&self) -> bool {
-        matches!(self.inner, OutputInner::Stdout(_))
-    }
-
     /// Serialises one record as a JSON line.
     pub fn write_record<T: Serialize>(&mut self, rec: &T) -> Result<()> {
         jsonl::write(&mut *self, rec).map_err(|e| match e {
@@ -202,11 +198,7 @@ impl Output {
     /// Flushes and makes the output visible at its destination.
     pub fn commit(self) -> Result<()> {
         match self.inner {
-            OutputInner::Stdout(mut w) => {
-                w.flush()?;
-                Ok(())
-            }
-            OutputInner::Device(mut w) => {
+            OutputInner::Direct(mut w) => {
                 w.flush()?;
                 Ok(())
             }
@@ -230,15 +222,13 @@ impl Output {
 impl Write for Output {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match &mut self.inner {
-            OutputInner::Stdout(w) => w.write(buf),
-            OutputInner::Device(w) => w.write(buf),
+            OutputInner::Direct(w) => w.write(buf),
             OutputInner::File { writer, .. } => writer.as_mut().expect("open").write(buf),
         }
     }
     fn flush(&mut self) -> std::io::Result<()> {
         match &mut self.inner {
-            OutputInner::Stdout(w) => w.flush(),
-            OutputInner::Device(w) => w.flush(),
+            OutputInner::Direct(w) => w.flush(),
             OutputInner::File { writer, .. } => writer.as_mut().expect("open").flush(),
         }
     }
