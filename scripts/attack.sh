@@ -55,8 +55,9 @@ else
   printf '%s\n' "$manifest" > "$RUN/manifest.json.tmp" && mv "$RUN/manifest.json.tmp" "$RUN/manifest.json"
 fi
 
-# Temporary files of an invocation that was killed (finished files are never .tmp).
-find "$RUN" -name '.*.tmp' -prune -exec rm -rf {} +
+# Temporary files of an invocation that was killed (finished files are never .tmp): the
+# stages' hidden `.NAME.XXXX.tmp` and this script's own `NAME.tmp` (row.tsv, seconds.tsv, ...).
+find "$RUN" -name '*.tmp' -prune -exec rm -rf {} +
 
 # Runs one stage of round $r; a failure (bad input, NaN objective, ...) names the round.
 stage() { # name command...
