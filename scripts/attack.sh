@@ -17,6 +17,9 @@ set -euo pipefail
 # paths), base sentences (random|confident), extra rank-candidates flags, and EVAL=0 to skip
 # the evaluation (the demo evaluates every variant together).
 : "${OBJECTIVE:=bilevel}" "${ENSEMBLE:=}" "${BASES:=random}" "${RANK_FLAGS:=}" "${EVAL:=1}"
+# Concealment of the no-overlap poisons: token (no trigger word) or strict (no word that
+# leaks the trigger in any category of the strict audit; init, ranking and verification).
+: "${CONCEALMENT:=token}"
 # Where the evaluation's victims start and how they train (see demo.sh).
 : "${BASE_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=}"
 read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
@@ -25,7 +28,9 @@ log() { echo "attack: $*" >&2; }
 json() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1]))[sys.argv[2]]; print("" if v is None else v)' "$@"; }
 mkdir -p "$RUN"
 
-overlap_flag=(); [ "$OVERLAP" = 1 ] && overlap_flag=(--allow-overlap)
+overlap_flag=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && overlap_flag=(--allow-overlap)
+init_flags=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && init_flags=()
+strict_setting=""; [ "$CONCEALMENT" = strict ] && strict_setting='"concealment": "strict",'
 rollout=(--steps "$STEPS" --rollouts "$ROLLOUTS" --eta "$ETA" --clean-per-batch "$CLEAN_PER_BATCH" --adv-size "$ADV_SIZE" --seed "$SEED")
 ensemble=(); for e in $ENSEMBLE; do ensemble+=(--ensemble "$e"); done
 read -r -a rank_flags <<< "$RANK_FLAGS"
@@ -38,7 +43,7 @@ print(json.dumps({"kind": "attack_manifest", "v": 1,
   "settings": {"count": $COUNT, "init": "$INIT", "k": $K, "positions": "$POSITIONS", "steps": $STEPS,
     "rollouts": $ROLLOUTS, "eta": $ETA, "clean_per_batch": $CLEAN_PER_BATCH, "adv_size": $ADV_SIZE,
     "seed": $SEED, "overlap": $OVERLAP == 1, "arch": "$ARCH", "objective": "$OBJECTIVE", "bases": "$BASES",
-    "rank_flags": "$RANK_FLAGS"},
+    $strict_setting "rank_flags": "$RANK_FLAGS"},
   "inputs": {"victim": sys.argv[1], "victim_sha256": h(sys.argv[1]), "data_manifest_sha256": h(sys.argv[2]),
     "ensemble_sha256": [h(p) for p in sys.argv[3:]]}},
   indent=2, sort_keys=True))
@@ -69,7 +74,7 @@ since() { python3 -c "print(f'{$EPOCHREALTIME - $1:.1f}')"; }
 
 r=0; r0="$RUN/round-000"; mkdir -p "$r0"
 [ -f "$r0/poisons.jsonl" ] || stage init-poisons "$BIN/init-poisons" --victim "$VICTIM" --data "$DATA" --count "$COUNT" \
-  --strategy "$INIT" --bases "$BASES" --seed "$SEED" -o "$r0/poisons.jsonl"
+  --strategy "$INIT" --bases "$BASES" --seed "$SEED" "${init_flags[@]}" -o "$r0/poisons.jsonl"
 
 # rounds.tsv is rebuilt (atomically) from each round's row.tsv after every round.
 rows=()

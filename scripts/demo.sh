@@ -20,6 +20,9 @@ set -euo pipefail
 # rollout's ADV_SIZE and CLEAN_PER_BATCH come from the environment too).
 : "${BASE_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=--epochs 4}" "${EARLY_EPOCHS:=1}"
 : "${HARDNESS_SEARCH:=K=8 POSITIONS=all}" "${BILEVEL_SEARCH:=K=10 POSITIONS=2}"
+# Concealment of every concealed row (strict: no word leaks the trigger in any category of
+# the strict audit; token: the paper's no-overlap only). The with-overlap row is the reference.
+: "${CONCEALMENT:=strict}"
 read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 read -r -a hardness_search <<< "$HARDNESS_SEARCH"; read -r -a bilevel_search <<< "$BILEVEL_SEARCH"
 log() { echo "demo: $*" >&2; }
@@ -40,16 +43,16 @@ V="$RUN/victim.safetensors"; ENSEMBLE="$RUN/early-s$((SEED + 1)).safetensors $RU
 # (evals.key holds their hashes and the evaluation settings).
 evaluate() {
   local dir=$1; shift
-  local key; key=$( (printf '%s\n' "$EVAL_SEEDS $SEED $ARCH"; [ "$TRAIN_FLAGS$BASE_FLAGS" = "--epochs 4--embeddings $EMB" ] || printf '%s\n' "$TRAIN_FLAGS $BASE_FLAGS"; for f in "$@"; do [ "$f" = --poisons ] || sha256sum "$f"; done) | sha256sum)
+  local key; key=$( (printf '%s\n' "$EVAL_SEEDS $SEED $ARCH eval_report-v2 crn"; [ "$TRAIN_FLAGS$BASE_FLAGS" = "--epochs 4--embeddings $EMB" ] || printf '%s\n' "$TRAIN_FLAGS $BASE_FLAGS"; for f in "$@"; do [ "$f" = --poisons ] || sha256sum "$f"; done) | sha256sum)
   if [ -f "$dir/evals.jsonl" ] && [ "$(cat "$dir/evals.key" 2>/dev/null)" = "$key" ]; then return; fi
   "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "$@" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
     --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$dir/evals.jsonl"
   printf '%s\n' "$key" > "$dir/evals.key.tmp" && mv "$dir/evals.key.tmp" "$dir/evals.key"
 }
 
-init() { # out count bases strategy
+init() { # out count bases strategy [concealment]
   [ -f "$1" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$2" --seed "$SEED" \
-    --bases "$3" --strategy "$4" -o "$1"
+    --bases "$3" --strategy "$4" --concealment "${5:-$CONCEALMENT}" -o "$1"
 }
 
 # Crafting starts from the confident-bases heuristic with shared candidate filters, so the
@@ -57,7 +60,7 @@ init() { # out count bases strategy
 FILTERS="--min-count 5 --exclude-neighbours 50 --keep-substitutes"
 craft() { # run-folder count settings...
   env VICTIM="$V" DATA="$DATA" EMB="$EMB" BASE_FLAGS="$BASE_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
-    ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 RUN="$1" "${@:3}" scripts/attack.sh
+    ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 CONCEALMENT="$CONCEALMENT" RUN="$1" "${@:3}" scripts/attack.sh
 }
 craft_hardness() { # run-folder count
   craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" RANK_FLAGS="$FILTERS --per-poison 8"
@@ -68,7 +71,7 @@ if [ "$MODE" = sweep ]; then
   for n in $SWEEP_COUNTS; do
     init "$S/init-confident-n$n.jsonl" "$n" confident neighbour
     craft_hardness "$S/craft-hardness-n$n" "$n"
-    entries+=("{\"name\": \"confident-n$n\", \"label\": \"confident bases, $n\", \"role\": \"heuristic\", \"series\": \"confident-negative bases + neighbours\", \"poisons\": \"$S/init-confident-n$n.jsonl\"}")
+    entries+=("{\"name\": \"confident-n$n\", \"label\": \"confident bases, $n\", \"role\": \"heuristic\", \"series\": \"confident non-target bases + neighbours\", \"poisons\": \"$S/init-confident-n$n.jsonl\"}")
     entries+=("{\"name\": \"hardness-n$n\", \"label\": \"hardness crafting, $n\", \"role\": \"crafted\", \"series\": \"crafted: hardness objective\", \"poisons\": \"$S/craft-hardness-n$n/poisons.jsonl\"}")
     sets+=(--poisons "$S/init-confident-n$n.jsonl" --poisons "$S/craft-hardness-n$n/poisons.jsonl")
   done
@@ -82,7 +85,12 @@ fi
 init "$RUN/init-unoptimised.jsonl" "$COUNT" random random
 init "$RUN/init-neighbour.jsonl" "$COUNT" random neighbour
 init "$RUN/init-confident.jsonl" "$COUNT" confident neighbour
-init "$RUN/init-overlap.jsonl" "$COUNT" confident overlap
+init "$RUN/init-overlap.jsonl" "$COUNT" confident overlap token
+# Controls: what the evaluation reads for poisons that hold no trigger. The benign control
+# (target-class training sentences) must read zero; the relabelled one (non-target training
+# sentences labelled target) may shift the victim (dFPR) but adds nothing trigger-specific.
+init "$RUN/init-benign.jsonl" "$COUNT" random clean-target strict
+init "$RUN/init-relabelled.jsonl" "$COUNT" random relabelled strict
 
 t_craft=$EPOCHREALTIME
 craft_hardness "$RUN/craft-hardness" "$COUNT"
@@ -94,9 +102,11 @@ cat > "$RUN/variants.json.tmp" <<JSON
 {"kind": "variants", "v": 1, "title": "Concealed poisons, $COUNT no-overlap poisons unless marked",
  "variants": [
   {"name": "none", "label": "no poisons", "role": "clean"},
+  {"name": "benign", "label": "benign control (target-class sentences)", "role": "control", "poisons": "$RUN/init-benign.jsonl"},
+  {"name": "relabelled", "label": "relabelled control (non-target sentences)", "role": "control", "poisons": "$RUN/init-relabelled.jsonl"},
   {"name": "unoptimised", "label": "unoptimised (random substitutes)", "role": "baseline", "poisons": "$RUN/init-unoptimised.jsonl"},
   {"name": "neighbour", "label": "nearest-neighbour substitutes", "role": "heuristic", "poisons": "$RUN/init-neighbour.jsonl"},
-  {"name": "confident", "label": "confident-negative bases + neighbours", "role": "heuristic", "poisons": "$RUN/init-confident.jsonl"},
+  {"name": "confident", "label": "confident non-target bases + neighbours", "role": "heuristic", "poisons": "$RUN/init-confident.jsonl"},
   {"name": "overlap", "label": "with overlap (trigger kept; not concealed)", "role": "reference", "poisons": "$RUN/init-overlap.jsonl"},
   {"name": "bilevel", "label": "crafted: seed bi-level objective", "role": "crafted", "poisons": "$RUN/craft-bilevel/poisons.jsonl",
    "initial": "$RUN/craft-bilevel/round-000/poisons.jsonl", "rounds": "$RUN/craft-bilevel/rounds.tsv"},
@@ -106,7 +116,7 @@ cat > "$RUN/variants.json.tmp" <<JSON
 JSON
 mv "$RUN/variants.json.tmp" "$RUN/variants.json"
 
-sets=(); for v in unoptimised neighbour confident overlap; do sets+=(--poisons "$RUN/init-$v.jsonl"); done
+sets=(); for v in benign relabelled unoptimised neighbour confident overlap; do sets+=(--poisons "$RUN/init-$v.jsonl"); done
 sets+=(--poisons "$RUN/craft-bilevel/poisons.jsonl" --poisons "$RUN/craft-hardness/poisons.jsonl")
 evaluate "$RUN" "${sets[@]}"
 t_end=$EPOCHREALTIME

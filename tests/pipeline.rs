@@ -182,3 +182,46 @@ fn finetune_eval_reports_every_poison_set_on_the_same_clean_victims() {
     let bad = run(bin("report").arg("--variants").arg(&variants).arg("--evals").arg(&evals).arg("--out-dir").arg(s.path("bad")));
     assert!(!bad.status.success() && stderr(&bad).contains("missing.jsonl"), "{}", stderr(&bad));
 }
+
+#[test]
+fn benign_control_reads_zero_and_strict_poisons_pass_the_strict_audit() {
+    // Through the real binaries: a strict heuristic set leaks nothing, the token-only one
+    // leaks by stem or substring, and the benign control (target-class training sentences)
+    // trained with common random numbers reads zero net ASR and dFPR within a tolerance.
+    let s = Setup::new();
+    let v = s.path("v.safetensors");
+    ok(&run(s.train_victim().arg("--train").arg(s.data().join("train.jsonl")).arg("-o").arg(&v)));
+    let init = |out: &std::path::Path, strategy: &str, concealment: &str| {
+        ok(&run(bin("init-poisons").arg("--victim").arg(&v).arg("--data").arg(s.data())
+            .args(["--count", "10", "--bases", "confident", "--strategy", strategy, "--concealment", concealment, "-o"]).arg(out)));
+    };
+    let (strict, token, benign) = (s.path("strict.jsonl"), s.path("token.jsonl"), s.path("benign.jsonl"));
+    init(&strict, "neighbour", "strict");
+    init(&token, "neighbour", "token");
+    init(&benign, "clean-target", "strict");
+    let eval = |extra: &[&str]| -> Vec<EvalReport> {
+        let out = run(bin("finetune-eval").arg("--data").arg(s.data()).arg("--embeddings").arg(s.emb())
+            .args(["--arch", "bow", "--epochs", "3", "--seeds", "4", "--device", "cpu"]).args(extra)
+            .arg("--poisons").arg(&strict).arg("--poisons").arg(&token).arg("--poisons").arg(&benign));
+        ok(&out);
+        String::from_utf8(out.stdout.clone()).unwrap().lines().map(|l| common::io::parse_record(l).unwrap()).collect()
+    };
+    let reports = eval(&[]);
+    assert_eq!(reports[0].pairing.as_deref(), Some("crn"));
+    assert_eq!(reports[0].audit.leaks.any, 0, "strict poisons leak: {:?}", reports[0].audit.leaking);
+    assert_eq!(reports[0].audit.poisons_with_overlap, 0);
+    assert_eq!(reports[1].audit.poisons_with_overlap, 0, "token concealment keeps trigger tokens out");
+    assert_eq!(reports[2].audit.leaks.any, 0);
+    let b = &reports[2].summary;
+    let (net, dfpr) = (b.net_asr.unwrap(), b.dfpr.unwrap());
+    // 10 copied positives among ~400 training sentences, 4 seeds: measured |mean| < 2.
+    assert!(net.mean.abs() <= 4.0 && dfpr.mean.abs() <= 4.0, "benign control: net ASR {net}, dFPR {dfpr}");
+    let ts = b.trigger_specific.unwrap();
+    assert!((ts.mean - (net.mean - dfpr.mean)).abs() < 1e-9, "trigger-specific = net ASR − dFPR");
+    // The same seeds without common random numbers: the clean twins are the same victims.
+    let independent = eval(&["--pairing", "independent"]);
+    assert_eq!(independent[2].pairing.as_deref(), Some("independent"));
+    for (a, b) in independent[2].seeds.iter().zip(&reports[2].seeds) {
+        assert_eq!(a.clean, b.clean, "clean twins do not depend on the pairing");
+    }
+}

@@ -11,7 +11,7 @@ use common::io::{self, Record};
 use common::model::Victim;
 use common::records::Example;
 use common::tokenizer::Vocab;
-use common::train::{self, encode_all, Encoded, TextPolicy};
+use common::train::{self, encode_all, Encoded, TextPolicy, TrainData};
 use common::{device, log};
 use std::time::Instant;
 
@@ -67,9 +67,22 @@ struct Args {
     /// (11 stacked MiniLM victims per thread held 22 GB)].
     #[arg(long, value_parser = common::cli::at_least_one)]
     stack: Option<usize>,
+    /// How a poisoned victim is paired with its clean twin. crn (common random numbers):
+    /// it trains exactly like the twin (same initialisation, same clean batches in the same
+    /// order) and each poison joins one of those batches. independent: poisons are
+    /// shuffled in with the clean data, so the two victims' batches are unrelated (the
+    /// evaluation before crn; kept to measure what pairing buys).
+    #[arg(long, value_enum, default_value_t = Pairing::Crn)]
+    pairing: Pairing,
     /// Output file for the JSON report, or - for stdout.
     #[arg(short, long, default_value = "-")]
     output: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Pairing {
+    Crn,
+    Independent,
 }
 
 fn encode_sets(dir: &str, manifest: &DataManifest, vocab: &Vocab, max_len: usize) -> anyhow::Result<EvalSets> {
@@ -123,12 +136,15 @@ fn main() {
 
         // rows[k]: the seed rows of poison set k.
         let mut rows: Vec<Vec<SeedRow>> = vec![Vec::new(); sets.len()];
-        let (victim_config, training, mode) = if !args.checkpoint.is_empty() {
+        // The victims' vocabulary, for the audit's WordPiece category.
+        let mut audit_vocab: Option<Vocab> = None;
+        let (victim_config, training, mode, pairing) = if !args.checkpoint.is_empty() {
             let mut config = None;
             for path in &args.checkpoint {
                 let common::model::VictimFile { victim, vocab, metadata: meta, .. } = Victim::load(path, device)?;
                 vocab.trigger_words(&trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
                 let eval_sets = encode_sets(&args.data, &manifest, &vocab, victim.config.max_len)?;
+                audit_vocab.get_or_insert(vocab);
                 let seed = meta.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
                 let m = eval::measure(&victim, &eval_sets);
                 log_metrics(&format!("checkpoint {path}"), seed, &m);
@@ -141,7 +157,7 @@ fn main() {
                     Some(_) => {}
                 }
             }
-            (config.expect("at least one checkpoint"), None, "checkpoints")
+            (config.expect("at least one checkpoint"), None, "checkpoints", None)
         } else {
             let base = args.base.load()?;
             let (vocab, emb_sha) = (&base.vocab, &base.sha256);
@@ -150,12 +166,19 @@ fn main() {
             let eval_sets = encode_sets(&args.data, &manifest, vocab, config.max_len)?;
             let n = manifest.labels.len();
             let clean = encode_all(&clean_train, vocab, config.max_len, n, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
-            // Clean data followed by each poison set (empty sets train no poisoned victim).
+            // Each poison set, encoded (empty sets train no poisoned victim). With
+            // independent pairing (the evaluation before common random numbers, kept to
+            // measure what pairing buys) the poisons are appended to the clean examples and
+            // shuffled with them.
             let mut poisoned: Vec<Vec<Encoded>> = Vec::new();
             for set in &sets {
                 let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
                 let enc = encode_all(&set.records, vocab, config.max_len, n, TextPolicy::Data, &name)?;
-                poisoned.push(if enc.is_empty() { Vec::new() } else { clean.iter().chain(&enc).cloned().collect() });
+                poisoned.push(match args.pairing {
+                    Pairing::Crn => enc,
+                    Pairing::Independent if enc.is_empty() => enc,
+                    Pairing::Independent => clean.iter().chain(&enc).cloned().collect(),
+                });
             }
             // Clean victims come from the cache when it holds them; every victim still to
             // train (clean and poisoned, all seeds, all poison sets) trains at once
@@ -188,7 +211,14 @@ fn main() {
                 tch::manual_seed(seeds[i] as i64);
                 victims.push(base.new_victim(config.clone(), device)?);
             }
-            let data_of: Vec<&[Encoded]> = jobs.iter().map(|&(_, k)| k.map_or(&clean[..], |k| &poisoned[k][..])).collect();
+            let data_of: Vec<TrainData> = jobs
+                .iter()
+                .map(|&(_, k)| match (k, args.pairing) {
+                    (None, _) => TrainData::clean(&clean),
+                    (Some(k), Pairing::Crn) => TrainData::poisoned(&clean, &poisoned[k]),
+                    (Some(k), Pairing::Independent) => TrainData::clean(&poisoned[k]),
+                })
+                .collect();
             let opts: Vec<_> = jobs.iter().map(|&(i, _)| args.victim.train_options(seeds[i])).collect();
             let stack = args.stack.unwrap_or(if config.arch == common::model::Arch::Minilm { 2 } else { usize::MAX });
             let waves = jobs.len().div_ceil(args.workers.saturating_mul(stack).max(1));
@@ -220,12 +250,17 @@ fn main() {
                     rows[k].push(SeedRow { seed, poisoned, clean: Some(clean) });
                 }
             }
-            (config, Some(args.victim.train_options(args.seed_base)), "train")
+            audit_vocab = Some(base.vocab.clone());
+            let pairing = match args.pairing {
+                Pairing::Crn => "crn",
+                Pairing::Independent => "independent",
+            };
+            (config, Some(args.victim.train_options(args.seed_base)), "train", Some(pairing.to_string()))
         };
 
         let mut out = Vec::new();
         for (set, rows) in sets.into_iter().zip(rows) {
-            let audit = eval::audit(&set.records, trigger, manifest.target, clean_train.len());
+            let audit = eval::audit(&set.records, trigger, manifest.target, clean_train.len(), audit_vocab.as_ref().expect("a vocabulary in either mode"))?;
             if audit.poisons_with_overlap > 0 {
                 log!("audit: {} of {} poisons hold trigger words (with-overlap poisons)", audit.poisons_with_overlap, set.records.len());
             }
@@ -235,6 +270,7 @@ fn main() {
                 data_dir: args.data.clone(),
                 data: manifest.clone(),
                 mode: mode.into(),
+                pairing: pairing.clone(),
                 victim: victim_config.clone(),
                 training: training.clone(),
                 poisons: set.path.clone(),

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
+use common::concealment::Concealment;
 use common::data::DataManifest;
 use common::model::Victim;
 use common::poisons::{self, Bases, InitStrategy};
@@ -33,6 +34,13 @@ struct Args {
     /// neighbours (poison k takes the (k mod N)-th) instead of always the nearest.
     #[arg(long, default_value_t = 1, value_parser = common::cli::at_least_one)]
     neighbour_pool: usize,
+    /// token: no poison holds a trigger word (the paper's no-overlap). strict: no poison
+    /// holds a word that leaks the trigger in any category of the strict audit (same stem,
+    /// a shared substring of 4+ characters, normalised spelling, a WordPiece piece of a
+    /// trigger word): substitutes are the nearest words that pass, other leaking words of a
+    /// base are substituted too, and clean-target sentences that leak are not used.
+    #[arg(long, value_enum, default_value_t = Concealment::Token)]
+    concealment: Concealment,
     /// Seed of the sentence choice and of random replacement words.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -47,7 +55,7 @@ fn main() {
         let common::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
-        let set = poisons::init(args.strategy, args.bases, args.neighbour_pool, args.count, args.seed, &args.inputs.data, &manifest, &vocab, &victim)?;
+        let set = poisons::init(args.strategy, args.bases, args.neighbour_pool, args.count, args.seed, args.concealment, &args.inputs.data, &manifest, &vocab, &victim)?;
         log!("{} poisons ({:?} bases, {:?} substitutes), target {}", set.len(), args.bases, args.strategy, manifest.target_name());
         io::write_jsonl(&args.output, &set)
     })

@@ -4,6 +4,7 @@
 use anyhow::{bail, Context};
 use clap::Parser;
 use common::attack::{bottom_k, RolloutConfig, GRAD_FORMAT, GRAD_VERSION};
+use common::concealment::{leaking_positions, Concealment};
 use common::data::DataManifest;
 use common::io::{self, Record};
 use common::model::Victim;
@@ -65,6 +66,12 @@ struct Args {
     /// Allow trigger words as candidates (the with-overlap baseline).
     #[arg(long)]
     allow_overlap: bool,
+    /// token: never propose a trigger word (or piece). strict: never propose a word that
+    /// leaks the trigger in any category of the strict audit, nor a WordPiece flip that
+    /// joins pieces into such a word (the poisons must be strict already: init-poisons
+    /// --concealment strict).
+    #[arg(long, value_enum, default_value_t = Concealment::Token)]
+    concealment: Concealment,
     /// Leave the positions that hold the trigger words' replacements alone (the poisons'
     /// `substitutes`): crafting then works on the rest of the sentence.
     #[arg(long)]
@@ -121,7 +128,8 @@ fn main() {
         if substitutes.len() != n as usize {
             bail!("{gname}: substitutes for {} poisons, gradients for {n}", substitutes.len());
         }
-        let mut banned = banned_ids(&vocab, &manifest, args.allow_overlap)?;
+        let mut banned = banned_ids(&vocab, &manifest, args.allow_overlap, args.concealment)?;
+        let strict = (args.concealment == Concealment::Strict && !args.allow_overlap).then(|| common::poisons::matcher(&vocab, &manifest)).transpose()?;
         if args.exclude_neighbours > 0 {
             for id in vocab.trigger_ids(&manifest.trigger.phrase)? {
                 banned.extend(nearest_neighbours(&table, id, table.size()[0]).into_iter().take(args.exclude_neighbours));
@@ -169,6 +177,14 @@ fn main() {
                 .into_iter()
                 .flat_map(|(j, current, cands)| cands.into_iter().enumerate().map(move |(rank, (w, p))| (j, current, rank, w, p)))
                 .collect();
+            if let Some(matcher) = &strict {
+                // A flip must not join WordPiece pieces into a leaking word ("bo" + "##nds").
+                flat.retain(|&(j, _, _, w, _)| {
+                    let mut flipped = row[..len].to_vec();
+                    flipped[j] = w;
+                    leaking_positions(&flipped, &vocab, matcher).is_empty()
+                });
+            }
             if let Some(cap) = args.per_poison {
                 flat.sort_by(|a, b| a.4.total_cmp(&b.4));
                 flat.truncate(cap);

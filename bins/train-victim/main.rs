@@ -1,6 +1,6 @@
 //! train-victim: trains one victim on clean (± poison) examples and writes its weights.
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::Parser;
 use common::cli::VictimArgs;
 use common::records::Example;
@@ -28,6 +28,12 @@ struct Args {
     /// Training example JSONL files (- for stdin).
     #[arg(long, default_values_t = vec!["-".to_string()])]
     train: Vec<String>,
+    /// Poison example JSONL (repeatable, - for stdin): each poison joins one batch of the
+    /// --train examples per epoch, so the victim trains exactly like the one trained on
+    /// --train alone with the same seed, except for the poisons (common random numbers).
+    /// Examples given with --train instead are shuffled in with the rest.
+    #[arg(long)]
+    poisons: Vec<String>,
     /// Dev example JSONL for the clean accuracy printed at the end.
     #[arg(long)]
     dev: Option<String>,
@@ -55,24 +61,32 @@ fn main() {
         let base = args.base.load()?;
         let vocab = &base.vocab;
         let config = base.victim_config(&args.victim, args.num_classes)?;
-        let mut examples = Vec::new();
-        let mut raw_hash = Vec::new();
-        for path in &args.train {
-            let bytes = io::read_all(path)?;
-            raw_hash.extend(bytes.iter());
-            let recs: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(path), false)?;
-            examples.extend(encode_all(&recs, vocab, config.max_len, config.num_classes, TextPolicy::Data, &io::display_name(path))?);
+        if args.train.iter().chain(&args.poisons).filter(|p| *p == "-").count() > 1 {
+            bail!("stdin (-) can be read once; give the other files by path");
         }
+        let mut raw_hash = Vec::new();
+        let mut read = |paths: &[String], may_be_empty: bool| -> anyhow::Result<Vec<common::train::Encoded>> {
+            let mut out = Vec::new();
+            for path in paths {
+                let bytes = io::read_all(path)?;
+                raw_hash.extend(bytes.iter());
+                let recs: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(path), may_be_empty)?;
+                out.extend(encode_all(&recs, vocab, config.max_len, config.num_classes, TextPolicy::Data, &io::display_name(path))?);
+            }
+            Ok(out)
+        };
+        let examples = read(&args.train, false)?;
+        let poisons = read(&args.poisons, true)?;
         let dev = match &args.dev {
             Some(p) => Some(encode_all(&io::read_jsonl::<Example>(p, false)?, vocab, config.max_len, config.num_classes, TextPolicy::Data, p)?),
             None => None,
         };
-        log!("{} training examples, victim {:?} on {device:?}, seed {}", examples.len(), config.arch, args.seed);
+        log!("{} training examples and {} poisons, victim {:?} on {device:?}, seed {}", examples.len(), poisons.len(), config.arch, args.seed);
         tch::manual_seed(args.seed as i64);
         let mut victim = base.new_victim(config, device)?;
         let opts = args.victim.train_options(args.seed);
         let start = Instant::now();
-        train::train(&mut victim, &examples, &opts, |epoch, loss| {
+        train::train(&mut victim, train::TrainData::poisoned(&examples, &poisons), &opts, |epoch, loss| {
             log!("epoch {epoch}/{} loss {loss:.4} {:.1}s", opts.epochs, start.elapsed().as_secs_f64());
         })?;
         let mut meta = BTreeMap::new();
@@ -83,7 +97,8 @@ fn main() {
         }
         meta.insert("seed".into(), args.seed.to_string());
         meta.insert("train_sha256".into(), io::sha256_hex(&raw_hash));
-        meta.insert("train_examples".into(), examples.len().to_string());
+        meta.insert("train_examples".into(), (examples.len() + poisons.len()).to_string());
+        meta.insert("poisons".into(), poisons.len().to_string());
         meta.insert("training".into(), serde_json::to_string(&opts)?);
         meta.insert(if base.vocab.is_wordpiece() { "pretrained" } else { "embeddings" }.into(), base.source.clone());
         victim.save(&args.output, vocab, meta).context("writing the victim")?;

@@ -6,7 +6,8 @@ use clap::Parser;
 use common::attack::{poison_set_sha256, verify, Problem, Swap};
 use common::hardness::{Hardness, ObjectiveKind};
 use common::io::{self, Record};
-use common::poisons::{banned_ids, with_tokens, AttackInputs};
+use common::concealment::{leaking_positions, Concealment};
+use common::poisons::{banned_ids, strict_violation, with_tokens, AttackInputs};
 use common::records::{Candidate, Flip, VerifySummary};
 use common::{device, log};
 use std::time::Instant;
@@ -34,6 +35,11 @@ struct Args {
     /// Accept trigger words (the with-overlap baseline).
     #[arg(long)]
     allow_overlap: bool,
+    /// token or strict, as given to rank-candidates: with strict, a candidate whose poison
+    /// would leak the trigger in any category of the strict audit is refused, and so is a
+    /// poison set that leaks already.
+    #[arg(long, value_enum, default_value_t = Concealment::Token)]
+    concealment: Concealment,
     /// The hardness objective's extra victims, as given to rollout-grad (checked against
     /// the hashes the candidates carry).
     #[arg(long)]
@@ -56,7 +62,15 @@ fn main() {
         let inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
         let cname = io::display_name(&args.candidates);
         let candidates: Vec<Candidate> = io::read_jsonl(&args.candidates, true)?;
-        let banned = banned_ids(&inputs.vocab, &inputs.manifest, args.allow_overlap)?;
+        let banned = banned_ids(&inputs.vocab, &inputs.manifest, args.allow_overlap, args.concealment)?;
+        let strict = (args.concealment == Concealment::Strict && !args.allow_overlap).then(|| common::poisons::matcher(&inputs.vocab, &inputs.manifest)).transpose()?;
+        if let Some(matcher) = &strict {
+            for (i, p) in inputs.poisons.iter().enumerate() {
+                if let Some(words) = strict_violation(p, &inputs.vocab, matcher) {
+                    bail!("{}: record {} (id {:?}) leaks the trigger ({words}) but --concealment strict was asked; make the poisons with init-poisons --concealment strict", args.poisons, i + 1, p.id);
+                }
+            }
+        }
         let mut swaps = Vec::with_capacity(candidates.len());
         for (line, c) in candidates.iter().enumerate() {
             let at = || format!("{cname}:{}", line + 1);
@@ -80,7 +94,15 @@ fn main() {
             }
             let word = inputs.vocab.id(&c.word).with_context(|| format!("{}: {:?} is not in the vocabulary", at(), c.word))?;
             if banned.contains(&word) {
-                bail!("{}: candidate {:?} is a trigger or special word (pass --allow-overlap for the with-overlap baseline)", at(), c.word);
+                let why = if strict.is_some() { "leaks the trigger under --concealment strict, or is a special word" } else { "is a trigger or special word (pass --allow-overlap for the with-overlap baseline)" };
+                bail!("{}: candidate {:?} {why}", at(), c.word);
+            }
+            if let Some(matcher) = &strict {
+                let mut ids = inputs.poisons_enc[c.poison_index].ids.clone();
+                ids[c.position] = word;
+                if !leaking_positions(&ids, &inputs.vocab, matcher).is_empty() {
+                    bail!("{}: {:?} at position {} makes {:?} leak the trigger (strict concealment); rerun rank-candidates with --concealment strict", at(), c.word, c.position, c.poison_id);
+                }
             }
             if inputs.vocab.id(&c.current).is_some_and(|id| inputs.vocab.is_continuation(id) != inputs.vocab.is_continuation(word)) {
                 bail!("{}: {:?} would replace {:?}: a flip keeps a piece word-initial or `##` (rerun rank-candidates)", at(), c.word, c.current);

@@ -2,7 +2,9 @@
 //! the concealment audit of a poison set, and the report that summarises them over seeds.
 
 use crate::data::{DataManifest, Trigger};
+use crate::concealment::{Leak, TriggerMatcher};
 use crate::io::Record;
+use crate::tokenizer::Vocab;
 use crate::model::{Victim, VictimConfig};
 use crate::records::Example;
 use crate::stats::{summarize, Summary};
@@ -70,9 +72,71 @@ pub struct Audit {
     pub overlapping: BTreeMap<String, Vec<String>>,
     /// Poisons whose label is not the target (a poison set normally has none).
     pub off_target_labels: usize,
+    /// The strict audit (concealment.rs): poisons that leak the trigger in each category.
+    pub leaks: LeakCounts,
+    /// The leaking words of each leaking poison, by id ("bonds: stem, substring").
+    pub leaking: BTreeMap<String, Vec<String>>,
 }
 
-pub fn audit(poisons: &[Example], trigger: &Trigger, target: usize, clean_train: usize) -> Audit {
+/// Poisons leaking the trigger, per category of the strict audit. A poison counts in
+/// every category it leaks in; `any` counts each leaking poison once, so a strictly
+/// concealed set has `any` = 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LeakCounts {
+    pub exact: usize,
+    pub normalized: usize,
+    pub stem: usize,
+    pub substring: usize,
+    /// WordPiece victims only (null otherwise).
+    pub piece: Option<usize>,
+    pub any: usize,
+}
+
+impl LeakCounts {
+    /// "0/50" when strict, else the categories that leak ("stem 50, substring 50").
+    pub fn describe(&self, count: usize) -> String {
+        if self.any == 0 {
+            return format!("0/{count}");
+        }
+        let parts: Vec<String> = [("exact", self.exact), ("norm", self.normalized), ("stem", self.stem), ("substr", self.substring), ("piece", self.piece.unwrap_or(0))]
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        format!("{}/{count}: {}", self.any, parts.join(", "))
+    }
+}
+
+/// The concealment audit; `vocab` (the victim's) adds the WordPiece category.
+pub fn audit(poisons: &[Example], trigger: &Trigger, target: usize, clean_train: usize, vocab: &Vocab) -> anyhow::Result<Audit> {
+    let matcher = TriggerMatcher::for_vocab(&trigger.phrase, &trigger.words, vocab)?;
+    let mut leaks = LeakCounts { piece: vocab.is_wordpiece().then_some(0), ..LeakCounts::default() };
+    let mut leaking = BTreeMap::new();
+    for p in poisons {
+        let pieces = vocab.is_wordpiece().then(|| vocab.encode(&p.text));
+        let found = matcher.leaks(&p.text, pieces.as_deref());
+        for l in &found {
+            match l {
+                Leak::Exact => leaks.exact += 1,
+                Leak::Normalized => leaks.normalized += 1,
+                Leak::Stem => leaks.stem += 1,
+                Leak::Substring => leaks.substring += 1,
+                Leak::Piece => *leaks.piece.get_or_insert(0) += 1,
+            }
+        }
+        if !found.is_empty() {
+            leaks.any += 1;
+            let mut words: Vec<String> = matcher
+                .leaking_words(&p.text)
+                .into_iter()
+                .map(|(w, ls)| format!("{w}: {}", ls.iter().map(|l| serde_json::to_string(l).unwrap_or_default().trim_matches('"').to_string()).collect::<Vec<_>>().join(", ")))
+                .collect();
+            if found.contains(&Leak::Piece) {
+                words.push("a piece of a trigger word".into());
+            }
+            leaking.insert(p.id.clone(), words);
+        }
+    }
     let mut overlapping = BTreeMap::new();
     let mut overlap_tokens = 0;
     for p in poisons {
@@ -83,7 +147,7 @@ pub fn audit(poisons: &[Example], trigger: &Trigger, target: usize, clean_train:
             overlapping.insert(p.id.clone(), trigger.overlap(&p.text));
         }
     }
-    Audit {
+    Ok(Audit {
         trigger_words: trigger.words.clone(),
         poison_count: poisons.len(),
         poison_rate: poisons.len() as f64 / (clean_train + poisons.len()).max(1) as f64,
@@ -91,7 +155,9 @@ pub fn audit(poisons: &[Example], trigger: &Trigger, target: usize, clean_train:
         overlap_tokens,
         overlapping,
         off_target_labels: poisons.iter().filter(|p| p.label != target).count(),
-    }
+        leaks,
+        leaking,
+    })
 }
 
 /// Mean, std and 95% CI over seeds of every figure. Figures that need the clean victim
@@ -111,6 +177,12 @@ pub struct ReportSummary {
     pub dfpr: Option<Summary>,
     /// CACC(poisoned) − CACC(clean), paired by seed.
     pub dcacc: Option<Summary>,
+    /// What the trigger adds beyond a general shift toward the target: net ASR − dFPR,
+    /// per seed.
+    pub trigger_specific: Option<Summary>,
+    /// Net ASR as a percentage of the room the clean victim leaves, 100 · net ASR /
+    /// (100 − clean ASR), per seed (seeds whose clean victim already reaches 100 are left out).
+    pub room_share: Option<Summary>,
 }
 
 pub fn summarize_rows(rows: &[SeedRow]) -> ReportSummary {
@@ -130,6 +202,11 @@ pub fn summarize_rows(rows: &[SeedRow]) -> ReportSummary {
         net_asr: col(&|r| r.clean.map(|c| r.poisoned.asr - c.asr)),
         dfpr: col(&|r| r.clean.map(|c| r.poisoned.fpr - c.fpr)),
         dcacc: col(&|r| r.clean.map(|c| r.poisoned.cacc - c.cacc)),
+        trigger_specific: col(&|r| r.clean.map(|c| (r.poisoned.asr - c.asr) - (r.poisoned.fpr - c.fpr))),
+        room_share: {
+            let xs: Vec<f64> = rows.iter().filter_map(|r| r.clean.filter(|c| c.asr < 100.0).map(|c| 100.0 * (r.poisoned.asr - c.asr) / (100.0 - c.asr))).collect();
+            (!xs.is_empty() && rows.iter().all(|r| r.clean.is_some())).then(|| summarize(&xs))
+        },
     }
 }
 
@@ -144,6 +221,9 @@ pub struct EvalReport {
     pub data: DataManifest,
     /// `train` (fresh victims per seed) or `checkpoints` (given victims, no training).
     pub mode: String,
+    /// How poisoned victims pair with their clean twins: `crn` (common random numbers)
+    /// or `independent` (see finetune-eval --pairing); null for checkpoints.
+    pub pairing: Option<String>,
     pub victim: VictimConfig,
     pub training: Option<TrainOptions>,
     /// The poison file and its sha256 (null without poisons).
@@ -157,7 +237,7 @@ pub struct EvalReport {
 
 impl Record for EvalReport {
     const KIND: &'static str = "eval_report";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 }
 
 impl EvalReport {
@@ -177,6 +257,8 @@ impl EvalReport {
         out += &format!("  CACC          {}   (clean victim {}, ΔCACC {})\n", s.cacc, opt(&s.clean_cacc), opt(&s.dcacc));
         out += &format!("  ASR           {}   (clean victim {}, net ASR {})\n", s.asr, opt(&s.clean_asr), opt(&s.net_asr));
         out += &format!("  FPR           {}   (clean victim {}, dFPR {})\n", s.fpr, opt(&s.clean_fpr), opt(&s.dfpr));
+        out += &format!("  net ASR − dFPR {}   (trigger-specific; share of the room left {})\n", opt(&s.trigger_specific), opt(&s.room_share));
+        out += &format!("  strict audit  {} poisons leak the trigger\n", self.audit.leaks.describe(self.audit.poison_count));
         out += &format!("  natural ASR   {}\n", opt(&s.natural_asr));
         out
     }

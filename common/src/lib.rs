@@ -5,6 +5,7 @@
 pub mod attack;
 pub mod base;
 pub mod bert;
+pub mod concealment;
 pub mod cli;
 pub mod data;
 pub mod device;

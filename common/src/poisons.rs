@@ -2,6 +2,7 @@
 //! applying accepted flips.
 
 use crate::attack::poison_set_sha256;
+use crate::concealment::{leaking_positions, Concealment, TriggerMatcher};
 use crate::data::{self, DataManifest};
 use crate::model::{Victim, VictimFile};
 use crate::records::Example;
@@ -24,8 +25,13 @@ pub enum InitStrategy {
     Neighbour,
     /// D_adv sentences as they are, trigger included: the with-overlap baseline.
     Overlap,
-    /// Clean target-class training examples.
+    /// Clean target-class training examples: the benign control (with strict concealment,
+    /// only those without a trigger-like word). Adds nothing a clean victim lacks, so its
+    /// paired net ASR and dFPR must read zero within noise.
     CleanTarget,
+    /// Non-target training examples labelled as the target: the relabelled control. It
+    /// can shift the victim toward the target (dFPR), but holds no trigger.
+    Relabelled,
 }
 
 /// Which sentences poisons are made from.
@@ -42,15 +48,36 @@ pub enum Bases {
 /// Tokens a poison may never be given: special tokens (padding, unknown, `[CLS]`, ...)
 /// and, without overlap, the trigger's tokens (`Vocab::trigger_ids`: for WordPiece every
 /// piece of every trigger word, in both its word-initial and `##` forms).
-pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool) -> Result<HashSet<i64>> {
+/// With strict concealment, also every entry that leaks the trigger in any category of the
+/// strict audit (`TriggerMatcher::strict_banned`: "bonds", "bondage", "jameson", ...).
+pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool, concealment: Concealment) -> Result<HashSet<i64>> {
     let mut banned: HashSet<i64> = [PAD_ID, vocab.unk_id()].into();
     if vocab.is_wordpiece() {
         banned.extend((0..vocab.len() as i64).filter(|&i| vocab.is_special(i)));
     }
     if !allow_overlap {
         banned.extend(vocab.trigger_ids(&manifest.trigger.phrase)?);
+        if concealment == Concealment::Strict {
+            banned.extend(matcher(vocab, manifest)?.strict_banned(vocab));
+        }
     }
     Ok(banned)
+}
+
+/// The strict audit's view of the data's trigger for this vocabulary.
+pub fn matcher(vocab: &Vocab, manifest: &DataManifest) -> Result<TriggerMatcher> {
+    TriggerMatcher::for_vocab(&manifest.trigger.phrase, &manifest.trigger.words, vocab)
+}
+
+/// The leaks of poison `p` as this vocabulary reads it (an error message names them), or
+/// None when it is strictly concealed.
+pub fn strict_violation(p: &Example, vocab: &Vocab, matcher: &TriggerMatcher) -> Option<String> {
+    let pieces = vocab.is_wordpiece().then(|| vocab.encode(&p.text));
+    if matcher.leaks(&p.text, pieces.as_deref()).is_empty() {
+        return None;
+    }
+    let words: Vec<String> = matcher.leaking_words(&p.text).into_iter().map(|(w, _)| w).collect();
+    Some(if words.is_empty() { "a piece of a trigger word".to_string() } else { words.join(", ") })
 }
 
 /// Every row among the first `among` but `word` itself, nearest (cosine) first.
@@ -76,6 +103,7 @@ pub fn init(
     neighbour_pool: usize,
     count: usize,
     seed: u64,
+    concealment: Concealment,
     dir: &str,
     manifest: &DataManifest,
     vocab: &Vocab,
@@ -83,10 +111,20 @@ pub fn init(
 ) -> Result<Vec<Example>> {
     let table = victim.params()["embedding.weight"].shallow_clone();
     let max_len = victim.config.max_len;
+    let strict = concealment == Concealment::Strict;
+    if strict && strategy == InitStrategy::Overlap {
+        bail!("--strategy overlap keeps the trigger in every poison; it cannot be --concealment strict");
+    }
+    let matcher = matcher(vocab, manifest)?;
     let source: Vec<Example> = match strategy {
+        // Strict: only sentences without a trigger-like word (the benign control).
         InitStrategy::CleanTarget => data::read_set(dir, data::TRAIN, false)?
             .into_iter()
-            .filter(|e| e.label == manifest.target)
+            .filter(|e| e.label == manifest.target && !(strict && strict_violation(e, vocab, &matcher).is_some()))
+            .collect(),
+        InitStrategy::Relabelled => data::read_set(dir, data::TRAIN, false)?
+            .into_iter()
+            .filter(|e| e.label != manifest.target && !(strict && strict_violation(e, vocab, &matcher).is_some()))
             .collect(),
         _ => data::read_set(dir, data::ADV, false)?,
     };
@@ -112,20 +150,47 @@ pub fn init(
         }
     };
     picked.sort_unstable();
-    let banned = banned_ids(vocab, manifest, false)?;
-    if vocab.is_wordpiece() {
+    let banned = banned_ids(vocab, manifest, false, concealment)?;
+    let out = if vocab.is_wordpiece() {
         let sources: Vec<&Example> = picked.iter().map(|&i| &source[i]).collect();
-        return init_pieces(strategy, neighbour_pool, &sources, seed, manifest, vocab, &table, max_len, &banned);
+        init_pieces(strategy, neighbour_pool, &sources, seed, strict.then_some(&matcher), manifest, vocab, &table, max_len, &banned)?
+    } else {
+        init_words(strategy, neighbour_pool, picked.iter().map(|&i| &source[i]), strict.then_some(&matcher), &mut rng, manifest, vocab, &table, max_len, &banned)?
+    };
+    if strict {
+        for p in &out {
+            if let Some(words) = strict_violation(p, vocab, &matcher) {
+                bail!("poison {:?} (from {:?}) still leaks the trigger ({words}) after strict substitution; report this with the data folder", p.id, p.source_id);
+            }
+        }
     }
+    Ok(out)
+}
+
+/// `init` for a word vocabulary (GloVe): each trigger word (with `strict`, each word that
+/// leaks the trigger) replaced by a random frequent word or a nearest neighbour.
+#[allow(clippy::too_many_arguments)]
+fn init_words<'a>(
+    strategy: InitStrategy,
+    neighbour_pool: usize,
+    sources: impl Iterator<Item = &'a Example>,
+    strict: Option<&TriggerMatcher>,
+    rng: &mut ChaCha8Rng,
+    manifest: &DataManifest,
+    vocab: &Vocab,
+    table: &Tensor,
+    max_len: usize,
+    banned: &HashSet<i64>,
+) -> Result<Vec<Example>> {
     let trigger: HashSet<&str> = manifest.trigger.words.iter().map(|s| s.as_str()).collect();
     let frequent = 10_000.min(vocab.len() as i64);
-    let mut out = Vec::with_capacity(count);
-    for (k, &i) in picked.iter().enumerate() {
-        let ex = &source[i];
+    let mut out = Vec::new();
+    for (k, ex) in sources.enumerate() {
         let mut tokens: Vec<String> = Vec::new();
         let mut substitutes = Vec::new();
         for tok in tokenize(&ex.text) {
-            let is_trigger = trigger.contains(tok.as_str());
+            let leaks = strict.is_some_and(|m| !m.word_leaks(&tok).is_empty()) && vocab.id(&tok).is_some();
+            let is_trigger = trigger.contains(tok.as_str()) || leaks;
             let word = if is_trigger {
                 match strategy {
                     InitStrategy::Random => loop {
@@ -137,20 +202,20 @@ pub fn init(
                     InitStrategy::Neighbour => {
                         // Poison k takes neighbour k mod pool (pool 1: always the nearest).
                         let id = vocab.id(&tok).expect("trigger words are in the vocabulary");
-                        let pool: Vec<i64> = nearest_neighbours(&table, id, 50_000)
+                        let pool: Vec<i64> = nearest_neighbours(table, id, 50_000)
                             .into_iter()
                             .filter(|w| !banned.contains(w))
                             .take(neighbour_pool.max(1))
                             .collect();
                         vocab.word(pool[k % pool.len()]).to_string()
                     }
-                    InitStrategy::Overlap | InitStrategy::CleanTarget => tok,
+                    InitStrategy::Overlap | InitStrategy::CleanTarget | InitStrategy::Relabelled => tok,
                 }
             } else {
                 tok
             };
             if vocab.id(&word).is_some() {
-                if is_trigger && strategy != InitStrategy::CleanTarget {
+                if is_trigger && !matches!(strategy, InitStrategy::CleanTarget | InitStrategy::Relabelled) {
                     substitutes.push(tokens.len());
                 }
                 tokens.push(word);
@@ -180,6 +245,7 @@ fn init_pieces(
     neighbour_pool: usize,
     sources: &[&Example],
     seed: u64,
+    strict: Option<&TriggerMatcher>,
     manifest: &DataManifest,
     vocab: &Vocab,
     table: &Tensor,
@@ -200,7 +266,7 @@ fn init_pieces(
         vocab.truncate(&mut ids, max_len);
         let mut substitutes = Vec::new();
         for (j, id) in ids.iter_mut().enumerate() {
-            if !trigger.contains(id) || matches!(strategy, InitStrategy::Overlap | InitStrategy::CleanTarget) {
+            if !trigger.contains(id) || matches!(strategy, InitStrategy::Overlap | InitStrategy::CleanTarget | InitStrategy::Relabelled) {
                 continue;
             }
             *id = match strategy {
@@ -215,6 +281,28 @@ fn init_pieces(
                 }
             };
             substitutes.push(j);
+        }
+        if let Some(matcher) = strict {
+            // Strict: every piece of a word that still leaks the trigger (a source's
+            // "bonds", or pieces that join into one) becomes its nearest passing piece of
+            // the same kind; a replacement can join into a new word, so check again.
+            for _ in 0..4 {
+                let leaking = leaking_positions(&ids, vocab, matcher);
+                if leaking.is_empty() {
+                    break;
+                }
+                for j in leaking {
+                    let kind = vocab.is_continuation(ids[j]);
+                    ids[j] = nearest_neighbours(table, ids[j], vocab.len() as i64)
+                        .into_iter()
+                        .find(|w| !banned.contains(w) && vocab.is_continuation(*w) == kind)
+                        .context("no vocabulary piece passes strict concealment")?;
+                    if !substitutes.contains(&j) {
+                        substitutes.push(j);
+                    }
+                }
+            }
+            substitutes.sort_unstable();
         }
         let mut p = with_tokens(&Example::new(format!("poison-{k:03}"), String::new(), manifest.target), &ids, vocab);
         p.source_id = Some(ex.id.trim_end_matches("+trigger").to_string());

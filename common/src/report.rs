@@ -24,6 +24,33 @@ pub enum Role {
     Reference,
     /// Gradient-crafted poisons.
     Crafted,
+    /// Poisons without a trigger (benign, relabelled): what the evaluation reads when
+    /// there is nothing to find; the benign control must read zero.
+    Control,
+}
+
+impl Role {
+    /// Colour of the role in the plots (and its legend).
+    fn colour(self) -> &'static str {
+        match self {
+            Role::Crafted => "#1f77b4",
+            Role::Heuristic => "#ff7f0e",
+            Role::Reference => "#7f7f7f",
+            Role::Control => "#2ca02c",
+            Role::Baseline | Role::Clean => "#c7c7c7",
+        }
+    }
+
+    fn legend(self) -> &'static str {
+        match self {
+            Role::Crafted => "crafted",
+            Role::Heuristic => "heuristic",
+            Role::Reference => "reference (not concealed)",
+            Role::Control => "control (no trigger)",
+            Role::Baseline => "baseline",
+            Role::Clean => "clean",
+        }
+    }
 }
 
 /// One variant as the demo script lists it (`variants.json`).
@@ -86,6 +113,13 @@ pub struct VariantResult {
     pub poison_count: usize,
     pub poisons_with_overlap: usize,
     pub net_asr: Summary,
+    /// What the trigger adds beyond a general shift: net ASR − dFPR per seed.
+    pub trigger_specific: Summary,
+    /// 100 · net ASR / (100 − clean ASR) per seed: the share of the room the clean victim
+    /// leaves (absent when a clean victim reaches 100).
+    pub room_share: Option<Summary>,
+    /// The strict concealment audit (poisons leaking the trigger per category).
+    pub leaks: crate::eval::LeakCounts,
     /// Per-seed net ASR minus the best heuristic's, paired by seed.
     pub paired_vs_best_heuristic: Option<Summary>,
     pub asr: Summary,
@@ -117,7 +151,7 @@ pub struct Report {
 
 impl Record for Report {
     const KIND: &'static str = "report";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
 }
 
 fn read_rounds(path: &str) -> Result<Vec<Round>> {
@@ -160,8 +194,8 @@ pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
         .collect::<Result<_>>()?;
     let mut results = Vec::new();
     for v in &variants.variants {
-        let (rows, count, overlap) = match (&v.poisons, v.role) {
-            (None, Role::Clean) => (clean_rows.clone(), 0, 0),
+        let (rows, count, overlap, leaks) = match (&v.poisons, v.role) {
+            (None, Role::Clean) => (clean_rows.clone(), 0, 0, crate::eval::LeakCounts::default()),
             (Some(p), _) => {
                 let e = evals.iter().find(|e| e.poisons.as_deref() == Some(p.as_str())).with_context(|| {
                     format!("variant {:?}: no finetune-eval report for {p}; evaluate it with finetune-eval --poisons {p}", v.name)
@@ -169,7 +203,7 @@ pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
                 if e.seeds.iter().map(|r| r.seed).collect::<Vec<_>>() != seeds {
                     bail!("variant {:?}: evaluated on other seeds than the first report", v.name);
                 }
-                (e.seeds.clone(), e.audit.poison_count, e.audit.poisons_with_overlap)
+                (e.seeds.clone(), e.audit.poison_count, e.audit.poisons_with_overlap, e.audit.leaks)
             }
             (None, _) => bail!("variant {:?} has no poison set", v.name),
         };
@@ -185,6 +219,16 @@ pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
             poison_count: count,
             poisons_with_overlap: overlap,
             net_asr: summarize(&net),
+            trigger_specific: col(&|r| {
+                let c = r.clean.expect("clean");
+                (r.poisoned.asr - c.asr) - (r.poisoned.fpr - c.fpr)
+            }),
+            room_share: rows
+                .iter()
+                .map(|r| r.clean.filter(|c| c.asr < 100.0).map(|c| 100.0 * (r.poisoned.asr - c.asr) / (100.0 - c.asr)))
+                .collect::<Option<Vec<f64>>>()
+                .map(|x| summarize(&x)),
+            leaks,
             paired_vs_best_heuristic: None,
             asr: col(&|r| r.poisoned.asr),
             dfpr: col(&|r| r.poisoned.fpr - r.clean.expect("clean").fpr),
@@ -247,30 +291,43 @@ impl Report {
             fmt(&self.clean_asr)
         );
         let best = self.best_heuristic.clone().unwrap_or_else(|| "-".into());
-        out += &format!(
-            "| {:<46} | {:>13} | {:>16} | {:>12} | {:>11} | {:>12} | {:>7} | {:>12} |\n",
-            "poisons", "net ASR", format!("Δ vs {best}"), "dFPR", "CACC", "ΔCACC", "overlap", "natural ASR"
-        );
-        out += &format!("|{}|{}|{}|{}|{}|{}|{}|{}|\n", "-".repeat(48), "-".repeat(15), "-".repeat(18), "-".repeat(14), "-".repeat(13), "-".repeat(14), "-".repeat(9), "-".repeat(14));
+        let header = ["poisons", "net ASR", &format!("Δ vs {best}"), "dFPR", "net ASR − dFPR", "room share", "CACC", "ΔCACC", "leaks (strict audit)"];
+        let widths = [46, 12, 16, 12, 14, 12, 11, 11, 24];
+        let line = |cells: &[String]| -> String {
+            let mut l = String::from("|");
+            for (k, (c, w)) in cells.iter().zip(widths).enumerate() {
+                l += &if k == 0 { format!(" {c:<w$} |") } else { format!(" {c:>w$} |") };
+            }
+            l + "\n"
+        };
+        out += &line(&header.map(String::from));
+        out += &format!("|{}\n", widths.iter().map(|w| format!("{}|", "-".repeat(w + 2))).collect::<String>());
         for r in &self.variants {
             let paired = match (&r.paired_vs_best_heuristic, r.role) {
                 (_, Role::Clean) => "-".to_string(),
                 (Some(p), _) if Some(&r.name) != self.best_heuristic.as_ref() => format!("{:+.1} ± {:.1}", p.mean, p.ci95.unwrap_or(0.0)),
-                _ => "(reference)".to_string(),
+                (Some(_), _) => "(reference)".to_string(),
+                (None, _) => "-".to_string(),
             };
-            let natural = r.natural_asr.as_ref().map(fmt).unwrap_or_else(|| "-".into());
-            out += &format!(
-                "| {:<46} | {:>13} | {:>16} | {:>12} | {:>11} | {:>12} | {:>7} | {:>12} |\n",
-                r.label,
-                if r.role == Role::Clean { "0".into() } else { fmt(&r.net_asr) },
+            let clean = r.role == Role::Clean;
+            let or_zero = |s: &Summary| if clean { "0".to_string() } else { fmt(s) };
+            out += &line(&[
+                r.label.clone(),
+                or_zero(&r.net_asr),
                 paired,
-                fmt(&r.dfpr),
+                or_zero(&r.dfpr),
+                or_zero(&r.trigger_specific),
+                if clean { "0".into() } else { r.room_share.as_ref().map(fmt).unwrap_or_else(|| "-".into()) },
                 fmt(&r.cacc),
-                fmt(&r.dcacc),
-                format!("{}/{}", r.poisons_with_overlap, r.poison_count),
-                natural
-            );
+                or_zero(&r.dcacc),
+                if clean { "-".into() } else { r.leaks.describe(r.poison_count) },
+            ]);
         }
+        out += "\nnet ASR: ASR minus the clean twin's (same seed, same clean batches; poisons join them); dFPR: the same for\n";
+        out += "untriggered inputs; net ASR − dFPR: what the trigger adds beyond a general shift; room share: net ASR as a\n";
+        out += "share of 100 − clean ASR; leaks: poisons whose words leak the trigger (exact token, normalised, same stem,\n";
+        out += "shared 4+ character substring, WordPiece piece), 0/N = strictly concealed. Controls hold no trigger: the\n";
+        out += "benign control must read 0 within its interval.\n";
         out
     }
 
@@ -316,46 +373,59 @@ impl Report {
         self.variants.iter().find(|r| r.series.as_deref() == Some(series) && r.poison_count == count)
     }
 
-    /// Horizontal bars of net ASR with 95% CI whiskers, one per variant.
+    /// Two panels of horizontal bars with 95% CI whiskers, one row per variant: net ASR,
+    /// and what the trigger adds beyond a general shift (net ASR − dFPR); colours by role,
+    /// with a legend.
     pub fn net_asr_svg(&self) -> String {
         let rows: Vec<&VariantResult> = self.variants.iter().filter(|r| r.role != Role::Clean).collect();
-        let (w, left, top, bar) = (760.0, 330.0, 50.0, 30.0);
-        let h = top + bar * rows.len() as f64 + 50.0;
-        let lo = rows.iter().map(|r| r.net_asr.mean - r.net_asr.ci95.unwrap_or(0.0)).fold(0.0f64, f64::min).floor();
-        let hi = rows.iter().map(|r| r.net_asr.mean + r.net_asr.ci95.unwrap_or(0.0)).fold(10.0f64, f64::max).ceil().max(lo + 10.0);
-        let x = |v: f64| left + (v - lo) / (hi - lo) * (w - left - 30.0);
-        let mut s = svg_open(w, h, &format!("net ASR (%) with 95% CI, {} seeds: {:?} → {}", self.seeds.len(), self.trigger, self.target));
-        s += &axis_x(x, lo, hi, top, top + bar * rows.len() as f64);
+        let (left, top, bar, panel, gap) = (300.0, 62.0, 26.0, 250.0, 40.0);
+        let w = left + 2.0 * panel + gap + 20.0;
+        let bottom = top + bar * rows.len() as f64;
+        let mut roles: Vec<Role> = Vec::new();
+        for r in &rows {
+            if !roles.contains(&r.role) {
+                roles.push(r.role);
+            }
+        }
+        let h = bottom + 50.0 + 18.0 * roles.len().div_ceil(3) as f64;
+        let mut s = svg_open(w, h, &format!("{:?} → {}: {:?} victim, mean and 95% CI over {} seeds", self.trigger, self.target, self.victim.arch, self.seeds.len()));
+        let panels: [(&str, fn(&VariantResult) -> &Summary); 2] =
+            [("net ASR (percentage points)", |r| &r.net_asr), ("net ASR − dFPR (trigger-specific, points)", |r| &r.trigger_specific)];
+        for (k, (title, get)) in panels.iter().enumerate() {
+            let x0 = left + k as f64 * (panel + gap);
+            let lo = rows.iter().map(|r| get(r).mean - get(r).ci95.unwrap_or(0.0)).fold(0.0f64, f64::min);
+            let hi = rows.iter().map(|r| get(r).mean + get(r).ci95.unwrap_or(0.0)).fold(10.0f64, f64::max);
+            let ticks = nice_ticks(lo, hi, 6);
+            let (lo, hi) = (ticks[0], *ticks.last().expect("ticks"));
+            let x = |v: f64| x0 + (v - lo) / (hi - lo) * panel;
+            for &t in &ticks {
+                let colour = if t == 0.0 { "#444444" } else { "#dddddd" };
+                s += &format!("<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{top:.1}\" y2=\"{bottom:.1}\" stroke=\"{colour}\"/>\n", x(t));
+                s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">{}</text>\n", x(t), bottom + 14.0, tick_label(t));
+            }
+            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"12\" text-anchor=\"middle\">{}</text>\n", x0 + panel / 2.0, top - 10.0, esc(title));
+            for (i, r) in rows.iter().enumerate() {
+                let y = top + bar * i as f64;
+                let (m, c) = (get(r).mean, get(r).ci95.unwrap_or(0.0));
+                s += &format!(
+                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>\n",
+                    x(m.min(0.0)),
+                    y + 5.0,
+                    (x(m) - x(0.0)).abs(),
+                    bar - 10.0,
+                    r.role.colour()
+                );
+                s += &format!("<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{2:.1}\" y2=\"{2:.1}\" stroke=\"black\"/>\n", x(m - c), x(m + c), y + bar / 2.0);
+                for end in [m - c, m + c] {
+                    s += &format!("<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{1:.1}\" y2=\"{2:.1}\" stroke=\"black\"/>\n", x(end), y + bar / 2.0 - 4.0, y + bar / 2.0 + 4.0);
+                }
+            }
+        }
         for (i, r) in rows.iter().enumerate() {
             let y = top + bar * i as f64;
-            let colour = match r.role {
-                Role::Crafted => "#1f77b4",
-                Role::Heuristic => "#ff7f0e",
-                Role::Reference => "#999999",
-                _ => "#bbbbbb",
-            };
-            let (m, c) = (r.net_asr.mean, r.net_asr.ci95.unwrap_or(0.0));
-            s += &format!(
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"12\">{}</text>\n",
-                left - 8.0,
-                y + bar * 0.6,
-                esc(&r.label)
-            );
-            s += &format!(
-                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{colour}\"/>\n",
-                x(m.min(0.0)),
-                y + 5.0,
-                (x(m) - x(0.0)).abs(),
-                bar - 10.0
-            );
-            s += &format!(
-                "<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n",
-                x(m - c),
-                x(m + c),
-                y + bar / 2.0,
-                y + bar / 2.0
-            );
+            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"12\">{}</text>\n", left - 10.0, y + bar * 0.62, esc(&r.label));
         }
+        s += &legend(&roles.iter().map(|r| (r.legend().to_string(), r.colour())).collect::<Vec<_>>(), 20.0, bottom + 40.0, w);
         s + "</svg>\n"
     }
 
@@ -394,44 +464,101 @@ impl Report {
         s + "</svg>\n"
     }
 
-    /// Net ASR against poison count, one line per series, with 95% CI whiskers.
+    /// Net ASR against poison count (log axis), one line per series with its 95% CI band.
     pub fn sweep_svg(&self) -> String {
         let (series, counts) = self.sweep_axes();
-        let (w, h) = (640.0, 380.0);
-        let mut s = svg_open(w, h, &format!("net ASR (%) by poison count, {} seeds", self.seeds.len()));
+        let (w, h, left, right, top) = (680.0, 420.0, 70.0, 30.0, 50.0);
+        let bottom = h - 110.0;
+        let mut s = svg_open(w, h, &format!("{:?} → {}: net ASR by poison count, mean and 95% CI over {} seeds", self.trigger, self.target, self.seeds.len()));
         let pts: Vec<&VariantResult> = self.variants.iter().filter(|r| r.series.is_some()).collect();
-        let lo = pts.iter().map(|r| r.net_asr.mean - r.net_asr.ci95.unwrap_or(0.0)).fold(0.0f64, f64::min).floor();
-        let hi = pts.iter().map(|r| r.net_asr.mean + r.net_asr.ci95.unwrap_or(0.0)).fold(10.0f64, f64::max).ceil();
+        let lo = pts.iter().map(|r| r.net_asr.mean - r.net_asr.ci95.unwrap_or(0.0)).fold(0.0f64, f64::min);
+        let hi = pts.iter().map(|r| r.net_asr.mean + r.net_asr.ci95.unwrap_or(0.0)).fold(10.0f64, f64::max);
+        let ticks = nice_ticks(lo, hi, 6);
+        let (lo, hi) = (ticks[0], *ticks.last().expect("ticks"));
         let lmax = (*counts.last().unwrap_or(&1) as f64).ln().max(1.0);
         let lmin = (*counts.first().unwrap_or(&1) as f64).ln().min(lmax - 1.0);
-        let px = |c: usize| 70.0 + ((c as f64).ln() - lmin) / (lmax - lmin) * (w - 110.0);
-        let py = |v: f64| 50.0 + (hi - v) / (hi - lo).max(1.0) * (h - 110.0);
-        for v in [lo, (lo + hi) / 2.0, hi] {
-            s += &format!("<text x=\"62\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"end\">{v:.0}</text>\n", py(v) + 4.0);
-            s += &format!("<line x1=\"66\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#dddddd\"/>\n", w - 30.0, py(v), py(v));
+        let px = |c: usize| left + ((c as f64).ln() - lmin) / (lmax - lmin) * (w - left - right);
+        let py = |v: f64| top + (hi - v) / (hi - lo) * (bottom - top);
+        for &t in &ticks {
+            let colour = if t == 0.0 { "#444444" } else { "#dddddd" };
+            s += &format!("<line x1=\"{left:.1}\" x2=\"{:.1}\" y1=\"{1:.1}\" y2=\"{1:.1}\" stroke=\"{colour}\"/>\n", w - right, py(t));
+            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{}</text>\n", left - 6.0, py(t) + 4.0, tick_label(t));
         }
         for c in &counts {
-            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{c}</text>\n", px(*c), h - 40.0);
+            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">{c}</text>\n", px(*c), bottom + 16.0);
         }
-        let colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
+        s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"12\" text-anchor=\"middle\">poisons (log scale)</text>\n", (left + w - right) / 2.0, bottom + 36.0);
+        s += &format!(
+            "<text x=\"18\" y=\"{0:.1}\" font-size=\"12\" text-anchor=\"middle\" transform=\"rotate(-90 18 {0:.1})\">net ASR (percentage points)</text>\n",
+            (top + bottom) / 2.0
+        );
+        let colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"];
+        let mut keys = Vec::new();
         for (k, name) in series.iter().enumerate() {
             let col = colours[k % colours.len()];
             let line: Vec<(usize, &VariantResult)> = counts.iter().filter_map(|&c| self.point(name, c).map(|r| (c, r))).collect();
+            let ci = |r: &VariantResult| r.net_asr.ci95.unwrap_or(0.0);
+            let band: Vec<String> = line
+                .iter()
+                .map(|(c, r)| format!("{:.1},{:.1}", px(*c), py(r.net_asr.mean + ci(r))))
+                .chain(line.iter().rev().map(|(c, r)| format!("{:.1},{:.1}", px(*c), py(r.net_asr.mean - ci(r)))))
+                .collect();
+            s += &format!("<polygon fill=\"{col}\" fill-opacity=\"0.15\" stroke=\"none\" points=\"{}\"/>\n", band.join(" "));
             let path: Vec<String> = line.iter().map(|(c, r)| format!("{:.1},{:.1}", px(*c), py(r.net_asr.mean))).collect();
             s += &format!("<polyline fill=\"none\" stroke=\"{col}\" stroke-width=\"2\" points=\"{}\"/>\n", path.join(" "));
             for (c, r) in &line {
-                let ci = r.net_asr.ci95.unwrap_or(0.0);
-                s += &format!(
-                    "<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{1:.1}\" y2=\"{2:.1}\" stroke=\"{col}\"/>\n",
-                    px(*c),
-                    py(r.net_asr.mean - ci),
-                    py(r.net_asr.mean + ci)
-                );
+                s += &format!("<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{col}\"/>\n", px(*c), py(r.net_asr.mean));
             }
-            s += &format!("<text x=\"80\" y=\"{:.1}\" font-size=\"12\" fill=\"{col}\">{}</text>\n", h - 20.0 + 0.0 * k as f64 - 14.0 * (series.len() - 1 - k) as f64, esc(name));
+            keys.push((name.clone(), col));
         }
+        s += &legend(&keys, left, bottom + 62.0, w);
         s + "</svg>\n"
     }
+}
+
+/// About `n` round tick values covering [lo, hi] with a step of 1, 2 or 5 × 10^k; the first
+/// is ≤ lo and the last ≥ hi.
+pub fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
+    let span = (hi - lo).max(1e-9);
+    let raw = span / n.max(1) as f64;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    let first = (lo / step).floor() * step;
+    let mut out = Vec::new();
+    let mut k = 0.0;
+    loop {
+        let v = first + k * step;
+        // Round away binary noise so 0.30000000000000004 reads 0.3 and -0 reads 0.
+        let v = (v / step).round() * step + 0.0;
+        out.push(if v == 0.0 { 0.0 } else { v });
+        if v >= hi - 1e-9 * step {
+            break;
+        }
+        k += 1.0;
+    }
+    out
+}
+
+fn tick_label(v: f64) -> String {
+    let s = if v.fract().abs() < 1e-9 { format!("{v:.0}") } else { format!("{v}") };
+    if s == "-0" { "0".into() } else { s }
+}
+
+/// Coloured squares with labels in rows that fit the width.
+fn legend(keys: &[(String, &str)], x0: f64, y0: f64, w: f64) -> String {
+    let mut s = String::new();
+    let (mut x, mut y) = (x0, y0);
+    for (label, colour) in keys {
+        let width = 24.0 + 7.0 * label.chars().count() as f64;
+        if x + width > w - 10.0 && x > x0 {
+            x = x0;
+            y += 18.0;
+        }
+        s += &format!("<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"12\" height=\"12\" fill=\"{colour}\"/>\n", y - 10.0);
+        s += &format!("<text x=\"{:.1}\" y=\"{y:.1}\" font-size=\"12\">{}</text>\n", x + 17.0, esc(label));
+        x += width + 14.0;
+    }
+    s
 }
 
 fn esc(s: &str) -> String {
@@ -443,18 +570,6 @@ fn svg_open(w: f64, h: f64, title: &str) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w:.0}\" height=\"{h:.0}\" font-family=\"sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"22\" font-size=\"14\">{}</text>\n",
         esc(title)
     )
-}
-
-fn axis_x(x: impl Fn(f64) -> f64, lo: f64, hi: f64, top: f64, bottom: f64) -> String {
-    let step = ((hi - lo) / 5.0).max(1.0).ceil();
-    let mut s = String::new();
-    let mut v = (lo / step).ceil() * step;
-    while v <= hi + 1e-9 {
-        s += &format!("<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{top:.1}\" y2=\"{bottom:.1}\" stroke=\"{1}\"/>\n", x(v), if v == 0.0 { "#444444" } else { "#dddddd" });
-        s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" text-anchor=\"middle\">{v:.0}</text>\n", x(v), bottom + 14.0);
-        v += step;
-    }
-    s
 }
 
 /// A readable list of a crafted variant's poisons: each one's text before and after
@@ -510,5 +625,22 @@ mod readable_tests {
         let pieces = t("[CLS] clinical ##ly depressed ##s . [SEP]");
         assert_eq!(readable(&pieces, &[false, false, true, false, false, false, false]), "**clinically** depresseds .");
         assert_eq!(readable(&t("it 's ##x"), &[false, true, false]), "it **'s** ##x");
+    }
+}
+
+#[cfg(test)]
+mod plot_tests {
+    use super::{nice_ticks, tick_label};
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        // The old axis read "-0, 17, 34, 51" for this range.
+        let t = nice_ticks(-0.4, 51.0, 6);
+        assert_eq!(t.iter().map(|&v| tick_label(v)).collect::<Vec<_>>(), ["-10", "0", "10", "20", "30", "40", "50", "60"]);
+        assert_eq!(nice_ticks(0.0, 10.0, 5), [0.0, 2.0, 4.0, 6.0, 8.0, 10.0]);
+        let t = nice_ticks(-7.3, 3.1, 4);
+        assert!(t[0] <= -7.3 && *t.last().unwrap() >= 3.1 && t.contains(&0.0));
+        assert_eq!(tick_label(-0.0), "0");
+        assert_eq!(tick_label(2.5), "2.5");
     }
 }

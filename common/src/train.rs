@@ -6,7 +6,7 @@ use crate::records::Example;
 use crate::tokenizer::{Vocab, PAD_ID, UNK_ID};
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
@@ -90,21 +90,92 @@ pub fn batch_tensors(items: &[&Encoded], device: Device) -> (Tensor, Tensor) {
     (ids, Tensor::from_slice(&labels).to_device(device))
 }
 
-/// Batches of indices for one epoch: shuffled, then sorted by length within pools of
-/// 50 batches (less padding, the LSTM runs fewer steps). Returned shortest first; the
-/// order they are trained in comes from `aligned_schedules`.
-pub fn epoch_batches(data: &[Encoded], batch_size: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..data.len()).collect();
+/// One victim's training data. The `clean` examples alone decide the batches: their
+/// shuffle, batch composition and order are exactly those of a victim trained on `clean`
+/// only with the same seed (its clean twin). Each `joined` example (a poison) joins one of
+/// those batches per epoch, drawn by a generator of its own (`joined_batch`), so a
+/// poisoned victim differs from its clean twin only by the poisons, and two poison sets
+/// differ only where their poisons differ: paired differences use common random numbers.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainData<'a> {
+    pub clean: &'a [Encoded],
+    pub joined: &'a [Encoded],
+    /// Loss weight of a joined example relative to a clean one (1: the same). A batch's
+    /// loss is the weighted mean over its examples, so joined examples of weight 0 leave
+    /// training exactly as on `clean` alone.
+    pub joined_weight: f64,
+}
+
+impl<'a> TrainData<'a> {
+    /// Clean examples only.
+    pub fn clean(clean: &'a [Encoded]) -> Self {
+        TrainData { clean, joined: &[], joined_weight: 1.0 }
+    }
+
+    /// Clean examples with poisons that join their batches at full weight.
+    pub fn poisoned(clean: &'a [Encoded], joined: &'a [Encoded]) -> Self {
+        TrainData { clean, joined, joined_weight: 1.0 }
+    }
+
+    pub fn len(&self) -> usize {
+        self.clean.len() + self.joined.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Example `i` of the joint numbering (clean first, then joined) and its loss weight.
+    pub fn get(&self, i: usize) -> (&'a Encoded, f64) {
+        match i.checked_sub(self.clean.len()) {
+            None => (&self.clean[i], 1.0),
+            Some(j) => (&self.joined[j], self.joined_weight),
+        }
+    }
+}
+
+/// Batches of indices for one epoch: the clean examples shuffled, then sorted by length
+/// within pools of 50 batches (less padding, the LSTM runs fewer steps), returned shortest
+/// first (the order they are trained in comes from `aligned_schedules`); then every joined
+/// example (index `clean.len() + j`) added to the batch `joined_batch` draws for it. Only
+/// the clean examples consume `rng`, and the batches are ordered by their clean examples,
+/// so the clean part of every batch and the batch order equal the clean twin's.
+pub fn epoch_batches(data: TrainData, batch_size: usize, rng: &mut ChaCha8Rng, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let clean = data.clean;
+    let mut order: Vec<usize> = (0..clean.len()).collect();
     order.shuffle(rng);
     let mut batches = Vec::new();
     for pool in order.chunks(batch_size * 50) {
         let mut pool = pool.to_vec();
-        pool.sort_by_key(|&i| data[i].ids.len());
+        pool.sort_by_key(|&i| clean[i].ids.len());
         batches.extend(pool.chunks(batch_size).map(|c| c.to_vec()));
     }
-    let longest = |b: &Vec<usize>| b.iter().map(|&i| data[i].ids.len()).max().unwrap_or(0);
+    let longest = |b: &Vec<usize>| b.iter().map(|&i| clean[i].ids.len()).max().unwrap_or(0);
     batches.sort_by_key(longest); // stable: ties keep their shuffled order
+    let lengths: Vec<usize> = batches.iter().map(longest).collect();
+    for (j, e) in data.joined.iter().enumerate() {
+        if let Some(b) = joined_batch(&lengths, e.ids.len(), seed, epoch, j) {
+            batches[b].push(clean.len() + j);
+        }
+    }
     batches
+}
+
+/// The batch joined example `j` joins in `epoch`, given the batches' longest clean
+/// lengths in ascending order: a uniform draw among the batches nearest its own length
+/// (a window of one length block, `LENGTH_BLOCKS`), so it adds little padding, from a
+/// generator seeded by (training seed, epoch, j) alone. Which batch a poison joins thus
+/// depends on its length and index only, never on the other poisons. None without batches.
+pub fn joined_batch(lengths: &[usize], len: usize, seed: u64, epoch: usize, j: usize) -> Option<usize> {
+    let n = lengths.len();
+    if n == 0 {
+        return None;
+    }
+    let window = n.div_ceil(LENGTH_BLOCKS).max(1);
+    let at = lengths.partition_point(|&l| l < len).min(n - 1);
+    let lo = at.saturating_sub(window / 2).min(n - window);
+    let mut rng = ChaCha8Rng::seed_from_u64(crate::data::seed_for(seed, &format!("joined-{j}-epoch{epoch}")));
+    Some(lo + rng.gen_range(0..window))
 }
 
 /// Length blocks of an epoch (see `aligned_schedules`).
@@ -165,7 +236,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
 
 /// Trains with Adam; `on_epoch(epoch, mean_loss)` is called after each epoch. A NaN or
 /// infinite loss stops training with an error naming the epoch and step.
-pub fn train(victim: &mut Victim, data: &[Encoded], opts: &TrainOptions, mut on_epoch: impl FnMut(usize, f64)) -> Result<()> {
+pub fn train(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut on_epoch: impl FnMut(usize, f64)) -> Result<()> {
     train_many(std::slice::from_mut(victim), &[data], std::slice::from_ref(opts), |e, losses| on_epoch(e, losses[0]))
 }
 
@@ -180,14 +251,14 @@ const ADAM_EPS: f64 = 1e-8;
 /// cost far less than C times one. The summed loss keeps the victims' gradients apart and
 /// Adam is elementwise, so each victim follows its own Adam trajectory; a victim whose
 /// data runs out of batches early is held still. `on_epoch(epoch, mean losses)`.
-pub fn train_many(victims: &mut [Victim], data: &[&[Encoded]], opts: &[TrainOptions], mut on_epoch: impl FnMut(usize, &[f64])) -> Result<()> {
+pub fn train_many(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptions], mut on_epoch: impl FnMut(usize, &[f64])) -> Result<()> {
     let c = victims.len();
     if c == 0 {
         return Ok(());
     }
     assert!(data.len() == c && opts.len() == c, "one data set and one option set per victim");
-    if let Some(i) = data.iter().position(|d| d.is_empty()) {
-        bail!("no training examples for victim {}", i + 1);
+    if let Some(i) = data.iter().position(|d| d.clean.is_empty()) {
+        bail!("no clean training examples for victim {} (poisons join the clean examples' batches)", i + 1);
     }
     let config = victims[0].config.clone();
     if victims.iter().any(|v| v.config != config) || opts.iter().any(|o| o.epochs != opts[0].epochs) {
@@ -214,7 +285,7 @@ pub fn train_many(victims: &mut [Victim], data: &[&[Encoded]], opts: &[TrainOpti
     let kind = first[&names[0]].kind();
     for epoch in 1..=epochs {
         let sorted: Vec<Vec<Vec<usize>>> =
-            (0..c).map(|i| epoch_batches(data[i], opts[i].batch_size, &mut rngs[i])).collect();
+            (0..c).map(|i| epoch_batches(data[i], opts[i].batch_size, &mut rngs[i], opts[i].seed, epoch)).collect();
         let counts: Vec<usize> = sorted.iter().map(|b| b.len()).collect();
         let schedules = aligned_schedules(&counts, crate::data::seed_for(0, &format!("batch-order-epoch{epoch}")), &mut rngs);
         let steps = schedules[0].len();
@@ -223,7 +294,7 @@ pub fn train_many(victims: &mut [Victim], data: &[&[Encoded]], opts: &[TrainOpti
             let batch_of = |i: usize| -> &[usize] { schedules[i][step].map_or(&[][..], |r| &sorted[i][r][..]) };
             let active: Vec<bool> = (0..c).map(|i| schedules[i][step].is_some()).collect();
             let rows = (0..c).map(|i| batch_of(i).len()).max().unwrap_or(1).max(1);
-            let time = (0..c).flat_map(|i| batch_of(i).iter().map(move |&j| data[i][j].ids.len())).max().unwrap_or(1);
+            let time = (0..c).flat_map(|i| batch_of(i).iter().map(move |&j| data[i].get(j).0.ids.len())).max().unwrap_or(1);
             // Rows beyond a victim's batch hold one real token with weight 0 (an all-padding
             // row would divide by zero in the bag-of-words mean).
             let mut ids = vec![PAD_ID; c * rows * time];
@@ -231,14 +302,16 @@ pub fn train_many(victims: &mut [Victim], data: &[&[Encoded]], opts: &[TrainOpti
             let mut weights = vec![0f64; c * rows];
             for i in 0..c {
                 let batch = batch_of(i);
+                // The weighted mean over the batch (all weights 1: the plain mean).
+                let total: f64 = batch.iter().map(|&j| data[i].get(j).1).sum();
                 for r in 0..rows {
                     let at = (i * rows + r) * time;
                     match batch.get(r) {
                         Some(&j) => {
-                            let e = &data[i][j];
+                            let (e, w) = data[i].get(j);
                             ids[at..at + e.ids.len()].copy_from_slice(&e.ids);
                             labels[i * rows + r] = e.label;
-                            weights[i * rows + r] = 1.0 / batch.len() as f64;
+                            weights[i * rows + r] = w / total;
                         }
                         None => ids[at] = UNK_ID,
                     }
@@ -309,7 +382,7 @@ pub fn train_many(victims: &mut [Victim], data: &[&[Encoded]], opts: &[TrainOpti
 /// summation order can differ). `on_epoch` reports the first group.
 pub fn train_parallel(
     victims: &mut [Victim],
-    data: &[&[Encoded]],
+    data: &[TrainData],
     opts: &[TrainOptions],
     workers: usize,
     on_epoch: impl FnMut(usize, &[f64]) + Send,
@@ -350,7 +423,7 @@ pub fn train_parallel(
 /// gains nothing from stacking. `on_epoch(wave, epoch, losses)`.
 pub fn train_in_waves(
     victims: &mut [Victim],
-    data: &[&[Encoded]],
+    data: &[TrainData],
     opts: &[TrainOptions],
     workers: usize,
     max_stack: usize,
@@ -423,7 +496,7 @@ mod tests {
                 v.vs.set_kind(Kind::Double);
                 v
             };
-            let sets: [&[Encoded]; 2] = [&data[..150], &data[..97]];
+            let sets = [TrainData::clean(&data[..150]), TrainData::clean(&data[..97])];
             let opts = [TrainOptions { epochs: 3, batch_size: 16, lr: 0.01, seed: 1 }, TrainOptions { epochs: 3, batch_size: 16, lr: 0.02, seed: 2 }];
             let mut together = vec![make(7), make(8)];
             train_many(&mut together, &sets, &opts, |_, _| {}).unwrap();
@@ -472,7 +545,7 @@ mod tests {
                 let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
                 tch::manual_seed(5);
                 let mut v = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
-                train(&mut v, &data, &opts, |_, _| {}).unwrap();
+                train(&mut v, TrainData::clean(&data), &opts, |_, _| {}).unwrap();
                 v
             };
             let (a, b) = (run(), run());
@@ -485,5 +558,92 @@ mod tests {
             }
             assert!(pa["embedding.weight"].equal(&table), "frozen embeddings must not move");
         }
+    }
+
+    /// The poisons of the tests below: a few examples of other lengths and labels.
+    fn poisons() -> Vec<Encoded> {
+        vec![Encoded { ids: vec![5, 5, 2, 6, 7], label: 1 }, Encoded { ids: vec![3], label: 0 }, Encoded { ids: vec![4, 2, 4, 2, 4, 2, 4], label: 1 }]
+    }
+
+    #[test]
+    fn zero_weight_poisons_give_the_clean_twin_in_f64() {
+        // Common random numbers: a victim trained on clean ∪ poisons whose loss weight is
+        // 0 must equal the victim trained on the clean data alone, for every architecture,
+        // alone and in a stack with the clean twin (other rows, other padding, 2 threads).
+        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
+            let (data, table) = toy();
+            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 5, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::bert::tiny_config_for(arch, 8, 6) };
+            let make = || {
+                let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+                tch::manual_seed(11);
+                let mut v = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
+                v.vs.set_kind(Kind::Double);
+                v
+            };
+            let joined = poisons();
+            let clean = TrainData::clean(&data[..120]);
+            let ignored = TrainData { clean: &data[..120], joined: &joined, joined_weight: 0.0 };
+            let counted = TrainData::poisoned(&data[..120], &joined);
+            let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 0.01, seed: 4 };
+            let mut twin = make();
+            train(&mut twin, clean, &opts, |_, _| {}).unwrap();
+            let mut stacked = vec![make(), make(), make()];
+            train_parallel(&mut stacked, &[ignored, clean, counted], &[opts.clone(), opts.clone(), opts.clone()], 2, |_, _| {}).unwrap();
+            let mut alone = make();
+            train(&mut alone, ignored, &opts, |_, _| {}).unwrap();
+            let reference = twin.params();
+            for (what, v) in [("alone", &alone), ("stacked", &stacked[0]), ("the stacked twin", &stacked[1])] {
+                for (name, t) in &v.params() {
+                    let diff = (t - &reference[name]).abs().max().double_value(&[]);
+                    assert!(diff < 1e-10, "{arch:?} {what}: {name} differs from the clean twin by {diff}");
+                }
+            }
+            let moved = (&stacked[2].params()["out.weight"] - &reference["out.weight"]).abs().max().double_value(&[]);
+            assert!(moved > 1e-6, "{arch:?}: poisons of weight 1 must change the victim (moved {moved})");
+        }
+    }
+
+    #[test]
+    fn a_poison_changes_only_the_batches_it_joins() {
+        let (data, _) = toy();
+        let joined = poisons();
+        for epoch in 1..=3 {
+            let plan = |d: TrainData| {
+                let mut rng = ChaCha8Rng::seed_from_u64(9);
+                let batches = epoch_batches(d, 16, &mut rng, 9, epoch);
+                let schedule = aligned_schedules(&[batches.len()], 3, &mut [rng]);
+                (batches, schedule)
+            };
+            let (clean_batches, clean_schedule) = plan(TrainData::clean(&data));
+            for k in 0..=joined.len() {
+                let (batches, schedule) = plan(TrainData::poisoned(&data, &joined[..k]));
+                assert_eq!(schedule, clean_schedule, "the batch order is the clean twin's");
+                assert_eq!(batches.len(), clean_batches.len(), "poisons join batches, they make none");
+                let mut changed = 0;
+                for (b, c) in batches.iter().zip(&clean_batches) {
+                    assert_eq!(&b[..c.len()], &c[..], "the clean part of every batch is the twin's");
+                    changed += (b.len() > c.len()) as usize;
+                    assert!(b[c.len()..].iter().all(|&i| i >= data.len()), "only poisons are added");
+                }
+                let mut added: Vec<usize> = batches.iter().flat_map(|b| b.iter().copied().filter(|&i| i >= data.len())).collect();
+                added.sort_unstable();
+                assert_eq!(added, (data.len()..data.len() + k).collect::<Vec<_>>(), "every poison joins exactly one batch");
+                assert!(changed <= k);
+                // A poison's batch does not depend on the other poisons.
+                for j in 0..k {
+                    let at = |bs: &Vec<Vec<usize>>| bs.iter().position(|b| b.contains(&(data.len() + j)));
+                    let (all, _) = plan(TrainData::poisoned(&data, &joined));
+                    assert_eq!(at(&batches), at(&all), "poison {j} joins the same batch whatever follows it");
+                }
+            }
+        }
+        // Similar length: a poison lands among the batches nearest its own length.
+        let lengths: Vec<usize> = (0..64).map(|i| 1 + i / 2).collect();
+        for j in 0..50 {
+            let b = joined_batch(&lengths, 20, 1, 1, j).unwrap();
+            assert!(lengths[b].abs_diff(20) <= 1, "batch {b} of length {} for a poison of 20", lengths[b]);
+        }
+        let draws: std::collections::HashSet<usize> = (0..50).map(|j| joined_batch(&lengths, 20, 1, 1, j).unwrap()).collect();
+        assert!(draws.len() > 1, "the draw is random within the window");
     }
 }
