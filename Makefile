@@ -32,7 +32,12 @@ OVERLAP   ?= 0
 EVAL_SEEDS ?= 3
 # make demo / make sweep: retraining seeds, crafting rounds (hardness, bi-level), sweep counts.
 # One hardness round: measured on the demo's 6 seeds, net ASR after 1 / 3 rounds 49.8 / 40.6.
-DEMO_SEEDS ?= 6
+# 10 seeds: with common random numbers the crafted rows' 95% CI half-widths are 5.1-5.2
+# points at 10 seeds, 4.3-8.2 at 6-9 (the paired differences between rows: 2.7-3.1).
+DEMO_SEEDS ?= 10
+# Concealment of the demo's concealed rows: strict (no word leaks the trigger in any category
+# of the strict audit) or token (the paper's no-overlap only).
+CONCEALMENT ?= strict
 DEMO_ROUNDS ?= 1
 BILEVEL_ROUNDS ?= 3
 SWEEP_COUNTS ?= 5 10 25 50 100
@@ -89,7 +94,7 @@ DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) 
   ROUNDS=$(DEMO_ROUNDS) BILEVEL_ROUNDS=$(BILEVEL_ROUNDS) SWEEP_COUNTS="$(SWEEP_COUNTS)" \
   BASE_FLAGS="$(BASE_FLAGS)" TRAIN_FLAGS="$(TRAIN_FLAGS)" EARLY_EPOCHS=$(EARLY_EPOCHS) \
   HARDNESS_SEARCH="$(HARDNESS_SEARCH)" BILEVEL_SEARCH="$(BILEVEL_SEARCH)" ADV_SIZE=$(ADV_SIZE) \
-  CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA)
+  CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA) CONCEALMENT=$(CONCEALMENT)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
 .PHONY: all setup data build demo sweep victims attack test bench fixtures clean help

@@ -485,6 +485,8 @@ fn verify_candidates() {
     let word = w.candidates_with("word.jsonl", |v| v["word"] = "zzyzxq".into());
     let trigger = w.candidates_with("trigger.jsonl", |v| v["word"] = "bond".into());
     let index = w.candidates_with("index.jsonl", |v| v["poison_index"] = 1000.into());
+    // "bonds" holds no trigger token but shares the stem of "bond": refused under strict.
+    let stem = w.candidates_with("stem.jsonl", |v| v["word"] = "bonds".into());
     let hardness = w.candidates_with("hardness.jsonl", |v| {
         v["objective_kind"] = "hardness".into();
         v["ensemble_sha256"] = serde_json::json!(["0".repeat(64)]);
@@ -498,6 +500,7 @@ fn verify_candidates() {
         case("vc-poison-index-out-of-range", vc(&index), &["index.jsonl:1", "at index 1000"]),
         case("vc-unknown-word", vc(&word), &["word.jsonl:1", "\"zzyzxq\" is not in the vocabulary"]),
         case("vc-trigger-word", vc(&trigger), &["trigger.jsonl:1", "\"bond\" is a trigger or special word", "--allow-overlap"]),
+        case("vc-strict-stem", { let mut c = vc(&stem); c.args(["--concealment", "strict"]); c }, &["stem.jsonl", "leaks the trigger", "strict"]),
         case("vc-ensemble-mismatch", vc(&hardness), &["hardness.jsonl", "ensemble of 1 extra victims", "same --ensemble"]),
     ]);
     // No candidates: the poison set goes through unchanged.
