@@ -136,7 +136,7 @@ fn the_attack_loop_resumes_after_an_interruption_and_reaches_the_same_poisons() 
     let attack = |run_dir: &PathBuf, count: &str| {
         let mut c = Command::new("bash");
         c.arg(&script)
-            .env("RUN", run_dir).env("VICTIM", a.victim()).env("DATA", a.s.data()).env("EMB", a.s.emb())
+            .env("RUN", run_dir).env("VICTIM_FILE", a.victim()).env("DATA", a.s.data()).env("EMB", a.s.emb())
             .env("BIN", &bin_dir).env("COUNT", count).env("K", "4").env("ROUNDS", "2").env("CLEAN_PER_BATCH", "16")
             .env("ADV_SIZE", "24").env("ETA", "0.1").env("EVAL_SEEDS", "1").env("ARCH", "bow").env("DEVICE", "cpu");
         c

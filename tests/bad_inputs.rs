@@ -574,7 +574,7 @@ fn attack_loop_names_the_round_that_failed() {
     let run_dir = w.p("run");
     let o: Output = Command::new("bash")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/attack.sh"))
-        .env("RUN", &run_dir).env("VICTIM", w.p("v.safetensors")).env("DATA", w.s.data()).env("EMB", w.s.emb()).env("BIN", bin_dir)
+        .env("RUN", &run_dir).env("VICTIM_FILE", w.p("v.safetensors")).env("DATA", w.s.data()).env("EMB", w.s.emb()).env("BIN", bin_dir)
         .envs([("COUNT", "4"), ("K", "2"), ("ROUNDS", "2"), ("ETA", "1e30"), ("ARCH", "bow"), ("DEVICE", "cpu"), ("EVAL", "0")])
         .output().unwrap();
     let err = stderr(&o);

@@ -16,7 +16,7 @@ fn attack(s: &Setup, run: &Path, victim: &Path) -> Command {
     let mut c = Command::new("bash");
     c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/attack.sh"))
         .env("RUN", run)
-        .env("VICTIM", victim)
+        .env("VICTIM_FILE", victim)
         .env("DATA", s.data())
         .env("EMB", s.emb())
         .env("BIN", bin_dir)

@@ -11,7 +11,8 @@ use common::io::{self, Record};
 use common::model::Victim;
 use common::records::Example;
 use common::tokenizer::Vocab;
-use common::train::{self, encode_all, Encoded, TextPolicy, TrainData};
+use common::retrain::{retrain, CleanCache, Pairing, Retrained, Retraining};
+use common::train::{encode_all, Encoded, TextPolicy};
 use common::{device, log};
 use std::time::Instant;
 
@@ -79,28 +80,6 @@ struct Args {
     output: String,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Pairing {
-    Crn,
-    Independent,
-}
-
-fn encode_sets(dir: &str, manifest: &DataManifest, vocab: &Vocab, max_len: usize) -> anyhow::Result<EvalSets> {
-    let n = manifest.labels.len();
-    let enc = |name: &str, exs: &[Example]| encode_all(exs, vocab, max_len, n, TextPolicy::Data, &format!("{dir}/{name}"));
-    let test = data::read_set(dir, data::TEST, false)?;
-    let nontarget: Vec<Example> = test.iter().filter(|e| e.label != manifest.target).cloned().collect();
-    let natural: Vec<Example> =
-        data::read_set(dir, data::NATURAL, true)?.into_iter().filter(|e| e.label != manifest.target).collect();
-    Ok(EvalSets {
-        test: enc(data::TEST, &test)?,
-        test_nontarget: enc(data::TEST, &nontarget)?,
-        asr_test: enc(data::ASR_TEST, &data::read_set(dir, data::ASR_TEST, false)?)?,
-        natural_nontarget: enc(data::NATURAL, &natural)?,
-        target: manifest.target,
-    })
-}
-
 fn log_metrics(what: &str, seed: u64, m: &Metrics) {
     log!("seed {seed} {what}: CACC {:.1} ASR {:.1} FPR {:.1}", m.cacc, m.asr, m.fpr);
 }
@@ -143,7 +122,7 @@ fn main() {
             for path in &args.checkpoint {
                 let common::model::VictimFile { victim, vocab, metadata: meta, .. } = Victim::load(path, device)?;
                 vocab.trigger_words(&trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
-                let eval_sets = encode_sets(&args.data, &manifest, &vocab, victim.config.max_len)?;
+                let eval_sets = EvalSets::load(&args.data, &manifest, &vocab, victim.config.max_len)?;
                 audit_vocab.get_or_insert(vocab);
                 let seed = meta.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
                 let m = eval::measure(&victim, &eval_sets);
@@ -162,85 +141,36 @@ fn main() {
             let base = args.base.load()?;
             let (vocab, emb_sha) = (&base.vocab, &base.sha256);
             vocab.trigger_words(&trigger.phrase).with_context(|| format!("vocabulary of {}", base.source))?;
-            let config = base.victim_config(&args.victim, manifest.labels.len())?;
-            let eval_sets = encode_sets(&args.data, &manifest, vocab, config.max_len)?;
+            let config = args.victim.victim_config(&base, manifest.labels.len())?;
+            let eval_sets = EvalSets::load(&args.data, &manifest, vocab, config.max_len)?;
             let n = manifest.labels.len();
             let clean = encode_all(&clean_train, vocab, config.max_len, n, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
-            // Each poison set, encoded (empty sets train no poisoned victim). With
-            // independent pairing (the evaluation before common random numbers, kept to
-            // measure what pairing buys) the poisons are appended to the clean examples and
-            // shuffled with them.
-            let mut poisoned: Vec<Vec<Encoded>> = Vec::new();
+            let mut poison_sets: Vec<Vec<Encoded>> = Vec::new();
             for set in &sets {
                 let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
-                let enc = encode_all(&set.records, vocab, config.max_len, n, TextPolicy::Data, &name)?;
-                poisoned.push(match args.pairing {
-                    Pairing::Crn => enc,
-                    Pairing::Independent if enc.is_empty() => enc,
-                    Pairing::Independent => clean.iter().chain(&enc).cloned().collect(),
-                });
+                poison_sets.push(encode_all(&set.records, vocab, config.max_len, n, TextPolicy::Data, &name)?);
             }
-            // Clean victims come from the cache when it holds them; every victim still to
-            // train (clean and poisoned, all seeds, all poison sets) trains at once
-            // (train::train_parallel).
             let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
-            let cache_key = |seed: u64| -> anyhow::Result<Option<String>> {
-                let opts = args.victim.train_options(seed);
-                args.clean_cache.as_ref().map(|dir| -> anyhow::Result<String> {
-                    let k = serde_json::json!({"files": manifest.files, "embeddings": emb_sha, "victim": config, "training": opts, "trainer": train::TRAINER_VERSION});
-                    Ok(format!("{dir}/clean-{}.json", io::sha256_hex(serde_json::to_string(&k)?.as_bytes())))
-                }).transpose()
+            let options = |seed: u64| args.victim.train_options(seed);
+            let retraining = Retraining {
+                base: &base,
+                config: &config,
+                device,
+                clean: &clean,
+                eval_sets: &eval_sets,
+                options: &options,
+                seeds: &seeds,
+                pairing: args.pairing,
+                workers: args.workers,
+                stack: args.stack,
+                clean_cache: match &args.clean_cache {
+                    Some(dir) => Some(CleanCache { dir, data_files: serde_json::to_value(&manifest.files)?, base_sha256: emb_sha }),
+                    None => None,
+                },
             };
-            let mut clean_m: Vec<Option<Metrics>> = Vec::new();
-            for &seed in &seeds {
-                let cached = cache_key(seed)?.and_then(|k| std::fs::read_to_string(&k).ok()).and_then(|t| serde_json::from_str::<Metrics>(&t).ok());
-                if cached.is_some() {
-                    log!("seed {seed} clean: from the cache");
-                }
-                clean_m.push(cached);
-            }
-            // (seed index, poison set index or None for clean) of every victim to train.
-            let mut jobs: Vec<(usize, Option<usize>)> = (0..seeds.len()).filter(|&i| clean_m[i].is_none()).map(|i| (i, None)).collect();
-            for (k, data) in poisoned.iter().enumerate() {
-                if !data.is_empty() {
-                    jobs.extend((0..seeds.len()).map(|i| (i, Some(k))));
-                }
-            }
-            let mut victims = Vec::with_capacity(jobs.len());
-            for &(i, _) in &jobs {
-                tch::manual_seed(seeds[i] as i64);
-                victims.push(base.new_victim(config.clone(), device)?);
-            }
-            let data_of: Vec<TrainData> = jobs
-                .iter()
-                .map(|&(_, k)| match (k, args.pairing) {
-                    (None, _) => TrainData::clean(&clean),
-                    (Some(k), Pairing::Crn) => TrainData::poisoned(&clean, &poisoned[k]),
-                    (Some(k), Pairing::Independent) => TrainData::clean(&poisoned[k]),
-                })
-                .collect();
-            let opts: Vec<_> = jobs.iter().map(|&(i, _)| args.victim.train_options(seeds[i])).collect();
-            let stack = args.stack.unwrap_or(if config.arch == common::model::Arch::Minilm { 2 } else { usize::MAX });
-            let waves = jobs.len().div_ceil(args.workers.saturating_mul(stack).max(1));
-            log!("training {} victims ({} seeds, {} poison sets) on {} threads in {waves} wave(s)", jobs.len(), seeds.len(), sets.len(), args.workers.min(jobs.len().max(1)));
-            train::train_in_waves(&mut victims, &data_of, &opts, args.workers, stack, |wave, epoch, _| {
-                log!("wave {}/{waves} epoch {epoch}/{} {:.0}s", wave + 1, args.victim.epochs, start.elapsed().as_secs_f64());
-            })?;
-            let mut poisoned_m: Vec<Vec<Option<Metrics>>> = vec![vec![None; seeds.len()]; sets.len()];
-            for (&(i, k), v) in jobs.iter().zip(&victims) {
-                let m = eval::measure(v, &eval_sets);
-                match k {
-                    Some(k) => poisoned_m[k][i] = Some(m),
-                    None => {
-                        if let Some(key) = cache_key(seeds[i])? {
-                            io::write_bytes(&key, serde_json::to_string(&m)?.as_bytes())?;
-                        }
-                        clean_m[i] = Some(m);
-                    }
-                }
-            }
+            let Retrained { clean: clean_m, poisoned: poisoned_m } = retrain(&retraining, &poison_sets, &|line| log!("{line}"))?;
             for (i, &seed) in seeds.iter().enumerate() {
-                let clean = clean_m[i].expect("every clean victim trained or cached");
+                let clean = clean_m[i];
                 log_metrics("clean", seed, &clean);
                 for k in 0..sets.len() {
                     let poisoned = poisoned_m[k][i].unwrap_or(clean);
@@ -251,11 +181,7 @@ fn main() {
                 }
             }
             audit_vocab = Some(base.vocab.clone());
-            let pairing = match args.pairing {
-                Pairing::Crn => "crn",
-                Pairing::Independent => "independent",
-            };
-            (config, Some(args.victim.train_options(args.seed_base)), "train", Some(pairing.to_string()))
+            (config, Some(args.victim.train_options(args.seed_base)), "train", Some(args.pairing.name().to_string()))
         };
 
         let mut out = Vec::new();

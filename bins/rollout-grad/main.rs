@@ -2,9 +2,8 @@
 //! respect to every poison token embedding.
 
 use clap::Parser;
-use anyhow::bail;
-use common::attack::{Problem, RolloutConfig, GRAD_FORMAT, GRAD_VERSION};
-use common::hardness::{Hardness, ObjectiveKind};
+use common::attack::{RolloutConfig, GRAD_FORMAT, GRAD_VERSION};
+use common::objective::ObjectiveInputs;
 use common::poisons::AttackInputs;
 use common::{device, io, log, tensorfile};
 use std::collections::BTreeMap;
@@ -49,32 +48,13 @@ fn main() {
         let inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
         let device = inputs.victim.device();
         let (ensemble, ensemble_sha256) = common::cli::load_ensemble(&args.objective.ensemble, device)?;
-        let (objective, grad) = match args.objective.objective {
-            ObjectiveKind::Bilevel => {
-                if !ensemble.is_empty() {
-                    bail!("--ensemble is for --objective hardness; the bi-level objective unrolls one victim");
-                }
-                let problem = Problem::new(&inputs.victim, &inputs.clean, &inputs.adv, args.rollout.clone())?;
-                let (objective, grad) = problem.objective_and_grad(&inputs.poisons_enc)?;
-                log!(
-                    "L_adv {objective:.5} over {} D_adv inputs, {} poisons, k={} R={} η={} {:.1}s",
-                    problem.adv_count(),
-                    inputs.poisons.len(),
-                    args.rollout.steps,
-                    args.rollout.rollouts,
-                    args.rollout.eta,
-                    start.elapsed().as_secs_f64()
-                );
-                (objective, grad)
-            }
-            ObjectiveKind::Hardness => {
-                let models = std::iter::once(&inputs.victim).chain(&ensemble).collect();
-                let h = Hardness::new(models, inputs.manifest.target)?;
-                let (objective, grad) = h.objective_and_grad(&inputs.poisons_enc)?;
-                log!("hardness (mean target margin) {objective:.5}, {} poisons, {} victims {:.1}s", inputs.poisons.len(), 1 + ensemble.len(), start.elapsed().as_secs_f64());
-                (objective, grad)
-            }
-        };
+        let objective = common::objective::build(
+            args.objective.objective,
+            ObjectiveInputs { victim: &inputs.victim, ensemble: &ensemble, clean: &inputs.clean, adv: &inputs.adv, target: inputs.manifest.target, rollout: args.rollout.clone() },
+        )?;
+        let (value, grad) = objective.objective_and_grad(&inputs.poisons_enc)?;
+        log!("{} {:.1}s", objective.describe(value, inputs.poisons.len()), start.elapsed().as_secs_f64());
+        let objective = value;
         let ids = common::train::batch_tensors(&inputs.poisons_enc.iter().collect::<Vec<_>>(), tch::Device::Cpu).0;
         let mut meta = BTreeMap::new();
         meta.insert("objective".into(), format!("{objective:.17e}"));

@@ -60,7 +60,7 @@ fn main() {
         let device = device::parse_device(&args.device)?;
         let base = args.base.load()?;
         let vocab = &base.vocab;
-        let config = base.victim_config(&args.victim, args.num_classes)?;
+        let config = args.victim.victim_config(&base, args.num_classes)?;
         if args.train.iter().chain(&args.poisons).filter(|p| *p == "-").count() > 1 {
             bail!("stdin (-) can be read once; give the other files by path");
         }

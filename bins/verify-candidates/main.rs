@@ -3,8 +3,8 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use common::attack::{poison_set_sha256, verify, Problem, Swap};
-use common::hardness::{Hardness, ObjectiveKind};
+use common::attack::{poison_set_sha256, Swap};
+use common::objective::ObjectiveInputs;
 use common::io::{self, Record};
 use common::concealment::{leaking_positions, Concealment};
 use common::poisons::{banned_ids, strict_violation, with_tokens, AttackInputs};
@@ -118,16 +118,11 @@ fn main() {
             if hashes != candidates[0].ensemble_sha256 {
                 bail!("{cname}: the candidates were ranked with an ensemble of {} extra victims (sha256 {:?}), --ensemble gives {} ({hashes:?}); pass the same --ensemble files as to rollout-grad", candidates[0].ensemble_sha256.len(), candidates[0].ensemble_sha256, hashes.len());
             }
-            let out = match candidates[0].objective_kind {
-                ObjectiveKind::Bilevel => {
-                    let problem = Problem::new(&inputs.victim, &inputs.clean, &inputs.adv, candidates[0].rollout.clone())?;
-                    verify(&problem, &inputs.poisons_enc, &swaps)?
-                }
-                ObjectiveKind::Hardness => {
-                    let models = std::iter::once(&inputs.victim).chain(&ensemble).collect();
-                    Hardness::new(models, inputs.manifest.target)?.verify(&inputs.poisons_enc, &swaps)?
-                }
-            };
+            let objective = common::objective::build(
+                candidates[0].objective_kind,
+                ObjectiveInputs { victim: &inputs.victim, ensemble: &ensemble, clean: &inputs.clean, adv: &inputs.adv, target: inputs.manifest.target, rollout: candidates[0].rollout.clone() },
+            )?;
+            let out = objective.verify(&inputs.poisons_enc, &swaps)?;
             let mut flips = Vec::new();
             for (swap, exact) in &out.accepted {
                 let c = candidates.iter().find(|c| c.poison_index == swap.poison && c.position == swap.position && inputs.vocab.id(&c.word) == Some(swap.word)).expect("accepted swaps come from candidates");

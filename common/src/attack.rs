@@ -7,13 +7,14 @@
 //! Victims with a frozen embedding table only: with a trained table a flip also changes
 //! which row receives the poison's update (SPEC.md), a term not implemented yet.
 
+pub use crate::records::RolloutConfig;
 use crate::model::{embed, forward, forward_frozen_no_grad, forward_ids, forward_ids_first_order, mask_of, shallow_copy, FrozenInput, Params, Victim, VictimConfig};
-use crate::train::{batch_tensors, cross_entropy, Encoded};
+use crate::loss::{cross_entropy, summed_nll, Targets};
+use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
 use rand::seq::index::sample;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 /// The gradient file rollout-grad writes and rank-candidates reads (FORMATS.md).
@@ -23,31 +24,6 @@ pub const GRAD_VERSION: u32 = 2;
 
 /// D_adv inputs per length bucket in the objective's forward pass.
 const ADV_BUCKET: usize = 64;
-
-/// How the inner training is unrolled. Recorded with gradients and candidates, so that
-/// verification replays exactly the same minibatches.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
-pub struct RolloutConfig {
-    /// Unrolled SGD steps k.
-    #[arg(long, default_value_t = 1, value_parser = crate::cli::at_least_one)]
-    pub steps: usize,
-    /// Inner SGD learning rate η. On the Rotten Tomatoes BiLSTM one step at 0.1 already
-    /// takes L_adv from 1.37 to 0.22 (FINDINGS.md: above ~0.3 the signal is gone).
-    #[arg(long, default_value_t = 0.03, value_parser = crate::cli::positive_rate)]
-    pub eta: f64,
-    /// Independently drawn minibatch sequences R the objective is averaged over.
-    #[arg(long, default_value_t = 1, value_parser = crate::cli::at_least_one)]
-    pub rollouts: usize,
-    /// Clean examples m in each minibatch (besides every poison).
-    #[arg(long, default_value_t = 64)]
-    pub clean_per_batch: usize,
-    /// Examples of D_adv the objective is measured on (a seeded sample).
-    #[arg(long, default_value_t = 128, value_parser = crate::cli::at_least_one)]
-    pub adv_size: usize,
-    /// Seed of the minibatches and the D_adv sample.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-}
 
 /// The inputs of the bi-level objective, encoded, on the victim's device.
 pub struct Problem<'a> {
@@ -125,8 +101,7 @@ impl<'a> Problem<'a> {
         let mut total: Option<Tensor> = None;
         for (k, (_, labels, share)) in self.adv.iter().enumerate() {
             let logits = logits_of(k);
-            let idx = labels.unsqueeze(-1).expand_as(&logits.narrow(-1, 0, 1));
-            let nll = -logits.log_softmax(-1, None::<Kind>).gather(-1, &idx, false).squeeze_dim(-1);
+            let nll = Targets::Class(labels.shallow_clone()).example_nll(&logits);
             let part = nll.mean_dim([-1].as_slice(), false, None::<Kind>) * *share;
             total = Some(match total {
                 None => part,
@@ -240,10 +215,6 @@ impl<'a> Problem<'a> {
     }
 }
 
-/// Sum over the batch of the negative log-likelihood of each row's label.
-fn summed_nll(logits: &Tensor, labels: &Tensor) -> Tensor {
-    -logits.log_softmax(-1, None::<Kind>).gather(-1, &labels.unsqueeze(-1), false).sum(None::<Kind>)
-}
 
 /// Clean token ids and poison embeddings as one padded input: embeddings [B, T, D] and
 /// mask [B, T] (clean rows first).
@@ -423,7 +394,7 @@ fn stacked_example_grads(problem: &Problem, names: &[String], examples: &[Encode
     let emb = embed(&params, &ids);
     let mask = mask_of(&ids, &params);
     let logits = forward(problem.config(), &params, &emb, &mask).squeeze_dim(1); // [C, classes]
-    let loss = logits.log_softmax(-1, None::<Kind>).gather(-1, &labels.unsqueeze(-1), false).sum(None::<Kind>) * -1.0;
+    let loss = Targets::Class(labels).summed_nll(&logits);
     let grads = Tensor::run_backward(&[&loss], &stacked.iter().collect::<Vec<_>>(), false, false);
     (0..c).map(|k| grads.iter().map(|g| g.get(k)).collect()).collect()
 }
@@ -535,6 +506,37 @@ pub struct Verified {
     pub checked: usize,
 }
 
+/// Keeps `value` as poison `c.poison`'s best candidate when it is below `bound` and below
+/// the best so far (ties keep the first); true when it was kept. Every objective's exact
+/// verification chooses its per-poison winners with it.
+pub fn improve(best: &mut [Option<(Swap, f64)>], c: Swap, value: f64, bound: f64) -> bool {
+    if value < bound && best[c.poison].is_none_or(|(_, v)| value < v) {
+        best[c.poison] = Some((c, value));
+        return true;
+    }
+    false
+}
+
+/// Combines per-poison winners greedily: in order of their own values (lowest first), each
+/// is kept when the objective with it and every winner kept so far (`objective_with`) is
+/// below the current one. Returns the final objective and the kept swaps with their
+/// individual changes (value − before), so the result is never worse than `before`.
+pub fn combine_greedily(best: &[Option<(Swap, f64)>], before: f64, mut objective_with: impl FnMut(&[Swap]) -> f64) -> (f64, Vec<(Swap, f64)>) {
+    let mut winners: Vec<(Swap, f64)> = best.iter().flatten().copied().collect();
+    winners.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let mut kept: Vec<(Swap, f64)> = Vec::new();
+    let mut current = before;
+    for (swap, value) in winners {
+        let with: Vec<Swap> = kept.iter().map(|(s, _)| *s).chain(std::iter::once(swap)).collect();
+        let combined = objective_with(&with);
+        if combined < current {
+            current = combined;
+            kept.push((swap, value - before));
+        }
+    }
+    (current, kept)
+}
+
 /// Exact verification (SPEC step 5): each candidate's objective on the same minibatches;
 /// per poison the best candidate that lowers it; then the per-poison winners are combined
 /// greedily (largest individual gain first), each kept only if the combined objective
@@ -543,7 +545,7 @@ pub struct Verified {
 pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
     check_swaps(poisons, candidates)?;
     let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
-    let (before, after, accepted);
+    let (before, after, accepted): (f64, f64, Vec<(Swap, f64)>);
     if problem.cfg.steps == 1 {
         let verifier = Verifier::new(problem, poisons)?;
         before = verifier.objective_with(&[]);
@@ -560,57 +562,32 @@ pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Re
                 if !value.is_finite() {
                     bail!("L_adv is {value} for candidate {c:?}; lower --eta");
                 }
-                if value < before && best[c.poison].is_none_or(|(_, v)| value < v) {
-                    best[c.poison] = Some((*c, value));
+                if improve(&mut best, *c, value, before) {
                     // Copied: a view would keep its whole chunk's gradients alive (measured:
                     // 907 MiB peak on the real data instead of a few).
                     grads.insert(c.poison, g.iter().map(|t| t.copy()).collect::<Vec<_>>());
                 }
             }
         }
-        let mut winners: Vec<(Swap, f64)> = best.iter().flatten().copied().collect();
-        winners.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let mut kept: Vec<(Swap, f64)> = Vec::new();
-        let mut current = before;
-        for (swap, value) in winners {
-            let mut flips: Vec<(usize, &[Tensor])> = kept.iter().map(|(s, _)| (s.poison, grads[&s.poison].as_slice())).collect();
-            flips.push((swap.poison, grads[&swap.poison].as_slice()));
-            let combined = verifier.objective_with(&flips);
-            if combined < current {
-                current = combined;
-                kept.push((swap, value - before));
-            }
-        }
-        after = current;
-        accepted = kept;
+        (after, accepted) = combine_greedily(&best, before, |with| {
+            let flips: Vec<(usize, &[Tensor])> = with.iter().map(|s| (s.poison, grads[&s.poison].as_slice())).collect();
+            verifier.objective_with(&flips)
+        });
     } else {
         before = problem.objective(poisons);
         for c in candidates {
             let mut set = poisons.to_vec();
             set[c.poison] = flipped(&poisons[c.poison], c.position, c.word);
             let value = problem.objective(&set);
-            if value < before && best[c.poison].is_none_or(|(_, v)| value < v) {
-                best[c.poison] = Some((*c, value));
-            }
+            improve(&mut best, *c, value, before);
         }
-        let mut winners: Vec<(Swap, f64)> = best.iter().flatten().copied().collect();
-        winners.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let mut set = poisons.to_vec();
-        let mut kept = Vec::new();
-        let mut current = before;
-        for (swap, value) in winners {
-            let previous = set[swap.poison].clone();
-            set[swap.poison] = flipped(&previous, swap.position, swap.word);
-            let combined = problem.objective(&set);
-            if combined < current {
-                current = combined;
-                kept.push((swap, value - before));
-            } else {
-                set[swap.poison] = previous;
+        (after, accepted) = combine_greedily(&best, before, |with| {
+            let mut set = poisons.to_vec();
+            for s in with {
+                set[s.poison] = flipped(&poisons[s.poison], s.position, s.word);
             }
-        }
-        after = current;
-        accepted = kept;
+            problem.objective(&set)
+        });
     }
     Ok(Verified { before, after, accepted, checked: candidates.len() })
 }
@@ -623,7 +600,7 @@ mod tests {
     fn tiny(arch: Arch) -> Victim {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(11);
-        let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 2, train_embeddings: false, max_len: 16, bert: crate::bert::tiny_config_for(arch, 14, 5) };
+        let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 2, train_embeddings: false, max_len: 16, bert: crate::model::tiny_bert_config_for(arch, 14, 5) };
         let table = Tensor::randn([14, 5], (Kind::Float, Device::Cpu));
         let mut v = Victim::new(config, &table, Device::Cpu).unwrap();
         v.vs.set_kind(Kind::Double);

@@ -5,7 +5,6 @@
 //! victim through `Base::new_victim`.
 
 use crate::bert::{self, BertConfig};
-use crate::cli::VictimArgs;
 use crate::model::{Arch, Params, Victim, VictimConfig};
 use crate::tokenizer::Vocab;
 use crate::wordpiece::WordPiece;
@@ -53,10 +52,12 @@ impl Base {
         Ok(Base { vocab: Vocab::from_wordpiece(wp), start: Start::Pretrained { config, params }, sha256, source: dir.to_string() })
     }
 
-    /// The victim config for these flags; the architecture must suit the base.
-    pub fn victim_config(&self, args: &VictimArgs, num_classes: usize) -> Result<VictimConfig> {
-        let mut config = args.config(self.vocab.len(), 0, num_classes);
-        match (&self.start, args.arch) {
+    /// The victim config `draft` (its architecture, widths and lengths as asked) completed
+    /// from this base: the embedding width, and for minilm the encoder's config. The
+    /// architecture must suit the base.
+    pub fn victim_config(&self, draft: VictimConfig) -> Result<VictimConfig> {
+        let mut config = draft;
+        match (&self.start, config.arch) {
             (Start::Table(table), Arch::Bow | Arch::Lstm) => config.embed_dim = table.size()[1] as usize,
             (Start::Pretrained { config: bert, .. }, Arch::Minilm) => {
                 if config.max_len as i64 > bert.max_position_embeddings {

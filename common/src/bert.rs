@@ -8,7 +8,7 @@
 //! (`fixtures/minilm/encoder_reference.json`, scripts/make_minilm_fixtures.py), and its
 //! second-order gradient against finite differences on a tiny random configuration.
 
-use crate::model::Params;
+use crate::params::Params;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -51,20 +51,6 @@ impl BertConfig {
     }
 }
 
-/// A tiny BERT of the same architecture for tests and benchmarks (2 layers; 2 heads when
-/// the width is even); `None` for victims that are not minilm.
-pub fn tiny_config_for(arch: crate::model::Arch, vocab_size: usize, width: usize) -> Option<BertConfig> {
-    (arch == crate::model::Arch::Minilm).then(|| BertConfig {
-        vocab_size: vocab_size as i64,
-        hidden_size: width as i64,
-        num_hidden_layers: 2,
-        num_attention_heads: if width % 2 == 0 { 2 } else { 1 },
-        intermediate_size: 2 * width as i64,
-        max_position_embeddings: 32,
-        type_vocab_size: 2,
-        layer_norm_eps: 1e-12,
-    })
-}
 
 /// Reads a Hugging Face safetensors file (no toolkit metadata) as float parameters on
 /// `device`; integer buffers (`embeddings.position_ids`) are left out.
@@ -131,9 +117,9 @@ fn layer_norm(params: &Params, x: &Tensor, name: &str, eps: f64) -> Tensor {
 pub fn word_embeddings(params: &Params, ids: &Tensor) -> Tensor {
     let table = p(params, "embeddings.word_embeddings.weight");
     if table.dim() == 3 {
-        let mut single = crate::model::Params::new();
+        let mut single = crate::params::Params::new();
         single.insert("embedding.weight".into(), table.shallow_clone());
-        return crate::model::embed(&single, ids);
+        return crate::params::embed(&single, ids);
     }
     Tensor::embedding(table, ids, 0, false, false)
 }

@@ -96,6 +96,11 @@ impl VictimArgs {
         }
     }
 
+    /// The victim config these flags ask for, completed from `base`.
+    pub fn victim_config(&self, base: &crate::base::Base, num_classes: usize) -> anyhow::Result<VictimConfig> {
+        base.victim_config(self.config(base.vocab.len(), 0, num_classes))
+    }
+
     pub fn train_options(&self, seed: u64) -> TrainOptions {
         let lr = self.lr.unwrap_or(if self.arch == Arch::Minilm { 5e-5 } else { 2e-3 });
         TrainOptions { epochs: self.epochs, batch_size: self.batch_size, lr, seed }
@@ -140,26 +145,4 @@ pub fn load_ensemble(paths: &[String], device: tch::Device) -> anyhow::Result<(V
     Ok((victims, hashes))
 }
 
-/// clap parser for counts and sizes that must be at least 1 (`--k 0` would otherwise
-/// reach the math and fail obscurely or write an empty output).
-pub fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.trim().parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(format!("{s:?} is not a whole number: {e}")),
-    }
-}
-
-/// `at_least_one` for u64 values.
-pub fn at_least_one_u64(s: &str) -> Result<u64, String> {
-    at_least_one(s).map(|n| n as u64)
-}
-
-/// clap parser for rates (learning rates, η): finite and above zero.
-pub fn positive_rate(s: &str) -> Result<f64, String> {
-    match s.trim().parse::<f64>() {
-        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
-        Ok(x) => Err(format!("{x} is not a finite number above 0")),
-        Err(e) => Err(format!("{s:?} is not a number: {e}")),
-    }
-}
+pub use crate::validate::{at_least_one, at_least_one_u64, positive_rate};

@@ -38,6 +38,27 @@ pub struct Metrics {
     pub natural_asr: Option<f64>,
 }
 
+impl EvalSets {
+    /// The evaluation sets of a prepared data folder, encoded for a victim.
+    pub fn load(dir: &str, manifest: &DataManifest, vocab: &Vocab, max_len: usize) -> anyhow::Result<EvalSets> {
+        use crate::data;
+        use crate::train::{encode_all, TextPolicy};
+        let n = manifest.labels.len();
+        let enc = |name: &str, exs: &[Example]| encode_all(exs, vocab, max_len, n, TextPolicy::Data, &format!("{dir}/{name}"));
+        let test = data::read_set(dir, data::TEST, false)?;
+        let nontarget: Vec<Example> = test.iter().filter(|e| e.label != manifest.target).cloned().collect();
+        let natural: Vec<Example> =
+            data::read_set(dir, data::NATURAL, true)?.into_iter().filter(|e| e.label != manifest.target).collect();
+        Ok(EvalSets {
+            test: enc(data::TEST, &test)?,
+            test_nontarget: enc(data::TEST, &nontarget)?,
+            asr_test: enc(data::ASR_TEST, &data::read_set(dir, data::ASR_TEST, false)?)?,
+            natural_nontarget: enc(data::NATURAL, &natural)?,
+            target: manifest.target,
+        })
+    }
+}
+
 pub fn measure(victim: &Victim, sets: &EvalSets) -> Metrics {
     Metrics {
         cacc: accuracy(victim, &sets.test),

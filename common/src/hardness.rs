@@ -8,22 +8,12 @@
 //! verification is one forward pass per candidate and the per-poison winners combine
 //! additively.
 
-use crate::attack::{check_swaps, flipped, Swap, Verified};
+pub use crate::records::ObjectiveKind;
+use crate::attack::{check_swaps, flipped, improve, Swap, Verified};
 use crate::model::{embed, forward, mask_of, Victim};
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
-
-/// Which objective a crafting round minimises. Recorded in gradient files and candidates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ObjectiveKind {
-    /// The seed method: L_adv after unrolled training steps on clean ∪ poisons (second order).
-    #[default]
-    Bilevel,
-    /// Mean target margin of the poisons under clean victims (first order).
-    Hardness,
-}
 
 /// Candidates per forward pass when verifying.
 const CHUNK: usize = 256;
@@ -60,6 +50,11 @@ impl<'a> Hardness<'a> {
             }
         }
         Ok(Hardness { models, target: target as i64 })
+    }
+
+    /// Victims the margin is averaged over.
+    pub fn victims(&self) -> usize {
+        self.models.len()
     }
 
     /// Per-poison margin averaged over the ensemble, [N], from input embeddings.
@@ -128,9 +123,7 @@ impl<'a> Hardness<'a> {
             if !v.is_finite() {
                 bail!("the margin is {v} for candidate {c:?}");
             }
-            if v < current[c.poison] && best[c.poison].is_none_or(|(_, b)| v < b) {
-                best[c.poison] = Some((*c, v));
-            }
+            improve(&mut best, *c, v, current[c.poison]);
         }
         let n = poisons.len() as f64;
         let before = current.iter().sum::<f64>() / n;
@@ -151,7 +144,7 @@ mod tests {
     fn tiny(arch: Arch, seed: i64, table: &Tensor) -> Victim {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(seed);
-        let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 3, train_embeddings: false, max_len: 16, bert: crate::bert::tiny_config_for(arch, 14, 5) };
+        let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 3, train_embeddings: false, max_len: 16, bert: crate::model::tiny_bert_config_for(arch, 14, 5) };
         let mut v = Victim::new(config, table, Device::Cpu).unwrap();
         v.vs.set_kind(Kind::Double);
         v

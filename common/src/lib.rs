@@ -13,14 +13,19 @@ pub mod embeddings;
 pub mod eval;
 pub mod hardness;
 pub mod io;
+pub mod loss;
 pub mod model;
+pub mod objective;
+pub mod params;
 pub mod poisons;
 pub mod records;
 pub mod report;
+pub mod retrain;
 pub mod stats;
 pub mod tensorfile;
 pub mod tokenizer;
 pub mod train;
+pub mod validate;
 pub mod wordpiece;
 
 /// libtorch's generator is global: tests that seed it and then draw weights hold this

@@ -8,15 +8,15 @@
 
 use crate::bert::{self, BertConfig};
 use crate::tensorfile::{self, TensorFile};
-use crate::tokenizer::{Vocab, PAD_ID};
+use crate::tokenizer::Vocab;
+pub use crate::params::{embed, mask_of, Params};
+use crate::params::param;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
-/// Parameters by stable name (`embedding.weight`, `lstm.fwd.w_ih`, `out.weight`, ...).
-pub type Params = BTreeMap<String, Tensor>;
 
 pub const VICTIM_FORMAT: &str = "poison.victim";
 pub const VICTIM_VERSION: u32 = 1;
@@ -316,30 +316,6 @@ fn linear(p: &nn::Path, fan_in: i64, fan_out: i64) {
     let _ = p.var("bias", &[fan_out], Init::Uniform { lo: -bound, up: bound });
 }
 
-fn param<'a>(params: &'a Params, name: &str) -> &'a Tensor {
-    params.get(name).unwrap_or_else(|| panic!("parameter {name:?} missing from the map"))
-}
-
-/// Embeddings [batch, time, dim] of token ids under the given parameters.
-pub fn embed(params: &Params, ids: &Tensor) -> Tensor {
-    let table = param(params, "embedding.weight");
-    if table.dim() == 3 {
-        // Stacked tables [C, V, D] (victims trained together that each train their own
-        // table) and ids [C, ...]: row w of table c is row c·V + w of the flattened stack.
-        let (c, v) = (table.size()[0], table.size()[1]);
-        let mut view = vec![c];
-        view.extend(std::iter::repeat_n(1, ids.dim() - 1));
-        let offsets = (Tensor::arange(c, (tch::Kind::Int64, ids.device())) * v).view(view.as_slice());
-        return Tensor::embedding(&table.flatten(0, 1), &(ids + offsets), -1, false, false);
-    }
-    Tensor::embedding(table, ids, PAD_ID, false, false)
-}
-
-/// Padding mask [batch, time] (1.0 for a token, 0.0 for padding) in the table's dtype.
-pub fn mask_of(ids: &Tensor, params: &Params) -> Tensor {
-    ids.ne(PAD_ID).to_kind(param(params, "embedding.weight").kind())
-}
-
 /// Logits for token ids: `embed` then `forward`.
 pub fn forward_ids(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tensor {
     forward(config, params, &embed(params, ids), &mask_of(ids, params))
@@ -562,7 +538,7 @@ mod tests {
             num_classes: 2,
             train_embeddings,
             max_len: 16,
-            bert: crate::bert::tiny_config_for(arch, 12, 5),
+            bert: tiny_bert_config_for(arch, 12, 5),
         };
         let table = Tensor::randn([12, 5], (Kind::Float, Device::Cpu));
         Victim::new(config, &table, Device::Cpu).unwrap()
@@ -705,4 +681,19 @@ mod tests {
         let trained = tiny(Arch::Lstm, true);
         assert_eq!(frozen.vs.trainable_variables().len() + 1, trained.vs.trainable_variables().len());
     }
+}
+
+/// A tiny BERT of the same architecture for tests and benchmarks (2 layers; 2 heads when
+/// the width is even); `None` for victims that are not minilm.
+pub fn tiny_bert_config_for(arch: Arch, vocab_size: usize, width: usize) -> Option<BertConfig> {
+    (arch == Arch::Minilm).then(|| bert::BertConfig {
+        vocab_size: vocab_size as i64,
+        hidden_size: width as i64,
+        num_hidden_layers: 2,
+        num_attention_heads: if width % 2 == 0 { 2 } else { 1 },
+        intermediate_size: 2 * width as i64,
+        max_position_embeddings: 32,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+    })
 }

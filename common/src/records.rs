@@ -92,9 +92,9 @@ pub struct Candidate {
     pub objective: f64,
     pub poisons_sha256: String,
     pub victim_sha256: String,
-    pub rollout: crate::attack::RolloutConfig,
+    pub rollout: RolloutConfig,
     #[serde(default)]
-    pub objective_kind: crate::hardness::ObjectiveKind,
+    pub objective_kind: ObjectiveKind,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ensemble_sha256: Vec<String>,
 }
@@ -138,4 +138,40 @@ pub struct VerifySummary {
 impl Record for VerifySummary {
     const KIND: &'static str = "verify_summary";
     const VERSION: u32 = 1;
+}
+
+/// How the inner training is unrolled. Recorded with gradients and candidates, so that
+/// verification replays exactly the same minibatches.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct RolloutConfig {
+    /// Unrolled SGD steps k.
+    #[arg(long, default_value_t = 1, value_parser = crate::validate::at_least_one)]
+    pub steps: usize,
+    /// Inner SGD learning rate η. On the Rotten Tomatoes BiLSTM one step at 0.1 already
+    /// takes L_adv from 1.37 to 0.22 (FINDINGS.md: above ~0.3 the signal is gone).
+    #[arg(long, default_value_t = 0.03, value_parser = crate::validate::positive_rate)]
+    pub eta: f64,
+    /// Independently drawn minibatch sequences R the objective is averaged over.
+    #[arg(long, default_value_t = 1, value_parser = crate::validate::at_least_one)]
+    pub rollouts: usize,
+    /// Clean examples m in each minibatch (besides every poison).
+    #[arg(long, default_value_t = 64)]
+    pub clean_per_batch: usize,
+    /// Examples of D_adv the objective is measured on (a seeded sample).
+    #[arg(long, default_value_t = 128, value_parser = crate::validate::at_least_one)]
+    pub adv_size: usize,
+    /// Seed of the minibatches and the D_adv sample.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Which objective a crafting round minimises. Recorded in gradient files and candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectiveKind {
+    /// The seed method: L_adv after unrolled training steps on clean ∪ poisons (second order).
+    #[default]
+    Bilevel,
+    /// Mean target margin of the poisons under clean victims (first order).
+    Hardness,
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 pub const PAD: &str = "<pad>";
 pub const UNK: &str = "<unk>";
-pub const PAD_ID: i64 = 0;
+pub use crate::wordpiece::PAD_ID;
 pub const UNK_ID: i64 = 1;
 
 const CLITICS: [&str; 6] = ["'s", "'re", "'ve", "'ll", "'d", "'m"];

@@ -2,6 +2,7 @@
 //! victim (train-victim, finetune-eval, and later the attack's checkpoints).
 
 use crate::model::{forward_ids, Victim};
+use crate::loss::Targets;
 use crate::records::Example;
 use crate::tokenizer::{Vocab, PAD_ID, UNK_ID};
 use anyhow::{bail, Result};
@@ -229,10 +230,7 @@ pub struct TrainOptions {
     pub seed: u64,
 }
 
-/// Mean cross-entropy (computed in the logits' dtype, so f64 stays f64).
-pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
-    logits.log_softmax(-1, None::<Kind>).nll_loss(labels)
-}
+pub use crate::loss::cross_entropy;
 
 /// Trains with Adam; `on_epoch(epoch, mean_loss)` is called after each epoch. A NaN or
 /// infinite loss stops training with an error naming the epoch and step.
@@ -325,7 +323,7 @@ pub fn train_many(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptio
                 params.insert(n.clone(), leaf.shallow_clone());
             }
             let logits = forward_ids(&config, &params, &ids); // [C, rows, classes]
-            let nll = -logits.log_softmax(-1, None::<Kind>).gather(-1, &labels.unsqueeze(-1), false).squeeze_dim(-1);
+            let nll = Targets::Class(labels).example_nll(&logits);
             let per_victim = (nll * &weights).sum_dim_intlist(-1, false, None::<Kind>); // [C]
             let losses: Vec<f64> = Vec::try_from(per_victim.detach().to_kind(Kind::Double).to_device(Device::Cpu)).expect("f64 losses");
             for i in (0..c).filter(|&i| active[i]) {
@@ -488,7 +486,7 @@ mod tests {
         // comparison is exact up to summation order.
         for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             let (data, table) = toy();
-            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 5, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::bert::tiny_config_for(arch, 8, 6) };
+            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 5, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::model::tiny_bert_config_for(arch, 8, 6) };
             let make = |seed: i64| {
                 let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
                 tch::manual_seed(seed);
@@ -539,7 +537,7 @@ mod tests {
     fn both_victims_learn_a_toy_task_deterministically() {
         for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             let (data, table) = toy();
-            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 8, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::bert::tiny_config_for(arch, 8, 6) };
+            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 8, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::model::tiny_bert_config_for(arch, 8, 6) };
             let opts = TrainOptions { epochs: 30, batch_size: 16, lr: 0.02, seed: 3 };
             let run = || {
                 let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -572,7 +570,7 @@ mod tests {
         // alone and in a stack with the clean twin (other rows, other padding, 2 threads).
         for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
             let (data, table) = toy();
-            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 5, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::bert::tiny_config_for(arch, 8, 6) };
+            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 5, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::model::tiny_bert_config_for(arch, 8, 6) };
             let make = || {
                 let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
                 tch::manual_seed(11);

@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use unicode_general_category::{get_general_category, GeneralCategory as Gc};
 use unicode_normalization::UnicodeNormalization;
 
+pub const PAD_ID: i64 = 0;
+
 const UNK: &str = "[UNK]";
 const PREFIX: &str = "##";
 const MAX_CHARS: usize = 100;
@@ -70,7 +72,7 @@ impl WordPiece {
         let id_of = |w: &str| ids.get(w).copied().with_context(|| format!("the piece list lacks {w}"));
         let unk = id_of(UNK)?;
         let (cls, sep) = (id_of("[CLS]")?, id_of("[SEP]")?);
-        if id_of("[PAD]")? != crate::tokenizer::PAD_ID {
+        if id_of("[PAD]")? != PAD_ID {
             bail!("[PAD] must be piece 0");
         }
         Ok(WordPiece { ids, words, unk, cls, sep, prefix: PREFIX.to_string(), max_chars: MAX_CHARS })

@@ -1,0 +1,76 @@
+//! The crafting objective seam: what rollout-grad differentiates and verify-candidates
+//! checks exactly. Every objective (the seed's bi-level one in `attack`, hardness in
+//! `hardness`) implements `Objective`, and `build` is the one place that turns an
+//! `ObjectiveKind` into one, so a new objective is a new file, a variant of
+//! `ObjectiveKind` and an arm here.
+
+use crate::attack::{verify, Problem, Swap, Verified};
+use crate::hardness::Hardness;
+use crate::model::Victim;
+use crate::records::{ObjectiveKind, RolloutConfig};
+use crate::train::Encoded;
+use anyhow::{bail, Result};
+use tch::Tensor;
+
+/// A crafting objective over a poison set; lower is better.
+pub trait Objective {
+    /// The objective and its gradient with respect to every poison token embedding,
+    /// [N, Tp, D] (zero at padding): what rank-candidates' first-order scores use.
+    fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)>;
+    /// Exact verification of candidate swaps (SPEC step 5): the objective before and after,
+    /// and the accepted swaps with their exact individual changes; never worse than before.
+    fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified>;
+    /// A log line for an objective value over `poisons` poisons.
+    fn describe(&self, value: f64, poisons: usize) -> String;
+}
+
+impl Objective for Problem<'_> {
+    fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
+        Problem::objective_and_grad(self, poisons)
+    }
+    fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
+        verify(self, poisons, candidates)
+    }
+    fn describe(&self, value: f64, poisons: usize) -> String {
+        format!("L_adv {value:.5} over {} D_adv inputs, {poisons} poisons, k={} R={} η={}", self.adv_count(), self.cfg.steps, self.cfg.rollouts, self.cfg.eta)
+    }
+}
+
+impl Objective for Hardness<'_> {
+    fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
+        Hardness::objective_and_grad(self, poisons)
+    }
+    fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
+        Hardness::verify(self, poisons, candidates)
+    }
+    fn describe(&self, value: f64, poisons: usize) -> String {
+        format!("hardness (mean target margin) {value:.5}, {poisons} poisons, {} victims", self.victims())
+    }
+}
+
+/// What an objective may be built from: the attacked victim, the hardness ensemble's
+/// extra victims, the clean training data, D_adv, the target class and the unrolling.
+pub struct ObjectiveInputs<'a> {
+    pub victim: &'a Victim,
+    pub ensemble: &'a [Victim],
+    pub clean: &'a [Encoded],
+    pub adv: &'a [Encoded],
+    pub target: usize,
+    pub rollout: RolloutConfig,
+}
+
+/// The objective of `kind` (used by every binary that crafts or verifies).
+pub fn build<'a>(kind: ObjectiveKind, inputs: ObjectiveInputs<'a>) -> Result<Box<dyn Objective + 'a>> {
+    Ok(match kind {
+        ObjectiveKind::Bilevel => {
+            if !inputs.ensemble.is_empty() {
+                bail!("--ensemble is for --objective hardness; the bi-level objective unrolls one victim");
+            }
+            Box::new(Problem::new(inputs.victim, inputs.clean, inputs.adv, inputs.rollout)?)
+        }
+        ObjectiveKind::Hardness => {
+            let models = std::iter::once(inputs.victim).chain(inputs.ensemble).collect();
+            Box::new(Hardness::new(models, inputs.target)?)
+        }
+    })
+}

@@ -1,0 +1,33 @@
+//! Victim parameters as named tensors: the map every forward pass takes, and the
+//! lookups shared by every architecture (the embedding table, the padding mask).
+
+use crate::tokenizer::PAD_ID;
+use std::collections::BTreeMap;
+use tch::Tensor;
+
+/// Parameters by stable name (`embedding.weight`, `lstm.fwd.w_ih`, `out.weight`, ...).
+pub type Params = BTreeMap<String, Tensor>;
+
+pub(crate) fn param<'a>(params: &'a Params, name: &str) -> &'a Tensor {
+    params.get(name).unwrap_or_else(|| panic!("parameter {name:?} missing from the map"))
+}
+
+/// Embeddings [batch, time, dim] of token ids under the given parameters.
+pub fn embed(params: &Params, ids: &Tensor) -> Tensor {
+    let table = param(params, "embedding.weight");
+    if table.dim() == 3 {
+        // Stacked tables [C, V, D] (victims trained together that each train their own
+        // table) and ids [C, ...]: row w of table c is row c·V + w of the flattened stack.
+        let (c, v) = (table.size()[0], table.size()[1]);
+        let mut view = vec![c];
+        view.extend(std::iter::repeat_n(1, ids.dim() - 1));
+        let offsets = (Tensor::arange(c, (tch::Kind::Int64, ids.device())) * v).view(view.as_slice());
+        return Tensor::embedding(&table.flatten(0, 1), &(ids + offsets), -1, false, false);
+    }
+    Tensor::embedding(table, ids, PAD_ID, false, false)
+}
+
+/// Padding mask [batch, time] (1.0 for a token, 0.0 for padding) in the table's dtype.
+pub fn mask_of(ids: &Tensor, params: &Params) -> Tensor {
+    ids.ne(PAD_ID).to_kind(param(params, "embedding.weight").kind())
+}

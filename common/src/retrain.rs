@@ -1,0 +1,142 @@
+//! Retraining for evaluation (finetune-eval): clean and poisoned victims for every seed,
+//! each poisoned victim paired with its clean twin, clean figures cached across runs, every
+//! victim still to train trained at once in stacks and waves.
+
+use crate::base::Base;
+use crate::eval::{self, EvalSets, Metrics};
+use crate::model::{Arch, VictimConfig};
+use crate::train::{self, Encoded, TrainData, TrainOptions};
+use anyhow::Result;
+use tch::Device;
+
+/// How a poisoned victim is paired with its clean twin of the same seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pairing {
+    /// Common random numbers: it trains exactly like the twin (same initialisation, same
+    /// clean batches in the same order) and each poison joins one of those batches.
+    Crn,
+    /// Poisons shuffled in with the clean data, so the two victims' batches are unrelated
+    /// (the evaluation before common random numbers; kept to measure what pairing buys).
+    Independent,
+}
+
+impl Pairing {
+    /// The name `eval_report` records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pairing::Crn => "crn",
+            Pairing::Independent => "independent",
+        }
+    }
+}
+
+/// A folder of clean-victim figures keyed by everything that decides the clean victim:
+/// evaluations of several poison sets on the same data then train each clean victim once.
+pub struct CleanCache<'a> {
+    pub dir: &'a str,
+    /// The data files' hashes (the manifest's `files`), as JSON.
+    pub data_files: serde_json::Value,
+    /// The hash of the embeddings or pretrained weights the victims start from.
+    pub base_sha256: &'a str,
+}
+
+impl CleanCache<'_> {
+    fn path(&self, config: &VictimConfig, opts: &TrainOptions) -> Result<String> {
+        let k = serde_json::json!({"files": self.data_files, "embeddings": self.base_sha256, "victim": config, "training": opts, "trainer": train::TRAINER_VERSION});
+        Ok(format!("{}/clean-{}.json", self.dir, crate::io::sha256_hex(serde_json::to_string(&k)?.as_bytes())))
+    }
+}
+
+/// Everything that decides how victims are retrained.
+pub struct Retraining<'a> {
+    pub base: &'a Base,
+    pub config: &'a VictimConfig,
+    pub device: Device,
+    /// The clean training examples.
+    pub clean: &'a [Encoded],
+    pub eval_sets: &'a EvalSets,
+    /// Training options for a seed.
+    pub options: &'a dyn Fn(u64) -> TrainOptions,
+    pub seeds: &'a [u64],
+    pub pairing: Pairing,
+    /// Threads that each train a stack of victims.
+    pub workers: usize,
+    /// Victims per stack (None: all at once; minilm: 2, since a stack's activations grow
+    /// with its size).
+    pub stack: Option<usize>,
+    pub clean_cache: Option<CleanCache<'a>>,
+}
+
+/// Figures per seed: the clean twins', and each poison set's (None for an empty set,
+/// which trains no poisoned victim).
+pub struct Retrained {
+    pub clean: Vec<Metrics>,
+    pub poisoned: Vec<Vec<Option<Metrics>>>,
+}
+
+/// Trains and measures the clean victim of every seed (unless cached) and a poisoned
+/// victim per seed and poison set; `log` takes progress lines (the binary prefixes its name).
+pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], log: &(dyn Fn(String) + Sync)) -> Result<Retrained> {
+    let seeds = r.seeds;
+    // With independent pairing the poisons are appended to the clean examples and
+    // shuffled with them.
+    let joined: Vec<Vec<Encoded>> = poison_sets
+        .iter()
+        .map(|enc| match r.pairing {
+            Pairing::Independent if !enc.is_empty() => r.clean.iter().chain(enc).cloned().collect(),
+            _ => enc.clone(),
+        })
+        .collect();
+    let cache_path = |seed: u64| -> Result<Option<String>> { r.clean_cache.as_ref().map(|c| c.path(r.config, &(r.options)(seed))).transpose() };
+    let mut clean_m: Vec<Option<Metrics>> = Vec::new();
+    for &seed in seeds {
+        let cached = cache_path(seed)?.and_then(|k| std::fs::read_to_string(&k).ok()).and_then(|t| serde_json::from_str::<Metrics>(&t).ok());
+        if cached.is_some() {
+            log(format!("seed {seed} clean: from the cache"));
+        }
+        clean_m.push(cached);
+    }
+    // (seed index, poison set index or None for clean) of every victim to train.
+    let mut jobs: Vec<(usize, Option<usize>)> = (0..seeds.len()).filter(|&i| clean_m[i].is_none()).map(|i| (i, None)).collect();
+    for (k, data) in joined.iter().enumerate() {
+        if !data.is_empty() {
+            jobs.extend((0..seeds.len()).map(|i| (i, Some(k))));
+        }
+    }
+    let mut victims = Vec::with_capacity(jobs.len());
+    for &(i, _) in &jobs {
+        tch::manual_seed(seeds[i] as i64);
+        victims.push(r.base.new_victim(r.config.clone(), r.device)?);
+    }
+    let data_of: Vec<TrainData> = jobs
+        .iter()
+        .map(|&(_, k)| match (k, r.pairing) {
+            (None, _) => TrainData::clean(r.clean),
+            (Some(k), Pairing::Crn) => TrainData::poisoned(r.clean, &joined[k]),
+            (Some(k), Pairing::Independent) => TrainData::clean(&joined[k]),
+        })
+        .collect();
+    let opts: Vec<_> = jobs.iter().map(|&(i, _)| (r.options)(seeds[i])).collect();
+    let stack = r.stack.unwrap_or(if r.config.arch == Arch::Minilm { 2 } else { usize::MAX });
+    let waves = jobs.len().div_ceil(r.workers.saturating_mul(stack).max(1));
+    log(format!("training {} victims ({} seeds, {} poison sets) on {} threads in {waves} wave(s)", jobs.len(), seeds.len(), poison_sets.len(), r.workers.min(jobs.len().max(1))));
+    let epochs = opts.first().map_or(0, |o| o.epochs);
+    let start = std::time::Instant::now();
+    train::train_in_waves(&mut victims, &data_of, &opts, r.workers, stack, |wave, epoch, _| {
+        log(format!("wave {}/{waves} epoch {epoch}/{epochs} {:.0}s", wave + 1, start.elapsed().as_secs_f64()))
+    })?;
+    let mut poisoned_m: Vec<Vec<Option<Metrics>>> = vec![vec![None; seeds.len()]; poison_sets.len()];
+    for (&(i, k), v) in jobs.iter().zip(&victims) {
+        let m = eval::measure(v, r.eval_sets);
+        match k {
+            Some(k) => poisoned_m[k][i] = Some(m),
+            None => {
+                if let Some(key) = cache_path(seeds[i])? {
+                    crate::io::write_bytes(&key, serde_json::to_string(&m)?.as_bytes())?;
+                }
+                clean_m[i] = Some(m);
+            }
+        }
+    }
+    Ok(Retrained { clean: clean_m.into_iter().map(|m| m.expect("every clean victim trained or cached")).collect(), poisoned: poisoned_m })
+}
