@@ -42,41 +42,15 @@ DEMO_ROUNDS ?= 1
 BILEVEL_ROUNDS ?= 3
 SWEEP_COUNTS ?= 5 10 25 50 100
 
-# The demo's victims start from GloVe (BASE_FLAGS) and train 4 epochs (TRAIN_FLAGS, given to
-# train-victim and finetune-eval); the hardness ensemble's early checkpoints train
-# EARLY_EPOCHS; each crafting objective searches K candidates at POSITIONS positions.
-BASE_FLAGS = --embeddings $(EMB)
-TRAIN_FLAGS ?= --epochs 4
-EARLY_EPOCHS ?= 1
-HARDNESS_SEARCH ?= K=8 POSITIONS=all
-BILEVEL_SEARCH ?= K=10 POSITIONS=2
-DATA_SUFFIX :=
-PREPARE_FLAGS :=
-BASE_DEPS :=
-
-# make demo VICTIM=minilm: the pretrained transformer victim (all-MiniLM-L6-v2 fine-tuned,
-# word table frozen) on the first MINILM_TRAIN sentences of the training split (dev and test
-# whole), 2 epochs, batches of 32, 64 WordPiece tokens; smaller searches and D_adv sample, 3
-# seeds. Sized to finish well within an hour on 2 CPU cores (README).
+# Victim presets (make demo VICTIM=NAME): presets/NAME.mk sets how the demo's victims start
+# (BASE_FLAGS), train (TRAIN_FLAGS, given to train-victim and finetune-eval), how each
+# crafting objective searches, and the data they need. glove: the frozen-GloVe BiLSTM;
+# minilm: all-MiniLM-L6-v2 fine-tuned.
 VICTIM ?= glove
-MINILM_TRAIN ?= 3000
-ifeq ($(VICTIM),minilm)
-ATTACK_ARCH := minilm
-DATA_SUFFIX := -train$(MINILM_TRAIN)
-PREPARE_FLAGS := --max-train $(MINILM_TRAIN)
-BASE_FLAGS = --pretrained data/minilm
-BASE_DEPS := data/.minilm-done-v1
-TRAIN_FLAGS := --epochs 2 --batch-size 32 --max-len 64
-HARDNESS_SEARCH := K=4 POSITIONS=5
-BILEVEL_SEARCH := K=3 POSITIONS=2
-ADV_SIZE := 64
-CLEAN_PER_BATCH := 32
-# The inner SGD step: at 0.03 (the BiLSTM's) one step on 50 target-labelled poisons takes
-# this victim's L_adv to 0.017, a saturated objective with no signal left; 0.003 gives 0.93
-# (0.01: 0.15, 0.001: 1.45; measured on the demo's victim and initial poisons).
-ETA := 0.003
-DEMO_SEEDS := 3
+ifeq ($(wildcard presets/$(VICTIM).mk),)
+$(error VICTIM=$(VICTIM): there is no presets/$(VICTIM).mk (presets: $(basename $(notdir $(wildcard presets/*.mk)))))
 endif
+include presets/$(VICTIM).mk
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -169,7 +143,7 @@ $(ATTACK_RUN)/victim.safetensors: $(DATA_DIR)/manifest.json $(EMB) | build
 
 # Rounds of rollout-grad | rank-candidates | verify-candidates (scripts/attack.sh); resumes.
 attack: build $(ATTACK_RUN)/victim.safetensors
-	RUN=$(ATTACK_RUN) VICTIM=$(ATTACK_RUN)/victim.safetensors DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) \
+	RUN=$(ATTACK_RUN) VICTIM_FILE=$(ATTACK_RUN)/victim.safetensors DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) \
 	  COUNT=$(COUNT) INIT=$(INIT) K=$(K) POSITIONS=$(POSITIONS) STEPS=$(STEPS) ROLLOUTS=$(ROLLOUTS) \
 	  ETA=$(ETA) CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ADV_SIZE=$(ADV_SIZE) SEED=$(SEED) ROUNDS=$(ROUNDS) \
 	  PATIENCE=$(PATIENCE) TARGET_LADV=$(TARGET_LADV) OVERLAP=$(OVERLAP) EVAL_SEEDS=$(EVAL_SEEDS) \

@@ -8,7 +8,7 @@
 # (tests/resume.rs checks this). Stops after ROUNDS rounds, when the objective <= TARGET_LADV, or
 # after PATIENCE rounds without an accepted flip; then finetune-eval evaluates the result.
 set -euo pipefail
-: "${RUN:?}" "${VICTIM:?}" "${DATA:?}" "${EMB:=}" "${BIN:=target/release}"
+: "${RUN:?}" "${VICTIM_FILE:?}" "${DATA:?}" "${EMB:=}" "${BIN:=target/release}"
 : "${COUNT:=50}" "${INIT:=random}" "${K:=10}" "${POSITIONS:=5}" "${STEPS:=1}" "${ROLLOUTS:=1}"
 : "${ETA:=0.03}" "${CLEAN_PER_BATCH:=64}" "${ADV_SIZE:=128}" "${SEED:=0}" "${ROUNDS:=5}"
 : "${PATIENCE:=2}" "${TARGET_LADV:=}" "${OVERLAP:=0}" "${EVAL_SEEDS:=3}" "${ARCH:=lstm}" "${DEVICE:=auto}"
@@ -36,7 +36,7 @@ ensemble=(); for e in $ENSEMBLE; do ensemble+=(--ensemble "$e"); done
 read -r -a rank_flags <<< "$RANK_FLAGS"
 
 # The manifest ties the folder to its settings and inputs; a resumed run must match it.
-manifest=$(python3 - "$VICTIM" "$DATA/manifest.json" $ENSEMBLE <<PY
+manifest=$(python3 - "$VICTIM_FILE" "$DATA/manifest.json" $ENSEMBLE <<PY
 import hashlib, json, sys
 h = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()
 print(json.dumps({"kind": "attack_manifest", "v": 1,
@@ -73,7 +73,7 @@ stage() { # name command...
 since() { python3 -c "print(f'{$EPOCHREALTIME - $1:.1f}')"; }
 
 r=0; r0="$RUN/round-000"; mkdir -p "$r0"
-[ -f "$r0/poisons.jsonl" ] || stage init-poisons "$BIN/init-poisons" --victim "$VICTIM" --data "$DATA" --count "$COUNT" \
+[ -f "$r0/poisons.jsonl" ] || stage init-poisons "$BIN/init-poisons" --victim "$VICTIM_FILE" --data "$DATA" --count "$COUNT" \
   --strategy "$INIT" --bases "$BASES" --seed "$SEED" "${init_flags[@]}" -o "$r0/poisons.jsonl"
 
 # rounds.tsv is rebuilt (atomically) from each round's row.tsv after every round.
@@ -89,18 +89,18 @@ for ((r = 1; r <= ROUNDS; r++)); do
     grad_s=-; rank_s=-
     if [ ! -f "$d/grad.safetensors" ]; then
       t=$EPOCHREALTIME
-      stage rollout-grad "$BIN/rollout-grad" --victim "$VICTIM" --data "$DATA" --poisons "$prev" \
+      stage rollout-grad "$BIN/rollout-grad" --victim "$VICTIM_FILE" --data "$DATA" --poisons "$prev" \
         "${rollout[@]}" --objective "$OBJECTIVE" "${ensemble[@]}" --device "$DEVICE" -o "$d/grad.safetensors"
       grad_s=$(since "$t")
     fi
     if [ ! -f "$d/candidates.jsonl" ]; then
       t=$EPOCHREALTIME
-      stage rank-candidates "$BIN/rank-candidates" --victim "$VICTIM" --data "$DATA" --grad "$d/grad.safetensors" \
+      stage rank-candidates "$BIN/rank-candidates" --victim "$VICTIM_FILE" --data "$DATA" --grad "$d/grad.safetensors" \
         -k "$K" --positions "$POSITIONS" "${overlap_flag[@]}" "${rank_flags[@]}" -o "$d/candidates.jsonl"
       rank_s=$(since "$t")
     fi
     t=$EPOCHREALTIME
-    stage verify-candidates "$BIN/verify-candidates" --victim "$VICTIM" --data "$DATA" --poisons "$prev" \
+    stage verify-candidates "$BIN/verify-candidates" --victim "$VICTIM_FILE" --data "$DATA" --poisons "$prev" \
       --candidates "$d/candidates.jsonl" "${overlap_flag[@]}" "${ensemble[@]}" --device "$DEVICE" \
       --summary "$d/summary.json" -o "$d/poisons.jsonl"
     printf '%s\t%s\t%s\n' "$grad_s" "$rank_s" "$(since "$t")" > "$d/seconds.tsv.tmp" && mv "$d/seconds.tsv.tmp" "$d/seconds.tsv"

@@ -59,7 +59,7 @@ init() { # out count bases strategy [concealment]
 # objective (and its search budget) is the only difference between crafting runs.
 FILTERS="--min-count 5 --exclude-neighbours 50 --keep-substitutes"
 craft() { # run-folder count settings...
-  env VICTIM="$V" DATA="$DATA" EMB="$EMB" BASE_FLAGS="$BASE_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
+  env VICTIM_FILE="$V" DATA="$DATA" EMB="$EMB" BASE_FLAGS="$BASE_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
     ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 CONCEALMENT="$CONCEALMENT" RUN="$1" "${@:3}" scripts/attack.sh
 }
 craft_hardness() { # run-folder count
