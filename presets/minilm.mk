@@ -1,7 +1,7 @@
 # make demo VICTIM=minilm: the pretrained transformer victim (all-MiniLM-L6-v2 fine-tuned,
 # word table frozen) on the first MINILM_TRAIN sentences of the training split (dev and test
 # whole), 2 epochs, batches of 32, 64 WordPiece tokens; smaller searches and D_adv sample, 3
-# seeds. Sized to finish within about an hour on 2 CPU cores (README).
+# seeds. About 1.5 hours on 2 CPU cores with 8 evaluated sets (README).
 MINILM_TRAIN ?= 3000
 ATTACK_ARCH := minilm
 DATA_SUFFIX := -train$(MINILM_TRAIN)
