@@ -4,7 +4,7 @@
 use anyhow::{bail, Context};
 use clap::Parser;
 use common::attack::{bottom_k, RolloutConfig, GRAD_FORMAT, GRAD_VERSION};
-use common::concealment::{leaking_positions, Concealment};
+use common::concealment::{flip_conceals, Concealment};
 use common::data::DataManifest;
 use common::io::{self, Record};
 use common::model::Victim;
@@ -179,11 +179,7 @@ fn main() {
                 .collect();
             if let Some(matcher) = &strict {
                 // A flip must not join WordPiece pieces into a leaking word ("bo" + "##nds").
-                flat.retain(|&(j, _, _, w, _)| {
-                    let mut flipped = row[..len].to_vec();
-                    flipped[j] = w;
-                    leaking_positions(&flipped, &vocab, matcher).is_empty()
-                });
+                flat.retain(|&(j, _, _, w, _)| flip_conceals(&row[..len], j, w, &vocab, matcher));
             }
             if let Some(cap) = args.per_poison {
                 flat.sort_by(|a, b| a.4.total_cmp(&b.4));

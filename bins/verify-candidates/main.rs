@@ -6,7 +6,7 @@ use clap::Parser;
 use common::attack::{poison_set_sha256, Swap};
 use common::objective::ObjectiveInputs;
 use common::io::{self, Record};
-use common::concealment::{leaking_positions, Concealment};
+use common::concealment::{flip_conceals, Concealment};
 use common::poisons::{banned_ids, strict_violation, with_tokens, AttackInputs};
 use common::records::{Candidate, Flip, VerifySummary};
 use common::{device, log};
@@ -98,9 +98,7 @@ fn main() {
                 bail!("{}: candidate {:?} {why}", at(), c.word);
             }
             if let Some(matcher) = &strict {
-                let mut ids = inputs.poisons_enc[c.poison_index].ids.clone();
-                ids[c.position] = word;
-                if !leaking_positions(&ids, &inputs.vocab, matcher).is_empty() {
+                if !flip_conceals(&inputs.poisons_enc[c.poison_index].ids, c.position, word, &inputs.vocab, matcher) {
                     bail!("{}: {:?} at position {} makes {:?} leak the trigger (strict concealment); rerun rank-candidates with --concealment strict", at(), c.word, c.position, c.poison_id);
                 }
             }

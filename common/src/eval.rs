@@ -134,8 +134,7 @@ pub fn audit(poisons: &[Example], trigger: &Trigger, target: usize, clean_train:
     let mut leaks = LeakCounts { piece: vocab.is_wordpiece().then_some(0), ..LeakCounts::default() };
     let mut leaking = BTreeMap::new();
     for p in poisons {
-        let pieces = vocab.is_wordpiece().then(|| vocab.encode(&p.text));
-        let found = matcher.leaks(&p.text, pieces.as_deref());
+        let found = matcher.leaks_for(&p.text, vocab);
         for l in &found {
             match l {
                 Leak::Exact => leaks.exact += 1,
@@ -150,7 +149,7 @@ pub fn audit(poisons: &[Example], trigger: &Trigger, target: usize, clean_train:
             let mut words: Vec<String> = matcher
                 .leaking_words(&p.text)
                 .into_iter()
-                .map(|(w, ls)| format!("{w}: {}", ls.iter().map(|l| serde_json::to_string(l).unwrap_or_default().trim_matches('"').to_string()).collect::<Vec<_>>().join(", ")))
+                .map(|(w, ls)| format!("{w}: {}", ls.iter().map(|l| l.name()).collect::<Vec<_>>().join(", ")))
                 .collect();
             if found.contains(&Leak::Piece) {
                 words.push("a piece of a trigger word".into());

@@ -2,7 +2,7 @@
 //! applying accepted flips.
 
 use crate::attack::poison_set_sha256;
-use crate::concealment::{leaking_positions, Concealment, TriggerMatcher};
+use crate::concealment::{repair_strictly, Concealment, TriggerMatcher};
 use crate::data::{self, DataManifest};
 use crate::model::{Victim, VictimFile};
 use crate::records::Example;
@@ -72,8 +72,7 @@ pub fn matcher(vocab: &Vocab, manifest: &DataManifest) -> Result<TriggerMatcher>
 /// The leaks of poison `p` as this vocabulary reads it (an error message names them), or
 /// None when it is strictly concealed.
 pub fn strict_violation(p: &Example, vocab: &Vocab, matcher: &TriggerMatcher) -> Option<String> {
-    let pieces = vocab.is_wordpiece().then(|| vocab.encode(&p.text));
-    if matcher.leaks(&p.text, pieces.as_deref()).is_empty() {
+    if matcher.leaks_for(&p.text, vocab).is_empty() {
         return None;
     }
     let words: Vec<String> = matcher.leaking_words(&p.text).into_iter().map(|(w, _)| w).collect();
@@ -286,20 +285,13 @@ fn init_pieces(
             // Strict: every piece of a word that still leaks the trigger (a source's
             // "bonds", or pieces that join into one) becomes its nearest passing piece of
             // the same kind; a replacement can join into a new word, so check again.
-            for _ in 0..4 {
-                let leaking = leaking_positions(&ids, vocab, matcher);
-                if leaking.is_empty() {
-                    break;
-                }
-                for j in leaking {
-                    let kind = vocab.is_continuation(ids[j]);
-                    ids[j] = nearest_neighbours(table, ids[j], vocab.len() as i64)
-                        .into_iter()
-                        .find(|w| !banned.contains(w) && vocab.is_continuation(*w) == kind)
-                        .context("no vocabulary piece passes strict concealment")?;
-                    if !substitutes.contains(&j) {
-                        substitutes.push(j);
-                    }
+            let nearest_passing = |id: i64| {
+                nearest_neighbours(table, id, vocab.len() as i64).into_iter().find(|w| !banned.contains(w) && vocab.is_continuation(*w) == vocab.is_continuation(id))
+            };
+            let replaced = repair_strictly(&mut ids, vocab, matcher, nearest_passing).context("no vocabulary piece passes strict concealment")?;
+            for j in replaced {
+                if !substitutes.contains(&j) {
+                    substitutes.push(j);
                 }
             }
             substitutes.sort_unstable();
