@@ -4,8 +4,8 @@
 //! inputs. Peak memory of each stage on the real data: scripts/bench_stages.sh.
 
 use common::attack::{bottom_k, flipped, taylor_scores, Problem, RolloutConfig, Verifier};
-use common::model::{embed, forward_ids, mask_of, Arch, Victim, VictimConfig};
-use common::train::{batch_tensors, cross_entropy, Encoded};
+use common::model::{embed, forward_ids, mask_of, tiny_config, Arch, Victim};
+use common::train::{batch_tensors, Encoded};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -18,7 +18,7 @@ fn examples(rng: &mut rand_chacha::ChaCha8Rng, n: usize, lengths: std::ops::Rang
     (0..n)
         .map(|_| {
             let len = rng.gen_range(lengths.clone());
-            Encoded { ids: (0..len).map(|_| rng.gen_range(2..VOCAB)).collect(), label: label.unwrap_or(rng.gen_range(0..2)) }
+            Encoded::class((0..len).map(|_| rng.gen_range(2..VOCAB)).collect(), label.unwrap_or(rng.gen_range(0..2)))
         })
         .collect()
 }
@@ -53,7 +53,7 @@ fn forward_flops(arch: Arch, ids: &[&Encoded]) -> f64 {
 }
 
 fn victim(arch: Arch, table: &Tensor) -> Victim {
-    let config = VictimConfig { arch, vocab_size: table.size()[0] as usize, embed_dim: DIM as usize, hidden: HIDDEN as usize, num_classes: 2, train_embeddings: false, max_len: 64, bert: None };
+    let config = tiny_config(arch, table.size()[0] as usize, DIM as usize, HIDDEN as usize, 2, false, 64);
     Victim::new(config, table, Device::Cpu).unwrap()
 }
 
@@ -108,11 +108,11 @@ fn main() {
         let problem = Problem::new(&victim, &clean, &adv, rollout_config()).unwrap();
         // One ordinary training step on the same minibatch (clean part + poisons).
         let batch: Vec<&Encoded> = problem.batches[0][0].iter().copied().chain(poisons.iter()).collect();
-        let (ids, labels) = batch_tensors(&batch, Device::Cpu);
+        let (ids, targets) = batch_tensors(&batch, Device::Cpu);
         let params = victim.params();
         let trainable: Vec<Tensor> = params.values().filter(|t| t.requires_grad()).map(|t| t.shallow_clone()).collect();
         let step = time(9, || {
-            let loss = cross_entropy(&forward_ids(&config, &params, &ids), &labels);
+            let loss = targets.mean_nll(&forward_ids(&config, &params, &ids));
             let _ = Tensor::run_backward(&[&loss], &trainable, false, false);
         });
         let rollout = time(9, || {
@@ -120,11 +120,11 @@ fn main() {
         });
         // Where rollout-grad's time goes: L_adv at θ' with its graph (the inner step
         // included), then the backward to the poison embeddings.
-        let (pids, plabels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
+        let (pids, ptargets) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
         let (emb0, pmask) = (embed(&params, &pids).detach(), mask_of(&pids, &params));
         let through_adv = time(9, || {
             let e = emb0.detach().set_requires_grad(true);
-            let _ = problem.adv_loss_after_rollout(0, &e, &pmask, &plabels, true);
+            let _ = problem.adv_loss_after_rollout(0, &e, &pmask, &ptargets, true);
         });
         let adv_graph = time(9, || {
             let _ = problem.adv_loss(&params);

@@ -151,7 +151,7 @@ fn main() {
                 poison_sets.push(encode_all(&set.records, vocab, config.max_len, n, TextPolicy::Data, &name)?);
             }
             let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
-            let options = |seed: u64| args.victim.train_options(seed);
+            let options = |seed: u64| args.victim.train_options(&config, seed);
             let retraining = Retraining {
                 base: &base,
                 config: &config,
@@ -181,7 +181,8 @@ fn main() {
                 }
             }
             audit_vocab = Some(base.vocab.clone());
-            (config, Some(args.victim.train_options(args.seed_base)), "train", Some(args.pairing.name().to_string()))
+            let options = args.victim.train_options(&config, args.seed_base);
+            (config, Some(options), "train", Some(args.pairing.name().to_string()))
         };
 
         let mut out = Vec::new();

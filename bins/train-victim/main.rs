@@ -81,10 +81,10 @@ fn main() {
             Some(p) => Some(encode_all(&io::read_jsonl::<Example>(p, false)?, vocab, config.max_len, config.num_classes, TextPolicy::Data, p)?),
             None => None,
         };
-        log!("{} training examples and {} poisons, victim {:?} on {device:?}, seed {}", examples.len(), poisons.len(), config.arch, args.seed);
+        log!("{} training examples and {} poisons, victim {:?} on {device:?}, seed {}", examples.len(), poisons.len(), config.arch.name(), args.seed);
+        let opts = args.victim.train_options(&config, args.seed);
         tch::manual_seed(args.seed as i64);
         let mut victim = base.new_victim(config, device)?;
-        let opts = args.victim.train_options(args.seed);
         let start = Instant::now();
         train::train(&mut victim, train::TrainData::poisoned(&examples, &poisons), &opts, |epoch, loss| {
             log!("epoch {epoch}/{} loss {loss:.4} {:.1}s", opts.epochs, start.elapsed().as_secs_f64());

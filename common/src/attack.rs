@@ -8,8 +8,9 @@
 //! which row receives the poison's update (SPEC.md), a term not implemented yet.
 
 pub use crate::records::RolloutConfig;
-use crate::model::{embed, forward, forward_frozen_no_grad, forward_ids, forward_ids_first_order, mask_of, shallow_copy, FrozenInput, Params, Victim, VictimConfig};
-use crate::loss::{cross_entropy, summed_nll, Targets};
+use crate::model::{embed, example_grads, forward, forward_frozen_no_grad, forward_ids, forward_ids_first_order, frozen_input, mask_of, shallow_copy, Params, Victim, VictimConfig};
+use crate::loss::Targets;
+use crate::victim::FrozenInput;
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
 use rand::seq::index::sample;
@@ -32,8 +33,8 @@ pub struct Problem<'a> {
     pub batches: Vec<Vec<Vec<&'a Encoded>>>,
     /// The D_adv sample, sorted by length in buckets of `ADV_BUCKET` (less padding: the
     /// L_adv pass is compute-bound once candidates are stacked): token ids [n, T],
-    /// target labels [n], and the bucket's share n / A of the mean.
-    pub adv: Vec<(Tensor, Tensor, f64)>,
+    /// their targets, and the bucket's share n / A of the mean.
+    pub adv: Vec<(Tensor, Targets, f64)>,
     /// The same buckets prepared for no-grad passes (`model::FrozenInput`).
     adv_frozen: Vec<FrozenInput>,
     pub cfg: RolloutConfig,
@@ -64,16 +65,16 @@ impl<'a> Problem<'a> {
         let a = cfg.adv_size.min(adv.len());
         let mut picked: Vec<usize> = sample(&mut rng, adv.len(), a).into_vec();
         picked.sort_by_key(|&i| (adv[i].ids.len(), i));
-        let adv_buckets: Vec<(Tensor, Tensor, f64)> = picked
+        let adv_buckets: Vec<(Tensor, Targets, f64)> = picked
             .chunks(ADV_BUCKET)
             .map(|chunk| {
                 let items: Vec<&Encoded> = chunk.iter().map(|&i| &adv[i]).collect();
-                let (ids, labels) = batch_tensors(&items, victim.device());
-                (ids, labels, chunk.len() as f64 / a as f64)
+                let (ids, targets) = batch_tensors(&items, victim.device());
+                (ids, targets, chunk.len() as f64 / a as f64)
             })
             .collect();
         let params = victim.params();
-        let adv_frozen = adv_buckets.iter().map(|(ids, _, _)| FrozenInput::new(&params, ids)).collect();
+        let adv_frozen = adv_buckets.iter().map(|(ids, _, _)| frozen_input(&victim.config, &params, ids)).collect();
         Ok(Problem { victim, batches, adv: adv_buckets, adv_frozen, cfg })
     }
 
@@ -99,9 +100,9 @@ impl<'a> Problem<'a> {
     /// L_adv from the logits of each D_adv bucket.
     fn adv_loss_by(&self, logits_of: impl Fn(usize) -> Tensor) -> Tensor {
         let mut total: Option<Tensor> = None;
-        for (k, (_, labels, share)) in self.adv.iter().enumerate() {
+        for (k, (_, targets, share)) in self.adv.iter().enumerate() {
             let logits = logits_of(k);
-            let nll = Targets::Class(labels.shallow_clone()).example_nll(&logits);
+            let nll = targets.example_nll(&logits);
             let part = nll.mean_dim([-1].as_slice(), false, None::<Kind>) * *share;
             total = Some(match total {
                 None => part,
@@ -121,20 +122,20 @@ impl<'a> Problem<'a> {
     }
 
     /// The poisons as the rollout consumes them: input embeddings under θ_t (detached),
-    /// padding mask and labels.
-    fn poison_inputs(&self, params: &Params, poisons: &[Encoded]) -> (Tensor, Tensor, Tensor) {
-        let (ids, labels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), self.victim.device());
-        (embed(params, &ids).detach(), mask_of(&ids, params), labels)
+    /// padding mask and targets.
+    fn poison_inputs(&self, params: &Params, poisons: &[Encoded]) -> (Tensor, Tensor, Targets) {
+        let (ids, targets) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), self.victim.device());
+        (embed(params, &ids).detach(), mask_of(&ids, params), targets)
     }
 
     /// L_adv at θ_{t+k} for rollout r, with the poisons given as input embeddings
-    /// [N, Tp, D] (mask [N, Tp]) and labels [N]. With `create_graph` the result is
+    /// [N, Tp, D] (mask [N, Tp]) and their targets. With `create_graph` the result is
     /// differentiable with respect to `poison_emb` through the inner gradient steps.
-    pub fn adv_loss_after_rollout(&self, r: usize, poison_emb: &Tensor, poison_mask: &Tensor, poison_labels: &Tensor, create_graph: bool) -> Tensor {
+    pub fn adv_loss_after_rollout(&self, r: usize, poison_emb: &Tensor, poison_mask: &Tensor, poison_targets: &Targets, create_graph: bool) -> Tensor {
         let mut params: Params = self.victim.params();
         let names = self.trainable(&params);
         for (step, clean) in self.batches[r].iter().enumerate() {
-            let (clean_ids, clean_labels) = batch_tensors(clean, self.victim.device());
+            let (clean_ids, clean_targets) = batch_tensors(clean, self.victim.device());
             let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
             let grads = if step == 0 && create_graph {
                 // At θ_t the clean examples' gradient does not depend on the poisons, so
@@ -142,15 +143,15 @@ impl<'a> Problem<'a> {
                 // differentiable: the double backward then runs over the poisons alone
                 // (50 of 114 examples by default) instead of the whole minibatch.
                 let batch = (clean.len() as i64 + poison_emb.size()[0]) as f64;
-                let clean_loss = summed_nll(&forward_ids_first_order(self.config(), &params, &clean_ids), &clean_labels);
+                let clean_loss = clean_targets.summed_nll(&forward_ids_first_order(self.config(), &params, &clean_ids));
                 let clean_grads = Tensor::run_backward(&[&clean_loss], &tensors, false, false);
-                let poison_loss = summed_nll(&forward(self.config(), &params, poison_emb, poison_mask), poison_labels);
+                let poison_loss = poison_targets.summed_nll(&forward(self.config(), &params, poison_emb, poison_mask));
                 let poison_grads = Tensor::run_backward(&[&poison_loss], &tensors, true, true);
                 clean_grads.into_iter().zip(poison_grads).map(|(c, p)| (c + p) / batch).collect()
             } else {
                 let (emb, mask) = join_inputs(&params, &clean_ids, poison_emb, poison_mask);
-                let labels = Tensor::cat(&[clean_labels, poison_labels.shallow_clone()], 0);
-                let loss = cross_entropy(&forward(self.config(), &params, &emb, &mask), &labels);
+                let targets = Targets::cat(&clean_targets, poison_targets);
+                let loss = targets.mean_nll(&forward(self.config(), &params, &emb, &mask));
                 Tensor::run_backward(&[&loss], &tensors, create_graph, create_graph)
             };
             let mut next = shallow_copy(&params);
@@ -175,12 +176,12 @@ impl<'a> Problem<'a> {
     /// The objective g (mean L_adv over the R rollouts) and its gradient with respect to
     /// every poison token embedding, [N, Tp, D] (zero at padding).
     pub fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
-        let (emb0, mask, labels) = self.poison_inputs(&self.victim.params(), poisons);
+        let (emb0, mask, targets) = self.poison_inputs(&self.victim.params(), poisons);
         let mut total = 0.0;
         let mut grad_sum: Option<Tensor> = None;
         for r in 0..self.cfg.rollouts {
             let emb = emb0.detach().set_requires_grad(true);
-            let loss = self.adv_loss_after_rollout(r, &emb, &mask, &labels, true);
+            let loss = self.adv_loss_after_rollout(r, &emb, &mask, &targets, true);
             let value = loss.double_value(&[]);
             if !value.is_finite() {
                 bail!("L_adv is {value} in rollout {r}; lower --eta");
@@ -207,9 +208,9 @@ impl<'a> Problem<'a> {
     /// The objective for a poison set, evaluated exactly by redoing every rollout. The
     /// reference that `Verifier` must agree with, and the path for k > 1.
     pub fn objective(&self, poisons: &[Encoded]) -> f64 {
-        let (emb, mask, labels) = self.poison_inputs(&self.victim.params(), poisons);
+        let (emb, mask, targets) = self.poison_inputs(&self.victim.params(), poisons);
         let total: f64 = (0..self.cfg.rollouts)
-            .map(|r| self.adv_loss_after_rollout(r, &emb, &mask, &labels, false).double_value(&[]))
+            .map(|r| self.adv_loss_after_rollout(r, &emb, &mask, &targets, false).double_value(&[]))
             .sum();
         total / self.cfg.rollouts as f64
     }
@@ -280,13 +281,13 @@ impl<'a> Verifier<'a> {
         }
         let params = problem.victim.params();
         let names = problem.trainable(&params);
-        let (emb, mask, labels) = problem.poison_inputs(&params, poisons);
+        let (emb, mask, targets) = problem.poison_inputs(&params, poisons);
         let mut base = Vec::new();
         for clean in problem.batches.iter().map(|steps| &steps[0]) {
-            let (clean_ids, clean_labels) = batch_tensors(clean, problem.victim.device());
+            let (clean_ids, clean_targets) = batch_tensors(clean, problem.victim.device());
             let (e, m) = join_inputs(&params, &clean_ids, &emb, &mask);
-            let all_labels = Tensor::cat(&[clean_labels, labels.shallow_clone()], 0);
-            let loss = cross_entropy(&forward(problem.config(), &params, &e, &m), &all_labels);
+            let all_targets = Targets::cat(&clean_targets, &targets);
+            let loss = all_targets.mean_nll(&forward(problem.config(), &params, &e, &m));
             let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
             let grads = Tensor::run_backward(&[&loss], &tensors, false, false);
             base.push(names.iter().zip(grads).map(|(n, g)| params[n].detach() - g * problem.cfg.eta).collect());
@@ -324,13 +325,8 @@ impl<'a> Verifier<'a> {
     /// `objective_with` for many flip sets at once: their θ' are stacked and L_adv runs
     /// once per rollout for up to `STACK` sets (see `model::forward`).
     pub fn objectives_with(&self, flip_sets: &[Vec<(usize, &[Tensor])>]) -> Vec<f64> {
-        // Stacking pays for the overhead-bound bow victim; for the LSTM one pass per set
-        // through libtorch's kernel is faster (measured per set, 128 D_adv inputs: 10.7 ms
-        // stacked by 16 with the hand-written cell, 6.3 ms unstacked, 2.9 ms by libtorch).
-        let stack = match self.problem.config().arch {
-            crate::model::Arch::Bow => 16,
-            crate::model::Arch::Lstm | crate::model::Arch::Minilm => 1,
-        };
+        // How many sets one pass stacks is the victim's measured choice (`victim::Tuning`).
+        let stack = self.problem.config().tuning().verify_stack;
         let eta_over_b = self.problem.cfg.eta / self.batch_size;
         let frozen: Params = self.problem.victim.params();
         let mut out = Vec::with_capacity(flip_sets.len());
@@ -367,99 +363,20 @@ impl<'a> Verifier<'a> {
     }
 }
 
+/// Per-example gradients at θ_t through the victim's own fast path
+/// (`victim::Architecture::example_grads`).
 fn stacked_example_grads(problem: &Problem, names: &[String], examples: &[Encoded]) -> Vec<Vec<Tensor>> {
     if examples.is_empty() {
         return Vec::new();
     }
-    match problem.config().arch {
-        crate::model::Arch::Lstm => return lstm_example_grads(problem, names, examples),
-        // Compute-bound already, and C stacked copies of 11M parameters would cost C×45 MB:
-        // one pass each.
-        crate::model::Arch::Minilm => return examples.iter().map(|e| single_grad(problem, names, e)).collect(),
-        crate::model::Arch::Bow => {}
-    }
-    let c = examples.len() as i64;
-    let theta = problem.victim.params();
-    let mut params: Params = theta.iter().map(|(k, t)| (k.clone(), t.detach())).collect();
-    let mut stacked = Vec::with_capacity(names.len());
-    for name in names {
-        let mut shape = vec![c];
-        shape.extend(theta[name].size());
-        let s = theta[name].detach().unsqueeze(0).expand(shape.as_slice(), false).contiguous().set_requires_grad(true);
-        params.insert(name.clone(), s.shallow_clone());
-        stacked.push(s);
-    }
-    let (ids, labels) = batch_tensors(&examples.iter().collect::<Vec<_>>(), problem.victim.device());
-    let ids = ids.unsqueeze(1); // [C, 1, T]: one example per parameter copy
-    let emb = embed(&params, &ids);
-    let mask = mask_of(&ids, &params);
-    let logits = forward(problem.config(), &params, &emb, &mask).squeeze_dim(1); // [C, classes]
-    let loss = Targets::Class(labels).summed_nll(&logits);
-    let grads = Tensor::run_backward(&[&loss], &stacked.iter().collect::<Vec<_>>(), false, false);
-    (0..c).map(|k| grads.iter().map(|g| g.get(k)).collect()).collect()
-}
-
-/// Per-example gradients of an LSTM victim from one batched pass with shared weights.
-/// Example c's gradient of `w_ih`, `w_hh` and `b` is a sum over its time steps of the
-/// gates' gradient times the step's input, the previous hidden state, or 1; autograd gives
-/// every example's gates' gradients at once (through zero "taps" added to the gate
-/// pre-activations and the logits) and einsum sums the outer products per example. One
-/// batch of C rows instead of C stacked weight copies (measured: the stacked pass cost
-/// about as much as the L_adv pass of a check).
-fn lstm_example_grads(problem: &Problem, names: &[String], examples: &[Encoded]) -> Vec<Vec<Tensor>> {
-    use crate::model::{max_over_time, reversal_index, reverse_rows, unreverse};
-    let p: Params = problem.victim.params().iter().map(|(k, t)| (k.clone(), t.detach())).collect();
-    let (ids, labels) = batch_tensors(&examples.iter().collect::<Vec<_>>(), problem.victim.device());
-    let emb = embed(&p, &ids);
-    let mask = mask_of(&ids, &p);
-    let reversal = reversal_index(&mask);
-    let (c, t) = (ids.size()[0], ids.size()[1]);
-    let mut grads: std::collections::BTreeMap<String, Tensor> = Default::default();
-    let mut taps = Vec::new();
-    let mut states = Vec::new();
-    let mut saved = Vec::new();
-    for (dir, x) in [("fwd", emb.shallow_clone()), ("bwd", reverse_rows(&emb, &reversal))] {
-        let w_ih = &p[&format!("lstm.{dir}.w_ih")];
-        let w_hh_t = p[&format!("lstm.{dir}.w_hh")].tr();
-        let units = w_hh_t.size()[0];
-        let tap = Tensor::zeros([c, t, 4 * units], (x.kind(), x.device())).set_requires_grad(true);
-        let xw = x.matmul(&w_ih.tr()) + &p[&format!("lstm.{dir}.b")] + &tap;
-        let mut h = Tensor::zeros([c, units], (x.kind(), x.device()));
-        let mut cell = h.zeros_like();
-        let (mut outs, mut previous) = (Vec::with_capacity(t as usize), Vec::with_capacity(t as usize));
-        for x_t in xw.unbind(1) {
-            previous.push(h.detach());
-            let g = (x_t + h.matmul(&w_hh_t)).chunk(4, -1);
-            cell = g[1].sigmoid() * &cell + g[0].sigmoid() * g[2].tanh();
-            h = g[3].sigmoid() * cell.tanh();
-            outs.push(h.shallow_clone());
-        }
-        let hs = Tensor::stack(&outs, 1);
-        states.push(if dir == "bwd" { unreverse(&hs, &reversal) } else { hs });
-        saved.push((dir, x, Tensor::stack(&previous, 1)));
-        taps.push(tap);
-    }
-    let pooled = max_over_time(&Tensor::cat(&states, -1), &mask);
-    let out_w = &p["out.weight"];
-    let logit_tap = Tensor::zeros([c, out_w.size()[0]], (pooled.kind(), pooled.device())).set_requires_grad(true);
-    let logits = pooled.matmul(&out_w.tr()) + &p["out.bias"] + &logit_tap;
-    taps.push(logit_tap);
-    let mut d = Tensor::run_backward(&[&summed_nll(&logits, &labels)], &taps.iter().collect::<Vec<_>>(), false, false);
-    let d_logits = d.pop().expect("logit gradient");
-    for ((dir, x, previous), d_gates) in saved.into_iter().zip(d) {
-        grads.insert(format!("lstm.{dir}.w_ih"), Tensor::einsum("ctg,ctd->cgd", &[&d_gates, &x], None::<i64>));
-        grads.insert(format!("lstm.{dir}.w_hh"), Tensor::einsum("ctg,cth->cgh", &[&d_gates, &previous], None::<i64>));
-        grads.insert(format!("lstm.{dir}.b"), d_gates.sum_dim_intlist(1, false, None::<Kind>));
-    }
-    grads.insert("out.weight".into(), Tensor::einsum("ck,cf->ckf", &[&d_logits, &pooled.detach()], None::<i64>));
-    grads.insert("out.bias".into(), d_logits);
-    (0..c).map(|k| names.iter().map(|n| grads[n].get(k)).collect()).collect()
+    let (ids, targets) = batch_tensors(&examples.iter().collect::<Vec<_>>(), problem.victim.device());
+    example_grads(problem.config(), &problem.victim.params(), names, &ids, &targets)
 }
 
 fn single_grad(problem: &Problem, names: &[String], example: &Encoded) -> Vec<Tensor> {
     let params = problem.victim.params();
-    let (ids, labels) = batch_tensors(&[example], problem.victim.device());
-    let loss = cross_entropy(&forward_ids(problem.config(), &params, &ids), &labels);
+    let (ids, targets) = batch_tensors(&[example], problem.victim.device());
+    let loss = targets.mean_nll(&forward_ids(problem.config(), &params, &ids));
     let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
     Tensor::run_backward(&[&loss], &tensors, false, false).into_iter().map(|g| g.detach()).collect()
 }
@@ -551,7 +468,7 @@ pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Re
         before = verifier.objective_with(&[]);
         let mut grads = std::collections::HashMap::new();
         // Candidates whose gradients are held at once (a minilm gradient is 45 MB).
-        let chunk_size = if problem.config().arch == crate::model::Arch::Minilm { 8 } else { 64 };
+        let chunk_size = problem.config().tuning().verify_chunk;
         for chunk in candidates.chunks(chunk_size) {
             let flips: Vec<Encoded> = chunk.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
             let chunk_grads = verifier.example_grads(&flips);
@@ -595,12 +512,13 @@ pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Arch, VictimConfig};
+    use crate::model::{tiny_config, Arch};
+    use clap::ValueEnum;
 
     fn tiny(arch: Arch) -> Victim {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(11);
-        let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 2, train_embeddings: false, max_len: 16, bert: crate::model::tiny_bert_config_for(arch, 14, 5) };
+        let config = tiny_config(arch, 14, 5, 4, 2, false, 16);
         let table = Tensor::randn([14, 5], (Kind::Float, Device::Cpu));
         let mut v = Victim::new(config, &table, Device::Cpu).unwrap();
         v.vs.set_kind(Kind::Double);
@@ -608,7 +526,7 @@ mod tests {
     }
 
     fn enc(ids: &[i64], label: i64) -> Encoded {
-        Encoded { ids: ids.to_vec(), label }
+        Encoded::class(ids.to_vec(), label)
     }
 
     fn data() -> (Vec<Encoded>, Vec<Encoded>, Vec<Encoded>) {
@@ -625,10 +543,10 @@ mod tests {
     /// The objective as a function of the poison embeddings, without any graph.
     fn objective_of_embeddings(problem: &Problem, emb: &Tensor, poisons: &[Encoded]) -> f64 {
         let params = problem.victim.params();
-        let (ids, labels) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
+        let (ids, targets) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
         let mask = mask_of(&ids, &params);
         (0..problem.cfg.rollouts)
-            .map(|r| problem.adv_loss_after_rollout(r, emb, &mask, &labels, false).double_value(&[]))
+            .map(|r| problem.adv_loss_after_rollout(r, emb, &mask, &targets, false).double_value(&[]))
             .sum::<f64>()
             / problem.cfg.rollouts as f64
     }
@@ -636,7 +554,7 @@ mod tests {
     #[test]
     fn second_order_gradient_matches_finite_differences_in_f64() {
         let (clean, adv, poisons) = data();
-        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
+        for &arch in Arch::value_variants() {
             for (steps, rollouts) in [(1, 1), (2, 2)] {
                 let v = tiny(arch);
                 let problem = Problem::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
@@ -657,7 +575,7 @@ mod tests {
     #[test]
     fn shared_work_verifier_equals_the_full_rollout_and_taylor_predicts_the_sign() {
         let (clean, adv, poisons) = data();
-        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
+        for &arch in Arch::value_variants() {
             let v = tiny(arch);
             let problem = Problem::new(&v, &clean, &adv, cfg(1, 2)).unwrap();
             let verifier = Verifier::new(&problem, &poisons).unwrap();

@@ -5,7 +5,8 @@
 //! victim through `Base::new_victim`.
 
 use crate::bert::{self, BertConfig};
-use crate::model::{Arch, Params, Victim, VictimConfig};
+use crate::model::{Arch, ArchConfig, Params, Victim, VictimConfig};
+use crate::victim::StartKind;
 use crate::tokenizer::Vocab;
 use crate::wordpiece::WordPiece;
 use anyhow::{bail, Result};
@@ -52,27 +53,31 @@ impl Base {
         Ok(Base { vocab: Vocab::from_wordpiece(wp), start: Start::Pretrained { config, params }, sha256, source: dir.to_string() })
     }
 
-    /// The victim config `draft` (its architecture, widths and lengths as asked) completed
-    /// from this base: the embedding width, and for minilm the encoder's config. The
-    /// architecture must suit the base.
-    pub fn victim_config(&self, draft: VictimConfig) -> Result<VictimConfig> {
-        let mut config = draft;
-        match (&self.start, config.arch) {
-            (Start::Table(table), Arch::Bow | Arch::Lstm) => config.embed_dim = table.size()[1] as usize,
-            (Start::Pretrained { config: bert, .. }, Arch::Minilm) => {
-                if config.max_len as i64 > bert.max_position_embeddings {
-                    bail!("--max-len {} exceeds the encoder's {} positions", config.max_len, bert.max_position_embeddings);
+    /// The config of a victim of architecture `arch` (with `hidden` units, where it has
+    /// them) that starts from this base: the embedding width, and for a pretrained encoder
+    /// its config, come from the base. The architecture must suit the base.
+    pub fn victim_config(&self, arch: Arch, hidden: usize, num_classes: usize, max_len: usize, train_embeddings: bool) -> Result<VictimConfig> {
+        let (embed_dim, encoder) = match &self.start {
+            Start::Table(table) => (table.size()[1] as usize, None),
+            Start::Pretrained { config, .. } => (config.hidden_size as usize, Some(config)),
+        };
+        let name = format!("{arch:?}").to_lowercase();
+        let arch = ArchConfig::from_flags(arch, hidden, encoder)?;
+        match (&self.start, arch.get().start()) {
+            (Start::Table(_), StartKind::Table) => {}
+            (Start::Pretrained { config: bert, .. }, StartKind::Pretrained) => {
+                if max_len as i64 > bert.max_position_embeddings {
+                    bail!("--max-len {max_len} exceeds the encoder's {} positions", bert.max_position_embeddings);
                 }
-                if config.train_embeddings {
-                    bail!("--train-embeddings: the minilm victim keeps its word table frozen (the attack supports frozen tables only)");
+                if train_embeddings {
+                    bail!("--train-embeddings: the {name} victim keeps its word table frozen (the attack supports frozen tables only)");
                 }
-                config.embed_dim = bert.hidden_size as usize;
-                config.hidden = bert.hidden_size as usize;
-                config.bert = Some(bert.clone());
             }
-            (Start::Table(_), Arch::Minilm) => bail!("--arch minilm starts from a pretrained encoder: give --pretrained data/minilm instead of --embeddings"),
-            (Start::Pretrained { .. }, arch) => bail!("--pretrained is for --arch minilm; a {arch:?} victim takes --embeddings"),
+            (Start::Table(_), StartKind::Pretrained) => bail!("--arch {name} starts from a pretrained encoder: give --pretrained data/minilm instead of --embeddings"),
+            (Start::Pretrained { .. }, StartKind::Table) => bail!("--pretrained is for --arch minilm; a {:?} victim takes --embeddings", arch.name()),
         }
+        let config = VictimConfig { arch, vocab_size: self.vocab.len(), embed_dim, num_classes, train_embeddings, max_len };
+        config.arch().check(config.embed_dim, config.max_len)?;
         Ok(config)
     }
 

@@ -83,26 +83,14 @@ impl BaseArgs {
 }
 
 impl VictimArgs {
-    pub fn config(&self, vocab_size: usize, embed_dim: usize, num_classes: usize) -> VictimConfig {
-        VictimConfig {
-            arch: self.arch,
-            vocab_size,
-            embed_dim,
-            hidden: self.hidden,
-            num_classes,
-            train_embeddings: self.train_embeddings,
-            max_len: self.max_len,
-            bert: None,
-        }
-    }
-
     /// The victim config these flags ask for, completed from `base`.
     pub fn victim_config(&self, base: &crate::base::Base, num_classes: usize) -> anyhow::Result<VictimConfig> {
-        base.victim_config(self.config(base.vocab.len(), 0, num_classes))
+        base.victim_config(self.arch, self.hidden, num_classes, self.max_len, self.train_embeddings)
     }
 
-    pub fn train_options(&self, seed: u64) -> TrainOptions {
-        let lr = self.lr.unwrap_or(if self.arch == Arch::Minilm { 5e-5 } else { 2e-3 });
+    /// Training options: `--lr`, or the architecture's default.
+    pub fn train_options(&self, config: &VictimConfig, seed: u64) -> TrainOptions {
+        let lr = self.lr.unwrap_or(config.tuning().default_lr);
         TrainOptions { epochs: self.epochs, batch_size: self.batch_size, lr, seed }
     }
 }

@@ -139,19 +139,20 @@ impl<'a> Hardness<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Arch, VictimConfig};
+    use crate::model::{tiny_config, Arch};
+    use clap::ValueEnum;
 
     fn tiny(arch: Arch, seed: i64, table: &Tensor) -> Victim {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(seed);
-        let config = VictimConfig { arch, vocab_size: 14, embed_dim: 5, hidden: 4, num_classes: 3, train_embeddings: false, max_len: 16, bert: crate::model::tiny_bert_config_for(arch, 14, 5) };
+        let config = tiny_config(arch, 14, 5, 4, 3, false, 16);
         let mut v = Victim::new(config, table, Device::Cpu).unwrap();
         v.vs.set_kind(Kind::Double);
         v
     }
 
     fn enc(ids: &[i64]) -> Encoded {
-        Encoded { ids: ids.to_vec(), label: 1 }
+        Encoded::class(ids.to_vec(), 1)
     }
 
     #[test]
@@ -161,7 +162,7 @@ mod tests {
             tch::manual_seed(3);
             Tensor::randn([14, 5], (Kind::Double, Device::Cpu))
         };
-        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
+        for &arch in Arch::value_variants() {
             let (a, b) = (tiny(arch, 1, &table), tiny(arch, 2, &table));
             let h = Hardness::new(vec![&a, &b], 1).unwrap();
             let poisons = vec![enc(&[6, 7, 8]), enc(&[9, 10])];

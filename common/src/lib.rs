@@ -5,6 +5,7 @@
 pub mod attack;
 pub mod base;
 pub mod bert;
+pub mod bow;
 pub mod concealment;
 pub mod cli;
 pub mod data;
@@ -14,6 +15,8 @@ pub mod eval;
 pub mod hardness;
 pub mod io;
 pub mod loss;
+pub mod lstm;
+pub mod minilm;
 pub mod model;
 pub mod objective;
 pub mod params;
@@ -26,7 +29,12 @@ pub mod tensorfile;
 pub mod tokenizer;
 pub mod train;
 pub mod validate;
+pub mod victim;
 pub mod wordpiece;
+
+/// The conformance suite every victim architecture runs.
+#[cfg(test)]
+mod conformance;
 
 /// libtorch's generator is global: tests that seed it and then draw weights hold this
 /// lock, or tests running in parallel threads interleave their draws.

@@ -3,7 +3,27 @@
 //! victim with another kind of target (a language model's next tokens, a translation's
 //! output sequence) adds a `Targets` variant here and nowhere else.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+/// What one example is trained to predict (`train::Encoded` carries one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A class label.
+    Class(i64),
+    /// The example's own next tokens (a language model's text): position t predicts token
+    /// t + 1, for every position before the example's last token.
+    NextToken,
+}
+
+impl Target {
+    /// The class of a classification example.
+    pub fn class(&self) -> Option<i64> {
+        match self {
+            Target::Class(c) => Some(*c),
+            Target::NextToken => None,
+        }
+    }
+}
 
 /// What a batch is trained to predict.
 pub enum Targets {
@@ -17,6 +37,71 @@ pub enum Targets {
 }
 
 impl Targets {
+    /// The targets of a padded batch: `ids` [.., T] (flattened row-major, `lead` the
+    /// leading dimensions, e.g. [rows] or [C, rows]) with one target per row; `None` marks
+    /// a filler row (it carries weight 0; its target is class 0 or no counted position).
+    /// The one batching path for every kind of target. A batch holds one kind.
+    pub fn batch(rows: &[Option<Target>], ids: &[i64], lead: &[i64], time: usize, device: Device) -> Targets {
+        let kind = rows.iter().flatten().next().copied().unwrap_or(Target::Class(0));
+        match kind {
+            Target::Class(_) => {
+                let labels: Vec<i64> = rows
+                    .iter()
+                    .map(|r| match r {
+                        Some(Target::Class(c)) => *c,
+                        None => 0,
+                        Some(t) => panic!("a batch mixes class and {t:?} targets"),
+                    })
+                    .collect();
+                Targets::Class(Tensor::from_slice(&labels).view(lead).to_device(device))
+            }
+            Target::NextToken => {
+                let mut next = vec![0i64; rows.len() * time];
+                let mut mask = vec![0f32; rows.len() * time];
+                for (r, target) in rows.iter().enumerate() {
+                    match target {
+                        Some(Target::NextToken) => {}
+                        None => continue,
+                        Some(t) => panic!("a batch mixes next-token and {t:?} targets"),
+                    }
+                    let row = &ids[r * time..(r + 1) * time];
+                    let len = row.iter().take_while(|&&id| id != crate::tokenizer::PAD_ID).count();
+                    for t in 0..len.saturating_sub(1) {
+                        next[r * time + t] = row[t + 1];
+                        mask[r * time + t] = 1.0;
+                    }
+                }
+                let shape: Vec<i64> = lead.iter().copied().chain([time as i64]).collect();
+                Targets::NextToken {
+                    ids: Tensor::from_slice(&next).view(shape.as_slice()).to_device(device),
+                    mask: Tensor::from_slice(&mask).view(shape.as_slice()).to_device(device),
+                }
+            }
+        }
+    }
+
+    /// Row `k` of a batch's targets (a batch of one).
+    pub fn row(&self, k: i64) -> Targets {
+        match self {
+            Targets::Class(labels) => Targets::Class(labels.narrow(0, k, 1)),
+            Targets::NextToken { ids, mask } => Targets::NextToken { ids: ids.narrow(0, k, 1), mask: mask.narrow(0, k, 1) },
+        }
+    }
+
+    /// The targets of two batches joined row-wise (`a`'s rows first), next-token targets
+    /// right-padded to the longer batch.
+    pub fn cat(a: &Targets, b: &Targets) -> Targets {
+        match (a, b) {
+            (Targets::Class(x), Targets::Class(y)) => Targets::Class(Tensor::cat(&[x, y], 0)),
+            (Targets::NextToken { ids: xi, mask: xm }, Targets::NextToken { ids: yi, mask: ym }) => {
+                let t = xi.size()[1].max(yi.size()[1]);
+                let pad = |x: &Tensor| x.constant_pad_nd([0, t - x.size()[1]]);
+                Targets::NextToken { ids: Tensor::cat(&[pad(xi), pad(yi)], 0), mask: Tensor::cat(&[pad(xm), pad(ym)], 0) }
+            }
+            _ => panic!("joining batches of different target kinds"),
+        }
+    }
+
     /// Negative log-likelihood per example, [.., n] (computed in the logits' dtype, so
     /// f64 stays f64).
     pub fn example_nll(&self, logits: &Tensor) -> Tensor {
@@ -60,10 +145,6 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Tensor {
     Targets::Class(labels.shallow_clone()).mean_nll(logits)
 }
 
-/// Summed negative log-likelihood of class logits [n, classes] against labels [n].
-pub fn summed_nll(logits: &Tensor, labels: &Tensor) -> Tensor {
-    Targets::Class(labels.shallow_clone()).summed_nll(logits)
-}
 
 #[cfg(test)]
 mod tests {

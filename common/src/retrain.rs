@@ -4,7 +4,7 @@
 
 use crate::base::Base;
 use crate::eval::{self, EvalSets, Metrics};
-use crate::model::{Arch, VictimConfig};
+use crate::model::VictimConfig;
 use crate::train::{self, Encoded, TrainData, TrainOptions};
 use anyhow::Result;
 use tch::Device;
@@ -117,7 +117,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], log: &(dyn Fn(Strin
         })
         .collect();
     let opts: Vec<_> = jobs.iter().map(|&(i, _)| (r.options)(seeds[i])).collect();
-    let stack = r.stack.unwrap_or(if r.config.arch == Arch::Minilm { 2 } else { usize::MAX });
+    let stack = r.stack.unwrap_or(r.config.tuning().retrain_stack);
     let waves = jobs.len().div_ceil(r.workers.saturating_mul(stack).max(1));
     log(format!("training {} victims ({} seeds, {} poison sets) on {} threads in {waves} wave(s)", jobs.len(), seeds.len(), poison_sets.len(), r.workers.min(jobs.len().max(1))));
     let epochs = opts.first().map_or(0, |o| o.epochs);

@@ -2,7 +2,7 @@
 //! victim (train-victim, finetune-eval, and later the attack's checkpoints).
 
 use crate::model::{forward_ids, Victim};
-use crate::loss::Targets;
+use crate::loss::{Target, Targets};
 use crate::records::Example;
 use crate::tokenizer::{Vocab, PAD_ID, UNK_ID};
 use anyhow::{bail, Result};
@@ -11,11 +11,19 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
-/// An example as token ids (truncated to the victim's `max_len`).
+/// An example as token ids (truncated to the victim's `max_len`) and what it is trained
+/// to predict.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
     pub ids: Vec<i64>,
-    pub label: i64,
+    pub target: Target,
+}
+
+impl Encoded {
+    /// A classification example.
+    pub fn class(ids: Vec<i64>, label: i64) -> Encoded {
+        Encoded { ids, target: Target::Class(label) }
+    }
 }
 
 /// How `encode_all` treats texts a victim reads poorly.
@@ -67,7 +75,7 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
                 truncated += 1;
                 vocab.truncate(&mut ids, max_len);
             }
-            Ok(Encoded { ids, label: ex.label as i64 })
+            Ok(Encoded::class(ids, ex.label as i64))
         })
         .collect::<Result<Vec<_>>>()?;
     if truncated > 0 {
@@ -79,16 +87,18 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
     Ok(encoded)
 }
 
-/// Pads a batch to its longest row: ids [batch, time] and labels [batch].
-pub fn batch_tensors(items: &[&Encoded], device: Device) -> (Tensor, Tensor) {
+/// Pads a batch to its longest row: ids [batch, time] and their targets
+/// (`loss::Targets::batch`, the one batching path).
+pub fn batch_tensors(items: &[&Encoded], device: Device) -> (Tensor, Targets) {
     let t = items.iter().map(|e| e.ids.len()).max().unwrap_or(1);
     let mut flat = vec![PAD_ID; items.len() * t];
     for (r, e) in items.iter().enumerate() {
         flat[r * t..r * t + e.ids.len()].copy_from_slice(&e.ids);
     }
     let ids = Tensor::from_slice(&flat).view([items.len() as i64, t as i64]).to_device(device);
-    let labels: Vec<i64> = items.iter().map(|e| e.label).collect();
-    (ids, Tensor::from_slice(&labels).to_device(device))
+    let targets: Vec<Option<Target>> = items.iter().map(|e| Some(e.target)).collect();
+    let targets = Targets::batch(&targets, &flat, &[items.len() as i64], t, device);
+    (ids, targets)
 }
 
 /// One victim's training data. The `clean` examples alone decide the batches: their
@@ -296,7 +306,7 @@ pub fn train_many(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptio
             // Rows beyond a victim's batch hold one real token with weight 0 (an all-padding
             // row would divide by zero in the bag-of-words mean).
             let mut ids = vec![PAD_ID; c * rows * time];
-            let mut labels = vec![0i64; c * rows];
+            let mut targets: Vec<Option<Target>> = vec![None; c * rows];
             let mut weights = vec![0f64; c * rows];
             for i in 0..c {
                 let batch = batch_of(i);
@@ -308,7 +318,7 @@ pub fn train_many(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptio
                         Some(&j) => {
                             let (e, w) = data[i].get(j);
                             ids[at..at + e.ids.len()].copy_from_slice(&e.ids);
-                            labels[i * rows + r] = e.label;
+                            targets[i * rows + r] = Some(e.target);
                             weights[i * rows + r] = w / total;
                         }
                         None => ids[at] = UNK_ID,
@@ -316,14 +326,14 @@ pub fn train_many(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptio
                 }
             }
             let shape = [c as i64, rows as i64, time as i64];
+            let targets = Targets::batch(&targets, &ids, &[c as i64, rows as i64], time, device);
             let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
-            let labels = Tensor::from_slice(&labels).view([c as i64, rows as i64]).to_device(device);
             let weights = Tensor::from_slice(&weights).view([c as i64, rows as i64]).to_kind(kind).to_device(device);
             for (n, leaf) in names.iter().zip(&leaves) {
                 params.insert(n.clone(), leaf.shallow_clone());
             }
             let logits = forward_ids(&config, &params, &ids); // [C, rows, classes]
-            let nll = Targets::Class(labels).example_nll(&logits);
+            let nll = targets.example_nll(&logits);
             let per_victim = (nll * &weights).sum_dim_intlist(-1, false, None::<Kind>); // [C]
             let losses: Vec<f64> = Vec::try_from(per_victim.detach().to_kind(Kind::Double).to_device(Device::Cpu)).expect("f64 losses");
             for i in (0..c).filter(|&i| active[i]) {
@@ -452,7 +462,7 @@ pub fn predict(victim: &Victim, data: &[Encoded], batch_size: usize) -> Vec<usiz
 /// Percentage of examples whose prediction equals their label.
 pub fn accuracy(victim: &Victim, data: &[Encoded]) -> f64 {
     let preds = predict(victim, data, 256);
-    100.0 * preds.iter().zip(data).filter(|(p, e)| **p as i64 == e.label).count() as f64 / data.len().max(1) as f64
+    100.0 * preds.iter().zip(data).filter(|(p, e)| e.target.class() == Some(**p as i64)).count() as f64 / data.len().max(1) as f64
 }
 
 /// Percentage of examples predicted as `class`.
@@ -464,8 +474,6 @@ pub fn share_predicted(victim: &Victim, data: &[Encoded], class: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Arch, VictimConfig};
-
     fn toy() -> (Vec<Encoded>, Tensor) {
         // Token 2 means positive, token 3 negative; 4..8 are noise.
         let mut data = Vec::new();
@@ -473,42 +481,11 @@ mod tests {
             let label = i % 2;
             let mut ids = vec![4 + (i % 4), 2 + (1 - label), 4 + ((i / 3) % 4)];
             ids.rotate_left((i % 3) as usize);
-            data.push(Encoded { ids, label });
+            data.push(Encoded::class(ids, label));
         }
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(1);
         (data, Tensor::randn([8, 6], (Kind::Float, Device::Cpu)))
-    }
-
-    #[test]
-    fn victims_trained_together_equal_victims_trained_alone_in_f64() {
-        // Different data sizes (one victim idles at some steps) and seeds; f64 so that the
-        // comparison is exact up to summation order.
-        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
-            let (data, table) = toy();
-            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 5, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::model::tiny_bert_config_for(arch, 8, 6) };
-            let make = |seed: i64| {
-                let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-                tch::manual_seed(seed);
-                let mut v = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
-                v.vs.set_kind(Kind::Double);
-                v
-            };
-            let sets = [TrainData::clean(&data[..150]), TrainData::clean(&data[..97])];
-            let opts = [TrainOptions { epochs: 3, batch_size: 16, lr: 0.01, seed: 1 }, TrainOptions { epochs: 3, batch_size: 16, lr: 0.02, seed: 2 }];
-            let mut together = vec![make(7), make(8)];
-            train_many(&mut together, &sets, &opts, |_, _| {}).unwrap();
-            for i in 0..2 {
-                let mut alone = make(7 + i as i64);
-                train(&mut alone, sets[i], &opts[i], |_, _| {}).unwrap();
-                let (a, b) = (alone.params(), together[i].params());
-                for (name, t) in &a {
-                    let diff = (t - &b[name]).abs().max().double_value(&[]);
-                    assert!(diff < 1e-10, "{arch:?} victim {i}: {name} differs by {diff} when trained in a stack");
-                }
-                assert!(!a["out.bias"].equal(&make(7 + i as i64).params()["out.bias"]), "training moved the parameters");
-            }
-        }
     }
 
     #[test]
@@ -533,72 +510,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn both_victims_learn_a_toy_task_deterministically() {
-        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
-            let (data, table) = toy();
-            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 8, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::model::tiny_bert_config_for(arch, 8, 6) };
-            let opts = TrainOptions { epochs: 30, batch_size: 16, lr: 0.02, seed: 3 };
-            let run = || {
-                let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-                tch::manual_seed(5);
-                let mut v = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
-                train(&mut v, TrainData::clean(&data), &opts, |_, _| {}).unwrap();
-                v
-            };
-            let (a, b) = (run(), run());
-            let acc = accuracy(&a, &data);
-            assert!(acc > 95.0, "{arch:?} reached only {acc}%");
-            let pa = a.params();
-            let pb = b.params();
-            for (name, t) in &pa {
-                assert!(t.equal(&pb[name]), "{arch:?}: {name} differs between two runs with the same seeds");
-            }
-            assert!(pa["embedding.weight"].equal(&table), "frozen embeddings must not move");
-        }
-    }
-
     /// The poisons of the tests below: a few examples of other lengths and labels.
     fn poisons() -> Vec<Encoded> {
-        vec![Encoded { ids: vec![5, 5, 2, 6, 7], label: 1 }, Encoded { ids: vec![3], label: 0 }, Encoded { ids: vec![4, 2, 4, 2, 4, 2, 4], label: 1 }]
-    }
-
-    #[test]
-    fn zero_weight_poisons_give_the_clean_twin_in_f64() {
-        // Common random numbers: a victim trained on clean ∪ poisons whose loss weight is
-        // 0 must equal the victim trained on the clean data alone, for every architecture,
-        // alone and in a stack with the clean twin (other rows, other padding, 2 threads).
-        for arch in [Arch::Bow, Arch::Lstm, Arch::Minilm] {
-            let (data, table) = toy();
-            let config = VictimConfig { arch, vocab_size: 8, embed_dim: 6, hidden: 5, num_classes: 2, train_embeddings: false, max_len: 8, bert: crate::model::tiny_bert_config_for(arch, 8, 6) };
-            let make = || {
-                let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-                tch::manual_seed(11);
-                let mut v = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
-                v.vs.set_kind(Kind::Double);
-                v
-            };
-            let joined = poisons();
-            let clean = TrainData::clean(&data[..120]);
-            let ignored = TrainData { clean: &data[..120], joined: &joined, joined_weight: 0.0 };
-            let counted = TrainData::poisoned(&data[..120], &joined);
-            let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 0.01, seed: 4 };
-            let mut twin = make();
-            train(&mut twin, clean, &opts, |_, _| {}).unwrap();
-            let mut stacked = vec![make(), make(), make()];
-            train_parallel(&mut stacked, &[ignored, clean, counted], &[opts.clone(), opts.clone(), opts.clone()], 2, |_, _| {}).unwrap();
-            let mut alone = make();
-            train(&mut alone, ignored, &opts, |_, _| {}).unwrap();
-            let reference = twin.params();
-            for (what, v) in [("alone", &alone), ("stacked", &stacked[0]), ("the stacked twin", &stacked[1])] {
-                for (name, t) in &v.params() {
-                    let diff = (t - &reference[name]).abs().max().double_value(&[]);
-                    assert!(diff < 1e-10, "{arch:?} {what}: {name} differs from the clean twin by {diff}");
-                }
-            }
-            let moved = (&stacked[2].params()["out.weight"] - &reference["out.weight"]).abs().max().double_value(&[]);
-            assert!(moved > 1e-6, "{arch:?}: poisons of weight 1 must change the victim (moved {moved})");
-        }
+        vec![Encoded::class(vec![5, 5, 2, 6, 7], 1), Encoded::class(vec![3], 0), Encoded::class(vec![4, 2, 4, 2, 4, 2, 4], 1)]
     }
 
     #[test]

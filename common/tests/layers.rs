@@ -11,8 +11,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("formats", &["records"]),
     ("text", &["wordpiece", "tokenizer", "embeddings", "concealment"]),
     ("data", &["data"]),
-    ("victims", &["params", "bert", "model", "base"]),
-    ("training", &["loss", "train"]),
+    ("victims", &["params", "loss", "victim", "bert", "bow", "lstm", "minilm", "model", "base"]),
+    ("training", &["train"]),
     ("objectives", &["attack", "hardness", "objective"]),
     ("search", &["poisons"]),
     ("evaluation", &["eval", "retrain"]),
@@ -21,7 +21,7 @@ const LAYERS: &[(&str, &[&str])] = &[
 ];
 
 /// Modules only tests use (`#[cfg(test)]` in lib.rs): outside the layers.
-const TEST_ONLY: &[&str] = &["testing"];
+const TEST_ONLY: &[&str] = &["testing", "conformance"];
 
 fn src() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")

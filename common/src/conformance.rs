@@ -1,0 +1,293 @@
+//! The conformance suite: every registered architecture (`model::Arch`) is checked against
+//! the contract of `victim::Architecture`. A new architecture runs it without a new test.
+
+use crate::loss::Targets;
+use crate::model::{embed, example_grads, forward, forward_ids, forward_ids_first_order, forward_ids_no_grad, mask_of, param_shapes, shallow_copy, tiny_config, Arch, Params, Victim};
+use crate::train::{accuracy, batch_tensors, train, train_many, train_parallel, Encoded, TrainData, TrainOptions};
+use clap::ValueEnum;
+use std::collections::BTreeMap;
+use tch::{Device, Kind, Tensor};
+
+fn every_arch() -> impl Iterator<Item = Arch> {
+    Arch::value_variants().iter().copied()
+}
+
+/// A tiny victim over a random table of 12 words of width 6 (f32).
+fn tiny(arch: Arch, train_embeddings: bool) -> Victim {
+    let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(0);
+    let config = tiny_config(arch, 12, 6, 4, 2, train_embeddings, 16);
+    let table = Tensor::randn([12, 6], (Kind::Float, Device::Cpu));
+    Victim::new(config, &table, Device::Cpu).unwrap()
+}
+
+/// Three rows of different lengths, right-padded.
+fn ragged_ids() -> Tensor {
+    Tensor::from_slice(&[9i64, 8, 7, 6, 5, 3, 4, 5, 0, 0, 2, 0, 0, 0, 0]).view([3, 5])
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn named_parameters_are_what_the_shapes_say_and_a_frozen_table_is_not_trained() {
+    for arch in every_arch() {
+        let v = tiny(arch, false);
+        let made: BTreeMap<String, Vec<i64>> = v.params().iter().map(|(k, t)| (k.clone(), t.size())).collect();
+        assert_eq!(made, param_shapes(&v.config), "{arch:?}");
+        assert!(!v.params()["embedding.weight"].requires_grad(), "{arch:?}: the frozen table is trainable");
+        let config = v.config.clone();
+        let file: serde_json::Value = serde_json::to_value(&config).unwrap();
+        assert_eq!(serde_json::from_value::<crate::model::VictimConfig>(file).unwrap(), config, "{arch:?}: the config survives its file format");
+    }
+}
+
+#[test]
+fn padding_and_other_rows_do_not_change_logits() {
+    for arch in every_arch() {
+        let v = tiny(arch, false);
+        let short = Tensor::from_slice(&[3i64, 4, 5]).view([1, 3]);
+        let padded = Tensor::from_slice(&[3i64, 4, 5, 0, 0]).view([1, 5]);
+        let a = v.logits(&short);
+        let diff = max_diff(&a, &v.logits(&padded));
+        assert!(diff < 1e-6, "{arch:?}: padding changed logits by {diff}");
+        let in_batch = v.logits(&ragged_ids()).get(1);
+        let diff = max_diff(&a.get(0), &in_batch);
+        assert!(diff < 1e-6, "{arch:?}: other rows changed logits by {diff}");
+    }
+}
+
+#[test]
+fn the_faster_passes_equal_the_differentiable_forward() {
+    for arch in every_arch() {
+        let v = tiny(arch, false);
+        let p = v.params();
+        let ids = ragged_ids();
+        let labels = Tensor::from_slice(&[0i64, 1, 1]);
+        let no_grad = forward_ids_no_grad(&v.config, &p, &ids);
+        assert!(!no_grad.requires_grad());
+        let diff = max_diff(&v.logits(&ids), &no_grad);
+        assert!(diff < 1e-5, "{arch:?}: the no-grad forward differs by {diff}");
+        let names: Vec<&String> = p.keys().filter(|k| p[*k].requires_grad()).collect();
+        let tensors: Vec<&Tensor> = names.iter().map(|n| &p[*n]).collect();
+        let hand = Targets::Class(labels.shallow_clone()).mean_nll(&forward_ids(&v.config, &p, &ids));
+        let fast = Targets::Class(labels).mean_nll(&forward_ids_first_order(&v.config, &p, &ids));
+        assert!((hand.double_value(&[]) - fast.double_value(&[])).abs() < 1e-6, "{arch:?}: the first-order forward differs");
+        let a = Tensor::run_backward(&[&hand], &tensors, false, false);
+        let b = Tensor::run_backward(&[&fast], &tensors, false, false);
+        for ((n, a), b) in names.iter().zip(a).zip(b) {
+            let diff = max_diff(&a, &b);
+            assert!(diff < 1e-6, "{arch:?} {n}: first-order gradients differ by {diff}");
+        }
+    }
+}
+
+/// `sets` parameter sets stacked along a new leading dimension (the table shared).
+fn stack(sets: &[Params]) -> Params {
+    sets[0]
+        .keys()
+        .map(|name| {
+            let t = if name == "embedding.weight" {
+                sets[0][name].shallow_clone()
+            } else {
+                Tensor::stack(&sets.iter().map(|p| p[name].shallow_clone()).collect::<Vec<_>>(), 0)
+            };
+            (name.clone(), t)
+        })
+        .collect()
+}
+
+#[test]
+fn stacked_parameter_sets_equal_one_pass_per_set() {
+    for arch in every_arch() {
+        let v = tiny(arch, false);
+        let sets: Vec<Params> = (0..3)
+            .map(|k| {
+                v.params()
+                    .into_iter()
+                    .map(|(n, t)| {
+                        let t = t.detach();
+                        let t = if n == "embedding.weight" { t } else { &t + t.randn_like() * (0.1 * k as f64) };
+                        (n, t)
+                    })
+                    .collect()
+            })
+            .collect();
+        let stacked = stack(&sets);
+        let ids = ragged_ids();
+        // Shared inputs [B, T, D] and per-set inputs [C, B, T, D].
+        let shared = forward_ids(&v.config, &stacked, &ids);
+        let per_set_ids = ids.unsqueeze(0).expand([3, -1, -1], false);
+        let per_set = forward(&v.config, &stacked, &embed(&stacked, &per_set_ids), &mask_of(&per_set_ids, &stacked));
+        assert_eq!(shared.size(), [3, 3, 2]);
+        for (k, p) in sets.iter().enumerate() {
+            let one = forward_ids(&v.config, p, &ids);
+            for (what, all) in [("shared", &shared), ("per-set", &per_set)] {
+                let diff = max_diff(&all.get(k as i64), &one);
+                assert!(diff < 1e-5, "{arch:?} {what} inputs: set {k} differs by {diff}");
+            }
+        }
+    }
+}
+
+/// L_adv after one SGD step on a minibatch whose last row is the poison, given as input
+/// embeddings: the bi-level proxy the attack differentiates (SPEC step 2-3).
+fn unrolled_adv_loss(v: &Victim, poison_emb: &Tensor) -> Tensor {
+    let p = v.params();
+    let clean_ids = Tensor::from_slice(&[3i64, 4, 5, 0, 6, 7, 8, 9, 2, 3, 0, 0]).view([3, 4]);
+    let emb = Tensor::cat(&[embed(&p, &clean_ids), poison_emb.shallow_clone()], 0);
+    let ids_for_mask = Tensor::cat(&[clean_ids, Tensor::from_slice(&[5i64, 6, 7, 0]).view([1, 4])], 0);
+    let logits = forward(&v.config, &p, &emb, &mask_of(&ids_for_mask, &p));
+    let loss = Targets::Class(Tensor::from_slice(&[0i64, 1, 0, 1])).mean_nll(&logits);
+    let names: Vec<String> = p.keys().filter(|k| p[*k].requires_grad()).cloned().collect();
+    let tensors: Vec<&Tensor> = names.iter().map(|n| &p[n]).collect();
+    let grads = Tensor::run_backward(&[&loss], &tensors, true, true);
+    let mut stepped = shallow_copy(&p);
+    for (n, g) in names.iter().zip(grads) {
+        assert!(g.defined(), "no gradient for {n}");
+        stepped.insert(n.clone(), &p[n] - g * 0.5);
+    }
+    let adv_ids = Tensor::from_slice(&[7i64, 8, 3, 0, 0, 9, 10, 11]).view([2, 4]);
+    Targets::Class(Tensor::from_slice(&[1i64, 1])).mean_nll(&forward_ids(&v.config, &stepped, &adv_ids))
+}
+
+#[test]
+fn second_order_gradient_through_an_unrolled_step_matches_finite_differences_in_f64() {
+    for arch in every_arch() {
+        for train_embeddings in [false, true] {
+            let mut v = tiny(arch, train_embeddings);
+            v.vs.set_kind(Kind::Double);
+            let poison = embed(&v.params(), &Tensor::from_slice(&[5i64, 6, 7, 0]).view([1, 4])).detach().set_requires_grad(true);
+            let g = unrolled_adv_loss(&v, &poison);
+            let grad = Tensor::run_backward(&[&g], &[&poison], false, false).pop().unwrap();
+            let worst = crate::testing::worst_fd_error(&poison, &grad, 1e-6, 1e-3, |x| unrolled_adv_loss(&v, x).double_value(&[]));
+            eprintln!("{arch:?} train_embeddings={train_embeddings}: max relative error {worst:.2e}");
+            assert!(worst < 1e-6, "{arch:?}: second-order gradient off by {worst}");
+            assert!(grad.abs().sum(Kind::Double).double_value(&[]) > 0.0, "{arch:?}: gradient is identically zero");
+            assert_eq!(grad.get(0).get(3).abs().sum(Kind::Double).double_value(&[]), 0.0, "{arch:?}: a padded position has a gradient");
+        }
+    }
+}
+
+#[test]
+fn per_example_gradients_equal_one_backward_pass_each_in_f64() {
+    for arch in every_arch() {
+        let mut v = tiny(arch, false);
+        v.vs.set_kind(Kind::Double);
+        let p = v.params();
+        let names: Vec<String> = p.keys().filter(|k| p[*k].requires_grad()).cloned().collect();
+        let examples = [Encoded::class(vec![9, 8, 7, 6, 5], 0), Encoded::class(vec![3, 4], 1), Encoded::class(vec![2], 1)];
+        let (ids, targets) = batch_tensors(&examples.iter().collect::<Vec<_>>(), Device::Cpu);
+        let all = example_grads(&v.config, &p, &names, &ids, &targets);
+        assert_eq!(all.len(), 3);
+        for (e, got) in examples.iter().zip(&all) {
+            let (ids, targets) = batch_tensors(&[e], Device::Cpu);
+            let loss = targets.mean_nll(&forward_ids(&v.config, &p, &ids));
+            let want = Tensor::run_backward(&[&loss], &names.iter().map(|n| &p[n]).collect::<Vec<_>>(), false, false);
+            for ((n, a), b) in names.iter().zip(got).zip(&want) {
+                let diff = max_diff(a, b);
+                assert!(diff < 1e-12, "{arch:?} {n}: the per-example gradient differs by {diff}");
+            }
+        }
+    }
+}
+
+/// A toy task: token 2 means positive, token 3 negative; 4..8 are noise.
+fn toy() -> (Vec<Encoded>, Tensor) {
+    let mut data = Vec::new();
+    for i in 0..200i64 {
+        let label = i % 2;
+        let mut ids = vec![4 + (i % 4), 2 + (1 - label), 4 + ((i / 3) % 4)];
+        ids.rotate_left((i % 3) as usize);
+        data.push(Encoded::class(ids, label));
+    }
+    let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(1);
+    (data, Tensor::randn([8, 6], (Kind::Float, Device::Cpu)))
+}
+
+fn toy_victim(arch: Arch, table: &Tensor, hidden: usize, seed: i64, double: bool) -> Victim {
+    let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed);
+    let mut v = Victim::new(tiny_config(arch, 8, 6, hidden, 2, false, 8), table, Device::Cpu).unwrap();
+    if double {
+        v.vs.set_kind(Kind::Double);
+    }
+    v
+}
+
+#[test]
+fn victims_trained_together_equal_victims_trained_alone_in_f64() {
+    // Different data sizes (one victim idles at some steps) and seeds; f64 so that the
+    // comparison is exact up to summation order.
+    for arch in every_arch() {
+        let (data, table) = toy();
+        let sets = [TrainData::clean(&data[..150]), TrainData::clean(&data[..97])];
+        let opts = [TrainOptions { epochs: 3, batch_size: 16, lr: 0.01, seed: 1 }, TrainOptions { epochs: 3, batch_size: 16, lr: 0.02, seed: 2 }];
+        let mut together = vec![toy_victim(arch, &table, 5, 7, true), toy_victim(arch, &table, 5, 8, true)];
+        train_many(&mut together, &sets, &opts, |_, _| {}).unwrap();
+        for i in 0..2 {
+            let mut alone = toy_victim(arch, &table, 5, 7 + i as i64, true);
+            train(&mut alone, sets[i], &opts[i], |_, _| {}).unwrap();
+            let (a, b) = (alone.params(), together[i].params());
+            for (name, t) in &a {
+                let diff = max_diff(t, &b[name]);
+                assert!(diff < 1e-10, "{arch:?} victim {i}: {name} differs by {diff} when trained in a stack");
+            }
+            assert!(!a["out.bias"].equal(&toy_victim(arch, &table, 5, 7 + i as i64, true).params()["out.bias"]), "training moved the parameters");
+        }
+    }
+}
+
+#[test]
+fn every_victim_learns_a_toy_task_deterministically() {
+    for arch in every_arch() {
+        let (data, table) = toy();
+        let opts = TrainOptions { epochs: 30, batch_size: 16, lr: 0.02, seed: 3 };
+        let run = || {
+            let mut v = toy_victim(arch, &table, 8, 5, false);
+            train(&mut v, TrainData::clean(&data), &opts, |_, _| {}).unwrap();
+            v
+        };
+        let (a, b) = (run(), run());
+        let acc = accuracy(&a, &data);
+        assert!(acc > 95.0, "{arch:?} reached only {acc}%");
+        let (pa, pb) = (a.params(), b.params());
+        for (name, t) in &pa {
+            assert!(t.equal(&pb[name]), "{arch:?}: {name} differs between two runs with the same seeds");
+        }
+        assert!(pa["embedding.weight"].equal(&table), "frozen embeddings must not move");
+    }
+}
+
+#[test]
+fn zero_weight_poisons_give_the_clean_twin_in_f64() {
+    // Common random numbers: a victim trained on clean ∪ poisons whose loss weight is 0
+    // must equal the victim trained on the clean data alone, alone and in a stack with
+    // the clean twin (other rows, other padding, 2 threads).
+    let joined = vec![Encoded::class(vec![5, 5, 2, 6, 7], 1), Encoded::class(vec![3], 0), Encoded::class(vec![4, 2, 4, 2, 4, 2, 4], 1)];
+    for arch in every_arch() {
+        let (data, table) = toy();
+        let make = || toy_victim(arch, &table, 5, 11, true);
+        let clean = TrainData::clean(&data[..120]);
+        let ignored = TrainData { clean: &data[..120], joined: &joined, joined_weight: 0.0 };
+        let counted = TrainData::poisoned(&data[..120], &joined);
+        let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 0.01, seed: 4 };
+        let mut twin = make();
+        train(&mut twin, clean, &opts, |_, _| {}).unwrap();
+        let mut stacked = vec![make(), make(), make()];
+        train_parallel(&mut stacked, &[ignored, clean, counted], &[opts.clone(), opts.clone(), opts.clone()], 2, |_, _| {}).unwrap();
+        let mut alone = make();
+        train(&mut alone, ignored, &opts, |_, _| {}).unwrap();
+        let reference = twin.params();
+        for (what, v) in [("alone", &alone), ("stacked", &stacked[0]), ("the stacked twin", &stacked[1])] {
+            for (name, t) in &v.params() {
+                let diff = max_diff(t, &reference[name]);
+                assert!(diff < 1e-10, "{arch:?} {what}: {name} differs from the clean twin by {diff}");
+            }
+        }
+        let moved = max_diff(&stacked[2].params()["out.weight"], &reference["out.weight"]);
+        assert!(moved > 1e-6, "{arch:?}: poisons of weight 1 must change the victim (moved {moved})");
+    }
+}
