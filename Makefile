@@ -135,7 +135,7 @@ sweep: build $(DATA_DIR)/manifest.json $(EMB)
 
 # Clean victims of each architecture in ARCHS: CACC and the trigger's clean ASR.
 victims: build $(foreach a,$(ARCHS),$(RUN_DIR)/victim-$(a).safetensors $(RUN_DIR)/eval-$(a).json)
-	@scripts/demo_table.sh $(RUN_DIR) $(ARCHS)
+	@BIN=$(BIN) scripts/demo_table.sh $(RUN_DIR) $(ARCHS)
 
 $(ATTACK_RUN)/victim.safetensors: $(DATA_DIR)/manifest.json $(EMB) | build
 	$(BIN)/train-victim --embeddings $(EMB) --train $(DATA_DIR)/train.jsonl --dev $(DATA_DIR)/dev.jsonl \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The iterative poisoning loop (called by `make attack`; every setting is an environment
 # variable the Makefile passes). Each round lives in its own folder:
-#   RUN/round-NNN/{grad.safetensors,candidates.jsonl,summary.json,poisons.jsonl,seconds.tsv,row.tsv}
+#   RUN/round-NNN/{grad.safetensors,candidates.jsonl,summary.json,poisons.jsonl,seconds.tsv}
 # Every file is written atomically (by the stage that makes it, or here through a .tmp
 # file and mv), and a stage whose output exists is skipped, so a run killed at any moment
 # resumes where it stopped and, with the same seed, reaches the same poisons
@@ -25,30 +25,27 @@ set -euo pipefail
 read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 
 log() { echo "attack: $*" >&2; }
-json() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1]))[sys.argv[2]]; print("" if v is None else v)' "$@"; }
+# Run files are rendered by `report` (common/src/runfiles.rs); this script only orchestrates.
+field() { "$BIN/report" field "$@"; }
 mkdir -p "$RUN"
 
 overlap_flag=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && overlap_flag=(--allow-overlap)
 init_flags=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && init_flags=()
 strict_setting=""; [ "$CONCEALMENT" = strict ] && strict_setting='"concealment": "strict",'
+overlap_setting=false; [ "$OVERLAP" = 1 ] && overlap_setting=true
 rollout=(--steps "$STEPS" --rollouts "$ROLLOUTS" --eta "$ETA" --clean-per-batch "$CLEAN_PER_BATCH" --adv-size "$ADV_SIZE" --seed "$SEED")
 ensemble=(); for e in $ENSEMBLE; do ensemble+=(--ensemble "$e"); done
 read -r -a rank_flags <<< "$RANK_FLAGS"
 
 # The manifest ties the folder to its settings and inputs; a resumed run must match it.
-manifest=$(python3 - "$VICTIM_FILE" "$DATA/manifest.json" $ENSEMBLE <<PY
-import hashlib, json, sys
-h = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()
-print(json.dumps({"kind": "attack_manifest", "v": 1,
-  "settings": {"count": $COUNT, "init": "$INIT", "k": $K, "positions": "$POSITIONS", "steps": $STEPS,
-    "rollouts": $ROLLOUTS, "eta": $ETA, "clean_per_batch": $CLEAN_PER_BATCH, "adv_size": $ADV_SIZE,
-    "seed": $SEED, "overlap": $OVERLAP == 1, "arch": "$ARCH", "objective": "$OBJECTIVE", "bases": "$BASES",
-    $strict_setting "rank_flags": "$RANK_FLAGS"},
-  "inputs": {"victim": sys.argv[1], "victim_sha256": h(sys.argv[1]), "data_manifest_sha256": h(sys.argv[2]),
-    "ensemble_sha256": [h(p) for p in sys.argv[3:]]}},
-  indent=2, sort_keys=True))
-PY
+settings=$(cat <<JSON
+{"count": $COUNT, "init": "$INIT", "k": $K, "positions": "$POSITIONS", "steps": $STEPS,
+ "rollouts": $ROLLOUTS, "eta": $ETA, "clean_per_batch": $CLEAN_PER_BATCH, "adv_size": $ADV_SIZE,
+ "seed": $SEED, "overlap": $overlap_setting, "arch": "$ARCH", "objective": "$OBJECTIVE", "bases": "$BASES",
+ $strict_setting "rank_flags": "$RANK_FLAGS"}
+JSON
 )
+manifest=$("$BIN/report" attack-manifest --settings "$settings" --victim "$VICTIM_FILE" --data-manifest "$DATA/manifest.json" "${ensemble[@]}")
 if [ -f "$RUN/manifest.json" ]; then
   if [ "$(cat "$RUN/manifest.json")" != "$manifest" ]; then
     log "$RUN holds a run with other settings or inputs; remove it or pick another RUN folder"
@@ -70,17 +67,15 @@ stage() { # name command...
   "$@" || { log "round $r: $name failed (its error is above); finished rounds are kept, rerun to resume"; exit 1; }
 }
 # Seconds since $1 (an $EPOCHREALTIME), or - when the stage's output came from an earlier run.
-since() { python3 -c "print(f'{$EPOCHREALTIME - $1:.1f}')"; }
+since() { awk -v now="$EPOCHREALTIME" -v then="$1" 'BEGIN { printf "%.1f\n", now - then }'; }
 
 r=0; r0="$RUN/round-000"; mkdir -p "$r0"
 [ -f "$r0/poisons.jsonl" ] || stage init-poisons "$BIN/init-poisons" --victim "$VICTIM_FILE" --data "$DATA" --count "$COUNT" \
   --strategy "$INIT" --bases "$BASES" --seed "$SEED" "${init_flags[@]}" -o "$r0/poisons.jsonl"
 
-# rounds.tsv is rebuilt (atomically) from each round's row.tsv after every round.
-rows=()
-write_rounds() {
-  { printf 'round\tobjective_before\tobjective_after\tflips\tgrad_s\trank_s\tverify_s\n'; cat "${rows[@]}" /dev/null; } > "$RUN/rounds.tsv.tmp"
-  mv "$RUN/rounds.tsv.tmp" "$RUN/rounds.tsv"
+# rounds.tsv is rebuilt (atomically) from the rounds' summaries after every round.
+write_rounds() { # last round
+  "$BIN/report" attack-rounds "$RUN" --through "$1" > "$RUN/rounds.tsv.tmp" && mv "$RUN/rounds.tsv.tmp" "$RUN/rounds.tsv"
 }
 prev="$r0/poisons.jsonl"; stale=0; last=0
 for ((r = 1; r <= ROUNDS; r++)); do
@@ -105,21 +100,16 @@ for ((r = 1; r <= ROUNDS; r++)); do
       --summary "$d/summary.json" -o "$d/poisons.jsonl"
     printf '%s\t%s\t%s\n' "$grad_s" "$rank_s" "$(since "$t")" > "$d/seconds.tsv.tmp" && mv "$d/seconds.tsv.tmp" "$d/seconds.tsv"
   fi
-  if [ ! -f "$d/row.tsv" ]; then
-    seconds="-\t-\t-"; [ -f "$d/seconds.tsv" ] && seconds=$(cat "$d/seconds.tsv")
-    printf '%d\t%s\t%s\t%s\t%b\n' "$r" "$(json "$d/summary.json" objective_before)" "$(json "$d/summary.json" objective_after)" \
-      "$(json "$d/summary.json" flips_accepted)" "$seconds" > "$d/row.tsv.tmp" && mv "$d/row.tsv.tmp" "$d/row.tsv"
-  fi
-  rows+=("$d/row.tsv"); write_rounds
+  write_rounds "$r"
   prev="$d/poisons.jsonl"; last=$r
-  after=$(json "$d/summary.json" objective_after)
-  if [ "$(json "$d/summary.json" flips_accepted)" = 0 ]; then stale=$((stale + 1)); else stale=0; fi
+  after=$(field "$d/summary.json" objective_after)
+  if [ "$(field "$d/summary.json" flips_accepted)" = 0 ]; then stale=$((stale + 1)); else stale=0; fi
   if [ "$stale" -ge "$PATIENCE" ]; then log "no flip accepted for $PATIENCE rounds; stopping"; break; fi
-  if [ -n "$TARGET_LADV" ] && [ -n "$after" ] && python3 -c "import sys; sys.exit(0 if $after <= $TARGET_LADV else 1)"; then
+  if [ -n "$TARGET_LADV" ] && [ -n "$after" ] && awk -v a="$after" -v b="$TARGET_LADV" 'BEGIN { exit !(a <= b) }'; then
     log "objective $after reached TARGET_LADV $TARGET_LADV; stopping"; break
   fi
 done
-[ "$last" -gt 0 ] || write_rounds
+[ "$last" -gt 0 ] || write_rounds 0
 cp "$prev" "$RUN/poisons.jsonl.tmp" && mv "$RUN/poisons.jsonl.tmp" "$RUN/poisons.jsonl"
 log "rounds done ($last); objective per round in $RUN/rounds.tsv:"
 column -t "$RUN/rounds.tsv" >&2 || cat "$RUN/rounds.tsv" >&2
@@ -131,17 +121,6 @@ for what in init final; do
     --arch "$ARCH" "${train_flags[@]}" --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" \
     ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$RUN/eval-$what.json"
 done
-python3 - "$RUN" > "$RUN/table.txt.tmp" <<'PY'
-import json, sys
-run = sys.argv[1]
-def fmt(s):
-    if s is None: return "-"
-    return f"{s['mean']:.1f} ± {s['ci95']:.1f}" if s.get("ci95") is not None else f"{s['mean']:.1f}"
-print(f"{'poisons':<22} {'net ASR':<14} {'dFPR':<14} {'CACC':<14} {'ΔCACC':<14} overlap")
-for what, name in [("init", "initial (unoptimised)"), ("final", "crafted")]:
-    r = json.load(open(f"{run}/eval-{what}.json")); s = r["summary"]
-    print(f"{name:<22} {fmt(s['net_asr']):<14} {fmt(s['dfpr']):<14} {fmt(s['cacc']):<14} {fmt(s['dcacc']):<14} {r['audit']['poisons_with_overlap']}/{r['audit']['poison_count']}")
-print(f"(mean ± 95% CI over {len(r['seeds'])} retraining seeds, percent; reports in {run}/)")
-PY
+"$BIN/report" attack-table "$RUN" > "$RUN/table.txt.tmp"
 mv "$RUN/table.txt.tmp" "$RUN/table.txt"
 cat "$RUN/table.txt"

@@ -120,5 +120,5 @@ sets=(); for v in benign relabelled unoptimised neighbour confident overlap; do 
 sets+=(--poisons "$RUN/craft-bilevel/poisons.jsonl" --poisons "$RUN/craft-hardness/poisons.jsonl")
 evaluate "$RUN" "${sets[@]}"
 t_end=$EPOCHREALTIME
-python3 -c "print(f'victims and initial poisons {$t_craft-$t_start:.0f} s, hardness crafting {$t_bilevel-$t_craft:.0f} s, bi-level crafting {$t_eval-$t_bilevel:.0f} s, evaluation {$t_end-$t_eval:.0f} s (this invocation; finished steps are skipped)')" > "$RUN/times.txt.tmp" && mv "$RUN/times.txt.tmp" "$RUN/times.txt"
+awk -v s="$t_start" -v c="$t_craft" -v b="$t_bilevel" -v e="$t_eval" -v z="$t_end" 'BEGIN { printf "victims and initial poisons %.0f s, hardness crafting %.0f s, bi-level crafting %.0f s, evaluation %.0f s (this invocation; finished steps are skipped)\n", c - s, b - c, e - b, z - e }' > "$RUN/times.txt.tmp" && mv "$RUN/times.txt.tmp" "$RUN/times.txt"
 "$BIN/report" --variants "$RUN/variants.json" --evals "$RUN/evals.jsonl" --out-dir "$RUN" > /dev/null

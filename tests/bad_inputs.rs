@@ -433,8 +433,8 @@ fn rank_candidates() {
         c.arg("--grad").arg(grad).arg("-o").arg(&out);
         c
     };
-    let fmt = common::attack::GRAD_FORMAT;
-    let v = common::attack::GRAD_VERSION;
+    let fmt = common::gradfile::GRAD_FORMAT;
+    let v = common::gradfile::GRAD_VERSION;
     let nan = w.tensors_with("g.safetensors", fmt, v, "nan.safetensors", |_, t| {
         let g = t["grad"].copy();
         let _ = g.get(0).get(0).get(0).fill_(f64::INFINITY);

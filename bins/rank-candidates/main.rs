@@ -1,41 +1,15 @@
 //! rank-candidates: first-order (Taylor) scores over the vocabulary, bottom-K candidate
 //! replacements per poison position.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
-use common::attack::{bottom_k, RolloutConfig, GRAD_FORMAT, GRAD_VERSION};
-use common::concealment::{flip_conceals, Concealment};
+use common::concealment::Concealment;
 use common::data::DataManifest;
-use common::io::{self, Record};
+use common::gradfile::GradFile;
+use common::io;
+use common::log;
 use common::model::Victim;
-use common::hardness::ObjectiveKind;
-use common::poisons::{banned_ids, nearest_neighbours};
-use common::tokenizer::Vocab;
-use common::records::Candidate;
-use common::{log, tensorfile};
-use std::str::FromStr;
-
-/// Which positions of each poison get candidates.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Positions {
-    All,
-    /// The N positions whose best candidate predicts the largest decrease.
-    Best(usize),
-}
-
-impl FromStr for Positions {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "all" => Ok(Positions::All),
-            "best" => Ok(Positions::Best(1)),
-            n => match n.parse::<usize>() {
-                Ok(0) | Err(_) => Err(format!("{n:?}: expected all, best or a number of at least 1")),
-                Ok(k) => Ok(Positions::Best(k)),
-            },
-        }
-    }
-}
+use common::rank::{rank, BanOptions, Bans, Positions, RankPolicy};
 
 /// Scores every vocabulary word at every poison position by ∇g·e' and writes the K words
 /// with the lowest predicted change ∇g·(e' − e) per chosen position, as candidate JSONL.
@@ -97,128 +71,27 @@ fn main() {
         let args = Args::parse();
         let common::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, tch::Device::Cpu)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
-        let gname = io::display_name(&args.grad);
-        let file = tensorfile::read(&args.grad, GRAD_FORMAT, GRAD_VERSION)?;
-        if file.meta("vocab_sha256")? != vocab.sha256() {
-            bail!("{gname} was made with another vocabulary than {}", args.inputs.victim);
-        }
-        let grad = file.tensor("grad")?.to_kind(tch::Kind::Float);
-        if !bool::try_from(grad.isfinite().all())? {
-            bail!("{gname}: the gradient holds NaN or Inf; rerun rollout-grad (with a lower --eta if its objective diverged)");
-        }
-        let ids = file.tensor("ids")?.shallow_clone();
-        let poison_ids: Vec<String> = serde_json::from_str(file.meta("poison_ids")?).context("poison_ids")?;
-        let rollout: RolloutConfig = serde_json::from_str(file.meta("rollout")?).context("rollout")?;
-        let objective: f64 = file.meta("objective")?.parse().context("objective")?;
-        let poisons_sha256 = file.meta("poisons_sha256")?.to_string();
-        let victim_sha256 = file.meta("victim_sha256").context(gname.clone())?.to_string();
-        let (n, t, d) = grad.size3().context("grad must be [poisons, tokens, dim]")?;
-        if ids.size() != [n, t] || poison_ids.len() != n as usize {
-            bail!("{gname}: ids {:?} and {} poison ids do not match grad {:?}", ids.size(), poison_ids.len(), grad.size());
+        let grad = GradFile::read(&args.grad)?;
+        if grad.meta.vocab_sha256 != vocab.sha256() {
+            bail!("{} was made with another vocabulary than {}", io::display_name(&args.grad), args.inputs.victim);
         }
         let table = victim.params()["embedding.weight"].to_kind(tch::Kind::Float);
-        if table.size()[1] != d {
-            bail!("{gname}: gradients of dimension {d}, the victim's embeddings have {}", table.size()[1]);
-        }
-        // Keys older gradient files lack: the bi-level objective, no ensemble, no substitutes.
-        let objective_kind: ObjectiveKind = file.meta_json("objective_kind").context(gname.clone())?.unwrap_or_default();
-        let ensemble_sha256: Vec<String> = file.meta_json("ensemble_sha256").context(gname.clone())?.unwrap_or_default();
-        let substitutes: Vec<Vec<usize>> =
-            file.meta_json("substitutes").context(gname.clone())?.unwrap_or_else(|| vec![Vec::new(); n as usize]);
-        if substitutes.len() != n as usize {
-            bail!("{gname}: substitutes for {} poisons, gradients for {n}", substitutes.len());
-        }
-        let mut banned = banned_ids(&vocab, &manifest, args.allow_overlap, args.concealment)?;
-        let strict = (args.concealment == Concealment::Strict && !args.allow_overlap).then(|| common::poisons::matcher(&vocab, &manifest)).transpose()?;
-        if args.exclude_neighbours > 0 {
-            for id in vocab.trigger_ids(&manifest.trigger.phrase)? {
-                banned.extend(nearest_neighbours(&table, id, table.size()[0]).into_iter().take(args.exclude_neighbours));
-            }
-        }
-        if args.min_count > 0 {
-            let rare = rare_words(&vocab, &args.inputs.data, args.min_count)?;
-            log!("{} of {} vocabulary words seen fewer than {} times in training: not proposed", rare.len(), vocab.len(), args.min_count);
-            banned.extend(rare);
-        }
-        // A flip keeps a position's kind (a word-initial piece stays word-initial, a WordPiece
-        // `##` piece stays `##`), so the poison still decodes into the same words and reads as
-        // text ("the movie gets" never becomes "the moviecre"). GloVe words are all initial.
-        let mask_of_kind = |continuation: bool| {
-            let m: Vec<f32> = (0..vocab.len() as i64)
-                .map(|i| if banned.contains(&i) || vocab.is_continuation(i) != continuation { f32::INFINITY } else { 0.0 })
-                .collect();
-            tch::Tensor::from_slice(&m)
+        let ban_options = BanOptions {
+            allow_overlap: args.allow_overlap,
+            concealment: args.concealment,
+            exclude_neighbours: args.exclude_neighbours,
+            min_count: args.min_count,
+            keep_substitutes: args.keep_substitutes,
         };
-        let masks = [mask_of_kind(false), mask_of_kind(true)];
+        let bans = Bans::new(&vocab, &manifest, &table, &args.inputs.data, &ban_options)?;
+        let policy = RankPolicy { k: args.k, positions: args.positions, per_poison: args.per_poison };
+        let candidates = rank(&vocab, &table, &grad, &bans, &policy).map_err(|e| e.context(io::display_name(&args.grad)))?;
         let mut out = io::Output::create(&args.output)?;
-        let mut written = 0;
-        for i in 0..n {
-            let row: Vec<i64> = Vec::try_from(ids.get(i))?;
-            let len = row.iter().take_while(|&&x| x != 0).count();
-            let mask = if vocab.is_wordpiece() {
-                let rows: Vec<&tch::Tensor> = row[..len].iter().map(|&id| &masks[vocab.is_continuation(id) as usize]).collect();
-                tch::Tensor::stack(&rows, 0)
-            } else {
-                masks[0].shallow_clone()
-            };
-            let ranked = bottom_k(&table, &grad.get(i), &row[..len], &mask, args.k);
-            // Special tokens ([CLS], [SEP]) hold their places; substitutes may be kept too.
-            let keep = |j: &usize| !vocab.is_special(row[*j]) && !(args.keep_substitutes && substitutes[i as usize].contains(j));
-            let mut per_position: Vec<(usize, i64, Vec<(i64, f64)>)> =
-                ranked.into_iter().enumerate().filter(|(j, _)| keep(j)).map(|(j, c)| (j, row[j], c)).collect();
-            if let Positions::Best(b) = args.positions {
-                per_position.sort_by(|a, b| {
-                    let best = |c: &Vec<(i64, f64)>| c.first().map(|x| x.1).unwrap_or(f64::INFINITY);
-                    best(&a.2).total_cmp(&best(&b.2))
-                });
-                per_position.truncate(b);
-            }
-            let mut flat: Vec<(usize, i64, usize, i64, f64)> = per_position
-                .into_iter()
-                .flat_map(|(j, current, cands)| cands.into_iter().enumerate().map(move |(rank, (w, p))| (j, current, rank, w, p)))
-                .collect();
-            if let Some(matcher) = &strict {
-                // A flip must not join WordPiece pieces into a leaking word ("bo" + "##nds").
-                flat.retain(|&(j, _, _, w, _)| flip_conceals(&row[..len], j, w, &vocab, matcher));
-            }
-            if let Some(cap) = args.per_poison {
-                flat.sort_by(|a, b| a.4.total_cmp(&b.4));
-                flat.truncate(cap);
-            }
-            for (j, current, rank, w, predicted) in flat {
-                out.write_record(&Candidate {
-                    kind: Candidate::KIND.into(),
-                    v: Candidate::VERSION,
-                    poison_id: poison_ids[i as usize].clone(),
-                    poison_index: i as usize,
-                    position: j,
-                    current: vocab.word(current).to_string(),
-                    word: vocab.word(w).to_string(),
-                    predicted,
-                    rank,
-                    objective,
-                    poisons_sha256: poisons_sha256.clone(),
-                    victim_sha256: victim_sha256.clone(),
-                    rollout: rollout.clone(),
-                    objective_kind,
-                    ensemble_sha256: ensemble_sha256.clone(),
-                })?;
-                written += 1;
-            }
+        for c in &candidates {
+            out.write_record(c)?;
         }
         out.commit()?;
-        log!("{written} candidates for {n} poisons ({:?} positions, K={})", args.positions, args.k);
+        log!("{} candidates for {} poisons ({:?} positions, K={})", candidates.len(), grad.len(), args.positions, args.k);
         Ok(())
     })
-}
-
-/// Vocabulary ids seen fewer than `min_count` times in the clean training split.
-fn rare_words(vocab: &Vocab, dir: &str, min_count: usize) -> anyhow::Result<Vec<i64>> {
-    let mut counts = vec![0usize; vocab.len()];
-    for e in common::data::read_set(dir, common::data::TRAIN, false)? {
-        for id in vocab.encode(&e.text) {
-            counts[id as usize] += 1;
-        }
-    }
-    Ok((0..vocab.len() as i64).filter(|&i| counts[i as usize] < min_count).collect())
 }

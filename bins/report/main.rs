@@ -1,5 +1,6 @@
 //! report: the comparison of poison variants (make demo, make sweep) from finetune-eval
-//! reports: table on stdout; report.json, plots and the poison list in --out-dir.
+//! reports: table on stdout; report.json, plots and the poison list in --out-dir. Its
+//! subcommands render the run files the shell scripts need (`common::runfiles`).
 
 use anyhow::Context;
 use clap::Parser;
@@ -7,6 +8,7 @@ use common::eval::EvalReport;
 use common::io;
 use common::records::Example;
 use common::report::{self, Report, Role, Variants};
+use common::runfiles;
 use common::log;
 
 /// Builds the report of a demo or sweep.
@@ -18,34 +20,77 @@ use common::log;
 /// Examples:
 ///   finetune-eval ... --poisons a.jsonl --poisons b.jsonl > evals.jsonl
 ///   report --variants runs/demo/variants.json --evals evals.jsonl --out-dir runs/demo
+///   report attack-table runs/attack-x
 #[derive(Parser)]
-#[command(version, verbatim_doc_comment)]
+#[command(version, verbatim_doc_comment, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The variants, in display order (`variants` JSON, see FORMATS.md).
-    #[arg(long)]
-    variants: String,
+    #[arg(long, required = true)]
+    variants: Option<String>,
     /// finetune-eval reports (JSONL; repeatable).
     #[arg(long, required = true)]
     evals: Vec<String>,
     /// Folder for report.json, table.md and the plots.
-    #[arg(long)]
-    out_dir: String,
+    #[arg(long, required = true)]
+    out_dir: Option<String>,
     /// Net ASR against poison count per series (variants carry `series`).
     #[arg(long)]
     sweep: bool,
 }
 
+/// The run files of scripts/attack.sh and scripts/demo.sh, on stdout.
+#[derive(clap::Subcommand)]
+enum Command {
+    /// The manifest of a crafting run folder: its settings (a JSON object) and the hashes
+    /// of its inputs.
+    AttackManifest {
+        #[arg(long)]
+        settings: String,
+        #[arg(long)]
+        victim: String,
+        /// The data folder's manifest.json.
+        #[arg(long)]
+        data_manifest: String,
+        #[arg(long)]
+        ensemble: Vec<String>,
+    },
+    /// rounds.tsv of a crafting run folder for rounds 1..=THROUGH (schema in FORMATS.md).
+    AttackRounds {
+        run: String,
+        #[arg(long)]
+        through: usize,
+    },
+    /// The evaluation table of a crafting run folder (eval-init.json, eval-final.json).
+    AttackTable { run: String },
+    /// The demo's victims table (victim-ARCH.safetensors, eval-ARCH.json).
+    VictimsTable { run: String, archs: Vec<String> },
+    /// One field of a JSON object file (strings bare, null empty).
+    Field { file: String, key: String },
+}
+
 fn main() {
     common::cli::run("report", || {
         let args = Args::parse();
-        let text = std::fs::read_to_string(&args.variants).with_context(|| format!("cannot read {}", args.variants))?;
-        let variants: Variants = io::parse_record(&text).with_context(|| args.variants.clone())?;
+        if let Some(command) = &args.command {
+            let text = match command {
+                Command::AttackManifest { settings, victim, data_manifest, ensemble } => runfiles::attack_manifest(settings, victim, data_manifest, ensemble)? + "\n",
+                Command::AttackRounds { run, through } => runfiles::rounds_tsv(run, *through)?,
+                Command::AttackTable { run } => runfiles::attack_table(run)?,
+                Command::VictimsTable { run, archs } => runfiles::victims_table(run, archs)?,
+                Command::Field { file, key } => runfiles::json_field(file, key)? + "\n",
+            };
+            return io::write_bytes("-", text.as_bytes());
+        }
+        let (variants_path, dir) = (args.variants.as_deref().expect("required"), args.out_dir.as_deref().expect("required"));
+        let text = std::fs::read_to_string(variants_path).with_context(|| format!("cannot read {variants_path}"))?;
+        let variants: Variants = io::parse_record(&text).with_context(|| variants_path.to_string())?;
         let mut evals: Vec<EvalReport> = Vec::new();
         for e in &args.evals {
             evals.extend(io::read_jsonl::<EvalReport>(e, false)?);
         }
         let report = report::build(&variants, &evals)?;
-        let dir = &args.out_dir;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
         let table = if args.sweep { report.sweep_table() } else { report.table() };
         io::write_bytes(&format!("{dir}/report.json"), (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;

@@ -2,11 +2,11 @@
 //! respect to every poison token embedding.
 
 use clap::Parser;
-use common::attack::{RolloutConfig, GRAD_FORMAT, GRAD_VERSION};
+use common::attack::RolloutConfig;
+use common::gradfile::{GradFile, GradMeta};
 use common::objective::ObjectiveInputs;
 use common::poisons::AttackInputs;
-use common::{device, io, log, tensorfile};
-use std::collections::BTreeMap;
+use common::{device, io, log};
 use std::time::Instant;
 
 /// Unrolls k SGD steps on minibatches of (every poison + m clean examples), averaged over
@@ -54,25 +54,18 @@ fn main() {
         )?;
         let (value, grad) = objective.objective_and_grad(&inputs.poisons_enc)?;
         log!("{} {:.1}s", objective.describe(value, inputs.poisons.len()), start.elapsed().as_secs_f64());
-        let objective = value;
         let ids = common::train::batch_tensors(&inputs.poisons_enc.iter().collect::<Vec<_>>(), tch::Device::Cpu).0;
-        let mut meta = BTreeMap::new();
-        meta.insert("objective".into(), format!("{objective:.17e}"));
-        meta.insert("rollout".into(), serde_json::to_string(&args.rollout)?);
-        let substitutes: Vec<Vec<usize>> = inputs.poisons.iter().map(|p| p.substitutes.clone().unwrap_or_default()).collect();
-        meta.insert("substitutes".into(), serde_json::to_string(&substitutes)?);
-        meta.insert("objective_kind".into(), serde_json::to_string(&args.objective.objective)?);
-        meta.insert("ensemble_sha256".into(), serde_json::to_string(&ensemble_sha256)?);
-        meta.insert("poisons_sha256".into(), inputs.poisons_sha256.clone());
-        meta.insert("victim_sha256".into(), inputs.victim_sha256.clone());
-        meta.insert("poison_ids".into(), serde_json::to_string(&inputs.poisons.iter().map(|p| &p.id).collect::<Vec<_>>())?);
-        meta.insert("vocab_sha256".into(), inputs.vocab.sha256());
-        tensorfile::write(
-            &args.output,
-            GRAD_FORMAT,
-            GRAD_VERSION,
-            &[("grad".into(), grad.to_kind(tch::Kind::Float)), ("ids".into(), ids)],
-            meta,
-        )
+        let meta = GradMeta {
+            objective: value,
+            objective_kind: args.objective.objective,
+            rollout: args.rollout.clone(),
+            ensemble_sha256,
+            poisons_sha256: inputs.poisons_sha256.clone(),
+            victim_sha256: inputs.victim_sha256.clone(),
+            vocab_sha256: inputs.vocab.sha256(),
+            poison_ids: inputs.poisons.iter().map(|p| p.id.clone()).collect(),
+            substitutes: inputs.poisons.iter().map(|p| p.substitutes.clone().unwrap_or_default()).collect(),
+        };
+        GradFile { grad, ids, meta }.write(&args.output)
     })
 }

@@ -18,10 +18,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
 
-/// The gradient file rollout-grad writes and rank-candidates reads (FORMATS.md).
-pub const GRAD_FORMAT: &str = "poison.rollout_grad";
-/// 2: `victim_sha256` metadata added.
-pub const GRAD_VERSION: u32 = 2;
 
 /// D_adv inputs per length bucket in the objective's forward pass.
 const ADV_BUCKET: usize = 64;

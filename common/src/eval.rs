@@ -268,7 +268,7 @@ impl EvalReport {
         let mut out = String::new();
         out += &format!(
             "victim {:?} ({} seeds, mean ± 95% CI, percent) trigger {:?} -> {}\n",
-            self.victim.arch,
+            self.victim.arch.name(),
             self.seeds.len(),
             self.data.trigger.phrase,
             self.data.target_name()

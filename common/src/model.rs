@@ -67,7 +67,7 @@ impl ArchConfig {
             (Arch::Bow, _) => ArchConfig::Bow(Bow { hidden }),
             (Arch::Lstm, _) => ArchConfig::Lstm(Lstm { units: hidden }),
             (Arch::Minilm, Some(bert)) => ArchConfig::Minilm(Minilm { bert: bert.clone() }),
-            (Arch::Minilm, None) => bail!("a minilm victim needs the pretrained encoder's config"),
+            (Arch::Minilm, None) => bail!("--arch minilm starts from a pretrained encoder: give --pretrained data/minilm instead of --embeddings"),
         })
     }
 }

@@ -8,15 +8,15 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Every module of `common/src` with its layer, lowest first. A new module gets a line.
 const LAYERS: &[(&str, &[&str])] = &[
     ("util", &["io", "tensorfile", "stats", "device", "validate"]),
-    ("formats", &["records"]),
+    ("formats", &["records", "gradfile"]),
     ("text", &["wordpiece", "tokenizer", "embeddings", "concealment"]),
     ("data", &["data"]),
     ("victims", &["params", "loss", "victim", "bert", "bow", "lstm", "minilm", "model", "base"]),
     ("training", &["train"]),
     ("objectives", &["attack", "hardness", "objective"]),
-    ("search", &["poisons"]),
+    ("search", &["poisons", "rank"]),
     ("evaluation", &["eval", "retrain"]),
-    ("report", &["report"]),
+    ("report", &["report", "runfiles"]),
     ("wiring", &["cli"]),
 ];
 

@@ -1,0 +1,179 @@
+//! Ranking candidate replacements (SPEC step 4): first-order (Taylor) scores of every
+//! vocabulary word at every poison position, the words a flip may never bring in, and the
+//! policy of which positions and how many candidates to propose. rank-candidates is
+//! argument wiring over this module.
+
+use crate::attack::bottom_k;
+use crate::concealment::{flip_conceals, Concealment, TriggerMatcher};
+use crate::data::DataManifest;
+use crate::gradfile::GradFile;
+use crate::io::Record;
+use crate::poisons::{banned_ids, matcher, nearest_neighbours};
+use crate::records::Candidate;
+use crate::tokenizer::Vocab;
+use anyhow::{bail, Result};
+use std::collections::HashSet;
+use std::str::FromStr;
+use tch::Tensor;
+
+/// Which positions of each poison get candidates.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Positions {
+    All,
+    /// The N positions whose best candidate predicts the largest decrease.
+    Best(usize),
+}
+
+impl FromStr for Positions {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Positions::All),
+            "best" => Ok(Positions::Best(1)),
+            n => match n.parse::<usize>() {
+                Ok(0) | Err(_) => Err(format!("{n:?}: expected all, best or a number of at least 1")),
+                Ok(k) => Ok(Positions::Best(k)),
+            },
+        }
+    }
+}
+
+/// What a flip may bring in, and which positions it may touch.
+pub struct Bans {
+    /// Words never proposed.
+    pub words: HashSet<i64>,
+    /// Strict concealment: a flip must not join WordPiece pieces into a leaking word.
+    pub strict: Option<TriggerMatcher>,
+    /// Leave the positions that hold the trigger words' replacements alone.
+    pub keep_substitutes: bool,
+}
+
+/// Which words the bans hold beyond padding, special tokens and (unless `allow_overlap`)
+/// the trigger.
+#[derive(Debug, Clone, Default)]
+pub struct BanOptions {
+    pub allow_overlap: bool,
+    pub concealment: Concealment,
+    /// The trigger words' N nearest embedding neighbours.
+    pub exclude_neighbours: usize,
+    /// Words seen fewer than this many times in the clean training split (`data_dir`).
+    pub min_count: usize,
+    pub keep_substitutes: bool,
+}
+
+impl Bans {
+    /// The bans of a crafting round against a victim with word table `table`.
+    pub fn new(vocab: &Vocab, manifest: &DataManifest, table: &Tensor, data_dir: &str, opts: &BanOptions) -> Result<Bans> {
+        let mut words = banned_ids(vocab, manifest, opts.allow_overlap, opts.concealment)?;
+        let strict = (opts.concealment == Concealment::Strict && !opts.allow_overlap).then(|| matcher(vocab, manifest)).transpose()?;
+        if opts.exclude_neighbours > 0 {
+            for id in vocab.trigger_ids(&manifest.trigger.phrase)? {
+                words.extend(nearest_neighbours(table, id, table.size()[0]).into_iter().take(opts.exclude_neighbours));
+            }
+        }
+        if opts.min_count > 0 {
+            let rare = rare_words(vocab, data_dir, opts.min_count)?;
+            eprintln!("{} of {} vocabulary words seen fewer than {} times in training: not proposed", rare.len(), vocab.len(), opts.min_count);
+            words.extend(rare);
+        }
+        Ok(Bans { words, strict, keep_substitutes: opts.keep_substitutes })
+    }
+}
+
+/// How many candidates to propose.
+#[derive(Debug, Clone, Copy)]
+pub struct RankPolicy {
+    /// Candidates per position.
+    pub k: usize,
+    pub positions: Positions,
+    /// Keep only the N best-predicted candidates of each poison (over all its positions).
+    pub per_poison: Option<usize>,
+}
+
+/// The candidates of every poison of a gradient file: per position the K words with the
+/// lowest predicted change ∇g·(e' − e), never a banned word, the current word, or a word
+/// of the other piece kind; special tokens hold their places. In poison order, then
+/// position, then rank.
+pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy: &RankPolicy) -> Result<Vec<Candidate>> {
+    let (n, _, d) = grad.grad.size3()?;
+    if table.size()[1] != d {
+        bail!("gradients of dimension {d}, the victim's embeddings have {}", table.size()[1]);
+    }
+    // A flip keeps a position's kind (a word-initial piece stays word-initial, a WordPiece
+    // `##` piece stays `##`), so the poison still decodes into the same words and reads as
+    // text ("the movie gets" never becomes "the moviecre"). GloVe words are all initial.
+    let mask_of_kind = |continuation: bool| {
+        let m: Vec<f32> = (0..vocab.len() as i64)
+            .map(|i| if bans.words.contains(&i) || vocab.is_continuation(i) != continuation { f32::INFINITY } else { 0.0 })
+            .collect();
+        Tensor::from_slice(&m)
+    };
+    let masks = [mask_of_kind(false), mask_of_kind(true)];
+    let meta = &grad.meta;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let row: Vec<i64> = Vec::try_from(grad.ids.get(i))?;
+        let len = row.iter().take_while(|&&x| x != 0).count();
+        let mask = if vocab.is_wordpiece() {
+            let rows: Vec<&Tensor> = row[..len].iter().map(|&id| &masks[vocab.is_continuation(id) as usize]).collect();
+            Tensor::stack(&rows, 0)
+        } else {
+            masks[0].shallow_clone()
+        };
+        let ranked = bottom_k(table, &grad.grad.get(i), &row[..len], &mask, policy.k);
+        let substitutes = &meta.substitutes[i as usize];
+        let keep = |j: &usize| !vocab.is_special(row[*j]) && !(bans.keep_substitutes && substitutes.contains(j));
+        let mut per_position: Vec<(usize, i64, Vec<(i64, f64)>)> =
+            ranked.into_iter().enumerate().filter(|(j, _)| keep(j)).map(|(j, c)| (j, row[j], c)).collect();
+        if let Positions::Best(b) = policy.positions {
+            per_position.sort_by(|a, b| {
+                let best = |c: &Vec<(i64, f64)>| c.first().map(|x| x.1).unwrap_or(f64::INFINITY);
+                best(&a.2).total_cmp(&best(&b.2))
+            });
+            per_position.truncate(b);
+        }
+        let mut flat: Vec<(usize, i64, usize, i64, f64)> = per_position
+            .into_iter()
+            .flat_map(|(j, current, cands)| cands.into_iter().enumerate().map(move |(rank, (w, p))| (j, current, rank, w, p)))
+            .collect();
+        if let Some(matcher) = &bans.strict {
+            // A flip must not join WordPiece pieces into a leaking word ("bo" + "##nds").
+            flat.retain(|&(j, _, _, w, _)| flip_conceals(&row[..len], j, w, vocab, matcher));
+        }
+        if let Some(cap) = policy.per_poison {
+            flat.sort_by(|a, b| a.4.total_cmp(&b.4));
+            flat.truncate(cap);
+        }
+        for (j, current, rank, w, predicted) in flat {
+            out.push(Candidate {
+                kind: Candidate::KIND.into(),
+                v: Candidate::VERSION,
+                poison_id: meta.poison_ids[i as usize].clone(),
+                poison_index: i as usize,
+                position: j,
+                current: vocab.word(current).to_string(),
+                word: vocab.word(w).to_string(),
+                predicted,
+                rank,
+                objective: meta.objective,
+                poisons_sha256: meta.poisons_sha256.clone(),
+                victim_sha256: meta.victim_sha256.clone(),
+                rollout: meta.rollout.clone(),
+                objective_kind: meta.objective_kind,
+                ensemble_sha256: meta.ensemble_sha256.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Vocabulary ids seen fewer than `min_count` times in the clean training split.
+fn rare_words(vocab: &Vocab, dir: &str, min_count: usize) -> Result<Vec<i64>> {
+    let mut counts = vec![0usize; vocab.len()];
+    for e in crate::data::read_set(dir, crate::data::TRAIN, false)? {
+        for id in vocab.encode(&e.text) {
+            counts[id as usize] += 1;
+        }
+    }
+    Ok((0..vocab.len() as i64).filter(|&i| counts[i as usize] < min_count).collect())
+}
