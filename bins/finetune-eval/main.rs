@@ -6,12 +6,10 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use common::cli::VictimArgs;
 use common::data::{self, DataManifest, Trigger};
-use common::eval::{self, EvalReport, EvalSets, Metrics, SeedRow};
+use common::eval::{self, EvalReport, EvalSets, Metrics};
 use common::io::{self, Record};
-use common::model::Victim;
 use common::records::Example;
-use common::tokenizer::Vocab;
-use common::retrain::{retrain, CleanCache, Pairing, Retrained, Retraining};
+use common::retrain::{checkpoint_rows, retrain, seed_rows, CleanCache, Pairing, PoisonSet, Retraining};
 use common::train::{encode_all, Encoded, TextPolicy};
 use common::{device, log};
 use std::time::Instant;
@@ -84,13 +82,6 @@ fn log_metrics(what: &str, seed: u64, m: &Metrics) {
     log!("seed {seed} {what}: CACC {:.1} ASR {:.1} FPR {:.1}", m.cacc, m.asr, m.fpr);
 }
 
-/// One poison set: its path, records and sha256 (None for "no poisons").
-struct PoisonSet {
-    path: Option<String>,
-    records: Vec<Example>,
-    sha256: Option<String>,
-}
-
 fn main() {
     common::cli::run("finetune-eval", || {
         let args = Args::parse();
@@ -100,43 +91,16 @@ fn main() {
         let trigger: &Trigger = &manifest.trigger;
         let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;
 
-        let mut sets = Vec::new();
-        for p in &args.poisons {
-            let bytes = io::read_all(p)?;
-            let records: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(p), true)?;
-            sets.push(PoisonSet { path: Some(p.clone()), records, sha256: Some(io::sha256_hex(&bytes)) });
-        }
-        if sets.is_empty() {
-            sets.push(PoisonSet { path: None, records: Vec::new(), sha256: None });
-        }
+        let sets = PoisonSet::load_all(&args.poisons)?;
         if sets.len() > 1 && !args.checkpoint.is_empty() {
             bail!("--checkpoint evaluates given victims; it takes no poison sets");
         }
 
-        // rows[k]: the seed rows of poison set k.
-        let mut rows: Vec<Vec<SeedRow>> = vec![Vec::new(); sets.len()];
-        // The victims' vocabulary, for the audit's WordPiece category.
-        let mut audit_vocab: Option<Vocab> = None;
-        let (victim_config, training, mode, pairing) = if !args.checkpoint.is_empty() {
-            let mut config = None;
-            for path in &args.checkpoint {
-                let common::model::VictimFile { victim, vocab, metadata: meta, .. } = Victim::load(path, device)?;
-                vocab.trigger_words(&trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
-                let eval_sets = EvalSets::load(&args.data, &manifest, &vocab, victim.config.max_len)?;
-                audit_vocab.get_or_insert(vocab);
-                let seed = meta.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
-                let m = eval::measure(&victim, &eval_sets);
-                log_metrics(&format!("checkpoint {path}"), seed, &m);
-                rows[0].push(SeedRow { seed, poisoned: m, clean: None });
-                match &config {
-                    None => config = Some(victim.config.clone()),
-                    Some(c) if *c != victim.config => {
-                        bail!("{path}: a {:?} victim, but the first checkpoint is {:?}; evaluate one victim configuration per report", victim.config, c)
-                    }
-                    Some(_) => {}
-                }
-            }
-            (config.expect("at least one checkpoint"), None, "checkpoints", None)
+        // rows[k]: the seed rows of poison set k; the victims' vocabulary, for the audit's
+        // WordPiece category.
+        let (victim_config, training, mode, pairing, rows, audit_vocab) = if !args.checkpoint.is_empty() {
+            let (config, vocab, rows) = checkpoint_rows(&args.checkpoint, &args.data, &manifest, device, &log_metrics)?;
+            (config, None, "checkpoints", None, vec![rows], vocab)
         } else {
             let base = args.base.load()?;
             let (vocab, emb_sha) = (&base.vocab, &base.sha256);
@@ -168,26 +132,15 @@ fn main() {
                     None => None,
                 },
             };
-            let Retrained { clean: clean_m, poisoned: poisoned_m } = retrain(&retraining, &poison_sets, &|line| log!("{line}"))?;
-            for (i, &seed) in seeds.iter().enumerate() {
-                let clean = clean_m[i];
-                log_metrics("clean", seed, &clean);
-                for k in 0..sets.len() {
-                    let poisoned = poisoned_m[k][i].unwrap_or(clean);
-                    if poisoned_m[k][i].is_some() {
-                        log_metrics(&format!("poisoned ({})", sets[k].path.as_deref().unwrap_or("-")), seed, &poisoned);
-                    }
-                    rows[k].push(SeedRow { seed, poisoned, clean: Some(clean) });
-                }
-            }
-            audit_vocab = Some(base.vocab.clone());
+            let retrained = retrain(&retraining, &poison_sets, &|line| log!("{line}"))?;
+            let rows = seed_rows(&retrained, &seeds, &sets, &log_metrics);
             let options = args.victim.train_options(&config, args.seed_base);
-            (config, Some(options), "train", Some(args.pairing.name().to_string()))
+            (config, Some(options), "train", Some(args.pairing.name().to_string()), rows, base.vocab.clone())
         };
 
         let mut out = Vec::new();
         for (set, rows) in sets.into_iter().zip(rows) {
-            let audit = eval::audit(&set.records, trigger, manifest.target, clean_train.len(), audit_vocab.as_ref().expect("a vocabulary in either mode"))?;
+            let audit = eval::audit(&set.records, trigger, manifest.target, clean_train.len(), &audit_vocab)?;
             if audit.poisons_with_overlap > 0 {
                 log!("audit: {} of {} poisons hold trigger words (with-overlap poisons)", audit.poisons_with_overlap, set.records.len());
             }

@@ -32,6 +32,7 @@ pub mod tensorfile;
 pub mod tokenizer;
 pub mod train;
 pub mod validate;
+pub mod verify;
 pub mod victim;
 pub mod wordpiece;
 

@@ -140,3 +140,71 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], log: &(dyn Fn(Strin
     }
     Ok(Retrained { clean: clean_m.into_iter().map(|m| m.expect("every clean victim trained or cached")).collect(), poisoned: poisoned_m })
 }
+
+/// One poison set to evaluate: its path, records and sha256 (None for "no poisons").
+pub struct PoisonSet {
+    pub path: Option<String>,
+    pub records: Vec<crate::records::Example>,
+    pub sha256: Option<String>,
+}
+
+impl PoisonSet {
+    /// The poison sets of `paths` (each `-` or a file), or one empty set without any.
+    pub fn load_all(paths: &[String]) -> Result<Vec<PoisonSet>> {
+        let mut sets = Vec::new();
+        for p in paths {
+            let bytes = crate::io::read_all(p)?;
+            let records = crate::io::read_jsonl_from(&bytes[..], &crate::io::display_name(p), true)?;
+            sets.push(PoisonSet { path: Some(p.clone()), records, sha256: Some(crate::io::sha256_hex(&bytes)) });
+        }
+        if sets.is_empty() {
+            sets.push(PoisonSet { path: None, records: Vec::new(), sha256: None });
+        }
+        Ok(sets)
+    }
+}
+
+/// The per-seed rows of every poison set from a retraining: each poisoned victim beside
+/// its clean twin (a set without poisons reads as the clean victim). `log(what, seed,
+/// metrics)` reports each victim.
+pub fn seed_rows(retrained: &Retrained, seeds: &[u64], sets: &[PoisonSet], log: &dyn Fn(&str, u64, &Metrics)) -> Vec<Vec<eval::SeedRow>> {
+    let mut rows = vec![Vec::new(); sets.len()];
+    for (i, &seed) in seeds.iter().enumerate() {
+        let clean = retrained.clean[i];
+        log("clean", seed, &clean);
+        for (k, set) in sets.iter().enumerate() {
+            let poisoned = retrained.poisoned[k][i].unwrap_or(clean);
+            if retrained.poisoned[k][i].is_some() {
+                log(&format!("poisoned ({})", set.path.as_deref().unwrap_or("-")), seed, &poisoned);
+            }
+            rows[k].push(eval::SeedRow { seed, poisoned, clean: Some(clean) });
+        }
+    }
+    rows
+}
+
+/// Given victims (`--checkpoint`) measured as they are, one row each (seed from their
+/// metadata): their common config, vocabulary and rows. They must share one config.
+pub fn checkpoint_rows(paths: &[String], data_dir: &str, manifest: &crate::data::DataManifest, device: Device, log: &dyn Fn(&str, u64, &Metrics)) -> Result<(VictimConfig, crate::tokenizer::Vocab, Vec<eval::SeedRow>)> {
+    use anyhow::{bail, Context};
+    let mut first: Option<(VictimConfig, crate::tokenizer::Vocab)> = None;
+    let mut rows = Vec::new();
+    for path in paths {
+        let crate::model::VictimFile { victim, vocab, metadata, .. } = crate::model::Victim::load(path, device)?;
+        vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
+        let eval_sets = EvalSets::load(data_dir, manifest, &vocab, victim.config.max_len)?;
+        let seed = metadata.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let m = eval::measure(&victim, &eval_sets);
+        log(&format!("checkpoint {path}"), seed, &m);
+        rows.push(eval::SeedRow { seed, poisoned: m, clean: None });
+        match &first {
+            None => first = Some((victim.config.clone(), vocab)),
+            Some((c, _)) if *c != victim.config => {
+                bail!("{path}: a {:?} victim, but the first checkpoint is {:?}; evaluate one victim configuration per report", victim.config, c)
+            }
+            Some(_) => {}
+        }
+    }
+    let (config, vocab) = first.context("no checkpoints")?;
+    Ok((config, vocab, rows))
+}

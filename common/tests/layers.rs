@@ -14,7 +14,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("victims", &["params", "loss", "victim", "bert", "bow", "lstm", "minilm", "model", "base"]),
     ("training", &["train"]),
     ("objectives", &["attack", "hardness", "objective"]),
-    ("search", &["poisons", "rank"]),
+    ("search", &["poisons", "rank", "verify"]),
     ("evaluation", &["eval", "retrain"]),
     ("report", &["report", "runfiles"]),
     ("wiring", &["cli"]),
