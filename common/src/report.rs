@@ -208,6 +208,7 @@ pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
             (None, _) => bail!("variant {:?} has no poison set", v.name),
         };
         let net: Vec<f64> = rows.iter().map(|r| r.poisoned.asr - r.clean.expect("clean").asr).collect();
+        let paired = crate::eval::summarize_rows(&rows);
         let col = |f: &dyn Fn(&SeedRow) -> f64| summarize(&rows.iter().map(f).collect::<Vec<_>>());
         let natural: Option<Vec<f64>> = rows.iter().map(|r| r.poisoned.natural_asr).collect();
         results.push(VariantResult {
@@ -219,15 +220,9 @@ pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
             poison_count: count,
             poisons_with_overlap: overlap,
             net_asr: summarize(&net),
-            trigger_specific: col(&|r| {
-                let c = r.clean.expect("clean");
-                (r.poisoned.asr - c.asr) - (r.poisoned.fpr - c.fpr)
-            }),
-            room_share: rows
-                .iter()
-                .map(|r| r.clean.filter(|c| c.asr < 100.0).map(|c| 100.0 * (r.poisoned.asr - c.asr) / (100.0 - c.asr)))
-                .collect::<Option<Vec<f64>>>()
-                .map(|x| summarize(&x)),
+            // The same paired figures finetune-eval reports (one definition, eval.rs).
+            trigger_specific: paired.trigger_specific.expect("every row has its clean twin"),
+            room_share: paired.room_share,
             leaks,
             paired_vs_best_heuristic: None,
             asr: col(&|r| r.poisoned.asr),
@@ -285,7 +280,7 @@ impl Report {
             self.title,
             self.trigger,
             self.target,
-            self.victim.arch,
+            self.victim.arch.name(),
             self.seeds.len(),
             fmt(&self.clean_cacc),
             fmt(&self.clean_asr)
@@ -388,7 +383,7 @@ impl Report {
             }
         }
         let h = bottom + 50.0 + 18.0 * roles.len().div_ceil(3) as f64;
-        let mut s = svg_open(w, h, &format!("{:?} → {}: {:?} victim, mean and 95% CI over {} seeds", self.trigger, self.target, self.victim.arch, self.seeds.len()));
+        let mut s = svg_open(w, h, &format!("{:?} → {}: {:?} victim, mean and 95% CI over {} seeds", self.trigger, self.target, self.victim.arch.name(), self.seeds.len()));
         let panels: [(&str, fn(&VariantResult) -> &Summary); 2] =
             [("net ASR (percentage points)", |r| &r.net_asr), ("net ASR − dFPR (trigger-specific, points)", |r| &r.trigger_specific)];
         for (k, (title, get)) in panels.iter().enumerate() {
