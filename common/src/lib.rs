@@ -28,6 +28,7 @@ pub mod report;
 pub mod retrain;
 pub mod runfiles;
 pub mod stats;
+pub mod sweep;
 pub mod tensorfile;
 pub mod tokenizer;
 pub mod train;

@@ -16,7 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("objectives", &["attack", "hardness", "objective"]),
     ("search", &["poisons", "rank", "verify"]),
     ("evaluation", &["eval", "retrain"]),
-    ("report", &["report", "runfiles"]),
+    ("report", &["report", "runfiles", "sweep"]),
     ("wiring", &["cli"]),
 ];
 

@@ -18,6 +18,7 @@ pub fn bin(name: &str) -> Command {
         "rank-candidates" => env!("CARGO_BIN_EXE_rank-candidates"),
         "verify-candidates" => env!("CARGO_BIN_EXE_verify-candidates"),
         "report" => env!("CARGO_BIN_EXE_report"),
+        "sweep" => env!("CARGO_BIN_EXE_sweep"),
         other => panic!("unknown binary {other}"),
     };
     Command::new(path)
