@@ -135,7 +135,7 @@ demo: build $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS)
 ifdef SPEC
 sweep: build
 	@mkdir -p runs/sweeps
-	@jobs=$$(printf '%s\n' "$$MAKEFLAGS" | grep -oE '(^| )-?j ?[0-9]+' | grep -oE '[0-9]+' | head -1); \
+	@jobs=$$(printf '%s\n' "$$MAKEFLAGS" | grep -oE '(^| )-?j ?[0-9]+' | grep -oE '[0-9]+' | head -1 || true); \
 	  threads=$(or $(THREADS),$$(( $$(nproc) / $${jobs:-1} > 0 ? $$(nproc) / $${jobs:-1} : 1 ))); \
 	  $(BIN)/sweep plan $(SPEC) --threads $$threads --makefile > runs/sweeps/.plan-$$$$.mk; \
 	  echo "sweep: $$(grep -c '^runs/' runs/sweeps/.plan-$$$$.mk) cells, $${jobs:-1} at a time, $$threads thread(s) each" >&2; \

@@ -99,11 +99,10 @@ fn cells_started_together_share_their_inputs_and_give_what_they_give_alone() {
     ok(&again);
     assert!(stderr(&again).contains("is finished"), "{}", stderr(&again));
 
-    // The same cells one after the other, in another sweep folder: the same results.
+    // The same cells one after the other (make sweep without -j: one cell at a time), in
+    // another sweep folder, with one thread as above: the same results.
     let alone = spec("test-alone");
-    for (_, cmd) in plan(&alone) {
-        ok(&finish(start(&cmd)));
-    }
+    ok(&finish(start(&format!("make --no-print-directory sweep SPEC={} THREADS=1", alone.display()))));
     for (id, _) in &cells {
         assert_eq!(results("test-together", id), results("test-alone", id), "{id}: cells run together differ from cells run alone");
     }
@@ -112,6 +111,8 @@ fn cells_started_together_share_their_inputs_and_give_what_they_give_alone() {
     ok(&run(bin("sweep").current_dir(root()).arg("merge").arg(&together)));
     let csv = std::fs::read_to_string(root().join("runs/sweeps/test-together/results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 2 * 3 * 2, "header + 2 cells x 3 variants x 2 seeds:\n{csv}");
+    let table = std::fs::read_to_string(root().join("runs/sweeps/test-together/james-bond-positive-tiny.md")).unwrap();
+    assert!(table.contains("| hardness − confident |"), "the paired differences per count:\n{table}");
     std::fs::remove_file(root().join("runs/sweeps/test-together/cells/james-bond-positive-tiny-n8/cell.json")).unwrap();
     let merged = run(bin("sweep").current_dir(root()).arg("merge").arg(&together));
     ok(&merged);

@@ -224,6 +224,44 @@ pub struct Merged {
     pub missing: Vec<(String, String)>,
 }
 
+/// Per poison count, each crafted variant minus each heuristic of the same cell, paired by
+/// seed (mean ± 95% CI): "better" needs an interval that excludes zero.
+fn paired_table(rows: &[TidyRow], group: &str) -> String {
+    let in_group: Vec<&TidyRow> = rows.iter().filter(|r| format!("{}-{}-{}", slug(&r.trigger), slug(&r.target), slug(&r.victim)) == group).collect();
+    let mut counts: Vec<usize> = in_group.iter().map(|r| r.count).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let names = |role: &str| {
+        let mut v: Vec<String> = in_group.iter().filter(|r| r.role == role).map(|r| r.variant.clone()).collect();
+        v.dedup();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let (crafted, heuristics) = (names("crafted"), names("heuristic"));
+    if crafted.is_empty() || heuristics.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\npaired differences of net ASR (same seeds and clean twins; mean ± 95% CI, points)\n\n| poisons |");
+    let pairs: Vec<(&String, &String)> = crafted.iter().flat_map(|c| heuristics.iter().map(move |h| (c, h))).collect();
+    for (c, h) in &pairs {
+        out += &format!(" {c} − {h} |");
+    }
+    out += &format!("\n|---|{}\n", "---|".repeat(pairs.len()));
+    for n in counts {
+        out += &format!("| {n:>7} |");
+        for (c, h) in &pairs {
+            let of = |v: &str| -> Vec<(u64, f64)> { in_group.iter().filter(|r| r.count == n && r.variant == v).map(|r| (r.seed, r.net_asr)).collect() };
+            let (a, b) = (of(c), of(h));
+            let diffs: Vec<f64> = a.iter().filter_map(|(s, x)| b.iter().find(|(t, _)| t == s).map(|(_, y)| x - y)).collect();
+            let cell = if diffs.is_empty() { "-".to_string() } else { crate::stats::summarize(&diffs).to_string() };
+            out += &format!(" {cell:>14} |");
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// A finished cell's variants and evaluations, or why it is not usable.
 fn read_cell(spec: &SweepSpec, cell: &Cell) -> Result<(Variants, Vec<EvalReport>)> {
     let dir = spec.cell_dir(cell);
@@ -317,7 +355,7 @@ pub fn write(spec: &SweepSpec, merged: &Merged) -> Result<String> {
     io::write_bytes(&format!("{dir}/results.csv"), csv.as_bytes())?;
     let mut summary = String::new();
     for (g, r) in &merged.groups {
-        let table = r.sweep_table();
+        let table = r.sweep_table() + &paired_table(&merged.rows, g);
         io::write_bytes(&format!("{dir}/{g}.md"), table.as_bytes())?;
         io::write_bytes(&format!("{dir}/{g}.svg"), r.sweep_svg().as_bytes())?;
         io::write_bytes(&format!("{dir}/{g}.json"), (serde_json::to_string_pretty(r)? + "\n").as_bytes())?;
