@@ -146,7 +146,10 @@ pub fn one_by_one_example_grads<A: Architecture + ?Sized>(arch: &A, params: &Par
     let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
     (0..ids.size()[0])
         .map(|k| {
+            // The example alone, without the batch's padding: exactly a batch of one.
             let row = ids.narrow(0, k, 1);
+            let len = row.ne(crate::tokenizer::PAD_ID).sum(tch::Kind::Int64).int64_value(&[]);
+            let row = row.narrow(1, 0, len.max(1));
             let logits = arch.forward(params, &embed(params, &row), &mask_of(&row, params));
             let loss = targets.row(k).mean_nll(&logits);
             Tensor::run_backward(&[&loss], &tensors, false, false).into_iter().map(|g| g.detach()).collect()
