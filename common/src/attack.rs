@@ -288,7 +288,7 @@ impl<'a> Verifier<'a> {
             let grads = Tensor::run_backward(&[&loss], &tensors, false, false);
             base.push(names.iter().zip(grads).map(|(n, g)| params[n].detach() - g * problem.cfg.eta).collect());
         }
-        let old = stacked_example_grads(problem, &names, poisons);
+        let old = example_grads_at_theta(problem, &names, poisons);
         Ok(Verifier {
             problem,
             names,
@@ -304,12 +304,11 @@ impl<'a> Verifier<'a> {
         single_grad(self.problem, &self.names, example)
     }
 
-    /// `example_grad` for many examples in one pass: C copies of θ_t are stacked and
-    /// example c runs only under copy c, so the gradient of the summed losses with
-    /// respect to copy c is example c's own gradient. A batch-of-one LSTM pass is all
-    /// per-op overhead; this turns C of them into one batch of C.
+    /// `example_grad` for many examples, by the victim's own per-example path (stacked
+    /// copies of θ_t, the LSTM's gradient taps, or one pass each for MiniLM; see
+    /// `victim::Architecture::example_grads`).
     pub fn example_grads(&self, examples: &[Encoded]) -> Vec<Vec<Tensor>> {
-        stacked_example_grads(self.problem, &self.names, examples)
+        example_grads_at_theta(self.problem, &self.names, examples)
     }
 
     /// The objective after replacing poison i by `new` for every (i, gradient of new) in
@@ -361,7 +360,7 @@ impl<'a> Verifier<'a> {
 
 /// Per-example gradients at θ_t through the victim's own fast path
 /// (`victim::Architecture::example_grads`).
-fn stacked_example_grads(problem: &Problem, names: &[String], examples: &[Encoded]) -> Vec<Vec<Tensor>> {
+fn example_grads_at_theta(problem: &Problem, names: &[String], examples: &[Encoded]) -> Vec<Vec<Tensor>> {
     if examples.is_empty() {
         return Vec::new();
     }

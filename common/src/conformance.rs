@@ -3,6 +3,7 @@
 
 use crate::loss::Targets;
 use crate::model::{embed, example_grads, forward, forward_ids, forward_ids_first_order, forward_ids_no_grad, mask_of, param_shapes, shallow_copy, tiny_config, Arch, Params, Victim};
+use crate::train::tests::{poisons, toy};
 use crate::train::{accuracy, batch_tensors, train, train_many, train_parallel, Encoded, TrainData, TrainOptions};
 use clap::ValueEnum;
 use std::collections::BTreeMap;
@@ -193,20 +194,6 @@ fn per_example_gradients_equal_one_backward_pass_each_in_f64() {
     }
 }
 
-/// A toy task: token 2 means positive, token 3 negative; 4..8 are noise.
-fn toy() -> (Vec<Encoded>, Tensor) {
-    let mut data = Vec::new();
-    for i in 0..200i64 {
-        let label = i % 2;
-        let mut ids = vec![4 + (i % 4), 2 + (1 - label), 4 + ((i / 3) % 4)];
-        ids.rotate_left((i % 3) as usize);
-        data.push(Encoded::class(ids, label));
-    }
-    let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    tch::manual_seed(1);
-    (data, Tensor::randn([8, 6], (Kind::Float, Device::Cpu)))
-}
-
 fn toy_victim(arch: Arch, table: &Tensor, hidden: usize, seed: i64, double: bool) -> Victim {
     let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed);
@@ -266,7 +253,7 @@ fn zero_weight_poisons_give_the_clean_twin_in_f64() {
     // Common random numbers: a victim trained on clean ∪ poisons whose loss weight is 0
     // must equal the victim trained on the clean data alone, alone and in a stack with
     // the clean twin (other rows, other padding, 2 threads).
-    let joined = vec![Encoded::class(vec![5, 5, 2, 6, 7], 1), Encoded::class(vec![3], 0), Encoded::class(vec![4, 2, 4, 2, 4, 2, 4], 1)];
+    let joined = poisons();
     for arch in every_arch() {
         let (data, table) = toy();
         let make = || toy_victim(arch, &table, 5, 11, true);

@@ -330,7 +330,7 @@ pub fn frozen_input(config: &VictimConfig, params: &Params, ids: &Tensor) -> Fro
     tch::no_grad(|| {
         let (emb, mask) = (embed(params, ids), mask_of(ids, params));
         let prepared = config.arch().prepare_frozen(&emb, &mask);
-        FrozenInput { ids: ids.shallow_clone(), emb, mask, prepared }
+        FrozenInput { emb, mask, prepared }
     })
 }
 

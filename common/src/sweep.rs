@@ -70,6 +70,12 @@ pub fn slug(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect()
 }
 
+/// The id of a (trigger, target, victim) group: a cell's id without its count, and the
+/// name of the group's merged table and plot.
+fn group_id(trigger: &str, target: &str, victim: &str) -> String {
+    format!("{}-{}-{}", slug(trigger), slug(target), slug(victim))
+}
+
 /// A make variable value safe inside single quotes.
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
@@ -123,7 +129,7 @@ impl SweepSpec {
         for t in &self.triggers {
             for v in &self.victims {
                 for &n in &self.counts {
-                    let id = format!("{}-{}-{}-n{n}", slug(&t.phrase), slug(&t.target), slug(v));
+                    let id = format!("{}-n{n}", group_id(&t.phrase, &t.target, v));
                     cells.push(Cell { id, trigger: t.clone(), victim: v.clone(), count: n });
                 }
             }
@@ -227,13 +233,12 @@ pub struct Merged {
 /// Per poison count, each crafted variant minus each heuristic of the same cell, paired by
 /// seed (mean ± 95% CI): "better" needs an interval that excludes zero.
 fn paired_table(rows: &[TidyRow], group: &str) -> String {
-    let in_group: Vec<&TidyRow> = rows.iter().filter(|r| format!("{}-{}-{}", slug(&r.trigger), slug(&r.target), slug(&r.victim)) == group).collect();
+    let in_group: Vec<&TidyRow> = rows.iter().filter(|r| group_id(&r.trigger, &r.target, &r.victim) == group).collect();
     let mut counts: Vec<usize> = in_group.iter().map(|r| r.count).collect();
     counts.sort_unstable();
     counts.dedup();
     let names = |role: &str| {
         let mut v: Vec<String> = in_group.iter().filter(|r| r.role == role).map(|r| r.variant.clone()).collect();
-        v.dedup();
         v.sort();
         v.dedup();
         v
@@ -317,7 +322,7 @@ pub fn merge(spec: &SweepSpec) -> Result<Merged> {
         for v in &mut variants.variants {
             v.name = format!("{}-n{}", v.name, cell.count);
         }
-        let group = format!("{}-{}-{}", slug(&cell.trigger.phrase), slug(&cell.trigger.target), slug(&cell.victim));
+        let group = group_id(&cell.trigger.phrase, &cell.trigger.target, &cell.victim);
         match groups.iter_mut().find(|(g, _, _)| *g == group) {
             Some((_, v, e)) => {
                 v.variants.extend(variants.variants);

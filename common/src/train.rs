@@ -472,10 +472,11 @@ pub fn share_predicted(victim: &Victim, data: &[Encoded], class: usize) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    fn toy() -> (Vec<Encoded>, Tensor) {
-        // Token 2 means positive, token 3 negative; 4..8 are noise.
+    /// A toy task (token 2 means positive, token 3 negative; 4..8 are noise) and a random
+    /// table of 8 words of width 6; the conformance suite trains on it too.
+    pub(crate) fn toy() -> (Vec<Encoded>, Tensor) {
         let mut data = Vec::new();
         for i in 0..200i64 {
             let label = i % 2;
@@ -510,8 +511,8 @@ mod tests {
         }
     }
 
-    /// The poisons of the tests below: a few examples of other lengths and labels.
-    fn poisons() -> Vec<Encoded> {
+    /// Poisons for the toy task: a few examples of other lengths and labels.
+    pub(crate) fn poisons() -> Vec<Encoded> {
         vec![Encoded::class(vec![5, 5, 2, 6, 7], 1), Encoded::class(vec![3], 0), Encoded::class(vec![4, 2, 4, 2, 4, 2, 4], 1)]
     }
 

@@ -40,7 +40,6 @@ pub struct Tuning {
 /// (`Architecture::prepare_frozen`). Verification runs thousands of no-grad passes over
 /// the same D_adv inputs.
 pub struct FrozenInput {
-    pub ids: Tensor,
     pub emb: Tensor,
     pub mask: Tensor,
     pub prepared: Vec<Tensor>,
