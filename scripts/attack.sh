@@ -13,10 +13,12 @@ set -euo pipefail
 : "${ETA:=0.03}" "${CLEAN_PER_BATCH:=64}" "${ADV_SIZE:=128}" "${SEED:=0}" "${ROUNDS:=5}"
 : "${PATIENCE:=2}" "${TARGET_LADV:=}" "${OVERLAP:=0}" "${EVAL_SEEDS:=3}" "${ARCH:=lstm}" "${DEVICE:=auto}"
 : "${CLEAN_CACHE:=}"
-# Objective (bilevel: the seed's; hardness: FINDINGS.md) and its extra victims (space-separated
-# paths), base sentences (random|confident), extra rank-candidates flags, and EVAL=0 to skip
-# the evaluation (the demo evaluates every variant together).
-: "${OBJECTIVE:=bilevel}" "${ENSEMBLE:=}" "${BASES:=random}" "${RANK_FLAGS:=}" "${EVAL:=1}"
+# Objective (bilevel: the seed's; hardness: FINDINGS.md; influence: implicit differentiation)
+# and its extra victims (space-separated paths), its own rollout-grad flags (OBJECTIVE_FLAGS,
+# e.g. "--damping 0.1 --contrastive"), base sentences (random|confident), extra
+# rank-candidates flags, and EVAL=0 to skip the evaluation (the demo evaluates every variant
+# together).
+: "${OBJECTIVE:=bilevel}" "${ENSEMBLE:=}" "${OBJECTIVE_FLAGS:=}" "${BASES:=random}" "${RANK_FLAGS:=}" "${EVAL:=1}"
 # Concealment of the no-overlap poisons: token (no trigger word) or strict (no word that
 # leaks the trigger in any category of the strict audit; init, ranking and verification).
 : "${CONCEALMENT:=token}"
@@ -32,6 +34,11 @@ mkdir -p "$RUN"
 overlap_flag=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && overlap_flag=(--allow-overlap)
 init_flags=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && init_flags=()
 strict_setting=""; [ "$CONCEALMENT" = strict ] && strict_setting='"concealment": "strict",'
+# Recorded only when set, so the manifests of runs without it stay as they were.
+objective_setting=""; [ -n "$OBJECTIVE_FLAGS" ] && objective_setting="\"objective_flags\": \"$OBJECTIVE_FLAGS\","
+read -r -a objective_flags <<< "$OBJECTIVE_FLAGS"
+# The influence objective's v does not depend on the poisons: one solve per run.
+cache_flags=(); [ "$OBJECTIVE" = influence ] && cache_flags=(--influence-cache "$RUN/influence-cache")
 overlap_setting=false; [ "$OVERLAP" = 1 ] && overlap_setting=true
 rollout=(--steps "$STEPS" --rollouts "$ROLLOUTS" --eta "$ETA" --clean-per-batch "$CLEAN_PER_BATCH" --adv-size "$ADV_SIZE" --seed "$SEED")
 ensemble=(); for e in $ENSEMBLE; do ensemble+=(--ensemble "$e"); done
@@ -42,7 +49,7 @@ settings=$(cat <<JSON
 {"count": $COUNT, "init": "$INIT", "k": $K, "positions": "$POSITIONS", "steps": $STEPS,
  "rollouts": $ROLLOUTS, "eta": $ETA, "clean_per_batch": $CLEAN_PER_BATCH, "adv_size": $ADV_SIZE,
  "seed": $SEED, "overlap": $overlap_setting, "arch": "$ARCH", "objective": "$OBJECTIVE", "bases": "$BASES",
- $strict_setting "rank_flags": "$RANK_FLAGS"}
+ $strict_setting $objective_setting "rank_flags": "$RANK_FLAGS"}
 JSON
 )
 manifest=$("$BIN/report" attack-manifest --settings "$settings" --victim "$VICTIM_FILE" --data-manifest "$DATA/manifest.json" "${ensemble[@]}")
@@ -85,7 +92,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     if [ ! -f "$d/grad.safetensors" ]; then
       t=$EPOCHREALTIME
       stage rollout-grad "$BIN/rollout-grad" --victim "$VICTIM_FILE" --data "$DATA" --poisons "$prev" \
-        "${rollout[@]}" --objective "$OBJECTIVE" "${ensemble[@]}" --device "$DEVICE" -o "$d/grad.safetensors"
+        "${rollout[@]}" --objective "$OBJECTIVE" "${objective_flags[@]}" "${cache_flags[@]}" "${ensemble[@]}" --device "$DEVICE" -o "$d/grad.safetensors"
       grad_s=$(since "$t")
     fi
     if [ ! -f "$d/candidates.jsonl" ]; then
@@ -96,7 +103,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     fi
     t=$EPOCHREALTIME
     stage verify-candidates "$BIN/verify-candidates" --victim "$VICTIM_FILE" --data "$DATA" --poisons "$prev" \
-      --candidates "$d/candidates.jsonl" "${overlap_flag[@]}" "${ensemble[@]}" --device "$DEVICE" \
+      --candidates "$d/candidates.jsonl" "${overlap_flag[@]}" "${ensemble[@]}" "${cache_flags[@]}" --device "$DEVICE" \
       --summary "$d/summary.json" -o "$d/poisons.jsonl"
     printf '%s\t%s\t%s\n' "$grad_s" "$rank_s" "$(since "$t")" > "$d/seconds.tsv.tmp" && mv "$d/seconds.tsv.tmp" "$d/seconds.tsv"
   fi

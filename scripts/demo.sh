@@ -24,11 +24,15 @@ set -euo pipefail
 # rollout's ADV_SIZE and CLEAN_PER_BATCH come from the environment too).
 : "${BASE_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=--epochs 4}" "${EARLY_EPOCHS:=1}"
 : "${HARDNESS_SEARCH:=K=8 POSITIONS=all}" "${BILEVEL_SEARCH:=K=10 POSITIONS=2}"
+# The influence objective's rollout-grad flags (its Hessian sample and damping: see
+# `make objective-benchmark`) and search; it is first order in the poisons like hardness.
+: "${INFLUENCE_FLAGS:=--hessian-examples 2000 --damping 0.01}" "${INFLUENCE_SEARCH:=K=8 POSITIONS=all}"
 # Concealment of every concealed row (strict: no word leaks the trigger in any category of
 # the strict audit; token: the paper's no-overlap only). The with-overlap row is the reference.
 : "${CONCEALMENT:=strict}"
 read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 read -r -a hardness_search <<< "$HARDNESS_SEARCH"; read -r -a bilevel_search <<< "$BILEVEL_SEARCH"
+read -r -a influence_search <<< "$INFLUENCE_SEARCH"
 log() { echo "demo: $*" >&2; }
 mkdir -p "$RUN" "$VICTIMS_DIR"
 if [ "$MODE" = cell ]; then
@@ -76,6 +80,25 @@ craft() { # run-folder count settings...
 craft_hardness() { # run-folder count
   craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" RANK_FLAGS="$FILTERS --per-poison 8"
 }
+# The influence objective on the rest of each sentence (the carrier kept, as hardness does),
+# on the carrier slots only, or on both; plain or contrastive (extra rollout-grad flags).
+# Base choice by influence instead of confidence: every D_adv sentence made a strictly
+# concealed poison (nearest-neighbour carrier), then the COUNT with the lowest influence terms.
+select_by_influence() { # out count
+  [ -f "$1" ] && return
+  local all="$1.candidates.jsonl" n
+  n=$(grep -o '"adv": *[0-9]*' "$DATA/manifest.json" | grep -o '[0-9]*$')
+  [ -f "$all" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$n" --seed "$SEED" --bases random --strategy neighbour \
+    --concealment "$CONCEALMENT" -o "$all"
+  read -r -a flags <<< "$INFLUENCE_FLAGS"
+  "$BIN/score-poisons" --victim "$V" --data "$DATA" --objective influence "${flags[@]}" --seed "$SEED" --select "$2" "$all" -o "$1"
+}
+craft_influence() { # run-folder count slots(rest|carrier|both) [extra objective flags]
+  local slots="--keep-substitutes"
+  case $3 in carrier) slots="--only-substitutes" ;; both) slots="" ;; esac
+  craft "$1" "$2" OBJECTIVE=influence OBJECTIVE_FLAGS="$INFLUENCE_FLAGS${4:+ $4}" ROUNDS="$ROUNDS" "${influence_search[@]}" \
+    RANK_FLAGS="--min-count 5 --exclude-neighbours 50${slots:+ $slots} --per-poison 8"
+}
 
 if [ "$MODE" = cell ]; then
   entries=(); sets=()
@@ -95,6 +118,16 @@ if [ "$MODE" = cell ]; then
       hardness) craft_hardness "$RUN/craft-$v" "$COUNT"; variant "$v" "crafted: hardness objective" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
       bilevel) craft "$RUN/craft-$v" "$COUNT" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" "${bilevel_search[@]}" RANK_FLAGS="$FILTERS"
         variant "$v" "crafted: seed bi-level objective" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
+      influence) craft_influence "$RUN/craft-$v" "$COUNT" rest
+        variant "$v" "crafted: influence objective" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
+      influence-contrastive) craft_influence "$RUN/craft-$v" "$COUNT" rest --contrastive
+        variant "$v" "crafted: contrastive influence" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
+      influence-carrier) craft_influence "$RUN/craft-$v" "$COUNT" carrier
+        variant "$v" "crafted: influence, carrier slots only" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
+      influence-bases) select_by_influence "$RUN/init-$v.jsonl" "$COUNT"
+        variant "$v" "bases chosen by influence + neighbours" crafted "$RUN/init-$v.jsonl" ;;
+      influence-both) craft_influence "$RUN/craft-$v" "$COUNT" both
+        variant "$v" "crafted: influence, carrier and sentence" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
       *) log "unknown variant $v (sweep plan checks the spec; see FORMATS.md)"; exit 1 ;;
     esac
   done

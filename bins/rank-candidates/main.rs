@@ -50,6 +50,10 @@ struct Args {
     /// `substitutes`): crafting then works on the rest of the sentence.
     #[arg(long)]
     keep_substitutes: bool,
+    /// Only flip the positions that hold the trigger words' replacements (the carrier
+    /// slots); the rest of each sentence stays as it is.
+    #[arg(long, conflicts_with = "keep_substitutes")]
+    only_substitutes: bool,
     /// Only propose words seen at least this often in the clean training split (0: any
     /// vocabulary word). Rare words and GloVe-only words make odd, conspicuous poisons.
     #[arg(long, default_value_t = 0)]
@@ -82,6 +86,7 @@ fn main() {
             exclude_neighbours: args.exclude_neighbours,
             min_count: args.min_count,
             keep_substitutes: args.keep_substitutes,
+            only_substitutes: args.only_substitutes,
         };
         let bans = Bans::new(&vocab, &manifest, &table, &args.inputs.data, &ban_options)?;
         let policy = RankPolicy { k: args.k, positions: args.positions, per_poison: args.per_poison };

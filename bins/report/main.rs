@@ -68,6 +68,15 @@ enum Command {
     VictimsTable { run: String, archs: Vec<String> },
     /// One field of a JSON object file (strings bare, null empty).
     Field { file: String, key: String },
+    /// How well objectives rank the objective benchmark's poison sets by their measured net
+    /// ASR: Spearman's correlation of −value with it, from score-poisons output.
+    ObjectiveBenchmark {
+        /// The benchmark folder (its README.md holds the measured table).
+        #[arg(long, default_value = "../shared/objective-benchmark")]
+        benchmark: String,
+        /// score-poisons output files (objective_score JSONL).
+        scores: Vec<String>,
+    },
 }
 
 fn main() {
@@ -80,6 +89,7 @@ fn main() {
                 Command::AttackTable { run } => runfiles::attack_table(run)?,
                 Command::VictimsTable { run, archs } => runfiles::victims_table(run, archs)?,
                 Command::Field { file, key } => runfiles::json_field(file, key)? + "\n",
+                Command::ObjectiveBenchmark { benchmark, scores } => common::objective_benchmark::report(benchmark, scores)?,
             };
             return io::write_bytes("-", text.as_bytes());
         }

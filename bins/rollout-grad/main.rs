@@ -50,7 +50,17 @@ fn main() {
         let (ensemble, ensemble_sha256) = common::cli::load_ensemble(&args.objective.ensemble, device)?;
         let objective = common::objective::build(
             args.objective.objective,
-            ObjectiveInputs { victim: &inputs.victim, ensemble: &ensemble, clean: &inputs.clean, adv: &inputs.adv, target: inputs.manifest.target, rollout: args.rollout.clone() },
+            ObjectiveInputs {
+                victim: &inputs.victim,
+                ensemble: &ensemble,
+                clean: &inputs.clean,
+                adv: &inputs.adv,
+                target: inputs.manifest.target,
+                rollout: args.rollout.clone(),
+                influence: args.objective.influence(),
+                trigger: &inputs.trigger_ids,
+                cache: args.objective.influence_cache.as_deref(),
+            },
         )?;
         let (value, grad) = objective.objective_and_grad(&inputs.poisons_enc)?;
         log!("{} {:.1}s", objective.describe(value, inputs.poisons.len()), start.elapsed().as_secs_f64());
@@ -60,6 +70,7 @@ fn main() {
             objective_kind: args.objective.objective,
             rollout: args.rollout.clone(),
             ensemble_sha256,
+            influence: args.objective.influence(),
             poisons_sha256: inputs.poisons_sha256.clone(),
             victim_sha256: inputs.victim_sha256.clone(),
             vocab_sha256: inputs.vocab.sha256(),

@@ -42,6 +42,10 @@ struct Args {
     /// the hashes the candidates carry).
     #[arg(long)]
     ensemble: Vec<String>,
+    /// The folder where rollout-grad kept the influence objective's solved v
+    /// (--influence-cache): reused instead of solved again.
+    #[arg(long)]
+    influence_cache: Option<String>,
     /// Where to write the round's summary (JSON).
     #[arg(long)]
     summary: Option<String>,
@@ -67,7 +71,7 @@ fn main() {
             None
         } else {
             let (ensemble, hashes) = common::cli::load_ensemble(&args.ensemble, inputs.victim.device())?;
-            Some(verify(&inputs, &candidates, &swaps, &ensemble, &hashes, &cname)?)
+            Some(verify(&inputs, &candidates, &swaps, &ensemble, &hashes, args.influence_cache.as_deref(), &cname)?)
         };
         let (new_set, flips) = apply(&inputs, &candidates, verified.as_ref().map_or(&[][..], |v| &v.accepted[..]));
         if let Some(out) = &verified {

@@ -112,13 +112,29 @@ pub struct CraftArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ObjectiveArgs {
     /// bilevel: the seed method's unrolled L_adv (second order); hardness: the poisons'
-    /// mean target margin under clean victims (FINDINGS.md).
+    /// mean target margin under clean victims (FINDINGS.md); influence: L_adv after
+    /// training to convergence as influence functions predict it (one inverse-Hessian
+    /// solve, then first order in the poisons).
     #[arg(long, value_enum, default_value = "bilevel")]
     pub objective: crate::hardness::ObjectiveKind,
     /// Extra clean victims averaged into the hardness objective besides --victim
     /// (repeatable; for example early checkpoints).
     #[arg(long)]
     pub ensemble: Vec<String>,
+    #[command(flatten, next_help_heading = "Influence objective (--objective influence)")]
+    pub influence: crate::influence::InfluenceConfig,
+    /// Keep the influence objective's solved v in this folder and reuse it (it does not
+    /// depend on the poisons: one solve serves every round of a crafting run).
+    #[arg(long, help_heading = "Influence objective (--objective influence)")]
+    pub influence_cache: Option<String>,
+}
+
+impl ObjectiveArgs {
+    /// The influence settings when the objective is the influence one (what gradient files
+    /// and candidates record).
+    pub fn influence(&self) -> Option<crate::influence::InfluenceConfig> {
+        (self.objective == crate::hardness::ObjectiveKind::Influence).then(|| self.influence.clone())
+    }
 }
 
 /// Loads the extra victims of a hardness ensemble and their file hashes.

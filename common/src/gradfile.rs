@@ -3,7 +3,7 @@
 //! ids, and what they were computed from, as a typed struct over the file's string
 //! metadata.
 
-use crate::records::{ObjectiveKind, RolloutConfig};
+use crate::records::{InfluenceConfig, ObjectiveKind, RolloutConfig};
 use crate::tensorfile;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -22,6 +22,8 @@ pub struct GradMeta {
     pub rollout: RolloutConfig,
     /// sha256 of each clean victim of the hardness objective's ensemble (empty: none).
     pub ensemble_sha256: Vec<String>,
+    /// The influence objective's settings (None for the other objectives).
+    pub influence: Option<InfluenceConfig>,
     /// `attack::poison_set_sha256` of the poison set.
     pub poisons_sha256: String,
     pub victim_sha256: String,
@@ -49,6 +51,9 @@ impl GradFile {
         meta.insert("substitutes".into(), serde_json::to_string(&m.substitutes)?);
         meta.insert("objective_kind".into(), serde_json::to_string(&m.objective_kind)?);
         meta.insert("ensemble_sha256".into(), serde_json::to_string(&m.ensemble_sha256)?);
+        if let Some(influence) = &m.influence {
+            meta.insert("influence".into(), serde_json::to_string(influence)?);
+        }
         meta.insert("poisons_sha256".into(), m.poisons_sha256.clone());
         meta.insert("victim_sha256".into(), m.victim_sha256.clone());
         meta.insert("poison_ids".into(), serde_json::to_string(&m.poison_ids)?);
@@ -59,7 +64,7 @@ impl GradFile {
 
     /// Reads and checks a gradient file (or stdin for `-`): the shapes agree, the
     /// gradient is finite, every metadata key parses. Keys older files lack default to
-    /// the bi-level objective, no ensemble and no substitutes.
+    /// the bi-level objective, no ensemble, no influence settings and no substitutes.
     pub fn read(path: &str) -> Result<GradFile> {
         let file = tensorfile::read(path, GRAD_FORMAT, GRAD_VERSION)?;
         Self::from_file(&file).with_context(|| crate::io::display_name(path))
@@ -85,6 +90,7 @@ impl GradFile {
             objective_kind: file.meta_json("objective_kind")?.unwrap_or_default(),
             rollout: serde_json::from_str(file.meta("rollout")?).context("rollout")?,
             ensemble_sha256: file.meta_json("ensemble_sha256")?.unwrap_or_default(),
+            influence: file.meta_json("influence")?,
             poisons_sha256: file.meta("poisons_sha256")?.to_string(),
             victim_sha256: file.meta("victim_sha256")?.to_string(),
             vocab_sha256: file.meta("vocab_sha256")?.to_string(),

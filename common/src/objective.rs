@@ -1,11 +1,12 @@
 //! The crafting objective seam: what rollout-grad differentiates and verify-candidates
 //! checks exactly. Every objective (the seed's bi-level one in `attack`, hardness in
-//! `hardness`) implements `Objective`, and `build` is the one place that turns an
+//! `hardness`, the implicit one in `influence`) implements `Objective`, and `build` is the one place that turns an
 //! `ObjectiveKind` into one, so a new objective is a new file, a variant of
 //! `ObjectiveKind` and an arm here.
 
 use crate::attack::{verify, Problem, Swap, Verified};
 use crate::hardness::Hardness;
+use crate::influence::{Influence, InfluenceConfig};
 use crate::model::Victim;
 use crate::records::{ObjectiveKind, RolloutConfig};
 use crate::train::Encoded;
@@ -17,6 +18,13 @@ pub trait Objective {
     /// The objective and its gradient with respect to every poison token embedding,
     /// [N, Tp, D] (zero at padding): what rank-candidates' first-order scores use.
     fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)>;
+    /// The objective's exact value for a poison set (what verification compares).
+    fn value(&self, poisons: &[Encoded]) -> Result<f64>;
+    /// Each poison's own term when the objective is a sum of them (hardness, influence), so
+    /// poisons can be chosen one by one; None when poisons interact (bi-level).
+    fn terms(&self, _poisons: &[Encoded]) -> Option<Vec<f64>> {
+        None
+    }
     /// Exact verification of candidate swaps (SPEC step 5): the objective before and after,
     /// and the accepted swaps with their exact individual changes; never worse than before.
     fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified>;
@@ -27,6 +35,9 @@ pub trait Objective {
 impl Objective for Problem<'_> {
     fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
         Problem::objective_and_grad(self, poisons)
+    }
+    fn value(&self, poisons: &[Encoded]) -> Result<f64> {
+        Ok(self.objective(poisons))
     }
     fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
         verify(self, poisons, candidates)
@@ -40,11 +51,35 @@ impl Objective for Hardness<'_> {
     fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
         Hardness::objective_and_grad(self, poisons)
     }
+    fn value(&self, poisons: &[Encoded]) -> Result<f64> {
+        Ok(self.objective(poisons))
+    }
+    fn terms(&self, poisons: &[Encoded]) -> Option<Vec<f64>> {
+        Some(self.margins(poisons))
+    }
     fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
         Hardness::verify(self, poisons, candidates)
     }
     fn describe(&self, value: f64, poisons: usize) -> String {
         format!("hardness (mean target margin) {value:.5}, {poisons} poisons, {} victims", self.victims())
+    }
+}
+
+impl Objective for Influence<'_> {
+    fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
+        Influence::objective_and_grad(self, poisons)
+    }
+    fn value(&self, poisons: &[Encoded]) -> Result<f64> {
+        Ok(Influence::value(self, poisons))
+    }
+    fn terms(&self, poisons: &[Encoded]) -> Option<Vec<f64>> {
+        Some(self.scores(poisons))
+    }
+    fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
+        Influence::verify(self, poisons, candidates)
+    }
+    fn describe(&self, value: f64, poisons: usize) -> String {
+        Influence::describe(self, value, poisons)
     }
 }
 
@@ -57,6 +92,12 @@ pub struct ObjectiveInputs<'a> {
     pub adv: &'a [Encoded],
     pub target: usize,
     pub rollout: RolloutConfig,
+    /// The influence objective's settings (None: the defaults).
+    pub influence: Option<InfluenceConfig>,
+    /// The trigger's token ids (the contrastive influence objective removes them from D_adv).
+    pub trigger: &'a [i64],
+    /// A folder where the influence objective keeps its solved v (`influence::Influence::new`).
+    pub cache: Option<&'a str>,
 }
 
 /// The objective of `kind` (used by every binary that crafts or verifies).
@@ -71,6 +112,13 @@ pub fn build<'a>(kind: ObjectiveKind, inputs: ObjectiveInputs<'a>) -> Result<Box
         ObjectiveKind::Hardness => {
             let models = std::iter::once(inputs.victim).chain(inputs.ensemble).collect();
             Box::new(Hardness::new(models, inputs.target)?)
+        }
+        ObjectiveKind::Influence => {
+            if !inputs.ensemble.is_empty() {
+                bail!("--ensemble is for --objective hardness; the influence objective differentiates one victim");
+            }
+            let cfg = inputs.influence.unwrap_or_default();
+            Box::new(Influence::new(inputs.victim, inputs.clean, inputs.adv, inputs.trigger, &inputs.rollout, cfg, inputs.cache)?)
         }
     })
 }

@@ -331,36 +331,73 @@ pub struct AttackInputs {
     pub poisons_sha256: String,
     /// sha256 of the victim file (recorded in gradients and candidates).
     pub victim_sha256: String,
+    /// The trigger phrase's token ids as the victim's vocabulary encodes it (no special
+    /// tokens).
+    pub trigger_ids: Vec<i64>,
 }
 
 impl AttackInputs {
     pub fn load(victim: &str, dir: &str, poisons_path: &str, device: Device) -> Result<AttackInputs> {
-        let VictimFile { victim, vocab, sha256: victim_sha256, .. } = Victim::load(victim, device)?;
-        let manifest = DataManifest::load(dir)?;
-        vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
         let poisons: Vec<Example> = crate::io::read_jsonl(poisons_path, false)?;
         let pname = crate::io::display_name(poisons_path);
+        let base = CraftingBase::load(victim, dir, device)?;
         for (i, p) in poisons.iter().enumerate() {
             if p.tokens.is_none() {
                 bail!("{pname}: record {} (id {:?}) has no \"tokens\"; make poison sets with init-poisons", i + 1, p.id);
             }
-            if p.label != manifest.target {
-                bail!("{pname}: record {} (id {:?}) has label {}, the target is {}", i + 1, p.id, p.label, manifest.target);
+            if p.label != base.manifest.target {
+                bail!("{pname}: record {} (id {:?}) has label {}, the target is {}", i + 1, p.id, p.label, base.manifest.target);
             }
         }
+        let poisons_enc = base.encode(&poisons, TextPolicy::Poisons, &pname)?;
+        let adv = base.adv_without_sources(&[&poisons]);
+        let poisons_sha256 = poison_set_sha256(&poisons);
+        let CraftingBase { victim, vocab, manifest, clean, victim_sha256, trigger_ids, .. } = base;
+        Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256, victim_sha256, trigger_ids })
+    }
+}
+
+/// What every crafting objective is built from, before any poison set: the victim, its
+/// vocabulary, the data's manifest, the encoded clean training split and all of D_adv.
+pub struct CraftingBase {
+    pub victim: Victim,
+    pub vocab: Vocab,
+    pub manifest: DataManifest,
+    pub clean: Vec<Encoded>,
+    /// Every D_adv sentence with its record id.
+    adv_all: Vec<(String, Encoded)>,
+    pub victim_sha256: String,
+    /// The trigger phrase's token ids as the victim's vocabulary encodes it (no special
+    /// tokens).
+    pub trigger_ids: Vec<i64>,
+}
+
+impl CraftingBase {
+    pub fn load(victim: &str, dir: &str, device: Device) -> Result<CraftingBase> {
+        let VictimFile { victim, vocab, sha256: victim_sha256, .. } = Victim::load(victim, device)?;
+        let manifest = DataManifest::load(dir)?;
+        vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
         let n = manifest.labels.len();
         let max_len = victim.config.max_len;
-        let poisons_enc = encode_all(&poisons, &vocab, max_len, n, TextPolicy::Poisons, &pname)?;
         let clean_ex = data::read_set(dir, data::TRAIN, false)?;
         let clean = encode_all(&clean_ex, &vocab, max_len, n, TextPolicy::Data, &format!("{dir}/{}", data::TRAIN))?;
-        let sources: HashSet<&str> = poisons.iter().filter_map(|p| p.source_id.as_deref()).collect();
-        let adv_ex: Vec<Example> = data::read_set(dir, data::ADV, false)?
-            .into_iter()
-            .filter(|e| !sources.contains(e.id.trim_end_matches("+trigger")))
-            .collect();
+        let adv_ex: Vec<Example> = data::read_set(dir, data::ADV, false)?;
         let adv = encode_all(&adv_ex, &vocab, max_len, n, TextPolicy::Data, &format!("{dir}/{}", data::ADV))?;
-        let poisons_sha256 = poison_set_sha256(&poisons);
-        Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256, victim_sha256 })
+        let adv_all = adv_ex.into_iter().map(|e| e.id).zip(adv).collect();
+        let trigger_ids = vocab.encode(&manifest.trigger.phrase).into_iter().filter(|&i| !vocab.is_special(i)).collect();
+        Ok(CraftingBase { victim, vocab, manifest, clean, adv_all, victim_sha256, trigger_ids })
+    }
+
+    /// Encodes examples for this victim (`source` names the file in errors).
+    pub fn encode(&self, examples: &[Example], policy: TextPolicy, source: &str) -> Result<Vec<Encoded>> {
+        encode_all(examples, &self.vocab, self.victim.config.max_len, self.manifest.labels.len(), policy, source)
+    }
+
+    /// D_adv without the sentences any of `sets`' poisons were made from (an objective
+    /// must not be scored on the very sentences its poisons copy).
+    pub fn adv_without_sources(&self, sets: &[&[Example]]) -> Vec<Encoded> {
+        let sources: HashSet<&str> = sets.iter().flat_map(|s| s.iter()).filter_map(|p| p.source_id.as_deref()).collect();
+        self.adv_all.iter().filter(|(id, _)| !sources.contains(id.trim_end_matches("+trigger"))).map(|(_, e)| e.clone()).collect()
     }
 }
 

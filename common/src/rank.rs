@@ -46,6 +46,8 @@ pub struct Bans {
     pub strict: Option<TriggerMatcher>,
     /// Leave the positions that hold the trigger words' replacements alone.
     pub keep_substitutes: bool,
+    /// Touch only the positions that hold the trigger words' replacements (the carrier).
+    pub only_substitutes: bool,
 }
 
 /// Which words the bans hold beyond padding, special tokens and (unless `allow_overlap`)
@@ -59,6 +61,7 @@ pub struct BanOptions {
     /// Words seen fewer than this many times in the clean training split (`data_dir`).
     pub min_count: usize,
     pub keep_substitutes: bool,
+    pub only_substitutes: bool,
 }
 
 impl Bans {
@@ -76,7 +79,10 @@ impl Bans {
             eprintln!("{} of {} vocabulary words seen fewer than {} times in training: not proposed", rare.len(), vocab.len(), opts.min_count);
             words.extend(rare);
         }
-        Ok(Bans { words, strict, keep_substitutes: opts.keep_substitutes })
+        if opts.keep_substitutes && opts.only_substitutes {
+            bail!("keeping the substitutes and flipping only them leaves nothing to flip; choose one");
+        }
+        Ok(Bans { words, strict, keep_substitutes: opts.keep_substitutes, only_substitutes: opts.only_substitutes })
     }
 }
 
@@ -122,7 +128,10 @@ pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy:
         };
         let ranked = bottom_k(table, &grad.grad.get(i), &row[..len], &mask, policy.k);
         let substitutes = &meta.substitutes[i as usize];
-        let keep = |j: &usize| !vocab.is_special(row[*j]) && !(bans.keep_substitutes && substitutes.contains(j));
+        let keep = |j: &usize| {
+            let carrier = substitutes.contains(j);
+            !vocab.is_special(row[*j]) && !(bans.keep_substitutes && carrier) && !(bans.only_substitutes && !carrier)
+        };
         let mut per_position: Vec<(usize, i64, Vec<(i64, f64)>)> =
             ranked.into_iter().enumerate().filter(|(j, _)| keep(j)).map(|(j, c)| (j, row[j], c)).collect();
         if let Positions::Best(b) = policy.positions {
@@ -161,6 +170,7 @@ pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy:
                 rollout: meta.rollout.clone(),
                 objective_kind: meta.objective_kind,
                 ensemble_sha256: meta.ensemble_sha256.clone(),
+                influence: meta.influence.clone(),
             });
         }
     }

@@ -97,6 +97,9 @@ pub struct Candidate {
     pub objective_kind: ObjectiveKind,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ensemble_sha256: Vec<String>,
+    /// The influence objective's settings (absent for the other objectives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub influence: Option<InfluenceConfig>,
 }
 
 impl Record for Candidate {
@@ -140,6 +143,27 @@ impl Record for VerifySummary {
     const VERSION: u32 = 1;
 }
 
+/// One objective's value for one poison set (score-poisons).
+/// {"kind":"objective_score","v":1,"set":"confident","objective":"influence","value":0.91,"poisons":50}
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectiveScore {
+    pub kind: String,
+    pub v: u32,
+    /// The set's file name without its extension.
+    pub set: String,
+    /// The objective and settings it was scored with (score-poisons --label).
+    pub objective: String,
+    /// Lower is better, as for every objective.
+    pub value: f64,
+    pub poisons: usize,
+}
+
+impl Record for ObjectiveScore {
+    const KIND: &'static str = "objective_score";
+    const VERSION: u32 = 1;
+}
+
 /// How the inner training is unrolled. Recorded with gradients and candidates, so that
 /// verification replays exactly the same minibatches.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
@@ -174,4 +198,58 @@ pub enum ObjectiveKind {
     Bilevel,
     /// Mean target margin of the poisons under clean victims (first order).
     Hardness,
+    /// L_adv at the trained victim minus the poisons' predicted effect on it by the
+    /// implicit function theorem (influence functions): one inverse-Hessian-vector product
+    /// per round, then first order in the poisons (`influence`).
+    Influence,
+}
+
+/// Which curvature the influence objective inverts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HessianKind {
+    /// The generalised Gauss-Newton matrix Jᵀ(diag p − ppᵀ)J of the training loss:
+    /// positive semi-definite, so damped conjugate gradients always converge.
+    #[default]
+    GaussNewton,
+    /// The exact Hessian of the training loss by double backward (indefinite away from a
+    /// minimum: the solver stops with an error when it meets negative curvature).
+    Exact,
+}
+
+/// The influence objective's settings (`influence`). Recorded with gradients and
+/// candidates, so that verification solves for the same v.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
+pub struct InfluenceConfig {
+    /// Damping λ of the influence objective: v = (H + λI)⁻¹ ∇θ L_adv.
+    #[arg(long, default_value_t = 0.01, value_parser = crate::validate::positive_rate)]
+    pub damping: f64,
+    /// Conjugate-gradient iterations at most for v.
+    #[arg(long, default_value_t = 100, value_parser = crate::validate::at_least_one)]
+    pub cg_iters: usize,
+    /// Conjugate gradients stop when the residual falls below this share of ‖∇θ L_adv‖.
+    #[arg(long, default_value_t = 1e-3, value_parser = crate::validate::positive_rate)]
+    pub cg_tol: f64,
+    /// The curvature inverted: gauss-newton or exact.
+    #[arg(long, value_enum, default_value_t = HessianKind::GaussNewton)]
+    pub hessian: HessianKind,
+    /// Clean training examples the Hessian averages over (a seeded sample; 0: all).
+    #[arg(long, default_value_t = 0)]
+    pub hessian_examples: usize,
+    /// Contrastive: the influence on L_adv of the triggered D_adv sentences minus that on
+    /// the same sentences without the trigger, so only what the trigger adds is rewarded.
+    #[arg(long)]
+    pub contrastive: bool,
+}
+
+impl Default for InfluenceConfig {
+    /// The command line's defaults (one source of truth).
+    fn default() -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            influence: InfluenceConfig,
+        }
+        <Defaults as clap::Parser>::parse_from(["influence"]).influence
+    }
 }

@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// The poison sets a cell may compare (besides the benign control every cell carries).
-pub const VARIANTS: &[&str] = &["unoptimised", "neighbour", "confident", "overlap", "hardness", "bilevel"];
+pub const VARIANTS: &[&str] =
+    &["unoptimised", "neighbour", "confident", "overlap", "hardness", "bilevel", "influence", "influence-contrastive", "influence-carrier", "influence-both", "influence-bases"];
 
 /// A sweep spec (FORMATS.md): the axes of the grid.
 ///

@@ -49,7 +49,7 @@ impl Checks {
             if c.victim_sha256 != inputs.victim_sha256 {
                 bail!("{}: candidates were ranked from gradients of another victim than {victim_path} (hash mismatch); pass the --victim given to rollout-grad", at());
             }
-            if c.rollout != candidates[0].rollout || c.objective_kind != candidates[0].objective_kind || c.ensemble_sha256 != candidates[0].ensemble_sha256 {
+            if c.rollout != candidates[0].rollout || c.objective_kind != candidates[0].objective_kind || c.ensemble_sha256 != candidates[0].ensemble_sha256 || c.influence != candidates[0].influence {
                 bail!("{}: objective or unrolling settings differ from the first candidate's; verify one rank-candidates output at a time", at());
             }
             let poison = inputs
@@ -84,8 +84,10 @@ impl Checks {
 }
 
 /// Checks `swaps` exactly with the objective the candidates were ranked with (the
-/// `ensemble` victims must be the ones rollout-grad had, `ensemble_sha256` their hashes).
-pub fn verify(inputs: &AttackInputs, candidates: &[Candidate], swaps: &[Swap], ensemble: &[crate::model::Victim], ensemble_sha256: &[String], cname: &str) -> Result<Verified> {
+/// `ensemble` victims must be the ones rollout-grad had, `ensemble_sha256` their hashes;
+/// `influence_cache` the folder rollout-grad kept the influence objective's v in).
+#[allow(clippy::too_many_arguments)]
+pub fn verify(inputs: &AttackInputs, candidates: &[Candidate], swaps: &[Swap], ensemble: &[crate::model::Victim], ensemble_sha256: &[String], influence_cache: Option<&str>, cname: &str) -> Result<Verified> {
     let first = candidates.first().context("no candidates to verify")?;
     if ensemble_sha256 != first.ensemble_sha256 {
         bail!(
@@ -97,7 +99,17 @@ pub fn verify(inputs: &AttackInputs, candidates: &[Candidate], swaps: &[Swap], e
     }
     let objective = crate::objective::build(
         first.objective_kind,
-        ObjectiveInputs { victim: &inputs.victim, ensemble, clean: &inputs.clean, adv: &inputs.adv, target: inputs.manifest.target, rollout: first.rollout.clone() },
+        ObjectiveInputs {
+            victim: &inputs.victim,
+            ensemble,
+            clean: &inputs.clean,
+            adv: &inputs.adv,
+            target: inputs.manifest.target,
+            rollout: first.rollout.clone(),
+            influence: first.influence.clone(),
+            trigger: &inputs.trigger_ids,
+            cache: influence_cache,
+        },
     )?;
     objective.verify(&inputs.poisons_enc, swaps)
 }

@@ -13,10 +13,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("data", &["data"]),
     ("victims", &["params", "loss", "victim", "bert", "bow", "lstm", "minilm", "model", "base"]),
     ("training", &["train"]),
-    ("objectives", &["attack", "hardness", "objective"]),
+    ("objectives", &["attack", "hardness", "influence", "objective"]),
     ("search", &["poisons", "rank", "verify"]),
     ("evaluation", &["eval", "retrain"]),
-    ("report", &["report", "runfiles", "sweep"]),
+    ("report", &["report", "runfiles", "sweep", "objective_benchmark"]),
     ("wiring", &["cli"]),
 ];
 
