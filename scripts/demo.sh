@@ -26,7 +26,7 @@ set -euo pipefail
 : "${HARDNESS_SEARCH:=K=8 POSITIONS=all}" "${BILEVEL_SEARCH:=K=10 POSITIONS=2}"
 # The influence objective's rollout-grad flags (its Hessian sample and damping: see
 # `make objective-benchmark`) and search; it is first order in the poisons like hardness.
-: "${INFLUENCE_FLAGS:=--hessian-examples 2000 --damping 0.01}" "${INFLUENCE_SEARCH:=K=8 POSITIONS=all}"
+: "${INFLUENCE_FLAGS:=--hessian-examples 2000 --damping 0.001}" "${INFLUENCE_SEARCH:=K=8 POSITIONS=all}"
 # Concealment of every concealed row (strict: no word leaks the trigger in any category of
 # the strict audit; token: the paper's no-overlap only). The with-overlap row is the reference.
 : "${CONCEALMENT:=strict}"
