@@ -232,3 +232,49 @@ fn hardness_crafting_from_confident_bases_keeps_substitutes_and_needs_the_same_e
         assert!(b.iter().zip(t).filter(|(x, y)| x != y).count() <= 1, "at most one flip per poison per round");
     }
 }
+
+#[test]
+fn influence_crafting_composes_through_pipes_solves_once_and_only_flips_the_carrier_when_asked() {
+    let a = Attack::new();
+    let p0 = a.s.path("p0.jsonl");
+    ok(&run(a.stage("init-poisons").args(["--count", "6", "--bases", "confident", "--strategy", "neighbour", "-o"]).arg(&p0)));
+    let start = records(&std::fs::read(&p0).unwrap());
+    let cache = a.s.path("v-cache");
+    let flags = ["--objective", "influence", "--damping", "0.05", "--cg-iters", "40", "--adv-size", "24", "--device", "cpu"];
+    // rollout-grad | rank-candidates --only-substitutes | verify-candidates, real pipes.
+    let mut grad = a.stage("rollout-grad").args(flags).arg("--influence-cache").arg(&cache).arg("--poisons").arg(&p0)
+        .stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut rank = a.stage("rank-candidates").args(["-k", "4", "--positions", "all", "--only-substitutes"])
+        .stdin(grad.stdout.take().unwrap()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let cands = rank.stdout.take().unwrap();
+    let summary = a.s.path("summary.json");
+    let verify = a.stage("verify-candidates").args(["--device", "cpu", "--poisons"]).arg(&p0).arg("--influence-cache").arg(&cache)
+        .arg("--summary").arg(&summary).stdin(cands).output().unwrap();
+    let grad_out = grad.wait_with_output().unwrap();
+    assert!(grad_out.status.success() && rank.wait().unwrap().success(), "{}", String::from_utf8_lossy(&grad_out.stderr));
+    assert!(String::from_utf8_lossy(&grad_out.stderr).contains("v by CG"), "rollout-grad reports the solve");
+    ok(&verify);
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1, "verification reused rollout-grad's v");
+    let s: VerifySummary = common::io::parse_record(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert!(s.objective_after.unwrap() < s.objective_before.unwrap(), "influence flips lower the objective: {s:?}");
+    for (before, after) in start.iter().zip(records(&verify.stdout)) {
+        let (b, t) = (before.tokens.as_ref().unwrap(), after.tokens.as_ref().unwrap());
+        let subs = before.substitutes.as_ref().unwrap();
+        for j in 0..b.len() {
+            assert!(b[j] == t[j] || subs.contains(&j), "only carrier slots flip: {b:?} -> {t:?}");
+        }
+    }
+    // score-poisons gives the same value for the set as the gradient file's objective, and
+    // --select keeps the poisons with the lowest own terms.
+    let scores = ok(&run(a.stage("score-poisons").args(flags).arg("--influence-cache").arg(&cache).arg(&p0))).stdout.clone();
+    let score: common::records::ObjectiveScore = common::io::parse_record(String::from_utf8(scores).unwrap().trim()).unwrap();
+    assert_eq!(score.poisons, 6);
+    assert!((score.value - s.objective_before.unwrap()).abs() < 1e-6, "{} vs {:?}", score.value, s.objective_before);
+    let chosen = ok(&run(a.stage("score-poisons").args(flags).args(["--select", "2"]).arg(&p0))).stdout.clone();
+    let chosen = records(&chosen);
+    assert_eq!(chosen.len(), 2);
+    assert!(chosen.iter().all(|c| start.iter().any(|p| p.id == c.id)));
+    let refused = run(a.stage("score-poisons").args(["--objective", "bilevel", "--select", "2", "--device", "cpu"]).arg(&p0));
+    assert!(!refused.status.success() && stderr(&refused).contains("sum over poisons"), "{}", stderr(&refused));
+    assert!(refused.stdout.is_empty());
+}

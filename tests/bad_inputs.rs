@@ -412,6 +412,7 @@ fn rollout_grad() {
         case("rg-ensemble-other-table", { let mut c = rg(&w.p("p.jsonl")); c.args(["--objective", "hardness", "--ensemble"]).arg(&other_table); c },
             &["ensemble victim 2 has another embedding table", "same embeddings"]),
         case("rg-ensemble-with-bilevel", { let mut c = rg(&w.p("p.jsonl")); c.arg("--ensemble").arg(w.p("v.safetensors")); c }, &["--ensemble is for --objective hardness"]),
+        case("rg-ensemble-with-influence", { let mut c = rg(&w.p("p.jsonl")); c.args(["--objective", "influence", "--ensemble"]).arg(w.p("v.safetensors")); c }, &["--ensemble is for --objective hardness", "influence"]),
         case("rg-nan-objective", { let mut c = rg(&w.p("p.jsonl")); c.args(["--eta", "1e30"]); c }, &["L_adv is NaN", "lower --eta"]),
         case("rg-zero-eta", { let mut c = rg(&w.p("p.jsonl")); c.args(["--eta", "0"]); c }, &["--eta", "above 0"]).usage(),
     ]);
@@ -456,6 +457,7 @@ fn rank_candidates() {
         case("rc-grad-empty-stdin", { let mut c = w.craft("rank-candidates"); c.arg("-o").arg(&out); c }, &["<stdin>", "empty input"]),
         case("rc-zero-k", { let mut c = rc(&w.p("g.safetensors")); c.args(["-k", "0"]); c }, &["-k", "at least 1"]).usage(),
         case("rc-zero-positions", { let mut c = rc(&w.p("g.safetensors")); c.args(["--positions", "0"]); c }, &["--positions", "at least 1"]).usage(),
+        case("rc-keep-and-only-substitutes", { let mut c = rc(&w.p("g.safetensors")); c.args(["--keep-substitutes", "--only-substitutes"]); c }, &["--only-substitutes", "cannot be used with"]).usage(),
     ]);
     // A closed stdout pipe (`| head -1`) ends the stage quietly.
     let mut child = w.craft("rank-candidates").arg("--grad").arg(w.p("g.safetensors")).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -491,7 +493,14 @@ fn verify_candidates() {
         v["objective_kind"] = "hardness".into();
         v["ensemble_sha256"] = serde_json::json!(["0".repeat(64)]);
     });
+    // One candidate ranked with other objective settings than the rest.
+    let mut lines = w.lines("c.jsonl");
+    let mut second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    second["influence"] = serde_json::to_value(common::influence::InfluenceConfig::default()).unwrap();
+    lines[1] = second.to_string();
+    let mixed = w.write("mixed.jsonl", lines.join("\n") + "\n");
     check(w.dir(), &out, vec![
+        case("vc-mixed-objective-settings", vc(&mixed), &["mixed.jsonl:2", "settings differ from the first candidate's", "one rank-candidates output at a time"]),
         case("vc-other-poison-set", vc(&w.p("c3.jsonl")), &["c3.jsonl:1", "another poison set", "rerun rollout-grad and rank-candidates"]),
         case("vc-other-victim", vc(&other_victim), &["other-victim.jsonl:1", "another victim", "--victim given to rollout-grad"]),
         case("vc-old-version", vc(&v1), &["v1.jsonl:1", "format version 1", "regenerate"]),
@@ -507,6 +516,25 @@ fn verify_candidates() {
     let o = run(w.verify(&w.write("none.jsonl", "")).arg("-o").arg(&out));
     assert!(o.status.success(), "vc-no-candidates: {}", stderr(&o));
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(w.p("p.jsonl")).unwrap());
+}
+
+#[test]
+fn score_poisons() {
+    let w = World::new();
+    let out = w.p("out.jsonl");
+    let sp = |args: &[&str], sets: &[&str]| {
+        let mut c = w.craft("score-poisons");
+        c.args(args).args(sets.iter().map(|s| w.p(s))).arg("-o").arg(&out);
+        c
+    };
+    w.write("bad.jsonl", "not json\n");
+    check(w.dir(), &out, vec![
+        case("sp-malformed-json", sp(&["--objective", "hardness"], &["bad.jsonl"]), &["bad.jsonl:1", "malformed JSON"]),
+        case("sp-no-sets", sp(&["--objective", "hardness"], &[]), &["SETS"]).usage(),
+        case("sp-select-bilevel", sp(&["--select", "2"], &["p.jsonl"]), &["--select needs an objective that is a sum over poisons", "Bilevel"]),
+        case("sp-select-two-sets", sp(&["--objective", "hardness", "--select", "2"], &["p.jsonl", "p.jsonl"]), &["--select chooses from one poison set; 2 given"]),
+        case("sp-select-more-than-the-set", sp(&["--objective", "hardness", "--select", "1000"], &["p.jsonl"]), &["--select 1000", "p.jsonl holds"]),
+    ]);
 }
 
 #[test]

@@ -17,6 +17,7 @@ pub fn bin(name: &str) -> Command {
         "rollout-grad" => env!("CARGO_BIN_EXE_rollout-grad"),
         "rank-candidates" => env!("CARGO_BIN_EXE_rank-candidates"),
         "verify-candidates" => env!("CARGO_BIN_EXE_verify-candidates"),
+        "score-poisons" => env!("CARGO_BIN_EXE_score-poisons"),
         "report" => env!("CARGO_BIN_EXE_report"),
         "sweep" => env!("CARGO_BIN_EXE_sweep"),
         other => panic!("unknown binary {other}"),
