@@ -71,7 +71,7 @@ DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) 
   CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA) CONCEALMENT=$(CONCEALMENT)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo sweep cell slurm-gres victims attack test test-cluster bench fixtures clean help
+.PHONY: all setup data build demo sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
 all: demo
 
 help:
@@ -81,6 +81,7 @@ help:
 	@echo "make attack # the crafting loop (rollout-grad | rank-candidates | verify-candidates), then finetune-eval"
 	@echo "make test   # setup + build, unit and integration tests on committed fixtures"
 	@echo "make bench  # cost ratios of a crafting round and every stage's time and peak memory (BENCHMARKS.md)"
+	@echo "make objective-benchmark # how each objective ranks ../shared/objective-benchmark's poison sets against their measured net ASR (after make demo)"
 	@echo "variables: TRIGGER='$(TRIGGER)' TARGET=$(TARGET) SEED=$(SEED) TOP_N=$(TOP_N) ARCHS='$(ARCHS)' SEEDS=$(SEEDS) DEVICE=$(DEVICE)"
 
 setup: .venv/.setup-done-v1
@@ -197,6 +198,14 @@ test-cluster: build
 # Cost ratios of a crafting round, measured side by side (benches/crafting.rs), then the
 # time and peak memory of every stage on the real data (scripts/bench_stages.sh).
 # BENCHMARKS.md records the figures.
+# How well each objective (OBJECTIVES: label=score-poisons flags per line; the script's
+# default is hardness, bi-level, influence and contrastive influence) ranks the poison sets
+# of ../shared/objective-benchmark by their measured net ASR, on the default demo's victim.
+objective-benchmark: build $(DATA_DIR)/manifest.json
+	@test -f $(DEMO_RUN)/victim.safetensors -a -f $(DEMO_RUN)/early-s$$(($(SEED) + 1)).safetensors || \
+	  { echo "make objective-benchmark scores against the demo's victim: run make demo first ($(DEMO_RUN))" >&2; exit 1; }
+	@RUN=$(DEMO_RUN) DATA=$(DATA_DIR) BIN=$(BIN) OUT=runs/objective-benchmark scripts/objective_benchmark.sh
+
 bench: build $(DATA_DIR)/manifest.json $(EMB)
 	cargo bench --bench crafting
 	@echo

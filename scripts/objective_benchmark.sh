@@ -11,8 +11,8 @@ set -euo pipefail
 # label=flags, one per line (flags as score-poisons takes them).
 : "${OBJECTIVES:=hardness=--objective hardness --ensemble $RUN/early-s1.safetensors --ensemble $RUN/early-s2.safetensors
 bilevel=--objective bilevel
-influence=--objective influence
-influence-contrastive=--objective influence --contrastive}"
+influence=--objective influence --hessian-examples 2000 --damping 0.001
+influence-contrastive=--objective influence --hessian-examples 2000 --damping 0.001 --contrastive}"
 mkdir -p "$OUT"
 files=()
 while IFS= read -r line; do
