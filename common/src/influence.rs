@@ -118,6 +118,8 @@ pub struct Solve {
     /// ‖b − (A + λI)x‖ / ‖b‖ at the end.
     pub relative_residual: f64,
     pub seconds: f64,
+    /// Read from the cache rather than solved.
+    pub cached: bool,
 }
 
 /// Conjugate gradients on (A + λI) x = b from x = 0, where `apply` is A; stops after
@@ -128,7 +130,7 @@ pub fn conjugate_gradients(mut apply: impl FnMut(&[Tensor]) -> Result<ParamVec>,
     let norm_b = dot(b, b).sqrt();
     let mut x: ParamVec = b.iter().map(|t| t.zeros_like()).collect();
     if norm_b == 0.0 {
-        return Ok((x, Solve { iterations: 0, relative_residual: 0.0, seconds: 0.0 }));
+        return Ok((x, Solve { iterations: 0, relative_residual: 0.0, seconds: 0.0, cached: false }));
     }
     let mut r: ParamVec = b.iter().map(|t| t.copy()).collect();
     let mut p: ParamVec = r.iter().map(|t| t.copy()).collect();
@@ -155,7 +157,7 @@ pub fn conjugate_gradients(mut apply: impl FnMut(&[Tensor]) -> Result<ParamVec>,
         p = axpy(&r, rs_next / rs, &p);
         rs = rs_next;
     }
-    Ok((x, Solve { iterations: done, relative_residual: rs.sqrt() / norm_b, seconds: start.elapsed().as_secs_f64() }))
+    Ok((x, Solve { iterations: done, relative_residual: rs.sqrt() / norm_b, seconds: start.elapsed().as_secs_f64(), cached: false }))
 }
 
 /// `ids` without the first occurrence of `trigger` (a D_adv sentence without its trigger),
@@ -277,7 +279,7 @@ impl<'a> Influence<'a> {
             let file = crate::tensorfile::read(path, CACHE_FORMAT, CACHE_VERSION)?;
             let v = names.iter().map(|n| Ok(file.tensor(n)?.to_kind(params[n].kind()).to_device(device))).collect::<Result<ParamVec>>()?;
             let solve: (usize, f64) = file.meta_json("solve")?.context("solve")?;
-            let solve = Solve { iterations: solve.0, relative_residual: solve.1, seconds: 0.0 };
+            let solve = Solve { iterations: solve.0, relative_residual: solve.1, seconds: 0.0, cached: true };
             return Ok(Influence { victim, names, cfg, v, adv_value, n: clean.len() as f64, solve, adv_count: a, hessian_count: hessian_set.len() });
         }
         let batches = Batches::new(&hessian_set, device);
@@ -362,7 +364,7 @@ impl<'a> Influence<'a> {
     /// A log line for an objective value.
     pub fn describe(&self, value: f64, poisons: usize) -> String {
         format!(
-            "influence {value:.6} = {}L_adv {:.6} − predicted drop {:.6} over {} D_adv inputs, {poisons} poisons; v by CG ({:?} Hessian over {} clean examples, λ={}, {} iterations, relative residual {:.2e}, {:.1}s)",
+            "influence {value:.6} = {}L_adv {:.6} − predicted drop {:.6} over {} D_adv inputs, {poisons} poisons; v by CG ({:?} Hessian over {} clean examples, λ={}, {} iterations, relative residual {:.2e}, {})",
             if self.cfg.contrastive { "contrastive " } else { "" },
             self.adv_value,
             self.adv_value - value,
@@ -372,7 +374,7 @@ impl<'a> Influence<'a> {
             self.cfg.damping,
             self.solve.iterations,
             self.solve.relative_residual,
-            self.solve.seconds
+            if self.solve.cached { "read from the cache".to_string() } else { format!("{:.1}s", self.solve.seconds) }
         )
     }
 }
@@ -573,6 +575,7 @@ mod tests {
         let cached = Influence::new(&v, &clean, &adv, &[12, 13], &rollout(), cfg(HessianKind::GaussNewton, false), Some(cache)).unwrap();
         assert_eq!(fresh.value(&poisons).to_bits(), cached.value(&poisons).to_bits());
         assert_eq!(fresh.solve.iterations, cached.solve.iterations);
+        assert!(!fresh.solve.cached && cached.solve.cached);
         let mut other = cfg(HessianKind::GaussNewton, false);
         other.damping = 0.25;
         let third = Influence::new(&v, &clean, &adv, &[12, 13], &rollout(), other, Some(cache)).unwrap();
