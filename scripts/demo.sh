@@ -3,7 +3,7 @@
 # Makefile passes). In RUN:
 #   victim.safetensors, early-s{1,2}.safetensors   the attacked victim and two 1-epoch checkpoints
 #   init-<variant>.jsonl                           heuristic and baseline poison sets
-#   craft-hardness/, craft-bilevel/                crafting runs (scripts/attack.sh)
+#   craft-hardness/, craft-bilevel/, craft-influence/   crafting runs (scripts/attack.sh)
 #   variants.json, evals.jsonl                     what is compared, finetune-eval's reports
 #   report.json, table.md, net_asr.svg, objective.svg, poisons.md   (report)
 # Every step skips when its output exists (each is written atomically), so an interrupted
@@ -168,6 +168,8 @@ t_craft=$EPOCHREALTIME
 craft_hardness "$RUN/craft-hardness" "$COUNT"
 t_bilevel=$EPOCHREALTIME
 craft "$RUN/craft-bilevel" "$COUNT" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" "${bilevel_search[@]}" RANK_FLAGS="$FILTERS"
+t_influence=$EPOCHREALTIME
+craft_influence "$RUN/craft-influence" "$COUNT" rest
 t_eval=$EPOCHREALTIME
 
 cat > "$RUN/variants.json.tmp" <<JSON
@@ -182,6 +184,8 @@ cat > "$RUN/variants.json.tmp" <<JSON
   {"name": "overlap", "label": "with overlap (trigger kept; not concealed)", "role": "reference", "poisons": "$RUN/init-overlap.jsonl"},
   {"name": "bilevel", "label": "crafted: seed bi-level objective", "role": "crafted", "poisons": "$RUN/craft-bilevel/poisons.jsonl",
    "initial": "$RUN/craft-bilevel/round-000/poisons.jsonl", "rounds": "$RUN/craft-bilevel/rounds.tsv"},
+  {"name": "influence", "label": "crafted: influence objective", "role": "crafted", "poisons": "$RUN/craft-influence/poisons.jsonl",
+   "initial": "$RUN/craft-influence/round-000/poisons.jsonl", "rounds": "$RUN/craft-influence/rounds.tsv"},
   {"name": "hardness", "label": "crafted: hardness objective (default)", "role": "crafted", "poisons": "$RUN/craft-hardness/poisons.jsonl",
    "initial": "$RUN/craft-hardness/round-000/poisons.jsonl", "rounds": "$RUN/craft-hardness/rounds.tsv"}
  ]}
@@ -189,8 +193,8 @@ JSON
 mv "$RUN/variants.json.tmp" "$RUN/variants.json"
 
 sets=(); for v in benign relabelled unoptimised neighbour confident overlap; do sets+=(--poisons "$RUN/init-$v.jsonl"); done
-sets+=(--poisons "$RUN/craft-bilevel/poisons.jsonl" --poisons "$RUN/craft-hardness/poisons.jsonl")
+sets+=(--poisons "$RUN/craft-bilevel/poisons.jsonl" --poisons "$RUN/craft-influence/poisons.jsonl" --poisons "$RUN/craft-hardness/poisons.jsonl")
 evaluate "$RUN" "${sets[@]}"
 t_end=$EPOCHREALTIME
-awk -v s="$t_start" -v c="$t_craft" -v b="$t_bilevel" -v e="$t_eval" -v z="$t_end" 'BEGIN { printf "victims and initial poisons %.0f s, hardness crafting %.0f s, bi-level crafting %.0f s, evaluation %.0f s (this invocation; finished steps are skipped)\n", c - s, b - c, e - b, z - e }' > "$RUN/times.txt.tmp" && mv "$RUN/times.txt.tmp" "$RUN/times.txt"
+awk -v s="$t_start" -v c="$t_craft" -v b="$t_bilevel" -v i="$t_influence" -v e="$t_eval" -v z="$t_end" 'BEGIN { printf "victims and initial poisons %.0f s, hardness crafting %.0f s, bi-level crafting %.0f s, influence crafting %.0f s, evaluation %.0f s (this invocation; finished steps are skipped)\n", c - s, b - c, i - b, e - i, z - e }' > "$RUN/times.txt.tmp" && mv "$RUN/times.txt.tmp" "$RUN/times.txt"
 "$BIN/report" --variants "$RUN/variants.json" --evals "$RUN/evals.jsonl" --out-dir "$RUN" > /dev/null

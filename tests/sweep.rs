@@ -110,9 +110,11 @@ fn cells_started_together_share_their_inputs_and_give_what_they_give_alone() {
     // The merge: one row per cell, variant and seed; a cell that is gone is listed.
     ok(&run(bin("sweep").current_dir(root()).arg("merge").arg(&together)));
     let csv = std::fs::read_to_string(root().join("runs/sweeps/test-together/results.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 2 * 3 * 2, "header + 2 cells x 3 variants x 2 seeds:\n{csv}");
+    assert_eq!(csv.lines().count(), 1 + 2 * 5 * 2, "header + 2 cells x 5 variants x 2 seeds:\n{csv}");
     let table = std::fs::read_to_string(root().join("runs/sweeps/test-together/james-bond-positive-tiny.md")).unwrap();
-    assert!(table.contains("| hardness − confident |"), "the paired differences per count:\n{table}");
+    for crafted in ["hardness", "influence", "influence-bases"] {
+        assert!(table.contains(&format!("| {crafted} − confident |")), "the paired differences per count:\n{table}");
+    }
     std::fs::remove_file(root().join("runs/sweeps/test-together/cells/james-bond-positive-tiny-n8/cell.json")).unwrap();
     let merged = run(bin("sweep").current_dir(root()).arg("merge").arg(&together));
     ok(&merged);
