@@ -429,6 +429,38 @@ pub fn improve(best: &mut [Option<(Swap, f64)>], c: Swap, value: f64, bound: f64
     false
 }
 
+/// Exact verification of an objective that is a sum of per-poison terms (hardness,
+/// influence): `terms` gives each poison's own term, `objective_of` the objective from the
+/// terms of a whole set and `change_of` what a change of one term does to it. Per poison
+/// the candidate with the lowest term below the current one wins; the terms do not
+/// interact, so every winner is kept and the result is the exact objective of the new set.
+/// `what` names the term in errors.
+pub fn verify_separable(
+    poisons: &[Encoded],
+    candidates: &[Swap],
+    what: &str,
+    terms: impl Fn(&[Encoded]) -> Vec<f64>,
+    objective_of: impl Fn(&[f64]) -> f64,
+    change_of: impl Fn(f64) -> f64,
+) -> Result<Verified> {
+    check_swaps(poisons, candidates)?;
+    let current = terms(poisons);
+    let flips: Vec<Encoded> = candidates.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
+    let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
+    for (c, v) in candidates.iter().zip(terms(&flips)) {
+        if !v.is_finite() {
+            bail!("the {what} is {v} for candidate {c:?}");
+        }
+        improve(&mut best, *c, v, current[c.poison]);
+    }
+    let accepted: Vec<(Swap, f64)> = best.iter().flatten().map(|(s, v)| (*s, change_of(v - current[s.poison]))).collect();
+    let mut set = poisons.to_vec();
+    for (s, _) in &accepted {
+        set[s.poison] = flipped(&set[s.poison], s.position, s.word);
+    }
+    Ok(Verified { before: objective_of(&current), after: objective_of(&terms(&set)), accepted, checked: candidates.len() })
+}
+
 /// Combines per-poison winners greedily: in order of their own values (lowest first), each
 /// is kept when the objective with it and every winner kept so far (`objective_with`) is
 /// below the current one. Returns the final objective and the kept swaps with their

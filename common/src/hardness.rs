@@ -9,7 +9,7 @@
 //! additively.
 
 pub use crate::records::ObjectiveKind;
-use crate::attack::{check_swaps, flipped, improve, Swap, Verified};
+use crate::attack::{verify_separable, Swap, Verified};
 use crate::model::{embed, forward, mask_of, Victim};
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
@@ -111,28 +111,10 @@ impl<'a> Hardness<'a> {
     }
 
     /// Exact verification: each candidate's margin; per poison the candidate with the
-    /// lowest margin below the current one. The objective is separable, so every winner is
-    /// kept and the result is the exact objective of the new set.
+    /// lowest margin below the current one (`attack::verify_separable`).
     pub fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
-        check_swaps(poisons, candidates)?;
-        let current = self.margins(poisons);
-        let flips: Vec<Encoded> = candidates.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
-        let values = self.margins(&flips);
-        let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
-        for (c, v) in candidates.iter().zip(values) {
-            if !v.is_finite() {
-                bail!("the margin is {v} for candidate {c:?}");
-            }
-            improve(&mut best, *c, v, current[c.poison]);
-        }
         let n = poisons.len() as f64;
-        let before = current.iter().sum::<f64>() / n;
-        let accepted: Vec<(Swap, f64)> = best.iter().flatten().map(|(s, v)| (*s, (v - current[s.poison]) / n)).collect();
-        let mut set = poisons.to_vec();
-        for (s, _) in &accepted {
-            set[s.poison] = flipped(&set[s.poison], s.position, s.word);
-        }
-        Ok(Verified { before, after: self.objective(&set), accepted, checked: candidates.len() })
+        verify_separable(poisons, candidates, "margin", |p| self.margins(p), |m| m.iter().sum::<f64>() / n, |d| d / n)
     }
 }
 

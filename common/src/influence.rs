@@ -23,7 +23,7 @@
 //! lowers both, earns nothing.
 
 pub use crate::records::{HessianKind, InfluenceConfig};
-use crate::attack::{check_swaps, flipped, improve, Swap, Verified};
+use crate::attack::{verify_separable, Swap, Verified};
 use crate::loss::Targets;
 use crate::model::{embed, example_grads, forward, forward_ids, mask_of, Params, Victim, VictimConfig};
 use crate::records::RolloutConfig;
@@ -337,28 +337,10 @@ impl<'a> Influence<'a> {
         Ok((value, grad * mask.unsqueeze(-1)))
     }
 
-    /// Exact verification by the same score: per poison the candidate with the lowest term
-    /// below its current one. Separable, so every winner is kept and the result is the
-    /// exact objective of the new set.
+    /// Exact verification by the same score: per poison the candidate with the lowest
+    /// term below its current one (`attack::verify_separable`).
     pub fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
-        check_swaps(poisons, candidates)?;
-        let current = self.scores(poisons);
-        let flips: Vec<Encoded> = candidates.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
-        let values = self.scores(&flips);
-        let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
-        for (c, v) in candidates.iter().zip(values) {
-            if !v.is_finite() {
-                bail!("the influence score is {v} for candidate {c:?}");
-            }
-            improve(&mut best, *c, v, current[c.poison]);
-        }
-        let before = self.adv_value + current.iter().sum::<f64>();
-        let accepted: Vec<(Swap, f64)> = best.iter().flatten().map(|(s, v)| (*s, v - current[s.poison])).collect();
-        let mut set = poisons.to_vec();
-        for (s, _) in &accepted {
-            set[s.poison] = flipped(&set[s.poison], s.position, s.word);
-        }
-        Ok(Verified { before, after: self.value(&set), accepted, checked: candidates.len() })
+        verify_separable(poisons, candidates, "influence score", |p| self.scores(p), |t| self.adv_value + t.iter().sum::<f64>(), |d| d)
     }
 
     /// A log line for an objective value.
