@@ -25,8 +25,9 @@ use std::time::Instant;
 /// With --select N it chooses poisons instead: from one set (for example every D_adv
 /// sentence made a poison: init-poisons --count ALL), the N whose own terms of a separable
 /// objective (hardness, influence) are lowest, written as example JSONL in set order. D_adv
-/// then keeps every sentence (the candidates are all of it); the crafting that follows
-/// leaves the chosen ones out as usual.
+/// is then cut in two by a seeded draw (--seed): the objective is measured on one half and
+/// only poisons made from the other half are candidates, so none is scored by its own
+/// triggered copy.
 ///   init-poisons ... --count 4287 --strategy neighbour --concealment strict > all.jsonl
 ///   score-poisons --victim v.safetensors --data data/rt-jb --objective influence --select 50 all.jsonl > bases.jsonl
 #[derive(Parser)]
@@ -69,10 +70,10 @@ fn main() {
         if args.select.is_some() && sets.len() != 1 {
             anyhow::bail!("--select chooses from one poison set; {} given", sets.len());
         }
-        let adv = if args.select.is_some() {
-            base.adv_without_sources(&[])
+        let (adv, held_out) = if args.select.is_some() {
+            base.adv_split(args.rollout.seed)
         } else {
-            base.adv_without_sources(&sets.iter().map(|(_, e, _)| e.as_slice()).collect::<Vec<_>>())
+            (base.adv_without_sources(&sets.iter().map(|(_, e, _)| e.as_slice()).collect::<Vec<_>>()), Default::default())
         };
         let (ensemble, _) = common::cli::load_ensemble(&args.objective.ensemble, base.victim.device())?;
         let objective = common::objective::build(
@@ -91,20 +92,30 @@ fn main() {
         )?;
         log!("objective built over {} D_adv sentences in {:.1}s", adv.len(), start.elapsed().as_secs_f64());
         if let Some(n) = args.select {
-            let (path, examples, encoded) = &sets[0];
-            let terms = objective
-                .terms(encoded)
-                .ok_or_else(|| anyhow::anyhow!("--select needs an objective that is a sum over poisons (hardness, influence); {:?} is not", args.objective.objective))?;
-            if n > terms.len() {
-                anyhow::bail!("--select {n} but {} holds {} poisons", io::display_name(path), terms.len());
+            if objective.terms(&[]).is_none() {
+                anyhow::bail!("--select needs an objective that is a sum over poisons (hardness, influence); {:?} is not", args.objective.objective);
             }
+            let (path, examples, encoded) = &sets[0];
+            // Candidates made from the half of D_adv the objective is measured on are not chosen.
+            let eligible: Vec<usize> =
+                (0..examples.len()).filter(|&i| !examples[i].source_id.as_ref().is_some_and(|s| held_out.contains(s.as_str()))).collect();
+            if n > eligible.len() {
+                anyhow::bail!(
+                    "--select {n} but {} holds {} poisons, {} of them made from sentences outside the half of D_adv the objective is measured on",
+                    io::display_name(path),
+                    examples.len(),
+                    eligible.len()
+                );
+            }
+            let candidates: Vec<_> = eligible.iter().map(|&i| encoded[i].clone()).collect();
+            let terms = objective.terms(&candidates).expect("a sum over poisons (checked above)");
             let mut order: Vec<usize> = (0..terms.len()).collect();
             order.sort_by(|&a, &b| terms[a].total_cmp(&terms[b]).then(a.cmp(&b)));
             order.truncate(n);
             let (best, worst) = (terms[order[0]], terms[order[n - 1]]);
             order.sort_unstable();
-            let chosen: Vec<&common::records::Example> = order.iter().map(|&i| &examples[i]).collect();
-            log!("chose {n} of {} poisons by their own terms ({best:.5} .. {worst:.5})", terms.len());
+            let chosen: Vec<&common::records::Example> = order.iter().map(|&k| &examples[eligible[k]]).collect();
+            log!("chose {n} of {} eligible poisons ({} in the set) by their own terms ({best:.5} .. {worst:.5})", eligible.len(), examples.len());
             return io::write_jsonl(&args.output, &chosen);
         }
         let label = args.label.clone().unwrap_or_else(|| format!("{:?}", args.objective.objective).to_lowercase());

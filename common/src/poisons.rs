@@ -393,6 +393,19 @@ impl CraftingBase {
         encode_all(examples, &self.vocab, self.victim.config.max_len, self.manifest.labels.len(), policy, source)
     }
 
+    /// D_adv cut in two by a seeded draw: the half an objective is measured on, and the
+    /// source ids of that half. Choosing poisons by an objective (`score-poisons --select`)
+    /// takes candidates from the other half only, so no candidate is scored by its own
+    /// triggered copy.
+    pub fn adv_split(&self, seed: u64) -> (Vec<Encoded>, HashSet<String>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(seed, "adv-split"));
+        let mut half = sample(&mut rng, self.adv_all.len(), self.adv_all.len() / 2).into_vec();
+        half.sort_unstable();
+        let adv = half.iter().map(|&i| self.adv_all[i].1.clone()).collect();
+        let sources = half.iter().map(|&i| self.adv_all[i].0.trim_end_matches("+trigger").to_string()).collect();
+        (adv, sources)
+    }
+
     /// D_adv without the sentences any of `sets`' poisons were made from (an objective
     /// must not be scored on the very sentences its poisons copy).
     pub fn adv_without_sources(&self, sets: &[&[Example]]) -> Vec<Encoded> {
