@@ -112,11 +112,6 @@ impl<'a> Problem<'a> {
         &self.victim.config
     }
 
-    /// Names of the parameters the inner SGD updates (the trainable ones), in order.
-    fn trainable(&self, params: &Params) -> Vec<String> {
-        params.keys().filter(|k| params[*k].requires_grad()).cloned().collect()
-    }
-
     /// The poisons as the rollout consumes them: input embeddings under θ_t (detached),
     /// padding mask and targets.
     fn poison_inputs(&self, params: &Params, poisons: &[Encoded]) -> (Tensor, Tensor, Targets) {
@@ -129,7 +124,7 @@ impl<'a> Problem<'a> {
     /// differentiable with respect to `poison_emb` through the inner gradient steps.
     pub fn adv_loss_after_rollout(&self, r: usize, poison_emb: &Tensor, poison_mask: &Tensor, poison_targets: &Targets, create_graph: bool) -> Tensor {
         let mut params: Params = self.victim.params();
-        let names = self.trainable(&params);
+        let names = crate::params::trainable_names(&params);
         for (step, clean) in self.batches[r].iter().enumerate() {
             let (clean_ids, clean_targets) = batch_tensors(clean, self.victim.device());
             let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
@@ -276,7 +271,7 @@ impl<'a> Verifier<'a> {
             bail!("the shared-work verifier needs --steps 1; use Problem::objective for k > 1");
         }
         let params = problem.victim.params();
-        let names = problem.trainable(&params);
+        let names = crate::params::trainable_names(&params);
         let (emb, mask, targets) = problem.poison_inputs(&params, poisons);
         let mut base = Vec::new();
         for clean in problem.batches.iter().map(|steps| &steps[0]) {

@@ -141,7 +141,7 @@ fn unrolled_adv_loss(v: &Victim, poison_emb: &Tensor) -> Tensor {
     let ids_for_mask = Tensor::cat(&[clean_ids, Tensor::from_slice(&[5i64, 6, 7, 0]).view([1, 4])], 0);
     let logits = forward(&v.config, &p, &emb, &mask_of(&ids_for_mask, &p));
     let loss = Targets::Class(Tensor::from_slice(&[0i64, 1, 0, 1])).mean_nll(&logits);
-    let names: Vec<String> = p.keys().filter(|k| p[*k].requires_grad()).cloned().collect();
+    let names = crate::params::trainable_names(&p);
     let tensors: Vec<&Tensor> = names.iter().map(|n| &p[n]).collect();
     let grads = Tensor::run_backward(&[&loss], &tensors, true, true);
     let mut stepped = shallow_copy(&p);
@@ -177,7 +177,7 @@ fn per_example_gradients_equal_one_backward_pass_each_in_f64() {
         let mut v = tiny(arch, false);
         v.vs.set_kind(Kind::Double);
         let p = v.params();
-        let names: Vec<String> = p.keys().filter(|k| p[*k].requires_grad()).cloned().collect();
+        let names = crate::params::trainable_names(&p);
         let examples = [Encoded::class(vec![9, 8, 7, 6, 5], 0), Encoded::class(vec![3, 4], 1), Encoded::class(vec![2], 1)];
         let (ids, targets) = batch_tensors(&examples.iter().collect::<Vec<_>>(), Device::Cpu);
         let all = example_grads(&v.config, &p, &names, &ids, &targets);

@@ -51,9 +51,10 @@ fn axpy(a: &[Tensor], s: f64, b: &[Tensor]) -> ParamVec {
     a.iter().zip(b).map(|(x, y)| x + y * s).collect()
 }
 
-/// Names of the parameters training updates (those that require a gradient), in order.
-pub fn trainable(params: &Params) -> Vec<String> {
-    params.keys().filter(|k| params[*k].requires_grad()).cloned().collect()
+/// Σ aᵢ·bᵢ over every tensor as a scalar tensor that stays in the graph (for double
+/// backward through `a`).
+fn dot_in_graph(a: &[Tensor], b: &[Tensor]) -> Tensor {
+    a.iter().zip(b).map(|(x, y)| (x * y).sum(None::<Kind>)).reduce(|s, t| s + t).expect("at least one parameter")
 }
 
 /// A training set cut into padded batches for curvature products: token ids and targets.
@@ -86,7 +87,7 @@ pub fn curvature_product(config: &VictimConfig, params: &Params, names: &[String
             HessianKind::Exact => {
                 let loss = targets.summed_nll(&logits);
                 let grads = Tensor::run_backward(&[&loss], &tensors, true, true);
-                let gv = grads.iter().zip(v).map(|(g, v)| (g * v).sum(None::<Kind>)).fold(Tensor::zeros([], (logits.kind(), logits.device())), |a, b| a + b);
+                let gv = dot_in_graph(&grads, v);
                 Tensor::run_backward(&[&gv], &tensors, false, false)
             }
             HessianKind::GaussNewton => {
@@ -95,7 +96,7 @@ pub fn curvature_product(config: &VictimConfig, params: &Params, names: &[String
                 }
                 let u = logits.zeros_like().detach().set_requires_grad(true);
                 let jtu = Tensor::run_backward(&[&(&logits * &u).sum(None::<Kind>)], &tensors, true, true);
-                let s = jtu.iter().zip(v).map(|(g, v)| (g * v).sum(None::<Kind>)).fold(Tensor::zeros([], (logits.kind(), logits.device())), |a, b| a + b);
+                let s = dot_in_graph(&jtu, v);
                 let jv = Tensor::run_backward(&[&s], &[&u], true, false).pop().expect("one gradient");
                 let p = logits.softmax(-1, None::<Kind>).detach();
                 let w = &p * &jv - &p * (&p * &jv).sum_dim_intlist(-1, true, None::<Kind>);
@@ -173,6 +174,14 @@ pub fn without_trigger(ids: &[i64], trigger: &[i64]) -> Option<Vec<i64>> {
 const CACHE_FORMAT: &str = "poison.influence_v";
 const CACHE_VERSION: u32 = 1;
 
+/// A cached v (in the parameters' dtype, on `device`) and how its solve went.
+fn read_cached(path: &str, names: &[String], params: &Params, device: Device) -> Result<(ParamVec, Solve)> {
+    let file = crate::tensorfile::read(path, CACHE_FORMAT, CACHE_VERSION)?;
+    let v = names.iter().map(|n| Ok(file.tensor(n)?.to_kind(params[n].kind()).to_device(device))).collect::<Result<ParamVec>>()?;
+    let (iterations, relative_residual): (usize, f64) = file.meta_json("solve")?.context("solve")?;
+    Ok((v, Solve { iterations, relative_residual, seconds: 0.0, cached: true }))
+}
+
 /// The hash that names a cached v: every input of the solve.
 fn cache_key(params: &Params, cfg: &InfluenceConfig, adv: &[&Encoded], hessian: &[&Encoded], trigger: &[i64]) -> String {
     use sha2::{Digest, Sha256};
@@ -243,7 +252,7 @@ impl<'a> Influence<'a> {
         }
         let device = victim.device();
         let params = victim.params();
-        let names = trainable(&params);
+        let names = crate::params::trainable_names(&params);
         let mut rng = ChaCha8Rng::seed_from_u64(crate::data::seed_for(rollout.seed, "adv"));
         let a = rollout.adv_size.min(adv.len());
         let mut picked = sample(&mut rng, adv.len(), a).into_vec();
@@ -275,22 +284,21 @@ impl<'a> Influence<'a> {
             idx.into_iter().map(|i| &clean[i]).collect()
         };
         let cached = cache.map(|dir| format!("{dir}/influence-{}.safetensors", cache_key(&params, &cfg, &adv_sample, &hessian_set, trigger)));
-        if let Some(path) = cached.as_deref().filter(|p| std::path::Path::new(p).exists()) {
-            let file = crate::tensorfile::read(path, CACHE_FORMAT, CACHE_VERSION)?;
-            let v = names.iter().map(|n| Ok(file.tensor(n)?.to_kind(params[n].kind()).to_device(device))).collect::<Result<ParamVec>>()?;
-            let solve: (usize, f64) = file.meta_json("solve")?.context("solve")?;
-            let solve = Solve { iterations: solve.0, relative_residual: solve.1, seconds: 0.0, cached: true };
-            return Ok(Influence { victim, names, cfg, v, adv_value, n: clean.len() as f64, solve, adv_count: a, hessian_count: hessian_set.len() });
-        }
-        let batches = Batches::new(&hessian_set, device);
-        let (v, solve) = conjugate_gradients(|p| curvature_product(&victim.config, &params, &names, &batches, cfg.hessian, p), &b, cfg.damping, cfg.cg_iters, cfg.cg_tol)?;
-        let v: ParamVec = v.into_iter().map(|t| t.detach()).collect();
-        if let Some(path) = &cached {
-            std::fs::create_dir_all(cache.expect("a cache folder")).with_context(|| format!("creating the influence cache folder for {path}"))?;
-            let tensors: Vec<(String, Tensor)> = names.iter().cloned().zip(v.iter().map(|t| t.to_device(Device::Cpu))).collect();
-            let meta = [("solve".to_string(), serde_json::to_string(&(solve.iterations, solve.relative_residual))?)].into();
-            crate::tensorfile::write(path, CACHE_FORMAT, CACHE_VERSION, &tensors, meta)?;
-        }
+        let (v, solve) = match cached.as_deref() {
+            Some(path) if std::path::Path::new(path).exists() => read_cached(path, &names, &params, device)?,
+            _ => {
+                let batches = Batches::new(&hessian_set, device);
+                let (v, solve) = conjugate_gradients(|p| curvature_product(&victim.config, &params, &names, &batches, cfg.hessian, p), &b, cfg.damping, cfg.cg_iters, cfg.cg_tol)?;
+                let v: ParamVec = v.into_iter().map(|t| t.detach()).collect();
+                if let (Some(dir), Some(path)) = (cache, &cached) {
+                    std::fs::create_dir_all(dir).with_context(|| format!("creating the influence cache folder for {path}"))?;
+                    let tensors: Vec<(String, Tensor)> = names.iter().cloned().zip(v.iter().map(|t| t.to_device(Device::Cpu))).collect();
+                    let meta = [("solve".to_string(), serde_json::to_string(&(solve.iterations, solve.relative_residual))?)].into();
+                    crate::tensorfile::write(path, CACHE_FORMAT, CACHE_VERSION, &tensors, meta)?;
+                }
+                (v, solve)
+            }
+        };
         Ok(Influence { victim, names, cfg, v, adv_value, n: clean.len() as f64, solve, adv_count: a, hessian_count: hessian_set.len() })
     }
 
@@ -327,7 +335,7 @@ impl<'a> Influence<'a> {
         let emb = embed(&params, &ids).detach().set_requires_grad(true);
         let loss = targets.summed_nll(&forward(&self.victim.config, &params, &emb, &mask));
         let grads = Tensor::run_backward(&[&loss], &tensors, true, true);
-        let gv = grads.iter().zip(&self.v).map(|(g, v)| (g * v).sum(None::<Kind>)).fold(Tensor::zeros([], (loss.kind(), loss.device())), |a, b| a + b);
+        let gv = dot_in_graph(&grads, &self.v);
         let predicted = -gv / self.n;
         let value = self.adv_value + predicted.double_value(&[]);
         if !value.is_finite() {
@@ -420,7 +428,7 @@ mod tests {
         for &arch in Arch::value_variants() {
             let v = tiny(arch, 6);
             let params = v.params();
-            let names = trainable(&params);
+            let names = crate::params::trainable_names(&params);
             let theta: ParamVec = names.iter().map(|n| params[n].detach()).collect();
             let batches = Batches::new(&set.iter().collect::<Vec<_>>(), Device::Cpu);
             let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -469,7 +477,7 @@ mod tests {
         for &arch in Arch::value_variants() {
             let v = tiny(arch, 3);
             let params = v.params();
-            let names = trainable(&params);
+            let names = crate::params::trainable_names(&params);
             let theta: ParamVec = names.iter().map(|n| params[n].detach()).collect();
             let batches = Batches::new(&set.iter().collect::<Vec<_>>(), Device::Cpu);
             let p = flat(&theta).size()[0];

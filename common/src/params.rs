@@ -8,6 +8,11 @@ use tch::Tensor;
 /// Parameters by stable name (`embedding.weight`, `lstm.fwd.w_ih`, `out.weight`, ...).
 pub type Params = BTreeMap<String, Tensor>;
 
+/// Names of the parameters training updates (those that require a gradient), in order.
+pub fn trainable_names(params: &Params) -> Vec<String> {
+    params.keys().filter(|k| params[*k].requires_grad()).cloned().collect()
+}
+
 pub(crate) fn param<'a>(params: &'a Params, name: &str) -> &'a Tensor {
     params.get(name).unwrap_or_else(|| panic!("parameter {name:?} missing from the map"))
 }

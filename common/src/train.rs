@@ -277,7 +277,7 @@ pub fn train_many(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptio
     // Every victim's batches for every epoch, drawn from its own seeded generator.
     let mut rngs: Vec<ChaCha8Rng> = opts.iter().map(|o| ChaCha8Rng::seed_from_u64(o.seed)).collect();
     let first = victims[0].params();
-    let names: Vec<String> = first.keys().filter(|k| first[*k].requires_grad()).cloned().collect();
+    let names = crate::params::trainable_names(&first);
     let frozen: Vec<String> = first.keys().filter(|k| !first[*k].requires_grad()).cloned().collect();
     let mut params: crate::model::Params = crate::model::Params::new();
     for name in &frozen {
