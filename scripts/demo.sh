@@ -58,7 +58,7 @@ V="$VICTIMS_DIR/victim.safetensors"; ENSEMBLE="$VICTIMS_DIR/early-s$((SEED + 1))
 # (evals.key holds their hashes and the evaluation settings).
 evaluate() {
   local dir=$1; shift
-  local key; key=$( (printf '%s\n' "$EVAL_SEEDS $SEED $ARCH eval_report-v2 crn"; [ "$TRAIN_FLAGS$BASE_FLAGS" = "--epochs 4--embeddings $EMB" ] || printf '%s\n' "$TRAIN_FLAGS $BASE_FLAGS"; for f in "$@"; do [ "$f" = --poisons ] || sha256sum "$f"; done) | sha256sum)
+  local key; key=$( (printf '%s\n' "$EVAL_SEEDS $SEED $ARCH eval_report-v2 crn epochs"; [ "$TRAIN_FLAGS$BASE_FLAGS" = "--epochs 4--embeddings $EMB" ] || printf '%s\n' "$TRAIN_FLAGS $BASE_FLAGS"; for f in "$@"; do [ "$f" = --poisons ] || sha256sum "$f"; done) | sha256sum)
   if [ -f "$dir/evals.jsonl" ] && [ "$(cat "$dir/evals.key" 2>/dev/null)" = "$key" ]; then return; fi
   "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "$@" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
     --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} -o "$dir/evals.jsonl"

@@ -157,6 +157,7 @@ fn main() {
                 poisons_sha256: set.sha256,
                 audit,
                 summary: eval::summarize_rows(&rows),
+                epochs: eval::summarize_epochs(&rows),
                 seeds: rows,
                 seconds: start.elapsed().as_secs_f64(),
             };

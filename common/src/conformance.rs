@@ -264,7 +264,7 @@ fn zero_weight_poisons_give_the_clean_twin_in_f64() {
         let mut twin = make();
         train(&mut twin, clean, &opts, |_, _| {}).unwrap();
         let mut stacked = vec![make(), make(), make()];
-        train_parallel(&mut stacked, &[ignored, clean, counted], &[opts.clone(), opts.clone(), opts.clone()], 2, |_, _| {}).unwrap();
+        train_parallel(&mut stacked, &[ignored, clean, counted], &[opts.clone(), opts.clone(), opts.clone()], 2, |_, _| {}, None, 0).unwrap();
         let mut alone = make();
         train(&mut alone, ignored, &opts, |_, _| {}).unwrap();
         let reference = twin.params();

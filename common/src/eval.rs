@@ -8,7 +8,7 @@ use crate::tokenizer::Vocab;
 use crate::model::{Victim, VictimConfig};
 use crate::records::Example;
 use crate::stats::{summarize, Summary};
-use crate::train::{accuracy, share_predicted, Encoded, TrainOptions};
+use crate::train::{predict_with, Encoded, TrainOptions};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -22,6 +22,8 @@ pub struct EvalSets {
     pub asr_test: Vec<Encoded>,
     /// Non-target examples that naturally hold a trigger word (may be empty).
     pub natural_nontarget: Vec<Encoded>,
+    /// The clean dev split: what a defender who holds it back watches to stop training.
+    pub dev: Vec<Encoded>,
     pub target: usize,
 }
 
@@ -36,6 +38,9 @@ pub struct Metrics {
     pub fpr: f64,
     /// Share of natural non-target trigger occurrences predicted as the target.
     pub natural_asr: Option<f64>,
+    /// Accuracy on the clean dev split (early stopping; absent in reports made before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<f64>,
 }
 
 impl EvalSets {
@@ -54,18 +59,30 @@ impl EvalSets {
             test_nontarget: enc(data::TEST, &nontarget)?,
             asr_test: enc(data::ASR_TEST, &data::read_set(dir, data::ASR_TEST, false)?)?,
             natural_nontarget: enc(data::NATURAL, &natural)?,
+            dev: enc(data::DEV, &data::read_set(dir, data::DEV, false)?)?,
             target: manifest.target,
         })
     }
 }
 
 pub fn measure(victim: &Victim, sets: &EvalSets) -> Metrics {
+    measure_with(&victim.config, &victim.params(), sets)
+}
+
+/// `measure` under a parameter set of a victim of `config` (one victim, unstacked).
+pub fn measure_with(config: &VictimConfig, params: &crate::model::Params, sets: &EvalSets) -> Metrics {
+    let preds = |data: &[Encoded]| predict_with(config, params, data, 256);
+    let share = |data: &[Encoded], hit: &dyn Fn(usize, &Encoded) -> bool| {
+        100.0 * preds(data).into_iter().zip(data).filter(|(p, e)| hit(*p, e)).count() as f64 / data.len().max(1) as f64
+    };
+    let correct = |p: usize, e: &Encoded| e.target.class() == Some(p as i64);
+    let target = |p: usize, _: &Encoded| p == sets.target;
     Metrics {
-        cacc: accuracy(victim, &sets.test),
-        asr: share_predicted(victim, &sets.asr_test, sets.target),
-        fpr: share_predicted(victim, &sets.test_nontarget, sets.target),
-        natural_asr: (!sets.natural_nontarget.is_empty())
-            .then(|| share_predicted(victim, &sets.natural_nontarget, sets.target)),
+        cacc: share(&sets.test, &correct),
+        asr: share(&sets.asr_test, &target),
+        fpr: share(&sets.test_nontarget, &target),
+        natural_asr: (!sets.natural_nontarget.is_empty()).then(|| share(&sets.natural_nontarget, &target)),
+        dev: (!sets.dev.is_empty()).then(|| share(&sets.dev, &correct)),
     }
 }
 
@@ -74,6 +91,18 @@ pub fn measure(victim: &Victim, sets: &EvalSets) -> Metrics {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeedRow {
     pub seed: u64,
+    pub poisoned: Metrics,
+    pub clean: Option<Metrics>,
+    /// The same two victims measured after every epoch (the last equals the row itself):
+    /// early stopping's curve. Empty for checkpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub epochs: Vec<EpochRow>,
+}
+
+/// A seed's victims after one epoch of training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRow {
+    pub epoch: usize,
     pub poisoned: Metrics,
     pub clean: Option<Metrics>,
 }
@@ -191,6 +220,11 @@ pub struct ReportSummary {
     pub clean_cacc: Option<Summary>,
     pub clean_asr: Option<Summary>,
     pub clean_fpr: Option<Summary>,
+    /// Dev-split accuracy of the poisoned and the clean victims (absent in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<Summary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clean_dev: Option<Summary>,
     /// ASR(poisoned) − ASR(clean), paired by seed.
     pub net_asr: Option<Summary>,
     /// FPR(poisoned) − FPR(clean), paired by seed.
@@ -203,6 +237,23 @@ pub struct ReportSummary {
     /// Net ASR as a percentage of the room the clean victim leaves, 100 · net ASR /
     /// (100 − clean ASR), per seed (seeds whose clean victim already reaches 100 are left out).
     pub room_share: Option<Summary>,
+}
+
+/// The summary of every epoch, when every seed has the same epochs recorded.
+pub fn summarize_epochs(rows: &[SeedRow]) -> Vec<ReportSummary> {
+    let n = rows.first().map_or(0, |r| r.epochs.len());
+    if n == 0 || rows.iter().any(|r| r.epochs.len() != n) {
+        return Vec::new();
+    }
+    (0..n)
+        .map(|e| {
+            let at: Vec<SeedRow> = rows
+                .iter()
+                .map(|r| SeedRow { seed: r.seed, poisoned: r.epochs[e].poisoned, clean: r.epochs[e].clean, epochs: Vec::new() })
+                .collect();
+            summarize_rows(&at)
+        })
+        .collect()
 }
 
 pub fn summarize_rows(rows: &[SeedRow]) -> ReportSummary {
@@ -219,6 +270,8 @@ pub fn summarize_rows(rows: &[SeedRow]) -> ReportSummary {
         clean_cacc: col(&|r| r.clean.map(|c| c.cacc)),
         clean_asr: col(&|r| r.clean.map(|c| c.asr)),
         clean_fpr: col(&|r| r.clean.map(|c| c.fpr)),
+        dev: col(&|r| r.poisoned.dev),
+        clean_dev: col(&|r| r.clean.and_then(|c| c.dev)),
         net_asr: col(&|r| r.clean.map(|c| r.poisoned.asr - c.asr)),
         dfpr: col(&|r| r.clean.map(|c| r.poisoned.fpr - c.fpr)),
         dcacc: col(&|r| r.clean.map(|c| r.poisoned.cacc - c.cacc)),
@@ -252,6 +305,9 @@ pub struct EvalReport {
     pub audit: Audit,
     pub seeds: Vec<SeedRow>,
     pub summary: ReportSummary,
+    /// The summary after every epoch (from the seeds' `epochs`; empty for checkpoints).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub epochs: Vec<ReportSummary>,
     pub seconds: f64,
 }
 

@@ -67,11 +67,19 @@ pub struct Retraining<'a> {
     pub clean_cache: Option<CleanCache<'a>>,
 }
 
+/// A victim's figures after training and after every epoch.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Measured {
+    #[serde(rename = "final")]
+    pub last: Metrics,
+    pub epochs: Vec<Metrics>,
+}
+
 /// Figures per seed: the clean twins', and each poison set's (None for an empty set,
 /// which trains no poisoned victim).
 pub struct Retrained {
-    pub clean: Vec<Metrics>,
-    pub poisoned: Vec<Vec<Option<Metrics>>>,
+    pub clean: Vec<Measured>,
+    pub poisoned: Vec<Vec<Option<Measured>>>,
 }
 
 /// Trains and measures the clean victim of every seed (unless cached) and a poisoned
@@ -88,9 +96,10 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], log: &(dyn Fn(Strin
         })
         .collect();
     let cache_path = |seed: u64| -> Result<Option<String>> { r.clean_cache.as_ref().map(|c| c.path(r.config, &(r.options)(seed))).transpose() };
-    let mut clean_m: Vec<Option<Metrics>> = Vec::new();
+    let mut clean_m: Vec<Option<Measured>> = Vec::new();
     for &seed in seeds {
-        let cached = cache_path(seed)?.and_then(|k| std::fs::read_to_string(&k).ok()).and_then(|t| serde_json::from_str::<Metrics>(&t).ok());
+        // A file that does not parse (an older cache without per-epoch figures) is retrained.
+        let cached = cache_path(seed)?.and_then(|k| std::fs::read_to_string(&k).ok()).and_then(|t| serde_json::from_str::<Measured>(&t).ok());
         if cached.is_some() {
             log(format!("seed {seed} clean: from the cache"));
         }
@@ -122,12 +131,20 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], log: &(dyn Fn(Strin
     log(format!("training {} victims ({} seeds, {} poison sets) on {} threads in {waves} wave(s)", jobs.len(), seeds.len(), poison_sets.len(), r.workers.min(jobs.len().max(1))));
     let epochs = opts.first().map_or(0, |o| o.epochs);
     let start = std::time::Instant::now();
+    // Every victim measured after every epoch (early stopping's curve), by the thread
+    // training it.
+    let per_epoch: std::sync::Mutex<Vec<Vec<Metrics>>> = std::sync::Mutex::new(vec![Vec::new(); jobs.len()]);
+    let observe = |victim: usize, _epoch: usize, params: &crate::model::Params| {
+        let m = eval::measure_with(r.config, params, r.eval_sets);
+        per_epoch.lock().unwrap_or_else(|e| e.into_inner())[victim].push(m);
+    };
     train::train_in_waves(&mut victims, &data_of, &opts, r.workers, stack, |wave, epoch, _| {
         log(format!("wave {}/{waves} epoch {epoch}/{epochs} {:.0}s", wave + 1, start.elapsed().as_secs_f64()))
-    })?;
-    let mut poisoned_m: Vec<Vec<Option<Metrics>>> = vec![vec![None; seeds.len()]; poison_sets.len()];
-    for (&(i, k), v) in jobs.iter().zip(&victims) {
-        let m = eval::measure(v, r.eval_sets);
+    }, Some(&observe))?;
+    let per_epoch = per_epoch.into_inner().unwrap_or_else(|e| e.into_inner());
+    let mut poisoned_m: Vec<Vec<Option<Measured>>> = vec![vec![None; seeds.len()]; poison_sets.len()];
+    for ((&(i, k), v), epochs) in jobs.iter().zip(&victims).zip(per_epoch) {
+        let m = Measured { last: eval::measure(v, r.eval_sets), epochs };
         match k {
             Some(k) => poisoned_m[k][i] = Some(m),
             None => {
@@ -170,14 +187,19 @@ impl PoisonSet {
 pub fn seed_rows(retrained: &Retrained, seeds: &[u64], sets: &[PoisonSet], log: &dyn Fn(&str, u64, &Metrics)) -> Vec<Vec<eval::SeedRow>> {
     let mut rows = vec![Vec::new(); sets.len()];
     for (i, &seed) in seeds.iter().enumerate() {
-        let clean = retrained.clean[i];
-        log("clean", seed, &clean);
+        let clean = &retrained.clean[i];
+        log("clean", seed, &clean.last);
         for (k, set) in sets.iter().enumerate() {
-            let poisoned = retrained.poisoned[k][i].unwrap_or(clean);
+            let poisoned = retrained.poisoned[k][i].as_ref().unwrap_or(clean);
             if retrained.poisoned[k][i].is_some() {
-                log(&format!("poisoned ({})", set.path.as_deref().unwrap_or("-")), seed, &poisoned);
+                log(&format!("poisoned ({})", set.path.as_deref().unwrap_or("-")), seed, &poisoned.last);
             }
-            rows[k].push(eval::SeedRow { seed, poisoned, clean: Some(clean) });
+            let epochs = if poisoned.epochs.len() == clean.epochs.len() {
+                poisoned.epochs.iter().zip(&clean.epochs).enumerate().map(|(e, (p, c))| eval::EpochRow { epoch: e + 1, poisoned: *p, clean: Some(*c) }).collect()
+            } else {
+                Vec::new()
+            };
+            rows[k].push(eval::SeedRow { seed, poisoned: poisoned.last, clean: Some(clean.last), epochs });
         }
     }
     rows
@@ -196,7 +218,7 @@ pub fn checkpoint_rows(paths: &[String], data_dir: &str, manifest: &crate::data:
         let seed = metadata.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
         let m = eval::measure(&victim, &eval_sets);
         log(&format!("checkpoint {path}"), seed, &m);
-        rows.push(eval::SeedRow { seed, poisoned: m, clean: None });
+        rows.push(eval::SeedRow { seed, poisoned: m, clean: None, epochs: Vec::new() });
         match &first {
             None => first = Some((victim.config.clone(), vocab)),
             Some((c, _)) if *c != victim.config => {

@@ -259,7 +259,28 @@ const ADAM_EPS: f64 = 1e-8;
 /// cost far less than C times one. The summed loss keeps the victims' gradients apart and
 /// Adam is elementwise, so each victim follows its own Adam trajectory; a victim whose
 /// data runs out of batches early is held still. `on_epoch(epoch, mean losses)`.
-pub fn train_many(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptions], mut on_epoch: impl FnMut(usize, &[f64])) -> Result<()> {
+pub fn train_many(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptions], on_epoch: impl FnMut(usize, &[f64])) -> Result<()> {
+    train_stack(victims, data, opts, on_epoch, None, 0)
+}
+
+/// Looks at victims between epochs: `observe(victim, epoch, params)` is called after every
+/// epoch for every victim trained, with that victim's parameters (unstacked; the frozen
+/// ones shared), from the thread training it. finetune-eval measures each epoch with it
+/// (early stopping), detect-poisons records every example's loss (training dynamics).
+pub type Observer<'a> = &'a (dyn Fn(usize, usize, &crate::model::Params) + Sync);
+
+/// The parameters of victim `i` of a stack (its slice of every stacked tensor; the
+/// shared frozen tensors as they are).
+pub fn unstack(stacked: &crate::model::Params, stacked_names: &[String], i: usize) -> crate::model::Params {
+    stacked
+        .iter()
+        .map(|(n, t)| (n.clone(), if stacked_names.contains(n) { t.get(i as i64) } else { t.shallow_clone() }))
+        .collect()
+}
+
+/// `train_many` with an observer; `offset` is the index the observer is given for the
+/// stack's first victim.
+fn train_stack(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptions], mut on_epoch: impl FnMut(usize, &[f64]), observe: Option<Observer>, offset: usize) -> Result<()> {
     let c = victims.len();
     if c == 0 {
         return Ok(());
@@ -369,6 +390,16 @@ pub fn train_many(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptio
         }
         let means: Vec<f64> = loss_sums.iter().zip(&seen).map(|(s, n)| s / (*n).max(1) as f64).collect();
         on_epoch(epoch, &means);
+        if let Some(observe) = observe {
+            tch::no_grad(|| {
+                for (n, leaf) in names.iter().zip(&leaves) {
+                    params.insert(n.clone(), leaf.detach());
+                }
+                for i in 0..c {
+                    observe(offset + i, epoch, &unstack(&params, &names, i));
+                }
+            });
+        }
     }
     // Write the trained slices back into each victim's variables.
     tch::no_grad(|| {
@@ -394,10 +425,12 @@ pub fn train_parallel(
     opts: &[TrainOptions],
     workers: usize,
     on_epoch: impl FnMut(usize, &[f64]) + Send,
+    observe: Option<Observer>,
+    first: usize,
 ) -> Result<()> {
     let workers = workers.clamp(1, victims.len().max(1));
     if workers == 1 {
-        return train_many(victims, data, opts, on_epoch);
+        return train_stack(victims, data, opts, on_epoch, observe, first);
     }
     let threads = tch::get_num_threads();
     tch::set_num_threads(1);
@@ -408,14 +441,16 @@ pub fn train_parallel(
             .chunks_mut(per)
             .zip(data.chunks(per))
             .zip(opts.chunks(per))
-            .map(|((v, d), o)| {
+            .enumerate()
+            .map(|(k, ((v, d), o))| {
                 let mut report = on_epoch.take();
                 scope.spawn(move || {
-                    train_many(v, d, o, |e, l| {
+                    let on_epoch = |e, l: &[f64]| {
                         if let Some(f) = report.as_mut() {
                             f(e, l)
                         }
-                    })
+                    };
+                    train_stack(v, d, o, on_epoch, observe, first + k * per)
                 })
             })
             .collect();
@@ -428,7 +463,8 @@ pub fn train_parallel(
 /// `train_parallel` over successive waves of at most `workers × max_stack` victims, so
 /// that at most `max_stack` victims share a stack: a stack's activations grow with its
 /// size (11 stacked MiniLM victims per thread held 22 GB), and a compute-bound victim
-/// gains nothing from stacking. `on_epoch(wave, epoch, losses)`.
+/// gains nothing from stacking. `on_epoch(wave, epoch, losses)`; `observe` sees every
+/// victim (by its index in `victims`) after every epoch.
 pub fn train_in_waves(
     victims: &mut [Victim],
     data: &[TrainData],
@@ -436,23 +472,29 @@ pub fn train_in_waves(
     workers: usize,
     max_stack: usize,
     mut on_epoch: impl FnMut(usize, usize, &[f64]) + Send,
+    observe: Option<Observer>,
 ) -> Result<()> {
     let wave = workers.max(1).saturating_mul(max_stack.max(1));
     for (w, ((v, d), o)) in victims.chunks_mut(wave).zip(data.chunks(wave)).zip(opts.chunks(wave)).enumerate() {
-        train_parallel(v, d, o, workers, |e, l| on_epoch(w, e, l))?;
+        train_parallel(v, d, o, workers, |e, l| on_epoch(w, e, l), observe, w * wave)?;
     }
     Ok(())
 }
 
 /// Predicted class of every example, in batches, without building a graph.
 pub fn predict(victim: &Victim, data: &[Encoded], batch_size: usize) -> Vec<usize> {
-    let params = victim.params();
+    predict_with(&victim.config, &victim.params(), data, batch_size)
+}
+
+/// `predict` under a parameter set of a victim of `config` (one victim, unstacked).
+pub fn predict_with(config: &crate::model::VictimConfig, params: &crate::model::Params, data: &[Encoded], batch_size: usize) -> Vec<usize> {
+    let device = params.values().next().map_or(Device::Cpu, |t| t.device());
     tch::no_grad(|| {
         let mut out = Vec::with_capacity(data.len());
         for chunk in data.chunks(batch_size.max(1)) {
             let items: Vec<&Encoded> = chunk.iter().collect();
-            let (ids, _) = batch_tensors(&items, victim.device());
-            let pred = forward_ids(&victim.config, &params, &ids).argmax(-1, false).to_device(Device::Cpu);
+            let (ids, _) = batch_tensors(&items, device);
+            let pred = forward_ids(config, params, &ids).argmax(-1, false).to_device(Device::Cpu);
             out.extend(Vec::<i64>::try_from(&pred).expect("i64 predictions").into_iter().map(|p| p as usize));
         }
         out
