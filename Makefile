@@ -71,11 +71,12 @@ DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) 
   CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA) CONCEALMENT=$(CONCEALMENT)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
+.PHONY: all setup data build demo defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
 all: demo
 
 help:
 	@echo "make demo   # setup + data + build; heuristics, bi-level and hardness crafting, all evaluated on $(DEMO_SEEDS) seeds; report"
+	@echo "make defend # after make demo: every detector on every demo poison set (AUROC, TPR, inspect-to-catch, ROC), early stopping, filter-then-train"
 	@echo "make sweep  # net ASR against poison count ($(SWEEP_COUNTS)) for the default crafting and the best heuristic"
 	@echo "make victims # clean victims of each architecture in ARCHS: accuracy and the trigger's clean ASR"
 	@echo "make attack # the crafting loop (rollout-grad | rank-candidates | verify-candidates), then finetune-eval"
@@ -122,6 +123,13 @@ $(RUN_DIR)/eval-%.json: $(DATA_DIR)/manifest.json $(EMB) | build
 # finetune-eval of every variant over EVAL_SEEDS seeds, and the report.
 demo: build $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS)
 	@$(DEMO_ENV) scripts/demo.sh
+
+# The defenses against the demo's poison sets (scripts/defend.sh), in $(DEMO_RUN)/defend.
+# The detectors read GloVe (EMB) and MiniLM whatever victim the demo attacked.
+FILTER_SEEDS ?= 3
+defend: build $(DATA_DIR)/manifest.json $(EMB) data/.minilm-done-v1
+	@RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) DEVICE=$(DEVICE) ARCH=$(ATTACK_ARCH) \
+	  CLEAN_CACHE=runs/clean-cache BASE_FLAGS="$(BASE_FLAGS)" TRAIN_FLAGS="$(TRAIN_FLAGS)" FILTER_SEEDS=$(FILTER_SEEDS) scripts/defend.sh
 	@echo
 	@cat $(DEMO_RUN)/table.md
 	@echo

@@ -39,6 +39,13 @@ struct Args {
     /// evaluated on the same seeds and clean victims, and gets its own report line.
     #[arg(long)]
     poisons: Vec<String>,
+    /// The examples a defense kept (example JSONL, e.g. from filter-set), one file per
+    /// --poisons in the same order: the poisons missing from it are dropped, and so are
+    /// the clean training examples, by weight 0 in the clean twin's batches, so the
+    /// filtered victim still pairs with the unfiltered clean twin (net ASR and ΔCACC are
+    /// then what is left after filtering, its cost included).
+    #[arg(long)]
+    kept: Vec<String>,
     /// Number of retraining seeds.
     #[arg(long, default_value_t = 6, value_parser = common::cli::at_least_one_u64)]
     seeds: u64,
@@ -92,6 +99,28 @@ fn main() {
         let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;
 
         let sets = PoisonSet::load_all(&args.poisons)?;
+        if !args.kept.is_empty() && args.kept.len() != args.poisons.len() {
+            bail!("{} --kept files for {} --poisons sets: give one kept-examples file per poison set, in the same order", args.kept.len(), args.poisons.len());
+        }
+        // Per poison set: the ids a filter kept and the filter's record.
+        let mut filters: Vec<Option<(std::collections::HashSet<String>, eval::Filter)>> = vec![None; sets.len()];
+        for (k, path) in args.kept.iter().enumerate() {
+            let bytes = io::read_all(path)?;
+            let kept: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(path), false)?;
+            let ids: std::collections::HashSet<String> = kept.iter().map(|e| e.id.clone()).collect();
+            let known: std::collections::HashSet<&str> = clean_train.iter().chain(&sets[k].records).map(|e| e.id.as_str()).collect();
+            if let Some((i, e)) = kept.iter().enumerate().find(|(_, e)| !known.contains(e.id.as_str())) {
+                bail!("{path}: record {} (id {:?}) is neither a training example of {} nor a poison of {}; --kept takes a filtered copy of that training set", i + 1, e.id, args.data, args.poisons[k]);
+            }
+            let filter = eval::Filter {
+                kept: path.clone(),
+                kept_sha256: io::sha256_hex(&bytes),
+                clean_removed: clean_train.iter().filter(|e| !ids.contains(&e.id)).count(),
+                poisons_removed: sets[k].records.iter().filter(|e| !ids.contains(&e.id)).count(),
+            };
+            log!("{path}: the filter removed {} clean examples and {} of {} poisons", filter.clean_removed, filter.poisons_removed, sets[k].records.len());
+            filters[k] = Some((ids, filter));
+        }
         if sets.len() > 1 && !args.checkpoint.is_empty() {
             bail!("--checkpoint evaluates given victims; it takes no poison sets");
         }
@@ -99,6 +128,9 @@ fn main() {
         // rows[k]: the seed rows of poison set k; the victims' vocabulary, for the audit's
         // WordPiece category.
         let (victim_config, training, mode, pairing, rows, audit_vocab) = if !args.checkpoint.is_empty() {
+            if !args.kept.is_empty() {
+                bail!("--kept filters training sets; --checkpoint trains none");
+            }
             let (config, vocab, rows) = checkpoint_rows(&args.checkpoint, &args.data, &manifest, device, &log_metrics)?;
             (config, None, "checkpoints", None, vec![rows], vocab)
         } else {
@@ -110,10 +142,17 @@ fn main() {
             let n = manifest.labels.len();
             let clean = encode_all(&clean_train, vocab, config.max_len, n, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
             let mut poison_sets: Vec<Vec<Encoded>> = Vec::new();
-            for set in &sets {
+            for (k, set) in sets.iter().enumerate() {
                 let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
-                poison_sets.push(encode_all(&set.records, vocab, config.max_len, n, TextPolicy::Data, &name)?);
+                let kept: Vec<&Example> = match &filters[k] {
+                    Some((ids, _)) => set.records.iter().filter(|e| ids.contains(&e.id)).collect(),
+                    None => set.records.iter().collect(),
+                };
+                let kept: Vec<Example> = kept.into_iter().cloned().collect();
+                poison_sets.push(encode_all(&kept, vocab, config.max_len, n, TextPolicy::Data, &name)?);
             }
+            let clean_removed: Vec<Option<Vec<bool>>> =
+                filters.iter().map(|f| f.as_ref().map(|(ids, _)| clean_train.iter().map(|e| !ids.contains(&e.id)).collect())).collect();
             let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
             let options = |seed: u64| args.victim.train_options(&config, seed);
             let retraining = Retraining {
@@ -132,14 +171,14 @@ fn main() {
                     None => None,
                 },
             };
-            let retrained = retrain(&retraining, &poison_sets, &|line| log!("{line}"))?;
+            let retrained = retrain(&retraining, &poison_sets, &clean_removed, &|line| log!("{line}"))?;
             let rows = seed_rows(&retrained, &seeds, &sets, &log_metrics);
             let options = args.victim.train_options(&config, args.seed_base);
             (config, Some(options), "train", Some(args.pairing.name().to_string()), rows, base.vocab.clone())
         };
 
         let mut out = Vec::new();
-        for (set, rows) in sets.into_iter().zip(rows) {
+        for ((set, rows), filter) in sets.into_iter().zip(rows).zip(filters) {
             let audit = eval::audit(&set.records, trigger, manifest.target, clean_train.len(), &audit_vocab)?;
             if audit.poisons_with_overlap > 0 {
                 log!("audit: {} of {} poisons hold trigger words (with-overlap poisons)", audit.poisons_with_overlap, set.records.len());
@@ -155,6 +194,7 @@ fn main() {
                 training: training.clone(),
                 poisons: set.path.clone(),
                 poisons_sha256: set.sha256,
+                filter: filter.map(|f| f.1),
                 audit,
                 summary: eval::summarize_rows(&rows),
                 epochs: eval::summarize_epochs(&rows),

@@ -66,8 +66,27 @@ enum Command {
     AttackTable { run: String },
     /// The demo's victims table (victim-ARCH.safetensors, eval-ARCH.json).
     VictimsTable { run: String, archs: Vec<String> },
-    /// One field of a JSON object file (strings bare, null empty).
+    /// One field of a JSON object file (strings bare, null empty; a.b walks into objects).
     Field { file: String, key: String },
+    /// The defense report of `make defend` (scripts/defend.sh): detection figures per
+    /// poison set and detector, early stopping, filter-then-train. Writes defense.json,
+    /// defense.md, roc.svg and epochs.svg into --out-dir; the Markdown also to stdout.
+    Defend {
+        /// The demo's variants.json.
+        #[arg(long)]
+        variants: String,
+        /// The demo's finetune-eval reports (per-epoch figures for early stopping).
+        #[arg(long)]
+        evals: String,
+        /// Folder of detect-poisons output, <variant>.jsonl per poison set.
+        #[arg(long)]
+        scores_dir: String,
+        /// finetune-eval reports of filtered sets (--kept kept-<detector>-<percent>.jsonl).
+        #[arg(long)]
+        filter_evals: Option<String>,
+        #[arg(long)]
+        out_dir: String,
+    },
     /// How well objectives rank the objective benchmark's poison sets by their measured net
     /// ASR: Spearman's correlation of −value with it, from score-poisons output.
     ObjectiveBenchmark {
@@ -90,6 +109,7 @@ fn main() {
                 Command::VictimsTable { run, archs } => runfiles::victims_table(run, archs)?,
                 Command::Field { file, key } => runfiles::json_field(file, key)? + "\n",
                 Command::ObjectiveBenchmark { benchmark, scores } => common::objective_benchmark::report(benchmark, scores)?,
+                Command::Defend { variants, evals, scores_dir, filter_evals, out_dir } => defend(variants, evals, scores_dir, filter_evals.as_deref(), out_dir)?,
             };
             return io::write_bytes("-", text.as_bytes());
         }
@@ -116,6 +136,22 @@ fn main() {
         io::write_bytes("-", table.as_bytes())?;
         Ok(())
     })
+}
+
+fn defend(variants_path: &str, evals: &str, scores_dir: &str, filter_evals: Option<&str>, dir: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(variants_path).with_context(|| format!("cannot read {variants_path}"))?;
+    let variants: Variants = io::parse_record(&text).with_context(|| variants_path.to_string())?;
+    let evals: Vec<EvalReport> = io::read_jsonl(evals, false)?;
+    let filtered: Vec<EvalReport> = filter_evals.map(|f| io::read_jsonl(f, false)).transpose()?.unwrap_or_default();
+    let report = common::defense::build(&variants, &evals, scores_dir, &filtered)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
+    let md = report.markdown();
+    io::write_bytes(&format!("{dir}/defense.json"), (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+    io::write_bytes(&format!("{dir}/defense.md"), md.as_bytes())?;
+    io::write_bytes(&format!("{dir}/roc.svg"), report.roc_svg().as_bytes())?;
+    io::write_bytes(&format!("{dir}/epochs.svg"), report.epochs_svg().as_bytes())?;
+    log!("wrote {dir}/defense.json, defense.md, roc.svg and epochs.svg");
+    Ok(md)
 }
 
 fn poison_list(variants: &Variants, report: &Report) -> anyhow::Result<String> {

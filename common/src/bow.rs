@@ -36,10 +36,10 @@ impl Architecture for Bow {
         init_linear(&root.sub("out"), h, num_classes);
     }
 
-    fn forward(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
+    fn features(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
         let m = mask.unsqueeze(-1);
         let pooled = (emb * &m).sum_dim_intlist(-2, false, None) / m.sum_dim_intlist(-2, false, None);
-        linear(params, &linear(params, &pooled, "mlp").relu(), "out")
+        linear(params, &pooled, "mlp").relu()
     }
 
     fn tuning(&self) -> Tuning {

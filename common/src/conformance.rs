@@ -258,7 +258,7 @@ fn zero_weight_poisons_give_the_clean_twin_in_f64() {
         let (data, table) = toy();
         let make = || toy_victim(arch, &table, 5, 11, true);
         let clean = TrainData::clean(&data[..120]);
-        let ignored = TrainData { clean: &data[..120], joined: &joined, joined_weight: 0.0 };
+        let ignored = TrainData { clean: &data[..120], joined: &joined, joined_weight: 0.0, clean_removed: None };
         let counted = TrainData::poisoned(&data[..120], &joined);
         let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 0.01, seed: 4 };
         let mut twin = make();

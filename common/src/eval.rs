@@ -107,6 +107,17 @@ pub struct EpochRow {
     pub clean: Option<Metrics>,
 }
 
+/// A training set filtered by a defense: the examples it kept (finetune-eval --kept).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Filter {
+    /// The kept-examples file and its sha256.
+    pub kept: String,
+    pub kept_sha256: String,
+    /// Clean training examples and poisons the filter removed.
+    pub clean_removed: usize,
+    pub poisons_removed: usize,
+}
+
 /// The concealment audit of a poison set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Audit {
@@ -302,6 +313,9 @@ pub struct EvalReport {
     /// The poison file and its sha256 (null without poisons).
     pub poisons: Option<String>,
     pub poisons_sha256: Option<String>,
+    /// The filter applied before training (finetune-eval --kept), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Filter>,
     pub audit: Audit,
     pub seeds: Vec<SeedRow>,
     pub summary: ReportSummary,

@@ -9,6 +9,8 @@ pub mod bow;
 pub mod concealment;
 pub mod cli;
 pub mod data;
+pub mod defense;
+pub mod detect;
 pub mod device;
 pub mod embeddings;
 pub mod eval;

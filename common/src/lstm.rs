@@ -9,7 +9,7 @@
 
 use crate::loss::Targets;
 use crate::params::{embed, mask_of, param, Params};
-use crate::victim::{init_linear, linear, linear_shapes, stacked_example_grads, Architecture, FrozenInput, StartKind, Tuning};
+use crate::victim::{init_linear, linear_shapes, stacked_example_grads, Architecture, FrozenInput, StartKind, Tuning};
 use anyhow::{bail, Result};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
@@ -62,9 +62,8 @@ impl Architecture for Lstm {
         init_linear(&root.sub("out"), 2 * h, num_classes);
     }
 
-    fn forward(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
-        let states = lstm_states(params, emb, mask, lstm_direction);
-        linear(params, &max_over_time(&states, mask), "out")
+    fn features(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
+        max_over_time(&lstm_states(params, emb, mask, lstm_direction), mask)
     }
 
     /// libtorch's LSTM kernel with autograd (unstacked parameters only): equal to `forward`

@@ -5,7 +5,7 @@
 use crate::bert::{self, BertConfig};
 use crate::loss::Targets;
 use crate::params::Params;
-use crate::victim::{dotted_path, init_linear, linear, linear_shapes, one_by_one_example_grads, Architecture, StartKind, Tuning};
+use crate::victim::{dotted_path, init_linear, linear_shapes, one_by_one_example_grads, Architecture, StartKind, Tuning};
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use tch::nn::{self, Init};
@@ -79,9 +79,8 @@ impl Architecture for Minilm {
         Ok(())
     }
 
-    fn forward(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
-        let hidden = bert::encode(&self.bert, params, emb, mask);
-        linear(params, &bert::mean_pool(&hidden, mask), "out")
+    fn features(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
+        bert::mean_pool(&bert::encode(&self.bert, params, emb, mask), mask)
     }
 
     /// One pass each: compute-bound already, and C stacked copies of 11M parameters would

@@ -305,6 +305,12 @@ pub fn forward_ids(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tens
     forward(config, params, &embed(params, ids), &mask_of(ids, params))
 }
 
+/// The pooled features [batch, features] the output layer reads, for token ids, without
+/// a graph (`victim::Architecture::features`).
+pub fn features_ids_no_grad(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tensor {
+    tch::no_grad(|| config.arch().features(params, &embed(params, ids), &mask_of(ids, params)))
+}
+
 /// Logits [batch, classes] from input embeddings [batch, time, dim] and a padding mask
 /// [batch, time]; [C, batch, classes] for C stacked parameter sets
 /// (`victim::Architecture::forward`).

@@ -31,7 +31,7 @@ pub enum Role {
 
 impl Role {
     /// Colour of the role in the plots (and its legend).
-    fn colour(self) -> &'static str {
+    pub(crate) fn colour(self) -> &'static str {
         match self {
             Role::Crafted => "#1f77b4",
             Role::Heuristic => "#ff7f0e",
@@ -534,13 +534,13 @@ pub fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     out
 }
 
-fn tick_label(v: f64) -> String {
+pub(crate) fn tick_label(v: f64) -> String {
     let s = if v.fract().abs() < 1e-9 { format!("{v:.0}") } else { format!("{v}") };
     if s == "-0" { "0".into() } else { s }
 }
 
 /// Coloured squares with labels in rows that fit the width.
-fn legend(keys: &[(String, &str)], x0: f64, y0: f64, w: f64) -> String {
+pub(crate) fn legend(keys: &[(String, &str)], x0: f64, y0: f64, w: f64) -> String {
     let mut s = String::new();
     let (mut x, mut y) = (x0, y0);
     for (label, colour) in keys {
@@ -556,11 +556,11 @@ fn legend(keys: &[(String, &str)], x0: f64, y0: f64, w: f64) -> String {
     s
 }
 
-fn esc(s: &str) -> String {
+pub(crate) fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-fn svg_open(w: f64, h: f64, title: &str) -> String {
+pub(crate) fn svg_open(w: f64, h: f64, title: &str) -> String {
     format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w:.0}\" height=\"{h:.0}\" font-family=\"sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"22\" font-size=\"14\">{}</text>\n",
         esc(title)

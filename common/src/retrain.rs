@@ -84,7 +84,12 @@ pub struct Retrained {
 
 /// Trains and measures the clean victim of every seed (unless cached) and a poisoned
 /// victim per seed and poison set; `log` takes progress lines (the binary prefixes its name).
-pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], log: &(dyn Fn(String) + Sync)) -> Result<Retrained> {
+/// `clean_removed[k]` (when given) marks the clean examples a filter removed before
+/// poison set k's victims train (`TrainData::clean_removed`; crn pairing only).
+pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Option<Vec<bool>>], log: &(dyn Fn(String) + Sync)) -> Result<Retrained> {
+    if r.pairing == Pairing::Independent && clean_removed.iter().any(|m| m.is_some()) {
+        anyhow::bail!("filtered training sets (--kept) pair with the unfiltered clean twin by common random numbers: use --pairing crn");
+    }
     let seeds = r.seeds;
     // With independent pairing the poisons are appended to the clean examples and
     // shuffled with them.
@@ -108,7 +113,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], log: &(dyn Fn(Strin
     // (seed index, poison set index or None for clean) of every victim to train.
     let mut jobs: Vec<(usize, Option<usize>)> = (0..seeds.len()).filter(|&i| clean_m[i].is_none()).map(|i| (i, None)).collect();
     for (k, data) in joined.iter().enumerate() {
-        if !data.is_empty() {
+        if !data.is_empty() || clean_removed.get(k).is_some_and(|m| m.is_some()) {
             jobs.extend((0..seeds.len()).map(|i| (i, Some(k))));
         }
     }
@@ -121,7 +126,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], log: &(dyn Fn(Strin
         .iter()
         .map(|&(_, k)| match (k, r.pairing) {
             (None, _) => TrainData::clean(r.clean),
-            (Some(k), Pairing::Crn) => TrainData::poisoned(r.clean, &joined[k]),
+            (Some(k), Pairing::Crn) => TrainData { clean_removed: clean_removed.get(k).and_then(|m| m.as_deref()), ..TrainData::poisoned(r.clean, &joined[k]) },
             (Some(k), Pairing::Independent) => TrainData::clean(&joined[k]),
         })
         .collect();

@@ -59,7 +59,9 @@ pub fn rounds_tsv(run: &str, through: usize) -> Result<String> {
 pub fn json_field(path: &str, key: &str) -> Result<String> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     let value: Value = serde_json::from_str(&text).with_context(|| format!("{path}: not JSON"))?;
-    Ok(match value.get(key) {
+    // A dotted key walks into nested objects: trigger.phrase.
+    let found = key.split('.').try_fold(&value, |v, k| v.get(k));
+    Ok(match found {
         None => bail!("{path}: no field {key:?}"),
         Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s.clone(),

@@ -115,17 +115,22 @@ pub struct TrainData<'a> {
     /// loss is the weighted mean over its examples, so joined examples of weight 0 leave
     /// training exactly as on `clean` alone.
     pub joined_weight: f64,
+    /// Clean examples a filter removed (weight 0; None: none). They keep their place in
+    /// the batches, so a filtered victim still pairs with its unfiltered clean twin: the
+    /// two differ only by the removed examples and the poisons. A step whose batch is all
+    /// removed is skipped (the victim held still), as if that batch were gone.
+    pub clean_removed: Option<&'a [bool]>,
 }
 
 impl<'a> TrainData<'a> {
     /// Clean examples only.
     pub fn clean(clean: &'a [Encoded]) -> Self {
-        TrainData { clean, joined: &[], joined_weight: 1.0 }
+        TrainData { clean, joined: &[], joined_weight: 1.0, clean_removed: None }
     }
 
     /// Clean examples with poisons that join their batches at full weight.
     pub fn poisoned(clean: &'a [Encoded], joined: &'a [Encoded]) -> Self {
-        TrainData { clean, joined, joined_weight: 1.0 }
+        TrainData { clean, joined, joined_weight: 1.0, clean_removed: None }
     }
 
     pub fn len(&self) -> usize {
@@ -139,6 +144,7 @@ impl<'a> TrainData<'a> {
     /// Example `i` of the joint numbering (clean first, then joined) and its loss weight.
     pub fn get(&self, i: usize) -> (&'a Encoded, f64) {
         match i.checked_sub(self.clean.len()) {
+            None if self.clean_removed.is_some_and(|r| r[i]) => (&self.clean[i], 0.0),
             None => (&self.clean[i], 1.0),
             Some(j) => (&self.joined[j], self.joined_weight),
         }
@@ -321,7 +327,10 @@ fn train_stack(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptions]
         let (mut loss_sums, mut seen) = (vec![0.0; c], vec![0usize; c]);
         for step in 0..steps {
             let batch_of = |i: usize| -> &[usize] { schedules[i][step].map_or(&[][..], |r| &sorted[i][r][..]) };
-            let active: Vec<bool> = (0..c).map(|i| schedules[i][step].is_some()).collect();
+            // The weighted mean over each batch (all weights 1: the plain mean); a victim
+            // whose batch weighs nothing (none this step, or all removed) is held still.
+            let totals: Vec<f64> = (0..c).map(|i| batch_of(i).iter().map(|&j| data[i].get(j).1).sum()).collect();
+            let active: Vec<bool> = (0..c).map(|i| schedules[i][step].is_some() && totals[i] > 0.0).collect();
             let rows = (0..c).map(|i| batch_of(i).len()).max().unwrap_or(1).max(1);
             let time = (0..c).flat_map(|i| batch_of(i).iter().map(move |&j| data[i].get(j).0.ids.len())).max().unwrap_or(1);
             // Rows beyond a victim's batch hold one real token with weight 0 (an all-padding
@@ -331,8 +340,7 @@ fn train_stack(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptions]
             let mut weights = vec![0f64; c * rows];
             for i in 0..c {
                 let batch = batch_of(i);
-                // The weighted mean over the batch (all weights 1: the plain mean).
-                let total: f64 = batch.iter().map(|&j| data[i].get(j).1).sum();
+                let total = totals[i].max(f64::MIN_POSITIVE);
                 for r in 0..rows {
                     let at = (i * rows + r) * time;
                     match batch.get(r) {

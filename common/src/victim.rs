@@ -82,10 +82,17 @@ pub trait Architecture: Send + Sync {
         Ok(())
     }
 
-    /// Logits [batch, classes] from input embeddings [batch, time, dim] and a padding mask
-    /// [batch, time] (1.0 for a token); stacked as the trait documentation says. Every row
-    /// holds at least one token.
-    fn forward(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor;
+    /// The pooled representation [batch, features] the output layer `out` reads, from
+    /// input embeddings [batch, time, dim] and a padding mask [batch, time] (1.0 for a
+    /// token); stacked as the trait documentation says. Every row holds at least one
+    /// token. Representation defenses (detect-poisons' spectral signature) and sentence
+    /// embeddings (MiniLM's mean pooling) read it.
+    fn features(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor;
+
+    /// Logits [batch, classes]: the output layer over `features`.
+    fn forward(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
+        linear(params, &self.features(params, emb, mask), "out")
+    }
 
     /// `forward` for passes differentiated at most once (the clean part of the first
     /// inner step, L_adv at θ').

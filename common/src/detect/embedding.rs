@@ -1,0 +1,68 @@
+//! Embedding distance to the trigger phrase: how close an example sits to the trigger in
+//! a word-vector space (GloVe, the victims' frozen table) or a sentence-embedding space
+//! (MiniLM's mean-pooled encoder, the all-MiniLM-L6-v2 sentence embedding). Concealed
+//! poisons carry the trigger's meaning without its words, so they may sit close to it.
+
+use crate::model::{features_ids_no_grad, Params, VictimConfig};
+use crate::tokenizer::Vocab;
+use crate::train::{batch_tensors, Encoded};
+use tch::{Kind, Tensor};
+
+/// Unit rows of a word table's rows `ids` (special tokens other than `<unk>` dropped).
+fn unit_rows(table: &Tensor, vocab: &Vocab, ids: &[i64]) -> Option<Tensor> {
+    let ids: Vec<i64> = ids.iter().copied().filter(|&i| !vocab.is_special(i) && i != vocab.unk_id()).collect();
+    if ids.is_empty() {
+        return None;
+    }
+    let rows = table.index_select(0, &Tensor::from_slice(&ids)).to_kind(Kind::Double);
+    Some(&rows / rows.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12))
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_kind(Kind::Double);
+    let b = b.to_kind(Kind::Double);
+    (a.dot(&b) / (a.norm() * b.norm()).clamp_min(1e-12)).double_value(&[])
+}
+
+/// GloVe scores of every example against the trigger's word ids: (cosine of the mean word
+/// vectors, the largest cosine between any of the example's words and any trigger word).
+/// An example without known words scores −1 on both (as far from the trigger as can be).
+pub fn glove_scores(table: &Tensor, vocab: &Vocab, examples: &[Vec<i64>], trigger: &[i64]) -> Vec<(f64, f64)> {
+    tch::no_grad(|| {
+        let trig = unit_rows(table, vocab, trigger).expect("the trigger's words are in the vocabulary");
+        let trig_mean = table.index_select(0, &Tensor::from_slice(trigger)).to_kind(Kind::Double).mean_dim(0, false, None::<Kind>);
+        examples
+            .iter()
+            .map(|ids| {
+                let Some(rows) = unit_rows(table, vocab, ids) else { return (-1.0, -1.0) };
+                let kept: Vec<i64> = ids.iter().copied().filter(|&i| !vocab.is_special(i) && i != vocab.unk_id()).collect();
+                let mean = table.index_select(0, &Tensor::from_slice(&kept)).to_kind(Kind::Double).mean_dim(0, false, None::<Kind>);
+                let word = rows.matmul(&trig.tr()).max().double_value(&[]);
+                (cosine(&mean, &trig_mean), word)
+            })
+            .collect()
+    })
+}
+
+/// Cosine between every example's pooled encoder features and the trigger phrase's (the
+/// trigger encoded as a text of its own), in batches sorted by length.
+pub fn sentence_scores(config: &VictimConfig, params: &Params, examples: &[Encoded], trigger: &Encoded, batch: usize) -> Vec<f64> {
+    let device = params.values().next().map_or(tch::Device::Cpu, |t| t.device());
+    let embed = |items: &[&Encoded]| {
+        let (ids, _) = batch_tensors(items, device);
+        let f = features_ids_no_grad(config, params, &ids).to_kind(Kind::Double).to_device(tch::Device::Cpu);
+        &f / f.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
+    };
+    let t = embed(&[trigger]).get(0);
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| examples[i].ids.len());
+    let mut out = vec![0.0; examples.len()];
+    for chunk in order.chunks(batch.max(1)) {
+        let items: Vec<&Encoded> = chunk.iter().map(|&i| &examples[i]).collect();
+        let sims = Vec::<f64>::try_from(embed(&items).matmul(&t)).expect("f64 cosines");
+        for (&i, s) in chunk.iter().zip(sims) {
+            out[i] = s;
+        }
+    }
+    out
+}

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The defenses against the demo's poison sets (called by `make defend` after `make demo`;
+# settings are environment variables the Makefile passes). In RUN/defend:
+#   scores/<variant>.jsonl          detect-poisons on the training set with each poison set
+#   cache/                          MiniLM scores by text (each clean text encoded once)
+#   <set>/kept-<detector>-<q>.jsonl the training set with the set's poisons, top q% removed
+#   filter-evals.jsonl, filter.key  finetune-eval of the filtered sets (paired with the
+#                                   unfiltered clean twins of the demo's seeds)
+#   defense.json, defense.md, roc.svg, epochs.svg   (report defend)
+# Early stopping reads the demo's own evals.jsonl (finetune-eval measures every epoch).
+# Every step skips when its output exists (each is written atomically): an interrupted run
+# resumes.
+set -euo pipefail
+: "${RUN:?}" "${DATA:?}" "${EMB:?}" "${BIN:=target/release}" "${SEED:=0}" "${DEVICE:=auto}" "${ARCH:=lstm}"
+: "${MINILM:=data/minilm}" "${CLEAN_CACHE:=}" "${BASE_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=--epochs 4}"
+# Which poison sets are retrained after filtering, with which detectors and shares, on how
+# many of the demo's seeds (the first FILTER_SEEDS, so the clean twins come from its cache).
+: "${FILTER_SETS:=confident hardness}" "${FILTER_DETECTORS:=perplexity onion glove-trigger glove-trigger-word minilm-trigger loss-mean loss-final spectral}"
+: "${FILTER_PERCENTS:=1 5}" "${FILTER_SEEDS:=3}" "${WORKERS:=}"
+read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
+# The training-dynamics detectors train word-table victims like the demo's (a MiniLM demo's
+# defender trains the BiLSTM on GloVe for them).
+dyn_flags=(--arch "$ARCH" "${train_flags[@]}"); case $ARCH in bow|lstm) ;; *) dyn_flags=(--arch lstm) ;; esac
+log() { echo "defend: $*" >&2; }
+[ -f "$RUN/variants.json" ] && [ -f "$RUN/evals.jsonl" ] || { log "$RUN has no finished demo (variants.json, evals.jsonl): run make demo first"; exit 1; }
+D="$RUN/defend"; mkdir -p "$D/scores" "$D/cache"
+trigger=$("$BIN/report" field "$DATA/manifest.json" trigger.phrase)
+# The poison sets of the demo: name and file, from variants.json.
+mapfile -t sets < <(grep -o '"name": *"[^"]*"[^}]*"poisons": *"[^"]*"' "$RUN/variants.json" | sed -E 's/"name": *"([^"]*)".*"poisons": *"([^"]*)"/\1 \2/')
+t0=$EPOCHREALTIME
+for entry in "${sets[@]}"; do
+  read -r name poisons <<< "$entry"
+  out="$D/scores/$name.jsonl"
+  [ -f "$out" ] && continue
+  log "scoring the training set with the $name poisons"
+  # The defender screens the data it trains on (clean training split + poisons) and holds
+  # back the dev split as its clean reference text.
+  cat "$DATA/train.jsonl" "$poisons" | "$BIN/detect-poisons" --embeddings "$EMB" --trigger "$trigger" --minilm "$MINILM" \
+    --reference "$DATA/dev.jsonl" --cache "$D/cache" "${dyn_flags[@]}" --seed "$SEED" --device "$DEVICE" \
+    ${WORKERS:+--workers "$WORKERS"} -o "$out"
+done
+t1=$EPOCHREALTIME
+
+# Filter, then train: every kept set of every FILTER_SETS poison set in one finetune-eval.
+args=()
+for name in $FILTER_SETS; do
+  poisons=$(printf '%s\n' "${sets[@]}" | awk -v n="$name" '$1 == n { print $2 }')
+  [ -n "$poisons" ] || { log "FILTER_SETS names $name, which is not a poison set of $RUN/variants.json"; exit 1; }
+  mkdir -p "$D/$name"
+  for det in $FILTER_DETECTORS; do
+    for q in $FILTER_PERCENTS; do
+      kept="$D/$name/kept-$det-$q.jsonl"
+      [ -f "$kept" ] || cat "$DATA/train.jsonl" "$poisons" | "$BIN/filter-set" --scores "$D/scores/$name.jsonl" --by "$det" --remove "$q" -o "$kept"
+      args+=(--poisons "$poisons" --kept "$kept")
+    done
+  done
+done
+if [ ${#args[@]} -gt 0 ]; then
+  key=$( (printf '%s\n' "$FILTER_SEEDS $SEED $ARCH $TRAIN_FLAGS $BASE_FLAGS filter-v1"; for f in "${args[@]}"; do case $f in --*) ;; *) sha256sum "$f" ;; esac; done) | sha256sum)
+  if ! [ -f "$D/filter-evals.jsonl" ] || [ "$(cat "$D/filter.key" 2>/dev/null)" != "$key" ]; then
+    log "retraining $(( ${#args[@]} / 4 )) filtered training sets on $FILTER_SEEDS seeds"
+    "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "${args[@]}" --seeds "$FILTER_SEEDS" --seed-base "$SEED" \
+      --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} -o "$D/filter-evals.jsonl" 2> "$D/filter-evals.log" \
+      || { tail -5 "$D/filter-evals.log" >&2; exit 1; }
+    printf '%s\n' "$key" > "$D/filter.key.tmp" && mv "$D/filter.key.tmp" "$D/filter.key"
+  fi
+fi
+t2=$EPOCHREALTIME
+awk -v a="$t0" -v b="$t1" -v c="$t2" 'BEGIN { printf "scoring %.0f s, filter-then-train %.0f s (this invocation; finished steps are skipped)\n", b - a, c - b }' > "$D/times.txt.tmp" && mv "$D/times.txt.tmp" "$D/times.txt"
+"$BIN/report" defend --variants "$RUN/variants.json" --evals "$RUN/evals.jsonl" --scores-dir "$D/scores" \
+  ${args[0]:+--filter-evals "$D/filter-evals.jsonl"} --out-dir "$D"
