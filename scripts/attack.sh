@@ -19,6 +19,8 @@ set -euo pipefail
 # rank-candidates flags, and EVAL=0 to skip the evaluation (the demo evaluates every variant
 # together).
 : "${OBJECTIVE:=bilevel}" "${ENSEMBLE:=}" "${OBJECTIVE_FLAGS:=}" "${BASES:=random}" "${RANK_FLAGS:=}" "${EVAL:=1}"
+# Extra init-poisons flags (e.g. "--evade-fpr 1", an evasion budget).
+: "${INIT_FLAGS:=}"
 # Concealment of the no-overlap poisons: token (no trigger word) or strict (no word that
 # leaks the trigger in any category of the strict audit; init, ranking and verification).
 : "${CONCEALMENT:=token}"
@@ -33,9 +35,11 @@ mkdir -p "$RUN"
 
 overlap_flag=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && overlap_flag=(--allow-overlap)
 init_flags=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && init_flags=()
+read -r -a extra_init_flags <<< "$INIT_FLAGS"; init_flags+=("${extra_init_flags[@]}")
 strict_setting=""; [ "$CONCEALMENT" = strict ] && strict_setting='"concealment": "strict",'
 # Recorded only when set, so the manifests of runs without it stay as they were.
 objective_setting=""; [ -n "$OBJECTIVE_FLAGS" ] && objective_setting="\"objective_flags\": \"$OBJECTIVE_FLAGS\","
+[ -n "$INIT_FLAGS" ] && objective_setting="$objective_setting \"init_flags\": \"$INIT_FLAGS\","
 read -r -a objective_flags <<< "$OBJECTIVE_FLAGS"
 # The influence objective's v does not depend on the poisons: one solve per run.
 cache_flags=(); [ "$OBJECTIVE" = influence ] && cache_flags=(--influence-cache "$RUN/influence-cache")

@@ -14,7 +14,7 @@ set -euo pipefail
 # MODE=sweep: net ASR against poison count (SWEEP_COUNTS) for the default crafting and the
 # confident-bases heuristic, in RUN/sweep/. MODE=cell: one cell of a sweep spec (`make cell`):
 # the poison sets VARIANTS and the benign control at COUNT poisons, in RUN only.
-: "${SWEEP_COUNTS:=5 10 25 50 100}" "${VARIANTS:=confident hardness}"
+: "${SWEEP_COUNTS:=5 10 25 50 100}" "${VARIANTS:=confident hardness}" "${EVADE_FPR:=1}"
 # Where the attacked victim and its early checkpoints live (cells of one trigger share them;
 # each is trained under a lock), and finetune-eval's worker threads (empty: its default).
 : "${VICTIMS_DIR:=$RUN}" "${WORKERS:=}"
@@ -65,9 +65,9 @@ evaluate() {
   printf '%s\n' "$key" > "$dir/evals.key.tmp" && mv "$dir/evals.key.tmp" "$dir/evals.key"
 }
 
-init() { # out count bases strategy [concealment]
+init() { # out count bases strategy [concealment [more flags]]
   [ -f "$1" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$2" --seed "$SEED" \
-    --bases "$3" --strategy "$4" --concealment "${5:-$CONCEALMENT}" -o "$1"
+    --bases "$3" --strategy "$4" --concealment "${5:-$CONCEALMENT}" "${@:6}" -o "$1"
 }
 
 # Crafting starts from the confident-bases heuristic with shared candidate filters, so the
@@ -75,7 +75,7 @@ init() { # out count bases strategy [concealment]
 FILTERS="--min-count 5 --exclude-neighbours 50 --keep-substitutes"
 craft() { # run-folder count settings...
   env VICTIM_FILE="$V" DATA="$DATA" EMB="$EMB" BASE_FLAGS="$BASE_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
-    ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 CONCEALMENT="$CONCEALMENT" RUN="$1" "${@:3}" scripts/attack.sh
+    ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 CONCEALMENT="$CONCEALMENT" RUN="$1" "${@:3}" "$(dirname "$0")/attack.sh"
 }
 craft_hardness() { # run-folder count
   craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" RANK_FLAGS="$FILTERS --per-poison 8"
@@ -126,6 +126,13 @@ if [ "$MODE" = cell ]; then
         variant "$v" "crafted: influence, carrier slots only" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
       influence-bases) select_by_influence "$RUN/init-$v.jsonl" "$COUNT"
         variant "$v" "bases chosen by influence + neighbours" crafted "$RUN/init-$v.jsonl" ;;
+      # Evasion (make defend): the same under a budget that keeps every poison at or below
+      # the GloVe word detector's threshold at EVADE_FPR percent false positives.
+      confident-evading) init "$RUN/init-$v.jsonl" "$COUNT" confident neighbour "$CONCEALMENT" --evade-fpr "$EVADE_FPR"
+        variant "$v" "confident bases + neighbours, evading (GloVe ${EVADE_FPR}% FPR)" heuristic "$RUN/init-$v.jsonl" ;;
+      hardness-evading) craft "$RUN/craft-$v" "$COUNT" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" \
+          INIT_FLAGS="--evade-fpr $EVADE_FPR" RANK_FLAGS="$FILTERS --per-poison 8 --evade-fpr $EVADE_FPR"
+        variant "$v" "crafted: hardness, evading (GloVe ${EVADE_FPR}% FPR)" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
       influence-both) craft_influence "$RUN/craft-$v" "$COUNT" both
         variant "$v" "crafted: influence, carrier and sentence" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
       *) log "unknown variant $v (sweep plan checks the spec; see FORMATS.md)"; exit 1 ;;

@@ -41,6 +41,11 @@ struct Args {
     /// base are substituted too, and clean-target sentences that leak are not used.
     #[arg(long, value_enum, default_value_t = Concealment::Token)]
     concealment: Concealment,
+    /// Evasion: keep every poison at or below the glove-trigger-word detector's threshold
+    /// at this percentage of false positives on the clean training split (words closer
+    /// to a trigger word are never used; a base's own are substituted).
+    #[arg(long)]
+    evade_fpr: Option<f64>,
     /// Seed of the sentence choice and of random replacement words.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -55,7 +60,15 @@ fn main() {
         let common::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
-        let set = poisons::init(args.strategy, args.bases, args.neighbour_pool, args.count, args.seed, args.concealment, &args.inputs.data, &manifest, &vocab, &victim)?;
+        let budget = match args.evade_fpr {
+            Some(fpr) => {
+                let b = common::detect::evasion::glove_budget(&victim.params()["embedding.weight"], &vocab, &manifest, &args.inputs.data, fpr)?;
+                log!("evasion budget: cosine to a trigger word at most {:.4} ({fpr}% FPR on the clean training split): {} words banned", b.threshold, b.banned.len());
+                Some(b)
+            }
+            None => None,
+        };
+        let set = poisons::init(args.strategy, args.bases, args.neighbour_pool, args.count, args.seed, args.concealment, &args.inputs.data, &manifest, &vocab, &victim, budget.as_ref())?;
         log!("{} poisons ({:?} bases, {:?} substitutes), target {}", set.len(), args.bases, args.strategy, manifest.target_name());
         io::write_jsonl(&args.output, &set)
     })

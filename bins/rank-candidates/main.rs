@@ -62,6 +62,11 @@ struct Args {
     /// cannot simply add more trigger-like words.
     #[arg(long, default_value_t = 0)]
     exclude_neighbours: usize,
+    /// Evasion: never propose a word that would lift a poison over the glove-trigger-word
+    /// detector's threshold at this percentage of false positives on the clean training
+    /// split (see init-poisons --evade-fpr).
+    #[arg(long)]
+    evade_fpr: Option<f64>,
     /// Keep only the N best-predicted candidates of each poison (over all its positions).
     #[arg(long, value_parser = common::cli::at_least_one)]
     per_poison: Option<usize>,
@@ -88,7 +93,12 @@ fn main() {
             keep_substitutes: args.keep_substitutes,
             only_substitutes: args.only_substitutes,
         };
-        let bans = Bans::new(&vocab, &manifest, &table, &args.inputs.data, &ban_options)?;
+        let mut bans = Bans::new(&vocab, &manifest, &table, &args.inputs.data, &ban_options)?;
+        if let Some(fpr) = args.evade_fpr {
+            let b = common::detect::evasion::glove_budget(&table, &vocab, &manifest, &args.inputs.data, fpr)?;
+            log!("evasion budget: cosine to a trigger word at most {:.4} ({fpr}% FPR): {} words never proposed", b.threshold, b.banned.len());
+            bans.words.extend(b.banned);
+        }
         let policy = RankPolicy { k: args.k, positions: args.positions, per_poison: args.per_poison };
         let candidates = rank(&vocab, &table, &grad, &bans, &policy).map_err(|e| e.context(io::display_name(&args.grad)))?;
         let mut out = io::Output::create(&args.output)?;

@@ -72,12 +72,12 @@ enum Command {
     /// poison set and detector, early stopping, filter-then-train. Writes defense.json,
     /// defense.md, roc.svg and epochs.svg into --out-dir; the Markdown also to stdout.
     Defend {
-        /// The demo's variants.json.
-        #[arg(long)]
-        variants: String,
-        /// The demo's finetune-eval reports (per-epoch figures for early stopping).
-        #[arg(long)]
-        evals: String,
+        /// The demo's variants.json (repeatable: further variants, e.g. the evading sets).
+        #[arg(long, required = true)]
+        variants: Vec<String>,
+        /// Their finetune-eval reports (repeatable; per-epoch figures for early stopping).
+        #[arg(long, required = true)]
+        evals: Vec<String>,
         /// Folder of detect-poisons output, <variant>.jsonl per poison set.
         #[arg(long)]
         scores_dir: String,
@@ -138,10 +138,26 @@ fn main() {
     })
 }
 
-fn defend(variants_path: &str, evals: &str, scores_dir: &str, filter_evals: Option<&str>, dir: &str) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(variants_path).with_context(|| format!("cannot read {variants_path}"))?;
-    let variants: Variants = io::parse_record(&text).with_context(|| variants_path.to_string())?;
-    let evals: Vec<EvalReport> = io::read_jsonl(evals, false)?;
+fn defend(variants_paths: &[String], eval_paths: &[String], scores_dir: &str, filter_evals: Option<&str>, dir: &str) -> anyhow::Result<String> {
+    let mut variants: Option<Variants> = None;
+    for path in variants_paths {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+        let v: Variants = io::parse_record(&text).with_context(|| path.to_string())?;
+        match &mut variants {
+            None => variants = Some(v),
+            // A later file's variant of a name already listed (a cell's own benign
+            // control) is left out: the first file's stands.
+            Some(all) => {
+                let names: Vec<String> = all.variants.iter().map(|x| x.name.clone()).collect();
+                all.variants.extend(v.variants.into_iter().filter(|x| !names.contains(&x.name)));
+            }
+        }
+    }
+    let variants = variants.context("no --variants")?;
+    let mut evals: Vec<EvalReport> = Vec::new();
+    for e in eval_paths {
+        evals.extend(io::read_jsonl::<EvalReport>(e, false)?);
+    }
     let filtered: Vec<EvalReport> = filter_evals.map(|f| io::read_jsonl(f, false)).transpose()?.unwrap_or_default();
     let report = common::defense::build(&variants, &evals, scores_dir, &filtered)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;

@@ -71,6 +71,21 @@ pub struct Filtering {
     pub net_asr_change: Option<Summary>,
 }
 
+/// An evading poison set beside the same set crafted without the budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evasion {
+    pub name: String,
+    pub label: String,
+    /// The variant it is the evading version of.
+    pub unconstrained: String,
+    pub net_asr: Summary,
+    pub unconstrained_net_asr: Summary,
+    /// Evading minus unconstrained net ASR, paired by seed (the cost of evading).
+    pub cost: Option<Summary>,
+    /// Detector → (AUROC of the evading set, AUROC of the unconstrained set).
+    pub auroc: BTreeMap<String, (f64, f64)>,
+}
+
 /// `defense.json` (schema in FORMATS.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DefenseReport {
@@ -80,6 +95,7 @@ pub struct DefenseReport {
     pub detection: Vec<SetDetection>,
     pub early_stopping: Vec<EarlyStopping>,
     pub filtering: Vec<Filtering>,
+    pub evasion: Vec<Evasion>,
 }
 
 const KIND: &str = "defense_report";
@@ -155,6 +171,10 @@ fn early_stopping(e: &EvalReport, name: &str, label: &str, role: Role) -> Option
 /// variant's training set; `filter_evals` are finetune-eval reports made with --kept
 /// files named `kept-<detector>-<percent>.jsonl`.
 pub fn build(variants: &Variants, evals: &[EvalReport], scores_dir: &str, filter_evals: &[EvalReport]) -> Result<DefenseReport> {
+    let mut seen = HashSet::new();
+    if let Some(v) = variants.variants.iter().find(|v| !seen.insert(v.name.as_str())) {
+        bail!("two variants are named {:?}; the scores are found by name", v.name);
+    }
     let mut detection = Vec::new();
     let mut early = Vec::new();
     let eval_of = |poisons: &str| evals.iter().find(|e| e.poisons.as_deref() == Some(poisons));
@@ -208,7 +228,29 @@ pub fn build(variants: &Variants, evals: &[EvalReport], scores_dir: &str, filter
             net_asr_change: change,
         });
     }
-    Ok(DefenseReport { kind: KIND.into(), v: 1, title: variants.title.clone(), detection, early_stopping: early, filtering })
+    let mut evasion = Vec::new();
+    for v in variants.variants.iter().filter(|v| v.name.ends_with("-evading")) {
+        let base = v.name.trim_end_matches("-evading");
+        let find = |name: &str| variants.variants.iter().find(|w| w.name == name).and_then(|w| w.poisons.as_deref()).and_then(eval_of);
+        let (Some(e), Some(b)) = (find(&v.name), find(base)) else { continue };
+        let net = |r: &crate::eval::SeedRow| Some(r.poisoned.asr - r.clean?.asr);
+        let cost: Vec<f64> = e.seeds.iter().filter_map(|r| Some(net(r)? - net(b.seeds.iter().find(|w| w.seed == r.seed)?)?)).collect();
+        let auroc_of = |name: &str| detection.iter().find(|d| d.name == name).map(|d| d.detectors.iter().map(|(k, x)| (k.clone(), x.auroc)).collect::<BTreeMap<_, _>>());
+        let auroc = match (auroc_of(&v.name), auroc_of(base)) {
+            (Some(a), Some(b)) => a.iter().filter_map(|(k, x)| Some((k.clone(), (*x, *b.get(k)?)))).collect(),
+            _ => BTreeMap::new(),
+        };
+        evasion.push(Evasion {
+            name: v.name.clone(),
+            label: v.label.clone(),
+            unconstrained: base.to_string(),
+            net_asr: e.summary.net_asr.context("evading set evaluated without clean twins")?,
+            unconstrained_net_asr: b.summary.net_asr.context("evaluation without clean twins")?,
+            cost: (cost.len() == e.seeds.len() && !cost.is_empty()).then(|| summarize(&cost)),
+            auroc,
+        });
+    }
+    Ok(DefenseReport { kind: KIND.into(), v: 1, title: variants.title.clone(), detection, early_stopping: early, filtering, evasion })
 }
 
 fn pct(x: f64) -> String {
@@ -248,6 +290,16 @@ impl DefenseReport {
             for f in &self.filtering {
                 let change = f.net_asr_change.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
                 out += &format!("| {} | {} | {}% | {}/{} | {} | {} | {} | {} |\n", f.label, f.detector, f.remove_percent, f.poisons_removed, f.poisons, f.clean_removed, f.net_asr, change, f.dcacc);
+            }
+            out += "\n";
+        }
+        if !self.evasion.is_empty() {
+            out += "## Evasion\n\nPoison sets crafted under a budget that keeps every poison at or below the GloVe word detector's threshold, beside the same sets without it. Cost: evading minus unconstrained net ASR, paired by seed. AUROC: evading / unconstrained.\n\n";
+            let dets: Vec<String> = self.evasion[0].auroc.keys().cloned().collect();
+            out += &format!("| poisons | net ASR | unconstrained | cost | {} |\n|---|---|---|---|{}\n", dets.iter().map(|d| format!("AUROC {d}")).collect::<Vec<_>>().join(" | "), "---|".repeat(dets.len()));
+            for e in &self.evasion {
+                let cells: Vec<String> = dets.iter().map(|d| e.auroc.get(d).map(|(a, b)| format!("{a:.3} / {b:.3}")).unwrap_or_else(|| "-".into())).collect();
+                out += &format!("| {} | {} | {} | {} | {} |\n", e.label, e.net_asr, e.unconstrained_net_asr, e.cost.map(|c| c.to_string()).unwrap_or_else(|| "-".into()), cells.join(" | "));
             }
             out += "\n";
         }

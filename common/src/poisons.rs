@@ -107,6 +107,7 @@ pub fn init(
     manifest: &DataManifest,
     vocab: &Vocab,
     victim: &Victim,
+    evade: Option<&crate::detect::evasion::Budget>,
 ) -> Result<Vec<Example>> {
     let table = victim.params()["embedding.weight"].shallow_clone();
     let max_len = victim.config.max_len;
@@ -149,12 +150,19 @@ pub fn init(
         }
     };
     picked.sort_unstable();
-    let banned = banned_ids(vocab, manifest, false, concealment)?;
+    let mut banned = banned_ids(vocab, manifest, false, concealment)?;
+    // An evasion budget bans the words the embedding detector would flag; a base's own
+    // words over it are substituted like trigger words.
+    let over_budget: HashSet<i64> = evade.map(|b| b.banned.clone()).unwrap_or_default();
+    banned.extend(&over_budget);
+    if evade.is_some() && vocab.is_wordpiece() {
+        bail!("an evasion budget needs a word vocabulary (GloVe victims)");
+    }
     let out = if vocab.is_wordpiece() {
         let sources: Vec<&Example> = picked.iter().map(|&i| &source[i]).collect();
         init_pieces(strategy, neighbour_pool, &sources, seed, strict.then_some(&matcher), manifest, vocab, &table, max_len, &banned)?
     } else {
-        init_words(strategy, neighbour_pool, picked.iter().map(|&i| &source[i]), strict.then_some(&matcher), &mut rng, manifest, vocab, &table, max_len, &banned)?
+        init_words(strategy, neighbour_pool, picked.iter().map(|&i| &source[i]), strict.then_some(&matcher), &mut rng, manifest, vocab, &table, max_len, &banned, &over_budget)?
     };
     if strict {
         for p in &out {
@@ -180,6 +188,7 @@ fn init_words<'a>(
     table: &Tensor,
     max_len: usize,
     banned: &HashSet<i64>,
+    over_budget: &HashSet<i64>,
 ) -> Result<Vec<Example>> {
     let trigger: HashSet<&str> = manifest.trigger.words.iter().map(|s| s.as_str()).collect();
     let frequent = 10_000.min(vocab.len() as i64);
@@ -189,7 +198,8 @@ fn init_words<'a>(
         let mut substitutes = Vec::new();
         for tok in tokenize(&ex.text) {
             let leaks = strict.is_some_and(|m| !m.word_leaks(&tok).is_empty()) && vocab.id(&tok).is_some();
-            let is_trigger = trigger.contains(tok.as_str()) || leaks;
+            let over = vocab.id(&tok).is_some_and(|id| over_budget.contains(&id));
+            let is_trigger = trigger.contains(tok.as_str()) || leaks || over;
             let word = if is_trigger {
                 match strategy {
                     InitStrategy::Random => loop {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// The poison sets a cell may compare (besides the benign control every cell carries).
 pub const VARIANTS: &[&str] =
-    &["unoptimised", "neighbour", "confident", "overlap", "hardness", "bilevel", "influence", "influence-contrastive", "influence-carrier", "influence-both", "influence-bases"];
+    &["unoptimised", "neighbour", "confident", "overlap", "hardness", "bilevel", "influence", "influence-contrastive", "influence-carrier", "influence-both", "influence-bases", "confident-evading", "hardness-evading"];
 
 /// A sweep spec (FORMATS.md): the axes of the grid.
 ///

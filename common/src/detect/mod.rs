@@ -16,6 +16,7 @@
 
 pub mod dynamics;
 pub mod embedding;
+pub mod evasion;
 pub mod metrics;
 pub mod ngram;
 
