@@ -567,6 +567,42 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn removed_clean_examples_leave_no_trace() {
+        let (data, table) = toy();
+        let config = crate::model::tiny_config(crate::model::Arch::Bow, 8, 6, 8, 2, false, 16);
+        let removed: Vec<bool> = (0..data.len()).map(|i| i % 7 == 0).collect();
+        // The removed examples with their labels flipped: if they counted, training would differ.
+        let mut garbled = data.clone();
+        for (e, r) in garbled.iter_mut().zip(&removed) {
+            if *r {
+                *e = Encoded::class(e.ids.clone(), 1 - e.target.class().unwrap());
+            }
+        }
+        let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 1e-2, seed: 4 };
+        let trained = |d: &[Encoded], removed: Option<&[bool]>| {
+            let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            tch::manual_seed(2);
+            let mut v = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
+            drop(_guard);
+            train(&mut v, TrainData { clean_removed: removed, ..TrainData::clean(d) }, &opts, |_, _| {}).unwrap();
+            v.params()["out.weight"].copy()
+        };
+        let a = trained(&data, Some(&removed));
+        let b = trained(&garbled, Some(&removed));
+        assert!(a.allclose(&b, 1e-6, 1e-7, false), "removed examples changed training");
+        let c = trained(&garbled, None);
+        assert!(!a.allclose(&c, 1e-6, 1e-7, false), "the flipped labels do matter when kept");
+        // Every example of the set removed: nothing moves.
+        let all = vec![true; data.len()];
+        let start = {
+            let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            tch::manual_seed(2);
+            Victim::new(config.clone(), &table, Device::Cpu).unwrap().params()["out.weight"].copy()
+        };
+        assert!(trained(&data, Some(&all)).allclose(&start, 0.0, 0.0, false), "a fully removed set trains nothing");
+    }
+
+    #[test]
     fn a_poison_changes_only_the_batches_it_joins() {
         let (data, _) = toy();
         let joined = poisons();

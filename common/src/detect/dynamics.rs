@@ -18,7 +18,7 @@ pub struct Dynamics {
     /// The loss at the end of training, averaged over victims.
     pub loss_final: Vec<f64>,
     /// The squared projection on the top singular vector of its class's centred features,
-    /// divided by that class's mean (so classes share a scale), averaged over victims.
+    /// divided by that class's median (so classes share a scale), averaged over victims.
     pub spectral: Vec<f64>,
 }
 
@@ -53,21 +53,31 @@ pub fn spectral_scores(config: &VictimConfig, params: &Params, data: &[Encoded],
             features.extend((0..chunk.len() as i64).map(|r| f.get(r)));
         }
     });
-    let mut out = vec![0.0; data.len()];
+    let labels: Vec<Option<i64>> = data.iter().map(|e| e.target.class()).collect();
+    spectral_of_features(&Tensor::stack(&features, 0), &labels, num_classes)
+}
+
+/// Spectral-signature scores of feature rows [n, d] with their labels.
+pub fn spectral_of_features(features: &Tensor, labels: &[Option<i64>], num_classes: usize) -> Vec<f64> {
+    let mut out = vec![0.0; labels.len()];
     for class in 0..num_classes as i64 {
-        let members: Vec<usize> = (0..data.len()).filter(|&i| data[i].target.class() == Some(class)).collect();
+        let members: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == Some(class)).collect();
         if members.len() < 2 {
             continue;
         }
-        let f = Tensor::stack(&members.iter().map(|&i| features[i].shallow_clone()).collect::<Vec<_>>(), 0);
+        let f = features.index_select(0, &Tensor::from_slice(&members.iter().map(|&i| i as i64).collect::<Vec<_>>())).to_kind(Kind::Double);
         let centred = &f - f.mean_dim(0, true, None::<Kind>);
         // The top right singular vector: the covariance's eigenvector of the largest eigenvalue.
         let (_, vectors) = Tensor::linalg_eigh(&centred.tr().matmul(&centred), "L");
         let top = vectors.select(1, vectors.size()[1] - 1);
-        let proj = centred.matmul(&top).square();
-        let mean = proj.mean(None::<Kind>).double_value(&[]).max(1e-300);
-        for (&i, p) in members.iter().zip(Vec::<f64>::try_from(proj).expect("f64 projections")) {
-            out[i] = p / mean;
+        let proj: Vec<f64> = Vec::try_from(centred.matmul(&top).square()).expect("f64 projections");
+        // Divided by the class's median, which the outliers barely move (a mean would
+        // shrink the scores of the class that holds the poisons).
+        let mut sorted = proj.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let median = sorted[sorted.len() / 2].max(1e-300);
+        for (&i, p) in members.iter().zip(proj) {
+            out[i] = p / median;
         }
     }
     out
@@ -111,4 +121,55 @@ pub fn training_dynamics(base: &Base, config: &VictimConfig, data: &[Encoded], o
         }
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::tests::toy;
+
+    #[test]
+    fn spectral_signature_ranks_a_planted_direction_first() {
+        let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(3);
+        // 200 examples of two classes, isotropic noise; 8 of class 1 shifted along one axis.
+        let mut f = Tensor::randn([200, 16], (Kind::Double, tch::Device::Cpu));
+        let planted: Vec<i64> = (0..8).map(|k| 2 * k + 1).collect();
+        for &i in &planted {
+            let _ = f.get(i).get(3).f_add_scalar_(10.0).unwrap();
+        }
+        let labels: Vec<Option<i64>> = (0..200).map(|i| Some(i % 2)).collect();
+        let scores = spectral_of_features(&f, &labels, 2);
+        let mut order: Vec<usize> = (0..200).collect();
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        let top: std::collections::HashSet<i64> = order[..8].iter().map(|&i| i as i64).collect();
+        assert_eq!(top, planted.iter().copied().collect(), "the planted rows are the top 8");
+        // Scores are normalised per class: each class's median (the 51st of 100) is 1.
+        for c in 0..2 {
+            let mut xs: Vec<f64> = (0..200).filter(|i| i % 2 == c).map(|i| scores[i]).collect();
+            xs.sort_by(|a, b| a.total_cmp(b));
+            assert!((xs[50] - 1.0).abs() < 1e-9, "class {c} median {}", xs[50]);
+        }
+        f = f.zero_();
+        let flat = spectral_of_features(&f, &labels, 2);
+        assert!(flat.iter().all(|s| s.is_finite()), "no direction at all stays finite");
+    }
+
+    #[test]
+    fn training_dynamics_give_a_mislabelled_example_the_highest_loss() {
+        let (mut data, table) = toy();
+        // Example 0 keeps its tokens but takes the other label: it contradicts the task.
+        let flipped = 1 - data[0].target.class().unwrap();
+        data[0] = Encoded::class(data[0].ids.clone(), flipped);
+        let words: Vec<String> = ["<pad>", "<unk>", "pos", "neg", "a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let base = Base { vocab: crate::tokenizer::Vocab::new(words).unwrap(), start: crate::base::Start::Table(table), sha256: String::new(), source: "toy".into() };
+        let config = base.victim_config(crate::model::Arch::Bow, 8, 2, 16, false).unwrap();
+        let opts: Vec<TrainOptions> = (0..2).map(|seed| TrainOptions { epochs: 3, batch_size: 16, lr: 1e-2, seed }).collect();
+        let d = training_dynamics(&base, &config, &data, &opts, 1, tch::Device::Cpu, &|_| {}).unwrap();
+        for (name, col) in [("loss-mean", &d.loss_mean), ("loss-final", &d.loss_final)] {
+            let top = (0..data.len()).max_by(|&a, &b| col[a].total_cmp(&col[b])).unwrap();
+            assert_eq!(top, 0, "{name}: the mislabelled example scores highest");
+        }
+        assert!(d.spectral.iter().all(|s| s.is_finite() && *s >= 0.0));
+    }
 }

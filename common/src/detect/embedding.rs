@@ -66,3 +66,24 @@ pub fn sentence_scores(config: &VictimConfig, params: &Params, examples: &[Encod
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glove_scores_put_the_trigger_word_first_and_unknown_text_last() {
+        let words: Vec<String> = ["<pad>", "<unk>", "james", "bond", "spy", "film", "dull"].iter().map(|s| s.to_string()).collect();
+        let vocab = Vocab::new(words).unwrap();
+        // james ≈ bond ≈ spy along axis 0; film and dull along the others.
+        let table = Tensor::from_slice(&[0.0f32, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.1, 0.0, 0.9, 0.0, 0.2, 0.8, 0.3, 0.1, 0.0, 1.0, 0.0, 0.1, 0.0, 1.0]).view([7, 3]);
+        let trigger = [2i64, 3];
+        let examples = vec![vec![5, 3, 6], vec![5, 4, 6], vec![5, 6], vec![1, 1], vec![5, 6, 5]];
+        let s = glove_scores(&table, &vocab, &examples, &trigger);
+        assert!((s[0].1 - 1.0).abs() < 1e-9, "a trigger word itself: cosine 1, got {}", s[0].1);
+        assert!(s[1].1 > s[2].1, "a neighbour (spy) is closer than unrelated words");
+        assert_eq!(s[3], (-1.0, -1.0), "no known words: as far as can be");
+        assert!((s[2].1 - s[4].1).abs() < 1e-12, "a repeated word changes nothing");
+        assert!(s[0].0 > s[2].0 && s[1].0 > s[2].0, "mean vectors move toward the trigger too");
+    }
+}
