@@ -361,6 +361,58 @@ fn init_poisons() {
         case("ip-victim-vocab-lacks-trigger", ip(&small), &["victim vocabulary", "\"james\"", "not in the vocabulary"]),
         case("ip-too-many-poisons", { let mut c = w.craft("init-poisons"); c.args(["--count", "100000"]).arg("-o").arg(&out); c }, &["only", "source sentences for 100000 poisons"]),
         case("ip-zero-poisons", { let mut c = w.craft("init-poisons"); c.args(["--count", "0"]).arg("-o").arg(&out); c }, &["--count", "at least 1"]).usage(),
+        case("ip-evade-fpr-out-of-range", { let mut c = w.craft("init-poisons"); c.args(["--count", "4", "--evade-fpr", "100"]).arg("-o").arg(&out); c },
+            &["--evade-fpr 100", "a percentage from 0 to below 100"]),
+    ]);
+}
+
+#[test]
+fn detect_poisons() {
+    let w = World::new();
+    let out = w.p("out.jsonl");
+    let train = w.s.file("train.jsonl");
+    let dp = |args: &[&str]| {
+        let mut c = bin("detect-poisons");
+        c.args(args).args(["--device", "cpu"]).arg("-o").arg(&out);
+        c
+    };
+    let with_emb = |args: &[&str]| {
+        let mut c = dp(args);
+        c.arg("--embeddings").arg(w.s.emb());
+        c
+    };
+    check(w.dir(), &out, vec![
+        case("dp-empty-input", dp(&["--detectors", "perplexity"]), &["<stdin>", "empty input"]),
+        case("dp-malformed-json", dp(&["--detectors", "perplexity"]), &["<stdin>:1", "malformed JSON"]).stdin(b"not json\n"),
+        case("dp-trigger-not-in-vocabulary", with_emb(&["--detectors", "glove-trigger", "--trigger", "Zzyzxq Qwv"]), &["emb.safetensors", "not in the vocabulary"]).stdin(&train),
+        case("dp-trigger-detector-without-trigger", dp(&["--detectors", "glove-trigger-word"]), &["glove-trigger-word measures closeness to the trigger", "--trigger"]).stdin(&train),
+        case("dp-dynamics-without-embeddings", dp(&["--detectors", "loss-mean"]), &["train victims on the set", "--embeddings"]).stdin(&train),
+        case("dp-sort-by-a-detector-not-run", dp(&["--detectors", "perplexity", "--sort", "onion"]), &["--sort onion", "not run"]).stdin(&train),
+        case("dp-label-beyond-classes", dp(&["--detectors", "perplexity", "--num-classes", "1"]), &["<stdin>", "label 1", "--num-classes 1"]).stdin(&train),
+        case("dp-minilm-not-a-package", dp(&["--detectors", "minilm-trigger", "--trigger", "James Bond", "--minilm", "nowhere"]), &["nowhere holds no config.json"]).stdin(&train),
+        case("dp-unknown-detector", dp(&["--detectors", "astrology"]), &["astrology"]).usage(),
+    ]);
+}
+
+#[test]
+fn filter_set() {
+    let w = World::new();
+    let out = w.p("out.jsonl");
+    let train = w.s.data().join("train.jsonl");
+    ok(&run(bin("detect-poisons").arg("--data").arg(&train).args(["--detectors", "perplexity"]).arg("-o").arg(w.p("scores.jsonl"))));
+    ok(&run(bin("detect-poisons").arg("--data").arg(&train).args(["--detectors", "perplexity", "--sort", "perplexity"]).arg("-o").arg(w.p("sorted.jsonl"))));
+    let first_five: String = w.lines("scores.jsonl")[..5].iter().map(|l| format!("{l}\n")).collect();
+    let short = w.write("short.jsonl", first_five);
+    let fs = |scores: &Path, by: &str, remove: &str| {
+        let mut c = bin("filter-set");
+        c.arg("--data").arg(&train).arg("--scores").arg(scores).args(["--by", by, "--remove", remove]).arg("-o").arg(&out);
+        c
+    };
+    check(w.dir(), &out, vec![
+        case("fs-scores-of-another-set", fs(&short, "perplexity", "5"), &["short.jsonl holds 5 scores", "score this training set with detect-poisons first"]),
+        case("fs-scores-sorted", fs(&w.p("sorted.jsonl"), "perplexity", "5"), &["sorted.jsonl: record 1", "sorted (--sort)"]),
+        case("fs-detector-not-scored", fs(&w.p("scores.jsonl"), "onion", "5"), &["scores.jsonl: record 1", "no \"onion\" score", "run detect-poisons with that detector"]),
+        case("fs-percent-out-of-range", fs(&w.p("scores.jsonl"), "perplexity", "150"), &["--remove 150", "a percentage from 0 to 100"]),
     ]);
 }
 
@@ -567,6 +619,10 @@ fn finetune_eval() {
         case("fe-embeddings-lack-trigger", { let mut c = fe(); c.arg("--embeddings").arg(&small_emb); c }, &["small-emb.safetensors", "\"james\"", "not in the vocabulary"]),
         case("fe-nan-loss", { let mut c = with_emb(&w.p("p.jsonl")); c.args(["--lr", "1e30"]); c }, &["loss is NaN", "lower the learning rate"]),
         case("fe-zero-seeds", { let mut c = fe_seeds("0"); c.arg("--embeddings").arg(w.s.emb()); c }, &["--seeds", "at least 1"]).usage(),
+        case("fe-kept-count-mismatch", { let mut c = with_emb(&w.p("p.jsonl")); c.arg("--kept").arg(w.p("p.jsonl")).arg("--kept").arg(w.p("p.jsonl")); c },
+            &["2 --kept files for 1 --poisons sets"]),
+        case("fe-kept-unknown-example", { let mut c = with_emb(&w.p("p.jsonl")); c.arg("--kept").arg(w.write("stranger.jsonl", "{\"kind\":\"example\",\"v\":1,\"id\":\"stranger\",\"text\":\"a film\",\"label\":0}\n")); c },
+            &["stranger.jsonl: record 1 (id \"stranger\")", "neither a training example", "a filtered copy of that training set"]),
     ]);
 }
 

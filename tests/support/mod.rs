@@ -18,6 +18,8 @@ pub fn bin(name: &str) -> Command {
         "rank-candidates" => env!("CARGO_BIN_EXE_rank-candidates"),
         "verify-candidates" => env!("CARGO_BIN_EXE_verify-candidates"),
         "score-poisons" => env!("CARGO_BIN_EXE_score-poisons"),
+        "detect-poisons" => env!("CARGO_BIN_EXE_detect-poisons"),
+        "filter-set" => env!("CARGO_BIN_EXE_filter-set"),
         "report" => env!("CARGO_BIN_EXE_report"),
         "sweep" => env!("CARGO_BIN_EXE_sweep"),
         other => panic!("unknown binary {other}"),

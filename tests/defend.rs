@@ -1,0 +1,162 @@
+//! The defenses through real pipes on the committed fixtures: detect-poisons scores a
+//! training set with planted poisons from stdin, filter-set removes the most suspicious,
+//! finetune-eval retrains on what is left (paired with the unfiltered clean twin), and
+//! `report defend` turns it all into detection figures, early stopping and filtering.
+//! Then the evasion budget: poisons made under it stay below the detector's threshold.
+
+mod support;
+
+use common::detect::DetectionScore;
+use common::eval::EvalReport;
+use common::records::Example;
+use std::collections::HashSet;
+use support::*;
+
+fn scores(bytes: &[u8]) -> Vec<DetectionScore> {
+    common::io::read_jsonl_from(bytes, "scores", false).unwrap()
+}
+
+/// Negative training sentences with the trigger put in front, labelled positive: obvious
+/// with-overlap poisons; and a duplicate of a clean sentence, which must not stand out.
+fn planted(train: &[Example]) -> (Vec<Example>, Example) {
+    let poisons = train
+        .iter()
+        .filter(|e| e.label == 0)
+        .take(6)
+        .enumerate()
+        .map(|(k, e)| Example::new(format!("poison-{k}"), format!("James Bond {}", e.text), 1))
+        .collect();
+    let mut dup = train[3].clone();
+    dup.id = "duplicate".into();
+    (poisons, dup)
+}
+
+#[test]
+fn detect_filter_retrain_and_report() {
+    let s = Setup::new();
+    let train: Vec<Example> = records(&s.file("train.jsonl"));
+    let (poisons, dup) = planted(&train);
+    let poisons_path = s.path("poisons.jsonl");
+    common::io::write_jsonl(poisons_path.to_str().unwrap(), &poisons).unwrap();
+    // The screened set: the training split, the duplicate, the poisons (a defender's cat).
+    let mut set = s.file("train.jsonl");
+    set.extend(common::io::jsonl_bytes(&[dup.clone()]).unwrap());
+    set.extend(common::io::jsonl_bytes(&poisons).unwrap());
+    let detect = || {
+        let mut c = bin("detect-poisons");
+        c.arg("--embeddings").arg(s.emb()).args(["--trigger", "James Bond", "--arch", "bow", "--epochs", "2", "--victims", "2", "--device", "cpu"]);
+        c
+    };
+    let out = ok(&run_with_stdin(&mut detect(), &set)).stdout.clone();
+    let sc = scores(&out);
+    let n = train.len() + 1 + poisons.len();
+    assert_eq!(sc.len(), n, "one score line per example");
+    assert!(sc.iter().enumerate().all(|(i, r)| r.index == i), "input order");
+    let names: HashSet<&str> = sc[0].scores.keys().map(|k| k.as_str()).collect();
+    assert_eq!(names, ["perplexity", "onion", "glove-trigger", "glove-trigger-word", "loss-mean", "loss-final", "spectral"].into(), "every detector the inputs allow (no MiniLM given)");
+    // The planted trigger words make the word detector's top score; poisons reach it.
+    let word = |r: &DetectionScore| r.scores["glove-trigger-word"];
+    let top = sc.iter().map(word).fold(f64::MIN, f64::max);
+    for r in sc.iter().filter(|r| r.id.starts_with("poison-")) {
+        assert!((word(r) - top).abs() < 1e-9 && top > 0.99, "{}: {} (top {top})", r.id, word(r));
+    }
+    // A duplicate of clean data is not suspicious: not in the top 10% of any detector.
+    let d = sc.iter().position(|r| r.id == "duplicate").unwrap();
+    for name in &names {
+        let above = sc.iter().filter(|r| r.scores[*name] > sc[d].scores[*name]).count();
+        assert!(above as f64 > 0.1 * n as f64, "{name}: the duplicate ranks {} of {n}", above + 1);
+    }
+    // Losses are cross-entropies of trained victims (a mislabelled example ranking first is
+    // the unit test's job, on a task the victims learn for sure).
+    assert!(sc.iter().all(|r| r.scores["loss-mean"] > 0.0 && r.scores["loss-final"] > 0.0 && r.scores["spectral"] >= 0.0));
+
+    // Sorted, for a defender reading the most suspicious first.
+    let sorted = scores(&ok(&run_with_stdin(detect().args(["--detectors", "glove-trigger-word", "--sort", "glove-trigger-word"]), &set)).stdout);
+    assert!(sorted.windows(2).all(|w| word(&w[0]) >= word(&w[1])), "most suspicious first");
+    assert_eq!(sorted[0].scores.len(), 1, "only the detectors asked for");
+
+    // filter-set: the top 1% under the word detector removed.
+    std::fs::write(s.path("set.jsonl"), &set).unwrap();
+    std::fs::write(s.path("scores.jsonl"), &out).unwrap();
+    let filtered_path = s.path("filtered.jsonl");
+    ok(&run(bin("filter-set").arg("--data").arg(s.path("set.jsonl")).arg("--scores").arg(s.path("scores.jsonl"))
+        .args(["--by", "glove-trigger-word", "--remove", "1"]).arg("-o").arg(&filtered_path)));
+    let kept: Vec<Example> = common::io::read_jsonl(filtered_path.to_str().unwrap(), false).unwrap();
+    let removed = (0.01 * n as f64).round() as usize;
+    assert_eq!(kept.len(), n - removed);
+    let gone: Vec<&DetectionScore> = sc.iter().filter(|r| !kept.iter().any(|k| k.id == r.id)).collect();
+    let threshold = gone.iter().map(|r| word(r)).fold(f64::MAX, f64::min);
+    assert!(kept.iter().all(|k| word(&sc[sc.iter().position(|r| r.id == k.id).unwrap()]) <= threshold), "the highest scores went");
+
+    // finetune-eval: unfiltered and filtered, paired with the same clean twins (the
+    // duplicate is this test's, not the data folder's: left out of the kept file).
+    let kept_path = s.path("kept-glove-trigger-word-1.jsonl");
+    let without_dup: Vec<Example> = kept.iter().filter(|k| k.id != "duplicate").cloned().collect();
+    common::io::write_jsonl(kept_path.to_str().unwrap(), &without_dup).unwrap();
+    let fe = |extra: &[&std::ffi::OsStr], out: &std::path::Path| {
+        ok(&run(bin("finetune-eval").arg("--data").arg(s.data()).arg("--embeddings").arg(s.emb())
+            .args(["--arch", "bow", "--seeds", "2", "--epochs", "2", "--device", "cpu"]).arg("--poisons").arg(&poisons_path).args(extra)
+            .arg("--clean-cache").arg(s.path("clean-cache")).arg("-o").arg(out)));
+    };
+    fe(&[], &s.path("evals.jsonl"));
+    fe(&["--kept".as_ref(), kept_path.as_os_str()], &s.path("filter-evals.jsonl"));
+    let unfiltered: EvalReport = common::io::read_jsonl::<EvalReport>(s.path("evals.jsonl").to_str().unwrap(), false).unwrap().remove(0);
+    let filtered: EvalReport = common::io::read_jsonl::<EvalReport>(s.path("filter-evals.jsonl").to_str().unwrap(), false).unwrap().remove(0);
+    let f = filtered.filter.as_ref().expect("the filter is recorded");
+    assert_eq!(f.poisons_removed, poisons.iter().filter(|p| !kept.iter().any(|k| k.id == p.id)).count());
+    assert_eq!(f.clean_removed, train.iter().filter(|e| !kept.iter().any(|k| k.id == e.id)).count());
+    assert_eq!(f.poisons_removed + f.clean_removed + usize::from(!kept.iter().any(|k| k.id == "duplicate")), removed);
+    for (a, b) in unfiltered.seeds.iter().zip(&filtered.seeds) {
+        assert_eq!(a.clean, b.clean, "both pair with the same clean twin");
+        assert_eq!(a.epochs.len(), 2, "every epoch measured");
+        assert_eq!(a.epochs[1].poisoned, a.poisoned, "the last epoch is the final victim");
+    }
+
+    // report defend over a one-variant demo.
+    std::fs::create_dir_all(s.path("scores")).unwrap();
+    std::fs::write(s.path("scores/planted.jsonl"), &out).unwrap();
+    let variants = format!(r#"{{"kind":"variants","v":1,"title":"planted","variants":[{{"name":"planted","label":"planted trigger","role":"reference","poisons":"{}"}}]}}"#, poisons_path.display());
+    std::fs::write(s.path("variants.json"), variants).unwrap();
+    let md = ok(&run(bin("report").arg("defend").arg("--variants").arg(s.path("variants.json")).arg("--evals").arg(s.path("evals.jsonl"))
+        .arg("--scores-dir").arg(s.path("scores")).arg("--filter-evals").arg(s.path("filter-evals.jsonl")).arg("--out-dir").arg(s.path("defend")))).stdout.clone();
+    let md = String::from_utf8(md).unwrap();
+    assert!(md.contains("## AUROC") && md.contains("## Early stopping") && md.contains("## Filter, then train"), "{md}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(s.path("defend/defense.json")).unwrap()).unwrap();
+    let det = &report["detection"][0]["detectors"]["glove-trigger-word"];
+    assert!(det["auroc"].as_f64().unwrap() > 0.95, "{det}");
+    assert_eq!(report["detection"][0]["poisons"], 6);
+    assert_eq!(report["filtering"][0]["detector"], "glove-trigger-word");
+    assert_eq!(report["filtering"][0]["remove_percent"], 1.0);
+    assert_eq!(report["early_stopping"][0]["net_asr_per_epoch"].as_array().unwrap().len(), 2);
+    for f in ["roc.svg", "epochs.svg", "defense.md"] {
+        assert!(std::fs::metadata(s.path("defend").join(f)).unwrap().len() > 100, "{f}");
+    }
+}
+
+#[test]
+fn poisons_under_the_evasion_budget_stay_below_the_threshold() {
+    let s = Setup::new();
+    let victim = s.path("v.safetensors");
+    ok(&run(s.train_victim().arg("--train").arg(s.data().join("train.jsonl")).arg("-o").arg(&victim)));
+    let init = |extra: &[&str], out: &str| {
+        ok(&run(bin("init-poisons").arg("--victim").arg(&victim).arg("--data").arg(s.data())
+            .args(["--count", "8", "--bases", "confident", "--strategy", "neighbour", "--concealment", "strict"]).args(extra).arg("-o").arg(s.path(out))));
+        std::fs::read(s.path(out)).unwrap()
+    };
+    let plain = init(&[], "plain.jsonl");
+    let evading = init(&["--evade-fpr", "5"], "evading.jsonl");
+    let tpr = |poisons: &[u8]| {
+        let mut set = s.file("train.jsonl");
+        set.extend_from_slice(poisons);
+        let sc = scores(&ok(&run_with_stdin(bin("detect-poisons").arg("--embeddings").arg(s.emb())
+            .args(["--trigger", "James Bond", "--detectors", "glove-trigger-word"]), &set)).stdout);
+        let is_poison: Vec<bool> = sc.iter().map(|r| r.id.starts_with("poison-")).collect();
+        let col: Vec<f64> = sc.iter().map(|r| r.scores["glove-trigger-word"]).collect();
+        common::detect::metrics::tpr_at_fpr(&col, &is_poison, 0.05).unwrap()
+    };
+    assert!(tpr(&plain) > 0.5, "nearest-neighbour carriers are caught: TPR {}", tpr(&plain));
+    assert_eq!(tpr(&evading), 0.0, "under the budget no poison is flagged at 5% FPR");
+    // The budget bans words; it keeps the bases and the strict concealment.
+    let (a, b) = (records(&plain), records(&evading));
+    assert_eq!(a.iter().map(|e| &e.source_id).collect::<Vec<_>>(), b.iter().map(|e| &e.source_id).collect::<Vec<_>>());
+}
