@@ -50,8 +50,9 @@ pub struct EarlyStopping {
     pub net_asr_at_end: Summary,
     pub cacc_at_stop: Summary,
     pub cacc_at_end: Summary,
-    /// Net ASR after every epoch.
+    /// Net ASR and the poisoned victims' CACC after every epoch.
     pub net_asr_per_epoch: Vec<Summary>,
+    pub cacc_per_epoch: Vec<Summary>,
 }
 
 /// Filter-then-train: one detector removing a share of one poisoned training set.
@@ -164,6 +165,7 @@ fn early_stopping(e: &EvalReport, name: &str, label: &str, role: Role) -> Option
         cacc_at_stop: summarize(&cacc_stop),
         cacc_at_end: summarize(&cacc_end),
         net_asr_per_epoch: e.epochs.iter().filter_map(|s| s.net_asr).collect(),
+        cacc_per_epoch: e.epochs.iter().map(|s| s.cacc).collect(),
     })
 }
 
@@ -283,6 +285,11 @@ impl DefenseReport {
                 let per: Vec<String> = e.net_asr_per_epoch.iter().map(|s| s.to_string()).collect();
                 out += &format!("| {} | {:.1} | {} | {} | {} | {} | {} |\n", e.label, e.stop_epoch.mean, e.net_asr_at_stop, e.net_asr_at_end, e.cacc_at_stop, e.cacc_at_end, per.join(" | "));
             }
+            out += &format!("\nWhat stopping at a fixed epoch costs: the poisoned victims' CACC after each epoch.\n\n| poisons | {} |\n|---|{}\n", (1..=epochs).map(|e| format!("CACC ep {e}")).collect::<Vec<_>>().join(" | "), "---|".repeat(epochs));
+            for e in &self.early_stopping {
+                let per: Vec<String> = e.cacc_per_epoch.iter().map(|s| s.to_string()).collect();
+                out += &format!("| {} | {} |\n", e.label, per.join(" | "));
+            }
             out += "\n";
         }
         if !self.filtering.is_empty() {
@@ -362,12 +369,18 @@ impl DefenseReport {
         for e in 1..=epochs {
             s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">epoch {e}</text>\n", x(e), top + ph + 18.0);
         }
-        for (i, es) in self.early_stopping.iter().enumerate() {
+        for es in &self.early_stopping {
             let pts: Vec<String> = es.net_asr_per_epoch.iter().enumerate().map(|(k, v)| format!("{:.1},{:.1}", x(k + 1), y(v.mean))).collect();
             s += &format!("<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\"/>\n", pts.join(" "), es.role.colour());
-            if let Some(last) = es.net_asr_per_epoch.last() {
-                s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\">{}</text>\n", left + pw + 6.0, y(last.mean) + 3.0 + (i % 2) as f64 * 0.0, esc(&es.label));
-            }
+        }
+        // Labels at the lines' ends, pushed apart so none overlap.
+        let mut ends: Vec<(f64, &str)> = self.early_stopping.iter().filter_map(|e| Some((y(e.net_asr_per_epoch.last()?.mean) + 3.0, e.label.as_str()))).collect();
+        ends.sort_by(|a, b| a.0.total_cmp(&b.0));
+        for k in 1..ends.len() {
+            ends[k].0 = ends[k].0.max(ends[k - 1].0 + 11.0);
+        }
+        for (at, label) in ends {
+            s += &format!("<text x=\"{:.1}\" y=\"{at:.1}\" font-size=\"10\">{}</text>\n", left + pw + 6.0, esc(label));
         }
         s + "</svg>\n"
     }
