@@ -6,6 +6,8 @@
 #   <set>/kept-<detector>-<q>.jsonl the training set with the set's poisons, top q% removed
 #   filter-evals.jsonl, filter.key  finetune-eval of the filtered sets (paired with the
 #                                   unfiltered clean twins of the demo's seeds)
+#   evading-<fpr>/                  a cell (demo.sh MODE=cell) of poison sets crafted to stay
+#                                   below the GloVe word detector's threshold at fpr %
 #   defense.json, defense.md, roc.svg, epochs.svg   (report defend)
 # Early stopping reads the demo's own evals.jsonl (finetune-eval measures every epoch).
 # Every step skips when its output exists (each is written atomically): an interrupted run
@@ -17,8 +19,8 @@ set -euo pipefail
 # many of the demo's seeds (the first FILTER_SEEDS, so the clean twins come from its cache).
 : "${FILTER_SETS:=confident hardness}" "${FILTER_DETECTORS:=perplexity onion glove-trigger glove-trigger-word minilm-trigger loss-mean loss-final spectral}"
 : "${FILTER_PERCENTS:=1 5}" "${FILTER_SEEDS:=3}" "${WORKERS:=}"
-# Evasion variants (demo.sh cell variants; empty: none) and their budget.
-: "${EVADE_VARIANTS:=confident-evading hardness-evading}" "${EVADE_FPR:=1}"
+# Evasion variants (demo.sh cell variants; empty: none) and their budgets (FPR, percent).
+: "${EVADE_VARIANTS:=confident-evading hardness-evading}" "${EVADE_FPRS:=1 5}"
 read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 # The training-dynamics detectors train word-table victims like the demo's (a MiniLM demo's
 # defender trains the BiLSTM on GloVe for them).
@@ -70,13 +72,16 @@ fi
 t2=$EPOCHREALTIME
 
 # Evasion: the confident-bases heuristic and hardness crafting under a budget that keeps
-# every poison at or below the GloVe word detector's threshold at EVADE_FPR % false
-# positives, evaluated like a sweep cell of the demo (same victim, seeds and clean twins),
-# then screened like the other sets.
-E="$D/evading"
-if [ -n "$EVADE_VARIANTS" ]; then
-  env RUN="$E" VICTIMS_DIR="$RUN" MODE=cell VARIANTS="$EVADE_VARIANTS" EVADE_FPR="$EVADE_FPR" "$(dirname "$0")/demo.sh"
-  mapfile -t evading < <(grep -o '"name": *"[^"]*-evading"[^}]*"poisons": *"[^"]*"' "$E/variants.json" | sed -E 's/"name": *"([^"]*)".*"poisons": *"([^"]*)"/\1 \2/')
+# every poison at or below the GloVe word detector's threshold at each of EVADE_FPRS %
+# false positives, evaluated like a sweep cell of the demo (same victim, seeds and clean
+# twins), then screened like the other sets.
+evade_args=()
+for fpr in $EVADE_FPRS; do
+  [ -n "$EVADE_VARIANTS" ] || break
+  E="$D/evading-$fpr"
+  env RUN="$E" VICTIMS_DIR="$RUN" MODE=cell VARIANTS="$EVADE_VARIANTS" EVADE_FPR="$fpr" "$(dirname "$0")/demo.sh"
+  evade_args+=(--variants "$E/variants.json" --evals "$E/evals.jsonl")
+  mapfile -t evading < <(grep -o '"name": *"[^"]*-evading-[^"]*"[^}]*"poisons": *"[^"]*"' "$E/variants.json" | sed -E 's/"name": *"([^"]*)".*"poisons": *"([^"]*)"/\1 \2/')
   for entry in "${evading[@]}"; do
     read -r name poisons <<< "$entry"
     out="$D/scores/$name.jsonl"
@@ -86,8 +91,8 @@ if [ -n "$EVADE_VARIANTS" ]; then
       --reference "$DATA/dev.jsonl" --cache "$D/cache" "${dyn_flags[@]}" --seed "$SEED" --device "$DEVICE" \
       ${WORKERS:+--workers "$WORKERS"} -o "$out"
   done
-fi
+done
 t3=$EPOCHREALTIME
 awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" 'BEGIN { printf "scoring %.0f s, filter-then-train %.0f s, evasion (crafting, evaluation, scoring) %.0f s (this invocation; finished steps are skipped)\n", b - a, c - b, d - c }' > "$D/times.txt.tmp" && mv "$D/times.txt.tmp" "$D/times.txt"
-"$BIN/report" defend --variants "$RUN/variants.json" --evals "$RUN/evals.jsonl" ${EVADE_VARIANTS:+--variants "$E/variants.json" --evals "$E/evals.jsonl"} \
+"$BIN/report" defend --variants "$RUN/variants.json" --evals "$RUN/evals.jsonl" "${evade_args[@]}" \
   --scores-dir "$D/scores" ${args[0]:+--filter-evals "$D/filter-evals.jsonl"} --out-dir "$D"

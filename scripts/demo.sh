@@ -127,12 +127,13 @@ if [ "$MODE" = cell ]; then
       influence-bases) select_by_influence "$RUN/init-$v.jsonl" "$COUNT"
         variant "$v" "bases chosen by influence + neighbours" crafted "$RUN/init-$v.jsonl" ;;
       # Evasion (make defend): the same under a budget that keeps every poison at or below
-      # the GloVe word detector's threshold at EVADE_FPR percent false positives.
+      # the GloVe word detector's threshold at EVADE_FPR percent false positives (the
+      # variant is named <name>-<EVADE_FPR>).
       confident-evading) init "$RUN/init-$v.jsonl" "$COUNT" confident neighbour "$CONCEALMENT" --evade-fpr "$EVADE_FPR"
-        variant "$v" "confident bases + neighbours, evading (GloVe ${EVADE_FPR}% FPR)" heuristic "$RUN/init-$v.jsonl" ;;
+        variant "$v-$EVADE_FPR" "confident bases + neighbours, evading (GloVe ${EVADE_FPR}% FPR)" heuristic "$RUN/init-$v.jsonl" ;;
       hardness-evading) craft "$RUN/craft-$v" "$COUNT" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" \
           INIT_FLAGS="--evade-fpr $EVADE_FPR" RANK_FLAGS="$FILTERS --per-poison 8 --evade-fpr $EVADE_FPR"
-        variant "$v" "crafted: hardness, evading (GloVe ${EVADE_FPR}% FPR)" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
+        variant "$v-$EVADE_FPR" "crafted: hardness, evading (GloVe ${EVADE_FPR}% FPR)" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
       influence-both) craft_influence "$RUN/craft-$v" "$COUNT" both
         variant "$v" "crafted: influence, carrier and sentence" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
       *) log "unknown variant $v (sweep plan checks the spec; see FORMATS.md)"; exit 1 ;;

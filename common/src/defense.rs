@@ -231,8 +231,9 @@ pub fn build(variants: &Variants, evals: &[EvalReport], scores_dir: &str, filter
         });
     }
     let mut evasion = Vec::new();
-    for v in variants.variants.iter().filter(|v| v.name.ends_with("-evading")) {
-        let base = v.name.trim_end_matches("-evading");
+    // An evading variant is named <unconstrained name>-evading[-<budget>].
+    for v in variants.variants.iter().filter(|v| v.name.contains("-evading")) {
+        let base = v.name.split("-evading").next().unwrap_or_default();
         let find = |name: &str| variants.variants.iter().find(|w| w.name == name).and_then(|w| w.poisons.as_deref()).and_then(eval_of);
         let (Some(e), Some(b)) = (find(&v.name), find(base)) else { continue };
         let net = |r: &crate::eval::SeedRow| Some(r.poisoned.asr - r.clean?.asr);
