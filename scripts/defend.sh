@@ -31,18 +31,22 @@ D="$RUN/defend"; mkdir -p "$D/scores" "$D/cache"
 trigger=$("$BIN/report" field "$DATA/manifest.json" trigger.phrase)
 # The poison sets of the demo: name and file, from variants.json.
 mapfile -t sets < <(grep -o '"name": *"[^"]*"[^}]*"poisons": *"[^"]*"' "$RUN/variants.json" | sed -E 's/"name": *"([^"]*)".*"poisons": *"([^"]*)"/\1 \2/')
+score() { # "name poisons" lines: detect-poisons on the training set with each poison set
+  local entry name poisons out
+  for entry in "$@"; do
+    read -r name poisons <<< "$entry"
+    out="$D/scores/$name.jsonl"
+    [ -f "$out" ] && continue
+    log "scoring the training set with the $name poisons"
+    # The defender screens the data it trains on (clean training split + poisons) and holds
+    # back the dev split as its clean reference text.
+    cat "$DATA/train.jsonl" "$poisons" | "$BIN/detect-poisons" --embeddings "$EMB" --trigger "$trigger" --minilm "$MINILM" \
+      --reference "$DATA/dev.jsonl" --cache "$D/cache" "${dyn_flags[@]}" --seed "$SEED" --device "$DEVICE" \
+      ${WORKERS:+--workers "$WORKERS"} -o "$out"
+  done
+}
 t0=$EPOCHREALTIME
-for entry in "${sets[@]}"; do
-  read -r name poisons <<< "$entry"
-  out="$D/scores/$name.jsonl"
-  [ -f "$out" ] && continue
-  log "scoring the training set with the $name poisons"
-  # The defender screens the data it trains on (clean training split + poisons) and holds
-  # back the dev split as its clean reference text.
-  cat "$DATA/train.jsonl" "$poisons" | "$BIN/detect-poisons" --embeddings "$EMB" --trigger "$trigger" --minilm "$MINILM" \
-    --reference "$DATA/dev.jsonl" --cache "$D/cache" "${dyn_flags[@]}" --seed "$SEED" --device "$DEVICE" \
-    ${WORKERS:+--workers "$WORKERS"} -o "$out"
-done
+score "${sets[@]}"
 t1=$EPOCHREALTIME
 
 # Filter, then train: every kept set of every FILTER_SETS poison set in one finetune-eval.
@@ -82,15 +86,7 @@ for fpr in $EVADE_FPRS; do
   env RUN="$E" VICTIMS_DIR="$RUN" MODE=cell VARIANTS="$EVADE_VARIANTS" EVADE_FPR="$fpr" "$(dirname "$0")/demo.sh"
   evade_args+=(--variants "$E/variants.json" --evals "$E/evals.jsonl")
   mapfile -t evading < <(grep -o '"name": *"[^"]*-evading-[^"]*"[^}]*"poisons": *"[^"]*"' "$E/variants.json" | sed -E 's/"name": *"([^"]*)".*"poisons": *"([^"]*)"/\1 \2/')
-  for entry in "${evading[@]}"; do
-    read -r name poisons <<< "$entry"
-    out="$D/scores/$name.jsonl"
-    [ -f "$out" ] && continue
-    log "scoring the training set with the $name poisons"
-    cat "$DATA/train.jsonl" "$poisons" | "$BIN/detect-poisons" --embeddings "$EMB" --trigger "$trigger" --minilm "$MINILM" \
-      --reference "$DATA/dev.jsonl" --cache "$D/cache" "${dyn_flags[@]}" --seed "$SEED" --device "$DEVICE" \
-      ${WORKERS:+--workers "$WORKERS"} -o "$out"
-  done
+  score "${evading[@]}"
 done
 t3=$EPOCHREALTIME
 awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" 'BEGIN { printf "scoring %.0f s, filter-then-train %.0f s, evasion (crafting, evaluation, scoring) %.0f s (this invocation; finished steps are skipped)\n", b - a, c - b, d - c }' > "$D/times.txt.tmp" && mv "$D/times.txt.tmp" "$D/times.txt"
