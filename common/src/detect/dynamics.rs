@@ -165,7 +165,12 @@ mod tests {
         let base = Base { vocab: crate::tokenizer::Vocab::new(words).unwrap(), start: crate::base::Start::Table(table), sha256: String::new(), source: "toy".into() };
         let config = base.victim_config(crate::model::Arch::Bow, 8, 2, 16, false).unwrap();
         let opts: Vec<TrainOptions> = (0..2).map(|seed| TrainOptions { epochs: 3, batch_size: 16, lr: 1e-2, seed }).collect();
-        let d = training_dynamics(&base, &config, &data, &opts, 1, tch::Device::Cpu, &|_| {}).unwrap();
+        // training_dynamics seeds libtorch's global generator and draws the victims' weights:
+        // under the lock, or it interleaves with the draws of tests running beside it.
+        let d = {
+            let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            training_dynamics(&base, &config, &data, &opts, 1, tch::Device::Cpu, &|_| {}).unwrap()
+        };
         for (name, col) in [("loss-mean", &d.loss_mean), ("loss-final", &d.loss_final)] {
             let top = (0..data.len()).max_by(|&a, &b| col[a].total_cmp(&col[b])).unwrap();
             assert_eq!(top, 0, "{name}: the mislabelled example scores highest");
