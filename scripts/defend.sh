@@ -29,8 +29,12 @@ log() { echo "defend: $*" >&2; }
 [ -f "$RUN/variants.json" ] && [ -f "$RUN/evals.jsonl" ] || { log "$RUN has no finished demo (variants.json, evals.jsonl): run make demo first"; exit 1; }
 D="$RUN/defend"; mkdir -p "$D/scores" "$D/cache"
 trigger=$("$BIN/report" field "$DATA/manifest.json" trigger.phrase)
-# The poison sets of the demo: name and file, from variants.json.
-mapfile -t sets < <(grep -o '"name": *"[^"]*"[^}]*"poisons": *"[^"]*"' "$RUN/variants.json" | sed -E 's/"name": *"([^"]*)".*"poisons": *"([^"]*)"/\1 \2/')
+# "name file" of every poison set a variants.json lists whose name matches the pattern.
+poison_sets() { # variants.json name-pattern
+  grep -o "\"name\": *\"$2\"[^}]*\"poisons\": *\"[^\"]*\"" "$1" | sed -E 's/"name": *"([^"]*)".*"poisons": *"([^"]*)"/\1 \2/'
+}
+# The poison sets of the demo.
+mapfile -t sets < <(poison_sets "$RUN/variants.json" '[^"]*')
 score() { # "name poisons" lines: detect-poisons on the training set with each poison set
   local entry name poisons out
   for entry in "$@"; do
@@ -85,7 +89,7 @@ for fpr in $EVADE_FPRS; do
   E="$D/evading-$fpr"
   env RUN="$E" VICTIMS_DIR="$RUN" MODE=cell VARIANTS="$EVADE_VARIANTS" EVADE_FPR="$fpr" "$(dirname "$0")/demo.sh"
   evade_args+=(--variants "$E/variants.json" --evals "$E/evals.jsonl")
-  mapfile -t evading < <(grep -o '"name": *"[^"]*-evading-[^"]*"[^}]*"poisons": *"[^"]*"' "$E/variants.json" | sed -E 's/"name": *"([^"]*)".*"poisons": *"([^"]*)"/\1 \2/')
+  mapfile -t evading < <(poison_sets "$E/variants.json" '[^"]*-evading-[^"]*')
   score "${evading[@]}"
 done
 t3=$EPOCHREALTIME

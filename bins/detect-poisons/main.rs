@@ -89,7 +89,7 @@ fn main() {
                 .into_iter()
                 .filter(|d| !d.needs_trigger() || args.trigger.is_some())
                 .filter(|d| *d != Detector::MinilmTrigger || args.minilm.is_some())
-                .filter(|d| !(d.trains() || matches!(d, Detector::GloveTrigger | Detector::GloveTriggerWord)) || args.embeddings.is_some())
+                .filter(|d| !d.needs_table() || args.embeddings.is_some())
                 .collect()
         } else {
             args.detectors.clone()

@@ -205,18 +205,7 @@ pub fn build(variants: &Variants, evals: &[EvalReport], scores_dir: &str, filter
         let poisons = f.poisons.as_deref().unwrap_or_default();
         let v = variants.variants.iter().find(|v| v.poisons.as_deref() == Some(poisons)).with_context(|| format!("{poisons}: not a variant of the demo"))?;
         let s = &f.summary;
-        let unfiltered = eval_of(poisons);
-        let change = unfiltered.and_then(|u| {
-            let xs: Vec<f64> = f
-                .seeds
-                .iter()
-                .filter_map(|r| {
-                    let w = u.seeds.iter().find(|w| w.seed == r.seed)?;
-                    Some((r.poisoned.asr - r.clean?.asr) - (w.poisoned.asr - w.clean?.asr))
-                })
-                .collect();
-            (xs.len() == f.seeds.len()).then(|| summarize(&xs))
-        });
+        let change = eval_of(poisons).and_then(|u| crate::eval::paired_net_asr_difference(&f.seeds, &u.seeds));
         filtering.push(Filtering {
             set: v.name.clone(),
             label: v.label.clone(),
@@ -236,8 +225,6 @@ pub fn build(variants: &Variants, evals: &[EvalReport], scores_dir: &str, filter
         let base = v.name.split("-evading").next().unwrap_or_default();
         let find = |name: &str| variants.variants.iter().find(|w| w.name == name).and_then(|w| w.poisons.as_deref()).and_then(eval_of);
         let (Some(e), Some(b)) = (find(&v.name), find(base)) else { continue };
-        let net = |r: &crate::eval::SeedRow| Some(r.poisoned.asr - r.clean?.asr);
-        let cost: Vec<f64> = e.seeds.iter().filter_map(|r| Some(net(r)? - net(b.seeds.iter().find(|w| w.seed == r.seed)?)?)).collect();
         let auroc_of = |name: &str| detection.iter().find(|d| d.name == name).map(|d| d.detectors.iter().map(|(k, x)| (k.clone(), x.auroc)).collect::<BTreeMap<_, _>>());
         let auroc = match (auroc_of(&v.name), auroc_of(base)) {
             (Some(a), Some(b)) => a.iter().filter_map(|(k, x)| Some((k.clone(), (*x, *b.get(k)?)))).collect(),
@@ -249,7 +236,7 @@ pub fn build(variants: &Variants, evals: &[EvalReport], scores_dir: &str, filter
             unconstrained: base.to_string(),
             net_asr: e.summary.net_asr.context("evading set evaluated without clean twins")?,
             unconstrained_net_asr: b.summary.net_asr.context("evaluation without clean twins")?,
-            cost: (cost.len() == e.seeds.len() && !cost.is_empty()).then(|| summarize(&cost)),
+            cost: crate::eval::paired_net_asr_difference(&e.seeds, &b.seeds),
             auroc,
         });
     }

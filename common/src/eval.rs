@@ -250,6 +250,15 @@ pub struct ReportSummary {
     pub room_share: Option<Summary>,
 }
 
+/// Net ASR of `a` minus net ASR of `b`, paired by seed (each poisoned victim against its
+/// own clean twin): for comparing two evaluations of the same seeds. None unless every
+/// seed of `a` has its clean twin and a row in `b` with one.
+pub fn paired_net_asr_difference(a: &[SeedRow], b: &[SeedRow]) -> Option<Summary> {
+    let net = |r: &SeedRow| Some(r.poisoned.asr - r.clean?.asr);
+    let d: Option<Vec<f64>> = a.iter().map(|r| Some(net(r)? - net(b.iter().find(|w| w.seed == r.seed)?)?)).collect();
+    d.filter(|d| !d.is_empty()).map(|d| summarize(&d))
+}
+
 /// The summary of every epoch, when every seed has the same epochs recorded.
 pub fn summarize_epochs(rows: &[SeedRow]) -> Vec<ReportSummary> {
     let n = rows.first().map_or(0, |r| r.epochs.len());

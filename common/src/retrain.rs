@@ -149,7 +149,12 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
     let per_epoch = per_epoch.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut poisoned_m: Vec<Vec<Option<Measured>>> = vec![vec![None; seeds.len()]; poison_sets.len()];
     for ((&(i, k), v), epochs) in jobs.iter().zip(&victims).zip(per_epoch) {
-        let m = Measured { last: eval::measure(v, r.eval_sets), epochs };
+        // The observer's measurement after the last epoch is the trained victim's.
+        let last = match epochs.last() {
+            Some(m) => *m,
+            None => eval::measure(v, r.eval_sets),
+        };
+        let m = Measured { last, epochs };
         match k {
             Some(k) => poisoned_m[k][i] = Some(m),
             None => {

@@ -515,11 +515,6 @@ pub fn accuracy(victim: &Victim, data: &[Encoded]) -> f64 {
     100.0 * preds.iter().zip(data).filter(|(p, e)| e.target.class() == Some(**p as i64)).count() as f64 / data.len().max(1) as f64
 }
 
-/// Percentage of examples predicted as `class`.
-pub fn share_predicted(victim: &Victim, data: &[Encoded], class: usize) -> f64 {
-    let preds = predict(victim, data, 256);
-    100.0 * preds.iter().filter(|&&p| p == class).count() as f64 / data.len().max(1) as f64
-}
 
 #[cfg(test)]
 pub(crate) mod tests {

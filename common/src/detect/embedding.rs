@@ -8,37 +8,51 @@ use crate::tokenizer::Vocab;
 use crate::train::{batch_tensors, Encoded};
 use tch::{Kind, Tensor};
 
-/// Unit rows of a word table's rows `ids` (special tokens other than `<unk>` dropped).
-fn unit_rows(table: &Tensor, vocab: &Vocab, ids: &[i64]) -> Option<Tensor> {
-    let ids: Vec<i64> = ids.iter().copied().filter(|&i| !vocab.is_special(i) && i != vocab.unk_id()).collect();
-    if ids.is_empty() {
-        return None;
-    }
-    let rows = table.index_select(0, &Tensor::from_slice(&ids)).to_kind(Kind::Double);
-    Some(&rows / rows.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12))
+/// Every vocabulary word's largest cosine to any trigger word: the word-level distance
+/// both the `glove-trigger-word` detector and the evasion budget (`evasion`) read.
+pub fn closest_to_trigger(table: &Tensor, trigger: &[i64]) -> Vec<f64> {
+    tch::no_grad(|| {
+        let t = table.to_kind(Kind::Double);
+        let unit = &t / t.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
+        let trig = unit.index_select(0, &Tensor::from_slice(trigger));
+        Vec::try_from(unit.matmul(&trig.tr()).amax([-1], false)).expect("f64 cosines")
+    })
+}
+
+/// The words of `ids` a word table speaks for (special tokens and `<unk>` dropped).
+fn known_words(vocab: &Vocab, ids: &[i64]) -> Vec<i64> {
+    ids.iter().copied().filter(|&i| !vocab.is_special(i) && i != vocab.unk_id()).collect()
+}
+
+/// An example's `glove-trigger-word` score from `closest_to_trigger`: its closest word's
+/// (None without known words).
+pub fn closest_word(closest: &[f64], vocab: &Vocab, ids: &[i64]) -> Option<f64> {
+    known_words(vocab, ids).into_iter().map(|i| closest[i as usize]).reduce(f64::max)
+}
+
+fn mean_vector(table: &Tensor, ids: &[i64]) -> Tensor {
+    table.index_select(0, &Tensor::from_slice(ids)).to_kind(Kind::Double).mean_dim(0, false, None::<Kind>)
 }
 
 fn cosine(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_kind(Kind::Double);
-    let b = b.to_kind(Kind::Double);
-    (a.dot(&b) / (a.norm() * b.norm()).clamp_min(1e-12)).double_value(&[])
+    (a.dot(b) / (a.norm() * b.norm()).clamp_min(1e-12)).double_value(&[])
 }
 
 /// GloVe scores of every example against the trigger's word ids: (cosine of the mean word
 /// vectors, the largest cosine between any of the example's words and any trigger word).
 /// An example without known words scores −1 on both (as far from the trigger as can be).
 pub fn glove_scores(table: &Tensor, vocab: &Vocab, examples: &[Vec<i64>], trigger: &[i64]) -> Vec<(f64, f64)> {
+    let closest = closest_to_trigger(table, trigger);
     tch::no_grad(|| {
-        let trig = unit_rows(table, vocab, trigger).expect("the trigger's words are in the vocabulary");
-        let trig_mean = table.index_select(0, &Tensor::from_slice(trigger)).to_kind(Kind::Double).mean_dim(0, false, None::<Kind>);
+        let trig_mean = mean_vector(table, trigger);
         examples
             .iter()
             .map(|ids| {
-                let Some(rows) = unit_rows(table, vocab, ids) else { return (-1.0, -1.0) };
-                let kept: Vec<i64> = ids.iter().copied().filter(|&i| !vocab.is_special(i) && i != vocab.unk_id()).collect();
-                let mean = table.index_select(0, &Tensor::from_slice(&kept)).to_kind(Kind::Double).mean_dim(0, false, None::<Kind>);
-                let word = rows.matmul(&trig.tr()).max().double_value(&[]);
-                (cosine(&mean, &trig_mean), word)
+                let known = known_words(vocab, ids);
+                match closest_word(&closest, vocab, &known) {
+                    Some(word) => (cosine(&mean_vector(table, &known), &trig_mean), word),
+                    None => (-1.0, -1.0),
+                }
             })
             .collect()
     })

@@ -8,7 +8,7 @@ use crate::data::{self, DataManifest};
 use crate::tokenizer::Vocab;
 use anyhow::{bail, Result};
 use std::collections::HashSet;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The evasion budget: the threshold and the words above it.
 pub struct Budget {
@@ -29,19 +29,10 @@ pub fn glove_budget(table: &Tensor, vocab: &Vocab, manifest: &DataManifest, dir:
         bail!("--evade-fpr {fpr_percent}: a percentage from 0 to below 100");
     }
     let trigger = vocab.trigger_ids(&manifest.trigger.phrase)?;
+    let closest = super::embedding::closest_to_trigger(table, &trigger);
     let train = data::read_set(dir, data::TRAIN, false)?;
-    let ids: Vec<Vec<i64>> = train.iter().map(|e| vocab.encode(&e.text)).collect();
-    let mut scores: Vec<f64> = super::embedding::glove_scores(table, vocab, &ids, &trigger).into_iter().map(|s| s.1).collect();
-    scores.sort_by(|a, b| b.total_cmp(a));
-    let k = ((fpr_percent / 100.0 * scores.len() as f64) + 1e-9).floor() as usize;
-    let threshold = scores[k.min(scores.len() - 1)];
-    let banned = tch::no_grad(|| {
-        let t = table.to_kind(Kind::Double);
-        let unit = &t / t.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12);
-        let trig = unit.index_select(0, &Tensor::from_slice(&trigger));
-        let closest = unit.matmul(&trig.tr()).amax([-1], false);
-        let closest: Vec<f64> = Vec::try_from(closest).expect("f64 cosines");
-        closest.into_iter().enumerate().filter(|(_, c)| *c > threshold).map(|(i, _)| i as i64).collect()
-    });
+    let scores: Vec<f64> = train.iter().map(|e| super::embedding::closest_word(&closest, vocab, &vocab.encode(&e.text)).unwrap_or(-1.0)).collect();
+    let threshold = super::metrics::threshold_at_fpr(scores, fpr_percent / 100.0);
+    let banned = closest.iter().enumerate().filter(|(_, c)| **c > threshold).map(|(i, _)| i as i64).collect();
     Ok(Budget { threshold, banned })
 }

@@ -28,12 +28,18 @@ pub fn tpr_at_fpr(scores: &[f64], is_poison: &[bool], fpr: f64) -> Option<f64> {
     if pos == 0 || neg == 0 {
         return None;
     }
-    let mut clean: Vec<f64> = scores.iter().zip(is_poison).filter(|(_, &p)| !p).map(|(s, _)| *s).collect();
-    clean.sort_by(|a, b| b.total_cmp(a));
-    let k = ((fpr * neg as f64) + 1e-9).floor() as usize;
-    let threshold = clean[k.min(neg - 1)];
+    let clean: Vec<f64> = scores.iter().zip(is_poison).filter(|(_, &p)| !p).map(|(s, _)| *s).collect();
+    let threshold = threshold_at_fpr(clean, fpr);
     let caught = scores.iter().zip(is_poison).filter(|(s, &p)| p && **s > threshold).count();
     Some(caught as f64 / pos as f64)
+}
+
+/// The score a defender flags above when at most `fpr` of these clean scores may be
+/// flagged: the k+1-th highest (k = ⌊fpr · n⌋). `clean` must not be empty.
+pub fn threshold_at_fpr(mut clean: Vec<f64>, fpr: f64) -> f64 {
+    clean.sort_by(|a, b| b.total_cmp(a));
+    let k = ((fpr * clean.len() as f64) + 1e-9).floor() as usize;
+    clean[k.min(clean.len() - 1)]
 }
 
 /// The share of the whole set a defender inspects, from the most suspicious down, before

@@ -63,13 +63,15 @@ impl Detector {
         }
     }
 
-    pub fn from_name(name: &str) -> Option<Detector> {
-        Detector::ALL.into_iter().find(|d| d.name() == name)
-    }
-
     /// Whether it measures closeness to the trigger phrase (so needs one).
     pub fn needs_trigger(self) -> bool {
         matches!(self, Detector::GloveTrigger | Detector::GloveTriggerWord | Detector::MinilmTrigger)
+    }
+
+    /// Whether it reads the word table (`--embeddings`): the GloVe detectors, and the
+    /// training-dynamics ones whose victims start from it.
+    pub fn needs_table(self) -> bool {
+        matches!(self, Detector::GloveTrigger | Detector::GloveTriggerWord) || self.trains()
     }
 
     /// Whether it trains victims on the screened set.
