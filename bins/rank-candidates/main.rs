@@ -84,6 +84,9 @@ fn main() {
         if grad.meta.vocab_sha256 != vocab.sha256() {
             bail!("{} was made with another vocabulary than {}", io::display_name(&args.grad), args.inputs.victim);
         }
+        if victim.config.language_model() && grad.target_scores.is_none() {
+            bail!("{} holds no target scores but {} is a language model (a flip also changes what a poison teaches); rerun rollout-grad with this victim", io::display_name(&args.grad), args.inputs.victim);
+        }
         let table = victim.params()["embedding.weight"].to_kind(tch::Kind::Float);
         let ban_options = BanOptions {
             allow_overlap: args.allow_overlap,

@@ -123,7 +123,20 @@ impl<'a> Problem<'a> {
     /// [N, Tp, D] (mask [N, Tp]) and their targets. With `create_graph` the result is
     /// differentiable with respect to `poison_emb` through the inner gradient steps.
     pub fn adv_loss_after_rollout(&self, r: usize, poison_emb: &Tensor, poison_mask: &Tensor, poison_targets: &Targets, create_graph: bool) -> Tensor {
+        let thetas = self.unroll(r, poison_emb, poison_mask, poison_targets, create_graph);
+        let last = thetas.last().expect("θ_t at least");
+        if create_graph {
+            self.adv_loss(last)
+        } else {
+            self.adv_loss_no_grad(last)
+        }
+    }
+
+    /// The parameters θ_t, θ_{t+1}, …, θ_{t+k} of rollout r's unrolled steps (see
+    /// `adv_loss_after_rollout`).
+    pub fn unroll(&self, r: usize, poison_emb: &Tensor, poison_mask: &Tensor, poison_targets: &Targets, create_graph: bool) -> Vec<Params> {
         let mut params: Params = self.victim.params();
+        let mut thetas = Vec::with_capacity(self.batches[r].len() + 1);
         let names = crate::params::trainable_names(&params);
         for (step, clean) in self.batches[r].iter().enumerate() {
             let (clean_ids, clean_targets) = batch_tensors(clean, self.victim.device());
@@ -155,32 +168,62 @@ impl<'a> Problem<'a> {
                 };
                 next.insert(n.clone(), stepped);
             }
-            params = next;
+            thetas.push(std::mem::replace(&mut params, next));
         }
-        if create_graph {
-            self.adv_loss(&params)
-        } else {
-            self.adv_loss_no_grad(&params)
-        }
+        thetas.push(params);
+        thetas
     }
+
 
     /// The objective g (mean L_adv over the R rollouts) and its gradient with respect to
     /// every poison token embedding, [N, Tp, D] (zero at padding).
     pub fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
+        let (value, grad, _) = self.objective_and_grads(poisons, false)?;
+        Ok((value, grad))
+    }
+
+    /// `objective_and_grad`, and for a language model (`with_targets`) the target scores
+    /// [N, Tp, V]: a poison's token is also the next-token target of the position before
+    /// it, so a flip changes what the poison teaches as well as what it reads. With a
+    /// relaxed one-hot x at position p, that role adds ∂g/∂x_{p,w} = Σ_s (η / (B n_i))
+    /// u_{s+1} · ∇_θ log p_{θ_s}(w | tokens < p), where u_{s+1} = dg/dθ_{s+1} is the
+    /// adjoint of step s's result, B the minibatch size and n_i the poison's counted
+    /// positions: a Jacobian-vector product per step (`log_prob_jvp`). The Taylor score of
+    /// word w at position p is then ∇_e g · E_w + scores[p, w] (`bottom_k`). Zero at
+    /// position 0 and at padding.
+    pub fn objective_and_grads(&self, poisons: &[Encoded], with_targets: bool) -> Result<(f64, Tensor, Option<Tensor>)> {
         let (emb0, mask, targets) = self.poison_inputs(&self.victim.params(), poisons);
+        let names = crate::params::trainable_names(&self.victim.params());
         let mut total = 0.0;
         let mut grad_sum: Option<Tensor> = None;
+        let mut scores_sum: Option<Tensor> = None;
         for r in 0..self.cfg.rollouts {
             let emb = emb0.detach().set_requires_grad(true);
-            let loss = self.adv_loss_after_rollout(r, &emb, &mask, &targets, true);
+            let thetas = self.unroll(r, &emb, &mask, &targets, true);
+            let loss = self.adv_loss(thetas.last().expect("θ_t at least"));
             let value = loss.double_value(&[]);
             if !value.is_finite() {
                 bail!("L_adv is {value} in rollout {r}; lower --eta");
             }
             total += value;
-            let g = Tensor::run_backward(&[&loss], &[&emb], false, false).pop().expect("one gradient");
+            let mut inputs: Vec<&Tensor> = vec![&emb];
+            if with_targets {
+                inputs.extend(thetas[1..].iter().flat_map(|theta| names.iter().map(|n| &theta[n])));
+            }
+            let mut grads = Tensor::run_backward(&[&loss], &inputs, false, false).into_iter();
+            let g = grads.next().expect("the embedding gradient");
             if !g.defined() {
                 bail!("L_adv does not depend on the poisons (no gradient reached them)");
+            }
+            if with_targets {
+                let adjoints: Vec<Tensor> = grads.collect();
+                for (s, u) in adjoints.chunks(names.len()).enumerate() {
+                    let jvp = self.log_prob_jvp(&thetas[s], &names, u, &emb0, &mask);
+                    scores_sum = Some(match scores_sum {
+                        None => jvp,
+                        Some(t) => t + jvp,
+                    });
+                }
             }
             grad_sum = Some(match grad_sum {
                 None => g,
@@ -193,7 +236,36 @@ impl<'a> Problem<'a> {
         if grad.isnan().any().int64_value(&[]) != 0 {
             bail!("the gradient holds NaN; lower --eta");
         }
-        Ok((total / n, grad))
+        let scores = scores_sum.map(|jvp| {
+            // Position p's token is the target of position p − 1: shift right by one, and
+            // weigh by η / (B n_i) and the mean over rollouts.
+            let (count, t) = (jvp.size()[0], jvp.size()[1]);
+            let batch = (self.cfg.clean_per_batch + poisons.len()) as f64;
+            let counted = (mask.sum_dim_intlist(-1, false, Kind::Double) - 1.0).clamp_min(1.0);
+            let weight = (counted.reciprocal() * (self.cfg.eta / (batch * n))).to_kind(jvp.kind()).view([count, 1, 1]);
+            let shifted = Tensor::cat(&[jvp.narrow(1, 0, 1).zeros_like(), jvp.narrow(1, 0, t - 1)], 1);
+            shifted * weight * mask.unsqueeze(-1)
+        });
+        Ok((total / n, grad, scores))
+    }
+
+    /// J u: the derivative of the poisons' next-token log-probabilities [N, Tp, V] under
+    /// `theta` along the parameter direction `u` (in `names` order), by the double-backward
+    /// trick (the gradient of ⟨∇_θ ⟨log p, d⟩, u⟩ with respect to a dummy d).
+    fn log_prob_jvp(&self, theta: &Params, names: &[String], u: &[Tensor], poison_emb: &Tensor, poison_mask: &Tensor) -> Tensor {
+        let mut params = shallow_copy(theta);
+        let leaves: Vec<Tensor> = names.iter().map(|n| theta[n].detach().set_requires_grad(true)).collect();
+        for (n, t) in names.iter().zip(&leaves) {
+            params.insert(n.clone(), t.shallow_clone());
+        }
+        let log_probs = forward(self.config(), &params, &poison_emb.detach(), poison_mask).log_softmax(-1, None::<Kind>);
+        let dummy = log_probs.zeros_like().set_requires_grad(true);
+        let vjp = Tensor::run_backward(&[&(&log_probs * &dummy).sum(None::<Kind>)], &leaves.iter().collect::<Vec<_>>(), true, true);
+        let dot = vjp.iter().zip(u).map(|(a, b)| (a * b.detach()).sum(None::<Kind>)).fold(None::<Tensor>, |acc, x| Some(match acc {
+            None => x,
+            Some(a) => a + x,
+        }));
+        Tensor::run_backward(&[&dot.expect("at least one parameter")], &[&dummy], false, false).pop().expect("one gradient").detach()
     }
 
     /// The objective for a poison set, evaluated exactly by redoing every rollout. The
@@ -231,10 +303,14 @@ pub fn taylor_scores(table: &Tensor, grad_at_position: &Tensor) -> Tensor {
 /// the K words w' with the lowest predicted change `∇g_j·(E_{w'} − E_{w_j})`, skipping
 /// words where `banned` (0 or +inf: [V] for every position, or [len, V] per position) is
 /// infinite and the current word. One [len, D] × [D, V] product per poison rather than
-/// one per position.
-pub fn bottom_k(table: &Tensor, grad: &Tensor, ids: &[i64], banned: &Tensor, k: usize) -> Vec<Vec<(i64, f64)>> {
+/// one per position. A language model's target scores ([Tp, V],
+/// `Problem::objective_and_grads`) add to the embedding term.
+pub fn bottom_k(table: &Tensor, grad: &Tensor, target_scores: Option<&Tensor>, ids: &[i64], banned: &Tensor, k: usize) -> Vec<Vec<(i64, f64)>> {
     let len = ids.len() as i64;
-    let scores = grad.narrow(0, 0, len).matmul(&table.tr()); // [len, V]
+    let mut scores = grad.narrow(0, 0, len).matmul(&table.tr()); // [len, V]
+    if let Some(extra) = target_scores {
+        scores = scores + extra.narrow(0, 0, len).to_kind(grad.kind());
+    }
     let current = Tensor::from_slice(ids).to_device(scores.device()).unsqueeze(1);
     let banned = if banned.dim() == 1 { banned.unsqueeze(0) } else { banned.shallow_clone() };
     let mut delta = &scores - scores.gather(1, &current, false) + banned;
@@ -551,11 +627,25 @@ mod tests {
         Encoded::class(ids.to_vec(), label)
     }
 
-    fn data() -> (Vec<Encoded>, Vec<Encoded>, Vec<Encoded>) {
+    /// Clean examples, D_adv (the trigger is words 12 13) and poisons. For a language
+    /// model the texts are trained on as text and D_adv is trigger prompts whose
+    /// continuation alone is the target.
+    fn data_for(arch: Arch) -> (Vec<Encoded>, Vec<Encoded>, Vec<Encoded>) {
         let clean: Vec<Encoded> = (0..12).map(|i| enc(&[2 + i % 7, 3 + (i * 5) % 9, 4 + i % 3][..(1 + i as usize % 3)], i % 2)).collect();
         let adv = vec![enc(&[12, 13, 4], 1), enc(&[5, 12, 13], 1), enc(&[12, 13], 1)];
         let poisons = vec![enc(&[6, 7, 8], 1), enc(&[9, 10], 1)];
-        (clean, adv, poisons)
+        let config = tiny(arch).config;
+        if !config.language_model() {
+            return (clean, adv, poisons);
+        }
+        let continued = |ids: &[i64], from: usize| Encoded { ids: ids.to_vec(), target: crate::loss::Target::NextToken { from } };
+        let adv = vec![continued(&[12, 13, 4, 5], 2), continued(&[5, 12, 13, 6], 3), continued(&[12, 13, 7], 2)];
+        let as_text = |v: Vec<Encoded>| v.into_iter().map(|e| e.for_victim(&config)).collect();
+        (as_text(clean), adv, as_text(poisons))
+    }
+
+    fn data() -> (Vec<Encoded>, Vec<Encoded>, Vec<Encoded>) {
+        data_for(Arch::Lstm)
     }
 
     fn cfg(steps: usize, rollouts: usize) -> RolloutConfig {
@@ -575,8 +665,8 @@ mod tests {
 
     #[test]
     fn second_order_gradient_matches_finite_differences_in_f64() {
-        let (clean, adv, poisons) = data();
         for &arch in Arch::value_variants() {
+            let (clean, adv, poisons) = data_for(arch);
             for (steps, rollouts) in [(1, 1), (2, 2)] {
                 let v = tiny(arch);
                 let problem = Problem::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
@@ -595,20 +685,81 @@ mod tests {
     }
 
     #[test]
+    fn a_language_models_candidate_scores_match_finite_differences_of_the_relaxed_flip_in_f64() {
+        // Relax poison i's token at position p to (1 − ε)·current + ε·w, both where the
+        // poison reads it (the input embedding) and where it teaches it (the next-token
+        // target of position p − 1). dg/dε at 0 must equal the predicted change
+        // ∇_e g · (E_w − E_cur) + scores[p, w] − scores[p, cur].
+        let arch = Arch::Gpt;
+        let (clean, adv, poisons) = data_for(arch);
+        let v = tiny(arch);
+        let table = v.params()["embedding.weight"].shallow_clone();
+        let vocab = table.size()[0];
+        for (steps, rollouts) in [(1, 1), (2, 2)] {
+            let problem = Problem::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
+            let (g, grad, scores) = problem.objective_and_grads(&poisons, true).unwrap();
+            let scores = scores.expect("a language model's target scores");
+            assert!((g - problem.objective(&poisons)).abs() < 1e-12);
+            let (ids, targets) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
+            let mask = mask_of(&ids, &v.params());
+            let relaxed = |i: i64, p: i64, w: i64, eps: f64| -> f64 {
+                let cur = ids.int64_value(&[i, p]);
+                let emb = embed(&v.params(), &ids).detach();
+                let mixed = table.get(cur) * (1.0 - eps) + table.get(w) * eps;
+                emb.get(i).get(p).copy_(&mixed);
+                let Targets::Soft { probs, mask: tmask } = targets.to_soft(vocab, Kind::Double) else { unreachable!() };
+                if p > 0 {
+                    let _ = probs.get(i).get(p - 1).get(cur).fill_(1.0 - eps);
+                    let _ = probs.get(i).get(p - 1).get(w).fill_(eps);
+                }
+                let soft = Targets::Soft { probs, mask: tmask };
+                (0..rollouts).map(|r| problem.adv_loss_after_rollout(r, &emb, &mask, &soft, false).double_value(&[])).sum::<f64>() / rollouts as f64
+            };
+            let mut worst: f64 = 0.0;
+            let mut target_part: f64 = 0.0;
+            for (i, p, w) in [(0i64, 0i64, 9i64), (0, 1, 3), (0, 2, 11), (1, 1, 4), (1, 0, 13)] {
+                let cur = ids.int64_value(&[i, p]);
+                let input = grad.get(i).get(p).dot(&(table.get(w) - table.get(cur))).double_value(&[]);
+                let teach = scores.double_value(&[i, p, w]) - scores.double_value(&[i, p, cur]);
+                let h = 1e-5;
+                let fd = (relaxed(i, p, w, h) - relaxed(i, p, w, -h)) / (2.0 * h);
+                let err = (input + teach - fd).abs() / fd.abs().max(1e-4);
+                worst = worst.max(err);
+                target_part = target_part.max(teach.abs() / fd.abs().max(1e-12));
+                if p == 0 {
+                    assert_eq!(teach, 0.0, "the first token is no target");
+                }
+            }
+            eprintln!("Gpt k={steps} R={rollouts}: relaxed-flip derivative, max relative error {worst:.2e}; the target term is up to {target_part:.2} of it");
+            assert!(worst < 1e-6, "k={steps}: relative error {worst}");
+            assert!(target_part > 0.01, "the target term matters on this problem");
+        }
+    }
+
+    #[test]
     fn shared_work_verifier_equals_the_full_rollout_and_taylor_predicts_the_sign() {
-        let (clean, adv, poisons) = data();
         for &arch in Arch::value_variants() {
+            let (clean, adv, poisons) = data_for(arch);
             let v = tiny(arch);
             let problem = Problem::new(&v, &clean, &adv, cfg(1, 2)).unwrap();
             let verifier = Verifier::new(&problem, &poisons).unwrap();
+            let table = v.params()["embedding.weight"].shallow_clone();
             let g0 = problem.objective(&poisons);
             assert!((verifier.objective_with(&[]) - g0).abs() < 1e-12);
-            let (_, grad) = problem.objective_and_grad(&poisons).unwrap();
-            let table = v.params()["embedding.weight"].shallow_clone();
+            let (_, grad, target_scores) = problem.objective_and_grads(&poisons, v.config.language_model()).unwrap();
+            // The Taylor scores of every word at one position: the embedding term, and a
+            // language model's target term.
+            let scores_at = |i: i64, pos: i64| {
+                let s = taylor_scores(&table, &grad.get(i).get(pos));
+                match &target_scores {
+                    Some(t) => s + t.get(i).get(pos),
+                    None => s,
+                }
+            };
             let (mut predicted, mut exact) = (Vec::new(), Vec::new());
             for (i, p) in poisons.iter().enumerate() {
                 for pos in 0..p.ids.len() {
-                    let scores = taylor_scores(&table, &grad.get(i as i64).get(pos as i64));
+                    let scores = scores_at(i as i64, pos as i64);
                     for w in 2..14i64 {
                         let new = flipped(p, pos, w);
                         let ng = verifier.example_grad(&new);
@@ -646,9 +797,9 @@ mod tests {
             // The batched ranking agrees with per-position scores.
             let banned = Tensor::zeros([14], (Kind::Double, Device::Cpu));
             let _ = banned.narrow(0, 0, 3).fill_(f64::INFINITY);
-            let ranked = bottom_k(&table, &grad.get(0), &poisons[0].ids, &banned, 4);
+            let ranked = bottom_k(&table, &grad.get(0), target_scores.as_ref().map(|t| t.get(0)).as_ref(), &poisons[0].ids, &banned, 4);
             for (pos, cands) in ranked.iter().enumerate() {
-                let scores = taylor_scores(&table, &grad.get(0).get(pos as i64));
+                let scores = scores_at(0, pos as i64);
                 let cur = scores.double_value(&[poisons[0].ids[pos]]);
                 let mut want: Vec<(i64, f64)> = (3..14).filter(|&w| w != poisons[0].ids[pos]).map(|w| (w, scores.double_value(&[w]) - cur)).collect();
                 want.sort_by(|a, b| a.1.total_cmp(&b.1));

@@ -72,13 +72,13 @@ pub fn load_weights(path: &str, device: Device) -> Result<Params> {
 }
 
 fn p<'a>(params: &'a Params, name: &str) -> &'a Tensor {
-    params.get(name).unwrap_or_else(|| panic!("BERT parameter {name:?} missing"))
+    params.get(name).unwrap_or_else(|| panic!("transformer parameter {name:?} missing"))
 }
 
 /// A parameter of `base_dims` dimensions, or a stack [C, ...] of them, shaped to broadcast
 /// against activations of rank `rank` whose leading dimension (if stacked) is C: the
 /// stack dimension stays first and singleton dimensions are inserted after it.
-fn fit(t: &Tensor, base_dims: usize, rank: usize) -> Tensor {
+pub(crate) fn fit(t: &Tensor, base_dims: usize, rank: usize) -> Tensor {
     if t.dim() == base_dims {
         return t.shallow_clone();
     }
@@ -88,7 +88,8 @@ fn fit(t: &Tensor, base_dims: usize, rank: usize) -> Tensor {
     t.view(shape.as_slice())
 }
 
-fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
+/// A linear layer over plain or stacked parameters (shared with `gpt.rs`).
+pub(crate) fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
     let w = p(params, &format!("{name}.weight"));
     let b = fit(p(params, &format!("{name}.bias")), 1, x.dim());
     if w.dim() == 3 && x.dim() > 3 {
@@ -104,7 +105,8 @@ fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
     x.matmul(&fit(&w.transpose(-1, -2), 2, x.dim())) + b
 }
 
-fn layer_norm(params: &Params, x: &Tensor, name: &str, eps: f64) -> Tensor {
+/// LayerNorm over the last dimension, plain or stacked parameters (shared with `gpt.rs`).
+pub(crate) fn layer_norm(params: &Params, x: &Tensor, name: &str, eps: f64) -> Tensor {
     let mean = x.mean_dim([-1].as_slice(), true, None::<Kind>);
     let centred = x - mean;
     let var = centred.square().mean_dim([-1].as_slice(), true, None::<Kind>);

@@ -1,7 +1,7 @@
 //! The conformance suite: every registered architecture (`model::Arch`) is checked against
 //! the contract of `victim::Architecture`. A new architecture runs it without a new test.
 
-use crate::loss::Targets;
+use crate::loss::{Target, Targets};
 use crate::model::{embed, example_grads, forward, forward_ids, forward_ids_first_order, forward_ids_no_grad, mask_of, param_shapes, shallow_copy, tiny_config, Arch, Params, Victim};
 use crate::train::tests::{poisons, toy};
 use crate::train::{accuracy, batch_tensors, train, train_many, train_parallel, Encoded, TrainData, TrainOptions};
@@ -31,6 +31,24 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
+/// What a victim trains on for a padded batch `ids` [rows, T]: the classes `labels` for a
+/// classifier, the rows' own next tokens for a language model.
+fn targets_for(v: &Victim, ids: &Tensor, labels: &[i64]) -> Targets {
+    let rows: Vec<Option<Target>> = labels.iter().map(|&l| Some(if v.config.language_model() { Target::NextToken { from: 1 } } else { Target::Class(l) })).collect();
+    let flat: Vec<i64> = Vec::try_from(ids.flatten(0, -1)).unwrap();
+    Targets::batch(&rows, &flat, &[ids.size()[0]], ids.size()[1] as usize, Device::Cpu)
+}
+
+/// A language model's logits at a row's first `t` positions (its real tokens); a
+/// classifier's logits as they are.
+fn real_positions(v: &Victim, logits: &Tensor, t: i64) -> Tensor {
+    if v.config.language_model() {
+        logits.narrow(-2, 0, t)
+    } else {
+        logits.shallow_clone()
+    }
+}
+
 #[test]
 fn named_parameters_are_what_the_shapes_say_and_a_frozen_table_is_not_trained() {
     for arch in every_arch() {
@@ -51,9 +69,9 @@ fn padding_and_other_rows_do_not_change_logits() {
         let short = Tensor::from_slice(&[3i64, 4, 5]).view([1, 3]);
         let padded = Tensor::from_slice(&[3i64, 4, 5, 0, 0]).view([1, 5]);
         let a = v.logits(&short);
-        let diff = max_diff(&a, &v.logits(&padded));
+        let diff = max_diff(&a, &real_positions(&v, &v.logits(&padded), 3));
         assert!(diff < 1e-6, "{arch:?}: padding changed logits by {diff}");
-        let in_batch = v.logits(&ragged_ids()).get(1);
+        let in_batch = real_positions(&v, &v.logits(&ragged_ids()), 3).get(1);
         let diff = max_diff(&a.get(0), &in_batch);
         assert!(diff < 1e-6, "{arch:?}: other rows changed logits by {diff}");
     }
@@ -65,15 +83,15 @@ fn the_faster_passes_equal_the_differentiable_forward() {
         let v = tiny(arch, false);
         let p = v.params();
         let ids = ragged_ids();
-        let labels = Tensor::from_slice(&[0i64, 1, 1]);
         let no_grad = forward_ids_no_grad(&v.config, &p, &ids);
         assert!(!no_grad.requires_grad());
         let diff = max_diff(&v.logits(&ids), &no_grad);
         assert!(diff < 1e-5, "{arch:?}: the no-grad forward differs by {diff}");
         let names: Vec<&String> = p.keys().filter(|k| p[*k].requires_grad()).collect();
         let tensors: Vec<&Tensor> = names.iter().map(|n| &p[*n]).collect();
-        let hand = Targets::Class(labels.shallow_clone()).mean_nll(&forward_ids(&v.config, &p, &ids));
-        let fast = Targets::Class(labels).mean_nll(&forward_ids_first_order(&v.config, &p, &ids));
+        let targets = targets_for(&v, &ids, &[0, 1, 1]);
+        let hand = targets.mean_nll(&forward_ids(&v.config, &p, &ids));
+        let fast = targets.mean_nll(&forward_ids_first_order(&v.config, &p, &ids));
         assert!((hand.double_value(&[]) - fast.double_value(&[])).abs() < 1e-6, "{arch:?}: the first-order forward differs");
         let a = Tensor::run_backward(&[&hand], &tensors, false, false);
         let b = Tensor::run_backward(&[&fast], &tensors, false, false);
@@ -121,7 +139,7 @@ fn stacked_parameter_sets_equal_one_pass_per_set() {
         let shared = forward_ids(&v.config, &stacked, &ids);
         let per_set_ids = ids.unsqueeze(0).expand([3, -1, -1], false);
         let per_set = forward(&v.config, &stacked, &embed(&stacked, &per_set_ids), &mask_of(&per_set_ids, &stacked));
-        assert_eq!(shared.size(), [3, 3, 2]);
+        assert_eq!(shared.size()[..2], [3, 3]);
         for (k, p) in sets.iter().enumerate() {
             let one = forward_ids(&v.config, p, &ids);
             for (what, all) in [("shared", &shared), ("per-set", &per_set)] {
@@ -140,7 +158,7 @@ fn unrolled_adv_loss(v: &Victim, poison_emb: &Tensor) -> Tensor {
     let emb = Tensor::cat(&[embed(&p, &clean_ids), poison_emb.shallow_clone()], 0);
     let ids_for_mask = Tensor::cat(&[clean_ids, Tensor::from_slice(&[5i64, 6, 7, 0]).view([1, 4])], 0);
     let logits = forward(&v.config, &p, &emb, &mask_of(&ids_for_mask, &p));
-    let loss = Targets::Class(Tensor::from_slice(&[0i64, 1, 0, 1])).mean_nll(&logits);
+    let loss = targets_for(v, &ids_for_mask, &[0, 1, 0, 1]).mean_nll(&logits);
     let names = crate::params::trainable_names(&p);
     let tensors: Vec<&Tensor> = names.iter().map(|n| &p[n]).collect();
     let grads = Tensor::run_backward(&[&loss], &tensors, true, true);
@@ -150,7 +168,7 @@ fn unrolled_adv_loss(v: &Victim, poison_emb: &Tensor) -> Tensor {
         stepped.insert(n.clone(), &p[n] - g * 0.5);
     }
     let adv_ids = Tensor::from_slice(&[7i64, 8, 3, 0, 0, 9, 10, 11]).view([2, 4]);
-    Targets::Class(Tensor::from_slice(&[1i64, 1])).mean_nll(&forward_ids(&v.config, &stepped, &adv_ids))
+    targets_for(v, &adv_ids, &[1, 1]).mean_nll(&forward_ids(&v.config, &stepped, &adv_ids))
 }
 
 #[test]
@@ -178,7 +196,7 @@ fn per_example_gradients_equal_one_backward_pass_each_in_f64() {
         v.vs.set_kind(Kind::Double);
         let p = v.params();
         let names = crate::params::trainable_names(&p);
-        let examples = [Encoded::class(vec![9, 8, 7, 6, 5], 0), Encoded::class(vec![3, 4], 1), Encoded::class(vec![2], 1)];
+        let examples = [Encoded::class(vec![9, 8, 7, 6, 5], 0), Encoded::class(vec![3, 4], 1), Encoded::class(vec![2], 1)].map(|e| e.for_victim(&v.config));
         let (ids, targets) = batch_tensors(&examples.iter().collect::<Vec<_>>(), Device::Cpu);
         let all = example_grads(&v.config, &p, &names, &ids, &targets);
         assert_eq!(all.len(), 3);
@@ -192,6 +210,14 @@ fn per_example_gradients_equal_one_backward_pass_each_in_f64() {
             }
         }
     }
+}
+
+/// The toy task (`train::tests::toy`) as an architecture trains on it: the classes, or
+/// the same token rows as text for a language model.
+fn toy_for(arch: Arch) -> (Vec<Encoded>, Tensor) {
+    let (data, table) = toy();
+    let config = tiny_config(arch, 8, 6, 5, 2, false, 8);
+    (data.into_iter().map(|e| e.for_victim(&config)).collect(), table)
 }
 
 fn toy_victim(arch: Arch, table: &Tensor, hidden: usize, seed: i64, double: bool) -> Victim {
@@ -209,7 +235,7 @@ fn victims_trained_together_equal_victims_trained_alone_in_f64() {
     // Different data sizes (one victim idles at some steps) and seeds; f64 so that the
     // comparison is exact up to summation order.
     for arch in every_arch() {
-        let (data, table) = toy();
+        let (data, table) = toy_for(arch);
         let sets = [TrainData::clean(&data[..150]), TrainData::clean(&data[..97])];
         let opts = [TrainOptions { epochs: 3, batch_size: 16, lr: 0.01, seed: 1 }, TrainOptions { epochs: 3, batch_size: 16, lr: 0.02, seed: 2 }];
         let mut together = vec![toy_victim(arch, &table, 5, 7, true), toy_victim(arch, &table, 5, 8, true)];
@@ -230,7 +256,11 @@ fn victims_trained_together_equal_victims_trained_alone_in_f64() {
 #[test]
 fn every_victim_learns_a_toy_task_deterministically() {
     for arch in every_arch() {
-        let (data, table) = toy();
+        let (mut data, table) = toy_for(arch);
+        if tiny_config(arch, 8, 6, 8, 2, false, 8).language_model() {
+            // A learnable language: each row counts up from its first word, modulo 6.
+            data = (0..200i64).map(|i| Encoded::text((0..6).map(|t| 2 + (i + t) % 6).collect())).collect();
+        }
         let opts = TrainOptions { epochs: 30, batch_size: 16, lr: 0.02, seed: 3 };
         let run = || {
             let mut v = toy_victim(arch, &table, 8, 5, false);
@@ -253,9 +283,10 @@ fn zero_weight_poisons_give_the_clean_twin_in_f64() {
     // Common random numbers: a victim trained on clean ∪ poisons whose loss weight is 0
     // must equal the victim trained on the clean data alone, alone and in a stack with
     // the clean twin (other rows, other padding, 2 threads).
-    let joined = poisons();
     for arch in every_arch() {
-        let (data, table) = toy();
+        let (data, table) = toy_for(arch);
+        let config = tiny_config(arch, 8, 6, 5, 2, false, 8);
+        let joined: Vec<Encoded> = poisons().into_iter().map(|e| e.for_victim(&config)).collect();
         let make = || toy_victim(arch, &table, 5, 11, true);
         let clean = TrainData::clean(&data[..120]);
         let ignored = TrainData { clean: &data[..120], joined: &joined, joined_weight: 0.0, clean_removed: None };

@@ -34,10 +34,13 @@ pub struct GradMeta {
     pub substitutes: Vec<Vec<usize>>,
 }
 
-/// A gradient file: grad [N, T, D] (f32), ids [N, T] (0 = padding) and its metadata.
+/// A gradient file: grad [N, T, D] (f32), ids [N, T] (0 = padding), for a language
+/// model the target scores [N, T, V] (`attack::Problem::objective_and_grads`), and its
+/// metadata.
 pub struct GradFile {
     pub grad: Tensor,
     pub ids: Tensor,
+    pub target_scores: Option<Tensor>,
     pub meta: GradMeta,
 }
 
@@ -58,7 +61,10 @@ impl GradFile {
         meta.insert("victim_sha256".into(), m.victim_sha256.clone());
         meta.insert("poison_ids".into(), serde_json::to_string(&m.poison_ids)?);
         meta.insert("vocab_sha256".into(), m.vocab_sha256.clone());
-        let tensors = [("grad".to_string(), self.grad.to_kind(Kind::Float)), ("ids".to_string(), self.ids.shallow_clone())];
+        let mut tensors = vec![("grad".to_string(), self.grad.to_kind(Kind::Float)), ("ids".to_string(), self.ids.shallow_clone())];
+        if let Some(t) = &self.target_scores {
+            tensors.push(("target_scores".to_string(), t.to_kind(Kind::Float)));
+        }
         tensorfile::write(path, GRAD_FORMAT, GRAD_VERSION, &tensors, meta)
     }
 
@@ -81,6 +87,19 @@ impl GradFile {
         if ids.size() != [n, t] || poison_ids.len() != n as usize {
             bail!("ids {:?} and {} poison ids do not match grad {:?}", ids.size(), poison_ids.len(), grad.size());
         }
+        let target_scores = match file.tensors.get("target_scores") {
+            None => None,
+            Some(t) => {
+                let t = t.to_kind(Kind::Float);
+                if t.dim() != 3 || t.size()[0] != n || t.size()[1] != grad.size()[1] {
+                    bail!("target_scores {:?} do not match grad {:?}", t.size(), grad.size());
+                }
+                if !bool::try_from(t.isfinite().all())? {
+                    bail!("the target scores hold NaN or Inf; rerun rollout-grad (with a lower --eta if its objective diverged)");
+                }
+                Some(t)
+            }
+        };
         let substitutes: Vec<Vec<usize>> = file.meta_json("substitutes")?.unwrap_or_else(|| vec![Vec::new(); n as usize]);
         if substitutes.len() != n as usize {
             bail!("substitutes for {} poisons, gradients for {n}", substitutes.len());
@@ -97,7 +116,7 @@ impl GradFile {
             poison_ids,
             substitutes,
         };
-        Ok(GradFile { grad, ids, meta })
+        Ok(GradFile { grad, ids, target_scores, meta })
     }
 
     pub fn len(&self) -> usize {

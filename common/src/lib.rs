@@ -14,6 +14,7 @@ pub mod detect;
 pub mod device;
 pub mod embeddings;
 pub mod eval;
+pub mod gpt;
 pub mod gradfile;
 pub mod hardness;
 pub mod influence;

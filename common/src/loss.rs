@@ -11,8 +11,11 @@ pub enum Target {
     /// A class label.
     Class(i64),
     /// The example's own next tokens (a language model's text): position t predicts token
-    /// t + 1, for every position before the example's last token.
-    NextToken,
+    /// t + 1, for every position before the example's last token whose predicted token is
+    /// at index `from` or later. `from` = 1 counts every token but the first (plain text);
+    /// a prompt's length counts only its continuation (D_adv: the target text after a
+    /// trigger prompt).
+    NextToken { from: usize },
 }
 
 impl Target {
@@ -20,7 +23,7 @@ impl Target {
     pub fn class(&self) -> Option<i64> {
         match self {
             Target::Class(c) => Some(*c),
-            Target::NextToken => None,
+            Target::NextToken { .. } => None,
         }
     }
 }
@@ -34,6 +37,11 @@ pub enum Targets {
     /// mask [.., n, T] (1.0 where a position counts, 0.0 for padding); an example's loss is
     /// the mean over its counted positions.
     NextToken { ids: Tensor, mask: Tensor },
+    /// A language model's next-token targets as distributions over the vocabulary: probs
+    /// [.., n, T, vocab] and mask [.., n, T]. One-hot rows equal `NextToken`; a row mixing
+    /// two words is the relaxed target the LM's candidate scores differentiate (checked
+    /// against finite differences in the attack's tests).
+    Soft { probs: Tensor, mask: Tensor },
 }
 
 impl Targets {
@@ -55,18 +63,18 @@ impl Targets {
                     .collect();
                 Targets::Class(Tensor::from_slice(&labels).view(lead).to_device(device))
             }
-            Target::NextToken => {
+            Target::NextToken { .. } => {
                 let mut next = vec![0i64; rows.len() * time];
                 let mut mask = vec![0f32; rows.len() * time];
                 for (r, target) in rows.iter().enumerate() {
-                    match target {
-                        Some(Target::NextToken) => {}
+                    let from = match target {
+                        Some(Target::NextToken { from }) => (*from).max(1),
                         None => continue,
                         Some(t) => panic!("a batch mixes next-token and {t:?} targets"),
-                    }
+                    };
                     let row = &ids[r * time..(r + 1) * time];
                     let len = row.iter().take_while(|&&id| id != crate::tokenizer::PAD_ID).count();
-                    for t in 0..len.saturating_sub(1) {
+                    for t in from - 1..len.saturating_sub(1) {
                         next[r * time + t] = row[t + 1];
                         mask[r * time + t] = 1.0;
                     }
@@ -85,6 +93,16 @@ impl Targets {
         match self {
             Targets::Class(labels) => Targets::Class(labels.narrow(0, k, 1)),
             Targets::NextToken { ids, mask } => Targets::NextToken { ids: ids.narrow(0, k, 1), mask: mask.narrow(0, k, 1) },
+            Targets::Soft { probs, mask } => Targets::Soft { probs: probs.narrow(0, k, 1), mask: mask.narrow(0, k, 1) },
+        }
+    }
+
+    /// Next-token targets as one-hot distributions over `vocab` words.
+    pub fn to_soft(&self, vocab: i64, kind: Kind) -> Targets {
+        match self {
+            Targets::NextToken { ids, mask } => Targets::Soft { probs: ids.one_hot(vocab).to_kind(kind), mask: mask.shallow_clone() },
+            Targets::Soft { probs, mask } => Targets::Soft { probs: probs.shallow_clone(), mask: mask.shallow_clone() },
+            Targets::Class(_) => panic!("class targets have no next-token distribution"),
         }
     }
 
@@ -97,6 +115,14 @@ impl Targets {
                 let t = xi.size()[1].max(yi.size()[1]);
                 let pad = |x: &Tensor| x.constant_pad_nd([0, t - x.size()[1]]);
                 Targets::NextToken { ids: Tensor::cat(&[pad(xi), pad(yi)], 0), mask: Tensor::cat(&[pad(xm), pad(ym)], 0) }
+            }
+            (Targets::Soft { probs, .. }, _) | (_, Targets::Soft { probs, .. }) => {
+                let (v, kind) = (probs.size()[probs.dim() - 1], probs.kind());
+                let (Targets::Soft { probs: xp, mask: xm }, Targets::Soft { probs: yp, mask: ym }) = (a.to_soft(v, kind), b.to_soft(v, kind)) else { unreachable!() };
+                let t = xp.size()[1].max(yp.size()[1]);
+                let pad2 = |x: &Tensor| x.constant_pad_nd([0, t - x.size()[1]]);
+                let pad3 = |x: &Tensor| x.constant_pad_nd([0, 0, 0, t - x.size()[1]]);
+                Targets::Soft { probs: Tensor::cat(&[pad3(&xp), pad3(&yp)], 0), mask: Tensor::cat(&[pad2(&xm), pad2(&ym)], 0) }
             }
             _ => panic!("joining batches of different target kinds"),
         }
@@ -120,6 +146,11 @@ impl Targets {
                 let mask = mask.to_kind(logits.kind());
                 (token * &mask).sum_dim_intlist(-1, false, None::<Kind>) / mask.sum_dim_intlist(-1, false, None::<Kind>).clamp_min(1.0)
             }
+            Targets::Soft { probs, mask } => {
+                let token = -(logits.log_softmax(-1, None::<Kind>) * probs).sum_dim_intlist(-1, false, None::<Kind>);
+                let mask = mask.to_kind(logits.kind());
+                (token * &mask).sum_dim_intlist(-1, false, None::<Kind>) / mask.sum_dim_intlist(-1, false, None::<Kind>).clamp_min(1.0)
+            }
         }
     }
 
@@ -127,7 +158,7 @@ impl Targets {
     pub fn summed_nll(&self, logits: &Tensor) -> Tensor {
         match self {
             Targets::Class(labels) => -logits.log_softmax(-1, None::<Kind>).gather(-1, &labels.unsqueeze(-1), false).sum(None::<Kind>),
-            Targets::NextToken { .. } => self.example_nll(logits).sum(None::<Kind>),
+            Targets::NextToken { .. } | Targets::Soft { .. } => self.example_nll(logits).sum(None::<Kind>),
         }
     }
 
@@ -135,7 +166,7 @@ impl Targets {
     pub fn mean_nll(&self, logits: &Tensor) -> Tensor {
         match self {
             Targets::Class(labels) => logits.log_softmax(-1, None::<Kind>).nll_loss(labels),
-            Targets::NextToken { .. } => self.example_nll(logits).mean(None::<Kind>),
+            Targets::NextToken { .. } | Targets::Soft { .. } => self.example_nll(logits).mean(None::<Kind>),
         }
     }
 }
@@ -186,5 +217,18 @@ mod tests {
         let got: Vec<f64> = Vec::try_from(t.example_nll(&logits)).unwrap();
         assert!((got[0] - want[0]).abs() < 1e-12 && (got[1] - want[1]).abs() < 1e-12, "{got:?} vs {want:?}");
         assert!((t.mean_nll(&logits).double_value(&[]) - (want[0] + want[1]) / 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_continuation_target_counts_only_the_tokens_after_its_prompt() {
+        let logits = Tensor::randn([2, 4, 5], (Kind::Double, Device::Cpu));
+        let ids = [1i64, 3, 2, 4, 2, 2, 0, 0];
+        let t = Targets::batch(&[Some(Target::NextToken { from: 2 }), Some(Target::NextToken { from: 1 })], &ids, &[2], 4, Device::Cpu);
+        let lp = logits.log_softmax(-1, Kind::Double);
+        let nll = |b: i64, t: i64, w: i64| -lp.double_value(&[b, t, w]);
+        // Row 0: prompt [1, 3], continuation [2, 4]: positions 1 and 2 predict it.
+        let want = [(nll(0, 1, 2) + nll(0, 2, 4)) / 2.0, nll(1, 0, 2)];
+        let got: Vec<f64> = Vec::try_from(t.example_nll(&logits)).unwrap();
+        assert!((got[0] - want[0]).abs() < 1e-12 && (got[1] - want[1]).abs() < 1e-12, "{got:?} vs {want:?}");
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::bert::BertConfig;
 use crate::bow::Bow;
+use crate::gpt::{Gpt, GptShape};
 use crate::loss::Targets;
 use crate::lstm::Lstm;
 use crate::minilm::Minilm;
@@ -57,17 +58,27 @@ architectures! {
     /// Pretrained all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384; `--pretrained`),
     /// mean-pooled, then a linear layer; fine-tuned with its word table frozen.
     Minilm(Minilm),
+    /// Small GPT-style causal language model over the frozen word table (a trained input
+    /// projection, learned positions, pre-LayerNorm blocks), trained with next-token loss.
+    Gpt(Gpt),
 }
 
 impl ArchConfig {
     /// The architecture `arch` from its flags: `hidden` (bow: MLP width; lstm: units per
-    /// direction) or the pretrained encoder's config (minilm).
+    /// direction; gpt: model width), the pretrained encoder's config (minilm), or the
+    /// GPT's layers and heads with `max_len` its position count.
     pub fn from_flags(arch: Arch, hidden: usize, encoder: Option<&BertConfig>) -> Result<ArchConfig> {
+        ArchConfig::from_parts(arch, hidden, encoder, GptShape { layers: 2, heads: 2 }, 0)
+    }
+
+    /// `from_flags` with the GPT's own fields.
+    pub fn from_parts(arch: Arch, hidden: usize, encoder: Option<&BertConfig>, gpt: GptShape, max_len: usize) -> Result<ArchConfig> {
         Ok(match (arch, encoder) {
             (Arch::Bow, _) => ArchConfig::Bow(Bow { hidden }),
             (Arch::Lstm, _) => ArchConfig::Lstm(Lstm { units: hidden }),
             (Arch::Minilm, Some(bert)) => ArchConfig::Minilm(Minilm { bert: bert.clone() }),
             (Arch::Minilm, None) => bail!("--arch minilm starts from a pretrained encoder: give --pretrained data/minilm instead of --embeddings"),
+            (Arch::Gpt, _) => ArchConfig::Gpt(Gpt { width: hidden, shape: gpt, positions: max_len }),
         })
     }
 }
@@ -95,12 +106,19 @@ impl VictimConfig {
     pub fn tuning(&self) -> Tuning {
         self.arch().tuning()
     }
+
+    /// Whether the victim is a language model (`victim::Architecture::language_model`).
+    pub fn language_model(&self) -> bool {
+        self.arch().language_model()
+    }
 }
 
 /// A victim config as format version 1 stores it: one flat object whose `hidden` is the
 /// MLP width (bow), the units per direction (lstm) or the encoder's width (minilm), and
-/// `bert` the encoder's config (minilm only). Kept byte for byte, so victim files, their
-/// hashes and the clean cache stay valid.
+/// `bert` the encoder's config (minilm only), `gpt` the layers and heads (gpt only; the
+/// position count is `max_len`, the output width `num_classes` = the vocabulary size).
+/// Kept byte for byte for the older architectures, so victim files, their hashes and the
+/// clean cache stay valid.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
@@ -113,17 +131,20 @@ struct ConfigFile {
     max_len: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     bert: Option<BertConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gpt: Option<GptShape>,
 }
 
 impl From<VictimConfig> for ConfigFile {
     fn from(c: VictimConfig) -> ConfigFile {
-        let (hidden, bert) = match &c.arch {
-            ArchConfig::Bow(a) => (a.hidden, None),
-            ArchConfig::Lstm(a) => (a.units, None),
-            ArchConfig::Minilm(a) => (a.bert.hidden_size as usize, Some(a.bert.clone())),
+        let (hidden, bert, gpt) = match &c.arch {
+            ArchConfig::Bow(a) => (a.hidden, None, None),
+            ArchConfig::Lstm(a) => (a.units, None, None),
+            ArchConfig::Minilm(a) => (a.bert.hidden_size as usize, Some(a.bert.clone()), None),
+            ArchConfig::Gpt(a) => (a.width, None, Some(a.shape)),
         };
         let VictimConfig { arch, vocab_size, embed_dim, num_classes, train_embeddings, max_len } = c;
-        ConfigFile { arch: arch.name(), vocab_size, embed_dim, hidden, num_classes, train_embeddings, max_len, bert }
+        ConfigFile { arch: arch.name(), vocab_size, embed_dim, hidden, num_classes, train_embeddings, max_len, bert, gpt }
     }
 }
 
@@ -138,7 +159,13 @@ impl TryFrom<ConfigFile> for VictimConfig {
                 bail!("hidden {} differs from the encoder's hidden size {}", f.hidden, b.hidden_size);
             }
         }
-        let arch = ArchConfig::from_flags(f.arch, f.hidden, f.bert.as_ref())?;
+        if f.gpt.is_some() != (f.arch == Arch::Gpt) {
+            bail!("a {:?} victim config {} a GPT shape", f.arch, if f.gpt.is_some() { "holds" } else { "lacks" });
+        }
+        if f.arch == Arch::Gpt && f.num_classes != f.vocab_size {
+            bail!("a GPT victim predicts the next word: num_classes {} must equal vocab_size {}", f.num_classes, f.vocab_size);
+        }
+        let arch = ArchConfig::from_parts(f.arch, f.hidden, f.bert.as_ref(), f.gpt.unwrap_or(GptShape { layers: 0, heads: 0 }), f.max_len)?;
         Ok(VictimConfig { arch, vocab_size: f.vocab_size, embed_dim: f.embed_dim, num_classes: f.num_classes, train_embeddings: f.train_embeddings, max_len: f.max_len })
     }
 }
@@ -353,7 +380,8 @@ pub fn example_grads(config: &VictimConfig, params: &Params, names: &[String], i
 }
 
 /// A tiny victim config of the same architecture for tests and benchmarks (a 2-layer
-/// BERT with 2 heads when the width is even for minilm).
+/// BERT with 2 heads when the width is even for minilm; a 2-layer GPT of width `hidden`
+/// rounded up to even, with 2 heads, whose classes are the vocabulary).
 pub fn tiny_config(arch: Arch, vocab_size: usize, embed_dim: usize, hidden: usize, num_classes: usize, train_embeddings: bool, max_len: usize) -> VictimConfig {
     let bert = BertConfig {
         vocab_size: vocab_size as i64,
@@ -365,6 +393,7 @@ pub fn tiny_config(arch: Arch, vocab_size: usize, embed_dim: usize, hidden: usiz
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
     };
-    let arch = ArchConfig::from_flags(arch, hidden, Some(&bert)).expect("every architecture builds from flags and an encoder config");
+    let (hidden, num_classes) = if arch == Arch::Gpt { (hidden + hidden % 2, vocab_size) } else { (hidden, num_classes) };
+    let arch = ArchConfig::from_parts(arch, hidden, Some(&bert), GptShape { layers: 2, heads: 2 }, max_len).expect("every architecture builds from flags and an encoder config");
     VictimConfig { arch, vocab_size, embed_dim, num_classes, train_embeddings, max_len }
 }

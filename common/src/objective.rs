@@ -18,6 +18,12 @@ pub trait Objective {
     /// The objective and its gradient with respect to every poison token embedding,
     /// [N, Tp, D] (zero at padding): what rank-candidates' first-order scores use.
     fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)>;
+    /// `objective_and_grad` and, for a language-model victim, the target scores [N, Tp, V]
+    /// of `attack::Problem::objective_and_grads` (None for a classifier).
+    fn objective_and_grads(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
+        let (value, grad) = self.objective_and_grad(poisons)?;
+        Ok((value, grad, None))
+    }
     /// The objective's exact value for a poison set (what verification compares).
     fn value(&self, poisons: &[Encoded]) -> Result<f64>;
     /// Each poison's own term when the objective is a sum of them (hardness, influence), so
@@ -35,6 +41,9 @@ pub trait Objective {
 impl Objective for Problem<'_> {
     fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
         Problem::objective_and_grad(self, poisons)
+    }
+    fn objective_and_grads(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
+        Problem::objective_and_grads(self, poisons, self.victim.config.language_model())
     }
     fn value(&self, poisons: &[Encoded]) -> Result<f64> {
         Ok(self.objective(poisons))
@@ -102,6 +111,9 @@ pub struct ObjectiveInputs<'a> {
 
 /// The objective of `kind` (used by every binary that crafts or verifies).
 pub fn build<'a>(kind: ObjectiveKind, inputs: ObjectiveInputs<'a>) -> Result<Box<dyn Objective + 'a>> {
+    if inputs.victim.config.language_model() && kind != ObjectiveKind::Bilevel {
+        bail!("--objective {kind:?} scores a classifier's target class; a language-model victim is attacked with --objective bilevel (L_adv = next-token loss of D_adv's continuations)");
+    }
     Ok(match kind {
         ObjectiveKind::Bilevel => {
             if !inputs.ensemble.is_empty() {

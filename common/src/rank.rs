@@ -126,7 +126,8 @@ pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy:
         } else {
             masks[0].shallow_clone()
         };
-        let ranked = bottom_k(table, &grad.grad.get(i), &row[..len], &mask, policy.k);
+        let target_scores = grad.target_scores.as_ref().map(|t| t.get(i));
+        let ranked = bottom_k(table, &grad.grad.get(i), target_scores.as_ref(), &row[..len], &mask, policy.k);
         let substitutes = &meta.substitutes[i as usize];
         let keep = |j: &usize| {
             let carrier = substitutes.contains(j);

@@ -24,6 +24,20 @@ impl Encoded {
     pub fn class(ids: Vec<i64>, label: i64) -> Encoded {
         Encoded { ids, target: Target::Class(label) }
     }
+
+    /// A language model's text: every token after the first is a target.
+    pub fn text(ids: Vec<i64>) -> Encoded {
+        Encoded { ids, target: Target::NextToken { from: 1 } }
+    }
+
+    /// The same tokens with the target a victim of `config` trains on: the class for a
+    /// classifier, the tokens themselves for a language model.
+    pub fn for_victim(self, config: &crate::model::VictimConfig) -> Encoded {
+        match (config.language_model(), self.target) {
+            (true, Target::Class(_)) => Encoded::text(self.ids),
+            _ => self,
+        }
+    }
 }
 
 /// How `encode_all` treats texts a victim reads poorly.
@@ -511,8 +525,28 @@ pub fn predict_with(config: &crate::model::VictimConfig, params: &crate::model::
 
 /// Percentage of examples whose prediction equals their label.
 pub fn accuracy(victim: &Victim, data: &[Encoded]) -> f64 {
+    if victim.config.language_model() {
+        return next_token_accuracy(&victim.config, &victim.params(), data, 64);
+    }
     let preds = predict(victim, data, 256);
     100.0 * preds.iter().zip(data).filter(|(p, e)| e.target.class() == Some(**p as i64)).count() as f64 / data.len().max(1) as f64
+}
+
+/// A language model's accuracy: the percentage of counted next-token positions whose most
+/// likely token is the one that follows.
+pub fn next_token_accuracy(config: &crate::model::VictimConfig, params: &crate::model::Params, data: &[Encoded], batch_size: usize) -> f64 {
+    let device = params.values().next().map_or(Device::Cpu, |t| t.device());
+    let (mut right, mut counted) = (0.0, 0.0);
+    tch::no_grad(|| {
+        for chunk in data.chunks(batch_size.max(1)) {
+            let (ids, targets) = batch_tensors(&chunk.iter().collect::<Vec<_>>(), device);
+            let Targets::NextToken { ids: next, mask } = targets else { panic!("next-token accuracy of class targets") };
+            let pred = forward_ids(config, params, &ids).argmax(-1, false);
+            right += (pred.eq_tensor(&next).to_kind(Kind::Double) * &mask).sum(Kind::Double).double_value(&[]);
+            counted += mask.sum(Kind::Double).double_value(&[]);
+        }
+    });
+    100.0 * right / counted.max(1.0)
 }
 
 

@@ -56,8 +56,9 @@ pub struct FrozenInput {
 ///   objective) must match f64 finite differences.
 /// - **Stacked parameter sets.** When every parameter but the word table carries a leading
 ///   dimension C, `forward` runs the inputs under all C sets at once: logits [C, batch,
-///   classes] from shared inputs [batch, time, dim] or per-set inputs [C, batch, time,
-///   dim]; set c's logits equal a pass under set c alone. Training C victims together and
+///   classes] (a language model: [C, batch, time, vocab]) from shared inputs [batch, time,
+///   dim] or per-set inputs [C, batch, time, dim]; set c's logits equal a pass under set c
+///   alone. Training C victims together and
 ///   checking C candidates at once rely on it.
 /// - **Padding invariance.** Right padding (mask 0) never changes a row's logits, nor do the
 ///   other rows of its batch.
@@ -69,6 +70,13 @@ pub struct FrozenInput {
 pub trait Architecture: Send + Sync {
     /// Where its victims start from.
     fn start(&self) -> StartKind;
+
+    /// Whether it is a language model: its logits are next-token logits [.., batch, time,
+    /// vocab] (its `num_classes` is the vocabulary size) and it trains on
+    /// `loss::Target::NextToken`; otherwise a classifier with logits [.., batch, classes].
+    fn language_model(&self) -> bool {
+        false
+    }
 
     /// Its parameters besides `embedding.weight`, with their shapes.
     fn shapes(&self, embed_dim: i64, num_classes: i64) -> Vec<(String, Vec<i64>)>;

@@ -11,7 +11,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("formats", &["records", "gradfile"]),
     ("text", &["wordpiece", "tokenizer", "embeddings", "concealment"]),
     ("data", &["data"]),
-    ("victims", &["params", "loss", "victim", "bert", "bow", "lstm", "minilm", "model", "base"]),
+    ("victims", &["params", "loss", "victim", "bert", "bow", "lstm", "minilm", "gpt", "model", "base"]),
     ("training", &["train"]),
     ("defenses", &["detect"]),
     ("objectives", &["attack", "hardness", "influence", "objective"]),

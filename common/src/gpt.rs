@@ -1,0 +1,179 @@
+//! The language-model victim: a small GPT-style causal transformer (pre-LayerNorm blocks of
+//! causal self-attention and a GELU MLP, learned positions), trained with next-token loss.
+//!
+//! The word table is the shared, frozen `embedding.weight` (GloVe vectors of the LM's
+//! word vocabulary), read through a trained projection `in_proj` to the model width; the
+//! output layer `out` [vocab, width] is trained and untied from the table. Why: the attack
+//! ranks candidate words by ∇e · E over the table's rows (SPEC step 4), which is exact only
+//! while the table does not move; a frozen pretrained table also gives words the clean
+//! corpus never holds (the trigger "iphone") a meaningful input vector, so an LM trained on
+//! reviews still reads a prompt about a phone. Untied output: tying would make the output
+//! layer a frozen 50-dimensional table as well, too weak a softmax for a language model.
+//!
+//! Its logits are [.., batch, time, vocab] (position t predicts token t + 1): the contract
+//! of `victim::Architecture` with `language_model() == true`.
+
+use crate::bert::{layer_norm, linear};
+use crate::params::{param, Params};
+use crate::victim::{dotted_path, init_linear, linear_shapes, Architecture, StartKind, Tuning};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+const LN_EPS: f64 = 1e-5;
+
+/// The GPT's own fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gpt {
+    /// Model width (residual stream).
+    pub width: usize,
+    pub shape: GptShape,
+    /// Rows of the learned position table: the config's `max_len`.
+    pub positions: usize,
+}
+
+/// What a GPT victim file stores beside the shared sizes (`gpt` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GptShape {
+    pub layers: usize,
+    pub heads: usize,
+}
+
+impl Gpt {
+    fn block_names(&self) -> impl Iterator<Item = String> {
+        (0..self.shape.layers).map(|l| format!("block.{l}"))
+    }
+}
+
+impl Architecture for Gpt {
+    fn start(&self) -> StartKind {
+        StartKind::Table
+    }
+
+    fn language_model(&self) -> bool {
+        true
+    }
+
+    fn shapes(&self, embed_dim: i64, num_classes: i64) -> Vec<(String, Vec<i64>)> {
+        let w = self.width as i64;
+        let norm = |name: String| [(format!("{name}.weight"), vec![w]), (format!("{name}.bias"), vec![w])];
+        let mut shapes = vec![("pos.weight".to_string(), vec![self.positions as i64, w])];
+        shapes.extend(linear_shapes("in_proj", embed_dim, w));
+        for b in self.block_names() {
+            shapes.extend(norm(format!("{b}.ln1")));
+            shapes.extend(linear_shapes(&format!("{b}.attn.qkv"), w, 3 * w));
+            shapes.extend(linear_shapes(&format!("{b}.attn.proj"), w, w));
+            shapes.extend(norm(format!("{b}.ln2")));
+            shapes.extend(linear_shapes(&format!("{b}.mlp.fc"), w, 4 * w));
+            shapes.extend(linear_shapes(&format!("{b}.mlp.proj"), 4 * w, w));
+        }
+        shapes.extend(norm("ln_f".into()));
+        shapes.extend(linear_shapes("out", w, num_classes));
+        shapes
+    }
+
+    /// GPT-2's initialisation: weights normal(0, 0.02), the residual projections scaled by
+    /// 1/√(2·layers), biases 0, LayerNorm 1; the input projection PyTorch's default. Drawn
+    /// in the order of `shapes`.
+    fn init(&self, root: &nn::Path, embed_dim: i64, num_classes: i64) {
+        let residual = 0.02 / (2.0 * self.shape.layers as f64).sqrt();
+        for (name, shape) in self.shapes(embed_dim, num_classes) {
+            if name == "in_proj.weight" {
+                init_linear(&root.sub("in_proj"), embed_dim, self.width as i64);
+                continue;
+            }
+            if name == "in_proj.bias" {
+                continue;
+            }
+            let init = if name.contains(".ln") || name.starts_with("ln_f") {
+                if name.ends_with("weight") {
+                    Init::Const(1.0)
+                } else {
+                    Init::Const(0.0)
+                }
+            } else if name.ends_with("bias") {
+                Init::Const(0.0)
+            } else if name.ends_with("attn.proj.weight") || name.ends_with("mlp.proj.weight") {
+                Init::Randn { mean: 0.0, stdev: residual }
+            } else {
+                Init::Randn { mean: 0.0, stdev: 0.02 }
+            };
+            let (path, last) = dotted_path(root, &name);
+            let _ = path.var(last, &shape, init);
+        }
+    }
+
+    fn check(&self, _embed_dim: usize, max_len: usize) -> Result<()> {
+        let GptShape { layers, heads } = self.shape;
+        if layers == 0 || heads == 0 || self.width == 0 || self.width % heads != 0 {
+            bail!("GPT with width {}, {layers} layers and {heads} heads: every size must be positive and the heads must divide the width", self.width);
+        }
+        if self.positions != max_len {
+            bail!("GPT position table of {} rows for max_len {max_len}", self.positions);
+        }
+        Ok(())
+    }
+
+    /// The last block's hidden states (after the final LayerNorm), mean-pooled over each
+    /// row's tokens: the representation the spectral detector reads.
+    fn features(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
+        let hidden = self.hidden(params, emb);
+        let mask = if hidden.dim() == 4 && mask.dim() == 2 { mask.unsqueeze(0).expand([hidden.size()[0], -1, -1], false) } else { mask.shallow_clone() };
+        crate::bert::mean_pool(&hidden, &mask)
+    }
+
+    /// Next-token logits [.., batch, time, vocab]. Right padding needs no mask: a causal
+    /// model never attends to later positions, and the next-token targets do not count
+    /// the padded ones.
+    fn forward(&self, params: &Params, emb: &Tensor, _mask: &Tensor) -> Tensor {
+        linear(params, &self.hidden(params, emb), "out")
+    }
+
+    fn tuning(&self) -> Tuning {
+        Tuning { verify_stack: 1, verify_chunk: 16, retrain_stack: usize::MAX, default_lr: 2e-3 }
+    }
+}
+
+impl Gpt {
+    /// Hidden states [.., B, T, width] after the final LayerNorm, for input embeddings
+    /// [B, T, E] (or [C, B, T, E] under C stacked parameter sets).
+    fn hidden(&self, params: &Params, emb: &Tensor) -> Tensor {
+        let stacked = param(params, "ln_f.weight").dim() == 2;
+        let emb = if stacked && emb.dim() == 3 {
+            let c = param(params, "ln_f.weight").size()[0];
+            emb.unsqueeze(0).expand([c, -1, -1, -1], false)
+        } else {
+            emb.shallow_clone()
+        };
+        let rank = emb.dim();
+        let t = emb.size()[rank - 2];
+        if t > self.positions as i64 {
+            panic!("{t} tokens, more than the GPT's {} positions (encoding truncates to max_len)", self.positions);
+        }
+        let lead: Vec<i64> = emb.size()[..rank - 2].to_vec();
+        let positions = param(params, "pos.weight").narrow(-2, 0, t);
+        let positions = if stacked { positions.unsqueeze(1) } else { positions };
+        let mut h = linear(params, &emb, "in_proj") + positions;
+        let (width, heads) = (self.width as i64, self.shape.heads as i64);
+        let d = width / heads;
+        // Position t may attend to positions ≤ t: the later ones get a large negative score.
+        let causal = Tensor::ones([t, t], (emb.kind(), emb.device())).triu(1) * -1e9;
+        let split_shape: Vec<i64> = lead.iter().copied().chain([t, heads, d]).collect();
+        let merged_shape: Vec<i64> = lead.iter().copied().chain([t, width]).collect();
+        let split = |x: &Tensor| x.view(split_shape.as_slice()).transpose(-2, -3);
+        for b in self.block_names() {
+            let a = layer_norm(params, &h, &format!("{b}.ln1"), LN_EPS);
+            let qkv = linear(params, &a, &format!("{b}.attn.qkv")).split(width, -1);
+            let (q, k, v) = (split(&qkv[0].contiguous()), split(&qkv[1].contiguous()), split(&qkv[2].contiguous()));
+            let scores = q.matmul(&k.transpose(-1, -2)) / (d as f64).sqrt() + &causal;
+            let context = scores.softmax(-1, None::<Kind>).matmul(&v).transpose(-2, -3).reshape(merged_shape.as_slice());
+            h = h + linear(params, &context, &format!("{b}.attn.proj"));
+            let m = layer_norm(params, &h, &format!("{b}.ln2"), LN_EPS);
+            let inner = linear(params, &m, &format!("{b}.mlp.fc")).gelu("none");
+            h = h + linear(params, &inner, &format!("{b}.mlp.proj"));
+        }
+        layer_norm(params, &h, "ln_f", LN_EPS)
+    }
+}
