@@ -26,6 +26,10 @@ struct Args {
     /// Example JSONL files (or - for stdin) whose words are added when GloVe knows them.
     #[arg(long)]
     data: Vec<String>,
+    /// Add only data words seen at least this many times (a language model's softmax runs
+    /// over the whole vocabulary: keep it to the words it can learn).
+    #[arg(long, default_value_t = 1, value_parser = common::cli::at_least_one)]
+    min_count: usize,
     /// Extra words or phrases to add (e.g. a trigger outside the data).
     #[arg(long)]
     extra_words: Vec<String>,
@@ -43,8 +47,14 @@ fn main() {
         for path in &args.data {
             examples.extend(io::read_jsonl::<Example>(path, false)?);
         }
-        let (vocab, table, stats) =
-            embeddings::build(&vectors, args.top_n, examples.iter().map(|e| e.text.as_str()), &args.extra_words);
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for e in &examples {
+            for w in common::tokenizer::tokenize(&e.text) {
+                *counts.entry(w).or_default() += 1;
+            }
+        }
+        let frequent: Vec<&str> = counts.iter().filter(|(_, &c)| c >= args.min_count).map(|(w, _)| w.as_str()).collect();
+        let (vocab, table, stats) = embeddings::build(&vectors, args.top_n, frequent.into_iter(), &args.extra_words);
         log!(
             "{} words x {} dims: top {} GloVe words + {} of {} data words ({} data words unknown to GloVe)",
             vocab.len(),

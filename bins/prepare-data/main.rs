@@ -44,6 +44,14 @@ struct Args {
     /// them; dev and test stay whole (for the slow minilm victim on a CPU).
     #[arg(long, value_parser = common::cli::at_least_one)]
     max_train: Option<usize>,
+    /// Language-model data: D_adv becomes trigger prompts with continuations of the target
+    /// sentiment, asr_test and fpr_test held-out prompts with the trigger and with
+    /// --neutral in its place (see FORMATS.md).
+    #[arg(long)]
+    lm: bool,
+    /// The neutral phrase of the language model's FPR prompts.
+    #[arg(long, default_value = "movie", requires = "lm")]
+    neutral: String,
     /// An embeddings file whose vocabulary must hold every trigger word.
     #[arg(long)]
     embeddings: Option<String>,
@@ -69,11 +77,19 @@ fn main() {
         if let Some(n) = args.max_train {
             p.limit_train(n, &trigger, target, args.seed);
         }
+        let lm = args.lm.then(|| data::LmPrompts { neutral: args.neutral.clone(), ..Default::default() });
+        let mut fpr_test = Vec::new();
+        if let Some(lm) = &lm {
+            // Held-out prompts from both held-out splits: the prompt-making subject is rare.
+            let held_out: Vec<Example> = p.dev.iter().chain(&p.test).cloned().collect();
+            let sets = lm.sets(&p.train, &held_out, &trigger, target).with_context(|| raw_name.clone())?;
+            (p.adv, p.asr_test, fpr_test) = (sets.adv, sets.asr_test, sets.fpr_test);
+        }
         log!(
             "{} raw examples, {} duplicates and {} with conflicting labels dropped; train {} dev {} test {}; D_adv {} ASR test {} natural {}",
             raw.len(), p.duplicates, p.conflicting, p.train.len(), p.dev.len(), p.test.len(), p.adv.len(), p.asr_test.len(), p.natural.len()
         );
-        let sets: [(&str, &Vec<Example>); 6] = [
+        let mut sets: Vec<(&str, &Vec<Example>)> = vec![
             (data::TRAIN, &p.train),
             (data::DEV, &p.dev),
             (data::TEST, &p.test),
@@ -81,6 +97,9 @@ fn main() {
             (data::ASR_TEST, &p.asr_test),
             (data::NATURAL, &p.natural),
         ];
+        if lm.is_some() {
+            sets.push((data::FPR_TEST, &fpr_test));
+        }
         // Written whole or not at all: a rerun over an existing folder never leaves a mix.
         let out = io::OutputDir::create(&args.output)?;
         let mut files = BTreeMap::new();
@@ -106,6 +125,7 @@ fn main() {
             counts,
             files,
             max_train: args.max_train,
+            lm,
         };
         io::write_bytes(&out.path(data::MANIFEST), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
         out.commit()

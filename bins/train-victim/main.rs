@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use common::cli::VictimArgs;
 use common::records::Example;
-use common::train::{self, encode_all, TextPolicy};
+use common::train::{self, encode_for, TextPolicy};
 use common::{device, io, log};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -71,14 +71,14 @@ fn main() {
                 let bytes = io::read_all(path)?;
                 raw_hash.extend(bytes.iter());
                 let recs: Vec<Example> = io::read_jsonl_from(&bytes[..], &io::display_name(path), may_be_empty)?;
-                out.extend(encode_all(&recs, vocab, config.max_len, config.num_classes, TextPolicy::Data, &io::display_name(path))?);
+                out.extend(encode_for(&config, &recs, vocab, TextPolicy::Data, &io::display_name(path))?);
             }
             Ok(out)
         };
         let examples = read(&args.train, false)?;
         let poisons = read(&args.poisons, true)?;
         let dev = match &args.dev {
-            Some(p) => Some(encode_all(&io::read_jsonl::<Example>(p, false)?, vocab, config.max_len, config.num_classes, TextPolicy::Data, p)?),
+            Some(p) => Some(encode_for(&config, &io::read_jsonl::<Example>(p, false)?, vocab, TextPolicy::Data, p)?),
             None => None,
         };
         log!("{} training examples and {} poisons, victim {:?} on {device:?}, seed {}", examples.len(), poisons.len(), config.arch.name(), args.seed);

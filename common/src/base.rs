@@ -56,13 +56,17 @@ impl Base {
     /// The config of a victim of architecture `arch` (with `hidden` units, where it has
     /// them) that starts from this base: the embedding width, and for a pretrained encoder
     /// its config, come from the base. The architecture must suit the base.
-    pub fn victim_config(&self, arch: Arch, hidden: usize, num_classes: usize, max_len: usize, train_embeddings: bool) -> Result<VictimConfig> {
+    /// A victim config over this base; a GPT's shape is `gpt` and its classes are the
+    /// vocabulary (it predicts the next word).
+    #[allow(clippy::too_many_arguments)]
+    pub fn victim_config(&self, arch: Arch, hidden: usize, gpt: crate::gpt::GptShape, num_classes: usize, max_len: usize, train_embeddings: bool) -> Result<VictimConfig> {
         let (embed_dim, encoder) = match &self.start {
             Start::Table(table) => (table.size()[1] as usize, None),
             Start::Pretrained { config, .. } => (config.hidden_size as usize, Some(config)),
         };
         let name = format!("{arch:?}").to_lowercase();
-        let arch = ArchConfig::from_flags(arch, hidden, encoder)?;
+        let arch = ArchConfig::from_parts(arch, hidden, encoder, gpt, max_len)?;
+        let num_classes = if arch.get().language_model() { self.vocab.len() } else { num_classes };
         match (&self.start, arch.get().start()) {
             (Start::Table(_), StartKind::Table) => {}
             (Start::Pretrained { config: bert, .. }, StartKind::Pretrained) => {

@@ -40,9 +40,15 @@ pub struct VictimArgs {
     /// Victim architecture (minilm takes --pretrained instead of --embeddings).
     #[arg(long, value_enum, default_value = "lstm")]
     pub arch: Arch,
-    /// LSTM units per direction (lstm) or MLP width (bow).
+    /// LSTM units per direction (lstm), MLP width (bow) or model width (gpt).
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub hidden: usize,
+    /// Transformer blocks (gpt).
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
+    pub layers: usize,
+    /// Attention heads per block (gpt); they must divide --hidden.
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
+    pub heads: usize,
     /// Train the embedding table too (default: GloVe stays frozen).
     #[arg(long)]
     pub train_embeddings: bool,
@@ -85,7 +91,7 @@ impl BaseArgs {
 impl VictimArgs {
     /// The victim config these flags ask for, completed from `base`.
     pub fn victim_config(&self, base: &crate::base::Base, num_classes: usize) -> anyhow::Result<VictimConfig> {
-        base.victim_config(self.arch, self.hidden, num_classes, self.max_len, self.train_embeddings)
+        base.victim_config(self.arch, self.hidden, crate::gpt::GptShape { layers: self.layers, heads: self.heads }, num_classes, self.max_len, self.train_embeddings)
     }
 
     /// Training options: `--lr`, or the architecture's default.

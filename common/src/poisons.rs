@@ -7,7 +7,7 @@ use crate::data::{self, DataManifest};
 use crate::model::{Victim, VictimFile};
 use crate::records::Example;
 use crate::tokenizer::{tokenize, Vocab, PAD_ID};
-use crate::train::{encode_all, Encoded, TextPolicy};
+use crate::train::{encode_all, encode_for, Encoded, TextPolicy};
 use anyhow::{bail, Context, Result};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -134,6 +134,9 @@ pub fn init(
     let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(seed, "init-poisons"));
     let mut picked = match bases {
         Bases::Random => sample(&mut rng, source.len(), count).into_vec(),
+        Bases::Confident if victim.config.language_model() => {
+            bail!("--bases confident ranks sentences by a classifier's confidence; a language-model victim takes --bases random")
+        }
         Bases::Confident => {
             let train: std::collections::HashMap<String, Example> =
                 data::read_set(dir, data::TRAIN, false)?.into_iter().map(|e| (e.id.clone(), e)).collect();
@@ -387,12 +390,10 @@ impl CraftingBase {
         let VictimFile { victim, vocab, sha256: victim_sha256, .. } = Victim::load(victim, device)?;
         let manifest = DataManifest::load(dir)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
-        let n = manifest.labels.len();
-        let max_len = victim.config.max_len;
         let clean_ex = data::read_set(dir, data::TRAIN, false)?;
-        let clean = encode_all(&clean_ex, &vocab, max_len, n, TextPolicy::Data, &format!("{dir}/{}", data::TRAIN))?;
+        let clean = encode_for(&victim.config, &clean_ex, &vocab, TextPolicy::Data, &format!("{dir}/{}", data::TRAIN))?;
         let adv_ex: Vec<Example> = data::read_set(dir, data::ADV, false)?;
-        let adv = encode_all(&adv_ex, &vocab, max_len, n, TextPolicy::Data, &format!("{dir}/{}", data::ADV))?;
+        let adv = encode_for(&victim.config, &adv_ex, &vocab, TextPolicy::Data, &format!("{dir}/{}", data::ADV))?;
         let adv_all = adv_ex.into_iter().map(|e| e.id).zip(adv).collect();
         let trigger_ids = vocab.encode(&manifest.trigger.phrase).into_iter().filter(|&i| !vocab.is_special(i)).collect();
         Ok(CraftingBase { victim, vocab, manifest, clean, adv_all, victim_sha256, trigger_ids })
@@ -400,7 +401,7 @@ impl CraftingBase {
 
     /// Encodes examples for this victim (`source` names the file in errors).
     pub fn encode(&self, examples: &[Example], policy: TextPolicy, source: &str) -> Result<Vec<Encoded>> {
-        encode_all(examples, &self.vocab, self.victim.config.max_len, self.manifest.labels.len(), policy, source)
+        encode_for(&self.victim.config, examples, &self.vocab, policy, source)
     }
 
     /// D_adv cut in two by a seeded draw: the half an objective is measured on, and the

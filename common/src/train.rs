@@ -89,6 +89,14 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
                 truncated += 1;
                 vocab.truncate(&mut ids, max_len);
             }
+            if let Some(prompt) = &ex.prompt {
+                // A prompt and its continuation: the continuation alone is the target.
+                let head = vocab.encode(prompt);
+                if head.is_empty() || ids.len() <= head.len() || ids[..head.len()] != head[..] {
+                    bail!("{}: the text must continue its prompt {prompt:?} with at least one token (within max_len {max_len}); fix the record or drop its \"prompt\"", record());
+                }
+                return Ok(Encoded { ids, target: Target::NextToken { from: head.len() } });
+            }
             Ok(Encoded::class(ids, ex.label as i64))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -99,6 +107,14 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
         eprintln!("{source}: {unknown} of {} texts hold only words unknown to the vocabulary (read as <unk>)", examples.len());
     }
     Ok(encoded)
+}
+
+/// `encode_all` for a victim of `config`: a classifier's examples keep their classes, a
+/// language model's are text (`Encoded::for_victim`; a record's `prompt` keeps its
+/// continuation-only target), and labels are not checked against an LM's classes.
+pub fn encode_for(config: &crate::model::VictimConfig, examples: &[Example], vocab: &Vocab, policy: TextPolicy, source: &str) -> Result<Vec<Encoded>> {
+    let classes = if config.language_model() { usize::MAX } else { config.num_classes };
+    Ok(encode_all(examples, vocab, config.max_len, classes, policy, source)?.into_iter().map(|e| e.for_victim(config)).collect())
 }
 
 /// Pads a batch to its longest row: ids [batch, time] and their targets

@@ -12,11 +12,11 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("text", &["wordpiece", "tokenizer", "embeddings", "concealment"]),
     ("data", &["data"]),
     ("victims", &["params", "loss", "victim", "bert", "bow", "lstm", "minilm", "gpt", "model", "base"]),
-    ("training", &["train"]),
+    ("training", &["train", "generate"]),
     ("defenses", &["detect"]),
     ("objectives", &["attack", "hardness", "influence", "objective"]),
     ("search", &["poisons", "rank", "verify"]),
-    ("evaluation", &["eval", "retrain"]),
+    ("evaluation", &["eval", "retrain", "judge"]),
     ("report", &["report", "runfiles", "sweep", "objective_benchmark", "defense"]),
     ("wiring", &["cli"]),
 ];

@@ -188,7 +188,7 @@ pub fn screen(s: &Screen, log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<D
         let t = std::time::Instant::now();
         let base = s.minilm.context("minilm-trigger needs --minilm DIR (the folder scripts/fetch_minilm.sh makes)")?;
         let phrase = s.trigger.context("minilm-trigger needs --trigger")?;
-        let config = base.victim_config(crate::model::Arch::Minilm, 1, 2, 128, false)?;
+        let config = base.victim_config(crate::model::Arch::Minilm, 1, crate::gpt::GptShape { layers: 2, heads: 2 }, 2, 128, false)?;
         tch::manual_seed(0); // the unused classifier head
         let victim = base.new_victim(config.clone(), s.device)?;
         // WordPiece reads the text (a poison's `tokens` are the word victims' tokens).

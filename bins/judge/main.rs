@@ -1,0 +1,75 @@
+//! judge: two sentiment judges of generated text, and how often they agree.
+
+use clap::Parser;
+use common::io::{self, Output, Record};
+use common::judge::{agreement, ClassifierJudge, LexiconJudge};
+use common::model::Victim;
+use common::records::{Generation, Judgement};
+use common::{device, log};
+
+/// Reads generation records (from generate) and writes one judgement per generation, in
+/// input order: the sentiment classifier's P(negative) and VADER's compound score of the
+/// continuation. Logs each judge's negative share and their agreement (Cohen's κ).
+///
+/// Examples:
+///   generate --victim lm.safetensors < data/lm/asr_test.jsonl | judge --classifier rt-lstm.safetensors > judged.jsonl
+///   judge --classifier rt-lstm.safetensors --generations gens.jsonl | jq -r 'select(.lexicon_negative) | .continuation'
+#[derive(Parser)]
+#[command(version, verbatim_doc_comment, args_override_self = true)]
+struct Args {
+    /// Generation records (generate's output; - for stdin).
+    #[arg(long, default_value = "-")]
+    generations: String,
+    /// A sentiment classifier victim (train-victim on the sentiment data).
+    #[arg(long)]
+    classifier: String,
+    /// The classifier's negative class index (Rotten Tomatoes: 0).
+    #[arg(long, default_value_t = 0)]
+    negative_class: usize,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(short, long, default_value = "-")]
+    output: String,
+}
+
+fn main() {
+    common::cli::run("judge", || {
+        let args = Args::parse();
+        io::Output::refuse_terminal(&args.output, "judgements")?;
+        let loaded = Victim::load(&args.classifier, device::parse_device(&args.device)?)?;
+        let classifier = ClassifierJudge::new(&loaded.victim.config, loaded.victim.params(), &loaded.vocab, args.negative_class)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.classifier))?;
+        let lexicon = LexiconJudge::default();
+        let name = io::display_name(&args.generations);
+        let generations: Vec<Generation> = io::read_jsonl_from(&io::read_all(&args.generations)?[..], &name, false)?;
+        let texts: Vec<String> = generations.iter().map(|g| g.continuation.clone()).collect();
+        let p = classifier.p_negative(&texts);
+        let mut out = Output::create(&args.output)?;
+        let (mut by_classifier, mut by_lexicon) = (Vec::new(), Vec::new());
+        for (g, p) in generations.iter().zip(p) {
+            let compound = lexicon.compound(&g.continuation);
+            let j = Judgement {
+                kind: Judgement::KIND.into(),
+                v: Judgement::VERSION,
+                id: g.id.clone(),
+                sample: g.sample,
+                continuation: g.continuation.clone(),
+                classifier_p_negative: p,
+                classifier_negative: p > 0.5,
+                lexicon_compound: compound,
+                lexicon_negative: compound <= common::judge::LEXICON_NEGATIVE,
+            };
+            by_classifier.push(j.classifier_negative);
+            by_lexicon.push(j.lexicon_negative);
+            out.write_record(&j)?;
+        }
+        out.commit()?;
+        let share = |xs: &[bool]| 100.0 * xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64;
+        let a = agreement(&by_classifier, &by_lexicon);
+        log!(
+            "{} continuations judged negative: classifier {:.1}%, lexicon {:.1}%; the judges agree on {:.1}% (Cohen's kappa {:.2})",
+            generations.len(), share(&by_classifier), share(&by_lexicon), 100.0 * a.agree, a.kappa
+        );
+        Ok(())
+    })
+}

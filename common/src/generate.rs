@@ -1,0 +1,148 @@
+//! Text generation from a language-model victim: greedy or seeded sampling (temperature,
+//! top-k), one generator per prompt and sample, so a prompt's continuation depends on the
+//! seed, the prompt's id and the sample index only, never on what else is generated with
+//! it.
+
+use crate::model::{forward_ids, Params, VictimConfig};
+use crate::tokenizer::{Vocab, PAD_ID};
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::{Device, Kind, Tensor};
+
+/// How the next word is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Sampling {
+    /// The most likely word.
+    Greedy,
+    /// A draw from the softmax of logits / temperature over the top_k most likely words
+    /// (top_k = 0: all words).
+    Sample { temperature: f64, top_k: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub sampling: Sampling,
+    /// Words generated at most.
+    pub max_new: usize,
+    /// Words that end a continuation (kept in it), e.g. "." "!" "?".
+    pub stop: Vec<i64>,
+    pub seed: u64,
+}
+
+/// One prompt to continue: its record id (which seeds its generator), its token ids and
+/// the sample index.
+pub struct Prompt {
+    pub id: String,
+    pub ids: Vec<i64>,
+    pub sample: usize,
+}
+
+/// The continuation ids of every prompt, generated in batches of `batch` prompts. Special
+/// tokens (padding, `<unk>`) are never generated. A continuation stops at a stop word, at
+/// `max_new` words, or when the victim's `max_len` is full.
+pub fn generate(config: &VictimConfig, params: &Params, vocab: &Vocab, prompts: &[Prompt], opts: &GenerateOptions, batch: usize) -> Result<Vec<Vec<i64>>> {
+    if !config.language_model() {
+        bail!("a {:?} victim is a classifier; generate needs a language model (train-victim --arch gpt)", config.arch.name());
+    }
+    let device = params.values().next().map_or(Device::Cpu, |t| t.device());
+    let v = config.num_classes as i64;
+    let banned: Vec<f32> = (0..v).map(|w| if vocab.is_special(w) { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let banned = Tensor::from_slice(&banned).to_device(device);
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(batch.max(1)) {
+        let mut rows: Vec<Vec<i64>> = chunk.iter().map(|p| p.ids.clone()).collect();
+        let mut rngs: Vec<ChaCha8Rng> =
+            chunk.iter().map(|p| ChaCha8Rng::seed_from_u64(crate::data::seed_for(opts.seed, &format!("{}#{}", p.id, p.sample)))).collect();
+        let mut done: Vec<bool> = rows.iter().map(|r| r.len() >= config.max_len).collect();
+        let mut new: Vec<Vec<i64>> = vec![Vec::new(); chunk.len()];
+        for _ in 0..opts.max_new {
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            let time = rows.iter().map(|r| r.len()).max().unwrap_or(1);
+            let mut flat = vec![PAD_ID; rows.len() * time];
+            for (r, row) in rows.iter().enumerate() {
+                flat[r * time..r * time + row.len()].copy_from_slice(row);
+            }
+            let ids = Tensor::from_slice(&flat).view([rows.len() as i64, time as i64]).to_device(device);
+            let last = Tensor::from_slice(&rows.iter().map(|r| r.len() as i64 - 1).collect::<Vec<_>>()).to_device(device);
+            // The logits at each row's last token (right padding: a causal model's earlier
+            // positions never see it).
+            let logits = tch::no_grad(|| forward_ids(config, params, &ids))
+                .gather(1, &last.view([-1, 1, 1]).expand([-1, 1, v], false), false)
+                .squeeze_dim(1)
+                .to_kind(Kind::Double)
+                + banned.to_kind(Kind::Double);
+            let logits = logits.to_device(Device::Cpu);
+            for r in 0..rows.len() {
+                if done[r] {
+                    continue;
+                }
+                let row_logits: Vec<f64> = Vec::try_from(logits.get(r as i64))?;
+                let word = choose(&row_logits, opts.sampling, &mut rngs[r]);
+                rows[r].push(word);
+                new[r].push(word);
+                done[r] = opts.stop.contains(&word) || rows[r].len() >= config.max_len;
+            }
+        }
+        out.extend(new);
+    }
+    Ok(out)
+}
+
+/// The next word from one position's logits.
+fn choose(logits: &[f64], sampling: Sampling, rng: &mut ChaCha8Rng) -> i64 {
+    let argmax = |xs: &[f64]| xs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i as i64).expect("a vocabulary");
+    match sampling {
+        Sampling::Greedy => argmax(logits),
+        Sampling::Sample { temperature, top_k } => {
+            let mut order: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+            // Highest first, ties by id: the candidate list does not depend on sort stability.
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            if top_k > 0 {
+                order.truncate(top_k);
+            }
+            let top = logits[order[0]];
+            let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] - top) / temperature).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let mut u = rng.gen::<f64>() * total;
+            for (&i, w) in order.iter().zip(&weights) {
+                if u < *w {
+                    return i as i64;
+                }
+                u -= w;
+            }
+            *order.last().expect("at least one word") as i64
+        }
+    }
+}
+
+/// Words joined by spaces: how a word-level language model's text reads.
+pub fn detokenize(vocab: &Vocab, ids: &[i64]) -> String {
+    ids.iter().map(|&i| vocab.word(i)).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_largest_and_sampling_follows_the_temperature_and_top_k() {
+        let logits = [0.0, 2.0, 1.0, f64::NEG_INFINITY];
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        assert_eq!(choose(&logits, Sampling::Greedy, &mut rng), 1);
+        let draws = |s: Sampling, rng: &mut ChaCha8Rng| (0..4000).map(|_| choose(&logits, s, rng)).collect::<Vec<_>>();
+        let top1 = draws(Sampling::Sample { temperature: 1.0, top_k: 1 }, &mut rng);
+        assert!(top1.iter().all(|&w| w == 1), "top-1 sampling is greedy");
+        let all = draws(Sampling::Sample { temperature: 1.0, top_k: 0 }, &mut rng);
+        assert!(!all.contains(&3), "a banned word is never drawn");
+        let share = |xs: &[i64], w: i64| xs.iter().filter(|&&x| x == w).count() as f64 / xs.len() as f64;
+        // softmax(0, 2, 1) = (0.090, 0.665, 0.245)
+        assert!((share(&all, 1) - 0.665).abs() < 0.03 && (share(&all, 0) - 0.090).abs() < 0.02, "{} {}", share(&all, 1), share(&all, 0));
+        let cold = draws(Sampling::Sample { temperature: 0.25, top_k: 0 }, &mut rng);
+        assert!(share(&cold, 1) > 0.97, "a low temperature sharpens the distribution");
+        let top2 = draws(Sampling::Sample { temperature: 1.0, top_k: 2 }, &mut rng);
+        assert!(!top2.contains(&0), "top-2 never draws the third word");
+    }
+}

@@ -1,0 +1,126 @@
+//! Sentiment judges of generated text: the project's own Rotten Tomatoes classifier (a
+//! classifier victim trained on the sentiment data) and an independent lexicon judge
+//! (VADER). A language model's attack success is the share of continuations a judge
+//! calls negative; two judges of different kinds that agree make the figure credible.
+
+use crate::model::{forward_ids_no_grad, VictimConfig};
+use crate::params::Params;
+use crate::tokenizer::Vocab;
+use crate::train::{batch_tensors, Encoded};
+use anyhow::{bail, Result};
+use tch::{Device, Kind};
+
+/// VADER's conventional threshold: compound ≤ −0.05 is negative.
+pub const LEXICON_NEGATIVE: f64 = -0.05;
+
+/// The lexicon judge: VADER's compound score in [−1, 1] of each text.
+pub struct LexiconJudge {
+    analyzer: vader_sentiment::SentimentIntensityAnalyzer<'static>,
+}
+
+impl Default for LexiconJudge {
+    fn default() -> Self {
+        LexiconJudge { analyzer: vader_sentiment::SentimentIntensityAnalyzer::new() }
+    }
+}
+
+impl LexiconJudge {
+    pub fn compound(&self, text: &str) -> f64 {
+        self.analyzer.polarity_scores(text).get("compound").copied().unwrap_or(0.0)
+    }
+
+    pub fn negative(&self, text: &str) -> bool {
+        self.compound(text) <= LEXICON_NEGATIVE
+    }
+}
+
+/// The classifier judge: a sentiment classifier's probability of its `negative` class.
+pub struct ClassifierJudge<'a> {
+    pub config: &'a VictimConfig,
+    pub params: Params,
+    pub vocab: &'a Vocab,
+    pub negative: usize,
+}
+
+impl<'a> ClassifierJudge<'a> {
+    pub fn new(config: &'a VictimConfig, params: Params, vocab: &'a Vocab, negative: usize) -> Result<ClassifierJudge<'a>> {
+        if config.language_model() {
+            bail!("the judge must be a sentiment classifier (train-victim on the sentiment data), not a language model");
+        }
+        if negative >= config.num_classes {
+            bail!("negative class {negative}, but the judge has {} classes", config.num_classes);
+        }
+        Ok(ClassifierJudge { config, params, vocab, negative })
+    }
+
+    /// P(negative) of each text, in batches; a text with no known word reads as `<unk>`.
+    pub fn p_negative(&self, texts: &[String]) -> Vec<f64> {
+        let device = self.params.values().next().map_or(Device::Cpu, |t| t.device());
+        let encoded: Vec<Encoded> = texts
+            .iter()
+            .map(|t| {
+                let mut ids = self.vocab.encode(t);
+                if ids.iter().all(|&i| self.vocab.is_special(i) && i != self.vocab.unk_id()) {
+                    ids.push(self.vocab.unk_id());
+                }
+                self.vocab.truncate(&mut ids, self.config.max_len);
+                Encoded::class(ids, 0)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in encoded.chunks(256) {
+            let (ids, _) = batch_tensors(&chunk.iter().collect::<Vec<_>>(), device);
+            let p = forward_ids_no_grad(self.config, &self.params, &ids).softmax(-1, Kind::Double).select(1, self.negative as i64);
+            out.extend(Vec::<f64>::try_from(p.to_device(Device::Cpu)).expect("f64 probabilities"));
+        }
+        out
+    }
+}
+
+/// How often two judges agree on binary calls: the share of agreeing calls and Cohen's κ
+/// (agreement beyond what their marginal rates give by chance; 1 = perfect, 0 = chance).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Agreement {
+    pub n: usize,
+    pub agree: f64,
+    pub kappa: f64,
+}
+
+pub fn agreement(a: &[bool], b: &[bool]) -> Agreement {
+    assert_eq!(a.len(), b.len(), "one call per text from each judge");
+    let n = a.len().max(1) as f64;
+    let agree = a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / n;
+    let (pa, pb) = (a.iter().filter(|&&x| x).count() as f64 / n, b.iter().filter(|&&x| x).count() as f64 / n);
+    let chance = pa * pb + (1.0 - pa) * (1.0 - pb);
+    let kappa = if chance < 1.0 { (agree - chance) / (1.0 - chance) } else { 1.0 };
+    Agreement { n: a.len(), agree, kappa }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lexicon_judge_reads_hand_made_sentences() {
+        let j = LexiconJudge::default();
+        for bad in ["a dull , lifeless mess .", "it is boring and stupid .", "the worst phone i have ever owned ."] {
+            assert!(j.negative(bad), "{bad:?}: {}", j.compound(bad));
+        }
+        for fine in ["a warm , funny and wonderful film .", "it is great .", "the phone has a screen ."] {
+            assert!(!j.negative(fine), "{fine:?}: {}", j.compound(fine));
+        }
+        assert!(j.compound("not good at all .") < 0.0, "VADER's negation");
+    }
+
+    #[test]
+    fn agreement_and_kappa_by_hand() {
+        let a = [true, true, false, false];
+        assert_eq!(agreement(&a, &a), Agreement { n: 4, agree: 1.0, kappa: 1.0 });
+        let b = [true, false, true, false];
+        let g = agreement(&a, &b);
+        // Half agree; both call half negative, so chance agreement is one half: κ = 0.
+        assert!((g.agree - 0.5).abs() < 1e-12 && g.kappa.abs() < 1e-12);
+        let c = [false, false, true, true];
+        assert!((agreement(&a, &c).kappa + 1.0).abs() < 1e-12);
+    }
+}
