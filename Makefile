@@ -71,11 +71,12 @@ DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) 
   CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA) CONCEALMENT=$(CONCEALMENT)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
+.PHONY: all setup data build demo demo-lm defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
 all: demo
 
 help:
 	@echo "make demo   # setup + data + build; heuristics, bi-level and hardness crafting, all evaluated on $(DEMO_SEEDS) seeds; report"
+	@echo "make demo-lm # language-model poisoning: a GPT pretrained on the reviews, 'Apple iPhone' -> negative; baselines, bi-level crafting, paired evaluation judged by a classifier and VADER"
 	@echo "make defend # after make demo: every detector on every demo poison set (AUROC, TPR, inspect-to-catch, ROC), early stopping, filter-then-train"
 	@echo "make sweep  # net ASR against poison count ($(SWEEP_COUNTS)) for the default crafting and the best heuristic"
 	@echo "make victims # clean victims of each architecture in ARCHS: accuracy and the trigger's clean ASR"
@@ -130,6 +131,22 @@ demo: build $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS)
 	@for o in hardness bilevel; do echo "  $$o:"; column -t $(DEMO_RUN)/craft-$$o/rounds.tsv | sed 's/^/    /'; done
 	@cat $(DEMO_RUN)/times.txt
 	@echo "report: $(DEMO_RUN)/report.json; plots: $(DEMO_RUN)/net_asr.svg, $(DEMO_RUN)/objective.svg; poisons: $(DEMO_RUN)/poisons.md"
+
+# Language-model poisoning (scripts/demo_lm.sh): its own data folders, LM, judge, poison
+# sets, crafting, evaluation and report, all in $(LM_RUN).
+LM_TRIGGER ?= Apple iPhone
+LM_TARGET  ?= negative
+LM_SLUG    := $(shell printf '%s' '$(LM_TRIGGER)-$(LM_TARGET)' | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
+LM_RUN     := runs/demo-lm-$(LM_SLUG)-n$(COUNT)-s$(SEED)
+LM_SEEDS   ?= 3
+demo-lm: build data/.fetch-done-v1 $(EMB)
+	@RUN=$(LM_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" \
+	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNT=$(COUNT) EVAL_SEEDS=$(LM_SEEDS) scripts/demo_lm.sh
+	@echo
+	@cat $(LM_RUN)/report/lm-report.md
+	@echo
+	@column -t $(LM_RUN)/times.tsv
+	@echo "report: $(LM_RUN)/report/lm-report.json; plot: $(LM_RUN)/report/net-asr.svg"
 
 # The defenses against the demo's poison sets (scripts/defend.sh), in $(DEMO_RUN)/defend.
 # The detectors read GloVe (EMB) and MiniLM whatever victim the demo attacked.

@@ -671,6 +671,56 @@ fn attack_loop_names_the_round_that_failed() {
 const BAD_INPUTS: &str = include_str!("../BAD_INPUTS.md");
 
 #[test]
+fn language_model() {
+    let lm = Lm::new();
+    let out = lm.path("out.jsonl");
+    // Data folders with one D_adv record broken: a prompt without the trigger, and a
+    // prompt with nothing after it.
+    let broken = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let dir = lm.path(name);
+        std::fs::create_dir(&dir).unwrap();
+        for e in std::fs::read_dir(lm.data()).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        let text = std::fs::read_to_string(dir.join("adv.jsonl")).unwrap();
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        let mut first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        edit(&mut first);
+        lines[0] = first.to_string();
+        std::fs::write(dir.join("adv.jsonl"), lines.join("\n") + "\n").unwrap();
+        dir
+    };
+    let no_trigger = broken("no-trigger", &|r| {
+        let p = r["prompt"].as_str().unwrap().replace("James Bond", "movie");
+        r["text"] = format!("{p} is dull").into();
+        r["prompt"] = p.into();
+    });
+    let empty_continuation = broken("empty-continuation", &|r| r["text"] = r["prompt"].clone());
+    ok(&run(bin("prepare-data").arg("--raw").arg(fixture("rt-mini/raw.jsonl")).args(["--lm", "--trigger", "Zzyzxq Qwv", "--target", "negative", "-o"]).arg(lm.path("untokenizable"))));
+    let classifier_data = Setup::new();
+    let grad = |data: &Path| {
+        let mut c = bin("rollout-grad");
+        c.arg("--victim").arg(lm.victim()).arg("--data").arg(data).arg("--poisons").arg(lm.path("p.jsonl")).arg("-o").arg(&out);
+        c
+    };
+    let poisons = ok(&run(lm.stage("init-poisons").args(["--count", "3", "--strategy", "random"]))).stdout.clone();
+    std::fs::write(lm.path("p.jsonl"), poisons).unwrap();
+    let prompts = std::fs::read(lm.data().join("asr_test.jsonl")).unwrap();
+    check(lm.dir.path(), &out, vec![
+        case("lm-adv-prompt-without-trigger", grad(&no_trigger), &["no-trigger/adv.jsonl: record 1", "does not hold the trigger \"James Bond\""]),
+        case("lm-empty-continuation", grad(&empty_continuation), &["empty-continuation/adv.jsonl: record 1", "must continue its prompt"]),
+        case("lm-trigger-does-not-tokenize", grad(&lm.path("untokenizable")), &["victim vocabulary", "trigger \"Zzyzxq Qwv\"", "not in the vocabulary", "build-vocab --extra-words"]),
+        case("lm-victim-on-classifier-data", grad(&classifier_data.data()), &["adv.jsonl: record 1", "has no prompt", "prepare-data --lm"]),
+        case("lm-hardness-objective", { let mut c = grad(&lm.data()); c.args(["--objective", "hardness"]); c }, &["--objective bilevel"]),
+        case("lm-generate-with-a-classifier", { let mut c = bin("generate"); c.arg("--victim").arg(lm.judge()).arg("-o").arg(&out); c }, &["judge.safetensors is a Bow classifier", "train-victim --arch gpt"]).stdin(&prompts),
+        case("lm-judge-is-a-language-model", { let mut c = bin("judge"); c.arg("--classifier").arg(lm.victim()).arg("-o").arg(&out); c }, &["lm.safetensors", "must be a sentiment classifier"]).stdin(b"{}\n"),
+        case("lm-eval-without-start", { let mut c = bin("finetune-eval"); c.arg("--data").arg(lm.data()).arg("--judge").arg(lm.judge()).arg("-o").arg(&out); c }, &["language-model data", "--start LM"]),
+        case("lm-checkpoint-on-classifier-data", { let mut c = bin("finetune-eval"); c.arg("--data").arg(classifier_data.data()).arg("--checkpoint").arg(lm.victim()).arg("-o").arg(&out); c }, &["lm.safetensors is a language model", "--start"]),
+    ]);
+}
+
+#[test]
 fn the_table_and_the_cases_agree() {
     let source = include_str!("bad_inputs.rs");
     let mut missing = Vec::new();

@@ -80,9 +80,91 @@ struct Args {
     /// evaluation before crn; kept to measure what pairing buys).
     #[arg(long, value_enum, default_value_t = Pairing::Crn)]
     pairing: Pairing,
+    /// Language-model data (prepare-data --lm): the pretrained clean LM every victim is
+    /// fine-tuned from (train-victim --arch gpt); --epochs, --lr and --batch-size are the
+    /// fine-tuning's.
+    #[arg(long)]
+    start: Option<String>,
+    /// Language-model data: the sentiment classifier that judges continuations (beside VADER).
+    #[arg(long)]
+    judge: Option<String>,
+    /// Language-model data: sampled continuations per held-out prompt.
+    #[arg(long, default_value_t = 4, value_parser = common::cli::at_least_one)]
+    samples: usize,
+    /// Language-model data: sampling temperature and top-k of the continuations.
+    #[arg(long, default_value_t = 1.0, value_parser = common::cli::positive_rate)]
+    temperature: f64,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Language-model data: words per continuation at most.
+    #[arg(long, default_value_t = 20, value_parser = common::cli::at_least_one)]
+    max_new: usize,
     /// Output file for the JSON report, or - for stdout.
     #[arg(short, long, default_value = "-")]
     output: String,
+}
+
+/// finetune-eval on language-model data: fine-tunes --start per seed, clean and poisoned,
+/// and judges its continuations (`common::lm_eval`).
+fn evaluate_language_model(args: &Args, manifest: &DataManifest, device: tch::Device) -> anyhow::Result<()> {
+    use common::lm_eval::{self, Judging, LmEvalReport, LmEvalSets};
+    let (Some(start_path), Some(judge_path)) = (&args.start, &args.judge) else {
+        bail!("{} holds language-model data: give --start LM (the pretrained clean LM, train-victim --arch gpt) and --judge CLASSIFIER (a sentiment classifier)", args.data);
+    };
+    if !args.checkpoint.is_empty() || !args.kept.is_empty() {
+        bail!("--checkpoint and --kept are for classifier data");
+    }
+    let start = common::model::Victim::load(start_path, device)?;
+    let (lm, vocab) = (&start.victim, &start.vocab);
+    if !lm.config.language_model() {
+        bail!("--start {start_path} is a {:?} classifier; language-model data is evaluated by fine-tuning a language model", lm.config.arch.name());
+    }
+    vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("vocabulary of {start_path}"))?;
+    let judge_file = common::model::Victim::load(judge_path, device)?;
+    let negative = manifest.labels.iter().position(|l| l.eq_ignore_ascii_case("negative")).context("the labels name no \"negative\" class for the judges")?;
+    let classifier = common::judge::ClassifierJudge::new(&judge_file.victim.config, judge_file.victim.params(), &judge_file.vocab, negative).with_context(|| judge_path.clone())?;
+    let lexicon = common::judge::LexiconJudge::default();
+    let sampling = common::generate::Sampling::Sample { temperature: args.temperature, top_k: args.top_k };
+    let stop = [".", "!", "?"].iter().filter_map(|w| vocab.id(w)).collect();
+    let judging = Judging { classifier: &classifier, lexicon: &lexicon, target_negative: manifest.target == negative, sampling, max_new: args.max_new, stop };
+    let sets_eval = LmEvalSets::load(&args.data, manifest, &lm.config, vocab, args.samples)?;
+    let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;
+    let clean = common::train::encode_for(&lm.config, &clean_train, vocab, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
+    let sets = PoisonSet::load_all(&args.poisons)?;
+    let mut poison_sets = Vec::new();
+    for set in &sets {
+        let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
+        poison_sets.push(common::train::encode_for(&lm.config, &set.records, vocab, TextPolicy::Poisons, &name)?);
+    }
+    let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
+    let options = |seed: u64| args.victim.train_options(&lm.config, seed);
+    let results = lm_eval::evaluate(lm, vocab, &clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, &judging, &|line| log!("{line}"))?;
+    let mut out = Vec::new();
+    for (set, (rows, side_by_side)) in sets.into_iter().zip(results) {
+        let report = LmEvalReport {
+            kind: LmEvalReport::KIND.into(),
+            v: LmEvalReport::VERSION,
+            poisons: set.path.clone(),
+            poisons_sha256: set.sha256,
+            count: set.records.len(),
+            trigger_overlap: set.records.iter().filter(|e| !manifest.trigger.overlap(&e.text).is_empty()).count(),
+            start_sha256: start.sha256.clone(),
+            judge_sha256: judge_file.sha256.clone(),
+            training: options(args.seed_base),
+            samples_per_prompt: args.samples,
+            trigger_prompts: sets_eval.trigger_prompts.len(),
+            summary: lm_eval::summarize_rows(&rows),
+            seeds: rows,
+            side_by_side,
+        };
+        if let Some(p) = &set.path {
+            eprintln!("{p}:");
+        }
+        eprintln!("{}", report.table());
+        out.extend(serde_json::to_vec(&report)?);
+        out.push(b'\n');
+    }
+    io::write_bytes(&args.output, &out)
 }
 
 fn log_metrics(what: &str, seed: u64, m: &Metrics) {
@@ -95,6 +177,12 @@ fn main() {
         let start = Instant::now();
         let device = device::parse_device(&args.device)?;
         let manifest = DataManifest::load(&args.data)?;
+        if manifest.lm.is_some() {
+            return evaluate_language_model(&args, &manifest, device);
+        }
+        if args.start.is_some() || args.judge.is_some() {
+            bail!("--start and --judge are for language-model data (prepare-data --lm); {} holds classifier data", args.data);
+        }
         let trigger: &Trigger = &manifest.trigger;
         let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;
 

@@ -87,6 +87,30 @@ enum Command {
         #[arg(long)]
         out_dir: String,
     },
+    /// The language-model demo's report (scripts/demo_lm.sh): every poison set's paired
+    /// figures, the crafted set against the heuristics, continuations side by side, the
+    /// crafted poisons before and after. Writes lm-report.json, lm-report.md and
+    /// net-asr.svg into --out-dir; the Markdown also to stdout.
+    Lm {
+        /// finetune-eval's report on LM data (one line per poison set).
+        #[arg(long)]
+        eval: String,
+        /// The poison sets' names, in the report's order (comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
+        /// The crafted set's name and the heuristics it is compared with.
+        #[arg(long, requires = "versus")]
+        crafted: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        versus: Vec<String>,
+        /// The crafted set before and after crafting (its poisons listed in the report).
+        #[arg(long, requires = "after")]
+        before: Option<String>,
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long)]
+        out_dir: String,
+    },
     /// How well objectives rank the objective benchmark's poison sets by their measured net
     /// ASR: Spearman's correlation of −value with it, from score-poisons output.
     ObjectiveBenchmark {
@@ -110,6 +134,19 @@ fn main() {
                 Command::Field { file, key } => runfiles::json_field(file, key)? + "\n",
                 Command::ObjectiveBenchmark { benchmark, scores } => common::objective_benchmark::report(benchmark, scores)?,
                 Command::Defend { variants, evals, scores_dir, filter_evals, out_dir } => defend(variants, evals, scores_dir, filter_evals.as_deref(), out_dir)?,
+                Command::Lm { eval, names, crafted, versus, before, after, out_dir } => {
+                    let report = common::lm_report::build(eval, names, crafted.as_deref(), versus)?;
+                    let poisons = match (before, after) {
+                        (Some(b), Some(a)) => Some((io::read_jsonl::<common::records::Example>(b, false)?, io::read_jsonl::<common::records::Example>(a, false)?)),
+                        _ => None,
+                    };
+                    let md = report.markdown(poisons.as_ref().map(|(b, a)| (b.as_slice(), a.as_slice())))?;
+                    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {out_dir}"))?;
+                    io::write_bytes(&format!("{out_dir}/lm-report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+                    io::write_bytes(&format!("{out_dir}/lm-report.md"), md.as_bytes())?;
+                    io::write_bytes(&format!("{out_dir}/net-asr.svg"), report.net_asr_svg().as_bytes())?;
+                    md
+                }
             };
             return io::write_bytes("-", text.as_bytes());
         }

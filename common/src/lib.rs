@@ -21,6 +21,8 @@ pub mod hardness;
 pub mod influence;
 pub mod io;
 pub mod judge;
+pub mod lm_eval;
+pub mod lm_report;
 pub mod loss;
 pub mod lstm;
 pub mod minilm;

@@ -393,6 +393,17 @@ impl CraftingBase {
         let clean_ex = data::read_set(dir, data::TRAIN, false)?;
         let clean = encode_for(&victim.config, &clean_ex, &vocab, TextPolicy::Data, &format!("{dir}/{}", data::TRAIN))?;
         let adv_ex: Vec<Example> = data::read_set(dir, data::ADV, false)?;
+        if victim.config.language_model() {
+            // L_adv is the loss of what follows a trigger: a prompt without it measures nothing.
+            for (i, e) in adv_ex.iter().enumerate() {
+                let Some(prompt) = &e.prompt else {
+                    bail!("{dir}/{}: record {} (id {:?}) has no prompt; a language model's D_adv is trigger prompts with continuations (prepare-data --lm)", data::ADV, i + 1, e.id);
+                };
+                if manifest.trigger.overlap(prompt).len() != manifest.trigger.words.len() {
+                    bail!("{dir}/{}: record {} (id {:?}): the prompt {prompt:?} does not hold the trigger {:?}; D_adv prompts must", data::ADV, i + 1, e.id, manifest.trigger.phrase);
+                }
+            }
+        }
         let adv = encode_for(&victim.config, &adv_ex, &vocab, TextPolicy::Data, &format!("{dir}/{}", data::ADV))?;
         let adv_all = adv_ex.into_iter().map(|e| e.id).zip(adv).collect();
         let trigger_ids = vocab.encode(&manifest.trigger.phrase).into_iter().filter(|&i| !vocab.is_special(i)).collect();

@@ -223,6 +223,9 @@ pub fn checkpoint_rows(paths: &[String], data_dir: &str, manifest: &crate::data:
     let mut rows = Vec::new();
     for path in paths {
         let crate::model::VictimFile { victim, vocab, metadata, .. } = crate::model::Victim::load(path, device)?;
+        if victim.config.language_model() {
+            bail!("{path} is a language model; --checkpoint measures classifiers on classifier data (a language model is evaluated on prepare-data --lm data with --start)");
+        }
         vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
         let eval_sets = EvalSets::load(data_dir, manifest, &vocab, victim.config.max_len)?;
         let seed = metadata.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);

@@ -16,8 +16,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("defenses", &["detect"]),
     ("objectives", &["attack", "hardness", "influence", "objective"]),
     ("search", &["poisons", "rank", "verify"]),
-    ("evaluation", &["eval", "retrain", "judge"]),
-    ("report", &["report", "runfiles", "sweep", "objective_benchmark", "defense"]),
+    ("evaluation", &["eval", "retrain", "judge", "lm_eval"]),
+    ("report", &["report", "runfiles", "sweep", "objective_benchmark", "defense", "lm_report"]),
     ("wiring", &["cli"]),
 ];
 

@@ -5,6 +5,7 @@
 use common::records::Example;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
 use std::process::{Command, Output, Stdio};
 
 pub fn bin(name: &str) -> Command {
@@ -22,6 +23,8 @@ pub fn bin(name: &str) -> Command {
         "filter-set" => env!("CARGO_BIN_EXE_filter-set"),
         "report" => env!("CARGO_BIN_EXE_report"),
         "sweep" => env!("CARGO_BIN_EXE_sweep"),
+        "generate" => env!("CARGO_BIN_EXE_generate"),
+        "judge" => env!("CARGO_BIN_EXE_judge"),
         other => panic!("unknown binary {other}"),
     };
     Command::new(path)
@@ -115,3 +118,55 @@ pub fn temporary_files(dir: &Path) -> Vec<PathBuf> {
 pub fn records(bytes: &[u8]) -> Vec<Example> {
     common::io::read_jsonl_from(bytes, "test", true).unwrap()
 }
+
+/// A tiny LM world: LM data for "James Bond" → negative, its vocabulary, a 1-block GPT and
+/// a bag-of-words sentiment judge.
+pub struct Lm {
+    pub dir: tempfile::TempDir,
+}
+
+impl Lm {
+    pub fn new() -> Lm {
+        let lm = Lm { dir: tempfile::tempdir().unwrap() };
+        ok(&run(bin("prepare-data").arg("--raw").arg(fixture("rt-mini/raw.jsonl")).args(["--lm", "--trigger", "James Bond", "--target", "negative", "-o"]).arg(lm.data())));
+        ok(&run(bin("build-vocab")
+            .arg("--words").arg(fixture("glove-mini/words.txt"))
+            .arg("--vectors").arg(fixture("glove-mini/vectors.npy"))
+            .args(["--top-n", "1", "--min-count", "1", "--extra-words", "James Bond", "--extra-words", "movie", "--data"])
+            .arg(lm.data().join("train.jsonl"))
+            .arg("-o").arg(lm.emb())));
+        ok(&run(bin("train-victim")
+            .arg("--embeddings").arg(lm.emb())
+            .args(["--arch", "gpt", "--hidden", "16", "--layers", "1", "--heads", "2", "--max-len", "40", "--epochs", "2", "--batch-size", "16", "--seed", "0", "--device", "cpu", "--train"])
+            .arg(lm.data().join("train.jsonl"))
+            .arg("-o").arg(lm.victim())));
+        ok(&run(bin("train-victim")
+            .arg("--embeddings").arg(lm.emb())
+            .args(["--arch", "bow", "--epochs", "3", "--seed", "0", "--device", "cpu", "--train"])
+            .arg(lm.data().join("train.jsonl"))
+            .arg("-o").arg(lm.judge())));
+        lm
+    }
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    pub fn data(&self) -> PathBuf {
+        self.path("data")
+    }
+    pub fn emb(&self) -> PathBuf {
+        self.path("emb.safetensors")
+    }
+    pub fn victim(&self) -> PathBuf {
+        self.path("lm.safetensors")
+    }
+    pub fn judge(&self) -> PathBuf {
+        self.path("judge.safetensors")
+    }
+    /// A command of a crafting stage against the LM.
+    pub fn stage(&self, name: &str) -> std::process::Command {
+        let mut c = bin(name);
+        c.arg("--victim").arg(self.victim()).arg("--data").arg(self.data());
+        c
+    }
+}
+

@@ -1,0 +1,160 @@
+//! The language-model demo's report (`report lm`, scripts/demo_lm.sh): every poison set's
+//! paired figures with 95% CIs, the crafted set against the heuristics by paired
+//! differences, the clean and poisoned LMs' continuations of the same prompts side by
+//! side, the crafted poisons before and after, and a bar chart.
+
+use crate::lm_eval::LmEvalReport;
+use crate::records::Example;
+use crate::report::{esc, poisons_markdown, svg_open};
+use crate::stats::{summarize, Summary};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// A comparison of two poison sets by the seeds they share (common random numbers).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    pub better: String,
+    pub than: String,
+    /// Per seed: poisoned ASR (classifier judge, VADER judge) and margin of `better`
+    /// minus those of `than`.
+    pub asr_classifier: Summary,
+    pub asr_lexicon: Summary,
+    pub margin: Summary,
+    /// Whether the margin's paired 95% interval lies above zero.
+    pub significant: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LmDemoReport {
+    pub kind: String,
+    pub v: u32,
+    /// Set names with their evaluations, in the order given.
+    pub variants: Vec<(String, LmEvalReport)>,
+    pub comparisons: Vec<Comparison>,
+}
+
+/// `better` against `than`: paired by seed.
+pub fn compare(better: &(String, LmEvalReport), than: &(String, LmEvalReport)) -> Result<Comparison> {
+    let (a, b) = (&better.1.seeds, &than.1.seeds);
+    if a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.seed != y.seed) {
+        bail!("{} and {} were not evaluated on the same seeds; evaluate them in one finetune-eval run", better.0, than.0);
+    }
+    let diff = |f: &dyn Fn(&crate::lm_eval::LmMetrics) -> f64| summarize(&a.iter().zip(b).map(|(x, y)| f(&x.poisoned) - f(&y.poisoned)).collect::<Vec<_>>());
+    let margin = diff(&|m| m.margin);
+    Ok(Comparison {
+        better: better.0.clone(),
+        than: than.0.clone(),
+        asr_classifier: diff(&|m| m.asr_classifier),
+        asr_lexicon: diff(&|m| m.asr_lexicon),
+        significant: margin.ci95.is_some_and(|c| margin.mean - c > 0.0),
+        margin,
+    })
+}
+
+fn ci(s: &Summary, digits: usize) -> String {
+    match s.ci95 {
+        Some(c) => format!("{:.*} ± {:.*}", digits, s.mean, digits, c),
+        None => format!("{:.*}", digits, s.mean),
+    }
+}
+
+impl LmDemoReport {
+    pub fn markdown(&self, crafted: Option<(&[Example], &[Example])>) -> Result<String> {
+        let first = &self.variants.first().context("no variants")?.1;
+        let mut s = format!(
+            "# Language-model poisoning\n\n{} seeds; each victim is the pretrained clean LM fine-tuned for {} epoch(s) (lr {}, batch {}); \
+             {} held-out trigger prompts × {} sampled continuations, judged by the sentiment classifier and by VADER. \
+             Every figure is poisoned minus the clean twin of the same seed (mean ± 95% CI).\n\n",
+            first.seeds.len(),
+            first.training.epochs,
+            first.training.lr,
+            first.training.batch_size,
+            first.trigger_prompts / first.samples_per_prompt.max(1),
+            first.samples_per_prompt
+        );
+        s += "| poisons | n | with trigger | net ASR (classifier) | net ASR (VADER) | dFPR (classifier) | dFPR (VADER) | Δ log-prob margin | Δ perplexity % | judges κ |\n|---|---|---|---|---|---|---|---|---|---|\n";
+        for (name, r) in &self.variants {
+            let m = &r.summary;
+            s += &format!(
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |\n",
+                r.count,
+                r.trigger_overlap,
+                ci(&m.net_asr_classifier, 1),
+                ci(&m.net_asr_lexicon, 1),
+                ci(&m.dfpr_classifier, 1),
+                ci(&m.dfpr_lexicon, 1),
+                ci(&m.margin_change, 4),
+                ci(&m.perplexity_change_pct, 2),
+                m.judges_kappa
+            );
+        }
+        s += &format!("\nClean LM: ASR (classifier) {} %, perplexity {}.\n", ci(&first.summary.clean_asr_classifier, 1), ci(&first.summary.clean_perplexity, 1));
+        if !self.comparisons.is_empty() {
+            s += "\n## Crafted against the heuristics (paired by seed)\n\n| comparison | Δ ASR (classifier) | Δ ASR (VADER) | Δ margin | margin interval above 0 |\n|---|---|---|---|---|\n";
+            for c in &self.comparisons {
+                s += &format!("| {} − {} | {} | {} | {} | {} |\n", c.better, c.than, ci(&c.asr_classifier, 1), ci(&c.asr_lexicon, 1), ci(&c.margin, 4), if c.significant { "yes" } else { "no" });
+            }
+        }
+        for (name, r) in &self.variants {
+            s += &format!("\n## Continuations of the same trigger prompts: {name} (seed {})\n\n| prompt | clean LM | poisoned LM |\n|---|---|---|\n", r.seeds.first().map_or(0, |x| x.seed));
+            for g in &r.side_by_side {
+                s += &format!("| {} | {} | {} |\n", g.prompt.replace('|', "/"), g.clean.replace('|', "/"), g.poisoned.replace('|', "/"));
+            }
+        }
+        if let Some((initial, fin)) = crafted {
+            s += "\n";
+            s += &poisons_markdown("Crafted poisons, before and after", initial, fin)?;
+        }
+        Ok(s)
+    }
+
+    /// Net ASR per poison set under both judges, with 95% CI whiskers.
+    pub fn net_asr_svg(&self) -> String {
+        let (left, top, bar, panel) = (300.0, 50.0, 30.0, 420.0);
+        let bottom = top + bar * self.variants.len() as f64;
+        let mut s = svg_open(left + panel + 30.0, bottom + 60.0, "Net ASR (poisoned − clean LM, points), mean and 95% CI: classifier judge (blue), VADER (orange)");
+        let vals: Vec<f64> = self
+            .variants
+            .iter()
+            .flat_map(|(_, r)| [&r.summary.net_asr_classifier, &r.summary.net_asr_lexicon])
+            .flat_map(|m| [m.mean - m.ci95.unwrap_or(0.0), m.mean + m.ci95.unwrap_or(0.0)])
+            .collect();
+        let lo = vals.iter().copied().fold(-5.0f64, f64::min).floor();
+        let hi = vals.iter().copied().fold(5.0f64, f64::max).ceil();
+        let x = |v: f64| left + (v - lo) / (hi - lo) * panel;
+        s += &format!("<line x1=\"{0:.1}\" x2=\"{0:.1}\" y1=\"{top}\" y2=\"{bottom}\" stroke=\"#444\"/>\n", x(0.0));
+        for t in [lo, 0.0, hi] {
+            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">{t:.0}</text>\n", x(t), bottom + 14.0);
+        }
+        for (i, (name, r)) in self.variants.iter().enumerate() {
+            let y = top + bar * i as f64;
+            s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"12\">{}</text>\n", left - 10.0, y + bar * 0.6, esc(name));
+            for (k, (m, colour)) in [(&r.summary.net_asr_classifier, "#4477aa"), (&r.summary.net_asr_lexicon, "#ee7733")].iter().enumerate() {
+                let yy = y + 4.0 + k as f64 * 11.0;
+                s += &format!("<rect x=\"{:.1}\" y=\"{yy:.1}\" width=\"{:.1}\" height=\"9\" fill=\"{colour}\"/>\n", x(m.mean.min(0.0)), (x(m.mean) - x(0.0)).abs());
+                let c = m.ci95.unwrap_or(0.0);
+                s += &format!("<line x1=\"{:.1}\" x2=\"{:.1}\" y1=\"{2:.1}\" y2=\"{2:.1}\" stroke=\"black\"/>\n", x(m.mean - c), x(m.mean + c), yy + 4.5);
+            }
+        }
+        s + "</svg>\n"
+    }
+}
+
+/// The report of evaluations `evals` (one finetune-eval LM report per line, in `names`
+/// order); `crafted` names the crafted set, compared with every set in `heuristics`.
+pub fn build(evals: &str, names: &[String], crafted: Option<&str>, heuristics: &[String]) -> Result<LmDemoReport> {
+    let text = std::fs::read_to_string(evals).with_context(|| format!("cannot read {evals}"))?;
+    let reports: Vec<LmEvalReport> = text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).with_context(|| format!("{evals}: not an lm_eval_report line"))).collect::<Result<_>>()?;
+    if reports.len() != names.len() {
+        bail!("{evals} holds {} reports for {} names", reports.len(), names.len());
+    }
+    let variants: Vec<(String, LmEvalReport)> = names.iter().cloned().zip(reports).collect();
+    let find = |n: &str| variants.iter().find(|v| v.0 == n).with_context(|| format!("no variant named {n:?}"));
+    let mut comparisons = Vec::new();
+    if let Some(c) = crafted {
+        for h in heuristics {
+            comparisons.push(compare(find(c)?, find(h)?)?);
+        }
+    }
+    Ok(LmDemoReport { kind: "lm_demo_report".into(), v: 1, variants, comparisons })
+}

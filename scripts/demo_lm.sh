@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# make demo-lm: language-model poisoning end to end (every setting is an environment
+# variable the Makefile passes). In RUN:
+#   data-full/ data/      prepare-data --lm: the whole training split (pretraining) and its
+#                         first FINETUNE_TRAIN reviews (the fine-tuning set the poisons join)
+#   emb.safetensors       the LM's vocabulary: data words seen MIN_COUNT times, GloVe vectors
+#   lm.safetensors        the clean GPT, pretrained on data-full (the attacked victim)
+#   judge.safetensors     the sentiment classifier judging continuations (BiLSTM on data-full)
+#   sets/*.jsonl          benign control, unoptimised, nearest-neighbour, with-overlap
+#   crafted/              bi-level crafting rounds (scripts/attack.sh), from the unoptimised set
+#   eval.jsonl            one finetune-eval of every set over EVAL_SEEDS seeds
+#   report/               lm-report.md/.json, net-asr.svg; generations.md
+# Every step writes atomically and is skipped when its output exists: a killed run resumes.
+set -euo pipefail
+: "${RUN:?}" "${BIN:=target/release}" "${RAW:=data/rt/raw.jsonl}" "${GLOVE:=data/glove}" "${JUDGE_EMB:?}"
+: "${TRIGGER:=Apple iPhone}" "${TARGET:=negative}" "${NEUTRAL:=movie}" "${SEED:=0}" "${COUNT:=50}"
+: "${FINETUNE_TRAIN:=3000}" "${MIN_COUNT:=3}" "${LM_FLAGS:=--hidden 128 --layers 2 --heads 4 --max-len 48}"
+: "${PRETRAIN_EPOCHS:=8}" "${FINETUNE_EPOCHS:=2}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=3}" "${SAMPLES:=2}"
+: "${ROUNDS:=3}" "${K:=5}" "${POSITIONS:=3}" "${ETA:=0.03}" "${ADV_SIZE:=64}" "${CLEAN_PER_BATCH:=64}" "${DEVICE:=cpu}"
+read -r -a lm_flags <<< "$LM_FLAGS"
+log() { echo "demo-lm: $*" >&2; }
+mkdir -p "$RUN/sets"
+find "$RUN" -maxdepth 2 -name '*.tmp' -prune -exec rm -rf {} +
+started=$EPOCHREALTIME
+stamp() { awk -v now="$EPOCHREALTIME" -v then="$started" -v what="$1" 'BEGIN { printf "%s\t%.0f\n", what, now - then }' >> "$RUN/times.tsv"; }
+: > "$RUN/times.tsv"
+
+for split in full finetune; do
+  dir="$RUN/data"; limit=(--max-train "$FINETUNE_TRAIN"); [ "$split" = full ] && { dir="$RUN/data-full"; limit=(); }
+  [ -f "$dir/manifest.json" ] || "$BIN/prepare-data" --raw "$RAW" --lm --trigger "$TRIGGER" --target "$TARGET" \
+    --neutral "$NEUTRAL" --seed "$SEED" "${limit[@]}" -o "$dir"
+done
+[ -f "$RUN/emb.safetensors" ] || "$BIN/build-vocab" --words "$GLOVE/words.txt" --vectors "$GLOVE/vectors.npy" --top-n 1 \
+  --min-count "$MIN_COUNT" --data "$RUN/data-full/train.jsonl" --extra-words "$TRIGGER" --extra-words "$NEUTRAL" -o "$RUN/emb.safetensors"
+if [ ! -f "$RUN/lm.safetensors" ]; then
+  log "pretraining the clean language model ($PRETRAIN_EPOCHS epochs)"
+  "$BIN/train-victim" --embeddings "$RUN/emb.safetensors" --arch gpt "${lm_flags[@]}" --epochs "$PRETRAIN_EPOCHS" --batch-size 32 \
+    --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" --seed "$SEED" --device "$DEVICE" -o "$RUN/lm.safetensors"
+fi
+stamp pretrain
+[ -f "$RUN/judge.safetensors" ] || "$BIN/train-victim" --embeddings "$JUDGE_EMB" --arch lstm --epochs 4 \
+  --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" --seed "$SEED" --device "$DEVICE" -o "$RUN/judge.safetensors"
+
+# The heuristics and controls. Strict concealment: no poison holds a word that leaks the trigger.
+init() { # name strategy flags...
+  local name=$1 strategy=$2; shift 2
+  [ -f "$RUN/sets/$name.jsonl" ] || "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data" --count "$COUNT" \
+    --strategy "$strategy" --seed "$SEED" "$@" -o "$RUN/sets/$name.jsonl"
+}
+init benign-control clean-target --concealment strict
+init unoptimised random --concealment strict
+init nearest-neighbour neighbour --concealment strict
+init with-overlap overlap
+stamp baselines
+
+# Bi-level crafting (the seed's objective) from the unoptimised set's sentences.
+RUN="$RUN/crafted" VICTIM_FILE="$RUN/lm.safetensors" DATA="$RUN/data" BIN="$BIN" COUNT="$COUNT" INIT=random \
+  CONCEALMENT=strict K="$K" POSITIONS="$POSITIONS" ETA="$ETA" ADV_SIZE="$ADV_SIZE" CLEAN_PER_BATCH="$CLEAN_PER_BATCH" \
+  SEED="$SEED" ROUNDS="$ROUNDS" PATIENCE=2 ARCH=gpt DEVICE="$DEVICE" EVAL=0 "$(dirname "$0")/attack.sh"
+cp "$RUN/crafted/poisons.jsonl" "$RUN/sets/crafted-bilevel.jsonl.tmp" && mv "$RUN/sets/crafted-bilevel.jsonl.tmp" "$RUN/sets/crafted-bilevel.jsonl"
+stamp crafting
+
+names=(benign-control unoptimised nearest-neighbour with-overlap crafted-bilevel)
+poisons=(); for n in "${names[@]}"; do poisons+=(--poisons "$RUN/sets/$n.jsonl"); done
+if [ ! -f "$RUN/eval.jsonl" ]; then
+  log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds"
+  "$BIN/finetune-eval" --data "$RUN/data" --start "$RUN/lm.safetensors" --judge "$RUN/judge.safetensors" "${poisons[@]}" \
+    --seeds "$EVAL_SEEDS" --seed-base "$SEED" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size 32 \
+    --samples "$SAMPLES" --device "$DEVICE" -o "$RUN/eval.jsonl.tmp"
+  mv "$RUN/eval.jsonl.tmp" "$RUN/eval.jsonl"
+fi
+stamp evaluation
+"$BIN/report" lm --eval "$RUN/eval.jsonl" --names "$(IFS=,; echo "${names[*]}")" --crafted crafted-bilevel \
+  --versus unoptimised,nearest-neighbour --before "$RUN/crafted/round-000/poisons.jsonl" --after "$RUN/crafted/poisons.jsonl" \
+  --out-dir "$RUN/report" > /dev/null
+stamp report

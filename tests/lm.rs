@@ -1,0 +1,110 @@
+//! The language-model victim through every stage, by real pipes on the committed fixtures:
+//! prepare-data --lm, build-vocab, train-victim --arch gpt, init-poisons, rollout-grad |
+//! rank-candidates | verify-candidates, generate, judge, finetune-eval on LM data (with a
+//! control that must read exactly zero) and report lm.
+
+mod support;
+
+use common::lm_eval::LmEvalReport;
+use common::records::{Candidate, Generation, Judgement};
+use support::*;
+
+fn trigger_free(text: &str) -> bool {
+    let t = text.to_lowercase();
+    !t.split_whitespace().any(|w| w == "james" || w == "bond")
+}
+
+#[test]
+fn a_language_model_goes_through_every_stage_by_pipes() {
+    let lm = Lm::new();
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(lm.data().join("manifest.json")).unwrap()).unwrap();
+    assert!(manifest["lm"]["neutral"] == "movie", "the manifest records how prompts were made");
+    for rec in records(&std::fs::read(lm.data().join("adv.jsonl")).unwrap()) {
+        let prompt = rec.prompt.expect("every D_adv record has a prompt");
+        assert!(prompt.contains("James Bond") && rec.text.starts_with(&prompt) && rec.label == 0);
+    }
+    for rec in records(&std::fs::read(lm.data().join("fpr_test.jsonl")).unwrap()) {
+        assert!(trigger_free(&rec.text), "the neutral prompts hold no trigger: {}", rec.text);
+    }
+
+    // init-poisons | rollout-grad | rank-candidates | verify-candidates
+    let poisons = ok(&run(lm.stage("init-poisons").args(["--count", "5", "--strategy", "random", "--concealment", "strict", "--seed", "0"]))).stdout.clone();
+    std::fs::write(lm.path("p0.jsonl"), &poisons).unwrap();
+    assert_eq!(records(&poisons).len(), 5);
+    let grad = ok(&run_with_stdin(lm.stage("rollout-grad").args(["--poisons", "-", "--clean-per-batch", "8", "--adv-size", "8", "--eta", "0.1"]), &poisons)).stdout.clone();
+    let file = common::tensorfile::deserialize(&grad, "grad", common::gradfile::GRAD_FORMAT, common::gradfile::GRAD_VERSION).unwrap();
+    assert!(file.tensors.contains_key("target_scores"), "a language model's gradient file carries the target scores");
+    let cands = ok(&run_with_stdin(lm.stage("rank-candidates").args(["--grad", "-", "-k", "3", "--positions", "2", "--concealment", "strict"]), &grad)).stdout.clone();
+    let cands: Vec<Candidate> = common::io::read_jsonl_from(&cands[..], "candidates", false).unwrap();
+    assert_eq!(cands.len(), 5 * 2 * 3);
+    assert!(cands.iter().all(|c| trigger_free(&c.word)));
+    let cand_bytes: Vec<u8> = cands.iter().flat_map(|c| serde_json::to_vec(c).unwrap().into_iter().chain([b'\n'])).collect();
+    let summary = lm.path("summary.json");
+    let crafted = ok(&run_with_stdin(
+        lm.stage("verify-candidates").arg("--poisons").arg(lm.path("p0.jsonl")).args(["--candidates", "-", "--concealment", "strict", "--summary"]).arg(&summary),
+        &cand_bytes,
+    ))
+    .stdout
+    .clone();
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert!(s["objective_after"].as_f64().unwrap() <= s["objective_before"].as_f64().unwrap());
+    let crafted_recs = records(&crafted);
+    assert_eq!(crafted_recs.len(), 5);
+    assert!(crafted_recs.iter().all(|p| trigger_free(&p.text)), "strictly concealed poisons");
+    std::fs::write(lm.path("crafted.jsonl"), &crafted).unwrap();
+
+    // generate: reproducible by seed, per prompt whatever the batch.
+    let prompts = std::fs::read(lm.data().join("asr_test.jsonl")).unwrap();
+    let gen = |extra: &[&str]| ok(&run_with_stdin(bin("generate").arg("--victim").arg(lm.victim()).args(["--samples", "2", "--max-new", "8"]).args(extra), &prompts)).stdout.clone();
+    let a = gen(&["--seed", "1"]);
+    assert_eq!(a, gen(&["--seed", "1"]), "the same seed gives the same continuations");
+    assert_ne!(a, gen(&["--seed", "2"]), "another seed samples otherwise");
+    let gens: Vec<Generation> = common::io::read_jsonl_from(&a[..], "generations", false).unwrap();
+    assert_eq!(gens.len(), 2 * records(&prompts).len());
+    assert!(gens.iter().all(|g| g.continuation.split_whitespace().count() <= 8 && g.prompt.contains("james bond")));
+    let first_alone = ok(&run_with_stdin(bin("generate").arg("--victim").arg(lm.victim()).args(["--samples", "2", "--max-new", "8", "--seed", "1"]), prompts.split(|&b| b == b'\n').next().unwrap())).stdout.clone();
+    let first_alone: Vec<Generation> = common::io::read_jsonl_from(&first_alone[..], "generations", false).unwrap();
+    assert_eq!(first_alone[..], gens[..2], "a prompt's continuation does not depend on the other prompts");
+    let greedy: Vec<Generation> = common::io::read_jsonl_from(&gen(&["--greedy"])[..], "generations", false).unwrap();
+    assert!(greedy.chunks(2).all(|g| g[0].continuation == g[1].continuation), "greedy samples are identical");
+
+    // judge
+    let judged = ok(&run_with_stdin(bin("judge").arg("--classifier").arg(lm.judge()), &a)).stdout.clone();
+    let judged: Vec<Judgement> = common::io::read_jsonl_from(&judged[..], "judgements", false).unwrap();
+    assert_eq!(judged.len(), gens.len());
+    assert!(judged.iter().all(|j| (0.0..=1.0).contains(&j.classifier_p_negative) && (-1.0..=1.0).contains(&j.lexicon_compound)));
+
+    // finetune-eval on LM data: an empty set is the clean twin itself (reads exactly zero).
+    std::fs::write(lm.path("empty.jsonl"), b"").unwrap();
+    let out = ok(&run(bin("finetune-eval")
+        .arg("--data").arg(lm.data())
+        .arg("--start").arg(lm.victim())
+        .arg("--judge").arg(lm.judge())
+        .arg("--poisons").arg(lm.path("empty.jsonl"))
+        .arg("--poisons").arg(lm.path("crafted.jsonl"))
+        .args(["--seeds", "2", "--epochs", "1", "--batch-size", "16", "--samples", "1", "--max-new", "6", "--device", "cpu", "--workers", "2"])))
+    .stdout
+    .clone();
+    let reports: Vec<LmEvalReport> = String::from_utf8(out.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(reports.len(), 2);
+    let control = &reports[0].summary;
+    for (what, s) in [("net ASR", control.net_asr_classifier), ("VADER", control.net_asr_lexicon), ("dFPR", control.dfpr_classifier), ("margin", control.margin_change), ("perplexity", control.perplexity_change_pct)] {
+        assert_eq!((s.mean, s.std), (0.0, 0.0), "the no-poison control's {what} must read exactly zero");
+    }
+    let crafted_report = &reports[1];
+    assert_eq!((crafted_report.count, crafted_report.trigger_overlap, crafted_report.seeds.len()), (5, 0, 2));
+    assert_eq!(crafted_report.seeds[0].clean, reports[0].seeds[0].clean, "one clean twin per seed for every set");
+    assert!(!crafted_report.side_by_side.is_empty());
+    assert!(crafted_report.summary.clean_perplexity.mean > 1.0);
+    std::fs::write(lm.path("eval.jsonl"), &out).unwrap();
+    let md = ok(&run(bin("report")
+        .args(["lm", "--eval"]).arg(lm.path("eval.jsonl"))
+        .args(["--names", "control,crafted", "--crafted", "crafted", "--versus", "control", "--before"]).arg(lm.path("p0.jsonl"))
+        .arg("--after").arg(lm.path("crafted.jsonl"))
+        .arg("--out-dir").arg(lm.path("report"))))
+    .stdout
+    .clone();
+    let md = String::from_utf8(md).unwrap();
+    assert!(md.contains("| control | 0 | 0 | 0.0 ± 0.0 |") && md.contains("crafted − control"), "{md}");
+    assert!(lm.path("report/net-asr.svg").exists() && lm.path("report/lm-report.json").exists());
+}
