@@ -239,6 +239,8 @@ objective-benchmark: build $(DATA_DIR)/manifest.json
 bench: build $(DATA_DIR)/manifest.json $(EMB)
 	cargo bench --bench crafting
 	@echo
+	cargo bench --bench lm
+	@echo
 	@echo "every stage on the real data ($(DATA_DIR)), one crafting round:"
 	@DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) OUT=runs/bench-stages scripts/bench_stages.sh | column -t
 

@@ -54,7 +54,9 @@ init with-overlap overlap
 stamp baselines
 
 # Bi-level crafting (the seed's objective) from the unoptimised set's sentences.
-RUN="$RUN/crafted" VICTIM_FILE="$RUN/lm.safetensors" DATA="$RUN/data" BIN="$BIN" COUNT="$COUNT" INIT=random \
+# (Prefix assignments expand left to right: the folder is named before RUN changes.)
+top=$RUN
+VICTIM_FILE="$top/lm.safetensors" DATA="$top/data" RUN="$top/crafted" BIN="$BIN" COUNT="$COUNT" INIT=random \
   CONCEALMENT=strict K="$K" POSITIONS="$POSITIONS" ETA="$ETA" ADV_SIZE="$ADV_SIZE" CLEAN_PER_BATCH="$CLEAN_PER_BATCH" \
   SEED="$SEED" ROUNDS="$ROUNDS" PATIENCE=2 ARCH=gpt DEVICE="$DEVICE" EVAL=0 "$(dirname "$0")/attack.sh"
 cp "$RUN/crafted/poisons.jsonl" "$RUN/sets/crafted-bilevel.jsonl.tmp" && mv "$RUN/sets/crafted-bilevel.jsonl.tmp" "$RUN/sets/crafted-bilevel.jsonl"
