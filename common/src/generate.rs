@@ -3,7 +3,7 @@
 //! seed, the prompt's id and the sample index only, never on what else is generated with
 //! it.
 
-use crate::model::{forward_ids, Params, VictimConfig};
+use crate::model::{embed, mask_of, Params, VictimConfig};
 use crate::tokenizer::{Vocab, PAD_ID};
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
@@ -69,10 +69,7 @@ pub fn generate(config: &VictimConfig, params: &Params, vocab: &Vocab, prompts: 
             let last = Tensor::from_slice(&rows.iter().map(|r| r.len() as i64 - 1).collect::<Vec<_>>()).to_device(device);
             // The logits at each row's last token (right padding: a causal model's earlier
             // positions never see it).
-            let logits = tch::no_grad(|| forward_ids(config, params, &ids))
-                .gather(1, &last.view([-1, 1, 1]).expand([-1, 1, v], false), false)
-                .squeeze_dim(1)
-                .to_kind(Kind::Double)
+            let logits = tch::no_grad(|| config.arch().logits_at(params, &embed(params, &ids), &mask_of(&ids, params), &last)).to_kind(Kind::Double)
                 + banned.to_kind(Kind::Double);
             let logits = logits.to_device(Device::Cpu);
             for r in 0..rows.len() {
@@ -126,6 +123,23 @@ pub fn detokenize(vocab: &Vocab, ids: &[i64]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gathered_logits_equal_the_full_forward_at_those_positions() {
+        let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(3);
+        let config = crate::model::tiny_config(crate::model::Arch::Gpt, 12, 6, 8, 2, false, 16);
+        let v = crate::model::Victim::new(config.clone(), &Tensor::randn([12, 6], (Kind::Float, Device::Cpu)), Device::Cpu).unwrap();
+        let p = v.params();
+        let ids = Tensor::from_slice(&[3i64, 4, 5, 6, 7, 8, 0, 0]).view([2, 4]);
+        let last = Tensor::from_slice(&[3i64, 1]);
+        let full = crate::model::forward_ids(&config, &p, &ids);
+        let at = config.arch().logits_at(&p, &embed(&p, &ids), &mask_of(&ids, &p), &last);
+        for (r, t) in [(0, 3), (1, 1)] {
+            let diff = (full.get(r).get(t) - at.get(r)).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "row {r}: {diff}");
+        }
+    }
 
     #[test]
     fn greedy_takes_the_largest_and_sampling_follows_the_temperature_and_top_k() {

@@ -131,6 +131,15 @@ impl Architecture for Gpt {
         linear(params, &self.hidden(params, emb), "out")
     }
 
+    /// The output layer at the gathered positions only: generation reads one position per
+    /// row, and the output layer is most of a pass (vocabulary × width per position).
+    fn logits_at(&self, params: &Params, emb: &Tensor, _mask: &Tensor, last: &Tensor) -> Tensor {
+        let hidden = self.hidden(params, emb);
+        let w = hidden.size()[2];
+        let at = hidden.gather(1, &last.view([-1, 1, 1]).expand([-1, 1, w], false), false).squeeze_dim(1);
+        linear(params, &at, "out")
+    }
+
     fn tuning(&self) -> Tuning {
         Tuning { verify_stack: 1, verify_chunk: 16, retrain_stack: usize::MAX, default_lr: 2e-3 }
     }

@@ -102,6 +102,15 @@ pub trait Architecture: Send + Sync {
         linear(params, &self.features(params, emb, mask), "out")
     }
 
+    /// A language model's logits [batch, vocab] at one position per row (`last` [batch],
+    /// int64), without a graph: what generation needs at each step. The default gathers
+    /// them from `forward`; an architecture may skip the output layer elsewhere.
+    fn logits_at(&self, params: &Params, emb: &Tensor, mask: &Tensor, last: &Tensor) -> Tensor {
+        let logits = self.forward(params, emb, mask);
+        let v = logits.size()[2];
+        logits.gather(1, &last.view([-1, 1, 1]).expand([-1, 1, v], false), false).squeeze_dim(1)
+    }
+
     /// `forward` for passes differentiated at most once (the clean part of the first
     /// inner step, L_adv at θ').
     fn forward_first_order(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
