@@ -8,6 +8,8 @@ use common::model::{embed, forward_ids, mask_of, tiny_config, Arch, Victim};
 use common::train::{batch_tensors, Encoded};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
+mod support;
+use support::time;
 use tch::{Device, Kind, Tensor};
 
 const VOCAB: i64 = 55_178;
@@ -23,19 +25,6 @@ fn examples(rng: &mut rand_chacha::ChaCha8Rng, n: usize, lengths: std::ops::Rang
         .collect()
 }
 
-/// Median wall time of `f` over `reps` runs after one warm-up, in seconds.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut ts: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    ts.sort_by(f64::total_cmp);
-    ts[reps / 2]
-}
 
 /// Counted multiply-add FLOPs of one forward pass over padded token ids [N, T]: per token
 /// and direction, the input projection 2·D·4H and the recurrence 2·H·4H (the LSTM); the

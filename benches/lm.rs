@@ -12,6 +12,8 @@ use common::model::{forward_ids, ArchConfig, Arch, Victim, VictimConfig};
 use common::train::{batch_tensors, Encoded};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
+mod support;
+use support::time;
 use tch::{Device, Kind, Tensor};
 
 const VOCAB: i64 = 6_770;
@@ -25,19 +27,6 @@ fn texts(rng: &mut rand_chacha::ChaCha8Rng, n: usize, lengths: std::ops::RangeIn
         .collect()
 }
 
-/// Median wall time of `f` over `reps` runs after one warm-up, in seconds.
-fn time(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut ts: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    ts.sort_by(f64::total_cmp);
-    ts[reps / 2]
-}
 
 fn main() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
