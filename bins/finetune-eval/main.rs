@@ -111,8 +111,8 @@ fn evaluate_language_model(args: &Args, manifest: &DataManifest, device: tch::De
     let (Some(start_path), Some(judge_path)) = (&args.start, &args.judge) else {
         bail!("{} holds language-model data: give --start LM (the pretrained clean LM, train-victim --arch gpt) and --judge CLASSIFIER (a sentiment classifier)", args.data);
     };
-    if !args.checkpoint.is_empty() || !args.kept.is_empty() {
-        bail!("--checkpoint and --kept are for classifier data");
+    if !args.checkpoint.is_empty() || !args.kept.is_empty() || args.clean_cache.is_some() || args.pairing != Pairing::Crn {
+        bail!("--checkpoint, --kept, --clean-cache and --pairing independent are for classifier data; a language model's evaluation fine-tunes every clean twin and pairs by common random numbers");
     }
     let start = common::model::Victim::load(start_path, device)?;
     let (lm, vocab) = (&start.victim, &start.vocab);
