@@ -174,7 +174,6 @@ impl<'a> Problem<'a> {
         thetas
     }
 
-
     /// The objective g (mean L_adv over the R rollouts) and its gradient with respect to
     /// every poison token embedding, [N, Tp, D] (zero at padding).
     pub fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
@@ -236,16 +235,22 @@ impl<'a> Problem<'a> {
         if grad.isnan().any().int64_value(&[]) != 0 {
             bail!("the gradient holds NaN; lower --eta");
         }
-        let scores = scores_sum.map(|jvp| {
-            // Position p's token is the target of position p − 1: shift right by one, and
-            // weigh by η / (B n_i) and the mean over rollouts.
-            let (count, t) = (jvp.size()[0], jvp.size()[1]);
-            let batch = (self.cfg.clean_per_batch + poisons.len()) as f64;
-            let counted = (mask.sum_dim_intlist(-1, false, Kind::Double) - 1.0).clamp_min(1.0);
-            let weight = (counted.reciprocal() * (self.cfg.eta / (batch * n))).to_kind(jvp.kind()).view([count, 1, 1]);
-            let shifted = Tensor::cat(&[jvp.narrow(1, 0, 1).zeros_like(), jvp.narrow(1, 0, t - 1)], 1);
-            shifted * weight * mask.unsqueeze(-1)
-        });
+        let scores = match (scores_sum, &targets) {
+            (Some(jvp), Targets::NextToken { mask: counts, .. }) => {
+                // Position t's log-probabilities score the token at t + 1 where t is a
+                // counted position of the poison's loss (its targets' mask): weigh by
+                // η / (B n_i), n_i the counted positions, and the mean over rollouts, then
+                // shift right by one.
+                let t = jvp.size()[1];
+                let batch = (self.cfg.clean_per_batch + poisons.len()) as f64;
+                let counts = counts.to_kind(Kind::Double);
+                let per_example = counts.sum_dim_intlist(-1, true, Kind::Double).clamp_min(1.0).reciprocal() * (self.cfg.eta / (batch * n));
+                let weighted = &jvp * (counts * per_example).to_kind(jvp.kind()).unsqueeze(-1);
+                Some(Tensor::cat(&[weighted.narrow(1, 0, 1).zeros_like(), weighted.narrow(1, 0, t - 1)], 1))
+            }
+            (None, _) => None,
+            (Some(_), Targets::Class(_) | Targets::Soft { .. }) => bail!("target scores are a language model's: its poisons have next-token targets"),
+        };
         Ok((total / n, grad, scores))
     }
 
@@ -261,11 +266,8 @@ impl<'a> Problem<'a> {
         let log_probs = forward(self.config(), &params, &poison_emb.detach(), poison_mask).log_softmax(-1, None::<Kind>);
         let dummy = log_probs.zeros_like().set_requires_grad(true);
         let vjp = Tensor::run_backward(&[&(&log_probs * &dummy).sum(None::<Kind>)], &leaves.iter().collect::<Vec<_>>(), true, true);
-        let dot = vjp.iter().zip(u).map(|(a, b)| (a * b.detach()).sum(None::<Kind>)).fold(None::<Tensor>, |acc, x| Some(match acc {
-            None => x,
-            Some(a) => a + x,
-        }));
-        Tensor::run_backward(&[&dot.expect("at least one parameter")], &[&dummy], false, false).pop().expect("one gradient").detach()
+        let dot = vjp.iter().zip(u).map(|(a, b)| (a * b.detach()).sum(None::<Kind>)).reduce(|a, b| a + b).expect("at least one parameter");
+        Tensor::run_backward(&[&dot], &[&dummy], false, false).pop().expect("one gradient").detach()
     }
 
     /// The objective for a poison set, evaluated exactly by redoing every rollout. The

@@ -65,7 +65,7 @@ impl Base {
             Start::Pretrained { config, .. } => (config.hidden_size as usize, Some(config)),
         };
         let name = format!("{arch:?}").to_lowercase();
-        let arch = ArchConfig::from_parts(arch, hidden, encoder, gpt, max_len)?;
+        let arch = ArchConfig::from_flags(arch, hidden, encoder, gpt, max_len)?;
         let num_classes = if arch.get().language_model() { self.vocab.len() } else { num_classes };
         match (&self.start, arch.get().start()) {
             (Start::Table(_), StartKind::Table) => {}

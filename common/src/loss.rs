@@ -143,13 +143,11 @@ impl Targets {
             }
             Targets::NextToken { ids, mask } => {
                 let token = -logits.log_softmax(-1, None::<Kind>).gather(-1, &ids.unsqueeze(-1), false).squeeze_dim(-1);
-                let mask = mask.to_kind(logits.kind());
-                (token * &mask).sum_dim_intlist(-1, false, None::<Kind>) / mask.sum_dim_intlist(-1, false, None::<Kind>).clamp_min(1.0)
+                mean_over_counted(&token, mask)
             }
             Targets::Soft { probs, mask } => {
                 let token = -(logits.log_softmax(-1, None::<Kind>) * probs).sum_dim_intlist(-1, false, None::<Kind>);
-                let mask = mask.to_kind(logits.kind());
-                (token * &mask).sum_dim_intlist(-1, false, None::<Kind>) / mask.sum_dim_intlist(-1, false, None::<Kind>).clamp_min(1.0)
+                mean_over_counted(&token, mask)
             }
         }
     }
@@ -169,6 +167,13 @@ impl Targets {
             Targets::NextToken { .. } | Targets::Soft { .. } => self.example_nll(logits).mean(None::<Kind>),
         }
     }
+}
+
+/// Per example, the mean of per-position losses [.., n, T] over its counted positions
+/// (`mask` 1.0), in the losses' dtype.
+fn mean_over_counted(token: &Tensor, mask: &Tensor) -> Tensor {
+    let mask = mask.to_kind(token.kind());
+    (token * &mask).sum_dim_intlist(-1, false, None::<Kind>) / mask.sum_dim_intlist(-1, false, None::<Kind>).clamp_min(1.0)
 }
 
 /// Mean cross-entropy of class logits [n, classes] against labels [n].

@@ -65,14 +65,9 @@ architectures! {
 
 impl ArchConfig {
     /// The architecture `arch` from its flags: `hidden` (bow: MLP width; lstm: units per
-    /// direction; gpt: model width), the pretrained encoder's config (minilm), or the
-    /// GPT's layers and heads with `max_len` its position count.
-    pub fn from_flags(arch: Arch, hidden: usize, encoder: Option<&BertConfig>) -> Result<ArchConfig> {
-        ArchConfig::from_parts(arch, hidden, encoder, GptShape { layers: 2, heads: 2 }, 0)
-    }
-
-    /// `from_flags` with the GPT's own fields.
-    pub fn from_parts(arch: Arch, hidden: usize, encoder: Option<&BertConfig>, gpt: GptShape, max_len: usize) -> Result<ArchConfig> {
+    /// direction; gpt: model width), the pretrained encoder's config (minilm), and the
+    /// GPT's layers and heads with `max_len` its position count (gpt).
+    pub fn from_flags(arch: Arch, hidden: usize, encoder: Option<&BertConfig>, gpt: GptShape, max_len: usize) -> Result<ArchConfig> {
         Ok(match (arch, encoder) {
             (Arch::Bow, _) => ArchConfig::Bow(Bow { hidden }),
             (Arch::Lstm, _) => ArchConfig::Lstm(Lstm { units: hidden }),
@@ -165,7 +160,7 @@ impl TryFrom<ConfigFile> for VictimConfig {
         if f.arch == Arch::Gpt && f.num_classes != f.vocab_size {
             bail!("a GPT victim predicts the next word: num_classes {} must equal vocab_size {}", f.num_classes, f.vocab_size);
         }
-        let arch = ArchConfig::from_parts(f.arch, f.hidden, f.bert.as_ref(), f.gpt.unwrap_or(GptShape { layers: 0, heads: 0 }), f.max_len)?;
+        let arch = ArchConfig::from_flags(f.arch, f.hidden, f.bert.as_ref(), f.gpt.unwrap_or(GptShape { layers: 0, heads: 0 }), f.max_len)?;
         Ok(VictimConfig { arch, vocab_size: f.vocab_size, embed_dim: f.embed_dim, num_classes: f.num_classes, train_embeddings: f.train_embeddings, max_len: f.max_len })
     }
 }
@@ -394,6 +389,6 @@ pub fn tiny_config(arch: Arch, vocab_size: usize, embed_dim: usize, hidden: usiz
         layer_norm_eps: 1e-12,
     };
     let (hidden, num_classes) = if arch == Arch::Gpt { (hidden + hidden % 2, vocab_size) } else { (hidden, num_classes) };
-    let arch = ArchConfig::from_parts(arch, hidden, Some(&bert), GptShape { layers: 2, heads: 2 }, max_len).expect("every architecture builds from flags and an encoder config");
+    let arch = ArchConfig::from_flags(arch, hidden, Some(&bert), GptShape { layers: 2, heads: 2 }, max_len).expect("every architecture builds from flags and an encoder config");
     VictimConfig { arch, vocab_size, embed_dim, num_classes, train_embeddings, max_len }
 }
