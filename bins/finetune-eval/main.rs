@@ -125,7 +125,7 @@ fn evaluate_language_model(args: &Args, manifest: &DataManifest, device: tch::De
     let classifier = common::judge::ClassifierJudge::new(&judge_file.victim.config, judge_file.victim.params(), &judge_file.vocab, negative).with_context(|| judge_path.clone())?;
     let lexicon = common::judge::LexiconJudge::default();
     let sampling = common::generate::Sampling::Sample { temperature: args.temperature, top_k: args.top_k };
-    let stop = [".", "!", "?"].iter().filter_map(|w| vocab.id(w)).collect();
+    let stop = common::generate::STOP_WORDS.iter().filter_map(|w| vocab.id(w)).collect();
     let judging = Judging { classifier: &classifier, lexicon: &lexicon, target_negative: manifest.target == negative, sampling, max_new: args.max_new, stop };
     let sets_eval = LmEvalSets::load(&args.data, manifest, &lm.config, vocab, args.samples)?;
     let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;

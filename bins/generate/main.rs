@@ -44,7 +44,7 @@ struct Args {
     #[arg(long, default_value_t = 40)]
     top_k: usize,
     /// Words that end a continuation.
-    #[arg(long, value_delimiter = ' ', default_value = ". ! ?")]
+    #[arg(long, value_delimiter = ' ', default_values_t = common::generate::STOP_WORDS.map(String::from))]
     stop: Vec<String>,
     #[arg(long, default_value_t = 0)]
     seed: u64,

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use common::io::{self, Output, Record};
-use common::judge::{agreement, ClassifierJudge, LexiconJudge};
+use common::judge::{agreement, read, ClassifierJudge, LexiconJudge};
 use common::model::Victim;
 use common::records::{Generation, Judgement};
 use common::{device, log};
@@ -43,21 +43,20 @@ fn main() {
         let name = io::display_name(&args.generations);
         let generations: Vec<Generation> = io::read_jsonl_from(&io::read_all(&args.generations)?[..], &name, false)?;
         let texts: Vec<String> = generations.iter().map(|g| g.continuation.clone()).collect();
-        let p = classifier.p_negative(&texts);
         let mut out = Output::create(&args.output)?;
         let (mut by_classifier, mut by_lexicon) = (Vec::new(), Vec::new());
-        for (g, p) in generations.iter().zip(p) {
-            let compound = lexicon.compound(&g.continuation);
+        for (g, r) in generations.iter().zip(read(&classifier, &lexicon, &texts)) {
+            let (classifier_negative, lexicon_negative) = r.calls(true);
             let j = Judgement {
                 kind: Judgement::KIND.into(),
                 v: Judgement::VERSION,
                 id: g.id.clone(),
                 sample: g.sample,
                 continuation: g.continuation.clone(),
-                classifier_p_negative: p,
-                classifier_negative: p > 0.5,
-                lexicon_compound: compound,
-                lexicon_negative: compound <= common::judge::LEXICON_NEGATIVE,
+                classifier_p_negative: r.p_negative,
+                classifier_negative,
+                lexicon_compound: r.compound,
+                lexicon_negative,
             };
             by_classifier.push(j.classifier_negative);
             by_lexicon.push(j.lexicon_negative);

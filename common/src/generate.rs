@@ -4,11 +4,14 @@
 //! it.
 
 use crate::model::{embed, mask_of, Params, VictimConfig};
-use crate::tokenizer::{Vocab, PAD_ID};
+use crate::tokenizer::Vocab;
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
+
+/// The words that end a continuation by default (kept in it).
+pub const STOP_WORDS: [&str; 3] = [".", "!", "?"];
 
 /// How the next word is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -47,7 +50,7 @@ pub fn generate(config: &VictimConfig, params: &Params, vocab: &Vocab, prompts: 
     }
     let device = params.values().next().map_or(Device::Cpu, |t| t.device());
     let v = config.num_classes as i64;
-    let banned: Vec<f32> = (0..v).map(|w| if vocab.is_special(w) { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let banned: Vec<f64> = (0..v).map(|w| if vocab.is_special(w) { f64::NEG_INFINITY } else { 0.0 }).collect();
     let banned = Tensor::from_slice(&banned).to_device(device);
     let mut out = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(batch.max(1)) {
@@ -60,17 +63,11 @@ pub fn generate(config: &VictimConfig, params: &Params, vocab: &Vocab, prompts: 
             if done.iter().all(|&d| d) {
                 break;
             }
-            let time = rows.iter().map(|r| r.len()).max().unwrap_or(1);
-            let mut flat = vec![PAD_ID; rows.len() * time];
-            for (r, row) in rows.iter().enumerate() {
-                flat[r * time..r * time + row.len()].copy_from_slice(row);
-            }
-            let ids = Tensor::from_slice(&flat).view([rows.len() as i64, time as i64]).to_device(device);
+            let (ids, _, _) = crate::train::padded(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), device);
             let last = Tensor::from_slice(&rows.iter().map(|r| r.len() as i64 - 1).collect::<Vec<_>>()).to_device(device);
             // The logits at each row's last token (right padding: a causal model's earlier
             // positions never see it).
-            let logits = tch::no_grad(|| config.arch().logits_at(params, &embed(params, &ids), &mask_of(&ids, params), &last)).to_kind(Kind::Double)
-                + banned.to_kind(Kind::Double);
+            let logits = tch::no_grad(|| config.arch().logits_at(params, &embed(params, &ids), &mask_of(&ids, params), &last)).to_kind(Kind::Double) + &banned;
             let logits = logits.to_device(Device::Cpu);
             for r in 0..rows.len() {
                 if done[r] {

@@ -30,7 +30,7 @@ impl LexiconJudge {
     }
 
     pub fn negative(&self, text: &str) -> bool {
-        self.compound(text) <= LEXICON_NEGATIVE
+        Reading { p_negative: 0.5, compound: self.compound(text) }.calls(true).1
     }
 }
 
@@ -75,6 +75,33 @@ impl<'a> ClassifierJudge<'a> {
         }
         out
     }
+}
+
+/// Both judges' reading of one text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reading {
+    /// The classifier's probability of the negative class.
+    pub p_negative: f64,
+    /// VADER's compound score in [−1, 1].
+    pub compound: f64,
+}
+
+impl Reading {
+    /// Each judge's call that the text has the sentiment asked for, negative or positive:
+    /// (classifier, VADER). The classifier calls the likelier class; VADER calls a
+    /// sentiment beyond ±0.05 (neutral texts are neither).
+    pub fn calls(&self, negative: bool) -> (bool, bool) {
+        if negative {
+            (self.p_negative > 0.5, self.compound <= LEXICON_NEGATIVE)
+        } else {
+            (self.p_negative < 0.5, self.compound >= -LEXICON_NEGATIVE)
+        }
+    }
+}
+
+/// Both judges' readings of `texts`.
+pub fn read(classifier: &ClassifierJudge, lexicon: &LexiconJudge, texts: &[String]) -> Vec<Reading> {
+    texts.iter().zip(classifier.p_negative(texts)).map(|(t, p_negative)| Reading { p_negative, compound: lexicon.compound(t) }).collect()
 }
 
 /// How often two judges agree on binary calls: the share of agreeing calls and Cohen's κ

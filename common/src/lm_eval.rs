@@ -15,8 +15,8 @@
 
 use crate::data::{self, DataManifest};
 use crate::generate::{detokenize, generate, GenerateOptions, Prompt, Sampling};
-use crate::judge::{agreement, Agreement, ClassifierJudge, LexiconJudge, LEXICON_NEGATIVE};
-use crate::loss::Target;
+use crate::judge::{agreement, read, Agreement, ClassifierJudge, LexiconJudge};
+use crate::loss::Targets;
 use crate::model::{forward_ids_no_grad, Params, Victim, VictimConfig};
 use crate::records::Example;
 use crate::stats::{summarize, Summary};
@@ -24,7 +24,7 @@ use crate::tokenizer::Vocab;
 use crate::train::{batch_tensors, encode_for, Encoded, TextPolicy, TrainData, TrainOptions};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 /// The held-out sets of a language-model data folder, encoded for one LM.
 pub struct LmEvalSets {
@@ -35,8 +35,6 @@ pub struct LmEvalSets {
     pub other_continuations: Vec<Encoded>,
     /// The test split as text (perplexity).
     pub clean_text: Vec<Encoded>,
-    /// The prompt records, for the report's side-by-side generations.
-    pub trigger_records: Vec<Example>,
 }
 
 impl LmEvalSets {
@@ -70,7 +68,7 @@ impl LmEvalSets {
         }
         let test: Vec<Example> = data::read_set(dir, data::TEST, false)?;
         let clean_text = encode_for(config, &test, vocab, TextPolicy::Data, &format!("{dir}/{}", data::TEST))?;
-        Ok(LmEvalSets { trigger_prompts, neutral_prompts, target_continuations, other_continuations, clean_text, trigger_records: asr })
+        Ok(LmEvalSets { trigger_prompts, neutral_prompts, target_continuations, other_continuations, clean_text })
     }
 }
 
@@ -105,19 +103,7 @@ pub struct Judging<'a> {
 impl Judging<'_> {
     /// Per continuation: (classifier calls it the target sentiment, VADER does).
     fn judge(&self, texts: &[String]) -> Vec<(bool, bool)> {
-        let p = self.classifier.p_negative(texts);
-        texts
-            .iter()
-            .zip(p)
-            .map(|(t, p)| {
-                let c = self.lexicon.compound(t);
-                if self.target_negative {
-                    (p > 0.5, c <= LEXICON_NEGATIVE)
-                } else {
-                    (p < 0.5, c >= -LEXICON_NEGATIVE)
-                }
-            })
-            .collect()
+        read(self.classifier, self.lexicon, texts).iter().map(|r| r.calls(self.target_negative)).collect()
     }
 }
 
@@ -127,20 +113,18 @@ pub fn continuations(config: &VictimConfig, params: &Params, vocab: &Vocab, prom
     Ok(generate(config, params, vocab, prompts, &opts, 64)?.iter().map(|ids| detokenize(vocab, ids)).collect())
 }
 
-/// Per example, the mean next-token log-likelihood of its counted tokens and their count.
+/// Per example, the mean next-token log-likelihood of its counted tokens and their count
+/// (from its targets' mask).
 fn log_likelihoods(config: &VictimConfig, params: &Params, data: &[Encoded]) -> Vec<(f64, f64)> {
     let device = params.values().next().map_or(Device::Cpu, |t| t.device());
     let mut out = Vec::with_capacity(data.len());
     for chunk in data.chunks(64) {
         let (ids, targets) = batch_tensors(&chunk.iter().collect::<Vec<_>>(), device);
-        let nll: Vec<f64> = Vec::try_from(targets.example_nll(&forward_ids_no_grad(config, params, &ids)).to_kind(Kind::Double).to_device(Device::Cpu)).expect("f64");
-        for (e, l) in chunk.iter().zip(nll) {
-            let from = match e.target {
-                Target::NextToken { from } => from.max(1),
-                Target::Class(_) => 1,
-            };
-            out.push((-l, e.ids.len().saturating_sub(from) as f64));
-        }
+        let Targets::NextToken { mask, .. } = &targets else { panic!("log-likelihoods of class targets") };
+        let f64s = |t: Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu)).expect("f64");
+        let counted = f64s(mask.sum_dim_intlist(-1, false, Kind::Double));
+        let nll = f64s(targets.example_nll(&forward_ids_no_grad(config, params, &ids)));
+        out.extend(nll.into_iter().zip(counted).map(|(l, n)| (-l, n)));
     }
     out
 }
@@ -331,18 +315,19 @@ pub fn evaluate(
         measured.push(m);
     }
     let per_set = 1 + poison_sets.len();
+    // Side by side: the first ten trigger prompts (first sample) under seed 0's clean twin
+    // and each of its poisoned LMs.
+    let firsts: Vec<Prompt> = sets.trigger_prompts.iter().filter(|p| p.sample == 0).take(10).map(|p| Prompt { id: p.id.clone(), ids: p.ids.clone(), sample: 0 }).collect();
+    let clean_text = continuations(&victims[0].config, &victims[0].params(), vocab, &firsts, judging, seeds[0])?;
     let mut out = Vec::with_capacity(poison_sets.len());
     for k in 0..poison_sets.len() {
         let rows = (0..seeds.len()).map(|i| LmSeedRow { seed: seeds[i], clean: measured[i * per_set], poisoned: measured[i * per_set + 1 + k] }).collect();
-        // Side by side: the first ten trigger prompts (first sample) under seed 0's pair.
-        let firsts: Vec<Prompt> = sets.trigger_prompts.iter().filter(|p| p.sample == 0).take(10).map(|p| Prompt { id: p.id.clone(), ids: p.ids.clone(), sample: 0 }).collect();
-        let (c, p) = (&victims[0], &victims[1 + k]);
-        let clean_text = continuations(&c.config, &c.params(), vocab, &firsts, judging, seeds[0])?;
+        let p = &victims[1 + k];
         let poisoned_text = continuations(&p.config, &p.params(), vocab, &firsts, judging, seeds[0])?;
         let side = firsts
             .iter()
-            .zip(clean_text.into_iter().zip(poisoned_text))
-            .map(|(pr, (clean, poisoned))| SideBySide { id: pr.id.clone(), prompt: detokenize(vocab, &pr.ids), clean, poisoned })
+            .zip(clean_text.iter().zip(poisoned_text))
+            .map(|(pr, (clean, poisoned))| SideBySide { id: pr.id.clone(), prompt: detokenize(vocab, &pr.ids), clean: clean.clone(), poisoned })
             .collect();
         out.push((rows, side));
     }

@@ -117,15 +117,22 @@ pub fn encode_for(config: &crate::model::VictimConfig, examples: &[Example], voc
     Ok(encode_all(examples, vocab, config.max_len, classes, policy, source)?.into_iter().map(|e| e.for_victim(config)).collect())
 }
 
+/// Rows of token ids right-padded to the longest: ids [rows, time] on `device`, the same
+/// ids flat (row-major) and time.
+pub fn padded(rows: &[&[i64]], device: Device) -> (Tensor, Vec<i64>, usize) {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(1);
+    let mut flat = vec![PAD_ID; rows.len() * t];
+    for (r, row) in rows.iter().enumerate() {
+        flat[r * t..r * t + row.len()].copy_from_slice(row);
+    }
+    let ids = Tensor::from_slice(&flat).view([rows.len() as i64, t as i64]).to_device(device);
+    (ids, flat, t)
+}
+
 /// Pads a batch to its longest row: ids [batch, time] and their targets
 /// (`loss::Targets::batch`, the one batching path).
 pub fn batch_tensors(items: &[&Encoded], device: Device) -> (Tensor, Targets) {
-    let t = items.iter().map(|e| e.ids.len()).max().unwrap_or(1);
-    let mut flat = vec![PAD_ID; items.len() * t];
-    for (r, e) in items.iter().enumerate() {
-        flat[r * t..r * t + e.ids.len()].copy_from_slice(&e.ids);
-    }
-    let ids = Tensor::from_slice(&flat).view([items.len() as i64, t as i64]).to_device(device);
+    let (ids, flat, t) = padded(&items.iter().map(|e| e.ids.as_slice()).collect::<Vec<_>>(), device);
     let targets: Vec<Option<Target>> = items.iter().map(|e| Some(e.target)).collect();
     let targets = Targets::batch(&targets, &flat, &[items.len() as i64], t, device);
     (ids, targets)
