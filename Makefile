@@ -162,7 +162,9 @@ defend: build $(DATA_DIR)/manifest.json $(EMB) data/.minilm-done-v1
 
 # Net ASR against poison count (SWEEP_COUNTS) for the default crafting and the best heuristic;
 # with SPEC=FILE, the grid of a sweep spec (FORMATS.md) as independent cells: make sweep
-# SPEC=sweeps/example.json -j 2 runs two cells at a time, each with nproc/2 threads.
+# SPEC=sweeps/example.json -j 2 runs two cells at a time, each with nproc/2 worker threads
+# (how many victims it trains at once; every computation has one libtorch thread, so the
+# results are the same bits whatever -j is).
 ifdef SPEC
 sweep: build
 	@mkdir -p runs/sweeps
@@ -183,14 +185,14 @@ endif
 # One cell of a sweep (`sweep plan SPEC` prints each cell's invocation): the poison sets
 # VARIANTS (and the benign control) at COUNT poisons, crafted against the preset's victim
 # (shared by the cells of one trigger, in runs/victims-cache/), evaluated on DEMO_SEEDS
-# paired seeds with THREADS threads. Writes only CELL_DIR; skips when finished (cell.json),
+# paired seeds on THREADS worker threads. Writes only CELL_DIR; skips when finished (cell.json),
 # resumes when interrupted, refuses while another process computes the same cell.
 THREADS ?=
 VARIANTS ?= confident hardness
 cell: $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS) | build
 	@test -n "$(CELL_DIR)" || { echo "make cell: give CELL_DIR (sweep plan SPEC prints whole invocations)" >&2; exit 1; }
 	@$(DEMO_ENV) RUN=$(CELL_DIR) VICTIMS_DIR=runs/victims-cache/$(SLUG)-$(VICTIM)-$(ATTACK_ARCH)-s$(SEED) MODE=cell \
-	  VARIANTS="$(VARIANTS)" WORKERS=$(THREADS) $(if $(THREADS),OMP_NUM_THREADS=$(THREADS)) scripts/demo.sh
+	  VARIANTS="$(VARIANTS)" WORKERS=$(THREADS) scripts/demo.sh
 
 # The Slurm --gres a cell of this preset asks for (scripts/slurm/submit.sh; empty: CPU only).
 slurm-gres:
@@ -218,6 +220,7 @@ data/.minilm-done-v1: | .venv/.setup-done-v1
 
 test: build data/.minilm-done-v1
 	cargo test --release --workspace
+	scripts/test_cpu_paths.sh
 	scripts/slurm/test.sh
 
 # The sweep machinery against a real single-node Slurm (part of make test; about a minute,

@@ -81,6 +81,7 @@ fn swaps_for(poisons: &[Encoded], n: usize) -> Vec<(usize, usize, i64)> {
 }
 
 fn main() {
+    common::numerics::pin(); // the binaries' CPU code paths and one libtorch thread
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     tch::manual_seed(0);
     let table = Tensor::randn([VOCAB, DIM], (Kind::Float, Device::Cpu)) * 0.4;
@@ -179,7 +180,7 @@ fn main() {
     }
 
     // Threads: libtorch's intra-op threads on these small passes.
-    println!("\nlibtorch intra-op threads (lstm): rollout-grad ms and shared checks/s");
+    println!("\nlibtorch intra-op threads (lstm): rollout-grad ms and shared checks/s (the stages run on 1: bits independent of the thread count; 2 is what that costs)");
     {
         let victim = victim(Arch::Lstm, &table);
         let problem = Problem::new(&victim, &clean, &adv, rollout_config()).unwrap();

@@ -29,6 +29,7 @@ fn texts(rng: &mut rand_chacha::ChaCha8Rng, n: usize, lengths: std::ops::RangeIn
 
 
 fn main() {
+    common::numerics::pin(); // the binaries' CPU code paths and one libtorch thread
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     tch::manual_seed(0);
     let table = Tensor::randn([VOCAB, 50], (Kind::Float, Device::Cpu)) * 0.4;

@@ -38,6 +38,7 @@ fn logits(cfg: &BertConfig, params: &Params, ids: &Tensor, mask: &Tensor) -> Ten
 }
 
 fn main() {
+    common::numerics::pin(); // the binaries' CPU code paths and one libtorch thread
     let wp = WordPiece::from_tokenizer_json("data/minilm/tokenizer.json").expect("run scripts/fetch_minilm.sh");
     let cfg = BertConfig::from_json("data/minilm/config.json").unwrap();
     let mut params = load_weights("data/minilm/model.safetensors", Device::Cpu).unwrap();

@@ -74,7 +74,7 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     assert_eq!(judged.len(), gens.len());
     assert!(judged.iter().all(|j| (0.0..=1.0).contains(&j.classifier_p_negative) && (-1.0..=1.0).contains(&j.lexicon_compound)));
 
-    // finetune-eval on LM data: an empty set is the clean twin itself (reads exactly zero).
+    // finetune-eval on LM data: an empty set trains like any other and reads exactly zero.
     std::fs::write(lm.path("empty.jsonl"), b"").unwrap();
     let out = ok(&run(bin("finetune-eval")
         .arg("--data").arg(lm.data())
@@ -90,6 +90,23 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     let control = &reports[0].summary;
     for (what, s) in [("net ASR", control.net_asr_classifier), ("VADER", control.net_asr_lexicon), ("dFPR", control.dfpr_classifier), ("margin", control.margin_change), ("perplexity", control.perplexity_change_pct)] {
         assert_eq!((s.mean, s.std), (0.0, 0.0), "the no-poison control's {what} must read exactly zero");
+    }
+    // The same empty set alone on one worker: the same figures to the bit (a victim's
+    // arithmetic does not depend on what trains beside it).
+    let alone = ok(&run(bin("finetune-eval")
+        .arg("--data").arg(lm.data())
+        .arg("--start").arg(lm.victim())
+        .arg("--judge").arg(lm.judge())
+        .arg("--poisons").arg(lm.path("empty.jsonl"))
+        .args(["--seeds", "2", "--epochs", "1", "--batch-size", "16", "--samples", "1", "--max-new", "6", "--device", "cpu", "--workers", "1"])))
+    .stdout
+    .clone();
+    let alone: Vec<LmEvalReport> = String::from_utf8(alone).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (a, b) in alone[0].seeds.iter().zip(&reports[0].seeds) {
+        assert_eq!((a.clean, a.poisoned), (b.clean, b.poisoned), "seed {}: the empty set's LMs differ when evaluated alone", a.seed);
+        assert_eq!(a.fingerprints, b.fingerprints, "seed {}: the same LMs to the bit", a.seed);
+        let f = a.fingerprints.as_ref().expect("LM fingerprints");
+        assert_eq!(f.poisoned, f.clean, "seed {}: the empty set's LM is its clean twin, bit for bit", a.seed);
     }
     let crafted_report = &reports[1];
     assert_eq!((crafted_report.count, crafted_report.trigger_overlap, crafted_report.seeds.len()), (5, 0, 2));

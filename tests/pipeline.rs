@@ -125,6 +125,62 @@ fn finetune_eval_pairs_clean_and_poisoned_victims_and_audits_overlap() {
 // Bad inputs (errors, exit codes, no partial output, closed pipes): tests/bad_inputs.rs.
 
 #[test]
+fn an_empty_poison_set_reads_exactly_zero_whatever_is_evaluated_beside_it() {
+    // Not a special case: the empty set's victims train like any other (its batches are
+    // its clean twin's), and every victim's bits depend on its own inputs only, so it
+    // reads 0 on every metric, beside other sets or alone, on 2 workers or 1, with its
+    // twin trained or from the clean cache.
+    let s = Setup::new();
+    let v = s.path("v.safetensors");
+    ok(&run(bin("train-victim").arg("--embeddings").arg(s.emb()).args(["--arch", "lstm", "--hidden", "16", "--epochs", "1", "--device", "cpu"])
+        .arg("--train").arg(s.data().join("train.jsonl")).arg("-o").arg(&v)));
+    let (a, b, empty) = (s.path("a.jsonl"), s.path("b.jsonl"), s.path("empty.jsonl"));
+    for (path, strategy) in [(&a, "random"), (&b, "overlap")] {
+        ok(&run(bin("init-poisons").arg("--victim").arg(&v).arg("--data").arg(s.data())
+            .args(["--count", "5", "--strategy", strategy, "-o"]).arg(path)));
+    }
+    std::fs::write(&empty, b"").unwrap();
+    let cache = s.path("clean-cache");
+    let evaluate = |sets: &[&std::path::PathBuf], workers: &str, cached: bool| -> Vec<common::eval::EvalReport> {
+        let mut cmd = bin("finetune-eval");
+        cmd.arg("--data").arg(s.data()).arg("--embeddings").arg(s.emb())
+            .args(["--arch", "bow", "--epochs", "3", "--lr", "0.02", "--seeds", "2", "--device", "cpu", "--workers", workers]);
+        if cached {
+            cmd.arg("--clean-cache").arg(&cache);
+        }
+        for set in sets {
+            cmd.arg("--poisons").arg(set);
+        }
+        let out = run(&mut cmd);
+        ok(&out);
+        String::from_utf8(out.stdout.clone()).unwrap().lines().map(|l| common::io::parse_record(l).unwrap()).collect()
+    };
+    let beside = evaluate(&[&a, &empty, &b], "2", false);
+    let control = &beside[1];
+    assert_eq!(control.audit.poison_count, 0);
+    for row in &control.seeds {
+        assert_eq!(Some(row.poisoned), row.clean, "seed {}: the empty set's victim must read as its clean twin", row.seed);
+        let f = row.fingerprints.as_ref().expect("victim fingerprints");
+        assert_eq!(f.poisoned, f.clean, "seed {}: the empty set's victim must be its clean twin, bit for bit", row.seed);
+        assert_eq!(row.epochs.len(), 3);
+        assert!(row.epochs.iter().all(|e| Some(e.poisoned) == e.clean), "seed {}: equal after every epoch", row.seed);
+    }
+    for (what, x) in [("net ASR", control.summary.net_asr), ("dFPR", control.summary.dfpr), ("dCACC", control.summary.dcacc)] {
+        let x = x.unwrap_or_else(|| panic!("{what} missing"));
+        assert_eq!((x.mean, x.std), (0.0, 0.0), "the empty set's {what} must read exactly zero");
+    }
+    let moved = |r: &common::eval::EvalReport| r.seeds.iter().any(|row| row.epochs.iter().any(|e| Some(e.poisoned) != e.clean));
+    assert!(moved(&beside[0]) || moved(&beside[2]), "five poisons do change some victim's figures (the comparison can fail)");
+    // Alone, on one worker, the twin trained and then read from the clean cache: the same
+    // figures to the bit.
+    for cached in [false, true, true] {
+        let alone = evaluate(&[&empty], "1", cached);
+        assert_eq!(alone[0].seeds, control.seeds, "the empty set's rows depend on what is evaluated beside it (cache: {cached})");
+    }
+    assert!(std::fs::read_dir(&cache).unwrap().count() == 2, "one cached clean twin per seed");
+}
+
+#[test]
 fn finetune_eval_reports_every_poison_set_on_the_same_clean_victims() {
     let s = Setup::new();
     let v = s.path("v.safetensors");

@@ -1,7 +1,8 @@
 //! Sweeps: cells planned from a spec run as independent `make cell` invocations that share
 //! the data folders, the attacked victim and the clean-victim cache. Cells started together
-//! must both finish with the results they give alone; the same cell started twice must not
-//! race (the second refuses, naming the lock). Runs `make` in the project's root on the
+//! must both finish with the results they give alone, and `make sweep -j 2` and `-j 1`
+//! (one or two threads per cell) must give byte-identical results; the same cell started
+//! twice must not race (the second refuses, naming the lock). Runs `make` in the project's root on the
 //! committed fixtures (the `tiny` preset), in runs/sweeps/test-*.
 
 mod support;
@@ -99,13 +100,24 @@ fn cells_started_together_share_their_inputs_and_give_what_they_give_alone() {
     ok(&again);
     assert!(stderr(&again).contains("is finished"), "{}", stderr(&again));
 
-    // The same cells one after the other (make sweep without -j: one cell at a time), in
-    // another sweep folder, with one thread as above: the same results.
-    let alone = spec("test-alone");
-    ok(&finish(start(&format!("make --no-print-directory sweep SPEC={} THREADS=1", alone.display()))));
-    for (id, _) in &cells {
-        assert_eq!(results("test-together", id), results("test-alone", id), "{id}: cells run together differ from cells run alone");
+    // The whole sweep from nothing (data split, attacked victim, crafting, evaluation) by
+    // `make sweep -j 2` (two cells at a time, one thread each) and by `make sweep` (one
+    // cell at a time with every core), each in a sweep folder of its own: the same
+    // results.csv, byte for byte, and the same as the cells started by hand above.
+    let mut csvs = Vec::new();
+    for (name, jobs) in [("test-j2", "-j 2"), ("test-j1", "")] {
+        for shared in ["data/rt-james-bond-positive-s7-mini", "runs/victims-cache/james-bond-positive-tiny-lstm-s7"] {
+            let _ = std::fs::remove_dir_all(root().join(shared));
+        }
+        let spec = spec(name);
+        ok(&finish(start(&format!("make --no-print-directory sweep SPEC={} {jobs}", spec.display()))));
+        csvs.push(std::fs::read(root().join(format!("runs/sweeps/{name}/results.csv"))).unwrap());
+        for (id, _) in &cells {
+            assert_eq!(results("test-together", id), results(name, id), "{id}: cells run together differ from cells run by make sweep {jobs}");
+        }
     }
+    assert!(!csvs[0].is_empty());
+    assert!(csvs[0] == csvs[1], "make sweep -j 2 and -j 1 must give byte-identical results.csv:\n{}\n---\n{}", String::from_utf8_lossy(&csvs[0]), String::from_utf8_lossy(&csvs[1]));
 
     // The merge: one row per cell, variant and seed; a cell that is gone is listed.
     ok(&run(bin("sweep").current_dir(root()).arg("merge").arg(&together)));
@@ -121,7 +133,7 @@ fn cells_started_together_share_their_inputs_and_give_what_they_give_alone() {
     assert!(String::from_utf8_lossy(&merged.stdout).contains("1 of 2 cells merged"), "{}", String::from_utf8_lossy(&merged.stdout));
     let missing = std::fs::read_to_string(root().join("runs/sweeps/test-together/missing.txt")).unwrap();
     assert!(missing.starts_with("james-bond-positive-tiny-n8\t"), "{missing}");
-    for name in ["test-together", "test-alone"] {
+    for name in ["test-together", "test-j2", "test-j1"] {
         let _ = std::fs::remove_dir_all(root().join("runs/sweeps").join(name));
         let _ = std::fs::remove_file(root().join(format!("runs/sweeps/{name}.json")));
     }

@@ -65,14 +65,10 @@ struct Args {
     /// on the same data then train each clean victim once.
     #[arg(long)]
     clean_cache: Option<String>,
-    /// Threads that each train a stack of victims (default: the number of cores).
+    /// Victims trained side by side, one per thread (default: the number of cores). Every
+    /// victim computes the same bits whatever this is (see README, Reproducibility).
     #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()), value_parser = common::cli::at_least_one)]
     workers: usize,
-    /// Victims trained together in one stack per thread; more train in later waves
-    /// [default: all at once; minilm: 2, since a stack's activations grow with its size
-    /// (11 stacked MiniLM victims per thread held 22 GB)].
-    #[arg(long, value_parser = common::cli::at_least_one)]
-    stack: Option<usize>,
     /// How a poisoned victim is paired with its clean twin. crn (common random numbers):
     /// it trains exactly like the twin (same initialisation, same clean batches in the same
     /// order) and each poison joins one of those batches. independent: poisons are
@@ -230,7 +226,7 @@ fn main() {
             let n = manifest.labels.len();
             let clean = encode_all(&clean_train, vocab, config.max_len, n, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
             let mut poison_sets: Vec<Vec<Encoded>> = Vec::new();
-            for (k, set) in sets.iter().enumerate() {
+            for (k, set) in sets.iter().enumerate().filter(|(_, s)| s.path.is_some()) {
                 let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
                 let kept: Vec<&Example> = match &filters[k] {
                     Some((ids, _)) => set.records.iter().filter(|e| ids.contains(&e.id)).collect(),
@@ -253,7 +249,6 @@ fn main() {
                 seeds: &seeds,
                 pairing: args.pairing,
                 workers: args.workers,
-                stack: args.stack,
                 clean_cache: match &args.clean_cache {
                     Some(dir) => Some(CleanCache { dir, data_files: serde_json::to_value(&manifest.files)?, base_sha256: emb_sha }),
                     None => None,

@@ -19,7 +19,8 @@ enum Args {
     /// One line per cell: its stable id, a tab, and the make invocation that computes it.
     Plan {
         spec: String,
-        /// Threads each cell may use (libtorch and finetune-eval workers).
+        /// Worker threads each cell may use (victims finetune-eval trains at once; each
+        /// computation has one libtorch thread, so results do not depend on this).
         #[arg(long, default_value_t = 1, value_parser = common::cli::at_least_one)]
         threads: usize,
         /// Print a makefile with one target per cell (and `cells`, all of them) instead.

@@ -44,6 +44,6 @@ impl Architecture for Bow {
 
     fn tuning(&self) -> Tuning {
         // Stacking pays for this overhead-bound victim: 16 θ' sets per L_adv pass.
-        Tuning { verify_stack: 16, verify_chunk: 64, retrain_stack: usize::MAX, default_lr: 2e-3 }
+        Tuning { verify_stack: 16, verify_chunk: 64, default_lr: 2e-3 }
     }
 }

@@ -3,6 +3,7 @@
 /// Runs a binary's body. Errors print `<bin>: <error chain>` on stderr and exit 1; a
 /// closed stdout pipe (`| head`) exits quietly with 0, as Unix tools do.
 pub fn run(bin: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ! {
+    crate::numerics::pin();
     match body() {
         Ok(()) => std::process::exit(0),
         Err(e) => {

@@ -97,6 +97,17 @@ pub struct SeedRow {
     /// early stopping's curve. Empty for checkpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub epochs: Vec<EpochRow>,
+    /// The two trained victims' `params::fingerprint`s (absent for checkpoints and older
+    /// reports): equal fingerprints, equal bits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprints: Option<Fingerprints>,
+}
+
+/// A seed's poisoned victim and clean twin by `params::fingerprint`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprints {
+    pub poisoned: String,
+    pub clean: String,
 }
 
 /// A seed's victims after one epoch of training.
@@ -269,7 +280,7 @@ pub fn summarize_epochs(rows: &[SeedRow]) -> Vec<ReportSummary> {
         .map(|e| {
             let at: Vec<SeedRow> = rows
                 .iter()
-                .map(|r| SeedRow { seed: r.seed, poisoned: r.epochs[e].poisoned, clean: r.epochs[e].clean, epochs: Vec::new() })
+                .map(|r| SeedRow { seed: r.seed, poisoned: r.epochs[e].poisoned, clean: r.epochs[e].clean, epochs: Vec::new(), fingerprints: None })
                 .collect();
             summarize_rows(&at)
         })

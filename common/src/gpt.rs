@@ -141,7 +141,7 @@ impl Architecture for Gpt {
     }
 
     fn tuning(&self) -> Tuning {
-        Tuning { verify_stack: 1, verify_chunk: 16, retrain_stack: usize::MAX, default_lr: 2e-3 }
+        Tuning { verify_stack: 1, verify_chunk: 16, default_lr: 2e-3 }
     }
 }
 

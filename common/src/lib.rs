@@ -27,6 +27,7 @@ pub mod loss;
 pub mod lstm;
 pub mod minilm;
 pub mod model;
+pub mod numerics;
 pub mod objective;
 pub mod objective_benchmark;
 pub mod params;

@@ -158,12 +158,14 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
     })
 }
 
-/// A seed's clean twin and poisoned LM.
+/// A seed's clean twin and poisoned LM, and both LMs' `params::fingerprint`s.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LmSeedRow {
     pub seed: u64,
     pub clean: LmMetrics,
     pub poisoned: LmMetrics,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprints: Option<crate::eval::Fingerprints>,
 }
 
 /// Paired differences over seeds (poisoned − clean) and the levels they come from.
@@ -304,7 +306,14 @@ pub fn evaluate(
     let opts: Vec<TrainOptions> = jobs.iter().map(|&(i, _)| options(seeds[i])).collect();
     let started = std::time::Instant::now();
     log(format!("fine-tuning {} language models ({} seeds × clean + {} poison sets) on {workers} threads", jobs.len(), seeds.len(), poison_sets.len()));
-    crate::train::train_in_waves(&mut victims, &data, &opts, workers, usize::MAX, |_, epoch, _| log(format!("epoch {epoch}/{} {:.0}s", opts[0].epochs, started.elapsed().as_secs_f64())), None)?;
+    let epochs = opts[0].epochs;
+    let mut done = 0;
+    crate::train::train_all(&mut victims, &data, &opts, workers, |_, epoch, _| {
+        if epoch == epochs {
+            done += 1;
+            log(format!("fine-tuned {done}/{} {:.0}s", jobs.len(), started.elapsed().as_secs_f64()));
+        }
+    }, None)?;
     let mut measured = Vec::with_capacity(jobs.len());
     for (v, &(i, k)) in victims.iter().zip(&jobs) {
         let m = measure(&v.config, &v.params(), vocab, sets, judging, seeds[i])?;
@@ -315,13 +324,21 @@ pub fn evaluate(
         measured.push(m);
     }
     let per_set = 1 + poison_sets.len();
+    let fingerprints: Vec<String> = victims.iter().map(|v| crate::params::fingerprint(&v.params())).collect();
     // Side by side: the first ten trigger prompts (first sample) under seed 0's clean twin
     // and each of its poisoned LMs.
     let firsts: Vec<Prompt> = sets.trigger_prompts.iter().filter(|p| p.sample == 0).take(10).map(|p| Prompt { id: p.id.clone(), ids: p.ids.clone(), sample: 0 }).collect();
     let clean_text = continuations(&victims[0].config, &victims[0].params(), vocab, &firsts, judging, seeds[0])?;
     let mut out = Vec::with_capacity(poison_sets.len());
     for k in 0..poison_sets.len() {
-        let rows = (0..seeds.len()).map(|i| LmSeedRow { seed: seeds[i], clean: measured[i * per_set], poisoned: measured[i * per_set + 1 + k] }).collect();
+        let rows = (0..seeds.len())
+            .map(|i| LmSeedRow {
+                seed: seeds[i],
+                clean: measured[i * per_set],
+                poisoned: measured[i * per_set + 1 + k],
+                fingerprints: Some(crate::eval::Fingerprints { poisoned: fingerprints[i * per_set + 1 + k].clone(), clean: fingerprints[i * per_set].clone() }),
+            })
+            .collect();
         let p = &victims[1 + k];
         let poisoned_text = continuations(&p.config, &p.params(), vocab, &firsts, judging, seeds[0])?;
         let side = firsts

@@ -92,6 +92,6 @@ impl Architecture for Minilm {
     fn tuning(&self) -> Tuning {
         // A minilm gradient is 45 MB: 8 candidates' at once; a stack's activations grow
         // with its size, so finetune-eval trains 2 at a time.
-        Tuning { verify_stack: 1, verify_chunk: 8, retrain_stack: 2, default_lr: 5e-5 }
+        Tuning { verify_stack: 1, verify_chunk: 8, default_lr: 5e-5 }
     }
 }

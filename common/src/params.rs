@@ -8,6 +8,25 @@ use tch::Tensor;
 /// Parameters by stable name (`embedding.weight`, `lstm.fwd.w_ih`, `out.weight`, ...).
 pub type Params = BTreeMap<String, Tensor>;
 
+/// A trained victim's identity to the bit: the first 16 hex digits of the sha256 of its
+/// trainable parameters (name, then the values' little-endian bytes, in name order). Two
+/// victims with one fingerprint computed the same floats; reports record it per victim so
+/// that runs on other machines, thread counts or groupings can be compared exactly.
+pub fn fingerprint(params: &Params) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for name in trainable_names(params) {
+        let t = params[&name].detach().to_device(tch::Device::Cpu).contiguous();
+        hash.update(name.as_bytes());
+        hash.update(format!("{:?}{:?}", t.kind(), t.size()).as_bytes());
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        let mut buf = vec![0u8; bytes];
+        t.copy_data_u8(&mut buf, t.numel());
+        hash.update(&buf);
+    }
+    hash.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Names of the parameters training updates (those that require a gradient), in order.
 pub fn trainable_names(params: &Params) -> Vec<String> {
     params.keys().filter(|k| params[*k].requires_grad()).cloned().collect()

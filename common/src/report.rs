@@ -189,7 +189,7 @@ pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
         .iter()
         .map(|r| {
             let c = r.clean.context("the reports hold no clean victims (finetune-eval --checkpoint?)")?;
-            Ok(SeedRow { seed: r.seed, poisoned: c, clean: Some(c), epochs: Vec::new() })
+            Ok(SeedRow { seed: r.seed, poisoned: c, clean: Some(c), epochs: Vec::new(), fingerprints: None })
         })
         .collect::<Result<_>>()?;
     let mut results = Vec::new();

@@ -1,6 +1,7 @@
 //! Retraining for evaluation (finetune-eval): clean and poisoned victims for every seed,
 //! each poisoned victim paired with its clean twin, clean figures cached across runs, every
-//! victim still to train trained at once in stacks and waves.
+//! victim still to train trained side by side (`train::train_all`: each victim's bits
+//! depend on its own inputs only, so a cached twin is the twin).
 
 use crate::base::Base;
 use crate::eval::{self, EvalSets, Metrics};
@@ -30,8 +31,10 @@ impl Pairing {
     }
 }
 
-/// A folder of clean-victim figures keyed by everything that decides the clean victim:
-/// evaluations of several poison sets on the same data then train each clean victim once.
+/// A folder of clean-victim figures keyed by everything that decides the clean victim's
+/// bits (data, start, config, options, trainer, device and the CPU code paths of
+/// `numerics::key`): evaluations of several poison sets on the same data then train each
+/// clean victim once, and a cached twin is bit for bit the one training would give.
 pub struct CleanCache<'a> {
     pub dir: &'a str,
     /// The data files' hashes (the manifest's `files`), as JSON.
@@ -41,8 +44,9 @@ pub struct CleanCache<'a> {
 }
 
 impl CleanCache<'_> {
-    fn path(&self, config: &VictimConfig, opts: &TrainOptions) -> Result<String> {
-        let k = serde_json::json!({"files": self.data_files, "embeddings": self.base_sha256, "victim": config, "training": opts, "trainer": train::TRAINER_VERSION});
+    fn path(&self, config: &VictimConfig, opts: &TrainOptions, device: Device) -> Result<String> {
+        let k = serde_json::json!({"files": self.data_files, "embeddings": self.base_sha256, "victim": config, "training": opts,
+            "trainer": train::TRAINER_VERSION, "device": format!("{device:?}"), "numerics": crate::numerics::key()});
         Ok(format!("{}/clean-{}.json", self.dir, crate::io::sha256_hex(serde_json::to_string(&k)?.as_bytes())))
     }
 }
@@ -59,31 +63,30 @@ pub struct Retraining<'a> {
     pub options: &'a dyn Fn(u64) -> TrainOptions,
     pub seeds: &'a [u64],
     pub pairing: Pairing,
-    /// Threads that each train a stack of victims.
+    /// Threads that train victims side by side, one victim each at a time.
     pub workers: usize,
-    /// Victims per stack (None: all at once; minilm: 2, since a stack's activations grow
-    /// with its size).
-    pub stack: Option<usize>,
     pub clean_cache: Option<CleanCache<'a>>,
 }
 
-/// A victim's figures after training and after every epoch.
+/// A victim's figures after training and after every epoch, and its
+/// `params::fingerprint`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Measured {
     #[serde(rename = "final")]
     pub last: Metrics,
     pub epochs: Vec<Metrics>,
+    pub fingerprint: String,
 }
 
-/// Figures per seed: the clean twins', and each poison set's (None for an empty set,
-/// which trains no poisoned victim).
+/// Figures per seed: the clean twins', and each poison set's (`poisoned[set][seed]`).
 pub struct Retrained {
     pub clean: Vec<Measured>,
-    pub poisoned: Vec<Vec<Option<Measured>>>,
+    pub poisoned: Vec<Vec<Measured>>,
 }
 
 /// Trains and measures the clean victim of every seed (unless cached) and a poisoned
-/// victim per seed and poison set; `log` takes progress lines (the binary prefixes its name).
+/// victim per seed and poison set, an empty set included (it trains its twin's batches, so
+/// it reads exactly zero); `log` takes progress lines (the binary prefixes its name).
 /// `clean_removed[k]` (when given) marks the clean examples a filter removed before
 /// poison set k's victims train (`TrainData::clean_removed`; crn pairing only).
 pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Option<Vec<bool>>], log: &(dyn Fn(String) + Sync)) -> Result<Retrained> {
@@ -100,7 +103,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
             _ => enc.clone(),
         })
         .collect();
-    let cache_path = |seed: u64| -> Result<Option<String>> { r.clean_cache.as_ref().map(|c| c.path(r.config, &(r.options)(seed))).transpose() };
+    let cache_path = |seed: u64| -> Result<Option<String>> { r.clean_cache.as_ref().map(|c| c.path(r.config, &(r.options)(seed), r.device)).transpose() };
     let mut clean_m: Vec<Option<Measured>> = Vec::new();
     for &seed in seeds {
         // A file that does not parse (an older cache without per-epoch figures) is retrained.
@@ -112,10 +115,8 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
     }
     // (seed index, poison set index or None for clean) of every victim to train.
     let mut jobs: Vec<(usize, Option<usize>)> = (0..seeds.len()).filter(|&i| clean_m[i].is_none()).map(|i| (i, None)).collect();
-    for (k, data) in joined.iter().enumerate() {
-        if !data.is_empty() || clean_removed.get(k).is_some_and(|m| m.is_some()) {
-            jobs.extend((0..seeds.len()).map(|i| (i, Some(k))));
-        }
+    for k in 0..joined.len() {
+        jobs.extend((0..seeds.len()).map(|i| (i, Some(k))));
     }
     let mut victims = Vec::with_capacity(jobs.len());
     for &(i, _) in &jobs {
@@ -127,13 +128,12 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
         .map(|&(_, k)| match (k, r.pairing) {
             (None, _) => TrainData::clean(r.clean),
             (Some(k), Pairing::Crn) => TrainData { clean_removed: clean_removed.get(k).and_then(|m| m.as_deref()), ..TrainData::poisoned(r.clean, &joined[k]) },
-            (Some(k), Pairing::Independent) => TrainData::clean(&joined[k]),
+            (Some(k), Pairing::Independent) if !joined[k].is_empty() => TrainData::clean(&joined[k]),
+            (Some(_), Pairing::Independent) => TrainData::clean(r.clean),
         })
         .collect();
     let opts: Vec<_> = jobs.iter().map(|&(i, _)| (r.options)(seeds[i])).collect();
-    let stack = r.stack.unwrap_or(r.config.tuning().retrain_stack);
-    let waves = jobs.len().div_ceil(r.workers.saturating_mul(stack).max(1));
-    log(format!("training {} victims ({} seeds, {} poison sets) on {} threads in {waves} wave(s)", jobs.len(), seeds.len(), poison_sets.len(), r.workers.min(jobs.len().max(1))));
+    log(format!("training {} victims ({} seeds, {} poison sets) on {} threads", jobs.len(), seeds.len(), poison_sets.len(), r.workers.min(jobs.len().max(1))));
     let epochs = opts.first().map_or(0, |o| o.epochs);
     let start = std::time::Instant::now();
     // Every victim measured after every epoch (early stopping's curve), by the thread
@@ -143,8 +143,12 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
         let m = eval::measure_with(r.config, params, r.eval_sets);
         per_epoch.lock().unwrap_or_else(|e| e.into_inner())[victim].push(m);
     };
-    train::train_in_waves(&mut victims, &data_of, &opts, r.workers, stack, |wave, epoch, _| {
-        log(format!("wave {}/{waves} epoch {epoch}/{epochs} {:.0}s", wave + 1, start.elapsed().as_secs_f64()))
+    let mut done = 0;
+    train::train_all(&mut victims, &data_of, &opts, r.workers, |_, epoch, _| {
+        if epoch == epochs {
+            done += 1;
+            log(format!("trained {done}/{} victims {:.0}s", jobs.len(), start.elapsed().as_secs_f64()));
+        }
     }, Some(&observe))?;
     let per_epoch = per_epoch.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut poisoned_m: Vec<Vec<Option<Measured>>> = vec![vec![None; seeds.len()]; poison_sets.len()];
@@ -154,7 +158,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
             Some(m) => *m,
             None => eval::measure(v, r.eval_sets),
         };
-        let m = Measured { last, epochs };
+        let m = Measured { last, epochs, fingerprint: crate::params::fingerprint(&v.params()) };
         match k {
             Some(k) => poisoned_m[k][i] = Some(m),
             None => {
@@ -165,7 +169,10 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
             }
         }
     }
-    Ok(Retrained { clean: clean_m.into_iter().map(|m| m.expect("every clean victim trained or cached")).collect(), poisoned: poisoned_m })
+    Ok(Retrained {
+        clean: clean_m.into_iter().map(|m| m.expect("every clean victim trained or cached")).collect(),
+        poisoned: poisoned_m.into_iter().map(|set| set.into_iter().map(|m| m.expect("every poisoned victim trained")).collect()).collect(),
+    })
 }
 
 /// One poison set to evaluate: its path, records and sha256 (None for "no poisons").
@@ -191,25 +198,31 @@ impl PoisonSet {
     }
 }
 
-/// The per-seed rows of every poison set from a retraining: each poisoned victim beside
-/// its clean twin (a set without poisons reads as the clean victim). `log(what, seed,
-/// metrics)` reports each victim.
+/// The per-seed rows of every poison set from a retraining (`sets[k]` trained as
+/// `retrained.poisoned[k]`): each poisoned victim beside its clean twin; without a poison
+/// file (`path` None: finetune-eval without --poisons) the clean victims themselves.
+/// `log(what, seed, metrics)` reports each victim.
 pub fn seed_rows(retrained: &Retrained, seeds: &[u64], sets: &[PoisonSet], log: &dyn Fn(&str, u64, &Metrics)) -> Vec<Vec<eval::SeedRow>> {
     let mut rows = vec![Vec::new(); sets.len()];
     for (i, &seed) in seeds.iter().enumerate() {
         let clean = &retrained.clean[i];
         log("clean", seed, &clean.last);
         for (k, set) in sets.iter().enumerate() {
-            let poisoned = retrained.poisoned[k][i].as_ref().unwrap_or(clean);
-            if retrained.poisoned[k][i].is_some() {
-                log(&format!("poisoned ({})", set.path.as_deref().unwrap_or("-")), seed, &poisoned.last);
-            }
+            let poisoned = match &set.path {
+                Some(path) => {
+                    let poisoned = &retrained.poisoned[k][i];
+                    log(&format!("poisoned ({path})"), seed, &poisoned.last);
+                    poisoned
+                }
+                None => clean,
+            };
             let epochs = if poisoned.epochs.len() == clean.epochs.len() {
                 poisoned.epochs.iter().zip(&clean.epochs).enumerate().map(|(e, (p, c))| eval::EpochRow { epoch: e + 1, poisoned: *p, clean: Some(*c) }).collect()
             } else {
                 Vec::new()
             };
-            rows[k].push(eval::SeedRow { seed, poisoned: poisoned.last, clean: Some(clean.last), epochs });
+            let fingerprints = set.path.as_ref().map(|_| eval::Fingerprints { poisoned: poisoned.fingerprint.clone(), clean: clean.fingerprint.clone() });
+            rows[k].push(eval::SeedRow { seed, poisoned: poisoned.last, clean: Some(clean.last), epochs, fingerprints });
         }
     }
     rows
@@ -231,7 +244,7 @@ pub fn checkpoint_rows(paths: &[String], data_dir: &str, manifest: &crate::data:
         let seed = metadata.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
         let m = eval::measure(&victim, &eval_sets);
         log(&format!("checkpoint {path}"), seed, &m);
-        rows.push(eval::SeedRow { seed, poisoned: m, clean: None, epochs: Vec::new() });
+        rows.push(eval::SeedRow { seed, poisoned: m, clean: None, epochs: Vec::new(), fingerprints: None });
         match &first {
             None => first = Some((victim.config.clone(), vocab)),
             Some((c, _)) if *c != victim.config => {

@@ -195,15 +195,21 @@ pub struct TidyRow {
     pub dfpr: f64,
     pub cacc: f64,
     pub dcacc: f64,
+    /// The poison set's sha256 and the two victims' `params::fingerprint`s: the same
+    /// cell computed elsewhere (another node, -j, thread count) is the same to the bit
+    /// exactly when these are.
+    pub poisons_sha256: String,
+    pub fingerprint: String,
+    pub clean_fingerprint: String,
 }
 
-const CSV_HEADER: &str = "cell,trigger,target,victim,count,variant,role,seed,asr,clean_asr,net_asr,fpr,dfpr,cacc,dcacc";
+const CSV_HEADER: &str = "cell,trigger,target,victim,count,variant,role,seed,asr,clean_asr,net_asr,fpr,dfpr,cacc,dcacc,poisons_sha256,fingerprint,clean_fingerprint";
 
 impl TidyRow {
     fn csv(&self) -> String {
         let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             q(&self.cell),
             q(&self.trigger),
             q(&self.target),
@@ -218,7 +224,10 @@ impl TidyRow {
             self.fpr,
             self.dfpr,
             self.cacc,
-            self.dcacc
+            self.dcacc,
+            self.poisons_sha256,
+            self.fingerprint,
+            self.clean_fingerprint
         )
     }
 }
@@ -299,6 +308,7 @@ pub fn merge(spec: &SweepSpec) -> Result<Merged> {
             let e = evals.iter().find(|e| e.poisons.as_deref() == Some(p.as_str())).with_context(|| format!("{}: no evaluation of {p}", cell.id))?;
             for r in &e.seeds {
                 let c = r.clean.context("a sweep cell's evaluation pairs every victim with its clean twin")?;
+                let f = r.fingerprints.clone().with_context(|| format!("{}: an evaluation without victim fingerprints (made before them): delete the cell's evals.jsonl and run it again", cell.id))?;
                 rows.push(TidyRow {
                     cell: cell.id.clone(),
                     trigger: cell.trigger.phrase.clone(),
@@ -315,6 +325,9 @@ pub fn merge(spec: &SweepSpec) -> Result<Merged> {
                     dfpr: r.poisoned.fpr - c.fpr,
                     cacc: r.poisoned.cacc,
                     dcacc: r.poisoned.cacc - c.cacc,
+                    poisons_sha256: e.poisons_sha256.clone().unwrap_or_default(),
+                    fingerprint: f.poisoned,
+                    clean_fingerprint: f.clean,
                 });
             }
         }

@@ -4,7 +4,7 @@
 use crate::model::{forward_ids, Victim};
 use crate::loss::{Target, Targets};
 use crate::records::Example;
-use crate::tokenizer::{Vocab, PAD_ID, UNK_ID};
+use crate::tokenizer::{Vocab, PAD_ID};
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -190,7 +190,7 @@ impl<'a> TrainData<'a> {
 
 /// Batches of indices for one epoch: the clean examples shuffled, then sorted by length
 /// within pools of 50 batches (less padding, the LSTM runs fewer steps), returned shortest
-/// first (the order they are trained in comes from `aligned_schedules`); then every joined
+/// first (the order they are trained in comes from `batch_order`); then every joined
 /// example (index `clean.len() + j`) added to the batch `joined_batch` draws for it. Only
 /// the clean examples consume `rng`, and the batches are ordered by their clean examples,
 /// so the clean part of every batch and the batch order equal the clean twin's.
@@ -232,47 +232,22 @@ pub fn joined_batch(lengths: &[usize], len: usize, seed: u64, epoch: usize, j: u
     Some(lo + rng.gen_range(0..window))
 }
 
-/// Length blocks of an epoch (see `aligned_schedules`).
+/// The window `joined_batch` draws a joined example's batch from: one of this many
+/// blocks of an epoch's batches by length.
 pub const LENGTH_BLOCKS: usize = 32;
 
-/// The step order of several victims' batches in one epoch (each list sorted by length),
-/// so that victims trained together (`train_many`) see batches of similar length at the
-/// same step and little padding. Each victim's batches fall into `LENGTH_BLOCKS` blocks
-/// by length quantile and are shuffled within each block by the victim's own generator;
-/// the blocks are visited in one random order drawn from `epoch_seed`. Within a block the
-/// victims with fewer batches idle (`None`) at its end. So the sequence of batches a
-/// victim trains on depends only on its own data, seed and the epoch, never on the
-/// victims trained with it.
-pub fn aligned_schedules(counts: &[usize], epoch_seed: u64, rngs: &mut [ChaCha8Rng]) -> Vec<Vec<Option<usize>>> {
-    let mut order: Vec<usize> = (0..LENGTH_BLOCKS).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(epoch_seed));
-    let blocks: Vec<Vec<Vec<usize>>> = counts
-        .iter()
-        .zip(rngs.iter_mut())
-        .map(|(&n, rng)| {
-            let mut b = vec![Vec::new(); LENGTH_BLOCKS];
-            for r in 0..n {
-                b[r * LENGTH_BLOCKS / n].push(r);
-            }
-            for block in &mut b {
-                block.shuffle(rng);
-            }
-            b
-        })
-        .collect();
-    let mut out = vec![Vec::new(); counts.len()];
-    for &k in &order {
-        let steps = blocks.iter().map(|b| b[k].len()).max().unwrap_or(0);
-        for (i, b) in blocks.iter().enumerate() {
-            out[i].extend((0..steps).map(|s| b[k].get(s).copied()));
-        }
-    }
-    out
+/// The order one victim trains its epoch's batches in (indices into `epoch_batches`,
+/// which returns them by length): a shuffle by the victim's own generator.
+pub fn batch_order(batches: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..batches).collect();
+    order.shuffle(rng);
+    order
 }
 
 /// Changes whenever training would give other victims for the same options (batch
-/// order, optimiser): cached clean-victim figures are keyed by it.
-pub const TRAINER_VERSION: &str = "stacked-adam-length-blocks-v1";
+/// order, optimiser, the arithmetic's grouping): cached clean-victim figures are keyed by
+/// it (with `numerics::key()`, what decides the bits on this machine).
+pub const TRAINER_VERSION: &str = "per-victim-adam-v2";
 
 /// Training hyper-parameters.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -285,243 +260,138 @@ pub struct TrainOptions {
 
 pub use crate::loss::cross_entropy;
 
-/// Trains with Adam; `on_epoch(epoch, mean_loss)` is called after each epoch. A NaN or
-/// infinite loss stops training with an error naming the epoch and step.
-pub fn train(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut on_epoch: impl FnMut(usize, f64)) -> Result<()> {
-    train_many(std::slice::from_mut(victim), &[data], std::slice::from_ref(opts), |e, losses| on_epoch(e, losses[0]))
+/// Trains one victim with Adam; `on_epoch(epoch, mean_loss)` is called after each epoch.
+/// A NaN or infinite loss stops training with an error naming the epoch and step. The
+/// victim trains on one libtorch thread of its own (`train_all`), so its parameters are
+/// the same bits whatever the caller's thread settings.
+pub fn train(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut on_epoch: impl FnMut(usize, f64) + Send) -> Result<()> {
+    train_all(std::slice::from_mut(victim), &[data], std::slice::from_ref(opts), 1, |_, e, loss| on_epoch(e, loss), None)
 }
 
 const ADAM_BETA1: f64 = 0.9;
 const ADAM_BETA2: f64 = 0.999;
 const ADAM_EPS: f64 = 1e-8;
 
-/// Trains several victims of one configuration at once, each on its own data with its own
-/// seed (batch order) and learning rate: their parameters are stacked into [C, ...]
-/// tensors and every step runs one forward/backward pass for all of them (see
-/// `model::forward`). A small BiLSTM step is mostly per-operation overhead, so C victims
-/// cost far less than C times one. The summed loss keeps the victims' gradients apart and
-/// Adam is elementwise, so each victim follows its own Adam trajectory; a victim whose
-/// data runs out of batches early is held still. `on_epoch(epoch, mean losses)`.
-pub fn train_many(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptions], on_epoch: impl FnMut(usize, &[f64])) -> Result<()> {
-    train_stack(victims, data, opts, on_epoch, None, 0)
-}
-
 /// Looks at victims between epochs: `observe(victim, epoch, params)` is called after every
-/// epoch for every victim trained, with that victim's parameters (unstacked; the frozen
-/// ones shared), from the thread training it. finetune-eval measures each epoch with it
-/// (early stopping), detect-poisons records every example's loss (training dynamics).
+/// epoch for every victim trained, with that victim's parameters, from the thread
+/// training it. finetune-eval measures each epoch with it (early stopping), detect-poisons
+/// records every example's loss (training dynamics).
 pub type Observer<'a> = &'a (dyn Fn(usize, usize, &crate::model::Params) + Sync);
 
-/// The parameters of victim `i` of a stack (its slice of every stacked tensor; the
-/// shared frozen tensors as they are).
-pub fn unstack(stacked: &crate::model::Params, stacked_names: &[String], i: usize) -> crate::model::Params {
-    stacked
-        .iter()
-        .map(|(n, t)| (n.clone(), if stacked_names.contains(n) { t.get(i as i64) } else { t.shallow_clone() }))
-        .collect()
-}
-
-/// `train_many` with an observer; `offset` is the index the observer is given for the
-/// stack's first victim.
-fn train_stack(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOptions], mut on_epoch: impl FnMut(usize, &[f64]), observe: Option<Observer>, offset: usize) -> Result<()> {
-    let c = victims.len();
-    if c == 0 {
-        return Ok(());
-    }
-    assert!(data.len() == c && opts.len() == c, "one data set and one option set per victim");
-    if let Some(i) = data.iter().position(|d| d.clean.is_empty()) {
-        bail!("no clean training examples for victim {} (poisons join the clean examples' batches)", i + 1);
-    }
-    let config = victims[0].config.clone();
-    if victims.iter().any(|v| v.config != config) || opts.iter().any(|o| o.epochs != opts[0].epochs) {
-        bail!("victims trained together must share one configuration and epoch count");
-    }
-    let device = victims[0].device();
-    let epochs = opts[0].epochs;
-    // Every victim's batches for every epoch, drawn from its own seeded generator.
-    let mut rngs: Vec<ChaCha8Rng> = opts.iter().map(|o| ChaCha8Rng::seed_from_u64(o.seed)).collect();
-    let first = victims[0].params();
-    let names = crate::params::trainable_names(&first);
-    let frozen: Vec<String> = first.keys().filter(|k| !first[*k].requires_grad()).cloned().collect();
-    let mut params: crate::model::Params = crate::model::Params::new();
-    for name in &frozen {
-        // Frozen tensors (the embedding table) are the same for every victim: shared.
-        params.insert(name.clone(), first[name].detach());
-    }
-    let stack_of = |name: &str| Tensor::stack(&victims.iter().map(|v| v.params()[name].detach()).collect::<Vec<_>>(), 0);
-    let mut leaves: Vec<Tensor> = names.iter().map(|n| stack_of(n).set_requires_grad(true)).collect();
-    let mut m: Vec<Tensor> = leaves.iter().map(|t| t.zeros_like()).collect();
-    let mut v: Vec<Tensor> = leaves.iter().map(|t| t.zeros_like()).collect();
-    let mut steps_done = vec![0i32; c];
-    let lr = Tensor::from_slice(&opts.iter().map(|o| o.lr).collect::<Vec<_>>()).to_device(device);
-    let kind = first[&names[0]].kind();
-    for epoch in 1..=epochs {
-        let sorted: Vec<Vec<Vec<usize>>> =
-            (0..c).map(|i| epoch_batches(data[i], opts[i].batch_size, &mut rngs[i], opts[i].seed, epoch)).collect();
-        let counts: Vec<usize> = sorted.iter().map(|b| b.len()).collect();
-        let schedules = aligned_schedules(&counts, crate::data::seed_for(0, &format!("batch-order-epoch{epoch}")), &mut rngs);
-        let steps = schedules[0].len();
-        let (mut loss_sums, mut seen) = (vec![0.0; c], vec![0usize; c]);
-        for step in 0..steps {
-            let batch_of = |i: usize| -> &[usize] { schedules[i][step].map_or(&[][..], |r| &sorted[i][r][..]) };
-            // The weighted mean over each batch (all weights 1: the plain mean); a victim
-            // whose batch weighs nothing (none this step, or all removed) is held still.
-            let totals: Vec<f64> = (0..c).map(|i| batch_of(i).iter().map(|&j| data[i].get(j).1).sum()).collect();
-            let active: Vec<bool> = (0..c).map(|i| schedules[i][step].is_some() && totals[i] > 0.0).collect();
-            let rows = (0..c).map(|i| batch_of(i).len()).max().unwrap_or(1).max(1);
-            let time = (0..c).flat_map(|i| batch_of(i).iter().map(move |&j| data[i].get(j).0.ids.len())).max().unwrap_or(1);
-            // Rows beyond a victim's batch hold one real token with weight 0 (an all-padding
-            // row would divide by zero in the bag-of-words mean).
-            let mut ids = vec![PAD_ID; c * rows * time];
-            let mut targets: Vec<Option<Target>> = vec![None; c * rows];
-            let mut weights = vec![0f64; c * rows];
-            for i in 0..c {
-                let batch = batch_of(i);
-                let total = totals[i].max(f64::MIN_POSITIVE);
-                for r in 0..rows {
-                    let at = (i * rows + r) * time;
-                    match batch.get(r) {
-                        Some(&j) => {
-                            let (e, w) = data[i].get(j);
-                            ids[at..at + e.ids.len()].copy_from_slice(&e.ids);
-                            targets[i * rows + r] = Some(e.target);
-                            weights[i * rows + r] = w / total;
-                        }
-                        None => ids[at] = UNK_ID,
-                    }
-                }
-            }
-            let shape = [c as i64, rows as i64, time as i64];
-            let targets = Targets::batch(&targets, &ids, &[c as i64, rows as i64], time, device);
-            let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
-            let weights = Tensor::from_slice(&weights).view([c as i64, rows as i64]).to_kind(kind).to_device(device);
-            for (n, leaf) in names.iter().zip(&leaves) {
-                params.insert(n.clone(), leaf.shallow_clone());
-            }
-            let logits = forward_ids(&config, &params, &ids); // [C, rows, classes]
-            let nll = targets.example_nll(&logits);
-            let per_victim = (nll * &weights).sum_dim_intlist(-1, false, None::<Kind>); // [C]
-            let losses: Vec<f64> = Vec::try_from(per_victim.detach().to_kind(Kind::Double).to_device(Device::Cpu)).expect("f64 losses");
-            for i in (0..c).filter(|&i| active[i]) {
-                if !losses[i].is_finite() {
-                    bail!("training loss is {} for victim {} at epoch {epoch} step {}; lower the learning rate (--lr)", losses[i], i + 1, step + 1);
-                }
-                loss_sums[i] += losses[i] * batch_of(i).len() as f64;
-                seen[i] += batch_of(i).len();
-                steps_done[i] += 1;
-            }
-            let grads = Tensor::run_backward(&[&per_victim.sum(None::<Kind>)], &leaves.iter().collect::<Vec<_>>(), false, false);
-            // Adam (the PyTorch defaults), per victim: bias corrections use each victim's own
-            // step count; inactive victims keep their parameters and moments.
-            let on: Vec<f64> = active.iter().map(|&a| if a { 1.0 } else { 0.0 }).collect();
-            let on = Tensor::from_slice(&on).to_device(device).to_kind(kind);
-            let bc1 = Tensor::from_slice(&steps_done.iter().map(|&t| 1.0 - ADAM_BETA1.powi(t.max(1))).collect::<Vec<_>>()).to_device(device);
-            let bc2 = Tensor::from_slice(&steps_done.iter().map(|&t| 1.0 - ADAM_BETA2.powi(t.max(1))).collect::<Vec<_>>()).to_device(device);
-            let step_size = (&lr / &bc1).to_kind(kind) * &on;
-            let bc2_sqrt = bc2.sqrt().to_kind(kind);
-            tch::no_grad(|| {
-                for k in 0..leaves.len() {
-                    let g = &grads[k];
-                    let view: Vec<i64> = std::iter::once(c as i64).chain(std::iter::repeat_n(1, g.dim() - 1)).collect();
-                    let on_k = on.view(view.as_slice());
-                    let keep = 1.0 - &on_k;
-                    m[k] = &on_k * (&m[k] * ADAM_BETA1 + g * (1.0 - ADAM_BETA1)) + &keep * &m[k];
-                    v[k] = &on_k * (&v[k] * ADAM_BETA2 + g * g * (1.0 - ADAM_BETA2)) + &keep * &v[k];
-                    let denom = v[k].sqrt() / bc2_sqrt.view(view.as_slice()) + ADAM_EPS;
-                    let update = &m[k] / denom * step_size.view(view.as_slice());
-                    let _ = leaves[k].f_sub_(&update).expect("in-place Adam step");
-                }
-            });
-        }
-        let means: Vec<f64> = loss_sums.iter().zip(&seen).map(|(s, n)| s / (*n).max(1) as f64).collect();
-        on_epoch(epoch, &means);
-        if let Some(observe) = observe {
-            tch::no_grad(|| {
-                for (n, leaf) in names.iter().zip(&leaves) {
-                    params.insert(n.clone(), leaf.detach());
-                }
-                for i in 0..c {
-                    observe(offset + i, epoch, &unstack(&params, &names, i));
-                }
-            });
-        }
-    }
-    // Write the trained slices back into each victim's variables.
-    tch::no_grad(|| {
-        for (i, victim) in victims.iter_mut().enumerate() {
-            let mut vars = victim.params();
-            for (n, leaf) in names.iter().zip(&leaves) {
-                vars.get_mut(n).expect("same parameter names").copy_(&leaf.get(i as i64));
-            }
-        }
-    });
-    Ok(())
-}
-
-/// `train_many` on `workers` threads, each training a stack of about C / workers victims
-/// with one libtorch thread: the small BiLSTM steps are bound by per-operation overhead,
-/// which one process's intra-op threads do not share but separate threads do (2 cores:
-/// two stacks of 6 train 12 victims faster than one stack of 12 on two intra-op threads).
-/// Each victim runs the same computation whatever the grouping (only floating-point
-/// summation order can differ). `on_epoch` reports the first group.
-pub fn train_parallel(
+/// Trains every victim, each on its own data with its own options, on `workers` threads
+/// that take the next untrained victim until none is left.
+///
+/// **A victim's bits depend on its own inputs only** (initial weights, data, poisons,
+/// options, and the machine's arithmetic, `numerics`): each victim runs its own batches
+/// at their own shapes on a thread with one libtorch thread, so neither the other victims,
+/// nor `workers`, nor which thread takes it, nor the thread settings of the caller change
+/// one bit. (Victims used to train stacked into [C, ...] tensors, padded to the stack's
+/// longest row, on as many libtorch threads as there were cores: faster per victim on a
+/// small BiLSTM, but every float then depended on the neighbours and the thread count;
+/// `make bench` measures both.)
+///
+/// `on_epoch(victim, epoch, mean loss)` and `observe` are called from the training threads.
+pub fn train_all(
     victims: &mut [Victim],
     data: &[TrainData],
     opts: &[TrainOptions],
     workers: usize,
-    on_epoch: impl FnMut(usize, &[f64]) + Send,
+    on_epoch: impl FnMut(usize, usize, f64) + Send,
     observe: Option<Observer>,
-    first: usize,
 ) -> Result<()> {
-    let workers = workers.clamp(1, victims.len().max(1));
-    if workers == 1 {
-        return train_stack(victims, data, opts, on_epoch, observe, first);
+    assert!(data.len() == victims.len() && opts.len() == victims.len(), "one data set and one option set per victim");
+    if let Some(i) = data.iter().position(|d| d.clean.is_empty()) {
+        bail!("no clean training examples for victim {} (poisons join the clean examples' batches)", i + 1);
     }
-    let threads = tch::get_num_threads();
-    tch::set_num_threads(1);
-    let per = victims.len().div_ceil(workers);
-    let mut on_epoch = Some(on_epoch);
+    let workers = workers.clamp(1, victims.len().max(1));
+    let queue: std::sync::Mutex<Vec<(usize, &mut Victim)>> = std::sync::Mutex::new(victims.iter_mut().enumerate().rev().collect());
+    let on_epoch = std::sync::Mutex::new(on_epoch);
+    let failed = std::sync::atomic::AtomicBool::new(false);
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = victims
-            .chunks_mut(per)
-            .zip(data.chunks(per))
-            .zip(opts.chunks(per))
-            .enumerate()
-            .map(|(k, ((v, d), o))| {
-                let mut report = on_epoch.take();
-                scope.spawn(move || {
-                    let on_epoch = |e, l: &[f64]| {
-                        if let Some(f) = report.as_mut() {
-                            f(e, l)
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let (queue, on_epoch, failed) = (&queue, &on_epoch, &failed);
+                scope.spawn(move || -> Result<()> {
+                    crate::numerics::one_thread_here();
+                    loop {
+                        if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                            return Ok(());
                         }
-                    };
-                    train_stack(v, d, o, on_epoch, observe, first + k * per)
+                        let Some((i, victim)) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else { return Ok(()) };
+                        let report = |epoch: usize, loss: f64, params: &crate::model::Params| {
+                            (on_epoch.lock().unwrap_or_else(|e| e.into_inner()))(i, epoch, loss);
+                            if let Some(observe) = observe {
+                                tch::no_grad(|| observe(i, epoch, params));
+                            }
+                        };
+                        if let Err(e) = train_one(victim, data[i], &opts[i], report) {
+                            failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                            return Err(if data.len() == 1 { e } else { e.context(format!("victim {} of {}", i + 1, data.len())) });
+                        }
+                    }
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("a training thread panicked")).collect()
     });
-    tch::set_num_threads(threads);
     results.into_iter().collect()
 }
 
-/// `train_parallel` over successive waves of at most `workers × max_stack` victims, so
-/// that at most `max_stack` victims share a stack: a stack's activations grow with its
-/// size (11 stacked MiniLM victims per thread held 22 GB), and a compute-bound victim
-/// gains nothing from stacking. `on_epoch(wave, epoch, losses)`; `observe` sees every
-/// victim (by its index in `victims`) after every epoch.
-pub fn train_in_waves(
-    victims: &mut [Victim],
-    data: &[TrainData],
-    opts: &[TrainOptions],
-    workers: usize,
-    max_stack: usize,
-    mut on_epoch: impl FnMut(usize, usize, &[f64]) + Send,
-    observe: Option<Observer>,
-) -> Result<()> {
-    let wave = workers.max(1).saturating_mul(max_stack.max(1));
-    for (w, ((v, d), o)) in victims.chunks_mut(wave).zip(data.chunks(wave)).zip(opts.chunks(wave)).enumerate() {
-        train_parallel(v, d, o, workers, |e, l| on_epoch(w, e, l), observe, w * wave)?;
+/// One victim's whole training on the calling thread: per epoch its batches
+/// (`epoch_batches`) in its own order (`batch_order`), each padded to its own longest
+/// row, a weighted-mean loss, and Adam (the PyTorch defaults). A step whose batch weighs
+/// nothing (all removed) is skipped. `after_epoch(epoch, mean loss, params)`.
+fn train_one(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut after_epoch: impl FnMut(usize, f64, &crate::model::Params)) -> Result<()> {
+    let config = victim.config.clone();
+    let device = victim.device();
+    let params = victim.params();
+    let names = crate::params::trainable_names(&params);
+    let mut leaves: Vec<Tensor> = names.iter().map(|n| params[n].shallow_clone()).collect();
+    let mut m: Vec<Tensor> = leaves.iter().map(|t| t.zeros_like()).collect();
+    let mut v: Vec<Tensor> = leaves.iter().map(|t| t.zeros_like()).collect();
+    let kind = leaves.first().map_or(Kind::Float, |t| t.kind());
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut steps_done = 0i32;
+    for epoch in 1..=opts.epochs {
+        let batches = epoch_batches(data, opts.batch_size, &mut rng, opts.seed, epoch);
+        let order = batch_order(batches.len(), &mut rng);
+        let (mut loss_sum, mut seen) = (0.0, 0usize);
+        for (step, &b) in order.iter().enumerate() {
+            let batch = &batches[b];
+            // The weighted mean over the batch (all weights 1: the plain mean).
+            let items: Vec<(&Encoded, f64)> = batch.iter().map(|&j| data.get(j)).collect();
+            let total: f64 = items.iter().map(|(_, w)| w).sum();
+            if total <= 0.0 {
+                continue;
+            }
+            let encoded: Vec<&Encoded> = items.iter().map(|(e, _)| *e).collect();
+            let (ids, targets) = batch_tensors(&encoded, device);
+            let weights: Vec<f64> = items.iter().map(|(_, w)| w / total).collect();
+            let weights = Tensor::from_slice(&weights).to_kind(kind).to_device(device);
+            let logits = crate::model::forward_ids_first_order(&config, &params, &ids);
+            let loss = (targets.example_nll(&logits) * &weights).sum(None::<Kind>);
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                bail!("training loss is {value} at epoch {epoch} step {}; lower the learning rate (--lr)", step + 1);
+            }
+            loss_sum += value * batch.len() as f64;
+            seen += batch.len();
+            let grads = Tensor::run_backward(&[&loss], &leaves.iter().collect::<Vec<_>>(), false, false);
+            steps_done += 1;
+            let step_size = opts.lr / (1.0 - ADAM_BETA1.powi(steps_done));
+            let bc2_sqrt = (1.0 - ADAM_BETA2.powi(steps_done)).sqrt();
+            tch::no_grad(|| {
+                for k in 0..leaves.len() {
+                    let g = &grads[k];
+                    m[k] = &m[k] * ADAM_BETA1 + g * (1.0 - ADAM_BETA1);
+                    v[k] = &v[k] * ADAM_BETA2 + g * g * (1.0 - ADAM_BETA2);
+                    let denom = v[k].sqrt() / bc2_sqrt + ADAM_EPS;
+                    let update = &m[k] / denom * step_size;
+                    let _ = leaves[k].f_sub_(&update).expect("in-place Adam step");
+                }
+            });
+        }
+        after_epoch(epoch, loss_sum / seen.max(1) as f64, &params);
     }
     Ok(())
 }
@@ -591,28 +461,6 @@ pub(crate) mod tests {
         (data, Tensor::randn([8, 6], (Kind::Float, Device::Cpu)))
     }
 
-    #[test]
-    fn aligned_schedules_give_every_batch_once_whatever_the_stack() {
-        let rngs = |seeds: &[u64]| seeds.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect::<Vec<_>>();
-        let s = aligned_schedules(&[100, 70, 100], 5, &mut rngs(&[1, 2, 3]));
-        for (n, sched) in [100usize, 70, 100].iter().zip(&s) {
-            assert_eq!(sched.len(), s[0].len(), "one step count for the stack");
-            let mut got: Vec<usize> = sched.iter().flatten().copied().collect();
-            got.sort_unstable();
-            assert_eq!(got, (0..*n).collect::<Vec<_>>(), "each batch exactly once");
-        }
-        let alone = aligned_schedules(&[70], 5, &mut rngs(&[2]));
-        let mine = |x: &Vec<Option<usize>>| x.iter().flatten().copied().collect::<Vec<_>>();
-        assert_eq!(mine(&alone[0]), mine(&s[1]), "a victim's order does not depend on the stack");
-        assert_ne!(mine(&alone[0]), (0..70).collect::<Vec<_>>(), "the order is shuffled");
-        // At every step where both are active, the two length ranks are in the same block.
-        for (a, b) in s[0].iter().zip(&s[1]) {
-            if let (Some(a), Some(b)) = (a, b) {
-                assert_eq!(a * LENGTH_BLOCKS / 100, b * LENGTH_BLOCKS / 70);
-            }
-        }
-    }
-
     /// Poisons for the toy task: a few examples of other lengths and labels.
     pub(crate) fn poisons() -> Vec<Encoded> {
         vec![Encoded::class(vec![5, 5, 2, 6, 7], 1), Encoded::class(vec![3], 0), Encoded::class(vec![4, 2, 4, 2, 4, 2, 4], 1)]
@@ -662,7 +510,7 @@ pub(crate) mod tests {
             let plan = |d: TrainData| {
                 let mut rng = ChaCha8Rng::seed_from_u64(9);
                 let batches = epoch_batches(d, 16, &mut rng, 9, epoch);
-                let schedule = aligned_schedules(&[batches.len()], 3, &mut [rng]);
+                let schedule = batch_order(batches.len(), &mut rng);
                 (batches, schedule)
             };
             let (clean_batches, clean_schedule) = plan(TrainData::clean(&data));

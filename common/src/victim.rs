@@ -29,8 +29,6 @@ pub struct Tuning {
     pub verify_stack: usize,
     /// Candidates whose gradients verification holds at once.
     pub verify_chunk: usize,
-    /// Victims finetune-eval trains in one stack by default (`usize::MAX`: all).
-    pub retrain_stack: usize,
     /// Adam learning rate when `--lr` is not given.
     pub default_lr: f64,
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Every module of `common/src` with its layer, lowest first. A new module gets a line.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("util", &["io", "tensorfile", "stats", "device", "validate"]),
+    ("util", &["io", "tensorfile", "stats", "device", "validate", "numerics"]),
     ("formats", &["records", "gradfile"]),
     ("text", &["wordpiece", "tokenizer", "embeddings", "concealment"]),
     ("data", &["data"]),

@@ -100,8 +100,10 @@ pub fn training_dynamics(base: &Base, config: &VictimConfig, data: &[Encoded], o
     };
     let epochs = opts.first().map_or(0, |o| o.epochs);
     let start = std::time::Instant::now();
-    train::train_in_waves(&mut victims, &sets, opts, workers, config.tuning().retrain_stack, |_, epoch, l| {
-        log(format!("training dynamics: epoch {epoch}/{epochs}, mean loss {:.4}, {:.0}s", l[0], start.elapsed().as_secs_f64()))
+    train::train_all(&mut victims, &sets, opts, workers, |v, epoch, loss| {
+        if v == 0 {
+            log(format!("training dynamics: epoch {epoch}/{epochs}, mean loss {loss:.4}, {:.0}s", start.elapsed().as_secs_f64()))
+        }
     }, Some(&observe))?;
     let losses = losses.into_inner().unwrap_or_else(|e| e.into_inner());
     let k = victims.len() as f64;

@@ -1,0 +1,65 @@
+//! What decides a float's bits besides a computation's own inputs, pinned so that every
+//! run on every machine of this kind computes the same ones.
+//!
+//! Three libraries inside libtorch pick their code path per CPU unless told: MKL's BLAS
+//! (`MKL_CBWR`, conditional numerical reproducibility), ATen's vectorised kernels
+//! (`ATEN_CPU_CAPABILITY`) and oneDNN, which runs libtorch's CPU LSTM and some matrix
+//! products (`ONEDNN_MAX_CPU_ISA`). Each of the three changes a trained victim's bits
+//! (README, Reproducibility), and unpinned, the same commit gave an exact-zero control of
+//! 0 on one x86-64 machine and 4.8e-8 on another. `pin` sets all three to their AVX-512
+//! path on a CPU that has AVX-512 (every machine of this project's kind: measured 1.0-1.3×
+//! the native speed, against 1.5-1.7× for the AVX2 path) and to the AVX2 path on one
+//! without, unless the environment already names one (to emulate another CPU, as
+//! `scripts/test_cpu_paths.sh` does). And the thread count changes how libtorch splits a
+//! reduction, so every computation runs on one libtorch thread; parallelism comes from
+//! independent computations on threads of their own (`train::train_all`), which cannot
+//! change each other's bits. `key` names the paths, so figures computed under different
+//! ones are never cached or compared as one.
+
+/// The environment variables that choose a CPU code path, with the AVX-512 and the AVX2
+/// value `pin` gives each.
+pub const PINS: [(&str, &str, &str); 3] = [("MKL_CBWR", "AVX512", "AVX2"), ("ATEN_CPU_CAPABILITY", "avx512", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX512_CORE", "AVX2")];
+
+/// Whether this CPU runs the AVX-512 paths (the subset all three libraries need).
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Pins the code paths (`PINS`, unless set; on x86-64 only) and libtorch to one thread
+/// on this thread and every thread started later. Call it first in `main`, before any
+/// libtorch call: the libraries read their variables once, at their first use.
+pub fn pin() {
+    if cfg!(target_arch = "x86_64") {
+        let avx512 = has_avx512();
+        for (name, wide, narrow) in PINS {
+            if std::env::var_os(name).is_none() {
+                // Safe: called at the start of main, before any other thread exists.
+                std::env::set_var(name, if avx512 { wide } else { narrow });
+            }
+        }
+    }
+    one_thread_here();
+}
+
+/// One libtorch (OpenMP, MKL) thread for the calling thread and threads started later.
+pub fn one_thread_here() {
+    tch::set_num_threads(1);
+}
+
+/// What decides the bits besides a computation's inputs, as `NAME=value;...` (an unset
+/// variable reads as `native`): clean-victim caches are keyed by it and victim files record it,
+/// so figures computed under different code paths are never paired or compared as equal.
+pub fn key() -> String {
+    let pins: Vec<String> = PINS.iter().map(|(name, _, _)| format!("{name}={}", std::env::var(name).unwrap_or_else(|_| "native".into()))).collect();
+    format!("{};threads=1", pins.join(";"))
+}
