@@ -244,6 +244,8 @@ bench: build $(DATA_DIR)/manifest.json $(EMB)
 	@echo
 	cargo bench --bench lm
 	@echo
+	cargo bench --bench training
+	@echo
 	@echo "every stage on the real data ($(DATA_DIR)), one crafting round:"
 	@DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) OUT=runs/bench-stages scripts/bench_stages.sh | column -t
 
