@@ -1,8 +1,8 @@
 //! Sweeps: cells planned from a spec run as independent `make cell` invocations that share
-//! the data folders, the attacked victim and the clean-victim cache. Cells started together
-//! must both finish with the results they give alone, and `make sweep -j 2` and `-j 1`
-//! (one or two threads per cell) must give byte-identical results; the same cell started
-//! twice must not race (the second refuses, naming the lock). Runs `make` in the project's root on the
+//! the data folders, the attacked victim and the clean-victim cache. `make sweep -j 2`
+//! (cells side by side, one worker thread each) and `make sweep` (one at a time, two
+//! threads) must give byte-identical results from nothing; the same cell started twice
+//! must not race (the second refuses, naming the lock). Runs `make` in the project's root on the
 //! committed fixtures (the `tiny` preset), in runs/sweeps/test-*.
 
 mod support;
@@ -69,71 +69,68 @@ fn results(spec_name: &str, id: &str) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn cells_started_together_share_their_inputs_and_give_what_they_give_alone() {
-    for shared in ["data/rt-james-bond-positive-s7-mini", "runs/victims-cache/james-bond-positive-tiny-lstm-s7"] {
-        let _ = std::fs::remove_dir_all(root().join(shared));
-    }
-    let together = spec("test-together");
-    let cells = plan(&together);
+fn make_sweep_gives_the_same_bytes_at_any_j_and_a_running_cell_refuses_a_second_run() {
+    // Each sweep from nothing: its own data split, attacked victim and crafting.
+    let clear = || {
+        for shared in ["data/rt-james-bond-positive-s7-mini", "runs/victims-cache/james-bond-positive-tiny-lstm-s7"] {
+            let _ = std::fs::remove_dir_all(root().join(shared));
+        }
+    };
+    clear();
+    let j2 = spec("test-j2");
+    let cells = plan(&j2);
     assert_eq!(cells.len(), 2, "{cells:?}");
-    assert!(cells[0].1.contains("CELL_DIR='runs/sweeps/test-together/cells/james-bond-positive-tiny-n4'"), "{}", cells[0].1);
+    assert!(cells[0].1.contains("CELL_DIR='runs/sweeps/test-j2/cells/james-bond-positive-tiny-n4'"), "{}", cells[0].1);
 
-    // The same cell twice: the second waits for nothing and refuses, naming the lock.
-    let first = start(&cells[0].1);
-    let lock = root().join("runs/sweeps/test-together/cells/james-bond-positive-tiny-n4/.lock");
+    // `make sweep -j 2`: both cells at once, one worker thread each, sharing the data
+    // folder, the attacked victim and the clean cache.
+    let sweep = start(&format!("make --no-print-directory sweep SPEC={} -j 2", j2.display()));
+    // While a cell runs, a second invocation of it waits for nothing and refuses, naming the lock.
+    let lock = root().join("runs/sweeps/test-j2/cells/james-bond-positive-tiny-n4/.lock");
     let held = || Command::new("flock").arg("-n").arg(&lock).arg("true").status().is_ok_and(|s| !s.success());
     let t0 = std::time::Instant::now();
     while !(lock.is_file() && held()) {
-        assert!(t0.elapsed().as_secs() < 120, "the first invocation never took the cell's lock");
+        assert!(t0.elapsed().as_secs() < 120, "the sweep never took the cell's lock");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let second = finish(start(&cells[0].1));
     assert!(!second.status.success(), "a second invocation of a running cell must refuse");
     assert!(stderr(&second).contains("being computed by another process") && stderr(&second).contains(".lock"), "{}", stderr(&second));
-    // Meanwhile another cell of the same trigger (same data, victim and clean cache).
-    let other = finish(start(&cells[1].1));
-    ok(&other);
-    ok(&finish(first));
+    ok(&finish(sweep));
     assert!(root().join("runs/victims-cache/james-bond-positive-tiny-lstm-s7/victim.safetensors").is_file());
     // A finished cell skips itself.
     let again = finish(start(&cells[0].1));
     ok(&again);
     assert!(stderr(&again).contains("is finished"), "{}", stderr(&again));
 
-    // The whole sweep from nothing (data split, attacked victim, crafting, evaluation) by
-    // `make sweep -j 2` (two cells at a time, one thread each) and by `make sweep` (one
-    // cell at a time with every core), each in a sweep folder of its own: the same
-    // results.csv, byte for byte, and the same as the cells started by hand above.
-    let mut csvs = Vec::new();
-    for (name, jobs) in [("test-j2", "-j 2"), ("test-j1", "")] {
-        for shared in ["data/rt-james-bond-positive-s7-mini", "runs/victims-cache/james-bond-positive-tiny-lstm-s7"] {
-            let _ = std::fs::remove_dir_all(root().join(shared));
-        }
-        let spec = spec(name);
-        ok(&finish(start(&format!("make --no-print-directory sweep SPEC={} {jobs}", spec.display()))));
-        csvs.push(std::fs::read(root().join(format!("runs/sweeps/{name}/results.csv"))).unwrap());
-        for (id, _) in &cells {
-            assert_eq!(results("test-together", id), results(name, id), "{id}: cells run together differ from cells run by make sweep {jobs}");
-        }
+    // `make sweep` (-j 1: one cell at a time with every core) from nothing, in a sweep
+    // folder of its own: byte-identical results.csv (figures, poison hashes and victim
+    // fingerprints), the same evaluations cell by cell.
+    clear();
+    let j1 = spec("test-j1");
+    ok(&finish(start(&format!("make --no-print-directory sweep SPEC={}", j1.display()))));
+    for (id, _) in &cells {
+        assert_eq!(results("test-j2", id), results("test-j1", id), "{id}: make sweep -j 2 and -j 1 differ");
     }
-    assert!(!csvs[0].is_empty());
-    assert!(csvs[0] == csvs[1], "make sweep -j 2 and -j 1 must give byte-identical results.csv:\n{}\n---\n{}", String::from_utf8_lossy(&csvs[0]), String::from_utf8_lossy(&csvs[1]));
+    let csv = |name: &str| std::fs::read(root().join(format!("runs/sweeps/{name}/results.csv"))).unwrap();
+    let (a, b) = (csv("test-j2"), csv("test-j1"));
+    assert!(a == b, "make sweep -j 2 and -j 1 must give byte-identical results.csv:\n{}\n---\n{}", String::from_utf8_lossy(&a), String::from_utf8_lossy(&b));
 
     // The merge: one row per cell, variant and seed; a cell that is gone is listed.
-    ok(&run(bin("sweep").current_dir(root()).arg("merge").arg(&together)));
-    let csv = std::fs::read_to_string(root().join("runs/sweeps/test-together/results.csv")).unwrap();
+    ok(&run(bin("sweep").current_dir(root()).arg("merge").arg(&j2)));
+    let csv = std::fs::read_to_string(root().join("runs/sweeps/test-j2/results.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 2 * 5 * 2, "header + 2 cells x 5 variants x 2 seeds:\n{csv}");
-    let table = std::fs::read_to_string(root().join("runs/sweeps/test-together/james-bond-positive-tiny.md")).unwrap();
+    let table = std::fs::read_to_string(root().join("runs/sweeps/test-j2/james-bond-positive-tiny.md")).unwrap();
     for crafted in ["hardness", "influence", "influence-bases"] {
         assert!(table.contains(&format!("| {crafted} − confident |")), "the paired differences per count:\n{table}");
     }
-    std::fs::remove_file(root().join("runs/sweeps/test-together/cells/james-bond-positive-tiny-n8/cell.json")).unwrap();
-    let merged = run(bin("sweep").current_dir(root()).arg("merge").arg(&together));
+    std::fs::remove_file(root().join("runs/sweeps/test-j2/cells/james-bond-positive-tiny-n8/cell.json")).unwrap();
+    let merged = run(bin("sweep").current_dir(root()).arg("merge").arg(&j2));
     ok(&merged);
     assert!(String::from_utf8_lossy(&merged.stdout).contains("1 of 2 cells merged"), "{}", String::from_utf8_lossy(&merged.stdout));
-    let missing = std::fs::read_to_string(root().join("runs/sweeps/test-together/missing.txt")).unwrap();
+    let missing = std::fs::read_to_string(root().join("runs/sweeps/test-j2/missing.txt")).unwrap();
     assert!(missing.starts_with("james-bond-positive-tiny-n8\t"), "{missing}");
-    for name in ["test-together", "test-j2", "test-j1"] {
+    for name in ["test-j2", "test-j1"] {
         let _ = std::fs::remove_dir_all(root().join("runs/sweeps").join(name));
         let _ = std::fs::remove_file(root().join(format!("runs/sweeps/{name}.json")));
     }
