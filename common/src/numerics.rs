@@ -49,6 +49,13 @@ pub fn pin() {
         }
     }
     one_thread_here();
+    // MKL and oneDNN set themselves up at their first call, reading the variables above:
+    // make that call here, on one thread, rather than from training threads racing to it
+    // (a suspected cause of one LM exact-zero failure seen once in about 15 runs).
+    tch::no_grad(|| {
+        let x = tch::Tensor::ones([8, 8], (tch::Kind::Float, tch::Device::Cpu));
+        let _ = x.matmul(&x).sum(tch::Kind::Float).double_value(&[]);
+    });
 }
 
 /// One libtorch (OpenMP, MKL) thread for the calling thread and threads started later.

@@ -99,8 +99,8 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
     let joined: Vec<Vec<Encoded>> = poison_sets
         .iter()
         .map(|enc| match r.pairing {
-            Pairing::Independent if !enc.is_empty() => r.clean.iter().chain(enc).cloned().collect(),
-            _ => enc.clone(),
+            Pairing::Independent => r.clean.iter().chain(enc).cloned().collect(),
+            Pairing::Crn => enc.clone(),
         })
         .collect();
     let cache_path = |seed: u64| -> Result<Option<String>> { r.clean_cache.as_ref().map(|c| c.path(r.config, &(r.options)(seed), r.device)).transpose() };
@@ -128,8 +128,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
         .map(|&(_, k)| match (k, r.pairing) {
             (None, _) => TrainData::clean(r.clean),
             (Some(k), Pairing::Crn) => TrainData { clean_removed: clean_removed.get(k).and_then(|m| m.as_deref()), ..TrainData::poisoned(r.clean, &joined[k]) },
-            (Some(k), Pairing::Independent) if !joined[k].is_empty() => TrainData::clean(&joined[k]),
-            (Some(_), Pairing::Independent) => TrainData::clean(r.clean),
+            (Some(k), Pairing::Independent) => TrainData::clean(&joined[k]),
         })
         .collect();
     let opts: Vec<_> = jobs.iter().map(|&(i, _)| (r.options)(seeds[i])).collect();
@@ -208,20 +207,19 @@ pub fn seed_rows(retrained: &Retrained, seeds: &[u64], sets: &[PoisonSet], log: 
         let clean = &retrained.clean[i];
         log("clean", seed, &clean.last);
         for (k, set) in sets.iter().enumerate() {
-            let poisoned = match &set.path {
+            let (poisoned, fingerprints) = match &set.path {
                 Some(path) => {
                     let poisoned = &retrained.poisoned[k][i];
                     log(&format!("poisoned ({path})"), seed, &poisoned.last);
-                    poisoned
+                    (poisoned, Some(eval::Fingerprints { poisoned: poisoned.fingerprint.clone(), clean: clean.fingerprint.clone() }))
                 }
-                None => clean,
+                None => (clean, None),
             };
             let epochs = if poisoned.epochs.len() == clean.epochs.len() {
                 poisoned.epochs.iter().zip(&clean.epochs).enumerate().map(|(e, (p, c))| eval::EpochRow { epoch: e + 1, poisoned: *p, clean: Some(*c) }).collect()
             } else {
                 Vec::new()
             };
-            let fingerprints = set.path.as_ref().map(|_| eval::Fingerprints { poisoned: poisoned.fingerprint.clone(), clean: clean.fingerprint.clone() });
             rows[k].push(eval::SeedRow { seed, poisoned: poisoned.last, clean: Some(clean.last), epochs, fingerprints });
         }
     }
