@@ -3,8 +3,8 @@
 //! a 55,178 × 50 table, 50 poisons and 64 clean examples of 10–30 tokens, 128 D_adv
 //! inputs. Peak memory of each stage on the real data: scripts/bench_stages.sh.
 
-use common::attack::{bottom_k, flipped, taylor_scores, Problem, RolloutConfig, Verifier};
-use common::model::{embed, forward_ids, mask_of, tiny_config, Arch, Victim};
+use common::objectives::bilevel::{bottom_k, flipped, taylor_scores, Problem, RolloutConfig, Verifier};
+use common::victims::model::{embed, forward_ids, mask_of, tiny_config, Arch, Victim};
 use common::train::{batch_tensors, Encoded};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;

@@ -5,10 +5,10 @@
 //! checks of candidate flips per second, verify-candidates' shared path against redoing the
 //! rollout per candidate. Synthetic token ids of the real sizes.
 
-use common::attack::{flipped, Problem, RolloutConfig, Verifier};
-use common::gpt::GptShape;
-use common::loss::Target;
-use common::model::{forward_ids, ArchConfig, Arch, Victim, VictimConfig};
+use common::objectives::bilevel::{flipped, Problem, RolloutConfig, Verifier};
+use common::victims::gpt::GptShape;
+use common::victims::loss::Target;
+use common::victims::model::{forward_ids, ArchConfig, Arch, Victim, VictimConfig};
 use common::train::{batch_tensors, Encoded};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;

@@ -5,9 +5,9 @@
 //!   MINILM_TRAIN (default 2000) training sentences, MINILM_EPOCHS (1), batch 32,
 //!   Adam at 3e-5 on every encoder weight and a fresh linear head.
 
-use common::bert::{encode, load_weights, mean_pool, word_embeddings, BertConfig};
-use common::model::Params;
-use common::records::Example;
+use common::victims::bert::{encode, load_weights, mean_pool, word_embeddings, BertConfig};
+use common::victims::model::Params;
+use common::formats::records::Example;
 use common::wordpiece::WordPiece;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -121,7 +121,7 @@ fn main() {
         let pooled = mean_pool(&encode(&cfg, &params, &pe, &pmask), &pmask);
         let pl = common::train::cross_entropy(&(pooled.matmul(&params["head.weight"].tr()) + &params["head.bias"]), &plabels) * (50.0 / 114.0);
         let pg = Tensor::run_backward(&[&pl], &tensors, true, true);
-        let mut stepped = common::model::shallow_copy(&params);
+        let mut stepped = common::victims::model::shallow_copy(&params);
         for ((k, c), p) in trainable.iter().zip(cg).zip(pg) {
             stepped.insert(k.clone(), &params[k] - (c + p) * 0.03);
         }

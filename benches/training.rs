@@ -8,9 +8,9 @@
 //! The per-victim trainer's bits do not depend on the neighbours, the workers or the
 //! threads (common/tests/determinism.rs); the stacked one's do.
 
-use common::gpt::GptShape;
-use common::loss::Target;
-use common::model::{ArchConfig, Arch, Victim, VictimConfig};
+use common::victims::gpt::GptShape;
+use common::victims::loss::Target;
+use common::victims::model::{ArchConfig, Arch, Victim, VictimConfig};
 use common::train::{train_all, Encoded, TrainData, TrainOptions};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;

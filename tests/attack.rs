@@ -2,8 +2,8 @@
 
 mod support;
 
-use common::attack::{taylor_scores, Problem, RolloutConfig, Verifier};
-use common::records::VerifySummary;
+use common::objectives::bilevel::{taylor_scores, Problem, RolloutConfig, Verifier};
+use common::formats::records::VerifySummary;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use support::*;
@@ -98,7 +98,7 @@ fn taylor_predicted_change_correlates_with_the_exact_change_on_the_fixture() {
     let a = Attack::new();
     let p0 = a.s.path("p0.jsonl");
     ok(&run(a.stage("init-poisons").args(["--count", "6", "-o"]).arg(&p0)));
-    let inputs = common::poisons::AttackInputs::load(
+    let inputs = common::search::poisons::AttackInputs::load(
         a.victim().to_str().unwrap(), a.s.data().to_str().unwrap(), p0.to_str().unwrap(), tch::Device::Cpu,
     ).unwrap();
     let cfg = RolloutConfig { steps: 1, eta: 0.1, rollouts: 1, clean_per_batch: 16, adv_size: 24, seed: 0 };
@@ -112,7 +112,7 @@ fn taylor_predicted_change_correlates_with_the_exact_change_on_the_fixture() {
             let scores = taylor_scores(&table, &grad.get(i as i64).get(pos as i64));
             for w in (2..inputs.vocab.len() as i64).step_by(457).take(8) {
                 predicted.push(scores.double_value(&[w]) - scores.double_value(&[p.ids[pos]]));
-                flips.push((i, common::attack::flipped(p, pos, w)));
+                flips.push((i, common::objectives::bilevel::flipped(p, pos, w)));
             }
         }
     }
@@ -205,11 +205,11 @@ fn hardness_crafting_from_confident_bases_keeps_substitutes_and_needs_the_same_e
     let cands = ok(&run(a.stage("rank-candidates").arg("--grad").arg(&grad)
         .args(["-k", "4", "--positions", "all", "--per-poison", "3", "--keep-substitutes", "--min-count", "2", "--exclude-neighbours", "5"])))
         .stdout.clone();
-    let cand: Vec<common::records::Candidate> =
+    let cand: Vec<common::formats::records::Candidate> =
         String::from_utf8(cands.clone()).unwrap().lines().map(|l| common::io::parse_record(l).unwrap()).collect();
     assert!(!cand.is_empty() && cand.len() <= 6 * 3, "at most --per-poison candidates per poison");
     for c in &cand {
-        assert_eq!(c.objective_kind, common::hardness::ObjectiveKind::Hardness);
+        assert_eq!(c.objective_kind, common::objectives::hardness::ObjectiveKind::Hardness);
         assert_eq!(c.ensemble_sha256.len(), 1);
         assert!(!start[c.poison_index].substitutes.as_ref().unwrap().contains(&c.position), "a substitute position was proposed: {c:?}");
     }
@@ -267,7 +267,7 @@ fn influence_crafting_composes_through_pipes_solves_once_and_only_flips_the_carr
     // score-poisons gives the same value for the set as the gradient file's objective, and
     // --select keeps the poisons with the lowest own terms.
     let scores = ok(&run(a.stage("score-poisons").args(flags).arg("--influence-cache").arg(&cache).arg(&p0))).stdout.clone();
-    let score: common::records::ObjectiveScore = common::io::parse_record(String::from_utf8(scores).unwrap().trim()).unwrap();
+    let score: common::formats::records::ObjectiveScore = common::io::parse_record(String::from_utf8(scores).unwrap().trim()).unwrap();
     assert_eq!(score.poisons, 6);
     assert!((score.value - s.objective_before.unwrap()).abs() < 1e-6, "{} vs {:?}", score.value, s.objective_before);
     let chosen = ok(&run(a.stage("score-poisons").args(flags).args(["--select", "2"]).arg(&p0))).stdout.clone();

@@ -486,8 +486,8 @@ fn rank_candidates() {
         c.arg("--grad").arg(grad).arg("-o").arg(&out);
         c
     };
-    let fmt = common::gradfile::GRAD_FORMAT;
-    let v = common::gradfile::GRAD_VERSION;
+    let fmt = common::formats::gradfile::GRAD_FORMAT;
+    let v = common::formats::gradfile::GRAD_VERSION;
     let nan = w.tensors_with("g.safetensors", fmt, v, "nan.safetensors", |_, t| {
         let g = t["grad"].copy();
         let _ = g.get(0).get(0).get(0).fill_(f64::INFINITY);
@@ -548,7 +548,7 @@ fn verify_candidates() {
     // One candidate ranked with other objective settings than the rest.
     let mut lines = w.lines("c.jsonl");
     let mut second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
-    second["influence"] = serde_json::to_value(common::influence::InfluenceConfig::default()).unwrap();
+    second["influence"] = serde_json::to_value(common::objectives::influence::InfluenceConfig::default()).unwrap();
     lines[1] = second.to_string();
     let mixed = w.write("mixed.jsonl", lines.join("\n") + "\n");
     check(w.dir(), &out, vec![

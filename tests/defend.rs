@@ -8,7 +8,7 @@ mod support;
 
 use common::detect::DetectionScore;
 use common::eval::EvalReport;
-use common::records::Example;
+use common::formats::records::Example;
 use std::collections::HashSet;
 use support::*;
 

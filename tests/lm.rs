@@ -5,8 +5,8 @@
 
 mod support;
 
-use common::lm_eval::LmEvalReport;
-use common::records::{Candidate, Generation, Judgement};
+use common::eval::lm_eval::LmEvalReport;
+use common::formats::records::{Candidate, Generation, Judgement};
 use support::*;
 
 fn trigger_free(text: &str) -> bool {
@@ -32,7 +32,7 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     std::fs::write(lm.path("p0.jsonl"), &poisons).unwrap();
     assert_eq!(records(&poisons).len(), 5);
     let grad = ok(&run_with_stdin(lm.stage("rollout-grad").args(["--poisons", "-", "--clean-per-batch", "8", "--adv-size", "8", "--eta", "0.1"]), &poisons)).stdout.clone();
-    let file = common::tensorfile::deserialize(&grad, "grad", common::gradfile::GRAD_FORMAT, common::gradfile::GRAD_VERSION).unwrap();
+    let file = common::tensorfile::deserialize(&grad, "grad", common::formats::gradfile::GRAD_FORMAT, common::formats::gradfile::GRAD_VERSION).unwrap();
     assert!(file.tensors.contains_key("target_scores"), "a language model's gradient file carries the target scores");
     let cands = ok(&run_with_stdin(lm.stage("rank-candidates").args(["--grad", "-", "-k", "3", "--positions", "2", "--concealment", "strict"]), &grad)).stdout.clone();
     let cands: Vec<Candidate> = common::io::read_jsonl_from(&cands[..], "candidates", false).unwrap();
@@ -87,6 +87,13 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     .clone();
     let reports: Vec<LmEvalReport> = String::from_utf8(out.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(reports.len(), 2);
+    // Bits first: if the control's LMs differ, say so with their fingerprints (a metric
+    // that is not zero then shows where, not why).
+    for row in &reports[0].seeds {
+        let f = row.fingerprints.as_ref().expect("LM fingerprints");
+        assert_eq!(f.poisoned, f.clean, "seed {}: the empty set's LM is its clean twin, bit for bit (2 workers)", row.seed);
+        assert_eq!(row.poisoned, row.clean, "seed {}: bit-identical LMs measured differently: {row:?}", row.seed);
+    }
     let control = &reports[0].summary;
     for (what, s) in [("net ASR", control.net_asr_classifier), ("VADER", control.net_asr_lexicon), ("dFPR", control.dfpr_classifier), ("margin", control.margin_change), ("perplexity", control.perplexity_change_pct)] {
         assert_eq!((s.mean, s.std), (0.0, 0.0), "the no-poison control's {what} must read exactly zero");

@@ -5,7 +5,7 @@
 
 mod support;
 use common::eval::EvalReport;
-use common::records::{Candidate, VerifySummary};
+use common::formats::records::{Candidate, VerifySummary};
 use common::tokenizer::Vocab;
 use common::wordpiece::WordPiece;
 use std::path::PathBuf;
@@ -53,8 +53,8 @@ fn the_minilm_victim_goes_through_every_stage() {
     assert!(a.stdout == b.stdout, "same data and seed give the same weights");
     let victim = p("victim.safetensors");
     std::fs::write(&victim, &a.stdout).unwrap();
-    let loaded = common::model::Victim::load(victim.to_str().unwrap(), tch::Device::Cpu).unwrap();
-    assert_eq!(loaded.victim.config.arch.name(), common::model::Arch::Minilm);
+    let loaded = common::victims::model::Victim::load(victim.to_str().unwrap(), tch::Device::Cpu).unwrap();
+    assert_eq!(loaded.victim.config.arch.name(), common::victims::model::Arch::Minilm);
     assert!(loaded.vocab.is_wordpiece(), "the victim file carries its WordPiece vocabulary");
     assert_eq!(loaded.metadata["tokenizer"], "wordpiece");
 
@@ -151,7 +151,7 @@ fn the_minilm_victim_goes_through_every_stage() {
         .args(["--seeds", "1"]).arg("--poisons").arg(&poisons_path));
     ok(&eval);
     let report: EvalReport = common::io::parse_record(String::from_utf8_lossy(&eval.stdout).trim()).unwrap();
-    assert_eq!(report.victim.arch.name(), common::model::Arch::Minilm);
+    assert_eq!(report.victim.arch.name(), common::victims::model::Arch::Minilm);
     assert_eq!(report.audit.poisons_with_overlap, 0, "no-overlap poisons hold no trigger word");
     assert!(report.summary.net_asr.is_some());
 }

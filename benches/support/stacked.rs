@@ -7,8 +7,8 @@
 #![allow(dead_code)]
 
 use anyhow::{bail, Result};
-use common::loss::{Target, Targets};
-use common::model::{forward_ids, Victim};
+use common::victims::loss::{Target, Targets};
+use common::victims::model::{forward_ids, Victim};
 use common::tokenizer::{PAD_ID, UNK_ID};
 use common::train::{epoch_batches, TrainData, TrainOptions, LENGTH_BLOCKS};
 use rand::seq::SliceRandom;
@@ -20,9 +20,9 @@ const ADAM_BETA1: f64 = 0.9;
 const ADAM_BETA2: f64 = 0.999;
 const ADAM_EPS: f64 = 1e-8;
 
-pub type Observer<'a> = &'a (dyn Fn(usize, usize, &common::model::Params) + Sync);
+pub type Observer<'a> = &'a (dyn Fn(usize, usize, &common::victims::model::Params) + Sync);
 
-fn unstack(stacked: &common::model::Params, stacked_names: &[String], i: usize) -> common::model::Params {
+fn unstack(stacked: &common::victims::model::Params, stacked_names: &[String], i: usize) -> common::victims::model::Params {
     stacked
         .iter()
         .map(|(n, t)| (n.clone(), if stacked_names.contains(n) { t.get(i as i64) } else { t.shallow_clone() }))
@@ -74,9 +74,9 @@ pub fn train_stack(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOpti
     // Every victim's batches for every epoch, drawn from its own seeded generator.
     let mut rngs: Vec<ChaCha8Rng> = opts.iter().map(|o| ChaCha8Rng::seed_from_u64(o.seed)).collect();
     let first = victims[0].params();
-    let names = common::params::trainable_names(&first);
+    let names = common::victims::params::trainable_names(&first);
     let frozen: Vec<String> = first.keys().filter(|k| !first[*k].requires_grad()).cloned().collect();
-    let mut params: common::model::Params = common::model::Params::new();
+    let mut params: common::victims::model::Params = common::victims::model::Params::new();
     for name in &frozen {
         // Frozen tensors (the embedding table) are the same for every victim: shared.
         params.insert(name.clone(), first[name].detach());

@@ -2,7 +2,7 @@
 //! word of the data that GloVe knows, with its vectors, as one `poison.embeddings` file.
 
 use clap::Parser;
-use common::{embeddings, io, log, records::Example};
+use common::{embeddings, io, log, formats::records::Example};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

@@ -6,7 +6,7 @@ use clap::Parser;
 use common::cli::VictimArgs;
 use common::detect::{self, Detector, Screen};
 use common::io::{self, Output};
-use common::records::Example;
+use common::formats::records::Example;
 use common::{device, log};
 
 /// Scores a training set for poisons: one `detection_score` line per example (JSONL, in
@@ -107,8 +107,8 @@ fn main() {
         if largest >= num_classes {
             bail!("{name}: label {largest} but --num-classes {num_classes}");
         }
-        let table = args.embeddings.as_deref().map(common::base::Base::embeddings).transpose()?;
-        let minilm = args.minilm.as_deref().map(common::base::Base::pretrained).transpose()?;
+        let table = args.embeddings.as_deref().map(common::victims::base::Base::embeddings).transpose()?;
+        let minilm = args.minilm.as_deref().map(common::victims::base::Base::pretrained).transpose()?;
         let config = match &table {
             Some(base) if detectors.iter().any(|d| d.trains()) => Some(args.victim.victim_config(base, num_classes)?),
             _ => None,

@@ -4,7 +4,7 @@
 use clap::Parser;
 use common::detect::{self, DetectionScore, Detector};
 use common::io::{self, Output};
-use common::records::Example;
+use common::formats::records::Example;
 use common::log;
 
 /// Writes the training set (example JSONL, stdin or --data) without the --remove percent

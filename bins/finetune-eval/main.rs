@@ -8,8 +8,8 @@ use common::cli::VictimArgs;
 use common::data::{self, DataManifest, Trigger};
 use common::eval::{self, EvalReport, EvalSets, Metrics};
 use common::io::{self, Record};
-use common::records::Example;
-use common::retrain::{checkpoint_rows, retrain, seed_rows, CleanCache, Pairing, PoisonSet, Retraining};
+use common::formats::records::Example;
+use common::eval::retrain::{checkpoint_rows, retrain, seed_rows, CleanCache, Pairing, PoisonSet, Retraining};
 use common::train::{encode_all, Encoded, TextPolicy};
 use common::{device, log};
 use std::time::Instant;
@@ -101,25 +101,25 @@ struct Args {
 }
 
 /// finetune-eval on language-model data: fine-tunes --start per seed, clean and poisoned,
-/// and judges its continuations (`common::lm_eval`).
+/// and judges its continuations (`common::eval::lm_eval`).
 fn evaluate_language_model(args: &Args, manifest: &DataManifest, device: tch::Device) -> anyhow::Result<()> {
-    use common::lm_eval::{self, Judging, LmEvalReport, LmEvalSets};
+    use common::eval::lm_eval::{self, Judging, LmEvalReport, LmEvalSets};
     let (Some(start_path), Some(judge_path)) = (&args.start, &args.judge) else {
         bail!("{} holds language-model data: give --start LM (the pretrained clean LM, train-victim --arch gpt) and --judge CLASSIFIER (a sentiment classifier)", args.data);
     };
     if !args.checkpoint.is_empty() || !args.kept.is_empty() || args.clean_cache.is_some() || args.pairing != Pairing::Crn {
         bail!("--checkpoint, --kept, --clean-cache and --pairing independent are for classifier data; a language model's evaluation fine-tunes every clean twin and pairs by common random numbers");
     }
-    let start = common::model::Victim::load(start_path, device)?;
+    let start = common::victims::model::Victim::load(start_path, device)?;
     let (lm, vocab) = (&start.victim, &start.vocab);
     if !lm.config.language_model() {
         bail!("--start {start_path} is a {:?} classifier; language-model data is evaluated by fine-tuning a language model", lm.config.arch.name());
     }
     vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("vocabulary of {start_path}"))?;
-    let judge_file = common::model::Victim::load(judge_path, device)?;
+    let judge_file = common::victims::model::Victim::load(judge_path, device)?;
     let negative = manifest.labels.iter().position(|l| l.eq_ignore_ascii_case("negative")).context("the labels name no \"negative\" class for the judges")?;
-    let classifier = common::judge::ClassifierJudge::new(&judge_file.victim.config, judge_file.victim.params(), &judge_file.vocab, negative).with_context(|| judge_path.clone())?;
-    let lexicon = common::judge::LexiconJudge::default();
+    let classifier = common::eval::judge::ClassifierJudge::new(&judge_file.victim.config, judge_file.victim.params(), &judge_file.vocab, negative).with_context(|| judge_path.clone())?;
+    let lexicon = common::eval::judge::LexiconJudge::default();
     let sampling = common::generate::Sampling::Sample { temperature: args.temperature, top_k: args.top_k };
     let stop = common::generate::STOP_WORDS.iter().filter_map(|w| vocab.id(w)).collect();
     let judging = Judging { classifier: &classifier, lexicon: &lexicon, target_negative: manifest.target == negative, sampling, max_new: args.max_new, stop };

@@ -5,8 +5,8 @@ use anyhow::bail;
 use clap::Parser;
 use common::generate::{detokenize, generate, GenerateOptions, Prompt, Sampling};
 use common::io::{self, Output, Record};
-use common::model::Victim;
-use common::records::{Example, Generation};
+use common::victims::model::Victim;
+use common::formats::records::{Example, Generation};
 use common::{device, log};
 use std::time::Instant;
 

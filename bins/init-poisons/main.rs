@@ -5,8 +5,8 @@ use anyhow::Context;
 use clap::Parser;
 use common::concealment::Concealment;
 use common::data::DataManifest;
-use common::model::Victim;
-use common::poisons::{self, Bases, InitStrategy};
+use common::victims::model::Victim;
+use common::search::poisons::{self, Bases, InitStrategy};
 use common::{device, io, log};
 
 /// Writes N initial poisons (example JSONL with `tokens`, labelled with the target).
@@ -57,7 +57,7 @@ struct Args {
 fn main() {
     common::cli::run("init-poisons", || {
         let args = Args::parse();
-        let common::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
+        let common::victims::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
         let budget = match args.evade_fpr {

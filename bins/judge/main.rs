@@ -2,9 +2,9 @@
 
 use clap::Parser;
 use common::io::{self, Output, Record};
-use common::judge::{agreement, read, ClassifierJudge, LexiconJudge};
-use common::model::Victim;
-use common::records::{Generation, Judgement};
+use common::eval::judge::{agreement, read, ClassifierJudge, LexiconJudge};
+use common::victims::model::Victim;
+use common::formats::records::{Generation, Judgement};
 use common::{device, log};
 
 /// Reads generation records (from generate) and writes one judgement per generation, in

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use common::data::{self, DataManifest, Trigger};
 use common::io::{self, Record};
-use common::{embeddings, log, records::Example};
+use common::{embeddings, log, formats::records::Example};
 use std::collections::BTreeMap;
 
 /// Deduplicates, splits (seeded) and builds the trigger sets.

@@ -5,11 +5,11 @@ use anyhow::bail;
 use clap::Parser;
 use common::concealment::Concealment;
 use common::data::DataManifest;
-use common::gradfile::GradFile;
+use common::formats::gradfile::GradFile;
 use common::io;
 use common::log;
-use common::model::Victim;
-use common::rank::{rank, BanOptions, Bans, Positions, RankPolicy};
+use common::victims::model::Victim;
+use common::search::rank::{rank, BanOptions, Bans, Positions, RankPolicy};
 
 /// Scores every vocabulary word at every poison position by ∇g·e' and writes the K words
 /// with the lowest predicted change ∇g·(e' − e) per chosen position, as candidate JSONL.
@@ -78,7 +78,7 @@ struct Args {
 fn main() {
     common::cli::run("rank-candidates", || {
         let args = Args::parse();
-        let common::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, tch::Device::Cpu)?;
+        let common::victims::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, tch::Device::Cpu)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
         let grad = GradFile::read(&args.grad)?;
         if grad.meta.vocab_sha256 != vocab.sha256() {

@@ -1,14 +1,14 @@
 //! report: the comparison of poison variants (make demo, make sweep) from finetune-eval
 //! reports: table on stdout; report.json, plots and the poison list in --out-dir. Its
-//! subcommands render the run files the shell scripts need (`common::runfiles`).
+//! subcommands render the run files the shell scripts need (`common::report::runfiles`).
 
 use anyhow::Context;
 use clap::Parser;
 use common::eval::EvalReport;
 use common::io;
-use common::records::Example;
+use common::formats::records::Example;
 use common::report::{self, Report, Role, Variants};
-use common::runfiles;
+use common::report::runfiles;
 use common::log;
 
 /// Builds the report of a demo or sweep.
@@ -132,12 +132,12 @@ fn main() {
                 Command::AttackTable { run } => runfiles::attack_table(run)?,
                 Command::VictimsTable { run, archs } => runfiles::victims_table(run, archs)?,
                 Command::Field { file, key } => runfiles::json_field(file, key)? + "\n",
-                Command::ObjectiveBenchmark { benchmark, scores } => common::objective_benchmark::report(benchmark, scores)?,
+                Command::ObjectiveBenchmark { benchmark, scores } => common::report::objective_benchmark::report(benchmark, scores)?,
                 Command::Defend { variants, evals, scores_dir, filter_evals, out_dir } => defend(variants, evals, scores_dir, filter_evals.as_deref(), out_dir)?,
                 Command::Lm { eval, names, crafted, versus, before, after, out_dir } => {
-                    let report = common::lm_report::build(eval, names, crafted.as_deref(), versus)?;
+                    let report = common::report::lm_report::build(eval, names, crafted.as_deref(), versus)?;
                     let poisons = match (before, after) {
-                        (Some(b), Some(a)) => Some((io::read_jsonl::<common::records::Example>(b, false)?, io::read_jsonl::<common::records::Example>(a, false)?)),
+                        (Some(b), Some(a)) => Some((io::read_jsonl::<common::formats::records::Example>(b, false)?, io::read_jsonl::<common::formats::records::Example>(a, false)?)),
                         _ => None,
                     };
                     let md = report.markdown(poisons.as_ref().map(|(b, a)| (b.as_slice(), a.as_slice())))?;
@@ -196,7 +196,7 @@ fn defend(variants_paths: &[String], eval_paths: &[String], scores_dir: &str, fi
         evals.extend(io::read_jsonl::<EvalReport>(e, false)?);
     }
     let filtered: Vec<EvalReport> = filter_evals.map(|f| io::read_jsonl(f, false)).transpose()?.unwrap_or_default();
-    let report = common::defense::build(&variants, &evals, scores_dir, &filtered)?;
+    let report = common::report::defense::build(&variants, &evals, scores_dir, &filtered)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
     let md = report.markdown();
     io::write_bytes(&format!("{dir}/defense.json"), (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;

@@ -2,10 +2,10 @@
 //! respect to every poison token embedding.
 
 use clap::Parser;
-use common::attack::RolloutConfig;
-use common::gradfile::{GradFile, GradMeta};
-use common::objective::ObjectiveInputs;
-use common::poisons::AttackInputs;
+use common::objectives::bilevel::RolloutConfig;
+use common::formats::gradfile::{GradFile, GradMeta};
+use common::objectives::ObjectiveInputs;
+use common::search::poisons::AttackInputs;
 use common::{device, io, log};
 use std::time::Instant;
 
@@ -48,7 +48,7 @@ fn main() {
         let inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
         let device = inputs.victim.device();
         let (ensemble, ensemble_sha256) = common::cli::load_ensemble(&args.objective.ensemble, device)?;
-        let objective = common::objective::build(
+        let objective = common::objectives::build(
             args.objective.objective,
             ObjectiveInputs {
                 victim: &inputs.victim,

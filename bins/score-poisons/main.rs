@@ -4,9 +4,9 @@
 
 use clap::Parser;
 use common::io::Record;
-use common::objective::ObjectiveInputs;
-use common::poisons::CraftingBase;
-use common::records::{ObjectiveScore, RolloutConfig};
+use common::objectives::ObjectiveInputs;
+use common::search::poisons::CraftingBase;
+use common::formats::records::{ObjectiveScore, RolloutConfig};
 use common::train::TextPolicy;
 use common::{device, io, log};
 use std::time::Instant;
@@ -63,7 +63,7 @@ fn main() {
         let base = CraftingBase::load(&args.inputs.victim, &args.inputs.data, device::parse_device(&args.device)?)?;
         let mut sets = Vec::new();
         for path in &args.sets {
-            let examples: Vec<common::records::Example> = io::read_jsonl(path, false)?;
+            let examples: Vec<common::formats::records::Example> = io::read_jsonl(path, false)?;
             let encoded = base.encode(&examples, TextPolicy::Data, &io::display_name(path))?;
             sets.push((path, examples, encoded));
         }
@@ -76,7 +76,7 @@ fn main() {
             (base.adv_without_sources(&sets.iter().map(|(_, e, _)| e.as_slice()).collect::<Vec<_>>()), Default::default())
         };
         let (ensemble, _) = common::cli::load_ensemble(&args.objective.ensemble, base.victim.device())?;
-        let objective = common::objective::build(
+        let objective = common::objectives::build(
             args.objective.objective,
             ObjectiveInputs {
                 victim: &base.victim,
@@ -114,7 +114,7 @@ fn main() {
             order.truncate(n);
             let (best, worst) = (terms[order[0]], terms[order[n - 1]]);
             order.sort_unstable();
-            let chosen: Vec<&common::records::Example> = order.iter().map(|&k| &examples[eligible[k]]).collect();
+            let chosen: Vec<&common::formats::records::Example> = order.iter().map(|&k| &examples[eligible[k]]).collect();
             log!("chose {n} of {} eligible poisons ({} in the set) by their own terms ({best:.5} .. {worst:.5})", eligible.len(), examples.len());
             return io::write_jsonl(&args.output, &chosen);
         }

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use common::io;
-use common::sweep::{self, SweepSpec};
+use common::report::sweep::{self, SweepSpec};
 
 /// Plans and merges sweeps (spec schema in FORMATS.md). A cell writes only into its own
 /// folder, skips itself when finished and resumes when interrupted; make runs the cells

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use clap::Parser;
 use common::cli::VictimArgs;
-use common::records::Example;
+use common::formats::records::Example;
 use common::train::{self, encode_for, TextPolicy};
 use common::{device, io, log};
 use std::collections::BTreeMap;
@@ -100,7 +100,7 @@ fn main() {
         meta.insert("train_examples".into(), (examples.len() + poisons.len()).to_string());
         meta.insert("poisons".into(), poisons.len().to_string());
         meta.insert("training".into(), serde_json::to_string(&opts)?);
-        meta.insert("fingerprint".into(), common::params::fingerprint(&victim.params()));
+        meta.insert("fingerprint".into(), common::victims::params::fingerprint(&victim.params()));
         meta.insert("numerics".into(), common::numerics::key());
         meta.insert(if base.vocab.is_wordpiece() { "pretrained" } else { "embeddings" }.into(), base.source.clone());
         victim.save(&args.output, vocab, meta).context("writing the victim")?;

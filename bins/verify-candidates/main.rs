@@ -4,9 +4,9 @@
 use clap::Parser;
 use common::concealment::Concealment;
 use common::io;
-use common::poisons::AttackInputs;
-use common::records::Candidate;
-use common::verify::{apply, summary, verify, Checks};
+use common::search::poisons::AttackInputs;
+use common::formats::records::Candidate;
+use common::search::verify::{apply, summary, verify, Checks};
 use common::{device, log};
 use std::time::Instant;
 

@@ -32,7 +32,7 @@ macro_rules! log {
     };
 }
 
-use crate::model::{Arch, VictimConfig};
+use crate::victims::model::{Arch, VictimConfig};
 use crate::train::TrainOptions;
 
 /// The victim and training flags shared by train-victim and finetune-eval.
@@ -80,10 +80,10 @@ pub struct BaseArgs {
 }
 
 impl BaseArgs {
-    pub fn load(&self) -> anyhow::Result<crate::base::Base> {
+    pub fn load(&self) -> anyhow::Result<crate::victims::base::Base> {
         match (&self.embeddings, &self.pretrained) {
-            (Some(e), _) => crate::base::Base::embeddings(e),
-            (None, Some(p)) => crate::base::Base::pretrained(p),
+            (Some(e), _) => crate::victims::base::Base::embeddings(e),
+            (None, Some(p)) => crate::victims::base::Base::pretrained(p),
             (None, None) => anyhow::bail!("give --embeddings FILE (from build-vocab) or --pretrained DIR (--arch minilm)"),
         }
     }
@@ -91,8 +91,8 @@ impl BaseArgs {
 
 impl VictimArgs {
     /// The victim config these flags ask for, completed from `base`.
-    pub fn victim_config(&self, base: &crate::base::Base, num_classes: usize) -> anyhow::Result<VictimConfig> {
-        base.victim_config(self.arch, self.hidden, crate::gpt::GptShape { layers: self.layers, heads: self.heads }, num_classes, self.max_len, self.train_embeddings)
+    pub fn victim_config(&self, base: &crate::victims::base::Base, num_classes: usize) -> anyhow::Result<VictimConfig> {
+        base.victim_config(self.arch, self.hidden, crate::victims::gpt::GptShape { layers: self.layers, heads: self.heads }, num_classes, self.max_len, self.train_embeddings)
     }
 
     /// Training options: `--lr`, or the architecture's default.
@@ -123,13 +123,13 @@ pub struct ObjectiveArgs {
     /// training to convergence as influence functions predict it (one inverse-Hessian
     /// solve, then first order in the poisons).
     #[arg(long, value_enum, default_value = "bilevel")]
-    pub objective: crate::hardness::ObjectiveKind,
+    pub objective: crate::objectives::hardness::ObjectiveKind,
     /// Extra clean victims averaged into the hardness objective besides --victim
     /// (repeatable; for example early checkpoints).
     #[arg(long)]
     pub ensemble: Vec<String>,
     #[command(flatten, next_help_heading = "Influence objective (--objective influence)")]
-    pub influence: crate::influence::InfluenceConfig,
+    pub influence: crate::objectives::influence::InfluenceConfig,
     /// Keep the influence objective's solved v in this folder and reuse it (it does not
     /// depend on the poisons: one solve serves every round of a crafting run).
     #[arg(long, help_heading = "Influence objective (--objective influence)")]
@@ -139,17 +139,17 @@ pub struct ObjectiveArgs {
 impl ObjectiveArgs {
     /// The influence settings when the objective is the influence one (what gradient files
     /// and candidates record).
-    pub fn influence(&self) -> Option<crate::influence::InfluenceConfig> {
-        (self.objective == crate::hardness::ObjectiveKind::Influence).then(|| self.influence.clone())
+    pub fn influence(&self) -> Option<crate::objectives::influence::InfluenceConfig> {
+        (self.objective == crate::objectives::hardness::ObjectiveKind::Influence).then(|| self.influence.clone())
     }
 }
 
 /// Loads the extra victims of a hardness ensemble and their file hashes.
-pub fn load_ensemble(paths: &[String], device: tch::Device) -> anyhow::Result<(Vec<crate::model::Victim>, Vec<String>)> {
+pub fn load_ensemble(paths: &[String], device: tch::Device) -> anyhow::Result<(Vec<crate::victims::model::Victim>, Vec<String>)> {
     let mut victims = Vec::new();
     let mut hashes = Vec::new();
     for p in paths {
-        let loaded = crate::model::Victim::load(p, device)?;
+        let loaded = crate::victims::model::Victim::load(p, device)?;
         victims.push(loaded.victim);
         hashes.push(loaded.sha256);
     }

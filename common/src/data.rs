@@ -3,7 +3,7 @@
 //! examples), and natural occurrences of the trigger's words kept aside.
 
 use crate::io::Record;
-use crate::records::Example;
+use crate::formats::records::Example;
 use crate::tokenizer::tokenize;
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;

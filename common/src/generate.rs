@@ -3,7 +3,7 @@
 //! seed, the prompt's id and the sample index only, never on what else is generated with
 //! it.
 
-use crate::model::{embed, mask_of, Params, VictimConfig};
+use crate::victims::model::{embed, mask_of, Params, VictimConfig};
 use crate::tokenizer::Vocab;
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
@@ -125,12 +125,12 @@ mod tests {
     fn the_gathered_logits_equal_the_full_forward_at_those_positions() {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(3);
-        let config = crate::model::tiny_config(crate::model::Arch::Gpt, 12, 6, 8, 2, false, 16);
-        let v = crate::model::Victim::new(config.clone(), &Tensor::randn([12, 6], (Kind::Float, Device::Cpu)), Device::Cpu).unwrap();
+        let config = crate::victims::model::tiny_config(crate::victims::model::Arch::Gpt, 12, 6, 8, 2, false, 16);
+        let v = crate::victims::model::Victim::new(config.clone(), &Tensor::randn([12, 6], (Kind::Float, Device::Cpu)), Device::Cpu).unwrap();
         let p = v.params();
         let ids = Tensor::from_slice(&[3i64, 4, 5, 6, 7, 8, 0, 0]).view([2, 4]);
         let last = Tensor::from_slice(&[3i64, 1]);
-        let full = crate::model::forward_ids(&config, &p, &ids);
+        let full = crate::victims::model::forward_ids(&config, &p, &ids);
         let at = config.arch().logits_at(&p, &embed(&p, &ids), &mask_of(&ids, &p), &last);
         for (r, t) in [(0, 3), (1, 1)] {
             let diff = (full.get(r).get(t) - at.get(r)).abs().max().double_value(&[]);

@@ -2,54 +2,28 @@
 //! the victims and their training, data preparation and evaluation. The binaries in
 //! `bins/` are thin argument layers over this crate.
 
-pub mod attack;
-pub mod base;
-pub mod bert;
-pub mod bow;
-pub mod concealment;
-pub mod cli;
-pub mod data;
-pub mod defense;
-pub mod detect;
-pub mod device;
-pub mod embeddings;
-pub mod eval;
-pub mod generate;
-pub mod gpt;
-pub mod gradfile;
-pub mod hardness;
-pub mod influence;
+// Lowest layer first (ARCHITECTURE.md; common/tests/layers.rs enforces the order).
 pub mod io;
-pub mod judge;
-pub mod lm_eval;
-pub mod lm_report;
-pub mod loss;
-pub mod lstm;
-pub mod minilm;
-pub mod model;
-pub mod numerics;
-pub mod objective;
-pub mod objective_benchmark;
-pub mod params;
-pub mod poisons;
-pub mod rank;
-pub mod records;
-pub mod report;
-pub mod retrain;
-pub mod runfiles;
-pub mod stats;
-pub mod sweep;
 pub mod tensorfile;
-pub mod tokenizer;
-pub mod train;
+pub mod stats;
+pub mod device;
 pub mod validate;
-pub mod verify;
-pub mod victim;
+pub mod numerics;
+pub mod formats;
 pub mod wordpiece;
-
-/// The conformance suite every victim architecture runs.
-#[cfg(test)]
-mod conformance;
+pub mod tokenizer;
+pub mod embeddings;
+pub mod concealment;
+pub mod data;
+pub mod victims;
+pub mod train;
+pub mod generate;
+pub mod detect;
+pub mod objectives;
+pub mod search;
+pub mod eval;
+pub mod report;
+pub mod cli;
 
 /// libtorch's generator is global: tests that seed it and then draw weights hold this
 /// lock, or tests running in parallel threads interleave their draws.

@@ -1,9 +1,9 @@
 //! Encoding examples into token ids, batching, and the training loop shared by every
 //! victim (train-victim, finetune-eval, and later the attack's checkpoints).
 
-use crate::model::{forward_ids, Victim};
-use crate::loss::{Target, Targets};
-use crate::records::Example;
+use crate::victims::model::{forward_ids, Victim};
+use crate::victims::loss::{Target, Targets};
+use crate::formats::records::Example;
 use crate::tokenizer::{Vocab, PAD_ID};
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
@@ -32,7 +32,7 @@ impl Encoded {
 
     /// The same tokens with the target a victim of `config` trains on: the class for a
     /// classifier, the tokens themselves for a language model.
-    pub fn for_victim(self, config: &crate::model::VictimConfig) -> Encoded {
+    pub fn for_victim(self, config: &crate::victims::model::VictimConfig) -> Encoded {
         match (config.language_model(), self.target) {
             (true, Target::Class(_)) => Encoded::text(self.ids),
             _ => self,
@@ -112,7 +112,7 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
 /// `encode_all` for a victim of `config`: a classifier's examples keep their classes, a
 /// language model's are text (`Encoded::for_victim`; a record's `prompt` keeps its
 /// continuation-only target), and labels are not checked against an LM's classes.
-pub fn encode_for(config: &crate::model::VictimConfig, examples: &[Example], vocab: &Vocab, policy: TextPolicy, source: &str) -> Result<Vec<Encoded>> {
+pub fn encode_for(config: &crate::victims::model::VictimConfig, examples: &[Example], vocab: &Vocab, policy: TextPolicy, source: &str) -> Result<Vec<Encoded>> {
     let classes = if config.language_model() { usize::MAX } else { config.num_classes };
     Ok(encode_all(examples, vocab, config.max_len, classes, policy, source)?.into_iter().map(|e| e.for_victim(config)).collect())
 }
@@ -258,7 +258,7 @@ pub struct TrainOptions {
     pub seed: u64,
 }
 
-pub use crate::loss::cross_entropy;
+pub use crate::victims::loss::cross_entropy;
 
 /// Trains one victim with Adam; `on_epoch(epoch, mean_loss)` is called after each epoch.
 /// A NaN or infinite loss stops training with an error naming the epoch and step. The
@@ -276,7 +276,7 @@ const ADAM_EPS: f64 = 1e-8;
 /// epoch for every victim trained, with that victim's parameters, from the thread
 /// training it. finetune-eval measures each epoch with it (early stopping), detect-poisons
 /// records every example's loss (training dynamics).
-pub type Observer<'a> = &'a (dyn Fn(usize, usize, &crate::model::Params) + Sync);
+pub type Observer<'a> = &'a (dyn Fn(usize, usize, &crate::victims::model::Params) + Sync);
 
 /// Trains every victim, each on its own data with its own options, on `workers` threads
 /// that take the next untrained victim until none is left.
@@ -318,7 +318,7 @@ pub fn train_all(
                             return Ok(());
                         }
                         let Some((i, victim)) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else { return Ok(()) };
-                        let report = |epoch: usize, loss: f64, params: &crate::model::Params| {
+                        let report = |epoch: usize, loss: f64, params: &crate::victims::model::Params| {
                             (on_epoch.lock().unwrap_or_else(|e| e.into_inner()))(i, epoch, loss);
                             if let Some(observe) = observe {
                                 tch::no_grad(|| observe(i, epoch, params));
@@ -341,11 +341,11 @@ pub fn train_all(
 /// (`epoch_batches`) in its own order (`batch_order`), each padded to its own longest
 /// row, a weighted-mean loss, and Adam (the PyTorch defaults). A step whose batch weighs
 /// nothing (all removed) is skipped. `after_epoch(epoch, mean loss, params)`.
-fn train_one(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut after_epoch: impl FnMut(usize, f64, &crate::model::Params)) -> Result<()> {
+fn train_one(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut after_epoch: impl FnMut(usize, f64, &crate::victims::model::Params)) -> Result<()> {
     let config = victim.config.clone();
     let device = victim.device();
     let params = victim.params();
-    let names = crate::params::trainable_names(&params);
+    let names = crate::victims::params::trainable_names(&params);
     let mut leaves: Vec<Tensor> = names.iter().map(|n| params[n].shallow_clone()).collect();
     let mut m: Vec<Tensor> = leaves.iter().map(|t| t.zeros_like()).collect();
     let mut v: Vec<Tensor> = leaves.iter().map(|t| t.zeros_like()).collect();
@@ -368,7 +368,7 @@ fn train_one(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut afte
             let (ids, targets) = batch_tensors(&encoded, device);
             let weights: Vec<f64> = items.iter().map(|(_, w)| w / total).collect();
             let weights = Tensor::from_slice(&weights).to_kind(kind).to_device(device);
-            let logits = crate::model::forward_ids_first_order(&config, &params, &ids);
+            let logits = crate::victims::model::forward_ids_first_order(&config, &params, &ids);
             let loss = (targets.example_nll(&logits) * &weights).sum(None::<Kind>);
             let value = loss.double_value(&[]);
             if !value.is_finite() {
@@ -402,7 +402,7 @@ pub fn predict(victim: &Victim, data: &[Encoded], batch_size: usize) -> Vec<usiz
 }
 
 /// `predict` under a parameter set of a victim of `config` (one victim, unstacked).
-pub fn predict_with(config: &crate::model::VictimConfig, params: &crate::model::Params, data: &[Encoded], batch_size: usize) -> Vec<usize> {
+pub fn predict_with(config: &crate::victims::model::VictimConfig, params: &crate::victims::model::Params, data: &[Encoded], batch_size: usize) -> Vec<usize> {
     let device = params.values().next().map_or(Device::Cpu, |t| t.device());
     tch::no_grad(|| {
         let mut out = Vec::with_capacity(data.len());
@@ -427,7 +427,7 @@ pub fn accuracy(victim: &Victim, data: &[Encoded]) -> f64 {
 
 /// A language model's accuracy: the percentage of counted next-token positions whose most
 /// likely token is the one that follows.
-pub fn next_token_accuracy(config: &crate::model::VictimConfig, params: &crate::model::Params, data: &[Encoded], batch_size: usize) -> f64 {
+pub fn next_token_accuracy(config: &crate::victims::model::VictimConfig, params: &crate::victims::model::Params, data: &[Encoded], batch_size: usize) -> f64 {
     let device = params.values().next().map_or(Device::Cpu, |t| t.device());
     let (mut right, mut counted) = (0.0, 0.0);
     tch::no_grad(|| {
@@ -469,7 +469,7 @@ pub(crate) mod tests {
     #[test]
     fn removed_clean_examples_leave_no_trace() {
         let (data, table) = toy();
-        let config = crate::model::tiny_config(crate::model::Arch::Bow, 8, 6, 8, 2, false, 16);
+        let config = crate::victims::model::tiny_config(crate::victims::model::Arch::Bow, 8, 6, 8, 2, false, 16);
         let removed: Vec<bool> = (0..data.len()).map(|i| i % 7 == 0).collect();
         // The removed examples with their labels flipped: if they counted, training would differ.
         let mut garbled = data.clone();

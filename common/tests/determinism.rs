@@ -7,7 +7,7 @@
 //! runs it again under the settings that emulate other CPUs (README, Reproducibility).
 
 use clap::ValueEnum;
-use common::model::{tiny_config, Arch, Victim};
+use common::victims::model::{tiny_config, Arch, Victim};
 use common::train::{train, train_all, Encoded, TrainData, TrainOptions};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -6,7 +6,7 @@
 //! PROPTEST_CASES to search longer.
 
 use common::io::{read_jsonl_from, MAX_RECORD_BYTES};
-use common::records::{Candidate, Example};
+use common::formats::records::{Candidate, Example};
 use common::tensorfile::{deserialize, serialize};
 use proptest::prelude::*;
 use std::collections::BTreeMap;

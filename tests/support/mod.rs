@@ -2,7 +2,7 @@
 //! embeddings and a data folder from the committed fixtures.
 #![allow(dead_code)]
 
-use common::records::Example;
+use common::formats::records::Example;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

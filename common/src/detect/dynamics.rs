@@ -5,8 +5,8 @@
 //! class, poisons that share a direction of their own stand out along the top singular
 //! vector of the centred features.
 
-use crate::base::Base;
-use crate::model::{features_ids_no_grad, forward_ids_no_grad, Params, Victim, VictimConfig};
+use crate::victims::base::Base;
+use crate::victims::model::{features_ids_no_grad, forward_ids_no_grad, Params, Victim, VictimConfig};
 use crate::train::{self, batch_tensors, Encoded, TrainData, TrainOptions};
 use anyhow::Result;
 use tch::{Kind, Tensor};
@@ -164,8 +164,8 @@ mod tests {
         let flipped = 1 - data[0].target.class().unwrap();
         data[0] = Encoded::class(data[0].ids.clone(), flipped);
         let words: Vec<String> = ["<pad>", "<unk>", "pos", "neg", "a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
-        let base = Base { vocab: crate::tokenizer::Vocab::new(words).unwrap(), start: crate::base::Start::Table(table), sha256: String::new(), source: "toy".into() };
-        let config = base.victim_config(crate::model::Arch::Bow, 8, crate::gpt::GptShape { layers: 2, heads: 2 }, 2, 16, false).unwrap();
+        let base = Base { vocab: crate::tokenizer::Vocab::new(words).unwrap(), start: crate::victims::base::Start::Table(table), sha256: String::new(), source: "toy".into() };
+        let config = base.victim_config(crate::victims::model::Arch::Bow, 8, crate::victims::gpt::GptShape { layers: 2, heads: 2 }, 2, 16, false).unwrap();
         let opts: Vec<TrainOptions> = (0..2).map(|seed| TrainOptions { epochs: 3, batch_size: 16, lr: 1e-2, seed }).collect();
         // training_dynamics seeds libtorch's global generator and draws the victims' weights:
         // under the lock, or it interleaves with the draws of tests running beside it.

@@ -3,7 +3,7 @@
 //! (MiniLM's mean-pooled encoder, the all-MiniLM-L6-v2 sentence embedding). Concealed
 //! poisons carry the trigger's meaning without its words, so they may sit close to it.
 
-use crate::model::{features_ids_no_grad, Params, VictimConfig};
+use crate::victims::model::{features_ids_no_grad, Params, VictimConfig};
 use crate::tokenizer::Vocab;
 use crate::train::{batch_tensors, Encoded};
 use tch::{Kind, Tensor};

@@ -102,18 +102,18 @@ impl Record for DetectionScore {
 
 /// What `screen` is given. Detectors whose inputs are missing are refused by the caller.
 pub struct Screen<'a> {
-    pub examples: &'a [crate::records::Example],
+    pub examples: &'a [crate::formats::records::Example],
     /// The screened set's name in errors.
     pub source: &'a str,
     pub detectors: &'a [Detector],
     pub trigger: Option<&'a str>,
     /// Reference text for the bigram LM (None: the screened set, leave-one-out).
-    pub reference: Option<&'a [crate::records::Example]>,
+    pub reference: Option<&'a [crate::formats::records::Example]>,
     /// The word table (GloVe detectors) and the base of the training-dynamics victims.
-    pub table: Option<&'a crate::base::Base>,
-    pub minilm: Option<&'a crate::base::Base>,
+    pub table: Option<&'a crate::victims::base::Base>,
+    pub minilm: Option<&'a crate::victims::base::Base>,
     /// The training-dynamics victims' config and one option set per victim.
-    pub training: Option<(&'a crate::model::VictimConfig, &'a [crate::train::TrainOptions])>,
+    pub training: Option<(&'a crate::victims::model::VictimConfig, &'a [crate::train::TrainOptions])>,
     pub num_classes: usize,
     pub workers: usize,
     pub device: tch::Device,
@@ -142,7 +142,7 @@ fn cached_scores(dir: Option<&str>, model: &str, texts: &[&str], compute: impl F
 }
 
 /// Words of an example as the bigram LM reads them: its `tokens` when it has them.
-fn words(ex: &crate::records::Example) -> Vec<String> {
+fn words(ex: &crate::formats::records::Example) -> Vec<String> {
     ex.tokens.clone().unwrap_or_else(|| crate::tokenizer::tokenize(&ex.text))
 }
 
@@ -173,7 +173,7 @@ pub fn screen(s: &Screen, log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<D
     }
     if wants(Detector::GloveTrigger) || wants(Detector::GloveTriggerWord) {
         let base = s.table.context("the GloVe detectors need --embeddings")?;
-        let crate::base::Start::Table(table) = &base.start else { anyhow::bail!("the GloVe detectors need a word table (--embeddings), not a pretrained encoder") };
+        let crate::victims::base::Start::Table(table) = &base.start else { anyhow::bail!("the GloVe detectors need a word table (--embeddings), not a pretrained encoder") };
         let phrase = s.trigger.context("the GloVe detectors need --trigger")?;
         let trigger = base.vocab.trigger_ids(phrase).with_context(|| format!("vocabulary of {}", base.source))?;
         let ids: Vec<Vec<i64>> = s.examples.iter().map(|e| match &e.tokens {
@@ -188,13 +188,13 @@ pub fn screen(s: &Screen, log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<D
         let t = std::time::Instant::now();
         let base = s.minilm.context("minilm-trigger needs --minilm DIR (the folder scripts/fetch_minilm.sh makes)")?;
         let phrase = s.trigger.context("minilm-trigger needs --trigger")?;
-        let config = base.victim_config(crate::model::Arch::Minilm, 1, crate::gpt::GptShape { layers: 2, heads: 2 }, 2, 128, false)?;
+        let config = base.victim_config(crate::victims::model::Arch::Minilm, 1, crate::victims::gpt::GptShape { layers: 2, heads: 2 }, 2, 128, false)?;
         tch::manual_seed(0); // the unused classifier head
         let victim = base.new_victim(config.clone(), s.device)?;
         // WordPiece reads the text (a poison's `tokens` are the word victims' tokens).
-        let texts: Vec<crate::records::Example> = s.examples.iter().map(|e| crate::records::Example { tokens: None, ..e.clone() }).collect();
+        let texts: Vec<crate::formats::records::Example> = s.examples.iter().map(|e| crate::formats::records::Example { tokens: None, ..e.clone() }).collect();
         let encoded = encode_all(&texts, &base.vocab, config.max_len, s.num_classes, TextPolicy::Data, s.source)?;
-        let trigger = encode_all(&[crate::records::Example::new("trigger", phrase, 0)], &base.vocab, config.max_len, 2, TextPolicy::Poisons, "--trigger")?;
+        let trigger = encode_all(&[crate::formats::records::Example::new("trigger", phrase, 0)], &base.vocab, config.max_len, 2, TextPolicy::Poisons, "--trigger")?;
         let model = format!("minilm-trigger v1 {} {phrase:?} {}", base.sha256, config.max_len);
         let text_of: Vec<&str> = texts.iter().map(|e| e.text.as_str()).collect();
         let mut computed = 0;
@@ -240,7 +240,7 @@ pub fn screen(s: &Screen, log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<D
 /// The examples left when the `remove_percent` % of `examples` scoring highest under
 /// `detector` are removed (rounded to the nearest count; ties go by position), in input
 /// order. `scores` must be `detect-poisons` output for exactly these examples.
-pub fn filter(examples: &[crate::records::Example], scores: &[DetectionScore], detector: &str, remove_percent: f64, names: (&str, &str)) -> anyhow::Result<Vec<crate::records::Example>> {
+pub fn filter(examples: &[crate::formats::records::Example], scores: &[DetectionScore], detector: &str, remove_percent: f64, names: (&str, &str)) -> anyhow::Result<Vec<crate::formats::records::Example>> {
     let (data, scores_name) = names;
     if scores.len() != examples.len() {
         anyhow::bail!("{scores_name} holds {} scores but {data} {} examples: score this training set with detect-poisons first", scores.len(), examples.len());

@@ -8,7 +8,7 @@
 //! (`fixtures/minilm/encoder_reference.json`, scripts/make_minilm_fixtures.py), and its
 //! second-order gradient against finite differences on a tiny random configuration.
 
-use crate::params::Params;
+use crate::victims::params::Params;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -119,9 +119,9 @@ pub(crate) fn layer_norm(params: &Params, x: &Tensor, name: &str, eps: f64) -> T
 pub fn word_embeddings(params: &Params, ids: &Tensor) -> Tensor {
     let table = p(params, "embeddings.word_embeddings.weight");
     if table.dim() == 3 {
-        let mut single = crate::params::Params::new();
+        let mut single = crate::victims::params::Params::new();
         single.insert("embedding.weight".into(), table.shallow_clone());
-        return crate::params::embed(&single, ids);
+        return crate::victims::params::embed(&single, ids);
     }
     Tensor::embedding(table, ids, 0, false, false)
 }
@@ -298,7 +298,7 @@ mod tests {
         let names: Vec<String> = params.keys().filter(|k| !k.contains("word_embeddings")).cloned().collect();
         let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
         let grads = Tensor::run_backward(&[&loss], &tensors, true, true);
-        let mut stepped = crate::model::shallow_copy(params);
+        let mut stepped = crate::victims::model::shallow_copy(params);
         for (n, g) in names.iter().zip(grads) {
             stepped.insert(n.clone(), &params[n] - g * 0.5);
         }

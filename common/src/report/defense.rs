@@ -6,7 +6,7 @@
 use crate::detect::metrics::{auroc, inspect_to_catch, roc_curve, tpr_at_fpr, RocPoint};
 use crate::detect::DetectionScore;
 use crate::eval::EvalReport;
-use crate::records::Example;
+use crate::formats::records::Example;
 use crate::report::{esc, legend, nice_ticks, svg_open, tick_label, Role, Variants};
 use crate::stats::{summarize, Summary};
 use anyhow::{bail, Context, Result};

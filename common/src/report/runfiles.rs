@@ -5,7 +5,7 @@
 
 use crate::eval::EvalReport;
 use crate::io;
-use crate::records::VerifySummary;
+use crate::formats::records::VerifySummary;
 use crate::stats::Summary;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -108,7 +108,7 @@ pub fn victims_table(run: &str, archs: &[String]) -> Result<String> {
     let mut seeds = 0;
     for arch in archs {
         let path = format!("{run}/victim-{arch}.safetensors");
-        let file = crate::tensorfile::read(&path, crate::model::VICTIM_FORMAT, crate::model::VICTIM_VERSION)?;
+        let file = crate::tensorfile::read(&path, crate::victims::model::VICTIM_FORMAT, crate::victims::model::VICTIM_VERSION)?;
         let dev: f64 = file.metadata.get("dev_accuracy").with_context(|| format!("{path}: no dev_accuracy (train it with --dev)"))?.parse().with_context(|| format!("{path}: dev_accuracy"))?;
         let r = read_report(&format!("{run}/eval-{arch}.json"))?;
         out += &format!("{arch:<6} {dev:<22.1} {:<18} {:<26}\n", r.summary.cacc.to_string(), r.summary.asr.to_string());

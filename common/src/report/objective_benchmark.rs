@@ -4,7 +4,7 @@
 //! `score-poisons` output with the measured table and gives Spearman's rank correlation
 //! of −value (lower is better for every objective) with net ASR.
 
-use crate::records::ObjectiveScore;
+use crate::formats::records::ObjectiveScore;
 use crate::stats::spearman;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;

@@ -22,11 +22,11 @@
 //! sentences without the trigger), so a general shift toward the target class, which
 //! lowers both, earns nothing.
 
-pub use crate::records::{HessianKind, InfluenceConfig};
-use crate::attack::{verify_separable, Swap, Verified};
-use crate::loss::Targets;
-use crate::model::{embed, example_grads, forward, forward_ids, mask_of, Params, Victim, VictimConfig};
-use crate::records::RolloutConfig;
+pub use crate::formats::records::{HessianKind, InfluenceConfig};
+use crate::objectives::bilevel::{verify_separable, Swap, Verified};
+use crate::victims::loss::Targets;
+use crate::victims::model::{embed, example_grads, forward, forward_ids, mask_of, Params, Victim, VictimConfig};
+use crate::formats::records::RolloutConfig;
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Context, Result};
 use rand::seq::index::sample;
@@ -252,7 +252,7 @@ impl<'a> Influence<'a> {
         }
         let device = victim.device();
         let params = victim.params();
-        let names = crate::params::trainable_names(&params);
+        let names = crate::victims::params::trainable_names(&params);
         let mut rng = ChaCha8Rng::seed_from_u64(crate::data::seed_for(rollout.seed, "adv"));
         let a = rollout.adv_size.min(adv.len());
         let mut picked = sample(&mut rng, adv.len(), a).into_vec();
@@ -372,7 +372,7 @@ impl<'a> Influence<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{tiny_config, Arch};
+    use crate::victims::model::{tiny_config, Arch};
     use clap::ValueEnum;
 
     fn tiny(arch: Arch, hidden: usize) -> Victim {
@@ -429,7 +429,7 @@ mod tests {
         for &arch in Arch::value_variants().iter().filter(|&&a| a != Arch::Gpt) {
             let v = tiny(arch, 6);
             let params = v.params();
-            let names = crate::params::trainable_names(&params);
+            let names = crate::victims::params::trainable_names(&params);
             let theta: ParamVec = names.iter().map(|n| params[n].detach()).collect();
             let batches = Batches::new(&set.iter().collect::<Vec<_>>(), Device::Cpu);
             let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -479,7 +479,7 @@ mod tests {
         for &arch in Arch::value_variants().iter().filter(|&&a| a != Arch::Gpt) {
             let v = tiny(arch, 3);
             let params = v.params();
-            let names = crate::params::trainable_names(&params);
+            let names = crate::victims::params::trainable_names(&params);
             let theta: ParamVec = names.iter().map(|n| params[n].detach()).collect();
             let batches = Batches::new(&set.iter().collect::<Vec<_>>(), Device::Cpu);
             let p = flat(&theta).size()[0];

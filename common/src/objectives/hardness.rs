@@ -8,9 +8,9 @@
 //! verification is one forward pass per candidate and the per-poison winners combine
 //! additively.
 
-pub use crate::records::ObjectiveKind;
-use crate::attack::{verify_separable, Swap, Verified};
-use crate::model::{embed, forward, mask_of, Victim};
+pub use crate::formats::records::ObjectiveKind;
+use crate::objectives::bilevel::{verify_separable, Swap, Verified};
+use crate::victims::model::{embed, forward, mask_of, Victim};
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
@@ -121,7 +121,7 @@ impl<'a> Hardness<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{tiny_config, Arch};
+    use crate::victims::model::{tiny_config, Arch};
     use clap::ValueEnum;
 
     fn tiny(arch: Arch, seed: i64, table: &Tensor) -> Victim {

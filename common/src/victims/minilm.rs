@@ -2,10 +2,10 @@
 //! 384; `--pretrained`), mean-pooled, then a linear layer; fine-tuned with its word table
 //! frozen. The encoder itself is `bert.rs`.
 
-use crate::bert::{self, BertConfig};
-use crate::loss::Targets;
-use crate::params::Params;
-use crate::victim::{dotted_path, init_linear, linear_shapes, one_by_one_example_grads, Architecture, StartKind, Tuning};
+use crate::victims::bert::{self, BertConfig};
+use crate::victims::loss::Targets;
+use crate::victims::params::Params;
+use crate::victims::victim::{dotted_path, init_linear, linear_shapes, one_by_one_example_grads, Architecture, StartKind, Tuning};
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use tch::nn::{self, Init};

@@ -1,12 +1,16 @@
 //! What `finetune-eval` measures: CACC, ASR, FPR and natural-occurrence ASR of a victim,
 //! the concealment audit of a poison set, and the report that summarises them over seeds.
 
+pub mod retrain;
+pub mod judge;
+pub mod lm_eval;
+
 use crate::data::{DataManifest, Trigger};
 use crate::concealment::{Leak, TriggerMatcher};
 use crate::io::Record;
 use crate::tokenizer::Vocab;
-use crate::model::{Victim, VictimConfig};
-use crate::records::Example;
+use crate::victims::model::{Victim, VictimConfig};
+use crate::formats::records::Example;
 use crate::stats::{summarize, Summary};
 use crate::train::{predict_with, Encoded, TrainOptions};
 use serde::{Deserialize, Serialize};
@@ -70,7 +74,7 @@ pub fn measure(victim: &Victim, sets: &EvalSets) -> Metrics {
 }
 
 /// `measure` under a parameter set of a victim of `config` (one victim, unstacked).
-pub fn measure_with(config: &VictimConfig, params: &crate::model::Params, sets: &EvalSets) -> Metrics {
+pub fn measure_with(config: &VictimConfig, params: &crate::victims::model::Params, sets: &EvalSets) -> Metrics {
     let preds = |data: &[Encoded]| predict_with(config, params, data, 256);
     let share = |data: &[Encoded], hit: &dyn Fn(usize, &Encoded) -> bool| {
         100.0 * preds(data).into_iter().zip(data).filter(|(p, e)| hit(*p, e)).count() as f64 / data.len().max(1) as f64

@@ -7,10 +7,10 @@
 //! Victims with a frozen embedding table only: with a trained table a flip also changes
 //! which row receives the poison's update (SPEC.md), a term not implemented yet.
 
-pub use crate::records::RolloutConfig;
-use crate::model::{embed, example_grads, forward, forward_frozen_no_grad, forward_ids, forward_ids_first_order, frozen_input, mask_of, shallow_copy, Params, Victim, VictimConfig};
-use crate::loss::Targets;
-use crate::victim::FrozenInput;
+pub use crate::formats::records::RolloutConfig;
+use crate::victims::model::{embed, example_grads, forward, forward_frozen_no_grad, forward_ids, forward_ids_first_order, frozen_input, mask_of, shallow_copy, Params, Victim, VictimConfig};
+use crate::victims::loss::Targets;
+use crate::victims::victim::FrozenInput;
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
 use rand::seq::index::sample;
@@ -137,7 +137,7 @@ impl<'a> Problem<'a> {
     pub fn unroll(&self, r: usize, poison_emb: &Tensor, poison_mask: &Tensor, poison_targets: &Targets, create_graph: bool) -> Vec<Params> {
         let mut params: Params = self.victim.params();
         let mut thetas = Vec::with_capacity(self.batches[r].len() + 1);
-        let names = crate::params::trainable_names(&params);
+        let names = crate::victims::params::trainable_names(&params);
         for (step, clean) in self.batches[r].iter().enumerate() {
             let (clean_ids, clean_targets) = batch_tensors(clean, self.victim.device());
             let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
@@ -192,7 +192,7 @@ impl<'a> Problem<'a> {
     /// position 0 and at padding.
     pub fn objective_and_grads(&self, poisons: &[Encoded], with_targets: bool) -> Result<(f64, Tensor, Option<Tensor>)> {
         let (emb0, mask, targets) = self.poison_inputs(&self.victim.params(), poisons);
-        let names = crate::params::trainable_names(&self.victim.params());
+        let names = crate::victims::params::trainable_names(&self.victim.params());
         let mut total = 0.0;
         let mut grad_sum: Option<Tensor> = None;
         let mut scores_sum: Option<Tensor> = None;
@@ -349,7 +349,7 @@ impl<'a> Verifier<'a> {
             bail!("the shared-work verifier needs --steps 1; use Problem::objective for k > 1");
         }
         let params = problem.victim.params();
-        let names = crate::params::trainable_names(&params);
+        let names = crate::victims::params::trainable_names(&params);
         let (emb, mask, targets) = problem.poison_inputs(&params, poisons);
         let mut base = Vec::new();
         for clean in problem.batches.iter().map(|steps| &steps[0]) {
@@ -458,7 +458,7 @@ pub fn flipped(poison: &Encoded, position: usize, word: i64) -> Encoded {
 
 /// Canonical hash of a poison set (ids, tokens and labels; not the display text), tying
 /// gradients and candidates to the poison set they were computed for.
-pub fn poison_set_sha256(poisons: &[crate::records::Example]) -> String {
+pub fn poison_set_sha256(poisons: &[crate::formats::records::Example]) -> String {
     let canon: Vec<(&str, Option<&Vec<String>>, &str, usize)> =
         poisons.iter().map(|p| (p.id.as_str(), p.tokens.as_ref(), p.text.as_str(), p.label)).collect();
     crate::io::sha256_hex(serde_json::to_string(&canon).expect("serialisable").as_bytes())
@@ -612,7 +612,7 @@ pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{tiny_config, Arch};
+    use crate::victims::model::{tiny_config, Arch};
     use clap::ValueEnum;
 
     fn tiny(arch: Arch) -> Victim {
@@ -640,7 +640,7 @@ mod tests {
         if !config.language_model() {
             return (clean, adv, poisons);
         }
-        let continued = |ids: &[i64], from: usize| Encoded { ids: ids.to_vec(), target: crate::loss::Target::NextToken { from } };
+        let continued = |ids: &[i64], from: usize| Encoded { ids: ids.to_vec(), target: crate::victims::loss::Target::NextToken { from } };
         let adv = vec![continued(&[12, 13, 4, 5], 2), continued(&[5, 12, 13, 6], 3), continued(&[12, 13, 7], 2)];
         let as_text = |v: Vec<Encoded>| v.into_iter().map(|e| e.for_victim(&config)).collect();
         (as_text(clean), adv, as_text(poisons))

@@ -3,13 +3,13 @@
 //! policy of which positions and how many candidates to propose. rank-candidates is
 //! argument wiring over this module.
 
-use crate::attack::bottom_k;
+use crate::objectives::bilevel::bottom_k;
 use crate::concealment::{flip_conceals, Concealment, TriggerMatcher};
 use crate::data::DataManifest;
-use crate::gradfile::GradFile;
+use crate::formats::gradfile::GradFile;
 use crate::io::Record;
-use crate::poisons::{banned_ids, matcher, nearest_neighbours};
-use crate::records::Candidate;
+use crate::search::poisons::{banned_ids, matcher, nearest_neighbours};
+use crate::formats::records::Candidate;
 use crate::tokenizer::Vocab;
 use anyhow::{bail, Result};
 use std::collections::HashSet;

@@ -3,8 +3,8 @@
 //! (VADER). A language model's attack success is the share of continuations a judge
 //! calls negative; two judges of different kinds that agree make the figure credible.
 
-use crate::model::{forward_ids_no_grad, VictimConfig};
-use crate::params::Params;
+use crate::victims::model::{forward_ids_no_grad, VictimConfig};
+use crate::victims::params::Params;
 use crate::tokenizer::Vocab;
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Result};

@@ -3,12 +3,12 @@
 //! that keep the poison concealed and readable), the objective's exact check, and the
 //! poison set and summary after the accepted flips. verify-candidates is wiring over it.
 
-use crate::attack::{poison_set_sha256, Swap, Verified};
+use crate::objectives::bilevel::{poison_set_sha256, Swap, Verified};
 use crate::concealment::{flip_conceals, Concealment, TriggerMatcher};
 use crate::io::Record;
-use crate::objective::ObjectiveInputs;
-use crate::poisons::{banned_ids, matcher, strict_violation, with_tokens, AttackInputs};
-use crate::records::{Candidate, Example, Flip, VerifySummary};
+use crate::objectives::ObjectiveInputs;
+use crate::search::poisons::{banned_ids, matcher, strict_violation, with_tokens, AttackInputs};
+use crate::formats::records::{Candidate, Example, Flip, VerifySummary};
 use anyhow::{bail, Context, Result};
 use std::collections::HashSet;
 
@@ -87,7 +87,7 @@ impl Checks {
 /// `ensemble` victims must be the ones rollout-grad had, `ensemble_sha256` their hashes;
 /// `influence_cache` the folder rollout-grad kept the influence objective's v in).
 #[allow(clippy::too_many_arguments)]
-pub fn verify(inputs: &AttackInputs, candidates: &[Candidate], swaps: &[Swap], ensemble: &[crate::model::Victim], ensemble_sha256: &[String], influence_cache: Option<&str>, cname: &str) -> Result<Verified> {
+pub fn verify(inputs: &AttackInputs, candidates: &[Candidate], swaps: &[Swap], ensemble: &[crate::victims::model::Victim], ensemble_sha256: &[String], influence_cache: Option<&str>, cname: &str) -> Result<Verified> {
     let first = candidates.first().context("no candidates to verify")?;
     if ensemble_sha256 != first.ensemble_sha256 {
         bail!(
@@ -97,7 +97,7 @@ pub fn verify(inputs: &AttackInputs, candidates: &[Candidate], swaps: &[Swap], e
             ensemble_sha256.len()
         );
     }
-    let objective = crate::objective::build(
+    let objective = crate::objectives::build(
         first.objective_kind,
         ObjectiveInputs {
             victim: &inputs.victim,

@@ -4,9 +4,9 @@
 //! training stages (train-victim, finetune-eval) take one of the two and build every
 //! victim through `Base::new_victim`.
 
-use crate::bert::{self, BertConfig};
-use crate::model::{Arch, ArchConfig, Params, Victim, VictimConfig};
-use crate::victim::StartKind;
+use crate::victims::bert::{self, BertConfig};
+use crate::victims::model::{Arch, ArchConfig, Params, Victim, VictimConfig};
+use crate::victims::victim::StartKind;
 use crate::tokenizer::Vocab;
 use crate::wordpiece::WordPiece;
 use anyhow::{bail, Result};
@@ -59,7 +59,7 @@ impl Base {
     /// A victim config over this base; a GPT's shape is `gpt` and its classes are the
     /// vocabulary (it predicts the next word).
     #[allow(clippy::too_many_arguments)]
-    pub fn victim_config(&self, arch: Arch, hidden: usize, gpt: crate::gpt::GptShape, num_classes: usize, max_len: usize, train_embeddings: bool) -> Result<VictimConfig> {
+    pub fn victim_config(&self, arch: Arch, hidden: usize, gpt: crate::victims::gpt::GptShape, num_classes: usize, max_len: usize, train_embeddings: bool) -> Result<VictimConfig> {
         let (embed_dim, encoder) = match &self.start {
             Start::Table(table) => (table.size()[1] as usize, None),
             Start::Pretrained { config, .. } => (config.hidden_size as usize, Some(config)),

@@ -15,10 +15,10 @@
 
 use crate::data::{self, DataManifest};
 use crate::generate::{detokenize, generate, GenerateOptions, Prompt, Sampling};
-use crate::judge::{agreement, read, Agreement, ClassifierJudge, LexiconJudge};
-use crate::loss::Targets;
-use crate::model::{forward_ids_no_grad, Params, Victim, VictimConfig};
-use crate::records::Example;
+use crate::eval::judge::{agreement, read, Agreement, ClassifierJudge, LexiconJudge};
+use crate::victims::loss::Targets;
+use crate::victims::model::{forward_ids_no_grad, Params, Victim, VictimConfig};
+use crate::formats::records::Example;
 use crate::stats::{summarize, Summary};
 use crate::tokenizer::Vocab;
 use crate::train::{batch_tensors, encode_for, Encoded, TextPolicy, TrainData, TrainOptions};
@@ -324,7 +324,7 @@ pub fn evaluate(
         measured.push(m);
     }
     let per_set = 1 + poison_sets.len();
-    let fingerprints: Vec<String> = victims.iter().map(|v| crate::params::fingerprint(&v.params())).collect();
+    let fingerprints: Vec<String> = victims.iter().map(|v| crate::victims::params::fingerprint(&v.params())).collect();
     // Side by side: the first ten trigger prompts (first sample) under seed 0's clean twin
     // and each of its poisoned LMs.
     let firsts: Vec<Prompt> = sets.trigger_prompts.iter().filter(|p| p.sample == 0).take(10).map(|p| Prompt { id: p.id.clone(), ids: p.ids.clone(), sample: 0 }).collect();

@@ -3,9 +3,9 @@
 //! victim still to train trained side by side (`train::train_all`: each victim's bits
 //! depend on its own inputs only, so a cached twin is the twin).
 
-use crate::base::Base;
+use crate::victims::base::Base;
 use crate::eval::{self, EvalSets, Metrics};
-use crate::model::VictimConfig;
+use crate::victims::model::VictimConfig;
 use crate::train::{self, Encoded, TrainData, TrainOptions};
 use anyhow::Result;
 use tch::Device;
@@ -138,7 +138,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
     // Every victim measured after every epoch (early stopping's curve), by the thread
     // training it.
     let per_epoch: std::sync::Mutex<Vec<Vec<Metrics>>> = std::sync::Mutex::new(vec![Vec::new(); jobs.len()]);
-    let observe = |victim: usize, _epoch: usize, params: &crate::model::Params| {
+    let observe = |victim: usize, _epoch: usize, params: &crate::victims::model::Params| {
         let m = eval::measure_with(r.config, params, r.eval_sets);
         per_epoch.lock().unwrap_or_else(|e| e.into_inner())[victim].push(m);
     };
@@ -157,7 +157,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
             Some(m) => *m,
             None => eval::measure(v, r.eval_sets),
         };
-        let m = Measured { last, epochs, fingerprint: crate::params::fingerprint(&v.params()) };
+        let m = Measured { last, epochs, fingerprint: crate::victims::params::fingerprint(&v.params()) };
         match k {
             Some(k) => poisoned_m[k][i] = Some(m),
             None => {
@@ -177,7 +177,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
 /// One poison set to evaluate: its path, records and sha256 (None for "no poisons").
 pub struct PoisonSet {
     pub path: Option<String>,
-    pub records: Vec<crate::records::Example>,
+    pub records: Vec<crate::formats::records::Example>,
     pub sha256: Option<String>,
 }
 
@@ -233,7 +233,7 @@ pub fn checkpoint_rows(paths: &[String], data_dir: &str, manifest: &crate::data:
     let mut first: Option<(VictimConfig, crate::tokenizer::Vocab)> = None;
     let mut rows = Vec::new();
     for path in paths {
-        let crate::model::VictimFile { victim, vocab, metadata, .. } = crate::model::Victim::load(path, device)?;
+        let crate::victims::model::VictimFile { victim, vocab, metadata, .. } = crate::victims::model::Victim::load(path, device)?;
         if victim.config.language_model() {
             bail!("{path} is a language model; --checkpoint measures classifiers on classifier data (a language model is evaluated on prepare-data --lm data with --start)");
         }

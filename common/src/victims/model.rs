@@ -4,16 +4,16 @@
 //! `architectures!` registry below; every other module reaches it through the functions
 //! here, never by matching on the architecture.
 
-use crate::bert::BertConfig;
-use crate::bow::Bow;
-use crate::gpt::{Gpt, GptShape};
-use crate::loss::Targets;
-use crate::lstm::Lstm;
-use crate::minilm::Minilm;
+use crate::victims::bert::BertConfig;
+use crate::victims::bow::Bow;
+use crate::victims::gpt::{Gpt, GptShape};
+use crate::victims::loss::Targets;
+use crate::victims::lstm::Lstm;
+use crate::victims::minilm::Minilm;
 use crate::tensorfile::{self, TensorFile};
 use crate::tokenizer::Vocab;
-use crate::victim::{Architecture, FrozenInput, StartKind, Tuning};
-pub use crate::params::{embed, mask_of, Params};
+use crate::victims::victim::{Architecture, FrozenInput, StartKind, Tuning};
+pub use crate::victims::params::{embed, mask_of, Params};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -1,8 +1,8 @@
 //! The bag-of-words victim: the mean of the word embeddings, then a one-hidden-layer MLP.
 //! Fast, for tests and quick runs.
 
-use crate::params::Params;
-use crate::victim::{init_linear, linear, linear_shapes, Architecture, StartKind, Tuning};
+use crate::victims::params::Params;
+use crate::victims::victim::{init_linear, linear, linear_shapes, Architecture, StartKind, Tuning};
 use anyhow::{bail, Result};
 use tch::{nn, Tensor};
 

@@ -6,8 +6,8 @@
 //! contract below is checked for every registered architecture by the conformance suite
 //! (`model::conformance`).
 
-use crate::loss::Targets;
-use crate::params::{embed, mask_of, param, Params};
+use crate::victims::loss::Targets;
+use crate::victims::params::{embed, mask_of, param, Params};
 use anyhow::Result;
 use tch::nn::{self, Init};
 use tch::Tensor;

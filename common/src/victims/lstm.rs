@@ -7,9 +7,9 @@
 //! kernel instead, about twice as fast on a CPU (BENCHMARKS.md), and per-example gradients
 //! come from one batched pass with gradient taps instead of stacked weight copies.
 
-use crate::loss::Targets;
-use crate::params::{embed, mask_of, param, Params};
-use crate::victim::{init_linear, linear_shapes, stacked_example_grads, Architecture, FrozenInput, StartKind, Tuning};
+use crate::victims::loss::Targets;
+use crate::victims::params::{embed, mask_of, param, Params};
+use crate::victims::victim::{init_linear, linear_shapes, stacked_example_grads, Architecture, FrozenInput, StartKind, Tuning};
 use anyhow::{bail, Result};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};

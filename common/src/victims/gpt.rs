@@ -13,9 +13,9 @@
 //! Its logits are [.., batch, time, vocab] (position t predicts token t + 1): the contract
 //! of `victim::Architecture` with `language_model() == true`.
 
-use crate::bert::{layer_norm, linear};
-use crate::params::{param, Params};
-use crate::victim::{dotted_path, init_linear, linear_shapes, Architecture, StartKind, Tuning};
+use crate::victims::bert::{layer_norm, linear};
+use crate::victims::params::{param, Params};
+use crate::victims::victim::{dotted_path, init_linear, linear_shapes, Architecture, StartKind, Tuning};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
@@ -121,7 +121,7 @@ impl Architecture for Gpt {
     fn features(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
         let hidden = self.hidden(params, emb);
         let mask = if hidden.dim() == 4 && mask.dim() == 2 { mask.unsqueeze(0).expand([hidden.size()[0], -1, -1], false) } else { mask.shallow_clone() };
-        crate::bert::mean_pool(&hidden, &mask)
+        crate::victims::bert::mean_pool(&hidden, &mask)
     }
 
     /// Next-token logits [.., batch, time, vocab]. Right padding needs no mask: a causal

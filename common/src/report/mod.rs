@@ -2,9 +2,15 @@
 //! finetune-eval reports, paired differences against the best heuristic, the crafting
 //! rounds, plots (SVG) and a readable list of the poisons.
 
+pub mod runfiles;
+pub mod sweep;
+pub mod objective_benchmark;
+pub mod defense;
+pub mod lm_report;
+
 use crate::eval::{EvalReport, SeedRow};
 use crate::io::Record;
-use crate::records::Example;
+use crate::formats::records::Example;
 use crate::stats::{summarize, Summary};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -140,7 +146,7 @@ pub struct Report {
     pub title: String,
     pub trigger: String,
     pub target: String,
-    pub victim: crate::model::VictimConfig,
+    pub victim: crate::victims::model::VictimConfig,
     pub seeds: Vec<u64>,
     /// Clean victims: CACC and the trigger's ASR without poisons.
     pub clean_cacc: Summary,

@@ -4,11 +4,15 @@
 //! `ObjectiveKind` into one, so a new objective is a new file, a variant of
 //! `ObjectiveKind` and an arm here.
 
-use crate::attack::{verify, Problem, Swap, Verified};
-use crate::hardness::Hardness;
-use crate::influence::{Influence, InfluenceConfig};
-use crate::model::Victim;
-use crate::records::{ObjectiveKind, RolloutConfig};
+pub mod bilevel;
+pub mod hardness;
+pub mod influence;
+
+use crate::objectives::bilevel::{verify, Problem, Swap, Verified};
+use crate::objectives::hardness::Hardness;
+use crate::objectives::influence::{Influence, InfluenceConfig};
+use crate::victims::model::Victim;
+use crate::formats::records::{ObjectiveKind, RolloutConfig};
 use crate::train::Encoded;
 use anyhow::{bail, Result};
 use tch::Tensor;

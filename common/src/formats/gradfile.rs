@@ -3,7 +3,7 @@
 //! ids, and what they were computed from, as a typed struct over the file's string
 //! metadata.
 
-use crate::records::{InfluenceConfig, ObjectiveKind, RolloutConfig};
+use crate::formats::records::{InfluenceConfig, ObjectiveKind, RolloutConfig};
 use crate::tensorfile;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;

@@ -1,8 +1,8 @@
 //! The conformance suite: every registered architecture (`model::Arch`) is checked against
 //! the contract of `victim::Architecture`. A new architecture runs it without a new test.
 
-use crate::loss::{Target, Targets};
-use crate::model::{embed, example_grads, forward, forward_ids, forward_ids_first_order, forward_ids_no_grad, mask_of, param_shapes, shallow_copy, tiny_config, Arch, Params, Victim};
+use crate::victims::loss::{Target, Targets};
+use crate::victims::model::{embed, example_grads, forward, forward_ids, forward_ids_first_order, forward_ids_no_grad, mask_of, param_shapes, shallow_copy, tiny_config, Arch, Params, Victim};
 use crate::train::tests::{poisons, toy};
 use crate::train::{accuracy, batch_tensors, train, train_all, Encoded, TrainData, TrainOptions};
 use clap::ValueEnum;
@@ -58,7 +58,7 @@ fn named_parameters_are_what_the_shapes_say_and_a_frozen_table_is_not_trained() 
         assert!(!v.params()["embedding.weight"].requires_grad(), "{arch:?}: the frozen table is trainable");
         let config = v.config.clone();
         let file: serde_json::Value = serde_json::to_value(&config).unwrap();
-        assert_eq!(serde_json::from_value::<crate::model::VictimConfig>(file).unwrap(), config, "{arch:?}: the config survives its file format");
+        assert_eq!(serde_json::from_value::<crate::victims::model::VictimConfig>(file).unwrap(), config, "{arch:?}: the config survives its file format");
     }
 }
 
@@ -159,7 +159,7 @@ fn unrolled_adv_loss(v: &Victim, poison_emb: &Tensor) -> Tensor {
     let ids_for_mask = Tensor::cat(&[clean_ids, Tensor::from_slice(&[5i64, 6, 7, 0]).view([1, 4])], 0);
     let logits = forward(&v.config, &p, &emb, &mask_of(&ids_for_mask, &p));
     let loss = targets_for(v, &ids_for_mask, &[0, 1, 0, 1]).mean_nll(&logits);
-    let names = crate::params::trainable_names(&p);
+    let names = crate::victims::params::trainable_names(&p);
     let tensors: Vec<&Tensor> = names.iter().map(|n| &p[n]).collect();
     let grads = Tensor::run_backward(&[&loss], &tensors, true, true);
     let mut stepped = shallow_copy(&p);
@@ -195,7 +195,7 @@ fn per_example_gradients_equal_one_backward_pass_each_in_f64() {
         let mut v = tiny(arch, false);
         v.vs.set_kind(Kind::Double);
         let p = v.params();
-        let names = crate::params::trainable_names(&p);
+        let names = crate::victims::params::trainable_names(&p);
         let examples = [Encoded::class(vec![9, 8, 7, 6, 5], 0), Encoded::class(vec![3, 4], 1), Encoded::class(vec![2], 1)].map(|e| e.for_victim(&v.config));
         let (ids, targets) = batch_tensors(&examples.iter().collect::<Vec<_>>(), Device::Cpu);
         let all = example_grads(&v.config, &p, &names, &ids, &targets);

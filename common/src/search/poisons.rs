@@ -1,11 +1,11 @@
 //! Poison sets: initialisation strategies, loading everything a crafting stage needs, and
 //! applying accepted flips.
 
-use crate::attack::poison_set_sha256;
+use crate::objectives::bilevel::poison_set_sha256;
 use crate::concealment::{repair_strictly, Concealment, TriggerMatcher};
 use crate::data::{self, DataManifest};
-use crate::model::{Victim, VictimFile};
-use crate::records::Example;
+use crate::victims::model::{Victim, VictimFile};
+use crate::formats::records::Example;
 use crate::tokenizer::{tokenize, Vocab, PAD_ID};
 use crate::train::{encode_all, encode_for, Encoded, TextPolicy};
 use anyhow::{bail, Context, Result};
@@ -324,7 +324,7 @@ pub fn target_probability(victim: &Victim, data: &[Encoded], target: i64) -> Vec
         let mut out = Vec::with_capacity(data.len());
         for chunk in data.chunks(256) {
             let (ids, _) = crate::train::batch_tensors(&chunk.iter().collect::<Vec<_>>(), victim.device());
-            let p = crate::model::forward_ids(&victim.config, &params, &ids).softmax(-1, Kind::Double).select(-1, target);
+            let p = crate::victims::model::forward_ids(&victim.config, &params, &ids).softmax(-1, Kind::Double).select(-1, target);
             out.extend(Vec::<f64>::try_from(p.to_device(Device::Cpu)).expect("f64 probabilities"));
         }
         out

@@ -3,8 +3,8 @@
 //! differences, the clean and poisoned LMs' continuations of the same prompts side by
 //! side, the crafted poisons before and after, and a bar chart.
 
-use crate::lm_eval::LmEvalReport;
-use crate::records::Example;
+use crate::eval::lm_eval::LmEvalReport;
+use crate::formats::records::Example;
 use crate::report::{esc, poisons_markdown, svg_open};
 use crate::stats::{summarize, Summary};
 use anyhow::{bail, Context, Result};
@@ -39,7 +39,7 @@ pub fn compare(better: &(String, LmEvalReport), than: &(String, LmEvalReport)) -
     if a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.seed != y.seed) {
         bail!("{} and {} were not evaluated on the same seeds; evaluate them in one finetune-eval run", better.0, than.0);
     }
-    let diff = |f: &dyn Fn(&crate::lm_eval::LmMetrics) -> f64| summarize(&a.iter().zip(b).map(|(x, y)| f(&x.poisoned) - f(&y.poisoned)).collect::<Vec<_>>());
+    let diff = |f: &dyn Fn(&crate::eval::lm_eval::LmMetrics) -> f64| summarize(&a.iter().zip(b).map(|(x, y)| f(&x.poisoned) - f(&y.poisoned)).collect::<Vec<_>>());
     let margin = diff(&|m| m.margin);
     Ok(Comparison {
         better: better.0.clone(),

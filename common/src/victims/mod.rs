@@ -1,0 +1,18 @@
+//! The victims: named parameters (`params`), training targets and the one loss (`loss`),
+//! the architecture seam (`victim::Architecture`), one file per architecture, the registry,
+//! config and victim file (`model`), and where a victim starts (`base`).
+
+pub mod params;
+pub mod loss;
+pub mod victim;
+pub mod bert;
+pub mod bow;
+pub mod lstm;
+pub mod minilm;
+pub mod gpt;
+pub mod model;
+pub mod base;
+
+/// The conformance suite every victim architecture runs.
+#[cfg(test)]
+pub(crate) mod conformance;
