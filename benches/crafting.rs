@@ -3,7 +3,9 @@
 //! a 55,178 × 50 table, 50 poisons and 64 clean examples of 10–30 tokens, 128 D_adv
 //! inputs. Peak memory of each stage on the real data: scripts/bench_stages.sh.
 
-use common::objectives::bilevel::{bottom_k, flipped, taylor_scores, Problem, RolloutConfig, Verifier};
+use common::objectives::bilevel::{BiLevel, RolloutConfig, Verifier};
+use common::objectives::swaps::flipped;
+use common::search::rank::{bottom_k, taylor_scores};
 use common::victims::model::{embed, forward_ids, mask_of, tiny_config, Arch, Victim};
 use common::train::{batch_tensors, Encoded};
 use rand::{Rng, SeedableRng};
@@ -52,7 +54,7 @@ fn rollout_config() -> RolloutConfig {
 }
 
 /// Exact checks of `swaps` by the shipped shared-work path: (objective per swap, seconds).
-fn shared_checks(problem: &Problem, poisons: &[Encoded], swaps: &[(usize, usize, i64)]) -> (Vec<f64>, f64) {
+fn shared_checks(problem: &BiLevel, poisons: &[Encoded], swaps: &[(usize, usize, i64)]) -> (Vec<f64>, f64) {
     let t = Instant::now();
     let verifier = Verifier::new(problem, poisons).unwrap();
     let news: Vec<Encoded> = swaps.iter().map(|&(i, j, w)| flipped(&poisons[i], j, w)).collect();
@@ -63,7 +65,7 @@ fn shared_checks(problem: &Problem, poisons: &[Encoded], swaps: &[(usize, usize,
 }
 
 /// The same checks, each by redoing the whole rollout: (objective per swap, seconds).
-fn naive_checks(problem: &Problem, poisons: &[Encoded], swaps: &[(usize, usize, i64)]) -> (Vec<f64>, f64) {
+fn naive_checks(problem: &BiLevel, poisons: &[Encoded], swaps: &[(usize, usize, i64)]) -> (Vec<f64>, f64) {
     let t = Instant::now();
     let values = swaps
         .iter()
@@ -96,7 +98,7 @@ fn main() {
     for arch in [Arch::Bow, Arch::Lstm] {
         let victim = victim(arch, &table);
         let config = victim.config.clone();
-        let problem = Problem::new(&victim, &clean, &adv, rollout_config()).unwrap();
+        let problem = BiLevel::new(&victim, &clean, &adv, rollout_config()).unwrap();
         // One ordinary training step on the same minibatch (clean part + poisons).
         let batch: Vec<&Encoded> = problem.batches[0][0].iter().copied().chain(poisons.iter()).collect();
         let (ids, targets) = batch_tensors(&batch, Device::Cpu);
@@ -183,7 +185,7 @@ fn main() {
     println!("\nlibtorch intra-op threads (lstm): rollout-grad ms and shared checks/s (the stages run on 1: bits independent of the thread count; 2 is what that costs)");
     {
         let victim = victim(Arch::Lstm, &table);
-        let problem = Problem::new(&victim, &clean, &adv, rollout_config()).unwrap();
+        let problem = BiLevel::new(&victim, &clean, &adv, rollout_config()).unwrap();
         let swaps = swaps_for(&poisons, 48);
         let threads = tch::get_num_threads();
         for n in [1, 2] {
@@ -203,7 +205,7 @@ fn main() {
     let banned = Tensor::zeros([VOCAB], (Kind::Float, Device::Cpu));
     for (count, lengths) in [(10, 10..=30), (50, 10..=30), (100, 10..=30), (50, 5..=10), (50, 30..=60)] {
         let ps = examples(&mut rng, count, lengths.clone(), Some(1));
-        let problem = Problem::new(&vic, &clean, &adv, rollout_config()).unwrap();
+        let problem = BiLevel::new(&vic, &clean, &adv, rollout_config()).unwrap();
         let rollout = time(3, || {
             let _ = problem.objective_and_grad(&ps).unwrap();
         });

@@ -5,7 +5,8 @@
 //! checks of candidate flips per second, verify-candidates' shared path against redoing the
 //! rollout per candidate. Synthetic token ids of the real sizes.
 
-use common::objectives::bilevel::{flipped, Problem, RolloutConfig, Verifier};
+use common::objectives::bilevel::{BiLevel, RolloutConfig, Verifier};
+use common::objectives::swaps::flipped;
 use common::victims::gpt::GptShape;
 use common::victims::loss::Target;
 use common::victims::model::{forward_ids, ArchConfig, Arch, Victim, VictimConfig};
@@ -39,7 +40,7 @@ fn main() {
     let clean = texts(&mut rng, 2000, 10..=30, None);
     let adv = texts(&mut rng, 64, 15..=30, Some(6));
     let poisons = texts(&mut rng, 50, 10..=30, None);
-    let problem = Problem::new(&victim, &clean, &adv, RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 64, seed: 0 }).unwrap();
+    let problem = BiLevel::new(&victim, &clean, &adv, RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 64, seed: 0 }).unwrap();
     let batch: Vec<&Encoded> = problem.batches[0][0].iter().copied().chain(poisons.iter()).collect();
     let (ids, targets) = batch_tensors(&batch, Device::Cpu);
     let params = victim.params();
@@ -49,10 +50,10 @@ fn main() {
         let _ = Tensor::run_backward(&[&loss], &trainable, false, false);
     });
     let embedding_only = time(5, || {
-        let _ = problem.objective_and_grads(&poisons, false).unwrap();
+        let _ = problem.objective_grad_and_target_scores(&poisons, false).unwrap();
     });
     let with_targets = time(5, || {
-        let _ = problem.objective_and_grads(&poisons, true).unwrap();
+        let _ = problem.objective_grad_and_target_scores(&poisons, true).unwrap();
     });
     let swaps: Vec<(usize, usize, i64)> = (0..16).map(|k| (k % 50, k % poisons[k % 50].ids.len(), 2 + (k as i64 * 997) % (VOCAB - 2))).collect();
     let t = Instant::now();

@@ -2,7 +2,8 @@
 
 mod support;
 
-use common::objectives::bilevel::{taylor_scores, Problem, RolloutConfig, Verifier};
+use common::objectives::bilevel::{BiLevel, RolloutConfig, Verifier};
+use common::search::rank::taylor_scores;
 use common::formats::records::VerifySummary;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -102,7 +103,7 @@ fn taylor_predicted_change_correlates_with_the_exact_change_on_the_fixture() {
         a.victim().to_str().unwrap(), a.s.data().to_str().unwrap(), p0.to_str().unwrap(), tch::Device::Cpu,
     ).unwrap();
     let cfg = RolloutConfig { steps: 1, eta: 0.1, rollouts: 1, clean_per_batch: 16, adv_size: 24, seed: 0 };
-    let problem = Problem::new(&inputs.victim, &inputs.clean, &inputs.adv, cfg).unwrap();
+    let problem = BiLevel::new(&inputs.victim, &inputs.clean, &inputs.adv, cfg).unwrap();
     let (g0, grad) = problem.objective_and_grad(&inputs.poisons_enc).unwrap();
     let verifier = Verifier::new(&problem, &inputs.poisons_enc).unwrap();
     let table = inputs.victim.params()["embedding.weight"].shallow_clone();
@@ -112,7 +113,7 @@ fn taylor_predicted_change_correlates_with_the_exact_change_on_the_fixture() {
             let scores = taylor_scores(&table, &grad.get(i as i64).get(pos as i64));
             for w in (2..inputs.vocab.len() as i64).step_by(457).take(8) {
                 predicted.push(scores.double_value(&[w]) - scores.double_value(&[p.ids[pos]]));
-                flips.push((i, common::objectives::bilevel::flipped(p, pos, w)));
+                flips.push((i, common::objectives::swaps::flipped(p, pos, w)));
             }
         }
     }

@@ -62,7 +62,7 @@ fn main() {
                 cache: args.objective.influence_cache.as_deref(),
             },
         )?;
-        let (value, grad, target_scores) = objective.objective_and_grads(&inputs.poisons_enc)?;
+        let (value, grad, target_scores) = objective.objective_grad_and_target_scores(&inputs.poisons_enc)?;
         log!("{} {:.1}s", objective.describe(value, inputs.poisons.len()), start.elapsed().as_secs_f64());
         let ids = common::train::batch_tensors(&inputs.poisons_enc.iter().collect::<Vec<_>>(), tch::Device::Cpu).0;
         let meta = GradMeta {

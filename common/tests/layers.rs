@@ -14,11 +14,11 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("data", &["data"]),
     (
         "victims",
-        &["victims", "victims::params", "victims::loss", "victims::victim", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::model", "victims::base"],
+        &["victims", "victims::params", "victims::loss", "victims::victim", "victims::layers", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::model", "victims::base"],
     ),
     ("training", &["train", "generate"]),
     ("defenses", &["detect"]),
-    ("objectives", &["objectives", "objectives::bilevel", "objectives::hardness", "objectives::influence"]),
+    ("objectives", &["objectives", "objectives::swaps", "objectives::bilevel", "objectives::hardness", "objectives::influence"]),
     ("search", &["search", "search::poisons", "search::rank", "search::verify"]),
     ("evaluation", &["eval", "eval::retrain", "eval::judge", "eval::lm_eval"]),
     ("report", &["report", "report::runfiles", "report::sweep", "report::objective_benchmark", "report::defense", "report::lm_report"]),

@@ -35,7 +35,7 @@ pub struct GradMeta {
 }
 
 /// A gradient file: grad [N, T, D] (f32), ids [N, T] (0 = padding), for a language
-/// model the target scores [N, T, V] (`attack::Problem::objective_and_grads`), and its
+/// model the target scores [N, T, V] (`objectives::bilevel::BiLevel::objective_grad_and_target_scores`), and its
 /// metadata.
 pub struct GradFile {
     pub grad: Tensor,

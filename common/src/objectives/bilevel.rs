@@ -11,6 +11,7 @@ pub use crate::formats::records::RolloutConfig;
 use crate::victims::model::{embed, example_grads, forward, forward_frozen_no_grad, forward_ids, forward_ids_first_order, frozen_input, mask_of, shallow_copy, Params, Victim, VictimConfig};
 use crate::victims::loss::Targets;
 use crate::victims::victim::FrozenInput;
+use crate::objectives::swaps::{check_swaps, combine_greedily, flipped, improve, Swap, Verified};
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
 use rand::seq::index::sample;
@@ -23,7 +24,7 @@ use tch::{Device, Kind, Tensor};
 const ADV_BUCKET: usize = 64;
 
 /// The inputs of the bi-level objective, encoded, on the victim's device.
-pub struct Problem<'a> {
+pub struct BiLevel<'a> {
     pub victim: &'a Victim,
     /// Clean minibatches: `batches[r][s]` is the clean part of step s of rollout r.
     pub batches: Vec<Vec<Vec<&'a Encoded>>>,
@@ -36,8 +37,8 @@ pub struct Problem<'a> {
     pub cfg: RolloutConfig,
 }
 
-impl<'a> Problem<'a> {
-    pub fn new(victim: &'a Victim, clean: &'a [Encoded], adv: &'a [Encoded], cfg: RolloutConfig) -> Result<Problem<'a>> {
+impl<'a> BiLevel<'a> {
+    pub fn new(victim: &'a Victim, clean: &'a [Encoded], adv: &'a [Encoded], cfg: RolloutConfig) -> Result<BiLevel<'a>> {
         if victim.config.train_embeddings {
             bail!("the victim trains its embedding table; the attack supports frozen-embedding victims only (the extra table term of SPEC.md is not implemented yet)");
         }
@@ -71,7 +72,7 @@ impl<'a> Problem<'a> {
             .collect();
         let params = victim.params();
         let adv_frozen = adv_buckets.iter().map(|(ids, _, _)| frozen_input(&victim.config, &params, ids)).collect();
-        Ok(Problem { victim, batches, adv: adv_buckets, adv_frozen, cfg })
+        Ok(BiLevel { victim, batches, adv: adv_buckets, adv_frozen, cfg })
     }
 
     /// Number of D_adv inputs the objective is measured on.
@@ -177,7 +178,7 @@ impl<'a> Problem<'a> {
     /// The objective g (mean L_adv over the R rollouts) and its gradient with respect to
     /// every poison token embedding, [N, Tp, D] (zero at padding).
     pub fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
-        let (value, grad, _) = self.objective_and_grads(poisons, false)?;
+        let (value, grad, _) = self.objective_grad_and_target_scores(poisons, false)?;
         Ok((value, grad))
     }
 
@@ -190,7 +191,7 @@ impl<'a> Problem<'a> {
     /// positions: a Jacobian-vector product per step (`log_prob_jvp`). The Taylor score of
     /// word w at position p is then ∇_e g · E_w + scores[p, w] (`bottom_k`). Zero at
     /// position 0 and at padding.
-    pub fn objective_and_grads(&self, poisons: &[Encoded], with_targets: bool) -> Result<(f64, Tensor, Option<Tensor>)> {
+    pub fn objective_grad_and_target_scores(&self, poisons: &[Encoded], with_targets: bool) -> Result<(f64, Tensor, Option<Tensor>)> {
         let (emb0, mask, targets) = self.poison_inputs(&self.victim.params(), poisons);
         let names = crate::victims::params::trainable_names(&self.victim.params());
         let mut total = 0.0;
@@ -295,45 +296,13 @@ fn join_inputs(params: &Params, clean_ids: &Tensor, poison_emb: &Tensor, poison_
     (emb, mask)
 }
 
-/// Taylor scores of every vocabulary word at one poison position: `∇g · e'` for each
-/// row e' of the table ([V]). The predicted change of a flip is `score[w'] − score[w]`.
-pub fn taylor_scores(table: &Tensor, grad_at_position: &Tensor) -> Tensor {
-    table.matmul(grad_at_position)
-}
-
-/// Bottom-K candidates at every position of one poison: for positions j < `ids.len()`,
-/// the K words w' with the lowest predicted change `∇g_j·(E_{w'} − E_{w_j})`, skipping
-/// words where `banned` (0 or +inf: [V] for every position, or [len, V] per position) is
-/// infinite and the current word. One [len, D] × [D, V] product per poison rather than
-/// one per position. A language model's target scores ([Tp, V],
-/// `Problem::objective_and_grads`) add to the embedding term.
-pub fn bottom_k(table: &Tensor, grad: &Tensor, target_scores: Option<&Tensor>, ids: &[i64], banned: &Tensor, k: usize) -> Vec<Vec<(i64, f64)>> {
-    let len = ids.len() as i64;
-    let mut scores = grad.narrow(0, 0, len).matmul(&table.tr()); // [len, V]
-    if let Some(extra) = target_scores {
-        scores = scores + extra.narrow(0, 0, len).to_kind(grad.kind());
-    }
-    let current = Tensor::from_slice(ids).to_device(scores.device()).unsqueeze(1);
-    let banned = if banned.dim() == 1 { banned.unsqueeze(0) } else { banned.shallow_clone() };
-    let mut delta = &scores - scores.gather(1, &current, false) + banned;
-    let _ = delta.scatter_value_(1, &current, f64::INFINITY);
-    let k = (k as i64).min(table.size()[0]);
-    let (vals, idx) = delta.topk(k, 1, false, true);
-    let vals: Vec<f32> = Vec::try_from(vals.to_kind(Kind::Float).flatten(0, -1).to_device(Device::Cpu)).expect("f32");
-    let idx: Vec<i64> = Vec::try_from(idx.flatten(0, -1).to_device(Device::Cpu)).expect("i64");
-    idx.chunks(k as usize)
-        .zip(vals.chunks(k as usize))
-        .map(|(ws, vs)| ws.iter().zip(vs).filter(|(_, v)| v.is_finite()).map(|(&w, &v)| (w, v as f64)).collect())
-        .collect()
-}
-
 /// Exact evaluation of flips for one unrolled step (k = 1), sharing work:
 /// θ_{t+1} = θ_t − η (G_r + Σ_flipped (∇ℓ_new − ∇ℓ_old) / B), where G_r is the minibatch
 /// gradient of rollout r (computed once) and ℓ a single poison's loss at θ_t, whose
 /// gradient does not depend on r. One single-example gradient per candidate, then one
 /// forward pass of L_adv per rollout.
 pub struct Verifier<'a> {
-    problem: &'a Problem<'a>,
+    problem: &'a BiLevel<'a>,
     names: Vec<String>,
     /// θ_t − η G_r for every rollout, as flat parameter lists in `names` order.
     base: Vec<Vec<Tensor>>,
@@ -344,9 +313,9 @@ pub struct Verifier<'a> {
 }
 
 impl<'a> Verifier<'a> {
-    pub fn new(problem: &'a Problem<'a>, poisons: &[Encoded]) -> Result<Verifier<'a>> {
+    pub fn new(problem: &'a BiLevel<'a>, poisons: &[Encoded]) -> Result<Verifier<'a>> {
         if problem.cfg.steps != 1 {
-            bail!("the shared-work verifier needs --steps 1; use Problem::objective for k > 1");
+            bail!("the shared-work verifier needs --steps 1; use BiLevel::objective for k > 1");
         }
         let params = problem.victim.params();
         let names = crate::victims::params::trainable_names(&params);
@@ -433,7 +402,7 @@ impl<'a> Verifier<'a> {
 
 /// Per-example gradients at θ_t through the victim's own fast path
 /// (`victim::Architecture::example_grads`).
-fn example_grads_at_theta(problem: &Problem, names: &[String], examples: &[Encoded]) -> Vec<Vec<Tensor>> {
+fn example_grads_at_theta(problem: &BiLevel, names: &[String], examples: &[Encoded]) -> Vec<Vec<Tensor>> {
     if examples.is_empty() {
         return Vec::new();
     }
@@ -441,7 +410,7 @@ fn example_grads_at_theta(problem: &Problem, names: &[String], examples: &[Encod
     example_grads(problem.config(), &problem.victim.params(), names, &ids, &targets)
 }
 
-fn single_grad(problem: &Problem, names: &[String], example: &Encoded) -> Vec<Tensor> {
+fn single_grad(problem: &BiLevel, names: &[String], example: &Encoded) -> Vec<Tensor> {
     let params = problem.victim.params();
     let (ids, targets) = batch_tensors(&[example], problem.victim.device());
     let loss = targets.mean_nll(&forward_ids(problem.config(), &params, &ids));
@@ -449,117 +418,12 @@ fn single_grad(problem: &Problem, names: &[String], example: &Encoded) -> Vec<Te
     Tensor::run_backward(&[&loss], &tensors, false, false).into_iter().map(|g| g.detach()).collect()
 }
 
-/// Token ids of a poison with one position replaced.
-pub fn flipped(poison: &Encoded, position: usize, word: i64) -> Encoded {
-    let mut p = poison.clone();
-    p.ids[position] = word;
-    p
-}
-
-/// Canonical hash of a poison set (ids, tokens and labels; not the display text), tying
-/// gradients and candidates to the poison set they were computed for.
-pub fn poison_set_sha256(poisons: &[crate::formats::records::Example]) -> String {
-    let canon: Vec<(&str, Option<&Vec<String>>, &str, usize)> =
-        poisons.iter().map(|p| (p.id.as_str(), p.tokens.as_ref(), p.text.as_str(), p.label)).collect();
-    crate::io::sha256_hex(serde_json::to_string(&canon).expect("serialisable").as_bytes())
-}
-
-/// One candidate replacement: poison `poison`, token `position`, new word id `word`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Swap {
-    pub poison: usize,
-    pub position: usize,
-    pub word: i64,
-}
-
-/// Refuses a candidate whose poison or position lies outside the poison set.
-pub fn check_swaps(poisons: &[Encoded], candidates: &[Swap]) -> Result<()> {
-    for c in candidates {
-        if c.poison >= poisons.len() || c.position >= poisons[c.poison].ids.len() {
-            bail!("candidate {c:?} points outside the poison set");
-        }
-    }
-    Ok(())
-}
-
-/// The outcome of verifying candidates: the objective before and after, and the accepted
-/// swaps with their exact individual changes.
-pub struct Verified {
-    pub before: f64,
-    pub after: f64,
-    pub accepted: Vec<(Swap, f64)>,
-    pub checked: usize,
-}
-
-/// Keeps `value` as poison `c.poison`'s best candidate when it is below `bound` and below
-/// the best so far (ties keep the first); true when it was kept. Every objective's exact
-/// verification chooses its per-poison winners with it.
-pub fn improve(best: &mut [Option<(Swap, f64)>], c: Swap, value: f64, bound: f64) -> bool {
-    if value < bound && best[c.poison].is_none_or(|(_, v)| value < v) {
-        best[c.poison] = Some((c, value));
-        return true;
-    }
-    false
-}
-
-/// Exact verification of an objective that is a sum of per-poison terms (hardness,
-/// influence): `terms` gives each poison's own term, `objective_of` the objective from the
-/// terms of a whole set and `change_of` what a change of one term does to it. Per poison
-/// the candidate with the lowest term below the current one wins; the terms do not
-/// interact, so every winner is kept and the result is the exact objective of the new set.
-/// `what` names the term in errors.
-pub fn verify_separable(
-    poisons: &[Encoded],
-    candidates: &[Swap],
-    what: &str,
-    terms: impl Fn(&[Encoded]) -> Vec<f64>,
-    objective_of: impl Fn(&[f64]) -> f64,
-    change_of: impl Fn(f64) -> f64,
-) -> Result<Verified> {
-    check_swaps(poisons, candidates)?;
-    let current = terms(poisons);
-    let flips: Vec<Encoded> = candidates.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
-    let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
-    for (c, v) in candidates.iter().zip(terms(&flips)) {
-        if !v.is_finite() {
-            bail!("the {what} is {v} for candidate {c:?}");
-        }
-        improve(&mut best, *c, v, current[c.poison]);
-    }
-    let accepted: Vec<(Swap, f64)> = best.iter().flatten().map(|(s, v)| (*s, change_of(v - current[s.poison]))).collect();
-    let mut set = poisons.to_vec();
-    for (s, _) in &accepted {
-        set[s.poison] = flipped(&set[s.poison], s.position, s.word);
-    }
-    Ok(Verified { before: objective_of(&current), after: objective_of(&terms(&set)), accepted, checked: candidates.len() })
-}
-
-/// Combines per-poison winners greedily: in order of their own values (lowest first), each
-/// is kept when the objective with it and every winner kept so far (`objective_with`) is
-/// below the current one. Returns the final objective and the kept swaps with their
-/// individual changes (value − before), so the result is never worse than `before`.
-pub fn combine_greedily(best: &[Option<(Swap, f64)>], before: f64, mut objective_with: impl FnMut(&[Swap]) -> f64) -> (f64, Vec<(Swap, f64)>) {
-    let mut winners: Vec<(Swap, f64)> = best.iter().flatten().copied().collect();
-    winners.sort_by(|a, b| a.1.total_cmp(&b.1));
-    let mut kept: Vec<(Swap, f64)> = Vec::new();
-    let mut current = before;
-    for (swap, value) in winners {
-        let with: Vec<Swap> = kept.iter().map(|(s, _)| *s).chain(std::iter::once(swap)).collect();
-        let combined = objective_with(&with);
-        if combined < current {
-            current = combined;
-            kept.push((swap, value - before));
-        }
-    }
-    (current, kept)
-}
-
 /// Exact verification (SPEC step 5): each candidate's objective on the same minibatches;
 /// per poison the best candidate that lowers it; then the per-poison winners are combined
 /// greedily (largest individual gain first), each kept only if the combined objective
 /// still drops, so the result is never worse than the input. k = 1 uses the shared-work
 /// `Verifier`; k > 1 redoes the rollouts per evaluation.
-pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
+pub fn verify(problem: &BiLevel, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
     check_swaps(poisons, candidates)?;
     let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
     let (before, after, accepted): (f64, f64, Vec<(Swap, f64)>);
@@ -612,6 +476,7 @@ pub fn verify(problem: &Problem, poisons: &[Encoded], candidates: &[Swap]) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::search::rank::{bottom_k, taylor_scores};
     use crate::victims::model::{tiny_config, Arch};
     use clap::ValueEnum;
 
@@ -655,7 +520,7 @@ mod tests {
     }
 
     /// The objective as a function of the poison embeddings, without any graph.
-    fn objective_of_embeddings(problem: &Problem, emb: &Tensor, poisons: &[Encoded]) -> f64 {
+    fn objective_of_embeddings(problem: &BiLevel, emb: &Tensor, poisons: &[Encoded]) -> f64 {
         let params = problem.victim.params();
         let (ids, targets) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
         let mask = mask_of(&ids, &params);
@@ -671,7 +536,7 @@ mod tests {
             let (clean, adv, poisons) = data_for(arch);
             for (steps, rollouts) in [(1, 1), (2, 2)] {
                 let v = tiny(arch);
-                let problem = Problem::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
+                let problem = BiLevel::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
                 let (g, grad) = problem.objective_and_grad(&poisons).unwrap();
                 let (ids, _) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
                 let emb = embed(&v.params(), &ids).detach();
@@ -698,8 +563,8 @@ mod tests {
         let table = v.params()["embedding.weight"].shallow_clone();
         let vocab = table.size()[0];
         for (steps, rollouts) in [(1, 1), (2, 2)] {
-            let problem = Problem::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
-            let (g, grad, scores) = problem.objective_and_grads(&poisons, true).unwrap();
+            let problem = BiLevel::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
+            let (g, grad, scores) = problem.objective_grad_and_target_scores(&poisons, true).unwrap();
             let scores = scores.expect("a language model's target scores");
             assert!((g - problem.objective(&poisons)).abs() < 1e-12);
             let (ids, targets) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
@@ -743,12 +608,12 @@ mod tests {
         for &arch in Arch::value_variants() {
             let (clean, adv, poisons) = data_for(arch);
             let v = tiny(arch);
-            let problem = Problem::new(&v, &clean, &adv, cfg(1, 2)).unwrap();
+            let problem = BiLevel::new(&v, &clean, &adv, cfg(1, 2)).unwrap();
             let verifier = Verifier::new(&problem, &poisons).unwrap();
             let table = v.params()["embedding.weight"].shallow_clone();
             let g0 = problem.objective(&poisons);
             assert!((verifier.objective_with(&[]) - g0).abs() < 1e-12);
-            let (_, grad, target_scores) = problem.objective_and_grads(&poisons, v.config.language_model()).unwrap();
+            let (_, grad, target_scores) = problem.objective_grad_and_target_scores(&poisons, v.config.language_model()).unwrap();
             // The Taylor scores of every word at one position: the embedding term, and a
             // language model's target term.
             let scores_at = |i: i64, pos: i64| {
@@ -825,7 +690,7 @@ mod tests {
             .collect();
         let mut results = Vec::new();
         for steps in [1, 2] {
-            let problem = Problem::new(&v, &clean, &adv, cfg(steps, 2)).unwrap();
+            let problem = BiLevel::new(&v, &clean, &adv, cfg(steps, 2)).unwrap();
             let out = verify(&problem, &poisons, &swaps).unwrap();
             assert!(out.after <= out.before, "k={steps}: {} -> {}", out.before, out.after);
             let mut set = poisons.clone();
@@ -837,7 +702,7 @@ mod tests {
             results.push(out.after);
         }
         // A candidate list that only hurts leaves the set unchanged.
-        let problem = Problem::new(&v, &clean, &adv, cfg(1, 1)).unwrap();
+        let problem = BiLevel::new(&v, &clean, &adv, cfg(1, 1)).unwrap();
         let all = verify(&problem, &poisons, &swaps).unwrap();
         let worst: Vec<Swap> = swaps
             .iter()

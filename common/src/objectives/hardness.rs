@@ -9,7 +9,7 @@
 //! additively.
 
 pub use crate::formats::records::ObjectiveKind;
-use crate::objectives::bilevel::{verify_separable, Swap, Verified};
+use crate::objectives::swaps::{verify_separable, Swap, Verified};
 use crate::victims::model::{embed, forward, mask_of, Victim};
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Result};

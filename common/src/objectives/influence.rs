@@ -23,7 +23,7 @@
 //! lowers both, earns nothing.
 
 pub use crate::formats::records::{HessianKind, InfluenceConfig};
-use crate::objectives::bilevel::{verify_separable, Swap, Verified};
+use crate::objectives::swaps::{verify_separable, Swap, Verified};
 use crate::victims::loss::Targets;
 use crate::victims::model::{embed, example_grads, forward, forward_ids, mask_of, Params, Victim, VictimConfig};
 use crate::formats::records::RolloutConfig;

@@ -4,11 +4,13 @@
 //! `ObjectiveKind` into one, so a new objective is a new file, a variant of
 //! `ObjectiveKind` and an arm here.
 
+pub mod swaps;
 pub mod bilevel;
 pub mod hardness;
 pub mod influence;
 
-use crate::objectives::bilevel::{verify, Problem, Swap, Verified};
+use crate::objectives::bilevel::{verify, BiLevel};
+use crate::objectives::swaps::{Swap, Verified};
 use crate::objectives::hardness::Hardness;
 use crate::objectives::influence::{Influence, InfluenceConfig};
 use crate::victims::model::Victim;
@@ -23,8 +25,8 @@ pub trait Objective {
     /// [N, Tp, D] (zero at padding): what rank-candidates' first-order scores use.
     fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)>;
     /// `objective_and_grad` and, for a language-model victim, the target scores [N, Tp, V]
-    /// of `attack::Problem::objective_and_grads` (None for a classifier).
-    fn objective_and_grads(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
+    /// of `objectives::bilevel::BiLevel::objective_grad_and_target_scores` (None for a classifier).
+    fn objective_grad_and_target_scores(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
         let (value, grad) = self.objective_and_grad(poisons)?;
         Ok((value, grad, None))
     }
@@ -42,12 +44,12 @@ pub trait Objective {
     fn describe(&self, value: f64, poisons: usize) -> String;
 }
 
-impl Objective for Problem<'_> {
+impl Objective for BiLevel<'_> {
     fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
-        Problem::objective_and_grad(self, poisons)
+        BiLevel::objective_and_grad(self, poisons)
     }
-    fn objective_and_grads(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
-        Problem::objective_and_grads(self, poisons, self.victim.config.language_model())
+    fn objective_grad_and_target_scores(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
+        BiLevel::objective_grad_and_target_scores(self, poisons, self.victim.config.language_model())
     }
     fn value(&self, poisons: &[Encoded]) -> Result<f64> {
         Ok(self.objective(poisons))
@@ -123,7 +125,7 @@ pub fn build<'a>(kind: ObjectiveKind, inputs: ObjectiveInputs<'a>) -> Result<Box
             if !inputs.ensemble.is_empty() {
                 bail!("--ensemble is for --objective hardness; the bi-level objective unrolls one victim");
             }
-            Box::new(Problem::new(inputs.victim, inputs.clean, inputs.adv, inputs.rollout)?)
+            Box::new(BiLevel::new(inputs.victim, inputs.clean, inputs.adv, inputs.rollout)?)
         }
         ObjectiveKind::Hardness => {
             let models = std::iter::once(inputs.victim).chain(inputs.ensemble).collect();

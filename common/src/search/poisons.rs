@@ -1,7 +1,7 @@
 //! Poison sets: initialisation strategies, loading everything a crafting stage needs, and
 //! applying accepted flips.
 
-use crate::objectives::bilevel::poison_set_sha256;
+use crate::objectives::swaps::poison_set_sha256;
 use crate::concealment::{repair_strictly, Concealment, TriggerMatcher};
 use crate::data::{self, DataManifest};
 use crate::victims::model::{Victim, VictimFile};

@@ -3,7 +3,6 @@
 //! policy of which positions and how many candidates to propose. rank-candidates is
 //! argument wiring over this module.
 
-use crate::objectives::bilevel::bottom_k;
 use crate::concealment::{flip_conceals, Concealment, TriggerMatcher};
 use crate::data::DataManifest;
 use crate::formats::gradfile::GradFile;
@@ -14,7 +13,7 @@ use crate::tokenizer::Vocab;
 use anyhow::{bail, Result};
 use std::collections::HashSet;
 use std::str::FromStr;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 /// Which positions of each poison get candidates.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -188,3 +187,36 @@ fn rare_words(vocab: &Vocab, dir: &str, min_count: usize) -> Result<Vec<i64>> {
     }
     Ok((0..vocab.len() as i64).filter(|&i| counts[i as usize] < min_count).collect())
 }
+
+/// Taylor scores of every vocabulary word at one poison position: `∇g · e'` for each
+/// row e' of the table ([V]). The predicted change of a flip is `score[w'] − score[w]`.
+pub fn taylor_scores(table: &Tensor, grad_at_position: &Tensor) -> Tensor {
+    table.matmul(grad_at_position)
+}
+
+/// Bottom-K candidates at every position of one poison: for positions j < `ids.len()`,
+/// the K words w' with the lowest predicted change `∇g_j·(E_{w'} − E_{w_j})`, skipping
+/// words where `banned` (0 or +inf: [V] for every position, or [len, V] per position) is
+/// infinite and the current word. One [len, D] × [D, V] product per poison rather than
+/// one per position. A language model's target scores ([Tp, V],
+/// `BiLevel::objective_grad_and_target_scores`) add to the embedding term.
+pub fn bottom_k(table: &Tensor, grad: &Tensor, target_scores: Option<&Tensor>, ids: &[i64], banned: &Tensor, k: usize) -> Vec<Vec<(i64, f64)>> {
+    let len = ids.len() as i64;
+    let mut scores = grad.narrow(0, 0, len).matmul(&table.tr()); // [len, V]
+    if let Some(extra) = target_scores {
+        scores = scores + extra.narrow(0, 0, len).to_kind(grad.kind());
+    }
+    let current = Tensor::from_slice(ids).to_device(scores.device()).unsqueeze(1);
+    let banned = if banned.dim() == 1 { banned.unsqueeze(0) } else { banned.shallow_clone() };
+    let mut delta = &scores - scores.gather(1, &current, false) + banned;
+    let _ = delta.scatter_value_(1, &current, f64::INFINITY);
+    let k = (k as i64).min(table.size()[0]);
+    let (vals, idx) = delta.topk(k, 1, false, true);
+    let vals: Vec<f32> = Vec::try_from(vals.to_kind(Kind::Float).flatten(0, -1).to_device(Device::Cpu)).expect("f32");
+    let idx: Vec<i64> = Vec::try_from(idx.flatten(0, -1).to_device(Device::Cpu)).expect("i64");
+    idx.chunks(k as usize)
+        .zip(vals.chunks(k as usize))
+        .map(|(ws, vs)| ws.iter().zip(vs).filter(|(_, v)| v.is_finite()).map(|(&w, &v)| (w, v as f64)).collect())
+        .collect()
+}
+

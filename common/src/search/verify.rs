@@ -3,7 +3,7 @@
 //! that keep the poison concealed and readable), the objective's exact check, and the
 //! poison set and summary after the accepted flips. verify-candidates is wiring over it.
 
-use crate::objectives::bilevel::{poison_set_sha256, Swap, Verified};
+use crate::objectives::swaps::{poison_set_sha256, Swap, Verified};
 use crate::concealment::{flip_conceals, Concealment, TriggerMatcher};
 use crate::io::Record;
 use crate::objectives::ObjectiveInputs;

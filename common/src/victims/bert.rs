@@ -1,5 +1,5 @@
 //! A BERT encoder over named parameters (all-MiniLM-L6-v2: 6 layers, hidden 384, 12
-//! heads), for the pretrained transformer victim of issue 4. Like `model::forward`, it
+//! heads), for the pretrained transformer victim (`minilm.rs`), on the shared layers (`layers.rs`). Like `model::forward`, it
 //! takes the parameters as a map and its input as token embeddings, so the attack can run
 //! it at θ and θ' and differentiate with respect to the poisons' embeddings; attention,
 //! LayerNorm and GELU are plain differentiable ops, so double backward works.
@@ -8,7 +8,8 @@
 //! (`fixtures/minilm/encoder_reference.json`, scripts/make_minilm_fixtures.py), and its
 //! second-order gradient against finite differences on a tiny random configuration.
 
-use crate::victims::params::Params;
+use crate::victims::layers::{attention, fit, layer_norm, linear};
+use crate::victims::params::{param as p, Params};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -71,49 +72,6 @@ pub fn load_weights(path: &str, device: Device) -> Result<Params> {
     Ok(params)
 }
 
-fn p<'a>(params: &'a Params, name: &str) -> &'a Tensor {
-    params.get(name).unwrap_or_else(|| panic!("transformer parameter {name:?} missing"))
-}
-
-/// A parameter of `base_dims` dimensions, or a stack [C, ...] of them, shaped to broadcast
-/// against activations of rank `rank` whose leading dimension (if stacked) is C: the
-/// stack dimension stays first and singleton dimensions are inserted after it.
-pub(crate) fn fit(t: &Tensor, base_dims: usize, rank: usize) -> Tensor {
-    if t.dim() == base_dims {
-        return t.shallow_clone();
-    }
-    let mut shape = vec![t.size()[0]];
-    shape.extend(std::iter::repeat_n(1, rank - base_dims - 1));
-    shape.extend(&t.size()[1..]);
-    t.view(shape.as_slice())
-}
-
-/// A linear layer over plain or stacked parameters (shared with `gpt.rs`).
-pub(crate) fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
-    let w = p(params, &format!("{name}.weight"));
-    let b = fit(p(params, &format!("{name}.bias")), 1, x.dim());
-    if w.dim() == 3 && x.dim() > 3 {
-        // Stacked weights [C, out, in] and inputs [C, B, T, in]: one [C, B·T, in] batched
-        // product. Broadcasting [C, 1, in, out] over B instead materialises B copies of
-        // the weights and of their gradient (measured: stacked training 2x slower than
-        // one victim at a time).
-        let mut shape = x.size();
-        let flat = x.flatten(1, x.dim() as i64 - 2).matmul(&w.transpose(-1, -2));
-        *shape.last_mut().expect("rank > 3") = w.size()[1];
-        return flat.view(shape.as_slice()) + b;
-    }
-    x.matmul(&fit(&w.transpose(-1, -2), 2, x.dim())) + b
-}
-
-/// LayerNorm over the last dimension, plain or stacked parameters (shared with `gpt.rs`).
-pub(crate) fn layer_norm(params: &Params, x: &Tensor, name: &str, eps: f64) -> Tensor {
-    let mean = x.mean_dim([-1].as_slice(), true, None::<Kind>);
-    let centred = x - mean;
-    let var = centred.square().mean_dim([-1].as_slice(), true, None::<Kind>);
-    let (w, b) = (p(params, &format!("{name}.weight")), p(params, &format!("{name}.bias")));
-    centred / (var + eps).sqrt() * fit(w, 1, x.dim()) + fit(b, 1, x.dim())
-}
-
 /// Word embeddings [.., T, H] of token ids [.., T] (the attack's input). With a stacked
 /// table [C, V, H] the ids carry the stack dimension first ([C, B, T]).
 pub fn word_embeddings(params: &Params, ids: &Tensor) -> Tensor {
@@ -163,8 +121,7 @@ pub fn encode(cfg: &BertConfig, params: &Params, words: &Tensor, mask: &Tensor) 
         let q = split(linear(params, &h, &format!("{l}.attention.self.query")));
         let k = split(linear(params, &h, &format!("{l}.attention.self.key")));
         let v = split(linear(params, &h, &format!("{l}.attention.self.value")));
-        let scores = q.matmul(&k.transpose(-1, -2)) / (d as f64).sqrt() + &key_bias;
-        let context = scores.softmax(-1, None::<Kind>).matmul(&v).transpose(-2, -3).reshape(merged_shape.as_slice());
+        let context = attention(&q, &k, &v, &key_bias, &merged_shape);
         let attended = linear(params, &context, &format!("{l}.attention.output.dense")) + &h;
         h = layer_norm(params, &attended, &format!("{l}.attention.output.LayerNorm"), cfg.layer_norm_eps);
         let inner = linear(params, &h, &format!("{l}.intermediate.dense")).gelu("none");

@@ -2,7 +2,8 @@
 //! Fast, for tests and quick runs.
 
 use crate::victims::params::Params;
-use crate::victims::victim::{init_linear, linear, linear_shapes, Architecture, StartKind, Tuning};
+use crate::victims::layers::{init_linear, linear, linear_shapes};
+use crate::victims::victim::{Architecture, StartKind, Tuning};
 use anyhow::{bail, Result};
 use tch::{nn, Tensor};
 

@@ -13,13 +13,13 @@
 //! Its logits are [.., batch, time, vocab] (position t predicts token t + 1): the contract
 //! of `victim::Architecture` with `language_model() == true`.
 
-use crate::victims::bert::{layer_norm, linear};
+use crate::victims::layers::{attention, init_linear, layer_norm, linear, linear_shapes};
 use crate::victims::params::{param, Params};
-use crate::victims::victim::{dotted_path, init_linear, linear_shapes, Architecture, StartKind, Tuning};
+use crate::victims::victim::{dotted_path, Architecture, StartKind, Tuning};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 const LN_EPS: f64 = 1e-5;
 
@@ -176,8 +176,7 @@ impl Gpt {
             let a = layer_norm(params, &h, &format!("{b}.ln1"), LN_EPS);
             let qkv = linear(params, &a, &format!("{b}.attn.qkv")).split(width, -1);
             let (q, k, v) = (split(&qkv[0].contiguous()), split(&qkv[1].contiguous()), split(&qkv[2].contiguous()));
-            let scores = q.matmul(&k.transpose(-1, -2)) / (d as f64).sqrt() + &causal;
-            let context = scores.softmax(-1, None::<Kind>).matmul(&v).transpose(-2, -3).reshape(merged_shape.as_slice());
+            let context = attention(&q, &k, &v, &causal, &merged_shape);
             h = h + linear(params, &context, &format!("{b}.attn.proj"));
             let m = layer_norm(params, &h, &format!("{b}.ln2"), LN_EPS);
             let inner = linear(params, &m, &format!("{b}.mlp.fc")).gelu("none");

@@ -9,7 +9,8 @@
 
 use crate::victims::loss::Targets;
 use crate::victims::params::{embed, mask_of, param, Params};
-use crate::victims::victim::{init_linear, linear_shapes, stacked_example_grads, Architecture, FrozenInput, StartKind, Tuning};
+use crate::victims::layers::{init_linear, linear_shapes};
+use crate::victims::victim::{stacked_example_grads, Architecture, FrozenInput, StartKind, Tuning};
 use anyhow::{bail, Result};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};

@@ -5,7 +5,8 @@
 use crate::victims::bert::{self, BertConfig};
 use crate::victims::loss::Targets;
 use crate::victims::params::Params;
-use crate::victims::victim::{dotted_path, init_linear, linear_shapes, one_by_one_example_grads, Architecture, StartKind, Tuning};
+use crate::victims::layers::{init_linear, linear_shapes};
+use crate::victims::victim::{dotted_path, one_by_one_example_grads, Architecture, StartKind, Tuning};
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use tch::nn::{self, Init};

@@ -5,6 +5,7 @@
 pub mod params;
 pub mod loss;
 pub mod victim;
+pub mod layers;
 pub mod bert;
 pub mod bow;
 pub mod lstm;

@@ -7,9 +7,10 @@
 //! (`model::conformance`).
 
 use crate::victims::loss::Targets;
-use crate::victims::params::{embed, mask_of, param, Params};
+use crate::victims::layers::linear;
+use crate::victims::params::{embed, mask_of, Params};
 use anyhow::Result;
-use tch::nn::{self, Init};
+use tch::nn;
 use tch::Tensor;
 
 /// What a new victim of an architecture starts from.
@@ -176,24 +177,6 @@ pub fn one_by_one_example_grads<A: Architecture + ?Sized>(arch: &A, params: &Par
             Tensor::run_backward(&[&loss], &tensors, false, false).into_iter().map(|g| g.detach()).collect()
         })
         .collect()
-}
-
-/// A linear layer `name` applied to x [.., n, in] (weights [out, in] or stacked [C, out, in]).
-pub fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
-    let w = param(params, &format!("{name}.weight"));
-    x.matmul(&w.transpose(-1, -2)) + param(params, &format!("{name}.bias")).unsqueeze(-2)
-}
-
-/// Creates linear layer parameters (PyTorch's default uniform initialisation).
-pub fn init_linear(p: &nn::Path, fan_in: i64, fan_out: i64) {
-    let bound = 1.0 / (fan_in as f64).sqrt();
-    let _ = p.var("weight", &[fan_out, fan_in], Init::Uniform { lo: -bound, up: bound });
-    let _ = p.var("bias", &[fan_out], Init::Uniform { lo: -bound, up: bound });
-}
-
-/// The shapes of linear layer `name`'s weight [out, in] and bias [out].
-pub fn linear_shapes(name: &str, fan_in: i64, fan_out: i64) -> [(String, Vec<i64>); 2] {
-    [(format!("{name}.weight"), vec![fan_out, fan_in]), (format!("{name}.bias"), vec![fan_out])]
 }
 
 /// The VarStore path of a dotted parameter name (`encoder.layer.0.output.dense.weight`)

@@ -1,0 +1,67 @@
+//! The layers the victims share, over named parameters (`Params`), plain or stacked (a
+//! leading dimension C on every parameter: C victims or C candidates' θ' in one pass):
+//! linear, LayerNorm and scaled dot-product attention, and how linear layers are created.
+//! Plain differentiable ops only, so every victim built on them is twice differentiable.
+
+use crate::victims::params::{param, Params};
+use tch::{nn, nn::Init, Kind, Tensor};
+
+/// A parameter of `base_dims` dimensions, or a stack [C, ...] of them, shaped to broadcast
+/// against activations of rank `rank` whose leading dimension (if stacked) is C: the
+/// stack dimension stays first and singleton dimensions are inserted after it.
+pub fn fit(t: &Tensor, base_dims: usize, rank: usize) -> Tensor {
+    if t.dim() == base_dims {
+        return t.shallow_clone();
+    }
+    let mut shape = vec![t.size()[0]];
+    shape.extend(std::iter::repeat_n(1, rank - base_dims - 1));
+    shape.extend(&t.size()[1..]);
+    t.view(shape.as_slice())
+}
+
+/// A linear layer over plain or stacked parameters.
+pub fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
+    let w = param(params, &format!("{name}.weight"));
+    let b = fit(param(params, &format!("{name}.bias")), 1, x.dim());
+    if w.dim() == 3 && x.dim() > 3 {
+        // Stacked weights [C, out, in] and inputs [C, B, T, in]: one [C, B·T, in] batched
+        // product. Broadcasting [C, 1, in, out] over B instead materialises B copies of
+        // the weights and of their gradient (measured: stacked training 2x slower than
+        // one victim at a time).
+        let mut shape = x.size();
+        let flat = x.flatten(1, x.dim() as i64 - 2).matmul(&w.transpose(-1, -2));
+        *shape.last_mut().expect("rank > 3") = w.size()[1];
+        return flat.view(shape.as_slice()) + b;
+    }
+    x.matmul(&fit(&w.transpose(-1, -2), 2, x.dim())) + b
+}
+
+/// LayerNorm over the last dimension, plain or stacked parameters.
+pub fn layer_norm(params: &Params, x: &Tensor, name: &str, eps: f64) -> Tensor {
+    let mean = x.mean_dim([-1].as_slice(), true, None::<Kind>);
+    let centred = x - mean;
+    let var = centred.square().mean_dim([-1].as_slice(), true, None::<Kind>);
+    let (w, b) = (param(params, &format!("{name}.weight")), param(params, &format!("{name}.bias")));
+    centred / (var + eps).sqrt() * fit(w, 1, x.dim()) + fit(b, 1, x.dim())
+}
+
+/// Scaled dot-product attention of queries, keys and values [.., heads, T, d] with an
+/// additive score bias (padding or causal mask: a large negative score gives weight 0),
+/// heads merged back into `merged_shape` ([.., T, heads·d]).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, merged_shape: &[i64]) -> Tensor {
+    let d = *q.size().last().expect("rank > 0");
+    let scores = q.matmul(&k.transpose(-1, -2)) / (d as f64).sqrt() + bias;
+    scores.softmax(-1, None::<Kind>).matmul(v).transpose(-2, -3).reshape(merged_shape)
+}
+
+/// Creates linear layer parameters (PyTorch's default uniform initialisation).
+pub fn init_linear(p: &nn::Path, fan_in: i64, fan_out: i64) {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    let _ = p.var("weight", &[fan_out, fan_in], Init::Uniform { lo: -bound, up: bound });
+    let _ = p.var("bias", &[fan_out], Init::Uniform { lo: -bound, up: bound });
+}
+
+/// The shapes of linear layer `name`'s weight [out, in] and bias [out].
+pub fn linear_shapes(name: &str, fan_in: i64, fan_out: i64) -> [(String, Vec<i64>); 2] {
+    [(format!("{name}.weight"), vec![fan_out, fan_in]), (format!("{name}.bias"), vec![fan_out])]
+}
