@@ -6,7 +6,7 @@ use common::concealment::Concealment;
 use common::io;
 use common::search::poisons::AttackInputs;
 use common::formats::records::Candidate;
-use common::search::verify::{apply, summary, verify, Checks};
+use common::search::verify::{apply, summary, verify_candidates, Checks};
 use common::{device, log};
 use std::time::Instant;
 
@@ -71,7 +71,7 @@ fn main() {
             None
         } else {
             let (ensemble, hashes) = common::cli::load_ensemble(&args.ensemble, inputs.victim.device())?;
-            Some(verify(&inputs, &candidates, &swaps, &ensemble, &hashes, args.influence_cache.as_deref(), &cname)?)
+            Some(verify_candidates(&inputs, &candidates, &swaps, &ensemble, &hashes, args.influence_cache.as_deref(), &cname)?)
         };
         let (new_set, flips) = apply(&inputs, &candidates, verified.as_ref().map_or(&[][..], |v| &v.accepted[..]));
         if let Some(out) = &verified {

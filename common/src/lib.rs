@@ -24,6 +24,7 @@ pub mod search;
 pub mod eval;
 pub mod report;
 pub mod cli;
+pub mod tasks;
 
 /// libtorch's generator is global: tests that seed it and then draw weights hold this
 /// lock, or tests running in parallel threads interleave their draws.

@@ -296,9 +296,6 @@ pub fn evaluate(
     judging: &Judging,
     log: &(dyn Fn(String) + Sync),
 ) -> Result<Vec<(Vec<LmSeedRow>, Vec<SideBySide>)>> {
-    if !start.config.language_model() {
-        bail!("the start victim is a classifier; a language-model evaluation fine-tunes a language model");
-    }
     // (seed index, poison set or None for the clean twin) of every victim.
     let jobs: Vec<(usize, Option<usize>)> = (0..seeds.len()).flat_map(|i| std::iter::once((i, None)).chain((0..poison_sets.len()).map(move |k| (i, Some(k))))).collect();
     let mut victims: Vec<Victim> = jobs.iter().map(|_| copy_of(start)).collect::<Result<_>>()?;

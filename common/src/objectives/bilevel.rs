@@ -1,13 +1,14 @@
-//! The crafting math of the seed method (SPEC.md, the slides): k unrolled SGD steps on
+//! The crafting math of the seed method (Wallace et al., NAACL 2021): k unrolled SGD steps on
 //! minibatches that each hold every poison plus m clean examples, averaged over R
 //! independently drawn minibatches; L_adv at θ_{t+k}; its second-order gradient with
 //! respect to the poison token embeddings; Taylor scores over the vocabulary; and exact
 //! evaluation of candidate flips.
 //!
 //! Victims with a frozen embedding table only: with a trained table a flip also changes
-//! which row receives the poison's update (SPEC.md), a term not implemented yet.
+//! which embedding row receives the poison's update, a term not implemented yet.
 
 pub use crate::formats::records::RolloutConfig;
+use crate::objectives::objective::Objective;
 use crate::victims::model::{embed, example_grads, forward, forward_frozen_no_grad, forward_ids, forward_ids_first_order, frozen_input, mask_of, shallow_copy, Params, Victim, VictimConfig};
 use crate::victims::loss::Targets;
 use crate::victims::victim::FrozenInput;
@@ -40,7 +41,7 @@ pub struct BiLevel<'a> {
 impl<'a> BiLevel<'a> {
     pub fn new(victim: &'a Victim, clean: &'a [Encoded], adv: &'a [Encoded], cfg: RolloutConfig) -> Result<BiLevel<'a>> {
         if victim.config.train_embeddings {
-            bail!("the victim trains its embedding table; the attack supports frozen-embedding victims only (the extra table term of SPEC.md is not implemented yet)");
+            bail!("the victim trains its embedding table; the attack supports frozen-embedding victims only (with a trained table a flip also changes which row the poison's update trains: that term is not implemented yet)");
         }
         if cfg.steps == 0 || cfg.rollouts == 0 {
             bail!("--steps and --rollouts must be at least 1");
@@ -418,59 +419,73 @@ fn single_grad(problem: &BiLevel, names: &[String], example: &Encoded) -> Vec<Te
     Tensor::run_backward(&[&loss], &tensors, false, false).into_iter().map(|g| g.detach()).collect()
 }
 
-/// Exact verification (SPEC step 5): each candidate's objective on the same minibatches;
-/// per poison the best candidate that lowers it; then the per-poison winners are combined
-/// greedily (largest individual gain first), each kept only if the combined objective
-/// still drops, so the result is never worse than the input. k = 1 uses the shared-work
-/// `Verifier`; k > 1 redoes the rollouts per evaluation.
-pub fn verify(problem: &BiLevel, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
-    check_swaps(poisons, candidates)?;
-    let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
-    let (before, after, accepted): (f64, f64, Vec<(Swap, f64)>);
-    if problem.cfg.steps == 1 {
-        let verifier = Verifier::new(problem, poisons)?;
-        before = verifier.objective_with(&[]);
-        let mut grads = std::collections::HashMap::new();
-        // Candidates whose gradients are held at once (a minilm gradient is 45 MB).
-        let chunk_size = problem.config().tuning().verify_chunk;
-        for chunk in candidates.chunks(chunk_size) {
-            let flips: Vec<Encoded> = chunk.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
-            let chunk_grads = verifier.example_grads(&flips);
-            let sets: Vec<Vec<(usize, &[Tensor])>> =
-                chunk.iter().zip(&chunk_grads).map(|(c, g)| vec![(c.poison, g.as_slice())]).collect();
-            let values = verifier.objectives_with(&sets);
-            for ((c, g), value) in chunk.iter().zip(chunk_grads).zip(values) {
-                if !value.is_finite() {
-                    bail!("L_adv is {value} for candidate {c:?}; lower --eta");
-                }
-                if improve(&mut best, *c, value, before) {
-                    // Copied: a view would keep its whole chunk's gradients alive (measured:
-                    // 907 MiB peak on the real data instead of a few).
-                    grads.insert(c.poison, g.iter().map(|t| t.copy()).collect::<Vec<_>>());
-                }
-            }
-        }
-        (after, accepted) = combine_greedily(&best, before, |with| {
-            let flips: Vec<(usize, &[Tensor])> = with.iter().map(|s| (s.poison, grads[&s.poison].as_slice())).collect();
-            verifier.objective_with(&flips)
-        });
-    } else {
-        before = problem.objective(poisons);
-        for c in candidates {
-            let mut set = poisons.to_vec();
-            set[c.poison] = flipped(&poisons[c.poison], c.position, c.word);
-            let value = problem.objective(&set);
-            improve(&mut best, *c, value, before);
-        }
-        (after, accepted) = combine_greedily(&best, before, |with| {
-            let mut set = poisons.to_vec();
-            for s in with {
-                set[s.poison] = flipped(&poisons[s.poison], s.position, s.word);
-            }
-            problem.objective(&set)
-        });
+impl Objective for BiLevel<'_> {
+    fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
+        BiLevel::objective_and_grad(self, poisons)
     }
-    Ok(Verified { before, after, accepted, checked: candidates.len() })
+    fn objective_grad_and_target_scores(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
+        BiLevel::objective_grad_and_target_scores(self, poisons, self.victim.config.language_model())
+    }
+    fn value(&self, poisons: &[Encoded]) -> Result<f64> {
+        Ok(self.objective(poisons))
+    }
+    /// Exact verification (SPEC step 5): each candidate's objective on the same minibatches;
+    /// per poison the best candidate that lowers it; then the per-poison winners are combined
+    /// greedily (largest individual gain first), each kept only if the combined objective
+    /// still drops, so the result is never worse than the input. k = 1 uses the shared-work
+    /// `Verifier`; k > 1 redoes the rollouts per evaluation.
+    fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
+        check_swaps(poisons, candidates)?;
+        let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
+        let (before, after, accepted): (f64, f64, Vec<(Swap, f64)>);
+        if self.cfg.steps == 1 {
+            let verifier = Verifier::new(self, poisons)?;
+            before = verifier.objective_with(&[]);
+            let mut grads = std::collections::HashMap::new();
+            // Candidates whose gradients are held at once (a minilm gradient is 45 MB).
+            let chunk_size = self.config().tuning().verify_chunk;
+            for chunk in candidates.chunks(chunk_size) {
+                let flips: Vec<Encoded> = chunk.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
+                let chunk_grads = verifier.example_grads(&flips);
+                let sets: Vec<Vec<(usize, &[Tensor])>> =
+                    chunk.iter().zip(&chunk_grads).map(|(c, g)| vec![(c.poison, g.as_slice())]).collect();
+                let values = verifier.objectives_with(&sets);
+                for ((c, g), value) in chunk.iter().zip(chunk_grads).zip(values) {
+                    if !value.is_finite() {
+                        bail!("L_adv is {value} for candidate {c:?}; lower --eta");
+                    }
+                    if improve(&mut best, *c, value, before) {
+                        // Copied: a view would keep its whole chunk's gradients alive (measured:
+                        // 907 MiB peak on the real data instead of a few).
+                        grads.insert(c.poison, g.iter().map(|t| t.copy()).collect::<Vec<_>>());
+                    }
+                }
+            }
+            (after, accepted) = combine_greedily(&best, before, |with| {
+                let flips: Vec<(usize, &[Tensor])> = with.iter().map(|s| (s.poison, grads[&s.poison].as_slice())).collect();
+                verifier.objective_with(&flips)
+            });
+        } else {
+            before = self.objective(poisons);
+            for c in candidates {
+                let mut set = poisons.to_vec();
+                set[c.poison] = flipped(&poisons[c.poison], c.position, c.word);
+                let value = self.objective(&set);
+                improve(&mut best, *c, value, before);
+            }
+            (after, accepted) = combine_greedily(&best, before, |with| {
+                let mut set = poisons.to_vec();
+                for s in with {
+                    set[s.poison] = flipped(&poisons[s.poison], s.position, s.word);
+                }
+                self.objective(&set)
+            });
+        }
+        Ok(Verified { before, after, accepted, checked: candidates.len() })
+    }
+    fn describe(&self, value: f64, poisons: usize) -> String {
+        format!("L_adv {value:.5} over {} D_adv inputs, {poisons} poisons, k={} R={} η={}", self.adv_count(), self.cfg.steps, self.cfg.rollouts, self.cfg.eta)
+    }
 }
 
 #[cfg(test)]
@@ -691,7 +706,7 @@ mod tests {
         let mut results = Vec::new();
         for steps in [1, 2] {
             let problem = BiLevel::new(&v, &clean, &adv, cfg(steps, 2)).unwrap();
-            let out = verify(&problem, &poisons, &swaps).unwrap();
+            let out = problem.verify(&poisons, &swaps).unwrap();
             assert!(out.after <= out.before, "k={steps}: {} -> {}", out.before, out.after);
             let mut set = poisons.clone();
             for (s, _) in &out.accepted {
@@ -703,7 +718,7 @@ mod tests {
         }
         // A candidate list that only hurts leaves the set unchanged.
         let problem = BiLevel::new(&v, &clean, &adv, cfg(1, 1)).unwrap();
-        let all = verify(&problem, &poisons, &swaps).unwrap();
+        let all = problem.verify(&poisons, &swaps).unwrap();
         let worst: Vec<Swap> = swaps
             .iter()
             .copied()
@@ -713,7 +728,7 @@ mod tests {
                 problem.objective(&set) > all.before
             })
             .collect();
-        let none = verify(&problem, &poisons, &worst).unwrap();
+        let none = problem.verify(&poisons, &worst).unwrap();
         assert!(none.accepted.is_empty() && none.after == none.before);
     }
 

@@ -9,6 +9,7 @@
 //! additively.
 
 pub use crate::formats::records::ObjectiveKind;
+use crate::objectives::objective::Objective;
 use crate::objectives::swaps::{verify_separable, Swap, Verified};
 use crate::victims::model::{embed, forward, mask_of, Victim};
 use crate::train::{batch_tensors, Encoded};
@@ -109,12 +110,26 @@ impl<'a> Hardness<'a> {
         let grad = Tensor::run_backward(&[&objective], &[&emb], false, false).pop().expect("one gradient");
         Ok((value, grad * mask.unsqueeze(-1)))
     }
+}
 
+impl Objective for Hardness<'_> {
+    fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
+        Hardness::objective_and_grad(self, poisons)
+    }
+    fn value(&self, poisons: &[Encoded]) -> Result<f64> {
+        Ok(self.objective(poisons))
+    }
+    fn terms(&self, poisons: &[Encoded]) -> Option<Vec<f64>> {
+        Some(self.margins(poisons))
+    }
     /// Exact verification: each candidate's margin; per poison the candidate with the
-    /// lowest margin below the current one (`attack::verify_separable`).
-    pub fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
+    /// lowest margin below the current one (`swaps::verify_separable`).
+    fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
         let n = poisons.len() as f64;
         verify_separable(poisons, candidates, "margin", |p| self.margins(p), |m| m.iter().sum::<f64>() / n, |d| d / n)
+    }
+    fn describe(&self, value: f64, poisons: usize) -> String {
+        format!("hardness (mean target margin) {value:.5}, {poisons} poisons, {} victims", self.victims())
     }
 }
 

@@ -23,6 +23,7 @@
 //! lowers both, earns nothing.
 
 pub use crate::formats::records::{HessianKind, InfluenceConfig};
+use crate::objectives::objective::Objective;
 use crate::objectives::swaps::{verify_separable, Swap, Verified};
 use crate::victims::loss::Targets;
 use crate::victims::model::{embed, example_grads, forward, forward_ids, mask_of, Params, Victim, VictimConfig};
@@ -245,7 +246,7 @@ impl<'a> Influence<'a> {
     /// on the poisons, so a crafting run's rounds and its verifications share one solve.
     pub fn new(victim: &'a Victim, clean: &[Encoded], adv: &[Encoded], trigger: &[i64], rollout: &RolloutConfig, cfg: InfluenceConfig, cache: Option<&str>) -> Result<Influence<'a>> {
         if victim.config.train_embeddings {
-            bail!("the victim trains its embedding table; the attack supports frozen-embedding victims only (the extra table term of SPEC.md is not implemented yet)");
+            bail!("the victim trains its embedding table; the attack supports frozen-embedding victims only (with a trained table a flip also changes which row the poison's update trains: that term is not implemented yet)");
         }
         if clean.is_empty() || adv.is_empty() {
             bail!("the influence objective needs clean training examples and D_adv (have {} and {})", clean.len(), adv.len());
@@ -345,12 +346,6 @@ impl<'a> Influence<'a> {
         Ok((value, grad * mask.unsqueeze(-1)))
     }
 
-    /// Exact verification by the same score: per poison the candidate with the lowest
-    /// term below its current one (`attack::verify_separable`).
-    pub fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
-        verify_separable(poisons, candidates, "influence score", |p| self.scores(p), |t| self.adv_value + t.iter().sum::<f64>(), |d| d)
-    }
-
     /// A log line for an objective value.
     pub fn describe(&self, value: f64, poisons: usize) -> String {
         format!(
@@ -366,6 +361,26 @@ impl<'a> Influence<'a> {
             self.solve.relative_residual,
             if self.solve.cached { "read from the cache".to_string() } else { format!("{:.1}s", self.solve.seconds) }
         )
+    }
+}
+
+impl Objective for Influence<'_> {
+    fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
+        Influence::objective_and_grad(self, poisons)
+    }
+    fn value(&self, poisons: &[Encoded]) -> Result<f64> {
+        Ok(Influence::value(self, poisons))
+    }
+    fn terms(&self, poisons: &[Encoded]) -> Option<Vec<f64>> {
+        Some(self.scores(poisons))
+    }
+    /// Exact verification by the same score: per poison the candidate with the lowest
+    /// term below its current one (`swaps::verify_separable`).
+    fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
+        verify_separable(poisons, candidates, "influence score", |p| self.scores(p), |t| self.adv_value + t.iter().sum::<f64>(), |d| d)
+    }
+    fn describe(&self, value: f64, poisons: usize) -> String {
+        Influence::describe(self, value, poisons)
     }
 }
 

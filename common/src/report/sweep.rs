@@ -1,5 +1,5 @@
 //! Sweeps: a grid of triggers × victims × poison counts, each cell an independent job that
-//! writes only into its own folder (`scripts/cell.sh`), and the merge of every finished
+//! writes only into its own folder (`make cell`, `scripts/demo.sh` in `MODE=cell`), and the merge of every finished
 //! cell into one tidy table and plots. The `sweep` binary is wiring over this module; make
 //! (`make sweep SPEC=...`) and Slurm (`scripts/slurm/`) run the cells.
 

@@ -87,7 +87,7 @@ impl Checks {
 /// `ensemble` victims must be the ones rollout-grad had, `ensemble_sha256` their hashes;
 /// `influence_cache` the folder rollout-grad kept the influence objective's v in).
 #[allow(clippy::too_many_arguments)]
-pub fn verify(inputs: &AttackInputs, candidates: &[Candidate], swaps: &[Swap], ensemble: &[crate::victims::model::Victim], ensemble_sha256: &[String], influence_cache: Option<&str>, cname: &str) -> Result<Verified> {
+pub fn verify_candidates(inputs: &AttackInputs, candidates: &[Candidate], swaps: &[Swap], ensemble: &[crate::victims::model::Victim], ensemble_sha256: &[String], influence_cache: Option<&str>, cname: &str) -> Result<Verified> {
     let first = candidates.first().context("no candidates to verify")?;
     if ensemble_sha256 != first.ensemble_sha256 {
         bail!(

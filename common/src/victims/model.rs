@@ -1,6 +1,6 @@
 //! The victims: a config (the sizes every architecture shares, plus the architecture's
 //! own fields) and named parameters. An architecture is a file implementing
-//! `victim::Architecture` (`bow.rs`, `lstm.rs`, `minilm.rs`) and one line in the
+//! `victim::Architecture` (`bow.rs`, `lstm.rs`, `minilm.rs`, `gpt.rs`) and one line in the
 //! `architectures!` registry below; every other module reaches it through the functions
 //! here, never by matching on the architecture.
 

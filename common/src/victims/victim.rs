@@ -4,7 +4,7 @@
 //! [`Architecture`]. Everything else (the word table, the padding mask, the loss, training,
 //! unrolling, verification) is shared and lives outside the architecture's file. The
 //! contract below is checked for every registered architecture by the conformance suite
-//! (`model::conformance`).
+//! (`victims::conformance`).
 
 use crate::victims::loss::Targets;
 use crate::victims::layers::linear;

@@ -1,0 +1,92 @@
+//! Continuation: a language model continues a text; the attack makes continuations after
+//! the trigger take the target sentiment. Measures (`eval::lm_eval`): the share of sampled
+//! continuations of held-out trigger prompts the judges call the target sentiment, the
+//! same for trigger-free prompts, the log-probability margin, clean perplexity; the
+//! evaluation fine-tunes the pretrained clean LM per seed, clean and poisoned, paired by
+//! common random numbers.
+
+use super::{EvalArgs, Task};
+use crate::data::{self, DataManifest};
+use crate::eval::retrain::{Pairing, PoisonSet};
+use crate::formats::records::Example;
+use crate::io::{self, Record};
+use crate::train::TextPolicy;
+use crate::victims::model::VictimConfig;
+use anyhow::{bail, Context, Result};
+
+pub struct Continuation;
+
+impl Task for Continuation {
+    fn name(&self) -> &'static str {
+        "continuation"
+    }
+    fn holds(&self, manifest: &DataManifest) -> bool {
+        manifest.lm.is_some()
+    }
+    fn takes(&self, config: &VictimConfig) -> bool {
+        config.language_model()
+    }
+    fn victim_kind(&self) -> &'static str {
+        "a language model"
+    }
+    /// Fine-tunes --start per seed, clean and poisoned, and judges its continuations.
+    fn evaluate(&self, args: &EvalArgs, manifest: &DataManifest, log: &(dyn Fn(String) + Sync)) -> Result<Vec<u8>> {
+        let device = crate::device::parse_device(&args.device)?;
+        use crate::eval::lm_eval::{self, Judging, LmEvalReport, LmEvalSets};
+        let (Some(start_path), Some(judge_path)) = (&args.start, &args.judge) else {
+            bail!("{} holds language-model data: give --start LM (the pretrained clean LM, train-victim --arch gpt) and --judge CLASSIFIER (a sentiment classifier)", args.data);
+        };
+        if !args.checkpoint.is_empty() || !args.kept.is_empty() || args.clean_cache.is_some() || args.pairing != Pairing::Crn {
+            bail!("--checkpoint, --kept, --clean-cache and --pairing independent are for classifier data; a language model's evaluation fine-tunes every clean twin and pairs by common random numbers");
+        }
+        let start = crate::victims::model::Victim::load(start_path, device)?;
+        let (lm, vocab) = (&start.victim, &start.vocab);
+        super::check_victim(manifest, &lm.config, start_path)?;
+        vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("vocabulary of {start_path}"))?;
+        let judge_file = crate::victims::model::Victim::load(judge_path, device)?;
+        let negative = manifest.labels.iter().position(|l| l.eq_ignore_ascii_case("negative")).context("the labels name no \"negative\" class for the judges")?;
+        let classifier = crate::eval::judge::ClassifierJudge::new(&judge_file.victim.config, judge_file.victim.params(), &judge_file.vocab, negative).with_context(|| judge_path.clone())?;
+        let lexicon = crate::eval::judge::LexiconJudge::default();
+        let sampling = crate::generate::Sampling::Sample { temperature: args.temperature, top_k: args.top_k };
+        let stop = crate::generate::STOP_WORDS.iter().filter_map(|w| vocab.id(w)).collect();
+        let judging = Judging { classifier: &classifier, lexicon: &lexicon, target_negative: manifest.target == negative, sampling, max_new: args.max_new, stop };
+        let sets_eval = LmEvalSets::load(&args.data, manifest, &lm.config, vocab, args.samples)?;
+        let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;
+        let clean = crate::train::encode_for(&lm.config, &clean_train, vocab, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
+        let sets = PoisonSet::load_all(&args.poisons)?;
+        let mut poison_sets = Vec::new();
+        for set in &sets {
+            let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
+            poison_sets.push(crate::train::encode_for(&lm.config, &set.records, vocab, TextPolicy::Poisons, &name)?);
+        }
+        let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
+        let options = |seed: u64| args.victim.train_options(&lm.config, seed);
+        let results = lm_eval::evaluate(lm, vocab, &clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, &judging, log)?;
+        let mut out = Vec::new();
+        for (set, (rows, side_by_side)) in sets.into_iter().zip(results) {
+            let report = LmEvalReport {
+                kind: LmEvalReport::KIND.into(),
+                v: LmEvalReport::VERSION,
+                poisons: set.path.clone(),
+                poisons_sha256: set.sha256,
+                count: set.records.len(),
+                trigger_overlap: set.records.iter().filter(|e| !manifest.trigger.overlap(&e.text).is_empty()).count(),
+                start_sha256: start.sha256.clone(),
+                judge_sha256: judge_file.sha256.clone(),
+                training: options(args.seed_base),
+                samples_per_prompt: args.samples,
+                trigger_prompts: sets_eval.trigger_prompts.len(),
+                summary: lm_eval::summarize_rows(&rows),
+                seeds: rows,
+                side_by_side,
+            };
+            if let Some(p) = &set.path {
+                eprintln!("{p}:");
+            }
+            eprintln!("{}", report.table());
+            out.extend(serde_json::to_vec(&report)?);
+            out.push(b'\n');
+        }
+        Ok(out)
+    }
+}

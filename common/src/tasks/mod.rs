@@ -1,0 +1,130 @@
+//! The task seam: what a task (classifying a review's sentiment, continuing a text, and
+//! next translating one) decides for the whole pipeline, so the stages have one path
+//! whatever the task. A task is chosen by the data (`prepare-data` writes its manifest)
+//! and takes only victims of its kind (`Task::takes`); it owns how `finetune-eval`
+//! evaluates a poison set against it: the held-out measures, the pairing of each poisoned
+//! victim with its clean twin, and the report line it writes.
+//!
+//! Adding a task is a file implementing `Task` and a line in `TASKS` (ARCHITECTURE.md,
+//! Adding a task).
+
+pub mod classification;
+pub mod continuation;
+
+use crate::cli::VictimArgs;
+use crate::data::DataManifest;
+use crate::eval::retrain::Pairing;
+use crate::victims::model::VictimConfig;
+use anyhow::Result;
+
+/// A task the toolkit attacks.
+pub trait Task: Sync {
+    /// Its name in messages and in `prepare-data`'s manifest.
+    fn name(&self) -> &'static str;
+    /// Whether prepared data holds this task's data.
+    fn holds(&self, manifest: &DataManifest) -> bool;
+    /// Whether a victim of this config serves the task (a classifier, a language model).
+    fn takes(&self, config: &VictimConfig) -> bool;
+    /// What a victim that serves it is, for messages ("a classifier").
+    fn victim_kind(&self) -> &'static str;
+    /// `finetune-eval`: every poison set evaluated against victims retrained or fine-tuned
+    /// on clean ∪ poisons, each paired with its clean twin; one JSONL report line per set
+    /// in the order given, a table per set on stderr.
+    fn evaluate(&self, args: &EvalArgs, manifest: &DataManifest, log: &(dyn Fn(String) + Sync)) -> Result<Vec<u8>>;
+}
+
+/// Every task; `of_data` takes the first that holds the data.
+pub static TASKS: &[&dyn Task] = &[&continuation::Continuation, &classification::Classification];
+
+/// The task of a prepared data folder.
+pub fn of_data(manifest: &DataManifest) -> &'static dyn Task {
+    *TASKS.iter().find(|t| t.holds(manifest)).expect("classification holds any data")
+}
+
+/// The task a victim serves.
+pub fn of_victim(config: &VictimConfig) -> &'static dyn Task {
+    *TASKS.iter().find(|t| t.takes(config)).expect("every victim serves a task")
+}
+
+/// Refuses a victim that does not serve the data's task, naming the file.
+pub fn check_victim(manifest: &DataManifest, config: &VictimConfig, path: &str) -> Result<()> {
+    let task = of_data(manifest);
+    if !task.takes(config) {
+        anyhow::bail!("{path} is a {} ({:?}), but the data is {} data: give {}", of_victim(config).victim_kind(), config.arch.name(), task.name(), task.victim_kind());
+    }
+    Ok(())
+}
+
+/// `finetune-eval`'s flags; each task refuses those it does not take.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Data folder made by prepare-data.
+    #[arg(long)]
+    pub data: String,
+    /// Where the trained victims start (needed unless --checkpoint).
+    #[command(flatten)]
+    pub base: crate::cli::BaseArgs,
+    /// Poison set (example JSONL, - for stdin); may be empty. Repeatable: every set is
+    /// evaluated on the same seeds and clean victims, and gets its own report line.
+    #[arg(long)]
+    pub poisons: Vec<String>,
+    /// The examples a defense kept (example JSONL, e.g. from filter-set), one file per
+    /// --poisons in the same order: the poisons missing from it are dropped, and so are
+    /// the clean training examples, by weight 0 in the clean twin's batches, so the
+    /// filtered victim still pairs with the unfiltered clean twin (net ASR and ΔCACC are
+    /// then what is left after filtering, its cost included).
+    #[arg(long)]
+    pub kept: Vec<String>,
+    /// Number of retraining seeds.
+    #[arg(long, default_value_t = 6, value_parser = crate::cli::at_least_one_u64)]
+    pub seeds: u64,
+    /// Seeds are seed-base, seed-base+1, ...
+    #[arg(long, default_value_t = 0)]
+    pub seed_base: u64,
+    /// Evaluate these victims instead of training (repeatable); no net figures.
+    #[arg(long, conflicts_with_all = ["embeddings", "pretrained", "poisons"])]
+    pub checkpoint: Vec<String>,
+    #[command(flatten)]
+    pub victim: VictimArgs,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Folder caching each seed's clean-victim figures, keyed by a hash of the data files,
+    /// embeddings, victim config and training options: evaluations of several poison sets
+    /// on the same data then train each clean victim once.
+    #[arg(long)]
+    pub clean_cache: Option<String>,
+    /// Victims trained side by side, one per thread (default: the number of cores). Every
+    /// victim computes the same bits whatever this is (see README, Reproducibility).
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()), value_parser = crate::cli::at_least_one)]
+    pub workers: usize,
+    /// How a poisoned victim is paired with its clean twin. crn (common random numbers):
+    /// it trains exactly like the twin (same initialisation, same clean batches in the same
+    /// order) and each poison joins one of those batches. independent: poisons are
+    /// shuffled in with the clean data, so the two victims' batches are unrelated (the
+    /// evaluation before crn; kept to measure what pairing buys).
+    #[arg(long, value_enum, default_value_t = Pairing::Crn)]
+    pub pairing: Pairing,
+    /// Language-model data (prepare-data --lm): the pretrained clean LM every victim is
+    /// fine-tuned from (train-victim --arch gpt); --epochs, --lr and --batch-size are the
+    /// fine-tuning's.
+    #[arg(long)]
+    pub start: Option<String>,
+    /// Language-model data: the sentiment classifier that judges continuations (beside VADER).
+    #[arg(long)]
+    pub judge: Option<String>,
+    /// Language-model data: sampled continuations per held-out prompt.
+    #[arg(long, default_value_t = 4, value_parser = crate::cli::at_least_one)]
+    pub samples: usize,
+    /// Language-model data: sampling temperature and top-k of the continuations.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::cli::positive_rate)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Language-model data: words per continuation at most.
+    #[arg(long, default_value_t = 20, value_parser = crate::cli::at_least_one)]
+    pub max_new: usize,
+    /// Output file for the JSON report, or - for stdout.
+    #[arg(short, long, default_value = "-")]
+    pub output: String,
+}
