@@ -22,6 +22,11 @@ pub fn fit(t: &Tensor, base_dims: usize, rank: usize) -> Tensor {
 /// A linear layer over plain or stacked parameters.
 pub fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
     let w = param(params, &format!("{name}.weight"));
+    if w.dim() == 3 && x.dim() == 2 {
+        // One input [B, in] under stacked weights [C, out, in] (a pooled feature read by
+        // C candidates' output layers): [C, B, out].
+        return x.matmul(&w.transpose(-1, -2)) + param(params, &format!("{name}.bias")).unsqueeze(-2);
+    }
     let b = fit(param(params, &format!("{name}.bias")), 1, x.dim());
     if w.dim() == 3 && x.dim() > 3 {
         // Stacked weights [C, out, in] and inputs [C, B, T, in]: one [C, B·T, in] batched
