@@ -85,17 +85,19 @@ fn main() {
         let examples: Vec<Example> = io::read_jsonl_from(&io::read_all(&args.data)?[..], &name, false)?;
         let reference: Option<Vec<Example>> = args.reference.as_deref().map(|r| io::read_jsonl(r, false)).transpose()?;
         let detectors: Vec<Detector> = if args.detectors.is_empty() {
-            Detector::ALL
-                .into_iter()
-                .filter(|d| !d.needs_trigger() || args.trigger.is_some())
-                .filter(|d| *d != Detector::MinilmTrigger || args.minilm.is_some())
-                .filter(|d| !d.needs_table() || args.embeddings.is_some())
+            Detector::all()
+                .iter()
+                .copied()
+                .filter(|d| {
+                    let needs = d.needs();
+                    (!needs.trigger || args.trigger.is_some()) && (!needs.minilm || args.minilm.is_some()) && (!needs.table || args.embeddings.is_some())
+                })
                 .collect()
         } else {
             args.detectors.clone()
         };
         for d in &detectors {
-            if d.needs_trigger() && args.trigger.is_none() {
+            if d.needs().trigger && args.trigger.is_none() {
                 bail!("{} measures closeness to the trigger: give --trigger PHRASE, or leave it out of --detectors", d.name());
             }
         }
@@ -110,10 +112,10 @@ fn main() {
         let table = args.embeddings.as_deref().map(common::victims::base::Base::embeddings).transpose()?;
         let minilm = args.minilm.as_deref().map(common::victims::base::Base::pretrained).transpose()?;
         let config = match &table {
-            Some(base) if detectors.iter().any(|d| d.trains()) => Some(args.victim.victim_config(base, num_classes)?),
+            Some(base) if detectors.iter().any(|d| d.needs().training) => Some(args.victim.victim_config(base, num_classes)?),
             _ => None,
         };
-        if detectors.iter().any(|d| d.trains()) && config.is_none() {
+        if detectors.iter().any(|d| d.needs().training) && config.is_none() {
             bail!("the training-dynamics detectors (loss-mean, loss-final, spectral) train victims on the set: give --embeddings FILE");
         }
         let opts: Vec<_> = config.iter().flat_map(|c| (0..args.victims as u64).map(|k| args.victim.train_options(c, args.seed + k))).collect();

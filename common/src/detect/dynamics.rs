@@ -125,6 +125,28 @@ pub fn training_dynamics(base: &Base, config: &VictimConfig, data: &[Encoded], o
     Ok(d)
 }
 
+/// `loss-mean`, `loss-final` and `spectral`: victims trained on the screened set (one per
+/// option set of the screen), their per-example losses over the epochs and the spectral
+/// signature of their pooled features.
+pub struct TrainingDynamics;
+
+impl super::Family for TrainingDynamics {
+    fn detectors(&self) -> &'static [super::Detector] {
+        &[super::Detector::LossMean, super::Detector::LossFinal, super::Detector::Spectral]
+    }
+    fn needs(&self) -> super::Needs {
+        super::Needs { table: true, training: true, ..Default::default() }
+    }
+    fn scores(&self, s: &super::Screen, _: &[super::Detector], log: &(dyn Fn(String) + Sync)) -> Result<Vec<(super::Detector, Vec<f64>)>> {
+        use anyhow::Context;
+        let base = s.table.context("the training-dynamics detectors need --embeddings")?;
+        let (config, opts) = s.training.context("the training-dynamics detectors need victim settings")?;
+        let encoded = crate::train::encode_all(s.examples, &base.vocab, config.max_len, s.num_classes, crate::train::TextPolicy::Data, s.source)?;
+        let d = training_dynamics(base, config, &encoded, opts, s.workers, s.device, log)?;
+        Ok(vec![(super::Detector::LossMean, d.loss_mean), (super::Detector::LossFinal, d.loss_final), (super::Detector::Spectral, d.spectral)])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

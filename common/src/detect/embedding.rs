@@ -81,6 +81,74 @@ pub fn sentence_scores(config: &VictimConfig, params: &Params, examples: &[Encod
     out
 }
 
+/// `glove-trigger` (cosine of the mean GloVe vector to the trigger's) and
+/// `glove-trigger-word` (largest cosine of any word to any trigger word), in one pass.
+pub struct GloveDistance;
+
+impl super::Family for GloveDistance {
+    fn detectors(&self) -> &'static [super::Detector] {
+        &[super::Detector::GloveTrigger, super::Detector::GloveTriggerWord]
+    }
+    fn needs(&self) -> super::Needs {
+        super::Needs { trigger: true, table: true, ..Default::default() }
+    }
+    fn scores(&self, s: &super::Screen, _: &[super::Detector], _log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<(super::Detector, Vec<f64>)>> {
+        use anyhow::Context;
+        let base = s.table.context("the GloVe detectors need --embeddings")?;
+        let crate::victims::base::Start::Table(table) = &base.start else { anyhow::bail!("the GloVe detectors need a word table (--embeddings), not a pretrained encoder") };
+        let phrase = s.trigger.context("the GloVe detectors need --trigger")?;
+        let trigger = base.vocab.trigger_ids(phrase).with_context(|| format!("vocabulary of {}", base.source))?;
+        let ids: Vec<Vec<i64>> = s
+            .examples
+            .iter()
+            .map(|e| match &e.tokens {
+                Some(t) => t.iter().map(|w| base.vocab.id(w).unwrap_or(base.vocab.unk_id())).collect(),
+                None => base.vocab.encode(&e.text),
+            })
+            .collect();
+        let scores = glove_scores(table, &base.vocab, &ids, &trigger);
+        Ok(vec![(super::Detector::GloveTrigger, scores.iter().map(|s| s.0).collect()), (super::Detector::GloveTriggerWord, scores.iter().map(|s| s.1).collect())])
+    }
+}
+
+/// `minilm-trigger`: cosine of MiniLM sentence embeddings to the trigger's (cached by
+/// example text, weights and trigger when the screen has a cache folder).
+pub struct MinilmDistance;
+
+impl super::Family for MinilmDistance {
+    fn detectors(&self) -> &'static [super::Detector] {
+        &[super::Detector::MinilmTrigger]
+    }
+    fn needs(&self) -> super::Needs {
+        super::Needs { trigger: true, minilm: true, ..Default::default() }
+    }
+    fn scores(&self, s: &super::Screen, _: &[super::Detector], log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<(super::Detector, Vec<f64>)>> {
+        use crate::formats::records::Example;
+        use crate::train::{encode_all, TextPolicy};
+        use anyhow::Context;
+        let t = std::time::Instant::now();
+        let base = s.minilm.context("minilm-trigger needs --minilm DIR (the folder scripts/fetch_minilm.sh makes)")?;
+        let phrase = s.trigger.context("minilm-trigger needs --trigger")?;
+        let config = base.victim_config(crate::victims::model::Arch::Minilm, 1, crate::victims::gpt::GptShape { layers: 2, heads: 2 }, 2, 128, false)?;
+        tch::manual_seed(0); // the unused classifier head
+        let victim = base.new_victim(config.clone(), s.device)?;
+        // WordPiece reads the text (a poison's `tokens` are the word victims' tokens).
+        let texts: Vec<Example> = s.examples.iter().map(|e| Example { tokens: None, ..e.clone() }).collect();
+        let encoded = encode_all(&texts, &base.vocab, config.max_len, s.num_classes, TextPolicy::Data, s.source)?;
+        let trigger = encode_all(&[Example::new("trigger", phrase, 0)], &base.vocab, config.max_len, 2, TextPolicy::Poisons, "--trigger")?;
+        let model = format!("minilm-trigger v1 {} {phrase:?} {}", base.sha256, config.max_len);
+        let text_of: Vec<&str> = texts.iter().map(|e| e.text.as_str()).collect();
+        let mut computed = 0;
+        let col = super::cached_scores(s.cache, &model, &text_of, |todo| {
+            computed = todo.len();
+            let subset: Vec<Encoded> = todo.iter().map(|&i| encoded[i].clone()).collect();
+            Ok(sentence_scores(&config, &victim.params(), &subset, &trigger[0], 64))
+        })?;
+        log(format!("MiniLM sentence embeddings of {computed} examples ({} from the cache): {:.1}s", s.examples.len() - computed, t.elapsed().as_secs_f64()));
+        Ok(vec![(super::Detector::MinilmTrigger, col)])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,17 +39,12 @@ pub enum Detector {
 }
 
 impl Detector {
-    pub const ALL: [Detector; 8] = [
-        Detector::Perplexity,
-        Detector::Onion,
-        Detector::GloveTrigger,
-        Detector::GloveTriggerWord,
-        Detector::MinilmTrigger,
-        Detector::LossMean,
-        Detector::LossFinal,
-        Detector::Spectral,
-    ];
+    /// Every detector, in declaration order.
+    pub fn all() -> &'static [Detector] {
+        <Detector as clap::ValueEnum>::value_variants()
+    }
 
+    /// Its `--detectors` name and key in `scores`.
     pub fn name(self) -> &'static str {
         match self {
             Detector::Perplexity => "perplexity",
@@ -63,22 +58,44 @@ impl Detector {
         }
     }
 
-    /// Whether it measures closeness to the trigger phrase (so needs one).
-    pub fn needs_trigger(self) -> bool {
-        matches!(self, Detector::GloveTrigger | Detector::GloveTriggerWord | Detector::MinilmTrigger)
+    /// The family that computes it.
+    pub fn family(self) -> &'static dyn Family {
+        *FAMILIES.iter().find(|f| f.detectors().contains(&self)).expect("every detector is in a family (detect::FAMILIES)")
     }
 
-    /// Whether it reads the word table (`--embeddings`): the GloVe detectors, and the
-    /// training-dynamics ones whose victims start from it.
-    pub fn needs_table(self) -> bool {
-        matches!(self, Detector::GloveTrigger | Detector::GloveTriggerWord) || self.trains()
-    }
-
-    /// Whether it trains victims on the screened set.
-    pub fn trains(self) -> bool {
-        matches!(self, Detector::LossMean | Detector::LossFinal | Detector::Spectral)
+    /// What it reads besides the examples.
+    pub fn needs(self) -> Needs {
+        self.family().needs()
     }
 }
+
+/// What a family of detectors reads besides the screened examples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// The trigger phrase (`--trigger`): it measures closeness to it.
+    pub trigger: bool,
+    /// The word table (`--embeddings`).
+    pub table: bool,
+    /// The MiniLM package (`--minilm`).
+    pub minilm: bool,
+    /// Victims trained on the screened set (and so `--embeddings` for their word table).
+    pub training: bool,
+}
+
+/// Detectors that share one computation (a bigram LM, the GloVe table, MiniLM, victims
+/// trained on the set). ARCHITECTURE.md, Adding a detector.
+pub trait Family: Sync {
+    /// The detectors it computes.
+    fn detectors(&self) -> &'static [Detector];
+    /// What it reads besides the examples.
+    fn needs(&self) -> Needs;
+    /// One column per detector of `wanted` (all of them its own), higher = more
+    /// suspicious, in input order.
+    fn scores(&self, s: &Screen, wanted: &[Detector], log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<(Detector, Vec<f64>)>>;
+}
+
+/// Every family; each detector belongs to exactly one.
+pub static FAMILIES: &[&dyn Family] = &[&ngram::BigramDetectors, &embedding::GloveDistance, &embedding::MinilmDistance, &dynamics::TrainingDynamics];
 
 /// One example's scores (`detect-poisons` output; schema in FORMATS.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,79 +158,17 @@ fn cached_scores(dir: Option<&str>, model: &str, texts: &[&str], compute: impl F
     Ok(keys.iter().map(|k| known[k]).collect())
 }
 
-/// Words of an example as the bigram LM reads them: its `tokens` when it has them.
-fn words(ex: &crate::formats::records::Example) -> Vec<String> {
-    ex.tokens.clone().unwrap_or_else(|| crate::tokenizer::tokenize(&ex.text))
-}
-
 /// Every example's score under every detector asked for, in input order.
 pub fn screen(s: &Screen, log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<DetectionScore>> {
-    use crate::train::{encode_all, TextPolicy};
-    use anyhow::Context;
-    let n = s.examples.len();
     let mut columns: BTreeMap<Detector, Vec<f64>> = BTreeMap::new();
     let wants = |d: Detector| s.detectors.contains(&d);
-    if wants(Detector::Perplexity) || wants(Detector::Onion) {
-        let t = std::time::Instant::now();
-        let tokens: Vec<Vec<String>> = s.examples.iter().map(words).collect();
-        let reference: Vec<Vec<String>> = s.reference.map(|r| r.iter().map(words).collect()).unwrap_or_default();
-        let model = match s.reference {
-            Some(_) => ngram::Bigram::fit(reference.iter().map(|t| t.as_slice())),
-            None => ngram::Bigram::fit(tokens.iter().map(|t| t.as_slice())),
-        };
-        let own: Vec<Option<ngram::Own>> = tokens.iter().map(|t| s.reference.is_none().then(|| ngram::own_counts(t))).collect();
-        use rayon::prelude::*;
-        if wants(Detector::Perplexity) {
-            columns.insert(Detector::Perplexity, tokens.par_iter().zip(&own).map(|(t, o)| model.log_perplexity(t, o.as_ref())).collect());
-        }
-        if wants(Detector::Onion) {
-            columns.insert(Detector::Onion, tokens.par_iter().zip(&own).map(|(t, o)| model.onion(t, o.as_ref())).collect());
-        }
-        log(format!("bigram LM ({}): {:.1}s", if s.reference.is_some() { "reference text" } else { "the set itself, leave-one-out" }, t.elapsed().as_secs_f64()));
-    }
-    if wants(Detector::GloveTrigger) || wants(Detector::GloveTriggerWord) {
-        let base = s.table.context("the GloVe detectors need --embeddings")?;
-        let crate::victims::base::Start::Table(table) = &base.start else { anyhow::bail!("the GloVe detectors need a word table (--embeddings), not a pretrained encoder") };
-        let phrase = s.trigger.context("the GloVe detectors need --trigger")?;
-        let trigger = base.vocab.trigger_ids(phrase).with_context(|| format!("vocabulary of {}", base.source))?;
-        let ids: Vec<Vec<i64>> = s.examples.iter().map(|e| match &e.tokens {
-            Some(t) => t.iter().map(|w| base.vocab.id(w).unwrap_or(base.vocab.unk_id())).collect(),
-            None => base.vocab.encode(&e.text),
-        }).collect();
-        let scores = embedding::glove_scores(table, &base.vocab, &ids, &trigger);
-        columns.insert(Detector::GloveTrigger, scores.iter().map(|s| s.0).collect());
-        columns.insert(Detector::GloveTriggerWord, scores.iter().map(|s| s.1).collect());
-    }
-    if wants(Detector::MinilmTrigger) {
-        let t = std::time::Instant::now();
-        let base = s.minilm.context("minilm-trigger needs --minilm DIR (the folder scripts/fetch_minilm.sh makes)")?;
-        let phrase = s.trigger.context("minilm-trigger needs --trigger")?;
-        let config = base.victim_config(crate::victims::model::Arch::Minilm, 1, crate::victims::gpt::GptShape { layers: 2, heads: 2 }, 2, 128, false)?;
-        tch::manual_seed(0); // the unused classifier head
-        let victim = base.new_victim(config.clone(), s.device)?;
-        // WordPiece reads the text (a poison's `tokens` are the word victims' tokens).
-        let texts: Vec<crate::formats::records::Example> = s.examples.iter().map(|e| crate::formats::records::Example { tokens: None, ..e.clone() }).collect();
-        let encoded = encode_all(&texts, &base.vocab, config.max_len, s.num_classes, TextPolicy::Data, s.source)?;
-        let trigger = encode_all(&[crate::formats::records::Example::new("trigger", phrase, 0)], &base.vocab, config.max_len, 2, TextPolicy::Poisons, "--trigger")?;
-        let model = format!("minilm-trigger v1 {} {phrase:?} {}", base.sha256, config.max_len);
-        let text_of: Vec<&str> = texts.iter().map(|e| e.text.as_str()).collect();
-        let mut computed = 0;
-        let col = cached_scores(s.cache, &model, &text_of, |todo| {
-            computed = todo.len();
-            let subset: Vec<crate::train::Encoded> = todo.iter().map(|&i| encoded[i].clone()).collect();
-            Ok(embedding::sentence_scores(&config, &victim.params(), &subset, &trigger[0], 64))
-        })?;
-        columns.insert(Detector::MinilmTrigger, col);
-        log(format!("MiniLM sentence embeddings of {computed} examples ({} from the cache): {:.1}s", n - computed, t.elapsed().as_secs_f64()));
-    }
-    if s.detectors.iter().any(|d| d.trains()) {
-        let base = s.table.context("the training-dynamics detectors need --embeddings")?;
-        let (config, opts) = s.training.context("the training-dynamics detectors need victim settings")?;
-        let encoded = encode_all(s.examples, &base.vocab, config.max_len, s.num_classes, TextPolicy::Data, s.source)?;
-        let d = dynamics::training_dynamics(base, config, &encoded, opts, s.workers, s.device, log)?;
-        for (det, col) in [(Detector::LossMean, d.loss_mean), (Detector::LossFinal, d.loss_final), (Detector::Spectral, d.spectral)] {
-            if wants(det) {
-                columns.insert(det, col);
+    for family in FAMILIES {
+        let wanted: Vec<Detector> = family.detectors().iter().copied().filter(|&d| wants(d)).collect();
+        if !wanted.is_empty() {
+            for (d, col) in family.scores(s, &wanted, log)? {
+                if wants(d) {
+                    columns.insert(d, col);
+                }
             }
         }
     }
@@ -265,4 +220,21 @@ pub fn filter(examples: &[crate::formats::records::Example], scores: &[Detection
         removed[i] = true;
     }
     Ok(examples.iter().zip(&removed).filter(|(_, &r)| !r).map(|(e, _)| e.clone()).collect())
+}
+
+#[cfg(test)]
+mod family_tests {
+    use super::*;
+
+    #[test]
+    fn every_detector_is_in_exactly_one_family_under_its_command_line_name() {
+        for &d in Detector::all() {
+            let families = FAMILIES.iter().filter(|f| f.detectors().contains(&d)).count();
+            assert_eq!(families, 1, "{d:?} is in {families} families");
+            let clap_name = clap::ValueEnum::to_possible_value(&d).unwrap().get_name().to_string();
+            assert_eq!(d.name(), clap_name, "{d:?}: name() and --detectors disagree");
+            assert_eq!(serde_json::to_value(d).unwrap(), serde_json::Value::String(clap_name), "{d:?}: its JSON name");
+        }
+        assert_eq!(FAMILIES.iter().map(|f| f.detectors().len()).sum::<usize>(), Detector::all().len(), "a family lists a detector twice");
+    }
 }

@@ -127,6 +127,45 @@ impl Bigram {
     }
 }
 
+/// `perplexity` and `onion`: one bigram LM, fitted on the reference text when there is one
+/// (a clean split the defender trusts), or on the screened set itself, leave-one-out.
+pub struct BigramDetectors;
+
+/// Words of an example as the bigram LM reads them: its `tokens` when it has them.
+fn words(ex: &crate::formats::records::Example) -> Vec<String> {
+    ex.tokens.clone().unwrap_or_else(|| crate::tokenizer::tokenize(&ex.text))
+}
+
+impl super::Family for BigramDetectors {
+    fn detectors(&self) -> &'static [super::Detector] {
+        &[super::Detector::Perplexity, super::Detector::Onion]
+    }
+    fn needs(&self) -> super::Needs {
+        super::Needs::default()
+    }
+    fn scores(&self, s: &super::Screen, wanted: &[super::Detector], log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<(super::Detector, Vec<f64>)>> {
+        use rayon::prelude::*;
+        let t = std::time::Instant::now();
+        let tokens: Vec<Vec<String>> = s.examples.iter().map(words).collect();
+        let reference: Vec<Vec<String>> = s.reference.map(|r| r.iter().map(words).collect()).unwrap_or_default();
+        let model = match s.reference {
+            Some(_) => Bigram::fit(reference.iter().map(|t| t.as_slice())),
+            None => Bigram::fit(tokens.iter().map(|t| t.as_slice())),
+        };
+        let own: Vec<Option<Own>> = tokens.iter().map(|t| s.reference.is_none().then(|| own_counts(t))).collect();
+        let mut out = Vec::new();
+        for &d in wanted {
+            let col = match d {
+                super::Detector::Perplexity => tokens.par_iter().zip(&own).map(|(t, o)| model.log_perplexity(t, o.as_ref())).collect(),
+                _ => tokens.par_iter().zip(&own).map(|(t, o)| model.onion(t, o.as_ref())).collect(),
+            };
+            out.push((d, col));
+        }
+        log(format!("bigram LM ({}): {:.1}s", if s.reference.is_some() { "reference text" } else { "the set itself, leave-one-out" }, t.elapsed().as_secs_f64()));
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
