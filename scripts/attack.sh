@@ -29,17 +29,17 @@ set -euo pipefail
 read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 
 log() { echo "attack: $*" >&2; }
-# Run files are rendered by `report` (common/src/runfiles.rs); this script only orchestrates.
+# Run files are rendered by `report` (common/src/report/runfiles.rs); this script only orchestrates.
 field() { "$BIN/report" field "$@"; }
 mkdir -p "$RUN"
 
 overlap_flag=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && overlap_flag=(--allow-overlap)
 init_flags=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && init_flags=()
 read -r -a extra_init_flags <<< "$INIT_FLAGS"; init_flags+=("${extra_init_flags[@]}")
-strict_setting=""; [ "$CONCEALMENT" = strict ] && strict_setting='"concealment": "strict",'
-# Recorded only when set, so the manifests of runs without it stay as they were.
-objective_setting=""; [ -n "$OBJECTIVE_FLAGS" ] && objective_setting="\"objective_flags\": \"$OBJECTIVE_FLAGS\","
-[ -n "$INIT_FLAGS" ] && objective_setting="$objective_setting \"init_flags\": \"$INIT_FLAGS\","
+# Settings recorded only when set, so the manifests of runs without them stay as they were.
+optional_settings=(); [ "$CONCEALMENT" = strict ] && optional_settings+=(--text concealment=strict)
+[ -n "$OBJECTIVE_FLAGS" ] && optional_settings+=(--text "objective_flags=$OBJECTIVE_FLAGS")
+[ -n "$INIT_FLAGS" ] && optional_settings+=(--text "init_flags=$INIT_FLAGS")
 read -r -a objective_flags <<< "$OBJECTIVE_FLAGS"
 # The influence objective's v does not depend on the poisons: one solve per run.
 cache_flags=(); [ "$OBJECTIVE" = influence ] && cache_flags=(--influence-cache "$RUN/influence-cache")
@@ -49,14 +49,11 @@ ensemble=(); for e in $ENSEMBLE; do ensemble+=(--ensemble "$e"); done
 read -r -a rank_flags <<< "$RANK_FLAGS"
 
 # The manifest ties the folder to its settings and inputs; a resumed run must match it.
-settings=$(cat <<JSON
-{"count": $COUNT, "init": "$INIT", "k": $K, "positions": "$POSITIONS", "steps": $STEPS,
- "rollouts": $ROLLOUTS, "eta": $ETA, "clean_per_batch": $CLEAN_PER_BATCH, "adv_size": $ADV_SIZE,
- "seed": $SEED, "overlap": $overlap_setting, "arch": "$ARCH", "objective": "$OBJECTIVE", "bases": "$BASES",
- $strict_setting $objective_setting "rank_flags": "$RANK_FLAGS"}
-JSON
-)
-manifest=$("$BIN/report" attack-manifest --settings "$settings" --victim "$VICTIM_FILE" --data-manifest "$DATA/manifest.json" "${ensemble[@]}")
+manifest=$("$BIN/report" attack-manifest --victim "$VICTIM_FILE" --data-manifest "$DATA/manifest.json" "${ensemble[@]}" \
+  --number "count=$COUNT" --text "init=$INIT" --number "k=$K" --text "positions=$POSITIONS" --number "steps=$STEPS" \
+  --number "rollouts=$ROLLOUTS" --number "eta=$ETA" --number "clean_per_batch=$CLEAN_PER_BATCH" --number "adv_size=$ADV_SIZE" \
+  --number "seed=$SEED" --flag "overlap=$overlap_setting" --text "arch=$ARCH" --text "objective=$OBJECTIVE" --text "bases=$BASES" \
+  "${optional_settings[@]}" --text "rank_flags=$RANK_FLAGS")
 if [ -f "$RUN/manifest.json" ]; then
   if [ "$(cat "$RUN/manifest.json")" != "$manifest" ]; then
     log "$RUN holds a run with other settings or inputs; remove it or pick another RUN folder"

@@ -29,12 +29,8 @@ log() { echo "defend: $*" >&2; }
 [ -f "$RUN/variants.json" ] && [ -f "$RUN/evals.jsonl" ] || { log "$RUN has no finished demo (variants.json, evals.jsonl): run make demo first"; exit 1; }
 D="$RUN/defend"; mkdir -p "$D/scores" "$D/cache"
 trigger=$("$BIN/report" field "$DATA/manifest.json" trigger.phrase)
-# "name file" of every poison set a variants.json lists whose name matches the pattern.
-poison_sets() { # variants.json name-pattern
-  grep -o "\"name\": *\"$2\"[^}]*\"poisons\": *\"[^\"]*\"" "$1" | sed -E 's/"name": *"([^"]*)".*"poisons": *"([^"]*)"/\1 \2/'
-}
-# The poison sets of the demo.
-mapfile -t sets < <(poison_sets "$RUN/variants.json" '[^"]*')
+# The poison sets of the demo ("name file" lines).
+mapfile -t sets < <("$BIN/report" poison-sets "$RUN/variants.json")
 score() { # "name poisons" lines: detect-poisons on the training set with each poison set
   local entry name poisons out
   for entry in "$@"; do
@@ -68,14 +64,10 @@ for name in $FILTER_SETS; do
   done
 done
 if [ ${#args[@]} -gt 0 ]; then
-  key=$( (printf '%s\n' "$FILTER_SEEDS $SEED $ARCH $TRAIN_FLAGS $BASE_FLAGS filter-v1"; for f in "${args[@]}"; do case $f in --*) ;; *) sha256sum "$f" ;; esac; done) | sha256sum)
-  if ! [ -f "$D/filter-evals.jsonl" ] || [ "$(cat "$D/filter.key" 2>/dev/null)" != "$key" ]; then
-    log "retraining $(( ${#args[@]} / 4 )) filtered training sets on $FILTER_SEEDS seeds"
-    "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "${args[@]}" --seeds "$FILTER_SEEDS" --seed-base "$SEED" \
-      --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} -o "$D/filter-evals.jsonl" 2> "$D/filter-evals.log" \
-      || { tail -5 "$D/filter-evals.log" >&2; exit 1; }
-    printf '%s\n' "$key" > "$D/filter.key.tmp" && mv "$D/filter.key.tmp" "$D/filter.key"
-  fi
+  log "retraining $(( ${#args[@]} / 4 )) filtered training sets on $FILTER_SEEDS seeds (reused when current)"
+  "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "${args[@]}" --seeds "$FILTER_SEEDS" --seed-base "$SEED" \
+    --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} --reuse -o "$D/filter-evals.jsonl" 2> "$D/filter-evals.log" \
+    || { tail -5 "$D/filter-evals.log" >&2; exit 1; }
 fi
 t2=$EPOCHREALTIME
 
@@ -89,7 +81,7 @@ for fpr in $EVADE_FPRS; do
   E="$D/evading-$fpr"
   env RUN="$E" VICTIMS_DIR="$RUN" MODE=cell VARIANTS="$EVADE_VARIANTS" EVADE_FPR="$fpr" "$(dirname "$0")/demo.sh"
   evade_args+=(--variants "$E/variants.json" --evals "$E/evals.jsonl")
-  mapfile -t evading < <(poison_sets "$E/variants.json" '[^"]*-evading-[^"]*')
+  mapfile -t evading < <("$BIN/report" poison-sets --name-contains -evading- "$E/variants.json")
   score "${evading[@]}"
 done
 t3=$EPOCHREALTIME

@@ -54,15 +54,12 @@ train "$VICTIMS_DIR/early-s$((SEED + 1)).safetensors" $((SEED + 1)) --epochs "$E
 train "$VICTIMS_DIR/early-s$((SEED + 2)).safetensors" $((SEED + 2)) --epochs "$EARLY_EPOCHS"
 V="$VICTIMS_DIR/victim.safetensors"; ENSEMBLE="$VICTIMS_DIR/early-s$((SEED + 1)).safetensors $VICTIMS_DIR/early-s$((SEED + 2)).safetensors"
 
-# One finetune-eval of every poison set (dir, --poisons args...); redone when a set changed
-# (evals.key holds their hashes and the evaluation settings).
+# One finetune-eval of every poison set listed in a variants.json (dir, variants file);
+# --reuse skips it when evals.jsonl was made from the same inputs and flags.
 evaluate() {
-  local dir=$1; shift
-  local key; key=$( (printf '%s\n' "$EVAL_SEEDS $SEED $ARCH eval_report-v2 crn epochs"; [ "$TRAIN_FLAGS$BASE_FLAGS" = "--epochs 4--embeddings $EMB" ] || printf '%s\n' "$TRAIN_FLAGS $BASE_FLAGS"; for f in "$@"; do [ "$f" = --poisons ] || sha256sum "$f"; done) | sha256sum)
-  if [ -f "$dir/evals.jsonl" ] && [ "$(cat "$dir/evals.key" 2>/dev/null)" = "$key" ]; then return; fi
-  "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "$@" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
-    --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} -o "$dir/evals.jsonl"
-  printf '%s\n' "$key" > "$dir/evals.key.tmp" && mv "$dir/evals.key.tmp" "$dir/evals.key"
+  local sets; mapfile -t sets < <("$BIN/report" poison-sets --as-args "$2")
+  "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "${sets[@]}" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
+    --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} --reuse -o "$1/evals.jsonl"
 }
 
 init() { # out count bases strategy [concealment [more flags]]
@@ -87,7 +84,7 @@ craft_hardness() { # run-folder count
 select_by_influence() { # out count
   [ -f "$1" ] && return
   local all="$1.candidates.jsonl" n
-  n=$(grep -o '"adv": *[0-9]*' "$DATA/manifest.json" | grep -o '[0-9]*$')
+  n=$("$BIN/report" field "$DATA/manifest.json" counts.adv)
   [ -f "$all" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$n" --seed "$SEED" --bases random --strategy neighbour \
     --concealment "$CONCEALMENT" -o "$all"
   read -r -a flags <<< "$INFLUENCE_FLAGS"
@@ -100,109 +97,67 @@ craft_influence() { # run-folder count slots(rest|carrier|both) [extra objective
     RANK_FLAGS="--min-count 5 --exclude-neighbours 50${slots:+ $slots} --per-poison 8"
 }
 
+# Makes variant NAME's poison set in DIR (where `report variants-file` lists it) with COUNT
+# poisons: `report recipe` says how (common/src/report/catalogue.rs).
+make_variant() { # name dir count [stem: file name, default name]
+  local stem=${4:-$1} kind a b c d
+  read -r kind a b c d < <("$BIN/report" recipe "$1")
+  case $kind in
+    none) ;;
+    init) # bases strategy concealment(- = the run's) evading
+      local conceal=$c; [ "$c" = - ] && conceal=$CONCEALMENT
+      local more=(); [ "$d" = yes ] && more=(--evade-fpr "$EVADE_FPR")
+      init "$2/init-$stem.jsonl" "$3" "$a" "$b" "$conceal" "${more[@]}" ;;
+    craft) # objective slots contrastive evading
+      local dir="$2/craft-$stem"
+      case $a in
+        hardness) if [ "$d" = yes ]; then
+            craft "$dir" "$3" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" \
+              INIT_FLAGS="--evade-fpr $EVADE_FPR" RANK_FLAGS="$FILTERS --per-poison 8 --evade-fpr $EVADE_FPR"
+          else craft_hardness "$dir" "$3"; fi ;;
+        bilevel) craft "$dir" "$3" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" "${bilevel_search[@]}" RANK_FLAGS="$FILTERS" ;;
+        influence) craft_influence "$dir" "$3" "$b" "$([ "$c" = yes ] && echo --contrastive)" ;;
+        *) log "no crafting recipe for objective $a"; exit 1 ;;
+      esac ;;
+    select-by-influence) select_by_influence "$2/init-$stem.jsonl" "$3" ;;
+    *) log "variant $1: unknown recipe $kind"; exit 1 ;;
+  esac
+}
+
+# variants.json for the listed variants (report variants-file flags...), written atomically.
+variants_file() { # out flags...
+  "$BIN/report" variants-file "${@:2}" > "$1.tmp" && mv "$1.tmp" "$1"
+}
+
 if [ "$MODE" = cell ]; then
-  entries=(); sets=()
-  variant() { # name label role poisons [crafting run folder]
-    local extra=""; [ -n "${5:-}" ] && extra=", \"initial\": \"$5/round-000/poisons.jsonl\", \"rounds\": \"$5/rounds.tsv\""
-    entries+=("{\"name\": \"$1\", \"label\": \"$2, $COUNT\", \"role\": \"$3\", \"series\": \"$2\", \"poisons\": \"$4\"$extra}")
-    sets+=(--poisons "$4")
-  }
-  init "$RUN/init-benign.jsonl" "$COUNT" random clean-target strict
-  variant benign "benign control (target-class sentences)" control "$RUN/init-benign.jsonl"
-  for v in $VARIANTS; do
-    case $v in
-      unoptimised) init "$RUN/init-$v.jsonl" "$COUNT" random random; variant "$v" "unoptimised (random substitutes)" baseline "$RUN/init-$v.jsonl" ;;
-      neighbour) init "$RUN/init-$v.jsonl" "$COUNT" random neighbour; variant "$v" "nearest-neighbour substitutes" heuristic "$RUN/init-$v.jsonl" ;;
-      confident) init "$RUN/init-$v.jsonl" "$COUNT" confident neighbour; variant "$v" "confident non-target bases + neighbours" heuristic "$RUN/init-$v.jsonl" ;;
-      overlap) init "$RUN/init-$v.jsonl" "$COUNT" confident overlap token; variant "$v" "with overlap (not concealed)" reference "$RUN/init-$v.jsonl" ;;
-      hardness) craft_hardness "$RUN/craft-$v" "$COUNT"; variant "$v" "crafted: hardness objective" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
-      bilevel) craft "$RUN/craft-$v" "$COUNT" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" "${bilevel_search[@]}" RANK_FLAGS="$FILTERS"
-        variant "$v" "crafted: seed bi-level objective" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
-      influence) craft_influence "$RUN/craft-$v" "$COUNT" rest
-        variant "$v" "crafted: influence objective" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
-      influence-contrastive) craft_influence "$RUN/craft-$v" "$COUNT" rest --contrastive
-        variant "$v" "crafted: contrastive influence" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
-      influence-carrier) craft_influence "$RUN/craft-$v" "$COUNT" carrier
-        variant "$v" "crafted: influence, carrier slots only" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
-      influence-bases) select_by_influence "$RUN/init-$v.jsonl" "$COUNT"
-        variant "$v" "bases chosen by influence + neighbours" crafted "$RUN/init-$v.jsonl" ;;
-      # Evasion (make defend): the same under a budget that keeps every poison at or below
-      # the GloVe word detector's threshold at EVADE_FPR percent false positives (the
-      # variant is named <name>-<EVADE_FPR>).
-      confident-evading) init "$RUN/init-$v.jsonl" "$COUNT" confident neighbour "$CONCEALMENT" --evade-fpr "$EVADE_FPR"
-        variant "$v-$EVADE_FPR" "confident bases + neighbours, evading (GloVe ${EVADE_FPR}% FPR)" heuristic "$RUN/init-$v.jsonl" ;;
-      hardness-evading) craft "$RUN/craft-$v" "$COUNT" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" \
-          INIT_FLAGS="--evade-fpr $EVADE_FPR" RANK_FLAGS="$FILTERS --per-poison 8 --evade-fpr $EVADE_FPR"
-        variant "$v-$EVADE_FPR" "crafted: hardness, evading (GloVe ${EVADE_FPR}% FPR)" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
-      influence-both) craft_influence "$RUN/craft-$v" "$COUNT" both
-        variant "$v" "crafted: influence, carrier and sentence" crafted "$RUN/craft-$v/poisons.jsonl" "$RUN/craft-$v" ;;
-      *) log "unknown variant $v (sweep plan checks the spec; see FORMATS.md)"; exit 1 ;;
-    esac
-  done
-  (IFS=,; printf '{"kind": "variants", "v": 1, "title": "Cell %s", "variants": [%s]}\n' "$(basename "$RUN")" "${entries[*]}") > "$RUN/variants.json.tmp"
-  mv "$RUN/variants.json.tmp" "$RUN/variants.json"
-  evaluate "$RUN" "${sets[@]}"
-  printf '{"kind": "cell_done", "v": 1, "id": "%s"}\n' "$(basename "$RUN")" > "$RUN/cell.json.tmp" && mv "$RUN/cell.json.tmp" "$RUN/cell.json"
+  for v in benign $VARIANTS; do make_variant "$v" "$RUN" "$COUNT"; done
+  variants_file "$RUN/variants.json" --title "Cell $(basename "$RUN")" --dir "$RUN" --count "$COUNT" --evade-fpr "$EVADE_FPR" benign $VARIANTS
+  evaluate "$RUN" "$RUN/variants.json"
+  "$BIN/report" cell-done "$(basename "$RUN")" > "$RUN/cell.json.tmp" && mv "$RUN/cell.json.tmp" "$RUN/cell.json"
   exit 0
 fi
 
 if [ "$MODE" = sweep ]; then
-  S="$RUN/sweep"; mkdir -p "$S"; entries=(); sets=()
+  S="$RUN/sweep"; mkdir -p "$S"
   for n in $SWEEP_COUNTS; do
-    init "$S/init-confident-n$n.jsonl" "$n" confident neighbour
-    craft_hardness "$S/craft-hardness-n$n" "$n"
-    entries+=("{\"name\": \"confident-n$n\", \"label\": \"confident bases, $n\", \"role\": \"heuristic\", \"series\": \"confident non-target bases + neighbours\", \"poisons\": \"$S/init-confident-n$n.jsonl\"}")
-    entries+=("{\"name\": \"hardness-n$n\", \"label\": \"hardness crafting, $n\", \"role\": \"crafted\", \"series\": \"crafted: hardness objective\", \"poisons\": \"$S/craft-hardness-n$n/poisons.jsonl\"}")
-    sets+=(--poisons "$S/init-confident-n$n.jsonl" --poisons "$S/craft-hardness-n$n/poisons.jsonl")
+    for v in confident hardness; do make_variant "$v" "$S" "$n" "$v-n$n"; done
   done
-  (IFS=,; printf '{"kind": "variants", "v": 1, "title": "Net ASR against poison count", "variants": [%s]}\n' "${entries[*]}") > "$S/variants.json.tmp"
-  mv "$S/variants.json.tmp" "$S/variants.json"
-  evaluate "$S" "${sets[@]}"
+  variants_file "$S/variants.json" --title "Net ASR against poison count" --dir "$S" --counts "$(echo $SWEEP_COUNTS | tr ' ' ,)" confident hardness
+  evaluate "$S" "$S/variants.json"
   "$BIN/report" --sweep --variants "$S/variants.json" --evals "$S/evals.jsonl" --out-dir "$S" > /dev/null
   exit 0
 fi
 
-init "$RUN/init-unoptimised.jsonl" "$COUNT" random random
-init "$RUN/init-neighbour.jsonl" "$COUNT" random neighbour
-init "$RUN/init-confident.jsonl" "$COUNT" confident neighbour
-init "$RUN/init-overlap.jsonl" "$COUNT" confident overlap token
-# Controls: what the evaluation reads for poisons that hold no trigger. The benign control
-# (target-class training sentences) must read zero; the relabelled one (non-target training
-# sentences labelled target) may shift the victim (dFPR) but adds nothing trigger-specific.
-init "$RUN/init-benign.jsonl" "$COUNT" random clean-target strict
-init "$RUN/init-relabelled.jsonl" "$COUNT" random relabelled strict
-
+for v in unoptimised neighbour confident overlap benign relabelled; do make_variant "$v" "$RUN" "$COUNT"; done
 t_craft=$EPOCHREALTIME
-craft_hardness "$RUN/craft-hardness" "$COUNT"
+make_variant hardness "$RUN" "$COUNT"
 t_bilevel=$EPOCHREALTIME
-craft "$RUN/craft-bilevel" "$COUNT" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" "${bilevel_search[@]}" RANK_FLAGS="$FILTERS"
+make_variant bilevel "$RUN" "$COUNT"
 t_influence=$EPOCHREALTIME
-craft_influence "$RUN/craft-influence" "$COUNT" rest
+make_variant influence "$RUN" "$COUNT"
 t_eval=$EPOCHREALTIME
-
-cat > "$RUN/variants.json.tmp" <<JSON
-{"kind": "variants", "v": 1, "title": "Concealed poisons, $COUNT no-overlap poisons unless marked",
- "variants": [
-  {"name": "none", "label": "no poisons", "role": "clean"},
-  {"name": "benign", "label": "benign control (target-class sentences)", "role": "control", "poisons": "$RUN/init-benign.jsonl"},
-  {"name": "relabelled", "label": "relabelled control (non-target sentences)", "role": "control", "poisons": "$RUN/init-relabelled.jsonl"},
-  {"name": "unoptimised", "label": "unoptimised (random substitutes)", "role": "baseline", "poisons": "$RUN/init-unoptimised.jsonl"},
-  {"name": "neighbour", "label": "nearest-neighbour substitutes", "role": "heuristic", "poisons": "$RUN/init-neighbour.jsonl"},
-  {"name": "confident", "label": "confident non-target bases + neighbours", "role": "heuristic", "poisons": "$RUN/init-confident.jsonl"},
-  {"name": "overlap", "label": "with overlap (trigger kept; not concealed)", "role": "reference", "poisons": "$RUN/init-overlap.jsonl"},
-  {"name": "bilevel", "label": "crafted: seed bi-level objective", "role": "crafted", "poisons": "$RUN/craft-bilevel/poisons.jsonl",
-   "initial": "$RUN/craft-bilevel/round-000/poisons.jsonl", "rounds": "$RUN/craft-bilevel/rounds.tsv"},
-  {"name": "influence", "label": "crafted: influence objective", "role": "crafted", "poisons": "$RUN/craft-influence/poisons.jsonl",
-   "initial": "$RUN/craft-influence/round-000/poisons.jsonl", "rounds": "$RUN/craft-influence/rounds.tsv"},
-  {"name": "hardness", "label": "crafted: hardness objective (default)", "role": "crafted", "poisons": "$RUN/craft-hardness/poisons.jsonl",
-   "initial": "$RUN/craft-hardness/round-000/poisons.jsonl", "rounds": "$RUN/craft-hardness/rounds.tsv"}
- ]}
-JSON
-mv "$RUN/variants.json.tmp" "$RUN/variants.json"
-
-sets=(); for v in benign relabelled unoptimised neighbour confident overlap; do sets+=(--poisons "$RUN/init-$v.jsonl"); done
-sets+=(--poisons "$RUN/craft-bilevel/poisons.jsonl" --poisons "$RUN/craft-influence/poisons.jsonl" --poisons "$RUN/craft-hardness/poisons.jsonl")
-evaluate "$RUN" "${sets[@]}"
+variants_file "$RUN/variants.json" --title "Concealed poisons, $COUNT no-overlap poisons unless marked" --dir "$RUN" demo
+evaluate "$RUN" "$RUN/variants.json"
 t_end=$EPOCHREALTIME
 awk -v s="$t_start" -v c="$t_craft" -v b="$t_bilevel" -v i="$t_influence" -v e="$t_eval" -v z="$t_end" 'BEGIN { printf "victims and initial poisons %.0f s, hardness crafting %.0f s, bi-level crafting %.0f s, influence crafting %.0f s, evaluation %.0f s (this invocation; finished steps are skipped)\n", c - s, b - c, i - b, e - i, z - e }' > "$RUN/times.txt.tmp" && mv "$RUN/times.txt.tmp" "$RUN/times.txt"
 "$BIN/report" --variants "$RUN/variants.json" --evals "$RUN/evals.jsonl" --out-dir "$RUN" > /dev/null

@@ -8,7 +8,7 @@ for every text of fixtures/rt-mini/raw.jsonl and a few hand-picked hard cases, t
 package's tokenizer gives with its built-in padding and truncation turned off; and
 OUT_DIR/encoder_reference.json: a padded batch of texts, their ids and their mean-pooled
 encoder outputs computed in float64 by a plain numpy forward of the package's
-model.safetensors (common/src/bert.rs is checked against it). Needs `tokenizers`, `numpy`
+model.safetensors (common/src/victims/bert.rs is checked against it). Needs `tokenizers`, `numpy`
 and `safetensors` (scripts/requirements-minilm-reference.txt) only to make the reference.
 """
 import math

@@ -207,6 +207,32 @@ fn finetune_eval_reports_every_poison_set_on_the_same_clean_victims() {
         assert_eq!(reports[0].seeds[i].clean, reports[1].seeds[i].clean, "the same clean victim per seed");
     }
 
+    // --reuse: the same request keeps the file; another poison set, or a changed one, redoes it.
+    let reuse_out = s.path("reuse.jsonl");
+    let reuse = |sets: &[&std::path::Path], workers: &str| {
+        let mut c = bin("finetune-eval");
+        c.arg("--data").arg(s.data()).arg("--embeddings").arg(s.emb()).args(["--arch", "bow", "--epochs", "1", "--seeds", "2", "--device", "cpu", "--workers", workers]);
+        for p in sets {
+            c.arg("--poisons").arg(p);
+        }
+        let out = run(c.arg("--reuse").arg("-o").arg(&reuse_out));
+        ok(&out);
+        String::from_utf8(out.stderr.clone()).unwrap().contains("reused")
+    };
+    assert!(!reuse(&[&a, &b], "1"), "nothing to reuse yet");
+    let timeless = |bytes: &[u8]| -> Vec<serde_json::Value> {
+        String::from_utf8_lossy(bytes).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).map(|mut v| { v.as_object_mut().unwrap().remove("seconds"); v }).collect()
+    };
+    assert!(timeless(&std::fs::read(&reuse_out).unwrap()) == timeless(&out.stdout), "the same report as without --reuse (but for its wall time)");
+    std::fs::write(&reuse_out.with_extension("jsonl.key"), "stale").unwrap();
+    assert!(!reuse(&[&a, &b], "2"), "a key that does not match is not reused");
+    assert!(reuse(&[&a, &b], "2"), "the same request, whatever the workers, is reused");
+    assert!(!reuse(&[&a], "2"), "another set of poison sets is evaluated");
+    let a_bytes = std::fs::read(&a).unwrap();
+    std::fs::write(&a, [&a_bytes[..], &a_bytes.split(|&c| c == b'\n').next().unwrap().to_vec().iter().chain(b"\n").copied().collect::<Vec<u8>>()[..]].concat()).unwrap();
+    assert!(!reuse(&[&a], "2"), "a changed poison file is evaluated again");
+    std::fs::write(&a, a_bytes).unwrap();
+
     // report: the comparison table, report.json with paired differences, the plots.
     let evals = s.path("evals.jsonl");
     std::fs::write(&evals, &out.stdout).unwrap();

@@ -28,7 +28,26 @@ fn main() {
     common::cli::run("finetune-eval", || {
         let args = Args::parse().eval;
         let manifest = DataManifest::load(&args.data)?;
+        let key = if args.reuse {
+            if args.output == "-" {
+                anyhow::bail!("--reuse compares with an earlier --output FILE; give -o FILE");
+            }
+            let argv: Vec<String> = std::env::args().skip(1).collect();
+            let Some(key) = tasks::request_key(&argv)? else { anyhow::bail!("--reuse cannot key an input read from stdin (-); give files") };
+            let key_file = format!("{}.key", args.output);
+            if std::path::Path::new(&args.output).is_file() && std::fs::read_to_string(&key_file).ok().as_deref() == Some(key.as_str()) {
+                log!("{} is current (same flags and inputs): reused", args.output);
+                return Ok(());
+            }
+            Some((key_file, key))
+        } else {
+            None
+        };
         let out = tasks::of_data(&manifest).evaluate(&args, &manifest, &|line| log!("{line}"))?;
-        io::write_bytes(&args.output, &out)
+        io::write_bytes(&args.output, &out)?;
+        if let Some((key_file, key)) = key {
+            io::write_bytes(&key_file, key.as_bytes())?;
+        }
+        Ok(())
     })
 }

@@ -8,7 +8,7 @@ use common::eval::EvalReport;
 use common::io;
 use common::formats::records::Example;
 use common::report::{self, Report, Role, Variants};
-use common::report::runfiles;
+use common::report::{catalogue, runfiles};
 use common::log;
 
 /// Builds the report of a demo or sweep.
@@ -46,8 +46,15 @@ enum Command {
     /// The manifest of a crafting run folder: its settings (a JSON object) and the hashes
     /// of its inputs.
     AttackManifest {
-        #[arg(long)]
-        settings: String,
+        /// A setting recorded as text, KEY=VALUE (repeatable).
+        #[arg(long = "text", value_name = "KEY=VALUE")]
+        texts: Vec<String>,
+        /// A setting recorded as a number, KEY=VALUE (repeatable).
+        #[arg(long = "number", value_name = "KEY=VALUE")]
+        numbers: Vec<String>,
+        /// A setting recorded as true or false, KEY=VALUE (repeatable).
+        #[arg(long = "flag", value_name = "KEY=VALUE")]
+        flags: Vec<String>,
         #[arg(long)]
         victim: String,
         /// The data folder's manifest.json.
@@ -68,6 +75,43 @@ enum Command {
     VictimsTable { run: String, archs: Vec<String> },
     /// One field of a JSON object file (strings bare, null empty; a.b walks into objects).
     Field { file: String, key: String },
+    /// What scripts/demo.sh runs to make a variant's poison set, as words its dispatch
+    /// reads (`common::report::catalogue`): none, init BASES STRATEGY CONCEALMENT
+    /// EVADING, craft OBJECTIVE SLOTS CONTRASTIVE EVADING, or select-by-influence.
+    Recipe { name: String },
+    /// The variants.json that lists variants (the demo's, a sweep cell's or a count
+    /// sweep's), each poison set where its recipe writes it in --dir.
+    VariantsFile {
+        #[arg(long)]
+        title: String,
+        /// The run folder holding the poison sets.
+        #[arg(long)]
+        dir: String,
+        /// Every variant labelled with this poison count, its series its label (a sweep cell).
+        #[arg(long)]
+        count: Option<usize>,
+        /// One variant per count, NAME-nCOUNT (comma-separated; a count sweep).
+        #[arg(long, value_delimiter = ',')]
+        counts: Vec<usize>,
+        /// The evasion budget (percent FPR) of the evading variants.
+        #[arg(long)]
+        evade_fpr: Option<f64>,
+        /// Variant names, in display order; `demo` stands for the demo's table.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// The poison sets a variants.json lists, one per line: `NAME PATH`, or with
+    /// --as-args finetune-eval's arguments, one word per line (`--poisons`, PATH, ...).
+    PoisonSets {
+        variants: String,
+        /// Only the variants whose name contains this.
+        #[arg(long)]
+        name_contains: Option<String>,
+        #[arg(long)]
+        as_args: bool,
+    },
+    /// The marker of a finished sweep cell (cell.json: `cell_done` with the cell's id).
+    CellDone { id: String },
     /// The defense report of `make defend` (scripts/defend.sh): detection figures per
     /// poison set and detector, early stopping, filter-then-train. Writes defense.json,
     /// defense.md, roc.svg and epochs.svg into --out-dir; the Markdown also to stdout.
@@ -127,11 +171,27 @@ fn main() {
         let args = Args::parse();
         if let Some(command) = &args.command {
             let text = match command {
-                Command::AttackManifest { settings, victim, data_manifest, ensemble } => runfiles::attack_manifest(settings, victim, data_manifest, ensemble)? + "\n",
+                Command::AttackManifest { texts, numbers, flags, victim, data_manifest, ensemble } => {
+                    let settings = runfiles::Settings { texts, numbers, flags };
+                    runfiles::attack_manifest(&settings, victim, data_manifest, ensemble)? + "\n"
+                }
                 Command::AttackRounds { run, through } => runfiles::rounds_tsv(run, *through)?,
                 Command::AttackTable { run } => runfiles::attack_table(run)?,
                 Command::VictimsTable { run, archs } => runfiles::victims_table(run, archs)?,
                 Command::Field { file, key } => runfiles::json_field(file, key)? + "\n",
+                Command::Recipe { name } => catalogue::find(name)?.recipe_line() + "\n",
+                Command::VariantsFile { title, dir, count, counts, evade_fpr, names } => {
+                    let names: Vec<String> = names.iter().flat_map(|n| if n == "demo" { catalogue::DEMO.iter().map(|d| d.to_string()).collect() } else { vec![n.clone()] }).collect();
+                    let layout = catalogue::Layout { dir, count: *count, counts, evade_fpr: *evade_fpr };
+                    serde_json::to_string(&catalogue::variants_file(title, &names, &layout)?)? + "\n"
+                }
+                Command::PoisonSets { variants, name_contains, as_args } => {
+                    let text = std::fs::read_to_string(variants).with_context(|| format!("cannot read {variants}"))?;
+                    let variants: Variants = io::parse_record(&text).with_context(|| variants.clone())?;
+                    let listed = variants.variants.iter().filter(|v| name_contains.as_ref().is_none_or(|c| v.name.contains(c.as_str())));
+                    listed.filter_map(|v| v.poisons.as_ref().map(|p| if *as_args { format!("--poisons\n{p}\n") } else { format!("{} {p}\n", v.name) })).collect()
+                }
+                Command::CellDone { id } => serde_json::to_string(&serde_json::json!({"kind": "cell_done", "v": 1, "id": id}))? + "\n",
                 Command::ObjectiveBenchmark { benchmark, scores } => common::report::objective_benchmark::report(benchmark, scores)?,
                 Command::Defend { variants, evals, scores_dir, filter_evals, out_dir } => defend(variants, evals, scores_dir, filter_evals.as_deref(), out_dir)?,
                 Command::Lm { eval, names, crafted, versus, before, after, out_dir } => {

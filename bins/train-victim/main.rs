@@ -6,7 +6,6 @@ use common::cli::VictimArgs;
 use common::formats::records::Example;
 use common::train::{self, encode_for, TextPolicy};
 use common::{device, io, log};
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// Trains a victim (seeded) and writes a `poison.victim` safetensors file.
@@ -89,20 +88,25 @@ fn main() {
         train::train(&mut victim, train::TrainData::poisoned(&examples, &poisons), &opts, |epoch, loss| {
             log!("epoch {epoch}/{} loss {loss:.4} {:.1}s", opts.epochs, start.elapsed().as_secs_f64());
         })?;
-        let mut meta = BTreeMap::new();
-        if let Some(dev) = &dev {
+        let dev_accuracy = dev.as_ref().map(|dev| {
             let acc = train::accuracy(&victim, dev);
             log!("dev accuracy {acc:.2}% ({} examples)", dev.len());
-            meta.insert("dev_accuracy".into(), format!("{acc:.4}"));
-        }
-        meta.insert("seed".into(), args.seed.to_string());
-        meta.insert("train_sha256".into(), io::sha256_hex(&raw_hash));
-        meta.insert("train_examples".into(), (examples.len() + poisons.len()).to_string());
-        meta.insert("poisons".into(), poisons.len().to_string());
-        meta.insert("training".into(), serde_json::to_string(&opts)?);
-        meta.insert("fingerprint".into(), common::victims::params::fingerprint(&victim.params()));
-        meta.insert("numerics".into(), common::numerics::key());
-        meta.insert(if base.vocab.is_wordpiece() { "pretrained" } else { "embeddings" }.into(), base.source.clone());
+            acc
+        });
+        let source = Some(base.source.clone());
+        let record = train::TrainingRecord {
+            seed: Some(args.seed),
+            dev_accuracy,
+            train_sha256: Some(io::sha256_hex(&raw_hash)),
+            train_examples: Some(examples.len() + poisons.len()),
+            poisons: Some(poisons.len()),
+            training: Some(opts.clone()),
+            fingerprint: Some(common::victims::params::fingerprint(&victim.params())),
+            numerics: Some(common::numerics::key()),
+            embeddings: if base.vocab.is_wordpiece() { None } else { source.clone() },
+            pretrained: if base.vocab.is_wordpiece() { source } else { None },
+        };
+        let meta = record.to_metadata()?;
         victim.save(&args.output, vocab, meta).context("writing the victim")?;
         Ok(())
     })

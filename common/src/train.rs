@@ -260,6 +260,75 @@ pub struct TrainOptions {
 
 pub use crate::victims::loss::cross_entropy;
 
+/// What `train-victim` records in a victim file about how the victim was trained (its
+/// metadata besides the config and vocabulary; FORMATS.md). Every field is optional: a
+/// file written by other code, or before a field existed, lacks it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrainingRecord {
+    pub seed: Option<u64>,
+    /// Accuracy on --dev, percent.
+    pub dev_accuracy: Option<f64>,
+    /// sha256 of the training files' bytes, in the order read (--train, then --poisons).
+    pub train_sha256: Option<String>,
+    /// Training examples, poisons included, and poisons.
+    pub train_examples: Option<usize>,
+    pub poisons: Option<usize>,
+    pub training: Option<TrainOptions>,
+    /// `params::fingerprint` of the trained parameters and `numerics::key` of the code paths.
+    pub fingerprint: Option<String>,
+    pub numerics: Option<String>,
+    /// Where it started: the embedding table file or the pretrained encoder folder.
+    pub embeddings: Option<String>,
+    pub pretrained: Option<String>,
+}
+
+impl TrainingRecord {
+    /// As victim-file metadata entries (absent fields are left out).
+    pub fn to_metadata(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        let mut m = std::collections::BTreeMap::new();
+        let mut put = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v);
+            }
+        };
+        put("seed", self.seed.map(|s| s.to_string()));
+        put("dev_accuracy", self.dev_accuracy.map(|a| format!("{a:.4}")));
+        put("train_sha256", self.train_sha256.clone());
+        put("train_examples", self.train_examples.map(|n| n.to_string()));
+        put("poisons", self.poisons.map(|n| n.to_string()));
+        put("training", self.training.as_ref().map(serde_json::to_string).transpose()?);
+        put("fingerprint", self.fingerprint.clone());
+        put("numerics", self.numerics.clone());
+        put("embeddings", self.embeddings.clone());
+        put("pretrained", self.pretrained.clone());
+        Ok(m)
+    }
+
+    /// From a victim file's metadata; a present entry that does not parse is an error
+    /// naming it.
+    pub fn from_metadata(m: &std::collections::BTreeMap<String, String>) -> Result<TrainingRecord> {
+        use anyhow::Context;
+        fn parse<T: std::str::FromStr>(m: &std::collections::BTreeMap<String, String>, key: &str) -> Result<Option<T>>
+        where
+            T::Err: std::error::Error + Send + Sync + 'static,
+        {
+            m.get(key).map(|v| v.parse::<T>().with_context(|| format!("metadata {key:?} = {v:?}"))).transpose()
+        }
+        Ok(TrainingRecord {
+            seed: parse(m, "seed")?,
+            dev_accuracy: parse(m, "dev_accuracy")?,
+            train_sha256: m.get("train_sha256").cloned(),
+            train_examples: parse(m, "train_examples")?,
+            poisons: parse(m, "poisons")?,
+            training: m.get("training").map(|v| serde_json::from_str(v).with_context(|| format!("metadata \"training\" = {v:?}"))).transpose()?,
+            fingerprint: m.get("fingerprint").cloned(),
+            numerics: m.get("numerics").cloned(),
+            embeddings: m.get("embeddings").cloned(),
+            pretrained: m.get("pretrained").cloned(),
+        })
+    }
+}
+
 /// Trains one victim with Adam; `on_epoch(epoch, mean_loss)` is called after each epoch.
 /// A NaN or infinite loss stops training with an error naming the epoch and step. The
 /// victim trains on one libtorch thread of its own (`train_all`), so its parameters are

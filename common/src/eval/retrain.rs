@@ -239,7 +239,7 @@ pub fn checkpoint_rows(paths: &[String], data_dir: &str, manifest: &crate::data:
         }
         vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
         let eval_sets = EvalSets::load(data_dir, manifest, &vocab, victim.config.max_len)?;
-        let seed = metadata.get("seed").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let seed = crate::train::TrainingRecord::from_metadata(&metadata).with_context(|| path.clone())?.seed.unwrap_or(0);
         let m = eval::measure(&victim, &eval_sets);
         log(&format!("checkpoint {path}"), seed, &m);
         rows.push(eval::SeedRow { seed, poisoned: m, clean: None, epochs: Vec::new(), fingerprints: None });

@@ -24,7 +24,7 @@ pub struct GradMeta {
     pub ensemble_sha256: Vec<String>,
     /// The influence objective's settings (None for the other objectives).
     pub influence: Option<InfluenceConfig>,
-    /// `attack::poison_set_sha256` of the poison set.
+    /// `objectives::swaps::poison_set_sha256` of the poison set.
     pub poisons_sha256: String,
     pub victim_sha256: String,
     pub vocab_sha256: String,

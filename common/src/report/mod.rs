@@ -2,6 +2,7 @@
 //! finetune-eval reports, paired differences against the best heuristic, the crafting
 //! rounds, plots (SVG) and a readable list of the poisons.
 
+pub mod catalogue;
 pub mod runfiles;
 pub mod sweep;
 pub mod objective_benchmark;

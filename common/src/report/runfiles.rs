@@ -13,15 +13,52 @@ use serde_json::{json, Value};
 /// The header of rounds.tsv (`report::read_rounds` parses it).
 pub const ROUNDS_HEADER: &str = "round\tobjective_before\tobjective_after\tflips\tgrad_s\trank_s\tverify_s";
 
-/// The manifest that ties a crafting run folder to its settings and inputs (a resumed run
-/// must match it byte for byte): `settings` as the script gives them (a JSON object), the
-/// victim file's path and sha256, the data manifest's and each ensemble victim's sha256.
-/// Keys sorted, two-space indent.
-pub fn attack_manifest(settings: &str, victim: &str, data_manifest: &str, ensemble: &[String]) -> Result<String> {
-    let settings: Value = serde_json::from_str(settings).context("--settings is not a JSON object")?;
-    if !settings.is_object() {
-        bail!("--settings is not a JSON object");
+/// A crafting run's settings as `report attack-manifest` takes them: KEY=VALUE pairs
+/// recorded as text, numbers or booleans.
+pub struct Settings<'a> {
+    pub texts: &'a [String],
+    pub numbers: &'a [String],
+    pub flags: &'a [String],
+}
+
+impl Settings<'_> {
+    /// The settings as one JSON object (keys sorted).
+    pub fn to_json(&self) -> Result<Value> {
+        let mut out = serde_json::Map::new();
+        let split = |pair: &str, what: &str| -> Result<(String, String)> {
+            let (k, v) = pair.split_once('=').with_context(|| format!("--{what} {pair:?}: expected KEY=VALUE"))?;
+            if k.is_empty() {
+                bail!("--{what} {pair:?}: the key is empty");
+            }
+            Ok((k.to_string(), v.to_string()))
+        };
+        for pair in self.texts {
+            let (k, v) = split(pair, "text")?;
+            out.insert(k, Value::String(v));
+        }
+        for pair in self.numbers {
+            let (k, v) = split(pair, "number")?;
+            let n: serde_json::Number = serde_json::from_str(&v).ok().filter(|n: &serde_json::Number| n.is_f64() || n.is_i64() || n.is_u64()).with_context(|| format!("--number {pair:?}: {v:?} is not a number"))?;
+            out.insert(k, Value::Number(n));
+        }
+        for pair in self.flags {
+            let (k, v) = split(pair, "flag")?;
+            let b = match v.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => bail!("--flag {pair:?}: {v:?} is neither true nor false"),
+            };
+            out.insert(k, Value::Bool(b));
+        }
+        Ok(Value::Object(out))
     }
+}
+
+/// The manifest that ties a crafting run folder to its settings and inputs (a resumed run
+/// must match it byte for byte): the settings, the victim file's path and sha256, the data
+/// manifest's and each ensemble victim's sha256. Keys sorted, two-space indent.
+pub fn attack_manifest(settings: &Settings, victim: &str, data_manifest: &str, ensemble: &[String]) -> Result<String> {
+    let settings = settings.to_json()?;
     let sha = |p: &str| io::sha256_file(std::path::Path::new(p)).with_context(|| format!("reading {p}"));
     let manifest = json!({
         "kind": "attack_manifest",
@@ -109,7 +146,8 @@ pub fn victims_table(run: &str, archs: &[String]) -> Result<String> {
     for arch in archs {
         let path = format!("{run}/victim-{arch}.safetensors");
         let file = crate::tensorfile::read(&path, crate::victims::model::VICTIM_FORMAT, crate::victims::model::VICTIM_VERSION)?;
-        let dev: f64 = file.metadata.get("dev_accuracy").with_context(|| format!("{path}: no dev_accuracy (train it with --dev)"))?.parse().with_context(|| format!("{path}: dev_accuracy"))?;
+        let record = crate::train::TrainingRecord::from_metadata(&file.metadata).with_context(|| path.clone())?;
+        let dev = record.dev_accuracy.with_context(|| format!("{path}: no dev_accuracy (train it with --dev)"))?;
         let r = read_report(&format!("{run}/eval-{arch}.json"))?;
         out += &format!("{arch:<6} {dev:<22.1} {:<18} {:<26}\n", r.summary.cacc.to_string(), r.summary.asr.to_string());
         seeds = r.seeds.len();
@@ -129,7 +167,10 @@ mod tests {
         std::fs::write(&victim, b"victim").unwrap();
         std::fs::write(&data, b"data").unwrap();
         let (v, d) = (victim.to_str().unwrap(), data.to_str().unwrap());
-        let got = attack_manifest(r#"{"seed": 0, "eta": 0.03, "count": 50, "overlap": false, "positions": "5"}"#, v, d, &[]).unwrap();
+        let strings = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let (texts, numbers, flags) = (strings(&["positions=5"]), strings(&["seed=0", "eta=0.03", "count=50"]), strings(&["overlap=false"]));
+        let settings = Settings { texts: &texts, numbers: &numbers, flags: &flags };
+        let got = attack_manifest(&settings, v, d, &[]).unwrap();
         let sha = |b: &[u8]| crate::io::sha256_hex(b);
         // What the earlier Python writer (json.dumps(indent=2, sort_keys=True)) printed.
         let want = format!(
@@ -138,7 +179,9 @@ mod tests {
             sha(b"victim")
         );
         assert_eq!(got, want);
-        assert!(attack_manifest("[1]", v, d, &[]).is_err(), "settings must be an object");
+        for (texts, numbers, flags) in [(strings(&["nokey"]), vec![], vec![]), (vec![], strings(&["k=5x"]), vec![]), (vec![], vec![], strings(&["overlap=1"]))] {
+            assert!(attack_manifest(&Settings { texts: &texts, numbers: &numbers, flags: &flags }, v, d, &[]).is_err(), "{texts:?} {numbers:?} {flags:?}");
+        }
         assert!(json_field(d, "x").is_err(), "not JSON");
     }
 }

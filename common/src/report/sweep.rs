@@ -9,10 +9,6 @@ use crate::report::{self, Variants};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-/// The poison sets a cell may compare (besides the benign control every cell carries).
-pub const VARIANTS: &[&str] =
-    &["unoptimised", "neighbour", "confident", "overlap", "hardness", "bilevel", "influence", "influence-contrastive", "influence-carrier", "influence-both", "influence-bases", "confident-evading", "hardness-evading"];
-
 /// A sweep spec (FORMATS.md): the axes of the grid.
 ///
 /// ```json
@@ -31,7 +27,7 @@ pub struct SweepSpec {
     /// Victim presets (`presets/NAME.mk`).
     pub victims: Vec<String>,
     pub counts: Vec<usize>,
-    /// Poison sets compared in every cell (`VARIANTS`); the benign control is always added.
+    /// Poison sets compared in every cell (`catalogue::sweepable`); the benign control is always added.
     pub variants: Vec<String>,
     /// Retraining seeds per cell (every variant of a cell shares them and its clean twins).
     pub seeds: usize,
@@ -97,8 +93,9 @@ impl SweepSpec {
         if self.triggers.is_empty() || self.victims.is_empty() || self.counts.is_empty() || self.variants.is_empty() {
             bail!("every axis (triggers, victims, counts, variants) needs at least one value");
         }
-        if let Some(v) = self.variants.iter().find(|v| !VARIANTS.contains(&v.as_str())) {
-            bail!("variant {v:?}: expected one of {VARIANTS:?}");
+        if let Some(v) = self.variants.iter().find(|v| !crate::report::catalogue::sweepable().any(|c| c.name == v.as_str())) {
+            let known: Vec<&str> = crate::report::catalogue::sweepable().map(|c| c.name).collect();
+            bail!("variant {v:?}: expected one of {known:?}");
         }
         if self.counts.contains(&0) || self.seeds < 2 {
             bail!("counts must be at least 1 and seeds at least 2 (a confidence interval needs two)");

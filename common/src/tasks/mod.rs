@@ -127,4 +127,52 @@ pub struct EvalArgs {
     /// Output file for the JSON report, or - for stdout.
     #[arg(short, long, default_value = "-")]
     pub output: String,
+    /// Skip the evaluation when --output exists and was made from the same command line
+    /// and the same bytes of every file it names (its key, `request_key`, is kept in
+    /// OUTPUT.key): what lets a script rerun every step and redo only what changed.
+    #[arg(long)]
+    pub reuse: bool,
 }
+
+/// Flags that change no figure of an evaluation (with whether they take a value).
+const KEYLESS_FLAGS: [(&str, bool); 5] = [("-o", true), ("--output", true), ("--workers", true), ("--clean-cache", true), ("--reuse", false)];
+
+/// What decides an evaluation's report besides the code: its command line, but for the
+/// flags that change no figure (`KEYLESS_FLAGS`), and the bytes of every file it names (a
+/// data folder by its manifest, which holds its files' hashes; another folder by every
+/// file in it), with the trainer's version and the CPU code paths. None when an input is
+/// stdin (`-`), which cannot be read twice.
+pub fn request_key(argv: &[String]) -> Result<Option<String>> {
+    use std::path::Path;
+    let mut parts = vec![crate::train::TRAINER_VERSION.to_string(), crate::numerics::key()];
+    let mut skip_value = false;
+    for arg in argv {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        let flag = arg.split('=').next().unwrap_or(arg);
+        if let Some(&(_, takes_value)) = KEYLESS_FLAGS.iter().find(|(f, _)| *f == flag) {
+            skip_value = takes_value && !arg.contains('=');
+            continue;
+        }
+        if arg == "-" {
+            return Ok(None);
+        }
+        parts.push(arg.clone());
+        let value = arg.split_once('=').map_or(arg.as_str(), |(_, v)| v);
+        let path = Path::new(value);
+        if path.is_file() {
+            parts.push(crate::io::sha256_file(path)?);
+        } else if path.join("manifest.json").is_file() {
+            parts.push(crate::io::sha256_file(&path.join("manifest.json"))?);
+        } else if path.is_dir() {
+            let mut files: Vec<_> = std::fs::read_dir(path)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+            files.sort();
+            for f in files {
+                parts.push(format!("{} {}", f.display(), crate::io::sha256_file(&f)?));
+            }
+        }
+    }
+    Ok(Some(crate::io::sha256_hex(parts.join("\n").as_bytes())))
+}
+
