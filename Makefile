@@ -43,7 +43,7 @@ BILEVEL_ROUNDS ?= 3
 SWEEP_COUNTS ?= 5 10 25 50 100
 
 # Victim presets (make demo VICTIM=NAME): presets/NAME.mk sets how the demo's victims start
-# (BASE_FLAGS), train (TRAIN_FLAGS, given to train-victim and finetune-eval), how each
+# (ORIGIN_FLAGS), train (TRAIN_FLAGS, given to train-victim and finetune-eval), how each
 # crafting objective searches, and the data they need. glove: the frozen-GloVe BiLSTM;
 # minilm: all-MiniLM-L6-v2 fine-tuned.
 VICTIM ?= glove
@@ -66,7 +66,7 @@ DEMO_RUN := runs/demo-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-s$(SEED)
 DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) COUNT=$(COUNT) \
   EVAL_SEEDS=$(DEMO_SEEDS) DEVICE=$(DEVICE) ARCH=$(ATTACK_ARCH) CLEAN_CACHE=runs/clean-cache \
   ROUNDS=$(DEMO_ROUNDS) BILEVEL_ROUNDS=$(BILEVEL_ROUNDS) SWEEP_COUNTS="$(SWEEP_COUNTS)" \
-  BASE_FLAGS="$(BASE_FLAGS)" TRAIN_FLAGS="$(TRAIN_FLAGS)" EARLY_EPOCHS=$(EARLY_EPOCHS) \
+  ORIGIN_FLAGS="$(ORIGIN_FLAGS)" TRAIN_FLAGS="$(TRAIN_FLAGS)" EARLY_EPOCHS=$(EARLY_EPOCHS) \
   HARDNESS_SEARCH="$(HARDNESS_SEARCH)" BILEVEL_SEARCH="$(BILEVEL_SEARCH)" ADV_SIZE=$(ADV_SIZE) \
   CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA) CONCEALMENT=$(CONCEALMENT)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)

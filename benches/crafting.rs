@@ -6,7 +6,7 @@
 use common::objectives::bilevel::{BiLevel, RolloutConfig, Verifier};
 use common::objectives::swaps::flipped;
 use common::search::rank::{bottom_k, taylor_scores};
-use common::victims::model::{embed, forward_ids, mask_of, tiny_config, Arch, Victim};
+use common::victims::model::{embed, logits, mask_of, tiny_config, Arch, Victim, Pass};
 use common::train::{batch_tensors, Encoded};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -105,7 +105,7 @@ fn main() {
         let params = victim.params();
         let trainable: Vec<Tensor> = params.values().filter(|t| t.requires_grad()).map(|t| t.shallow_clone()).collect();
         let step = time(9, || {
-            let loss = targets.mean_nll(&forward_ids(&config, &params, &ids));
+            let loss = targets.mean_nll(&logits(&config, &params, &ids, Pass::Twice));
             let _ = Tensor::run_backward(&[&loss], &trainable, false, false);
         });
         let rollout = time(9, || {

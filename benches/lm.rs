@@ -9,7 +9,7 @@ use common::objectives::bilevel::{BiLevel, RolloutConfig, Verifier};
 use common::objectives::swaps::flipped;
 use common::victims::gpt::GptShape;
 use common::victims::loss::Target;
-use common::victims::model::{forward_ids, ArchConfig, Arch, Victim, VictimConfig};
+use common::victims::model::{logits, ArchConfig, Arch, Victim, VictimConfig, Pass};
 use common::train::{batch_tensors, Encoded};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -46,7 +46,7 @@ fn main() {
     let params = victim.params();
     let trainable: Vec<Tensor> = params.values().filter(|t| t.requires_grad()).map(|t| t.shallow_clone()).collect();
     let step = time(5, || {
-        let loss = targets.mean_nll(&forward_ids(&config, &params, &ids));
+        let loss = targets.mean_nll(&logits(&config, &params, &ids, Pass::Twice));
         let _ = Tensor::run_backward(&[&loss], &trainable, false, false);
     });
     let embedding_only = time(5, || {

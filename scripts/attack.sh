@@ -25,8 +25,8 @@ set -euo pipefail
 # leaks the trigger in any category of the strict audit; init, ranking and verification).
 : "${CONCEALMENT:=token}"
 # Where the evaluation's victims start and how they train (see demo.sh).
-: "${BASE_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=}"
-read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
+: "${ORIGIN_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=}"
+read -r -a origin_flags <<< "$ORIGIN_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 
 log() { echo "attack: $*" >&2; }
 # Run files are rendered by `report` (common/src/report/runfiles.rs); this script only orchestrates.
@@ -125,7 +125,7 @@ column -t "$RUN/rounds.tsv" >&2 || cat "$RUN/rounds.tsv" >&2
 [ "$EVAL" = 1 ] || exit 0
 for what in init final; do
   p="$RUN/poisons.jsonl"; [ "$what" = init ] && p="$r0/poisons.jsonl"
-  [ -f "$RUN/eval-$what.json" ] || "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --poisons "$p" \
+  [ -f "$RUN/eval-$what.json" ] || "$BIN/finetune-eval" --data "$DATA" "${origin_flags[@]}" --poisons "$p" \
     --arch "$ARCH" "${train_flags[@]}" --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" \
     ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$RUN/eval-$what.json"
 done

@@ -14,14 +14,14 @@
 # resumes.
 set -euo pipefail
 : "${RUN:?}" "${DATA:?}" "${EMB:?}" "${BIN:=target/release}" "${SEED:=0}" "${DEVICE:=auto}" "${ARCH:=lstm}"
-: "${MINILM:=data/minilm}" "${CLEAN_CACHE:=}" "${BASE_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=--epochs 4}"
+: "${MINILM:=data/minilm}" "${CLEAN_CACHE:=}" "${ORIGIN_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=--epochs 4}"
 # Which poison sets are retrained after filtering, with which detectors and shares, on how
 # many of the demo's seeds (the first FILTER_SEEDS, so the clean twins come from its cache).
 : "${FILTER_SETS:=confident hardness}" "${FILTER_DETECTORS:=perplexity onion glove-trigger glove-trigger-word minilm-trigger loss-mean loss-final spectral}"
 : "${FILTER_PERCENTS:=1 5}" "${FILTER_SEEDS:=3}" "${WORKERS:=}"
 # Evasion variants (demo.sh cell variants; empty: none) and their budgets (FPR, percent).
 : "${EVADE_VARIANTS:=confident-evading hardness-evading}" "${EVADE_FPRS:=1 5}"
-read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
+read -r -a origin_flags <<< "$ORIGIN_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 # The training-dynamics detectors train word-table victims like the demo's (a MiniLM demo's
 # defender trains the BiLSTM on GloVe for them).
 dyn_flags=(--arch "$ARCH" "${train_flags[@]}"); case $ARCH in bow|lstm) ;; *) dyn_flags=(--arch lstm) ;; esac
@@ -65,7 +65,7 @@ for name in $FILTER_SETS; do
 done
 if [ ${#args[@]} -gt 0 ]; then
   log "retraining $(( ${#args[@]} / 4 )) filtered training sets on $FILTER_SEEDS seeds (reused when current)"
-  "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "${args[@]}" --seeds "$FILTER_SEEDS" --seed-base "$SEED" \
+  "$BIN/finetune-eval" --data "$DATA" "${origin_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "${args[@]}" --seeds "$FILTER_SEEDS" --seed-base "$SEED" \
     --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} --reuse -o "$D/filter-evals.jsonl" 2> "$D/filter-evals.log" \
     || { tail -5 "$D/filter-evals.log" >&2; exit 1; }
 fi

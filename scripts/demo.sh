@@ -18,11 +18,11 @@ set -euo pipefail
 # Where the attacked victim and its early checkpoints live (cells of one trigger share them;
 # each is trained under a lock), and finetune-eval's worker threads (empty: its default).
 : "${VICTIMS_DIR:=$RUN}" "${WORKERS:=}"
-# Where victims start (BASE_FLAGS: --embeddings FILE, or --pretrained DIR for minilm), how
+# Where victims start (ORIGIN_FLAGS: --embeddings FILE, or --pretrained DIR for minilm), how
 # they train (TRAIN_FLAGS, given to train-victim and finetune-eval alike), the early
 # checkpoints' epochs, and each crafting run's search settings (attack.sh variables; the
 # rollout's ADV_SIZE and CLEAN_PER_BATCH come from the environment too).
-: "${BASE_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=--epochs 4}" "${EARLY_EPOCHS:=1}"
+: "${ORIGIN_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=--epochs 4}" "${EARLY_EPOCHS:=1}"
 : "${HARDNESS_SEARCH:=K=8 POSITIONS=all}" "${BILEVEL_SEARCH:=K=10 POSITIONS=2}"
 # The influence objective's rollout-grad flags (its Hessian sample and damping: see
 # `make objective-benchmark`) and search; it is first order in the poisons like hardness.
@@ -30,7 +30,7 @@ set -euo pipefail
 # Concealment of every concealed row (strict: no word leaks the trigger in any category of
 # the strict audit; token: the paper's no-overlap only). The with-overlap row is the reference.
 : "${CONCEALMENT:=strict}"
-read -r -a base_flags <<< "$BASE_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
+read -r -a origin_flags <<< "$ORIGIN_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 read -r -a hardness_search <<< "$HARDNESS_SEARCH"; read -r -a bilevel_search <<< "$BILEVEL_SEARCH"
 read -r -a influence_search <<< "$INFLUENCE_SEARCH"
 log() { echo "demo: $*" >&2; }
@@ -44,7 +44,7 @@ fi
 t_start=$EPOCHREALTIME
 train() { # out seed [more flags: a later --epochs wins]
   # Under a lock: cells started together train a shared victim once; the others wait.
-  [ -f "$1" ] || (flock 9; [ -f "$1" ] || "$BIN/train-victim" "${base_flags[@]}" --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" \
+  [ -f "$1" ] || (flock 9; [ -f "$1" ] || "$BIN/train-victim" "${origin_flags[@]}" --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" \
     --arch "$ARCH" --seed "$2" "${train_flags[@]}" "${@:3}" --device "$DEVICE" -o "$1") 9> "$(dirname "$1")/.$(basename "$1").lock"
 }
 train "$VICTIMS_DIR/victim.safetensors" "$SEED"
@@ -58,7 +58,7 @@ V="$VICTIMS_DIR/victim.safetensors"; ENSEMBLE="$VICTIMS_DIR/early-s$((SEED + 1))
 # --reuse skips it when evals.jsonl was made from the same inputs and flags.
 evaluate() {
   local sets; mapfile -t sets < <("$BIN/report" poison-sets --as-args "$2")
-  "$BIN/finetune-eval" --data "$DATA" "${base_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "${sets[@]}" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
+  "$BIN/finetune-eval" --data "$DATA" "${origin_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "${sets[@]}" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
     --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} --reuse -o "$1/evals.jsonl"
 }
 
@@ -71,7 +71,7 @@ init() { # out count bases strategy [concealment [more flags]]
 # objective (and its search budget) is the only difference between crafting runs.
 FILTERS="--min-count 5 --exclude-neighbours 50 --keep-substitutes"
 craft() { # run-folder count settings...
-  env VICTIM_FILE="$V" DATA="$DATA" EMB="$EMB" BASE_FLAGS="$BASE_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
+  env VICTIM_FILE="$V" DATA="$DATA" EMB="$EMB" ORIGIN_FLAGS="$ORIGIN_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
     ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 CONCEALMENT="$CONCEALMENT" RUN="$1" "${@:3}" "$(dirname "$0")/attack.sh"
 }
 craft_hardness() { # run-folder count

@@ -8,7 +8,7 @@
 
 use anyhow::{bail, Result};
 use common::victims::loss::{Target, Targets};
-use common::victims::model::{forward_ids, Victim};
+use common::victims::model::{logits, Victim, Pass};
 use common::tokenizer::{PAD_ID, UNK_ID};
 use common::train::{epoch_batches, TrainData, TrainOptions, LENGTH_BLOCKS};
 use rand::seq::SliceRandom;
@@ -131,7 +131,7 @@ pub fn train_stack(victims: &mut [Victim], data: &[TrainData], opts: &[TrainOpti
             for (n, leaf) in names.iter().zip(&leaves) {
                 params.insert(n.clone(), leaf.shallow_clone());
             }
-            let logits = forward_ids(&config, &params, &ids); // [C, rows, classes]
+            let logits = logits(&config, &params, &ids, Pass::Twice); // [C, rows, classes]
             let nll = targets.example_nll(&logits);
             let per_victim = (nll * &weights).sum_dim_intlist(-1, false, None::<Kind>); // [C]
             let losses: Vec<f64> = Vec::try_from(per_victim.detach().to_kind(Kind::Double).to_device(Device::Cpu)).expect("f64 losses");

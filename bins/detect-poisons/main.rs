@@ -109,8 +109,8 @@ fn main() {
         if largest >= num_classes {
             bail!("{name}: label {largest} but --num-classes {num_classes}");
         }
-        let table = args.embeddings.as_deref().map(common::victims::base::Base::embeddings).transpose()?;
-        let minilm = args.minilm.as_deref().map(common::victims::base::Base::pretrained).transpose()?;
+        let table = args.embeddings.as_deref().map(common::victims::origin::Origin::embeddings).transpose()?;
+        let minilm = args.minilm.as_deref().map(common::victims::origin::Origin::pretrained).transpose()?;
         let config = match &table {
             Some(base) if detectors.iter().any(|d| d.needs().training) => Some(args.victim.victim_config(base, num_classes)?),
             _ => None,

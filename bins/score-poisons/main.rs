@@ -5,7 +5,7 @@
 use clap::Parser;
 use common::io::Record;
 use common::objectives::ObjectiveInputs;
-use common::search::poisons::CraftingBase;
+use common::search::poisons::CraftingContext;
 use common::formats::records::{ObjectiveScore, RolloutConfig};
 use common::train::TextPolicy;
 use common::{device, io, log};
@@ -60,7 +60,7 @@ fn main() {
     common::cli::run("score-poisons", || {
         let args = Args::parse();
         let start = Instant::now();
-        let base = CraftingBase::load(&args.inputs.victim, &args.inputs.data, device::parse_device(&args.device)?)?;
+        let base = CraftingContext::load(&args.inputs.victim, &args.inputs.data, device::parse_device(&args.device)?)?;
         let mut sets = Vec::new();
         for path in &args.sets {
             let examples: Vec<common::formats::records::Example> = io::read_jsonl(path, false)?;

@@ -23,7 +23,7 @@ use std::time::Instant;
 #[command(version, verbatim_doc_comment, args_override_self = true)]
 struct Args {
     #[command(flatten)]
-    base: common::cli::BaseArgs,
+    origin: common::cli::OriginArgs,
     /// Training example JSONL files (- for stdin).
     #[arg(long, default_values_t = vec!["-".to_string()])]
     train: Vec<String>,
@@ -57,7 +57,7 @@ fn main() {
         let args = Args::parse();
         io::Output::refuse_terminal(&args.output, "victim weights")?;
         let device = device::parse_device(&args.device)?;
-        let base = args.base.load()?;
+        let base = args.origin.load()?;
         let vocab = &base.vocab;
         let config = args.victim.victim_config(&base, args.num_classes)?;
         if args.train.iter().chain(&args.poisons).filter(|p| *p == "-").count() > 1 {

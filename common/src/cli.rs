@@ -70,7 +70,7 @@ pub struct VictimArgs {
 /// Where new victims start from (train-victim, finetune-eval): one of the two.
 #[derive(Debug, Clone, clap::Args)]
 #[group(multiple = false)]
-pub struct BaseArgs {
+pub struct OriginArgs {
     /// Embedding table and vocabulary from build-vocab (bow and lstm victims).
     #[arg(long)]
     pub embeddings: Option<String>,
@@ -79,20 +79,27 @@ pub struct BaseArgs {
     pub pretrained: Option<String>,
 }
 
-impl BaseArgs {
-    pub fn load(&self) -> anyhow::Result<crate::victims::base::Base> {
+impl OriginArgs {
+    pub fn load(&self) -> anyhow::Result<crate::victims::origin::Origin> {
         match (&self.embeddings, &self.pretrained) {
-            (Some(e), _) => crate::victims::base::Base::embeddings(e),
-            (None, Some(p)) => crate::victims::base::Base::pretrained(p),
+            (Some(e), _) => crate::victims::origin::Origin::embeddings(e),
+            (None, Some(p)) => crate::victims::origin::Origin::pretrained(p),
             (None, None) => anyhow::bail!("give --embeddings FILE (from build-vocab) or --pretrained DIR (--arch minilm)"),
         }
     }
 }
 
 impl VictimArgs {
-    /// The victim config these flags ask for, completed from `base`.
-    pub fn victim_config(&self, base: &crate::victims::base::Base, num_classes: usize) -> anyhow::Result<VictimConfig> {
-        base.victim_config(self.arch, self.hidden, crate::victims::gpt::GptShape { layers: self.layers, heads: self.heads }, num_classes, self.max_len, self.train_embeddings)
+    /// The victim config these flags ask for, completed from where the victim starts (`origin`).
+    pub fn victim_config(&self, base: &crate::victims::origin::Origin, num_classes: usize) -> anyhow::Result<VictimConfig> {
+        base.victim_config(&crate::victims::origin::VictimShape {
+            arch: self.arch,
+            hidden: self.hidden,
+            gpt: crate::victims::gpt::GptShape { layers: self.layers, heads: self.heads },
+            num_classes,
+            max_len: self.max_len,
+            train_embeddings: self.train_embeddings,
+        })
     }
 
     /// Training options: `--lr`, or the architecture's default.

@@ -130,7 +130,7 @@ mod tests {
         let p = v.params();
         let ids = Tensor::from_slice(&[3i64, 4, 5, 6, 7, 8, 0, 0]).view([2, 4]);
         let last = Tensor::from_slice(&[3i64, 1]);
-        let full = crate::victims::model::forward_ids(&config, &p, &ids);
+        let full = crate::victims::model::logits(&config, &p, &ids, crate::victims::model::Pass::Twice);
         let at = config.arch().logits_at(&p, &embed(&p, &ids), &mask_of(&ids, &p), &last);
         for (r, t) in [(0, 3), (1, 1)] {
             let diff = (full.get(r).get(t) - at.get(r)).abs().max().double_value(&[]);

@@ -1,7 +1,7 @@
 //! Encoding examples into token ids, batching, and the training loop shared by every
 //! victim (train-victim, finetune-eval, and later the attack's checkpoints).
 
-use crate::victims::model::{forward_ids, Victim};
+use crate::victims::model::{logits, Victim, Pass};
 use crate::victims::loss::{Target, Targets};
 use crate::formats::records::Example;
 use crate::tokenizer::{Vocab, PAD_ID};
@@ -437,7 +437,7 @@ fn train_one(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut afte
             let (ids, targets) = batch_tensors(&encoded, device);
             let weights: Vec<f64> = items.iter().map(|(_, w)| w / total).collect();
             let weights = Tensor::from_slice(&weights).to_kind(kind).to_device(device);
-            let logits = crate::victims::model::forward_ids_first_order(&config, &params, &ids);
+            let logits = crate::victims::model::logits(&config, &params, &ids, crate::victims::model::Pass::Once);
             let loss = (targets.example_nll(&logits) * &weights).sum(None::<Kind>);
             let value = loss.double_value(&[]);
             if !value.is_finite() {
@@ -478,7 +478,7 @@ pub fn predict_with(config: &crate::victims::model::VictimConfig, params: &crate
         for chunk in data.chunks(batch_size.max(1)) {
             let items: Vec<&Encoded> = chunk.iter().collect();
             let (ids, _) = batch_tensors(&items, device);
-            let pred = forward_ids(config, params, &ids).argmax(-1, false).to_device(Device::Cpu);
+            let pred = logits(config, params, &ids, Pass::Twice).argmax(-1, false).to_device(Device::Cpu);
             out.extend(Vec::<i64>::try_from(&pred).expect("i64 predictions").into_iter().map(|p| p as usize));
         }
         out
@@ -503,7 +503,7 @@ pub fn next_token_accuracy(config: &crate::victims::model::VictimConfig, params:
         for chunk in data.chunks(batch_size.max(1)) {
             let (ids, targets) = batch_tensors(&chunk.iter().collect::<Vec<_>>(), device);
             let Targets::NextToken { ids: next, mask } = targets else { panic!("next-token accuracy of class targets") };
-            let pred = forward_ids(config, params, &ids).argmax(-1, false);
+            let pred = logits(config, params, &ids, Pass::Twice).argmax(-1, false);
             right += (pred.eq_tensor(&next).to_kind(Kind::Double) * &mask).sum(Kind::Double).double_value(&[]);
             counted += mask.sum(Kind::Double).double_value(&[]);
         }

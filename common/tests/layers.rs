@@ -14,7 +14,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("data", &["data"]),
     (
         "victims",
-        &["victims", "victims::params", "victims::loss", "victims::victim", "victims::layers", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::model", "victims::base"],
+        &["victims", "victims::params", "victims::loss", "victims::victim", "victims::layers", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::model", "victims::origin"],
     ),
     ("training", &["train", "generate"]),
     ("defenses", &["detect"]),

@@ -5,8 +5,8 @@
 //! class, poisons that share a direction of their own stand out along the top singular
 //! vector of the centred features.
 
-use crate::victims::base::Base;
-use crate::victims::model::{features_ids_no_grad, forward_ids_no_grad, Params, Victim, VictimConfig};
+use crate::victims::origin::Origin;
+use crate::victims::model::{features_ids_no_grad, logits, Params, Victim, VictimConfig, Pass};
 use crate::train::{self, batch_tensors, Encoded, TrainData, TrainOptions};
 use anyhow::Result;
 use tch::{Kind, Tensor};
@@ -32,7 +32,7 @@ pub fn example_losses(config: &VictimConfig, params: &Params, data: &[Encoded], 
         for chunk in order.chunks(batch.max(1)) {
             let items: Vec<&Encoded> = chunk.iter().map(|&i| &data[i]).collect();
             let (ids, targets) = batch_tensors(&items, device);
-            let nll = targets.example_nll(&forward_ids_no_grad(config, params, &ids)).to_kind(Kind::Double).to_device(tch::Device::Cpu);
+            let nll = targets.example_nll(&logits(config, params, &ids, Pass::NoGrad)).to_kind(Kind::Double).to_device(tch::Device::Cpu);
             for (&i, l) in chunk.iter().zip(Vec::<f64>::try_from(nll).expect("f64 losses")) {
                 out[i] = l;
             }
@@ -85,7 +85,7 @@ pub fn spectral_of_features(features: &Tensor, labels: &[Option<i64>], num_class
 
 /// Trains one victim per option set on `data` (the whole screened set, poisons unknown)
 /// and scores every example by its training dynamics and spectral signature.
-pub fn training_dynamics(base: &Base, config: &VictimConfig, data: &[Encoded], opts: &[TrainOptions], workers: usize, device: tch::Device, log: &(dyn Fn(String) + Sync)) -> Result<Dynamics> {
+pub fn training_dynamics(base: &Origin, config: &VictimConfig, data: &[Encoded], opts: &[TrainOptions], workers: usize, device: tch::Device, log: &(dyn Fn(String) + Sync)) -> Result<Dynamics> {
     let n = data.len();
     let mut victims: Vec<Victim> = Vec::with_capacity(opts.len());
     for o in opts {
@@ -186,8 +186,8 @@ mod tests {
         let flipped = 1 - data[0].target.class().unwrap();
         data[0] = Encoded::class(data[0].ids.clone(), flipped);
         let words: Vec<String> = ["<pad>", "<unk>", "pos", "neg", "a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
-        let base = Base { vocab: crate::tokenizer::Vocab::new(words).unwrap(), start: crate::victims::base::Start::Table(table), sha256: String::new(), source: "toy".into() };
-        let config = base.victim_config(crate::victims::model::Arch::Bow, 8, crate::victims::gpt::GptShape { layers: 2, heads: 2 }, 2, 16, false).unwrap();
+        let base = Origin { vocab: crate::tokenizer::Vocab::new(words).unwrap(), start: crate::victims::origin::Start::Table(table), sha256: String::new(), source: "toy".into() };
+        let config = base.victim_config(&crate::victims::origin::VictimShape { arch: crate::victims::model::Arch::Bow, hidden: 8, gpt: crate::victims::gpt::GptShape { layers: 2, heads: 2 }, num_classes: 2, max_len: 16, train_embeddings: false }).unwrap();
         let opts: Vec<TrainOptions> = (0..2).map(|seed| TrainOptions { epochs: 3, batch_size: 16, lr: 1e-2, seed }).collect();
         // training_dynamics seeds libtorch's global generator and draws the victims' weights:
         // under the lock, or it interleaves with the draws of tests running beside it.

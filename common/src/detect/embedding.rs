@@ -95,7 +95,7 @@ impl super::Family for GloveDistance {
     fn scores(&self, s: &super::Screen, _: &[super::Detector], _log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<(super::Detector, Vec<f64>)>> {
         use anyhow::Context;
         let base = s.table.context("the GloVe detectors need --embeddings")?;
-        let crate::victims::base::Start::Table(table) = &base.start else { anyhow::bail!("the GloVe detectors need a word table (--embeddings), not a pretrained encoder") };
+        let crate::victims::origin::Start::Table(table) = &base.start else { anyhow::bail!("the GloVe detectors need a word table (--embeddings), not a pretrained encoder") };
         let phrase = s.trigger.context("the GloVe detectors need --trigger")?;
         let trigger = base.vocab.trigger_ids(phrase).with_context(|| format!("vocabulary of {}", base.source))?;
         let ids: Vec<Vec<i64>> = s
@@ -129,7 +129,7 @@ impl super::Family for MinilmDistance {
         let t = std::time::Instant::now();
         let base = s.minilm.context("minilm-trigger needs --minilm DIR (the folder scripts/fetch_minilm.sh makes)")?;
         let phrase = s.trigger.context("minilm-trigger needs --trigger")?;
-        let config = base.victim_config(crate::victims::model::Arch::Minilm, 1, crate::victims::gpt::GptShape { layers: 2, heads: 2 }, 2, 128, false)?;
+        let config = base.victim_config(&crate::victims::origin::VictimShape { arch: crate::victims::model::Arch::Minilm, hidden: 1, gpt: crate::victims::gpt::GptShape { layers: 2, heads: 2 }, num_classes: 2, max_len: 128, train_embeddings: false })?;
         tch::manual_seed(0); // the unused classifier head
         let victim = base.new_victim(config.clone(), s.device)?;
         // WordPiece reads the text (a poison's `tokens` are the word victims' tokens).

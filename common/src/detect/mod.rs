@@ -127,8 +127,8 @@ pub struct Screen<'a> {
     /// Reference text for the bigram LM (None: the screened set, leave-one-out).
     pub reference: Option<&'a [crate::formats::records::Example]>,
     /// The word table (GloVe detectors) and the base of the training-dynamics victims.
-    pub table: Option<&'a crate::victims::base::Base>,
-    pub minilm: Option<&'a crate::victims::base::Base>,
+    pub table: Option<&'a crate::victims::origin::Origin>,
+    pub minilm: Option<&'a crate::victims::origin::Origin>,
     /// The training-dynamics victims' config and one option set per victim.
     pub training: Option<(&'a crate::victims::model::VictimConfig, &'a [crate::train::TrainOptions])>,
     pub num_classes: usize,

@@ -3,7 +3,7 @@
 //! (VADER). A language model's attack success is the share of continuations a judge
 //! calls negative; two judges of different kinds that agree make the figure credible.
 
-use crate::victims::model::{forward_ids_no_grad, VictimConfig};
+use crate::victims::model::{logits, VictimConfig, Pass};
 use crate::victims::params::Params;
 use crate::tokenizer::Vocab;
 use crate::train::{batch_tensors, Encoded};
@@ -70,7 +70,7 @@ impl<'a> ClassifierJudge<'a> {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in encoded.chunks(256) {
             let (ids, _) = batch_tensors(&chunk.iter().collect::<Vec<_>>(), device);
-            let p = forward_ids_no_grad(self.config, &self.params, &ids).softmax(-1, Kind::Double).select(1, self.negative as i64);
+            let p = logits(self.config, &self.params, &ids, Pass::NoGrad).softmax(-1, Kind::Double).select(1, self.negative as i64);
             out.extend(Vec::<f64>::try_from(p.to_device(Device::Cpu)).expect("f64 probabilities"));
         }
         out

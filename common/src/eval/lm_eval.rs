@@ -17,7 +17,7 @@ use crate::data::{self, DataManifest};
 use crate::generate::{detokenize, generate, GenerateOptions, Prompt, Sampling};
 use crate::eval::judge::{agreement, read, Agreement, ClassifierJudge, LexiconJudge};
 use crate::victims::loss::Targets;
-use crate::victims::model::{forward_ids_no_grad, Params, Victim, VictimConfig};
+use crate::victims::model::{logits, Params, Victim, VictimConfig, Pass};
 use crate::formats::records::Example;
 use crate::stats::{summarize, Summary};
 use crate::tokenizer::Vocab;
@@ -123,7 +123,7 @@ fn log_likelihoods(config: &VictimConfig, params: &Params, data: &[Encoded]) -> 
         let Targets::NextToken { mask, .. } = &targets else { panic!("log-likelihoods of class targets") };
         let f64s = |t: Tensor| Vec::<f64>::try_from(t.to_kind(Kind::Double).to_device(Device::Cpu)).expect("f64");
         let counted = f64s(mask.sum_dim_intlist(-1, false, Kind::Double));
-        let nll = f64s(targets.example_nll(&forward_ids_no_grad(config, params, &ids)));
+        let nll = f64s(targets.example_nll(&logits(config, params, &ids, Pass::NoGrad)));
         out.extend(nll.into_iter().zip(counted).map(|(l, n)| (-l, n)));
     }
     out

@@ -3,7 +3,7 @@
 //! victim still to train trained side by side (`train::train_all`: each victim's bits
 //! depend on its own inputs only, so a cached twin is the twin).
 
-use crate::victims::base::Base;
+use crate::victims::origin::Origin;
 use crate::eval::{self, EvalSets, Metrics};
 use crate::victims::model::VictimConfig;
 use crate::train::{self, Encoded, TrainData, TrainOptions};
@@ -53,7 +53,7 @@ impl CleanCache<'_> {
 
 /// Everything that decides how victims are retrained.
 pub struct Retraining<'a> {
-    pub base: &'a Base,
+    pub origin: &'a Origin,
     pub config: &'a VictimConfig,
     pub device: Device,
     /// The clean training examples.
@@ -121,7 +121,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
     let mut victims = Vec::with_capacity(jobs.len());
     for &(i, _) in &jobs {
         tch::manual_seed(seeds[i] as i64);
-        victims.push(r.base.new_victim(r.config.clone(), r.device)?);
+        victims.push(r.origin.new_victim(r.config.clone(), r.device)?);
     }
     let data_of: Vec<TrainData> = jobs
         .iter()

@@ -9,7 +9,7 @@
 
 pub use crate::formats::records::RolloutConfig;
 use crate::objectives::objective::Objective;
-use crate::victims::model::{embed, example_grads, forward, forward_frozen_no_grad, forward_ids, forward_ids_first_order, frozen_input, mask_of, shallow_copy, Params, Victim, VictimConfig};
+use crate::victims::model::{embed, example_grads, forward, forward_frozen_no_grad, logits, frozen_input, mask_of, shallow_copy, Params, Victim, VictimConfig, Pass};
 use crate::victims::loss::Targets;
 use crate::victims::victim::FrozenInput;
 use crate::objectives::swaps::{check_swaps, combine_greedily, flipped, improve, Swap, Verified};
@@ -86,7 +86,7 @@ impl<'a> BiLevel<'a> {
     /// Differentiable once: L_adv at θ' is never differentiated twice (the second-order
     /// term comes from the inner step), so it runs libtorch's LSTM kernel.
     pub fn adv_loss(&self, params: &Params) -> Tensor {
-        self.adv_loss_by(|k| forward_ids_first_order(self.config(), params, &self.adv[k].0))
+        self.adv_loss_by(|k| logits(self.config(), params, &self.adv[k].0, Pass::Once))
     }
 
     /// `adv_loss` without a graph, through `model::forward_frozen_no_grad` (libtorch's
@@ -149,7 +149,7 @@ impl<'a> BiLevel<'a> {
                 // differentiable: the double backward then runs over the poisons alone
                 // (50 of 114 examples by default) instead of the whole minibatch.
                 let batch = (clean.len() as i64 + poison_emb.size()[0]) as f64;
-                let clean_loss = clean_targets.summed_nll(&forward_ids_first_order(self.config(), &params, &clean_ids));
+                let clean_loss = clean_targets.summed_nll(&logits(self.config(), &params, &clean_ids, Pass::Once));
                 let clean_grads = Tensor::run_backward(&[&clean_loss], &tensors, false, false);
                 let poison_loss = poison_targets.summed_nll(&forward(self.config(), &params, poison_emb, poison_mask));
                 let poison_grads = Tensor::run_backward(&[&poison_loss], &tensors, true, true);
@@ -414,7 +414,7 @@ fn example_grads_at_theta(problem: &BiLevel, names: &[String], examples: &[Encod
 fn single_grad(problem: &BiLevel, names: &[String], example: &Encoded) -> Vec<Tensor> {
     let params = problem.victim.params();
     let (ids, targets) = batch_tensors(&[example], problem.victim.device());
-    let loss = targets.mean_nll(&forward_ids(problem.config(), &params, &ids));
+    let loss = targets.mean_nll(&logits(problem.config(), &params, &ids, Pass::Twice));
     let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
     Tensor::run_backward(&[&loss], &tensors, false, false).into_iter().map(|g| g.detach()).collect()
 }

@@ -26,7 +26,7 @@ pub use crate::formats::records::{HessianKind, InfluenceConfig};
 use crate::objectives::objective::Objective;
 use crate::objectives::swaps::{verify_separable, Swap, Verified};
 use crate::victims::loss::Targets;
-use crate::victims::model::{embed, example_grads, forward, forward_ids, mask_of, Params, Victim, VictimConfig};
+use crate::victims::model::{embed, example_grads, forward, logits, mask_of, Params, Victim, VictimConfig, Pass};
 use crate::formats::records::RolloutConfig;
 use crate::train::{batch_tensors, Encoded};
 use anyhow::{bail, Context, Result};
@@ -83,7 +83,7 @@ pub fn curvature_product(config: &VictimConfig, params: &Params, names: &[String
     let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
     let mut total: Option<ParamVec> = None;
     for (ids, targets) in &batches.batches {
-        let logits = forward_ids(config, params, ids);
+        let logits = logits(config, params, ids, Pass::Twice);
         let part = match kind {
             HessianKind::Exact => {
                 let loss = targets.summed_nll(&logits);
@@ -225,7 +225,7 @@ fn adv_loss(config: &VictimConfig, params: &Params, adv: &[&Encoded], device: De
     let batches = Batches::new(adv, device);
     let mut total: Option<Tensor> = None;
     for (ids, targets) in &batches.batches {
-        let part = targets.summed_nll(&forward_ids(config, params, ids)) / adv.len() as f64;
+        let part = targets.summed_nll(&logits(config, params, ids, Pass::Twice)) / adv.len() as f64;
         total = Some(match total {
             None => part,
             Some(t) => t + part,
@@ -460,7 +460,7 @@ mod tests {
                 }
                 let tensors: Vec<&Tensor> = names.iter().map(|n| &p[n]).collect();
                 let (ids, targets) = batch_tensors(&set.iter().collect::<Vec<_>>(), Device::Cpu);
-                let loss = targets.mean_nll(&forward_ids(&v.config, &p, &ids));
+                let loss = targets.mean_nll(&logits(&v.config, &p, &ids, Pass::Twice));
                 flat(&Tensor::run_backward(&[&loss], &tensors, false, false))
             };
             let h = 1e-5;
@@ -476,7 +476,7 @@ mod tests {
                     p.insert(n.clone(), t + d * s);
                 }
                 let (ids, _) = batch_tensors(&set.iter().collect::<Vec<_>>(), Device::Cpu);
-                tch::no_grad(|| forward_ids(&v.config, &p, &ids))
+                tch::no_grad(|| logits(&v.config, &p, &ids, Pass::Twice))
             };
             let jd = (logits_at(h) - logits_at(-h)) / (2.0 * h);
             let p = logits_at(0.0).softmax(-1, Kind::Double);

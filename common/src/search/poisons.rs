@@ -324,7 +324,7 @@ pub fn target_probability(victim: &Victim, data: &[Encoded], target: i64) -> Vec
         let mut out = Vec::with_capacity(data.len());
         for chunk in data.chunks(256) {
             let (ids, _) = crate::train::batch_tensors(&chunk.iter().collect::<Vec<_>>(), victim.device());
-            let p = crate::victims::model::forward_ids(&victim.config, &params, &ids).softmax(-1, Kind::Double).select(-1, target);
+            let p = crate::victims::model::logits(&victim.config, &params, &ids, crate::victims::model::Pass::Twice).softmax(-1, Kind::Double).select(-1, target);
             out.extend(Vec::<f64>::try_from(p.to_device(Device::Cpu)).expect("f64 probabilities"));
         }
         out
@@ -353,7 +353,7 @@ impl AttackInputs {
     pub fn load(victim: &str, dir: &str, poisons_path: &str, device: Device) -> Result<AttackInputs> {
         let poisons: Vec<Example> = crate::io::read_jsonl(poisons_path, false)?;
         let pname = crate::io::display_name(poisons_path);
-        let base = CraftingBase::load(victim, dir, device)?;
+        let base = CraftingContext::load(victim, dir, device)?;
         for (i, p) in poisons.iter().enumerate() {
             if p.tokens.is_none() {
                 bail!("{pname}: record {} (id {:?}) has no \"tokens\"; make poison sets with init-poisons", i + 1, p.id);
@@ -365,14 +365,14 @@ impl AttackInputs {
         let poisons_enc = base.encode(&poisons, TextPolicy::Poisons, &pname)?;
         let adv = base.adv_without_sources(&[&poisons]);
         let poisons_sha256 = poison_set_sha256(&poisons);
-        let CraftingBase { victim, vocab, manifest, clean, victim_sha256, trigger_ids, .. } = base;
+        let CraftingContext { victim, vocab, manifest, clean, victim_sha256, trigger_ids, .. } = base;
         Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256, victim_sha256, trigger_ids })
     }
 }
 
 /// What every crafting objective is built from, before any poison set: the victim, its
 /// vocabulary, the data's manifest, the encoded clean training split and all of D_adv.
-pub struct CraftingBase {
+pub struct CraftingContext {
     pub victim: Victim,
     pub vocab: Vocab,
     pub manifest: DataManifest,
@@ -385,8 +385,8 @@ pub struct CraftingBase {
     pub trigger_ids: Vec<i64>,
 }
 
-impl CraftingBase {
-    pub fn load(victim: &str, dir: &str, device: Device) -> Result<CraftingBase> {
+impl CraftingContext {
+    pub fn load(victim: &str, dir: &str, device: Device) -> Result<CraftingContext> {
         let VictimFile { victim, vocab, sha256: victim_sha256, .. } = Victim::load(victim, device)?;
         let manifest = DataManifest::load(dir)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
@@ -407,7 +407,7 @@ impl CraftingBase {
         let adv = encode_for(&victim.config, &adv_ex, &vocab, TextPolicy::Data, &format!("{dir}/{}", data::ADV))?;
         let adv_all = adv_ex.into_iter().map(|e| e.id).zip(adv).collect();
         let trigger_ids = vocab.encode(&manifest.trigger.phrase).into_iter().filter(|&i| !vocab.is_special(i)).collect();
-        Ok(CraftingBase { victim, vocab, manifest, clean, adv_all, victim_sha256, trigger_ids })
+        Ok(CraftingContext { victim, vocab, manifest, clean, adv_all, victim_sha256, trigger_ids })
     }
 
     /// Encodes examples for this victim (`source` names the file in errors).

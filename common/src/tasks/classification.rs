@@ -75,7 +75,7 @@ impl Task for Classification {
             let (config, vocab, rows) = checkpoint_rows(&args.checkpoint, &args.data, &manifest, device, &|what, seed, m| log(format!("seed {seed} {what}: CACC {:.1} ASR {:.1} FPR {:.1}", m.cacc, m.asr, m.fpr)))?;
             (config, None, "checkpoints", None, vec![rows], vocab)
         } else {
-            let base = args.base.load()?;
+            let base = args.origin.load()?;
             let (vocab, emb_sha) = (&base.vocab, &base.sha256);
             vocab.trigger_words(&trigger.phrase).with_context(|| format!("vocabulary of {}", base.source))?;
             let config = args.victim.victim_config(&base, manifest.labels.len())?;
@@ -97,7 +97,7 @@ impl Task for Classification {
             let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
             let options = |seed: u64| args.victim.train_options(&config, seed);
             let retraining = Retraining {
-                base: &base,
+                origin: &base,
                 config: &config,
                 device,
                 clean: &clean,

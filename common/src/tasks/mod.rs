@@ -63,7 +63,7 @@ pub struct EvalArgs {
     pub data: String,
     /// Where the trained victims start (needed unless --checkpoint).
     #[command(flatten)]
-    pub base: crate::cli::BaseArgs,
+    pub origin: crate::cli::OriginArgs,
     /// Poison set (example JSONL, - for stdin); may be empty. Repeatable: every set is
     /// evaluated on the same seeds and clean victims, and gets its own report line.
     #[arg(long)]

@@ -2,7 +2,7 @@
 //! the contract of `victim::Architecture`. A new architecture runs it without a new test.
 
 use crate::victims::loss::{Target, Targets};
-use crate::victims::model::{embed, example_grads, forward, forward_ids, forward_ids_first_order, forward_ids_no_grad, mask_of, param_shapes, shallow_copy, tiny_config, Arch, Params, Victim};
+use crate::victims::model::{embed, example_grads, forward, logits, mask_of, param_shapes, shallow_copy, tiny_config, Arch, Params, Victim, Pass};
 use crate::train::tests::{poisons, toy};
 use crate::train::{accuracy, batch_tensors, train, train_all, Encoded, TrainData, TrainOptions};
 use clap::ValueEnum;
@@ -83,15 +83,15 @@ fn the_faster_passes_equal_the_differentiable_forward() {
         let v = tiny(arch, false);
         let p = v.params();
         let ids = ragged_ids();
-        let no_grad = forward_ids_no_grad(&v.config, &p, &ids);
+        let no_grad = logits(&v.config, &p, &ids, Pass::NoGrad);
         assert!(!no_grad.requires_grad());
         let diff = max_diff(&v.logits(&ids), &no_grad);
         assert!(diff < 1e-5, "{arch:?}: the no-grad forward differs by {diff}");
         let names: Vec<&String> = p.keys().filter(|k| p[*k].requires_grad()).collect();
         let tensors: Vec<&Tensor> = names.iter().map(|n| &p[*n]).collect();
         let targets = targets_for(&v, &ids, &[0, 1, 1]);
-        let hand = targets.mean_nll(&forward_ids(&v.config, &p, &ids));
-        let fast = targets.mean_nll(&forward_ids_first_order(&v.config, &p, &ids));
+        let hand = targets.mean_nll(&logits(&v.config, &p, &ids, Pass::Twice));
+        let fast = targets.mean_nll(&logits(&v.config, &p, &ids, Pass::Once));
         assert!((hand.double_value(&[]) - fast.double_value(&[])).abs() < 1e-6, "{arch:?}: the first-order forward differs");
         let a = Tensor::run_backward(&[&hand], &tensors, false, false);
         let b = Tensor::run_backward(&[&fast], &tensors, false, false);
@@ -136,12 +136,12 @@ fn stacked_parameter_sets_equal_one_pass_per_set() {
         let stacked = stack(&sets);
         let ids = ragged_ids();
         // Shared inputs [B, T, D] and per-set inputs [C, B, T, D].
-        let shared = forward_ids(&v.config, &stacked, &ids);
+        let shared = logits(&v.config, &stacked, &ids, Pass::Twice);
         let per_set_ids = ids.unsqueeze(0).expand([3, -1, -1], false);
         let per_set = forward(&v.config, &stacked, &embed(&stacked, &per_set_ids), &mask_of(&per_set_ids, &stacked));
         assert_eq!(shared.size()[..2], [3, 3]);
         for (k, p) in sets.iter().enumerate() {
-            let one = forward_ids(&v.config, p, &ids);
+            let one = logits(&v.config, p, &ids, Pass::Twice);
             for (what, all) in [("shared", &shared), ("per-set", &per_set)] {
                 let diff = max_diff(&all.get(k as i64), &one);
                 assert!(diff < 1e-5, "{arch:?} {what} inputs: set {k} differs by {diff}");
@@ -157,8 +157,8 @@ fn unrolled_adv_loss(v: &Victim, poison_emb: &Tensor) -> Tensor {
     let clean_ids = Tensor::from_slice(&[3i64, 4, 5, 0, 6, 7, 8, 9, 2, 3, 0, 0]).view([3, 4]);
     let emb = Tensor::cat(&[embed(&p, &clean_ids), poison_emb.shallow_clone()], 0);
     let ids_for_mask = Tensor::cat(&[clean_ids, Tensor::from_slice(&[5i64, 6, 7, 0]).view([1, 4])], 0);
-    let logits = forward(&v.config, &p, &emb, &mask_of(&ids_for_mask, &p));
-    let loss = targets_for(v, &ids_for_mask, &[0, 1, 0, 1]).mean_nll(&logits);
+    let clean_logits = forward(&v.config, &p, &emb, &mask_of(&ids_for_mask, &p));
+    let loss = targets_for(v, &ids_for_mask, &[0, 1, 0, 1]).mean_nll(&clean_logits);
     let names = crate::victims::params::trainable_names(&p);
     let tensors: Vec<&Tensor> = names.iter().map(|n| &p[n]).collect();
     let grads = Tensor::run_backward(&[&loss], &tensors, true, true);
@@ -168,7 +168,7 @@ fn unrolled_adv_loss(v: &Victim, poison_emb: &Tensor) -> Tensor {
         stepped.insert(n.clone(), &p[n] - g * 0.5);
     }
     let adv_ids = Tensor::from_slice(&[7i64, 8, 3, 0, 0, 9, 10, 11]).view([2, 4]);
-    targets_for(v, &adv_ids, &[1, 1]).mean_nll(&forward_ids(&v.config, &stepped, &adv_ids))
+    targets_for(v, &adv_ids, &[1, 1]).mean_nll(&logits(&v.config, &stepped, &adv_ids, Pass::Twice))
 }
 
 #[test]
@@ -202,7 +202,7 @@ fn per_example_gradients_equal_one_backward_pass_each_in_f64() {
         assert_eq!(all.len(), 3);
         for (e, got) in examples.iter().zip(&all) {
             let (ids, targets) = batch_tensors(&[e], Device::Cpu);
-            let loss = targets.mean_nll(&forward_ids(&v.config, &p, &ids));
+            let loss = targets.mean_nll(&logits(&v.config, &p, &ids, Pass::Twice));
             let want = Tensor::run_backward(&[&loss], &names.iter().map(|n| &p[n]).collect::<Vec<_>>(), false, false);
             for ((n, a), b) in names.iter().zip(got).zip(&want) {
                 let diff = max_diff(a, b);

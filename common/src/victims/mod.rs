@@ -1,6 +1,6 @@
 //! The victims: named parameters (`params`), training targets and the one loss (`loss`),
 //! the architecture seam (`victim::Architecture`), one file per architecture, the registry,
-//! config and victim file (`model`), and where a victim starts (`base`).
+//! config and victim file (`model`), and where a victim starts (`origin`: a word table or a pretrained encoder).
 
 pub mod params;
 pub mod loss;
@@ -12,7 +12,7 @@ pub mod lstm;
 pub mod minilm;
 pub mod gpt;
 pub mod model;
-pub mod base;
+pub mod origin;
 
 /// The conformance suite every victim architecture runs.
 #[cfg(test)]

@@ -229,7 +229,7 @@ impl Victim {
 
     /// Logits [batch, classes] for token ids [batch, time] (0 = padding).
     pub fn logits(&self, ids: &Tensor) -> Tensor {
-        forward_ids(&self.config, &self.params(), ids)
+        logits(&self.config, &self.params(), ids, Pass::Twice)
     }
 
     /// Saves weights, config and provenance as a `poison.victim` safetensors file.
@@ -322,9 +322,26 @@ pub fn shallow_copy(params: &Params) -> Params {
     params.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
 }
 
-/// Logits for token ids: `embed` then `forward`.
-pub fn forward_ids(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tensor {
-    forward(config, params, &embed(params, ids), &mask_of(ids, params))
+/// How a pass over token ids will be differentiated, which decides the kernels it may
+/// use; every kind gives the same logits up to float rounding (tested).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// Differentiable twice (an unrolled step's graph, stacked parameter sets): plain ops.
+    Twice,
+    /// Differentiated at most once, under one parameter set (training, the clean part of
+    /// the first inner step, L_adv at θ'): the LSTM runs libtorch's kernel.
+    Once,
+    /// Not differentiated, under one parameter set: no graph.
+    NoGrad,
+}
+
+/// Logits for token ids (`embed`, then `forward` or its faster kinds, `Pass`).
+pub fn logits(config: &VictimConfig, params: &Params, ids: &Tensor, pass: Pass) -> Tensor {
+    match pass {
+        Pass::Twice => forward(config, params, &embed(params, ids), &mask_of(ids, params)),
+        Pass::Once => config.arch().forward_first_order(params, &embed(params, ids), &mask_of(ids, params)),
+        Pass::NoGrad => forward_frozen_no_grad(config, params, &frozen_input(config, params, ids)),
+    }
 }
 
 /// The pooled features [batch, features] the output layer reads, for token ids, without
@@ -340,19 +357,6 @@ pub fn forward(config: &VictimConfig, params: &Params, emb: &Tensor, mask: &Tens
     config.arch().forward(params, emb, mask)
 }
 
-/// Logits for token ids under one parameter set, for passes differentiated at most once
-/// (the clean part of the first inner step, L_adv at θ'): the LSTM runs libtorch's kernel.
-/// Equal to `forward_ids` up to float rounding, gradients included (tested).
-pub fn forward_ids_first_order(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tensor {
-    config.arch().forward_first_order(params, &embed(params, ids), &mask_of(ids, params))
-}
-
-/// Logits for token ids under one (unstacked) parameter set, without a graph: passes
-/// that need no gradient. Equal to `forward_ids` up to float rounding (tested).
-pub fn forward_ids_no_grad(config: &VictimConfig, params: &Params, ids: &Tensor) -> Tensor {
-    forward_frozen_no_grad(config, params, &frozen_input(config, params, ids))
-}
-
 /// Token ids prepared for many no-grad passes (`victim::FrozenInput`).
 pub fn frozen_input(config: &VictimConfig, params: &Params, ids: &Tensor) -> FrozenInput {
     tch::no_grad(|| {
@@ -362,7 +366,7 @@ pub fn frozen_input(config: &VictimConfig, params: &Params, ids: &Tensor) -> Fro
     })
 }
 
-/// `forward_ids_no_grad` on a prepared input (the embedding table must be the one the
+/// `logits` on a prepared input (the embedding table must be the one the
 /// input was prepared with; the attack's victims keep it frozen).
 pub fn forward_frozen_no_grad(config: &VictimConfig, params: &Params, input: &FrozenInput) -> Tensor {
     tch::no_grad(|| config.arch().forward_frozen_no_grad(params, input))

@@ -2,7 +2,7 @@
 //! lstm victims) or a pretrained encoder package folder (the minilm victim: config.json,
 //! model.safetensors and tokenizer.json, as scripts/fetch_minilm.sh keeps them). The
 //! training stages (train-victim, finetune-eval) take one of the two and build every
-//! victim through `Base::new_victim`.
+//! victim through `Origin::new_victim`.
 
 use crate::victims::bert::{self, BertConfig};
 use crate::victims::model::{Arch, ArchConfig, Params, Victim, VictimConfig};
@@ -19,7 +19,21 @@ pub enum Start {
     Pretrained { config: BertConfig, params: Params },
 }
 
-pub struct Base {
+/// What a victim's flags choose besides where it starts (`cli::VictimArgs` gathers them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VictimShape {
+    pub arch: Arch,
+    /// Hidden units, where the architecture has them (the GPT's width).
+    pub hidden: usize,
+    pub gpt: crate::victims::gpt::GptShape,
+    /// Classes of a classifier (a language model's are its vocabulary).
+    pub num_classes: usize,
+    /// Tokens read at most.
+    pub max_len: usize,
+    pub train_embeddings: bool,
+}
+
+pub struct Origin {
     pub vocab: Vocab,
     pub start: Start,
     /// sha256 of the table file or of the encoder's weights (clean-cache keys, provenance).
@@ -28,16 +42,16 @@ pub struct Base {
     pub source: String,
 }
 
-impl Base {
+impl Origin {
     /// A build-vocab embeddings file.
-    pub fn embeddings(path: &str) -> Result<Base> {
+    pub fn embeddings(path: &str) -> Result<Origin> {
         let (vocab, table) = crate::embeddings::load(path)?;
         let sha256 = crate::io::sha256_file(std::path::Path::new(path))?;
-        Ok(Base { vocab, start: Start::Table(table), sha256, source: path.to_string() })
+        Ok(Origin { vocab, start: Start::Table(table), sha256, source: path.to_string() })
     }
 
     /// A pretrained MiniLM package folder: its config, weights and WordPiece tokenizer.
-    pub fn pretrained(dir: &str) -> Result<Base> {
+    pub fn pretrained(dir: &str) -> Result<Origin> {
         let file = |name: &str| format!("{dir}/{name}");
         if !std::path::Path::new(&file("config.json")).is_file() {
             bail!("{dir} holds no config.json; --pretrained takes the folder scripts/fetch_minilm.sh makes (data/minilm)");
@@ -50,16 +64,15 @@ impl Base {
             bail!("{dir}: tokenizer.json lists {} pieces, config.json says {}; the folder mixes two models", wp.len(), config.vocab_size);
         }
         let sha256 = crate::io::sha256_file(std::path::Path::new(&weights))?;
-        Ok(Base { vocab: Vocab::from_wordpiece(wp), start: Start::Pretrained { config, params }, sha256, source: dir.to_string() })
+        Ok(Origin { vocab: Vocab::from_wordpiece(wp), start: Start::Pretrained { config, params }, sha256, source: dir.to_string() })
     }
 
-    /// The config of a victim of architecture `arch` (with `hidden` units, where it has
-    /// them) that starts from this base: the embedding width, and for a pretrained encoder
-    /// its config, come from the base. The architecture must suit the base.
-    /// A victim config over this base; a GPT's shape is `gpt` and its classes are the
-    /// vocabulary (it predicts the next word).
-    #[allow(clippy::too_many_arguments)]
-    pub fn victim_config(&self, arch: Arch, hidden: usize, gpt: crate::victims::gpt::GptShape, num_classes: usize, max_len: usize, train_embeddings: bool) -> Result<VictimConfig> {
+    /// The config of a victim of the given shape that starts from this origin: the
+    /// embedding width, and for a pretrained encoder its config, come from the origin. The
+    /// architecture must suit it. A GPT's classes are the vocabulary (it predicts the next
+    /// word).
+    pub fn victim_config(&self, shape: &VictimShape) -> Result<VictimConfig> {
+        let VictimShape { arch, hidden, gpt, num_classes, max_len, train_embeddings } = *shape;
         let (embed_dim, encoder) = match &self.start {
             Start::Table(table) => (table.size()[1] as usize, None),
             Start::Pretrained { config, .. } => (config.hidden_size as usize, Some(config)),
