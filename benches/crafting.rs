@@ -7,7 +7,7 @@ use common::objectives::bilevel::{BiLevel, RolloutConfig, Verifier};
 use common::objectives::swaps::flipped;
 use common::search::rank::{bottom_k, taylor_scores};
 use common::victims::model::{embed, logits, mask_of, tiny_config, Arch, Victim, Pass};
-use common::train::{batch_tensors, Encoded};
+use common::encode::{batch_tensors, Encoded};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 mod support;

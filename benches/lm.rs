@@ -10,7 +10,7 @@ use common::objectives::swaps::flipped;
 use common::victims::gpt::GptShape;
 use common::victims::loss::Target;
 use common::victims::model::{logits, ArchConfig, Arch, Victim, VictimConfig, Pass};
-use common::train::{batch_tensors, Encoded};
+use common::encode::{batch_tensors, Encoded};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 mod support;

@@ -11,7 +11,8 @@
 use common::victims::gpt::GptShape;
 use common::victims::loss::Target;
 use common::victims::model::{ArchConfig, Arch, Victim, VictimConfig};
-use common::train::{train_all, Encoded, TrainData, TrainOptions};
+use common::train::{train_all, TrainData, TrainOptions};
+use common::encode::Encoded;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};

@@ -64,7 +64,7 @@ fn main() {
         )?;
         let (value, grad, target_scores) = objective.objective_grad_and_target_scores(&inputs.poisons_enc)?;
         log!("{} {:.1}s", objective.describe(value, inputs.poisons.len()), start.elapsed().as_secs_f64());
-        let ids = common::train::batch_tensors(&inputs.poisons_enc.iter().collect::<Vec<_>>(), tch::Device::Cpu).0;
+        let ids = common::encode::batch_tensors(&inputs.poisons_enc.iter().collect::<Vec<_>>(), tch::Device::Cpu).0;
         let meta = GradMeta {
             objective: value,
             objective_kind: args.objective.objective,

@@ -7,7 +7,7 @@ use common::io::Record;
 use common::objectives::ObjectiveInputs;
 use common::search::poisons::CraftingContext;
 use common::formats::records::{ObjectiveScore, RolloutConfig};
-use common::train::TextPolicy;
+use common::encode::TextPolicy;
 use common::{device, io, log};
 use std::time::Instant;
 

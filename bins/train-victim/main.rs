@@ -4,7 +4,8 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use common::cli::VictimArgs;
 use common::formats::records::Example;
-use common::train::{self, encode_for, TextPolicy};
+use common::train;
+use common::encode::{encode_for, TextPolicy};
 use common::{device, io, log};
 use std::time::Instant;
 
@@ -64,7 +65,7 @@ fn main() {
             bail!("stdin (-) can be read once; give the other files by path");
         }
         let mut raw_hash = Vec::new();
-        let mut read = |paths: &[String], may_be_empty: bool| -> anyhow::Result<Vec<common::train::Encoded>> {
+        let mut read = |paths: &[String], may_be_empty: bool| -> anyhow::Result<Vec<common::encode::Encoded>> {
             let mut out = Vec::new();
             for path in paths {
                 let bytes = io::read_all(path)?;

@@ -63,7 +63,7 @@ pub fn generate(config: &VictimConfig, params: &Params, vocab: &Vocab, prompts: 
             if done.iter().all(|&d| d) {
                 break;
             }
-            let (ids, _, _) = crate::train::padded(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), device);
+            let (ids, _, _) = crate::encode::padded(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), device);
             let last = Tensor::from_slice(&rows.iter().map(|r| r.len() as i64 - 1).collect::<Vec<_>>()).to_device(device);
             // The logits at each row's last token (right padding: a causal model's earlier
             // positions never see it).

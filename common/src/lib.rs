@@ -16,6 +16,7 @@ pub mod embeddings;
 pub mod concealment;
 pub mod data;
 pub mod victims;
+pub mod encode;
 pub mod train;
 pub mod generate;
 pub mod detect;

@@ -8,7 +8,8 @@
 
 use clap::ValueEnum;
 use common::victims::model::{tiny_config, Arch, Victim};
-use common::train::{train, train_all, Encoded, TrainData, TrainOptions};
+use common::train::{train, train_all, TrainData, TrainOptions};
+use common::encode::Encoded;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};

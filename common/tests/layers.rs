@@ -16,7 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "victims",
         &["victims", "victims::params", "victims::loss", "victims::victim", "victims::layers", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::model", "victims::origin"],
     ),
-    ("training", &["train", "generate"]),
+    ("training", &["encode", "train", "generate"]),
     ("defenses", &["detect"]),
     ("objectives", &["objectives", "objectives::objective", "objectives::swaps", "objectives::bilevel", "objectives::hardness", "objectives::influence"]),
     ("search", &["search", "search::poisons", "search::rank", "search::verify"]),
@@ -216,9 +216,9 @@ fn modules_use_only_their_layer_or_below_and_form_no_cycles() {
 
 #[test]
 fn the_reader_finds_uses_in_every_form() {
-    let text = "use crate::io::Record;\nuse crate::{data, victims::model::{self, Params},\n  train::Encoded};\nlet x = crate::stats::summarize(&v); // crate::report in a comment\n#[cfg(test)]\nuse crate::report;\n";
+    let text = "use crate::io::Record;\nuse crate::{data, victims::model::{self, Params},\n  encode::Encoded};\nlet x = crate::stats::summarize(&v); // crate::report in a comment\n#[cfg(test)]\nuse crate::report;\n";
     let names: Vec<String> = uses(text).into_iter().map(|(_, n)| n).collect();
-    assert_eq!(names, ["io", "data", "victims::model", "train", "stats::summarize"]);
+    assert_eq!(names, ["io", "data", "victims::model", "encode", "stats::summarize"]);
     let listed: BTreeMap<&str, usize> = LAYERS.iter().enumerate().flat_map(|(k, (_, mods))| mods.iter().map(move |m| (*m, k))).collect();
     assert_eq!(resolve("victims::model", &listed), Some("victims::model"));
     assert_eq!(resolve("detect::metrics", &listed), Some("detect"));

@@ -7,7 +7,8 @@
 
 use crate::victims::origin::Origin;
 use crate::victims::model::{features_ids_no_grad, logits, Params, Victim, VictimConfig, Pass};
-use crate::train::{self, batch_tensors, Encoded, TrainData, TrainOptions};
+use crate::train::{self, TrainData, TrainOptions};
+use crate::encode::{batch_tensors, Encoded};
 use anyhow::Result;
 use tch::{Kind, Tensor};
 
@@ -141,7 +142,7 @@ impl super::Family for TrainingDynamics {
         use anyhow::Context;
         let base = s.table.context("the training-dynamics detectors need --embeddings")?;
         let (config, opts) = s.training.context("the training-dynamics detectors need victim settings")?;
-        let encoded = crate::train::encode_all(s.examples, &base.vocab, config.max_len, s.num_classes, crate::train::TextPolicy::Data, s.source)?;
+        let encoded = crate::encode::encode_all(s.examples, &base.vocab, config.max_len, s.num_classes, crate::encode::TextPolicy::Data, s.source)?;
         let d = training_dynamics(base, config, &encoded, opts, s.workers, s.device, log)?;
         Ok(vec![(super::Detector::LossMean, d.loss_mean), (super::Detector::LossFinal, d.loss_final), (super::Detector::Spectral, d.spectral)])
     }

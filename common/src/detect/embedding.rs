@@ -5,7 +5,7 @@
 
 use crate::victims::model::{features_ids_no_grad, Params, VictimConfig};
 use crate::tokenizer::Vocab;
-use crate::train::{batch_tensors, Encoded};
+use crate::encode::{batch_tensors, Encoded};
 use tch::{Kind, Tensor};
 
 /// Every vocabulary word's largest cosine to any trigger word: the word-level distance
@@ -124,7 +124,7 @@ impl super::Family for MinilmDistance {
     }
     fn scores(&self, s: &super::Screen, _: &[super::Detector], log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<(super::Detector, Vec<f64>)>> {
         use crate::formats::records::Example;
-        use crate::train::{encode_all, TextPolicy};
+        use crate::encode::{encode_all, TextPolicy};
         use anyhow::Context;
         let t = std::time::Instant::now();
         let base = s.minilm.context("minilm-trigger needs --minilm DIR (the folder scripts/fetch_minilm.sh makes)")?;

@@ -6,7 +6,7 @@
 use crate::victims::model::{logits, VictimConfig, Pass};
 use crate::victims::params::Params;
 use crate::tokenizer::Vocab;
-use crate::train::{batch_tensors, Encoded};
+use crate::encode::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
 use tch::{Device, Kind};
 

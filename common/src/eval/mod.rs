@@ -12,7 +12,8 @@ use crate::tokenizer::Vocab;
 use crate::victims::model::{Victim, VictimConfig};
 use crate::formats::records::Example;
 use crate::stats::{summarize, Summary};
-use crate::train::{predict_with, Encoded, TrainOptions};
+use crate::train::{predict_with, TrainOptions};
+use crate::encode::Encoded;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -51,7 +52,7 @@ impl EvalSets {
     /// The evaluation sets of a prepared data folder, encoded for a victim.
     pub fn load(dir: &str, manifest: &DataManifest, vocab: &Vocab, max_len: usize) -> anyhow::Result<EvalSets> {
         use crate::data;
-        use crate::train::{encode_all, TextPolicy};
+        use crate::encode::{encode_all, TextPolicy};
         let n = manifest.labels.len();
         let enc = |name: &str, exs: &[Example]| encode_all(exs, vocab, max_len, n, TextPolicy::Data, &format!("{dir}/{name}"));
         let test = data::read_set(dir, data::TEST, false)?;

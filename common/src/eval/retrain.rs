@@ -6,7 +6,8 @@
 use crate::victims::origin::Origin;
 use crate::eval::{self, EvalSets, Metrics};
 use crate::victims::model::VictimConfig;
-use crate::train::{self, Encoded, TrainData, TrainOptions};
+use crate::train::{self, TrainData, TrainOptions};
+use crate::encode::Encoded;
 use anyhow::Result;
 use tch::Device;
 

@@ -13,7 +13,7 @@ use crate::victims::model::{embed, example_grads, forward, forward_frozen_no_gra
 use crate::victims::loss::Targets;
 use crate::victims::victim::FrozenInput;
 use crate::objectives::swaps::{check_swaps, combine_greedily, flipped, improve, Swap, Verified};
-use crate::train::{batch_tensors, Encoded};
+use crate::encode::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
 use rand::seq::index::sample;
 use rand::SeedableRng;

@@ -12,7 +12,7 @@ pub use crate::formats::records::ObjectiveKind;
 use crate::objectives::objective::Objective;
 use crate::objectives::swaps::{verify_separable, Swap, Verified};
 use crate::victims::model::{embed, forward, mask_of, Victim};
-use crate::train::{batch_tensors, Encoded};
+use crate::encode::{batch_tensors, Encoded};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 

@@ -28,7 +28,7 @@ use crate::objectives::swaps::{verify_separable, Swap, Verified};
 use crate::victims::loss::Targets;
 use crate::victims::model::{embed, example_grads, forward, logits, mask_of, Params, Victim, VictimConfig, Pass};
 use crate::formats::records::RolloutConfig;
-use crate::train::{batch_tensors, Encoded};
+use crate::encode::{batch_tensors, Encoded};
 use anyhow::{bail, Context, Result};
 use rand::seq::index::sample;
 use rand::SeedableRng;

@@ -2,7 +2,7 @@
 
 use crate::formats::records::{InfluenceConfig, RolloutConfig};
 use crate::objectives::swaps::{Swap, Verified};
-use crate::train::Encoded;
+use crate::encode::Encoded;
 use crate::victims::model::Victim;
 use anyhow::Result;
 use tch::Tensor;

@@ -4,7 +4,7 @@
 //! once for an objective that is a sum over poisons (`verify_separable`), one at a time
 //! under the exact objective otherwise (`combine_greedily`).
 
-use crate::train::Encoded;
+use crate::encode::Encoded;
 use anyhow::{bail, Result};
 
 /// Token ids of a poison with one position replaced.

@@ -7,7 +7,7 @@ use crate::data::{self, DataManifest};
 use crate::victims::model::{Victim, VictimFile};
 use crate::formats::records::Example;
 use crate::tokenizer::{tokenize, Vocab, PAD_ID};
-use crate::train::{encode_all, encode_for, Encoded, TextPolicy};
+use crate::encode::{encode_all, encode_for, Encoded, TextPolicy};
 use anyhow::{bail, Context, Result};
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
@@ -323,7 +323,7 @@ pub fn target_probability(victim: &Victim, data: &[Encoded], target: i64) -> Vec
     tch::no_grad(|| {
         let mut out = Vec::with_capacity(data.len());
         for chunk in data.chunks(256) {
-            let (ids, _) = crate::train::batch_tensors(&chunk.iter().collect::<Vec<_>>(), victim.device());
+            let (ids, _) = crate::encode::batch_tensors(&chunk.iter().collect::<Vec<_>>(), victim.device());
             let p = crate::victims::model::logits(&victim.config, &params, &ids, crate::victims::model::Pass::Twice).softmax(-1, Kind::Double).select(-1, target);
             out.extend(Vec::<f64>::try_from(p.to_device(Device::Cpu)).expect("f64 probabilities"));
         }

@@ -11,7 +11,7 @@ use crate::eval::retrain::{checkpoint_rows, retrain, seed_rows, CleanCache, Pois
 use crate::eval::{self, EvalReport, EvalSets};
 use crate::formats::records::Example;
 use crate::io::{self, Record};
-use crate::train::{encode_all, Encoded, TextPolicy};
+use crate::encode::{encode_all, Encoded, TextPolicy};
 use crate::victims::model::VictimConfig;
 use anyhow::{bail, Context, Result};
 

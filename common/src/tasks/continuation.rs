@@ -10,7 +10,7 @@ use crate::data::{self, DataManifest};
 use crate::eval::retrain::{Pairing, PoisonSet};
 use crate::formats::records::Example;
 use crate::io::{self, Record};
-use crate::train::TextPolicy;
+use crate::encode::TextPolicy;
 use crate::victims::model::VictimConfig;
 use anyhow::{bail, Context, Result};
 
@@ -52,12 +52,12 @@ impl Task for Continuation {
         let judging = Judging { classifier: &classifier, lexicon: &lexicon, target_negative: manifest.target == negative, sampling, max_new: args.max_new, stop };
         let sets_eval = LmEvalSets::load(&args.data, manifest, &lm.config, vocab, args.samples)?;
         let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;
-        let clean = crate::train::encode_for(&lm.config, &clean_train, vocab, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
+        let clean = crate::encode::encode_for(&lm.config, &clean_train, vocab, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
         let sets = PoisonSet::load_all(&args.poisons)?;
         let mut poison_sets = Vec::new();
         for set in &sets {
             let name = set.path.as_deref().map(io::display_name).unwrap_or_default();
-            poison_sets.push(crate::train::encode_for(&lm.config, &set.records, vocab, TextPolicy::Poisons, &name)?);
+            poison_sets.push(crate::encode::encode_for(&lm.config, &set.records, vocab, TextPolicy::Poisons, &name)?);
         }
         let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
         let options = |seed: u64| args.victim.train_options(&lm.config, seed);

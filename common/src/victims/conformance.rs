@@ -4,7 +4,8 @@
 use crate::victims::loss::{Target, Targets};
 use crate::victims::model::{embed, example_grads, forward, logits, mask_of, param_shapes, shallow_copy, tiny_config, Arch, Params, Victim, Pass};
 use crate::train::tests::{poisons, toy};
-use crate::train::{accuracy, batch_tensors, train, train_all, Encoded, TrainData, TrainOptions};
+use crate::train::{accuracy, train, train_all, TrainData, TrainOptions};
+use crate::encode::{batch_tensors, Encoded};
 use clap::ValueEnum;
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};

@@ -5,7 +5,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-/// What one example is trained to predict (`train::Encoded` carries one).
+/// What one example is trained to predict (`crate::encode::Encoded` carries one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     /// A class label.
