@@ -63,10 +63,54 @@ pub fn one_thread_here() {
     tch::set_num_threads(1);
 }
 
-/// What decides the bits besides a computation's inputs, as `NAME=value;...` (an unset
-/// variable reads as `native`): clean-victim caches are keyed by it and victim files record it,
-/// so figures computed under different code paths are never paired or compared as equal.
+/// The CPU model, as `vendor-family-model` from CPUID (`GenuineIntel-6-143`,
+/// `AuthenticAMD-26-2`). The pins give the same bits on one CPU model, not across models:
+/// the same demo on an Intel Xeon and an AMD EPYC, both pinned to the AVX-512 paths,
+/// trained different victims (docs/reproducibility.md), as the libraries still tune their
+/// kernels to the CPU they run on.
+pub fn cpu() -> String {
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unused_unsafe)]
+    {
+        use std::arch::x86_64::__cpuid;
+        // Safe: CPUID exists on every x86-64 CPU.
+        let (leaf0, leaf1) = unsafe { (__cpuid(0), __cpuid(1)) };
+        let vendor: Vec<u8> = [leaf0.ebx, leaf0.edx, leaf0.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+        let eax = leaf1.eax;
+        let base_family = (eax >> 8) & 0xf;
+        let family = if base_family == 0xf { base_family + ((eax >> 20) & 0xff) } else { base_family };
+        let extended_model = if base_family == 0x6 || base_family == 0xf { ((eax >> 16) & 0xf) << 4 } else { 0 };
+        let model = ((eax >> 4) & 0xf) | extended_model;
+        format!("{}-{family}-{model}", String::from_utf8_lossy(&vendor))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_string()
+    }
+}
+
+/// What decides the bits besides a computation's inputs, as `NAME=value;...`: the CPU
+/// model (`cpu`), the code paths (an unset variable reads as `native`) and the thread
+/// count. Clean-victim caches are keyed by it and victim files record it, so figures
+/// computed on other CPUs or under other code paths are never paired or compared as equal.
 pub fn key() -> String {
     let pins: Vec<String> = PINS.iter().map(|(name, _, _)| format!("{name}={}", std::env::var(name).unwrap_or_else(|_| "native".into()))).collect();
-    format!("{};threads=1", pins.join(";"))
+    format!("cpu={};{};threads=1", cpu(), pins.join(";"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_key_names_the_cpu_model_and_every_pinned_path() {
+        let cpu = super::cpu();
+        if cfg!(target_arch = "x86_64") {
+            let parts: Vec<&str> = cpu.split('-').collect();
+            assert!(parts.len() == 3 && parts[1].parse::<u32>().is_ok() && parts[2].parse::<u32>().is_ok(), "vendor-family-model, got {cpu:?}");
+        }
+        let key = super::key();
+        assert!(key.starts_with(&format!("cpu={cpu};")) && key.ends_with(";threads=1"), "{key}");
+        for (name, _, _) in super::PINS {
+            assert!(key.contains(&format!("{name}=")), "{key} lacks {name}");
+        }
+    }
 }
