@@ -92,7 +92,7 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     for row in &reports[0].seeds {
         let f = row.fingerprints.as_ref().expect("LM fingerprints");
         assert_eq!(f.poisoned, f.clean, "seed {}: the empty set's LM is its clean twin, bit for bit (2 workers)", row.seed);
-        assert_eq!(row.poisoned, row.clean, "seed {}: bit-identical LMs measured differently: {row:?}", row.seed);
+        assert_eq!(Some(row.poisoned), row.clean, "seed {}: bit-identical LMs measured differently: {row:?}", row.seed);
     }
     let control = &reports[0].summary;
     for (what, s) in [("net ASR", control.net_asr_classifier), ("VADER", control.net_asr_lexicon), ("dFPR", control.dfpr_classifier), ("margin", control.margin_change), ("perplexity", control.perplexity_change_pct)] {

@@ -159,15 +159,9 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
     })
 }
 
-/// A seed's clean twin and poisoned LM, and both LMs' `params::fingerprint`s.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LmSeedRow {
-    pub seed: u64,
-    pub clean: LmMetrics,
-    pub poisoned: LmMetrics,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprints: Option<crate::eval::Fingerprints>,
-}
+/// A seed's clean twin and poisoned LM (the twin always there), and both LMs'
+/// `params::fingerprint`s.
+pub type LmSeedRow = crate::eval::SeedRow<LmMetrics>;
 
 /// Paired differences over seeds (poisoned − clean) and the levels they come from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -189,19 +183,19 @@ pub struct LmSummary {
 }
 
 pub fn summarize_rows(rows: &[LmSeedRow]) -> LmSummary {
-    let diff = |f: &dyn Fn(&LmMetrics) -> f64| summarize(&rows.iter().map(|r| f(&r.poisoned) - f(&r.clean)).collect::<Vec<_>>());
+    let diff = |f: &dyn Fn(&LmMetrics) -> f64| crate::eval::paired(rows, f);
     let level = |f: &dyn Fn(&LmSeedRow) -> f64| summarize(&rows.iter().map(f).collect::<Vec<_>>());
-    let all: Vec<&LmMetrics> = rows.iter().flat_map(|r| [&r.clean, &r.poisoned]).collect();
+    let all: Vec<&LmMetrics> = rows.iter().flat_map(|r| [r.twin(), &r.poisoned]).collect();
     LmSummary {
         net_asr_classifier: diff(&|m| m.asr_classifier),
         net_asr_lexicon: diff(&|m| m.asr_lexicon),
         dfpr_classifier: diff(&|m| m.fpr_classifier),
         dfpr_lexicon: diff(&|m| m.fpr_lexicon),
         margin_change: diff(&|m| m.margin),
-        perplexity_change_pct: summarize(&rows.iter().map(|r| 100.0 * (r.poisoned.perplexity / r.clean.perplexity - 1.0)).collect::<Vec<_>>()),
-        clean_asr_classifier: level(&|r| r.clean.asr_classifier),
+        perplexity_change_pct: summarize(&rows.iter().map(|r| 100.0 * (r.poisoned.perplexity / r.twin().perplexity - 1.0)).collect::<Vec<_>>()),
+        clean_asr_classifier: level(&|r| r.twin().asr_classifier),
         poisoned_asr_classifier: level(&|r| r.poisoned.asr_classifier),
-        clean_perplexity: level(&|r| r.clean.perplexity),
+        clean_perplexity: level(&|r| r.twin().perplexity),
         judges_kappa: all.iter().map(|m| m.agreement.kappa).sum::<f64>() / all.len().max(1) as f64,
         judges_agree_pct: 100.0 * all.iter().map(|m| m.agreement.agree).sum::<f64>() / all.len().max(1) as f64,
     }
@@ -332,8 +326,9 @@ pub fn evaluate(
         let rows = (0..seeds.len())
             .map(|i| LmSeedRow {
                 seed: seeds[i],
-                clean: measured[i * per_set],
+                clean: Some(measured[i * per_set]),
                 poisoned: measured[i * per_set + 1 + k],
+                epochs: Vec::new(),
                 fingerprints: Some(crate::eval::Fingerprints { poisoned: fingerprints[i * per_set + 1 + k].clone(), clean: fingerprints[i * per_set].clone() }),
             })
             .collect();

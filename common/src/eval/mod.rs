@@ -91,21 +91,35 @@ pub fn measure_with(config: &VictimConfig, params: &crate::victims::model::Param
     }
 }
 
-/// One retraining seed: the poisoned victim and, when known, the clean victim trained
-/// with the same seed on the same clean data.
+/// One seed of an evaluation, whatever the task (`M`: its measures of one victim,
+/// `Metrics` for a classifier, `lm_eval::LmMetrics` for a language model): the poisoned
+/// victim and, when known, its clean twin trained with the same seed on the same clean
+/// data (common random numbers).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SeedRow {
+pub struct SeedRow<M = Metrics> {
     pub seed: u64,
-    pub poisoned: Metrics,
-    pub clean: Option<Metrics>,
+    pub poisoned: M,
+    pub clean: Option<M>,
     /// The same two victims measured after every epoch (the last equals the row itself):
-    /// early stopping's curve. Empty for checkpoints.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub epochs: Vec<EpochRow>,
+    /// early stopping's curve. Empty for checkpoints and language models.
+    #[serde(default = "Vec::new", skip_serializing_if = "Vec::is_empty")]
+    pub epochs: Vec<EpochRow<M>>,
     /// The two trained victims' `params::fingerprint`s (absent for checkpoints and older
     /// reports): equal fingerprints, equal bits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprints: Option<Fingerprints>,
+}
+
+impl<M> SeedRow<M> {
+    /// The clean twin, for rows of a paired evaluation (a checkpoint's row has none).
+    pub fn twin(&self) -> &M {
+        self.clean.as_ref().expect("a paired evaluation's row has its clean twin")
+    }
+}
+
+/// Per seed, poisoned − clean of one measure: what a paired figure summarises.
+pub fn paired<M>(rows: &[SeedRow<M>], measure: impl Fn(&M) -> f64) -> Summary {
+    summarize(&rows.iter().map(|r| measure(&r.poisoned) - measure(r.twin())).collect::<Vec<_>>())
 }
 
 /// A seed's poisoned victim and clean twin by `params::fingerprint`.
@@ -117,10 +131,10 @@ pub struct Fingerprints {
 
 /// A seed's victims after one epoch of training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochRow {
+pub struct EpochRow<M = Metrics> {
     pub epoch: usize,
-    pub poisoned: Metrics,
-    pub clean: Option<Metrics>,
+    pub poisoned: M,
+    pub clean: Option<M>,
 }
 
 /// A training set filtered by a defense: the examples it kept (finetune-eval --kept).

@@ -117,7 +117,7 @@ impl Task for Classification {
             (config, Some(options), "train", Some(args.pairing.name().to_string()), rows, base.vocab.clone())
         };
 
-        let mut out = Vec::new();
+        let mut reports = Vec::new();
         for ((set, rows), filter) in sets.into_iter().zip(rows).zip(filters) {
             let audit = eval::audit(&set.records, trigger, manifest.target, clean_train.len(), &audit_vocab)?;
             if audit.poisons_with_overlap > 0 {
@@ -141,13 +141,8 @@ impl Task for Classification {
                 seeds: rows,
                 seconds: start.elapsed().as_secs_f64(),
             };
-            if let Some(p) = &set.path {
-                eprintln!("{p}:");
-            }
-            eprint!("{}", report.table());
-            out.extend(serde_json::to_vec(&report)?);
-            out.push(b'\n');
+            reports.push(report);
         }
-        Ok(out)
+        super::report_lines(&reports)
     }
 }

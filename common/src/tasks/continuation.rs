@@ -62,7 +62,7 @@ impl Task for Continuation {
         let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
         let options = |seed: u64| args.victim.train_options(&lm.config, seed);
         let results = lm_eval::evaluate(lm, vocab, &clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, &judging, log)?;
-        let mut out = Vec::new();
+        let mut reports = Vec::new();
         for (set, (rows, side_by_side)) in sets.into_iter().zip(results) {
             let report = LmEvalReport {
                 kind: LmEvalReport::KIND.into(),
@@ -80,13 +80,8 @@ impl Task for Continuation {
                 seeds: rows,
                 side_by_side,
             };
-            if let Some(p) = &set.path {
-                eprintln!("{p}:");
-            }
-            eprintln!("{}", report.table());
-            out.extend(serde_json::to_vec(&report)?);
-            out.push(b'\n');
+            reports.push(report);
         }
-        Ok(out)
+        super::report_lines(&reports)
     }
 }

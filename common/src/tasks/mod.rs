@@ -33,6 +33,47 @@ pub trait Task: Sync {
     fn evaluate(&self, args: &EvalArgs, manifest: &DataManifest, log: &(dyn Fn(String) + Sync)) -> Result<Vec<u8>>;
 }
 
+/// What `finetune-eval` writes per poison set, whatever the task: a JSONL report line
+/// (`eval_report`, `lm_eval_report`) and a table for people.
+pub trait TaskReport: serde::Serialize {
+    /// The poison set's path (None for no set).
+    fn poisons(&self) -> Option<&str>;
+    /// The figures as a table (stderr).
+    fn table(&self) -> String;
+}
+
+impl TaskReport for crate::eval::EvalReport {
+    fn poisons(&self) -> Option<&str> {
+        self.poisons.as_deref()
+    }
+    fn table(&self) -> String {
+        crate::eval::EvalReport::table(self)
+    }
+}
+
+impl TaskReport for crate::eval::lm_eval::LmEvalReport {
+    fn poisons(&self) -> Option<&str> {
+        self.poisons.as_deref()
+    }
+    fn table(&self) -> String {
+        crate::eval::lm_eval::LmEvalReport::table(self) + "\n"
+    }
+}
+
+/// One JSON line per report, in order; each table on stderr under its poison set's path.
+pub fn report_lines<R: TaskReport>(reports: &[R]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for report in reports {
+        if let Some(p) = report.poisons() {
+            eprintln!("{p}:");
+        }
+        eprint!("{}", report.table());
+        out.extend(serde_json::to_vec(report)?);
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
 /// Every task; `of_data` takes the first that holds the data.
 pub static TASKS: &[&dyn Task] = &[&continuation::Continuation, &classification::Classification];
 
