@@ -4,7 +4,7 @@
 #   scores/<variant>.jsonl          detect-poisons on the training set with each poison set
 #   cache/                          MiniLM scores by text (each clean text encoded once)
 #   <set>/kept-<detector>-<q>.jsonl the training set with the set's poisons, top q% removed
-#   filter-evals.jsonl, filter.key  finetune-eval of the filtered sets (paired with the
+#   filter-evals.jsonl(.key)        finetune-eval of the filtered sets (paired with the
 #                                   unfiltered clean twins of the demo's seeds)
 #   evading-<fpr>/                  a cell (demo.sh MODE=cell) of poison sets crafted to stay
 #                                   below the GloVe word detector's threshold at fpr %
