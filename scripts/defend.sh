@@ -81,7 +81,7 @@ for fpr in $EVADE_FPRS; do
   E="$D/evading-$fpr"
   env RUN="$E" VICTIMS_DIR="$RUN" MODE=cell VARIANTS="$EVADE_VARIANTS" EVADE_FPR="$fpr" "$(dirname "$0")/demo.sh"
   evade_args+=(--variants "$E/variants.json" --evals "$E/evals.jsonl")
-  mapfile -t evading < <("$BIN/report" poison-sets --name-contains -evading- "$E/variants.json")
+  mapfile -t evading < <("$BIN/report" poison-sets --name-contains=-evading- "$E/variants.json")
   score "${evading[@]}"
 done
 t3=$EPOCHREALTIME
