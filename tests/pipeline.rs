@@ -307,3 +307,30 @@ fn benign_control_reads_zero_and_strict_poisons_pass_the_strict_audit() {
         assert_eq!(a.clean, b.clean, "clean twins do not depend on the pairing");
     }
 }
+
+/// The catalogue and demo.sh agree: every variant's recipe is a line whose kind (and
+/// objective) the script's dispatch has an arm for, and `variants-file` lists each set where
+/// `poison-sets` finds it, the evading ones by name.
+#[test]
+fn every_catalogue_recipe_has_an_arm_in_the_demo_script_and_lists_where_it_is_made() {
+    let script = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo.sh")).unwrap();
+    for v in common::report::catalogue::CATALOGUE {
+        let line = String::from_utf8(ok(&run(bin("report").args(["recipe", v.name]))).stdout.clone()).unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert!(script.contains(&format!("    {})", words[0])), "{}: demo.sh has no arm for recipe kind {:?}", v.name, words[0]);
+        if words[0] == "craft" {
+            assert!(script.contains(&format!("        {})", words[1])), "{}: demo.sh has no crafting arm for objective {:?}", v.name, words[1]);
+        }
+    }
+    let err = run(bin("report").args(["recipe", "no-such-variant"]));
+    assert!(!err.status.success() && String::from_utf8_lossy(&err.stderr).contains("hardness"), "an unknown variant is refused with the list");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let listing = ok(&run(bin("report").args(["variants-file", "--title", "t", "--dir", "d", "--count", "5", "--evade-fpr", "1", "benign", "hardness", "confident-evading"]))).stdout.clone();
+    std::fs::write(file.path(), listing).unwrap();
+    let sets = String::from_utf8(ok(&run(bin("report").arg("poison-sets").arg(file.path()))).stdout.clone()).unwrap();
+    assert_eq!(sets, "benign d/init-benign.jsonl\nhardness d/craft-hardness/poisons.jsonl\nconfident-evading-1 d/init-confident-evading.jsonl\n");
+    let evading = String::from_utf8(ok(&run(bin("report").arg("poison-sets").arg("--name-contains=-evading-").arg(file.path()))).stdout.clone()).unwrap();
+    assert_eq!(evading, "confident-evading-1 d/init-confident-evading.jsonl\n");
+    let args = String::from_utf8(ok(&run(bin("report").args(["poison-sets", "--as-args"]).arg(file.path()))).stdout.clone()).unwrap();
+    assert_eq!(args.lines().filter(|l| *l == "--poisons").count(), 3);
+}
