@@ -72,7 +72,7 @@ if [ ! -f "$RUN/eval.jsonl" ]; then
   mv "$RUN/eval.jsonl.tmp" "$RUN/eval.jsonl"
 fi
 stamp evaluation
-"$BIN/report" lm --eval "$RUN/eval.jsonl" --names "$(IFS=,; echo "${names[*]}")" --crafted crafted-bilevel \
+"$BIN/report" --evals "$RUN/eval.jsonl" --names "$(IFS=,; echo "${names[*]}")" --crafted crafted-bilevel \
   --versus unoptimised,nearest-neighbour --before "$RUN/crafted/round-000/poisons.jsonl" --after "$RUN/crafted/poisons.jsonl" \
   --out-dir "$RUN/report" > /dev/null
 stamp report

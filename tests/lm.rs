@@ -1,7 +1,7 @@
 //! The language-model victim through every stage, by real pipes on the committed fixtures:
 //! prepare-data --lm, build-vocab, train-victim --arch gpt, init-poisons, rollout-grad |
 //! rank-candidates | verify-candidates, generate, judge, finetune-eval on LM data (with a
-//! control that must read exactly zero) and report lm.
+//! control that must read exactly zero) and its report.
 
 mod support;
 
@@ -122,7 +122,7 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     assert!(crafted_report.summary.clean_perplexity.mean > 1.0);
     std::fs::write(lm.path("eval.jsonl"), &out).unwrap();
     let md = ok(&run(bin("report")
-        .args(["lm", "--eval"]).arg(lm.path("eval.jsonl"))
+        .arg("--evals").arg(lm.path("eval.jsonl"))
         .args(["--names", "control,crafted", "--crafted", "crafted", "--versus", "control", "--before"]).arg(lm.path("p0.jsonl"))
         .arg("--after").arg(lm.path("crafted.jsonl"))
         .arg("--out-dir").arg(lm.path("report"))))

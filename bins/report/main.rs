@@ -11,33 +11,51 @@ use common::report::{self, Report, Role, Variants};
 use common::report::{catalogue, runfiles};
 use common::log;
 
-/// Builds the report of a demo or sweep.
+/// Builds the report of a demo or sweep from finetune-eval's reports, whatever the task.
 ///
-/// Writes into --out-dir: report.json (schema in FORMATS.md), table.md, and for a demo
-/// net_asr.svg, objective.svg and poisons.md (every crafted poison before and after); for
-/// --sweep sweep.svg. The table also goes to stdout.
+/// A classifier's reports: writes into --out-dir report.json (schema in FORMATS.md),
+/// table.md, and for a demo net_asr.svg, objective.svg and poisons.md (every crafted poison
+/// before and after); for --sweep sweep.svg. The table also goes to stdout.
+/// A language model's: lm-report.json, lm-report.md and net-asr.svg; the Markdown to stdout.
 ///
 /// Examples:
 ///   finetune-eval ... --poisons a.jsonl --poisons b.jsonl > evals.jsonl
 ///   report --variants runs/demo/variants.json --evals evals.jsonl --out-dir runs/demo
+///   report --evals runs/demo-lm/eval.jsonl --names control,crafted --crafted crafted --versus control --out-dir runs/demo-lm
 ///   report attack-table runs/attack-x
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
-    /// The variants, in display order (`variants` JSON, see FORMATS.md).
-    #[arg(long, required = true)]
-    variants: Option<String>,
-    /// finetune-eval reports (JSONL; repeatable).
+    /// finetune-eval reports (JSONL; repeatable). Their kind decides the report: a
+    /// classifier's `eval_report`s are compared as --variants lists them; a language
+    /// model's `lm_eval_report`s as --names names them (one file).
     #[arg(long, required = true)]
     evals: Vec<String>,
-    /// Folder for report.json, table.md and the plots.
+    /// Folder for the report's JSON, Markdown or table, and plots.
     #[arg(long, required = true)]
     out_dir: Option<String>,
-    /// Net ASR against poison count per series (variants carry `series`).
+    /// Classifier reports: the variants, in display order (`variants` JSON, see FORMATS.md).
+    #[arg(long)]
+    variants: Option<String>,
+    /// Classifier reports: net ASR against poison count per series (variants carry `series`).
     #[arg(long)]
     sweep: bool,
+    /// Language-model reports: the poison sets' names, in the report's order (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    names: Vec<String>,
+    /// Language-model reports: the crafted set's name and the heuristics it is compared with.
+    #[arg(long, requires = "versus")]
+    crafted: Option<String>,
+    #[arg(long, value_delimiter = ',')]
+    versus: Vec<String>,
+    /// Language-model reports: the crafted set before and after crafting (its poisons
+    /// listed in the report).
+    #[arg(long, requires = "after")]
+    before: Option<String>,
+    #[arg(long)]
+    after: Option<String>,
 }
 
 /// The run files of scripts/attack.sh and scripts/demo.sh, on stdout.
@@ -131,30 +149,6 @@ enum Command {
         #[arg(long)]
         out_dir: String,
     },
-    /// The language-model demo's report (scripts/demo_lm.sh): every poison set's paired
-    /// figures, the crafted set against the heuristics, continuations side by side, the
-    /// crafted poisons before and after. Writes lm-report.json, lm-report.md and
-    /// net-asr.svg into --out-dir; the Markdown also to stdout.
-    Lm {
-        /// finetune-eval's report on LM data (one line per poison set).
-        #[arg(long)]
-        eval: String,
-        /// The poison sets' names, in the report's order (comma-separated).
-        #[arg(long, value_delimiter = ',', required = true)]
-        names: Vec<String>,
-        /// The crafted set's name and the heuristics it is compared with.
-        #[arg(long, requires = "versus")]
-        crafted: Option<String>,
-        #[arg(long, value_delimiter = ',')]
-        versus: Vec<String>,
-        /// The crafted set before and after crafting (its poisons listed in the report).
-        #[arg(long, requires = "after")]
-        before: Option<String>,
-        #[arg(long)]
-        after: Option<String>,
-        #[arg(long)]
-        out_dir: String,
-    },
     /// How well objectives rank the objective benchmark's poison sets by their measured net
     /// ASR: Spearman's correlation of −value with it, from score-poisons output.
     ObjectiveBenchmark {
@@ -194,23 +188,16 @@ fn main() {
                 Command::CellDone { id } => serde_json::to_string(&serde_json::json!({"kind": "cell_done", "v": 1, "id": id}))? + "\n",
                 Command::ObjectiveBenchmark { benchmark, scores } => common::report::objective_benchmark::report(benchmark, scores)?,
                 Command::Defend { variants, evals, scores_dir, filter_evals, out_dir } => defend(variants, evals, scores_dir, filter_evals.as_deref(), out_dir)?,
-                Command::Lm { eval, names, crafted, versus, before, after, out_dir } => {
-                    let report = common::report::lm_report::build(eval, names, crafted.as_deref(), versus)?;
-                    let poisons = match (before, after) {
-                        (Some(b), Some(a)) => Some((io::read_jsonl::<common::formats::records::Example>(b, false)?, io::read_jsonl::<common::formats::records::Example>(a, false)?)),
-                        _ => None,
-                    };
-                    let md = report.markdown(poisons.as_ref().map(|(b, a)| (b.as_slice(), a.as_slice())))?;
-                    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {out_dir}"))?;
-                    io::write_bytes(&format!("{out_dir}/lm-report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
-                    io::write_bytes(&format!("{out_dir}/lm-report.md"), md.as_bytes())?;
-                    io::write_bytes(&format!("{out_dir}/net-asr.svg"), report.net_asr_svg().as_bytes())?;
-                    md
-                }
             };
             return io::write_bytes("-", text.as_bytes());
         }
-        let (variants_path, dir) = (args.variants.as_deref().expect("required"), args.out_dir.as_deref().expect("required"));
+        let dir = args.out_dir.as_deref().expect("required");
+        if first_kind(&args.evals[0])? == <common::eval::lm_eval::LmEvalReport as io::Record>::KIND {
+            return language_model_report(&args, dir);
+        }
+        let Some(variants_path) = args.variants.as_deref() else {
+            anyhow::bail!("{} holds classifier reports (eval_report): give --variants FILE (variants JSON, FORMATS.md) to say what they are", args.evals[0]);
+        };
         let text = std::fs::read_to_string(variants_path).with_context(|| format!("cannot read {variants_path}"))?;
         let variants: Variants = io::parse_record(&text).with_context(|| variants_path.to_string())?;
         let mut evals: Vec<EvalReport> = Vec::new();
@@ -233,6 +220,38 @@ fn main() {
         io::write_bytes("-", table.as_bytes())?;
         Ok(())
     })
+}
+
+/// The `kind` of a JSONL file's first record.
+fn first_kind(path: &str) -> anyhow::Result<String> {
+    let bytes = io::read_all(path)?;
+    let first = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+    if first.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(String::new()); // the reader of the reports says what is wrong with it
+    }
+    let value: serde_json::Value = serde_json::from_slice(first).with_context(|| format!("{path}: record 1 is not JSON; give finetune-eval's output"))?;
+    Ok(value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string())
+}
+
+/// The language-model demo's report (scripts/demo_lm.sh): every poison set's paired
+/// figures, the crafted set against the heuristics, continuations side by side, the
+/// crafted poisons before and after. Writes lm-report.json, lm-report.md and net-asr.svg
+/// into the folder; the Markdown also to stdout.
+fn language_model_report(args: &Args, out_dir: &str) -> anyhow::Result<()> {
+    if args.evals.len() != 1 || args.names.is_empty() || args.variants.is_some() || args.sweep {
+        anyhow::bail!("{} holds language-model reports (lm_eval_report): give it as the one --evals file with --names (one per poison set), not --variants or --sweep", args.evals[0]);
+    }
+    let report = common::report::lm_report::build(&args.evals[0], &args.names, args.crafted.as_deref(), &args.versus)?;
+    let poisons = match (&args.before, &args.after) {
+        (Some(b), Some(a)) => Some((io::read_jsonl::<Example>(b, false)?, io::read_jsonl::<Example>(a, false)?)),
+        _ => None,
+    };
+    let md = report.markdown(poisons.as_ref().map(|(b, a)| (b.as_slice(), a.as_slice())))?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {out_dir}"))?;
+    io::write_bytes(&format!("{out_dir}/lm-report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    io::write_bytes(&format!("{out_dir}/lm-report.md"), md.as_bytes())?;
+    io::write_bytes(&format!("{out_dir}/net-asr.svg"), report.net_asr_svg().as_bytes())?;
+    io::write_bytes("-", md.as_bytes())
 }
 
 fn defend(variants_paths: &[String], eval_paths: &[String], scores_dir: &str, filter_evals: Option<&str>, dir: &str) -> anyhow::Result<String> {

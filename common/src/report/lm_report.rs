@@ -1,4 +1,4 @@
-//! The language-model demo's report (`report lm`, scripts/demo_lm.sh): every poison set's
+//! The language-model demo's report (`report --evals` on `lm_eval_report`s, scripts/demo_lm.sh): every poison set's
 //! paired figures with 95% CIs, the crafted set against the heuristics by paired
 //! differences, the clean and poisoned LMs' continuations of the same prompts side by
 //! side, the crafted poisons before and after, and a bar chart.
