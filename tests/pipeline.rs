@@ -259,6 +259,10 @@ fn finetune_eval_reports_every_poison_set_on_the_same_clean_victims() {
     for svg in ["net_asr.svg", "objective.svg"] {
         assert!(std::fs::read_to_string(dir.join(svg)).unwrap().starts_with("<svg"), "{svg}");
     }
+    // The reports from stdin: read once, the same table (the kind of the first record
+    // decides the report, so the reader must not consume the stream before parsing it).
+    let piped = run_with_stdin(bin("report").arg("--variants").arg(&variants).args(["--evals", "-", "--out-dir"]).arg(s.path("report-piped")), &out.stdout);
+    assert_eq!(String::from_utf8(ok(&piped).stdout.clone()).unwrap(), text, "report --evals - reads stdin like a file");
     // A variant without a report is an error naming the poison file.
     std::fs::write(&variants, r#"{"kind": "variants", "v": 1, "title": "t", "variants": [{"name": "x", "label": "x", "role": "crafted", "poisons": "missing.jsonl"}]}"#).unwrap();
     let bad = run(bin("report").arg("--variants").arg(&variants).arg("--evals").arg(&evals).arg("--out-dir").arg(s.path("bad")));

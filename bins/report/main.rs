@@ -180,8 +180,7 @@ fn main() {
                     serde_json::to_string(&catalogue::variants_file(title, &names, &layout)?)? + "\n"
                 }
                 Command::PoisonSets { variants, name_contains, as_args } => {
-                    let text = std::fs::read_to_string(variants).with_context(|| format!("cannot read {variants}"))?;
-                    let variants: Variants = io::parse_record(&text).with_context(|| variants.clone())?;
+                    let variants = Variants::load(variants)?;
                     let listed = variants.variants.iter().filter(|v| name_contains.as_ref().is_none_or(|c| v.name.contains(c.as_str())));
                     listed.filter_map(|v| v.poisons.as_ref().map(|p| if *as_args { format!("--poisons\n{p}\n") } else { format!("{} {p}\n", v.name) })).collect()
                 }
@@ -192,17 +191,18 @@ fn main() {
             return io::write_bytes("-", text.as_bytes());
         }
         let dir = args.out_dir.as_deref().expect("required");
-        if first_kind(&args.evals[0])? == <common::eval::lm_eval::LmEvalReport as io::Record>::KIND {
-            return language_model_report(&args, dir);
+        // Each file read once (one may be stdin); the first record's kind decides the report.
+        let evals_bytes: Vec<Vec<u8>> = args.evals.iter().map(|e| io::read_all(e)).collect::<anyhow::Result<_>>()?;
+        if first_kind(&args.evals[0], &evals_bytes[0])? == <common::eval::lm_eval::LmEvalReport as io::Record>::KIND {
+            return language_model_report(&args, &evals_bytes[0], dir);
         }
         let Some(variants_path) = args.variants.as_deref() else {
             anyhow::bail!("{} holds classifier reports (eval_report): give --variants FILE (variants JSON, FORMATS.md) to say what they are", args.evals[0]);
         };
-        let text = std::fs::read_to_string(variants_path).with_context(|| format!("cannot read {variants_path}"))?;
-        let variants: Variants = io::parse_record(&text).with_context(|| variants_path.to_string())?;
+        let variants = Variants::load(variants_path)?;
         let mut evals: Vec<EvalReport> = Vec::new();
-        for e in &args.evals {
-            evals.extend(io::read_jsonl::<EvalReport>(e, false)?);
+        for (e, bytes) in args.evals.iter().zip(&evals_bytes) {
+            evals.extend(io::read_jsonl_from::<EvalReport>(&bytes[..], &io::display_name(e), false)?);
         }
         let report = report::build(&variants, &evals)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {dir}"))?;
@@ -222,9 +222,8 @@ fn main() {
     })
 }
 
-/// The `kind` of a JSONL file's first record.
-fn first_kind(path: &str) -> anyhow::Result<String> {
-    let bytes = io::read_all(path)?;
+/// The `kind` of a JSONL file's first record (`bytes`: the file `path` holds).
+fn first_kind(path: &str, bytes: &[u8]) -> anyhow::Result<String> {
     let first = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
     if first.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(String::new()); // the reader of the reports says what is wrong with it
@@ -237,11 +236,13 @@ fn first_kind(path: &str) -> anyhow::Result<String> {
 /// figures, the crafted set against the heuristics, continuations side by side, the
 /// crafted poisons before and after. Writes lm-report.json, lm-report.md and net-asr.svg
 /// into the folder; the Markdown also to stdout.
-fn language_model_report(args: &Args, out_dir: &str) -> anyhow::Result<()> {
+fn language_model_report(args: &Args, bytes: &[u8], out_dir: &str) -> anyhow::Result<()> {
     if args.evals.len() != 1 || args.names.is_empty() || args.variants.is_some() || args.sweep {
         anyhow::bail!("{} holds language-model reports (lm_eval_report): give it as the one --evals file with --names (one per poison set), not --variants or --sweep", args.evals[0]);
     }
-    let report = common::report::lm_report::build(&args.evals[0], &args.names, args.crafted.as_deref(), &args.versus)?;
+    let name = io::display_name(&args.evals[0]);
+    let reports = io::read_jsonl_from::<common::eval::lm_eval::LmEvalReport>(bytes, &name, false)?;
+    let report = common::report::lm_report::build(&name, reports, &args.names, args.crafted.as_deref(), &args.versus)?;
     let poisons = match (&args.before, &args.after) {
         (Some(b), Some(a)) => Some((io::read_jsonl::<Example>(b, false)?, io::read_jsonl::<Example>(a, false)?)),
         _ => None,
@@ -257,8 +258,7 @@ fn language_model_report(args: &Args, out_dir: &str) -> anyhow::Result<()> {
 fn defend(variants_paths: &[String], eval_paths: &[String], scores_dir: &str, filter_evals: Option<&str>, dir: &str) -> anyhow::Result<String> {
     let mut variants: Option<Variants> = None;
     for path in variants_paths {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
-        let v: Variants = io::parse_record(&text).with_context(|| path.to_string())?;
+        let v = Variants::load(path)?;
         match &mut variants {
             None => variants = Some(v),
             // A later file's variant of a name already listed (a cell's own benign

@@ -142,9 +142,7 @@ impl LmDemoReport {
 
 /// The report of evaluations `evals` (one finetune-eval LM report per line, in `names`
 /// order); `crafted` names the crafted set, compared with every set in `heuristics`.
-pub fn build(evals: &str, names: &[String], crafted: Option<&str>, heuristics: &[String]) -> Result<LmDemoReport> {
-    let text = std::fs::read_to_string(evals).with_context(|| format!("cannot read {evals}"))?;
-    let reports: Vec<LmEvalReport> = text.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).with_context(|| format!("{evals}: not an lm_eval_report line"))).collect::<Result<_>>()?;
+pub fn build(evals: &str, reports: Vec<LmEvalReport>, names: &[String], crafted: Option<&str>, heuristics: &[String]) -> Result<LmDemoReport> {
     if reports.len() != names.len() {
         bail!("{evals} holds {} reports for {} names", reports.len(), names.len());
     }
