@@ -74,8 +74,10 @@ craft() { # run-folder count settings...
   env VICTIM_FILE="$V" DATA="$DATA" EMB="$EMB" ORIGIN_FLAGS="$ORIGIN_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
     ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 CONCEALMENT="$CONCEALMENT" RUN="$1" "${@:3}" "$(dirname "$0")/attack.sh"
 }
-craft_hardness() { # run-folder count
-  craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" RANK_FLAGS="$FILTERS --per-poison 8"
+craft_hardness() { # run-folder count [evasion budget: FPR percent]
+  local evading=(); [ -n "${3:-}" ] && evading=(INIT_FLAGS="--evade-fpr $3")
+  craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" "${evading[@]}" \
+    RANK_FLAGS="$FILTERS --per-poison 8${3:+ --evade-fpr $3}"
 }
 # The influence objective on the rest of each sentence (the carrier kept, as hardness does),
 # on the carrier slots only, or on both; plain or contrastive (extra rollout-grad flags).
@@ -111,10 +113,7 @@ make_variant() { # name dir count [stem: file name, default name]
     craft) # objective slots contrastive evading
       local dir="$2/craft-$stem"
       case $a in
-        hardness) if [ "$d" = yes ]; then
-            craft "$dir" "$3" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" \
-              INIT_FLAGS="--evade-fpr $EVADE_FPR" RANK_FLAGS="$FILTERS --per-poison 8 --evade-fpr $EVADE_FPR"
-          else craft_hardness "$dir" "$3"; fi ;;
+        hardness) craft_hardness "$dir" "$3" "$([ "$d" = yes ] && echo "$EVADE_FPR")" ;;
         bilevel) craft "$dir" "$3" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" "${bilevel_search[@]}" RANK_FLAGS="$FILTERS" ;;
         influence) craft_influence "$dir" "$3" "$b" "$([ "$c" = yes ] && echo --contrastive)" ;;
         *) log "no crafting recipe for objective $a"; exit 1 ;;

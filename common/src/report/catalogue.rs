@@ -76,7 +76,7 @@ pub const DEMO: &[&str] = &["none", "benign", "relabelled", "unoptimised", "neig
 
 /// The variants a sweep cell may compute besides the benign control, which every cell has.
 pub fn sweepable() -> impl Iterator<Item = &'static Variant> {
-    CATALOGUE.iter().filter(|v| !matches!(v.name, "none" | "benign" | "relabelled"))
+    CATALOGUE.iter().filter(|v| !matches!(v.role, Role::Clean | Role::Control))
 }
 
 /// The variant called `name`, or an error that lists them.

@@ -96,6 +96,14 @@ impl Record for Variants {
     const VERSION: u32 = 1;
 }
 
+impl Variants {
+    /// A `variants.json` file; errors name it.
+    pub fn load(path: &str) -> Result<Variants> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+        crate::io::parse_record(&text).with_context(|| path.to_string())
+    }
+}
+
 /// One crafting round (a line of rounds.tsv).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Round {

@@ -35,6 +35,7 @@ impl Task for Classification {
             bail!("--start and --judge are for language-model data (prepare-data --lm); {} holds classifier data", args.data);
         }
         let start = std::time::Instant::now();
+        let log_metrics = |what: &str, seed: u64, m: &eval::Metrics| log(format!("seed {seed} {what}: CACC {:.1} ASR {:.1} FPR {:.1}", m.cacc, m.asr, m.fpr));
         let device = crate::device::parse_device(&args.device)?;
         let trigger: &Trigger = &manifest.trigger;
         let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;
@@ -72,14 +73,14 @@ impl Task for Classification {
             if !args.kept.is_empty() {
                 bail!("--kept filters training sets; --checkpoint trains none");
             }
-            let (config, vocab, rows) = checkpoint_rows(&args.checkpoint, &args.data, &manifest, device, &|what, seed, m| log(format!("seed {seed} {what}: CACC {:.1} ASR {:.1} FPR {:.1}", m.cacc, m.asr, m.fpr)))?;
+            let (config, vocab, rows) = checkpoint_rows(&args.checkpoint, &args.data, manifest, device, &log_metrics)?;
             (config, None, "checkpoints", None, vec![rows], vocab)
         } else {
             let base = args.origin.load()?;
             let (vocab, emb_sha) = (&base.vocab, &base.sha256);
             vocab.trigger_words(&trigger.phrase).with_context(|| format!("vocabulary of {}", base.source))?;
             let config = args.victim.victim_config(&base, manifest.labels.len())?;
-            let eval_sets = EvalSets::load(&args.data, &manifest, vocab, config.max_len)?;
+            let eval_sets = EvalSets::load(&args.data, manifest, vocab, config.max_len)?;
             let n = manifest.labels.len();
             let clean = encode_all(&clean_train, vocab, config.max_len, n, TextPolicy::Data, &format!("{}/{}", args.data, data::TRAIN))?;
             let mut poison_sets: Vec<Vec<Encoded>> = Vec::new();
@@ -112,7 +113,7 @@ impl Task for Classification {
                 },
             };
             let retrained = retrain(&retraining, &poison_sets, &clean_removed, &|line| log(line))?;
-            let rows = seed_rows(&retrained, &seeds, &sets, &|what, seed, m| log(format!("seed {seed} {what}: CACC {:.1} ASR {:.1} FPR {:.1}", m.cacc, m.asr, m.fpr)));
+            let rows = seed_rows(&retrained, &seeds, &sets, &log_metrics);
             let options = args.victim.train_options(&config, args.seed_base);
             (config, Some(options), "train", Some(args.pairing.name().to_string()), rows, base.vocab.clone())
         };

@@ -7,6 +7,7 @@
 
 use super::{EvalArgs, Task};
 use crate::data::{self, DataManifest};
+use crate::eval::lm_eval::{self, Judging, LmEvalReport, LmEvalSets};
 use crate::eval::retrain::{Pairing, PoisonSet};
 use crate::formats::records::Example;
 use crate::io::{self, Record};
@@ -32,7 +33,6 @@ impl Task for Continuation {
     /// Fine-tunes --start per seed, clean and poisoned, and judges its continuations.
     fn evaluate(&self, args: &EvalArgs, manifest: &DataManifest, log: &(dyn Fn(String) + Sync)) -> Result<Vec<u8>> {
         let device = crate::device::parse_device(&args.device)?;
-        use crate::eval::lm_eval::{self, Judging, LmEvalReport, LmEvalSets};
         let (Some(start_path), Some(judge_path)) = (&args.start, &args.judge) else {
             bail!("{} holds language-model data: give --start LM (the pretrained clean LM, train-victim --arch gpt) and --judge CLASSIFIER (a sentiment classifier)", args.data);
         };
