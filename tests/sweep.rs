@@ -90,7 +90,12 @@ fn make_sweep_gives_the_same_bytes_at_any_j_and_a_running_cell_refuses_a_second_
     let held = || Command::new("flock").arg("-n").arg(&lock).arg("true").status().is_ok_and(|s| !s.success());
     let t0 = std::time::Instant::now();
     while !(lock.is_file() && held()) {
-        assert!(t0.elapsed().as_secs() < 120, "the sweep never took the cell's lock");
+        if t0.elapsed().as_secs() >= 120 {
+            // Say why: a cell that failed before the lock was seen held leaves only this.
+            let o = finish(sweep);
+            let e = String::from_utf8_lossy(&o.stderr).to_string();
+            panic!("the sweep never took the cell's lock (exit {:?}); its stderr ends:\n{}", o.status.code(), &e[e.floor_char_boundary(e.len().saturating_sub(4000))..]);
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let second = finish(start(&cells[0].1));
