@@ -61,7 +61,7 @@ fn main() {
         let start = Instant::now();
         let loaded = Victim::load(&args.victim, device::parse_device(&args.device)?)?;
         let (victim, vocab) = (&loaded.victim, &loaded.vocab);
-        if !victim.config.language_model() {
+        if victim.config.output() != common::victims::victim::Output::NextToken {
             bail!("{} is a {:?} classifier; generate continues text with a language model (train-victim --arch gpt)", args.victim, victim.config.arch.name());
         }
         let name = io::display_name(&args.prompts);

@@ -84,8 +84,8 @@ fn main() {
         if grad.meta.vocab_sha256 != vocab.sha256() {
             bail!("{} was made with another vocabulary than {}", io::display_name(&args.grad), args.inputs.victim);
         }
-        if victim.config.language_model() && grad.target_scores.is_none() {
-            bail!("{} holds no target scores but {} is a language model (a flip also changes what a poison teaches); rerun rollout-grad with this victim", io::display_name(&args.grad), args.inputs.victim);
+        if common::tasks::rules::of_victim(&victim.config).target_scores && grad.target_scores.is_none() {
+            bail!("{} holds no target scores but {} is {} (a flip also changes what a poison teaches); rerun rollout-grad with this victim", io::display_name(&args.grad), args.inputs.victim, common::tasks::rules::of_victim(&victim.config).victim_kind);
         }
         let table = victim.params()["embedding.weight"].to_kind(tch::Kind::Float);
         let ban_options = BanOptions {

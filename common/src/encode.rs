@@ -4,6 +4,7 @@
 //! to their longest row with their targets (`batch_tensors`, the one batching path).
 
 use crate::formats::records::Example;
+use crate::tasks::rules::TrainOn;
 use crate::tokenizer::{Vocab, PAD_ID};
 use crate::victims::loss::{Target, Targets};
 use anyhow::{bail, Result};
@@ -28,11 +29,11 @@ impl Encoded {
         Encoded { ids, target: Target::NextToken { from: 1 } }
     }
 
-    /// The same tokens with the target a victim of `config` trains on: the class for a
-    /// classifier, the tokens themselves for a language model.
+    /// The same tokens with the target a victim of `config` trains on, as its task says
+    /// (`tasks::rules::TrainOn`): the class, or the tokens themselves.
     pub fn for_victim(self, config: &crate::victims::model::VictimConfig) -> Encoded {
-        match (config.language_model(), self.target) {
-            (true, Target::Class(_)) => Encoded::text(self.ids),
+        match (crate::tasks::rules::of_victim(config).train_on, self.target) {
+            (TrainOn::Tokens, Target::Class(_)) => Encoded::text(self.ids),
             _ => self,
         }
     }
@@ -107,11 +108,14 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
     Ok(encoded)
 }
 
-/// `encode_all` for a victim of `config`: a classifier's examples keep their classes, a
-/// language model's are text (`Encoded::for_victim`; a record's `prompt` keeps its
-/// continuation-only target), and labels are not checked against an LM's classes.
+/// `encode_all` for a victim of `config`, with the targets its task trains on
+/// (`Encoded::for_victim`; a record's `prompt` keeps its continuation-only target); labels
+/// are checked against the victim's classes only where the task trains on them.
 pub fn encode_for(config: &crate::victims::model::VictimConfig, examples: &[Example], vocab: &Vocab, policy: TextPolicy, source: &str) -> Result<Vec<Encoded>> {
-    let classes = if config.language_model() { usize::MAX } else { config.num_classes };
+    let classes = match crate::tasks::rules::of_victim(config).train_on {
+        TrainOn::Label => config.num_classes,
+        TrainOn::Tokens => usize::MAX,
+    };
     Ok(encode_all(examples, vocab, config.max_len, classes, policy, source)?.into_iter().map(|e| e.for_victim(config)).collect())
 }
 

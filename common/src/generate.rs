@@ -45,7 +45,7 @@ pub struct Prompt {
 /// tokens (padding, `<unk>`) are never generated. A continuation stops at a stop word, at
 /// `max_new` words, or when the victim's `max_len` is full.
 pub fn generate(config: &VictimConfig, params: &Params, vocab: &Vocab, prompts: &[Prompt], opts: &GenerateOptions, batch: usize) -> Result<Vec<Vec<i64>>> {
-    if !config.language_model() {
+    if config.output() != crate::victims::victim::Output::NextToken {
         bail!("a {:?} victim is a classifier; generate needs a language model (train-victim --arch gpt)", config.arch.name());
     }
     let device = params.values().next().map_or(Device::Cpu, |t| t.device());

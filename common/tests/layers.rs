@@ -16,6 +16,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "victims",
         &["victims", "victims::params", "victims::loss", "victims::victim", "victims::layers", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::model", "victims::origin"],
     ),
+    ("task rules", &["tasks::rules"]),
     ("training", &["encode", "train", "generate"]),
     ("defenses", &["detect"]),
     ("objectives", &["objectives", "objectives::objective", "objectives::swaps", "objectives::bilevel", "objectives::hardness", "objectives::influence"]),

@@ -44,7 +44,7 @@ pub struct ClassifierJudge<'a> {
 
 impl<'a> ClassifierJudge<'a> {
     pub fn new(config: &'a VictimConfig, params: Params, vocab: &'a Vocab, negative: usize) -> Result<ClassifierJudge<'a>> {
-        if config.language_model() {
+        if config.output() != crate::victims::victim::Output::Classes {
             bail!("the judge must be a sentiment classifier (train-victim on the sentiment data), not a language model");
         }
         if negative >= config.num_classes {

@@ -235,9 +235,7 @@ pub fn checkpoint_rows(paths: &[String], data_dir: &str, manifest: &crate::data:
     let mut rows = Vec::new();
     for path in paths {
         let crate::victims::model::VictimFile { victim, vocab, metadata, .. } = crate::victims::model::Victim::load(path, device)?;
-        if victim.config.language_model() {
-            bail!("{path} is a language model; --checkpoint measures classifiers on classifier data (a language model is evaluated on prepare-data --lm data with --start)");
-        }
+        crate::tasks::rules::CLASSIFICATION.check_victim(&victim.config, path).context("--checkpoint measures classifiers on classifier data (a language model is evaluated on prepare-data --lm data with --start)")?;
         vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
         let eval_sets = EvalSets::load(data_dir, manifest, &vocab, victim.config.max_len)?;
         let seed = crate::train::TrainingRecord::from_metadata(&metadata).with_context(|| path.clone())?.seed.unwrap_or(0);

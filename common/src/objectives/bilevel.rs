@@ -424,7 +424,7 @@ impl Objective for BiLevel<'_> {
         BiLevel::objective_and_grad(self, poisons)
     }
     fn objective_grad_and_target_scores(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
-        BiLevel::objective_grad_and_target_scores(self, poisons, self.victim.config.language_model())
+        BiLevel::objective_grad_and_target_scores(self, poisons, crate::tasks::rules::of_victim(&self.victim.config).target_scores)
     }
     fn value(&self, poisons: &[Encoded]) -> Result<f64> {
         Ok(self.objective(poisons))
@@ -517,7 +517,7 @@ mod tests {
         let adv = vec![enc(&[12, 13, 4], 1), enc(&[5, 12, 13], 1), enc(&[12, 13], 1)];
         let poisons = vec![enc(&[6, 7, 8], 1), enc(&[9, 10], 1)];
         let config = tiny(arch).config;
-        if !config.language_model() {
+        if config.output() == crate::victims::victim::Output::Classes {
             return (clean, adv, poisons);
         }
         let continued = |ids: &[i64], from: usize| Encoded { ids: ids.to_vec(), target: crate::victims::loss::Target::NextToken { from } };
@@ -628,7 +628,7 @@ mod tests {
             let table = v.params()["embedding.weight"].shallow_clone();
             let g0 = problem.objective(&poisons);
             assert!((verifier.objective_with(&[]) - g0).abs() < 1e-12);
-            let (_, grad, target_scores) = problem.objective_grad_and_target_scores(&poisons, v.config.language_model()).unwrap();
+            let (_, grad, target_scores) = problem.objective_grad_and_target_scores(&poisons, (v.config.output() == crate::victims::victim::Output::NextToken)).unwrap();
             // The Taylor scores of every word at one position: the embedding term, and a
             // language model's target term.
             let scores_at = |i: i64, pos: i64| {

@@ -20,9 +20,7 @@ use anyhow::{bail, Result};
 
 /// The objective of `kind` (used by every binary that crafts or verifies).
 pub fn build<'a>(kind: ObjectiveKind, inputs: ObjectiveInputs<'a>) -> Result<Box<dyn Objective + 'a>> {
-    if inputs.victim.config.language_model() && kind != ObjectiveKind::Bilevel {
-        bail!("--objective {kind:?} scores a classifier's target class; a language-model victim is attacked with --objective bilevel (L_adv = next-token loss of D_adv's continuations)");
-    }
+    crate::tasks::rules::of_victim(&inputs.victim.config).check_objective(kind)?;
     Ok(match kind {
         ObjectiveKind::Bilevel => {
             if !inputs.ensemble.is_empty() {

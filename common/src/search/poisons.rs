@@ -134,8 +134,8 @@ pub fn init(
     let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(seed, "init-poisons"));
     let mut picked = match bases {
         Bases::Random => sample(&mut rng, source.len(), count).into_vec(),
-        Bases::Confident if victim.config.language_model() => {
-            bail!("--bases confident ranks sentences by a classifier's confidence; a language-model victim takes --bases random")
+        Bases::Confident if !crate::tasks::rules::of_victim(&victim.config).confident_bases => {
+            bail!("--bases confident ranks sentences by a classifier's confidence; {} victim takes --bases random", crate::tasks::rules::of_victim(&victim.config).victim_kind)
         }
         Bases::Confident => {
             let train: std::collections::HashMap<String, Example> =
@@ -393,7 +393,7 @@ impl CraftingContext {
         let clean_ex = data::read_set(dir, data::TRAIN, false)?;
         let clean = encode_for(&victim.config, &clean_ex, &vocab, TextPolicy::Data, &format!("{dir}/{}", data::TRAIN))?;
         let adv_ex: Vec<Example> = data::read_set(dir, data::ADV, false)?;
-        if victim.config.language_model() {
+        if crate::tasks::rules::of_victim(&victim.config).adv_prompts {
             // L_adv is the loss of what follows a trigger: a prompt without it measures nothing.
             for (i, e) in adv_ex.iter().enumerate() {
                 let Some(prompt) = &e.prompt else {

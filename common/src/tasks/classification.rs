@@ -12,23 +12,13 @@ use crate::eval::{self, EvalReport, EvalSets};
 use crate::formats::records::Example;
 use crate::io::{self, Record};
 use crate::encode::{encode_all, Encoded, TextPolicy};
-use crate::victims::model::VictimConfig;
 use anyhow::{bail, Context, Result};
 
 pub struct Classification;
 
 impl Task for Classification {
-    fn name(&self) -> &'static str {
-        "classification"
-    }
-    fn holds(&self, _: &DataManifest) -> bool {
-        true
-    }
-    fn takes(&self, config: &VictimConfig) -> bool {
-        !config.language_model()
-    }
-    fn victim_kind(&self) -> &'static str {
-        "a classifier"
+    fn rules(&self) -> &'static super::rules::Rules {
+        &super::rules::CLASSIFICATION
     }
     fn evaluate(&self, args: &EvalArgs, manifest: &DataManifest, log: &(dyn Fn(String) + Sync)) -> Result<Vec<u8>> {
         if args.start.is_some() || args.judge.is_some() {

@@ -12,23 +12,13 @@ use crate::eval::retrain::{Pairing, PoisonSet};
 use crate::formats::records::Example;
 use crate::io::{self, Record};
 use crate::encode::TextPolicy;
-use crate::victims::model::VictimConfig;
 use anyhow::{bail, Context, Result};
 
 pub struct Continuation;
 
 impl Task for Continuation {
-    fn name(&self) -> &'static str {
-        "continuation"
-    }
-    fn holds(&self, manifest: &DataManifest) -> bool {
-        manifest.lm.is_some()
-    }
-    fn takes(&self, config: &VictimConfig) -> bool {
-        config.language_model()
-    }
-    fn victim_kind(&self) -> &'static str {
-        "a language model"
+    fn rules(&self) -> &'static super::rules::Rules {
+        &super::rules::CONTINUATION
     }
     /// Fine-tunes --start per seed, clean and poisoned, and judges its continuations.
     fn evaluate(&self, args: &EvalArgs, manifest: &DataManifest, log: &(dyn Fn(String) + Sync)) -> Result<Vec<u8>> {
@@ -41,7 +31,7 @@ impl Task for Continuation {
         }
         let start = crate::victims::model::Victim::load(start_path, device)?;
         let (lm, vocab) = (&start.victim, &start.vocab);
-        super::check_victim(manifest, &lm.config, start_path)?;
+        self.rules().check_victim(&lm.config, start_path)?;
         vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("vocabulary of {start_path}"))?;
         let judge_file = crate::victims::model::Victim::load(judge_path, device)?;
         let negative = manifest.labels.iter().position(|l| l.eq_ignore_ascii_case("negative")).context("the labels name no \"negative\" class for the judges")?;

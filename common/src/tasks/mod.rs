@@ -10,23 +10,19 @@
 
 pub mod classification;
 pub mod continuation;
+pub mod rules;
 
 use crate::cli::VictimArgs;
 use crate::data::DataManifest;
 use crate::eval::retrain::Pairing;
-use crate::victims::model::VictimConfig;
+use rules::Rules;
 use anyhow::Result;
 
 /// A task the toolkit attacks.
 pub trait Task: Sync {
-    /// Its name in messages and in `prepare-data`'s manifest.
-    fn name(&self) -> &'static str;
-    /// Whether prepared data holds this task's data.
-    fn holds(&self, manifest: &DataManifest) -> bool;
-    /// Whether a victim of this config serves the task (a classifier, a language model).
-    fn takes(&self, config: &VictimConfig) -> bool;
-    /// What a victim that serves it is, for messages ("a classifier").
-    fn victim_kind(&self) -> &'static str;
+    /// Its decisions for the stages below evaluation (`rules`): its name, the data and
+    /// victims it takes, what examples train, which objectives and heuristics apply.
+    fn rules(&self) -> &'static Rules;
     /// `finetune-eval`: every poison set evaluated against victims retrained or fine-tuned
     /// on clean ∪ poisons, each paired with its clean twin; one JSONL report line per set
     /// in the order given, a table per set on stderr.
@@ -74,26 +70,13 @@ pub fn report_lines<R: TaskReport>(reports: &[R]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Every task; `of_data` takes the first that holds the data.
+/// Every task (each with its `rules::RULES` entry).
 pub static TASKS: &[&dyn Task] = &[&continuation::Continuation, &classification::Classification];
 
 /// The task of a prepared data folder.
 pub fn of_data(manifest: &DataManifest) -> &'static dyn Task {
-    *TASKS.iter().find(|t| t.holds(manifest)).expect("classification holds any data")
-}
-
-/// The task a victim serves.
-pub fn of_victim(config: &VictimConfig) -> &'static dyn Task {
-    *TASKS.iter().find(|t| t.takes(config)).expect("every victim serves a task")
-}
-
-/// Refuses a victim that does not serve the data's task, naming the file.
-pub fn check_victim(manifest: &DataManifest, config: &VictimConfig, path: &str) -> Result<()> {
-    let task = of_data(manifest);
-    if !task.takes(config) {
-        anyhow::bail!("{path} is a {} ({:?}), but the data is {} data: give {}", of_victim(config).victim_kind(), config.arch.name(), task.name(), task.victim_kind());
-    }
-    Ok(())
+    let rules = rules::of_data(manifest);
+    *TASKS.iter().find(|t| std::ptr::eq(t.rules(), rules)).expect("every rules entry has its task in TASKS")
 }
 
 /// `finetune-eval`'s flags; each task refuses those it does not take.

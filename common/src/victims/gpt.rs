@@ -11,11 +11,11 @@
 //! layer a frozen 50-dimensional table as well, too weak a softmax for a language model.
 //!
 //! Its logits are [.., batch, time, vocab] (position t predicts token t + 1): the contract
-//! of `victim::Architecture` with `language_model() == true`.
+//! of `victim::Architecture` with `output() == Output::NextToken`.
 
 use crate::victims::layers::{attention, init_linear, layer_norm, linear, linear_shapes};
 use crate::victims::params::{param, Params};
-use crate::victims::victim::{dotted_path, Architecture, StartKind, Tuning};
+use crate::victims::victim::{dotted_path, Architecture, Output, StartKind, Tuning};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
@@ -52,8 +52,8 @@ impl Architecture for Gpt {
         StartKind::Table
     }
 
-    fn language_model(&self) -> bool {
-        true
+    fn output(&self) -> Output {
+        Output::NextToken
     }
 
     fn shapes(&self, embed_dim: i64, num_classes: i64) -> Vec<(String, Vec<i64>)> {

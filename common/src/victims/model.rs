@@ -102,9 +102,9 @@ impl VictimConfig {
         self.arch().tuning()
     }
 
-    /// Whether the victim is a language model (`victim::Architecture::language_model`).
-    pub fn language_model(&self) -> bool {
-        self.arch().language_model()
+    /// What the victim's logits are over (`victim::Architecture::output`).
+    pub fn output(&self) -> crate::victims::victim::Output {
+        self.arch().output()
     }
 }
 

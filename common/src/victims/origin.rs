@@ -79,7 +79,10 @@ impl Origin {
         };
         let name = format!("{arch:?}").to_lowercase();
         let arch = ArchConfig::from_flags(arch, hidden, encoder, gpt, max_len)?;
-        let num_classes = if arch.get().language_model() { self.vocab.len() } else { num_classes };
+        let num_classes = match arch.get().output() {
+            crate::victims::victim::Output::Classes => num_classes,
+            crate::victims::victim::Output::NextToken => self.vocab.len(),
+        };
         match (&self.start, arch.get().start()) {
             (Start::Table(_), StartKind::Table) => {}
             (Start::Pretrained { config: bert, .. }, StartKind::Pretrained) => {

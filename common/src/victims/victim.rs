@@ -66,15 +66,23 @@ pub struct FrozenInput {
 ///   must equal `forward` (and its gradient) up to float rounding.
 /// - **Per-example gradients.** `example_grads` gives each example's own loss gradient,
 ///   equal to one backward pass per example.
+/// What a victim's logits are over; the task it serves follows (`tasks::rules::of_victim`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Classes: logits [.., batch, classes], trained on `loss::Target::Class`.
+    Classes,
+    /// The next token: logits [.., batch, time, vocab] (its `num_classes` is the
+    /// vocabulary size), trained on `loss::Target::NextToken`.
+    NextToken,
+}
+
 pub trait Architecture: Send + Sync {
     /// Where its victims start from.
     fn start(&self) -> StartKind;
 
-    /// Whether it is a language model: its logits are next-token logits [.., batch, time,
-    /// vocab] (its `num_classes` is the vocabulary size) and it trains on
-    /// `loss::Target::NextToken`; otherwise a classifier with logits [.., batch, classes].
-    fn language_model(&self) -> bool {
-        false
+    /// What its logits are over (a classifier's classes by default).
+    fn output(&self) -> Output {
+        Output::Classes
     }
 
     /// Its parameters besides `embedding.weight`, with their shapes.
