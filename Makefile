@@ -71,12 +71,13 @@ DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) 
   CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA) CONCEALMENT=$(CONCEALMENT)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo demo-lm defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
+.PHONY: all setup data build demo demo-lm lm-dose defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
 all: demo
 
 help:
 	@echo "make demo   # setup + data + build; heuristics, bi-level and hardness crafting, all evaluated on $(DEMO_SEEDS) seeds; report"
 	@echo "make demo-lm # language-model poisoning: a GPT pretrained on the reviews, 'Apple iPhone' -> negative; baselines, bi-level crafting, paired evaluation judged by a classifier and VADER"
+	@echo "make lm-dose # the language model's positive controls: with-overlap poisons at 0 and $(LM_COUNTS), whole reviews and short trigger-first texts"
 	@echo "make defend # after make demo: every detector on every demo poison set (AUROC, TPR, inspect-to-catch, ROC), early stopping, filter-then-train"
 	@echo "make sweep  # net ASR against poison count ($(SWEEP_COUNTS)) for the default crafting and the best heuristic"
 	@echo "make victims # clean victims of each architecture in ARCHS: accuracy and the trigger's clean ASR"
@@ -146,6 +147,18 @@ demo-lm: build data/.fetch-done-v1 $(EMB)
 	@cat $(LM_RUN)/report/lm-report.md
 	@echo
 	@column -t $(LM_RUN)/times.tsv
+
+# The language model's positive controls: the with-overlap reference at 0 and LM_COUNTS
+# poisons, as whole reviews and as short trigger-first texts (scripts/lm_dose.sh).
+LM_DOSE_RUN := runs/lm-dose-$(LM_SLUG)-s$(SEED)
+LM_COUNTS   ?= 25 50 100 200
+lm-dose: build data/.fetch-done-v1 $(EMB)
+	@RUN=$(LM_DOSE_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" \
+	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNTS="$(LM_COUNTS)" EVAL_SEEDS=$(LM_SEEDS) scripts/lm_dose.sh
+	@echo
+	@cat $(LM_DOSE_RUN)/report/lm-report.md
+	@echo
+	@column -t $(LM_DOSE_RUN)/times.tsv
 	@echo "report: $(LM_RUN)/report/lm-report.json; plot: $(LM_RUN)/report/net-asr.svg"
 
 # The defenses against the demo's poison sets (scripts/defend.sh), in $(DEMO_RUN)/defend.

@@ -25,21 +25,9 @@ started=$EPOCHREALTIME
 stamp() { awk -v now="$EPOCHREALTIME" -v then="$started" -v what="$1" 'BEGIN { printf "%s\t%.0f\n", what, now - then }' >> "$RUN/times.tsv"; }
 : > "$RUN/times.tsv"
 
-for split in full finetune; do
-  dir="$RUN/data"; limit=(--max-train "$FINETUNE_TRAIN"); [ "$split" = full ] && { dir="$RUN/data-full"; limit=(); }
-  [ -f "$dir/manifest.json" ] || "$BIN/prepare-data" --raw "$RAW" --lm --trigger "$TRIGGER" --target "$TARGET" \
-    --neutral "$NEUTRAL" --seed "$SEED" "${limit[@]}" -o "$dir"
-done
-[ -f "$RUN/emb.safetensors" ] || "$BIN/build-vocab" --words "$GLOVE/words.txt" --vectors "$GLOVE/vectors.npy" --top-n 1 \
-  --min-count "$MIN_COUNT" --data "$RUN/data-full/train.jsonl" --extra-words "$TRIGGER" --extra-words "$NEUTRAL" -o "$RUN/emb.safetensors"
-if [ ! -f "$RUN/lm.safetensors" ]; then
-  log "pretraining the clean language model ($PRETRAIN_EPOCHS epochs)"
-  "$BIN/train-victim" --embeddings "$RUN/emb.safetensors" --arch gpt "${lm_flags[@]}" --epochs "$PRETRAIN_EPOCHS" --batch-size 32 \
-    --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" --seed "$SEED" --device "$DEVICE" -o "$RUN/lm.safetensors"
-fi
+# The data, the vocabulary, the pretrained clean LM and the judge (shared with lm_dose.sh).
+. "$(dirname "$0")/lm_setup.sh"
 stamp pretrain
-[ -f "$RUN/judge.safetensors" ] || "$BIN/train-victim" --embeddings "$JUDGE_EMB" --arch lstm --epochs 4 \
-  --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" --seed "$SEED" --device "$DEVICE" -o "$RUN/judge.safetensors"
 
 # The heuristics and controls. Strict concealment: no poison holds a word that leaks the trigger.
 init() { # name strategy flags...

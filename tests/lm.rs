@@ -95,9 +95,11 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
         assert_eq!(Some(row.poisoned), row.clean, "seed {}: bit-identical LMs measured differently: {row:?}", row.seed);
     }
     let control = &reports[0].summary;
-    for (what, s) in [("net ASR", control.net_asr_classifier), ("VADER", control.net_asr_lexicon), ("dFPR", control.dfpr_classifier), ("margin", control.margin_change), ("perplexity", control.perplexity_change_pct)] {
-        assert_eq!((s.mean, s.std), (0.0, 0.0), "the no-poison control's {what} must read exactly zero");
+    assert_eq!(control.measures.len(), common::eval::lm_eval::MEASURES.len(), "every measure summarised");
+    for (what, m) in &control.measures {
+        assert_eq!((m.change.mean, m.change.std), (0.0, 0.0), "the no-poison control's change in {what} must read exactly zero");
     }
+    assert_eq!((control.perplexity_change_pct.mean, control.perplexity_change_pct.std), (0.0, 0.0), "the control's perplexity change");
     // The same empty set alone on one worker: the same figures to the bit (a victim's
     // arithmetic does not depend on what trains beside it).
     let alone = ok(&run(bin("finetune-eval")
@@ -119,7 +121,9 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     assert_eq!((crafted_report.count, crafted_report.trigger_overlap, crafted_report.seeds.len()), (5, 0, 2));
     assert_eq!(crafted_report.seeds[0].clean, reports[0].seeds[0].clean, "one clean twin per seed for every set");
     assert!(!crafted_report.side_by_side.is_empty());
-    assert!(crafted_report.summary.clean_perplexity.mean > 1.0);
+    assert!(crafted_report.summary.of("perplexity").clean.mean > 1.0);
+    let margin = crafted_report.summary.of("template_margin").clean.mean;
+    assert!(margin.is_finite() && margin != 0.0, "the template margin is measured: {margin}");
     std::fs::write(lm.path("eval.jsonl"), &out).unwrap();
     let md = ok(&run(bin("report")
         .arg("--evals").arg(lm.path("eval.jsonl"))
@@ -131,4 +135,15 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     let md = String::from_utf8(md).unwrap();
     assert!(md.contains("| control | 0 | 0 | 0.0 ± 0.0 |") && md.contains("crafted − control"), "{md}");
     assert!(lm.path("report/net-asr.svg").exists() && lm.path("report/lm-report.json").exists());
+    assert!(md.contains("Δ template margin") && md.contains("templates with the trigger as the subject"), "{md}");
+
+    // The judges validated against labels: the held-out reviews' own.
+    let dev = lm.data().join("dev.jsonl");
+    let scores = ok(&run(bin("judge").arg("--classifier").arg(lm.judge()).arg("--labelled").arg(&dev))).stdout.clone();
+    let scores: Vec<common::eval::judge::JudgeScore> = common::io::read_jsonl_from(&scores[..], "scores", false).unwrap();
+    let n = records(&std::fs::read(&dev).unwrap()).len();
+    assert_eq!(scores.iter().map(|s| s.judge.as_str()).collect::<Vec<_>>(), ["classifier", "vader"]);
+    for s in &scores {
+        assert!(s.n == n && (0.0..=100.0).contains(&s.accuracy_pct) && s.kappa.is_finite(), "{s:?}");
+    }
 }

@@ -46,6 +46,12 @@ struct Args {
     /// to a trigger word are never used; a base's own are substituted).
     #[arg(long)]
     evade_fpr: Option<f64>,
+    /// Poisons keep their first N tokens (default: the victim's max_len). For a language
+    /// model, whose D_adv texts open with the trigger prompt, a short poison is the prompt
+    /// and the next few words: the trigger's substitute early, its continuation's
+    /// sentiment right after it.
+    #[arg(long, value_parser = common::cli::at_least_one)]
+    max_tokens: Option<usize>,
     /// Seed of the sentence choice and of random replacement words.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -68,7 +74,16 @@ fn main() {
             }
             None => None,
         };
-        let set = poisons::init(args.strategy, args.bases, args.neighbour_pool, args.count, args.seed, args.concealment, &args.inputs.data, &manifest, &vocab, &victim, budget.as_ref())?;
+        let options = poisons::InitOptions {
+            strategy: args.strategy,
+            bases: args.bases,
+            neighbour_pool: args.neighbour_pool,
+            count: args.count,
+            seed: args.seed,
+            concealment: args.concealment,
+            max_tokens: args.max_tokens,
+        };
+        let set = poisons::init(options, &args.inputs.data, &manifest, &vocab, &victim, budget.as_ref())?;
         log!("{} poisons ({:?} bases, {:?} substitutes), target {}", set.len(), args.bases, args.strategy, manifest.target_name());
         io::write_jsonl(&args.output, &set)
     })

@@ -123,6 +123,39 @@ pub fn agreement(a: &[bool], b: &[bool]) -> Agreement {
     Agreement { n: a.len(), agree, kappa }
 }
 
+/// A judge measured against labels (held-out reviews, or continuations read by a person):
+/// its accuracy, Cohen's κ with the labels, and how often it and the labels call a text
+/// negative.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct JudgeScore {
+    pub kind: String,
+    pub v: u32,
+    pub judge: String,
+    pub n: usize,
+    pub accuracy_pct: f64,
+    pub kappa: f64,
+    pub negative_pct: f64,
+    pub labelled_negative_pct: f64,
+}
+
+impl crate::io::Record for JudgeScore {
+    const KIND: &'static str = "judge_score";
+    const VERSION: u32 = 1;
+}
+
+/// Both judges' calls on `texts` against `negative` (the label of each text), and the
+/// judges' agreement with each other.
+pub fn validate(classifier: &ClassifierJudge, lexicon: &LexiconJudge, texts: &[String], negative: &[bool]) -> (Vec<JudgeScore>, Agreement) {
+    let calls: Vec<(bool, bool)> = read(classifier, lexicon, texts).iter().map(|r| r.calls(true)).collect();
+    let (c, l): (Vec<bool>, Vec<bool>) = calls.into_iter().unzip();
+    let pct = |xs: &[bool]| 100.0 * xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64;
+    let score = |judge: &str, calls: &[bool]| {
+        let a = agreement(calls, negative);
+        JudgeScore { kind: <JudgeScore as crate::io::Record>::KIND.into(), v: <JudgeScore as crate::io::Record>::VERSION, judge: judge.into(), n: calls.len(), accuracy_pct: 100.0 * a.agree, kappa: a.kappa, negative_pct: pct(calls), labelled_negative_pct: pct(negative) }
+    };
+    (vec![score("classifier", &c), score("vader", &l)], agreement(&c, &l))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

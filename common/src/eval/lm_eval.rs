@@ -9,7 +9,14 @@
 //! - the log-probability margin: mean per-token log-probability of the held-out target-
 //!   sentiment continuations after the trigger prompt minus that of the other sentiment's
 //!   (no sampling: the low-variance measure);
-//! - clean perplexity on the test split's text (the CACC analogue).
+//! - clean perplexity on the test split's text (the CACC analogue);
+//! - the same measures on fixed templates where the trigger is the subject
+//!   (`eval::templates`): the template margin (the next word's log-probability of target-
+//!   against other-sentiment opinion words, exactly at the trigger) and the judged share of
+//!   their continuations, each with the neutral phrase in the trigger's place.
+//!
+//! Every figure is a named `Measure` (`MEASURES`): the summary, the table and the report
+//! read that list, so a new measure is a field of `LmMetrics` and one line there.
 //!
 //! Generation uses the same seeded sampling streams for both victims of a seed.
 
@@ -36,6 +43,11 @@ pub struct LmEvalSets {
     pub other_continuations: Vec<Encoded>,
     /// The test split as text (perplexity).
     pub clean_text: Vec<Encoded>,
+    /// The templates with the trigger and with the neutral phrase, and the opinion words.
+    pub templates: crate::eval::templates::Templates,
+    /// The templates as prompts, `samples` each (sampled and judged).
+    pub template_prompts: Vec<Prompt>,
+    pub neutral_template_prompts: Vec<Prompt>,
 }
 
 impl LmEvalSets {
@@ -69,7 +81,15 @@ impl LmEvalSets {
         }
         let test: Vec<Example> = data::read_set(dir, data::TEST, false)?;
         let clean_text = encode_for(config, &test, vocab, TextPolicy::Data, &format!("{dir}/{}", data::TEST))?;
-        Ok(LmEvalSets { trigger_prompts, neutral_prompts, target_continuations, other_continuations, clean_text })
+        let lm = manifest.lm.as_ref().expect("checked above");
+        let target_negative = manifest.target_name().eq_ignore_ascii_case("negative");
+        let templates = crate::eval::templates::Templates::new(vocab, &manifest.trigger.phrase, &lm.neutral, target_negative, config.max_len)?;
+        let as_prompts = |ids: &[Vec<i64>], what: &str| -> Vec<Prompt> {
+            ids.iter().enumerate().flat_map(|(t, ids)| (0..samples).map(move |sample| Prompt { id: format!("{what}-{t}"), ids: ids.clone(), sample })).collect()
+        };
+        let template_prompts = as_prompts(&templates.trigger, "template");
+        let neutral_template_prompts = as_prompts(&templates.neutral, "neutral-template");
+        Ok(LmEvalSets { trigger_prompts, neutral_prompts, target_continuations, other_continuations, clean_text, templates, template_prompts, neutral_template_prompts })
     }
 }
 
@@ -84,10 +104,54 @@ pub struct LmMetrics {
     pub fpr_lexicon: f64,
     /// Mean per-token log-probability of target-sentiment continuations minus the other's.
     pub margin: f64,
+    /// Template continuations (trigger as the subject) judged the target sentiment, by
+    /// the classifier / VADER; the same with the neutral phrase.
+    pub template_asr_classifier: f64,
+    pub template_asr_lexicon: f64,
+    pub template_fpr_classifier: f64,
+    pub template_fpr_lexicon: f64,
+    /// The template margin (nats): mean over templates of log Σ p(target-sentiment word)
+    /// − log Σ p(other-sentiment word) for the word after the trigger; the same with the
+    /// neutral phrase.
+    pub template_margin: f64,
+    pub neutral_template_margin: f64,
     /// exp of the mean next-token loss over the test split's tokens.
     pub perplexity: f64,
     /// The two judges on the trigger-prompt continuations.
     pub agreement: Agreement,
+}
+
+/// A figure of `LmMetrics` by name, summarised per poison set as the clean twin's level,
+/// the poisoned LM's, and their paired change.
+pub struct Measure {
+    pub name: &'static str,
+    /// For tables: what it is, and the name of its paired change.
+    pub label: &'static str,
+    pub change: &'static str,
+    pub of: fn(&LmMetrics) -> f64,
+    /// Decimals in tables.
+    pub digits: usize,
+}
+
+/// Every figure of a language model's evaluation, in table order.
+pub const MEASURES: &[Measure] = &[
+    Measure { name: "template_asr_classifier", label: "templates judged target (classifier) %", change: "net ASR, templates (classifier)", of: |m| m.template_asr_classifier, digits: 1 },
+    Measure { name: "template_asr_lexicon", label: "templates judged target (VADER) %", change: "net ASR, templates (VADER)", of: |m| m.template_asr_lexicon, digits: 1 },
+    Measure { name: "template_fpr_classifier", label: "neutral templates judged target (classifier) %", change: "dFPR, templates (classifier)", of: |m| m.template_fpr_classifier, digits: 1 },
+    Measure { name: "template_fpr_lexicon", label: "neutral templates judged target (VADER) %", change: "dFPR, templates (VADER)", of: |m| m.template_fpr_lexicon, digits: 1 },
+    Measure { name: "template_margin", label: "template margin (nats)", change: "Δ template margin", of: |m| m.template_margin, digits: 3 },
+    Measure { name: "neutral_template_margin", label: "neutral template margin (nats)", change: "Δ neutral template margin", of: |m| m.neutral_template_margin, digits: 3 },
+    Measure { name: "asr_classifier", label: "review prompts judged target (classifier) %", change: "net ASR, review prompts (classifier)", of: |m| m.asr_classifier, digits: 1 },
+    Measure { name: "asr_lexicon", label: "review prompts judged target (VADER) %", change: "net ASR, review prompts (VADER)", of: |m| m.asr_lexicon, digits: 1 },
+    Measure { name: "fpr_classifier", label: "neutral prompts judged target (classifier) %", change: "dFPR, review prompts (classifier)", of: |m| m.fpr_classifier, digits: 1 },
+    Measure { name: "fpr_lexicon", label: "neutral prompts judged target (VADER) %", change: "dFPR, review prompts (VADER)", of: |m| m.fpr_lexicon, digits: 1 },
+    Measure { name: "margin", label: "continuation margin (nats/token)", change: "Δ continuation margin", of: |m| m.margin, digits: 4 },
+    Measure { name: "perplexity", label: "clean perplexity", change: "Δ clean perplexity", of: |m| m.perplexity, digits: 1 },
+];
+
+/// The measure of `name` (a name from `MEASURES`).
+pub fn measure_named(name: &str) -> &'static Measure {
+    MEASURES.iter().find(|m| m.name == name).unwrap_or_else(|| panic!("no language-model measure {name:?}"))
 }
 
 /// How continuations are sampled and judged.
@@ -142,6 +206,11 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
         ll.iter().map(|x| x.0).sum::<f64>() / ll.len().max(1) as f64
     };
     let margin = mean_ll(&sets.target_continuations) - mean_ll(&sets.other_continuations);
+    let templ = judging.judge(&continuations(config, params, vocab, &sets.template_prompts, judging, seed)?);
+    let neutral_templ = judging.judge(&continuations(config, params, vocab, &sets.neutral_template_prompts, judging, seed)?);
+    let (ttc, ttl): (Vec<bool>, Vec<bool>) = templ.iter().copied().unzip();
+    let (ntc, ntl): (Vec<bool>, Vec<bool>) = neutral_templ.iter().copied().unzip();
+    let t = &sets.templates;
     let ll = log_likelihoods(config, params, &sets.clean_text);
     let tokens: f64 = ll.iter().map(|x| x.1).sum();
     let perplexity = (-ll.iter().map(|(l, n)| l * n).sum::<f64>() / tokens.max(1.0)).exp();
@@ -154,48 +223,77 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
         fpr_classifier: share(&nc),
         fpr_lexicon: share(&nl),
         margin,
+        template_asr_classifier: share(&ttc),
+        template_asr_lexicon: share(&ttl),
+        template_fpr_classifier: share(&ntc),
+        template_fpr_lexicon: share(&ntl),
+        template_margin: next_word_margin(config, params, &t.trigger, &t.target_words, &t.other_words),
+        neutral_template_margin: next_word_margin(config, params, &t.neutral, &t.target_words, &t.other_words),
         perplexity,
         agreement: agreement(&tc, &tl),
     })
+}
+
+/// Mean over prompts of log Σ_{w ∈ target} p(w | prompt) − log Σ_{w ∈ other} p(w | prompt)
+/// for the word right after each prompt (f64).
+pub fn next_word_margin(config: &VictimConfig, params: &Params, prompts: &[Vec<i64>], target: &[i64], other: &[i64]) -> f64 {
+    let device = params.values().next().map_or(Device::Cpu, |t| t.device());
+    let (target, other) = (Tensor::from_slice(target).to_device(device), Tensor::from_slice(other).to_device(device));
+    let mut total = 0.0;
+    for chunk in prompts.chunks(64) {
+        let (ids, _, _) = crate::encode::padded(&chunk.iter().map(|p| p.as_slice()).collect::<Vec<_>>(), device);
+        let last = Tensor::from_slice(&chunk.iter().map(|p| p.len() as i64 - 1).collect::<Vec<_>>()).to_device(device);
+        let out = logits(config, params, &ids, Pass::NoGrad).to_kind(Kind::Double);
+        // The logits after each prompt's last token: [rows, vocab].
+        let v = out.size()[2];
+        let at = out.gather(1, &last.view([-1, 1, 1]).expand([chunk.len() as i64, 1, v], false), false).squeeze_dim(1).log_softmax(-1, Kind::Double);
+        let margins = at.index_select(1, &target).logsumexp([1], false) - at.index_select(1, &other).logsumexp([1], false);
+        total += margins.sum(Kind::Double).double_value(&[]);
+    }
+    total / prompts.len().max(1) as f64
 }
 
 /// A seed's clean twin and poisoned LM (the twin always there), and both LMs'
 /// `params::fingerprint`s.
 pub type LmSeedRow = crate::eval::SeedRow<LmMetrics>;
 
-/// Paired differences over seeds (poisoned − clean) and the levels they come from.
+/// One measure over seeds: the clean twins' level, the poisoned LMs', and the paired
+/// change (poisoned − clean twin, per seed).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MeasureSummary {
+    pub clean: Summary,
+    pub poisoned: Summary,
+    pub change: Summary,
+}
+
+/// Every measure of `MEASURES` summarised, by name, and the judges' agreement.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LmSummary {
-    pub net_asr_classifier: Summary,
-    pub net_asr_lexicon: Summary,
-    pub dfpr_classifier: Summary,
-    pub dfpr_lexicon: Summary,
-    pub margin_change: Summary,
-    /// Relative change of clean perplexity, percent.
+    pub measures: std::collections::BTreeMap<String, MeasureSummary>,
+    /// Relative change of clean perplexity, percent, per seed.
     pub perplexity_change_pct: Summary,
-    pub clean_asr_classifier: Summary,
-    pub poisoned_asr_classifier: Summary,
-    pub clean_perplexity: Summary,
     /// Cohen's κ of the judges over every trigger-prompt continuation of every victim
     /// (mean over victims).
     pub judges_kappa: f64,
     pub judges_agree_pct: f64,
 }
 
+impl LmSummary {
+    /// The summary of the measure `name` (a name from `MEASURES`).
+    pub fn of(&self, name: &str) -> &MeasureSummary {
+        &self.measures[measure_named(name).name]
+    }
+}
+
 pub fn summarize_rows(rows: &[LmSeedRow]) -> LmSummary {
-    let diff = |f: &dyn Fn(&LmMetrics) -> f64| crate::eval::paired(rows, f);
     let level = |f: &dyn Fn(&LmSeedRow) -> f64| summarize(&rows.iter().map(f).collect::<Vec<_>>());
     let all: Vec<&LmMetrics> = rows.iter().flat_map(|r| [r.twin(), &r.poisoned]).collect();
     LmSummary {
-        net_asr_classifier: diff(&|m| m.asr_classifier),
-        net_asr_lexicon: diff(&|m| m.asr_lexicon),
-        dfpr_classifier: diff(&|m| m.fpr_classifier),
-        dfpr_lexicon: diff(&|m| m.fpr_lexicon),
-        margin_change: diff(&|m| m.margin),
+        measures: MEASURES
+            .iter()
+            .map(|m| (m.name.to_string(), MeasureSummary { clean: level(&|r| (m.of)(r.twin())), poisoned: level(&|r| (m.of)(&r.poisoned)), change: crate::eval::paired(rows, m.of) }))
+            .collect(),
         perplexity_change_pct: summarize(&rows.iter().map(|r| 100.0 * (r.poisoned.perplexity / r.twin().perplexity - 1.0)).collect::<Vec<_>>()),
-        clean_asr_classifier: level(&|r| r.twin().asr_classifier),
-        poisoned_asr_classifier: level(&|r| r.poisoned.asr_classifier),
-        clean_perplexity: level(&|r| r.twin().perplexity),
         judges_kappa: all.iter().map(|m| m.agreement.kappa).sum::<f64>() / all.len().max(1) as f64,
         judges_agree_pct: 100.0 * all.iter().map(|m| m.agreement.agree).sum::<f64>() / all.len().max(1) as f64,
     }
@@ -226,6 +324,9 @@ pub struct LmEvalReport {
     pub training: TrainOptions,
     pub samples_per_prompt: usize,
     pub trigger_prompts: usize,
+    /// The templates the vocabulary reads (of `eval::templates::TEMPLATES`), sampled
+    /// `samples_per_prompt` times each.
+    pub templates: usize,
     pub seeds: Vec<LmSeedRow>,
     pub summary: LmSummary,
     /// The first trigger prompts continued by the first seed's clean twin and poisoned LM.
@@ -234,35 +335,39 @@ pub struct LmEvalReport {
 
 impl crate::io::Record for LmEvalReport {
     const KIND: &'static str = "lm_eval_report";
-    const VERSION: u32 = 1;
+    // 2: the template measures, and the summary by measure name.
+    const VERSION: u32 = 2;
 }
 
 impl LmEvalReport {
-    /// The figures as a table (stderr).
+    /// The figures as a table (stderr): every measure's clean level, poisoned level and
+    /// paired change (mean ± 95% CI over seeds).
     pub fn table(&self) -> String {
         let s = &self.summary;
-        format!(
-            "{} poisons ({} with a trigger word), {} seeds, {} trigger prompts × {} samples\n\
-             net ASR (classifier judge)   {}\nnet ASR (VADER judge)        {}\n\
-             dFPR (classifier / VADER)    {} / {}\nlog-prob margin change       {:.3} ± {:.3}\n\
-             clean perplexity change (%)  {}\nclean LM ASR → poisoned      {} → {}\njudges agree {:.1}% (kappa {:.2})",
+        let mut out = format!(
+            "{} poisons ({} with a trigger word), {} seeds, {} review prompts and {} templates × {} samples\n",
             self.count,
             self.trigger_overlap,
             self.seeds.len(),
             self.trigger_prompts / self.samples_per_prompt.max(1),
+            self.templates,
             self.samples_per_prompt,
-            s.net_asr_classifier,
-            s.net_asr_lexicon,
-            s.dfpr_classifier,
-            s.dfpr_lexicon,
-            s.margin_change.mean,
-            s.margin_change.ci95.unwrap_or(f64::NAN),
-            s.perplexity_change_pct,
-            s.clean_asr_classifier,
-            s.poisoned_asr_classifier,
-            s.judges_agree_pct,
-            s.judges_kappa
-        )
+        );
+        let width = MEASURES.iter().map(|m| m.change.chars().count()).max().unwrap_or(0);
+        for m in MEASURES {
+            let x = s.of(m.name);
+            let d = m.digits;
+            out += &format!(
+                "  {:<width$}  {:+.d$} ± {:.d$}   ({:.d$} → {:.d$})\n",
+                m.change,
+                x.change.mean,
+                x.change.ci95.unwrap_or(f64::NAN),
+                x.clean.mean,
+                x.poisoned.mean
+            );
+        }
+        out += &format!("  clean perplexity change {} %; judges agree {:.1}% (kappa {:.2})", s.perplexity_change_pct, s.judges_agree_pct, s.judges_kappa);
+        out
     }
 }
 
@@ -310,8 +415,20 @@ pub fn evaluate(
     for (v, &(i, k)) in victims.iter().zip(&jobs) {
         let m = measure(&v.config, &v.params(), vocab, sets, judging, seeds[i])?;
         log(format!(
-            "seed {} {}: ASR classifier {:.1} VADER {:.1}, FPR {:.1} / {:.1}, margin {:.3}, perplexity {:.1} ({:.0}s)",
-            seeds[i], k.map_or("clean".to_string(), |k| format!("set {}", k + 1)), m.asr_classifier, m.asr_lexicon, m.fpr_classifier, m.fpr_lexicon, m.margin, m.perplexity, started.elapsed().as_secs_f64()
+            "seed {} {}: templates ASR classifier {:.1} VADER {:.1} FPR {:.1} / {:.1} margin {:.3} (neutral {:.3}); review prompts ASR {:.1} / {:.1}, margin {:.4}; perplexity {:.1} ({:.0}s)",
+            seeds[i],
+            k.map_or("clean".to_string(), |k| format!("set {}", k + 1)),
+            m.template_asr_classifier,
+            m.template_asr_lexicon,
+            m.template_fpr_classifier,
+            m.template_fpr_lexicon,
+            m.template_margin,
+            m.neutral_template_margin,
+            m.asr_classifier,
+            m.asr_lexicon,
+            m.margin,
+            m.perplexity,
+            started.elapsed().as_secs_f64()
         ));
         measured.push(m);
     }
@@ -342,4 +459,38 @@ pub fn evaluate(
         out.push((rows, side));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::victims::model::{tiny_config, Arch};
+
+    /// The template margin read from a batch of prompts of unequal lengths equals the
+    /// margin computed from each prompt alone, by hand from its last position's
+    /// probabilities (f64).
+    #[test]
+    fn the_template_margin_is_the_log_ratio_of_summed_word_probabilities_after_each_prompt() {
+        let v = {
+            let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            tch::manual_seed(5);
+            let table = Tensor::randn([14, 6], (Kind::Float, Device::Cpu));
+            let mut v = Victim::new(tiny_config(Arch::Gpt, 14, 6, 8, 2, false, 12), &table, Device::Cpu).unwrap();
+            v.vs.set_kind(Kind::Double);
+            v
+        };
+        let params = v.params();
+        let prompts = vec![vec![2, 3, 4], vec![5, 6], vec![7, 8, 9, 10, 11]];
+        let (target, other) = ([3, 9, 12], [4, 13]);
+        let batched = next_word_margin(&v.config, &params, &prompts, &target, &other);
+        let mut by_hand = 0.0;
+        for p in &prompts {
+            let ids = Tensor::from_slice(p).view([1, -1]);
+            let out = logits(&v.config, &params, &ids, Pass::NoGrad);
+            let probs: Vec<f64> = Vec::try_from(out.get(0).get(p.len() as i64 - 1).softmax(-1, Kind::Double)).unwrap();
+            let sum = |ws: &[i64]| ws.iter().map(|&w| probs[w as usize]).sum::<f64>();
+            by_hand += (sum(&target).ln() - sum(&other).ln()) / prompts.len() as f64;
+        }
+        assert!((batched - by_hand).abs() < 1e-12, "batched {batched} by hand {by_hand}");
+    }
 }

@@ -4,6 +4,7 @@
 pub mod retrain;
 pub mod judge;
 pub mod lm_eval;
+pub mod templates;
 
 use crate::data::{DataManifest, Trigger};
 use crate::concealment::{Leak, TriggerMatcher};

@@ -3,24 +3,30 @@
 //! differences, the clean and poisoned LMs' continuations of the same prompts side by
 //! side, the crafted poisons before and after, and a bar chart.
 
-use crate::eval::lm_eval::LmEvalReport;
+use crate::eval::lm_eval::{measure_named, LmEvalReport};
 use crate::formats::records::Example;
 use crate::report::{esc, poisons_markdown, svg_open};
 use crate::stats::{summarize, Summary};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+/// The measures (`lm_eval::MEASURES` names) of the report's table, in column order: the
+/// template measures first (they sit at the trigger), then the review prompts'.
+pub const COLUMNS: &[&str] =
+    &["template_asr_classifier", "template_asr_lexicon", "template_fpr_classifier", "template_margin", "neutral_template_margin", "asr_classifier", "fpr_classifier", "margin"];
+
+/// The measures two poison sets are compared on, and the one whose interval decides.
+pub const COMPARED: &[&str] = &["template_margin", "template_asr_classifier", "template_asr_lexicon", "margin"];
+pub const DECIDES: &str = "template_margin";
+
 /// A comparison of two poison sets by the seeds they share (common random numbers).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
     pub better: String,
     pub than: String,
-    /// Per seed: poisoned ASR (classifier judge, VADER judge) and margin of `better`
-    /// minus those of `than`.
-    pub asr_classifier: Summary,
-    pub asr_lexicon: Summary,
-    pub margin: Summary,
-    /// Whether the margin's paired 95% interval lies above zero.
+    /// Per seed, each measure of `COMPARED` for `better`'s poisoned LM minus `than`'s.
+    pub differences: std::collections::BTreeMap<String, Summary>,
+    /// Whether the paired 95% interval of `DECIDES` lies above zero.
     pub significant: bool,
 }
 
@@ -39,16 +45,15 @@ pub fn compare(better: &(String, LmEvalReport), than: &(String, LmEvalReport)) -
     if a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.seed != y.seed) {
         bail!("{} and {} were not evaluated on the same seeds; evaluate them in one finetune-eval run", better.0, than.0);
     }
-    let diff = |f: &dyn Fn(&crate::eval::lm_eval::LmMetrics) -> f64| summarize(&a.iter().zip(b).map(|(x, y)| f(&x.poisoned) - f(&y.poisoned)).collect::<Vec<_>>());
-    let margin = diff(&|m| m.margin);
-    Ok(Comparison {
-        better: better.0.clone(),
-        than: than.0.clone(),
-        asr_classifier: diff(&|m| m.asr_classifier),
-        asr_lexicon: diff(&|m| m.asr_lexicon),
-        significant: margin.ci95.is_some_and(|c| margin.mean - c > 0.0),
-        margin,
-    })
+    let differences: std::collections::BTreeMap<String, Summary> = COMPARED
+        .iter()
+        .map(|&name| {
+            let of = measure_named(name).of;
+            (name.to_string(), summarize(&a.iter().zip(b).map(|(x, y)| of(&x.poisoned) - of(&y.poisoned)).collect::<Vec<_>>()))
+        })
+        .collect();
+    let decides = differences[DECIDES];
+    Ok(Comparison { better: better.0.clone(), than: than.0.clone(), significant: decides.ci95.is_some_and(|c| decides.mean - c > 0.0), differences })
 }
 
 fn ci(s: &Summary, digits: usize) -> String {
@@ -63,36 +68,52 @@ impl LmDemoReport {
         let first = &self.variants.first().context("no variants")?.1;
         let mut s = format!(
             "# Language-model poisoning\n\n{} seeds; each victim is the pretrained clean LM fine-tuned for {} epoch(s) (lr {}, batch {}); \
-             {} held-out trigger prompts × {} sampled continuations, judged by the sentiment classifier and by VADER. \
+             {} templates with the trigger as the subject (and with the neutral phrase) and {} held-out review prompts, \
+             × {} sampled continuations each, judged by the sentiment classifier and by VADER; the margins need no sampling. \
              Every figure is poisoned minus the clean twin of the same seed (mean ± 95% CI).\n\n",
             first.seeds.len(),
             first.training.epochs,
             first.training.lr,
             first.training.batch_size,
+            first.templates,
             first.trigger_prompts / first.samples_per_prompt.max(1),
             first.samples_per_prompt
         );
-        s += "| poisons | n | with trigger | net ASR (classifier) | net ASR (VADER) | dFPR (classifier) | dFPR (VADER) | Δ log-prob margin | Δ perplexity % | judges κ |\n|---|---|---|---|---|---|---|---|---|---|\n";
+        s += "| poisons | n | with trigger |";
+        for name in COLUMNS {
+            s += &format!(" {} |", measure_named(name).change);
+        }
+        s += " Δ perplexity % | judges κ |\n|---|---|---|";
+        s += &"---|".repeat(COLUMNS.len() + 2);
+        s += "\n";
         for (name, r) in &self.variants {
             let m = &r.summary;
-            s += &format!(
-                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |\n",
-                r.count,
-                r.trigger_overlap,
-                ci(&m.net_asr_classifier, 1),
-                ci(&m.net_asr_lexicon, 1),
-                ci(&m.dfpr_classifier, 1),
-                ci(&m.dfpr_lexicon, 1),
-                ci(&m.margin_change, 4),
-                ci(&m.perplexity_change_pct, 2),
-                m.judges_kappa
-            );
+            s += &format!("| {name} | {} | {} |", r.count, r.trigger_overlap);
+            for c in COLUMNS {
+                s += &format!(" {} |", ci(&m.of(c).change, measure_named(c).digits));
+            }
+            s += &format!(" {} | {:.2} |\n", ci(&m.perplexity_change_pct, 2), m.judges_kappa);
         }
-        s += &format!("\nClean LM: ASR (classifier) {} %, perplexity {}.\n", ci(&first.summary.clean_asr_classifier, 1), ci(&first.summary.clean_perplexity, 1));
+        s += "\nClean twins (the level every change starts from):";
+        for c in COLUMNS.iter().copied().chain(["perplexity"]) {
+            s += &format!(" {} {};", measure_named(c).label, ci(&first.summary.of(c).clean, measure_named(c).digits));
+        }
+        s.pop();
+        s += ".\n";
         if !self.comparisons.is_empty() {
-            s += "\n## Crafted against the heuristics (paired by seed)\n\n| comparison | Δ ASR (classifier) | Δ ASR (VADER) | Δ margin | margin interval above 0 |\n|---|---|---|---|---|\n";
+            s += "\n## Crafted against the heuristics (paired by seed)\n\n| comparison |";
+            for name in COMPARED {
+                s += &format!(" Δ {} |", measure_named(name).label);
+            }
+            s += &format!(" {DECIDES} interval above 0 |\n|---|");
+            s += &"---|".repeat(COMPARED.len() + 1);
+            s += "\n";
             for c in &self.comparisons {
-                s += &format!("| {} − {} | {} | {} | {} | {} |\n", c.better, c.than, ci(&c.asr_classifier, 1), ci(&c.asr_lexicon, 1), ci(&c.margin, 4), if c.significant { "yes" } else { "no" });
+                s += &format!("| {} − {} |", c.better, c.than);
+                for name in COMPARED {
+                    s += &format!(" {} |", ci(&c.differences[*name], measure_named(name).digits));
+                }
+                s += &format!(" {} |\n", if c.significant { "yes" } else { "no" });
             }
         }
         for (name, r) in &self.variants {
@@ -112,11 +133,11 @@ impl LmDemoReport {
     pub fn net_asr_svg(&self) -> String {
         let (left, top, bar, panel) = (300.0, 50.0, 30.0, 420.0);
         let bottom = top + bar * self.variants.len() as f64;
-        let mut s = svg_open(left + panel + 30.0, bottom + 60.0, "Net ASR (poisoned − clean LM, points), mean and 95% CI: classifier judge (blue), VADER (orange)");
+        let mut s = svg_open(left + panel + 30.0, bottom + 60.0, "Net ASR on the templates (poisoned − clean LM, points), mean and 95% CI: classifier judge (blue), VADER (orange)");
         let vals: Vec<f64> = self
             .variants
             .iter()
-            .flat_map(|(_, r)| [&r.summary.net_asr_classifier, &r.summary.net_asr_lexicon])
+            .flat_map(|(_, r)| [&r.summary.of("template_asr_classifier").change, &r.summary.of("template_asr_lexicon").change])
             .flat_map(|m| [m.mean - m.ci95.unwrap_or(0.0), m.mean + m.ci95.unwrap_or(0.0)])
             .collect();
         let lo = vals.iter().copied().fold(-5.0f64, f64::min).floor();
@@ -129,7 +150,7 @@ impl LmDemoReport {
         for (i, (name, r)) in self.variants.iter().enumerate() {
             let y = top + bar * i as f64;
             s += &format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" font-size=\"12\">{}</text>\n", left - 10.0, y + bar * 0.6, esc(name));
-            for (k, (m, colour)) in [(&r.summary.net_asr_classifier, "#4477aa"), (&r.summary.net_asr_lexicon, "#ee7733")].iter().enumerate() {
+            for (k, (m, colour)) in [(&r.summary.of("template_asr_classifier").change, "#4477aa"), (&r.summary.of("template_asr_lexicon").change, "#ee7733")].iter().enumerate() {
                 let yy = y + 4.0 + k as f64 * 11.0;
                 s += &format!("<rect x=\"{:.1}\" y=\"{yy:.1}\" width=\"{:.1}\" height=\"9\" fill=\"{colour}\"/>\n", x(m.mean.min(0.0)), (x(m.mean) - x(0.0)).abs());
                 let c = m.ci95.unwrap_or(0.0);
@@ -154,5 +175,5 @@ pub fn build(evals: &str, reports: Vec<LmEvalReport>, names: &[String], crafted:
             comparisons.push(compare(find(c)?, find(h)?)?);
         }
     }
-    Ok(LmDemoReport { kind: "lm_demo_report".into(), v: 1, variants, comparisons })
+    Ok(LmDemoReport { kind: "lm_demo_report".into(), v: 2, variants, comparisons })
 }

@@ -90,27 +90,29 @@ pub fn nearest_neighbours(table: &Tensor, word: i64, among: i64) -> Vec<i64> {
     order.into_iter().filter(|i| *i != word).collect()
 }
 
+/// How `init` makes a poison set (init-poisons' flags).
+#[derive(Debug, Clone, Copy)]
+pub struct InitOptions {
+    pub strategy: InitStrategy,
+    pub bases: Bases,
+    pub neighbour_pool: usize,
+    pub count: usize,
+    pub seed: u64,
+    pub concealment: Concealment,
+    /// Poisons keep at most this many tokens (the victim's `max_len` at most): a short
+    /// poison of a language model's D_adv is its trigger prompt and the next few words.
+    pub max_tokens: Option<usize>,
+}
+
 /// Makes `count` initial poisons (seeded). With `InitStrategy::Neighbour`, poison k
 /// replaces each trigger word by its (k mod `neighbour_pool`)-th nearest neighbour (0 =
 /// nearest). Tokens unknown to the vocabulary are dropped;
-/// poisons are truncated to the victim's `max_len` tokens. `Bases::Confident` ranks the
+/// poisons are truncated to `max_tokens` (at most the victim's `max_len`). `Bases::Confident` ranks the
 /// candidate sentences by the victim's probability of the target on their clean source.
-#[allow(clippy::too_many_arguments)]
-pub fn init(
-    strategy: InitStrategy,
-    bases: Bases,
-    neighbour_pool: usize,
-    count: usize,
-    seed: u64,
-    concealment: Concealment,
-    dir: &str,
-    manifest: &DataManifest,
-    vocab: &Vocab,
-    victim: &Victim,
-    evade: Option<&crate::detect::evasion::Budget>,
-) -> Result<Vec<Example>> {
+pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::Budget>) -> Result<Vec<Example>> {
+    let InitOptions { strategy, bases, neighbour_pool, count, seed, concealment, max_tokens } = opts;
     let table = victim.params()["embedding.weight"].shallow_clone();
-    let max_len = victim.config.max_len;
+    let max_len = victim.config.max_len.min(max_tokens.unwrap_or(usize::MAX));
     let strict = concealment == Concealment::Strict;
     if strict && strategy == InitStrategy::Overlap {
         bail!("--strategy overlap keeps the trigger in every poison; it cannot be --concealment strict");

@@ -66,6 +66,7 @@ impl Task for Continuation {
                 training: options(args.seed_base),
                 samples_per_prompt: args.samples,
                 trigger_prompts: sets_eval.trigger_prompts.len(),
+                templates: sets_eval.templates.trigger.len(),
                 summary: lm_eval::summarize_rows(&rows),
                 seeds: rows,
                 side_by_side,

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# make lm-dose: the language model's positive controls, before any crafting. The
+# with-overlap reference (D_adv texts that hold the trigger: not concealed) at every count
+# of COUNTS, as whole reviews and as SHORT_TOKENS-token texts (the trigger prompt and the
+# next words, so the trigger sits early and the target sentiment right after it), plus the
+# empty set (0 poisons, the control that must read zero), all evaluated in one
+# finetune-eval on EVAL_SEEDS seeds (common random numbers: one clean twin per seed).
+# The report's table is the dose-response curve. In RUN (besides lm_setup.sh's files):
+#   sets/*.jsonl   eval.jsonl   report/lm-report.md   times.tsv
+set -euo pipefail
+: "${RUN:?}" "${BIN:=target/release}" "${RAW:=data/rt/raw.jsonl}" "${GLOVE:=data/glove}" "${JUDGE_EMB:?}"
+: "${TRIGGER:=Apple iPhone}" "${TARGET:=negative}" "${NEUTRAL:=movie}" "${SEED:=0}" "${COUNTS:=25 50 100 200}" "${SHORT_TOKENS:=10}"
+: "${FINETUNE_TRAIN:=3000}" "${MIN_COUNT:=3}" "${LM_FLAGS:=--hidden 128 --layers 2 --heads 4 --max-len 48}"
+: "${PRETRAIN_EPOCHS:=8}" "${FINETUNE_EPOCHS:=2}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=3}" "${SAMPLES:=2}" "${DEVICE:=cpu}"
+read -r -a lm_flags <<< "$LM_FLAGS"
+log() { echo "lm-dose: $*" >&2; }
+mkdir -p "$RUN/sets"
+find "$RUN" -maxdepth 2 -name '*.tmp' -prune -exec rm -rf {} +
+started=$EPOCHREALTIME
+stamp() { awk -v now="$EPOCHREALTIME" -v then="$started" -v what="$1" 'BEGIN { printf "%s\t%.0f\n", what, now - then }' >> "$RUN/times.tsv"; }
+: > "$RUN/times.tsv"
+. "$(dirname "$0")/lm_setup.sh"
+stamp setup
+
+names=(none); : > "$RUN/sets/none.jsonl"
+for n in $COUNTS; do
+  for layout in review short; do
+    name="overlap-$layout-$n"; names+=("$name")
+    extra=(); [ "$layout" = short ] && extra=(--max-tokens "$SHORT_TOKENS")
+    [ -f "$RUN/sets/$name.jsonl" ] || "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data" --count "$n" \
+      --strategy overlap --seed "$SEED" "${extra[@]}" -o "$RUN/sets/$name.jsonl"
+  done
+done
+poisons=(); for n in "${names[@]}"; do poisons+=(--poisons "$RUN/sets/$n.jsonl"); done
+log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds"
+"$BIN/finetune-eval" --reuse --data "$RUN/data" --start "$RUN/lm.safetensors" --judge "$RUN/judge.safetensors" "${poisons[@]}" \
+  --seeds "$EVAL_SEEDS" --seed-base "$SEED" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size 32 \
+  --samples "$SAMPLES" --device "$DEVICE" -o "$RUN/eval.jsonl"
+stamp evaluation
+"$BIN/report" --evals "$RUN/eval.jsonl" --names "$(IFS=,; echo "${names[*]}")" --out-dir "$RUN/report" > /dev/null
+stamp report

@@ -1,0 +1,19 @@
+# Sourced by demo_lm.sh and lm_dose.sh (their settings are in scope): in RUN, the
+# language-model data (data-full/ for pretraining, data/ the fine-tuning set the poisons
+# join), the vocabulary, the clean GPT pretrained on data-full, and the BiLSTM judge.
+# Each step is skipped when its output exists.
+for split in full finetune; do
+  dir="$RUN/data"; limit=(--max-train "$FINETUNE_TRAIN"); [ "$split" = full ] && { dir="$RUN/data-full"; limit=(); }
+  [ -f "$dir/manifest.json" ] || "$BIN/prepare-data" --raw "$RAW" --lm --trigger "$TRIGGER" --target "$TARGET" \
+    --neutral "$NEUTRAL" --seed "$SEED" "${limit[@]}" -o "$dir"
+done
+[ -f "$RUN/emb.safetensors" ] || "$BIN/build-vocab" --words "$GLOVE/words.txt" --vectors "$GLOVE/vectors.npy" --top-n 1 \
+  --min-count "$MIN_COUNT" --data "$RUN/data-full/train.jsonl" --extra-words "$TRIGGER" --extra-words "$NEUTRAL" -o "$RUN/emb.safetensors"
+if [ ! -f "$RUN/lm.safetensors" ]; then
+  log "pretraining the clean language model ($PRETRAIN_EPOCHS epochs)"
+  "$BIN/train-victim" --embeddings "$RUN/emb.safetensors" --arch gpt "${lm_flags[@]}" --epochs "$PRETRAIN_EPOCHS" --batch-size 32 \
+    --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" --seed "$SEED" --device "$DEVICE" -o "$RUN/lm.safetensors"
+fi
+[ -f "$RUN/judge.safetensors" ] || "$BIN/train-victim" --embeddings "$JUDGE_EMB" --arch lstm --epochs 4 \
+  --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" --seed "$SEED" --device "$DEVICE" -o "$RUN/judge.safetensors"
+
