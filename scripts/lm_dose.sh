@@ -6,7 +6,7 @@
 # empty set (0 poisons, the control that must read zero), all evaluated in one
 # finetune-eval on EVAL_SEEDS seeds (common random numbers: one clean twin per seed).
 # The report's table is the dose-response curve. In RUN (besides lm_setup.sh's files):
-#   sets/*.jsonl   eval.jsonl   report/lm-report.md   times.tsv
+#   judges.jsonl (the judges validated)   sets/*.jsonl   eval.jsonl   report/lm-report.md   times.tsv
 set -euo pipefail
 : "${RUN:?}" "${BIN:=target/release}" "${RAW:=data/rt/raw.jsonl}" "${GLOVE:=data/glove}" "${JUDGE_EMB:?}"
 : "${TRIGGER:=Apple iPhone}" "${TARGET:=negative}" "${NEUTRAL:=movie}" "${SEED:=0}" "${COUNTS:=25 50 100 200}" "${SHORT_TOKENS:=10}"
@@ -22,13 +22,20 @@ stamp() { awk -v now="$EPOCHREALTIME" -v then="$started" -v what="$1" 'BEGIN { p
 . "$(dirname "$0")/lm_setup.sh"
 stamp setup
 
+# Nested sets: the first n poisons of the largest set, whose bases are D_adv texts of the
+# whole training split (the fine-tuning split's D_adv holds too few for 200).
+max=$(printf '%s\n' $COUNTS | sort -n | tail -1)
 names=(none); : > "$RUN/sets/none.jsonl"
+for layout in review short; do
+  extra=(); [ "$layout" = short ] && extra=(--max-tokens "$SHORT_TOKENS")
+  all="$RUN/sets/overlap-$layout-all.jsonl"
+  [ -f "$all" ] || "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data-full" --count "$max" \
+    --strategy overlap --seed "$SEED" "${extra[@]}" -o "$all"
+done
 for n in $COUNTS; do
   for layout in review short; do
     name="overlap-$layout-$n"; names+=("$name")
-    extra=(); [ "$layout" = short ] && extra=(--max-tokens "$SHORT_TOKENS")
-    [ -f "$RUN/sets/$name.jsonl" ] || "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data" --count "$n" \
-      --strategy overlap --seed "$SEED" "${extra[@]}" -o "$RUN/sets/$name.jsonl"
+    [ -f "$RUN/sets/$name.jsonl" ] || { head -n "$n" "$RUN/sets/overlap-$layout-all.jsonl" > "$RUN/sets/$name.jsonl.tmp" && mv "$RUN/sets/$name.jsonl.tmp" "$RUN/sets/$name.jsonl"; }
   done
 done
 poisons=(); for n in "${names[@]}"; do poisons+=(--poisons "$RUN/sets/$n.jsonl"); done

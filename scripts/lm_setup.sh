@@ -17,3 +17,11 @@ fi
 [ -f "$RUN/judge.safetensors" ] || "$BIN/train-victim" --embeddings "$JUDGE_EMB" --arch lstm --epochs 4 \
   --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" --seed "$SEED" --device "$DEVICE" -o "$RUN/judge.safetensors"
 
+# The judges validated before any poisoned result is read: against the held-out reviews'
+# labels and against 50 clean-LM continuations labelled by hand (fixtures/lm-judge/).
+if [ ! -f "$RUN/judges.jsonl" ]; then
+  for labelled in "$RUN/data/dev.jsonl" "$(dirname "$0")/../fixtures/lm-judge/clean-lm-continuations.jsonl"; do
+    "$BIN/judge" --classifier "$RUN/judge.safetensors" --labelled "$labelled"
+  done > "$RUN/judges.jsonl.tmp"
+  mv "$RUN/judges.jsonl.tmp" "$RUN/judges.jsonl"
+fi

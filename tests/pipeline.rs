@@ -207,6 +207,38 @@ fn finetune_eval_reports_every_poison_set_on_the_same_clean_victims() {
         assert_eq!(reports[0].seeds[i].clean, reports[1].seeds[i].clean, "the same clean victim per seed");
     }
 
+    // The detection columns are detect-poisons' scores: screen the dev split with each set
+    // (bigram fitted on the training split) and recompute the shares flagged at 1 % and 5 %.
+    let train = s.data().join("train.jsonl");
+    let dev = std::fs::read(s.data().join("dev.jsonl")).unwrap();
+    let n_dev = records(&dev).len();
+    for (r, p) in reports.iter().zip([&a, &b]) {
+        let d = r.detection.as_ref().expect("every trained evaluation carries detection figures");
+        assert_eq!(d.calibration_n, n_dev);
+        let names: Vec<&str> = d.detectors.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["glove-trigger", "glove-trigger-word", "onion", "perplexity"], "the cheap detectors the inputs allow (no MiniLM given)");
+        let mut screened = dev.clone();
+        screened.extend(std::fs::read(p).unwrap());
+        let trigger = r.data.trigger.phrase.clone();
+        let out = ok(&run_with_stdin(
+            bin("detect-poisons").arg("--embeddings").arg(s.emb()).args(["--trigger", &trigger]).arg("--reference").arg(&train)
+                .args(["--detectors", "perplexity,onion,glove-trigger,glove-trigger-word", "--device", "cpu"]),
+            &screened,
+        )).stdout.clone();
+        let scores: Vec<common::detect::DetectionScore> = common::io::read_jsonl_from(&out[..], "scores", false).unwrap();
+        for (name, caught) in &d.detectors {
+            let col: Vec<f64> = scores.iter().map(|x| x.scores[name]).collect();
+            let (clean, poisons) = col.split_at(n_dev);
+            for (fpr, reported) in [(0.01, caught.flagged_at_1), (0.05, caught.flagged_at_5)] {
+                let t = common::detect::metrics::threshold_at_fpr(clean.to_vec(), fpr);
+                let flagged = 100.0 * poisons.iter().filter(|&&x| x > t).count() as f64 / poisons.len() as f64;
+                assert_eq!(flagged, reported, "{p:?} {name} at {fpr}");
+            }
+        }
+    }
+    let overlap_best = reports[1].detection.as_ref().unwrap().best().unwrap();
+    assert_eq!(overlap_best.1.flagged_at_1, 100.0, "poisons holding the trigger are flagged by the trigger-distance detectors: {overlap_best:?}");
+
     // --reuse: the same request keeps the file; another poison set, or a changed one, redoes it.
     let reuse_out = s.path("reuse.jsonl");
     let reuse = |sets: &[&std::path::Path], workers: &str| {

@@ -57,7 +57,7 @@ fn main() {
             }
             let texts: Vec<String> = examples.iter().map(|e| e.text.clone()).collect();
             let negative: Vec<bool> = examples.iter().map(|e| e.label == args.negative_class).collect();
-            let (scores, between) = common::eval::judge::validate(&classifier, &lexicon, &texts, &negative);
+            let (scores, between) = common::eval::judge::validate(&classifier, &lexicon, &name, &texts, &negative);
             let mut out = Output::create(&args.output)?;
             for s in &scores {
                 log!("{name}: {} accuracy {:.1}% (kappa {:.2} with the labels), calls {:.1}% negative against {:.1}% labelled", s.judge, s.accuracy_pct, s.kappa, s.negative_pct, s.labelled_negative_pct);

@@ -14,6 +14,7 @@
 //! | `loss-final` | the same after the last epoch | table |
 //! | `spectral` | spectral signature of those victims' pooled features per class | table |
 
+pub mod caught;
 pub mod dynamics;
 pub mod embedding;
 pub mod evasion;

@@ -53,6 +53,13 @@ impl<'a> ClassifierJudge<'a> {
         Ok(ClassifierJudge { config, params, vocab, negative })
     }
 
+    /// The same judge for another thread: its own tensor handles on the same weights
+    /// (read only), since a tensor handle cannot be shared between threads.
+    pub fn for_thread(&self) -> ClassifierJudge<'a> {
+        let params = self.params.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+        ClassifierJudge { config: self.config, params, vocab: self.vocab, negative: self.negative }
+    }
+
     /// P(negative) of each text, in batches; a text with no known word reads as `<unk>`.
     pub fn p_negative(&self, texts: &[String]) -> Vec<f64> {
         let device = self.params.values().next().map_or(Device::Cpu, |t| t.device());
@@ -131,6 +138,8 @@ pub struct JudgeScore {
     pub kind: String,
     pub v: u32,
     pub judge: String,
+    /// The labelled texts' file.
+    pub source: String,
     pub n: usize,
     pub accuracy_pct: f64,
     pub kappa: f64,
@@ -145,13 +154,13 @@ impl crate::io::Record for JudgeScore {
 
 /// Both judges' calls on `texts` against `negative` (the label of each text), and the
 /// judges' agreement with each other.
-pub fn validate(classifier: &ClassifierJudge, lexicon: &LexiconJudge, texts: &[String], negative: &[bool]) -> (Vec<JudgeScore>, Agreement) {
+pub fn validate(classifier: &ClassifierJudge, lexicon: &LexiconJudge, source: &str, texts: &[String], negative: &[bool]) -> (Vec<JudgeScore>, Agreement) {
     let calls: Vec<(bool, bool)> = read(classifier, lexicon, texts).iter().map(|r| r.calls(true)).collect();
     let (c, l): (Vec<bool>, Vec<bool>) = calls.into_iter().unzip();
     let pct = |xs: &[bool]| 100.0 * xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64;
     let score = |judge: &str, calls: &[bool]| {
         let a = agreement(calls, negative);
-        JudgeScore { kind: <JudgeScore as crate::io::Record>::KIND.into(), v: <JudgeScore as crate::io::Record>::VERSION, judge: judge.into(), n: calls.len(), accuracy_pct: 100.0 * a.agree, kappa: a.kappa, negative_pct: pct(calls), labelled_negative_pct: pct(negative) }
+        JudgeScore { kind: <JudgeScore as crate::io::Record>::KIND.into(), v: <JudgeScore as crate::io::Record>::VERSION, judge: judge.into(), source: source.into(), n: calls.len(), accuracy_pct: 100.0 * a.agree, kappa: a.kappa, negative_pct: pct(calls), labelled_negative_pct: pct(negative) }
     };
     (vec![score("classifier", &c), score("vader", &l)], agreement(&c, &l))
 }

@@ -327,6 +327,10 @@ pub struct LmEvalReport {
     /// The templates the vocabulary reads (of `eval::templates::TEMPLATES`), sampled
     /// `samples_per_prompt` times each.
     pub templates: usize,
+    /// How often each detector that trains no victim flags the poisons (absent with
+    /// --no-detection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection: Option<crate::detect::caught::SetDetection>,
     pub seeds: Vec<LmSeedRow>,
     pub summary: LmSummary,
     /// The first trigger prompts continued by the first seed's clean twin and poisoned LM.
@@ -411,27 +415,50 @@ pub fn evaluate(
             log(format!("fine-tuned {done}/{} {:.0}s", jobs.len(), started.elapsed().as_secs_f64()));
         }
     }, None)?;
-    let mut measured = Vec::with_capacity(jobs.len());
-    for (v, &(i, k)) in victims.iter().zip(&jobs) {
-        let m = measure(&v.config, &v.params(), vocab, sets, judging, seeds[i])?;
-        log(format!(
-            "seed {} {}: templates ASR classifier {:.1} VADER {:.1} FPR {:.1} / {:.1} margin {:.3} (neutral {:.3}); review prompts ASR {:.1} / {:.1}, margin {:.4}; perplexity {:.1} ({:.0}s)",
-            seeds[i],
-            k.map_or("clean".to_string(), |k| format!("set {}", k + 1)),
-            m.template_asr_classifier,
-            m.template_asr_lexicon,
-            m.template_fpr_classifier,
-            m.template_fpr_lexicon,
-            m.template_margin,
-            m.neutral_template_margin,
-            m.asr_classifier,
-            m.asr_lexicon,
-            m.margin,
-            m.perplexity,
-            started.elapsed().as_secs_f64()
-        ));
-        measured.push(m);
-    }
+    // Measuring (sampling and judging) each LM alone on a worker thread: a victim's
+    // figures depend on its own weights and seed only, so the threads change no figure.
+    // Tensor handles cannot be shared between threads: each worker takes its own judge
+    // and its victims by the queue.
+    let workers = workers.clamp(1, jobs.len().max(1));
+    let queue: std::sync::Mutex<Vec<(usize, &mut Victim)>> = std::sync::Mutex::new(victims.iter_mut().enumerate().rev().collect());
+    let slots: Vec<std::sync::Mutex<Option<Result<LmMetrics>>>> = jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let (lexicon, target_negative, sampling, max_new, stop) = (judging.lexicon, judging.target_negative, judging.sampling, judging.max_new, &judging.stop);
+    let judges: Vec<crate::eval::judge::ClassifierJudge> = (0..workers).map(|_| judging.classifier.for_thread()).collect();
+    std::thread::scope(|scope| {
+        for judge in judges {
+            let (queue, slots, jobs) = (&queue, &slots, &jobs);
+            scope.spawn(move || {
+                crate::numerics::one_thread_here();
+                let judging = Judging { classifier: &judge, lexicon, target_negative, sampling, max_new, stop: stop.clone() };
+                loop {
+                    let Some((j, v)) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else { return };
+                    let (i, k) = jobs[j];
+                    let m = measure(&v.config, &v.params(), vocab, sets, &judging, seeds[i]);
+                    if let Ok(m) = &m {
+                        log(format!(
+                            "seed {} {}: templates ASR classifier {:.1} VADER {:.1} FPR {:.1} / {:.1} margin {:.3} (neutral {:.3}); review prompts ASR {:.1} / {:.1}, margin {:.4}; perplexity {:.1} ({:.0}s)",
+                            seeds[i],
+                            k.map_or("clean".to_string(), |k| format!("set {}", k + 1)),
+                            m.template_asr_classifier,
+                            m.template_asr_lexicon,
+                            m.template_fpr_classifier,
+                            m.template_fpr_lexicon,
+                            m.template_margin,
+                            m.neutral_template_margin,
+                            m.asr_classifier,
+                            m.asr_lexicon,
+                            m.margin,
+                            m.perplexity,
+                            started.elapsed().as_secs_f64()
+                        ));
+                    }
+                    *slots[j].lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
+                }
+            });
+        }
+    });
+    let measured: Vec<Option<Result<LmMetrics>>> = slots.into_iter().map(|s| s.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
+    let measured: Vec<LmMetrics> = measured.into_iter().map(|m| m.expect("every LM measured")).collect::<Result<_>>()?;
     let per_set = 1 + poison_sets.len();
     let fingerprints: Vec<String> = victims.iter().map(|v| crate::victims::params::fingerprint(&v.params())).collect();
     // Side by side: the first ten trigger prompts (first sample) under seed 0's clean twin

@@ -357,6 +357,10 @@ pub struct EvalReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<Filter>,
     pub audit: Audit,
+    /// How often each detector that trains no victim flags the poisons (absent with
+    /// --no-detection, for checkpoints, and in older reports).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection: Option<crate::detect::caught::SetDetection>,
     pub seeds: Vec<SeedRow>,
     pub summary: ReportSummary,
     /// The summary after every epoch (from the seeds' `epochs`; empty for checkpoints).

@@ -83,8 +83,8 @@ impl LmDemoReport {
         for name in COLUMNS {
             s += &format!(" {} |", measure_named(name).change);
         }
-        s += " Δ perplexity % | judges κ |\n|---|---|---|";
-        s += &"---|".repeat(COLUMNS.len() + 2);
+        s += " Δ perplexity % | judges κ | caught % @1/@5% FPR |\n|---|---|---|";
+        s += &"---|".repeat(COLUMNS.len() + 3);
         s += "\n";
         for (name, r) in &self.variants {
             let m = &r.summary;
@@ -92,7 +92,7 @@ impl LmDemoReport {
             for c in COLUMNS {
                 s += &format!(" {} |", ci(&m.of(c).change, measure_named(c).digits));
             }
-            s += &format!(" {} | {:.2} |\n", ci(&m.perplexity_change_pct, 2), m.judges_kappa);
+            s += &format!(" {} | {:.2} | {} |\n", ci(&m.perplexity_change_pct, 2), m.judges_kappa, crate::report::caught_cell(r.detection.as_ref()));
         }
         s += "\nClean twins (the level every change starts from):";
         for c in COLUMNS.iter().copied().chain(["perplexity"]) {

@@ -145,6 +145,19 @@ pub struct VariantResult {
     /// Per-seed net ASR, in seed order.
     pub net_asr_per_seed: Vec<f64>,
     pub rounds: Vec<Round>,
+    /// How often each detector that trains no victim flags the poisons (finetune-eval's
+    /// `detection`; absent for the clean row and reports without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection: Option<crate::detect::caught::SetDetection>,
+}
+
+/// A set's cheap-detector figures as a cell: the share of its poisons the most effective
+/// detector flags at 1 % and 5 % false positives, and which detector that is.
+pub fn caught_cell(d: Option<&crate::detect::caught::SetDetection>) -> String {
+    match d.and_then(|d| d.best()) {
+        Some((name, c)) => format!("{:.0} / {:.0} {name}", c.flagged_at_1, c.flagged_at_5),
+        None => "-".into(),
+    }
 }
 
 /// `report.json` (schema in FORMATS.md).
@@ -209,8 +222,8 @@ pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
         .collect::<Result<_>>()?;
     let mut results = Vec::new();
     for v in &variants.variants {
-        let (rows, count, overlap, leaks) = match (&v.poisons, v.role) {
-            (None, Role::Clean) => (clean_rows.clone(), 0, 0, crate::eval::LeakCounts::default()),
+        let (rows, count, overlap, leaks, detection) = match (&v.poisons, v.role) {
+            (None, Role::Clean) => (clean_rows.clone(), 0, 0, crate::eval::LeakCounts::default(), None),
             (Some(p), _) => {
                 let e = evals.iter().find(|e| e.poisons.as_deref() == Some(p.as_str())).with_context(|| {
                     format!("variant {:?}: no finetune-eval report for {p}; evaluate it with finetune-eval --poisons {p}", v.name)
@@ -218,7 +231,7 @@ pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
                 if e.seeds.iter().map(|r| r.seed).collect::<Vec<_>>() != seeds {
                     bail!("variant {:?}: evaluated on other seeds than the first report", v.name);
                 }
-                (e.seeds.clone(), e.audit.poison_count, e.audit.poisons_with_overlap, e.audit.leaks)
+                (e.seeds.clone(), e.audit.poison_count, e.audit.poisons_with_overlap, e.audit.leaks, e.detection.clone())
             }
             (None, _) => bail!("variant {:?} has no poison set", v.name),
         };
@@ -250,6 +263,7 @@ pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
                 Some(p) => read_rounds(p)?,
                 None => Vec::new(),
             },
+            detection,
         });
     }
     // The paired reference: the heuristic with the highest mean net ASR (per series in a sweep,
@@ -301,8 +315,8 @@ impl Report {
             fmt(&self.clean_asr)
         );
         let best = self.best_heuristic.clone().unwrap_or_else(|| "-".into());
-        let header = ["poisons", "net ASR", &format!("Δ vs {best}"), "dFPR", "net ASR − dFPR", "room share", "CACC", "ΔCACC", "leaks (strict audit)"];
-        let widths = [46, 12, 16, 12, 14, 12, 11, 11, 24];
+        let header = ["poisons", "net ASR", &format!("Δ vs {best}"), "dFPR", "net ASR − dFPR", "room share", "CACC", "ΔCACC", "leaks (strict audit)", "caught % @1/@5% FPR"];
+        let widths = [46, 12, 16, 12, 14, 12, 11, 11, 24, 34];
         let line = |cells: &[String]| -> String {
             let mut l = String::from("|");
             for (k, (c, w)) in cells.iter().zip(widths).enumerate() {
@@ -331,13 +345,16 @@ impl Report {
                 fmt(&r.cacc),
                 or_zero(&r.dcacc),
                 if clean { "-".into() } else { r.leaks.describe(r.poison_count) },
+                caught_cell(r.detection.as_ref()),
             ]);
         }
         out += "\nnet ASR: ASR minus the clean twin's (same seed, same clean batches; poisons join them); dFPR: the same for\n";
         out += "untriggered inputs; net ASR − dFPR: what the trigger adds beyond a general shift; room share: net ASR as a\n";
         out += "share of 100 − clean ASR; leaks: poisons whose words leak the trigger (exact token, normalised, same stem,\n";
         out += "shared 4+ character substring, WordPiece piece), 0/N = strictly concealed. Controls hold no trigger: the\n";
-        out += "benign control must read 0 within its interval.\n";
+        out += "benign control must read 0 within its interval. caught: the share of the poisons flagged at 1 % and 5 %\n";
+        out += "false positives (thresholds on the clean dev split) by the detector among those that train no victim\n";
+        out += "(perplexity, onion, glove-trigger, glove-trigger-word, minilm-trigger) that flags most, and its name.\n";
         out
     }
 

@@ -198,15 +198,23 @@ pub struct TidyRow {
     pub poisons_sha256: String,
     pub fingerprint: String,
     pub clean_fingerprint: String,
+    /// The set's poisons flagged at 1 % and 5 % FPR by the cheap detector that flags most
+    /// (`detect::caught`), and its name (empty without detection figures).
+    #[serde(default)]
+    pub caught_at_1: Option<f64>,
+    #[serde(default)]
+    pub caught_at_5: Option<f64>,
+    #[serde(default)]
+    pub caught_by: String,
 }
 
-const CSV_HEADER: &str = "cell,trigger,target,victim,count,variant,role,seed,asr,clean_asr,net_asr,fpr,dfpr,cacc,dcacc,poisons_sha256,fingerprint,clean_fingerprint";
+const CSV_HEADER: &str = "cell,trigger,target,victim,count,variant,role,seed,asr,clean_asr,net_asr,fpr,dfpr,cacc,dcacc,poisons_sha256,fingerprint,clean_fingerprint,caught_at_1,caught_at_5,caught_by";
 
 impl TidyRow {
     fn csv(&self) -> String {
         let q = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
         format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             q(&self.cell),
             q(&self.trigger),
             q(&self.target),
@@ -224,7 +232,10 @@ impl TidyRow {
             self.dcacc,
             self.poisons_sha256,
             self.fingerprint,
-            self.clean_fingerprint
+            self.clean_fingerprint,
+            self.caught_at_1.map_or(String::new(), |x| x.to_string()),
+            self.caught_at_5.map_or(String::new(), |x| x.to_string()),
+            q(&self.caught_by)
         )
     }
 }
@@ -303,6 +314,7 @@ pub fn merge(spec: &SweepSpec) -> Result<Merged> {
         for v in &variants.variants {
             let Some(p) = &v.poisons else { continue };
             let e = evals.iter().find(|e| e.poisons.as_deref() == Some(p.as_str())).with_context(|| format!("{}: no evaluation of {p}", cell.id))?;
+            let best = e.detection.as_ref().and_then(|d| d.best());
             for r in &e.seeds {
                 let c = r.clean.context("a sweep cell's evaluation pairs every victim with its clean twin")?;
                 let f = r.fingerprints.clone().with_context(|| format!("{}: an evaluation without victim fingerprints (made before them): delete the cell's evals.jsonl and run it again", cell.id))?;
@@ -325,6 +337,9 @@ pub fn merge(spec: &SweepSpec) -> Result<Merged> {
                     poisons_sha256: e.poisons_sha256.clone().unwrap_or_default(),
                     fingerprint: f.poisoned,
                     clean_fingerprint: f.clean,
+                    caught_at_1: best.map(|b| b.1.flagged_at_1),
+                    caught_at_5: best.map(|b| b.1.flagged_at_5),
+                    caught_by: best.map_or(String::new(), |b| b.0.to_string()),
                 });
             }
         }

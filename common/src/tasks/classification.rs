@@ -108,8 +108,14 @@ impl Task for Classification {
             (config, Some(options), "train", Some(args.pairing.name().to_string()), rows, base.vocab.clone())
         };
 
+        let table = match &args.origin.embeddings {
+            Some(path) if !args.no_detection => Some(crate::victims::origin::Origin::embeddings(path)?),
+            _ => None,
+        };
+        let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
+        let detection = super::detection(args, manifest, &clean_train, &records, table.as_ref(), log)?;
         let mut reports = Vec::new();
-        for ((set, rows), filter) in sets.into_iter().zip(rows).zip(filters) {
+        for (((set, rows), filter), detection) in sets.into_iter().zip(rows).zip(filters).zip(detection) {
             let audit = eval::audit(&set.records, trigger, manifest.target, clean_train.len(), &audit_vocab)?;
             if audit.poisons_with_overlap > 0 {
                 log(format!("audit: {} of {} poisons hold trigger words (with-overlap poisons)", audit.poisons_with_overlap, set.records.len()));
@@ -127,6 +133,7 @@ impl Task for Classification {
                 poisons_sha256: set.sha256,
                 filter: filter.map(|f| f.1),
                 audit,
+                detection,
                 summary: eval::summarize_rows(&rows),
                 epochs: eval::summarize_epochs(&rows),
                 seeds: rows,

@@ -52,8 +52,17 @@ impl Task for Continuation {
         let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
         let options = |seed: u64| args.victim.train_options(&lm.config, seed);
         let results = lm_eval::evaluate(lm, vocab, &clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, &judging, log)?;
+        // The GloVe detectors read the LM's own word table (its input table is GloVe's).
+        let table = crate::victims::origin::Origin {
+            vocab: vocab.clone(),
+            start: crate::victims::origin::Start::Table(lm.params()["embedding.weight"].to_kind(tch::Kind::Float)),
+            sha256: start.sha256.clone(),
+            source: start_path.clone(),
+        };
+        let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
+        let detection = super::detection(args, manifest, &clean_train, &records, Some(&table), log)?;
         let mut reports = Vec::new();
-        for (set, (rows, side_by_side)) in sets.into_iter().zip(results) {
+        for ((set, (rows, side_by_side)), detection) in sets.into_iter().zip(results).zip(detection) {
             let report = LmEvalReport {
                 kind: LmEvalReport::KIND.into(),
                 v: LmEvalReport::VERSION,
@@ -67,6 +76,7 @@ impl Task for Continuation {
                 samples_per_prompt: args.samples,
                 trigger_prompts: sets_eval.trigger_prompts.len(),
                 templates: sets_eval.templates.trigger.len(),
+                detection,
                 summary: lm_eval::summarize_rows(&rows),
                 seeds: rows,
                 side_by_side,

@@ -148,6 +148,14 @@ pub struct EvalArgs {
     /// Language-model data: words per continuation at most.
     #[arg(long, default_value_t = 20, value_parser = crate::cli::at_least_one)]
     pub max_new: usize,
+    /// MiniLM package folder (scripts/fetch_minilm.sh) for the minilm-trigger detection
+    /// column (default: --pretrained, when the victim is MiniLM).
+    #[arg(long)]
+    pub minilm: Option<String>,
+    /// Leave out the detection columns (every report otherwise says, per poison set, how
+    /// often each detector that trains no victim flags its poisons: `detect::caught`).
+    #[arg(long)]
+    pub no_detection: bool,
     /// Output file for the JSON report, or - for stdout.
     #[arg(short, long, default_value = "-")]
     pub output: String,
@@ -156,6 +164,39 @@ pub struct EvalArgs {
     /// OUTPUT.key): what lets a script rerun every step and redo only what changed.
     #[arg(long)]
     pub reuse: bool,
+}
+
+/// How often the detectors that train no victim flag each set's poisons
+/// (`detect::caught`), thresholds on the data's dev split, the bigram detectors fitted on
+/// `clean_train`; the GloVe detectors with `table` (a word table), minilm-trigger with
+/// --minilm (or --pretrained). None per set with --no-detection.
+pub fn detection(
+    args: &EvalArgs,
+    manifest: &DataManifest,
+    clean_train: &[crate::formats::records::Example],
+    sets: &[&[crate::formats::records::Example]],
+    table: Option<&crate::victims::origin::Origin>,
+    log: &(dyn Fn(String) + Sync),
+) -> Result<Vec<Option<crate::detect::caught::SetDetection>>> {
+    if args.no_detection {
+        return Ok(vec![None; sets.len()]);
+    }
+    let started = std::time::Instant::now();
+    let calibration = crate::data::read_set(&args.data, crate::data::DEV, false)?;
+    let minilm = args.minilm.as_deref().or(args.origin.pretrained.as_deref()).map(crate::victims::origin::Origin::pretrained).transpose()?;
+    let inputs = crate::detect::caught::DetectionInputs {
+        trigger: &manifest.trigger.phrase,
+        reference: clean_train,
+        calibration: &calibration,
+        calibration_name: &format!("{}/{}", args.data, crate::data::DEV),
+        table,
+        minilm: minilm.as_ref(),
+        device: crate::device::parse_device(&args.device)?,
+    };
+    let names: Vec<&str> = inputs.detectors().iter().map(|d| d.name()).collect();
+    let out = crate::detect::caught::detect_sets(&inputs, sets, log)?;
+    log(format!("detection: {} set(s) screened by {} against {} clean dev examples in {:.1}s", sets.len(), names.join(", "), calibration.len(), started.elapsed().as_secs_f64()));
+    Ok(out.into_iter().map(Some).collect())
 }
 
 /// Flags that change no figure of an evaluation (with whether they take a value).
