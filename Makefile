@@ -147,19 +147,23 @@ demo-lm: build data/.fetch-done-v1 $(EMB)
 	@cat $(LM_RUN)/report/lm-report.md
 	@echo
 	@column -t $(LM_RUN)/times.tsv
+	@echo "report: $(LM_RUN)/report/lm-report.json; plot: $(LM_RUN)/report/net-asr.svg"
 
 # The language model's positive controls: the with-overlap reference at 0 and LM_COUNTS
 # poisons, as whole reviews and as short trigger-first texts (scripts/lm_dose.sh).
 LM_DOSE_RUN := runs/lm-dose-$(LM_SLUG)-s$(SEED)
 LM_COUNTS   ?= 25 50 100 200
+LM_FT_EPOCHS ?= 2
+LM_FT_LR    ?= 1e-3
 lm-dose: build data/.fetch-done-v1 $(EMB)
 	@RUN=$(LM_DOSE_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" \
-	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNTS="$(LM_COUNTS)" EVAL_SEEDS=$(LM_SEEDS) scripts/lm_dose.sh
+	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNTS="$(LM_COUNTS)" EVAL_SEEDS=$(LM_SEEDS) \
+	  FINETUNE_EPOCHS=$(LM_FT_EPOCHS) FINETUNE_LR=$(LM_FT_LR) scripts/lm_dose.sh
 	@echo
-	@cat $(LM_DOSE_RUN)/report/lm-report.md
+	@cat $(LM_DOSE_RUN)/ft-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)/report/lm-report.md
 	@echo
 	@column -t $(LM_DOSE_RUN)/times.tsv
-	@echo "report: $(LM_RUN)/report/lm-report.json; plot: $(LM_RUN)/report/net-asr.svg"
+	@echo "report: $(LM_DOSE_RUN)/ft-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)/report/lm-report.md; the judges validated: $(LM_DOSE_RUN)/judges.jsonl"
 
 # The defenses against the demo's poison sets (scripts/defend.sh), in $(DEMO_RUN)/defend.
 # The detectors read GloVe (EMB) and MiniLM whatever victim the demo attacked.

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # make lm-dose: the language model's positive controls, before any crafting. The
 # with-overlap reference (D_adv texts that hold the trigger: not concealed) at every count
-# of COUNTS, as whole reviews and as SHORT_TOKENS-token texts (the trigger prompt and the
-# next words, so the trigger sits early and the target sentiment right after it), plus the
+# of COUNTS, as whole reviews and as SHORT_TOKENS-token texts from the trigger's
+# determiner on (init-poisons --from-trigger: the trigger first, the target sentiment
+# right after it), plus the
 # empty set (0 poisons, the control that must read zero), all evaluated in one
 # finetune-eval on EVAL_SEEDS seeds (common random numbers: one clean twin per seed).
 # The report's table is the dose-response curve. In RUN (besides lm_setup.sh's files):
-#   judges.jsonl (the judges validated)   sets/*.jsonl   eval.jsonl   report/lm-report.md   times.tsv
+#   judges.jsonl (the judges validated)   sets/*.jsonl   times.tsv
+#   ft-e<FINETUNE_EPOCHS>-lr<FINETUNE_LR>/eval.jsonl, report/lm-report.md: per fine-tuning
+#   regime (a lever of the LM setting), the same sets and the same pretrained LM.
 set -euo pipefail
 : "${RUN:?}" "${BIN:=target/release}" "${RAW:=data/rt/raw.jsonl}" "${GLOVE:=data/glove}" "${JUDGE_EMB:?}"
 : "${TRIGGER:=Apple iPhone}" "${TARGET:=negative}" "${NEUTRAL:=movie}" "${SEED:=0}" "${COUNTS:=25 50 100 200}" "${SHORT_TOKENS:=10}"
@@ -27,7 +30,7 @@ stamp setup
 max=$(printf '%s\n' $COUNTS | sort -n | tail -1)
 names=(none); : > "$RUN/sets/none.jsonl"
 for layout in review short; do
-  extra=(); [ "$layout" = short ] && extra=(--max-tokens "$SHORT_TOKENS")
+  extra=(); [ "$layout" = short ] && extra=(--from-trigger --max-tokens "$SHORT_TOKENS")
   all="$RUN/sets/overlap-$layout-all.jsonl"
   [ -f "$all" ] || "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data-full" --count "$max" \
     --strategy overlap --seed "$SEED" "${extra[@]}" -o "$all"
@@ -39,10 +42,11 @@ for n in $COUNTS; do
   done
 done
 poisons=(); for n in "${names[@]}"; do poisons+=(--poisons "$RUN/sets/$n.jsonl"); done
-log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds"
+ft="$RUN/ft-e$FINETUNE_EPOCHS-lr$FINETUNE_LR"; mkdir -p "$ft"
+log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds ($FINETUNE_EPOCHS epochs at lr $FINETUNE_LR)"
 "$BIN/finetune-eval" --reuse --data "$RUN/data" --start "$RUN/lm.safetensors" --judge "$RUN/judge.safetensors" "${poisons[@]}" \
   --seeds "$EVAL_SEEDS" --seed-base "$SEED" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size 32 \
-  --samples "$SAMPLES" --device "$DEVICE" -o "$RUN/eval.jsonl"
+  --samples "$SAMPLES" --device "$DEVICE" -o "$ft/eval.jsonl"
 stamp evaluation
-"$BIN/report" --evals "$RUN/eval.jsonl" --names "$(IFS=,; echo "${names[*]}")" --out-dir "$RUN/report" > /dev/null
+"$BIN/report" --evals "$ft/eval.jsonl" --names "$(IFS=,; echo "${names[*]}")" --out-dir "$ft/report" > /dev/null
 stamp report

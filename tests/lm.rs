@@ -28,6 +28,12 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     }
 
     // init-poisons | rollout-grad | rank-candidates | verify-candidates
+    // Short trigger-first poisons: from the word before the trigger, at most 6 tokens.
+    let short = ok(&run(lm.stage("init-poisons").args(["--count", "5", "--strategy", "overlap", "--from-trigger", "--max-tokens", "6"]))).stdout.clone();
+    for p in records(&short) {
+        let t = p.tokens.expect("tokens");
+        assert!(t.len() <= 6 && t.windows(2).take(2).any(|w| w == ["james", "bond"]), "the trigger within the first three words: {t:?}");
+    }
     let poisons = ok(&run(lm.stage("init-poisons").args(["--count", "5", "--strategy", "random", "--concealment", "strict", "--seed", "0"]))).stdout.clone();
     std::fs::write(lm.path("p0.jsonl"), &poisons).unwrap();
     assert_eq!(records(&poisons).len(), 5);

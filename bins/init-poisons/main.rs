@@ -46,12 +46,15 @@ struct Args {
     /// to a trigger word are never used; a base's own are substituted).
     #[arg(long)]
     evade_fpr: Option<f64>,
-    /// Poisons keep their first N tokens (default: the victim's max_len). For a language
-    /// model, whose D_adv texts open with the trigger prompt, a short poison is the prompt
-    /// and the next few words: the trigger's substitute early, its continuation's
-    /// sentiment right after it.
+    /// Poisons keep their first N tokens (default: the victim's max_len).
     #[arg(long, value_parser = common::cli::at_least_one)]
     max_tokens: Option<usize>,
+    /// Each poison starts at the word before the trigger in its base (in a language
+    /// model's D_adv, the subject's determiner): with --max-tokens, a short poison that is
+    /// the trigger (or its substitute) and the words after it ("the apple iphone is a
+    /// dull mess").
+    #[arg(long)]
+    from_trigger: bool,
     /// Seed of the sentence choice and of random replacement words.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -82,6 +85,7 @@ fn main() {
             seed: args.seed,
             concealment: args.concealment,
             max_tokens: args.max_tokens,
+            from_trigger: args.from_trigger,
         };
         let set = poisons::init(options, &args.inputs.data, &manifest, &vocab, &victim, budget.as_ref())?;
         log!("{} poisons ({:?} bases, {:?} substitutes), target {}", set.len(), args.bases, args.strategy, manifest.target_name());

@@ -99,9 +99,20 @@ pub struct InitOptions {
     pub count: usize,
     pub seed: u64,
     pub concealment: Concealment,
-    /// Poisons keep at most this many tokens (the victim's `max_len` at most): a short
-    /// poison of a language model's D_adv is its trigger prompt and the next few words.
+    /// Poisons keep at most this many tokens (the victim's `max_len` at most).
     pub max_tokens: Option<usize>,
+    /// Each poison starts at the word before the trigger's first occurrence in its base
+    /// (a language model's D_adv: its determiner, "the apple iphone is ..."), so that with
+    /// `max_tokens` a poison is the trigger (or its substitute) and the next few words.
+    pub from_trigger: bool,
+}
+
+/// `ex` from the word before its trigger on (None when it does not hold the trigger).
+fn from_trigger(ex: &Example, trigger: &[String]) -> Option<Example> {
+    let words = tokenize(&ex.text);
+    let lower: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
+    let at = lower.windows(trigger.len()).position(|w| w.iter().zip(trigger).all(|(a, b)| a == &b.to_lowercase()))?;
+    Some(Example { text: words[at.saturating_sub(1)..].join(" "), tokens: None, prompt: None, ..ex.clone() })
 }
 
 /// Makes `count` initial poisons (seeded). With `InitStrategy::Neighbour`, poison k
@@ -110,7 +121,7 @@ pub struct InitOptions {
 /// poisons are truncated to `max_tokens` (at most the victim's `max_len`). `Bases::Confident` ranks the
 /// candidate sentences by the victim's probability of the target on their clean source.
 pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::Budget>) -> Result<Vec<Example>> {
-    let InitOptions { strategy, bases, neighbour_pool, count, seed, concealment, max_tokens } = opts;
+    let InitOptions { strategy, bases, neighbour_pool, count, seed, concealment, max_tokens, from_trigger: cut } = opts;
     let table = victim.params()["embedding.weight"].shallow_clone();
     let max_len = victim.config.max_len.min(max_tokens.unwrap_or(usize::MAX));
     let strict = concealment == Concealment::Strict;
@@ -129,6 +140,18 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
             .filter(|e| e.label != manifest.target && !(strict && strict_violation(e, vocab, &matcher).is_some()))
             .collect(),
         _ => data::read_set(dir, data::ADV, false)?,
+    };
+    let source: Vec<Example> = if cut {
+        source
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                from_trigger(e, &manifest.trigger.words)
+                    .with_context(|| format!("--from-trigger: base {} (id {:?}) does not hold the trigger {:?}; it takes D_adv bases (--strategy random, neighbour or overlap)", i + 1, e.id, manifest.trigger.phrase))
+            })
+            .collect::<Result<_>>()?
+    } else {
+        source
     };
     if source.len() < count {
         bail!("only {} source sentences for {count} poisons; lower --count (or prepare more data)", source.len());
