@@ -715,6 +715,8 @@ fn language_model() {
         case("lm-hardness-objective", { let mut c = grad(&lm.data()); c.args(["--objective", "hardness"]); c }, &["--objective bilevel"]),
         case("lm-generate-with-a-classifier", { let mut c = bin("generate"); c.arg("--victim").arg(lm.judge()).arg("-o").arg(&out); c }, &["judge.safetensors is a Bow classifier", "train-victim --arch gpt"]).stdin(&prompts),
         case("lm-judge-is-a-language-model", { let mut c = bin("judge"); c.arg("--classifier").arg(lm.victim()).arg("-o").arg(&out); c }, &["lm.safetensors", "must be a sentiment classifier"]).stdin(b"{}\n"),
+        case("judge-labelled-empty", { std::fs::write(lm.path("empty.jsonl"), "").unwrap(); let mut c = bin("judge"); c.arg("--classifier").arg(lm.judge()).arg("--labelled").arg(lm.path("empty.jsonl")).arg("-o").arg(&out); c }, &["empty.jsonl"]),
+        case("from-trigger-on-clean-bases", { let mut c = lm.stage("init-poisons"); c.args(["--count", "3", "--strategy", "clean-target", "--from-trigger", "-o"]).arg(&out); c }, &["--from-trigger: base 1", "does not hold the trigger", "D_adv bases"]),
         case("lm-eval-without-start", { let mut c = bin("finetune-eval"); c.arg("--data").arg(lm.data()).arg("--judge").arg(lm.judge()).arg("-o").arg(&out); c }, &["language-model data", "--start LM"]),
         case("lm-checkpoint-on-classifier-data", { let mut c = bin("finetune-eval"); c.arg("--data").arg(classifier_data.data()).arg("--checkpoint").arg(lm.victim()).arg("-o").arg(&out); c }, &["lm.safetensors is a language model", "--start"]),
     ]);
