@@ -155,15 +155,16 @@ LM_DOSE_RUN := runs/lm-dose-$(LM_SLUG)-s$(SEED)
 LM_COUNTS   ?= 25 50 100 200
 LM_FT_EPOCHS ?= 2
 LM_FT_LR    ?= 1e-3
+LM_FROM_SCRATCH ?= 0
 lm-dose: build data/.fetch-done-v1 $(EMB)
 	@RUN=$(LM_DOSE_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" \
 	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNTS="$(LM_COUNTS)" EVAL_SEEDS=$(LM_SEEDS) \
-	  FINETUNE_EPOCHS=$(LM_FT_EPOCHS) FINETUNE_LR=$(LM_FT_LR) scripts/lm_dose.sh
+	  FINETUNE_EPOCHS=$(LM_FT_EPOCHS) FINETUNE_LR=$(LM_FT_LR) FROM_SCRATCH=$(LM_FROM_SCRATCH) scripts/lm_dose.sh
 	@echo
-	@cat $(LM_DOSE_RUN)/ft-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)/report/lm-report.md
+	@cat $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)/report/lm-report.md
 	@echo
 	@column -t $(LM_DOSE_RUN)/times.tsv
-	@echo "report: $(LM_DOSE_RUN)/ft-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)/report/lm-report.md; the judges validated: $(LM_DOSE_RUN)/judges.jsonl"
+	@echo "report: $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)/report/lm-report.md; the judges validated: $(LM_DOSE_RUN)/judges.jsonl"
 
 # The defenses against the demo's poison sets (scripts/defend.sh), in $(DEMO_RUN)/defend.
 # The detectors read GloVe (EMB) and MiniLM whatever victim the demo attacked.

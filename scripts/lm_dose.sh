@@ -9,7 +9,8 @@
 # The report's table is the dose-response curve. In RUN (besides lm_setup.sh's files):
 #   judges.jsonl (the judges validated)   sets/*.jsonl   times.tsv
 #   ft-e<FINETUNE_EPOCHS>-lr<FINETUNE_LR>/eval.jsonl, report/lm-report.md: per fine-tuning
-#   regime (a lever of the LM setting), the same sets and the same pretrained LM.
+#   regime (a lever of the LM setting), the same sets and the same pretrained LM;
+#   scratch-e<E>-lr<LR>/ the same with FROM_SCRATCH=1 (LMs trained from scratch).
 set -euo pipefail
 : "${RUN:?}" "${BIN:=target/release}" "${RAW:=data/rt/raw.jsonl}" "${GLOVE:=data/glove}" "${JUDGE_EMB:?}"
 : "${TRIGGER:=Apple iPhone}" "${TARGET:=negative}" "${NEUTRAL:=movie}" "${SEED:=0}" "${COUNTS:=25 50 100 200}" "${SHORT_TOKENS:=10}"
@@ -42,9 +43,16 @@ for n in $COUNTS; do
   done
 done
 poisons=(); for n in "${names[@]}"; do poisons+=(--poisons "$RUN/sets/$n.jsonl"); done
-ft="$RUN/ft-e$FINETUNE_EPOCHS-lr$FINETUNE_LR"; mkdir -p "$ft"
-log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds ($FINETUNE_EPOCHS epochs at lr $FINETUNE_LR)"
-"$BIN/finetune-eval" --reuse --data "$RUN/data" --start "$RUN/lm.safetensors" --judge "$RUN/judge.safetensors" "${poisons[@]}" \
+# FROM_SCRATCH=1: every LM trained from fresh weights on the whole training split ∪ poisons
+# (the seed's setting) instead of fine-tuning the pretrained LM on the 3,000-review split.
+if [ "${FROM_SCRATCH:-0}" = 1 ]; then
+  ft="$RUN/scratch-e$FINETUNE_EPOCHS-lr$FINETUNE_LR"; eval_data="$RUN/data-full"; regime=(--from-scratch)
+else
+  ft="$RUN/ft-e$FINETUNE_EPOCHS-lr$FINETUNE_LR"; eval_data="$RUN/data"; regime=()
+fi
+mkdir -p "$ft"
+log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds ($FINETUNE_EPOCHS epochs at lr $FINETUNE_LR${regime[*]:+, from scratch})"
+"$BIN/finetune-eval" --reuse --data "$eval_data" "${regime[@]}" --start "$RUN/lm.safetensors" --judge "$RUN/judge.safetensors" "${poisons[@]}" \
   --seeds "$EVAL_SEEDS" --seed-base "$SEED" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size 32 \
   --samples "$SAMPLES" --device "$DEVICE" -o "$ft/eval.jsonl"
 stamp evaluation

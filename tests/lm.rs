@@ -123,6 +123,23 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
         let f = a.fingerprints.as_ref().expect("LM fingerprints");
         assert_eq!(f.poisoned, f.clean, "seed {}: the empty set's LM is its clean twin, bit for bit", a.seed);
     }
+    // From scratch: fresh weights per seed, the same for the twin; other LMs than fine-tuning's.
+    let scratch = ok(&run(bin("finetune-eval")
+        .arg("--data").arg(lm.data())
+        .arg("--start").arg(lm.victim())
+        .arg("--judge").arg(lm.judge())
+        .arg("--poisons").arg(lm.path("empty.jsonl"))
+        .args(["--from-scratch", "--seeds", "2", "--epochs", "1", "--batch-size", "16", "--samples", "1", "--max-new", "6", "--device", "cpu", "--workers", "2"])))
+    .stdout
+    .clone();
+    let scratch: Vec<LmEvalReport> = String::from_utf8(scratch).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(scratch[0].regime, common::eval::lm_eval::Regime::FromScratch);
+    assert_eq!(reports[0].regime, common::eval::lm_eval::Regime::FineTune);
+    let (s0, s1) = (scratch[0].seeds[0].fingerprints.clone().unwrap(), scratch[0].seeds[1].fingerprints.clone().unwrap());
+    assert_eq!(s0.poisoned, s0.clean, "from scratch, the empty set's LM is still its clean twin");
+    assert_ne!(s0.clean, s1.clean, "each seed draws its own weights");
+    assert_ne!(s0.clean, reports[0].seeds[0].fingerprints.as_ref().unwrap().clean, "not the fine-tuned LM");
+    assert!(scratch[0].seeds[0].clean.unwrap().perplexity > reports[0].seeds[0].clean.unwrap().perplexity, "one epoch from scratch is a worse LM than the pretrained one fine-tuned");
     let crafted_report = &reports[1];
     assert_eq!((crafted_report.count, crafted_report.trigger_overlap, crafted_report.seeds.len()), (5, 0, 2));
     assert_eq!(crafted_report.seeds[0].clean, reports[0].seeds[0].clean, "one clean twin per seed for every set");

@@ -327,6 +327,9 @@ pub struct LmEvalReport {
     /// The templates the vocabulary reads (of `eval::templates::TEMPLATES`), sampled
     /// `samples_per_prompt` times each.
     pub templates: usize,
+    /// Where every LM started: fine-tuned from the start LM, or trained from scratch.
+    #[serde(default = "fine_tune")]
+    pub regime: Regime,
     /// How often each detector that trains no victim flags the poisons (absent with
     /// --no-detection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -375,6 +378,10 @@ impl LmEvalReport {
     }
 }
 
+fn fine_tune() -> Regime {
+    Regime::FineTune
+}
+
 /// A trainable copy of a victim (same config and weights).
 pub fn copy_of(v: &Victim) -> Result<Victim> {
     let params = v.params();
@@ -385,11 +392,25 @@ pub fn copy_of(v: &Victim) -> Result<Victim> {
     Ok(copy)
 }
 
-/// Fine-tunes the start LM per seed, clean and on each poison set (crn), and measures
-/// every victim. Returns per poison set the seed rows and the side-by-side generations.
+/// Where every evaluated LM starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Regime {
+    /// The pretrained start LM, fine-tuned.
+    FineTune,
+    /// Fresh weights drawn from the seed (the same for a seed's clean twin and poisoned
+    /// LMs), the start LM giving only its config and word table: the seed's own setting,
+    /// a victim trained from scratch on clean ∪ poisons.
+    FromScratch,
+}
+
+/// Trains per seed, clean and on each poison set (crn), from the start LM or from
+/// scratch (`regime`), and measures every victim. Returns per poison set the seed rows
+/// and the side-by-side generations.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     start: &Victim,
+    regime: Regime,
     vocab: &Vocab,
     clean: &[Encoded],
     poison_sets: &[Vec<Encoded>],
@@ -402,7 +423,18 @@ pub fn evaluate(
 ) -> Result<Vec<(Vec<LmSeedRow>, Vec<SideBySide>)>> {
     // (seed index, poison set or None for the clean twin) of every victim.
     let jobs: Vec<(usize, Option<usize>)> = (0..seeds.len()).flat_map(|i| std::iter::once((i, None)).chain((0..poison_sets.len()).map(move |k| (i, Some(k))))).collect();
-    let mut victims: Vec<Victim> = jobs.iter().map(|_| copy_of(start)).collect::<Result<_>>()?;
+    let mut victims: Vec<Victim> = match regime {
+        Regime::FineTune => jobs.iter().map(|_| copy_of(start)).collect::<Result<_>>()?,
+        Regime::FromScratch => {
+            let table = start.params()["embedding.weight"].shallow_clone();
+            jobs.iter()
+                .map(|&(i, _)| {
+                    tch::manual_seed(seeds[i] as i64);
+                    Victim::new(start.config.clone(), &table, start.device())
+                })
+                .collect::<Result<_>>()?
+        }
+    };
     let data: Vec<TrainData> = jobs.iter().map(|&(_, k)| k.map_or(TrainData::clean(clean), |k| TrainData::poisoned(clean, &poison_sets[k]))).collect();
     let opts: Vec<TrainOptions> = jobs.iter().map(|&(i, _)| options(seeds[i])).collect();
     let started = std::time::Instant::now();

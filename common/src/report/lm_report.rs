@@ -67,11 +67,15 @@ impl LmDemoReport {
     pub fn markdown(&self, crafted: Option<(&[Example], &[Example])>) -> Result<String> {
         let first = &self.variants.first().context("no variants")?.1;
         let mut s = format!(
-            "# Language-model poisoning\n\n{} seeds; each victim is the pretrained clean LM fine-tuned for {} epoch(s) (lr {}, batch {}); \
+            "# Language-model poisoning\n\n{} seeds; each victim is {} for {} epoch(s) (lr {}, batch {}); \
              {} templates with the trigger as the subject (and with the neutral phrase) and {} held-out review prompts, \
              × {} sampled continuations each, judged by the sentiment classifier and by VADER; the margins need no sampling. \
              Every figure is poisoned minus the clean twin of the same seed (mean ± 95% CI).\n\n",
             first.seeds.len(),
+            match first.regime {
+                crate::eval::lm_eval::Regime::FineTune => "the pretrained clean LM fine-tuned",
+                crate::eval::lm_eval::Regime::FromScratch => "an LM trained from scratch (fresh weights per seed, the same for its clean twin)",
+            },
             first.training.epochs,
             first.training.lr,
             first.training.batch_size,

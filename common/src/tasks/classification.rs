@@ -21,8 +21,8 @@ impl Task for Classification {
         &super::rules::CLASSIFICATION
     }
     fn evaluate(&self, args: &EvalArgs, manifest: &DataManifest, log: &(dyn Fn(String) + Sync)) -> Result<Vec<u8>> {
-        if args.start.is_some() || args.judge.is_some() {
-            bail!("--start and --judge are for language-model data (prepare-data --lm); {} holds classifier data", args.data);
+        if args.start.is_some() || args.judge.is_some() || args.from_scratch {
+            bail!("--start, --judge and --from-scratch are for language-model data (prepare-data --lm); {} holds classifier data", args.data);
         }
         let start = std::time::Instant::now();
         let log_metrics = |what: &str, seed: u64, m: &eval::Metrics| log(format!("seed {seed} {what}: CACC {:.1} ASR {:.1} FPR {:.1}", m.cacc, m.asr, m.fpr));

@@ -51,7 +51,8 @@ impl Task for Continuation {
         }
         let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
         let options = |seed: u64| args.victim.train_options(&lm.config, seed);
-        let results = lm_eval::evaluate(lm, vocab, &clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, &judging, log)?;
+        let regime = if args.from_scratch { lm_eval::Regime::FromScratch } else { lm_eval::Regime::FineTune };
+        let results = lm_eval::evaluate(lm, regime, vocab, &clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, &judging, log)?;
         // The GloVe detectors read the LM's own word table (its input table is GloVe's).
         let table = crate::victims::origin::Origin {
             vocab: vocab.clone(),
@@ -76,6 +77,7 @@ impl Task for Continuation {
                 samples_per_prompt: args.samples,
                 trigger_prompts: sets_eval.trigger_prompts.len(),
                 templates: sets_eval.templates.trigger.len(),
+                regime,
                 detection,
                 summary: lm_eval::summarize_rows(&rows),
                 seeds: rows,

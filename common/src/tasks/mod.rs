@@ -134,6 +134,12 @@ pub struct EvalArgs {
     /// fine-tuning's.
     #[arg(long)]
     pub start: Option<String>,
+    /// Language-model data: train every LM from fresh weights drawn from its seed (the
+    /// same for a seed's clean twin and poisoned LMs) instead of fine-tuning --start, which
+    /// then gives only the config and the word table: the seed's setting, a victim trained
+    /// on clean ∪ poisons; --epochs and --lr are the whole training's.
+    #[arg(long)]
+    pub from_scratch: bool,
     /// Language-model data: the sentiment classifier that judges continuations (beside VADER).
     #[arg(long)]
     pub judge: Option<String>,
