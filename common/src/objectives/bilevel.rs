@@ -628,7 +628,7 @@ mod tests {
             let table = v.params()["embedding.weight"].shallow_clone();
             let g0 = problem.objective(&poisons);
             assert!((verifier.objective_with(&[]) - g0).abs() < 1e-12);
-            let (_, grad, target_scores) = problem.objective_grad_and_target_scores(&poisons, (v.config.output() == crate::victims::victim::Output::NextToken)).unwrap();
+            let (_, grad, target_scores) = problem.objective_grad_and_target_scores(&poisons, crate::tasks::rules::of_victim(&v.config).target_scores).unwrap();
             // The Taylor scores of every word at one position: the embedding term, and a
             // language model's target term.
             let scores_at = |i: i64, pos: i64| {

@@ -35,7 +35,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 /// What a victim trains on for a padded batch `ids` [rows, T]: the classes `labels` for a
 /// classifier, the rows' own next tokens for a language model.
 fn targets_for(v: &Victim, ids: &Tensor, labels: &[i64]) -> Targets {
-    let rows: Vec<Option<Target>> = labels.iter().map(|&l| Some(if (v.config.output() == crate::victims::victim::Output::NextToken) { Target::NextToken { from: 1 } } else { Target::Class(l) })).collect();
+    let rows: Vec<Option<Target>> = labels.iter().map(|&l| Some(if v.config.output() == crate::victims::victim::Output::NextToken { Target::NextToken { from: 1 } } else { Target::Class(l) })).collect();
     let flat: Vec<i64> = Vec::try_from(ids.flatten(0, -1)).unwrap();
     Targets::batch(&rows, &flat, &[ids.size()[0]], ids.size()[1] as usize, Device::Cpu)
 }
@@ -43,7 +43,7 @@ fn targets_for(v: &Victim, ids: &Tensor, labels: &[i64]) -> Targets {
 /// A language model's logits at a row's first `t` positions (its real tokens); a
 /// classifier's logits as they are.
 fn real_positions(v: &Victim, logits: &Tensor, t: i64) -> Tensor {
-    if (v.config.output() == crate::victims::victim::Output::NextToken) {
+    if v.config.output() == crate::victims::victim::Output::NextToken {
         logits.narrow(-2, 0, t)
     } else {
         logits.shallow_clone()
