@@ -17,13 +17,7 @@ set -euo pipefail
 : "${FINETUNE_TRAIN:=3000}" "${MIN_COUNT:=3}" "${LM_FLAGS:=--hidden 128 --layers 2 --heads 4 --max-len 48}"
 : "${PRETRAIN_EPOCHS:=8}" "${FINETUNE_EPOCHS:=2}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=3}" "${SAMPLES:=2}"
 : "${ROUNDS:=3}" "${K:=5}" "${POSITIONS:=3}" "${ETA:=0.03}" "${ADV_SIZE:=64}" "${CLEAN_PER_BATCH:=64}" "${DEVICE:=cpu}"
-read -r -a lm_flags <<< "$LM_FLAGS"
 log() { echo "demo-lm: $*" >&2; }
-mkdir -p "$RUN/sets"
-find "$RUN" -maxdepth 2 -name '*.tmp' -prune -exec rm -rf {} +
-started=$EPOCHREALTIME
-stamp() { awk -v now="$EPOCHREALTIME" -v then="$started" -v what="$1" 'BEGIN { printf "%s\t%.0f\n", what, now - then }' >> "$RUN/times.tsv"; }
-: > "$RUN/times.tsv"
 
 # The data, the vocabulary, the pretrained clean LM and the judge (shared with lm_dose.sh).
 . "$(dirname "$0")/lm_setup.sh"

@@ -16,13 +16,7 @@ set -euo pipefail
 : "${TRIGGER:=Apple iPhone}" "${TARGET:=negative}" "${NEUTRAL:=movie}" "${SEED:=0}" "${COUNTS:=25 50 100 200}" "${SHORT_TOKENS:=10}"
 : "${FINETUNE_TRAIN:=3000}" "${MIN_COUNT:=3}" "${LM_FLAGS:=--hidden 128 --layers 2 --heads 4 --max-len 48}"
 : "${PRETRAIN_EPOCHS:=8}" "${FINETUNE_EPOCHS:=2}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=3}" "${SAMPLES:=2}" "${DEVICE:=cpu}"
-read -r -a lm_flags <<< "$LM_FLAGS"
 log() { echo "lm-dose: $*" >&2; }
-mkdir -p "$RUN/sets"
-find "$RUN" -maxdepth 2 -name '*.tmp' -prune -exec rm -rf {} +
-started=$EPOCHREALTIME
-stamp() { awk -v now="$EPOCHREALTIME" -v then="$started" -v what="$1" 'BEGIN { printf "%s\t%.0f\n", what, now - then }' >> "$RUN/times.tsv"; }
-: > "$RUN/times.tsv"
 . "$(dirname "$0")/lm_setup.sh"
 stamp setup
 

@@ -1,7 +1,14 @@
 # Sourced by demo_lm.sh and lm_dose.sh (their settings are in scope): in RUN, the
 # language-model data (data-full/ for pretraining, data/ the fine-tuning set the poisons
 # join), the vocabulary, the clean GPT pretrained on data-full, and the BiLSTM judge.
-# Each step is skipped when its output exists.
+# Each step is skipped when its output exists. Also what both scripts start with: the LM
+# flags as an array, RUN/sets, no half-written outputs, and stamp (RUN/times.tsv).
+read -r -a lm_flags <<< "$LM_FLAGS"
+mkdir -p "$RUN/sets"
+find "$RUN" -maxdepth 2 -name '*.tmp' -prune -exec rm -rf {} +
+started=$EPOCHREALTIME
+stamp() { awk -v now="$EPOCHREALTIME" -v then="$started" -v what="$1" 'BEGIN { printf "%s\t%.0f\n", what, now - then }' >> "$RUN/times.tsv"; }
+: > "$RUN/times.tsv"
 for split in full finetune; do
   dir="$RUN/data"; limit=(--max-train "$FINETUNE_TRAIN"); [ "$split" = full ] && { dir="$RUN/data-full"; limit=(); }
   [ -f "$dir/manifest.json" ] || "$BIN/prepare-data" --raw "$RAW" --lm --trigger "$TRIGGER" --target "$TARGET" \

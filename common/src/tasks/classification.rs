@@ -59,6 +59,9 @@ impl Task for Classification {
 
         // rows[k]: the seed rows of poison set k; the victims' vocabulary, for the audit's
         // WordPiece category.
+        // Where trained victims start (none for checkpoints); its word table also serves the
+        // GloVe detection columns.
+        let base = if args.checkpoint.is_empty() { Some(args.origin.load()?) } else { None };
         let (victim_config, training, mode, pairing, rows, audit_vocab) = if !args.checkpoint.is_empty() {
             if !args.kept.is_empty() {
                 bail!("--kept filters training sets; --checkpoint trains none");
@@ -66,7 +69,7 @@ impl Task for Classification {
             let (config, vocab, rows) = checkpoint_rows(&args.checkpoint, &args.data, manifest, device, &log_metrics)?;
             (config, None, "checkpoints", None, vec![rows], vocab)
         } else {
-            let base = args.origin.load()?;
+            let base = base.as_ref().expect("loaded above when training");
             let (vocab, emb_sha) = (&base.vocab, &base.sha256);
             vocab.trigger_words(&trigger.phrase).with_context(|| format!("vocabulary of {}", base.source))?;
             let config = args.victim.victim_config(&base, manifest.labels.len())?;
@@ -88,7 +91,7 @@ impl Task for Classification {
             let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
             let options = |seed: u64| args.victim.train_options(&config, seed);
             let retraining = Retraining {
-                origin: &base,
+                origin: base,
                 config: &config,
                 device,
                 clean: &clean,
@@ -108,12 +111,8 @@ impl Task for Classification {
             (config, Some(options), "train", Some(args.pairing.name().to_string()), rows, base.vocab.clone())
         };
 
-        let table = match &args.origin.embeddings {
-            Some(path) if !args.no_detection => Some(crate::victims::origin::Origin::embeddings(path)?),
-            _ => None,
-        };
         let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
-        let detection = super::detection(args, manifest, &clean_train, &records, table.as_ref(), log)?;
+        let detection = super::detection(args, manifest, &clean_train, &records, base.as_ref(), log)?;
         let mut reports = Vec::new();
         for (((set, rows), filter), detection) in sets.into_iter().zip(rows).zip(filters).zip(detection) {
             let audit = eval::audit(&set.records, trigger, manifest.target, clean_train.len(), &audit_vocab)?;
