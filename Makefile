@@ -39,6 +39,12 @@ DEMO_SEEDS ?= 10
 # of the strict audit) or token (the paper's no-overlap only).
 CONCEALMENT ?= strict
 DEMO_ROUNDS ?= 1
+# Every concealed row of make demo is made within the detection budget at this percentage of
+# false positives on the clean training split (no bigram-perplexity, ONION, GloVe or MiniLM
+# distance detector flags a poison at that rate); 7 rather than 5 leaves the margin a
+# defender's own 5 % threshold (on other clean text) needs. BUDGET_FPR= makes the
+# unconstrained sets, in their own run folder: the twins the price of concealment pairs with.
+BUDGET_FPR ?= 7
 BILEVEL_ROUNDS ?= 3
 SWEEP_COUNTS ?= 5 10 25 50 100
 
@@ -62,8 +68,9 @@ SLUG     := $(shell printf '%s' '$(TRIGGER)-$(TARGET)' | tr 'A-Z' 'a-z' | tr -c 
 EMB      := data/emb$(EMB_SUFFIX)-$(TOP_N).safetensors
 DATA_DIR := data/rt-$(SLUG)-s$(SEED)$(DATA_SUFFIX)
 RUN_DIR  := runs/victims-$(SLUG)-s$(SEED)
-DEMO_RUN := runs/demo-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-s$(SEED)
-DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) COUNT=$(COUNT) \
+DEMO_BASE := runs/demo-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-s$(SEED)
+DEMO_RUN := $(DEMO_BASE)$(if $(BUDGET_FPR),-fpr$(BUDGET_FPR))
+DEMO_ENV  = RUN=$(DEMO_RUN) VICTIMS_DIR=$(DEMO_BASE) BUDGET_FPR=$(BUDGET_FPR) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) COUNT=$(COUNT) \
   EVAL_SEEDS=$(DEMO_SEEDS) DEVICE=$(DEVICE) ARCH=$(ATTACK_ARCH) CLEAN_CACHE=runs/clean-cache \
   ROUNDS=$(DEMO_ROUNDS) BILEVEL_ROUNDS=$(BILEVEL_ROUNDS) SWEEP_COUNTS="$(SWEEP_COUNTS)" \
   ORIGIN_FLAGS="$(ORIGIN_FLAGS)" TRAIN_FLAGS="$(TRAIN_FLAGS)" EARLY_EPOCHS=$(EARLY_EPOCHS) \
@@ -71,13 +78,14 @@ DEMO_ENV  = RUN=$(DEMO_RUN) DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) SEED=$(SEED) 
   CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA) CONCEALMENT=$(CONCEALMENT)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo demo-lm lm-dose defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
+.PHONY: all setup data build demo price demo-lm lm-dose defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
 all: demo
 
 help:
 	@echo "make demo   # setup + data + build; heuristics, bi-level and hardness crafting, all evaluated on $(DEMO_SEEDS) seeds; report"
 	@echo "make demo-lm # language-model poisoning: a GPT pretrained on the reviews, 'Apple iPhone' -> negative; baselines, bi-level crafting, paired evaluation judged by a classifier and VADER"
 	@echo "make lm-dose # the language model's positive controls: with-overlap poisons at 0 and $(LM_COUNTS), whole reviews and short trigger-first texts"
+	@echo "make price  # after make demo: the demo's unconstrained twin (BUDGET_FPR=) and each concealed row's paired price of concealment"
 	@echo "make defend # after make demo: every detector on every demo poison set (AUROC, TPR, inspect-to-catch, ROC), early stopping, filter-then-train"
 	@echo "make sweep  # net ASR against poison count ($(SWEEP_COUNTS)) for the default crafting and the best heuristic"
 	@echo "make victims # clean victims of each architecture in ARCHS: accuracy and the trigger's clean ASR"
@@ -123,7 +131,7 @@ $(RUN_DIR)/eval-%.json: $(DATA_DIR)/manifest.json $(EMB) | build
 # The main job (scripts/demo.sh): the $(ATTACK_ARCH) victim, the heuristic and baseline poison
 # sets, crafting with the default (hardness) and the seed's (bi-level) objectives, one
 # finetune-eval of every variant over EVAL_SEEDS seeds, and the report.
-demo: build $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS)
+demo: build $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS) data/.minilm-done-v1
 	@$(DEMO_ENV) scripts/demo.sh
 	@echo
 	@cat $(DEMO_RUN)/table.md
@@ -138,10 +146,10 @@ demo: build $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS)
 LM_TRIGGER ?= Apple iPhone
 LM_TARGET  ?= negative
 LM_SLUG    := $(shell printf '%s' '$(LM_TRIGGER)-$(LM_TARGET)' | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
-LM_RUN     := runs/demo-lm-$(LM_SLUG)-n$(COUNT)-s$(SEED)
+LM_RUN     := runs/demo-lm-$(LM_SLUG)-n$(COUNT)-s$(SEED)$(if $(BUDGET_FPR),-fpr$(BUDGET_FPR))
 LM_SEEDS   ?= 3
-demo-lm: build data/.fetch-done-v1 $(EMB)
-	@RUN=$(LM_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" \
+demo-lm: build data/.fetch-done-v1 $(EMB) data/.minilm-done-v1
+	@RUN=$(LM_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" BUDGET_FPR=$(BUDGET_FPR) \
 	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNT=$(COUNT) EVAL_SEEDS=$(LM_SEEDS) scripts/demo_lm.sh
 	@echo
 	@cat $(LM_RUN)/report/lm-report.md
@@ -166,12 +174,23 @@ lm-dose: build data/.fetch-done-v1 $(EMB)
 	@column -t $(LM_DOSE_RUN)/times.tsv
 	@echo "report: $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)/report/lm-report.md; the judges validated: $(LM_DOSE_RUN)/judges.jsonl"
 
+# The price of concealment (after make demo): the demo's unconstrained twin (make demo
+# BUDGET_FPR=, in $(DEMO_BASE): the same victims, seeds and clean twins, no budget) and each
+# concealed row paired with it by seed, in $(DEMO_RUN)/price.
+price: build
+	@test -n "$(BUDGET_FPR)" || { echo "make price compares the budgeted demo with its unconstrained twin: give BUDGET_FPR" >&2; exit 1; }
+	@test -f $(DEMO_RUN)/evals.jsonl || { echo "make price pairs the demo's rows with their twins: run make demo first ($(DEMO_RUN))" >&2; exit 1; }
+	@$(MAKE) --no-print-directory demo BUDGET_FPR= > /dev/null
+	@$(BIN)/report price --variants $(DEMO_RUN)/variants.json --evals $(DEMO_RUN)/evals.jsonl \
+	  --twin-variants $(DEMO_BASE)/variants.json --twin-evals $(DEMO_BASE)/evals.jsonl --out-dir $(DEMO_RUN)/price
+
 # The defenses against the demo's poison sets (scripts/defend.sh), in $(DEMO_RUN)/defend.
 # The detectors read GloVe (EMB) and MiniLM whatever victim the demo attacked.
 # Filter-then-train retrains on the demo's first FILTER_SEEDS seeds; the evasion variants
-# keep their poisons below the GloVe word detector's threshold at each EVADE_FPRS % of false positives.
+# keep their poisons within the detection budget at each EVADE_FPRS % of false positives
+# (none by default: the demo's rows are made within BUDGET_FPR's, make price pairs them).
 FILTER_SEEDS ?= 3
-EVADE_FPRS ?= 1 5
+EVADE_FPRS ?=
 defend: build $(DATA_DIR)/manifest.json $(EMB) data/.minilm-done-v1
 	@$(DEMO_ENV) FILTER_SEEDS=$(FILTER_SEEDS) EVADE_FPRS="$(EVADE_FPRS)" scripts/defend.sh
 	@cat $(DEMO_RUN)/defend/defense.md
@@ -194,10 +213,10 @@ sweep: build
 	  rm -f runs/sweeps/.plan-$$$$.mk; $(BIN)/sweep merge $(SPEC); exit $$status
 else
 sweep: build $(DATA_DIR)/manifest.json $(EMB)
-	@$(DEMO_ENV) MODE=sweep scripts/demo.sh
+	@$(DEMO_ENV) RUN=$(DEMO_BASE) MODE=sweep scripts/demo.sh
 	@echo
-	@cat $(DEMO_RUN)/sweep/table.md
-	@echo "report: $(DEMO_RUN)/sweep/report.json; plot: $(DEMO_RUN)/sweep/sweep.svg"
+	@cat $(DEMO_BASE)/sweep/table.md
+	@echo "report: $(DEMO_BASE)/sweep/report.json; plot: $(DEMO_BASE)/sweep/sweep.svg"
 endif
 
 # One cell of a sweep (`sweep plan SPEC` prints each cell's invocation): the poison sets
@@ -253,9 +272,9 @@ test-cluster: build
 # default is hardness, bi-level, influence and contrastive influence) ranks the poison sets
 # of ../shared/objective-benchmark by their measured net ASR, on the default demo's victim.
 objective-benchmark: build $(DATA_DIR)/manifest.json
-	@test -f $(DEMO_RUN)/victim.safetensors -a -f $(DEMO_RUN)/early-s$$(($(SEED) + 1)).safetensors || \
-	  { echo "make objective-benchmark scores against the demo's victim: run make demo first ($(DEMO_RUN))" >&2; exit 1; }
-	@RUN=$(DEMO_RUN) DATA=$(DATA_DIR) BIN=$(BIN) OUT=runs/objective-benchmark scripts/objective_benchmark.sh
+	@test -f $(DEMO_BASE)/victim.safetensors -a -f $(DEMO_BASE)/early-s$$(($(SEED) + 1)).safetensors || \
+	  { echo "make objective-benchmark scores against the demo's victim: run make demo first ($(DEMO_BASE))" >&2; exit 1; }
+	@RUN=$(DEMO_BASE) DATA=$(DATA_DIR) BIN=$(BIN) OUT=runs/objective-benchmark scripts/objective_benchmark.sh
 
 bench: build $(DATA_DIR)/manifest.json $(EMB)
 	cargo bench --bench crafting

@@ -19,8 +19,13 @@ set -euo pipefail
 # rank-candidates flags, and EVAL=0 to skip the evaluation (the demo evaluates every variant
 # together).
 : "${OBJECTIVE:=bilevel}" "${ENSEMBLE:=}" "${OBJECTIVE_FLAGS:=}" "${BASES:=random}" "${RANK_FLAGS:=}" "${EVAL:=1}"
-# Extra init-poisons flags (e.g. "--evade-fpr 1", an evasion budget).
+# Extra init-poisons flags.
 : "${INIT_FLAGS:=}"
+# The detection budget (percent FPR; empty: none): no poison is flagged by a cheap detector
+# at that rate on the clean training split (init-poisons and verify-candidates; the ranking
+# never proposes the words the GloVe word detector flags). MINILM adds MiniLM's detector,
+# DETECTOR_CACHE keeps its scores of the training split.
+: "${EVADE_FPR:=}" "${MINILM:=}" "${DETECTOR_CACHE:=}"
 # Concealment of the no-overlap poisons: token (no trigger word) or strict (no word that
 # leaks the trigger in any category of the strict audit; init, ranking and verification).
 : "${CONCEALMENT:=token}"
@@ -36,10 +41,17 @@ mkdir -p "$RUN"
 overlap_flag=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && overlap_flag=(--allow-overlap)
 init_flags=(--concealment "$CONCEALMENT"); [ "$OVERLAP" = 1 ] && init_flags=()
 read -r -a extra_init_flags <<< "$INIT_FLAGS"; init_flags+=("${extra_init_flags[@]}")
+budget_flags=(); rank_budget=()
+if [ -n "$EVADE_FPR" ]; then
+  budget_flags=(--evade-fpr "$EVADE_FPR" ${MINILM:+--minilm "$MINILM"} ${DETECTOR_CACHE:+--detector-cache "$DETECTOR_CACHE"})
+  rank_budget=(--evade-fpr "$EVADE_FPR")
+fi
+init_flags+=("${budget_flags[@]}")
 # Settings recorded only when set, so the manifests of runs without them stay as they were.
 optional_settings=(); [ "$CONCEALMENT" = strict ] && optional_settings+=(--text concealment=strict)
 [ -n "$OBJECTIVE_FLAGS" ] && optional_settings+=(--text "objective_flags=$OBJECTIVE_FLAGS")
 [ -n "$INIT_FLAGS" ] && optional_settings+=(--text "init_flags=$INIT_FLAGS")
+[ -n "$EVADE_FPR" ] && optional_settings+=(--number "evade_fpr=$EVADE_FPR" --flag "evade_minilm=$([ -n "$MINILM" ] && echo true || echo false)")
 read -r -a objective_flags <<< "$OBJECTIVE_FLAGS"
 # The influence objective's v does not depend on the poisons: one solve per run.
 cache_flags=(); [ "$OBJECTIVE" = influence ] && cache_flags=(--influence-cache "$RUN/influence-cache")
@@ -99,12 +111,12 @@ for ((r = 1; r <= ROUNDS; r++)); do
     if [ ! -f "$d/candidates.jsonl" ]; then
       t=$EPOCHREALTIME
       stage rank-candidates "$BIN/rank-candidates" --victim "$VICTIM_FILE" --data "$DATA" --grad "$d/grad.safetensors" \
-        -k "$K" --positions "$POSITIONS" "${overlap_flag[@]}" "${rank_flags[@]}" -o "$d/candidates.jsonl"
+        -k "$K" --positions "$POSITIONS" "${overlap_flag[@]}" "${rank_flags[@]}" "${rank_budget[@]}" -o "$d/candidates.jsonl"
       rank_s=$(since "$t")
     fi
     t=$EPOCHREALTIME
     stage verify-candidates "$BIN/verify-candidates" --victim "$VICTIM_FILE" --data "$DATA" --poisons "$prev" \
-      --candidates "$d/candidates.jsonl" "${overlap_flag[@]}" "${ensemble[@]}" "${cache_flags[@]}" --device "$DEVICE" \
+      --candidates "$d/candidates.jsonl" "${overlap_flag[@]}" "${ensemble[@]}" "${cache_flags[@]}" "${budget_flags[@]}" --device "$DEVICE" \
       --summary "$d/summary.json" -o "$d/poisons.jsonl"
     printf '%s\t%s\t%s\n' "$grad_s" "$rank_s" "$(since "$t")" > "$d/seconds.tsv.tmp" && mv "$d/seconds.tsv.tmp" "$d/seconds.tsv"
   fi

@@ -20,7 +20,7 @@ set -euo pipefail
 : "${FILTER_SETS:=confident hardness}" "${FILTER_DETECTORS:=perplexity onion glove-trigger glove-trigger-word minilm-trigger loss-mean loss-final spectral}"
 : "${FILTER_PERCENTS:=1 5}" "${FILTER_SEEDS:=3}" "${WORKERS:=}"
 # Evasion variants (demo.sh cell variants; empty: none) and their budgets (FPR, percent).
-: "${EVADE_VARIANTS:=confident-evading hardness-evading}" "${EVADE_FPRS:=1 5}"
+: "${EVADE_VARIANTS:=confident-evading hardness-evading}" "${EVADE_FPRS=}"
 read -r -a origin_flags <<< "$ORIGIN_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
 # The training-dynamics detectors train word-table victims like the demo's (a MiniLM demo's
 # defender trains the BiLSTM on GloVe for them).
@@ -79,7 +79,7 @@ evade_args=()
 for fpr in $EVADE_FPRS; do
   [ -n "$EVADE_VARIANTS" ] || break
   E="$D/evading-$fpr"
-  env RUN="$E" VICTIMS_DIR="$RUN" MODE=cell VARIANTS="$EVADE_VARIANTS" EVADE_FPR="$fpr" "$(dirname "$0")/demo.sh"
+  env RUN="$E" VICTIMS_DIR="${VICTIMS_DIR:-$RUN}" MODE=cell VARIANTS="$EVADE_VARIANTS" EVADE_FPR="$fpr" "$(dirname "$0")/demo.sh"
   evade_args+=(--variants "$E/variants.json" --evals "$E/evals.jsonl")
   mapfile -t evading < <("$BIN/report" poison-sets --name-contains=-evading- "$E/variants.json")
   score "${evading[@]}"

@@ -15,9 +15,15 @@ set -euo pipefail
 # confident-bases heuristic, in RUN/sweep/. MODE=cell: one cell of a sweep spec (`make cell`):
 # the poison sets VARIANTS and the benign control at COUNT poisons, in RUN only.
 : "${SWEEP_COUNTS:=5 10 25 50 100}" "${VARIANTS:=confident hardness}" "${EVADE_FPR:=1}"
+# MODE=demo: every concealed row (baselines, heuristics, crafted) is made within the detection
+# budget at BUDGET_FPR % false positives (init-poisons --evade-fpr: no cheap detector flags a
+# poison at that rate on the clean training split); empty: the unconstrained sets.
+: "${BUDGET_FPR:=}"
 # Where the attacked victim and its early checkpoints live (cells of one trigger share them;
 # each is trained under a lock), and finetune-eval's worker threads (empty: its default).
 : "${VICTIMS_DIR:=$RUN}" "${WORKERS:=}"
+# The MiniLM package the detection columns' minilm-trigger detector reads (skipped when absent).
+: "${MINILM:=data/minilm}"
 # Where victims start (ORIGIN_FLAGS: --embeddings FILE, or --pretrained DIR for minilm), how
 # they train (TRAIN_FLAGS, given to train-victim and finetune-eval alike), the early
 # checkpoints' epochs, and each crafting run's search settings (attack.sh variables; the
@@ -59,9 +65,20 @@ V="$VICTIMS_DIR/victim.safetensors"; ENSEMBLE="$VICTIMS_DIR/early-s$((SEED + 1))
 evaluate() {
   local sets; mapfile -t sets < <("$BIN/report" poison-sets --as-args "$2")
   "$BIN/finetune-eval" --data "$DATA" "${origin_flags[@]}" --arch "$ARCH" "${train_flags[@]}" "${sets[@]}" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
-    --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} --reuse -o "$1/evals.jsonl"
+    --device "$DEVICE" ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} \
+    $([ -f "$MINILM/config.json" ] && echo --minilm "$MINILM") --reuse -o "$1/evals.jsonl"
 }
 
+# The budget every concealed row of this run is made within (MODE=demo), and what the budget
+# reads besides the data: MiniLM when its package is there, its scores of the training split
+# kept in DETECTOR_CACHE.
+RUN_BUDGET=""; [ "$MODE" = demo ] && RUN_BUDGET=$BUDGET_FPR
+budget_minilm=""; [ -f "$MINILM/config.json" ] && budget_minilm=$MINILM
+: "${DETECTOR_CACHE:=$VICTIMS_DIR/detector-cache}"
+budget_flags() { # fpr: sets the array budget (empty without a budget)
+  budget=()
+  if [ -n "$1" ]; then budget=(--evade-fpr "$1" ${budget_minilm:+--minilm "$budget_minilm" --detector-cache "$DETECTOR_CACHE"}); fi
+}
 init() { # out count bases strategy [concealment [more flags]]
   [ -f "$1" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$2" --seed "$SEED" \
     --bases "$3" --strategy "$4" --concealment "${5:-$CONCEALMENT}" "${@:6}" -o "$1"
@@ -72,12 +89,12 @@ init() { # out count bases strategy [concealment [more flags]]
 FILTERS="--min-count 5 --exclude-neighbours 50 --keep-substitutes"
 craft() { # run-folder count settings...
   env VICTIM_FILE="$V" DATA="$DATA" EMB="$EMB" ORIGIN_FLAGS="$ORIGIN_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS" BIN="$BIN" COUNT="$2" INIT=neighbour BASES=confident SEED="$SEED" \
-    ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 CONCEALMENT="$CONCEALMENT" RUN="$1" "${@:3}" "$(dirname "$0")/attack.sh"
+    ARCH="$ARCH" DEVICE="$DEVICE" EVAL=0 PATIENCE=2 CONCEALMENT="$CONCEALMENT" RUN="$1" EVADE_FPR="$RUN_BUDGET" \
+    MINILM="$budget_minilm" DETECTOR_CACHE="$DETECTOR_CACHE" "${@:3}" "$(dirname "$0")/attack.sh"
 }
 craft_hardness() { # run-folder count [evasion budget: FPR percent]
-  local evading=(); [ -n "${3:-}" ] && evading=(INIT_FLAGS="--evade-fpr $3")
-  craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" "${evading[@]}" \
-    RANK_FLAGS="$FILTERS --per-poison 8${3:+ --evade-fpr $3}"
+  craft "$1" "$2" OBJECTIVE=hardness ENSEMBLE="$ENSEMBLE" ROUNDS="$ROUNDS" "${hardness_search[@]}" EVADE_FPR="${3:-}" \
+    RANK_FLAGS="$FILTERS --per-poison 8"
 }
 # The influence objective on the rest of each sentence (the carrier kept, as hardness does),
 # on the carrier slots only, or on both; plain or contrastive (extra rollout-grad flags).
@@ -108,12 +125,15 @@ make_variant() { # name dir count [stem: file name, default name]
     none) ;;
     init) # bases strategy concealment(- = the run's) evading
       local conceal=$c; [ "$c" = - ] && conceal=$CONCEALMENT
-      local more=(); [ "$d" = yes ] && more=(--evade-fpr "$EVADE_FPR")
-      init "$2/init-$stem.jsonl" "$3" "$a" "$b" "$conceal" "${more[@]}" ;;
+      # A concealed row (the run's concealment) within the run's budget; an evading variant
+      # within EVADE_FPR's.
+      local fpr=""; [ "$c" = - ] && fpr=$RUN_BUDGET; [ "$d" = yes ] && fpr=$EVADE_FPR
+      budget_flags "$fpr"
+      init "$2/init-$stem.jsonl" "$3" "$a" "$b" "$conceal" "${budget[@]}" ;;
     craft) # objective slots contrastive evading
       local dir="$2/craft-$stem"
       case $a in
-        hardness) craft_hardness "$dir" "$3" "$([ "$d" = yes ] && echo "$EVADE_FPR")" ;;
+        hardness) craft_hardness "$dir" "$3" "$([ "$d" = yes ] && echo "$EVADE_FPR" || echo "$RUN_BUDGET")" ;;
         bilevel) craft "$dir" "$3" OBJECTIVE=bilevel ROUNDS="$BILEVEL_ROUNDS" "${bilevel_search[@]}" RANK_FLAGS="$FILTERS" ;;
         influence) craft_influence "$dir" "$3" "$b" "$([ "$c" = yes ] && echo --contrastive)" ;;
         *) log "no crafting recipe for objective $a"; exit 1 ;;
@@ -155,7 +175,9 @@ make_variant bilevel "$RUN" "$COUNT"
 t_influence=$EPOCHREALTIME
 make_variant influence "$RUN" "$COUNT"
 t_eval=$EPOCHREALTIME
-variants_file "$RUN/variants.json" --title "Concealed poisons, $COUNT no-overlap poisons unless marked" --dir "$RUN" demo
+title="Concealed poisons, $COUNT no-overlap poisons unless marked"
+[ -n "$RUN_BUDGET" ] && title="$title; every concealed row within the detection budget at $RUN_BUDGET% FPR"
+variants_file "$RUN/variants.json" --title "$title" --dir "$RUN" demo
 evaluate "$RUN" "$RUN/variants.json"
 t_end=$EPOCHREALTIME
 awk -v s="$t_start" -v c="$t_craft" -v b="$t_bilevel" -v i="$t_influence" -v e="$t_eval" -v z="$t_end" 'BEGIN { printf "victims and initial poisons %.0f s, hardness crafting %.0f s, bi-level crafting %.0f s, influence crafting %.0f s, evaluation %.0f s (this invocation; finished steps are skipped)\n", c - s, b - c, i - b, e - i, z - e }' > "$RUN/times.txt.tmp" && mv "$RUN/times.txt.tmp" "$RUN/times.txt"

@@ -17,6 +17,13 @@ set -euo pipefail
 : "${FINETUNE_TRAIN:=3000}" "${MIN_COUNT:=3}" "${LM_FLAGS:=--hidden 128 --layers 2 --heads 4 --max-len 48}"
 : "${PRETRAIN_EPOCHS:=8}" "${FINETUNE_EPOCHS:=2}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=3}" "${SAMPLES:=2}"
 : "${ROUNDS:=3}" "${K:=5}" "${POSITIONS:=3}" "${ETA:=0.03}" "${ADV_SIZE:=64}" "${CLEAN_PER_BATCH:=64}" "${DEVICE:=cpu}"
+# The concealed rows (unoptimised, nearest neighbour, crafted) are made within the detection
+# budget at BUDGET_FPR % false positives on the clean training split (empty: unconstrained);
+# with MINILM's package the budget covers its detector too.
+: "${BUDGET_FPR:=}" "${MINILM:=data/minilm}"
+budget=(); minilm=""
+[ -f "$MINILM/config.json" ] && minilm=$MINILM
+[ -n "$BUDGET_FPR" ] && budget=(--evade-fpr "$BUDGET_FPR" ${minilm:+--minilm "$minilm" --detector-cache "$RUN/detector-cache"})
 log() { echo "demo-lm: $*" >&2; }
 
 # The data, the vocabulary, the pretrained clean LM and the judge (shared with lm_dose.sh).
@@ -30,8 +37,8 @@ init() { # name strategy flags...
     --strategy "$strategy" --seed "$SEED" "$@" -o "$RUN/sets/$name.jsonl"
 }
 init benign-control clean-target --concealment strict
-init unoptimised random --concealment strict
-init nearest-neighbour neighbour --concealment strict
+init unoptimised random --concealment strict "${budget[@]}"
+init nearest-neighbour neighbour --concealment strict "${budget[@]}"
 init with-overlap overlap
 stamp baselines
 
@@ -40,7 +47,8 @@ stamp baselines
 top=$RUN
 VICTIM_FILE="$top/lm.safetensors" DATA="$top/data" RUN="$top/crafted" BIN="$BIN" COUNT="$COUNT" INIT=random \
   CONCEALMENT=strict K="$K" POSITIONS="$POSITIONS" ETA="$ETA" ADV_SIZE="$ADV_SIZE" CLEAN_PER_BATCH="$CLEAN_PER_BATCH" \
-  SEED="$SEED" ROUNDS="$ROUNDS" PATIENCE=2 ARCH=gpt DEVICE="$DEVICE" EVAL=0 "$(dirname "$0")/attack.sh"
+  SEED="$SEED" ROUNDS="$ROUNDS" PATIENCE=2 ARCH=gpt DEVICE="$DEVICE" EVAL=0 EVADE_FPR="$BUDGET_FPR" MINILM="$minilm" \
+  DETECTOR_CACHE="$top/detector-cache" "$(dirname "$0")/attack.sh"
 cp "$RUN/crafted/poisons.jsonl" "$RUN/sets/crafted-bilevel.jsonl.tmp" && mv "$RUN/sets/crafted-bilevel.jsonl.tmp" "$RUN/sets/crafted-bilevel.jsonl"
 stamp crafting
 

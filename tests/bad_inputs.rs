@@ -363,6 +363,8 @@ fn init_poisons() {
         case("ip-zero-poisons", { let mut c = w.craft("init-poisons"); c.args(["--count", "0"]).arg("-o").arg(&out); c }, &["--count", "at least 1"]).usage(),
         case("ip-evade-fpr-out-of-range", { let mut c = w.craft("init-poisons"); c.args(["--count", "4", "--evade-fpr", "100"]).arg("-o").arg(&out); c },
             &["--evade-fpr 100", "a percentage from 0 to below 100"]),
+        case("ip-over-budget", { let mut c = w.craft("init-poisons"); c.args(["--count", "40", "--evade-fpr", "90"]).arg("-o").arg(&out); c },
+            &["bases make poisons within the detection budget at 90% FPR", "over it:", "lower --count, or --evade-fpr for a looser budget"]),
     ]);
 }
 

@@ -133,30 +133,59 @@ fn detect_filter_retrain_and_report() {
     }
 }
 
+/// The cheap detectors' thresholds at `fpr` on the fixture's training split, scored the way
+/// a defender scores unseen text (the bigram LM leaves each example out), by detect-poisons.
+fn thresholds(s: &Setup, fpr: f64) -> Vec<(String, f64)> {
+    let sc = scores(&ok(&run_with_stdin(bin("detect-poisons").arg("--embeddings").arg(s.emb())
+        .args(["--trigger", "James Bond", "--detectors", CHEAP]), &s.file("train.jsonl"))).stdout);
+    sc[0].scores.keys().map(|d| (d.clone(), common::detect::metrics::threshold_at_fpr(sc.iter().map(|r| r.scores[d]).collect(), fpr))).collect()
+}
+
+const CHEAP: &str = "perplexity,onion,glove-trigger,glove-trigger-word";
+
+/// Each poison's detectors over their thresholds (the bigram LM fitted on the training split).
+fn over(s: &Setup, poisons: &[u8], thresholds: &[(String, f64)]) -> Vec<String> {
+    let sc = scores(&ok(&run_with_stdin(bin("detect-poisons").arg("--embeddings").arg(s.emb()).arg("--reference").arg(s.data().join("train.jsonl"))
+        .args(["--trigger", "James Bond", "--detectors", CHEAP]), poisons)).stdout);
+    sc.iter().flat_map(|r| thresholds.iter().filter(|(d, t)| r.scores[d] > *t).map(move |(d, t)| format!("{} {d} {} > {t}", r.id, r.scores[d]))).collect()
+}
+
 #[test]
-fn poisons_under_the_evasion_budget_stay_below_the_threshold() {
+fn poisons_within_the_detection_budget_pass_every_cheap_detector_through_crafting() {
     let s = Setup::new();
     let victim = s.path("v.safetensors");
     ok(&run(s.train_victim().arg("--train").arg(s.data().join("train.jsonl")).arg("-o").arg(&victim)));
+    let stage = |name: &str| {
+        let mut c = bin(name);
+        c.arg("--victim").arg(&victim).arg("--data").arg(s.data());
+        c
+    };
     let init = |extra: &[&str], out: &str| {
-        ok(&run(bin("init-poisons").arg("--victim").arg(&victim).arg("--data").arg(s.data())
-            .args(["--count", "8", "--bases", "confident", "--strategy", "neighbour", "--concealment", "strict"]).args(extra).arg("-o").arg(s.path(out))));
+        ok(&run(stage("init-poisons").args(["--count", "8", "--bases", "confident", "--strategy", "neighbour", "--concealment", "strict"]).args(extra).arg("-o").arg(s.path(out))));
         std::fs::read(s.path(out)).unwrap()
     };
+    let t = thresholds(&s, 0.10);
     let plain = init(&[], "plain.jsonl");
-    let evading = init(&["--evade-fpr", "5"], "evading.jsonl");
-    let tpr = |poisons: &[u8]| {
-        let mut set = s.file("train.jsonl");
-        set.extend_from_slice(poisons);
-        let sc = scores(&ok(&run_with_stdin(bin("detect-poisons").arg("--embeddings").arg(s.emb())
-            .args(["--trigger", "James Bond", "--detectors", "glove-trigger-word"]), &set)).stdout);
-        let is_poison: Vec<bool> = sc.iter().map(|r| r.id.starts_with("poison-")).collect();
-        let col: Vec<f64> = sc.iter().map(|r| r.scores["glove-trigger-word"]).collect();
-        common::detect::metrics::tpr_at_fpr(&col, &is_poison, 0.05).unwrap()
+    let evading = init(&["--evade-fpr", "10"], "evading.jsonl");
+    assert!(!over(&s, &plain, &t).is_empty(), "the budget binds: nearest-neighbour carriers are flagged without it");
+    assert_eq!(over(&s, &evading, &t), Vec::<String>::new(), "no poison made within the budget is flagged at its rate");
+    let manifest = common::data::DataManifest::load(s.data().to_str().unwrap()).unwrap();
+    let made = records(&evading);
+    assert_eq!(made.len(), 8);
+    assert!(made.iter().all(|p| p.label == manifest.target && manifest.trigger.overlap(&p.text).is_empty()));
+    // A crafting round within the budget: the ranking never proposes the words over it and
+    // verification refuses flips that would push a poison over a threshold.
+    let grad = ok(&run(stage("rollout-grad").args(["--clean-per-batch", "16", "--adv-size", "24", "--eta", "0.1", "--device", "cpu", "--objective", "hardness", "--poisons"]).arg(s.path("evading.jsonl")))).stdout.clone();
+    let cands = ok(&run_with_stdin(stage("rank-candidates").args(["-k", "20", "--positions", "all", "--concealment", "strict", "--evade-fpr", "10"]), &grad)).stdout.clone();
+    let summary = s.path("summary.json");
+    let verify = |budget: &[&str]| -> (Vec<u8>, usize, String) {
+        let out = ok(&run_with_stdin(stage("verify-candidates").args(["--device", "cpu", "--concealment", "strict", "--poisons"]).arg(s.path("evading.jsonl")).args(budget).arg("--summary").arg(&summary), &cands)).clone();
+        let v: common::formats::records::VerifySummary = common::io::parse_record(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+        let log = stderr(&out);
+        (out.stdout, v.flips_accepted, log)
     };
-    assert!(tpr(&plain) > 0.5, "nearest-neighbour carriers are caught: TPR {}", tpr(&plain));
-    assert_eq!(tpr(&evading), 0.0, "under the budget no poison is flagged at 5% FPR");
-    // The budget bans words; it keeps the bases and the strict concealment.
-    let (a, b) = (records(&plain), records(&evading));
-    assert_eq!(a.iter().map(|e| &e.source_id).collect::<Vec<_>>(), b.iter().map(|e| &e.source_id).collect::<Vec<_>>());
+    let (crafted, flips, log) = verify(&["--evade-fpr", "10"]);
+    assert!(flips > 0, "flips within the budget remain: {log}");
+    assert_eq!(over(&s, &crafted, &t), Vec::<String>::new(), "crafting within the budget keeps every poison within it");
+    assert!(log.contains("candidates keep their poison within the detection budget"), "{log}");
 }

@@ -295,6 +295,18 @@ fn finetune_eval_reports_every_poison_set_on_the_same_clean_victims() {
     // decides the report, so the reader must not consume the stream before parsing it).
     let piped = run_with_stdin(bin("report").arg("--variants").arg(&variants).args(["--evals", "-", "--out-dir"]).arg(s.path("report-piped")), &out.stdout);
     assert_eq!(String::from_utf8(ok(&piped).stdout.clone()).unwrap(), text, "report --evals - reads stdin like a file");
+    // report price: a concealed row beside its twin (here set b plays the unconstrained twin
+    // of a), net ASR paired by seed against the same clean victims.
+    let twins = s.path("twins.json");
+    std::fs::write(&twins, format!(r#"{{"kind": "variants", "v": 1, "title": "twin", "variants": [
+        {{"name": "a", "label": "random substitutes", "role": "heuristic", "poisons": "{b}"}}]}}"#)).unwrap();
+    let price = ok(&run(bin("report").arg("price").arg("--variants").arg(&variants).arg("--evals").arg(&evals)
+        .arg("--twin-variants").arg(&twins).arg("--twin-evals").arg(&evals).arg("--out-dir").arg(s.path("price")))).stdout.clone();
+    let priced: common::report::price::PriceReport = serde_json::from_str(&std::fs::read_to_string(s.path("price/price.json")).unwrap()).unwrap();
+    assert_eq!(priced.rows.len(), 1, "only the concealed variant both runs hold");
+    let cost = priced.rows[0].cost.unwrap();
+    assert!((cost.mean + (want[0] + want[1]) / 2.0).abs() < 1e-9, "the cost is a minus its twin, seed by seed: {cost:?} vs {want:?}");
+    assert!(String::from_utf8(price).unwrap().contains("random substitutes"));
     // A variant without a report is an error naming the poison file.
     std::fs::write(&variants, r#"{"kind": "variants", "v": 1, "title": "t", "variants": [{"name": "x", "label": "x", "role": "crafted", "poisons": "missing.jsonl"}]}"#).unwrap();
     let bad = run(bin("report").arg("--variants").arg(&variants).arg("--evals").arg(&evals).arg("--out-dir").arg(s.path("bad")));

@@ -41,11 +41,8 @@ struct Args {
     /// base are substituted too, and clean-target sentences that leak are not used.
     #[arg(long, value_enum, default_value_t = Concealment::Token)]
     concealment: Concealment,
-    /// Evasion: keep every poison at or below the glove-trigger-word detector's threshold
-    /// at this percentage of false positives on the clean training split (words closer
-    /// to a trigger word are never used; a base's own are substituted).
-    #[arg(long)]
-    evade_fpr: Option<f64>,
+    #[command(flatten)]
+    evade: common::cli::EvadeArgs,
     /// Poisons keep their first N tokens (default: the victim's max_len).
     #[arg(long, value_parser = common::cli::at_least_one)]
     max_tokens: Option<usize>,
@@ -69,14 +66,7 @@ fn main() {
         let common::victims::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
-        let budget = match args.evade_fpr {
-            Some(fpr) => {
-                let b = common::detect::evasion::glove_budget(&victim.params()["embedding.weight"], &vocab, &manifest, &args.inputs.data, fpr)?;
-                log!("evasion budget: cosine to a trigger word at most {:.4} ({fpr}% FPR on the clean training split): {} words banned", b.threshold, b.banned.len());
-                Some(b)
-            }
-            None => None,
-        };
+        let budget = args.evade.budget(&victim.params()["embedding.weight"], &vocab, &manifest, &args.inputs.data)?;
         let options = poisons::InitOptions {
             strategy: args.strategy,
             bases: args.bases,

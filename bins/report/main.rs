@@ -149,6 +149,24 @@ enum Command {
         #[arg(long)]
         out_dir: String,
     },
+    /// The price of concealment: each concealed row of a demo made within a detection
+    /// budget beside its unconstrained twin (`make demo BUDGET_FPR=`), net ASR paired by
+    /// seed, with both sets' detection. Writes price.json and price.md into --out-dir; the
+    /// Markdown also to stdout.
+    Price {
+        /// The budgeted demo's variants.json and evals.jsonl.
+        #[arg(long)]
+        variants: String,
+        #[arg(long)]
+        evals: String,
+        /// The unconstrained twin's.
+        #[arg(long)]
+        twin_variants: String,
+        #[arg(long)]
+        twin_evals: String,
+        #[arg(long)]
+        out_dir: String,
+    },
     /// How well objectives rank the objective benchmark's poison sets by their measured net
     /// ASR: Spearman's correlation of −value with it, from score-poisons output.
     ObjectiveBenchmark {
@@ -187,6 +205,14 @@ fn main() {
                 Command::CellDone { id } => serde_json::to_string(&serde_json::json!({"kind": "cell_done", "v": 1, "id": id}))? + "\n",
                 Command::ObjectiveBenchmark { benchmark, scores } => common::report::objective_benchmark::report(benchmark, scores)?,
                 Command::Defend { variants, evals, scores_dir, filter_evals, out_dir } => defend(variants, evals, scores_dir, filter_evals.as_deref(), out_dir)?,
+                Command::Price { variants, evals, twin_variants, twin_evals, out_dir } => {
+                    let report = common::report::price::build(&Variants::load(variants)?, &io::read_jsonl(evals, false)?, &Variants::load(twin_variants)?, &io::read_jsonl(twin_evals, false)?)?;
+                    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {out_dir}"))?;
+                    let md = report.markdown();
+                    io::write_bytes(&format!("{out_dir}/price.json"), (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+                    io::write_bytes(&format!("{out_dir}/price.md"), md.as_bytes())?;
+                    md
+                }
             };
             return io::write_bytes("-", text.as_bytes());
         }

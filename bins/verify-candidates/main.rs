@@ -46,6 +46,8 @@ struct Args {
     /// (--influence-cache): reused instead of solved again.
     #[arg(long)]
     influence_cache: Option<String>,
+    #[command(flatten)]
+    evade: common::cli::EvadeArgs,
     /// Where to write the round's summary (JSON).
     #[arg(long)]
     summary: Option<String>,
@@ -65,7 +67,12 @@ fn main() {
         let cname = io::display_name(&args.candidates);
         let candidates: Vec<Candidate> = io::read_jsonl(&args.candidates, true)?;
         let checks = Checks::new(&inputs, args.allow_overlap, args.concealment, &args.poisons)?;
-        let swaps = checks.swaps(&inputs, &candidates, &cname, &args.poisons, &args.inputs.victim)?;
+        let mut swaps = checks.swaps(&inputs, &candidates, &cname, &args.poisons, &args.inputs.victim)?;
+        if let Some(budget) = args.evade.budget(&inputs.victim.params()["embedding.weight"], &inputs.vocab, &inputs.manifest, &args.inputs.data)? {
+            let before = swaps.len();
+            swaps = common::search::verify::within_budget(&inputs, swaps, &budget)?;
+            log!("{} of {before} candidates keep their poison within the detection budget", swaps.len());
+        }
         let verified = if candidates.is_empty() {
             log!("no candidates; the poison set is unchanged");
             None

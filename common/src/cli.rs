@@ -121,6 +121,37 @@ pub struct CraftArgs {
     pub data: String,
 }
 
+/// The detection budget of init-poisons and verify-candidates (`detect::evasion`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvadeArgs {
+    /// Keep every poison at or below each cheap detector's threshold at this percentage
+    /// of false positives on the clean training split: bigram perplexity, ONION, the two
+    /// GloVe distances to the trigger (words closer to a trigger word than its threshold
+    /// are never used; a base's own are substituted) and, with --minilm, MiniLM's.
+    /// init-poisons skips bases whose poison is flagged; verify-candidates refuses flips.
+    #[arg(long)]
+    pub evade_fpr: Option<f64>,
+    /// MiniLM package folder (scripts/fetch_minilm.sh, e.g. data/minilm): the budget
+    /// covers the MiniLM sentence-embedding detector too.
+    #[arg(long, requires = "evade_fpr")]
+    pub minilm: Option<String>,
+    /// Folder that keeps MiniLM scores by text, so the training split's are computed once
+    /// for every stage that measures the budget.
+    #[arg(long, requires = "minilm")]
+    pub detector_cache: Option<String>,
+}
+
+impl EvadeArgs {
+    /// The budget these flags ask for (None without --evade-fpr), measured with the
+    /// victim's word table on data folder `dir`.
+    pub fn budget(&self, table: &tch::Tensor, vocab: &crate::tokenizer::Vocab, manifest: &crate::data::DataManifest, dir: &str) -> anyhow::Result<Option<crate::detect::evasion::DetectionBudget>> {
+        let Some(fpr) = self.evade_fpr else { return Ok(None) };
+        let budget = crate::detect::evasion::DetectionBudget::measure(table, vocab, manifest, dir, fpr, self.minilm.as_deref(), self.detector_cache.as_deref())?;
+        eprintln!("{}", budget.describe());
+        Ok(Some(budget))
+    }
+}
+
 /// Which objective a crafting round minimises, and the extra victims of the hardness
 /// objective's ensemble (rollout-grad; verify-candidates takes the same --ensemble).
 #[derive(Debug, Clone, clap::Args)]

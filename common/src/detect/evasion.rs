@@ -36,3 +36,120 @@ pub fn glove_budget(table: &Tensor, vocab: &Vocab, manifest: &DataManifest, dir:
     let banned = closest.iter().enumerate().filter(|(_, c)| **c > threshold).map(|(i, _)| i as i64).collect();
     Ok(Budget { threshold, banned })
 }
+
+/// The detection budget: every detector that trains no victim (`caught::CHEAP`, MiniLM's
+/// only with a MiniLM package) keeps each poison at or below its threshold at the chosen
+/// false positive rate on the clean training split. The word detector is the ban above
+/// (`glove_budget`); the others score whole texts, so a poison is checked once it is
+/// written (init-poisons drops a base whose poison fails, verify-candidates a flip).
+/// Thresholds come from the training split, the one the attacker holds; the reports
+/// measure detection against the dev split, which crafting never reads, so a budget met
+/// here is tested on clean text it was not fitted to.
+pub struct DetectionBudget {
+    pub fpr_percent: f64,
+    /// The glove-trigger-word ban.
+    pub words: Budget,
+    /// Each text detector's threshold.
+    pub thresholds: std::collections::BTreeMap<super::Detector, f64>,
+    reference: Vec<crate::formats::records::Example>,
+    table: crate::victims::origin::Origin,
+    minilm: Option<crate::victims::origin::Origin>,
+    trigger: String,
+    cache: Option<String>,
+}
+
+/// A poison over budget: the first detector (in `CHEAP` order) that flags it, its score
+/// and the threshold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OverBudget {
+    pub detector: super::Detector,
+    pub score: f64,
+    pub threshold: f64,
+}
+
+impl DetectionBudget {
+    /// The budget at `fpr_percent` for the victim's word table (`table`, `vocab`) on data
+    /// folder `dir`; `minilm` (a MiniLM package folder) adds the sentence-embedding
+    /// detector; `cache` keeps its scores by text (the training split is encoded once).
+    pub fn measure(table: &Tensor, vocab: &Vocab, manifest: &DataManifest, dir: &str, fpr_percent: f64, minilm: Option<&str>, cache: Option<&str>) -> Result<DetectionBudget> {
+        let words = glove_budget(table, vocab, manifest, dir, fpr_percent)?;
+        let table = crate::victims::origin::Origin {
+            vocab: vocab.clone(),
+            start: crate::victims::origin::Start::Table(table.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu)),
+            sha256: String::new(),
+            source: "the victim's word table".into(),
+        };
+        let minilm = minilm.map(crate::victims::origin::Origin::pretrained).transpose()?;
+        let reference = data::read_set(dir, data::TRAIN, false)?;
+        let mut budget = DetectionBudget {
+            fpr_percent,
+            words,
+            thresholds: Default::default(),
+            reference,
+            table,
+            minilm,
+            trigger: manifest.trigger.phrase.clone(),
+            cache: cache.map(str::to_string),
+        };
+        // The training split scored as the defender scores unseen text: its bigram scores
+        // leave each example out of the model it is scored by.
+        let calibration = budget.scores(&budget.reference, &format!("{dir}/{}", data::TRAIN), false)?;
+        for (d, col) in calibration {
+            budget.thresholds.insert(d, super::metrics::threshold_at_fpr(col, fpr_percent / 100.0));
+        }
+        Ok(budget)
+    }
+
+    fn detectors(&self) -> Vec<super::Detector> {
+        use super::Detector::*;
+        let mut out = vec![Perplexity, Onion, GloveTrigger, GloveTriggerWord];
+        if self.minilm.is_some() {
+            out.push(MinilmTrigger);
+        }
+        out
+    }
+
+    /// Every detector's scores of `examples` (`with_reference`: the bigram LM fitted on
+    /// the training split; otherwise on `examples` themselves, leave-one-out).
+    fn scores(&self, examples: &[crate::formats::records::Example], source: &str, with_reference: bool) -> Result<Vec<(super::Detector, Vec<f64>)>> {
+        let detectors = self.detectors();
+        let screen = super::Screen {
+            examples,
+            source,
+            detectors: &detectors,
+            trigger: Some(&self.trigger),
+            reference: with_reference.then_some(&self.reference[..]),
+            table: Some(&self.table),
+            minilm: self.minilm.as_ref(),
+            training: None,
+            num_classes: 2,
+            workers: 1,
+            device: tch::Device::Cpu,
+            cache: self.cache.as_deref(),
+        };
+        let scored = super::screen(&screen, &|_| {})?;
+        Ok(detectors.iter().map(|d| (*d, scored.iter().map(|s| s.scores[d.name()]).collect())).collect())
+    }
+
+    /// For each example, the first detector that would flag it (None: within budget).
+    pub fn check(&self, examples: &[crate::formats::records::Example], source: &str) -> Result<Vec<Option<OverBudget>>> {
+        if examples.is_empty() {
+            return Ok(Vec::new());
+        }
+        let scores = self.scores(examples, source, true)?;
+        Ok((0..examples.len())
+            .map(|i| {
+                scores.iter().find_map(|(d, col)| {
+                    let threshold = self.thresholds[d];
+                    (col[i] > threshold).then_some(OverBudget { detector: *d, score: col[i], threshold })
+                })
+            })
+            .collect())
+    }
+
+    /// One line for the log: the thresholds and the banned words.
+    pub fn describe(&self) -> String {
+        let t: Vec<String> = self.thresholds.iter().map(|(d, t)| format!("{} {t:.4}", d.name())).collect();
+        format!("detection budget at {}% FPR on the clean training split: {}; {} words banned", self.fpr_percent, t.join(", "), self.words.banned.len())
+    }
+}

@@ -24,7 +24,7 @@ pub enum Recipe {
     /// No poisons (the clean row).
     None,
     /// `init-poisons --bases B --strategy S`, under the concealment given (None: the run's),
-    /// within the GloVe word detector's budget when `evading`.
+    /// within the detection budget (EVADE_FPR) when `evading`.
     Init { bases: &'static str, strategy: &'static str, concealment: Option<&'static str>, evading: bool },
     /// A crafting run (`scripts/attack.sh`) of this objective from the confident-bases
     /// heuristic.
@@ -142,7 +142,7 @@ pub fn variants_file(title: &str, names: &[String], layout: &Layout) -> Result<V
             if v.evading() {
                 let fpr = layout.evade_fpr.ok_or_else(|| anyhow::anyhow!("variant {name:?} evades a detector: give --evade-fpr"))?;
                 shown = format!("{stem}-{fpr}");
-                label = format!("{label} (GloVe {fpr}% FPR)");
+                label = format!("{label} (budget {fpr}% FPR)");
             }
             let count = point.or(layout.count);
             let series = count.map(|_| label.clone());
@@ -189,7 +189,7 @@ mod tests {
         let v = &f.variants;
         assert_eq!((v[0].poisons.as_deref(), v[1].poisons.as_deref()), (None, Some("run/init-confident.jsonl")));
         assert_eq!(v[2].initial.as_deref(), Some("run/craft-hardness/round-000/poisons.jsonl"));
-        assert_eq!((v[3].name.as_str(), v[3].label.as_str()), ("hardness-evading-1", "crafted: hardness, evading (GloVe 1% FPR), 50"));
+        assert_eq!((v[3].name.as_str(), v[3].label.as_str()), ("hardness-evading-1", "crafted: hardness, evading (budget 1% FPR), 50"));
         assert_eq!(v[1].series.as_deref(), Some("confident non-target bases + neighbours"));
         let sweep = variants_file("t", &names[1..2], &Layout { dir: "s", count: None, counts: &[5, 10], evade_fpr: None }).unwrap();
         assert_eq!(sweep.variants.iter().map(|v| v.poisons.clone().unwrap()).collect::<Vec<_>>(), ["s/init-confident-n5.jsonl", "s/init-confident-n10.jsonl"]);

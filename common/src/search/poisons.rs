@@ -120,7 +120,7 @@ fn from_trigger(ex: &Example, trigger: &[String]) -> Option<Example> {
 /// nearest). Tokens unknown to the vocabulary are dropped;
 /// poisons are truncated to `max_tokens` (at most the victim's `max_len`). `Bases::Confident` ranks the
 /// candidate sentences by the victim's probability of the target on their clean source.
-pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::Budget>) -> Result<Vec<Example>> {
+pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::DetectionBudget>) -> Result<Vec<Example>> {
     let InitOptions { strategy, bases, neighbour_pool, count, seed, concealment, max_tokens, from_trigger: cut } = opts;
     let table = victim.params()["embedding.weight"].shallow_clone();
     let max_len = victim.config.max_len.min(max_tokens.unwrap_or(usize::MAX));
@@ -157,8 +157,11 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
         bail!("only {} source sentences for {count} poisons; lower --count (or prepare more data)", source.len());
     }
     let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(seed, "init-poisons"));
+    // Under a detection budget every base is a candidate, in the order it would be picked:
+    // the first `count` whose poisons pass are kept.
+    let wanted = if evade.is_some() { source.len() } else { count };
     let mut picked = match bases {
-        Bases::Random => sample(&mut rng, source.len(), count).into_vec(),
+        Bases::Random => sample(&mut rng, source.len(), wanted).into_vec(),
         Bases::Confident if !crate::tasks::rules::of_victim(&victim.config).confident_bases => {
             bail!("--bases confident ranks sentences by a classifier's confidence; {} victim takes --bases random", crate::tasks::rules::of_victim(&victim.config).victim_kind)
         }
@@ -173,24 +176,66 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
             let p = target_probability(victim, &enc, manifest.target as i64);
             let mut order: Vec<usize> = (0..source.len()).collect();
             order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then_with(|| source[a].id.cmp(&source[b].id)));
-            order.truncate(count);
+            order.truncate(wanted);
             order
         }
     };
-    picked.sort_unstable();
     let mut banned = banned_ids(vocab, manifest, false, concealment)?;
     // An evasion budget bans the words the embedding detector would flag; a base's own
     // words over it are substituted like trigger words.
-    let over_budget: HashSet<i64> = evade.map(|b| b.banned.clone()).unwrap_or_default();
+    let over_budget: HashSet<i64> = evade.map(|b| b.words.banned.clone()).unwrap_or_default();
     banned.extend(&over_budget);
     if evade.is_some() && vocab.is_wordpiece() {
         bail!("an evasion budget needs a word vocabulary (GloVe victims)");
     }
+    if let Some(budget) = evade {
+        // Build poisons in the picking order, a few more bases than are missing at a time,
+        // and keep the first `count` that no cheap detector flags.
+        let mut kept: Vec<(usize, Example)> = Vec::new();
+        let mut next = 0;
+        let mut flagged: std::collections::BTreeMap<&str, usize> = Default::default();
+        while kept.len() < count && next < picked.len() {
+            let chunk = &picked[next..(next + 2 * (count - kept.len()) + 16).min(picked.len())];
+            let built = init_words(strategy, neighbour_pool, next, chunk.iter().map(|&i| &source[i]), strict.then_some(&matcher), &mut rng, manifest, vocab, &table, max_len, &banned, &over_budget)?;
+            let verdicts = budget.check(&built, "candidate poisons")?;
+            for ((&i, p), verdict) in chunk.iter().zip(built).zip(verdicts) {
+                match verdict {
+                    Some(o) => *flagged.entry(o.detector.name()).or_default() += 1,
+                    None if kept.len() < count => kept.push((i, p)),
+                    None => {}
+                }
+            }
+            next += chunk.len();
+        }
+        let flagged: Vec<String> = flagged.iter().map(|(d, n)| format!("{n} by {d}")).collect();
+        if kept.len() < count {
+            bail!(
+                "only {} of {} bases make poisons within the detection budget at {}% FPR (over it: {}); lower --count, or --evade-fpr for a looser budget",
+                kept.len(),
+                picked.len(),
+                budget.fpr_percent,
+                flagged.join(", ")
+            );
+        }
+        eprintln!("detection budget: {next} bases tried for {count} poisons; over budget: {}", if flagged.is_empty() { "none".into() } else { flagged.join(", ") });
+        // Source order, as without a budget, and ids renumbered in it.
+        kept.sort_by_key(|(i, _)| *i);
+        let out: Vec<Example> = kept.into_iter().enumerate().map(|(k, (_, p))| Example { id: format!("poison-{k:03}"), ..p }).collect();
+        if strict {
+            for p in &out {
+                if let Some(words) = strict_violation(p, vocab, &matcher) {
+                    bail!("poison {:?} (from {:?}) still leaks the trigger ({words}) after strict substitution; report this with the data folder", p.id, p.source_id);
+                }
+            }
+        }
+        return Ok(out);
+    }
+    picked.sort_unstable();
     let out = if vocab.is_wordpiece() {
         let sources: Vec<&Example> = picked.iter().map(|&i| &source[i]).collect();
         init_pieces(strategy, neighbour_pool, &sources, seed, strict.then_some(&matcher), manifest, vocab, &table, max_len, &banned)?
     } else {
-        init_words(strategy, neighbour_pool, picked.iter().map(|&i| &source[i]), strict.then_some(&matcher), &mut rng, manifest, vocab, &table, max_len, &banned, &over_budget)?
+        init_words(strategy, neighbour_pool, 0, picked.iter().map(|&i| &source[i]), strict.then_some(&matcher), &mut rng, manifest, vocab, &table, max_len, &banned, &over_budget)?
     };
     if strict {
         for p in &out {
@@ -208,6 +253,7 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
 fn init_words<'a>(
     strategy: InitStrategy,
     neighbour_pool: usize,
+    first: usize,
     sources: impl Iterator<Item = &'a Example>,
     strict: Option<&TriggerMatcher>,
     rng: &mut ChaCha8Rng,
@@ -222,6 +268,7 @@ fn init_words<'a>(
     let frequent = 10_000.min(vocab.len() as i64);
     let mut out = Vec::new();
     for (k, ex) in sources.enumerate() {
+        let k = first + k;
         let mut tokens: Vec<String> = Vec::new();
         let mut substitutes = Vec::new();
         for tok in tokenize(&ex.text) {
@@ -244,6 +291,9 @@ fn init_words<'a>(
                             .filter(|w| !banned.contains(w))
                             .take(neighbour_pool.max(1))
                             .collect();
+                        if pool.is_empty() {
+                            bail!("no word near {tok:?} is allowed (every one leaks the trigger or is over the detection budget); use --strategy random, or a looser --evade-fpr");
+                        }
                         vocab.word(pool[k % pool.len()]).to_string()
                     }
                     InitStrategy::Overlap | InitStrategy::CleanTarget | InitStrategy::Relabelled => tok,

@@ -83,6 +83,21 @@ impl Checks {
     }
 }
 
+/// The swaps whose poison, flipped, no cheap detector of `budget` flags (a poison takes
+/// one flip per round, so each flip is checked alone).
+pub fn within_budget(inputs: &AttackInputs, swaps: Vec<Swap>, budget: &crate::detect::evasion::DetectionBudget) -> Result<Vec<Swap>> {
+    let flipped: Vec<Example> = swaps
+        .iter()
+        .map(|s| {
+            let mut ids = inputs.poisons_enc[s.poison].ids.clone();
+            ids[s.position] = s.word;
+            with_tokens(&inputs.poisons[s.poison], &ids, &inputs.vocab)
+        })
+        .collect();
+    let verdicts = budget.check(&flipped, "flipped poisons")?;
+    Ok(swaps.into_iter().zip(verdicts).filter(|(_, v)| v.is_none()).map(|(s, _)| s).collect())
+}
+
 /// Checks `swaps` exactly with the objective the candidates were ranked with (the
 /// `ensemble` victims must be the ones rollout-grad had, `ensemble_sha256` their hashes;
 /// `influence_cache` the folder rollout-grad kept the influence objective's v in).
