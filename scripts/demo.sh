@@ -77,7 +77,7 @@ budget_minilm=""; [ -f "$MINILM/config.json" ] && budget_minilm=$MINILM
 : "${DETECTOR_CACHE:=$VICTIMS_DIR/detector-cache}"
 budget_flags() { # fpr: sets the array budget (empty without a budget)
   budget=()
-  if [ -n "$1" ]; then budget=(--evade-fpr "$1" ${budget_minilm:+--minilm "$budget_minilm" --detector-cache "$DETECTOR_CACHE"}); fi
+  if [ -n "$1" ]; then budget=(--evade-fpr "$1" --detector-cache "$DETECTOR_CACHE" ${budget_minilm:+--minilm "$budget_minilm"}); fi
 }
 init() { # out count bases strategy [concealment [more flags]]
   [ -f "$1" ] || "$BIN/init-poisons" --victim "$V" --data "$DATA" --count "$2" --seed "$SEED" \

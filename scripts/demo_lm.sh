@@ -23,7 +23,7 @@ set -euo pipefail
 : "${BUDGET_FPR:=}" "${MINILM:=data/minilm}"
 budget=(); minilm=""
 [ -f "$MINILM/config.json" ] && minilm=$MINILM
-[ -n "$BUDGET_FPR" ] && budget=(--evade-fpr "$BUDGET_FPR" ${minilm:+--minilm "$minilm" --detector-cache "$RUN/detector-cache"})
+[ -n "$BUDGET_FPR" ] && budget=(--evade-fpr "$BUDGET_FPR" --detector-cache "$RUN/detector-cache" ${minilm:+--minilm "$minilm"})
 log() { echo "demo-lm: $*" >&2; }
 
 # The data, the vocabulary, the pretrained clean LM and the judge (shared with lm_dose.sh).

@@ -167,6 +167,12 @@ fn poisons_within_the_detection_budget_pass_every_cheap_detector_through_craftin
     let t = thresholds(&s, 0.10);
     let plain = init(&[], "plain.jsonl");
     let evading = init(&["--evade-fpr", "10"], "evading.jsonl");
+    let cache = s.path("detector-cache");
+    let cache = cache.to_str().unwrap();
+    for round in ["measured", "read from the cache"] {
+        assert!(init(&["--evade-fpr", "10", "--detector-cache", cache], "cached.jsonl") == evading, "thresholds {round}: the same poisons");
+    }
+    assert_eq!(std::fs::read_dir(cache).unwrap().count(), 1, "one budget kept");
     assert!(!over(&s, &plain, &t).is_empty(), "the budget binds: nearest-neighbour carriers are flagged without it");
     assert_eq!(over(&s, &evading, &t), Vec::<String>::new(), "no poison made within the budget is flagged at its rate");
     let manifest = common::data::DataManifest::load(s.data().to_str().unwrap()).unwrap();

@@ -135,9 +135,9 @@ pub struct EvadeArgs {
     /// covers the MiniLM sentence-embedding detector too.
     #[arg(long, requires = "evade_fpr")]
     pub minilm: Option<String>,
-    /// Folder that keeps MiniLM scores by text, so the training split's are computed once
-    /// for every stage that measures the budget.
-    #[arg(long, requires = "minilm")]
+    /// Folder that keeps the budget's thresholds (and MiniLM's scores by text), so the
+    /// training split is scored once for every stage that measures the same budget.
+    #[arg(long, requires = "evade_fpr")]
     pub detector_cache: Option<String>,
 }
 

@@ -58,6 +58,13 @@ pub struct DetectionBudget {
     cache: Option<String>,
 }
 
+fn budget_table(origin: &crate::victims::origin::Origin) -> Tensor {
+    match &origin.start {
+        crate::victims::origin::Start::Table(t) => t.contiguous(),
+        crate::victims::origin::Start::Pretrained { .. } => unreachable!("the budget's table is a word table"),
+    }
+}
+
 /// A poison over budget: the first detector (in `CHEAP` order) that flags it, its score
 /// and the threshold.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,7 +77,8 @@ pub struct OverBudget {
 impl DetectionBudget {
     /// The budget at `fpr_percent` for the victim's word table (`table`, `vocab`) on data
     /// folder `dir`; `minilm` (a MiniLM package folder) adds the sentence-embedding
-    /// detector; `cache` keeps its scores by text (the training split is encoded once).
+    /// detector; `cache` keeps its scores by text and the thresholds (the training split is
+    /// scored once per run).
     pub fn measure(table: &Tensor, vocab: &Vocab, manifest: &DataManifest, dir: &str, fpr_percent: f64, minilm: Option<&str>, cache: Option<&str>) -> Result<DetectionBudget> {
         let words = glove_budget(table, vocab, manifest, dir, fpr_percent)?;
         let table = crate::victims::origin::Origin {
@@ -91,11 +99,30 @@ impl DetectionBudget {
             trigger: manifest.trigger.phrase.clone(),
             cache: cache.map(str::to_string),
         };
+        // The thresholds depend on the training split, the word table, the trigger, MiniLM
+        // and the rate only: kept in the cache folder, every stage of a run measures once.
+        let key = {
+            let f32_table = budget_table(&budget.table);
+            let mut bytes = vec![0u8; f32_table.numel() * 4];
+            f32_table.copy_data_u8(&mut bytes, f32_table.numel());
+            let train_sha = crate::io::sha256_file(std::path::Path::new(&format!("{dir}/{}", data::TRAIN)))?;
+            let minilm_sha = budget.minilm.as_ref().map(|m| m.sha256.clone()).unwrap_or_default();
+            crate::io::sha256_hex(format!("detection budget v1 {fpr_percent} {:?} {train_sha} {} {minilm_sha}", budget.trigger, crate::io::sha256_hex(&bytes)).as_bytes())
+        };
+        let cached = cache.map(|c| format!("{c}/budget-{}.json", &key[..24]));
+        if let Some(thresholds) = cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).and_then(|t| serde_json::from_str(&t).ok()) {
+            budget.thresholds = thresholds;
+            return Ok(budget);
+        }
         // The training split scored as the defender scores unseen text: its bigram scores
         // leave each example out of the model it is scored by.
         let calibration = budget.scores(&budget.reference, &format!("{dir}/{}", data::TRAIN), false)?;
         for (d, col) in calibration {
             budget.thresholds.insert(d, super::metrics::threshold_at_fpr(col, fpr_percent / 100.0));
+        }
+        if let (Some(path), Some(dir)) = (&cached, cache) {
+            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {dir}: {e}"))?;
+            crate::io::write_bytes(path, serde_json::to_string(&budget.thresholds)?.as_bytes())?;
         }
         Ok(budget)
     }
