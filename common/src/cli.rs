@@ -139,6 +139,10 @@ pub struct EvadeArgs {
     /// training split is scored once for every stage that measures the same budget.
     #[arg(long, requires = "evade_fpr")]
     pub detector_cache: Option<String>,
+    /// Only these detectors bound the budget (comma-separated; default: every one it
+    /// measures). A lever for measuring what each costs.
+    #[arg(long, value_delimiter = ',', requires = "evade_fpr")]
+    pub evade_detectors: Vec<crate::detect::Detector>,
 }
 
 impl EvadeArgs {
@@ -146,7 +150,10 @@ impl EvadeArgs {
     /// victim's word table on data folder `dir`.
     pub fn budget(&self, table: &tch::Tensor, vocab: &crate::tokenizer::Vocab, manifest: &crate::data::DataManifest, dir: &str) -> anyhow::Result<Option<crate::detect::evasion::DetectionBudget>> {
         let Some(fpr) = self.evade_fpr else { return Ok(None) };
-        let budget = crate::detect::evasion::DetectionBudget::measure(table, vocab, manifest, dir, fpr, self.minilm.as_deref(), self.detector_cache.as_deref())?;
+        let mut budget = crate::detect::evasion::DetectionBudget::measure(table, vocab, manifest, dir, fpr, self.minilm.as_deref(), self.detector_cache.as_deref())?;
+        if !self.evade_detectors.is_empty() {
+            budget = budget.restrict(&self.evade_detectors)?;
+        }
         eprintln!("{}", budget.describe());
         Ok(Some(budget))
     }

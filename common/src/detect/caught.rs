@@ -43,6 +43,13 @@ impl SetDetection {
     pub fn best(&self) -> Option<(&str, &Caught)> {
         self.detectors.iter().max_by(|a, b| a.1.flagged_at_1.total_cmp(&b.1.flagged_at_1).then(a.1.auroc.total_cmp(&b.1.auroc))).map(|(n, c)| (n.as_str(), c))
     }
+
+    /// The most any detector flags at 1 % and at 5 % FPR (each rate's own most effective
+    /// detector), and `best`'s name: what the reports' caught columns show.
+    pub fn most_flagged(&self) -> Option<(&str, f64, f64)> {
+        let (name, c) = self.best()?;
+        Some((name, c.flagged_at_1, self.detectors.values().map(|c| c.flagged_at_5).fold(c.flagged_at_5, f64::max)))
+    }
 }
 
 /// What the cheap detectors read besides the sets.
@@ -115,4 +122,23 @@ pub fn detect_sets(inputs: &DetectionInputs, sets: &[&[Example]], log: &(dyn Fn(
         out.push(SetDetection { calibration: inputs.calibration_name.to_string(), calibration_n: n, detectors: detectors_out });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn most_flagged_takes_each_rate_from_its_own_most_effective_detector() {
+        let c = |a: f64, b: f64, auroc: f64| Caught { flagged_at_1: a, flagged_at_5: b, auroc };
+        let d = SetDetection {
+            calibration: "dev".into(),
+            calibration_n: 100,
+            detectors: [("glove".to_string(), c(10.0, 12.0, 0.9)), ("minilm".to_string(), c(2.0, 40.0, 0.8)), ("onion".to_string(), c(10.0, 11.0, 0.95))].into(),
+        };
+        assert_eq!(d.best().unwrap().0, "onion", "ties at 1 % go to the higher AUROC");
+        assert_eq!(d.most_flagged(), Some(("onion", 10.0, 40.0)));
+        let empty = SetDetection { calibration: "dev".into(), calibration_n: 100, detectors: BTreeMap::new() };
+        assert_eq!(empty.most_flagged(), None);
+    }
 }

@@ -167,11 +167,24 @@ impl DetectionBudget {
         Ok((0..examples.len())
             .map(|i| {
                 scores.iter().find_map(|(d, col)| {
-                    let threshold = self.thresholds[d];
+                    let threshold = *self.thresholds.get(d)?;
                     (col[i] > threshold).then_some(OverBudget { detector: *d, score: col[i], threshold })
                 })
             })
             .collect())
+    }
+
+    /// The budget over `only` of its detectors (a defender known to run just those): the
+    /// others' thresholds are dropped, and without glove-trigger-word no word is banned.
+    pub fn restrict(mut self, only: &[super::Detector]) -> Result<DetectionBudget> {
+        if let Some(d) = only.iter().find(|d| !self.thresholds.contains_key(d)) {
+            bail!("--evade-detectors {}: not a detector the budget measures (those that train no victim; minilm-trigger needs --minilm)", d.name());
+        }
+        self.thresholds.retain(|d, _| only.contains(d));
+        if !only.contains(&super::Detector::GloveTriggerWord) {
+            self.words.banned.clear();
+        }
+        Ok(self)
     }
 
     /// One line for the log: the thresholds and the banned words.

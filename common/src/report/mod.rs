@@ -152,11 +152,13 @@ pub struct VariantResult {
     pub detection: Option<crate::detect::caught::SetDetection>,
 }
 
-/// A set's cheap-detector figures as a cell: the share of its poisons the most effective
-/// detector flags at 1 % and 5 % false positives, and which detector that is.
+/// A set's cheap-detector figures as a cell: the most any of them flags of its poisons at
+/// 1 % and at 5 % false positives (each rate's own most effective detector), and the
+/// detector that flags most at 1 % (ties: the higher AUROC, the one that ranks the poisons
+/// highest).
 pub fn caught_cell(d: Option<&crate::detect::caught::SetDetection>) -> String {
-    match d.and_then(|d| d.best()) {
-        Some((name, c)) => format!("{:.0} / {:.0} {name}", c.flagged_at_1, c.flagged_at_5),
+    match d.and_then(|d| d.most_flagged()) {
+        Some((name, at_1, at_5)) => format!("{at_1:.0} / {at_5:.0} {name}"),
         None => "-".into(),
     }
 }
@@ -353,9 +355,9 @@ impl Report {
         out += "untriggered inputs; net ASR − dFPR: what the trigger adds beyond a general shift; room share: net ASR as a\n";
         out += "share of 100 − clean ASR; leaks: poisons whose words leak the trigger (exact token, normalised, same stem,\n";
         out += "shared 4+ character substring, WordPiece piece), 0/N = strictly concealed. Controls hold no trigger: the\n";
-        out += "benign control must read 0 within its interval. caught: the share of the poisons flagged at 1 % and 5 %\n";
-        out += "false positives (thresholds on the clean dev split) by the detector among those that train no victim\n";
-        out += "(perplexity, onion, glove-trigger, glove-trigger-word, minilm-trigger) that flags most, and its name.\n";
+        out += "benign control must read 0 within its interval. caught: the most of the poisons any detector that trains\n";
+        out += "no victim (perplexity, onion, glove-trigger, glove-trigger-word, minilm-trigger) flags at 1 % and at 5 %\n";
+        out += "false positives (thresholds on the clean dev split), and the one that flags most at 1 % (ties: highest AUROC).\n";
         out
     }
 

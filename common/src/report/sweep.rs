@@ -198,8 +198,8 @@ pub struct TidyRow {
     pub poisons_sha256: String,
     pub fingerprint: String,
     pub clean_fingerprint: String,
-    /// The set's poisons flagged at 1 % and 5 % FPR by the cheap detector that flags most
-    /// (`detect::caught`), and its name (empty without detection figures).
+    /// The most of the set's poisons any cheap detector flags at 1 % and at 5 % FPR, and
+    /// the one that flags most at 1 % (`SetDetection::most_flagged`; empty without them).
     #[serde(default)]
     pub caught_at_1: Option<f64>,
     #[serde(default)]
@@ -314,7 +314,7 @@ pub fn merge(spec: &SweepSpec) -> Result<Merged> {
         for v in &variants.variants {
             let Some(p) = &v.poisons else { continue };
             let e = evals.iter().find(|e| e.poisons.as_deref() == Some(p.as_str())).with_context(|| format!("{}: no evaluation of {p}", cell.id))?;
-            let best = e.detection.as_ref().and_then(|d| d.best());
+            let best = e.detection.as_ref().and_then(|d| d.most_flagged());
             for r in &e.seeds {
                 let c = r.clean.context("a sweep cell's evaluation pairs every victim with its clean twin")?;
                 let f = r.fingerprints.clone().with_context(|| format!("{}: an evaluation without victim fingerprints (made before them): delete the cell's evals.jsonl and run it again", cell.id))?;
@@ -337,8 +337,8 @@ pub fn merge(spec: &SweepSpec) -> Result<Merged> {
                     poisons_sha256: e.poisons_sha256.clone().unwrap_or_default(),
                     fingerprint: f.poisoned,
                     clean_fingerprint: f.clean,
-                    caught_at_1: best.map(|b| b.1.flagged_at_1),
-                    caught_at_5: best.map(|b| b.1.flagged_at_5),
+                    caught_at_1: best.map(|b| b.1),
+                    caught_at_5: best.map(|b| b.2),
                     caught_by: best.map_or(String::new(), |b| b.0.to_string()),
                 });
             }
