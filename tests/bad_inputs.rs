@@ -365,6 +365,10 @@ fn init_poisons() {
             &["--evade-fpr 100", "a percentage from 0 to below 100"]),
         case("ip-over-budget", { let mut c = w.craft("init-poisons"); c.args(["--count", "40", "--evade-fpr", "90"]).arg("-o").arg(&out); c },
             &["bases make poisons within the detection budget at 90% FPR", "over it:", "lower --count, or --evade-fpr for a looser budget"]),
+        case("ip-evade-loss-out-of-range", { let mut c = w.craft("init-poisons"); c.args(["--count", "4", "--evade-fpr", "10", "--evade-loss", "100"]).arg("-o").arg(&out); c },
+            &["--evade-loss 100", "a percentage from 0 to below 100"]),
+        case("ip-evade-loss-alone", { let mut c = w.craft("init-poisons"); c.args(["--count", "4", "--evade-loss", "5"]).arg("-o").arg(&out); c },
+            &["--evade-loss", "--evade-fpr"]).usage(),
     ]);
 }
 

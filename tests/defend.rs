@@ -195,3 +195,37 @@ fn poisons_within_the_detection_budget_pass_every_cheap_detector_through_craftin
     assert_eq!(over(&s, &crafted, &t), Vec::<String>::new(), "crafting within the budget keeps every poison within it");
     assert!(log.contains("candidates keep their poison within the detection budget"), "{log}");
 }
+
+#[test]
+fn poisons_within_the_loss_budget_pass_the_training_loss_detector_of_the_same_victims() {
+    let s = Setup::new();
+    let victim = s.path("v.safetensors");
+    ok(&run(s.train_victim().arg("--train").arg(s.data().join("train.jsonl")).arg("-o").arg(&victim)));
+    let init = |extra: &[&str], out: &str| {
+        let o = ok(&run(bin("init-poisons").arg("--victim").arg(&victim).arg("--data").arg(s.data())
+            .args(["--count", "8", "--bases", "confident", "--strategy", "neighbour", "--concealment", "strict", "--evade-fpr", "10"])
+            .args(extra).arg("-o").arg(s.path(out)))).clone();
+        (std::fs::read(s.path(out)).unwrap(), stderr(&o))
+    };
+    // The defender's loss-mean with the attacker's own victims (init-poisons --seed 0 trains
+    // seeds 1000003 and 1000004, detect-poisons' training settings, the victim's shape):
+    // the poisons over the clean examples' threshold at 30 % FPR. On 509 clean fixture
+    // examples the relabelled bases sit at the 64th-81st percentile of loss after 10
+    // epochs (at 4 epochs a bag of words has barely told them apart), so 30 % binds.
+    let train = s.file("train.jsonl");
+    let over_loss = |poisons: &[u8]| -> Vec<String> {
+        let set = [&train[..], poisons].concat();
+        let sc = scores(&ok(&run_with_stdin(bin("detect-poisons").arg("--embeddings").arg(s.emb())
+            .args(["--detectors", "loss-mean", "--arch", "bow", "--epochs", "10", "--seed", "1000003", "--victims", "2", "--device", "cpu"]), &set)).stdout);
+        let is_poison = |id: &str| id.starts_with("poison-");
+        let t = common::detect::metrics::threshold_at_fpr(sc.iter().filter(|r| !is_poison(&r.id)).map(|r| r.scores["loss-mean"]).collect(), 0.30);
+        sc.iter().filter(|r| is_poison(&r.id) && r.scores["loss-mean"] > t).map(|r| format!("{} {} > {t}", r.id, r.scores["loss-mean"])).collect()
+    };
+    let (cheap, _) = init(&[], "cheap.jsonl");
+    let (within, log) = init(&["--evade-loss", "30", "--evade-loss-epochs", "10"], "within.jsonl");
+    assert!(!over_loss(&cheap).is_empty(), "the loss budget binds: confident bases labelled target are hard to fit");
+    assert_eq!(over_loss(&within), Vec::<String>::new(), "no poison of the set is over the loss threshold of the victims it was checked with: {log}");
+    assert!(log.contains("by loss-mean"), "the log counts the bases the loss skipped: {log}");
+    assert_eq!(over(&s, &within, &thresholds(&s, 0.10)), Vec::<String>::new(), "and the cheap detectors' budget still holds");
+    assert_eq!(records(&within).len(), 8);
+}

@@ -7,6 +7,7 @@ use common::concealment::Concealment;
 use common::data::DataManifest;
 use common::victims::model::Victim;
 use common::search::poisons::{self, Bases, InitStrategy};
+use common::train::TrainOptions;
 use common::{device, io, log};
 
 /// Writes N initial poisons (example JSONL with `tokens`, labelled with the target).
@@ -43,6 +44,16 @@ struct Args {
     concealment: Concealment,
     #[command(flatten)]
     evade: common::cli::EvadeArgs,
+    /// Also keep every poison's training loss (the loss-mean detector) at or below the
+    /// clean examples' at this percentage of false positives: two victims shaped like
+    /// --victim (detect-poisons' training settings, seeds of this stage's own) are trained
+    /// on the training split with each batch of candidate poisons, and a base whose poison
+    /// is over is skipped. About a minute per batch on 2 cores.
+    #[arg(long, requires = "evade_fpr")]
+    evade_loss: Option<f64>,
+    /// Epochs of the loss budget's victims (detect-poisons' --epochs).
+    #[arg(long, default_value_t = 4, value_parser = common::cli::at_least_one)]
+    evade_loss_epochs: usize,
     /// Poisons keep their first N tokens (default: the victim's max_len).
     #[arg(long, value_parser = common::cli::at_least_one)]
     max_tokens: Option<usize>,
@@ -66,7 +77,17 @@ fn main() {
         let common::victims::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
         let manifest = DataManifest::load(&args.inputs.data)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
-        let budget = args.evade.budget(&victim.params()["embedding.weight"], &vocab, &manifest, &args.inputs.data)?;
+        let mut budget = args.evade.budget(&victim.params()["embedding.weight"], &vocab, &manifest, &args.inputs.data)?;
+        if let Some(fpr) = args.evade_loss {
+            let b = budget.take().context("--evade-loss needs --evade-fpr")?;
+            // Seeds far from detect-poisons' (--seed, --seed + 1): the budget is not met
+            // by fitting the very victims a defender would train.
+            let options = (0..2).map(|k| TrainOptions { epochs: args.evade_loss_epochs, batch_size: 64, lr: victim.config.tuning().default_lr, seed: 1_000_003 + 2 * args.seed + k }).collect();
+            let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let b = b.with_loss(fpr, victim.config.clone(), options, workers)?;
+            log!("{}", b.describe());
+            budget = Some(b);
+        }
         let options = poisons::InitOptions {
             strategy: args.strategy,
             bases: args.bases,

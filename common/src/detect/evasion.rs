@@ -56,6 +56,20 @@ pub struct DetectionBudget {
     minilm: Option<crate::victims::origin::Origin>,
     trigger: String,
     cache: Option<String>,
+    /// The training-loss budget (`with_loss`), checked with victims trained on the set.
+    pub loss: Option<LossBudget>,
+}
+
+/// A budget on the `loss-mean` detector, the one that still catches label-flipped bases:
+/// the attacker trains its own victims (the crafting victim's shape, seeds of its own) on
+/// the clean training split with the candidate poisons, and a poison passes when its loss
+/// averaged over epochs and victims is at or below the clean examples' at this FPR.
+#[derive(Debug, Clone)]
+pub struct LossBudget {
+    pub fpr_percent: f64,
+    pub config: crate::victims::model::VictimConfig,
+    pub options: Vec<crate::train::TrainOptions>,
+    pub workers: usize,
 }
 
 fn budget_table(origin: &crate::victims::origin::Origin) -> Tensor {
@@ -98,6 +112,7 @@ impl DetectionBudget {
             minilm,
             trigger: manifest.trigger.phrase.clone(),
             cache: cache.map(str::to_string),
+            loss: None,
         };
         // The thresholds depend on the training split, the word table, the trigger, MiniLM
         // and the rate only: kept in the cache folder, every stage of a run measures once.
@@ -159,19 +174,54 @@ impl DetectionBudget {
     }
 
     /// For each example, the first detector that would flag it (None: within budget).
+    /// With a loss budget, `examples` are trained on together with the training split, so
+    /// they should be the whole candidate set, not one poison at a time.
     pub fn check(&self, examples: &[crate::formats::records::Example], source: &str) -> Result<Vec<Option<OverBudget>>> {
         if examples.is_empty() {
             return Ok(Vec::new());
         }
         let scores = self.scores(examples, source, true)?;
-        Ok((0..examples.len())
+        let mut verdicts: Vec<Option<OverBudget>> = (0..examples.len())
             .map(|i| {
                 scores.iter().find_map(|(d, col)| {
                     let threshold = *self.thresholds.get(d)?;
                     (col[i] > threshold).then_some(OverBudget { detector: *d, score: col[i], threshold })
                 })
             })
-            .collect())
+            .collect();
+        if let Some(loss) = &self.loss {
+            let (scores, threshold) = self.loss_scores(loss, examples, source)?;
+            for (verdict, score) in verdicts.iter_mut().zip(scores) {
+                if verdict.is_none() && score > threshold {
+                    *verdict = Some(OverBudget { detector: super::Detector::LossMean, score, threshold });
+                }
+            }
+        }
+        Ok(verdicts)
+    }
+
+    /// Adds the training-loss budget at `fpr_percent`: victims shaped like `config`, one
+    /// per option set (seeds the attacker's own, not a defender's).
+    pub fn with_loss(mut self, fpr_percent: f64, config: crate::victims::model::VictimConfig, options: Vec<crate::train::TrainOptions>, workers: usize) -> Result<DetectionBudget> {
+        if !(0.0..100.0).contains(&fpr_percent) {
+            bail!("--evade-loss {fpr_percent}: a percentage from 0 to below 100");
+        }
+        if options.is_empty() {
+            bail!("the loss budget needs at least one victim");
+        }
+        self.loss = Some(LossBudget { fpr_percent, config, options, workers });
+        Ok(self)
+    }
+
+    /// `loss-mean` of `examples` trained on with the training split, and the clean
+    /// examples' threshold at the loss budget's FPR.
+    fn loss_scores(&self, loss: &LossBudget, examples: &[crate::formats::records::Example], source: &str) -> Result<(Vec<f64>, f64)> {
+        let n = self.reference.len();
+        let all: Vec<crate::formats::records::Example> = self.reference.iter().chain(examples).cloned().collect();
+        let encoded = crate::encode::encode_all(&all, &self.table.vocab, loss.config.max_len, loss.config.num_classes, crate::encode::TextPolicy::Data, source)?;
+        let d = super::dynamics::training_dynamics(&self.table, &loss.config, &encoded, &loss.options, loss.workers, tch::Device::Cpu, &|l| eprintln!("loss budget: {l}"))?;
+        let threshold = super::metrics::threshold_at_fpr(d.loss_mean[..n].to_vec(), loss.fpr_percent / 100.0);
+        Ok((d.loss_mean[n..].to_vec(), threshold))
     }
 
     /// The budget over `only` of its detectors (a defender known to run just those): the
@@ -190,6 +240,7 @@ impl DetectionBudget {
     /// One line for the log: the thresholds and the banned words.
     pub fn describe(&self) -> String {
         let t: Vec<String> = self.thresholds.iter().map(|(d, t)| format!("{} {t:.4}", d.name())).collect();
-        format!("detection budget at {}% FPR on the clean training split: {}; {} words banned", self.fpr_percent, t.join(", "), self.words.banned.len())
+        let loss = self.loss.as_ref().map(|l| format!("; loss-mean at {}% FPR among the clean examples, {} victims trained with the candidates", l.fpr_percent, l.options.len())).unwrap_or_default();
+        format!("detection budget at {}% FPR on the clean training split: {}; {} words banned{loss}", self.fpr_percent, t.join(", "), self.words.banned.len())
     }
 }

@@ -223,7 +223,7 @@ pub fn build(variants: &Variants, evals: &[EvalReport], scores_dir: &str, filter
     // An evading variant is named <unconstrained name>-evading[-<budget>].
     for v in variants.variants.iter().filter(|v| v.name.contains("-evading")) {
         let base = v.name.split("-evading").next().unwrap_or_default();
-        let find = |name: &str| variants.variants.iter().find(|w| w.name == name).and_then(|w| w.poisons.as_deref()).and_then(eval_of);
+        let find = |name: &str| variants.eval_of(evals, name);
         let (Some(e), Some(b)) = (find(&v.name), find(base)) else { continue };
         let auroc_of = |name: &str| detection.iter().find(|d| d.name == name).map(|d| d.detectors.iter().map(|(k, x)| (k.clone(), x.auroc)).collect::<BTreeMap<_, _>>());
         let auroc = match (auroc_of(&v.name), auroc_of(base)) {

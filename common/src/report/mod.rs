@@ -103,6 +103,12 @@ impl Variants {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
         crate::io::parse_record(&text).with_context(|| path.to_string())
     }
+
+    /// The evaluation of the variant named `name` (matched by its poison file).
+    pub fn eval_of<'a>(&self, evals: &'a [EvalReport], name: &str) -> Option<&'a EvalReport> {
+        let poisons = self.variants.iter().find(|v| v.name == name)?.poisons.as_deref()?;
+        evals.iter().find(|e| e.poisons.as_deref() == Some(poisons))
+    }
 }
 
 /// One crafting round (a line of rounds.tsv).

@@ -36,11 +36,6 @@ pub struct PriceReport {
     pub rows: Vec<PriceRow>,
 }
 
-fn eval_of<'a>(variants: &Variants, evals: &'a [EvalReport], name: &str) -> Option<&'a EvalReport> {
-    let poisons = variants.variants.iter().find(|v| v.name == name)?.poisons.as_deref()?;
-    evals.iter().find(|e| e.poisons.as_deref() == Some(poisons))
-}
-
 /// Both runs' clean twins, seed by seed, must be the same victims (common random numbers).
 fn check_common_twins(a: &[SeedRow], b: &[SeedRow], name: &str) -> Result<()> {
     for r in a {
@@ -61,7 +56,7 @@ fn check_common_twins(a: &[SeedRow], b: &[SeedRow], name: &str) -> Result<()> {
 pub fn build(variants: &Variants, evals: &[EvalReport], twins: &Variants, twin_evals: &[EvalReport]) -> Result<PriceReport> {
     let mut rows = Vec::new();
     for v in variants.variants.iter().filter(|v| matches!(v.role, Role::Baseline | Role::Heuristic | Role::Crafted)) {
-        let (Some(e), Some(t)) = (eval_of(variants, evals, &v.name), eval_of(twins, twin_evals, &v.name)) else { continue };
+        let (Some(e), Some(t)) = (variants.eval_of(evals, &v.name), twins.eval_of(twin_evals, &v.name)) else { continue };
         check_common_twins(&e.seeds, &t.seeds, &v.name)?;
         rows.push(PriceRow {
             name: v.name.clone(),

@@ -188,24 +188,45 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
     if evade.is_some() && vocab.is_wordpiece() {
         bail!("an evasion budget needs a word vocabulary (GloVe victims)");
     }
-    if let Some(budget) = evade {
+    let out = if let Some(budget) = evade {
         // Build poisons in the picking order, a few more bases than are missing at a time,
         // and keep the first `count` that no cheap detector flags.
         let mut kept: Vec<(usize, Example)> = Vec::new();
         let mut next = 0;
         let mut flagged: std::collections::BTreeMap<&str, usize> = Default::default();
-        while kept.len() < count && next < picked.len() {
-            let chunk = &picked[next..(next + 2 * (count - kept.len()) + 16).min(picked.len())];
-            let built = init_words(strategy, neighbour_pool, next, chunk.iter().map(|&i| &source[i]), strict.then_some(&matcher), &mut rng, manifest, vocab, &table, max_len, &banned, &over_budget)?;
-            let verdicts = budget.check(&built, "candidate poisons")?;
-            for ((&i, p), verdict) in chunk.iter().zip(built).zip(verdicts) {
-                match verdict {
-                    Some(o) => *flagged.entry(o.detector.name()).or_default() += 1,
-                    None if kept.len() < count => kept.push((i, p)),
-                    None => {}
+        loop {
+            while kept.len() < count && next < picked.len() {
+                let chunk = &picked[next..(next + 2 * (count - kept.len()) + 16).min(picked.len())];
+                let built = init_words(strategy, neighbour_pool, next, chunk.iter().map(|&i| &source[i]), strict.then_some(&matcher), &mut rng, manifest, vocab, &table, max_len, &banned, &over_budget)?;
+                let verdicts = budget.check(&built, "candidate poisons")?;
+                for ((&i, p), verdict) in chunk.iter().zip(built).zip(verdicts) {
+                    match verdict {
+                        Some(o) => *flagged.entry(o.detector.name()).or_default() += 1,
+                        None if kept.len() < count => kept.push((i, p)),
+                        None => {}
+                    }
                 }
+                next += chunk.len();
             }
-            next += chunk.len();
+            // The training loss of a poison depends on the poisons trained beside it: the
+            // candidates were checked in batches, so the chosen set is checked as a whole
+            // and its flagged poisons replaced until one check passes them all.
+            if kept.len() < count || budget.loss.is_none() {
+                break;
+            }
+            let chosen: Vec<Example> = kept.iter().map(|(_, p)| p.clone()).collect();
+            let verdicts = budget.check(&chosen, "chosen poisons")?;
+            if verdicts.iter().all(Option::is_none) {
+                break;
+            }
+            let mut verdicts = verdicts.into_iter();
+            kept.retain(|_| match verdicts.next().flatten() {
+                Some(o) => {
+                    *flagged.entry(o.detector.name()).or_default() += 1;
+                    false
+                }
+                None => true,
+            });
         }
         let flagged: Vec<String> = flagged.iter().map(|(d, n)| format!("{n} by {d}")).collect();
         if kept.len() < count {
@@ -220,21 +241,13 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
         eprintln!("detection budget: {next} bases tried for {count} poisons; over budget: {}", if flagged.is_empty() { "none".into() } else { flagged.join(", ") });
         // Source order, as without a budget, and ids renumbered in it.
         kept.sort_by_key(|(i, _)| *i);
-        let out: Vec<Example> = kept.into_iter().enumerate().map(|(k, (_, p))| Example { id: format!("poison-{k:03}"), ..p }).collect();
-        if strict {
-            for p in &out {
-                if let Some(words) = strict_violation(p, vocab, &matcher) {
-                    bail!("poison {:?} (from {:?}) still leaks the trigger ({words}) after strict substitution; report this with the data folder", p.id, p.source_id);
-                }
-            }
-        }
-        return Ok(out);
-    }
-    picked.sort_unstable();
-    let out = if vocab.is_wordpiece() {
+        kept.into_iter().enumerate().map(|(k, (_, p))| Example { id: format!("poison-{k:03}"), ..p }).collect()
+    } else if vocab.is_wordpiece() {
+        picked.sort_unstable();
         let sources: Vec<&Example> = picked.iter().map(|&i| &source[i]).collect();
         init_pieces(strategy, neighbour_pool, &sources, seed, strict.then_some(&matcher), manifest, vocab, &table, max_len, &banned)?
     } else {
+        picked.sort_unstable();
         init_words(strategy, neighbour_pool, 0, picked.iter().map(|&i| &source[i]), strict.then_some(&matcher), &mut rng, manifest, vocab, &table, max_len, &banned, &over_budget)?
     };
     if strict {
