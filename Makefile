@@ -41,10 +41,11 @@ CONCEALMENT ?= strict
 DEMO_ROUNDS ?= 1
 # Every concealed row of make demo is made within the detection budget at this percentage of
 # false positives on the clean training split (no bigram-perplexity, ONION, GloVe or MiniLM
-# distance detector flags a poison at that rate); 7 rather than 5 leaves the margin a
-# defender's own 5 % threshold (on other clean text) needs. BUDGET_FPR= makes the
-# unconstrained sets, in their own run folder: the twins the price of concealment pairs with.
-BUDGET_FPR ?= 7
+# distance detector flags a poison at that rate); 6.5 rather than 5 leaves the margin a
+# defender's own 5 % threshold (on other clean text) needs, and measured on two triggers it
+# costs far less than 7 (docs/classification.md: the carrier pair it allows). BUDGET_FPR=
+# makes the unconstrained sets, in their own run folder: the twins the price pairs with.
+BUDGET_FPR ?= 6.5
 BILEVEL_ROUNDS ?= 3
 SWEEP_COUNTS ?= 5 10 25 50 100
 
