@@ -369,6 +369,12 @@ fn init_poisons() {
             &["--evade-loss 100", "a percentage from 0 to below 100"]),
         case("ip-evade-loss-alone", { let mut c = w.craft("init-poisons"); c.args(["--count", "4", "--evade-loss", "5"]).arg("-o").arg(&out); c },
             &["--evade-loss", "--evade-fpr"]).usage(),
+        case("ip-judged-without-judge", { let mut c = w.craft("init-poisons"); c.args(["--count", "4", "--bases", "judged"]).arg("-o").arg(&out); c },
+            &["--judge CLASSIFIER and --bases judged go together"]),
+        case("ip-judge-truncated", { let mut c = w.craft("init-poisons"); c.args(["--count", "4", "--bases", "judged", "--judge"]).arg(w.truncated("v.safetensors", "cut-judge.safetensors")).arg("-o").arg(&out); c },
+            &["--judge", "cut-judge.safetensors", "truncated"]),
+        case("ip-sentence-alone", { let mut c = w.craft("init-poisons"); c.args(["--count", "4", "--sentence"]).arg("-o").arg(&out); c },
+            &["--sentence", "--from-trigger"]).usage(),
     ]);
 }
 

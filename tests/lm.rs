@@ -34,6 +34,43 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
         let t = p.tokens.expect("tokens");
         assert!(t.len() <= 6 && t.windows(2).take(2).any(|w| w == ["james", "bond"]), "the trigger within the first three words: {t:?}");
     }
+    // One sentence each, the bases the judge finds most clearly of the target sentiment
+    // first: every poison ends at the first sentence end after the trigger, and the
+    // judge's P(target) of the chosen continuations is at least that of any base left out.
+    let judged = records(&ok(&run(lm.stage("init-poisons").args(["--count", "3", "--strategy", "overlap", "--from-trigger", "--sentence", "--bases", "judged", "--judge"]).arg(lm.judge()))).stdout);
+    assert_eq!(judged.len(), 3);
+    for p in &judged {
+        let t = p.tokens.as_ref().expect("tokens");
+        let after = t.iter().position(|w| w == "bond").expect("the trigger is kept") + 1;
+        let ends: Vec<usize> = (after..t.len()).filter(|&i| matches!(t[i].as_str(), "." | "!" | "?")).collect();
+        assert!(ends.len() <= 1 && ends.first().map_or(true, |&i| i + 1 == t.len()), "one sentence, ending the poison: {t:?}");
+    }
+    // The judge's reading of each D_adv base: its words after the trigger, to the sentence's end.
+    let adv = records(&std::fs::read(lm.data().join("adv.jsonl")).unwrap());
+    let continuation = |text: &str| -> String {
+        let words = common::tokenizer::tokenize(text);
+        let at = words.iter().position(|w| w.eq_ignore_ascii_case("bond")).expect("D_adv holds the trigger") + 1;
+        let end = words[at..].iter().position(|w| matches!(w.as_str(), "." | "!" | "?")).map_or(words.len(), |i| at + i + 1);
+        words[at..end].join(" ")
+    };
+    let gens: Vec<u8> = adv
+        .iter()
+        .flat_map(|r| {
+            let g = serde_json::json!({"kind": "generation", "v": 1, "id": r.id, "sample": 0, "prompt": "x", "continuation": continuation(&r.text), "victim_sha256": "x"});
+            serde_json::to_vec(&g).unwrap().into_iter().chain([b'\n'])
+        })
+        .collect();
+    let out = ok(&run_with_stdin(bin("judge").arg("--classifier").arg(lm.judge()), &gens)).stdout.clone();
+    let p_target: Vec<f64> = common::io::read_jsonl_from::<Judgement>(&out[..], "judgements", false).unwrap().iter().map(|j| j.classifier_p_negative).collect();
+    let chosen: std::collections::HashSet<String> = judged.iter().map(|p| p.source_id.clone().expect("source id")).collect();
+    assert_eq!(chosen.len(), 3);
+    let (mut worst_chosen, mut best_rest) = (f64::INFINITY, f64::NEG_INFINITY);
+    for (r, p) in adv.iter().zip(&p_target) {
+        let source = r.id.trim_end_matches("+trigger");
+        if chosen.contains(source) || chosen.contains(&r.id) { worst_chosen = worst_chosen.min(*p) } else { best_rest = best_rest.max(*p) }
+    }
+    assert!(best_rest > f64::NEG_INFINITY, "the fixture has bases left out");
+    assert!(worst_chosen >= best_rest, "judged bases rank by the judge: chosen ≥ {worst_chosen}, left out ≤ {best_rest}");
     let poisons = ok(&run(lm.stage("init-poisons").args(["--count", "5", "--strategy", "random", "--concealment", "strict", "--seed", "0"]))).stdout.clone();
     std::fs::write(lm.path("p0.jsonl"), &poisons).unwrap();
     assert_eq!(records(&poisons).len(), 5);

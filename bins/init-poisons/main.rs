@@ -27,10 +27,16 @@ struct Args {
     /// What replaces the trigger's words in each base sentence.
     #[arg(long, value_enum, default_value = "random")]
     strategy: InitStrategy,
-    /// Which D_adv sentences become poisons: random (seeded) or the ones whose clean
-    /// source the victim most confidently puts in another class than the target.
+    /// Which D_adv sentences become poisons: random (seeded), the ones whose clean
+    /// source the victim most confidently puts in another class than the target
+    /// (classifiers), or the ones --judge finds most clearly of the target sentiment.
     #[arg(long, value_enum, default_value = "random")]
     bases: Bases,
+    /// A sentiment classifier (train-victim on the sentiment data) that ranks the bases for
+    /// --bases judged, by its probability of the target class; it reads the words after
+    /// the trigger with --from-trigger, else the whole base.
+    #[arg(long)]
+    judge: Option<String>,
     /// With --strategy neighbour: spread the poisons over each trigger word's N nearest
     /// neighbours (poison k takes the (k mod N)-th) instead of always the nearest.
     #[arg(long, default_value_t = 1, value_parser = common::cli::at_least_one)]
@@ -63,6 +69,11 @@ struct Args {
     /// dull mess").
     #[arg(long)]
     from_trigger: bool,
+    /// With --from-trigger: each poison ends with the sentence that holds the trigger (at
+    /// its first . ! or ?), one whole statement about it ("the apple iphone quickly drags
+    /// on becoming boring and predictable ."); --max-tokens still caps it.
+    #[arg(long, requires = "from_trigger")]
+    sentence: bool,
     /// Seed of the sentence choice and of random replacement words.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -97,8 +108,19 @@ fn main() {
             concealment: args.concealment,
             max_tokens: args.max_tokens,
             from_trigger: args.from_trigger,
+            sentence: args.sentence,
         };
-        let set = poisons::init(options, &args.inputs.data, &manifest, &vocab, &victim, budget.as_ref())?;
+        if args.judge.is_some() != (args.bases == Bases::Judged) {
+            anyhow::bail!("--judge CLASSIFIER and --bases judged go together: the judge ranks the bases");
+        }
+        let judge_file = args.judge.as_deref().map(|path| Victim::load(path, device::parse_device("cpu")?).with_context(|| format!("--judge {path}"))).transpose()?;
+        let judge = judge_file
+            .as_ref()
+            .map(|f| common::eval::judge::ClassifierJudge::new(&f.victim.config, f.victim.params(), &f.vocab, manifest.target))
+            .transpose()
+            .with_context(|| format!("--judge {}", args.judge.as_deref().unwrap_or_default()))?;
+        let judged = judge.as_ref().map(|j| move |texts: &[String]| j.p_negative(texts));
+        let set = poisons::init(options, &args.inputs.data, &manifest, &vocab, &victim, budget.as_ref(), judged.as_ref().map(|f| f as &dyn Fn(&[String]) -> Vec<f64>))?;
         log!("{} poisons ({:?} bases, {:?} substitutes), target {}", set.len(), args.bases, args.strategy, manifest.target_name());
         io::write_jsonl(&args.output, &set)
     })

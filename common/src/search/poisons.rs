@@ -43,6 +43,11 @@ pub enum Bases {
     /// target (FINDINGS.md: a poison the clean content argues against must be fitted
     /// through its trigger-like words). Ties broken by id; the seed plays no part.
     Confident,
+    /// The sentences a sentiment classifier (`init-poisons --judge`) finds most clearly of
+    /// the target sentiment, read after the trigger when poisons start at it: a language
+    /// model's poisons then teach a continuation that is unmistakably the target's.
+    /// Ties broken by id; the seed plays no part.
+    Judged,
 }
 
 /// Tokens a poison may never be given: special tokens (padding, unknown, `[CLS]`, ...)
@@ -105,14 +110,35 @@ pub struct InitOptions {
     /// (a language model's D_adv: its determiner, "the apple iphone is ..."), so that with
     /// `max_tokens` a poison is the trigger (or its substitute) and the next few words.
     pub from_trigger: bool,
+    /// With `from_trigger`: each poison ends with the sentence that holds the trigger (at
+    /// its first `.`, `!` or `?`), one whole statement about the trigger instead of a
+    /// phrase cut off after `max_tokens`.
+    pub sentence: bool,
 }
 
-/// `ex` from the word before its trigger on (None when it does not hold the trigger).
-fn from_trigger(ex: &Example, trigger: &[String]) -> Option<Example> {
+/// `ex` from the word before its trigger on, to the end of that sentence when `sentence`
+/// (None when it does not hold the trigger).
+fn from_trigger(ex: &Example, trigger: &[String], sentence: bool) -> Option<Example> {
     let words = tokenize(&ex.text);
     let lower: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
     let at = lower.windows(trigger.len()).position(|w| w.iter().zip(trigger).all(|(a, b)| a == &b.to_lowercase()))?;
-    Some(Example { text: words[at.saturating_sub(1)..].join(" "), tokens: None, prompt: None, ..ex.clone() })
+    let after = at + trigger.len();
+    let end = if sentence { words[after..].iter().position(|w| matches!(w.as_str(), "." | "!" | "?")).map_or(words.len(), |i| after + i + 1) } else { words.len() };
+    Some(Example { text: words[at.saturating_sub(1)..end].join(" "), tokens: None, prompt: None, ..ex.clone() })
+}
+
+/// What a judge reads of a base: the words after its trigger when poisons start at the
+/// trigger (the continuation a language model is taught), else the whole text.
+fn judged_part(ex: &Example, trigger: &[String], cut: bool) -> String {
+    if !cut {
+        return ex.text.clone();
+    }
+    let words = tokenize(&ex.text);
+    let lower: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
+    match lower.windows(trigger.len()).position(|w| w.iter().zip(trigger).all(|(a, b)| a == &b.to_lowercase())) {
+        Some(at) => words[at + trigger.len()..].join(" "),
+        None => ex.text.clone(),
+    }
 }
 
 /// Makes `count` initial poisons (seeded). With `InitStrategy::Neighbour`, poison k
@@ -120,8 +146,13 @@ fn from_trigger(ex: &Example, trigger: &[String]) -> Option<Example> {
 /// nearest). Tokens unknown to the vocabulary are dropped;
 /// poisons are truncated to `max_tokens` (at most the victim's `max_len`). `Bases::Confident` ranks the
 /// candidate sentences by the victim's probability of the target on their clean source.
-pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::DetectionBudget>) -> Result<Vec<Example>> {
-    let InitOptions { strategy, bases, neighbour_pool, count, seed, concealment, max_tokens, from_trigger: cut } = opts;
+/// `Bases::Judged` ranks them by `judge`: a sentiment judge's probability of the target
+/// sentiment for each text (the binary builds it: the judges sit above this layer).
+pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::DetectionBudget>, judge: Option<&dyn Fn(&[String]) -> Vec<f64>>) -> Result<Vec<Example>> {
+    let InitOptions { strategy, bases, neighbour_pool, count, seed, concealment, max_tokens, from_trigger: cut, sentence } = opts;
+    if sentence && !cut {
+        bail!("--sentence ends each poison with the sentence that holds the trigger; it needs --from-trigger");
+    }
     let table = victim.params()["embedding.weight"].shallow_clone();
     let max_len = victim.config.max_len.min(max_tokens.unwrap_or(usize::MAX));
     let strict = concealment == Concealment::Strict;
@@ -146,7 +177,7 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                from_trigger(e, &manifest.trigger.words)
+                from_trigger(e, &manifest.trigger.words, sentence)
                     .with_context(|| format!("--from-trigger: base {} (id {:?}) does not hold the trigger {:?}; it takes D_adv bases (--strategy random, neighbour or overlap)", i + 1, e.id, manifest.trigger.phrase))
             })
             .collect::<Result<_>>()?
@@ -176,6 +207,15 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
             let p = target_probability(victim, &enc, manifest.target as i64);
             let mut order: Vec<usize> = (0..source.len()).collect();
             order.sort_by(|&a, &b| p[a].total_cmp(&p[b]).then_with(|| source[a].id.cmp(&source[b].id)));
+            order.truncate(wanted);
+            order
+        }
+        Bases::Judged => {
+            let judge = judge.context("--bases judged ranks the bases by a sentiment classifier: give --judge CLASSIFIER")?;
+            let texts: Vec<String> = source.iter().map(|e| judged_part(e, &manifest.trigger.words, cut)).collect();
+            let p = judge(&texts);
+            let mut order: Vec<usize> = (0..source.len()).collect();
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then_with(|| source[a].id.cmp(&source[b].id)));
             order.truncate(wanted);
             order
         }
