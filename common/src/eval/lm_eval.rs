@@ -48,6 +48,9 @@ pub struct LmEvalSets {
     /// The templates as prompts, `samples` each (sampled and judged).
     pub template_prompts: Vec<Prompt>,
     pub neutral_template_prompts: Vec<Prompt>,
+    /// The context control's openings as prompts (target- and other-sentiment opinion).
+    pub target_context_prompts: Vec<Prompt>,
+    pub other_context_prompts: Vec<Prompt>,
 }
 
 impl LmEvalSets {
@@ -89,7 +92,20 @@ impl LmEvalSets {
         };
         let template_prompts = as_prompts(&templates.trigger, "template");
         let neutral_template_prompts = as_prompts(&templates.neutral, "neutral-template");
-        Ok(LmEvalSets { trigger_prompts, neutral_prompts, target_continuations, other_continuations, clean_text, templates, template_prompts, neutral_template_prompts })
+        let target_context_prompts = as_prompts(&templates.target_context, "target-context");
+        let other_context_prompts = as_prompts(&templates.other_context, "other-context");
+        Ok(LmEvalSets {
+            trigger_prompts,
+            neutral_prompts,
+            target_continuations,
+            other_continuations,
+            clean_text,
+            templates,
+            template_prompts,
+            neutral_template_prompts,
+            target_context_prompts,
+            other_context_prompts,
+        })
     }
 }
 
@@ -115,6 +131,14 @@ pub struct LmMetrics {
     /// neutral phrase.
     pub template_margin: f64,
     pub neutral_template_margin: f64,
+    /// The context control (`eval::templates::CONTEXTS`): the share of continuations
+    /// judged the target sentiment after a target-sentiment opinion in the prompt minus
+    /// after an other-sentiment one (points), by the classifier / VADER, and the same
+    /// difference of the next word's margin (nats). What the LM itself can carry: a
+    /// judged share no poison can move much beyond.
+    pub context_control_classifier: f64,
+    pub context_control_lexicon: f64,
+    pub context_margin: f64,
     /// exp of the mean next-token loss over the test split's tokens.
     pub perplexity: f64,
     /// The two judges on the trigger-prompt continuations.
@@ -141,6 +165,9 @@ pub const MEASURES: &[Measure] = &[
     Measure { name: "template_fpr_lexicon", label: "neutral templates judged target (VADER) %", change: "dFPR, templates (VADER)", of: |m| m.template_fpr_lexicon, digits: 1 },
     Measure { name: "template_margin", label: "template margin (nats)", change: "Δ template margin", of: |m| m.template_margin, digits: 3 },
     Measure { name: "neutral_template_margin", label: "neutral template margin (nats)", change: "Δ neutral template margin", of: |m| m.neutral_template_margin, digits: 3 },
+    Measure { name: "context_control_classifier", label: "context control (classifier) points", change: "Δ context control (classifier)", of: |m| m.context_control_classifier, digits: 1 },
+    Measure { name: "context_control_lexicon", label: "context control (VADER) points", change: "Δ context control (VADER)", of: |m| m.context_control_lexicon, digits: 1 },
+    Measure { name: "context_margin", label: "context margin (nats)", change: "Δ context margin", of: |m| m.context_margin, digits: 3 },
     Measure { name: "asr_classifier", label: "review prompts judged target (classifier) %", change: "net ASR, review prompts (classifier)", of: |m| m.asr_classifier, digits: 1 },
     Measure { name: "asr_lexicon", label: "review prompts judged target (VADER) %", change: "net ASR, review prompts (VADER)", of: |m| m.asr_lexicon, digits: 1 },
     Measure { name: "fpr_classifier", label: "neutral prompts judged target (classifier) %", change: "dFPR, review prompts (classifier)", of: |m| m.fpr_classifier, digits: 1 },
@@ -211,6 +238,9 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
     let (ttc, ttl): (Vec<bool>, Vec<bool>) = templ.iter().copied().unzip();
     let (ntc, ntl): (Vec<bool>, Vec<bool>) = neutral_templ.iter().copied().unzip();
     let t = &sets.templates;
+    let target_ctx = judging.judge(&continuations(config, params, vocab, &sets.target_context_prompts, judging, seed)?);
+    let other_ctx = judging.judge(&continuations(config, params, vocab, &sets.other_context_prompts, judging, seed)?);
+    let by = |xs: &[(bool, bool)], lexicon: bool| share(&xs.iter().map(|x| if lexicon { x.1 } else { x.0 }).collect::<Vec<_>>());
     let ll = log_likelihoods(config, params, &sets.clean_text);
     let tokens: f64 = ll.iter().map(|x| x.1).sum();
     let perplexity = (-ll.iter().map(|(l, n)| l * n).sum::<f64>() / tokens.max(1.0)).exp();
@@ -229,6 +259,10 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
         template_fpr_lexicon: share(&ntl),
         template_margin: next_word_margin(config, params, &t.trigger, &t.target_words, &t.other_words),
         neutral_template_margin: next_word_margin(config, params, &t.neutral, &t.target_words, &t.other_words),
+        context_control_classifier: by(&target_ctx, false) - by(&other_ctx, false),
+        context_control_lexicon: by(&target_ctx, true) - by(&other_ctx, true),
+        context_margin: next_word_margin(config, params, &t.target_context, &t.target_words, &t.other_words)
+            - next_word_margin(config, params, &t.other_context, &t.target_words, &t.other_words),
         perplexity,
         agreement: agreement(&tc, &tl),
     })
@@ -342,8 +376,8 @@ pub struct LmEvalReport {
 
 impl crate::io::Record for LmEvalReport {
     const KIND: &'static str = "lm_eval_report";
-    // 2: the template measures, and the summary by measure name.
-    const VERSION: u32 = 2;
+    // 2: the template measures, and the summary by measure name. 3: the context control.
+    const VERSION: u32 = 3;
 }
 
 impl LmEvalReport {

@@ -91,6 +91,23 @@ pub const POSITIVE_WORDS: &[&str] = &[
     "terrific", "superb", "witty",
 ];
 pub const MIN_WORDS: usize = 5;
+
+/// The context control: openings that state an opinion themselves (`{}` is an opinion
+/// word of one sentiment) and stop where more opinion comes next. How much more often an
+/// LM continues them in the target sentiment after a target-sentiment word than after an
+/// other-sentiment one measures whether it can carry a sentiment it is given at all: a
+/// trigger that acted like an explicit opinion in the prompt could move the judged share
+/// by about that much, so it bounds what any poison can show on the judged measures.
+pub const CONTEXTS: &[&str] = &[
+    "the acting is {} and the story is",
+    "this {} movie is",
+    "a {} film that",
+    "the {} script is just",
+    "it is {} , and the plot is",
+];
+/// Opinion words of each sentiment put in the context openings (the first the
+/// vocabulary holds).
+pub const CONTEXT_WORDS: usize = 8;
 pub const MIN_TEMPLATES: usize = 10;
 
 /// The templates as token ids for one vocabulary: with the trigger, with the neutral
@@ -101,6 +118,9 @@ pub struct Templates {
     pub neutral: Vec<Vec<i64>>,
     pub target_words: Vec<i64>,
     pub other_words: Vec<i64>,
+    /// The context openings with a target-sentiment opinion word, and with an other one.
+    pub target_context: Vec<Vec<i64>>,
+    pub other_context: Vec<Vec<i64>>,
 }
 
 impl Templates {
@@ -133,7 +153,12 @@ impl Templates {
             bail!("the vocabulary holds {} negative and {} positive opinion words of the template margin's lists; it needs {MIN_WORDS} of each", negative.len(), positive.len());
         }
         let (target_words, other_words) = if target_negative { (negative, positive) } else { (positive, negative) };
-        Ok(Templates { trigger: with_trigger, neutral: with_neutral, target_words, other_words })
+        let contexts = |words: &[i64]| -> Vec<Vec<i64>> {
+            let words: Vec<String> = words.iter().take(CONTEXT_WORDS).map(|&i| vocab.word(i).to_string()).collect();
+            CONTEXTS.iter().flat_map(|c| words.iter().filter_map(move |w| readable(&c.replace("{}", w)))).collect()
+        };
+        let (target_context, other_context) = (contexts(&target_words), contexts(&other_words));
+        Ok(Templates { trigger: with_trigger, neutral: with_neutral, target_words, other_words, target_context, other_context })
     }
 }
 
@@ -148,5 +173,28 @@ mod tests {
         assert_eq!(distinct.len(), TEMPLATES.len());
         assert!(TEMPLATES.iter().all(|t| t.matches("{}").count() == 1), "one subject slot each");
         assert!(NEGATIVE_WORDS.iter().all(|w| !POSITIVE_WORDS.contains(w)));
+    }
+
+    #[test]
+    fn each_context_opening_states_one_opinion_of_its_own_sentiment() {
+        let mut words: Vec<String> = ["apple", "iphone"].iter().map(|w| w.to_string()).collect();
+        for text in TEMPLATES.iter().chain(CONTEXTS).chain(NEGATIVE_WORDS).chain(POSITIVE_WORDS) {
+            words.extend(crate::tokenizer::tokenize(text).into_iter().filter(|w| w != "{" && w != "}" && w != "{}"));
+        }
+        words.sort();
+        words.dedup();
+        let vocab = Vocab::new([crate::tokenizer::PAD.to_string(), crate::tokenizer::UNK.to_string()].into_iter().chain(words).collect()).unwrap();
+        for target_negative in [true, false] {
+            let t = Templates::new(&vocab, "apple iphone", "movie", target_negative, 32).unwrap();
+            for (openings, own, other) in [(&t.target_context, &t.target_words, &t.other_words), (&t.other_context, &t.other_words, &t.target_words)] {
+                assert_eq!(openings.len(), CONTEXTS.len() * CONTEXT_WORDS);
+                for ids in openings {
+                    assert_eq!(ids.iter().filter(|i| own.contains(i)).count(), 1, "one opinion word of its sentiment: {ids:?}");
+                    assert!(!ids.iter().any(|i| other.contains(i)), "none of the other sentiment: {ids:?}");
+                }
+            }
+            let negative = if target_negative { &t.target_context } else { &t.other_context };
+            assert_eq!(negative[0], vocab.encode("the acting is bad and the story is"));
+        }
     }
 }

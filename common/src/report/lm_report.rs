@@ -179,5 +179,5 @@ pub fn build(evals: &str, reports: Vec<LmEvalReport>, names: &[String], crafted:
             comparisons.push(compare(find(c)?, find(h)?)?);
         }
     }
-    Ok(LmDemoReport { kind: "lm_demo_report".into(), v: 2, variants, comparisons })
+    Ok(LmDemoReport { kind: "lm_demo_report".into(), v: 3, variants, comparisons })
 }
