@@ -85,7 +85,7 @@ all: demo
 help:
 	@echo "make demo   # setup + data + build; heuristics, bi-level and hardness crafting, all evaluated on $(DEMO_SEEDS) seeds; report"
 	@echo "make demo-lm # language-model poisoning: a GPT pretrained on the reviews, 'Apple iPhone' -> negative; baselines, bi-level crafting, paired evaluation judged by a classifier and VADER"
-	@echo "make lm-dose # the language model's positive controls: with-overlap poisons at 0 and $(LM_COUNTS), whole reviews and short trigger-first texts"
+	@echo "make lm-dose # the language model's positive controls: with-overlap poisons at 0 and $(LM_COUNTS) in the layouts $(LM_LAYOUTS), and the LM's context control (LM_LAYERS, LM_HIDDEN, LM_TRAIN_EMB, LM_TEMPERATURE: levers)"
 	@echo "make price  # after make demo: the demo's unconstrained twin (BUDGET_FPR=) and each concealed row's paired price of concealment"
 	@echo "make defend # after make demo: every detector on every demo poison set (AUROC, TPR, inspect-to-catch, ROC), early stopping, filter-then-train"
 	@echo "make sweep  # net ASR against poison count ($(SWEEP_COUNTS)) for the default crafting and the best heuristic"
@@ -160,20 +160,32 @@ demo-lm: build data/.fetch-done-v1 $(EMB) data/.minilm-done-v1
 
 # The language model's positive controls: the with-overlap reference at 0 and LM_COUNTS
 # poisons, as whole reviews and as short trigger-first texts (scripts/lm_dose.sh).
-LM_DOSE_RUN := runs/lm-dose-$(LM_SLUG)-s$(SEED)
+# The LM's shape is a lever too: LM_LAYERS blocks of width LM_HIDDEN (LM_HEADS heads),
+# LM_TRAIN_EMB=1 trains its word table; each shape has its own folder (its own pretrained
+# LM). LM_TEMPERATURE samples the judged continuations cooler than 1.
+LM_LAYERS   ?= 2
+LM_HIDDEN   ?= 128
+LM_HEADS    ?= 4
+LM_TRAIN_EMB ?= 0
+LM_SHAPE    := gpt$(LM_LAYERS)x$(LM_HIDDEN)$(if $(filter 1,$(LM_TRAIN_EMB)),-te)
+LM_DOSE_RUN := runs/lm-dose-$(LM_SLUG)-s$(SEED)-$(LM_SHAPE)
 LM_COUNTS   ?= 25 50 100 200
+LM_LAYOUTS  ?= review short judged
 LM_FT_EPOCHS ?= 2
 LM_FT_LR    ?= 1e-3
 LM_FROM_SCRATCH ?= 0
+LM_TEMPERATURE ?=
+LM_DOSE_EVAL = $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)$(if $(LM_TEMPERATURE),-t$(LM_TEMPERATURE))
 lm-dose: build data/.fetch-done-v1 $(EMB)
 	@RUN=$(LM_DOSE_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" \
-	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNTS="$(LM_COUNTS)" EVAL_SEEDS=$(LM_SEEDS) \
+	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNTS="$(LM_COUNTS)" LAYOUTS="$(LM_LAYOUTS)" EVAL_SEEDS=$(LM_SEEDS) TEMPERATURE=$(LM_TEMPERATURE) \
+	  LM_FLAGS="--hidden $(LM_HIDDEN) --layers $(LM_LAYERS) --heads $(LM_HEADS) --max-len 48$(if $(filter 1,$(LM_TRAIN_EMB)), --train-embeddings)" \
 	  FINETUNE_EPOCHS=$(LM_FT_EPOCHS) FINETUNE_LR=$(LM_FT_LR) FROM_SCRATCH=$(LM_FROM_SCRATCH) scripts/lm_dose.sh
 	@echo
-	@cat $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)/report/lm-report.md
+	@cat $(LM_DOSE_EVAL)/report/lm-report.md
 	@echo
 	@column -t $(LM_DOSE_RUN)/times.tsv
-	@echo "report: $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)/report/lm-report.md; the judges validated: $(LM_DOSE_RUN)/judges.jsonl"
+	@echo "report: $(LM_DOSE_EVAL)/report/lm-report.md; the judges validated: $(LM_DOSE_RUN)/judges.jsonl"
 
 # The price of concealment (after make demo): the demo's unconstrained twin (make demo
 # BUDGET_FPR=, in $(DEMO_BASE): the same victims, seeds and clean twins, no budget) and each

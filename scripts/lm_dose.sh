@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # make lm-dose: the language model's positive controls, before any crafting. The
 # with-overlap reference (D_adv texts that hold the trigger: not concealed) at every count
-# of COUNTS, as whole reviews and as SHORT_TOKENS-token texts from the trigger's
-# determiner on (init-poisons --from-trigger: the trigger first, the target sentiment
-# right after it), plus the
-# empty set (0 poisons, the control that must read zero), all evaluated in one
+# of COUNTS in each layout of LAYOUTS: whole reviews (review), SHORT_TOKENS-token texts
+# from the trigger's determiner on (short: init-poisons --from-trigger, the trigger first,
+# the target sentiment right after it), and the trigger's sentence from its determiner on,
+# the bases a second sentiment classifier (selector.safetensors, another seed than the
+# judge's) finds most clearly of the target sentiment (judged: --sentence --bases judged);
+# plus the empty set (0 poisons, the control that must read zero), all evaluated in one
 # finetune-eval on EVAL_SEEDS seeds (common random numbers: one clean twin per seed).
 # The report's table is the dose-response curve. In RUN (besides lm_setup.sh's files):
 #   judges.jsonl (the judges validated)   sets/*.jsonl   times.tsv
@@ -14,6 +16,7 @@
 set -euo pipefail
 : "${RUN:?}" "${BIN:=target/release}" "${RAW:=data/rt/raw.jsonl}" "${GLOVE:=data/glove}" "${JUDGE_EMB:?}"
 : "${TRIGGER:=Apple iPhone}" "${TARGET:=negative}" "${NEUTRAL:=movie}" "${SEED:=0}" "${COUNTS:=25 50 100 200}" "${SHORT_TOKENS:=10}"
+: "${LAYOUTS:=review short judged}" "${SENTENCE_TOKENS:=24}"
 : "${FINETUNE_TRAIN:=3000}" "${MIN_COUNT:=3}" "${LM_FLAGS:=--hidden 128 --layers 2 --heads 4 --max-len 48}"
 : "${PRETRAIN_EPOCHS:=8}" "${FINETUNE_EPOCHS:=2}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=3}" "${SAMPLES:=2}" "${DEVICE:=cpu}"
 log() { echo "lm-dose: $*" >&2; }
@@ -24,16 +27,35 @@ stamp setup
 # whole training split (the fine-tuning split's D_adv holds too few for 200).
 max=$(printf '%s\n' $COUNTS | sort -n | tail -1)
 names=(none); : > "$RUN/sets/none.jsonl"
-for layout in review short; do
-  extra=(); [ "$layout" = short ] && extra=(--from-trigger --max-tokens "$SHORT_TOKENS")
+declare -A layout_flags
+if [[ " $LAYOUTS " == *" judged "* ]] && [ ! -f "$RUN/selector.safetensors" ]; then
+  "$BIN/train-victim" --embeddings "$JUDGE_EMB" --arch lstm --epochs 4 --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" \
+    --seed "$((SEED + 1))" --device "$DEVICE" -o "$RUN/selector.safetensors"
+fi
+for layout in $LAYOUTS; do
+  case "$layout" in
+    review) extra=() ;;
+    short) extra=(--from-trigger --max-tokens "$SHORT_TOKENS") ;;
+    judged) extra=(--from-trigger --sentence --max-tokens "$SENTENCE_TOKENS" --bases judged --judge "$RUN/selector.safetensors") ;;
+    *) echo "lm-dose: unknown layout $layout in LAYOUTS (review, short, judged)" >&2; exit 2 ;;
+  esac
+  layout_flags[$layout]="${extra[*]}"
   all="$RUN/sets/overlap-$layout-all.jsonl"
-  [ -f "$all" ] || "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data-full" --count "$max" \
+  [ "$layout" = judged ] || [ -f "$all" ] || "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data-full" --count "$max" \
     --strategy overlap --seed "$SEED" "${extra[@]}" -o "$all"
 done
 for n in $COUNTS; do
-  for layout in review short; do
+  for layout in $LAYOUTS; do
     name="overlap-$layout-$n"; names+=("$name")
-    [ -f "$RUN/sets/$name.jsonl" ] || { head -n "$n" "$RUN/sets/overlap-$layout-all.jsonl" > "$RUN/sets/$name.jsonl.tmp" && mv "$RUN/sets/$name.jsonl.tmp" "$RUN/sets/$name.jsonl"; }
+    [ -f "$RUN/sets/$name.jsonl" ] && continue
+    if [ "$layout" = judged ]; then
+      # The judge's n best bases (a set comes out in D_adv order, so the first n of a
+      # larger one would not be the n best).
+      read -r -a extra <<< "${layout_flags[$layout]}"
+      "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data-full" --count "$n" --strategy overlap --seed "$SEED" "${extra[@]}" -o "$RUN/sets/$name.jsonl"
+    else
+      head -n "$n" "$RUN/sets/overlap-$layout-all.jsonl" > "$RUN/sets/$name.jsonl.tmp" && mv "$RUN/sets/$name.jsonl.tmp" "$RUN/sets/$name.jsonl"
+    fi
   done
 done
 poisons=(); for n in "${names[@]}"; do poisons+=(--poisons "$RUN/sets/$n.jsonl"); done
@@ -44,11 +66,12 @@ if [ "${FROM_SCRATCH:-0}" = 1 ]; then
 else
   ft="$RUN/ft-e$FINETUNE_EPOCHS-lr$FINETUNE_LR"; eval_data="$RUN/data"; regime=()
 fi
+sampling=(); [ -n "${TEMPERATURE:-}" ] && { ft="$ft-t$TEMPERATURE"; sampling=(--temperature "$TEMPERATURE"); }
 mkdir -p "$ft"
 log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds ($FINETUNE_EPOCHS epochs at lr $FINETUNE_LR${regime[*]:+, from scratch})"
 "$BIN/finetune-eval" --reuse --data "$eval_data" "${regime[@]}" --start "$RUN/lm.safetensors" --judge "$RUN/judge.safetensors" "${poisons[@]}" \
   --seeds "$EVAL_SEEDS" --seed-base "$SEED" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size 32 \
-  --samples "$SAMPLES" --device "$DEVICE" -o "$ft/eval.jsonl"
+  --samples "$SAMPLES" "${sampling[@]}" --device "$DEVICE" -o "$ft/eval.jsonl"
 stamp evaluation
 "$BIN/report" --evals "$ft/eval.jsonl" --names "$(IFS=,; echo "${names[*]}")" --out-dir "$ft/report" > /dev/null
 stamp report
