@@ -27,19 +27,21 @@ stamp setup
 # whole training split (the fine-tuning split's D_adv holds too few for 200).
 max=$(printf '%s\n' $COUNTS | sort -n | tail -1)
 names=(none); : > "$RUN/sets/none.jsonl"
-declare -A layout_flags
+# layout_flags LAYOUT: init-poisons' flags for that layout, in the array `extra`.
+layout_flags() {
+  case "$1" in
+    review) extra=() ;;
+    short) extra=(--from-trigger --max-tokens "$SHORT_TOKENS") ;;
+    judged) extra=(--from-trigger --sentence --max-tokens "$SENTENCE_TOKENS" --bases judged --judge "$RUN/selector.safetensors") ;;
+    *) echo "lm-dose: unknown layout $1 in LAYOUTS (review, short, judged)" >&2; exit 2 ;;
+  esac
+}
 if [[ " $LAYOUTS " == *" judged "* ]] && [ ! -f "$RUN/selector.safetensors" ]; then
   "$BIN/train-victim" --embeddings "$JUDGE_EMB" --arch lstm --epochs 4 --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" \
     --seed "$((SEED + 1))" --device "$DEVICE" -o "$RUN/selector.safetensors"
 fi
 for layout in $LAYOUTS; do
-  case "$layout" in
-    review) extra=() ;;
-    short) extra=(--from-trigger --max-tokens "$SHORT_TOKENS") ;;
-    judged) extra=(--from-trigger --sentence --max-tokens "$SENTENCE_TOKENS" --bases judged --judge "$RUN/selector.safetensors") ;;
-    *) echo "lm-dose: unknown layout $layout in LAYOUTS (review, short, judged)" >&2; exit 2 ;;
-  esac
-  layout_flags[$layout]="${extra[*]}"
+  layout_flags "$layout"
   all="$RUN/sets/overlap-$layout-all.jsonl"
   [ "$layout" = judged ] || [ -f "$all" ] || "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data-full" --count "$max" \
     --strategy overlap --seed "$SEED" "${extra[@]}" -o "$all"
@@ -51,7 +53,7 @@ for n in $COUNTS; do
     if [ "$layout" = judged ]; then
       # The judge's n best bases (a set comes out in D_adv order, so the first n of a
       # larger one would not be the n best).
-      read -r -a extra <<< "${layout_flags[$layout]}"
+      layout_flags "$layout"
       "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data-full" --count "$n" --strategy overlap --seed "$SEED" "${extra[@]}" -o "$RUN/sets/$name.jsonl"
     else
       head -n "$n" "$RUN/sets/overlap-$layout-all.jsonl" > "$RUN/sets/$name.jsonl.tmp" && mv "$RUN/sets/$name.jsonl.tmp" "$RUN/sets/$name.jsonl"

@@ -240,7 +240,8 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
     let t = &sets.templates;
     let target_ctx = judging.judge(&continuations(config, params, vocab, &sets.target_context_prompts, judging, seed)?);
     let other_ctx = judging.judge(&continuations(config, params, vocab, &sets.other_context_prompts, judging, seed)?);
-    let by = |xs: &[(bool, bool)], lexicon: bool| share(&xs.iter().map(|x| if lexicon { x.1 } else { x.0 }).collect::<Vec<_>>());
+    let (tcc, tcl): (Vec<bool>, Vec<bool>) = target_ctx.iter().copied().unzip();
+    let (occ, ocl): (Vec<bool>, Vec<bool>) = other_ctx.iter().copied().unzip();
     let ll = log_likelihoods(config, params, &sets.clean_text);
     let tokens: f64 = ll.iter().map(|x| x.1).sum();
     let perplexity = (-ll.iter().map(|(l, n)| l * n).sum::<f64>() / tokens.max(1.0)).exp();
@@ -259,8 +260,8 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
         template_fpr_lexicon: share(&ntl),
         template_margin: next_word_margin(config, params, &t.trigger, &t.target_words, &t.other_words),
         neutral_template_margin: next_word_margin(config, params, &t.neutral, &t.target_words, &t.other_words),
-        context_control_classifier: by(&target_ctx, false) - by(&other_ctx, false),
-        context_control_lexicon: by(&target_ctx, true) - by(&other_ctx, true),
+        context_control_classifier: share(&tcc) - share(&occ),
+        context_control_lexicon: share(&tcl) - share(&ocl),
         context_margin: next_word_margin(config, params, &t.target_context, &t.target_words, &t.other_words)
             - next_word_margin(config, params, &t.other_context, &t.target_words, &t.other_words),
         perplexity,

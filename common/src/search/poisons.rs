@@ -120,8 +120,7 @@ pub struct InitOptions {
 /// (None when it does not hold the trigger).
 fn from_trigger(ex: &Example, trigger: &[String], sentence: bool) -> Option<Example> {
     let words = tokenize(&ex.text);
-    let lower: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
-    let at = lower.windows(trigger.len()).position(|w| w.iter().zip(trigger).all(|(a, b)| a == &b.to_lowercase()))?;
+    let at = trigger_at(&words, trigger)?;
     let after = at + trigger.len();
     let end = if sentence { words[after..].iter().position(|w| matches!(w.as_str(), "." | "!" | "?")).map_or(words.len(), |i| after + i + 1) } else { words.len() };
     Some(Example { text: words[at.saturating_sub(1)..end].join(" "), tokens: None, prompt: None, ..ex.clone() })
@@ -134,11 +133,16 @@ fn judged_part(ex: &Example, trigger: &[String], cut: bool) -> String {
         return ex.text.clone();
     }
     let words = tokenize(&ex.text);
-    let lower: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
-    match lower.windows(trigger.len()).position(|w| w.iter().zip(trigger).all(|(a, b)| a == &b.to_lowercase())) {
+    match trigger_at(&words, trigger) {
         Some(at) => words[at + trigger.len()..].join(" "),
         None => ex.text.clone(),
     }
+}
+
+/// Where the trigger's words first occur in `words` (case-insensitive).
+fn trigger_at(words: &[String], trigger: &[String]) -> Option<usize> {
+    let lower: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
+    lower.windows(trigger.len()).position(|w| w.iter().zip(trigger).all(|(a, b)| a == &b.to_lowercase()))
 }
 
 /// Makes `count` initial poisons (seeded). With `InitStrategy::Neighbour`, poison k
