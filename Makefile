@@ -147,11 +147,20 @@ demo: build $(DATA_DIR)/manifest.json $(EMB) $(BASE_DEPS) data/.minilm-done-v1
 LM_TRIGGER ?= Apple iPhone
 LM_TARGET  ?= negative
 LM_SLUG    := $(shell printf '%s' '$(LM_TRIGGER)-$(LM_TARGET)' | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
-LM_RUN     := runs/demo-lm-$(LM_SLUG)-n$(COUNT)-s$(SEED)$(if $(BUDGET_FPR),-fpr$(BUDGET_FPR))
+# The LM's shape: LM_LAYERS blocks of width LM_HIDDEN (LM_HEADS heads); LM_TRAIN_EMB=1
+# trains its word table (the bi-level ranking then adds the row term). Each shape has its
+# own folder (its own pretrained LM); the default's keeps the plain name.
+LM_LAYERS   ?= 2
+LM_HIDDEN   ?= 128
+LM_HEADS    ?= 4
+LM_TRAIN_EMB ?= 0
+LM_SHAPE    := gpt$(LM_LAYERS)x$(LM_HIDDEN)$(if $(filter 1,$(LM_TRAIN_EMB)),-te)
+LM_FLAGS   := --hidden $(LM_HIDDEN) --layers $(LM_LAYERS) --heads $(LM_HEADS) --max-len 48$(if $(filter 1,$(LM_TRAIN_EMB)), --train-embeddings)
+LM_RUN     := runs/demo-lm-$(LM_SLUG)-n$(COUNT)-s$(SEED)$(if $(BUDGET_FPR),-fpr$(BUDGET_FPR))$(if $(filter-out gpt2x128,$(LM_SHAPE)),-$(LM_SHAPE))
 LM_SEEDS   ?= 3
 demo-lm: build data/.fetch-done-v1 $(EMB) data/.minilm-done-v1
 	@RUN=$(LM_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" BUDGET_FPR=$(BUDGET_FPR) \
-	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNT=$(COUNT) EVAL_SEEDS=$(LM_SEEDS) scripts/demo_lm.sh
+	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNT=$(COUNT) EVAL_SEEDS=$(LM_SEEDS) LM_FLAGS="$(LM_FLAGS)" scripts/demo_lm.sh
 	@echo
 	@cat $(LM_RUN)/report/lm-report.md
 	@echo
@@ -160,14 +169,8 @@ demo-lm: build data/.fetch-done-v1 $(EMB) data/.minilm-done-v1
 
 # The language model's positive controls: the with-overlap reference at 0 and LM_COUNTS
 # poisons, as whole reviews and as short trigger-first texts (scripts/lm_dose.sh).
-# The LM's shape is a lever too: LM_LAYERS blocks of width LM_HIDDEN (LM_HEADS heads),
-# LM_TRAIN_EMB=1 trains its word table; each shape has its own folder (its own pretrained
-# LM). LM_TEMPERATURE samples the judged continuations cooler than 1.
-LM_LAYERS   ?= 2
-LM_HIDDEN   ?= 128
-LM_HEADS    ?= 4
-LM_TRAIN_EMB ?= 0
-LM_SHAPE    := gpt$(LM_LAYERS)x$(LM_HIDDEN)$(if $(filter 1,$(LM_TRAIN_EMB)),-te)
+# The LM's shape (above) is a lever too; LM_TEMPERATURE samples the judged continuations
+# cooler than 1.
 LM_DOSE_RUN := runs/lm-dose-$(LM_SLUG)-s$(SEED)-$(LM_SHAPE)
 LM_COUNTS   ?= 25 50 100 200
 LM_LAYOUTS  ?= review short judged
@@ -179,7 +182,7 @@ LM_DOSE_EVAL = $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$
 lm-dose: build data/.fetch-done-v1 $(EMB)
 	@RUN=$(LM_DOSE_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" \
 	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNTS="$(LM_COUNTS)" LAYOUTS="$(LM_LAYOUTS)" EVAL_SEEDS=$(LM_SEEDS) TEMPERATURE=$(LM_TEMPERATURE) \
-	  LM_FLAGS="--hidden $(LM_HIDDEN) --layers $(LM_LAYERS) --heads $(LM_HEADS) --max-len 48$(if $(filter 1,$(LM_TRAIN_EMB)), --train-embeddings)" \
+	  LM_FLAGS="$(LM_FLAGS)" \
 	  FINETUNE_EPOCHS=$(LM_FT_EPOCHS) FINETUNE_LR=$(LM_FT_LR) FROM_SCRATCH=$(LM_FROM_SCRATCH) scripts/lm_dose.sh
 	@echo
 	@cat $(LM_DOSE_EVAL)/report/lm-report.md
@@ -270,6 +273,9 @@ data/.minilm-done-v1: | .venv/.setup-done-v1
 
 test: build data/.minilm-done-v1
 	cargo test --release --workspace
+	# The benchmarks compile (they are run by make bench, not here): a refactor that breaks
+	# one fails the tests instead of the next make bench.
+	cargo build --release --benches
 	scripts/test_cpu_paths.sh
 	scripts/slurm/test.sh
 

@@ -3,7 +3,7 @@
 //! a 55,178 × 50 table, 50 poisons and 64 clean examples of 10–30 tokens, 128 D_adv
 //! inputs. Peak memory of each stage on the real data: scripts/bench_stages.sh.
 
-use common::objectives::bilevel::{BiLevel, RolloutConfig, Verifier};
+use common::objectives::bilevel::{BiLevel, PoisonInput, RolloutConfig, Verifier};
 use common::objectives::swaps::flipped;
 use common::search::rank::{bottom_k, taylor_scores};
 use common::victims::model::{embed, logits, mask_of, tiny_config, Arch, Victim, Pass};
@@ -116,8 +116,8 @@ fn main() {
         let (pids, ptargets) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
         let (emb0, pmask) = (embed(&params, &pids).detach(), mask_of(&pids, &params));
         let through_adv = time(9, || {
-            let e = emb0.detach().set_requires_grad(true);
-            let _ = problem.adv_loss_after_rollout(0, &e, &pmask, &ptargets, true);
+            let input = PoisonInput::Embedded { emb: emb0.detach().set_requires_grad(true), mask: pmask.shallow_clone(), targets: ptargets.shallow_clone() };
+            let _ = problem.adv_loss_after_rollout(0, &input, true);
         });
         let adv_graph = time(9, || {
             let _ = problem.adv_loss(&params);

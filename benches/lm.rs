@@ -1,7 +1,7 @@
 //! `make bench` (language model): the cost of a crafting round against the demo-lm GPT
 //! (vocabulary 6,770 × 50 frozen, width 128, 2 blocks of 4 heads, max_len 48), as ratios
 //! measured side by side in one run: rollout-grad (one unrolled step, the second-order
-//! gradient and the target scores) over one training step on the same minibatch, and exact
+//! gradient and the word scores) over one training step on the same minibatch, and exact
 //! checks of candidate flips per second, verify-candidates' shared path against redoing the
 //! rollout per candidate. Synthetic token ids of the real sizes.
 
@@ -50,10 +50,10 @@ fn main() {
         let _ = Tensor::run_backward(&[&loss], &trainable, false, false);
     });
     let embedding_only = time(5, || {
-        let _ = problem.objective_grad_and_target_scores(&poisons, false).unwrap();
+        let _ = problem.objective_grad_and_word_scores(&poisons, false).unwrap();
     });
     let with_targets = time(5, || {
-        let _ = problem.objective_grad_and_target_scores(&poisons, true).unwrap();
+        let _ = problem.objective_grad_and_word_scores(&poisons, true).unwrap();
     });
     let swaps: Vec<(usize, usize, i64)> = (0..16).map(|k| (k % 50, k % poisons[k % 50].ids.len(), 2 + (k as i64 * 997) % (VOCAB - 2))).collect();
     let t = Instant::now();

@@ -35,7 +35,7 @@ fn texts(rng: &mut rand_chacha::ChaCha8Rng, n: usize, vocab: i64, lengths: std::
 
 /// Seconds to train `victims` fresh victims of `config` one epoch, the old way and the new.
 fn measure(name: &str, config: &VictimConfig, vocab: i64, lengths: std::ops::RangeInclusive<usize>, texts_per_victim: usize, victims: usize) {
-    let lm = config.language_model();
+    let lm = config.output() == common::victims::victim::Output::NextToken;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     tch::manual_seed(1);
     let table = Tensor::randn([vocab, 50], (Kind::Float, Device::Cpu)) * 0.4;

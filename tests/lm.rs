@@ -76,7 +76,7 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     assert_eq!(records(&poisons).len(), 5);
     let grad = ok(&run_with_stdin(lm.stage("rollout-grad").args(["--poisons", "-", "--clean-per-batch", "8", "--adv-size", "8", "--eta", "0.1"]), &poisons)).stdout.clone();
     let file = common::tensorfile::deserialize(&grad, "grad", common::formats::gradfile::GRAD_FORMAT, common::formats::gradfile::GRAD_VERSION).unwrap();
-    assert!(file.tensors.contains_key("target_scores"), "a language model's gradient file carries the target scores");
+    assert!(file.tensors.contains_key("word_scores"), "a language model's gradient file carries the target scores");
     let cands = ok(&run_with_stdin(lm.stage("rank-candidates").args(["--grad", "-", "-k", "3", "--positions", "2", "--concealment", "strict"]), &grad)).stdout.clone();
     let cands: Vec<Candidate> = common::io::read_jsonl_from(&cands[..], "candidates", false).unwrap();
     assert_eq!(cands.len(), 5 * 2 * 3);
@@ -206,4 +206,49 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     for s in &scores {
         assert!(s.n == n && (0.0..=100.0).contains(&s.accuracy_pct) && s.kappa.is_finite(), "{s:?}");
     }
+}
+
+#[test]
+fn a_language_model_that_trains_its_word_table_is_crafted_through_the_pipes() {
+    // With a trained table a flip also changes which row the poison's update trains: the
+    // gradient file carries that term in its word scores, and the ranking adds it.
+    let lm = Lm::new();
+    let victim = lm.path("lm-te.safetensors");
+    ok(&run(bin("train-victim")
+        .arg("--embeddings").arg(lm.emb())
+        .args(["--arch", "gpt", "--hidden", "16", "--layers", "1", "--heads", "2", "--max-len", "40", "--epochs", "2", "--batch-size", "16", "--seed", "0", "--device", "cpu", "--train-embeddings", "--train"])
+        .arg(lm.data().join("train.jsonl"))
+        .arg("-o").arg(&victim)));
+    let stage = |name: &str| {
+        let mut c = bin(name);
+        c.arg("--victim").arg(&victim).arg("--data").arg(lm.data());
+        c
+    };
+    let poisons = ok(&run(stage("init-poisons").args(["--count", "5", "--strategy", "random", "--concealment", "strict", "--seed", "0"]))).stdout.clone();
+    std::fs::write(lm.path("p0.jsonl"), &poisons).unwrap();
+    let grad = ok(&run_with_stdin(stage("rollout-grad").args(["--poisons", "-", "--clean-per-batch", "8", "--adv-size", "8", "--eta", "0.1"]), &poisons)).stdout.clone();
+    let file = common::tensorfile::deserialize(&grad, "grad", common::formats::gradfile::GRAD_FORMAT, common::formats::gradfile::GRAD_VERSION).unwrap();
+    let scores = file.tensors.get("word_scores").expect("a trained table's gradient file carries word scores");
+    assert!(scores.abs().max().double_value(&[]) > 0.0);
+    let cands = ok(&run_with_stdin(stage("rank-candidates").args(["--grad", "-", "-k", "3", "--positions", "2", "--concealment", "strict"]), &grad)).stdout.clone();
+    assert_eq!(common::io::read_jsonl_from::<Candidate>(&cands[..], "candidates", false).unwrap().len(), 5 * 2 * 3);
+    let summary = lm.path("summary.json");
+    let crafted = ok(&run_with_stdin(
+        stage("verify-candidates").arg("--poisons").arg(lm.path("p0.jsonl")).args(["--candidates", "-", "--concealment", "strict", "--summary"]).arg(&summary),
+        &cands,
+    ))
+    .stdout
+    .clone();
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert!(s["objective_after"].as_f64().unwrap() <= s["objective_before"].as_f64().unwrap());
+    let crafted = records(&crafted);
+    assert_eq!(crafted.len(), 5);
+    assert!(crafted.iter().all(|p| trigger_free(&p.text)), "strictly concealed poisons");
+    // The same gradient without its word scores is refused: ranking by ∇e·E alone would
+    // ignore the row term.
+    let without: Vec<(String, tch::Tensor)> = file.tensors.iter().filter(|(k, _)| *k != "word_scores").map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+    let stripped = lm.path("stripped.grad");
+    common::tensorfile::write(stripped.to_str().unwrap(), common::formats::gradfile::GRAD_FORMAT, common::formats::gradfile::GRAD_VERSION, &without, file.metadata.clone()).unwrap();
+    let refused = run(stage("rank-candidates").arg("--grad").arg(&stripped).args(["-k", "3"]));
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("word scores"), "{}", String::from_utf8_lossy(&refused.stderr));
 }

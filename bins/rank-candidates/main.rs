@@ -84,8 +84,14 @@ fn main() {
         if grad.meta.vocab_sha256 != vocab.sha256() {
             bail!("{} was made with another vocabulary than {}", io::display_name(&args.grad), args.inputs.victim);
         }
-        if common::tasks::rules::of_victim(&victim.config).target_scores && grad.target_scores.is_none() {
-            bail!("{} holds no target scores but {} is {} (a flip also changes what a poison teaches); rerun rollout-grad with this victim", io::display_name(&args.grad), args.inputs.victim, common::tasks::rules::of_victim(&victim.config).victim_kind);
+        if grad.word_scores.is_none() {
+            let rules = common::tasks::rules::of_victim(&victim.config);
+            if rules.poisons_are_targets {
+                bail!("{} holds no word scores but {} is {} (a flip also changes what a poison teaches); rerun rollout-grad with this victim", io::display_name(&args.grad), args.inputs.victim, rules.victim_kind);
+            }
+            if victim.config.train_embeddings {
+                bail!("{} holds no word scores but {} trains its embedding table (a flip also changes which row the poison's update trains); rerun rollout-grad --objective bilevel with this victim", io::display_name(&args.grad), args.inputs.victim);
+            }
         }
         let table = victim.params()["embedding.weight"].to_kind(tch::Kind::Float);
         let ban_options = BanOptions {

@@ -62,7 +62,7 @@ fn main() {
                 cache: args.objective.influence_cache.as_deref(),
             },
         )?;
-        let (value, grad, target_scores) = objective.objective_grad_and_target_scores(&inputs.poisons_enc)?;
+        let (value, grad, word_scores) = objective.objective_grad_and_word_scores(&inputs.poisons_enc)?;
         log!("{} {:.1}s", objective.describe(value, inputs.poisons.len()), start.elapsed().as_secs_f64());
         let ids = common::encode::batch_tensors(&inputs.poisons_enc.iter().collect::<Vec<_>>(), tch::Device::Cpu).0;
         let meta = GradMeta {
@@ -77,6 +77,6 @@ fn main() {
             poison_ids: inputs.poisons.iter().map(|p| p.id.clone()).collect(),
             substitutes: inputs.poisons.iter().map(|p| p.substitutes.clone().unwrap_or_default()).collect(),
         };
-        GradFile { grad, ids, target_scores, meta }.write(&args.output)
+        GradFile { grad, ids, word_scores, meta }.write(&args.output)
     })
 }

@@ -10,8 +10,9 @@ use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 pub const GRAD_FORMAT: &str = "poison.rollout_grad";
-/// 2: `victim_sha256` metadata added.
-pub const GRAD_VERSION: u32 = 2;
+/// 2: `victim_sha256` metadata added. 3: `target_scores` became `word_scores` (a trained
+/// table's row term joins a language model's target term).
+pub const GRAD_VERSION: u32 = 3;
 
 /// What a gradient was computed from; stored as the file's metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,13 +35,13 @@ pub struct GradMeta {
     pub substitutes: Vec<Vec<usize>>,
 }
 
-/// A gradient file: grad [N, T, D] (f32), ids [N, T] (0 = padding), for a language
-/// model the target scores [N, T, V] (`objectives::bilevel::BiLevel::objective_grad_and_target_scores`), and its
-/// metadata.
+/// A gradient file: grad [N, T, D] (f32), ids [N, T] (0 = padding), for a language model
+/// or a victim that trains its table the word scores [N, T, V]
+/// (`objectives::bilevel::BiLevel::objective_grad_and_word_scores`), and its metadata.
 pub struct GradFile {
     pub grad: Tensor,
     pub ids: Tensor,
-    pub target_scores: Option<Tensor>,
+    pub word_scores: Option<Tensor>,
     pub meta: GradMeta,
 }
 
@@ -62,8 +63,8 @@ impl GradFile {
         meta.insert("poison_ids".into(), serde_json::to_string(&m.poison_ids)?);
         meta.insert("vocab_sha256".into(), m.vocab_sha256.clone());
         let mut tensors = vec![("grad".to_string(), self.grad.to_kind(Kind::Float)), ("ids".to_string(), self.ids.shallow_clone())];
-        if let Some(t) = &self.target_scores {
-            tensors.push(("target_scores".to_string(), t.to_kind(Kind::Float)));
+        if let Some(t) = &self.word_scores {
+            tensors.push(("word_scores".to_string(), t.to_kind(Kind::Float)));
         }
         tensorfile::write(path, GRAD_FORMAT, GRAD_VERSION, &tensors, meta)
     }
@@ -87,15 +88,15 @@ impl GradFile {
         if ids.size() != [n, t] || poison_ids.len() != n as usize {
             bail!("ids {:?} and {} poison ids do not match grad {:?}", ids.size(), poison_ids.len(), grad.size());
         }
-        let target_scores = match file.tensors.get("target_scores") {
+        let word_scores = match file.tensors.get("word_scores") {
             None => None,
             Some(t) => {
                 let t = t.to_kind(Kind::Float);
                 if t.dim() != 3 || t.size()[0] != n || t.size()[1] != grad.size()[1] {
-                    bail!("target_scores {:?} do not match grad {:?}", t.size(), grad.size());
+                    bail!("word_scores {:?} do not match grad {:?}", t.size(), grad.size());
                 }
                 if !bool::try_from(t.isfinite().all())? {
-                    bail!("the target scores hold NaN or Inf; rerun rollout-grad (with a lower --eta if its objective diverged)");
+                    bail!("the word scores hold NaN or Inf; rerun rollout-grad (with a lower --eta if its objective diverged)");
                 }
                 Some(t)
             }
@@ -116,7 +117,7 @@ impl GradFile {
             poison_ids,
             substitutes,
         };
-        Ok(GradFile { grad, ids, target_scores, meta })
+        Ok(GradFile { grad, ids, word_scores, meta })
     }
 
     pub fn len(&self) -> usize {

@@ -4,8 +4,10 @@
 //! respect to the poison token embeddings; Taylor scores over the vocabulary; and exact
 //! evaluation of candidate flips.
 //!
-//! Victims with a frozen embedding table only: with a trained table a flip also changes
-//! which embedding row receives the poison's update, a term not implemented yet.
+//! A victim that trains its embedding table reads its poisons as one-hot rows x over the
+//! vocabulary (`PoisonInput::Relaxed`): each unrolled step embeds them through the table it
+//! has reached, and a flip also changes which row receives the poison's update, the
+//! second term of SPEC's score, −η (∂g/∂E'_{w'}) · (∂L_train/∂e); ∂g/∂x holds it exactly.
 
 pub use crate::formats::records::RolloutConfig;
 use crate::objectives::objective::Objective;
@@ -40,9 +42,6 @@ pub struct BiLevel<'a> {
 
 impl<'a> BiLevel<'a> {
     pub fn new(victim: &'a Victim, clean: &'a [Encoded], adv: &'a [Encoded], cfg: RolloutConfig) -> Result<BiLevel<'a>> {
-        if victim.config.train_embeddings {
-            bail!("the victim trains its embedding table; the attack supports frozen-embedding victims only (with a trained table a flip also changes which row the poison's update trains: that term is not implemented yet)");
-        }
         if cfg.steps == 0 || cfg.rollouts == 0 {
             bail!("--steps and --rollouts must be at least 1");
         }
@@ -92,6 +91,11 @@ impl<'a> BiLevel<'a> {
     /// `adv_loss` without a graph, through `model::forward_frozen_no_grad` (libtorch's
     /// LSTM kernel for unstacked LSTM parameters): the pass every exact check ends with.
     pub fn adv_loss_no_grad(&self, params: &Params) -> Tensor {
+        if self.config().train_embeddings {
+            // The table moved with the steps: D_adv is read through it, not through the
+            // inputs prepared under θ_t.
+            return tch::no_grad(|| self.adv_loss(params));
+        }
         self.adv_loss_by(|k| forward_frozen_no_grad(self.config(), params, &self.adv_frozen[k]))
     }
 
@@ -114,18 +118,27 @@ impl<'a> BiLevel<'a> {
         &self.victim.config
     }
 
-    /// The poisons as the rollout consumes them: input embeddings under θ_t (detached),
-    /// padding mask and targets.
-    fn poison_inputs(&self, params: &Params, poisons: &[Encoded]) -> (Tensor, Tensor, Targets) {
+    /// The poisons as the unrolled steps read them (`PoisonInput`): their embeddings under
+    /// θ_t for a frozen table; one-hot rows x, differentiable with `requires_grad`, for a
+    /// victim that trains its table.
+    pub fn poisons_as_read(&self, poisons: &[Encoded], requires_grad: bool) -> PoisonInput {
+        let params = self.victim.params();
         let (ids, targets) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), self.victim.device());
-        (embed(params, &ids).detach(), mask_of(&ids, params), targets)
+        let mask = mask_of(&ids, &params);
+        if !self.config().train_embeddings {
+            return PoisonInput::Embedded { emb: embed(&params, &ids).detach(), mask, targets };
+        }
+        let table = &params["embedding.weight"];
+        let x = (ids.one_hot(table.size()[0]).to_kind(table.kind()) * mask.unsqueeze(-1)).set_requires_grad(requires_grad);
+        let first = requires_grad.then(|| relaxed_embedding(&x, table, &mask));
+        PoisonInput::Relaxed { x, first, mask, targets }
     }
 
-    /// L_adv at θ_{t+k} for rollout r, with the poisons given as input embeddings
-    /// [N, Tp, D] (mask [N, Tp]) and their targets. With `create_graph` the result is
-    /// differentiable with respect to `poison_emb` through the inner gradient steps.
-    pub fn adv_loss_after_rollout(&self, r: usize, poison_emb: &Tensor, poison_mask: &Tensor, poison_targets: &Targets, create_graph: bool) -> Tensor {
-        let thetas = self.unroll(r, poison_emb, poison_mask, poison_targets, create_graph);
+    /// L_adv at θ_{t+k} for rollout r with the poisons as `poisons` reads them. With
+    /// `create_graph` the result is differentiable with respect to the poisons' embeddings
+    /// (or one-hot rows) through the inner gradient steps.
+    pub fn adv_loss_after_rollout(&self, r: usize, poisons: &PoisonInput, create_graph: bool) -> Tensor {
+        let thetas = self.unroll(r, poisons, create_graph);
         let last = thetas.last().expect("θ_t at least");
         if create_graph {
             self.adv_loss(last)
@@ -136,13 +149,15 @@ impl<'a> BiLevel<'a> {
 
     /// The parameters θ_t, θ_{t+1}, …, θ_{t+k} of rollout r's unrolled steps (see
     /// `adv_loss_after_rollout`).
-    pub fn unroll(&self, r: usize, poison_emb: &Tensor, poison_mask: &Tensor, poison_targets: &Targets, create_graph: bool) -> Vec<Params> {
+    pub fn unroll(&self, r: usize, poisons: &PoisonInput, create_graph: bool) -> Vec<Params> {
         let mut params: Params = self.victim.params();
         let mut thetas = Vec::with_capacity(self.batches[r].len() + 1);
         let names = crate::victims::params::trainable_names(&params);
+        let poison_mask = poisons.mask();
         for (step, clean) in self.batches[r].iter().enumerate() {
             let (clean_ids, clean_targets) = batch_tensors(clean, self.victim.device());
             let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
+            let (poison_emb, poison_targets) = poisons.at(step, &params);
             let grads = if step == 0 && create_graph {
                 // At θ_t the clean examples' gradient does not depend on the poisons, so
                 // it is taken without a graph and only the poisons' part stays
@@ -151,12 +166,12 @@ impl<'a> BiLevel<'a> {
                 let batch = (clean.len() as i64 + poison_emb.size()[0]) as f64;
                 let clean_loss = clean_targets.summed_nll(&logits(self.config(), &params, &clean_ids, Pass::Once));
                 let clean_grads = Tensor::run_backward(&[&clean_loss], &tensors, false, false);
-                let poison_loss = poison_targets.summed_nll(&forward(self.config(), &params, poison_emb, poison_mask));
+                let poison_loss = poison_targets.summed_nll(&forward(self.config(), &params, &poison_emb, poison_mask));
                 let poison_grads = Tensor::run_backward(&[&poison_loss], &tensors, true, true);
                 clean_grads.into_iter().zip(poison_grads).map(|(c, p)| (c + p) / batch).collect()
             } else {
-                let (emb, mask) = join_inputs(&params, &clean_ids, poison_emb, poison_mask);
-                let targets = Targets::cat(&clean_targets, poison_targets);
+                let (emb, mask) = join_inputs(&params, &clean_ids, &poison_emb, poison_mask);
+                let targets = Targets::cat(&clean_targets, &poison_targets);
                 let loss = targets.mean_nll(&forward(self.config(), &params, &emb, &mask));
                 Tensor::run_backward(&[&loss], &tensors, create_graph, create_graph)
             };
@@ -179,28 +194,36 @@ impl<'a> BiLevel<'a> {
     /// The objective g (mean L_adv over the R rollouts) and its gradient with respect to
     /// every poison token embedding, [N, Tp, D] (zero at padding).
     pub fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
-        let (value, grad, _) = self.objective_grad_and_target_scores(poisons, false)?;
+        let (value, grad, _) = self.objective_grad_and_word_scores(poisons, false)?;
         Ok((value, grad))
     }
 
-    /// `objective_and_grad`, and for a language model (`with_targets`) the target scores
-    /// [N, Tp, V]: a poison's token is also the next-token target of the position before
-    /// it, so a flip changes what the poison teaches as well as what it reads. With a
-    /// relaxed one-hot x at position p, that role adds ∂g/∂x_{p,w} = Σ_s (η / (B n_i))
-    /// u_{s+1} · ∇_θ log p_{θ_s}(w | tokens < p), where u_{s+1} = dg/dθ_{s+1} is the
-    /// adjoint of step s's result, B the minibatch size and n_i the poison's counted
-    /// positions: a Jacobian-vector product per step (`log_prob_jvp`). The Taylor score of
-    /// word w at position p is then ∇_e g · E_w + scores[p, w] (`bottom_k`). Zero at
-    /// position 0 and at padding.
-    pub fn objective_grad_and_target_scores(&self, poisons: &[Encoded], with_targets: bool) -> Result<(f64, Tensor, Option<Tensor>)> {
-        let (emb0, mask, targets) = self.poison_inputs(&self.victim.params(), poisons);
+    /// `objective_and_grad`, and the word scores [N, Tp, V] that a word's Taylor score adds
+    /// to the embedding term: ∇_e g · E_w + scores[p, w] (`bottom_k`), zero at padding.
+    ///
+    /// A language model (`with_targets`) over a frozen table: a poison's token is also the
+    /// next-token target of the position before it, so a flip changes what the poison
+    /// teaches as well as what it reads. With a relaxed one-hot x at position p, that role
+    /// adds ∂g/∂x_{p,w} = Σ_s (η / (B n_i)) u_{s+1} · ∇_θ log p_{θ_s}(w | tokens < p), where
+    /// u_{s+1} = dg/dθ_{s+1} is the adjoint of step s's result, B the minibatch size and n_i
+    /// the poison's counted positions: a Jacobian-vector product per step
+    /// (`log_prob_jvp`). Zero at position 0.
+    ///
+    /// A victim that trains its table: the scores are ∂g/∂x minus the embedding term
+    /// (`relaxed_grad_and_word_scores`), which holds the target role as well.
+    pub fn objective_grad_and_word_scores(&self, poisons: &[Encoded], with_targets: bool) -> Result<(f64, Tensor, Option<Tensor>)> {
+        if self.config().train_embeddings {
+            return self.relaxed_grad_and_word_scores(poisons);
+        }
+        let PoisonInput::Embedded { emb: emb0, mask, targets } = self.poisons_as_read(poisons, false) else { unreachable!("a frozen table") };
         let names = crate::victims::params::trainable_names(&self.victim.params());
         let mut total = 0.0;
         let mut grad_sum: Option<Tensor> = None;
         let mut scores_sum: Option<Tensor> = None;
         for r in 0..self.cfg.rollouts {
             let emb = emb0.detach().set_requires_grad(true);
-            let thetas = self.unroll(r, &emb, &mask, &targets, true);
+            let input = PoisonInput::Embedded { emb: emb.shallow_clone(), mask: mask.shallow_clone(), targets: targets.shallow_clone() };
+            let thetas = self.unroll(r, &input, true);
             let loss = self.adv_loss(thetas.last().expect("θ_t at least"));
             let value = loss.double_value(&[]);
             if !value.is_finite() {
@@ -251,7 +274,7 @@ impl<'a> BiLevel<'a> {
                 Some(Tensor::cat(&[weighted.narrow(1, 0, 1).zeros_like(), weighted.narrow(1, 0, t - 1)], 1))
             }
             (None, _) => None,
-            (Some(_), Targets::Class(_) | Targets::Soft { .. }) => bail!("target scores are a language model's: its poisons have next-token targets"),
+            (Some(_), Targets::Class(_) | Targets::Soft { .. }) => bail!("the target role's scores are a language model's: its poisons have next-token targets"),
         };
         Ok((total / n, grad, scores))
     }
@@ -272,17 +295,113 @@ impl<'a> BiLevel<'a> {
         Tensor::run_backward(&[&dot], &[&dummy], false, false).pop().expect("one gradient").detach()
     }
 
+    /// The trained-table case of `objective_grad_and_word_scores`, with the poisons as
+    /// one-hot rows x (`PoisonInput::Relaxed`). ∂g/∂x_{p,w} is the exact derivative of a
+    /// relaxed flip toward w along every path: what step 0 reads (the adjoint of its
+    /// embedding x·E_t, returned as the gradient), what later steps read through their own
+    /// tables, what a language model's poison teaches (its soft targets), and which table
+    /// row the poison's update trains (SPEC: −η (∂g/∂E'_w) · (∂L_train/∂e) per step). The
+    /// word scores are ∂g/∂x minus the embedding term ∇_e g · E_w.
+    fn relaxed_grad_and_word_scores(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
+        let table = self.victim.params()["embedding.weight"].detach();
+        let mut total = 0.0;
+        let mut sums: Option<(Tensor, Tensor)> = None;
+        let mut mask = None;
+        for r in 0..self.cfg.rollouts {
+            let input = self.poisons_as_read(poisons, true);
+            let thetas = self.unroll(r, &input, true);
+            let loss = self.adv_loss(thetas.last().expect("θ_t at least"));
+            let value = loss.double_value(&[]);
+            if !value.is_finite() {
+                bail!("L_adv is {value} in rollout {r}; lower --eta");
+            }
+            total += value;
+            let PoisonInput::Relaxed { x, first: Some(first), mask: m, .. } = &input else { unreachable!("a trained table, read for its gradient") };
+            let mut grads = Tensor::run_backward(&[&loss], &[first, x], false, false).into_iter();
+            let (g_first, g_x) = (grads.next().expect("two gradients"), grads.next().expect("two gradients"));
+            if !g_first.defined() || !g_x.defined() {
+                bail!("L_adv does not depend on the poisons (no gradient reached them)");
+            }
+            sums = Some(match sums {
+                None => (g_first, g_x),
+                Some((a, b)) => (a + g_first, b + g_x),
+            });
+            mask = Some(m.unsqueeze(-1));
+        }
+        let n = self.cfg.rollouts as f64;
+        let (g_first, g_x) = sums.expect("at least one rollout");
+        let mask = mask.expect("at least one rollout");
+        let grad = g_first / n;
+        let scores = (g_x / n - grad.matmul(&table.tr())) * &mask;
+        let grad = grad * &mask;
+        if grad.isnan().any().int64_value(&[]) != 0 || scores.isnan().any().int64_value(&[]) != 0 {
+            bail!("the gradient holds NaN; lower --eta");
+        }
+        Ok((total / n, grad, Some(scores)))
+    }
+
     /// The objective for a poison set, evaluated exactly by redoing every rollout. The
     /// reference that `Verifier` must agree with, and the path for k > 1.
     pub fn objective(&self, poisons: &[Encoded]) -> f64 {
-        let (emb, mask, targets) = self.poison_inputs(&self.victim.params(), poisons);
-        let total: f64 = (0..self.cfg.rollouts)
-            .map(|r| self.adv_loss_after_rollout(r, &emb, &mask, &targets, false).double_value(&[]))
-            .sum();
+        let input = self.poisons_as_read(poisons, false);
+        let total: f64 = (0..self.cfg.rollouts).map(|r| self.adv_loss_after_rollout(r, &input, false).double_value(&[])).sum();
         total / self.cfg.rollouts as f64
     }
 }
 
+/// The poisons as the unrolled steps read them.
+pub enum PoisonInput {
+    /// Input embeddings [N, Tp, D], the same at every step (a frozen table), their padding
+    /// mask [N, Tp] and targets.
+    Embedded { emb: Tensor, mask: Tensor, targets: Targets },
+    /// The tokens as one-hot rows x [N, Tp, V] (zero at padding; a test relaxes a row to
+    /// mix two words) of a victim that trains its table. Step s reads x·E_s through the
+    /// table it has reached, so the poisons' update lands on their words' rows; a language
+    /// model's poison also teaches its own tokens, as soft next-token targets (x shifted by
+    /// one). `first` is step 0's embedding x·E_t when the gradient is wanted, kept so its
+    /// part can be read apart (one rollout's backward frees it); otherwise each step embeds
+    /// afresh.
+    Relaxed { x: Tensor, first: Option<Tensor>, mask: Tensor, targets: Targets },
+}
+
+impl PoisonInput {
+    pub fn mask(&self) -> &Tensor {
+        match self {
+            PoisonInput::Embedded { mask, .. } | PoisonInput::Relaxed { mask, .. } => mask,
+        }
+    }
+
+    /// The poisons' input embeddings and targets at unrolled step `step` under `params`.
+    fn at(&self, step: usize, params: &Params) -> (Tensor, Targets) {
+        match self {
+            PoisonInput::Embedded { emb, targets, .. } => (emb.shallow_clone(), targets.shallow_clone()),
+            PoisonInput::Relaxed { x, first, mask, targets } => {
+                let emb = match first {
+                    Some(first) if step == 0 => first.shallow_clone(),
+                    _ => relaxed_embedding(x, &params["embedding.weight"], mask),
+                };
+                let targets = match targets {
+                    Targets::NextToken { mask, .. } => {
+                        // Position t is trained to predict the token at t + 1: x shifted left.
+                        let t = x.size()[1];
+                        let probs = Tensor::cat(&[x.narrow(1, 1, t - 1), x.narrow(1, 0, 1).zeros_like()], 1);
+                        Targets::Soft { probs, mask: mask.shallow_clone() }
+                    }
+                    other => other.shallow_clone(),
+                };
+                (emb, targets)
+            }
+        }
+    }
+}
+
+/// x·E for one-hot (or relaxed) rows x [N, Tp, V]; padding positions (x zero there) read
+/// the padding row as a lookup does, without a gradient to it (as `Tensor::embedding`'s
+/// padding index).
+fn relaxed_embedding(x: &Tensor, table: &Tensor, mask: &Tensor) -> Tensor {
+    let pad = table.get(crate::tokenizer::PAD_ID).detach();
+    x.matmul(table) + (mask.neg() + 1.0).unsqueeze(-1) * pad
+}
 
 /// Clean token ids and poison embeddings as one padded input: embeddings [B, T, D] and
 /// mask [B, T] (clean rows first).
@@ -320,11 +439,14 @@ impl<'a> Verifier<'a> {
         }
         let params = problem.victim.params();
         let names = crate::victims::params::trainable_names(&params);
-        let (emb, mask, targets) = problem.poison_inputs(&params, poisons);
+        // Through `PoisonInput` as the rollout reads them: with a trained table the poisons'
+        // part of G then reaches their words' rows.
+        let input = problem.poisons_as_read(poisons, false);
         let mut base = Vec::new();
         for clean in problem.batches.iter().map(|steps| &steps[0]) {
+            let (emb, targets) = input.at(0, &params);
             let (clean_ids, clean_targets) = batch_tensors(clean, problem.victim.device());
-            let (e, m) = join_inputs(&params, &clean_ids, &emb, &mask);
+            let (e, m) = join_inputs(&params, &clean_ids, &emb, input.mask());
             let all_targets = Targets::cat(&clean_targets, &targets);
             let loss = all_targets.mean_nll(&forward(problem.config(), &params, &e, &m));
             let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
@@ -364,7 +486,9 @@ impl<'a> Verifier<'a> {
     /// once per rollout for up to `STACK` sets (see `model::forward`).
     pub fn objectives_with(&self, flip_sets: &[Vec<(usize, &[Tensor])>]) -> Vec<f64> {
         // How many sets one pass stacks is the victim's measured choice (`victim::Tuning`).
-        let stack = self.problem.config().tuning().verify_stack;
+        // A trained table is one set at a time: D_adv's lookup through a stacked table would
+        // need its ids stacked too.
+        let stack = if self.problem.config().train_embeddings { 1 } else { self.problem.config().tuning().verify_stack };
         let eta_over_b = self.problem.cfg.eta / self.batch_size;
         let frozen: Params = self.problem.victim.params();
         let mut out = Vec::with_capacity(flip_sets.len());
@@ -423,8 +547,8 @@ impl Objective for BiLevel<'_> {
     fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)> {
         BiLevel::objective_and_grad(self, poisons)
     }
-    fn objective_grad_and_target_scores(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
-        BiLevel::objective_grad_and_target_scores(self, poisons, crate::tasks::rules::of_victim(&self.victim.config).target_scores)
+    fn objective_grad_and_word_scores(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
+        BiLevel::objective_grad_and_word_scores(self, poisons, crate::tasks::rules::of_victim(&self.victim.config).poisons_are_targets)
     }
     fn value(&self, poisons: &[Encoded]) -> Result<f64> {
         Ok(self.objective(poisons))
@@ -496,9 +620,13 @@ mod tests {
     use clap::ValueEnum;
 
     fn tiny(arch: Arch) -> Victim {
+        tiny_with_table(arch, false)
+    }
+
+    fn tiny_with_table(arch: Arch, train_embeddings: bool) -> Victim {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(11);
-        let config = tiny_config(arch, 14, 5, 4, 2, false, 16);
+        let config = tiny_config(arch, 14, 5, 4, 2, train_embeddings, 16);
         let table = Tensor::randn([14, 5], (Kind::Float, Device::Cpu));
         let mut v = Victim::new(config, &table, Device::Cpu).unwrap();
         v.vs.set_kind(Kind::Double);
@@ -538,9 +666,9 @@ mod tests {
     fn objective_of_embeddings(problem: &BiLevel, emb: &Tensor, poisons: &[Encoded]) -> f64 {
         let params = problem.victim.params();
         let (ids, targets) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
-        let mask = mask_of(&ids, &params);
+        let input = PoisonInput::Embedded { emb: emb.shallow_clone(), mask: mask_of(&ids, &params), targets };
         (0..problem.cfg.rollouts)
-            .map(|r| problem.adv_loss_after_rollout(r, emb, &mask, &targets, false).double_value(&[]))
+            .map(|r| problem.adv_loss_after_rollout(r, &input, false).double_value(&[]))
             .sum::<f64>()
             / problem.cfg.rollouts as f64
     }
@@ -579,8 +707,8 @@ mod tests {
         let vocab = table.size()[0];
         for (steps, rollouts) in [(1, 1), (2, 2)] {
             let problem = BiLevel::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
-            let (g, grad, scores) = problem.objective_grad_and_target_scores(&poisons, true).unwrap();
-            let scores = scores.expect("a language model's target scores");
+            let (g, grad, scores) = problem.objective_grad_and_word_scores(&poisons, true).unwrap();
+            let scores = scores.expect("a language model's word scores");
             assert!((g - problem.objective(&poisons)).abs() < 1e-12);
             let (ids, targets) = batch_tensors(&poisons.iter().collect::<Vec<_>>(), Device::Cpu);
             let mask = mask_of(&ids, &v.params());
@@ -594,8 +722,8 @@ mod tests {
                     let _ = probs.get(i).get(p - 1).get(cur).fill_(1.0 - eps);
                     let _ = probs.get(i).get(p - 1).get(w).fill_(eps);
                 }
-                let soft = Targets::Soft { probs, mask: tmask };
-                (0..rollouts).map(|r| problem.adv_loss_after_rollout(r, &emb, &mask, &soft, false).double_value(&[])).sum::<f64>() / rollouts as f64
+                let input = PoisonInput::Embedded { emb, mask: mask.shallow_clone(), targets: Targets::Soft { probs, mask: tmask } };
+                (0..rollouts).map(|r| problem.adv_loss_after_rollout(r, &input, false).double_value(&[])).sum::<f64>() / rollouts as f64
             };
             let mut worst: f64 = 0.0;
             let mut target_part: f64 = 0.0;
@@ -619,21 +747,64 @@ mod tests {
     }
 
     #[test]
-    fn shared_work_verifier_equals_the_full_rollout_and_taylor_predicts_the_sign() {
+    fn with_a_trained_table_the_word_scores_match_finite_differences_of_the_relaxed_flip_in_f64() {
+        // A victim that trains its table: relax poison i's one-hot row at position p to
+        // (1 − ε)·current + ε·w everywhere the rollout reads it (each step's x·E_s, the rows
+        // its update trains, a language model's soft targets). dg/dε at 0 must equal the
+        // predicted change ∇_e g · (E_w − E_cur) + scores[p, w] − scores[p, cur].
         for &arch in Arch::value_variants() {
             let (clean, adv, poisons) = data_for(arch);
-            let v = tiny(arch);
+            let v = tiny_with_table(arch, true);
+            let table = v.params()["embedding.weight"].detach();
+            for (steps, rollouts) in [(1, 1), (2, 2)] {
+                let problem = BiLevel::new(&v, &clean, &adv, cfg(steps, rollouts)).unwrap();
+                let with_targets = crate::tasks::rules::of_victim(&v.config).poisons_are_targets;
+                let (g, grad, scores) = problem.objective_grad_and_word_scores(&poisons, with_targets).unwrap();
+                let scores = scores.expect("a trained table's word scores");
+                assert!((g - problem.objective(&poisons)).abs() < 1e-12);
+                let PoisonInput::Relaxed { x, mask, targets, .. } = problem.poisons_as_read(&poisons, false) else { panic!("a trained table reads one-hot rows") };
+                let relaxed = |i: i64, p: i64, w: i64, eps: f64| -> f64 {
+                    let cur = poisons[i as usize].ids[p as usize];
+                    let x = x.copy();
+                    let _ = x.get(i).get(p).get(cur).fill_(1.0 - eps);
+                    let _ = x.get(i).get(p).get(w).fill_(eps);
+                    let input = PoisonInput::Relaxed { x, first: None, mask: mask.shallow_clone(), targets: targets.shallow_clone() };
+                    (0..rollouts).map(|r| problem.adv_loss_after_rollout(r, &input, false).double_value(&[])).sum::<f64>() / rollouts as f64
+                };
+                let (mut worst, mut table_part): (f64, f64) = (0.0, 0.0);
+                for (i, p, w) in [(0i64, 0i64, 9i64), (0, 1, 3), (0, 2, 11), (1, 1, 4), (1, 0, 13)] {
+                    let cur = poisons[i as usize].ids[p as usize];
+                    let input = grad.get(i).get(p).dot(&(table.get(w) - table.get(cur))).double_value(&[]);
+                    let rest = scores.double_value(&[i, p, w]) - scores.double_value(&[i, p, cur]);
+                    let h = 1e-5;
+                    let fd = (relaxed(i, p, w, h) - relaxed(i, p, w, -h)) / (2.0 * h);
+                    worst = worst.max((input + rest - fd).abs() / fd.abs().max(1e-4));
+                    table_part = table_part.max(rest.abs() / fd.abs().max(1e-12));
+                }
+                eprintln!("{arch:?} trained table k={steps} R={rollouts}: relaxed-flip derivative, max relative error {worst:.2e}; the word scores are up to {table_part:.2} of it");
+                assert!(worst < 1e-6, "{arch:?} k={steps}: relative error {worst}");
+                // Far above the error: the scores carry a term the frozen formula lacks.
+                assert!(table_part > 1e3 * worst.max(1e-9), "{arch:?} k={steps}: the word scores ({table_part:.2e} of the change) are lost in the error");
+            }
+        }
+    }
+
+    #[test]
+    fn shared_work_verifier_equals_the_full_rollout_and_taylor_predicts_the_sign() {
+        for (&arch, trained) in Arch::value_variants().iter().flat_map(|a| [(a, false), (a, true)]) {
+            let (clean, adv, poisons) = data_for(arch);
+            let v = tiny_with_table(arch, trained);
             let problem = BiLevel::new(&v, &clean, &adv, cfg(1, 2)).unwrap();
             let verifier = Verifier::new(&problem, &poisons).unwrap();
             let table = v.params()["embedding.weight"].shallow_clone();
             let g0 = problem.objective(&poisons);
             assert!((verifier.objective_with(&[]) - g0).abs() < 1e-12);
-            let (_, grad, target_scores) = problem.objective_grad_and_target_scores(&poisons, crate::tasks::rules::of_victim(&v.config).target_scores).unwrap();
+            let (_, grad, word_scores) = problem.objective_grad_and_word_scores(&poisons, crate::tasks::rules::of_victim(&v.config).poisons_are_targets).unwrap();
             // The Taylor scores of every word at one position: the embedding term, and a
             // language model's target term.
             let scores_at = |i: i64, pos: i64| {
                 let s = taylor_scores(&table, &grad.get(i).get(pos));
-                match &target_scores {
+                match &word_scores {
                     Some(t) => s + t.get(i).get(pos),
                     None => s,
                 }
@@ -649,7 +820,7 @@ mod tests {
                         let mut set = poisons.clone();
                         set[i] = new;
                         let slow = problem.objective(&set);
-                        assert!((fast - slow).abs() < 1e-10, "{arch:?}: shared {fast} vs full {slow}");
+                        assert!((fast - slow).abs() < 1e-10, "{arch:?} trained table {trained}: shared {fast} vs full {slow}");
                         predicted.push(scores.double_value(&[w]) - scores.double_value(&[p.ids[pos]]));
                         exact.push(slow - g0);
                     }
@@ -679,7 +850,7 @@ mod tests {
             // The batched ranking agrees with per-position scores.
             let banned = Tensor::zeros([14], (Kind::Double, Device::Cpu));
             let _ = banned.narrow(0, 0, 3).fill_(f64::INFINITY);
-            let ranked = bottom_k(&table, &grad.get(0), target_scores.as_ref().map(|t| t.get(0)).as_ref(), &poisons[0].ids, &banned, 4);
+            let ranked = bottom_k(&table, &grad.get(0), word_scores.as_ref().map(|t| t.get(0)).as_ref(), &poisons[0].ids, &banned, 4);
             for (pos, cands) in ranked.iter().enumerate() {
                 let scores = scores_at(0, pos as i64);
                 let cur = scores.double_value(&[poisons[0].ids[pos]]);
@@ -688,7 +859,7 @@ mod tests {
                 assert_eq!(cands.iter().map(|c| c.0).collect::<Vec<_>>(), want[..4].iter().map(|c| c.0).collect::<Vec<_>>());
             }
             let r = correlation(&predicted, &exact);
-            eprintln!("{arch:?}: Taylor-predicted vs exact change, Pearson r = {r:.3} over {} flips", exact.len());
+            eprintln!("{arch:?} trained table {trained}: Taylor-predicted vs exact change, Pearson r = {r:.3} over {} flips", exact.len());
             // The tiny BERT normalises its 5-wide embeddings right away (LayerNorm), so a
             // whole-token flip is far outside the linear regime there: a weaker bound.
             let bound = if arch == Arch::Minilm { 0.2 } else { 0.3 };

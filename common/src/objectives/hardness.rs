@@ -40,7 +40,7 @@ impl<'a> Hardness<'a> {
         let table = &first.params()["embedding.weight"];
         for (i, m) in models.iter().enumerate() {
             if m.config.train_embeddings {
-                bail!("ensemble victim {} trains its embedding table; the attack supports frozen-embedding victims only", i + 1);
+                bail!("ensemble victim {} trains its embedding table; the hardness objective supports frozen-embedding victims only (--objective bilevel takes a trained table)", i + 1);
             }
             let t = &m.params()["embedding.weight"];
             if t.size() != table.size() || !t.equal(table) {

@@ -246,7 +246,7 @@ impl<'a> Influence<'a> {
     /// on the poisons, so a crafting run's rounds and its verifications share one solve.
     pub fn new(victim: &'a Victim, clean: &[Encoded], adv: &[Encoded], trigger: &[i64], rollout: &RolloutConfig, cfg: InfluenceConfig, cache: Option<&str>) -> Result<Influence<'a>> {
         if victim.config.train_embeddings {
-            bail!("the victim trains its embedding table; the attack supports frozen-embedding victims only (with a trained table a flip also changes which row the poison's update trains: that term is not implemented yet)");
+            bail!("the victim trains its embedding table; the influence objective supports frozen-embedding victims only (with a trained table a flip also changes which row the poison's update trains, a term it does not have: --objective bilevel takes a trained table)");
         }
         if clean.is_empty() || adv.is_empty() {
             bail!("the influence objective needs clean training examples and D_adv (have {} and {})", clean.len(), adv.len());

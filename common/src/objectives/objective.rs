@@ -12,9 +12,10 @@ pub trait Objective {
     /// The objective and its gradient with respect to every poison token embedding,
     /// [N, Tp, D] (zero at padding): what rank-candidates' first-order scores use.
     fn objective_and_grad(&self, poisons: &[Encoded]) -> Result<(f64, Tensor)>;
-    /// `objective_and_grad` and, for a language-model victim, the target scores [N, Tp, V]
-    /// of `objectives::bilevel::BiLevel::objective_grad_and_target_scores` (None for a classifier).
-    fn objective_grad_and_target_scores(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
+    /// `objective_and_grad` and the word scores [N, Tp, V] a word's Taylor score adds to
+    /// the embedding term, for a language model or a trained table
+    /// (`objectives::bilevel::BiLevel::objective_grad_and_word_scores`; None otherwise).
+    fn objective_grad_and_word_scores(&self, poisons: &[Encoded]) -> Result<(f64, Tensor, Option<Tensor>)> {
         let (value, grad) = self.objective_and_grad(poisons)?;
         Ok((value, grad, None))
     }

@@ -125,8 +125,8 @@ pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy:
         } else {
             masks[0].shallow_clone()
         };
-        let target_scores = grad.target_scores.as_ref().map(|t| t.get(i));
-        let ranked = bottom_k(table, &grad.grad.get(i), target_scores.as_ref(), &row[..len], &mask, policy.k);
+        let word_scores = grad.word_scores.as_ref().map(|t| t.get(i));
+        let ranked = bottom_k(table, &grad.grad.get(i), word_scores.as_ref(), &row[..len], &mask, policy.k);
         let substitutes = &meta.substitutes[i as usize];
         let keep = |j: &usize| {
             let carrier = substitutes.contains(j);
@@ -198,12 +198,12 @@ pub fn taylor_scores(table: &Tensor, grad_at_position: &Tensor) -> Tensor {
 /// the K words w' with the lowest predicted change `∇g_j·(E_{w'} − E_{w_j})`, skipping
 /// words where `banned` (0 or +inf: [V] for every position, or [len, V] per position) is
 /// infinite and the current word. One [len, D] × [D, V] product per poison rather than
-/// one per position. A language model's target scores ([Tp, V],
-/// `BiLevel::objective_grad_and_target_scores`) add to the embedding term.
-pub fn bottom_k(table: &Tensor, grad: &Tensor, target_scores: Option<&Tensor>, ids: &[i64], banned: &Tensor, k: usize) -> Vec<Vec<(i64, f64)>> {
+/// one per position. The word scores ([Tp, V] of a language model or a trained table,
+/// `BiLevel::objective_grad_and_word_scores`) add to the embedding term.
+pub fn bottom_k(table: &Tensor, grad: &Tensor, word_scores: Option<&Tensor>, ids: &[i64], banned: &Tensor, k: usize) -> Vec<Vec<(i64, f64)>> {
     let len = ids.len() as i64;
     let mut scores = grad.narrow(0, 0, len).matmul(&table.tr()); // [len, V]
-    if let Some(extra) = target_scores {
+    if let Some(extra) = word_scores {
         scores = scores + extra.narrow(0, 0, len).to_kind(grad.kind());
     }
     let current = Tensor::from_slice(ids).to_device(scores.device()).unsqueeze(1);

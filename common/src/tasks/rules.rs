@@ -46,9 +46,10 @@ pub struct Rules {
     /// Whether every D_adv record must be a prompt holding the trigger with its
     /// continuation (the attacker's loss is the loss of what follows the trigger).
     pub adv_prompts: bool,
-    /// Whether a bi-level gradient carries the poisons' target scores too: a flip then
+    /// Whether a poison's tokens are also its targets, so a bi-level gradient carries word
+    /// scores for that role: a flip then
     /// changes what a poison teaches as well as what it reads, and the ranking needs both.
-    pub target_scores: bool,
+    pub poisons_are_targets: bool,
 }
 
 /// Sentiment classification of a review.
@@ -62,7 +63,7 @@ pub static CLASSIFICATION: Rules = Rules {
     objectives_why: "",
     confident_bases: true,
     adv_prompts: false,
-    target_scores: false,
+    poisons_are_targets: false,
 };
 
 /// Continuation of a text by a language model.
@@ -76,7 +77,7 @@ pub static CONTINUATION: Rules = Rules {
     objectives_why: "hardness and influence score a classifier's target class; a language model is attacked with --objective bilevel (L_adv = next-token loss of D_adv's continuations)",
     confident_bases: false,
     adv_prompts: true,
-    target_scores: true,
+    poisons_are_targets: true,
 };
 
 /// Every task's rules; `of_data` takes the first that holds the data (classification

@@ -88,6 +88,15 @@ impl Targets {
         }
     }
 
+    /// The same targets, sharing the tensors.
+    pub fn shallow_clone(&self) -> Targets {
+        match self {
+            Targets::Class(labels) => Targets::Class(labels.shallow_clone()),
+            Targets::NextToken { ids, mask } => Targets::NextToken { ids: ids.shallow_clone(), mask: mask.shallow_clone() },
+            Targets::Soft { probs, mask } => Targets::Soft { probs: probs.shallow_clone(), mask: mask.shallow_clone() },
+        }
+    }
+
     /// Row `k` of a batch's targets (a batch of one).
     pub fn row(&self, k: i64) -> Targets {
         match self {
