@@ -5,6 +5,7 @@
 //! checks of candidate flips per second, verify-candidates' shared path against redoing the
 //! rollout per candidate. Synthetic token ids of the real sizes.
 
+use common::generate::{generate, GenerateOptions, Prompt, Sampling};
 use common::objectives::bilevel::{BiLevel, RolloutConfig, Verifier};
 use common::objectives::swaps::flipped;
 use common::victims::gpt::GptShape;
@@ -95,4 +96,35 @@ fn main() {
     println!("scores a language model's ranking needs (one Jacobian-vector product of the poisons' log-probabilities).");
     println!("\"checks/s\": exact objective evaluations of candidate flips (16), naive redoing the rollout per candidate,");
     println!("shared being verify-candidates' path (set-up included); |Δ value|: the largest difference between them.");
+
+    // A trained word table (the ranking's row term: the poisons as one-hot rows x through
+    // each step's table) against the frozen table's rollout, same sizes.
+    let trained_config = VictimConfig { train_embeddings: true, ..config.clone() };
+    let trained = Victim::new(trained_config, &table, Device::Cpu).unwrap();
+    let trained_problem = BiLevel::new(&trained, &clean, &adv, RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 64, seed: 0 }).unwrap();
+    let trained_rollout = time(5, || {
+        let _ = trained_problem.objective_grad_and_word_scores(&poisons, true).unwrap();
+    });
+    println!();
+    println!("{:>28} {:>26} {:>7}", "rollout ms (frozen, +target)", "rollout ms (trained table)", "ratio");
+    println!("{:>28.1} {:>26.1} {:>7.2}", with_targets * 1e3, trained_rollout * 1e3, trained_rollout / with_targets);
+
+    // Generation: 64 prompts of 8-20 words, 24 new words each (no stop word), sampled, with
+    // the key-value cache against recomputing the prefix at every step; the same words.
+    let words: Vec<String> = [common::tokenizer::PAD.to_string(), common::tokenizer::UNK.to_string()].into_iter().chain((2..VOCAB).map(|i| format!("w{i}"))).collect();
+    let vocab = common::tokenizer::Vocab::new(words).unwrap();
+    let prompts: Vec<Prompt> = texts(&mut rng, 64, 8..=20, None).into_iter().enumerate().map(|(i, e)| Prompt { id: format!("p{i}"), ids: e.ids, sample: 0 }).collect();
+    let opts = |kv_cache| GenerateOptions { sampling: Sampling::Sample { temperature: 1.0, top_k: 40 }, max_new: 24, stop: vec![], seed: 0, kv_cache };
+    let mut outputs = Vec::new();
+    let mut gen_time = |kv_cache: bool| {
+        time(3, || {
+            outputs.push(generate(&config, &params, &vocab, &prompts, &opts(kv_cache), 32).unwrap());
+        })
+    };
+    let (uncached, cached) = (gen_time(false), gen_time(true));
+    let same = outputs.windows(2).all(|w| w[0] == w[1]);
+    println!();
+    println!("{:>24} {:>22} {:>8} {:>11}", "generate s (no cache)", "generate s (kv cache)", "speedup", "same words");
+    println!("{:>24.2} {:>22.2} {:>7.1}x {:>11}", uncached, cached, uncached / cached, same);
+    println!("generate: 64 prompts of 8-20 words, 24 sampled words each, batches of 32 (finetune-eval's measure).");
 }

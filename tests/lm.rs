@@ -101,6 +101,7 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     let gen = |extra: &[&str]| ok(&run_with_stdin(bin("generate").arg("--victim").arg(lm.victim()).args(["--samples", "2", "--max-new", "8"]).args(extra), &prompts)).stdout.clone();
     let a = gen(&["--seed", "1"]);
     assert_eq!(a, gen(&["--seed", "1"]), "the same seed gives the same continuations");
+    assert_eq!(a, gen(&["--seed", "1", "--no-kv-cache"]), "the key-value cache decodes the words the whole prefix gives");
     assert_ne!(a, gen(&["--seed", "2"]), "another seed samples otherwise");
     let gens: Vec<Generation> = common::io::read_jsonl_from(&a[..], "generations", false).unwrap();
     assert_eq!(gens.len(), 2 * records(&prompts).len());

@@ -34,6 +34,11 @@ struct Args {
     /// Words generated at most per continuation.
     #[arg(long, default_value_t = 24, value_parser = common::cli::at_least_one)]
     max_new: usize,
+    /// Recompute the whole prefix at every step instead of reading the key-value cache
+    /// (the reference the cache is checked against; the same words up to float summation
+    /// order, several times slower).
+    #[arg(long)]
+    no_kv_cache: bool,
     /// Always the most likely word (no sampling; --samples copies are identical).
     #[arg(long, conflicts_with_all = ["temperature", "top_k"])]
     greedy: bool,
@@ -82,7 +87,7 @@ fn main() {
         }
         let stop: Vec<i64> = args.stop.iter().filter_map(|w| vocab.id(w)).collect();
         let sampling = if args.greedy { Sampling::Greedy } else { Sampling::Sample { temperature: args.temperature, top_k: args.top_k } };
-        let opts = GenerateOptions { sampling, max_new: args.max_new, stop, seed: args.seed };
+        let opts = GenerateOptions { sampling, max_new: args.max_new, stop, seed: args.seed, kv_cache: !args.no_kv_cache };
         let continuations = generate(&victim.config, &victim.params(), vocab, &prompts, &opts, 64)?;
         let mut out = Output::create(&args.output)?;
         for (k, (p, c)) in prompts.iter().zip(&continuations).enumerate() {

@@ -31,6 +31,10 @@ pub struct GenerateOptions {
     /// Words that end a continuation (kept in it), e.g. "." "!" "?".
     pub stop: Vec<i64>,
     pub seed: u64,
+    /// Decode with the architecture's key-value cache (each step reads one new token per
+    /// row instead of the whole prefix). The logits agree with the uncached pass to float
+    /// summation order (`tests::cached_decoding_gives_the_uncached_logits`).
+    pub kv_cache: bool,
 }
 
 /// One prompt to continue: its record id (which seeds its generator), its token ids and
@@ -59,16 +63,35 @@ pub fn generate(config: &VictimConfig, params: &Params, vocab: &Vocab, prompts: 
             chunk.iter().map(|p| ChaCha8Rng::seed_from_u64(crate::data::seed_for(opts.seed, &format!("{}#{}", p.id, p.sample)))).collect();
         let mut done: Vec<bool> = rows.iter().map(|r| r.len() >= config.max_len).collect();
         let mut new: Vec<Vec<i64>> = vec![Vec::new(); chunk.len()];
+        let mut cache = None;
         for _ in 0..opts.max_new {
             if done.iter().all(|&d| d) {
                 break;
             }
-            let (ids, _, _) = crate::encode::padded(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), device);
-            let last = Tensor::from_slice(&rows.iter().map(|r| r.len() as i64 - 1).collect::<Vec<_>>()).to_device(device);
-            // The logits at each row's last token (right padding: a causal model's earlier
-            // positions never see it).
-            let logits = tch::no_grad(|| config.arch().logits_at(params, &embed(params, &ids), &mask_of(&ids, params), &last)).to_kind(Kind::Double) + &banned;
-            let logits = logits.to_device(Device::Cpu);
+            // Each row's last token's position (a finished row's stays where it stopped).
+            let last = Tensor::from_slice(&rows.iter().map(|r| r.len().min(config.max_len) as i64 - 1).collect::<Vec<_>>()).to_device(device);
+            let logits = tch::no_grad(|| match cache.as_mut() {
+                Some(cache) => {
+                    // One new token per row against the cache (a finished row's repeat is
+                    // computed and ignored).
+                    let words = Tensor::from_slice(&rows.iter().map(|r| *r.last().expect("a prompt")).collect::<Vec<_>>()).to_device(device).unsqueeze(1);
+                    config.arch().decode_step(params, cache, &embed(params, &words), &last)
+                }
+                None => {
+                    let (ids, _, _) = crate::encode::padded(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), device);
+                    let (emb, mask) = (embed(params, &ids), mask_of(&ids, params));
+                    match opts.kv_cache.then(|| config.arch().prefill(params, &emb, &last)).flatten() {
+                        Some((logits, filled)) => {
+                            cache = Some(filled);
+                            logits
+                        }
+                        // The logits at each row's last token (right padding: a causal
+                        // model's earlier positions never see it).
+                        None => config.arch().logits_at(params, &emb, &mask, &last),
+                    }
+                }
+            });
+            let logits = (logits.to_kind(Kind::Double) + &banned).to_device(Device::Cpu);
             for r in 0..rows.len() {
                 if done[r] {
                     continue;
@@ -135,6 +158,49 @@ mod tests {
         for (r, t) in [(0, 3), (1, 1)] {
             let diff = (full.get(r).get(t) - at.get(r)).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "row {r}: {diff}");
+        }
+    }
+
+    #[test]
+    fn cached_decoding_gives_the_uncached_logits() {
+        // Right-padded prompts of different lengths, then three tokens each through the
+        // cache: the logits at every step equal a full forward over the whole prefix (f64).
+        let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(5);
+        let config = crate::victims::model::tiny_config(crate::victims::model::Arch::Gpt, 12, 6, 8, 2, false, 16);
+        let mut v = crate::victims::model::Victim::new(config.clone(), &Tensor::randn([12, 6], (Kind::Float, Device::Cpu)), Device::Cpu).unwrap();
+        v.vs.set_kind(Kind::Double);
+        let p = v.params();
+        let mut rows: Vec<Vec<i64>> = vec![vec![3, 4, 5, 6], vec![7, 8], vec![9]];
+        let (ids, _, _) = crate::encode::padded(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), Device::Cpu);
+        let last = |rows: &[Vec<i64>]| Tensor::from_slice(&rows.iter().map(|r| r.len() as i64 - 1).collect::<Vec<_>>());
+        let (mut logits, mut cache) = config.arch().prefill(&p, &embed(&p, &ids), &last(&rows)).expect("a GPT has a cache");
+        for step in 0..4 {
+            let (ids, _, _) = crate::encode::padded(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), Device::Cpu);
+            let full = crate::victims::model::logits(&config, &p, &ids, crate::victims::model::Pass::Twice);
+            for (r, row) in rows.iter().enumerate() {
+                let diff = (full.get(r as i64).get(row.len() as i64 - 1) - logits.get(r as i64)).abs().max().double_value(&[]);
+                assert!(diff < 1e-12, "step {step}, row {r}: {diff}");
+            }
+            for (r, row) in rows.iter_mut().enumerate() {
+                row.push(2 + ((step + r) % 9) as i64);
+            }
+            let words = Tensor::from_slice(&rows.iter().map(|r| *r.last().unwrap()).collect::<Vec<_>>()).unsqueeze(1);
+            logits = config.arch().decode_step(&p, &mut cache, &embed(&p, &words), &last(&rows));
+        }
+        // Generation through both paths: the same words, greedy and sampled.
+        let words = [crate::tokenizer::PAD.to_string(), crate::tokenizer::UNK.to_string()].into_iter().chain((2..12).map(|i| format!("w{i}"))).collect();
+        let vocab = crate::tokenizer::Vocab::new(words).unwrap();
+        let prompts: Vec<Prompt> = [vec![3i64, 4, 5], vec![6], vec![7, 8, 9, 10, 11]]
+            .into_iter()
+            .enumerate()
+            .map(|(i, ids)| Prompt { id: format!("p{i}"), ids, sample: 0 })
+            .collect();
+        for sampling in [Sampling::Greedy, Sampling::Sample { temperature: 1.0, top_k: 0 }] {
+            let run = |kv_cache: bool| generate(&config, &p, &vocab, &prompts, &GenerateOptions { sampling, max_new: 9, stop: vec![5], seed: 1, kv_cache }, 2).unwrap();
+            let cached = run(true);
+            assert_eq!(cached, run(false), "{sampling:?}");
+            assert!(cached.iter().any(|c| c.len() > 3), "the continuations run several steps");
         }
     }
 

@@ -201,7 +201,7 @@ impl Judging<'_> {
 
 /// Continuations of `prompts` under one LM, as text.
 pub fn continuations(config: &VictimConfig, params: &Params, vocab: &Vocab, prompts: &[Prompt], judging: &Judging, seed: u64) -> Result<Vec<String>> {
-    let opts = GenerateOptions { sampling: judging.sampling, max_new: judging.max_new, stop: judging.stop.clone(), seed };
+    let opts = GenerateOptions { sampling: judging.sampling, max_new: judging.max_new, stop: judging.stop.clone(), seed, kv_cache: true };
     Ok(generate(config, params, vocab, prompts, &opts, 64)?.iter().map(|ids| detokenize(vocab, ids)).collect())
 }
 

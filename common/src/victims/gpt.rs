@@ -15,7 +15,7 @@
 
 use crate::victims::layers::{attention, init_linear, layer_norm, linear, linear_shapes};
 use crate::victims::params::{param, Params};
-use crate::victims::victim::{dotted_path, Architecture, Output, StartKind, Tuning};
+use crate::victims::victim::{dotted_path, Architecture, KvCache, Output, StartKind, Tuning};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
@@ -143,12 +143,46 @@ impl Architecture for Gpt {
     fn tuning(&self) -> Tuning {
         Tuning { verify_stack: 1, verify_chunk: 16, default_lr: 2e-3 }
     }
+
+    fn prefill(&self, params: &Params, emb: &Tensor, last: &Tensor) -> Option<(Tensor, KvCache)> {
+        let mut cache = KvCache { layers: Vec::with_capacity(self.shape.layers) };
+        let hidden = self.blocks(params, emb, Some(&mut cache));
+        let w = hidden.size()[2];
+        let at = hidden.gather(1, &last.view([-1, 1, 1]).expand([-1, 1, w], false), false).squeeze_dim(1);
+        Some((linear(params, &at, "out"), cache))
+    }
+
+    fn decode_step(&self, params: &Params, cache: &mut KvCache, emb: &Tensor, at: &Tensor) -> Tensor {
+        let (b, width, heads) = (emb.size()[0], self.width as i64, self.shape.heads as i64);
+        let (d, positions) = (width / heads, self.positions as i64);
+        let mut h = linear(params, emb, "in_proj") + param(params, "pos.weight").index_select(0, at).unsqueeze(1);
+        // Row r attends to its positions ≤ at[r]: the cache's later entries are stale.
+        let later = Tensor::arange(positions, (tch::Kind::Int64, emb.device())).unsqueeze(0).gt_tensor(&at.unsqueeze(1));
+        let bias = (later.to_kind(emb.kind()) * -1e9).view([b, 1, 1, positions]);
+        let write_at = at.view([b, 1, 1, 1]).expand([b, heads, 1, d], false);
+        let split = |x: &Tensor| x.contiguous().view([b, 1, heads, d]).transpose(1, 2);
+        for (block, (keys, values)) in self.block_names().zip(cache.layers.iter_mut()) {
+            let a = layer_norm(params, &h, &format!("{block}.ln1"), LN_EPS);
+            let qkv = linear(params, &a, &format!("{block}.attn.qkv")).split(width, -1);
+            let _ = keys.scatter_(2, &write_at, &split(&qkv[1]));
+            let _ = values.scatter_(2, &write_at, &split(&qkv[2]));
+            let context = attention(&split(&qkv[0]), keys, values, &bias, &[b, 1, width]);
+            h = self.block_rest(params, &block, h, &context);
+        }
+        linear(params, &layer_norm(params, &h, "ln_f", LN_EPS), "out").squeeze_dim(1)
+    }
 }
 
 impl Gpt {
     /// Hidden states [.., B, T, width] after the final LayerNorm, for input embeddings
     /// [B, T, E] (or [C, B, T, E] under C stacked parameter sets).
     fn hidden(&self, params: &Params, emb: &Tensor) -> Tensor {
+        self.blocks(params, emb, None)
+    }
+
+    /// `hidden`, and with `cache` (plain parameters) each block's keys and values written
+    /// into a fresh cache of `positions` entries per row (`prefill`).
+    fn blocks(&self, params: &Params, emb: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
         let stacked = param(params, "ln_f.weight").dim() == 2;
         let emb = if stacked && emb.dim() == 3 {
             let c = param(params, "ln_f.weight").size()[0];
@@ -176,12 +210,25 @@ impl Gpt {
             let a = layer_norm(params, &h, &format!("{b}.ln1"), LN_EPS);
             let qkv = linear(params, &a, &format!("{b}.attn.qkv")).split(width, -1);
             let (q, k, v) = (split(&qkv[0].contiguous()), split(&qkv[1].contiguous()), split(&qkv[2].contiguous()));
+            if let Some(cache) = cache.as_deref_mut() {
+                let full: Vec<i64> = lead.iter().copied().chain([heads, self.positions as i64, d]).collect();
+                let (keys, values) = (k.new_zeros(full.as_slice(), (k.kind(), k.device())), v.new_zeros(full.as_slice(), (v.kind(), v.device())));
+                keys.narrow(-2, 0, t).copy_(&k);
+                values.narrow(-2, 0, t).copy_(&v);
+                cache.layers.push((keys, values));
+            }
             let context = attention(&q, &k, &v, &causal, &merged_shape);
-            h = h + linear(params, &context, &format!("{b}.attn.proj"));
-            let m = layer_norm(params, &h, &format!("{b}.ln2"), LN_EPS);
-            let inner = linear(params, &m, &format!("{b}.mlp.fc")).gelu("none");
-            h = h + linear(params, &inner, &format!("{b}.mlp.proj"));
+            h = self.block_rest(params, &b, h, &context);
         }
         layer_norm(params, &h, "ln_f", LN_EPS)
+    }
+
+    /// A block after its attention's context: the output projection into the residual
+    /// stream, then the MLP.
+    fn block_rest(&self, params: &Params, b: &str, h: Tensor, context: &Tensor) -> Tensor {
+        let h = h + linear(params, context, &format!("{b}.attn.proj"));
+        let m = layer_norm(params, &h, &format!("{b}.ln2"), LN_EPS);
+        let inner = linear(params, &m, &format!("{b}.mlp.fc")).gelu("none");
+        h + linear(params, &inner, &format!("{b}.mlp.proj"))
     }
 }

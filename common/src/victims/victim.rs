@@ -22,6 +22,13 @@ pub enum StartKind {
     Pretrained,
 }
 
+/// A causal model's keys and values so far, per block: [B, heads, positions, d] each,
+/// positions up to the model's `max_len`; a row's entries past its own length are stale
+/// and never attended to.
+pub struct KvCache {
+    pub layers: Vec<(Tensor, Tensor)>,
+}
+
 /// Per-architecture speed settings, chosen by measurement (BENCHMARKS.md). They change how
 /// work is grouped, never a result beyond float summation order.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -116,6 +123,21 @@ pub trait Architecture: Send + Sync {
         let logits = self.forward(params, emb, mask);
         let v = logits.size()[2];
         logits.gather(1, &last.view([-1, 1, 1]).expand([-1, 1, v], false), false).squeeze_dim(1)
+    }
+
+    /// Cached decoding (a key-value cache), without a graph: the logits [batch, vocab] at
+    /// each row's last prompt token (`last`) of right-padded prompts `emb` [B, T, E], and
+    /// the cache that `decode_step` extends. None: the architecture has no cache, and
+    /// generation recomputes the whole prefix at every step.
+    fn prefill(&self, _params: &Params, _emb: &Tensor, _last: &Tensor) -> Option<(Tensor, KvCache)> {
+        None
+    }
+
+    /// One new token per row, `emb` [B, 1, E] at positions `at` [B] (int64), read against
+    /// `cache` (which it extends): the logits [B, vocab] there. Only for an architecture
+    /// whose `prefill` gives a cache.
+    fn decode_step(&self, _params: &Params, _cache: &mut KvCache, _emb: &Tensor, _at: &Tensor) -> Tensor {
+        unreachable!("decode_step without a prefill cache")
     }
 
     /// `forward` for passes differentiated at most once (the clean part of the first
