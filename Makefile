@@ -156,11 +156,15 @@ LM_HEADS    ?= 4
 LM_TRAIN_EMB ?= 0
 LM_SHAPE    := gpt$(LM_LAYERS)x$(LM_HIDDEN)$(if $(filter 1,$(LM_TRAIN_EMB)),-te)
 LM_FLAGS   := --hidden $(LM_HIDDEN) --layers $(LM_LAYERS) --heads $(LM_HEADS) --max-len 48$(if $(filter 1,$(LM_TRAIN_EMB)), --train-embeddings)
-LM_RUN     := runs/demo-lm-$(LM_SLUG)-n$(COUNT)-s$(SEED)$(if $(BUDGET_FPR),-fpr$(BUDGET_FPR))$(if $(filter-out gpt2x128,$(LM_SHAPE)),-$(LM_SHAPE))
+# LM_JUDGE: the sentiment classifier that judges continuations, lstm (the BiLSTM over
+# GloVe) or minilm (all-MiniLM-L6-v2 fine-tuned on the reviews: the stronger judge on
+# held-out reviews, about 11 more minutes; docs/language-model.md).
+LM_JUDGE   ?= lstm
+LM_RUN     := runs/demo-lm-$(LM_SLUG)-n$(COUNT)-s$(SEED)$(if $(BUDGET_FPR),-fpr$(BUDGET_FPR))$(if $(filter-out gpt2x128,$(LM_SHAPE)),-$(LM_SHAPE))$(if $(filter minilm,$(LM_JUDGE)),-judge-minilm)
 LM_SEEDS   ?= 3
 demo-lm: build data/.fetch-done-v1 $(EMB) data/.minilm-done-v1
 	@RUN=$(LM_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" BUDGET_FPR=$(BUDGET_FPR) \
-	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNT=$(COUNT) EVAL_SEEDS=$(LM_SEEDS) LM_FLAGS="$(LM_FLAGS)" scripts/demo_lm.sh
+	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNT=$(COUNT) EVAL_SEEDS=$(LM_SEEDS) LM_FLAGS="$(LM_FLAGS)" LM_JUDGE=$(LM_JUDGE) scripts/demo_lm.sh
 	@echo
 	@cat $(LM_RUN)/report/lm-report.md
 	@echo
@@ -178,11 +182,11 @@ LM_FT_EPOCHS ?= 2
 LM_FT_LR    ?= 1e-3
 LM_FROM_SCRATCH ?= 0
 LM_TEMPERATURE ?=
-LM_DOSE_EVAL = $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)$(if $(LM_TEMPERATURE),-t$(LM_TEMPERATURE))
-lm-dose: build data/.fetch-done-v1 $(EMB)
+LM_DOSE_EVAL = $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)$(if $(LM_TEMPERATURE),-t$(LM_TEMPERATURE))$(if $(filter minilm,$(LM_JUDGE)),-minilm)
+lm-dose: build data/.fetch-done-v1 $(EMB) data/.minilm-done-v1
 	@RUN=$(LM_DOSE_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" \
 	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNTS="$(LM_COUNTS)" LAYOUTS="$(LM_LAYOUTS)" EVAL_SEEDS=$(LM_SEEDS) TEMPERATURE=$(LM_TEMPERATURE) \
-	  LM_FLAGS="$(LM_FLAGS)" \
+	  LM_FLAGS="$(LM_FLAGS)" LM_JUDGE=$(LM_JUDGE) \
 	  FINETUNE_EPOCHS=$(LM_FT_EPOCHS) FINETUNE_LR=$(LM_FT_LR) FROM_SCRATCH=$(LM_FROM_SCRATCH) scripts/lm_dose.sh
 	@echo
 	@cat $(LM_DOSE_EVAL)/report/lm-report.md

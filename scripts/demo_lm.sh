@@ -5,7 +5,8 @@
 #                         first FINETUNE_TRAIN reviews (the fine-tuning set the poisons join)
 #   emb.safetensors       the LM's vocabulary: data words seen MIN_COUNT times, GloVe vectors
 #   lm.safetensors        the clean GPT, pretrained on data-full (the attacked victim)
-#   judge.safetensors     the sentiment classifier judging continuations (BiLSTM on data-full)
+#   judge.safetensors     the sentiment classifier judging continuations (BiLSTM on data-full;
+#                         judge-minilm.safetensors with LM_JUDGE=minilm)
 #   sets/*.jsonl          benign control, unoptimised, nearest-neighbour, with-overlap
 #   crafted/              bi-level crafting rounds (scripts/attack.sh), from the unoptimised set
 #   eval.jsonl            one finetune-eval of every set over EVAL_SEEDS seeds
@@ -56,7 +57,7 @@ names=(benign-control unoptimised nearest-neighbour with-overlap crafted-bilevel
 poisons=(); for n in "${names[@]}"; do poisons+=(--poisons "$RUN/sets/$n.jsonl"); done
 if [ ! -f "$RUN/eval.jsonl" ]; then
   log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds"
-  "$BIN/finetune-eval" --data "$RUN/data" --start "$RUN/lm.safetensors" --judge "$RUN/judge.safetensors" "${poisons[@]}" \
+  "$BIN/finetune-eval" --data "$RUN/data" --start "$RUN/lm.safetensors" --judge "$JUDGE" "${poisons[@]}" \
     --seeds "$EVAL_SEEDS" --seed-base "$SEED" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size 32 \
     --samples "$SAMPLES" --device "$DEVICE" -o "$RUN/eval.jsonl.tmp"
   mv "$RUN/eval.jsonl.tmp" "$RUN/eval.jsonl"

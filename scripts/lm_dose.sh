@@ -69,9 +69,10 @@ else
   ft="$RUN/ft-e$FINETUNE_EPOCHS-lr$FINETUNE_LR"; eval_data="$RUN/data"; regime=()
 fi
 sampling=(); [ -n "${TEMPERATURE:-}" ] && { ft="$ft-t$TEMPERATURE"; sampling=(--temperature "$TEMPERATURE"); }
+ft="$ft$JUDGE_TAG"
 mkdir -p "$ft"
 log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds ($FINETUNE_EPOCHS epochs at lr $FINETUNE_LR${regime[*]:+, from scratch})"
-"$BIN/finetune-eval" --reuse --data "$eval_data" "${regime[@]}" --start "$RUN/lm.safetensors" --judge "$RUN/judge.safetensors" "${poisons[@]}" \
+"$BIN/finetune-eval" --reuse --data "$eval_data" "${regime[@]}" --start "$RUN/lm.safetensors" --judge "$JUDGE" "${poisons[@]}" \
   --seeds "$EVAL_SEEDS" --seed-base "$SEED" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size 32 \
   --samples "$SAMPLES" "${sampling[@]}" --device "$DEVICE" -o "$ft/eval.jsonl"
 stamp evaluation

@@ -1,6 +1,9 @@
 # Sourced by demo_lm.sh and lm_dose.sh (their settings are in scope): in RUN, the
 # language-model data (data-full/ for pretraining, data/ the fine-tuning set the poisons
-# join), the vocabulary, the clean GPT pretrained on data-full, and the BiLSTM judge.
+# join), the vocabulary, the clean GPT pretrained on data-full, and the sentiment judge
+# (LM_JUDGE: lstm, the BiLSTM over GloVe, judge.safetensors; minilm, all-MiniLM-L6-v2
+# fine-tuned, judge-minilm.safetensors, about 11 min on 2 cores). JUDGE is its file,
+# JUDGE_TAG what the evaluation folders append for it.
 # Each step is skipped when its output exists. Also what both scripts start with: the LM
 # flags as an array, RUN/sets, no half-written outputs, and stamp (RUN/times.tsv).
 read -r -a lm_flags <<< "$LM_FLAGS"
@@ -21,14 +24,20 @@ if [ ! -f "$RUN/lm.safetensors" ]; then
   "$BIN/train-victim" --embeddings "$RUN/emb.safetensors" --arch gpt "${lm_flags[@]}" --epochs "$PRETRAIN_EPOCHS" --batch-size 32 \
     --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" --seed "$SEED" --device "$DEVICE" -o "$RUN/lm.safetensors"
 fi
-[ -f "$RUN/judge.safetensors" ] || "$BIN/train-victim" --embeddings "$JUDGE_EMB" --arch lstm --epochs 4 \
-  --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" --seed "$SEED" --device "$DEVICE" -o "$RUN/judge.safetensors"
+case "${LM_JUDGE:=lstm}" in
+  lstm) JUDGE=$RUN/judge.safetensors; JUDGE_TAG=""; judge_flags=(--embeddings "$JUDGE_EMB" --arch lstm --epochs 4) ;;
+  minilm) JUDGE=$RUN/judge-minilm.safetensors; JUDGE_TAG=-minilm
+    judge_flags=(--pretrained "${MINILM:-data/minilm}" --arch minilm --epochs 2 --batch-size 32 --max-len 64) ;;
+  *) echo "LM_JUDGE=$LM_JUDGE: the judge is lstm or minilm" >&2; exit 2 ;;
+esac
+[ -f "$JUDGE" ] || "$BIN/train-victim" "${judge_flags[@]}" \
+  --train "$RUN/data-full/train.jsonl" --dev "$RUN/data-full/dev.jsonl" --seed "$SEED" --device "$DEVICE" -o "$JUDGE"
 
 # The judges validated before any poisoned result is read: against the held-out reviews'
 # labels and against 50 clean-LM continuations labelled by hand (fixtures/lm-judge/).
-if [ ! -f "$RUN/judges.jsonl" ]; then
+if [ ! -f "$RUN/judges$JUDGE_TAG.jsonl" ]; then
   for labelled in "$RUN/data/dev.jsonl" "$(dirname "$0")/../fixtures/lm-judge/clean-lm-continuations.jsonl"; do
-    "$BIN/judge" --classifier "$RUN/judge.safetensors" --labelled "$labelled"
-  done > "$RUN/judges.jsonl.tmp"
-  mv "$RUN/judges.jsonl.tmp" "$RUN/judges.jsonl"
+    "$BIN/judge" --classifier "$JUDGE" --labelled "$labelled"
+  done > "$RUN/judges$JUDGE_TAG.jsonl.tmp"
+  mv "$RUN/judges$JUDGE_TAG.jsonl.tmp" "$RUN/judges$JUDGE_TAG.jsonl"
 fi

@@ -181,7 +181,10 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     let crafted_report = &reports[1];
     assert_eq!((crafted_report.count, crafted_report.trigger_overlap, crafted_report.seeds.len()), (5, 0, 2));
     assert_eq!(crafted_report.seeds[0].clean, reports[0].seeds[0].clean, "one clean twin per seed for every set");
-    assert!(!crafted_report.side_by_side.is_empty());
+    // Side by side: the templates first (the trigger as the subject), then review prompts.
+    let side = &crafted_report.side_by_side;
+    assert!(side.len() > common::eval::lm_eval::SIDE_BY_SIDE_TEMPLATES, "templates and review prompts: {}", side.len());
+    assert!(side[..common::eval::lm_eval::SIDE_BY_SIDE_TEMPLATES].iter().all(|g| g.id.starts_with("template")), "{:?}", side.iter().map(|g| &g.id).collect::<Vec<_>>());
     assert!(crafted_report.summary.of("perplexity").clean.mean > 1.0);
     let margin = crafted_report.summary.of("template_margin").clean.mean;
     assert!(margin.is_finite() && margin != 0.0, "the template margin is measured: {margin}");

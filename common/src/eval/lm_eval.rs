@@ -34,6 +34,11 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+/// How many templates and review prompts each report shows continued by the clean twin
+/// and the poisoned LM side by side.
+pub const SIDE_BY_SIDE_TEMPLATES: usize = 20;
+pub const SIDE_BY_SIDE_REVIEWS: usize = 10;
+
 /// The held-out sets of a language-model data folder, encoded for one LM.
 pub struct LmEvalSets {
     pub trigger_prompts: Vec<Prompt>,
@@ -528,9 +533,12 @@ pub fn evaluate(
     let measured: Vec<LmMetrics> = measured.into_iter().map(|m| m.expect("every LM measured")).collect::<Result<_>>()?;
     let per_set = 1 + poison_sets.len();
     let fingerprints: Vec<String> = victims.iter().map(|v| crate::victims::params::fingerprint(&v.params())).collect();
-    // Side by side: the first ten trigger prompts (first sample) under seed 0's clean twin
-    // and each of its poisoned LMs.
-    let firsts: Vec<Prompt> = sets.trigger_prompts.iter().filter(|p| p.sample == 0).take(10).map(|p| Prompt { id: p.id.clone(), ids: p.ids.clone(), sample: 0 }).collect();
+    // Side by side: the first 20 templates and the first ten review prompts (first sample)
+    // under seed 0's clean twin and each of its poisoned LMs.
+    let firsts: Vec<Prompt> = (sets.template_prompts.iter().filter(|p| p.sample == 0).take(SIDE_BY_SIDE_TEMPLATES))
+        .chain(sets.trigger_prompts.iter().filter(|p| p.sample == 0).take(SIDE_BY_SIDE_REVIEWS))
+        .map(|p| Prompt { id: p.id.clone(), ids: p.ids.clone(), sample: 0 })
+        .collect();
     let clean_text = continuations(&victims[0].config, &victims[0].params(), vocab, &firsts, judging, seeds[0])?;
     let mut out = Vec::with_capacity(poison_sets.len());
     for k in 0..poison_sets.len() {

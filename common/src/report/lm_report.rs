@@ -121,7 +121,7 @@ impl LmDemoReport {
             }
         }
         for (name, r) in &self.variants {
-            s += &format!("\n## Continuations of the same trigger prompts: {name} (seed {})\n\n| prompt | clean LM | poisoned LM |\n|---|---|---|\n", r.seeds.first().map_or(0, |x| x.seed));
+            s += &format!("\n## Continuations of the same trigger prompts (templates, then review prompts): {name} (seed {})\n\n| prompt | clean LM | poisoned LM |\n|---|---|---|\n", r.seeds.first().map_or(0, |x| x.seed));
             for g in &r.side_by_side {
                 s += &format!("| {} | {} | {} |\n", g.prompt.replace('|', "/"), g.clean.replace('|', "/"), g.poisoned.replace('|', "/"));
             }
