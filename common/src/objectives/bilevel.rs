@@ -223,12 +223,7 @@ impl<'a> BiLevel<'a> {
         for r in 0..self.cfg.rollouts {
             let emb = emb0.detach().set_requires_grad(true);
             let input = PoisonInput::Embedded { emb: emb.shallow_clone(), mask: mask.shallow_clone(), targets: targets.shallow_clone() };
-            let thetas = self.unroll(r, &input, true);
-            let loss = self.adv_loss(thetas.last().expect("θ_t at least"));
-            let value = loss.double_value(&[]);
-            if !value.is_finite() {
-                bail!("L_adv is {value} in rollout {r}; lower --eta");
-            }
+            let (thetas, loss, value) = self.differentiable_rollout(r, &input)?;
             total += value;
             let mut inputs: Vec<&Tensor> = vec![&emb];
             if with_targets {
@@ -295,6 +290,17 @@ impl<'a> BiLevel<'a> {
         Tensor::run_backward(&[&dot], &[&dummy], false, false).pop().expect("one gradient").detach()
     }
 
+    /// Rollout r unrolled with its graph kept, and L_adv at its end (refused when not finite).
+    fn differentiable_rollout(&self, r: usize, input: &PoisonInput) -> Result<(Vec<Params>, Tensor, f64)> {
+        let thetas = self.unroll(r, input, true);
+        let loss = self.adv_loss(thetas.last().expect("θ_t at least"));
+        let value = loss.double_value(&[]);
+        if !value.is_finite() {
+            bail!("L_adv is {value} in rollout {r}; lower --eta");
+        }
+        Ok((thetas, loss, value))
+    }
+
     /// The trained-table case of `objective_grad_and_word_scores`, with the poisons as
     /// one-hot rows x (`PoisonInput::Relaxed`). ∂g/∂x_{p,w} is the exact derivative of a
     /// relaxed flip toward w along every path: what step 0 reads (the adjoint of its
@@ -309,12 +315,7 @@ impl<'a> BiLevel<'a> {
         let mut mask = None;
         for r in 0..self.cfg.rollouts {
             let input = self.poisons_as_read(poisons, true);
-            let thetas = self.unroll(r, &input, true);
-            let loss = self.adv_loss(thetas.last().expect("θ_t at least"));
-            let value = loss.double_value(&[]);
-            if !value.is_finite() {
-                bail!("L_adv is {value} in rollout {r}; lower --eta");
-            }
+            let (_, loss, value) = self.differentiable_rollout(r, &input)?;
             total += value;
             let PoisonInput::Relaxed { x, first: Some(first), mask: m, .. } = &input else { unreachable!("a trained table, read for its gradient") };
             let mut grads = Tensor::run_backward(&[&loss], &[first, x], false, false).into_iter();
