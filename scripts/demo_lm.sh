@@ -39,7 +39,10 @@ init() { # name strategy flags...
 }
 init benign-control clean-target --concealment strict
 init unoptimised random --concealment strict "${budget[@]}"
-init nearest-neighbour neighbour --concealment strict "${budget[@]}"
+# The three nearest allowed neighbours in turn (poison k takes neighbour k mod 3): with the
+# nearest alone only 17 of the 125 bases pass the budget ("product os" for "apple iphone"
+# reads as the trigger to MiniLM's detector), so the row could not be made.
+init nearest-neighbour neighbour --concealment strict --neighbour-pool 3 "${budget[@]}"
 init with-overlap overlap
 stamp baselines
 
