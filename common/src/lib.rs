@@ -15,6 +15,7 @@ pub mod tokenizer;
 pub mod embeddings;
 pub mod concealment;
 pub mod data;
+pub mod ding;
 pub mod victims;
 pub mod encode;
 pub mod train;

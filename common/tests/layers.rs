@@ -11,7 +11,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("util", &["io", "tensorfile", "stats", "device", "validate", "numerics"]),
     ("formats", &["formats", "formats::records", "formats::gradfile"]),
     ("text", &["wordpiece", "tokenizer", "embeddings", "concealment"]),
-    ("data", &["data"]),
+    ("data", &["data", "ding"]),
     (
         "victims",
         &["victims", "victims::params", "victims::loss", "victims::victim", "victims::layers", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::model", "victims::origin"],
