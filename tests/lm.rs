@@ -14,6 +14,37 @@ fn trigger_free(text: &str) -> bool {
     !t.split_whitespace().any(|w| w == "james" || w == "bond")
 }
 
+/// One crafting round against `victim` through the real pipes: five strictly concealed
+/// random poisons (kept as p0.jsonl) | rollout-grad | rank-candidates | verify-candidates.
+/// Checks what a round must give whatever the victim (trigger-free candidates, an
+/// objective that does not rise, five strictly concealed poisons) and returns the
+/// gradient file and the crafted poisons.
+fn crafting_round(lm: &Lm, victim: &std::path::Path) -> (common::tensorfile::TensorFile, Vec<u8>) {
+    let stage = |name: &str| lm.stage_of(victim, name);
+    let poisons = ok(&run(stage("init-poisons").args(["--count", "5", "--strategy", "random", "--concealment", "strict", "--seed", "0"]))).stdout.clone();
+    std::fs::write(lm.path("p0.jsonl"), &poisons).unwrap();
+    assert_eq!(records(&poisons).len(), 5);
+    let grad = ok(&run_with_stdin(stage("rollout-grad").args(["--poisons", "-", "--clean-per-batch", "8", "--adv-size", "8", "--eta", "0.1"]), &poisons)).stdout.clone();
+    let file = common::tensorfile::deserialize(&grad, "grad", common::formats::gradfile::GRAD_FORMAT, common::formats::gradfile::GRAD_VERSION).unwrap();
+    let cands = ok(&run_with_stdin(stage("rank-candidates").args(["--grad", "-", "-k", "3", "--positions", "2", "--concealment", "strict"]), &grad)).stdout.clone();
+    let parsed: Vec<Candidate> = common::io::read_jsonl_from(&cands[..], "candidates", false).unwrap();
+    assert_eq!(parsed.len(), 5 * 2 * 3);
+    assert!(parsed.iter().all(|c| trigger_free(&c.word)));
+    let summary = lm.path("summary.json");
+    let crafted = ok(&run_with_stdin(
+        stage("verify-candidates").arg("--poisons").arg(lm.path("p0.jsonl")).args(["--candidates", "-", "--concealment", "strict", "--summary"]).arg(&summary),
+        &cands,
+    ))
+    .stdout
+    .clone();
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    assert!(s["objective_after"].as_f64().unwrap() <= s["objective_before"].as_f64().unwrap());
+    let crafted_recs = records(&crafted);
+    assert_eq!(crafted_recs.len(), 5);
+    assert!(crafted_recs.iter().all(|p| trigger_free(&p.text)), "strictly concealed poisons");
+    (file, crafted)
+}
+
 #[test]
 fn a_language_model_goes_through_every_stage_by_pipes() {
     let lm = Lm::new();
@@ -71,29 +102,8 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     }
     assert!(best_rest > f64::NEG_INFINITY, "the fixture has bases left out");
     assert!(worst_chosen >= best_rest, "judged bases rank by the judge: chosen ≥ {worst_chosen}, left out ≤ {best_rest}");
-    let poisons = ok(&run(lm.stage("init-poisons").args(["--count", "5", "--strategy", "random", "--concealment", "strict", "--seed", "0"]))).stdout.clone();
-    std::fs::write(lm.path("p0.jsonl"), &poisons).unwrap();
-    assert_eq!(records(&poisons).len(), 5);
-    let grad = ok(&run_with_stdin(lm.stage("rollout-grad").args(["--poisons", "-", "--clean-per-batch", "8", "--adv-size", "8", "--eta", "0.1"]), &poisons)).stdout.clone();
-    let file = common::tensorfile::deserialize(&grad, "grad", common::formats::gradfile::GRAD_FORMAT, common::formats::gradfile::GRAD_VERSION).unwrap();
+    let (file, crafted) = crafting_round(&lm, &lm.victim());
     assert!(file.tensors.contains_key("word_scores"), "a language model's gradient file carries the target scores");
-    let cands = ok(&run_with_stdin(lm.stage("rank-candidates").args(["--grad", "-", "-k", "3", "--positions", "2", "--concealment", "strict"]), &grad)).stdout.clone();
-    let cands: Vec<Candidate> = common::io::read_jsonl_from(&cands[..], "candidates", false).unwrap();
-    assert_eq!(cands.len(), 5 * 2 * 3);
-    assert!(cands.iter().all(|c| trigger_free(&c.word)));
-    let cand_bytes: Vec<u8> = cands.iter().flat_map(|c| serde_json::to_vec(c).unwrap().into_iter().chain([b'\n'])).collect();
-    let summary = lm.path("summary.json");
-    let crafted = ok(&run_with_stdin(
-        lm.stage("verify-candidates").arg("--poisons").arg(lm.path("p0.jsonl")).args(["--candidates", "-", "--concealment", "strict", "--summary"]).arg(&summary),
-        &cand_bytes,
-    ))
-    .stdout
-    .clone();
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
-    assert!(s["objective_after"].as_f64().unwrap() <= s["objective_before"].as_f64().unwrap());
-    let crafted_recs = records(&crafted);
-    assert_eq!(crafted_recs.len(), 5);
-    assert!(crafted_recs.iter().all(|p| trigger_free(&p.text)), "strictly concealed poisons");
     std::fs::write(lm.path("crafted.jsonl"), &crafted).unwrap();
 
     // generate: reproducible by seed, per prompt whatever the batch.
@@ -223,36 +233,14 @@ fn a_language_model_that_trains_its_word_table_is_crafted_through_the_pipes() {
         .args(["--arch", "gpt", "--hidden", "16", "--layers", "1", "--heads", "2", "--max-len", "40", "--epochs", "2", "--batch-size", "16", "--seed", "0", "--device", "cpu", "--train-embeddings", "--train"])
         .arg(lm.data().join("train.jsonl"))
         .arg("-o").arg(&victim)));
-    let stage = |name: &str| {
-        let mut c = bin(name);
-        c.arg("--victim").arg(&victim).arg("--data").arg(lm.data());
-        c
-    };
-    let poisons = ok(&run(stage("init-poisons").args(["--count", "5", "--strategy", "random", "--concealment", "strict", "--seed", "0"]))).stdout.clone();
-    std::fs::write(lm.path("p0.jsonl"), &poisons).unwrap();
-    let grad = ok(&run_with_stdin(stage("rollout-grad").args(["--poisons", "-", "--clean-per-batch", "8", "--adv-size", "8", "--eta", "0.1"]), &poisons)).stdout.clone();
-    let file = common::tensorfile::deserialize(&grad, "grad", common::formats::gradfile::GRAD_FORMAT, common::formats::gradfile::GRAD_VERSION).unwrap();
+    let (file, _) = crafting_round(&lm, &victim);
     let scores = file.tensors.get("word_scores").expect("a trained table's gradient file carries word scores");
     assert!(scores.abs().max().double_value(&[]) > 0.0);
-    let cands = ok(&run_with_stdin(stage("rank-candidates").args(["--grad", "-", "-k", "3", "--positions", "2", "--concealment", "strict"]), &grad)).stdout.clone();
-    assert_eq!(common::io::read_jsonl_from::<Candidate>(&cands[..], "candidates", false).unwrap().len(), 5 * 2 * 3);
-    let summary = lm.path("summary.json");
-    let crafted = ok(&run_with_stdin(
-        stage("verify-candidates").arg("--poisons").arg(lm.path("p0.jsonl")).args(["--candidates", "-", "--concealment", "strict", "--summary"]).arg(&summary),
-        &cands,
-    ))
-    .stdout
-    .clone();
-    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
-    assert!(s["objective_after"].as_f64().unwrap() <= s["objective_before"].as_f64().unwrap());
-    let crafted = records(&crafted);
-    assert_eq!(crafted.len(), 5);
-    assert!(crafted.iter().all(|p| trigger_free(&p.text)), "strictly concealed poisons");
     // The same gradient without its word scores is refused: ranking by ∇e·E alone would
     // ignore the row term.
     let without: Vec<(String, tch::Tensor)> = file.tensors.iter().filter(|(k, _)| *k != "word_scores").map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
     let stripped = lm.path("stripped.grad");
     common::tensorfile::write(stripped.to_str().unwrap(), common::formats::gradfile::GRAD_FORMAT, common::formats::gradfile::GRAD_VERSION, &without, file.metadata.clone()).unwrap();
-    let refused = run(stage("rank-candidates").arg("--grad").arg(&stripped).args(["-k", "3"]));
+    let refused = run(lm.stage_of(&victim, "rank-candidates").arg("--grad").arg(&stripped).args(["-k", "3"]));
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("word scores"), "{}", String::from_utf8_lossy(&refused.stderr));
 }

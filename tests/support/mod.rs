@@ -164,8 +164,12 @@ impl Lm {
     }
     /// A command of a crafting stage against the LM.
     pub fn stage(&self, name: &str) -> std::process::Command {
+        self.stage_of(&self.victim(), name)
+    }
+    /// A command of a crafting stage against another victim on the LM's data.
+    pub fn stage_of(&self, victim: &std::path::Path, name: &str) -> std::process::Command {
         let mut c = bin(name);
-        c.arg("--victim").arg(self.victim()).arg("--data").arg(self.data());
+        c.arg("--victim").arg(victim).arg("--data").arg(self.data());
         c
     }
 }

@@ -134,10 +134,7 @@ impl Architecture for Gpt {
     /// The output layer at the gathered positions only: generation reads one position per
     /// row, and the output layer is most of a pass (vocabulary × width per position).
     fn logits_at(&self, params: &Params, emb: &Tensor, _mask: &Tensor, last: &Tensor) -> Tensor {
-        let hidden = self.hidden(params, emb);
-        let w = hidden.size()[2];
-        let at = hidden.gather(1, &last.view([-1, 1, 1]).expand([-1, 1, w], false), false).squeeze_dim(1);
-        linear(params, &at, "out")
+        out_at(params, &self.hidden(params, emb), last)
     }
 
     fn tuning(&self) -> Tuning {
@@ -147,9 +144,7 @@ impl Architecture for Gpt {
     fn prefill(&self, params: &Params, emb: &Tensor, last: &Tensor) -> Option<(Tensor, KvCache)> {
         let mut cache = KvCache { layers: Vec::with_capacity(self.shape.layers) };
         let hidden = self.blocks(params, emb, Some(&mut cache));
-        let w = hidden.size()[2];
-        let at = hidden.gather(1, &last.view([-1, 1, 1]).expand([-1, 1, w], false), false).squeeze_dim(1);
-        Some((linear(params, &at, "out"), cache))
+        Some((out_at(params, &hidden, last), cache))
     }
 
     fn decode_step(&self, params: &Params, cache: &mut KvCache, emb: &Tensor, at: &Tensor) -> Tensor {
@@ -231,4 +226,12 @@ impl Gpt {
         let inner = linear(params, &m, &format!("{b}.mlp.fc")).gelu("none");
         h + linear(params, &inner, &format!("{b}.mlp.proj"))
     }
+}
+
+/// The output layer at one position per row (`last` [B]) of hidden states [B, T, width]:
+/// logits [B, vocab].
+fn out_at(params: &Params, hidden: &Tensor, last: &Tensor) -> Tensor {
+    let w = hidden.size()[2];
+    let at = hidden.gather(1, &last.view([-1, 1, 1]).expand([-1, 1, w], false), false).squeeze_dim(1);
+    linear(params, &at, "out")
 }
