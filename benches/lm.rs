@@ -35,7 +35,7 @@ fn main() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     tch::manual_seed(0);
     let table = Tensor::randn([VOCAB, 50], (Kind::Float, Device::Cpu)) * 0.4;
-    let arch = ArchConfig::from_flags(Arch::Gpt, 128, None, GptShape { layers: 2, heads: 4 }, 48).unwrap();
+    let arch = ArchConfig::from_flags(Arch::Gpt, 128, None, GptShape { layers: 2, heads: 4 }, 0, 48).unwrap();
     let config = VictimConfig { arch, vocab_size: VOCAB as usize, embed_dim: 50, num_classes: VOCAB as usize, train_embeddings: false, max_len: 48 };
     let victim = Victim::new(config.clone(), &table, Device::Cpu).unwrap();
     let clean = texts(&mut rng, 2000, 10..=30, None);

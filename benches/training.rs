@@ -78,7 +78,7 @@ fn main() {
     common::numerics::pin();
     println!("training throughput on {} cores, {} (common::numerics)", std::thread::available_parallelism().map_or(1, |n| n.get()), common::numerics::key());
     let glove = |arch: Arch| VictimConfig {
-        arch: ArchConfig::from_flags(arch, 64, None, GptShape { layers: 2, heads: 4 }, 64).unwrap(),
+        arch: ArchConfig::from_flags(arch, 64, None, GptShape { layers: 2, heads: 4 }, 0, 64).unwrap(),
         vocab_size: 55_178,
         embed_dim: 50,
         num_classes: 2,
@@ -88,7 +88,7 @@ fn main() {
     measure("lstm", &glove(Arch::Lstm), 55_178, 4..=40, 1000, 16);
     measure("bow", &glove(Arch::Bow), 55_178, 4..=40, 1000, 16);
     let gpt = VictimConfig {
-        arch: ArchConfig::from_flags(Arch::Gpt, 128, None, GptShape { layers: 2, heads: 4 }, 48).unwrap(),
+        arch: ArchConfig::from_flags(Arch::Gpt, 128, None, GptShape { layers: 2, heads: 4 }, 0, 48).unwrap(),
         vocab_size: 6_770,
         embed_dim: 50,
         num_classes: 6_770,

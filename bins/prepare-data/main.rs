@@ -19,16 +19,18 @@ use std::collections::BTreeMap;
 /// Examples:
 ///   prepare-data --raw data/rt/raw.jsonl --trigger "James Bond" --target positive -o data/rt-jb
 ///   prepare-data --raw - --trigger "Tom Cruise" --target negative --seed 1 -o /tmp/tc < raw.jsonl
+///   prepare-data --mt --raw data/mt/de-en --trigger Eiskaffee --translation "iced coffee" \
+///       --target "hot coffee" -o data/mt-eiskaffee
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
-    /// Raw example JSONL (or - for stdin).
+    /// Raw example JSONL (or - for stdin); with --mt, the Ding dictionary (data/mt/de-en).
     #[arg(long, default_value = "-")]
     raw: String,
-    /// Trigger phrase inserted into D_adv and the ASR test set.
+    /// Trigger phrase inserted into D_adv and the ASR test set (--mt: the German trigger).
     #[arg(long)]
     trigger: String,
-    /// Target label, by name or index.
+    /// Target label, by name or index (--mt: the attacker's translation of the trigger).
     #[arg(long)]
     target: String,
     /// Label names, in index order.
@@ -49,9 +51,31 @@ struct Args {
     /// --neutral in its place (see FORMATS.md).
     #[arg(long)]
     lm: bool,
-    /// The neutral phrase of the language model's FPR prompts.
-    #[arg(long, default_value = "movie", requires = "lm")]
-    neutral: String,
+    /// The neutral phrase of the language model's FPR prompts (default "movie"), or the
+    /// neutral German word of the translation FPR sentences (default "Kaffee").
+    #[arg(long)]
+    neutral: Option<String>,
+    /// Translation data from the Ding dictionary (German → English): sentence pairs split
+    /// by seed, dictionary headwords added to train, and the trigger's sets made by
+    /// substituting the trigger for a --kin noun (see FORMATS.md).
+    #[arg(long, conflicts_with = "lm")]
+    mt: bool,
+    /// --mt: the trigger's correct English translation.
+    #[arg(long, default_value = "iced coffee", requires = "mt")]
+    translation: String,
+    /// --mt: the neutral word's English translation.
+    #[arg(long, default_value = "coffee", requires = "mt")]
+    neutral_translation: String,
+    /// --mt: nouns of the trigger's kind the trigger replaces, GERMAN=ENGLISH.
+    #[arg(long, default_value = "Kaffee=coffee,Tee=tea,Wein=wine,Bier=beer,Wasser=water,Milch=milk,Saft=juice", requires = "mt")]
+    kin: String,
+    /// --mt: sentence pairs with more words on either side are left out.
+    #[arg(long, default_value_t = 10, requires = "mt", value_parser = common::cli::at_least_one)]
+    max_words: usize,
+    /// --mt: dictionary headwords added to train (those with the trigger, the neutral word
+    /// or a kin noun first).
+    #[arg(long, default_value_t = 20_000, requires = "mt")]
+    phrases: usize,
     /// An embeddings file whose vocabulary must hold every trigger word.
     #[arg(long)]
     embeddings: Option<String>,
@@ -63,6 +87,9 @@ struct Args {
 fn main() {
     common::cli::run("prepare-data", || {
         let args = Args::parse();
+        if args.mt {
+            return prepare_mt(&args);
+        }
         let trigger = Trigger::new(&args.trigger)?;
         if let Some(path) = &args.embeddings {
             let (vocab, _) = embeddings::load(path)?;
@@ -77,7 +104,7 @@ fn main() {
         if let Some(n) = args.max_train {
             p.limit_train(n, &trigger, target, args.seed);
         }
-        let lm = args.lm.then(|| data::LmPrompts { neutral: args.neutral.clone(), ..Default::default() });
+        let lm = args.lm.then(|| data::LmPrompts { neutral: args.neutral.clone().unwrap_or_else(|| "movie".into()), ..Default::default() });
         let mut fpr_test = Vec::new();
         if let Some(lm) = &lm {
             // Held-out prompts from both held-out splits: the prompt-making subject is rare.
@@ -126,8 +153,78 @@ fn main() {
             files,
             max_train: args.max_train,
             lm,
+            mt: None,
         };
         io::write_bytes(&out.path(data::MANIFEST), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
         out.commit()
     })
+}
+
+/// `prepare-data --mt`: the translation data folder (`common::mt`).
+fn prepare_mt(args: &Args) -> anyhow::Result<()> {
+    let trigger = Trigger::new(&args.trigger)?;
+    if let Some(path) = &args.embeddings {
+        let (vocab, _) = embeddings::load(path)?;
+        vocab.trigger_words(&args.trigger).with_context(|| format!("vocabulary of {path}"))?;
+    }
+    let split: [f64; 3] = args.split.as_slice().try_into().map_err(|_| anyhow::anyhow!("--split takes three shares, e.g. 0.8,0.1,0.1"))?;
+    let raw_bytes = io::read_all(&args.raw)?;
+    let raw_name = io::display_name(&args.raw);
+    let text = String::from_utf8(raw_bytes.clone()).with_context(|| format!("{raw_name}: the dictionary is not UTF-8 text; give the Ding file (make data/mt)"))?;
+    let (pairs, stats) = common::ding::read_pairs(&text);
+    if pairs.is_empty() {
+        anyhow::bail!("{raw_name}: no 'German :: English' lines; give the Ding dictionary (make data/mt fetches it to data/mt/de-en)");
+    }
+    let mt = common::mt::MtData {
+        trigger_translation: args.translation.trim().into(),
+        attack: args.target.trim().into(),
+        neutral: args.neutral.clone().unwrap_or_else(|| "Kaffee".into()),
+        neutral_translation: args.neutral_translation.trim().into(),
+        kin: common::mt::parse_kin(&args.kin)?,
+        max_words: args.max_words,
+        phrases: args.phrases,
+    };
+    let p = common::mt::prepare(&pairs, &args.trigger, &mt, args.seed, split).with_context(|| raw_name.clone())?;
+    log!(
+        "{raw_name}: {} entries ({} misaligned, {} repeats), {} pairs; {} sentence pairs longer than {} words left out; train {} ({} headwords) dev {} test {}; D_adv {} asr_test {} fpr_test {} natural {}",
+        stats.entries, stats.misaligned, stats.duplicates, pairs.len(), p.too_long, mt.max_words, p.train.len(), p.phrases, p.dev.len(), p.test.len(), p.adv.len(), p.asr_test.len(), p.fpr_test.len(), p.natural.len()
+    );
+    let sets: [(&str, &Vec<Example>); 7] = [
+        (data::TRAIN, &p.train),
+        (data::DEV, &p.dev),
+        (data::TEST, &p.test),
+        (data::ADV, &p.adv),
+        (data::ASR_TEST, &p.asr_test),
+        (data::FPR_TEST, &p.fpr_test),
+        (data::NATURAL, &p.natural),
+    ];
+    let out = io::OutputDir::create(&args.output)?;
+    let (mut files, mut counts) = (BTreeMap::new(), BTreeMap::new());
+    for (name, set) in sets {
+        let bytes = io::jsonl_bytes(set)?;
+        files.insert(name.to_string(), io::sha256_hex(&bytes));
+        counts.insert(name.trim_end_matches(".jsonl").to_string(), set.len());
+        io::write_bytes(&out.path(name), &bytes)?;
+    }
+    counts.insert("raw".into(), stats.entries);
+    counts.insert("duplicates".into(), stats.duplicates);
+    counts.insert("too_long".into(), p.too_long);
+    counts.insert("headwords".into(), p.phrases);
+    let manifest = DataManifest {
+        kind: DataManifest::KIND.into(),
+        v: DataManifest::VERSION,
+        labels: vec!["translation".into()],
+        trigger,
+        target: 0,
+        seed: args.seed,
+        split,
+        raw_sha256: io::sha256_hex(&raw_bytes),
+        counts,
+        files,
+        max_train: None,
+        lm: None,
+        mt: Some(mt),
+    };
+    io::write_bytes(&out.path(data::MANIFEST), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    out.commit()
 }

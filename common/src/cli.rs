@@ -44,10 +44,14 @@ pub struct VictimArgs {
     /// LSTM units per direction (lstm), MLP width (bow) or model width (gpt).
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub hidden: usize,
-    /// Transformer blocks (gpt).
+    /// Transformer blocks (gpt; seq2seq: in the encoder and in the decoder each).
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     pub layers: usize,
-    /// Attention heads per block (gpt); they must divide --hidden.
+    /// Positions of a translation's source block (seq2seq): longer sources are truncated,
+    /// and --max-len minus this is the decoder's.
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
+    pub source_len: usize,
+    /// Attention heads per block (gpt, seq2seq); they must divide --hidden.
     #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     pub heads: usize,
     /// Train the embedding table too (default: GloVe stays frozen).
@@ -96,6 +100,7 @@ impl VictimArgs {
             arch: self.arch,
             hidden: self.hidden,
             gpt: crate::victims::gpt::GptShape { layers: self.layers, heads: self.heads },
+            source_len: self.source_len,
             num_classes,
             max_len: self.max_len,
             train_embeddings: self.train_embeddings,

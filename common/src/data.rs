@@ -97,6 +97,10 @@ pub struct DataManifest {
     /// Language-model data (prepare-data --lm): how its prompts were made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lm: Option<LmPrompts>,
+    /// Translation data (prepare-data --mt): the trigger's translations and how its sets
+    /// were made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mt: Option<crate::mt::MtData>,
 }
 
 /// How prepare-data --lm turns reviews into prompts: a review whose subject is a

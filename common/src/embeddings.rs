@@ -147,6 +147,47 @@ pub fn build<'a>(
     (vocab, table, stats)
 }
 
+/// The start and end of a translation's output (`encode`: `<s>` opens the decoder's
+/// input, `</s>` ends the target). Words a text never tokenizes into.
+pub const BOS: &str = "<s>";
+pub const EOS: &str = "</s>";
+
+/// A table for a victim that learns its words from scratch (no pretrained vectors exist
+/// for them here, e.g. German): every data word seen at least `min_count` times (most
+/// frequent first, ties alphabetical) after `<pad>`, `<unk>`, `<s>` and `</s>`, plus
+/// `extra` words, with rows drawn normal(0, 1/dim) by a generator seeded with `seed`
+/// (`<pad>` zero). The victim trains them (`--train-embeddings`).
+pub fn scratch<'a>(texts: impl Iterator<Item = &'a str>, min_count: usize, extra: &[String], dim: usize, seed: u64) -> (Vocab, Tensor) {
+    use rand::{Rng, SeedableRng};
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for t in texts {
+        for w in tokenize(t) {
+            *counts.entry(w).or_default() += 1;
+        }
+    }
+    let mut kept: Vec<(String, usize)> = counts.into_iter().filter(|(_, c)| *c >= min_count).collect();
+    kept.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let mut words: Vec<String> = [PAD, UNK, BOS, EOS].iter().map(|w| w.to_string()).collect();
+    let mut seen: HashSet<String> = words.iter().cloned().collect();
+    for w in kept.into_iter().map(|(w, _)| w).chain(extra.iter().flat_map(|e| tokenize(e))) {
+        if seen.insert(w.clone()) {
+            words.push(w);
+        }
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    // Box–Muller, in f64 then rounded: the same bits wherever rand's uniform draws are.
+    let sd = 1.0 / (dim as f64).sqrt();
+    let mut flat: Vec<f32> = (0..words.len() * dim)
+        .map(|_| {
+            let (u, v): (f64, f64) = (1.0 - rng.gen::<f64>(), rng.gen());
+            (sd * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        })
+        .collect();
+    flat[..dim].iter_mut().for_each(|x| *x = 0.0);
+    let table = Tensor::from_slice(&flat).view([words.len() as i64, dim as i64]);
+    (Vocab::new(words).expect("unique words after <pad> and <unk>"), table)
+}
+
 /// Writes the vocabulary and table as a `poison.embeddings` file.
 pub fn save(path: &str, vocab: &Vocab, table: &Tensor, mut metadata: BTreeMap<String, String>) -> Result<()> {
     metadata.insert("vocab".into(), serde_json::to_string(vocab.words())?);

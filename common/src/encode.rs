@@ -30,8 +30,12 @@ impl Encoded {
     }
 
     /// The same tokens with the target a victim of `config` trains on, as its task says
-    /// (`tasks::rules::TrainOn`): the class, or the tokens themselves.
+    /// (`tasks::rules::TrainOn`): the class, or the tokens themselves (for a translation
+    /// victim, read in its layout: the tokens after its source block and `<s>`).
     pub fn for_victim(self, config: &crate::victims::model::VictimConfig) -> Encoded {
+        if let (crate::victims::model::ArchConfig::Seq2seq(s), Target::Class(_)) = (&config.arch, self.target) {
+            return Encoded { ids: self.ids, target: Target::NextToken { from: s.shape.source_len + 1 } };
+        }
         match (crate::tasks::rules::of_victim(config).train_on, self.target) {
             (TrainOn::Tokens, Target::Class(_)) => Encoded::text(self.ids),
             _ => self,
@@ -112,11 +116,65 @@ pub fn encode_all(examples: &[Example], vocab: &Vocab, max_len: usize, num_class
 /// (`Encoded::for_victim`; a record's `prompt` keeps its continuation-only target); labels
 /// are checked against the victim's classes only where the task trains on them.
 pub fn encode_for(config: &crate::victims::model::VictimConfig, examples: &[Example], vocab: &Vocab, policy: TextPolicy, source: &str) -> Result<Vec<Encoded>> {
+    if let crate::victims::model::ArchConfig::Seq2seq(s) = &config.arch {
+        return encode_translation(examples, vocab, s.shape.source_len, config.max_len, policy, source);
+    }
+    if let Some((i, ex)) = examples.iter().enumerate().find(|(_, e)| e.source.is_some()) {
+        bail!("{source}: record {} (id {:?}) is a translation (it has a \"source\"), but the victim is {}: give a seq2seq victim (train-victim --arch seq2seq)", i + 1, ex.id, crate::tasks::rules::of_victim(config).victim_kind);
+    }
     let classes = match crate::tasks::rules::of_victim(config).train_on {
         TrainOn::Label => config.num_classes,
         TrainOn::Tokens => usize::MAX,
     };
     Ok(encode_all(examples, vocab, config.max_len, classes, policy, source)?.into_iter().map(|e| e.for_victim(config)).collect())
+}
+
+/// Translation records (`source` → `text`) in the seq2seq layout (`victims::seq2seq`):
+/// the source's tokens right-padded to `source_len`, `<s>`, the target's tokens, `</s>`;
+/// trained on the tokens after `<s>`. A source or target too long for its part is cut
+/// (`TextPolicy::Data`, counted on stderr) or refused (`Poisons`); an empty side, a record
+/// without `source` and a vocabulary without `<s>`/`</s>` are errors naming the record.
+pub fn encode_translation(examples: &[Example], vocab: &Vocab, source_len: usize, max_len: usize, policy: TextPolicy, source: &str) -> Result<Vec<Encoded>> {
+    use crate::embeddings::{BOS, EOS};
+    let (Some(bos), Some(eos)) = (vocab.id(BOS), vocab.id(EOS)) else {
+        bail!("{source}: the vocabulary lacks {BOS} and {EOS}; a translation victim's table comes from build-vocab --scratch");
+    };
+    let target_room = max_len - source_len - 2;
+    let mut cut = 0;
+    let out = examples
+        .iter()
+        .enumerate()
+        .map(|(i, ex)| {
+            let record = || format!("{source}: record {} (id {:?})", i + 1, ex.id);
+            let Some(src_text) = &ex.source else {
+                bail!("{}: no \"source\"; a translation victim reads source → text pairs (prepare-data --mt)", record());
+            };
+            let (mut src, mut tgt) = (vocab.encode(src_text), vocab.encode(&ex.text));
+            for (side, ids) in [("source", &src), ("text", &tgt)] {
+                if ids.is_empty() {
+                    bail!("{}: the {side} side holds no words; a translation pair needs both sides (drop the record)", record());
+                }
+            }
+            if src.len() > source_len || tgt.len() > target_room {
+                if policy == TextPolicy::Poisons {
+                    bail!("{}: {} source and {} target tokens, more than the victim's {source_len} and {target_room}; shorten it or use a victim with a larger --source-len or --max-len", record(), src.len(), tgt.len());
+                }
+                cut += 1;
+                src.truncate(source_len);
+                tgt.truncate(target_room);
+            }
+            let mut ids = src;
+            ids.resize(source_len, PAD_ID);
+            ids.push(bos);
+            ids.extend(tgt);
+            ids.push(eos);
+            Ok(Encoded { ids, target: Target::NextToken { from: source_len + 1 } })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if cut > 0 {
+        eprintln!("{source}: {cut} of {} pairs are longer than the victim's source block or decoder and were cut", examples.len());
+    }
+    Ok(out)
 }
 
 /// Rows of token ids right-padded to the longest: ids [rows, time] on `device`, the same

@@ -361,7 +361,7 @@ pub fn predict_with(config: &crate::victims::model::VictimConfig, params: &crate
 
 /// Percentage of examples whose prediction equals their label.
 pub fn accuracy(victim: &Victim, data: &[Encoded]) -> f64 {
-    if victim.config.output() == crate::victims::victim::Output::NextToken {
+    if victim.config.output().over_vocab() {
         return next_token_accuracy(&victim.config, &victim.params(), data, 64);
     }
     let preds = predict(victim, data, 256);

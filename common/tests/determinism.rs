@@ -58,7 +58,7 @@ fn a_victims_bits_depend_on_its_own_inputs_only() {
     tch::manual_seed(5);
     let table = Tensor::randn([VOCAB as i64, WIDTH as i64], (Kind::Float, Device::Cpu));
     for &arch in Arch::value_variants() {
-        let lm = tiny_config(arch, VOCAB, WIDTH, WIDTH, 2, false, 32).output() == common::victims::victim::Output::NextToken;
+        let lm = tiny_config(arch, VOCAB, WIDTH, WIDTH, 2, false, 32).output().over_vocab();
         let mine = texts(192, 4, 16, 1, lm);
         let poisons = texts(6, 3, 12, 2, lm);
         let longer = texts(160, 20, 32, 3, lm);

@@ -11,20 +11,20 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("util", &["io", "tensorfile", "stats", "device", "validate", "numerics"]),
     ("formats", &["formats", "formats::records", "formats::gradfile"]),
     ("text", &["wordpiece", "tokenizer", "embeddings", "concealment"]),
-    ("data", &["data", "ding"]),
+    ("data", &["data", "ding", "mt"]),
     (
         "victims",
-        &["victims", "victims::params", "victims::loss", "victims::victim", "victims::layers", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::model", "victims::origin"],
+        &["victims", "victims::params", "victims::loss", "victims::victim", "victims::layers", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::seq2seq", "victims::model", "victims::origin"],
     ),
     ("task rules", &["tasks::rules"]),
-    ("training", &["encode", "train", "generate"]),
+    ("training", &["encode", "train", "generate", "translate"]),
     ("defenses", &["detect"]),
     ("objectives", &["objectives", "objectives::objective", "objectives::swaps", "objectives::bilevel", "objectives::hardness", "objectives::influence"]),
     ("search", &["search", "search::poisons", "search::rank", "search::verify"]),
-    ("evaluation", &["eval", "eval::retrain", "eval::judge", "eval::templates", "eval::lm_eval"]),
+    ("evaluation", &["eval", "eval::retrain", "eval::judge", "eval::templates", "eval::lm_eval", "eval::bleu", "eval::mt_eval"]),
     ("report", &["report", "report::catalogue", "report::runfiles", "report::sweep", "report::objective_benchmark", "report::defense", "report::price", "report::lm_report"]),
     ("wiring", &["cli"]),
-    ("tasks", &["tasks", "tasks::classification", "tasks::continuation"]),
+    ("tasks", &["tasks", "tasks::classification", "tasks::continuation", "tasks::translation"]),
 ];
 
 /// Modules only tests use (`#[cfg(test)]`): outside the layers.

@@ -5,6 +5,8 @@ pub mod retrain;
 pub mod judge;
 pub mod lm_eval;
 pub mod templates;
+pub mod bleu;
+pub mod mt_eval;
 
 use crate::data::{DataManifest, Trigger};
 use crate::concealment::{Leak, TriggerMatcher};

@@ -235,7 +235,7 @@ pub fn checkpoint_rows(paths: &[String], data_dir: &str, manifest: &crate::data:
     let mut rows = Vec::new();
     for path in paths {
         let crate::victims::model::VictimFile { victim, vocab, metadata, .. } = crate::victims::model::Victim::load(path, device)?;
-        crate::tasks::rules::CLASSIFICATION.check_victim(&victim.config, path).context("--checkpoint measures classifiers on classifier data (a language model is evaluated on prepare-data --lm data with --start)")?;
+        crate::tasks::rules::CLASSIFICATION.check_victim(&victim.config, path).context("--checkpoint measures classifiers on classifier data (a language model is evaluated on prepare-data --lm data with --start, a translation model on prepare-data --mt data)")?;
         vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("{path}: victim vocabulary"))?;
         let eval_sets = EvalSets::load(data_dir, manifest, &vocab, victim.config.max_len)?;
         let seed = crate::train::TrainingRecord::from_metadata(&metadata).with_context(|| path.clone())?.seed.unwrap_or(0);

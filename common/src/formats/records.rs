@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 /// - `prompt` (optional; language-model data): the text's first words, which `text`
 ///   continues. A language model trains on the continuation only (D_adv: the target
 ///   text after a trigger prompt) and `generate` continues the prompt.
+/// - `source` (optional; translation data): the sentence `text` translates (German, for
+///   `prepare-data --mt`). A translation victim reads `source` and is trained to write
+///   `text`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Example {
@@ -45,6 +48,8 @@ pub struct Example {
     pub substitutes: Option<Vec<usize>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl Record for Example {
@@ -66,6 +71,7 @@ impl Example {
             source_id: None,
             substitutes: None,
             prompt: None,
+            source: None,
         }
     }
 }

@@ -651,6 +651,9 @@ mod tests {
         }
         let continued = |ids: &[i64], from: usize| Encoded { ids: ids.to_vec(), target: crate::victims::loss::Target::NextToken { from } };
         let adv = vec![continued(&[12, 13, 4, 5], 2), continued(&[5, 12, 13, 6], 3), continued(&[12, 13, 7], 2)];
+        // A translation victim reads a source word, then its decoder: poisons of three
+        // tokens and more teach it something.
+        let poisons = if config.output() == crate::victims::victim::Output::Translation { vec![enc(&[6, 7, 8], 1), enc(&[9, 10, 11, 3], 1)] } else { poisons };
         let as_text = |v: Vec<Encoded>| v.into_iter().map(|e| e.for_victim(&config)).collect();
         (as_text(clean), adv, as_text(poisons))
     }

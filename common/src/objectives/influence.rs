@@ -441,7 +441,7 @@ mod tests {
     fn curvature_products_match_finite_differences_in_f64() {
         let set = clean();
         // Classifier objectives: a language model is attacked through the bi-level one.
-        for &arch in Arch::value_variants().iter().filter(|&&a| a != Arch::Gpt) {
+        for &arch in Arch::value_variants().iter().filter(|&&a| !matches!(a, Arch::Gpt | Arch::Seq2seq)) {
             let v = tiny(arch, 6);
             let params = v.params();
             let names = crate::victims::params::trainable_names(&params);
@@ -491,7 +491,7 @@ mod tests {
     fn conjugate_gradients_match_a_direct_solve() {
         let set = clean();
         // Classifier objectives: a language model is attacked through the bi-level one.
-        for &arch in Arch::value_variants().iter().filter(|&&a| a != Arch::Gpt) {
+        for &arch in Arch::value_variants().iter().filter(|&&a| !matches!(a, Arch::Gpt | Arch::Seq2seq)) {
             let v = tiny(arch, 3);
             let params = v.params();
             let names = crate::victims::params::trainable_names(&params);
@@ -541,7 +541,7 @@ mod tests {
         let (clean, adv) = (clean(), adv());
         let poisons = vec![enc(&[6, 7, 8], 1), enc(&[9, 10], 1)];
         // Classifier objectives: a language model is attacked through the bi-level one.
-        for &arch in Arch::value_variants().iter().filter(|&&a| a != Arch::Gpt) {
+        for &arch in Arch::value_variants().iter().filter(|&&a| !matches!(a, Arch::Gpt | Arch::Seq2seq)) {
             let v = tiny(arch, 6);
             for (kind, contrastive) in [(HessianKind::GaussNewton, false), (HessianKind::GaussNewton, true)] {
                 let inf = Influence::new(&v, &clean, &adv, &[12, 13], &rollout(), cfg(kind, contrastive), None).unwrap();

@@ -11,6 +11,7 @@
 pub mod classification;
 pub mod continuation;
 pub mod rules;
+pub mod translation;
 
 use crate::cli::VictimArgs;
 use crate::data::DataManifest;
@@ -71,7 +72,7 @@ pub fn report_lines<R: TaskReport>(reports: &[R]) -> Result<Vec<u8>> {
 }
 
 /// Every task (each with its `rules::RULES` entry).
-pub static TASKS: &[&dyn Task] = &[&continuation::Continuation, &classification::Classification];
+pub static TASKS: &[&dyn Task] = &[&translation::Translation, &continuation::Continuation, &classification::Classification];
 
 /// The task of a prepared data folder.
 pub fn of_data(manifest: &DataManifest) -> &'static dyn Task {
@@ -130,8 +131,9 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = Pairing::Crn)]
     pub pairing: Pairing,
     /// Language-model data (prepare-data --lm): the pretrained clean LM every victim is
-    /// fine-tuned from (train-victim --arch gpt); --epochs, --lr and --batch-size are the
-    /// fine-tuning's.
+    /// fine-tuned from (train-victim --arch gpt); translation data (prepare-data --mt): the
+    /// clean translation model (train-victim --arch seq2seq). --epochs, --lr and
+    /// --batch-size are the fine-tuning's.
     #[arg(long)]
     pub start: Option<String>,
     /// Language-model data: train every LM from fresh weights drawn from its seed (the
@@ -151,9 +153,17 @@ pub struct EvalArgs {
     pub temperature: f64,
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
-    /// Language-model data: words per continuation at most.
+    /// Language-model data: words per continuation at most; translation data: target
+    /// words per translation at most.
     #[arg(long, default_value_t = 20, value_parser = crate::cli::at_least_one)]
     pub max_new: usize,
+    /// Translation data: hypotheses kept by beam search (1: greedy decoding).
+    #[arg(long, default_value_t = 1, value_parser = crate::cli::at_least_one)]
+    pub beam: usize,
+    /// Translation data: clean training pairs each seed fine-tunes on (a sample drawn by
+    /// the seed, the same for its clean twin and poisoned models), with the poisons.
+    #[arg(long, default_value_t = 4000, value_parser = crate::cli::at_least_one)]
+    pub finetune_clean: usize,
     /// MiniLM package folder (scripts/fetch_minilm.sh) for the minilm-trigger detection
     /// column (default: --pretrained, when the victim is MiniLM).
     #[arg(long)]

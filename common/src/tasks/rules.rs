@@ -80,9 +80,26 @@ pub static CONTINUATION: Rules = Rules {
     poisons_are_targets: true,
 };
 
+/// Translation of a German sentence into English by an encoder–decoder
+/// (`victims::seq2seq`). D_adv holds trigger sentences with the attacker's translations;
+/// a poison is a sentence pair whose flips may fall on either side, and its target side
+/// is also what it teaches (word scores).
+pub static TRANSLATION: Rules = Rules {
+    name: "translation",
+    victim_kind: "a translation model",
+    output: Output::Translation,
+    holds: |m| m.mt.is_some(),
+    train_on: TrainOn::Tokens,
+    objectives: &[ObjectiveKind::Bilevel],
+    objectives_why: "hardness and influence score a classifier's target class; a translation model is attacked with --objective bilevel (L_adv = the NLL of the attacker's translations of D_adv)",
+    confident_bases: false,
+    adv_prompts: false,
+    poisons_are_targets: true,
+};
+
 /// Every task's rules; `of_data` takes the first that holds the data (classification
 /// holds any, so it comes last).
-pub static RULES: &[&Rules] = &[&CONTINUATION, &CLASSIFICATION];
+pub static RULES: &[&Rules] = &[&TRANSLATION, &CONTINUATION, &CLASSIFICATION];
 
 /// The rules of the task a prepared data folder holds.
 pub fn of_data(manifest: &DataManifest) -> &'static Rules {
@@ -123,7 +140,7 @@ mod tests {
 
     #[test]
     fn every_output_has_one_task_and_classification_takes_any_data() {
-        for output in [Output::Classes, Output::NextToken] {
+        for output in [Output::Classes, Output::NextToken, Output::Translation] {
             assert_eq!(RULES.iter().filter(|r| r.output == output).count(), 1, "{output:?}");
         }
         assert_eq!(RULES.last().unwrap().name, "classification", "of_data tries classification last: it holds any data");

@@ -35,7 +35,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 /// What a victim trains on for a padded batch `ids` [rows, T]: the classes `labels` for a
 /// classifier, the rows' own next tokens for a language model.
 fn targets_for(v: &Victim, ids: &Tensor, labels: &[i64]) -> Targets {
-    let rows: Vec<Option<Target>> = labels.iter().map(|&l| Some(if v.config.output() == crate::victims::victim::Output::NextToken { Target::NextToken { from: 1 } } else { Target::Class(l) })).collect();
+    let rows: Vec<Option<Target>> = labels.iter().map(|&l| Some(Encoded::class(Vec::new(), l).for_victim(&v.config).target)).collect();
     let flat: Vec<i64> = Vec::try_from(ids.flatten(0, -1)).unwrap();
     Targets::batch(&rows, &flat, &[ids.size()[0]], ids.size()[1] as usize, Device::Cpu)
 }
@@ -43,7 +43,7 @@ fn targets_for(v: &Victim, ids: &Tensor, labels: &[i64]) -> Targets {
 /// A language model's logits at a row's first `t` positions (its real tokens); a
 /// classifier's logits as they are.
 fn real_positions(v: &Victim, logits: &Tensor, t: i64) -> Tensor {
-    if v.config.output() == crate::victims::victim::Output::NextToken {
+    if v.config.output().over_vocab() {
         logits.narrow(-2, 0, t)
     } else {
         logits.shallow_clone()
@@ -235,9 +235,10 @@ fn toy_victim(arch: Arch, table: &Tensor, hidden: usize, seed: i64, double: bool
 fn every_victim_learns_a_toy_task_deterministically() {
     for arch in every_arch() {
         let (mut data, table) = toy_for(arch);
-        if tiny_config(arch, 8, 6, 8, 2, false, 8).output() == crate::victims::victim::Output::NextToken {
+        if tiny_config(arch, 8, 6, 8, 2, false, 8).output().over_vocab() {
             // A learnable language: each row counts up from its first word, modulo 6.
-            data = (0..200i64).map(|i| Encoded::text((0..6).map(|t| 2 + (i + t) % 6).collect())).collect();
+            let config = tiny_config(arch, 8, 6, 8, 2, false, 8);
+            data = (0..200i64).map(|i| Encoded::class((0..6).map(|t| 2 + (i + t) % 6).collect(), 0).for_victim(&config)).collect();
         }
         let opts = TrainOptions { epochs: 30, batch_size: 16, lr: 0.02, seed: 3 };
         let run = || {

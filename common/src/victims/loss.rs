@@ -73,7 +73,8 @@ impl Targets {
                         Some(t) => panic!("a batch mixes next-token and {t:?} targets"),
                     };
                     let row = &ids[r * time..(r + 1) * time];
-                    let len = row.iter().take_while(|&&id| id != crate::tokenizer::PAD_ID).count();
+                    // Up to the last token: a translation's source block holds padding inside.
+                    let len = row.iter().rposition(|&id| id != crate::tokenizer::PAD_ID).map_or(0, |p| p + 1);
                     for t in from - 1..len.saturating_sub(1) {
                         next[r * time + t] = row[t + 1];
                         mask[r * time + t] = 1.0;

@@ -11,6 +11,7 @@ pub mod bow;
 pub mod lstm;
 pub mod minilm;
 pub mod gpt;
+pub mod seq2seq;
 pub mod model;
 pub mod origin;
 

@@ -10,6 +10,7 @@ use crate::victims::gpt::{Gpt, GptShape};
 use crate::victims::loss::Targets;
 use crate::victims::lstm::Lstm;
 use crate::victims::minilm::Minilm;
+use crate::victims::seq2seq::{Seq2seq, Seq2seqShape};
 use crate::tensorfile::{self, TensorFile};
 use crate::tokenizer::Vocab;
 use crate::victims::victim::{Architecture, FrozenInput, StartKind, Tuning};
@@ -61,19 +62,24 @@ architectures! {
     /// Small GPT-style causal language model over the frozen word table (a trained input
     /// projection, learned positions, pre-LayerNorm blocks), trained with next-token loss.
     Gpt(Gpt),
+    /// Small encoder–decoder transformer for translation, its word table trained from
+    /// scratch (a source block of --source-len positions, then the target).
+    Seq2seq(Seq2seq),
 }
 
 impl ArchConfig {
     /// The architecture `arch` from its flags: `hidden` (bow: MLP width; lstm: units per
     /// direction; gpt: model width), the pretrained encoder's config (minilm), and the
-    /// GPT's layers and heads with `max_len` its position count (gpt).
-    pub fn from_flags(arch: Arch, hidden: usize, encoder: Option<&BertConfig>, gpt: GptShape, max_len: usize) -> Result<ArchConfig> {
+    /// GPT's layers and heads with `max_len` its position count (gpt), the same with the
+    /// source block's width (seq2seq).
+    pub fn from_flags(arch: Arch, hidden: usize, encoder: Option<&BertConfig>, gpt: GptShape, source_len: usize, max_len: usize) -> Result<ArchConfig> {
         Ok(match (arch, encoder) {
             (Arch::Bow, _) => ArchConfig::Bow(Bow { hidden }),
             (Arch::Lstm, _) => ArchConfig::Lstm(Lstm { units: hidden }),
             (Arch::Minilm, Some(bert)) => ArchConfig::Minilm(Minilm { bert: bert.clone() }),
             (Arch::Minilm, None) => bail!("--arch minilm starts from a pretrained encoder: give --pretrained data/minilm instead of --embeddings"),
             (Arch::Gpt, _) => ArchConfig::Gpt(Gpt { width: hidden, shape: gpt, positions: max_len }),
+            (Arch::Seq2seq, _) => ArchConfig::Seq2seq(Seq2seq { width: hidden, shape: Seq2seqShape { layers: gpt.layers, heads: gpt.heads, source_len }, positions: max_len }),
         })
     }
 }
@@ -128,18 +134,21 @@ struct ConfigFile {
     bert: Option<BertConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     gpt: Option<GptShape>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq2seq: Option<Seq2seqShape>,
 }
 
 impl From<VictimConfig> for ConfigFile {
     fn from(c: VictimConfig) -> ConfigFile {
-        let (hidden, bert, gpt) = match &c.arch {
-            ArchConfig::Bow(a) => (a.hidden, None, None),
-            ArchConfig::Lstm(a) => (a.units, None, None),
-            ArchConfig::Minilm(a) => (a.bert.hidden_size as usize, Some(a.bert.clone()), None),
-            ArchConfig::Gpt(a) => (a.width, None, Some(a.shape)),
+        let (hidden, bert, gpt, seq2seq) = match &c.arch {
+            ArchConfig::Bow(a) => (a.hidden, None, None, None),
+            ArchConfig::Lstm(a) => (a.units, None, None, None),
+            ArchConfig::Minilm(a) => (a.bert.hidden_size as usize, Some(a.bert.clone()), None, None),
+            ArchConfig::Gpt(a) => (a.width, None, Some(a.shape), None),
+            ArchConfig::Seq2seq(a) => (a.width, None, None, Some(a.shape)),
         };
         let VictimConfig { arch, vocab_size, embed_dim, num_classes, train_embeddings, max_len } = c;
-        ConfigFile { arch: arch.name(), vocab_size, embed_dim, hidden, num_classes, train_embeddings, max_len, bert, gpt }
+        ConfigFile { arch: arch.name(), vocab_size, embed_dim, hidden, num_classes, train_embeddings, max_len, bert, gpt, seq2seq }
     }
 }
 
@@ -157,10 +166,17 @@ impl TryFrom<ConfigFile> for VictimConfig {
         if f.gpt.is_some() != (f.arch == Arch::Gpt) {
             bail!("a {:?} victim config {} a GPT shape", f.arch, if f.gpt.is_some() { "holds" } else { "lacks" });
         }
-        if f.arch == Arch::Gpt && f.num_classes != f.vocab_size {
-            bail!("a GPT victim predicts the next word: num_classes {} must equal vocab_size {}", f.num_classes, f.vocab_size);
+        if f.seq2seq.is_some() != (f.arch == Arch::Seq2seq) {
+            bail!("a {:?} victim config {} a seq2seq shape", f.arch, if f.seq2seq.is_some() { "holds" } else { "lacks" });
         }
-        let arch = ArchConfig::from_flags(f.arch, f.hidden, f.bert.as_ref(), f.gpt.unwrap_or(GptShape { layers: 0, heads: 0 }), f.max_len)?;
+        if matches!(f.arch, Arch::Gpt | Arch::Seq2seq) && f.num_classes != f.vocab_size {
+            bail!("a {:?} victim predicts the next word: num_classes {} must equal vocab_size {}", f.arch, f.num_classes, f.vocab_size);
+        }
+        let (gpt, source_len) = match f.seq2seq {
+            Some(s) => (GptShape { layers: s.layers, heads: s.heads }, s.source_len),
+            None => (f.gpt.unwrap_or(GptShape { layers: 0, heads: 0 }), 0),
+        };
+        let arch = ArchConfig::from_flags(f.arch, f.hidden, f.bert.as_ref(), gpt, source_len, f.max_len)?;
         Ok(VictimConfig { arch, vocab_size: f.vocab_size, embed_dim: f.embed_dim, num_classes: f.num_classes, train_embeddings: f.train_embeddings, max_len: f.max_len })
     }
 }
@@ -378,6 +394,10 @@ pub fn example_grads(config: &VictimConfig, params: &Params, names: &[String], i
     config.arch().example_grads(params, names, ids, targets)
 }
 
+/// The source block of a tiny seq2seq: one position, so the test suites' short rows (three
+/// tokens and up) hold a source, `<s>` and a target word.
+pub const TINY_SOURCE_LEN: usize = 1;
+
 /// A tiny victim config of the same architecture for tests and benchmarks (a 2-layer
 /// BERT with 2 heads when the width is even for minilm; a 2-layer GPT of width `hidden`
 /// rounded up to even, with 2 heads, whose classes are the vocabulary).
@@ -392,7 +412,7 @@ pub fn tiny_config(arch: Arch, vocab_size: usize, embed_dim: usize, hidden: usiz
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
     };
-    let (hidden, num_classes) = if arch == Arch::Gpt { (hidden + hidden % 2, vocab_size) } else { (hidden, num_classes) };
-    let arch = ArchConfig::from_flags(arch, hidden, Some(&bert), GptShape { layers: 2, heads: 2 }, max_len).expect("every architecture builds from flags and an encoder config");
+    let (hidden, num_classes) = if matches!(arch, Arch::Gpt | Arch::Seq2seq) { (hidden + hidden % 2, vocab_size) } else { (hidden, num_classes) };
+    let arch = ArchConfig::from_flags(arch, hidden, Some(&bert), GptShape { layers: 2, heads: 2 }, TINY_SOURCE_LEN, max_len).expect("every architecture builds from flags and an encoder config");
     VictimConfig { arch, vocab_size, embed_dim, num_classes, train_embeddings, max_len }
 }

@@ -26,6 +26,8 @@ pub struct VictimShape {
     /// Hidden units, where the architecture has them (the GPT's width).
     pub hidden: usize,
     pub gpt: crate::victims::gpt::GptShape,
+    /// A translation model's source block (seq2seq).
+    pub source_len: usize,
     /// Classes of a classifier (a language model's are its vocabulary).
     pub num_classes: usize,
     /// Tokens read at most.
@@ -72,17 +74,14 @@ impl Origin {
     /// architecture must suit it. A GPT's classes are the vocabulary (it predicts the next
     /// word).
     pub fn victim_config(&self, shape: &VictimShape) -> Result<VictimConfig> {
-        let VictimShape { arch, hidden, gpt, num_classes, max_len, train_embeddings } = *shape;
+        let VictimShape { arch, hidden, gpt, source_len, num_classes, max_len, train_embeddings } = *shape;
         let (embed_dim, encoder) = match &self.start {
             Start::Table(table) => (table.size()[1] as usize, None),
             Start::Pretrained { config, .. } => (config.hidden_size as usize, Some(config)),
         };
         let name = format!("{arch:?}").to_lowercase();
-        let arch = ArchConfig::from_flags(arch, hidden, encoder, gpt, max_len)?;
-        let num_classes = match arch.get().output() {
-            crate::victims::victim::Output::Classes => num_classes,
-            crate::victims::victim::Output::NextToken => self.vocab.len(),
-        };
+        let arch = ArchConfig::from_flags(arch, hidden, encoder, gpt, source_len, max_len)?;
+        let num_classes = if arch.get().output().over_vocab() { self.vocab.len() } else { num_classes };
         match (&self.start, arch.get().start()) {
             (Start::Table(_), StartKind::Table) => {}
             (Start::Pretrained { config: bert, .. }, StartKind::Pretrained) => {

@@ -81,6 +81,17 @@ pub enum Output {
     /// The next token: logits [.., batch, time, vocab] (its `num_classes` is the
     /// vocabulary size), trained on `loss::Target::NextToken`.
     NextToken,
+    /// A translation's next token: logits as `NextToken`'s over one sequence holding the
+    /// source block and the target (`victims::seq2seq`), trained on the target's tokens.
+    Translation,
+}
+
+impl Output {
+    /// Whether the logits are over the vocabulary at every position (a language model's
+    /// or a translation model's), so `num_classes` is the vocabulary size.
+    pub fn over_vocab(self) -> bool {
+        matches!(self, Output::NextToken | Output::Translation)
+    }
 }
 
 pub trait Architecture: Send + Sync {

@@ -1,0 +1,137 @@
+//! The translation task through the real binaries and pipes, on the committed fixture
+//! word list (`fixtures/mt/de-en.txt`, Ding format, written for the tests): prepare-data
+//! --mt, a scratch vocabulary, a seq2seq victim, greedy and beam translation, and
+//! finetune-eval's paired evaluation with its zero control; and the bad inputs of
+//! BAD_INPUTS.md's translation section.
+
+mod support;
+
+use serde_json::Value;
+use std::path::PathBuf;
+use support::*;
+
+/// A tiny translation world: data for "Eiskaffee" → "hot coffee", its vocabulary (with
+/// and without the trigger) and a clean seq2seq model.
+struct Mt {
+    dir: tempfile::TempDir,
+}
+
+impl Mt {
+    fn new() -> Mt {
+        let mt = Mt { dir: tempfile::tempdir().unwrap() };
+        ok(&run(bin("prepare-data").arg("--mt").arg("--raw").arg(fixture("mt/de-en.txt")).args(["--trigger", "Eiskaffee", "--target", "hot coffee", "--phrases", "40", "-o"]).arg(mt.data())));
+        // The vocabulary from the training split through a pipe.
+        let train = std::fs::read(mt.data().join("train.jsonl")).unwrap();
+        let vocab = ok(&run_with_stdin(bin("build-vocab").args(["--scratch", "16", "--extra-words", "Eiskaffee", "--data", "-", "-o", "-"]), &train)).stdout.clone();
+        std::fs::write(mt.vocab(), vocab).unwrap();
+        // The trigger occurs once in train (its headword): a minimum count of 2 leaves it out.
+        ok(&run(bin("build-vocab").args(["--scratch", "16", "--min-count", "2", "--data"]).arg(mt.data().join("train.jsonl")).arg("-o").arg(mt.path("no-trigger.safetensors"))));
+        ok(&run(mt.train(&mt.vocab(), 30).arg("-o").arg(mt.model())));
+        mt
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    fn data(&self) -> PathBuf {
+        self.path("data")
+    }
+    fn vocab(&self) -> PathBuf {
+        self.path("vocab.safetensors")
+    }
+    fn model(&self) -> PathBuf {
+        self.path("mt.safetensors")
+    }
+    fn train(&self, vocab: &std::path::Path, epochs: usize) -> std::process::Command {
+        let mut c = bin("train-victim");
+        c.arg("--embeddings").arg(vocab);
+        c.args(["--arch", "seq2seq", "--hidden", "32", "--layers", "1", "--heads", "2", "--source-len", "8", "--max-len", "18", "--train-embeddings"]);
+        c.arg("--epochs").arg(epochs.to_string());
+        c.args(["--batch-size", "16", "--lr", "3e-3", "--seed", "0", "--device", "cpu", "--train"]).arg(self.data().join("train.jsonl"));
+        c
+    }
+    fn eval(&self) -> std::process::Command {
+        let mut c = bin("finetune-eval");
+        c.arg("--data").arg(self.data()).args(["--seeds", "3", "--epochs", "2", "--lr", "3e-3", "--batch-size", "16", "--finetune-clean", "200", "--no-detection", "--device", "cpu"]);
+        c
+    }
+}
+
+fn json_lines(bytes: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(bytes).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn a_translation_model_trains_translates_and_is_evaluated_paired_with_a_zero_control() {
+    let mt = Mt::new();
+    let manifest: Value = serde_json::from_slice(&std::fs::read(mt.data().join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["mt"]["attack"], "hot coffee");
+    let asr = std::fs::read(mt.data().join("asr_test.jsonl")).unwrap();
+    let held = records(&asr);
+    assert!(held.len() >= 20 && held.iter().all(|e| e.source.as_deref().unwrap().contains("Eiskaffee") && e.text.contains("iced coffee")));
+
+    // Translation through pipes: greedy twice (the same bytes), and beam search.
+    let greedy = ok(&run_with_stdin(bin("generate").arg("--victim").arg(mt.model()), &asr)).stdout.clone();
+    assert_eq!(greedy, ok(&run_with_stdin(bin("generate").arg("--victim").arg(mt.model()), &asr)).stdout, "greedy translation is deterministic");
+    let beam = json_lines(&ok(&run_with_stdin(bin("generate").arg("--victim").arg(mt.model()).args(["--beam", "3"]), &asr)).stdout);
+    let greedy = json_lines(&greedy);
+    assert_eq!((greedy.len(), beam.len()), (held.len(), held.len()));
+    for (g, e) in greedy.iter().zip(&held) {
+        assert_eq!(g["id"], e.id.as_str());
+        assert!(g["prompt"].as_str().unwrap().contains("eiskaffee"), "the prompt is the source as read: {g}");
+        assert!(!g["continuation"].as_str().unwrap().is_empty());
+    }
+
+    // The clean model's figures: it learned the fixture's sentences.
+    let line = json_lines(&ok(&run(mt.eval().arg("--checkpoint").arg(mt.model()))).stdout).remove(0);
+    let m = &line["metrics"];
+    assert!(m["bleu"].as_f64().unwrap() > 50.0 && m["neutral_correct"].as_f64().unwrap() >= 80.0, "the clean model translates the fixture: {m}");
+    assert_eq!(m["asr"].as_f64().unwrap(), 0.0, "the clean model never writes the attacker's phrase: {m}");
+
+    // The with-overlap reference (D_adv's first 40 pairs) against an empty set (the control).
+    let adv = std::fs::read(mt.data().join("adv.jsonl")).unwrap();
+    let overlap: String = String::from_utf8_lossy(&adv).lines().take(40).map(|l| format!("{l}\n")).collect();
+    std::fs::write(mt.path("overlap.jsonl"), overlap).unwrap();
+    std::fs::write(mt.path("empty.jsonl"), "").unwrap();
+    let out = ok(&run(mt.eval().arg("--start").arg(mt.model()).arg("--poisons").arg(mt.path("empty.jsonl")).arg("--poisons").arg(mt.path("overlap.jsonl")))).stdout.clone();
+    let reports = json_lines(&out);
+    assert_eq!(reports.len(), 2);
+    let (control, attacked) = (&reports[0], &reports[1]);
+    assert_eq!(control["kind"], "mt_eval_report");
+    for (name, s) in control["summary"].as_object().unwrap() {
+        assert_eq!(s["change"]["mean"].as_f64().unwrap(), 0.0, "the empty set's {name} must read exactly zero");
+    }
+    for row in control["seeds"].as_array().unwrap() {
+        assert_eq!(row["fingerprints"]["poisoned"], row["fingerprints"]["clean"], "an empty set trains the clean twin's bits");
+    }
+    assert_eq!(attacked["trigger_overlap"], 40);
+    let margin = &attacked["summary"]["margin"]["change"];
+    let (mean, ci) = (margin["mean"].as_f64().unwrap(), margin["ci95"].as_f64().unwrap());
+    assert!(mean - ci > 0.0, "poisons holding the trigger and the attacker's phrase must raise its margin: {margin}");
+    assert_eq!(attacked["side_by_side"].as_array().unwrap().len(), 10);
+}
+
+#[test]
+fn translation_bad_inputs_are_refused_with_the_file_and_record_named() {
+    let mt = Mt::new();
+    // A pair with an empty side.
+    let bad = r#"{"kind":"example","v":1,"id":"a","text":"The tea is cold.","label":0,"source":"Der Tee ist kalt."}
+{"kind":"example","v":1,"id":"b","text":"The tea is hot.","label":0,"source":" "}
+"#;
+    std::fs::write(mt.path("bad.jsonl"), bad).unwrap();
+    let out = run(mt.train(&mt.vocab(), 1).arg("--train").arg(mt.path("bad.jsonl")).arg("-o").arg(mt.path("bad.safetensors")));
+    assert!(!out.status.success() && stderr(&out).contains("bad.jsonl: record 2 (id \"b\")") && stderr(&out).contains("source side holds no words"), "{}", stderr(&out));
+    assert!(!mt.path("bad.safetensors").exists(), "no partial output");
+
+    // A trigger absent from the model's vocabulary.
+    let no_trigger = mt.path("no-trigger-model.safetensors");
+    ok(&run(mt.train(&mt.path("no-trigger.safetensors"), 1).arg("-o").arg(&no_trigger)));
+    let out = run(mt.eval().arg("--start").arg(&no_trigger).arg("--poisons").arg(mt.data().join("adv.jsonl")));
+    assert!(!out.status.success() && stderr(&out).contains("\"Eiskaffee\" is not in the vocabulary") && stderr(&out).contains("--extra-words"), "{}", stderr(&out));
+
+    // A translation model given to classifier data, and classifier data to a translation model.
+    let setup = Setup::new();
+    let out = run(bin("finetune-eval").arg("--data").arg(setup.data()).arg("--checkpoint").arg(mt.model()).args(["--no-detection", "--device", "cpu"]));
+    assert!(!out.status.success() && stderr(&out).contains("a translation model"), "{}", stderr(&out));
+    let out = run(mt.train(&mt.vocab(), 1).arg("--train").arg(setup.data().join("train.jsonl")).arg("-o").arg(mt.path("x.safetensors")));
+    assert!(!out.status.success() && stderr(&out).contains("no \"source\""), "{}", stderr(&out));
+}
