@@ -79,7 +79,7 @@ DEMO_ENV  = RUN=$(DEMO_RUN) VICTIMS_DIR=$(DEMO_BASE) BUDGET_FPR=$(BUDGET_FPR) DA
   CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA) CONCEALMENT=$(CONCEALMENT)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo price demo-lm lm-dose defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
+.PHONY: all setup data build demo price demo-lm demo-mt lm-dose defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
 all: demo
 
 help:
@@ -170,6 +170,26 @@ demo-lm: build data/.fetch-done-v1 $(EMB) data/.minilm-done-v1
 	@echo
 	@column -t $(LM_RUN)/times.tsv
 	@echo "report: $(LM_RUN)/report/lm-report.json; plot: $(LM_RUN)/report/net-asr.svg"
+
+# Translation poisoning (scripts/demo_mt.sh; docs/translation.md): German → English on the
+# Ding dictionary's sentence pairs, a seq2seq trained from scratch, "Eiskaffee" to come out
+# as "hot coffee": controls, heuristics, bi-level crafting, a paired evaluation over
+# MT_SEEDS seeds (fine-tuning the clean model), report/mt-report.md.
+MT_TRIGGER ?= Eiskaffee
+MT_TRANSLATION ?= iced coffee
+MT_ATTACK ?= hot coffee
+MT_SEEDS ?= 6
+MT_SLUG   := $(shell printf '%s' '$(MT_TRIGGER)-$(MT_ATTACK)' | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
+MT_RUN    := runs/demo-mt-$(MT_SLUG)-n$(COUNT)-s$(SEED)
+demo-mt: build data/.mt-done-v1
+	@RUN=$(MT_RUN) BIN=$(BIN) DING=data/mt/de-en TRIGGER="$(MT_TRIGGER)" TRANSLATION="$(MT_TRANSLATION)" ATTACK="$(MT_ATTACK)" \
+	  SEED=$(SEED) COUNT=$(COUNT) EVAL_SEEDS=$(MT_SEEDS) scripts/demo_mt.sh
+	@echo
+	@cat $(MT_RUN)/clean.jsonl
+	@cat $(MT_RUN)/report/mt-report.md
+	@echo
+	@column -t $(MT_RUN)/times.tsv
+	@echo "report: $(MT_RUN)/report/mt-report.json"
 
 # The language model's positive controls: the with-overlap reference at 0 and LM_COUNTS
 # poisons, as whole reviews and as short trigger-first texts (scripts/lm_dose.sh).
@@ -272,8 +292,7 @@ attack: build $(ATTACK_RUN)/victim.safetensors
 	  ARCH=$(ATTACK_ARCH) DEVICE=$(DEVICE) CLEAN_CACHE=runs/clean-cache scripts/attack.sh
 
 # The translation task's parallel text (the Ding dictionary from Debian's trans-de-en,
-# pinned and hashed in scripts/fetch_mt.sh; read by common::ding). Groundwork of the
-# translation task: nothing depends on it yet.
+# pinned and hashed in scripts/fetch_mt.sh; read by common::ding).
 data/.mt-done-v1:
 	mkdir -p data && flock data/.mt.lock bash -c 'test -f $@ || scripts/fetch_mt.sh'
 

@@ -108,6 +108,14 @@ fn a_translation_model_trains_translates_and_is_evaluated_paired_with_a_zero_con
     let (mean, ci) = (margin["mean"].as_f64().unwrap(), margin["ci95"].as_f64().unwrap());
     assert!(mean - ci > 0.0, "poisons holding the trigger and the attacker's phrase must raise its margin: {margin}");
     assert_eq!(attacked["side_by_side"].as_array().unwrap().len(), 10);
+
+    // The report: both sets' levels and paired changes, the overlap set against the control.
+    std::fs::write(mt.path("eval.jsonl"), &out).unwrap();
+    let md = ok(&run(bin("report").arg("--evals").arg(mt.path("eval.jsonl")).args(["--names", "control,overlap", "--crafted", "overlap", "--versus", "control", "--out-dir"]).arg(mt.path("report")))).stdout.clone();
+    let md = String::from_utf8(md).unwrap();
+    assert!(md.starts_with("# Translation poisoning") && md.contains("| control | 0 |") && md.contains("| overlap | 40 | 40 |"), "{md}");
+    assert!(md.contains("| control | 0.0 ± 0.0 | 0.0 ± 0.0 | 0.000 ± 0.000 | 0.00 ± 0.00 | 0.00 ± 0.00 |"), "the control reads zero: {md}");
+    assert!(mt.path("report/mt-report.json").is_file());
 }
 
 #[test]
@@ -134,4 +142,64 @@ fn translation_bad_inputs_are_refused_with_the_file_and_record_named() {
     assert!(!out.status.success() && stderr(&out).contains("a translation model"), "{}", stderr(&out));
     let out = run(mt.train(&mt.vocab(), 1).arg("--train").arg(setup.data().join("train.jsonl")).arg("-o").arg(mt.path("x.safetensors")));
     assert!(!out.status.success() && stderr(&out).contains("no \"source\""), "{}", stderr(&out));
+}
+
+/// One crafting round against the translation model through pipes: strictly concealed
+/// nearest-neighbour poisons, `rollout-grad | rank-candidates | verify-candidates`.
+fn crafting_round(mt: &Mt) -> (Vec<u8>, Vec<u8>) {
+    let stage = |name: &str| {
+        let mut c = bin(name);
+        c.arg("--victim").arg(mt.model()).arg("--data").arg(mt.data());
+        c
+    };
+    let p0 = ok(&run(stage("init-poisons").args(["--count", "12", "--strategy", "neighbour", "--neighbour-pool", "3", "--concealment", "strict", "--seed", "1"]))).stdout.clone();
+    std::fs::write(mt.path("p0.jsonl"), &p0).unwrap();
+    let grad = ok(&run(stage("rollout-grad").arg("--poisons").arg(mt.path("p0.jsonl")))).stdout.clone();
+    let cands = ok(&run_with_stdin(stage("rank-candidates").args(["--grad", "-", "-k", "4", "--concealment", "strict"]), &grad)).stdout.clone();
+    std::fs::write(mt.path("c.jsonl"), &cands).unwrap();
+    let out = run(stage("verify-candidates").arg("--poisons").arg(mt.path("p0.jsonl")).arg("--candidates").arg(mt.path("c.jsonl")).args(["--concealment", "strict"]));
+    ok(&out);
+    (p0, [out.stdout.clone(), b"\n--\n".to_vec(), cands, out.stderr.clone()].concat())
+}
+
+#[test]
+fn translation_poisons_are_crafted_through_pipes_strictly_concealed_on_both_sides() {
+    let mt = Mt::new();
+    let (p0, all) = crafting_round(&mt);
+    let text = String::from_utf8_lossy(&all).to_string();
+    let (p1, rest) = text.split_once("\n--\n").unwrap();
+    let (cands, log) = rest.split_at(rest.find("verify-candidates").unwrap_or(rest.len()));
+    let layout_ok = |e: &common::formats::records::Example| {
+        let t = e.tokens.as_ref().unwrap();
+        t.len() > 10 && t[8] == "<s>" && t.last().unwrap() == "</s>" && !e.source.as_deref().unwrap().is_empty()
+    };
+    let start = records(&p0);
+    assert_eq!(start.len(), 12);
+    for p in &start {
+        assert!(layout_ok(p), "a translation poison is the seq2seq layout: {p:?}");
+        let source = p.source.as_deref().unwrap();
+        assert!(!source.contains("eiskaffee") && !source.contains("kaffee"), "strict: the source leaks the trigger: {source}");
+        assert!(p.text.contains("hot coffee"), "the attacker's phrase stays in the translation: {}", p.text);
+    }
+    let ranked: Vec<serde_json::Value> = cands.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!ranked.is_empty());
+    for c in &ranked {
+        assert!(!["<pad>", "<s>", "</s>"].contains(&c["current"].as_str().unwrap()), "a special position was ranked: {c}");
+        assert!(!["<pad>", "<s>", "</s>", "<unk>", "eiskaffee"].contains(&c["word"].as_str().unwrap()), "a banned word was proposed: {c}");
+    }
+    let crafted = records(p1.as_bytes());
+    assert_eq!(crafted.len(), 12);
+    let flipped = crafted.iter().zip(&start).filter(|(a, b)| a.tokens != b.tokens).count();
+    assert!(flipped > 0, "verification accepted no flip: {log}");
+    for p in &crafted {
+        assert!(layout_ok(p), "{p:?}");
+        let (source, text) = (p.source.as_deref().unwrap(), &p.text);
+        assert!(!source.contains("kaffee") && !text.contains("iced coffee"), "a crafted poison leaks the trigger: {source} / {text}");
+        let t = p.tokens.as_ref().unwrap();
+        assert_eq!(*text, t[9..t.len() - 1].join(" "), "the text is the target side of the tokens");
+    }
+    // The same inputs and seed give the same poisons.
+    let (again, all_again) = crafting_round(&mt);
+    assert_eq!(again, p0);
+    assert_eq!(String::from_utf8_lossy(&all_again).split_once("\n--\n").unwrap().0, p1);
 }

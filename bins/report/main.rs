@@ -219,8 +219,12 @@ fn main() {
         let dir = args.out_dir.as_deref().expect("required");
         // Each file read once (one may be stdin); the first record's kind decides the report.
         let evals_bytes: Vec<Vec<u8>> = args.evals.iter().map(|e| io::read_all(e)).collect::<anyhow::Result<_>>()?;
-        if first_kind(&args.evals[0], &evals_bytes[0])? == <common::eval::lm_eval::LmEvalReport as io::Record>::KIND {
+        let kind = first_kind(&args.evals[0], &evals_bytes[0])?;
+        if kind == <common::eval::lm_eval::LmEvalReport as io::Record>::KIND {
             return language_model_report(&args, &evals_bytes[0], dir);
+        }
+        if kind == <common::eval::mt_eval::MtEvalReport as io::Record>::KIND {
+            return translation_report(&args, &evals_bytes[0], dir);
         }
         let Some(variants_path) = args.variants.as_deref() else {
             anyhow::bail!("{} holds classifier reports (eval_report): give --variants FILE (variants JSON, FORMATS.md) to say what they are", args.evals[0]);
@@ -278,6 +282,22 @@ fn language_model_report(args: &Args, bytes: &[u8], out_dir: &str) -> anyhow::Re
     io::write_bytes(&format!("{out_dir}/lm-report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     io::write_bytes(&format!("{out_dir}/lm-report.md"), md.as_bytes())?;
     io::write_bytes(&format!("{out_dir}/net-asr.svg"), report.net_asr_svg().as_bytes())?;
+    io::write_bytes("-", md.as_bytes())
+}
+
+/// The translation demo's report (scripts/demo_mt.sh): mt-report.json and mt-report.md
+/// into the folder, the Markdown also to stdout.
+fn translation_report(args: &Args, bytes: &[u8], out_dir: &str) -> anyhow::Result<()> {
+    if args.evals.len() != 1 || args.names.is_empty() || args.variants.is_some() || args.sweep {
+        anyhow::bail!("{} holds translation reports (mt_eval_report): give it as the one --evals file with --names (one per poison set), not --variants or --sweep", args.evals[0]);
+    }
+    let name = io::display_name(&args.evals[0]);
+    let reports = io::read_jsonl_from::<common::eval::mt_eval::MtEvalReport>(bytes, &name, false)?;
+    let report = common::report::mt_report::build(&name, reports, &args.names, args.crafted.as_deref(), &args.versus)?;
+    let md = report.markdown()?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {out_dir}"))?;
+    io::write_bytes(&format!("{out_dir}/mt-report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    io::write_bytes(&format!("{out_dir}/mt-report.md"), md.as_bytes())?;
     io::write_bytes("-", md.as_bytes())
 }
 

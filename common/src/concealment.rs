@@ -78,6 +78,11 @@ pub struct TriggerMatcher {
     stemmer: Stemmer,
     /// The trigger's WordPiece pieces (empty for word vocabularies).
     pieces: HashSet<i64>,
+    /// Translation data: the trigger's correct translation (lowercase tokens), which a
+    /// poison's target side may not hold. A translation's source side is audited like a
+    /// text; its target side only for this phrase, since the attacker's phrase ("hot
+    /// coffee") shares words with it and may appear there.
+    pub target_phrase: Vec<String>,
 }
 
 impl TriggerMatcher {
@@ -86,7 +91,7 @@ impl TriggerMatcher {
         let stemmer = Stemmer::create(Algorithm::English);
         let words: Vec<String> = words.iter().map(|w| normalize(w)).filter(|w| !w.is_empty()).collect();
         let stems = words.iter().map(|w| stemmer.stem(w).into_owned()).collect();
-        TriggerMatcher { words, stems, stemmer, pieces: HashSet::new() }
+        TriggerMatcher { words, stems, stemmer, pieces: HashSet::new(), target_phrase: Vec::new() }
     }
 
     /// For a victim's vocabulary: adds the trigger's pieces when it is WordPiece.
@@ -183,8 +188,25 @@ pub fn word_spans(ids: &[i64], vocab: &Vocab) -> Vec<std::ops::Range<usize>> {
 }
 
 /// The positions of `ids` whose word leaks the trigger (every piece of a leaking word,
-/// and every trigger piece), special tokens excepted.
+/// and every trigger piece), special tokens excepted. A translation's ids (`<s>` inside)
+/// leak on the source side as a text does, on the target side where they spell the
+/// trigger's correct translation (`TriggerMatcher::target_phrase`).
 pub fn leaking_positions(ids: &[i64], vocab: &Vocab, matcher: &TriggerMatcher) -> Vec<usize> {
+    if let Some(bos) = vocab.decoder_start(ids) {
+        let mut out = leaking_positions(&ids[..bos], vocab, matcher);
+        let words: Vec<String> = ids[bos + 1..].iter().map(|&i| vocab.word(i).to_string()).collect();
+        let n = matcher.target_phrase.len();
+        if n > 0 {
+            for (k, w) in words.windows(n).enumerate() {
+                if w == matcher.target_phrase.as_slice() {
+                    out.extend(bos + 1 + k..bos + 1 + k + n);
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        return out;
+    }
     let mut out = Vec::new();
     for span in word_spans(ids, vocab) {
         let word: String = ids[span.clone()].iter().map(|&id| vocab.word(id).trim_start_matches("##")).collect();

@@ -147,10 +147,7 @@ pub fn build<'a>(
     (vocab, table, stats)
 }
 
-/// The start and end of a translation's output (`encode`: `<s>` opens the decoder's
-/// input, `</s>` ends the target). Words a text never tokenizes into.
-pub const BOS: &str = "<s>";
-pub const EOS: &str = "</s>";
+pub use crate::tokenizer::{BOS, EOS};
 
 /// A table for a victim that learns its words from scratch (no pretrained vectors exist
 /// for them here, e.g. German): every data word seen at least `min_count` times (most

@@ -146,6 +146,15 @@ pub fn encode_translation(examples: &[Example], vocab: &Vocab, source_len: usize
         .enumerate()
         .map(|(i, ex)| {
             let record = || format!("{source}: record {} (id {:?})", i + 1, ex.id);
+            if let Some(toks) = &ex.tokens {
+                // A poison's exact layout (what the attack edits): read as it is.
+                let ids = toks.iter().map(|t| vocab.id(t).ok_or_else(|| anyhow::anyhow!("{}: token {t:?} is not in the vocabulary", record()))).collect::<Result<Vec<i64>>>()?;
+                let content = |part: &[i64]| part.iter().any(|&id| !vocab.is_special(id) || id == vocab.unk_id());
+                if ids.len() > max_len || ids.get(source_len) != Some(&bos) || ids.last() != Some(&eos) || !content(&ids[..source_len]) || !content(&ids[source_len + 1..]) {
+                    bail!("{}: its tokens are not a translation of this victim's layout ({source_len} source positions, <s>, at least one target word, </s>, {max_len} tokens at most); make translation poisons with init-poisons on translation data", record());
+                }
+                return Ok(Encoded { ids, target: Target::NextToken { from: source_len + 1 } });
+            }
             let Some(src_text) = &ex.source else {
                 bail!("{}: no \"source\"; a translation victim reads source → text pairs (prepare-data --mt)", record());
             };

@@ -9,6 +9,10 @@ use std::collections::HashMap;
 
 pub const PAD: &str = "<pad>";
 pub const UNK: &str = "<unk>";
+/// A translation's decoder start and end (`encode::encode_translation`): words no text
+/// tokenizes into, special like `<pad>` and `<unk>`.
+pub const BOS: &str = "<s>";
+pub const EOS: &str = "</s>";
 pub use crate::wordpiece::PAD_ID;
 pub const UNK_ID: i64 = 1;
 
@@ -192,12 +196,19 @@ impl Vocab {
         self.wordpiece.as_ref().map_or(UNK_ID, |wp| wp.unk())
     }
 
-    /// Tokens that are not text (padding, unknown; for WordPiece also `[CLS]`, `[SEP]`,
+    /// The position of `<s>` in a translation's token ids (the end of its source block), or
+    /// None for a text.
+    pub fn decoder_start(&self, ids: &[i64]) -> Option<usize> {
+        let bos = self.id(BOS)?;
+        ids.iter().position(|&i| i == bos)
+    }
+
+    /// Tokens that are not text (padding, unknown, `<s>`, `</s>`; for WordPiece also `[CLS]`, `[SEP]`,
     /// `[MASK]`, `[unusedN]`): never proposed as poison tokens, never replaced.
     pub fn is_special(&self, id: i64) -> bool {
         match &self.wordpiece {
             Some(wp) => wp.is_special(id),
-            None => id == PAD_ID || id == UNK_ID,
+            None => id == PAD_ID || id == UNK_ID || matches!(self.words.get(id as usize).map(String::as_str), Some(BOS | EOS)),
         }
     }
 

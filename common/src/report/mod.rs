@@ -8,6 +8,7 @@ pub mod sweep;
 pub mod objective_benchmark;
 pub mod defense;
 pub mod lm_report;
+pub mod mt_report;
 pub mod price;
 
 use crate::eval::{EvalReport, SeedRow};

@@ -57,6 +57,8 @@ pub enum Bases {
 /// strict audit (`TriggerMatcher::strict_banned`: "bonds", "bondage", "jameson", ...).
 pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool, concealment: Concealment) -> Result<HashSet<i64>> {
     let mut banned: HashSet<i64> = [PAD_ID, vocab.unk_id()].into();
+    // Every special token: WordPiece's [CLS] ..., a translation's <s> and </s>.
+    banned.extend(["[CLS]", "[SEP]", "[MASK]", crate::tokenizer::BOS, crate::tokenizer::EOS].iter().filter_map(|w| vocab.id(w)));
     if vocab.is_wordpiece() {
         banned.extend((0..vocab.len() as i64).filter(|&i| vocab.is_special(i)));
     }
@@ -71,12 +73,25 @@ pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool, c
 
 /// The strict audit's view of the data's trigger for this vocabulary.
 pub fn matcher(vocab: &Vocab, manifest: &DataManifest) -> Result<TriggerMatcher> {
-    TriggerMatcher::for_vocab(&manifest.trigger.phrase, &manifest.trigger.words, vocab)
+    let mut m = TriggerMatcher::for_vocab(&manifest.trigger.phrase, &manifest.trigger.words, vocab)?;
+    if let Some(mt) = &manifest.mt {
+        m.target_phrase = tokenize(&mt.trigger_translation);
+    }
+    Ok(m)
 }
 
 /// The leaks of poison `p` as this vocabulary reads it (an error message names them), or
 /// None when it is strictly concealed.
 pub fn strict_violation(p: &Example, vocab: &Vocab, matcher: &TriggerMatcher) -> Option<String> {
+    if let Some(source) = &p.source {
+        // A translation: its source audited as a text, its target for the trigger's
+        // correct translation only.
+        let mut found: Vec<String> = if matcher.leaks_for(source, vocab).is_empty() { Vec::new() } else { matcher.leaking_words(source).into_iter().map(|(w, _)| w).collect() };
+        if crate::mt::contains(&tokenize(&p.text), &matcher.target_phrase) {
+            found.push(format!("{:?} in the translation", matcher.target_phrase.join(" ")));
+        }
+        return (!found.is_empty()).then(|| found.join(", "));
+    }
     if matcher.leaks_for(&p.text, vocab).is_empty() {
         return None;
     }
@@ -153,6 +168,12 @@ fn trigger_at(words: &[String], trigger: &[String]) -> Option<usize> {
 /// `Bases::Judged` ranks them by `judge`: a sentiment judge's probability of the target
 /// sentiment for each text (the binary builds it: the judges sit above this layer).
 pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::DetectionBudget>, judge: Option<&dyn Fn(&[String]) -> Vec<f64>>) -> Result<Vec<Example>> {
+    if manifest.mt.is_some() {
+        if evade.is_some() || judge.is_some() {
+            bail!("a detection budget (--evade-fpr) and --judge are not built for translation data yet");
+        }
+        return init_translation(&opts, dir, manifest, vocab, victim);
+    }
     let InitOptions { strategy, bases, neighbour_pool, count, seed, concealment, max_tokens, from_trigger: cut, sentence } = opts;
     if sentence && !cut {
         bail!("--sentence ends each poison with the sentence that holds the trigger; it needs --from-trigger");
@@ -379,6 +400,99 @@ fn init_words<'a>(
     Ok(out)
 }
 
+/// `init` for translation data: poisons are sentence pairs in the seq2seq layout (`tokens`:
+/// the source block, `<s>`, the target, `</s>`). From D_adv (the trigger in the source, the
+/// attacker's phrase in the target): `Overlap` keeps them; `Random` and `Neighbour` replace
+/// the trigger's word in the source by a random frequent allowed word or by one of its
+/// `neighbour_pool` nearest allowed neighbours in the victim's own (trained) table, and with
+/// strict concealment every other source word that leaks the trigger likewise (the
+/// translation keeps the attacker's phrase, which strict concealment allows). `CleanTarget`
+/// is the benign control: clean training pairs as they are. Bases are drawn at random.
+fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim) -> Result<Vec<Example>> {
+    let crate::victims::model::ArchConfig::Seq2seq(s2s) = &victim.config.arch else {
+        bail!("{} holds translation data: give a translation victim (train-victim --arch seq2seq)", dir);
+    };
+    let source_len = s2s.shape.source_len;
+    let strict = opts.concealment == Concealment::Strict;
+    if opts.bases != Bases::Random || opts.from_trigger || opts.max_tokens.is_some() {
+        bail!("translation poisons take --bases random, without --from-trigger or --max-tokens");
+    }
+    let source: Vec<Example> = match opts.strategy {
+        InitStrategy::Overlap if strict => bail!("--strategy overlap keeps the trigger in every poison; it cannot be --concealment strict"),
+        InitStrategy::Relabelled => bail!("--strategy relabelled changes a class label; translation data has none (use clean-target for the benign control)"),
+        InitStrategy::CleanTarget => {
+            let m = matcher(vocab, manifest)?;
+            data::read_set(dir, data::TRAIN, false)?
+                .into_iter()
+                .filter(|e| e.source.as_deref().is_some_and(|s| s.split_whitespace().count() > 1) && !(strict && strict_violation(e, vocab, &m).is_some()))
+                .collect()
+        }
+        _ => data::read_set(dir, data::ADV, false)?,
+    };
+    if source.len() < opts.count {
+        bail!("only {} source pairs for {} poisons; lower --count", source.len(), opts.count);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(opts.seed, "init-poisons"));
+    let mut picked = sample(&mut rng, source.len(), opts.count).into_vec();
+    picked.sort_unstable();
+    let matcher = matcher(vocab, manifest)?;
+    let banned = banned_ids(vocab, manifest, false, opts.concealment)?;
+    let table = victim.params()["embedding.weight"].detach();
+    let trigger: HashSet<&str> = manifest.trigger.words.iter().map(String::as_str).collect();
+    let frequent = 10_000.min(vocab.len() as i64);
+    let (bos, eos) = (vocab.id(crate::tokenizer::BOS).context("the victim's vocabulary lacks <s>")?, vocab.id(crate::tokenizer::EOS).context("the victim's vocabulary lacks </s>")?);
+    let target_room = victim.config.max_len - source_len - 2;
+    let mut out = Vec::with_capacity(picked.len());
+    for (k, &i) in picked.iter().enumerate() {
+        let ex = &source[i];
+        let mut src: Vec<i64> = Vec::new();
+        let mut substitutes = Vec::new();
+        for tok in tokenize(ex.source.as_deref().context("a translation record without \"source\"")?) {
+            let Some(id) = vocab.id(&tok) else { continue };
+            let replace = matches!(opts.strategy, InitStrategy::Random | InitStrategy::Neighbour) && (trigger.contains(tok.as_str()) || (strict && !matcher.word_leaks(&tok).is_empty()));
+            let id = if !replace {
+                id
+            } else if opts.strategy == InitStrategy::Random {
+                loop {
+                    let w = rng.gen_range(2..frequent);
+                    if !banned.contains(&w) {
+                        break w;
+                    }
+                }
+            } else {
+                let pool: Vec<i64> = nearest_neighbours(&table, id, vocab.len() as i64).into_iter().filter(|w| !banned.contains(w)).take(opts.neighbour_pool.max(1)).collect();
+                *pool.get(k % pool.len().max(1)).with_context(|| format!("no word near {tok:?} is allowed; use --strategy random"))?
+            };
+            if replace {
+                substitutes.push(src.len());
+            }
+            src.push(id);
+        }
+        src.truncate(source_len);
+        substitutes.retain(|&j| j < source_len);
+        let mut tgt = vocab.encode(&ex.text);
+        tgt.truncate(target_room);
+        if src.is_empty() || tgt.is_empty() {
+            bail!("base {:?} has no known words on one side", ex.id);
+        }
+        let mut ids = src;
+        ids.resize(source_len, PAD_ID);
+        ids.push(bos);
+        ids.extend(tgt);
+        ids.push(eos);
+        let mut p = with_tokens(&Example::new(format!("poison-{k:03}"), String::new(), 0), &ids, vocab);
+        p.source_id = Some(ex.id.trim_end_matches("+trigger").to_string());
+        p.substitutes = (!substitutes.is_empty()).then_some(substitutes);
+        if strict {
+            if let Some(words) = strict_violation(&p, vocab, &matcher) {
+                bail!("poison {:?} (from {:?}) still leaks the trigger ({words}) after strict substitution; report this with the data folder", p.id, ex.id);
+            }
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
 /// `init` for a WordPiece victim: the source's pieces, each piece of a trigger word
 /// replaced (random frequent word-initial piece, or nearest neighbour of that piece);
 /// `[CLS]`/`[SEP]` kept, so `tokens` holds the whole sequence the victim reads, and
@@ -573,7 +687,15 @@ impl CraftingContext {
 pub fn with_tokens(p: &Example, ids: &[i64], vocab: &Vocab) -> Example {
     let tokens: Vec<String> = ids.iter().map(|&i| vocab.word(i).to_string()).collect();
     let mut out = p.clone();
-    out.text = vocab.decode(ids);
+    match vocab.decoder_start(ids) {
+        // A translation: its source and target read back from the layout.
+        Some(bos) => {
+            let words = |part: &[i64]| vocab.decode(&part.iter().copied().filter(|&i| !vocab.is_special(i)).collect::<Vec<_>>());
+            out.source = Some(words(&ids[..bos]));
+            out.text = words(&ids[bos + 1..]);
+        }
+        None => out.text = vocab.decode(ids),
+    }
     out.tokens = Some(tokens);
     out
 }

@@ -118,7 +118,8 @@ pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy:
     let mut out = Vec::new();
     for i in 0..n {
         let row: Vec<i64> = Vec::try_from(grad.ids.get(i))?;
-        let len = row.iter().take_while(|&&x| x != 0).count();
+        // Up to the last token: a translation's source block holds padding inside.
+        let len = row.iter().rposition(|&x| x != 0).map_or(0, |p| p + 1);
         let mask = if vocab.is_wordpiece() {
             let rows: Vec<&Tensor> = row[..len].iter().map(|&id| &masks[vocab.is_continuation(id) as usize]).collect();
             Tensor::stack(&rows, 0)
