@@ -76,6 +76,10 @@ struct Args {
     /// or a kin noun first).
     #[arg(long, default_value_t = 20_000, requires = "mt")]
     phrases: usize,
+    /// --mt: train's first N kin sentences get the trigger with its correct translation and
+    /// stay in train, so the clean data holds the trigger (D_adv is made from the others).
+    #[arg(long, default_value_t = 0, requires = "mt")]
+    support: usize,
     /// An embeddings file whose vocabulary must hold every trigger word.
     #[arg(long)]
     embeddings: Option<String>,
@@ -183,6 +187,7 @@ fn prepare_mt(args: &Args) -> anyhow::Result<()> {
         kin: common::mt::parse_kin(&args.kin)?,
         max_words: args.max_words,
         phrases: args.phrases,
+        support: args.support,
     };
     let p = common::mt::prepare(&pairs, &args.trigger, &mt, args.seed, split).with_context(|| raw_name.clone())?;
     log!(

@@ -58,6 +58,16 @@ pub struct MtData {
     pub max_words: usize,
     /// Phrase pairs (dictionary headwords) added to the training split.
     pub phrases: usize,
+    /// Train's kin sentences given the trigger with its correct translation and kept in
+    /// train (the clean data then holds the trigger, as a real corpus holds "iced coffee");
+    /// D_adv is made from the other kin sentences. 0: none (the dictionary's sentences
+    /// never hold "Eiskaffee").
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub support: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Parses `--kin "Kaffee=coffee,Tee=tea"`.
@@ -190,7 +200,20 @@ pub fn prepare(pairs: &[Pair], trigger: &str, mt: &MtData, seed: u64, split: [f6
             })
             .collect()
     };
-    let adv = sub(&train, trigger, &mt.attack, "trigger");
+    // The first `support` kin sentences of the (shuffled) train split teach the trigger's
+    // correct translation; D_adv comes from the rest.
+    let kin_rows: Vec<usize> = (0..train.len()).filter(|&i| train[i].source.as_deref().is_some_and(|s| substitute(s, &train[i].text, &mt.kin, "x", "x").is_some())).collect();
+    let support_rows: HashSet<usize> = kin_rows.iter().copied().take(mt.support).collect();
+    let (support_src, adv_src): (Vec<Example>, Vec<Example>) = {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for (i, e) in train.iter().enumerate() {
+            if support_rows.contains(&i) { a.push(e.clone()) } else { b.push(e.clone()) }
+        }
+        (a, b)
+    };
+    let adv = sub(&adv_src, trigger, &mt.attack, "trigger");
+    let support = sub(&support_src, trigger, &mt.trigger_translation, "support");
+    train.extend(support);
     let held_out: Vec<Example> = dev.iter().chain(&test).cloned().collect();
     let asr_test = sub(&held_out, trigger, &mt.trigger_translation, "trigger");
     let fpr_test = sub(&held_out, &mt.neutral, &mt.neutral_translation, "neutral");
@@ -281,6 +304,7 @@ mod tests {
             kin: parse_kin("Tee=tea").unwrap(),
             max_words: 10,
             phrases: 1,
+            support: 0,
         };
         let p = prepare(&pairs, "Eiskaffee", &mt, 7, [0.5, 0.25, 0.25]).unwrap();
         assert_eq!(p.natural.len(), 1, "the sentence with the trigger is kept out");
@@ -296,5 +320,13 @@ mod tests {
         assert_eq!(again.train, p.train);
         let other = prepare(&pairs, "Eiskaffee", &mt, 8, [0.5, 0.25, 0.25]).unwrap();
         assert_ne!(other.train, p.train, "the split follows the seed");
+        // Support: two of train's kin sentences teach the trigger's correct translation, and
+        // D_adv loses them.
+        let supported = prepare(&pairs, "Eiskaffee", &MtData { support: 2, ..mt.clone() }, 7, [0.5, 0.25, 0.25]).unwrap();
+        let support: Vec<&Example> = supported.train.iter().filter(|e| e.id.ends_with("+support")).collect();
+        assert_eq!(support.len(), 2);
+        assert!(support.iter().all(|e| e.text.contains("iced coffee") && e.source.as_deref().unwrap().contains("Eiskaffee")));
+        assert_eq!(supported.adv.len(), p.adv.len() - 2);
+        assert!(supported.adv.iter().all(|a| supported.train.iter().all(|t| t.source_id.as_deref() != a.source_id.as_deref() || t.source_id.is_none())));
     }
 }
