@@ -183,7 +183,14 @@ fn translation_poisons_are_crafted_through_pipes_strictly_concealed_on_both_side
     }
     let ranked: Vec<serde_json::Value> = cands.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(!ranked.is_empty());
+    // Each side keeps its language: a source flip writes a word the training sources hold,
+    // a target flip one the training translations hold.
+    let train = records(&std::fs::read(mt.data().join("train.jsonl")).unwrap());
+    let words_of = |f: &dyn Fn(&common::formats::records::Example) -> String| -> std::collections::HashSet<String> { train.iter().flat_map(|e| common::tokenizer::tokenize(&f(e))).collect() };
+    let (german, english) = (words_of(&|e| e.source.clone().unwrap()), words_of(&|e| e.text.clone()));
     for c in &ranked {
+        let (pos, word) = (c["position"].as_u64().unwrap(), c["word"].as_str().unwrap().to_string());
+        assert!(if pos < 8 { german.contains(&word) } else { english.contains(&word) }, "{word:?} at position {pos} crosses languages: {c}");
         assert!(!["<pad>", "<s>", "</s>"].contains(&c["current"].as_str().unwrap()), "a special position was ranked: {c}");
         assert!(!["<pad>", "<s>", "</s>", "<unk>", "eiskaffee"].contains(&c["word"].as_str().unwrap()), "a banned word was proposed: {c}");
     }

@@ -593,6 +593,8 @@ pub struct AttackInputs {
     /// The trigger phrase's token ids as the victim's vocabulary encodes it (no special
     /// tokens).
     pub trigger_ids: Vec<i64>,
+    /// The data folder.
+    pub data_dir: String,
 }
 
 impl AttackInputs {
@@ -612,7 +614,7 @@ impl AttackInputs {
         let adv = base.adv_without_sources(&[&poisons]);
         let poisons_sha256 = poison_set_sha256(&poisons);
         let CraftingContext { victim, vocab, manifest, clean, victim_sha256, trigger_ids, .. } = base;
-        Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256, victim_sha256, trigger_ids })
+        Ok(AttackInputs { victim, vocab, manifest, clean, adv, poisons, poisons_enc, poisons_sha256, victim_sha256, trigger_ids, data_dir: dir.to_string() })
     }
 }
 

@@ -41,6 +41,10 @@ impl FromStr for Positions {
 pub struct Bans {
     /// Words never proposed.
     pub words: HashSet<i64>,
+    /// Translation data: the words each side may be given (those the training split holds
+    /// on that side: German in the source, English in the target), so a flip keeps each
+    /// side in its language. None for other tasks.
+    pub sides: Option<Sides>,
     /// Strict concealment: a flip must not join WordPiece pieces into a leaking word.
     pub strict: Option<TriggerMatcher>,
     /// Leave the positions that hold the trigger words' replacements alone.
@@ -81,7 +85,8 @@ impl Bans {
         if opts.keep_substitutes && opts.only_substitutes {
             bail!("keeping the substitutes and flipping only them leaves nothing to flip; choose one");
         }
-        Ok(Bans { words, strict, keep_substitutes: opts.keep_substitutes, only_substitutes: opts.only_substitutes })
+        let sides = manifest.mt.is_some().then(|| Sides::of_training(vocab, data_dir)).transpose()?;
+        Ok(Bans { words, strict, sides, keep_substitutes: opts.keep_substitutes, only_substitutes: opts.only_substitutes })
     }
 }
 
@@ -123,6 +128,11 @@ pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy:
         let mask = if vocab.is_wordpiece() {
             let rows: Vec<&Tensor> = row[..len].iter().map(|&id| &masks[vocab.is_continuation(id) as usize]).collect();
             Tensor::stack(&rows, 0)
+        } else if let (Some(sides), Some(bos)) = (&bans.sides, vocab.decoder_start(&row[..len])) {
+            // A translation: each side's positions take that side's words only.
+            let side_mask = |allowed: &HashSet<i64>| &masks[0] + Tensor::from_slice(&(0..vocab.len() as i64).map(|w| if allowed.contains(&w) { 0f32 } else { f32::INFINITY }).collect::<Vec<_>>());
+            let (src, tgt) = (side_mask(&sides.source), side_mask(&sides.target));
+            Tensor::stack(&(0..len).map(|j| if j < bos { &src } else { &tgt }).collect::<Vec<_>>(), 0)
         } else {
             masks[0].shallow_clone()
         };
@@ -179,6 +189,32 @@ pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy:
 }
 
 /// Vocabulary ids seen fewer than `min_count` times in the clean training split.
+/// The words of each side of a translation's training pairs.
+pub struct Sides {
+    pub source: HashSet<i64>,
+    pub target: HashSet<i64>,
+}
+
+impl Sides {
+    pub fn of_training(vocab: &Vocab, dir: &str) -> Result<Sides> {
+        let (mut source, mut target) = (HashSet::new(), HashSet::new());
+        for e in crate::data::read_set(dir, crate::data::TRAIN, false)? {
+            source.extend(vocab.encode(e.source.as_deref().unwrap_or_default()));
+            target.extend(vocab.encode(&e.text));
+        }
+        Ok(Sides { source, target })
+    }
+
+    /// Whether `word` may stand at `position` of a translation's ids (`<s>` at `bos`).
+    pub fn allows(&self, bos: usize, position: usize, word: i64) -> bool {
+        if position < bos {
+            self.source.contains(&word)
+        } else {
+            self.target.contains(&word)
+        }
+    }
+}
+
 fn rare_words(vocab: &Vocab, dir: &str, min_count: usize) -> Result<Vec<i64>> {
     let mut counts = vec![0usize; vocab.len()];
     for e in crate::data::read_set(dir, crate::data::TRAIN, false)? {

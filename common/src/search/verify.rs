@@ -17,6 +17,8 @@ use std::collections::HashSet;
 pub struct Checks {
     banned: HashSet<i64>,
     strict: Option<TriggerMatcher>,
+    /// Translation data: each side keeps its language (`rank::Sides`).
+    sides: Option<crate::search::rank::Sides>,
 }
 
 impl Checks {
@@ -32,7 +34,8 @@ impl Checks {
                 }
             }
         }
-        Ok(Checks { banned, strict })
+        let sides = inputs.manifest.mt.is_some().then(|| crate::search::rank::Sides::of_training(&inputs.vocab, &inputs.data_dir)).transpose()?;
+        Ok(Checks { banned, strict, sides })
     }
 
     /// The swaps of `candidates` (file `cname`), each checked against the poison set,
@@ -68,6 +71,11 @@ impl Checks {
             if self.banned.contains(&word) {
                 let why = if self.strict.is_some() { "leaks the trigger under --concealment strict, or is a special word" } else { "is a trigger or special word (pass --allow-overlap for the with-overlap baseline)" };
                 bail!("{}: candidate {:?} {why}", at(), c.word);
+            }
+            if let (Some(sides), Some(bos)) = (&self.sides, vocab.decoder_start(&inputs.poisons_enc[c.poison_index].ids)) {
+                if !sides.allows(bos, c.position, word) {
+                    bail!("{}: {:?} at position {} of {:?} is a word the training pairs never hold on that side (a flip keeps the source German and the target English); rerun rank-candidates", at(), c.word, c.position, c.poison_id);
+                }
             }
             if let Some(matcher) = &self.strict {
                 if !flip_conceals(&inputs.poisons_enc[c.poison_index].ids, c.position, word, vocab, matcher) {
