@@ -205,6 +205,13 @@ fn translation_poisons_are_crafted_through_pipes_strictly_concealed_on_both_side
         let t = p.tokens.as_ref().unwrap();
         assert_eq!(*text, t[9..t.len() - 1].join(" "), "the text is the target side of the tokens");
     }
+    // A candidate that writes a German word into the English side is refused.
+    let mut crossing = ranked.iter().find(|c| c["position"].as_u64().unwrap() > 8).expect("a target-side candidate").clone();
+    crossing["word"] = serde_json::Value::from("mag");
+    std::fs::write(mt.path("crossing.jsonl"), format!("{crossing}\n")).unwrap();
+    let out = run(bin("verify-candidates").arg("--victim").arg(mt.model()).arg("--data").arg(mt.data()).arg("--poisons").arg(mt.path("p0.jsonl")).arg("--candidates").arg(mt.path("crossing.jsonl")).args(["--concealment", "strict"]));
+    assert!(!out.status.success() && stderr(&out).contains("crossing.jsonl:1: \"mag\"") && stderr(&out).contains("never hold on that side"), "{}", stderr(&out));
+
     // The same inputs and seed give the same poisons.
     let (again, all_again) = crafting_round(&mt);
     assert_eq!(again, p0);
