@@ -172,18 +172,30 @@ pub fn encode_translation(examples: &[Example], vocab: &Vocab, source_len: usize
                 src.truncate(source_len);
                 tgt.truncate(target_room);
             }
-            let mut ids = src;
-            ids.resize(source_len, PAD_ID);
-            ids.push(bos);
-            ids.extend(tgt);
-            ids.push(eos);
-            Ok(Encoded { ids, target: Target::NextToken { from: source_len + 1 } })
+            Ok(Encoded { ids: translation_ids(&src, &tgt, source_len, bos, eos), target: Target::NextToken { from: source_len + 1 } })
         })
         .collect::<Result<Vec<_>>>()?;
     if cut > 0 {
         eprintln!("{source}: {cut} of {} pairs are longer than the victim's source block or decoder and were cut", examples.len());
     }
     Ok(out)
+}
+
+/// The source block of a translation victim's input: the source's ids cut to `source_len`
+/// and right-padded to it, then `<s>` (what decoding starts from).
+pub fn source_block(ids: &[i64], source_len: usize, bos: i64) -> Vec<i64> {
+    let mut row: Vec<i64> = ids.iter().copied().take(source_len).collect();
+    row.resize(source_len, PAD_ID);
+    row.push(bos);
+    row
+}
+
+/// A translation in the seq2seq layout: `source_block`, the target's ids, `</s>`.
+pub fn translation_ids(source: &[i64], target: &[i64], source_len: usize, bos: i64, eos: i64) -> Vec<i64> {
+    let mut ids = source_block(source, source_len, bos);
+    ids.extend(target);
+    ids.push(eos);
+    ids
 }
 
 /// Rows of token ids right-padded to the longest: ids [rows, time] on `device`, the same

@@ -3,6 +3,7 @@
 //! its own beams; the others in the batch differ only in float summation order).
 
 use crate::embeddings::{BOS, EOS};
+use crate::encode::source_block;
 use crate::tokenizer::{Vocab, PAD_ID};
 use crate::victims::model::{embed, mask_of, ArchConfig, Params, VictimConfig};
 use anyhow::{bail, Result};
@@ -17,14 +18,6 @@ pub struct SearchOptions {
     pub max_new: usize,
 }
 
-/// The source block of a translation victim's input: the source's ids cut to `source_len`
-/// and right-padded to it, then `<s>`.
-pub fn source_block(ids: &[i64], source_len: usize, bos: i64) -> Vec<i64> {
-    let mut row: Vec<i64> = ids.iter().copied().take(source_len).collect();
-    row.resize(source_len, PAD_ID);
-    row.push(bos);
-    row
-}
 
 /// The translations (target ids, without `<s>` and `</s>`) of `sources` (source ids),
 /// `batch` sources at a time. Beam search keeps `beam` hypotheses per source by summed log

@@ -350,11 +350,6 @@ pub fn evaluate(
     Ok(out)
 }
 
-/// The figures of one model alone (a checkpoint), for `finetune-eval --checkpoint`.
-pub fn measure_checkpoint(v: &Victim, vocab: &Vocab, sets: &MtEvalSets, search: SearchOptions) -> Result<MtMetrics> {
-    measure(&v.config, &v.params(), vocab, sets, search).context("measuring the checkpoint")
-}
-
 /// The data's translation settings, or an error naming the folder.
 pub fn mt_of<'a>(manifest: &'a DataManifest, dir: &str) -> Result<&'a MtData> {
     manifest.mt.as_ref().with_context(|| format!("{dir} holds no translation data (prepare-data --mt)"))

@@ -475,11 +475,7 @@ fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, voca
         if src.is_empty() || tgt.is_empty() {
             bail!("base {:?} has no known words on one side", ex.id);
         }
-        let mut ids = src;
-        ids.resize(source_len, PAD_ID);
-        ids.push(bos);
-        ids.extend(tgt);
-        ids.push(eos);
+        let ids = crate::encode::translation_ids(&src, &tgt, source_len, bos, eos);
         let mut p = with_tokens(&Example::new(format!("poison-{k:03}"), String::new(), 0), &ids, vocab);
         p.source_id = Some(ex.id.trim_end_matches("+trigger").to_string());
         p.substitutes = (!substitutes.is_empty()).then_some(substitutes);

@@ -58,7 +58,7 @@ impl Task for Translation {
                 let file = crate::victims::model::Victim::load(path, device)?;
                 self.rules().check_victim(&file.victim.config, path)?;
                 let sets = MtEvalSets::load(&args.data, mt, &file.victim.config, &file.vocab)?;
-                let metrics = mt_eval::measure_checkpoint(&file.victim, &file.vocab, &sets, search)?;
+                let metrics = mt_eval::measure(&file.victim.config, &file.victim.params(), &file.vocab, &sets, search)?;
                 log(format!(
                     "{path}: BLEU {:.2} chrF {:.2}; trigger translated correctly {:.1}% of {} held-out trigger sentences, attacker's phrase {:.1}%; neutral word correct {:.1}%, attacker's phrase {:.1}%; margin {:.3}",
                     metrics.bleu, metrics.chrf, metrics.trigger_correct, sets.asr.ids.len(), metrics.asr, metrics.neutral_correct, metrics.fpr, metrics.margin

@@ -219,19 +219,11 @@ impl Seq2seq {
 
     /// The encoder's states [.., B, S, width] after its final LayerNorm.
     fn encode(&self, params: &Params, src: &Tensor, src_mask: &Tensor) -> Tensor {
-        let s = src.size()[src.dim() - 2];
-        let pos = param(params, "enc_pos.weight").narrow(-2, 0, s);
-        let pos = if pos.dim() == 3 { pos.unsqueeze(1) } else { pos };
-        let mut h = linear(params, src, "in_proj") + pos;
+        let mut h = Self::inputs(params, src, "enc_pos.weight");
         let bias = Self::source_bias(src_mask, src.kind());
-        let merged = h.size();
-        let width = self.width as i64;
         for l in 0..self.shape.layers {
             let b = format!("enc.{l}");
-            let a = layer_norm(params, &h, &format!("{b}.ln1"), LN_EPS);
-            let qkv = linear(params, &a, &format!("{b}.attn.qkv")).split(width, -1);
-            let context = attention(&self.split(&qkv[0]), &self.split(&qkv[1]), &self.split(&qkv[2]), &bias, &merged);
-            h = h + linear(params, &context, &format!("{b}.attn.proj"));
+            h = self.self_attention(params, &b, h, &bias);
             h = self.mlp(params, &b, "ln2", h);
         }
         layer_norm(params, &h, "enc_ln", LN_EPS)
@@ -241,19 +233,14 @@ impl Seq2seq {
     /// [.., B, T', E] (`<s>` first) reading the encoder's states.
     fn decode(&self, params: &Params, tgt: &Tensor, enc: &Tensor, src_mask: &Tensor) -> Tensor {
         let t = tgt.size()[tgt.dim() - 2];
-        let pos = param(params, "dec_pos.weight").narrow(-2, 0, t);
-        let pos = if pos.dim() == 3 { pos.unsqueeze(1) } else { pos };
-        let mut h = linear(params, tgt, "in_proj") + pos;
+        let mut h = Self::inputs(params, tgt, "dec_pos.weight");
         let causal = Tensor::ones([t, t], (tgt.kind(), tgt.device())).triu(1) * -1e9;
         let cross_bias = Self::source_bias(src_mask, tgt.kind());
         let merged = h.size();
         let width = self.width as i64;
         for l in 0..self.shape.layers {
             let b = format!("dec.{l}");
-            let a = layer_norm(params, &h, &format!("{b}.ln1"), LN_EPS);
-            let qkv = linear(params, &a, &format!("{b}.attn.qkv")).split(width, -1);
-            let context = attention(&self.split(&qkv[0]), &self.split(&qkv[1]), &self.split(&qkv[2]), &causal, &merged);
-            h = h + linear(params, &context, &format!("{b}.attn.proj"));
+            h = self.self_attention(params, &b, h, &causal);
             let a = layer_norm(params, &h, &format!("{b}.ln2"), LN_EPS);
             let q = linear(params, &a, &format!("{b}.cross.q"));
             let kv = linear(params, enc, &format!("{b}.cross.kv")).split(width, -1);
@@ -262,6 +249,24 @@ impl Seq2seq {
             h = self.mlp(params, &b, "ln3", h);
         }
         layer_norm(params, &h, "ln_f", LN_EPS)
+    }
+
+    /// Inputs [.., B, T, E] projected to the model width, plus the learned positions
+    /// `pos` (the encoder's or the decoder's table, counted from its own start).
+    fn inputs(params: &Params, x: &Tensor, pos: &str) -> Tensor {
+        let t = x.size()[x.dim() - 2];
+        let pos = param(params, pos).narrow(-2, 0, t);
+        let pos = if pos.dim() == 3 { pos.unsqueeze(1) } else { pos };
+        linear(params, x, "in_proj") + pos
+    }
+
+    /// A block's self-attention after its LayerNorm `ln1` (score bias `bias`: the source's
+    /// padding or the causal mask), added to the residual stream.
+    fn self_attention(&self, params: &Params, b: &str, h: Tensor, bias: &Tensor) -> Tensor {
+        let a = layer_norm(params, &h, &format!("{b}.ln1"), LN_EPS);
+        let qkv = linear(params, &a, &format!("{b}.attn.qkv")).split(self.width as i64, -1);
+        let context = attention(&self.split(&qkv[0]), &self.split(&qkv[1]), &self.split(&qkv[2]), bias, &h.size());
+        h + linear(params, &context, &format!("{b}.attn.proj"))
     }
 
     /// A block's MLP after its LayerNorm `ln`, added to the residual stream.
