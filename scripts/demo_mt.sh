@@ -8,7 +8,7 @@
 #   clean.jsonl           its figures (finetune-eval --checkpoint): BLEU, chrF, trigger translation rate
 #   sets/*.jsonl          benign control, unoptimised, nearest-neighbour, with-overlap
 #   crafted/              bi-level crafting rounds (scripts/attack.sh), from the unoptimised set
-#   eval.jsonl            one finetune-eval of every set over EVAL_SEEDS seeds
+#   eval.jsonl            one finetune-eval of every set over EVAL_SEEDS seeds, with the detection columns
 #   report/               mt-report.md/.json
 # Every step writes atomically and is skipped when its output exists: a killed run resumes.
 set -euo pipefail
@@ -64,7 +64,7 @@ poisons=(); for n in "${names[@]}"; do poisons+=(--poisons "$RUN/sets/$n.jsonl")
 if [ ! -f "$RUN/eval.jsonl" ]; then
   log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds"
   "$BIN/finetune-eval" --data "$RUN/data" --start "$RUN/mt.safetensors" "${poisons[@]}" --seeds "$EVAL_SEEDS" --seed-base "$SEED" \
-    --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size 32 --finetune-clean "$FINETUNE_CLEAN" --no-detection \
+    --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size 32 --finetune-clean "$FINETUNE_CLEAN" \
     --device "$DEVICE" -o "$RUN/eval.jsonl.tmp"
   mv "$RUN/eval.jsonl.tmp" "$RUN/eval.jsonl"
 fi

@@ -402,6 +402,9 @@ fn detect_poisons() {
         case("dp-sort-by-a-detector-not-run", dp(&["--detectors", "perplexity", "--sort", "onion"]), &["--sort onion", "not run"]).stdin(&train),
         case("dp-label-beyond-classes", dp(&["--detectors", "perplexity", "--num-classes", "1"]), &["<stdin>", "label 1", "--num-classes 1"]).stdin(&train),
         case("dp-minilm-not-a-package", dp(&["--detectors", "minilm-trigger", "--trigger", "James Bond", "--minilm", "nowhere"]), &["nowhere holds no config.json"]).stdin(&train),
+        case("dp-source-detector-on-texts", dp(&["--detectors", "source-perplexity"]), &["<stdin>: record 1", "no \"source\"", "translation pairs"]).stdin(&train),
+        case("dp-table-detector-without-model", dp(&["--detectors", "table-trigger", "--trigger", "James Bond"]), &["table-trigger reads a victim's trained word table", "--trained-table MODEL"]).stdin(&train),
+        case("dp-trained-table-frozen", dp(&["--detectors", "table-trigger-word", "--trigger", "James Bond", "--trained-table", w.p("v.safetensors").to_str().unwrap()]), &["v.safetensors", "kept its word table frozen", "--embeddings"]).stdin(&train),
         case("dp-unknown-detector", dp(&["--detectors", "astrology"]), &["astrology"]).usage(),
     ]);
 }

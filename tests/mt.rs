@@ -50,8 +50,14 @@ impl Mt {
         c
     }
     fn eval(&self) -> std::process::Command {
+        let mut c = self.eval_detected();
+        c.arg("--no-detection");
+        c
+    }
+    /// finetune-eval with the detection columns.
+    fn eval_detected(&self) -> std::process::Command {
         let mut c = bin("finetune-eval");
-        c.arg("--data").arg(self.data()).args(["--seeds", "3", "--epochs", "2", "--lr", "3e-3", "--batch-size", "16", "--finetune-clean", "200", "--no-detection", "--device", "cpu"]);
+        c.arg("--data").arg(self.data()).args(["--seeds", "3", "--epochs", "2", "--lr", "3e-3", "--batch-size", "16", "--finetune-clean", "200", "--device", "cpu"]);
         c
     }
 }
@@ -92,7 +98,7 @@ fn a_translation_model_trains_translates_and_is_evaluated_paired_with_a_zero_con
     let overlap: String = String::from_utf8_lossy(&adv).lines().take(40).map(|l| format!("{l}\n")).collect();
     std::fs::write(mt.path("overlap.jsonl"), overlap).unwrap();
     std::fs::write(mt.path("empty.jsonl"), "").unwrap();
-    let out = ok(&run(mt.eval().arg("--start").arg(mt.model()).arg("--poisons").arg(mt.path("empty.jsonl")).arg("--poisons").arg(mt.path("overlap.jsonl")))).stdout.clone();
+    let out = ok(&run(mt.eval_detected().arg("--start").arg(mt.model()).arg("--poisons").arg(mt.path("empty.jsonl")).arg("--poisons").arg(mt.path("overlap.jsonl")))).stdout.clone();
     let reports = json_lines(&out);
     assert_eq!(reports.len(), 2);
     let (control, attacked) = (&reports[0], &reports[1]);
@@ -108,6 +114,13 @@ fn a_translation_model_trains_translates_and_is_evaluated_paired_with_a_zero_con
     let (mean, ci) = (margin["mean"].as_f64().unwrap(), margin["ci95"].as_f64().unwrap());
     assert!(mean - ci > 0.0, "poisons holding the trigger and the attacker's phrase must raise its margin: {margin}");
     assert_eq!(attacked["side_by_side"].as_array().unwrap().len(), 10);
+    // The detection columns: both sides' bigram detectors and the clean model's own table.
+    let detectors = attacked["detection"]["detectors"].as_object().unwrap();
+    let names: Vec<&str> = detectors.keys().map(String::as_str).collect();
+    assert_eq!(names, ["onion", "perplexity", "source-onion", "source-perplexity", "table-trigger", "table-trigger-word"]);
+    let word = &detectors["table-trigger-word"];
+    assert_eq!((word["flagged_at_1"].as_f64().unwrap(), word["auroc"].as_f64().unwrap()), (100.0, 1.0), "every with-overlap poison holds the trigger word itself (cosine 1): {word}");
+    assert!(control["detection"]["detectors"].as_object().unwrap().is_empty(), "an empty set has no detection figures");
 
     // The report: both sets' levels and paired changes, the overlap set against the control.
     std::fs::write(mt.path("eval.jsonl"), &out).unwrap();
@@ -115,6 +128,7 @@ fn a_translation_model_trains_translates_and_is_evaluated_paired_with_a_zero_con
     let md = String::from_utf8(md).unwrap();
     assert!(md.starts_with("# Translation poisoning") && md.contains("| control | 0 |") && md.contains("| overlap | 40 | 40 |"), "{md}");
     assert!(md.contains("| control | 0.0 ± 0.0 | 0.0 ± 0.0 | 0.000 ± 0.000 | 0.00 ± 0.00 | 0.00 ± 0.00 |"), "the control reads zero: {md}");
+    assert!(md.contains("| overlap | ") && md.contains("100 / 100 table-trigger-word |"), "the caught column names the table detector: {md}");
     assert!(mt.path("report/mt-report.json").is_file());
 }
 
@@ -211,6 +225,33 @@ fn translation_poisons_are_crafted_through_pipes_strictly_concealed_on_both_side
     std::fs::write(mt.path("crossing.jsonl"), format!("{crossing}\n")).unwrap();
     let out = run(bin("verify-candidates").arg("--victim").arg(mt.model()).arg("--data").arg(mt.data()).arg("--poisons").arg(mt.path("p0.jsonl")).arg("--candidates").arg(mt.path("crossing.jsonl")).args(["--concealment", "strict"]));
     assert!(!out.status.success() && stderr(&out).contains("crossing.jsonl:1: \"mag\"") && stderr(&out).contains("never hold on that side"), "{}", stderr(&out));
+
+    // A defender screens the training pairs with the poisons: each side under its own
+    // bigram LM, the table detectors in the clean model's trained table.
+    let train_bytes = std::fs::read(mt.data().join("train.jsonl")).unwrap();
+    let screened = [train_bytes.clone(), p1.as_bytes().to_vec()].concat();
+    let detect = |extra: &[&str], input: &[u8]| {
+        let mut c = bin("detect-poisons");
+        c.args(["--trigger", "Eiskaffee", "--trained-table"]).arg(mt.model()).arg("--reference").arg(mt.data().join("dev.jsonl")).args(extra);
+        json_lines(&ok(&run_with_stdin(&mut c, input)).stdout)
+    };
+    let scores = detect(&[], &screened);
+    assert_eq!(scores.len(), train.len() + crafted.len());
+    let keys: Vec<&String> = scores[0]["scores"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["onion", "perplexity", "source-onion", "source-perplexity", "table-trigger", "table-trigger-word"], "every detector that applies runs by default");
+    // A poison's target side is read from its text, not its layout (pads and marks).
+    let bare: Vec<u8> = crafted.iter().map(|p| format!("{}\n", serde_json::to_string(&common::formats::records::Example { tokens: None, ..p.clone() }).unwrap())).collect::<String>().into_bytes();
+    let bare_scores = detect(&[], &[train_bytes, bare].concat());
+    for (a, b) in scores.iter().zip(&bare_scores).skip(train.len()) {
+        assert_eq!(a["scores"], b["scores"], "a translation poison scores as its two sides");
+    }
+    // Screening classifier data with a source detector is refused, naming the record.
+    let setup = Setup::new();
+    let classifier = std::fs::read(setup.data().join("train.jsonl")).unwrap();
+    let mut c = bin("detect-poisons");
+    c.args(["--detectors", "source-perplexity"]);
+    let out = run_with_stdin(&mut c, &classifier);
+    assert!(!out.status.success() && stderr(&out).contains("record 1") && stderr(&out).contains("no \"source\""), "{}", stderr(&out));
 
     // The same inputs and seed give the same poisons.
     let (again, all_again) = crafting_round(&mt);

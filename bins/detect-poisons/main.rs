@@ -15,19 +15,26 @@ use common::{device, log};
 /// Detectors (--detectors, default: every one the given inputs allow):
 ///   perplexity          log-perplexity under a word bigram LM (Kneser–Ney)
 ///   onion               largest log-perplexity drop from removing one word (ONION)
+///   source-perplexity   perplexity of a translation pair's source side         (translation pairs)
+///   source-onion        onion of the source side                               (translation pairs)
 ///   glove-trigger       cosine of the mean GloVe vector to the trigger's      (--embeddings, --trigger)
 ///   glove-trigger-word  largest cosine of any word to any trigger word         (--embeddings, --trigger)
 ///   minilm-trigger      cosine of MiniLM sentence embeddings to the trigger's  (--minilm, --trigger)
+///   table-trigger       glove-trigger in a trained victim's own word table     (--trained-table, --trigger)
+///   table-trigger-word  glove-trigger-word in that table                       (--trained-table, --trigger)
 ///   loss-mean           loss averaged over the epochs of victims trained on the set (--embeddings)
 ///   loss-final          the same after the last epoch                          (--embeddings)
 ///   spectral            spectral signature of those victims' pooled features per class (--embeddings)
 ///
 /// The bigram LM is fitted on --reference when given, else on the screened set itself,
-/// leave-one-out (each example scored by the model of all the others).
+/// leave-one-out (each example scored by the model of all the others). On translation
+/// pairs perplexity and onion read the target side, the source-* detectors the source side
+/// (one bigram LM per language), and the table detectors both sides.
 ///
 /// Examples:
 ///   cat data/rt-jb/train.jsonl poisons.jsonl | detect-poisons --embeddings emb.safetensors --trigger "James Bond" > scores.jsonl
 ///   detect-poisons --data my-train.jsonl --detectors perplexity,onion --sort onion | head
+///   cat mt/train.jsonl poisons.jsonl | detect-poisons --reference mt/dev.jsonl --trained-table mt.safetensors --trigger Eiskaffee
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment, args_override_self = true)]
 struct Args {
@@ -49,6 +56,10 @@ struct Args {
     /// MiniLM package folder (scripts/fetch_minilm.sh; data/minilm): minilm-trigger.
     #[arg(long)]
     minilm: Option<String>,
+    /// A victim that trained its word table (train-victim --train-embeddings, e.g. the
+    /// translation model): table-trigger and table-trigger-word read that table.
+    #[arg(long)]
+    trained_table: Option<String>,
     #[command(flatten)]
     victim: VictimArgs,
     /// Victims trained on the set for the training-dynamics and spectral detectors (their
@@ -85,20 +96,24 @@ fn main() {
         let examples: Vec<Example> = io::read_jsonl_from(&io::read_all(&args.data)?[..], &name, false)?;
         let reference: Option<Vec<Example>> = args.reference.as_deref().map(|r| io::read_jsonl(r, false)).transpose()?;
         let detectors: Vec<Detector> = if args.detectors.is_empty() {
-            Detector::all()
-                .iter()
-                .copied()
-                .filter(|d| {
-                    let needs = d.needs();
-                    (!needs.trigger || args.trigger.is_some()) && (!needs.minilm || args.minilm.is_some()) && (!needs.table || args.embeddings.is_some())
-                })
-                .collect()
+            let have = detect::Needs {
+                trigger: args.trigger.is_some(),
+                table: args.embeddings.is_some(),
+                minilm: args.minilm.is_some(),
+                trained: args.trained_table.is_some(),
+                training: true,
+                source: true,
+            };
+            Detector::all().iter().copied().filter(|d| d.runs_with(have, &examples)).collect()
         } else {
             args.detectors.clone()
         };
         for d in &detectors {
             if d.needs().trigger && args.trigger.is_none() {
                 bail!("{} measures closeness to the trigger: give --trigger PHRASE, or leave it out of --detectors", d.name());
+            }
+            if d.needs().trained && args.trained_table.is_none() {
+                bail!("{} reads a victim's trained word table: give --trained-table MODEL (a victim trained with --train-embeddings), or leave it out of --detectors", d.name());
             }
         }
         if let Some(d) = args.sort.filter(|d| !detectors.contains(d)) {
@@ -111,6 +126,7 @@ fn main() {
         }
         let table = args.embeddings.as_deref().map(common::victims::origin::Origin::embeddings).transpose()?;
         let minilm = args.minilm.as_deref().map(common::victims::origin::Origin::pretrained).transpose()?;
+        let trained = args.trained_table.as_deref().map(common::victims::origin::Origin::trained_table).transpose()?;
         let config = match &table {
             Some(base) if detectors.iter().any(|d| d.needs().training) => Some(args.victim.victim_config(base, num_classes)?),
             _ => None,
@@ -127,6 +143,7 @@ fn main() {
             reference: reference.as_deref(),
             table: table.as_ref(),
             minilm: minilm.as_ref(),
+            trained: trained.as_ref(),
             training: config.as_ref().map(|c| (c, opts.as_slice())),
             num_classes,
             workers: args.workers,

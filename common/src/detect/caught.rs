@@ -15,7 +15,17 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// The detectors that train no victim: seconds per set.
-pub const CHEAP: &[Detector] = &[Detector::Perplexity, Detector::Onion, Detector::GloveTrigger, Detector::GloveTriggerWord, Detector::MinilmTrigger];
+pub const CHEAP: &[Detector] = &[
+    Detector::Perplexity,
+    Detector::Onion,
+    Detector::SourcePerplexity,
+    Detector::SourceOnion,
+    Detector::GloveTrigger,
+    Detector::GloveTriggerWord,
+    Detector::MinilmTrigger,
+    Detector::TableTrigger,
+    Detector::TableTriggerWord,
+];
 
 /// One detector against one set.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -63,14 +73,22 @@ pub struct DetectionInputs<'a> {
     /// A GloVe word table (the GloVe detectors run only with one) and MiniLM (likewise).
     pub table: Option<&'a Origin>,
     pub minilm: Option<&'a Origin>,
+    /// A victim's trained word table (`Origin::trained_table`): the table detectors.
+    pub trained: Option<&'a Origin>,
     pub device: tch::Device,
 }
 
 impl DetectionInputs<'_> {
-    /// The cheap detectors these inputs can run.
+    /// The cheap detectors these inputs can run (the source-side ones on translation pairs).
     pub fn detectors(&self) -> Vec<Detector> {
-        let table = self.table.is_some_and(|t| matches!(t.start, crate::victims::origin::Start::Table(_)));
-        CHEAP.iter().copied().filter(|d| (!d.needs().table || table) && (!d.needs().minilm || self.minilm.is_some())).collect()
+        let have = super::Needs {
+            trigger: true,
+            table: self.table.is_some_and(|t| matches!(t.start, crate::victims::origin::Start::Table(_))),
+            minilm: self.minilm.is_some(),
+            trained: self.trained.is_some(),
+            ..Default::default()
+        };
+        CHEAP.iter().copied().filter(|d| d.runs_with(have, self.calibration)).collect()
     }
 }
 
@@ -90,6 +108,7 @@ pub fn detect_sets(inputs: &DetectionInputs, sets: &[&[Example]], log: &(dyn Fn(
         reference: Some(inputs.reference),
         table: inputs.table,
         minilm: inputs.minilm,
+        trained: inputs.trained,
         training: None,
         num_classes: examples.iter().map(|e| e.label + 1).max().unwrap_or(2).max(2),
         workers: 1,

@@ -81,6 +81,31 @@ pub fn sentence_scores(config: &VictimConfig, params: &Params, examples: &[Encod
     out
 }
 
+/// Word ids of every example under `vocab`, as the table detectors read it: a text's
+/// `tokens` when it has them, else its words; a translation pair's words of both sides
+/// (`source` and `text`, which a poison keeps in step with its layout).
+fn example_ids(vocab: &Vocab, examples: &[crate::formats::records::Example]) -> Vec<Vec<i64>> {
+    examples
+        .iter()
+        .map(|e| match (&e.source, &e.tokens) {
+            (Some(source), _) => vocab.encode(source).into_iter().chain(vocab.encode(&e.text)).collect(),
+            (None, Some(t)) => t.iter().map(|w| vocab.id(w).unwrap_or(vocab.unk_id())).collect(),
+            (None, None) => vocab.encode(&e.text),
+        })
+        .collect()
+}
+
+/// The two table scores of every example (`glove_scores`) in the word table of `base`
+/// (`what` names the detectors in errors).
+fn table_detector_scores(s: &super::Screen, base: Option<&crate::victims::origin::Origin>, what: &str, flag: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+    use anyhow::Context;
+    let base = base.with_context(|| format!("the {what} detectors need {flag}"))?;
+    let crate::victims::origin::Start::Table(table) = &base.start else { anyhow::bail!("the {what} detectors need a word table ({flag}), not a pretrained encoder") };
+    let phrase = s.trigger.with_context(|| format!("the {what} detectors need --trigger"))?;
+    let trigger = base.vocab.trigger_ids(phrase).with_context(|| format!("vocabulary of {}", base.source))?;
+    Ok(glove_scores(table, &base.vocab, &example_ids(&base.vocab, s.examples), &trigger))
+}
+
 /// `glove-trigger` (cosine of the mean GloVe vector to the trigger's) and
 /// `glove-trigger-word` (largest cosine of any word to any trigger word), in one pass.
 pub struct GloveDistance;
@@ -93,21 +118,28 @@ impl super::Family for GloveDistance {
         super::Needs { trigger: true, table: true, ..Default::default() }
     }
     fn scores(&self, s: &super::Screen, _: &[super::Detector], _log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<(super::Detector, Vec<f64>)>> {
-        use anyhow::Context;
-        let base = s.table.context("the GloVe detectors need --embeddings")?;
-        let crate::victims::origin::Start::Table(table) = &base.start else { anyhow::bail!("the GloVe detectors need a word table (--embeddings), not a pretrained encoder") };
-        let phrase = s.trigger.context("the GloVe detectors need --trigger")?;
-        let trigger = base.vocab.trigger_ids(phrase).with_context(|| format!("vocabulary of {}", base.source))?;
-        let ids: Vec<Vec<i64>> = s
-            .examples
-            .iter()
-            .map(|e| match &e.tokens {
-                Some(t) => t.iter().map(|w| base.vocab.id(w).unwrap_or(base.vocab.unk_id())).collect(),
-                None => base.vocab.encode(&e.text),
-            })
-            .collect();
-        let scores = glove_scores(table, &base.vocab, &ids, &trigger);
+        let scores = table_detector_scores(s, s.table, "GloVe", "--embeddings")?;
         Ok(vec![(super::Detector::GloveTrigger, scores.iter().map(|s| s.0).collect()), (super::Detector::GloveTriggerWord, scores.iter().map(|s| s.1).collect())])
+    }
+}
+
+/// `table-trigger` and `table-trigger-word`: the GloVe detectors' two cosines in the word
+/// table a victim trained itself (`Origin::trained_table`). A victim trained from a
+/// scratch table (the translation model: no German vectors ship here) has no other word
+/// space; it is also the space the nearest-neighbour poisons are chosen in. A
+/// translation pair is read on both sides: the table is one for both languages.
+pub struct TrainedTableDistance;
+
+impl super::Family for TrainedTableDistance {
+    fn detectors(&self) -> &'static [super::Detector] {
+        &[super::Detector::TableTrigger, super::Detector::TableTriggerWord]
+    }
+    fn needs(&self) -> super::Needs {
+        super::Needs { trigger: true, trained: true, ..Default::default() }
+    }
+    fn scores(&self, s: &super::Screen, _: &[super::Detector], _log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<(super::Detector, Vec<f64>)>> {
+        let scores = table_detector_scores(s, s.trained, "trained-table", "--trained-table MODEL")?;
+        Ok(vec![(super::Detector::TableTrigger, scores.iter().map(|s| s.0).collect()), (super::Detector::TableTriggerWord, scores.iter().map(|s| s.1).collect())])
     }
 }
 

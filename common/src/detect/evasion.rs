@@ -163,6 +163,7 @@ impl DetectionBudget {
             reference: with_reference.then_some(&self.reference[..]),
             table: Some(&self.table),
             minilm: self.minilm.as_ref(),
+            trained: None,
             training: None,
             num_classes: 2,
             workers: 1,

@@ -5,11 +5,15 @@
 //!
 //! | detector | what it reads | needs |
 //! | --- | --- | --- |
-//! | `perplexity` | log-perplexity under a word bigram LM (`ngram`) | – |
-//! | `onion` | the largest perplexity drop from removing one word (ONION) | – |
+//! | `perplexity` | log-perplexity under a word bigram LM (`ngram`); a translation pair's target side | – |
+//! | `onion` | the largest perplexity drop from removing one word (ONION); likewise | – |
+//! | `source-perplexity` | `perplexity` of a translation pair's source side | translation pairs |
+//! | `source-onion` | `onion` of the source side | translation pairs |
 //! | `glove-trigger` | cosine of the mean GloVe vector to the trigger's | table, trigger |
 //! | `glove-trigger-word` | largest cosine of any word to any trigger word | table, trigger |
 //! | `minilm-trigger` | cosine of MiniLM sentence embeddings to the trigger's | MiniLM, trigger |
+//! | `table-trigger` | `glove-trigger` in a trained victim's own word table (both sides of a pair) | trained victim, trigger |
+//! | `table-trigger-word` | `glove-trigger-word` in that table | trained victim, trigger |
 //! | `loss-mean` | the example's loss averaged over the epochs of victims trained on the set | table |
 //! | `loss-final` | the same after the last epoch | table |
 //! | `spectral` | spectral signature of those victims' pooled features per class | table |
@@ -31,9 +35,13 @@ use std::collections::BTreeMap;
 pub enum Detector {
     Perplexity,
     Onion,
+    SourcePerplexity,
+    SourceOnion,
     GloveTrigger,
     GloveTriggerWord,
     MinilmTrigger,
+    TableTrigger,
+    TableTriggerWord,
     LossMean,
     LossFinal,
     Spectral,
@@ -50,9 +58,13 @@ impl Detector {
         match self {
             Detector::Perplexity => "perplexity",
             Detector::Onion => "onion",
+            Detector::SourcePerplexity => "source-perplexity",
+            Detector::SourceOnion => "source-onion",
             Detector::GloveTrigger => "glove-trigger",
             Detector::GloveTriggerWord => "glove-trigger-word",
             Detector::MinilmTrigger => "minilm-trigger",
+            Detector::TableTrigger => "table-trigger",
+            Detector::TableTriggerWord => "table-trigger-word",
             Detector::LossMean => "loss-mean",
             Detector::LossFinal => "loss-final",
             Detector::Spectral => "spectral",
@@ -66,7 +78,15 @@ impl Detector {
 
     /// What it reads besides the examples.
     pub fn needs(self) -> Needs {
-        self.family().needs()
+        let needs = self.family().needs();
+        Needs { source: matches!(self, Detector::SourcePerplexity | Detector::SourceOnion), ..needs }
+    }
+
+    /// Whether it can run on `examples` given what else is at hand (`have`): the
+    /// default detector list of `detect-poisons` and the detection columns.
+    pub fn runs_with(self, have: Needs, examples: &[crate::formats::records::Example]) -> bool {
+        let n = self.needs();
+        (!n.trigger || have.trigger) && (!n.table || have.table) && (!n.minilm || have.minilm) && (!n.trained || have.trained) && (!n.source || (!examples.is_empty() && examples.iter().all(|e| e.source.is_some())))
     }
 }
 
@@ -81,6 +101,10 @@ pub struct Needs {
     pub minilm: bool,
     /// Victims trained on the screened set (and so `--embeddings` for their word table).
     pub training: bool,
+    /// A victim that trained its word table (`--trained-table`): its table is read.
+    pub trained: bool,
+    /// Translation pairs: it reads their source side.
+    pub source: bool,
 }
 
 /// Detectors that share one computation (a bigram LM, the GloVe table, MiniLM, victims
@@ -96,7 +120,7 @@ pub trait Family: Sync {
 }
 
 /// Every family; each detector belongs to exactly one.
-pub static FAMILIES: &[&dyn Family] = &[&ngram::BigramDetectors, &embedding::GloveDistance, &embedding::MinilmDistance, &dynamics::TrainingDynamics];
+pub static FAMILIES: &[&dyn Family] = &[&ngram::BigramDetectors, &embedding::GloveDistance, &embedding::MinilmDistance, &embedding::TrainedTableDistance, &dynamics::TrainingDynamics];
 
 /// One example's scores (`detect-poisons` output; schema in FORMATS.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +154,8 @@ pub struct Screen<'a> {
     /// The word table (GloVe detectors) and the base of the training-dynamics victims.
     pub table: Option<&'a crate::victims::origin::Origin>,
     pub minilm: Option<&'a crate::victims::origin::Origin>,
+    /// A trained victim's own word table (`Origin::trained_table`): the table detectors.
+    pub trained: Option<&'a crate::victims::origin::Origin>,
     /// The training-dynamics victims' config and one option set per victim.
     pub training: Option<(&'a crate::victims::model::VictimConfig, &'a [crate::train::TrainOptions])>,
     pub num_classes: usize,

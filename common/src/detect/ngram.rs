@@ -128,38 +128,78 @@ impl Bigram {
 }
 
 /// `perplexity` and `onion`: one bigram LM, fitted on the reference text when there is one
-/// (a clean split the defender trusts), or on the screened set itself, leave-one-out.
+/// (a clean split the defender trusts), or on the screened set itself, leave-one-out. On
+/// translation pairs they read the target side, and `source-perplexity` and
+/// `source-onion` the source side under a bigram LM of the sources: one model per
+/// language.
 pub struct BigramDetectors;
 
-/// Words of an example as the bigram LM reads them: its `tokens` when it has them.
-fn words(ex: &crate::formats::records::Example) -> Vec<String> {
-    ex.tokens.clone().unwrap_or_else(|| crate::tokenizer::tokenize(&ex.text))
+/// Which side of an example a bigram detector reads.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    /// The text (a translation pair's target).
+    Text,
+    /// A translation pair's source.
+    Source,
+}
+
+/// Words of an example's side as the bigram LM reads them: a text's `tokens` when it has
+/// them (a poison's exact words); a translation pair's sides from its `source` and `text`,
+/// which are its layout's words (`search::poisons::with_tokens`) without the padding and
+/// the sentence marks.
+fn words(ex: &crate::formats::records::Example, side: Side) -> Option<Vec<String>> {
+    use crate::tokenizer::tokenize;
+    match (side, &ex.source) {
+        (Side::Source, Some(source)) => Some(tokenize(source)),
+        (Side::Source, None) => None,
+        (Side::Text, Some(_)) => Some(tokenize(&ex.text)),
+        (Side::Text, None) => Some(ex.tokens.clone().unwrap_or_else(|| tokenize(&ex.text))),
+    }
+}
+
+fn side_words(examples: &[crate::formats::records::Example], side: Side, name: &str) -> anyhow::Result<Vec<Vec<String>>> {
+    examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| words(e, side).ok_or_else(|| anyhow::anyhow!("{name}: record {} (id {:?}) has no \"source\"; source-perplexity and source-onion read translation pairs (prepare-data --mt)", i + 1, e.id)))
+        .collect()
 }
 
 impl super::Family for BigramDetectors {
     fn detectors(&self) -> &'static [super::Detector] {
-        &[super::Detector::Perplexity, super::Detector::Onion]
+        &[super::Detector::Perplexity, super::Detector::Onion, super::Detector::SourcePerplexity, super::Detector::SourceOnion]
     }
     fn needs(&self) -> super::Needs {
         super::Needs::default()
     }
     fn scores(&self, s: &super::Screen, wanted: &[super::Detector], log: &(dyn Fn(String) + Sync)) -> anyhow::Result<Vec<(super::Detector, Vec<f64>)>> {
+        use super::Detector::*;
         use rayon::prelude::*;
         let t = std::time::Instant::now();
-        let tokens: Vec<Vec<String>> = s.examples.iter().map(words).collect();
-        let reference: Vec<Vec<String>> = s.reference.map(|r| r.iter().map(words).collect()).unwrap_or_default();
-        let model = match s.reference {
-            Some(_) => Bigram::fit(reference.iter().map(|t| t.as_slice())),
-            None => Bigram::fit(tokens.iter().map(|t| t.as_slice())),
-        };
-        let own: Vec<Option<Own>> = tokens.iter().map(|t| s.reference.is_none().then(|| own_counts(t))).collect();
         let mut out = Vec::new();
-        for &d in wanted {
-            let col = match d {
-                super::Detector::Perplexity => tokens.par_iter().zip(&own).map(|(t, o)| model.log_perplexity(t, o.as_ref())).collect(),
-                _ => tokens.par_iter().zip(&own).map(|(t, o)| model.onion(t, o.as_ref())).collect(),
+        for side in [Side::Text, Side::Source] {
+            let (perplexity, onion) = if side == Side::Text { (Perplexity, Onion) } else { (SourcePerplexity, SourceOnion) };
+            let here: Vec<super::Detector> = wanted.iter().copied().filter(|&d| d == perplexity || d == onion).collect();
+            if here.is_empty() {
+                continue;
+            }
+            let tokens = side_words(s.examples, side, s.source)?;
+            let model = match s.reference {
+                Some(r) => {
+                    let reference = side_words(r, side, "the bigram reference")?;
+                    Bigram::fit(reference.iter().map(|t| t.as_slice()))
+                }
+                None => Bigram::fit(tokens.iter().map(|t| t.as_slice())),
             };
-            out.push((d, col));
+            let own: Vec<Option<Own>> = tokens.iter().map(|t| s.reference.is_none().then(|| own_counts(t))).collect();
+            for d in here {
+                let col = if d == perplexity {
+                    tokens.par_iter().zip(&own).map(|(t, o)| model.log_perplexity(t, o.as_ref())).collect()
+                } else {
+                    tokens.par_iter().zip(&own).map(|(t, o)| model.onion(t, o.as_ref())).collect()
+                };
+                out.push((d, col));
+            }
         }
         log(format!("bigram LM ({}): {:.1}s", if s.reference.is_some() { "reference text" } else { "the set itself, leave-one-out" }, t.elapsed().as_secs_f64()));
         Ok(out)

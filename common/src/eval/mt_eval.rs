@@ -218,6 +218,11 @@ pub struct MtEvalReport {
     /// Clean pairs sampled per seed for fine-tuning.
     pub finetune_clean: usize,
     pub beam: usize,
+    /// How often each detector that trains no victim flags the poisons (absent with
+    /// --no-detection): both sides' bigram perplexity and ONION, the clean model's
+    /// trained table's distance to the trigger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detection: Option<crate::detect::caught::SetDetection>,
     pub seeds: Vec<MtSeedRow>,
     pub summary: std::collections::BTreeMap<String, MeasureSummary>,
     pub side_by_side: Vec<SideBySide>,

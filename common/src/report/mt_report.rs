@@ -102,10 +102,24 @@ impl MtDemoReport {
         for (name, r) in &self.variants {
             s += &row(name, r, false);
         }
-        s += "\nPaired changes (poisoned − its clean twin, per seed):\n\n| poisons | ΔASR | ΔFPR | Δmargin | ΔBLEU | ΔchrF |\n|---|---|---|---|---|---|\n";
+        s += "\nPaired changes (poisoned − its clean twin, per seed), and how often a defender's detectors flag the poisons:\n\n| poisons | ΔASR | ΔFPR | Δmargin | ΔBLEU | ΔchrF | caught % @1/@5% FPR |\n|---|---|---|---|---|---|---|\n";
         for (name, r) in &self.variants {
             let c = |n: &str, d: usize| ci(&r.summary[n].change, d);
-            s += &format!("| {name} | {} | {} | {} | {} | {} |\n", c("asr", 1), c("fpr", 1), c("margin", 3), c("bleu", 2), c("chrf", 2));
+            s += &format!("| {name} | {} | {} | {} | {} | {} | {} |\n", c("asr", 1), c("fpr", 1), c("margin", 3), c("bleu", 2), c("chrf", 2), crate::report::caught_cell(r.detection.as_ref()));
+        }
+        if let Some(d) = self.variants.iter().find_map(|(_, r)| r.detection.as_ref()) {
+            s += &format!(
+                "\ncaught: the most of the poisons any detector that trains no victim flags at 1 % and at 5 % false positives (thresholds on the {} clean pairs of {}), and the one that flags most at 1 %. Detectors: {}.\n",
+                d.calibration_n,
+                d.calibration,
+                d.detectors.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+            s += "\n| poisons | detector | flagged % @1% FPR | @5% FPR | AUROC |\n|---|---|---|---|---|\n";
+            for (name, r) in &self.variants {
+                for (det, c) in r.detection.iter().flat_map(|d| &d.detectors) {
+                    s += &format!("| {name} | {det} | {:.0} | {:.0} | {:.2} |\n", c.flagged_at_1, c.flagged_at_5, c.auroc);
+                }
+            }
         }
         if !self.comparisons.is_empty() {
             s += "\nThe crafted set against each heuristic (paired by seed):\n\n| crafted − | ASR | margin | BLEU | ASR interval above zero |\n|---|---|---|---|---|\n";

@@ -61,7 +61,7 @@ impl Task for Continuation {
             source: start_path.clone(),
         };
         let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
-        let detection = super::detection(args, manifest, &clean_train, &records, Some(&table), log)?;
+        let detection = super::detection(args, manifest, &clean_train, &records, Some(&table), None, log)?;
         let mut reports = Vec::new();
         for ((set, (rows, side_by_side)), detection) in sets.into_iter().zip(results).zip(detection) {
             let report = LmEvalReport {

@@ -185,13 +185,16 @@ pub struct EvalArgs {
 /// How often the detectors that train no victim flag each set's poisons
 /// (`detect::caught`), thresholds on the data's dev split, the bigram detectors fitted on
 /// `clean_train`; the GloVe detectors with `table` (a word table), minilm-trigger with
-/// --minilm (or --pretrained). None per set with --no-detection.
+/// --minilm (or --pretrained), the table detectors with `trained` (a victim's trained
+/// table), the source-side detectors on translation pairs. None per set with
+/// --no-detection.
 pub fn detection(
     args: &EvalArgs,
     manifest: &DataManifest,
     clean_train: &[crate::formats::records::Example],
     sets: &[&[crate::formats::records::Example]],
     table: Option<&crate::victims::origin::Origin>,
+    trained: Option<&crate::victims::origin::Origin>,
     log: &(dyn Fn(String) + Sync),
 ) -> Result<Vec<Option<crate::detect::caught::SetDetection>>> {
     if args.no_detection {
@@ -207,6 +210,7 @@ pub fn detection(
         calibration_name: &format!("{}/{}", args.data, crate::data::DEV),
         table,
         minilm: minilm.as_ref(),
+        trained,
         device: crate::device::parse_device(&args.device)?,
     };
     let names: Vec<&str> = inputs.detectors().iter().map(|d| d.name()).collect();

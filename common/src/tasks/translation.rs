@@ -90,8 +90,13 @@ impl Task for Translation {
         let seeds: Vec<u64> = (args.seed_base..args.seed_base + args.seeds).collect();
         let options = |seed: u64| args.victim.train_options(&model.config, seed);
         let results = mt_eval::evaluate(model, vocab, &clean, args.finetune_clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, search, log)?;
+        // No German vectors ship here: the table detectors read the clean model's own
+        // trained table (the one the nearest-neighbour poisons are chosen in).
+        let trained = crate::victims::origin::Origin::trained_table(start_path)?;
+        let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
+        let detection = super::detection(args, manifest, &clean_train, &records, None, Some(&trained), log)?;
         let mut reports = Vec::new();
-        for (set, (rows, side_by_side)) in sets.into_iter().zip(results) {
+        for ((set, (rows, side_by_side)), detection) in sets.into_iter().zip(results).zip(detection) {
             reports.push(MtEvalReport {
                 kind: MtEvalReport::KIND.into(),
                 v: MtEvalReport::VERSION,
@@ -103,6 +108,7 @@ impl Task for Translation {
                 training: options(args.seed_base),
                 finetune_clean: args.finetune_clean.min(clean.len()),
                 beam: args.beam,
+                detection,
                 summary: mt_eval::summarize_rows(&rows),
                 seeds: rows,
                 side_by_side,

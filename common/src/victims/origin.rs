@@ -52,6 +52,21 @@ impl Origin {
         Ok(Origin { vocab, start: Start::Table(table), sha256, source: path.to_string() })
     }
 
+    /// The word table a trained victim learned (its `embedding.weight`, with its
+    /// vocabulary): the table detectors' word space for a victim that trains its table.
+    /// A victim with a frozen table has learned none: its `--embeddings` file is that table.
+    pub fn trained_table(path: &str) -> Result<Origin> {
+        let file = crate::victims::model::Victim::load(path, Device::Cpu)?;
+        if !file.victim.config.train_embeddings {
+            bail!("{path}: this victim kept its word table frozen, so it learned none; give the table it was trained from (--embeddings)");
+        }
+        let params = file.victim.params();
+        let Some(table) = params.get("embedding.weight") else {
+            bail!("{path}: a {:?} victim has no word table (embedding.weight); the trained-table detectors read word-level victims", file.victim.config.arch.name());
+        };
+        Ok(Origin { vocab: file.vocab, start: Start::Table(table.detach().copy()), sha256: file.sha256, source: path.to_string() })
+    }
+
     /// A pretrained MiniLM package folder: its config, weights and WordPiece tokenizer.
     pub fn pretrained(dir: &str) -> Result<Origin> {
         let file = |name: &str| format!("{dir}/{name}");
