@@ -69,6 +69,13 @@ pub struct VictimArgs {
     /// Adam learning rate [default: 2e-3; 5e-5 for minilm, as BERT fine-tuning uses].
     #[arg(long, value_parser = positive_rate)]
     pub lr: Option<f64>,
+    /// Steps over which the learning rate rises linearly from 0 to --lr (0: from the
+    /// first step).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Let the learning rate fall linearly to 0 at the last step (after any warm-up).
+    #[arg(long)]
+    pub decay: bool,
 }
 
 /// Where new victims start from (train-victim, finetune-eval): one of the two.
@@ -110,7 +117,7 @@ impl VictimArgs {
     /// Training options: `--lr`, or the architecture's default.
     pub fn train_options(&self, config: &VictimConfig, seed: u64) -> TrainOptions {
         let lr = self.lr.unwrap_or(config.tuning().default_lr);
-        TrainOptions { epochs: self.epochs, batch_size: self.batch_size, lr, seed }
+        TrainOptions { epochs: self.epochs, batch_size: self.batch_size, lr, seed, schedule: crate::train::Schedule { warmup: self.warmup, decay: self.decay } }
     }
 }
 

@@ -130,6 +130,33 @@ pub struct TrainOptions {
     pub batch_size: usize,
     pub lr: f64,
     pub seed: u64,
+    /// The learning rate's course over the steps (constant unless set; then absent from
+    /// JSON, so records of constant-rate training read as before).
+    #[serde(default, skip_serializing_if = "Schedule::is_constant")]
+    pub schedule: Schedule,
+}
+
+/// How the learning rate moves over a training run: a linear warm-up from 0 over the
+/// first `warmup` steps, then, with `decay`, a linear fall to 0 at the last step (the
+/// usual recipe for a transformer trained from scratch: Adam's early steps on an
+/// untrained model are the ones that diverge).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Schedule {
+    pub warmup: usize,
+    pub decay: bool,
+}
+
+impl Schedule {
+    pub fn is_constant(&self) -> bool {
+        *self == Schedule::default()
+    }
+
+    /// The learning rate's multiplier at step `step` (1-based) of `total`.
+    pub fn factor(&self, step: usize, total: usize) -> f64 {
+        let warm = if self.warmup > 0 { (step as f64 / self.warmup as f64).min(1.0) } else { 1.0 };
+        let decay = if self.decay { (1.0 - (step - 1) as f64 / total.max(1) as f64).max(0.0) } else { 1.0 };
+        warm * decay
+    }
 }
 
 pub use crate::victims::loss::cross_entropy;
@@ -295,8 +322,14 @@ fn train_one(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut afte
     let kind = leaves.first().map_or(Kind::Float, |t| t.kind());
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let mut steps_done = 0i32;
+    // The schedule's length: the first epoch's steps times the epochs (an epoch's batch
+    // count is its clean examples' and does not change).
+    let mut total_steps = 0usize;
     for epoch in 1..=opts.epochs {
         let batches = epoch_batches(data, opts.batch_size, &mut rng, opts.seed, epoch);
+        if epoch == 1 {
+            total_steps = batches.len() * opts.epochs;
+        }
         let order = batch_order(batches.len(), &mut rng);
         let (mut loss_sum, mut seen) = (0.0, 0usize);
         for (step, &b) in order.iter().enumerate() {
@@ -321,7 +354,9 @@ fn train_one(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut afte
             seen += batch.len();
             let grads = Tensor::run_backward(&[&loss], &leaves.iter().collect::<Vec<_>>(), false, false);
             steps_done += 1;
-            let step_size = opts.lr / (1.0 - ADAM_BETA1.powi(steps_done));
+            // A constant rate multiplies by nothing: its bits are those of the trainer before schedules.
+            let lr = if opts.schedule.is_constant() { opts.lr } else { opts.lr * opts.schedule.factor(steps_done as usize, total_steps) };
+            let step_size = lr / (1.0 - ADAM_BETA1.powi(steps_done));
             let bc2_sqrt = (1.0 - ADAM_BETA2.powi(steps_done)).sqrt();
             tch::no_grad(|| {
                 for k in 0..leaves.len() {
@@ -388,6 +423,18 @@ pub fn next_token_accuracy(config: &crate::victims::model::VictimConfig, params:
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #[test]
+    fn the_schedule_warms_up_then_falls_to_zero_and_constant_is_one() {
+        let s = super::Schedule { warmup: 4, decay: true };
+        let f: Vec<f64> = (1..=10).map(|t| s.factor(t, 10)).collect();
+        assert_eq!(f[0], 0.25, "step 1 of a 4-step warm-up");
+        assert!((f[3] - 0.7).abs() < 1e-12, "step 4: warm, and decayed by 3 of 10 steps: {}", f[3]);
+        assert!((f[9] - 0.1).abs() < 1e-12 && f.windows(2).skip(3).all(|w| w[1] < w[0]), "falls linearly after the warm-up: {f:?}");
+        let c = super::Schedule::default();
+        assert!(c.is_constant() && (1..=10).all(|t| c.factor(t, 10) == 1.0));
+        assert_eq!(super::Schedule { warmup: 0, decay: true }.factor(1, 10), 1.0);
+    }
+
     use super::*;
     /// A toy task (token 2 means positive, token 3 negative; 4..8 are noise) and a random
     /// table of 8 words of width 6; the conformance suite trains on it too.
@@ -421,7 +468,7 @@ pub(crate) mod tests {
                 *e = Encoded::class(e.ids.clone(), 1 - e.target.class().unwrap());
             }
         }
-        let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 1e-2, seed: 4 };
+        let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 1e-2, seed: 4, schedule: Default::default() };
         let trained = |d: &[Encoded], removed: Option<&[bool]>| {
             let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
             tch::manual_seed(2);

@@ -63,7 +63,7 @@ fn a_victims_bits_depend_on_its_own_inputs_only() {
         let poisons = texts(6, 3, 12, 2, lm);
         let longer = texts(160, 20, 32, 3, lm);
         let shorter = texts(224, 2, 5, 4, lm);
-        let opts = |seed: u64, lr: f64| TrainOptions { epochs: 2, batch_size: 32, lr, seed };
+        let opts = |seed: u64, lr: f64| TrainOptions { epochs: 2, batch_size: 32, lr, seed, schedule: Default::default() };
         let me = (TrainData::poisoned(&mine, &poisons), opts(11, 3e-3), 7);
         let neighbours = [
             (TrainData::clean(&longer), opts(12, 1e-3), 8),
