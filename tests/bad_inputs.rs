@@ -629,6 +629,7 @@ fn finetune_eval() {
         case("fe-poisons-missing-file", with_emb(&w.p("nope.jsonl")), &["cannot open", "nope.jsonl"]),
         case("fe-no-data-folder", { let mut c = bin("finetune-eval"); c.arg("--data").arg(w.p("nowhere")).arg("--embeddings").arg(w.s.emb()).arg("-o").arg(&out); c },
             &["nowhere/manifest.json", "a folder made by prepare-data"]),
+        case("fe-beam-on-classifier-data", { let mut c = fe(); c.arg("--embeddings").arg(w.s.emb()).args(["--beam", "4"]); c }, &["--beam and --finetune-clean are for translation data", "would change nothing"]),
         case("fe-checkpoint-truncated", { let mut c = fe(); c.arg("--checkpoint").arg(w.truncated("v.safetensors", "cut.safetensors")); c }, &["cut.safetensors", "truncated"]),
         case("fe-checkpoint-wrong-file", { let mut c = fe(); c.arg("--checkpoint").arg(w.s.emb()); c }, &["emb.safetensors", "file where a \"poison.victim\" file was expected"]),
         case("fe-embeddings-lack-trigger", { let mut c = fe(); c.arg("--embeddings").arg(&small_emb); c }, &["small-emb.safetensors", "\"james\"", "not in the vocabulary"]),

@@ -24,6 +24,7 @@ impl Task for Classification {
         if args.start.is_some() || args.judge.is_some() || args.from_scratch {
             bail!("--start, --judge and --from-scratch are for language-model data (prepare-data --lm); {} holds classifier data", args.data);
         }
+        args.refuse_translation_flags()?;
         let start = std::time::Instant::now();
         let log_metrics = |what: &str, seed: u64, m: &eval::Metrics| log(format!("seed {seed} {what}: CACC {:.1} ASR {:.1} FPR {:.1}", m.cacc, m.asr, m.fpr));
         let device = crate::device::parse_device(&args.device)?;

@@ -29,6 +29,7 @@ impl Task for Continuation {
         if !args.checkpoint.is_empty() || !args.kept.is_empty() || args.clean_cache.is_some() || args.pairing != Pairing::Crn {
             bail!("--checkpoint, --kept, --clean-cache and --pairing independent are for classifier data; a language model's evaluation fine-tunes every clean twin and pairs by common random numbers");
         }
+        args.refuse_translation_flags()?;
         let start = crate::victims::model::Victim::load(start_path, device)?;
         let (lm, vocab) = (&start.victim, &start.vocab);
         self.rules().check_victim(&lm.config, start_path)?;

@@ -162,7 +162,7 @@ pub struct EvalArgs {
     pub beam: usize,
     /// Translation data: clean training pairs each seed fine-tunes on (a sample drawn by
     /// the seed, the same for its clean twin and poisoned models), with the poisons.
-    #[arg(long, default_value_t = 4000, value_parser = crate::cli::at_least_one)]
+    #[arg(long, default_value_t = FINETUNE_CLEAN, value_parser = crate::cli::at_least_one)]
     pub finetune_clean: usize,
     /// MiniLM package folder (scripts/fetch_minilm.sh) for the minilm-trigger detection
     /// column (default: --pretrained, when the victim is MiniLM).
@@ -180,6 +180,20 @@ pub struct EvalArgs {
     /// OUTPUT.key): what lets a script rerun every step and redo only what changed.
     #[arg(long)]
     pub reuse: bool,
+}
+
+/// `--finetune-clean`'s default.
+pub const FINETUNE_CLEAN: usize = 4000;
+
+impl EvalArgs {
+    /// Refuses the translation-only flags (`--beam`, `--finetune-clean`) on other data,
+    /// where they would change nothing.
+    pub fn refuse_translation_flags(&self) -> Result<()> {
+        if self.beam != 1 || self.finetune_clean != FINETUNE_CLEAN {
+            anyhow::bail!("--beam and --finetune-clean are for translation data (prepare-data --mt); {} holds other data, where they would change nothing", self.data);
+        }
+        Ok(())
+    }
 }
 
 /// How often the detectors that train no victim flag each set's poisons
