@@ -258,3 +258,39 @@ fn translation_poisons_are_crafted_through_pipes_strictly_concealed_on_both_side
     assert_eq!(again, p0);
     assert_eq!(String::from_utf8_lossy(&all_again).split_once("\n--\n").unwrap().0, p1);
 }
+
+/// The positive control of the translation victim: on a word-for-word code (40 German
+/// tokens, each with one English token, sentences of 2 to 6 words in the same order) the
+/// seq2seq learns to read its source by position, and translates held-out sentences it
+/// never saw exactly. What the Ding sentences lack is data, not a working victim
+/// (docs/translation.md).
+#[test]
+fn the_translation_victim_learns_a_word_for_word_code_and_translates_unseen_sentences() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut state = 7u64;
+    let mut next = |n: u64| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) % n
+    };
+    let mut write = |name: &str, range: std::ops::Range<usize>| {
+        let lines: String = range
+            .map(|i| {
+                let words: Vec<u64> = (0..2 + next(5)).map(|_| next(40)).collect();
+                let side = |prefix: &str| words.iter().map(|w| format!("{prefix}{w}")).collect::<Vec<_>>().join(" ") + " .";
+                serde_json::json!({"kind": "example", "v": 1, "id": format!("w{i}"), "text": side("en"), "label": 0, "source": side("de")}).to_string() + "\n"
+            })
+            .collect();
+        std::fs::write(dir.path().join(name), lines).unwrap();
+        dir.path().join(name)
+    };
+    let (train, held) = (write("train.jsonl", 0..3000), write("held.jsonl", 3000..3100));
+    let vocab = dir.path().join("vocab.safetensors");
+    ok(&run(bin("build-vocab").args(["--scratch", "32", "--seed", "0", "--data"]).arg(&train).arg("-o").arg(&vocab)));
+    let model = dir.path().join("m.safetensors");
+    ok(&run(bin("train-victim").arg("--embeddings").arg(&vocab).args(["--arch", "seq2seq", "--hidden", "32", "--layers", "1", "--heads", "2", "--source-len", "8", "--max-len", "18", "--train-embeddings"])
+        .args(["--epochs", "8", "--batch-size", "32", "--lr", "3e-3", "--warmup", "200", "--decay", "--seed", "0", "--device", "cpu", "--train"]).arg(&train).arg("-o").arg(&model)));
+    let held_bytes = std::fs::read(&held).unwrap();
+    let out = json_lines(&ok(&run_with_stdin(bin("generate").arg("--victim").arg(&model), &held_bytes)).stdout);
+    let exact = out.iter().zip(records(&held_bytes)).filter(|(g, e)| g["continuation"].as_str().unwrap() == e.text).count();
+    assert!(exact >= 90, "{exact} of 100 held-out sentences translated exactly; first: {} vs {}", out[0]["continuation"], records(&held_bytes)[0].text);
+}
