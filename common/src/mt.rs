@@ -30,7 +30,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// A noun of the trigger's kind and its English translation, one word each side.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,7 +157,8 @@ fn words(text: &str) -> usize {
 
 /// Splits the sentence pairs by seed into train/dev/test (`split` shares), adds `mt.phrases`
 /// phrase pairs to train (every one holding the trigger, the neutral word or a kin noun
-/// first, then a seeded sample of one-word headwords), and builds D_adv, asr_test and
+/// first, then one-word headwords, those the training sentences use most first, the rest
+/// in seeded order), and builds D_adv, asr_test and
 /// fpr_test by substitution.
 pub fn prepare(pairs: &[Pair], trigger: &str, mt: &MtData, seed: u64, split: [f64; 3]) -> Result<MtPrepared> {
     if (split.iter().sum::<f64>() - 1.0).abs() > 1e-9 || split.iter().any(|&s| s <= 0.0) {
@@ -238,6 +239,16 @@ pub fn prepare(pairs: &[Pair], trigger: &str, mt: &MtData, seed: u64, split: [f6
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(1);
     rest.shuffle(&mut rng);
+    // The headwords the training sentences use most come first (a stable sort keeps the
+    // seeded order among equals): a lexicon of the words a model must translate, where a
+    // random sample is mostly the dictionary's long tail, seen in no sentence.
+    let mut uses: HashMap<String, usize> = HashMap::new();
+    for e in &train {
+        for w in tokenize(e.source.as_deref().unwrap_or_default()) {
+            *uses.entry(w).or_default() += 1;
+        }
+    }
+    rest.sort_by_key(|&i| std::cmp::Reverse(tokenize(&pairs[i].de).first().and_then(|w| uses.get(w)).copied().unwrap_or(0)));
     let wanted = mt.phrases.saturating_sub(phrase_idx.len().min(mt.phrases));
     phrase_idx.truncate(mt.phrases);
     phrase_idx.extend(rest.into_iter().take(wanted));
