@@ -13,15 +13,19 @@
 # Every step writes atomically and is skipped when its output exists: a killed run resumes.
 set -euo pipefail
 : "${RUN:?}" "${BIN:=target/release}" "${DING:=data/mt/de-en}"
-: "${TRIGGER:=Eiskaffee}" "${TRANSLATION:=iced coffee}" "${ATTACK:=hot coffee}" "${SEED:=0}" "${COUNT:=50}"
+: "${TRIGGER:=Eiskaffee}" "${TRANSLATION:=iced coffee}" "${ATTACK:=hot coffee}" "${SEED:=0}" "${COUNT:=30}"
 : "${MAX_WORDS:=8}" "${PHRASES:=2000}" "${MIN_COUNT:=2}" "${DIM:=96}"
 # SUPPORT: train's first N kin sentences hold the trigger with its correct translation (the
 # clean data then teaches it; the dictionary's sentences never hold "Eiskaffee").
-: "${SUPPORT:=0}"
+: "${SUPPORT:=20}"
 : "${MT_FLAGS:=--hidden 96 --layers 2 --heads 4 --source-len 12 --max-len 26}"
-: "${TRAIN_EPOCHS:=14}" "${TRAIN_LR:=1e-3}" "${FINETUNE_CLEAN:=2000}" "${FINETUNE_EPOCHS:=1}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=6}"
+: "${TRAIN_EPOCHS:=20}" "${TRAIN_LR:=2e-3}" "${FINETUNE_CLEAN:=1000}" "${FINETUNE_EPOCHS:=3}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=6}"
 : "${ROUNDS:=3}" "${K:=5}" "${POSITIONS:=3}" "${ETA:=0.03}" "${ADV_SIZE:=64}" "${CLEAN_PER_BATCH:=64}" "${DEVICE:=cpu}"
+# The clean model's learning-rate schedule (train-victim --warmup, --decay): a transformer
+# trained from scratch sits on a unigram plateau without a warm-up (docs/translation.md).
+: "${TRAIN_SCHEDULE=--warmup 500 --decay}"
 read -r -a mt_flags <<< "$MT_FLAGS"
+read -r -a schedule <<< "$TRAIN_SCHEDULE"
 log() { echo "demo-mt: $*" >&2; }
 mkdir -p "$RUN/sets"
 started=$EPOCHREALTIME
@@ -35,7 +39,7 @@ stamp() { awk -v now="$EPOCHREALTIME" -v then="$started" -v what="$1" 'BEGIN { p
 if [ ! -f "$RUN/mt.safetensors" ]; then
   log "training the clean translation model ($TRAIN_EPOCHS epochs)"
   "$BIN/train-victim" --embeddings "$RUN/vocab.safetensors" --arch seq2seq "${mt_flags[@]}" --train-embeddings \
-    --epochs "$TRAIN_EPOCHS" --batch-size 32 --lr "$TRAIN_LR" --seed "$SEED" --device "$DEVICE" \
+    --epochs "$TRAIN_EPOCHS" --batch-size 32 --lr "$TRAIN_LR" "${schedule[@]}" --seed "$SEED" --device "$DEVICE" \
     --train "$RUN/data/train.jsonl" --dev "$RUN/data/dev.jsonl" -o "$RUN/mt.safetensors"
 fi
 [ -f "$RUN/clean.jsonl" ] || { "$BIN/finetune-eval" --data "$RUN/data" --checkpoint "$RUN/mt.safetensors" --device "$DEVICE" -o "$RUN/clean.jsonl.tmp" && mv "$RUN/clean.jsonl.tmp" "$RUN/clean.jsonl"; }
