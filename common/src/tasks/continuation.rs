@@ -55,12 +55,7 @@ impl Task for Continuation {
         let regime = if args.from_scratch { lm_eval::Regime::FromScratch } else { lm_eval::Regime::FineTune };
         let results = lm_eval::evaluate(lm, regime, vocab, &clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, &judging, log)?;
         // The GloVe detectors read the LM's own word table (its input table is GloVe's).
-        let table = crate::victims::origin::Origin {
-            vocab: vocab.clone(),
-            start: crate::victims::origin::Start::Table(lm.params()["embedding.weight"].to_kind(tch::Kind::Float)),
-            sha256: start.sha256.clone(),
-            source: start_path.clone(),
-        };
+        let table = crate::victims::origin::Origin::word_table_of(&start, start_path)?;
         let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
         let detection = super::detection(args, manifest, &clean_train, &records, Some(&table), None, log)?;
         let mut reports = Vec::new();

@@ -92,7 +92,7 @@ impl Task for Translation {
         let results = mt_eval::evaluate(model, vocab, &clean, args.finetune_clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, search, log)?;
         // No German vectors ship here: the table detectors read the clean model's own
         // trained table (the one the nearest-neighbour poisons are chosen in).
-        let trained = crate::victims::origin::Origin::trained_table(start_path)?;
+        let trained = crate::victims::origin::Origin::trained_table_of(&start, start_path)?;
         let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
         let detection = super::detection(args, manifest, &clean_train, &records, None, Some(&trained), log)?;
         let mut reports = Vec::new();

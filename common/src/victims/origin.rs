@@ -56,15 +56,26 @@ impl Origin {
     /// vocabulary): the table detectors' word space for a victim that trains its table.
     /// A victim with a frozen table has learned none: its `--embeddings` file is that table.
     pub fn trained_table(path: &str) -> Result<Origin> {
-        let file = crate::victims::model::Victim::load(path, Device::Cpu)?;
+        Origin::trained_table_of(&crate::victims::model::Victim::load(path, Device::Cpu)?, path)
+    }
+
+    /// `trained_table` of a victim already loaded from `path`.
+    pub fn trained_table_of(file: &crate::victims::model::VictimFile, path: &str) -> Result<Origin> {
         if !file.victim.config.train_embeddings {
             bail!("{path}: this victim kept its word table frozen, so it learned none; give the table it was trained from (--embeddings)");
         }
+        Origin::word_table_of(file, path)
+    }
+
+    /// The word table of a loaded victim (`path`, its file) as the detectors read one: its
+    /// `embedding.weight` on the CPU in f32, with its vocabulary and the file's hash.
+    pub fn word_table_of(file: &crate::victims::model::VictimFile, path: &str) -> Result<Origin> {
         let params = file.victim.params();
         let Some(table) = params.get("embedding.weight") else {
-            bail!("{path}: a {:?} victim has no word table (embedding.weight); the trained-table detectors read word-level victims", file.victim.config.arch.name());
+            bail!("{path}: a {:?} victim has no word table (embedding.weight); the word-table detectors read word-level victims", file.victim.config.arch.name());
         };
-        Ok(Origin { vocab: file.vocab, start: Start::Table(table.detach().copy()), sha256: file.sha256, source: path.to_string() })
+        let table = table.detach().to_kind(tch::Kind::Float).to_device(Device::Cpu);
+        Ok(Origin { vocab: file.vocab.clone(), start: Start::Table(table), sha256: file.sha256.clone(), source: path.to_string() })
     }
 
     /// A pretrained MiniLM package folder: its config, weights and WordPiece tokenizer.
