@@ -42,7 +42,7 @@ fn measure(name: &str, config: &VictimConfig, vocab: i64, lengths: std::ops::Ran
     let clean = texts(&mut rng, texts_per_victim, vocab, lengths.clone(), lm);
     let poisons = texts(&mut rng, 50, vocab, lengths, lm);
     let data: Vec<TrainData> = (0..victims).map(|i| if i % 2 == 0 { TrainData::clean(&clean) } else { TrainData::poisoned(&clean, &poisons) }).collect();
-    let opts: Vec<TrainOptions> = (0..victims).map(|i| TrainOptions { epochs: 1, batch_size: 32, lr: 2e-3, seed: i as u64, schedule: Default::default() }).collect();
+    let opts: Vec<TrainOptions> = (0..victims).map(|i| TrainOptions { epochs: 1, batch_size: 32, lr: 2e-3, seed: i as u64, schedule: Default::default(), regularisation: Default::default() }).collect();
     let fresh = || -> Vec<Victim> {
         (0..victims)
             .map(|i| {

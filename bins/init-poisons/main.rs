@@ -93,7 +93,7 @@ fn main() {
             let b = budget.take().context("--evade-loss needs --evade-fpr")?;
             // Seeds far from detect-poisons' (--seed, --seed + 1): the budget is not met
             // by fitting the very victims a defender would train.
-            let options = (0..2).map(|k| TrainOptions { epochs: args.evade_loss_epochs, batch_size: 64, lr: victim.config.tuning().default_lr, seed: 1_000_003 + 2 * args.seed + k, schedule: Default::default() }).collect();
+            let options = (0..2).map(|k| TrainOptions { epochs: args.evade_loss_epochs, batch_size: 64, lr: victim.config.tuning().default_lr, seed: 1_000_003 + 2 * args.seed + k, schedule: Default::default(), regularisation: Default::default() }).collect();
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
             let b = b.with_loss(fpr, victim.config.clone(), options, workers)?;
             log!("{}", b.describe());

@@ -76,6 +76,14 @@ pub struct VictimArgs {
     /// Let the learning rate fall linearly to 0 at the last step (after any warm-up).
     #[arg(long)]
     pub decay: bool,
+    /// Dropout probability in training (seq2seq: on the inputs and every residual
+    /// branch); evaluation and the attack's unrolled steps run without it.
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    pub dropout: f64,
+    /// Train on the target mixed with this share of the uniform distribution over the
+    /// outputs (0.1 is the usual choice for translation).
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    pub label_smoothing: f64,
 }
 
 /// Where new victims start from (train-victim, finetune-eval): one of the two.
@@ -117,7 +125,14 @@ impl VictimArgs {
     /// Training options: `--lr`, or the architecture's default.
     pub fn train_options(&self, config: &VictimConfig, seed: u64) -> TrainOptions {
         let lr = self.lr.unwrap_or(config.tuning().default_lr);
-        TrainOptions { epochs: self.epochs, batch_size: self.batch_size, lr, seed, schedule: crate::train::Schedule { warmup: self.warmup, decay: self.decay } }
+        TrainOptions {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr,
+            seed,
+            schedule: crate::train::Schedule { warmup: self.warmup, decay: self.decay },
+            regularisation: crate::train::Regularisation { dropout: self.dropout, label_smoothing: self.label_smoothing },
+        }
     }
 }
 
@@ -213,4 +228,4 @@ pub fn load_ensemble(paths: &[String], device: tch::Device) -> anyhow::Result<(V
     Ok((victims, hashes))
 }
 
-pub use crate::validate::{at_least_one, at_least_one_u64, positive_rate};
+pub use crate::validate::{at_least_one, at_least_one_u64, positive_rate, probability};

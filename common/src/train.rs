@@ -134,6 +134,28 @@ pub struct TrainOptions {
     /// JSON, so records of constant-rate training read as before).
     #[serde(default, skip_serializing_if = "Schedule::is_constant")]
     pub schedule: Schedule,
+    /// Dropout and label smoothing (none unless set; then absent from JSON, as the schedule).
+    #[serde(default, skip_serializing_if = "Regularisation::is_none")]
+    pub regularisation: Regularisation,
+}
+
+/// What keeps a victim trained from scratch on little data from memorising it (the usual
+/// recipe of low-resource translation): dropout inside the network, whose masks come from
+/// the victim's own seed (`victims::layers::Dropout`), and label smoothing, which trains
+/// on the target mixed with the uniform distribution over the outputs. Training only:
+/// unrolling, verification and evaluation read the network without either.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Regularisation {
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default)]
+    pub label_smoothing: f64,
+}
+
+impl Regularisation {
+    pub fn is_none(&self) -> bool {
+        *self == Regularisation::default()
+    }
 }
 
 /// How the learning rate moves over a training run: a linear warm-up from 0 over the
@@ -321,6 +343,14 @@ fn train_one(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut afte
     let mut v: Vec<Tensor> = leaves.iter().map(|t| t.zeros_like()).collect();
     let kind = leaves.first().map_or(Kind::Float, |t| t.kind());
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let reg = opts.regularisation;
+    if reg.dropout > 0.0 && !config.arch().has_dropout() {
+        bail!("--dropout {}: the {:?} victim has no dropout (the seq2seq has); leave it out", reg.dropout, config.arch.name());
+    }
+    if !(0.0..1.0).contains(&reg.dropout) || !(0.0..1.0).contains(&reg.label_smoothing) {
+        bail!("dropout {} and label smoothing {} must each lie in [0, 1)", reg.dropout, reg.label_smoothing);
+    }
+    let mut dropout = (reg.dropout > 0.0).then(|| crate::victims::layers::Dropout::new(reg.dropout, opts.seed));
     let mut steps_done = 0i32;
     // The schedule's length: the first epoch's steps times the epochs (an epoch's batch
     // count is its clean examples' and does not change).
@@ -344,8 +374,15 @@ fn train_one(victim: &mut Victim, data: TrainData, opts: &TrainOptions, mut afte
             let (ids, targets) = batch_tensors(&encoded, device);
             let weights: Vec<f64> = items.iter().map(|(_, w)| w / total).collect();
             let weights = Tensor::from_slice(&weights).to_kind(kind).to_device(device);
-            let logits = crate::victims::model::logits(&config, &params, &ids, crate::victims::model::Pass::Once);
-            let loss = (targets.example_nll(&logits) * &weights).sum(None::<Kind>);
+            let logits = match dropout.as_mut() {
+                Some(d) => config.arch().forward_dropout(&params, &crate::victims::model::embed(&params, &ids), &crate::victims::model::mask_of(&ids, &params), d),
+                None => crate::victims::model::logits(&config, &params, &ids, crate::victims::model::Pass::Once),
+            };
+            let per_example = match opts.regularisation.label_smoothing {
+                0.0 => targets.example_nll(&logits),
+                eps => targets.example_smoothed_nll(&logits, eps),
+            };
+            let loss = (per_example * &weights).sum(None::<Kind>);
             let value = loss.double_value(&[]);
             if !value.is_finite() {
                 bail!("training loss is {value} at epoch {epoch} step {}; lower the learning rate (--lr)", step + 1);
@@ -457,6 +494,16 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn dropout_is_refused_by_a_victim_without_it() {
+        let (data, table) = toy();
+        let config = crate::victims::model::tiny_config(crate::victims::model::Arch::Bow, 8, 6, 8, 2, false, 16);
+        let mut v = Victim::new(config, &table, Device::Cpu).unwrap();
+        let opts = TrainOptions { epochs: 1, batch_size: 16, lr: 1e-2, seed: 4, schedule: Default::default(), regularisation: Regularisation { dropout: 0.1, label_smoothing: 0.0 } };
+        let err = train(&mut v, TrainData::clean(&data), &opts, |_, _| {}).unwrap_err().to_string();
+        assert!(err.contains("--dropout") && err.contains("no dropout"), "{err}");
+    }
+
+    #[test]
     fn removed_clean_examples_leave_no_trace() {
         let (data, table) = toy();
         let config = crate::victims::model::tiny_config(crate::victims::model::Arch::Bow, 8, 6, 8, 2, false, 16);
@@ -468,7 +515,7 @@ pub(crate) mod tests {
                 *e = Encoded::class(e.ids.clone(), 1 - e.target.class().unwrap());
             }
         }
-        let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 1e-2, seed: 4, schedule: Default::default() };
+        let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 1e-2, seed: 4, schedule: Default::default(), regularisation: Default::default() };
         let trained = |d: &[Encoded], removed: Option<&[bool]>| {
             let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
             tch::manual_seed(2);

@@ -16,6 +16,16 @@ pub fn at_least_one_u64(s: &str) -> Result<u64, String> {
     at_least_one(s).map(|n| n as u64)
 }
 
+/// clap parser for a probability that must leave something (dropout, label smoothing):
+/// in [0, 1).
+pub fn probability(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if (0.0..1.0).contains(&x) => Ok(x),
+        Ok(x) => Err(format!("{x} is not in [0, 1)")),
+        Err(e) => Err(format!("{s:?} is not a number: {e}")),
+    }
+}
+
 /// clap parser for rates (learning rates, η): finite and above zero.
 pub fn positive_rate(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {

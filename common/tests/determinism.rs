@@ -8,7 +8,7 @@
 
 use clap::ValueEnum;
 use common::victims::model::{tiny_config, Arch, Victim};
-use common::train::{train, train_all, TrainData, TrainOptions};
+use common::train::{train, train_all, Regularisation, TrainData, TrainOptions};
 use common::encode::Encoded;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -63,7 +63,11 @@ fn a_victims_bits_depend_on_its_own_inputs_only() {
         let poisons = texts(6, 3, 12, 2, lm);
         let longer = texts(160, 20, 32, 3, lm);
         let shorter = texts(224, 2, 5, 4, lm);
-        let opts = |seed: u64, lr: f64| TrainOptions { epochs: 2, batch_size: 32, lr, seed, schedule: Default::default() };
+        // Dropout's masks and label smoothing where the architecture has them: the masks
+        // are drawn from each victim's own seed, so the neighbours must not move them either.
+        let config = tiny_config(arch, VOCAB, WIDTH, WIDTH, 2, false, 32);
+        let regularisation = if config.arch().has_dropout() { Regularisation { dropout: 0.2, label_smoothing: 0.1 } } else { Regularisation::default() };
+        let opts = |seed: u64, lr: f64| TrainOptions { epochs: 2, batch_size: 32, lr, seed, schedule: Default::default(), regularisation };
         let me = (TrainData::poisoned(&mine, &poisons), opts(11, 3e-3), 7);
         let neighbours = [
             (TrainData::clean(&longer), opts(12, 1e-3), 8),
@@ -77,6 +81,11 @@ fn a_victims_bits_depend_on_its_own_inputs_only() {
         train(&mut alone, me.0, &me.1, |_, _| {}).unwrap();
         let reference = bits(&alone);
         assert_ne!(reference, bits(&victim(arch, &table, me.2)), "{arch:?}: training moved nothing");
+        if !regularisation.is_none() {
+            let mut plain = victim(arch, &table, me.2);
+            train(&mut plain, me.0, &TrainOptions { regularisation: Regularisation::default(), ..me.1.clone() }, |_, _| {}).unwrap();
+            assert_ne!(reference, bits(&plain), "{arch:?}: dropout and label smoothing changed nothing");
+        }
         // (neighbours before, neighbours after, workers, caller threads)
         for (before, after, workers, threads) in [(0, 1, 1, 1), (1, 0, 2, 2), (2, 2, 2, 1), (1, 3, 1, 2), (4, 0, 2, 2)] {
             tch::set_num_threads(threads);

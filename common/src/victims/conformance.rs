@@ -240,7 +240,7 @@ fn every_victim_learns_a_toy_task_deterministically() {
             let config = tiny_config(arch, 8, 6, 8, 2, false, 8);
             data = (0..200i64).map(|i| Encoded::class((0..6).map(|t| 2 + (i + t) % 6).collect(), 0).for_victim(&config)).collect();
         }
-        let opts = TrainOptions { epochs: 30, batch_size: 16, lr: 0.02, seed: 3, schedule: Default::default() };
+        let opts = TrainOptions { epochs: 30, batch_size: 16, lr: 0.02, seed: 3, schedule: Default::default(), regularisation: Default::default() };
         let run = || {
             let mut v = toy_victim(arch, &table, 8, 5, false);
             train(&mut v, TrainData::clean(&data), &opts, |_, _| {}).unwrap();
@@ -270,7 +270,7 @@ fn zero_weight_poisons_give_the_clean_twin_in_f64() {
         let clean = TrainData::clean(&data[..120]);
         let ignored = TrainData { clean: &data[..120], joined: &joined, joined_weight: 0.0, clean_removed: None };
         let counted = TrainData::poisoned(&data[..120], &joined);
-        let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 0.01, seed: 4, schedule: Default::default() };
+        let opts = TrainOptions { epochs: 2, batch_size: 16, lr: 0.01, seed: 4, schedule: Default::default(), regularisation: Default::default() };
         let mut twin = make();
         train(&mut twin, clean, &opts, |_, _| {}).unwrap();
         let mut stacked = vec![make(), make(), make()];

@@ -70,3 +70,35 @@ pub fn init_linear(p: &nn::Path, fan_in: i64, fan_out: i64) {
 pub fn linear_shapes(name: &str, fan_in: i64, fan_out: i64) -> [(String, Vec<i64>); 2] {
     [(format!("{name}.weight"), vec![fan_out, fan_in]), (format!("{name}.bias"), vec![fan_out])]
 }
+
+/// Dropout during training (`train-victim --dropout`): each element kept with probability
+/// 1 − p and scaled by 1/(1 − p). The masks come from the victim's own seeded generator,
+/// not libtorch's global one, so a victim trained beside others on another thread draws
+/// the same masks (`train::train_all`: a victim's bits depend on its own inputs only).
+pub struct Dropout {
+    p: f64,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl Dropout {
+    /// Dropout with probability `p` (in [0, 1)), its masks drawn from `seed`'s stream 1
+    /// (stream 0 orders the batches).
+    pub fn new(p: f64, seed: u64) -> Dropout {
+        use rand::SeedableRng;
+        assert!((0.0..1.0).contains(&p), "dropout probability {p} outside [0, 1)");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(1);
+        Dropout { p, rng }
+    }
+
+    /// `x` with a fresh mask applied (the same shape, kind and device).
+    pub fn apply(&mut self, x: &Tensor) -> Tensor {
+        let mut bits = vec![0u32; x.numel()];
+        rand::Rng::fill(&mut self.rng, &mut bits[..]);
+        // Kept when the draw is at or above p·2³²: probability 1 − p to within 2⁻³².
+        let cut = (self.p * 4_294_967_296.0) as u64;
+        let scale = (1.0 / (1.0 - self.p)) as f32;
+        let mask: Vec<f32> = bits.iter().map(|&b| if (b as u64) >= cut { scale } else { 0.0 }).collect();
+        x * Tensor::from_slice(&mask).view(x.size().as_slice()).to_kind(x.kind()).to_device(x.device())
+    }
+}

@@ -162,6 +162,18 @@ impl Targets {
         }
     }
 
+    /// Per example, the label-smoothed loss [.., n] (training only): (1 − ε) times the
+    /// negative log-likelihood plus ε times the mean over the outputs of −log p, i.e. the
+    /// cross-entropy against the target mixed with the uniform distribution.
+    pub fn example_smoothed_nll(&self, logits: &Tensor, eps: f64) -> Tensor {
+        let uniform = -logits.log_softmax(-1, None::<Kind>).mean_dim([-1].as_slice(), false, None::<Kind>);
+        let uniform = match self {
+            Targets::Class(_) => uniform,
+            Targets::NextToken { mask, .. } | Targets::Soft { mask, .. } => mean_over_counted(&uniform, mask),
+        };
+        self.example_nll(logits) * (1.0 - eps) + uniform * eps
+    }
+
     /// The summed loss over every example (per-example gradients of a stack).
     pub fn summed_nll(&self, logits: &Tensor) -> Tensor {
         match self {
@@ -232,6 +244,22 @@ mod tests {
         let got: Vec<f64> = Vec::try_from(t.example_nll(&logits)).unwrap();
         assert!((got[0] - want[0]).abs() < 1e-12 && (got[1] - want[1]).abs() < 1e-12, "{got:?} vs {want:?}");
         assert!((t.mean_nll(&logits).double_value(&[]) - (want[0] + want[1]) / 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_smoothed_loss_is_the_cross_entropy_against_the_smoothed_target_in_f64() {
+        let logits = Tensor::randn([2, 3, 4], (Kind::Double, Device::Cpu));
+        let ids = Tensor::from_slice(&[1i64, 3, 0, 2, 2, 0]).view([2, 3]);
+        let mask = Tensor::from_slice(&[1.0f64, 1.0, 1.0, 1.0, 1.0, 0.0]).view([2, 3]);
+        let eps = 0.1;
+        let lp = logits.log_softmax(-1, Kind::Double);
+        // The target distribution: 1 − ε on the word plus ε/4 on each of the 4 words.
+        let ce = |b: i64, t: i64, w: i64| -(0..4).map(|k| (if k == w { 1.0 - eps } else { 0.0 } + eps / 4.0) * lp.double_value(&[b, t, k])).sum::<f64>();
+        let want = [(ce(0, 0, 1) + ce(0, 1, 3) + ce(0, 2, 0)) / 3.0, (ce(1, 0, 2) + ce(1, 1, 2)) / 2.0];
+        let got: Vec<f64> = Vec::try_from(Targets::NextToken { ids, mask }.example_smoothed_nll(&logits, eps)).unwrap();
+        assert!((got[0] - want[0]).abs() < 1e-12 && (got[1] - want[1]).abs() < 1e-12, "{got:?} vs {want:?}");
+        let class = Targets::Class(Tensor::from_slice(&[2i64])).example_smoothed_nll(&logits.get(0).narrow(0, 0, 1), eps);
+        assert!((class.double_value(&[0]) - ce(0, 0, 2)).abs() < 1e-12);
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! loss applies as it is: at a decoder position the next target token; at a source
 //! position zeros (never trained on: the targets start after `<s>`).
 
-use crate::victims::layers::{attention, init_linear, layer_norm, linear, linear_shapes};
+use crate::victims::layers::{attention, init_linear, layer_norm, linear, linear_shapes, Dropout};
 use crate::victims::params::{param, Params};
 use crate::victims::victim::{dotted_path, Architecture, Output, StartKind, Tuning};
 use anyhow::{bail, Result};
@@ -145,30 +145,24 @@ impl Architecture for Seq2seq {
         let (emb, mask) = self.stack_inputs(params, emb, mask);
         let s = (self.shape.source_len as i64).min(emb.size()[emb.dim() - 2]);
         let src_mask = mask.narrow(-1, 0, s);
-        let enc = self.encode(params, &emb.narrow(-2, 0, s), &src_mask);
+        let enc = self.encode(params, &emb.narrow(-2, 0, s), &src_mask, &mut None);
         crate::victims::bert::mean_pool(&enc, &src_mask)
     }
 
     /// Logits [.., batch, time, vocab]: zeros at the source positions, the output layer over
     /// the decoder's states after them.
     fn forward(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
-        let (emb, mask) = self.stack_inputs(params, emb, mask);
-        let t = emb.size()[emb.dim() - 2];
-        if t > self.positions as i64 {
-            panic!("{t} tokens, more than the seq2seq's {} positions (encoding truncates to max_len)", self.positions);
-        }
-        let s = (self.shape.source_len as i64).min(t);
-        let src_mask = mask.narrow(-1, 0, s);
-        let enc = self.encode(params, &emb.narrow(-2, 0, s), &src_mask);
-        // The decoder runs even over no positions (a batch of sources alone): its
-        // parameters then get zero gradients, as in any batch, instead of none.
-        let dec = linear(params, &self.decode(params, &emb.narrow(-2, s, t - s), &enc, &src_mask), "out");
-        // Source positions predict nothing: zero logits there (the output layer over the
-        // vocabulary is most of a pass's cost).
-        let mut shape = dec.size();
-        let at = shape.len() - 2;
-        shape[at] = s;
-        Tensor::cat(&[&dec.new_zeros(shape.as_slice(), (dec.kind(), dec.device())), &dec], -2)
+        self.forward_with(params, emb, mask, &mut None)
+    }
+
+    fn has_dropout(&self) -> bool {
+        true
+    }
+
+    /// Dropout on the inputs (word plus position) and on every residual branch's output
+    /// (self-attention, cross-attention, MLP), the places the original Transformer drops.
+    fn forward_dropout(&self, params: &Params, emb: &Tensor, mask: &Tensor, dropout: &mut Dropout) -> Tensor {
+        self.forward_with(params, emb, mask, &mut Some(dropout))
     }
 
     /// The output layer at one decoder position per row only (`last` [B], counted from the
@@ -178,8 +172,8 @@ impl Architecture for Seq2seq {
         let s = self.shape.source_len as i64;
         assert!(t > s, "decoding reads a decoder position: the input must hold the source block and <s>");
         let src_mask = mask.narrow(-1, 0, s);
-        let enc = self.encode(params, &emb.narrow(1, 0, s), &src_mask);
-        let dec = self.decode(params, &emb.narrow(1, s, t - s), &enc, &src_mask);
+        let enc = self.encode(params, &emb.narrow(1, 0, s), &src_mask, &mut None);
+        let dec = self.decode(params, &emb.narrow(1, s, t - s), &enc, &src_mask, &mut None);
         let w = dec.size()[2];
         let at = dec.gather(1, &(last - s).view([-1, 1, 1]).expand([-1, 1, w], false), false).squeeze_dim(1);
         linear(params, &at, "out")
@@ -191,6 +185,28 @@ impl Architecture for Seq2seq {
 }
 
 impl Seq2seq {
+    /// `forward`, with dropout in training (`drop`: None everywhere else, which adds no op,
+    /// so the passes without dropout are exactly the ones before dropout existed).
+    fn forward_with(&self, params: &Params, emb: &Tensor, mask: &Tensor, drop: &mut Option<&mut Dropout>) -> Tensor {
+        let (emb, mask) = self.stack_inputs(params, emb, mask);
+        let t = emb.size()[emb.dim() - 2];
+        if t > self.positions as i64 {
+            panic!("{t} tokens, more than the seq2seq's {} positions (encoding truncates to max_len)", self.positions);
+        }
+        let s = (self.shape.source_len as i64).min(t);
+        let src_mask = mask.narrow(-1, 0, s);
+        let enc = self.encode(params, &emb.narrow(-2, 0, s), &src_mask, drop);
+        // The decoder runs even over no positions (a batch of sources alone): its
+        // parameters then get zero gradients, as in any batch, instead of none.
+        let dec = linear(params, &self.decode(params, &emb.narrow(-2, s, t - s), &enc, &src_mask, drop), "out");
+        // Source positions predict nothing: zero logits there (the output layer over the
+        // vocabulary is most of a pass's cost).
+        let mut shape = dec.size();
+        let at = shape.len() - 2;
+        shape[at] = s;
+        Tensor::cat(&[&dec.new_zeros(shape.as_slice(), (dec.kind(), dec.device())), &dec], -2)
+    }
+
     /// Inputs under C stacked parameter sets: shared embeddings [B, T, E] expanded to
     /// [C, B, T, E] (the mask stays [B, T] or [C, B, T]: it broadcasts).
     fn stack_inputs(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
@@ -218,35 +234,35 @@ impl Seq2seq {
     }
 
     /// The encoder's states [.., B, S, width] after its final LayerNorm.
-    fn encode(&self, params: &Params, src: &Tensor, src_mask: &Tensor) -> Tensor {
-        let mut h = Self::inputs(params, src, "enc_pos.weight");
+    fn encode(&self, params: &Params, src: &Tensor, src_mask: &Tensor, drop: &mut Option<&mut Dropout>) -> Tensor {
+        let mut h = dropped(drop, Self::inputs(params, src, "enc_pos.weight"));
         let bias = Self::source_bias(src_mask, src.kind());
         for l in 0..self.shape.layers {
             let b = format!("enc.{l}");
-            h = self.self_attention(params, &b, h, &bias);
-            h = self.mlp(params, &b, "ln2", h);
+            h = self.self_attention(params, &b, h, &bias, drop);
+            h = self.mlp(params, &b, "ln2", h, drop);
         }
         layer_norm(params, &h, "enc_ln", LN_EPS)
     }
 
     /// The decoder's states [.., B, T', width] after the final LayerNorm, for its inputs
     /// [.., B, T', E] (`<s>` first) reading the encoder's states.
-    fn decode(&self, params: &Params, tgt: &Tensor, enc: &Tensor, src_mask: &Tensor) -> Tensor {
+    fn decode(&self, params: &Params, tgt: &Tensor, enc: &Tensor, src_mask: &Tensor, drop: &mut Option<&mut Dropout>) -> Tensor {
         let t = tgt.size()[tgt.dim() - 2];
-        let mut h = Self::inputs(params, tgt, "dec_pos.weight");
+        let mut h = dropped(drop, Self::inputs(params, tgt, "dec_pos.weight"));
         let causal = Tensor::ones([t, t], (tgt.kind(), tgt.device())).triu(1) * -1e9;
         let cross_bias = Self::source_bias(src_mask, tgt.kind());
         let merged = h.size();
         let width = self.width as i64;
         for l in 0..self.shape.layers {
             let b = format!("dec.{l}");
-            h = self.self_attention(params, &b, h, &causal);
+            h = self.self_attention(params, &b, h, &causal, drop);
             let a = layer_norm(params, &h, &format!("{b}.ln2"), LN_EPS);
             let q = linear(params, &a, &format!("{b}.cross.q"));
             let kv = linear(params, enc, &format!("{b}.cross.kv")).split(width, -1);
             let context = attention(&self.split(&q), &self.split(&kv[0]), &self.split(&kv[1]), &cross_bias, &merged);
-            h = h + linear(params, &context, &format!("{b}.cross.proj"));
-            h = self.mlp(params, &b, "ln3", h);
+            h = h + dropped(drop, linear(params, &context, &format!("{b}.cross.proj")));
+            h = self.mlp(params, &b, "ln3", h, drop);
         }
         layer_norm(params, &h, "ln_f", LN_EPS)
     }
@@ -262,18 +278,26 @@ impl Seq2seq {
 
     /// A block's self-attention after its LayerNorm `ln1` (score bias `bias`: the source's
     /// padding or the causal mask), added to the residual stream.
-    fn self_attention(&self, params: &Params, b: &str, h: Tensor, bias: &Tensor) -> Tensor {
+    fn self_attention(&self, params: &Params, b: &str, h: Tensor, bias: &Tensor, drop: &mut Option<&mut Dropout>) -> Tensor {
         let a = layer_norm(params, &h, &format!("{b}.ln1"), LN_EPS);
         let qkv = linear(params, &a, &format!("{b}.attn.qkv")).split(self.width as i64, -1);
         let context = attention(&self.split(&qkv[0]), &self.split(&qkv[1]), &self.split(&qkv[2]), bias, &h.size());
-        h + linear(params, &context, &format!("{b}.attn.proj"))
+        h + dropped(drop, linear(params, &context, &format!("{b}.attn.proj")))
     }
 
     /// A block's MLP after its LayerNorm `ln`, added to the residual stream.
-    fn mlp(&self, params: &Params, b: &str, ln: &str, h: Tensor) -> Tensor {
+    fn mlp(&self, params: &Params, b: &str, ln: &str, h: Tensor, drop: &mut Option<&mut Dropout>) -> Tensor {
         let m = layer_norm(params, &h, &format!("{b}.{ln}"), LN_EPS);
         let inner = linear(params, &m, &format!("{b}.mlp.fc")).gelu("none");
-        h + linear(params, &inner, &format!("{b}.mlp.proj"))
+        h + dropped(drop, linear(params, &inner, &format!("{b}.mlp.proj")))
+    }
+}
+
+/// `x` through the training pass's dropout, or `x` itself outside training.
+fn dropped(drop: &mut Option<&mut Dropout>, x: Tensor) -> Tensor {
+    match drop {
+        Some(d) => d.apply(&x),
+        None => x,
     }
 }
 
@@ -349,6 +373,31 @@ mod tests {
             assert_eq!(at(1) + at(2), 0.0, "the source block's padding has a gradient");
             assert_eq!(at(6), 0.0, "</s> is read by no position that counts");
         }
+    }
+
+    #[test]
+    fn dropout_draws_its_masks_from_its_own_seed_and_at_zero_is_the_plain_pass() {
+        use crate::victims::layers::Dropout;
+        let v = tiny(true);
+        let p = v.params();
+        let ids = Tensor::from_slice(&[4i64, 5, 0, BOS, 6, 7, EOS]).view([1, 7]);
+        let (emb, mask) = (embed(&p, &ids), mask_of(&ids, &p));
+        let arch = v.config.arch();
+        let plain = forward(&v.config, &p, &emb, &mask);
+        let with = |prob: f64, seed: u64| arch.forward_dropout(&p, &emb, &mask, &mut Dropout::new(prob, seed));
+        assert!(with(0.0, 1).equal(&plain), "dropout 0 must be the plain pass to the bit");
+        let (a, b) = (with(0.3, 1), with(0.3, 1));
+        assert!(a.equal(&b), "the same seed must draw the same masks");
+        assert!(!a.equal(&plain) && !a.equal(&with(0.3, 2)), "dropout 0.3 changed nothing, or the seed does not matter");
+        // Masks are drawn afresh at every pass.
+        let mut d = Dropout::new(0.3, 1);
+        let first = arch.forward_dropout(&p, &emb, &mask, &mut d);
+        assert!(!first.equal(&arch.forward_dropout(&p, &emb, &mask, &mut d)));
+        // About 1 − p of the elements kept, each scaled by 1/(1 − p).
+        let kept = Dropout::new(0.3, 5).apply(&Tensor::ones([100_000], (Kind::Double, Device::Cpu)));
+        let share = kept.ne(0.0).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+        assert!((share - 0.7).abs() < 0.01, "kept {share}");
+        assert!((kept.max().double_value(&[]) - 1.0 / 0.7).abs() < 1e-6);
     }
 
     #[test]

@@ -151,6 +151,20 @@ pub trait Architecture: Send + Sync {
         unreachable!("decode_step without a prefill cache")
     }
 
+    /// Whether training may drop units (`forward_dropout`): an architecture without
+    /// dropout refuses `--dropout` rather than ignore it.
+    fn has_dropout(&self) -> bool {
+        false
+    }
+
+    /// `forward` in training with dropout (`Dropout`'s masks on the architecture's
+    /// chosen activations), for the training loop only: every other pass (unrolling,
+    /// verification, evaluation) is `forward`'s, without dropout. Only for an
+    /// architecture whose `has_dropout` is true.
+    fn forward_dropout(&self, _params: &Params, _emb: &Tensor, _mask: &Tensor, _dropout: &mut crate::victims::layers::Dropout) -> Tensor {
+        unreachable!("forward_dropout on an architecture without dropout")
+    }
+
     /// `forward` for passes differentiated at most once (the clean part of the first
     /// inner step, L_adv at θ').
     fn forward_first_order(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
