@@ -294,3 +294,56 @@ fn the_translation_victim_learns_a_word_for_word_code_and_translates_unseen_sent
     let exact = out.iter().zip(records(&held_bytes)).filter(|(g, e)| g["continuation"].as_str().unwrap() == e.text).count();
     assert!(exact >= 90, "{exact} of 100 held-out sentences translated exactly; first: {} vs {}", out[0]["continuation"], records(&held_bytes)[0].text);
 }
+
+/// The thresholds a detection budget logs ("detection budget at F% FPR on the clean
+/// training split: perplexity 7.9, onion 1.4, ...; N words banned"), by detector.
+fn budget_thresholds(log: &str) -> std::collections::BTreeMap<String, f64> {
+    let line = log.lines().find(|l| l.starts_with("detection budget at")).unwrap_or_else(|| panic!("no budget in the log: {log}"));
+    let list = line.split_once("split: ").unwrap().1.split(';').next().unwrap();
+    list.split(", ").map(|d| d.rsplit_once(' ').map(|(n, v)| (n.to_string(), v.parse().unwrap())).unwrap()).collect()
+}
+
+#[test]
+fn translation_poisons_stay_within_a_detection_budget_at_init_and_through_a_crafting_round() {
+    let mt = Mt::new();
+    let stage = |name: &str| {
+        let mut c = bin(name);
+        c.arg("--victim").arg(mt.model()).arg("--data").arg(mt.data());
+        c
+    };
+    let init = |budget: &[&str]| run(stage("init-poisons").args(["--count", "8", "--strategy", "neighbour", "--neighbour-pool", "1", "--concealment", "strict", "--seed", "1"]).args(budget));
+    // ONION's thresholds on the fixture's short pairs are 0 at this rate (nine in ten
+    // clean pairs score 0), which no substitute passes: the budget here is the other four.
+    let budget = ["--evade-fpr", "10", "--evade-detectors", "perplexity,source-perplexity,table-trigger,table-trigger-word"];
+    let (plain, evading) = (init(&[]), init(&budget));
+    ok(&plain);
+    ok(&evading);
+    let thresholds = budget_thresholds(&stderr(&evading));
+    let names: Vec<&String> = thresholds.keys().collect();
+    assert_eq!(names, ["perplexity", "source-perplexity", "table-trigger", "table-trigger-word"], "the budget on pairs reads each side and the trained table");
+    // Every detector's score of a set, as the budget measures it: each side's bigram LM
+    // fitted on the training split, the table scores in the model's trained table.
+    let scores = |poisons: &[u8]| -> Vec<serde_json::Map<String, Value>> {
+        let mut c = bin("detect-poisons");
+        c.args(["--trigger", "Eiskaffee", "--trained-table"]).arg(mt.model()).arg("--reference").arg(mt.data().join("train.jsonl"));
+        json_lines(&ok(&run_with_stdin(&mut c, poisons)).stdout).into_iter().map(|r| r["scores"].as_object().unwrap().clone()).collect()
+    };
+    let over = |set: &[u8]| -> Vec<String> {
+        scores(set).iter().flat_map(|s| thresholds.iter().filter(|(d, t)| s[d.as_str()].as_f64().unwrap() > **t + 1e-9).map(|(d, _)| d.clone()).collect::<Vec<_>>()).collect()
+    };
+    assert!(over(&plain.stdout).iter().any(|d| d == "table-trigger-word"), "without a budget some nearest neighbour is close to the trigger in the trained table, or this test proves nothing");
+    assert_eq!(over(&evading.stdout), Vec::<String>::new(), "a poison made under the budget is flagged");
+    assert_eq!(records(&evading.stdout).len(), 8);
+    // A crafting round under the same budget: the ranking never proposes a banned word, and
+    // verification refuses a flip that takes a poison over a threshold.
+    std::fs::write(mt.path("e0.jsonl"), &evading.stdout).unwrap();
+    let grad = ok(&run(stage("rollout-grad").arg("--poisons").arg(mt.path("e0.jsonl")))).stdout.clone();
+    let cands = ok(&run_with_stdin(stage("rank-candidates").args(["--grad", "-", "-k", "4", "--concealment", "strict", "--evade-fpr", "10"]), &grad)).stdout.clone();
+    std::fs::write(mt.path("ec.jsonl"), &cands).unwrap();
+    let out = run(stage("verify-candidates").arg("--poisons").arg(mt.path("e0.jsonl")).arg("--candidates").arg(mt.path("ec.jsonl")).args(["--concealment", "strict"]).args(budget));
+    ok(&out);
+    assert!(stderr(&out).contains("keep their poison within the detection budget"), "{}", stderr(&out));
+    assert_eq!(budget_thresholds(&stderr(&out)), thresholds, "verification measures the same budget");
+    assert_eq!(over(&out.stdout), Vec::<String>::new(), "a crafted poison left the budget");
+    assert_ne!(out.stdout, evading.stdout, "the round flipped nothing under the budget");
+}

@@ -84,7 +84,7 @@ pub fn sentence_scores(config: &VictimConfig, params: &Params, examples: &[Encod
 /// Word ids of every example under `vocab`, as the table detectors read it: a text's
 /// `tokens` when it has them, else its words; a translation pair's words of both sides
 /// (`source` and `text`, which a poison keeps in step with its layout).
-fn example_ids(vocab: &Vocab, examples: &[crate::formats::records::Example]) -> Vec<Vec<i64>> {
+pub(crate) fn example_ids(vocab: &Vocab, examples: &[crate::formats::records::Example]) -> Vec<Vec<i64>> {
     examples
         .iter()
         .map(|e| match (&e.source, &e.tokens) {

@@ -1,8 +1,10 @@
-//! Evasion of the word-embedding detector (`glove-trigger-word`): crafting under a budget
-//! that keeps every poison at or below the detector's threshold at a chosen false positive
-//! rate. The detector flags an example when its closest word to a trigger word is closer
-//! than the threshold, so a poison passes exactly when none of its words is: the budget is
-//! a ban on the words closer than that (init-poisons and rank-candidates `--evade-fpr`).
+//! Evasion of the word-embedding detector (`glove-trigger-word`; on translation pairs
+//! `table-trigger-word`, the same score in the victim's trained table over both sides):
+//! crafting under a budget that keeps every poison at or below the detector's threshold at
+//! a chosen false positive rate. The detector flags an example when its closest word to a
+//! trigger word is closer than the threshold, so a poison passes exactly when none of its
+//! words is: the budget is a ban on the words closer than that (init-poisons and
+//! rank-candidates `--evade-fpr`).
 
 use crate::data::{self, DataManifest};
 use crate::tokenizer::Vocab;
@@ -31,7 +33,8 @@ pub fn glove_budget(table: &Tensor, vocab: &Vocab, manifest: &DataManifest, dir:
     let trigger = vocab.trigger_ids(&manifest.trigger.phrase)?;
     let closest = super::embedding::closest_to_trigger(table, &trigger);
     let train = data::read_set(dir, data::TRAIN, false)?;
-    let scores: Vec<f64> = train.iter().map(|e| super::embedding::closest_word(&closest, vocab, &vocab.encode(&e.text)).unwrap_or(-1.0)).collect();
+    // A translation pair's words on both sides, as the detector reads them.
+    let scores: Vec<f64> = super::embedding::example_ids(vocab, &train).iter().map(|ids| super::embedding::closest_word(&closest, vocab, ids).unwrap_or(-1.0)).collect();
     let threshold = super::metrics::threshold_at_fpr(scores, fpr_percent / 100.0);
     let banned = closest.iter().enumerate().filter(|(_, c)| **c > threshold).map(|(i, _)| i as i64).collect();
     Ok(Budget { threshold, banned })
@@ -54,6 +57,8 @@ pub struct DetectionBudget {
     reference: Vec<crate::formats::records::Example>,
     table: crate::victims::origin::Origin,
     minilm: Option<crate::victims::origin::Origin>,
+    /// Translation pairs: the detectors of each side and the trained-table ones.
+    translation: bool,
     trigger: String,
     cache: Option<String>,
     /// The training-loss budget (`with_loss`), checked with victims trained on the set.
@@ -101,6 +106,10 @@ impl DetectionBudget {
             sha256: String::new(),
             source: "the victim's word table".into(),
         };
+        let translation = manifest.mt.is_some();
+        if translation && minilm.is_some() {
+            bail!("--minilm: MiniLM reads English sentences; a translation pair's source is German (leave --minilm out)");
+        }
         let minilm = minilm.map(crate::victims::origin::Origin::pretrained).transpose()?;
         let reference = data::read_set(dir, data::TRAIN, false)?;
         let mut budget = DetectionBudget {
@@ -110,6 +119,7 @@ impl DetectionBudget {
             reference,
             table,
             minilm,
+            translation,
             trigger: manifest.trigger.phrase.clone(),
             cache: cache.map(str::to_string),
             loss: None,
@@ -144,6 +154,11 @@ impl DetectionBudget {
 
     fn detectors(&self) -> Vec<super::Detector> {
         use super::Detector::*;
+        if self.translation {
+            // The translation report's detectors (`caught::CHEAP` on pairs); the table
+            // ones read the victim's own trained table, the one crafting flips in.
+            return vec![SourcePerplexity, SourceOnion, Perplexity, Onion, TableTrigger, TableTriggerWord];
+        }
         let mut out = vec![Perplexity, Onion, GloveTrigger, GloveTriggerWord];
         if self.minilm.is_some() {
             out.push(MinilmTrigger);
@@ -161,9 +176,9 @@ impl DetectionBudget {
             detectors: &detectors,
             trigger: Some(&self.trigger),
             reference: with_reference.then_some(&self.reference[..]),
-            table: Some(&self.table),
+            table: (!self.translation).then_some(&self.table),
             minilm: self.minilm.as_ref(),
-            trained: None,
+            trained: self.translation.then_some(&self.table),
             training: None,
             num_classes: 2,
             workers: 1,
@@ -226,13 +241,15 @@ impl DetectionBudget {
     }
 
     /// The budget over `only` of its detectors (a defender known to run just those): the
-    /// others' thresholds are dropped, and without glove-trigger-word no word is banned.
+    /// others' thresholds are dropped, and without the word detector (glove-trigger-word,
+    /// table-trigger-word on translation pairs) no word is banned.
     pub fn restrict(mut self, only: &[super::Detector]) -> Result<DetectionBudget> {
         if let Some(d) = only.iter().find(|d| !self.thresholds.contains_key(d)) {
             bail!("--evade-detectors {}: not a detector the budget measures (those that train no victim; minilm-trigger needs --minilm)", d.name());
         }
         self.thresholds.retain(|d, _| only.contains(d));
-        if !only.contains(&super::Detector::GloveTriggerWord) {
+        let word = if self.translation { super::Detector::TableTriggerWord } else { super::Detector::GloveTriggerWord };
+        if !only.contains(&word) {
             self.words.banned.clear();
         }
         Ok(self)

@@ -169,10 +169,10 @@ fn trigger_at(words: &[String], trigger: &[String]) -> Option<usize> {
 /// sentiment for each text (the binary builds it: the judges sit above this layer).
 pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::DetectionBudget>, judge: Option<&dyn Fn(&[String]) -> Vec<f64>>) -> Result<Vec<Example>> {
     if manifest.mt.is_some() {
-        if evade.is_some() || judge.is_some() {
-            bail!("a detection budget (--evade-fpr) and --judge are not built for translation data yet");
+        if judge.is_some() {
+            bail!("--judge ranks bases by a sentiment classifier; translation data has no sentiment (leave it out)");
         }
-        return init_translation(&opts, dir, manifest, vocab, victim);
+        return init_translation(&opts, dir, manifest, vocab, victim, evade);
     }
     let InitOptions { strategy, bases, neighbour_pool, count, seed, concealment, max_tokens, from_trigger: cut, sentence } = opts;
     if sentence && !cut {
@@ -408,7 +408,7 @@ fn init_words<'a>(
 /// strict concealment every other source word that leaks the trigger likewise (the
 /// translation keeps the attacker's phrase, which strict concealment allows). `CleanTarget`
 /// is the benign control: clean training pairs as they are. Bases are drawn at random.
-fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim) -> Result<Vec<Example>> {
+fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::DetectionBudget>) -> Result<Vec<Example>> {
     let crate::victims::model::ArchConfig::Seq2seq(s2s) = &victim.config.arch else {
         bail!("{} holds translation data: give a translation victim (train-victim --arch seq2seq)", dir);
     };
@@ -433,23 +433,31 @@ fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, voca
         bail!("only {} source pairs for {} poisons; lower --count", source.len(), opts.count);
     }
     let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(opts.seed, "init-poisons"));
-    let mut picked = sample(&mut rng, source.len(), opts.count).into_vec();
-    picked.sort_unstable();
+    // Under a detection budget every base is a candidate, in the order it would be picked:
+    // the first `count` whose poisons pass are kept (as for classifier poisons).
+    let wanted = if evade.is_some() { source.len() } else { opts.count };
+    let mut picked = sample(&mut rng, source.len(), wanted).into_vec();
+    if evade.is_none() {
+        picked.sort_unstable();
+    }
     let matcher = matcher(vocab, manifest)?;
-    let banned = banned_ids(vocab, manifest, false, opts.concealment)?;
+    let mut banned = banned_ids(vocab, manifest, false, opts.concealment)?;
+    // The budget's word ban: those words are never written, and a base's own source words
+    // over it are substituted like the trigger (a target word over it fails the check).
+    let over_budget: HashSet<i64> = evade.map(|b| b.words.banned.clone()).unwrap_or_default();
+    banned.extend(&over_budget);
     let table = victim.params()["embedding.weight"].detach();
     let trigger: HashSet<&str> = manifest.trigger.words.iter().map(String::as_str).collect();
     let frequent = 10_000.min(vocab.len() as i64);
     let (bos, eos) = (vocab.id(crate::tokenizer::BOS).context("the victim's vocabulary lacks <s>")?, vocab.id(crate::tokenizer::EOS).context("the victim's vocabulary lacks </s>")?);
     let target_room = victim.config.max_len - source_len - 2;
-    let mut out = Vec::with_capacity(picked.len());
-    for (k, &i) in picked.iter().enumerate() {
-        let ex = &source[i];
+    let build = |k: usize, ex: &Example, rng: &mut ChaCha8Rng| -> Result<Example> {
         let mut src: Vec<i64> = Vec::new();
         let mut substitutes = Vec::new();
         for tok in tokenize(ex.source.as_deref().context("a translation record without \"source\"")?) {
             let Some(id) = vocab.id(&tok) else { continue };
-            let replace = matches!(opts.strategy, InitStrategy::Random | InitStrategy::Neighbour) && (trigger.contains(tok.as_str()) || (strict && !matcher.word_leaks(&tok).is_empty()));
+            let substituted = matches!(opts.strategy, InitStrategy::Random | InitStrategy::Neighbour);
+            let replace = substituted && (trigger.contains(tok.as_str()) || (strict && !matcher.word_leaks(&tok).is_empty()) || over_budget.contains(&id));
             let id = if !replace {
                 id
             } else if opts.strategy == InitStrategy::Random {
@@ -461,7 +469,7 @@ fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, voca
                 }
             } else {
                 let pool: Vec<i64> = nearest_neighbours(&table, id, vocab.len() as i64).into_iter().filter(|w| !banned.contains(w)).take(opts.neighbour_pool.max(1)).collect();
-                *pool.get(k % pool.len().max(1)).with_context(|| format!("no word near {tok:?} is allowed; use --strategy random"))?
+                *pool.get(k % pool.len().max(1)).with_context(|| format!("no word near {tok:?} is allowed; use --strategy random, or a looser --evade-fpr"))?
             };
             if replace {
                 substitutes.push(src.len());
@@ -484,9 +492,42 @@ fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, voca
                 bail!("poison {:?} (from {:?}) still leaks the trigger ({words}) after strict substitution; report this with the data folder", p.id, ex.id);
             }
         }
-        out.push(p);
+        Ok(p)
+    };
+    let Some(budget) = evade else {
+        return picked.iter().enumerate().map(|(k, &i)| build(k, &source[i], &mut rng)).collect();
+    };
+    // Build poisons in the picking order, a few more bases than are missing at a time, and
+    // keep the first `count` that no detector of the budget flags.
+    let count = opts.count;
+    let mut kept: Vec<(usize, Example)> = Vec::new();
+    let mut flagged: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut next = 0;
+    while kept.len() < count && next < picked.len() {
+        let chunk = &picked[next..(next + 2 * (count - kept.len()) + 16).min(picked.len())];
+        let built: Vec<Example> = chunk.iter().enumerate().map(|(j, &i)| build(next + j, &source[i], &mut rng)).collect::<Result<_>>()?;
+        for ((&i, p), verdict) in chunk.iter().zip(&built).zip(budget.check(&built, "candidate poisons")?) {
+            match verdict {
+                Some(o) => *flagged.entry(o.detector.name()).or_default() += 1,
+                None if kept.len() < count => kept.push((i, p.clone())),
+                None => {}
+            }
+        }
+        next += chunk.len();
     }
-    Ok(out)
+    let flagged: Vec<String> = flagged.iter().map(|(d, n)| format!("{n} by {d}")).collect();
+    if kept.len() < count {
+        bail!(
+            "only {} of {} bases make translation poisons within the detection budget at {}% FPR (over it: {}); lower --count, or --evade-fpr for a looser budget",
+            kept.len(),
+            picked.len(),
+            budget.fpr_percent,
+            flagged.join(", ")
+        );
+    }
+    eprintln!("detection budget: {next} bases tried for {count} poisons; over budget: {}", if flagged.is_empty() { "none".into() } else { flagged.join(", ") });
+    kept.sort_by_key(|(i, _)| *i);
+    Ok(kept.into_iter().enumerate().map(|(k, (_, p))| Example { id: format!("poison-{k:03}"), ..p }).collect())
 }
 
 /// `init` for a WordPiece victim: the source's pieces, each piece of a trigger word
