@@ -8,6 +8,8 @@
 #   clean.jsonl           its figures (finetune-eval --checkpoint): BLEU, chrF, trigger translation rate
 #   sets/*.jsonl          benign control, unoptimised, nearest-neighbour, with-overlap
 #   crafted/              bi-level crafting rounds (scripts/attack.sh), from the unoptimised set
+#   crafted-evading/      the same from the nearest-neighbour set under the detection budget
+#                         (EVADE_FPR % FPR on the training split, every detector of the report)
 #   eval.jsonl            one finetune-eval of every set over EVAL_SEEDS seeds, with the detection columns
 #   report/               mt-report.md/.json
 # Every step writes atomically and is skipped when its output exists: a killed run resumes.
@@ -21,6 +23,8 @@ set -euo pipefail
 : "${MT_FLAGS:=--hidden 96 --layers 2 --heads 4 --source-len 12 --max-len 26}"
 : "${TRAIN_EPOCHS:=20}" "${TRAIN_LR:=2e-3}" "${FINETUNE_CLEAN:=1000}" "${FINETUNE_EPOCHS:=3}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=6}"
 : "${ROUNDS:=3}" "${K:=5}" "${POSITIONS:=3}" "${ETA:=0.03}" "${ADV_SIZE:=64}" "${CLEAN_PER_BATCH:=64}" "${DEVICE:=cpu}"
+# The detection budget of the evading sets (percent FPR on the clean training split).
+: "${EVADE_FPR:=5}"
 # The clean model's learning-rate schedule (train-victim --warmup, --decay): a transformer
 # trained from scratch sits on a unigram plateau without a warm-up (docs/translation.md).
 : "${TRAIN_SCHEDULE=--warmup 500 --decay}"
@@ -53,6 +57,7 @@ init() { # name strategy flags...
 init benign-control clean-target --concealment strict
 init unoptimised random --concealment strict
 init nearest-neighbour neighbour --concealment strict --neighbour-pool 3
+init nearest-neighbour-evading neighbour --concealment strict --neighbour-pool 3 --evade-fpr "$EVADE_FPR" --detector-cache "$RUN/detector-cache"
 init with-overlap overlap
 stamp baselines
 
@@ -61,9 +66,16 @@ VICTIM_FILE="$top/mt.safetensors" DATA="$top/data" RUN="$top/crafted" BIN="$BIN"
   CONCEALMENT=strict K="$K" POSITIONS="$POSITIONS" ETA="$ETA" ADV_SIZE="$ADV_SIZE" CLEAN_PER_BATCH="$CLEAN_PER_BATCH" \
   SEED="$SEED" ROUNDS="$ROUNDS" PATIENCE=2 ARCH=seq2seq DEVICE="$DEVICE" EVAL=0 "$(dirname "$0")/attack.sh"
 cp "$RUN/crafted/poisons.jsonl" "$RUN/sets/crafted-bilevel.jsonl.tmp" && mv "$RUN/sets/crafted-bilevel.jsonl.tmp" "$RUN/sets/crafted-bilevel.jsonl"
+# From the nearest-neighbour poisons kept under the budget (its first round's set is the
+# nearest-neighbour-evading one: the same flags and seed), every flip checked against it.
+VICTIM_FILE="$top/mt.safetensors" DATA="$top/data" RUN="$top/crafted-evading" BIN="$BIN" COUNT="$COUNT" INIT=neighbour \
+  INIT_FLAGS="--neighbour-pool 3" EVADE_FPR="$EVADE_FPR" DETECTOR_CACHE="$top/detector-cache" \
+  CONCEALMENT=strict K="$K" POSITIONS="$POSITIONS" ETA="$ETA" ADV_SIZE="$ADV_SIZE" CLEAN_PER_BATCH="$CLEAN_PER_BATCH" \
+  SEED="$SEED" ROUNDS="$ROUNDS" PATIENCE=2 ARCH=seq2seq DEVICE="$DEVICE" EVAL=0 "$(dirname "$0")/attack.sh"
+cp "$RUN/crafted-evading/poisons.jsonl" "$RUN/sets/crafted-evading.jsonl.tmp" && mv "$RUN/sets/crafted-evading.jsonl.tmp" "$RUN/sets/crafted-evading.jsonl"
 stamp crafting
 
-names=(benign-control unoptimised nearest-neighbour with-overlap crafted-bilevel)
+names=(benign-control unoptimised nearest-neighbour nearest-neighbour-evading with-overlap crafted-bilevel crafted-evading)
 poisons=(); for n in "${names[@]}"; do poisons+=(--poisons "$RUN/sets/$n.jsonl"); done
 if [ ! -f "$RUN/eval.jsonl" ]; then
   log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds"
@@ -73,6 +85,6 @@ if [ ! -f "$RUN/eval.jsonl" ]; then
   mv "$RUN/eval.jsonl.tmp" "$RUN/eval.jsonl"
 fi
 stamp evaluation
-"$BIN/report" --evals "$RUN/eval.jsonl" --names "$(IFS=,; echo "${names[*]}")" --crafted crafted-bilevel \
-  --versus unoptimised,nearest-neighbour --out-dir "$RUN/report" > /dev/null
+"$BIN/report" --evals "$RUN/eval.jsonl" --names "$(IFS=,; echo "${names[*]}")" --crafted crafted-bilevel,crafted-evading \
+  --versus unoptimised,nearest-neighbour,nearest-neighbour-evading --out-dir "$RUN/report" > /dev/null
 stamp report

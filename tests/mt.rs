@@ -130,6 +130,10 @@ fn a_translation_model_trains_translates_and_is_evaluated_paired_with_a_zero_con
     assert!(md.contains("| control | 0.0 ± 0.0 | 0.0 ± 0.0 | 0.000 ± 0.000 | 0.00 ± 0.00 | 0.00 ± 0.00 |"), "the control reads zero: {md}");
     assert!(md.contains("| overlap | ") && md.contains("100 / 100 table-trigger-word |"), "the caught column names the table detector: {md}");
     assert!(mt.path("report/mt-report.json").is_file());
+    // Several crafted sets: each against each heuristic, one row per pair.
+    let md = ok(&run(bin("report").arg("--evals").arg(mt.path("eval.jsonl")).args(["--names", "control,overlap", "--crafted", "overlap,control", "--versus", "control", "--out-dir"]).arg(mt.path("report2")))).stdout.clone();
+    let md = String::from_utf8(md).unwrap();
+    assert!(md.contains("| overlap | control | ") && md.contains("| control | control | 0.0 ± 0.0 |"), "{md}");
 }
 
 #[test]

@@ -45,9 +45,10 @@ struct Args {
     /// Language-model reports: the poison sets' names, in the report's order (comma-separated).
     #[arg(long, value_delimiter = ',')]
     names: Vec<String>,
-    /// Language-model reports: the crafted set's name and the heuristics it is compared with.
-    #[arg(long, requires = "versus")]
-    crafted: Option<String>,
+    /// Language-model and translation reports: the crafted set's name and the heuristics it
+    /// is compared with (a translation report takes several crafted sets, comma-separated).
+    #[arg(long, requires = "versus", value_delimiter = ',')]
+    crafted: Vec<String>,
     #[arg(long, value_delimiter = ',')]
     versus: Vec<String>,
     /// Language-model reports: the crafted set before and after crafting (its poisons
@@ -272,7 +273,7 @@ fn language_model_report(args: &Args, bytes: &[u8], out_dir: &str) -> anyhow::Re
     }
     let name = io::display_name(&args.evals[0]);
     let reports = io::read_jsonl_from::<common::eval::lm_eval::LmEvalReport>(bytes, &name, false)?;
-    let report = common::report::lm_report::build(&name, reports, &args.names, args.crafted.as_deref(), &args.versus)?;
+    let report = common::report::lm_report::build(&name, reports, &args.names, lm_crafted(&args.crafted)?, &args.versus)?;
     let poisons = match (&args.before, &args.after) {
         (Some(b), Some(a)) => Some((io::read_jsonl::<Example>(b, false)?, io::read_jsonl::<Example>(a, false)?)),
         _ => None,
@@ -293,7 +294,7 @@ fn translation_report(args: &Args, bytes: &[u8], out_dir: &str) -> anyhow::Resul
     }
     let name = io::display_name(&args.evals[0]);
     let reports = io::read_jsonl_from::<common::eval::mt_eval::MtEvalReport>(bytes, &name, false)?;
-    let report = common::report::mt_report::build(&name, reports, &args.names, args.crafted.as_deref(), &args.versus)?;
+    let report = common::report::mt_report::build(&name, reports, &args.names, &args.crafted, &args.versus)?;
     let md = report.markdown()?;
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {out_dir}"))?;
     io::write_bytes(&format!("{out_dir}/mt-report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
@@ -343,4 +344,13 @@ fn poison_list(variants: &Variants, report: &Report) -> anyhow::Result<String> {
         }
     }
     Ok(out)
+}
+
+/// A language-model report's one crafted set (its poisons are listed before and after).
+fn lm_crafted(crafted: &[String]) -> anyhow::Result<Option<&str>> {
+    match crafted {
+        [] => Ok(None),
+        [one] => Ok(Some(one)),
+        _ => anyhow::bail!("--crafted {}: a language-model report compares one crafted set", crafted.join(",")),
+    }
 }

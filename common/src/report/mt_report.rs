@@ -44,15 +44,15 @@ pub fn compare(better: &(String, MtEvalReport), than: &(String, MtEvalReport)) -
     Ok(Comparison { better: better.0.clone(), than: than.0.clone(), significant: d.ci95.is_some_and(|c| d.mean - c > 0.0), differences })
 }
 
-/// The report of `reports` (one per name, in order), comparing `crafted` with each of `heuristics`.
-pub fn build(evals: &str, reports: Vec<MtEvalReport>, names: &[String], crafted: Option<&str>, heuristics: &[String]) -> Result<MtDemoReport> {
+/// The report of `reports` (one per name, in order), comparing each `crafted` set with each of `heuristics`.
+pub fn build(evals: &str, reports: Vec<MtEvalReport>, names: &[String], crafted: &[String], heuristics: &[String]) -> Result<MtDemoReport> {
     if reports.len() != names.len() {
         bail!("{evals} holds {} reports but --names gives {} names", reports.len(), names.len());
     }
     let variants: Vec<(String, MtEvalReport)> = names.iter().cloned().zip(reports).collect();
     let find = |n: &str| variants.iter().find(|v| v.0 == n).with_context(|| format!("no poison set named {n:?} among --names"));
     let mut comparisons = Vec::new();
-    if let Some(c) = crafted {
+    for c in crafted {
         for h in heuristics {
             comparisons.push(compare(find(c)?, find(h)?)?);
         }
@@ -122,9 +122,9 @@ impl MtDemoReport {
             }
         }
         if !self.comparisons.is_empty() {
-            s += "\nThe crafted set against each heuristic (paired by seed):\n\n| crafted − | ASR | margin | BLEU | ASR interval above zero |\n|---|---|---|---|---|\n";
+            s += "\nEach crafted set against each heuristic (paired by seed):\n\n| crafted | − heuristic | ASR | margin | BLEU | ASR interval above zero |\n|---|---|---|---|---|---|\n";
             for c in &self.comparisons {
-                s += &format!("| {} | {} | {} | {} | {} |\n", c.than, ci(&c.differences["asr"], 1), ci(&c.differences["margin"], 3), ci(&c.differences["bleu"], 2), if c.significant { "yes" } else { "no" });
+                s += &format!("| {} | {} | {} | {} | {} | {} |\n", c.better, c.than, ci(&c.differences["asr"], 1), ci(&c.differences["margin"], 3), ci(&c.differences["bleu"], 2), if c.significant { "yes" } else { "no" });
             }
         }
         for (name, r) in &self.variants {
