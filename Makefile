@@ -329,7 +329,7 @@ objective-benchmark: build $(DATA_DIR)/manifest.json
 	  { echo "make objective-benchmark scores against the demo's victim: run make demo first ($(DEMO_BASE))" >&2; exit 1; }
 	@RUN=$(DEMO_BASE) DATA=$(DATA_DIR) BIN=$(BIN) OUT=runs/objective-benchmark scripts/objective_benchmark.sh
 
-bench: build $(DATA_DIR)/manifest.json $(EMB)
+bench: build $(DATA_DIR)/manifest.json $(EMB) data/.mt-done-v1
 	cargo bench --bench crafting
 	@echo
 	cargo bench --bench lm
@@ -338,6 +338,9 @@ bench: build $(DATA_DIR)/manifest.json $(EMB)
 	@echo
 	@echo "every stage on the real data ($(DATA_DIR)), one crafting round:"
 	@DATA=$(DATA_DIR) EMB=$(EMB) BIN=$(BIN) OUT=runs/bench-stages scripts/bench_stages.sh | column -t
+	@echo
+	@echo "glibc's allocator as the binaries set it against its default, on the translation demo's data:"
+	@BIN=$(BIN) DING=data/mt/de-en OUT=runs/bench-allocator scripts/bench_allocator.sh
 
 # Regenerates fixtures/ from the real data and the MiniLM package (its reference
 # tokenizer and encoder run in a venv of their own, scripts/make_minilm_fixtures.sh).

@@ -351,3 +351,25 @@ fn translation_poisons_stay_within_a_detection_budget_at_init_and_through_a_craf
     assert_eq!(over(&out.stdout), Vec::<String>::new(), "a crafted poison left the budget");
     assert_ne!(out.stdout, evading.stdout, "the round flipped nothing under the budget");
 }
+
+#[test]
+fn where_the_allocator_puts_tensors_does_not_change_a_bit() {
+    // Every binary keeps freed blocks on glibc's heap (`cli::keep_freed_memory`), unless a
+    // MALLOC_ variable sets the allocator by hand: here every block above 4 KiB gets a
+    // mapping of its own, so tensors sit at other addresses and alignments. A victim
+    // trained and a gradient taken either way must be the same bytes.
+    let mt = Mt::new();
+    let mmapped = |c: &mut std::process::Command| -> Vec<u8> { ok(&run(c.env("MALLOC_MMAP_THRESHOLD_", "4096"))).stdout.clone() };
+    let victim = mmapped(mt.train(&mt.vocab(), 30).args(["-o", "-"]));
+    assert_eq!(victim, std::fs::read(mt.model()).unwrap(), "the victim trained with every block mmapped differs");
+    let p0 = ok(&run(bin("init-poisons").arg("--victim").arg(mt.model()).arg("--data").arg(mt.data()).args(["--count", "6", "--strategy", "random", "--concealment", "strict", "--seed", "2"]))).stdout.clone();
+    std::fs::write(mt.path("p0.jsonl"), &p0).unwrap();
+    let grad = |c: &mut std::process::Command| {
+        c.arg("--victim").arg(mt.model()).arg("--data").arg(mt.data()).arg("--poisons").arg(mt.path("p0.jsonl")).args(["--steps", "2", "--rollouts", "2"]);
+    };
+    let mut heap = bin("rollout-grad");
+    grad(&mut heap);
+    let mut mapped = bin("rollout-grad");
+    grad(&mut mapped);
+    assert_eq!(ok(&run(&mut heap)).stdout, mmapped(&mut mapped), "the second-order gradient with every block mmapped differs");
+}
