@@ -2,8 +2,9 @@
 # glibc's allocator as every binary sets it (freed blocks kept on the heap,
 # common::cli::keep_freed_memory) against glibc's default (every block above 32 MiB a
 # fresh mmap, faulted in and zeroed by the kernel), side by side in one run, on the
-# translation demo's data and victim shape: one epoch of train-victim, then a k=3 R=2
-# rollout-grad. Each pair must write the same bytes.
+# translation demo's data and victim shape: one epoch of train-victim, a k=3 R=2
+# rollout-grad and a k=3 R=2 verification of 6 candidates. Each pair must write the same
+# bytes.
 #   BIN   binaries (default target/release)   DING  the Ding word list (make data/.mt-done-v1)
 #   OUT   scratch folder (default runs/bench-allocator)
 # Prints a tab-separated table: stage, allocator, seconds, kernel seconds, peak RSS in MiB,
@@ -18,15 +19,16 @@ mkdir -p "$OUT"
   --data "$OUT/data/train.jsonl" -o "$OUT/vocab.safetensors" 2>/dev/null
 
 # Runs a command and prints its wall time, kernel (sys) time and peak RSS: RUSAGE_CHILDREN
-# of a python process of its own, so the command alone. MALLOC_MMAP_MAX_ set to glibc's
-# default (65536) makes the binaries leave the allocator as glibc has it.
+# of a python process of its own, so the command alone. KEEP_FREED_MEMORY=0 makes the
+# binaries leave the allocator as glibc has it (a MALLOC_ variable would not: setting any
+# of them turns off glibc's adaptive threshold).
 measure() { # name allocator command...
   python3 - "$@" <<'PY'
 import os, resource, subprocess, sys, time
 name, alloc, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
 env = dict(os.environ)
 if alloc == "default":
-    env["MALLOC_MMAP_MAX_"] = "65536"
+    env["KEEP_FREED_MEMORY"] = "0"
 start = time.monotonic()
 done = subprocess.run(cmd, stderr=subprocess.DEVNULL, env=env)
 if done.returncode != 0:
@@ -44,7 +46,11 @@ grad() { # output
   "$BIN/rollout-grad" --victim "$OUT/mt-kept.safetensors" --data "$OUT/data" --poisons "$OUT/poisons.jsonl" --steps 3 \
     --rollouts 2 --eta 0.03 --adv-size 64 --clean-per-batch 64 --seed 0 --device cpu -o "$1"
 }
-export -f train grad; export BIN OUT
+verify() { # output
+  "$BIN/verify-candidates" --victim "$OUT/mt-kept.safetensors" --data "$OUT/data" --poisons "$OUT/poisons.jsonl" \
+    --candidates "$OUT/candidates.jsonl" --device cpu -o "$1"
+}
+export -f train grad verify; export BIN OUT
 
 printf 'stage\tallocator\tseconds\tsys_seconds\tpeak_rss_mib\n' > "$OUT/table.tsv"
 for alloc in kept default; do
@@ -55,9 +61,14 @@ done
 for alloc in kept default; do
   measure rollout-grad "$alloc" bash -c "grad '$OUT/grad-$alloc.safetensors'" >> "$OUT/table.tsv"
 done
+"$BIN/rank-candidates" --victim "$OUT/mt-kept.safetensors" --data "$OUT/data" --grad "$OUT/grad-kept.safetensors" \
+  -k 2 --positions 1 2>/dev/null | head -6 > "$OUT/candidates.jsonl"
+for alloc in kept default; do
+  measure verify-candidates "$alloc" bash -c "verify '$OUT/verified-$alloc.jsonl'" >> "$OUT/table.tsv"
+done
 cat "$OUT/table.tsv"
-for f in mt grad; do
-  cmp -s "$OUT/$f-kept.safetensors" "$OUT/$f-default.safetensors" || { echo "bench_allocator: $f differs between the allocators" >&2; exit 1; }
+for f in mt grad verified; do
+  cmp -s "$OUT/$f-kept".* "$OUT/$f-default".* || { echo "bench_allocator: $f differs between the allocators" >&2; exit 1; }
 done
 awk -F'\t' 'NR > 1 { t[$1 FS $2] = $3; if (!seen[$1]++) order[++n] = $1 }
   END { for (i = 1; i <= n; i++) printf "%s: default / kept wall time %.2f\n", order[i], t[order[i] FS "default"] / t[order[i] FS "kept"] }' "$OUT/table.tsv"

@@ -19,22 +19,26 @@ pub fn run(bin: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ! {
 }
 
 /// The environment variables with which a user sets glibc's allocator by hand; with any of
-/// them set, `keep_freed_memory` leaves it as they chose.
+/// them set, `keep_freed_memory` leaves it as they chose. (Setting any of them also turns
+/// off glibc's adaptive threshold, so none of them gives glibc's default back:
+/// `KEEP_FREED_MEMORY=0` does.)
 pub const MALLOC_VARS: [&str; 3] = ["MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"];
 
 /// Makes glibc's allocator keep the memory libtorch frees for its next tensor instead of
-/// handing it back to the kernel. By default glibc serves large blocks with fresh mappings
-/// (from 128 KiB, raised up to 32 MiB as they are freed) and returns a heap's free top, and
-/// the kernel faults in and zeroes those pages again at their next touch, every step: on the
-/// translation demo's victim, half of a k = 3 verification's wall time was kernel time
-/// (45 s, 24 s of it sys, for 6 candidates; 25 s with this, the same bits; `make bench`
-/// prints the ratio). The price is a higher peak RSS (0.70 -> 1.02 GB there), as freed
-/// blocks are reused rather than returned. Leaves the allocator alone if the user set it
-/// (`MALLOC_VARS`) or on a C library other than glibc.
+/// handing it back to the kernel. By default glibc serves blocks above an adaptive
+/// threshold (128 KiB, raised as such blocks are freed, never above 32 MiB) by fresh
+/// mappings, and the kernel faults in and zeroes their pages at every first touch: every
+/// step, for a translation victim's logits over a rollout batch (94 × 26 × 8,061 floats,
+/// 79 MB). Measured on the translation demo's victim, half of a k = 3 verification's wall
+/// time was kernel time (45 s, 24 s of it sys, for 6 candidates; 25 s with this, the same
+/// bits; `make bench` prints the ratios). The price is a higher peak RSS (0.57 -> 0.96 GB
+/// there), as freed blocks are reused rather than returned. Leaves the allocator alone
+/// with `KEEP_FREED_MEMORY=0`, if the user set it (`MALLOC_VARS`), or on a C library other
+/// than glibc.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        if MALLOC_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
+        if std::env::var_os("KEEP_FREED_MEMORY").is_some_and(|v| v == "0") || MALLOC_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
             return;
         }
         extern "C" {
