@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # glibc's allocator as every binary sets it (freed blocks kept on the heap,
-# common::cli::keep_freed_memory) against glibc's default (every block above 32 MiB a
-# fresh mmap, faulted in and zeroed by the kernel), side by side in one run, on the
+# common::cli::keep_freed_memory) against glibc's default (blocks above its adaptive
+# threshold, at most 32 MiB, each a fresh mmap, faulted in and zeroed by the kernel;
+# KEEP_FREED_MEMORY=0), side by side in one run, on the
 # translation demo's data and victim shape: one epoch of train-victim, a k=3 R=2
 # rollout-grad and a k=3 R=2 verification of 6 candidates. Each pair must write the same
 # bytes.

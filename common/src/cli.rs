@@ -22,7 +22,7 @@ pub fn run(bin: &str, body: impl FnOnce() -> anyhow::Result<()>) -> ! {
 /// them set, `keep_freed_memory` leaves it as they chose. (Setting any of them also turns
 /// off glibc's adaptive threshold, so none of them gives glibc's default back:
 /// `KEEP_FREED_MEMORY=0` does.)
-pub const MALLOC_VARS: [&str; 3] = ["MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"];
+const MALLOC_VARS: [&str; 3] = ["MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"];
 
 /// Makes glibc's allocator keep the memory libtorch frees for its next tensor instead of
 /// handing it back to the kernel. By default glibc serves blocks above an adaptive
