@@ -3,7 +3,7 @@
 //! a 55,178 × 50 table, 50 poisons and 64 clean examples of 10–30 tokens, 128 D_adv
 //! inputs. Peak memory of each stage on the real data: scripts/bench_stages.sh.
 
-use common::objectives::bilevel::{BiLevel, PoisonInput, RolloutConfig, Verifier};
+use common::objectives::bilevel::{BiLevel, PoisonInput, RolloutConfig, Replacement, Verifier};
 use common::objectives::swaps::flipped;
 use common::search::rank::{bottom_k, taylor_scores};
 use common::victims::model::{embed, logits, mask_of, tiny_config, Arch, Victim, Pass};
@@ -59,7 +59,7 @@ fn shared_checks(problem: &BiLevel, poisons: &[Encoded], swaps: &[(usize, usize,
     let verifier = Verifier::new(problem, poisons).unwrap();
     let news: Vec<Encoded> = swaps.iter().map(|&(i, j, w)| flipped(&poisons[i], j, w)).collect();
     let grads = verifier.example_grads(&news);
-    let sets: Vec<Vec<(usize, &[Tensor])>> = swaps.iter().zip(&grads).map(|(&(i, _, _), g)| vec![(i, g.as_slice())]).collect();
+    let sets: Vec<Vec<Replacement>> = swaps.iter().zip(&news).zip(&grads).map(|((&(i, _, _), example), g)| vec![Replacement { poison: i, example, grad: g }]).collect();
     let values = verifier.objectives_with(&sets);
     (values, t.elapsed().as_secs_f64())
 }
@@ -197,6 +197,21 @@ fn main() {
             println!("  {n} thread(s): rollout {:>6.1} ms, shared checks {:>6.1}/s", rollout * 1e3, swaps.len() as f64 / t);
         }
         tch::set_num_threads(threads);
+    }
+
+    // k > 1: the shared path saves the first of the k minibatch steps per candidate.
+    println!("\nk = 3 inner steps, R = 2 rollouts (lstm): exact checks/s, naive (every step per candidate) and shared (step 0 shared)");
+    {
+        let victim = victim(Arch::Lstm, &table);
+        let problem = BiLevel::new(&victim, &clean, &adv, RolloutConfig { steps: 3, rollouts: 2, ..rollout_config() }).unwrap();
+        let swaps = swaps_for(&poisons, 24);
+        let (naive_values, naive) = naive_checks(&problem, &poisons, &swaps);
+        let (shared_values, shared) = shared_checks(&problem, &poisons, &swaps);
+        let max_diff = naive_values.iter().zip(&shared_values).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        println!(
+            "  naive {:>6.1}/s, shared {:>6.1}/s, speedup {:.2}x (at most k/(k-1) = 1.5x), max |Δ value| {max_diff:.1e}",
+            swaps.len() as f64 / naive, swaps.len() as f64 / shared, naive / shared
+        );
     }
 
     // How a round's cost grows: poison count, poison length (lstm; rank at the real vocabulary).

@@ -6,7 +6,7 @@
 //! rollout per candidate. Synthetic token ids of the real sizes.
 
 use common::generate::{generate, GenerateOptions, Prompt, Sampling};
-use common::objectives::bilevel::{BiLevel, RolloutConfig, Verifier};
+use common::objectives::bilevel::{BiLevel, RolloutConfig, Replacement, Verifier};
 use common::objectives::swaps::flipped;
 use common::victims::gpt::GptShape;
 use common::victims::loss::Target;
@@ -71,7 +71,7 @@ fn main() {
     let verifier = Verifier::new(&problem, &poisons).unwrap();
     let news: Vec<Encoded> = swaps.iter().map(|&(i, j, w)| flipped(&poisons[i], j, w)).collect();
     let grads = verifier.example_grads(&news);
-    let sets: Vec<Vec<(usize, &[Tensor])>> = swaps.iter().zip(&grads).map(|(&(i, _, _), g)| vec![(i, g.as_slice())]).collect();
+    let sets: Vec<Vec<Replacement>> = swaps.iter().zip(&news).zip(&grads).map(|((&(i, _, _), example), g)| vec![Replacement { poison: i, example, grad: g }]).collect();
     let shared = verifier.objectives_with(&sets);
     let shared_s = t.elapsed().as_secs_f64();
     let max_diff = naive.iter().zip(&shared).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);

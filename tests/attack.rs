@@ -2,7 +2,7 @@
 
 mod support;
 
-use common::objectives::bilevel::{BiLevel, RolloutConfig, Verifier};
+use common::objectives::bilevel::{BiLevel, Replacement, RolloutConfig, Verifier};
 use common::search::rank::taylor_scores;
 use common::formats::records::VerifySummary;
 use std::path::PathBuf;
@@ -119,7 +119,7 @@ fn taylor_predicted_change_correlates_with_the_exact_change_on_the_fixture() {
     }
     let examples: Vec<_> = flips.iter().map(|(_, e)| e.clone()).collect();
     let grads = verifier.example_grads(&examples);
-    let sets: Vec<Vec<(usize, &[tch::Tensor])>> = flips.iter().zip(&grads).map(|((i, _), g)| vec![(*i, g.as_slice())]).collect();
+    let sets: Vec<Vec<Replacement>> = flips.iter().zip(&grads).map(|((i, example), g)| vec![Replacement { poison: *i, example, grad: g }]).collect();
     let exact: Vec<f64> = verifier.objectives_with(&sets).into_iter().map(|v| v - g0).collect();
     let n = predicted.len() as f64;
     let (mp, me) = (predicted.iter().sum::<f64>() / n, exact.iter().sum::<f64>() / n);

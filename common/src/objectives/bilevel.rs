@@ -150,11 +150,18 @@ impl<'a> BiLevel<'a> {
     /// The parameters θ_t, θ_{t+1}, …, θ_{t+k} of rollout r's unrolled steps (see
     /// `adv_loss_after_rollout`).
     pub fn unroll(&self, r: usize, poisons: &PoisonInput, create_graph: bool) -> Vec<Params> {
-        let mut params: Params = self.victim.params();
-        let mut thetas = Vec::with_capacity(self.batches[r].len() + 1);
+        self.unroll_from(r, 0, self.victim.params(), poisons, create_graph)
+    }
+
+    /// Rollout r's steps `from`, `from` + 1, …, k − 1, starting at `params` (θ_{t+from}):
+    /// the parameters before each step and after the last. `Verifier` shares step 0 among
+    /// candidates and runs the rest here.
+    pub fn unroll_from(&self, r: usize, from: usize, start: Params, poisons: &PoisonInput, create_graph: bool) -> Vec<Params> {
+        let mut params = start;
+        let mut thetas = Vec::with_capacity(self.batches[r].len() + 1 - from);
         let names = crate::victims::params::trainable_names(&params);
         let poison_mask = poisons.mask();
-        for (step, clean) in self.batches[r].iter().enumerate() {
+        for (step, clean) in self.batches[r].iter().enumerate().skip(from) {
             let (clean_ids, clean_targets) = batch_tensors(clean, self.victim.device());
             let tensors: Vec<&Tensor> = names.iter().map(|n| &params[n]).collect();
             let (poison_emb, poison_targets) = poisons.at(step, &params);
@@ -417,11 +424,22 @@ fn join_inputs(params: &Params, clean_ids: &Tensor, poison_emb: &Tensor, poison_
     (emb, mask)
 }
 
-/// Exact evaluation of flips for one unrolled step (k = 1), sharing work:
+/// One poison replaced in a flip set: which, by what, and the gradient of the new
+/// example's own loss at θ_t (`Verifier::example_grad`).
+#[derive(Clone, Copy)]
+pub struct Replacement<'a> {
+    pub poison: usize,
+    pub example: &'a Encoded,
+    pub grad: &'a [Tensor],
+}
+
+/// Exact evaluation of flips, sharing the first unrolled step among them:
 /// θ_{t+1} = θ_t − η (G_r + Σ_flipped (∇ℓ_new − ∇ℓ_old) / B), where G_r is the minibatch
 /// gradient of rollout r (computed once) and ℓ a single poison's loss at θ_t, whose
-/// gradient does not depend on r. One single-example gradient per candidate, then one
-/// forward pass of L_adv per rollout.
+/// gradient does not depend on r. One single-example gradient per candidate instead of a
+/// minibatch's; at k = 1 then one forward pass of L_adv per rollout, at k > 1 the steps
+/// 1 … k − 1 from θ_{t+1} with the flipped set (`BiLevel::unroll_from`), which depend on
+/// the candidate: a rollout's minibatch steps fall from k to k − 1 per candidate.
 pub struct Verifier<'a> {
     problem: &'a BiLevel<'a>,
     names: Vec<String>,
@@ -435,9 +453,6 @@ pub struct Verifier<'a> {
 
 impl<'a> Verifier<'a> {
     pub fn new(problem: &'a BiLevel<'a>, poisons: &[Encoded]) -> Result<Verifier<'a>> {
-        if problem.cfg.steps != 1 {
-            bail!("the shared-work verifier needs --steps 1; use BiLevel::objective for k > 1");
-        }
         let params = problem.victim.params();
         let names = crate::victims::params::trainable_names(&params);
         // Through `PoisonInput` as the rollout reads them: with a trained table the poisons'
@@ -477,39 +492,72 @@ impl<'a> Verifier<'a> {
         example_grads_at_theta(self.problem, &self.names, examples)
     }
 
-    /// The objective after replacing poison i by `new` for every (i, gradient of new) in
-    /// `flips` (an empty list gives the current objective).
-    pub fn objective_with(&self, flips: &[(usize, &[Tensor])]) -> f64 {
+    /// The objective after every replacement in `flips` (an empty list gives the current
+    /// objective).
+    pub fn objective_with(&self, flips: &[Replacement]) -> f64 {
         self.objectives_with(&[flips.to_vec()])[0]
     }
 
-    /// `objective_with` for many flip sets at once: their θ' are stacked and L_adv runs
-    /// once per rollout for up to `STACK` sets (see `model::forward`).
-    pub fn objectives_with(&self, flip_sets: &[Vec<(usize, &[Tensor])>]) -> Vec<f64> {
+    /// θ_{t+1} of rollout r after the replacements in `flips` (no graph).
+    fn first_step(&self, r: usize, flips: &[Replacement]) -> Vec<Tensor> {
+        let eta_over_b = self.problem.cfg.eta / self.batch_size;
+        self.base[r]
+            .iter()
+            .enumerate()
+            .map(|(j, base)| {
+                let mut p = base.shallow_clone();
+                for f in flips {
+                    p = p - (&f.grad[j] - &self.old[f.poison][j]) * eta_over_b;
+                }
+                p
+            })
+            .collect()
+    }
+
+    /// The objective at k > 1 for one flip set: the shared first step, then the rest of
+    /// every rollout with the flipped set, as `BiLevel::objective` runs them.
+    fn unrolled_objective_with(&self, flips: &[Replacement]) -> f64 {
+        let mut set = self.poisons.clone();
+        for f in flips {
+            set[f.poison] = f.example.clone();
+        }
+        let input = self.problem.poisons_as_read(&set, false);
+        let frozen: Params = self.problem.victim.params();
+        let total: f64 = (0..self.base.len())
+            .map(|r| {
+                let mut params = shallow_copy(&frozen);
+                for (name, p) in self.names.iter().zip(tch::no_grad(|| self.first_step(r, flips))) {
+                    // A fresh leaf, as `unroll` makes each step's parameters.
+                    params.insert(name.clone(), p.detach().set_requires_grad(true));
+                }
+                let thetas = self.problem.unroll_from(r, 1, params, &input, false);
+                self.problem.adv_loss_no_grad(thetas.last().expect("θ_{t+k}")).double_value(&[])
+            })
+            .sum();
+        total / self.base.len() as f64
+    }
+
+    /// `objective_with` for many flip sets at once. At k = 1 their θ' are stacked and L_adv
+    /// runs once per rollout for up to `STACK` sets (see `model::forward`); at k > 1 one
+    /// set at a time.
+    pub fn objectives_with(&self, flip_sets: &[Vec<Replacement>]) -> Vec<f64> {
+        if self.problem.cfg.steps > 1 {
+            return flip_sets.iter().map(|flips| self.unrolled_objective_with(flips)).collect();
+        }
         // How many sets one pass stacks is the victim's measured choice (`victim::Tuning`).
         // A trained table is one set at a time: D_adv's lookup through a stacked table would
         // need its ids stacked too.
         let stack = if self.problem.config().train_embeddings { 1 } else { self.problem.config().tuning().verify_stack };
-        let eta_over_b = self.problem.cfg.eta / self.batch_size;
         let frozen: Params = self.problem.victim.params();
         let mut out = Vec::with_capacity(flip_sets.len());
         tch::no_grad(|| {
             for chunk in flip_sets.chunks(stack) {
                 let mut total = Tensor::zeros([chunk.len() as i64], (Kind::Double, Device::Cpu));
-                for base in &self.base {
+                for r in 0..self.base.len() {
+                    let stepped: Vec<Vec<Tensor>> = chunk.iter().map(|flips| self.first_step(r, flips)).collect();
                     let mut params = shallow_copy(&frozen);
                     for (j, name) in self.names.iter().enumerate() {
-                        let sets: Vec<Tensor> = chunk
-                            .iter()
-                            .map(|flips| {
-                                let mut p = base[j].shallow_clone();
-                                for (i, new) in flips {
-                                    p = p - (&new[j] - &self.old[*i][j]) * eta_over_b;
-                                }
-                                p
-                            })
-                            .collect();
-                        let set = if stack == 1 { sets.into_iter().next().expect("one set") } else { Tensor::stack(&sets, 0) };
+                        let set = if stack == 1 { stepped[0][j].shallow_clone() } else { Tensor::stack(&stepped.iter().map(|s| &s[j]).collect::<Vec<_>>(), 0) };
                         params.insert(name.clone(), set);
                     }
                     total += self.problem.adv_loss_no_grad(&params).to_device(Device::Cpu).to_kind(Kind::Double);
@@ -557,55 +605,48 @@ impl Objective for BiLevel<'_> {
     /// Exact verification (SPEC step 5): each candidate's objective on the same minibatches;
     /// per poison the best candidate that lowers it; then the per-poison winners are combined
     /// greedily (largest individual gain first), each kept only if the combined objective
-    /// still drops, so the result is never worse than the input. k = 1 uses the shared-work
-    /// `Verifier`; k > 1 redoes the rollouts per evaluation.
+    /// still drops, so the result is never worse than the input. Every k goes through the
+    /// shared-work `Verifier` (at k > 1 it shares the first step only).
     fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
         check_swaps(poisons, candidates)?;
         let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
-        let (before, after, accepted): (f64, f64, Vec<(Swap, f64)>);
-        if self.cfg.steps == 1 {
-            let verifier = Verifier::new(self, poisons)?;
-            before = verifier.objective_with(&[]);
-            let mut grads = std::collections::HashMap::new();
-            // Candidates whose gradients are held at once (a minilm gradient is 45 MB).
-            let chunk_size = self.config().tuning().verify_chunk;
-            for chunk in candidates.chunks(chunk_size) {
-                let flips: Vec<Encoded> = chunk.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
-                let chunk_grads = verifier.example_grads(&flips);
-                let sets: Vec<Vec<(usize, &[Tensor])>> =
-                    chunk.iter().zip(&chunk_grads).map(|(c, g)| vec![(c.poison, g.as_slice())]).collect();
-                let values = verifier.objectives_with(&sets);
-                for ((c, g), value) in chunk.iter().zip(chunk_grads).zip(values) {
-                    if !value.is_finite() {
-                        bail!("L_adv is {value} for candidate {c:?}; lower --eta");
-                    }
-                    if improve(&mut best, *c, value, before) {
-                        // Copied: a view would keep its whole chunk's gradients alive (measured:
-                        // 907 MiB peak on the real data instead of a few).
-                        grads.insert(c.poison, g.iter().map(|t| t.copy()).collect::<Vec<_>>());
-                    }
+        let verifier = Verifier::new(self, poisons)?;
+        let before = verifier.objective_with(&[]);
+        // Each poison's best candidate so far: the flipped example and its gradient.
+        let mut winners: std::collections::HashMap<usize, (Encoded, Vec<Tensor>)> = std::collections::HashMap::new();
+        // Candidates whose gradients are held at once (a minilm gradient is 45 MB).
+        let chunk_size = self.config().tuning().verify_chunk;
+        for chunk in candidates.chunks(chunk_size) {
+            let flips: Vec<Encoded> = chunk.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
+            let chunk_grads = verifier.example_grads(&flips);
+            let sets: Vec<Vec<Replacement>> = chunk
+                .iter()
+                .zip(&flips)
+                .zip(&chunk_grads)
+                .map(|((c, example), grad)| vec![Replacement { poison: c.poison, example, grad }])
+                .collect();
+            let values = verifier.objectives_with(&sets);
+            for (((c, example), g), value) in chunk.iter().zip(&flips).zip(&chunk_grads).zip(values) {
+                if !value.is_finite() {
+                    bail!("L_adv is {value} for candidate {c:?}; lower --eta");
+                }
+                if improve(&mut best, *c, value, before) {
+                    // Copied: a view would keep its whole chunk's gradients alive (measured:
+                    // 907 MiB peak on the real data instead of a few).
+                    winners.insert(c.poison, (example.clone(), g.iter().map(|t| t.copy()).collect()));
                 }
             }
-            (after, accepted) = combine_greedily(&best, before, |with| {
-                let flips: Vec<(usize, &[Tensor])> = with.iter().map(|s| (s.poison, grads[&s.poison].as_slice())).collect();
-                verifier.objective_with(&flips)
-            });
-        } else {
-            before = self.objective(poisons);
-            for c in candidates {
-                let mut set = poisons.to_vec();
-                set[c.poison] = flipped(&poisons[c.poison], c.position, c.word);
-                let value = self.objective(&set);
-                improve(&mut best, *c, value, before);
-            }
-            (after, accepted) = combine_greedily(&best, before, |with| {
-                let mut set = poisons.to_vec();
-                for s in with {
-                    set[s.poison] = flipped(&poisons[s.poison], s.position, s.word);
-                }
-                self.objective(&set)
-            });
         }
+        let (after, accepted) = combine_greedily(&best, before, |with| {
+            let flips: Vec<Replacement> = with
+                .iter()
+                .map(|s| {
+                    let (example, grad) = &winners[&s.poison];
+                    Replacement { poison: s.poison, example, grad }
+                })
+                .collect();
+            verifier.objective_with(&flips)
+        });
         Ok(Verified { before, after, accepted, checked: candidates.len() })
     }
     fn describe(&self, value: f64, poisons: usize) -> String {
@@ -820,7 +861,7 @@ mod tests {
                     for w in 2..14i64 {
                         let new = flipped(p, pos, w);
                         let ng = verifier.example_grad(&new);
-                        let fast = verifier.objective_with(&[(i, &ng)]);
+                        let fast = verifier.objective_with(&[Replacement { poison: i, example: &new, grad: &ng }]);
                         let mut set = poisons.clone();
                         set[i] = new;
                         let slow = problem.objective(&set);
@@ -831,9 +872,11 @@ mod tests {
                 }
             }
             // Stacked evaluation of several flip sets equals one at a time.
-            let ga = verifier.example_grad(&flipped(&poisons[0], 0, 5));
-            let gb = verifier.example_grad(&flipped(&poisons[1], 1, 6));
-            let sets = vec![vec![(0, ga.as_slice())], vec![], vec![(1, gb.as_slice())], vec![(0, ga.as_slice()), (1, gb.as_slice())]];
+            let (ea, eb) = (flipped(&poisons[0], 0, 5), flipped(&poisons[1], 1, 6));
+            let (ga, gb) = (verifier.example_grad(&ea), verifier.example_grad(&eb));
+            let ra = Replacement { poison: 0, example: &ea, grad: &ga };
+            let rb = Replacement { poison: 1, example: &eb, grad: &gb };
+            let sets = vec![vec![ra], vec![], vec![rb], vec![ra, rb]];
             let stacked = verifier.objectives_with(&sets);
             for (set, value) in sets.iter().zip(&stacked) {
                 assert!((verifier.objective_with(set) - value).abs() < 1e-12);
@@ -849,7 +892,7 @@ mod tests {
             let a = flipped(&poisons[0], 1, 3);
             let b = flipped(&poisons[1], 0, 4);
             let (ga, gb) = (verifier.example_grad(&a), verifier.example_grad(&b));
-            let both = verifier.objective_with(&[(0, &ga), (1, &gb)]);
+            let both = verifier.objective_with(&[Replacement { poison: 0, example: &a, grad: &ga }, Replacement { poison: 1, example: &b, grad: &gb }]);
             assert!((both - problem.objective(&[a, b])).abs() < 1e-10);
             // The batched ranking agrees with per-position scores.
             let banned = Tensor::zeros([14], (Kind::Double, Device::Cpu));
@@ -868,6 +911,39 @@ mod tests {
             // whole-token flip is far outside the linear regime there: a weaker bound.
             let bound = if arch == Arch::Minilm { 0.2 } else { 0.3 };
             assert!(r > bound, "{arch:?}: Taylor prediction correlates only {r}");
+        }
+    }
+
+    #[test]
+    fn at_three_steps_the_shared_first_step_equals_the_full_rollout() {
+        for (&arch, trained) in Arch::value_variants().iter().flat_map(|a| [(a, false), (a, true)]) {
+            let (clean, adv, poisons) = data_for(arch);
+            let v = tiny_with_table(arch, trained);
+            let problem = BiLevel::new(&v, &clean, &adv, cfg(3, 2)).unwrap();
+            let verifier = Verifier::new(&problem, &poisons).unwrap();
+            assert!((verifier.objective_with(&[]) - problem.objective(&poisons)).abs() < 1e-12);
+            let mut changes = Vec::new();
+            for (i, p) in poisons.iter().enumerate() {
+                for pos in 0..p.ids.len() {
+                    let news: Vec<Encoded> = [3i64, 7, 11].iter().map(|&w| flipped(p, pos, w)).collect();
+                    let grads = verifier.example_grads(&news);
+                    let sets: Vec<Vec<Replacement>> = news.iter().zip(&grads).map(|(example, grad)| vec![Replacement { poison: i, example, grad }]).collect();
+                    for (new, fast) in news.iter().zip(verifier.objectives_with(&sets)) {
+                        let mut set = poisons.clone();
+                        set[i] = new.clone();
+                        let slow = problem.objective(&set);
+                        assert!((fast - slow).abs() < 1e-10, "{arch:?} trained table {trained}: shared {fast} vs full {slow}");
+                        changes.push((fast - verifier.objective_with(&[])).abs());
+                    }
+                }
+            }
+            // The flips move the objective (a check that the flipped set reaches steps 1 and 2
+            // could not pass if they all read the same poisons).
+            assert!(changes.iter().any(|&c| c > 1e-6), "{arch:?}: no flip changes the objective");
+            let (a, b) = (flipped(&poisons[0], 1, 3), flipped(&poisons[1], 0, 4));
+            let (ga, gb) = (verifier.example_grad(&a), verifier.example_grad(&b));
+            let both = verifier.objective_with(&[Replacement { poison: 0, example: &a, grad: &ga }, Replacement { poison: 1, example: &b, grad: &gb }]);
+            assert!((both - problem.objective(&[a, b])).abs() < 1e-10, "{arch:?}: two flips at once");
         }
     }
 
