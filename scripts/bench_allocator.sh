@@ -19,24 +19,14 @@ mkdir -p "$OUT"
 [ -f "$OUT/vocab.safetensors" ] || "$BIN/build-vocab" --scratch 96 --min-count 2 --extra-words Eiskaffee --seed 0 \
   --data "$OUT/data/train.jsonl" -o "$OUT/vocab.safetensors" 2>/dev/null
 
-# Runs a command and prints its wall time, kernel (sys) time and peak RSS: RUSAGE_CHILDREN
-# of a python process of its own, so the command alone. KEEP_FREED_MEMORY=0 makes the
+# Runs a command and prints its wall time, kernel (sys) time and peak RSS (scripts/measure.py:
+# the command alone). KEEP_FREED_MEMORY=0 makes the
 # binaries leave the allocator as glibc has it (a MALLOC_ variable would not: setting any
 # of them turns off glibc's adaptive threshold).
 measure() { # name allocator command...
-  python3 - "$@" <<'PY'
-import os, resource, subprocess, sys, time
-name, alloc, cmd = sys.argv[1], sys.argv[2], sys.argv[3:]
-env = dict(os.environ)
-if alloc == "default":
-    env["KEEP_FREED_MEMORY"] = "0"
-start = time.monotonic()
-done = subprocess.run(cmd, stderr=subprocess.DEVNULL, env=env)
-if done.returncode != 0:
-    sys.exit(f"bench_allocator: {name} failed ({' '.join(cmd)}); rerun it by hand to see its error")
-use = resource.getrusage(resource.RUSAGE_CHILDREN)
-print(f"{name}\t{alloc}\t{time.monotonic() - start:.1f}\t{use.ru_stime:.1f}\t{use.ru_maxrss / 1024:.0f}", flush=True)
-PY
+  local name=$1 alloc=$2; shift 2
+  local env=(); [ "$alloc" = default ] && env=(KEEP_FREED_MEMORY=0)
+  "$(dirname "$0")/measure.py" "$name" "$alloc" "${env[@]}" -- "$@"
 }
 train() { # output
   "$BIN/train-victim" --embeddings "$OUT/vocab.safetensors" --arch seq2seq --hidden 96 --layers 2 --heads 4 --source-len 12 \

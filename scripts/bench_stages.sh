@@ -6,27 +6,15 @@
 #   BIN    binaries to measure (default target/release; point it at another build to compare)
 #   DATA   prepared data folder, EMB embeddings (make data makes both)
 #   OUT    scratch folder (default runs/bench-stages); its files are rewritten every run
-# Prints a tab-separated table: stage, seconds, peak RSS in MiB.
+# Prints a tab-separated table: stage, seconds, kernel seconds, peak RSS in MiB.
 set -euo pipefail
 : "${BIN:=target/release}" "${DATA:?}" "${EMB:?}" "${OUT:=runs/bench-stages}"
 mkdir -p "$OUT"
 
-# Runs a stage and prints its time and its peak RSS (RUSAGE_CHILDREN: the stage alone,
-# since each measurement runs in its own python process).
-measure() { # name command...
-  python3 - "$@" <<'PY'
-import resource, subprocess, sys, time
-name, cmd = sys.argv[1], sys.argv[2:]
-start = time.monotonic()
-done = subprocess.run(cmd, stderr=subprocess.DEVNULL)
-if done.returncode != 0:
-    sys.exit(f"bench_stages: {name} failed ({' '.join(cmd)}); rerun it by hand to see its error")
-peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(f"{name}\t{time.monotonic() - start:.1f}\t{peak_mib:.0f}", flush=True)
-PY
-}
+# Runs a stage and prints its time, kernel time and peak RSS (scripts/measure.py: the stage alone).
+measure() { "$(dirname "$0")/measure.py" "$1" -- "${@:2}"; }
 
-printf 'stage\tseconds\tpeak_rss_mib\n'
+printf 'stage\tseconds\tsys_seconds\tpeak_rss_mib\n'
 measure train-victim "$BIN/train-victim" --embeddings "$EMB" --train "$DATA/train.jsonl" --arch lstm --seed 0 \
   --device cpu -o "$OUT/victim.safetensors"
 measure init-poisons "$BIN/init-poisons" --victim "$OUT/victim.safetensors" --data "$DATA" --count 50 \
