@@ -373,3 +373,35 @@ fn where_the_allocator_puts_tensors_does_not_change_a_bit() {
     grad(&mut mapped);
     assert_eq!(ok(&run(&mut heap)).stdout, mmapped(&mut mapped), "the second-order gradient with every block mmapped differs");
 }
+
+#[test]
+fn a_k2_verification_is_the_same_bytes_on_one_thread_and_on_two() {
+    // verify-candidates checks candidates on --workers threads that read the same θ_t and
+    // minibatch gradients; at k > 1 each runs its own unrolled steps through a trained
+    // table. The poisons and the summary's objectives must not depend on the thread count.
+    let mt = Mt::new();
+    let stage = |name: &str| {
+        let mut c = bin(name);
+        c.arg("--victim").arg(mt.model()).arg("--data").arg(mt.data());
+        c
+    };
+    let p0 = ok(&run(stage("init-poisons").args(["--count", "8", "--strategy", "random", "--concealment", "strict", "--seed", "3"]))).stdout.clone();
+    std::fs::write(mt.path("p0.jsonl"), &p0).unwrap();
+    let grad = ok(&run(stage("rollout-grad").arg("--poisons").arg(mt.path("p0.jsonl")).args(["--steps", "2", "--rollouts", "2"]))).stdout.clone();
+    let cands = ok(&run_with_stdin(stage("rank-candidates").args(["--grad", "-", "-k", "3", "--positions", "2", "--concealment", "strict"]), &grad)).stdout.clone();
+    std::fs::write(mt.path("c.jsonl"), &cands).unwrap();
+    assert!(json_lines(&cands).len() > 16, "more candidates than one chunk of the seq2seq (16), so both threads work");
+    let verify = |workers: &str| {
+        let summary = mt.path(&format!("summary-{workers}.json"));
+        let out = ok(&run(stage("verify-candidates").arg("--poisons").arg(mt.path("p0.jsonl")).arg("--candidates").arg(mt.path("c.jsonl"))
+            .args(["--concealment", "strict", "--workers", workers]).arg("--summary").arg(&summary))).stdout.clone();
+        let mut s: Value = serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+        s.as_object_mut().unwrap().remove("seconds");
+        (out, s)
+    };
+    let (one, s1) = verify("1");
+    let (two, s2) = verify("2");
+    assert!(s1["flips_accepted"].as_u64().unwrap() > 0, "some flip helps on the fixture: {s1}");
+    assert_eq!(one, two, "the poisons differ between one thread and two");
+    assert_eq!(s1, s2, "the objectives differ between one thread and two");
+}

@@ -60,6 +60,7 @@ fn main() {
                 influence: args.objective.influence(),
                 trigger: &inputs.trigger_ids,
                 cache: args.objective.influence_cache.as_deref(),
+                workers: 1,
             },
         )?;
         let (value, grad, word_scores) = objective.objective_grad_and_word_scores(&inputs.poisons_enc)?;

@@ -88,6 +88,7 @@ fn main() {
                 influence: args.objective.influence(),
                 trigger: &base.trigger_ids,
                 cache: args.objective.influence_cache.as_deref(),
+                workers: 1,
             },
         )?;
         log!("objective built over {} D_adv sentences in {:.1}s", adv.len(), start.elapsed().as_secs_f64());

@@ -51,6 +51,11 @@ struct Args {
     /// Where to write the round's summary (JSON).
     #[arg(long)]
     summary: Option<String>,
+    /// Threads checking candidates side by side, one libtorch thread each (default: the
+    /// number of cores; the bi-level objective). The output is the same bytes whatever
+    /// this is.
+    #[arg(long, default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()), value_parser = common::cli::at_least_one)]
+    workers: usize,
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -78,7 +83,7 @@ fn main() {
             None
         } else {
             let (ensemble, hashes) = common::cli::load_ensemble(&args.ensemble, inputs.victim.device())?;
-            Some(verify_candidates(&inputs, &candidates, &swaps, &ensemble, &hashes, args.influence_cache.as_deref(), &cname)?)
+            Some(verify_candidates(&inputs, &candidates, &swaps, &ensemble, &hashes, args.influence_cache.as_deref(), &cname, args.workers)?)
         };
         let (new_set, flips) = apply(&inputs, &candidates, verified.as_ref().map_or(&[][..], |v| &v.accepted[..]));
         if let Some(out) = &verified {

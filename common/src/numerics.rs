@@ -63,6 +63,69 @@ pub fn one_thread_here() {
     tch::set_num_threads(1);
 }
 
+/// A value whose tensors `map_on_threads`' workers read together. tch's `Tensor` is not
+/// `Sync`: Rust cannot see that an op only reads its inputs. Libtorch reads a tensor from
+/// many threads safely (as multi-threaded inference does); what it does not allow is
+/// writing one while others read it. So the value's tensors must only be read while it is
+/// shared: every op makes new tensors (no in-place op, no `set_requires_grad` on them), and
+/// gradients are returned by `run_backward`, never accumulated into them.
+/// tests/mt.rs and tests/attack.rs check that the threads change no bit.
+pub struct ReadOnly<'a, T>(&'a T);
+
+impl<'a, T> ReadOnly<'a, T> {
+    /// Shares `value` for reading (see the type's contract).
+    pub fn new(value: &'a T) -> ReadOnly<'a, T> {
+        ReadOnly(value)
+    }
+    pub fn get(&self) -> &'a T {
+        self.0
+    }
+}
+
+// Safety: only shared references are handed out, and the contract above keeps the
+// tensors behind them unwritten while shared.
+unsafe impl<T> Sync for ReadOnly<'_, T> {}
+
+/// `f` of every item, in the items' order, computed on `workers` threads of one libtorch
+/// thread each that take the next item until none is left: each result is the same bits
+/// whatever `workers` is and whichever thread computes it (each runs its own ops alone).
+/// The first error in the items' order is returned.
+pub fn map_on_threads<T: Sync, R: Send>(workers: usize, items: &[T], f: impl Fn(&T) -> anyhow::Result<R> + Sync) -> anyhow::Result<Vec<R>> {
+    let workers = workers.clamp(1, items.len().max(1));
+    if workers == 1 {
+        return items.iter().map(&f).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<anyhow::Result<R>>>> = items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let (next, slots, f) = (&next, &slots, &f);
+            scope.spawn(move || {
+                one_thread_here();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { return };
+                    let result = f(item);
+                    let failed = result.is_err();
+                    *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                    if failed {
+                        // Later items are not needed: the first error in order is at or before i.
+                        next.store(items.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let mut out = Vec::with_capacity(items.len());
+    for slot in slots {
+        match slot.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(result) => out.push(result?),
+            None => unreachable!("an item before the first error was left undone"),
+        }
+    }
+    Ok(out)
+}
+
 /// The CPU model, as `vendor-family-model` from CPUID (`GenuineIntel-6-143`,
 /// `AuthenticAMD-26-2`). The pins give the same bits on one CPU model, not across models:
 /// the same demo on an Intel Xeon and an AMD EPYC, both pinned to the AVX-512 paths,

@@ -38,6 +38,9 @@ pub struct BiLevel<'a> {
     /// The same buckets prepared for no-grad passes (`model::FrozenInput`).
     adv_frozen: Vec<FrozenInput>,
     pub cfg: RolloutConfig,
+    /// Threads of `verify`'s exact checks (`numerics::map_on_threads`): the same bits
+    /// whatever it is.
+    pub workers: usize,
 }
 
 impl<'a> BiLevel<'a> {
@@ -72,7 +75,7 @@ impl<'a> BiLevel<'a> {
             .collect();
         let params = victim.params();
         let adv_frozen = adv_buckets.iter().map(|(ids, _, _)| frozen_input(&victim.config, &params, ids)).collect();
-        Ok(BiLevel { victim, batches, adv: adv_buckets, adv_frozen, cfg })
+        Ok(BiLevel { victim, batches, adv: adv_buckets, adv_frozen, cfg, workers: 1 })
     }
 
     /// Number of D_adv inputs the objective is measured on.
@@ -609,34 +612,60 @@ impl Objective for BiLevel<'_> {
     /// shared-work `Verifier` (at k > 1 it shares the first step only).
     fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
         check_swaps(poisons, candidates)?;
-        let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
         let verifier = Verifier::new(self, poisons)?;
         let before = verifier.objective_with(&[]);
-        // Each poison's best candidate so far: the flipped example and its gradient.
-        let mut winners: std::collections::HashMap<usize, (Encoded, Vec<Tensor>)> = std::collections::HashMap::new();
-        // Candidates whose gradients are held at once (a minilm gradient is 45 MB).
-        let chunk_size = self.config().tuning().verify_chunk;
-        for chunk in candidates.chunks(chunk_size) {
+        // Candidates whose gradients are held at once, per thread (a minilm gradient is 45 MB).
+        let chunks: Vec<&[Swap]> = candidates.chunks(self.config().tuning().verify_chunk).collect();
+        // Per chunk: every candidate's objective, and the flipped example and gradient of
+        // each poison's best candidate in the chunk below `before` (only these can win).
+        // The workers read the verifier's tensors (θ_t, G_r, the poisons' gradients, D_adv)
+        // and make their own: no op writes a shared one.
+        let shared = crate::numerics::ReadOnly::new(&verifier);
+        let checked = crate::numerics::map_on_threads(self.workers, &chunks, |chunk| {
+            let verifier = shared.get();
             let flips: Vec<Encoded> = chunk.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
-            let chunk_grads = verifier.example_grads(&flips);
+            let grads = verifier.example_grads(&flips);
             let sets: Vec<Vec<Replacement>> = chunk
                 .iter()
                 .zip(&flips)
-                .zip(&chunk_grads)
+                .zip(&grads)
                 .map(|((c, example), grad)| vec![Replacement { poison: c.poison, example, grad }])
                 .collect();
             let values = verifier.objectives_with(&sets);
-            for (((c, example), g), value) in chunk.iter().zip(&flips).zip(&chunk_grads).zip(values) {
+            let mut chunk_best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
+            let mut kept = Vec::new();
+            for (j, (c, &value)) in chunk.iter().zip(&values).enumerate() {
+                if improve(&mut chunk_best, *c, value, before) {
+                    kept.retain(|(s, _, _): &(Swap, Encoded, Vec<Tensor>)| s.poison != c.poison);
+                    // Copied: a view would keep its whole chunk's gradients alive (measured:
+                    // 907 MiB peak on the real data instead of a few).
+                    kept.push((*c, flips[j].clone(), grads[j].iter().map(|t| t.copy()).collect()));
+                }
+            }
+            Ok((values, kept))
+        })?;
+        // In the candidates' order, as one thread would: the first best per poison wins.
+        let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
+        let mut from_chunk = vec![0; poisons.len()];
+        for (k, (chunk, (values, _))) in chunks.iter().zip(&checked).enumerate() {
+            for (c, &value) in chunk.iter().zip(values) {
                 if !value.is_finite() {
                     bail!("L_adv is {value} for candidate {c:?}; lower --eta");
                 }
                 if improve(&mut best, *c, value, before) {
-                    // Copied: a view would keep its whole chunk's gradients alive (measured:
-                    // 907 MiB peak on the real data instead of a few).
-                    winners.insert(c.poison, (example.clone(), g.iter().map(|t| t.copy()).collect()));
+                    from_chunk[c.poison] = k;
                 }
             }
         }
+        // A poison's winner is its best in its chunk, which that chunk kept.
+        let winners: std::collections::HashMap<usize, (Encoded, Vec<Tensor>)> = best
+            .iter()
+            .flatten()
+            .map(|(swap, _)| {
+                let (_, example, grad) = checked[from_chunk[swap.poison]].1.iter().find(|(s, _, _)| s == swap).expect("a chunk keeps each poison's best");
+                (swap.poison, (example.clone(), grad.iter().map(|t| t.shallow_clone()).collect()))
+            })
+            .collect();
         let (after, accepted) = combine_greedily(&best, before, |with| {
             let flips: Vec<Replacement> = with
                 .iter()

@@ -26,7 +26,9 @@ pub fn build<'a>(kind: ObjectiveKind, inputs: ObjectiveInputs<'a>) -> Result<Box
             if !inputs.ensemble.is_empty() {
                 bail!("--ensemble is for --objective hardness; the bi-level objective unrolls one victim");
             }
-            Box::new(BiLevel::new(inputs.victim, inputs.clean, inputs.adv, inputs.rollout)?)
+            let mut objective = BiLevel::new(inputs.victim, inputs.clean, inputs.adv, inputs.rollout)?;
+            objective.workers = inputs.workers;
+            Box::new(objective)
         }
         ObjectiveKind::Hardness => {
             let models = std::iter::once(inputs.victim).chain(inputs.ensemble).collect();

@@ -48,4 +48,7 @@ pub struct ObjectiveInputs<'a> {
     pub trigger: &'a [i64],
     /// A folder where the influence objective keeps its solved v (`influence::Influence::new`).
     pub cache: Option<&'a str>,
+    /// Threads for the bi-level objective's exact checks (`Objective::verify`); every
+    /// value is the same bits whatever it is.
+    pub workers: usize,
 }

@@ -108,9 +108,10 @@ pub fn within_budget(inputs: &AttackInputs, swaps: Vec<Swap>, budget: &crate::de
 
 /// Checks `swaps` exactly with the objective the candidates were ranked with (the
 /// `ensemble` victims must be the ones rollout-grad had, `ensemble_sha256` their hashes;
-/// `influence_cache` the folder rollout-grad kept the influence objective's v in).
+/// `influence_cache` the folder rollout-grad kept the influence objective's v in; the
+/// bi-level objective's checks run on `workers` threads).
 #[allow(clippy::too_many_arguments)]
-pub fn verify_candidates(inputs: &AttackInputs, candidates: &[Candidate], swaps: &[Swap], ensemble: &[crate::victims::model::Victim], ensemble_sha256: &[String], influence_cache: Option<&str>, cname: &str) -> Result<Verified> {
+pub fn verify_candidates(inputs: &AttackInputs, candidates: &[Candidate], swaps: &[Swap], ensemble: &[crate::victims::model::Victim], ensemble_sha256: &[String], influence_cache: Option<&str>, cname: &str, workers: usize) -> Result<Verified> {
     let first = candidates.first().context("no candidates to verify")?;
     if ensemble_sha256 != first.ensemble_sha256 {
         bail!(
@@ -132,6 +133,7 @@ pub fn verify_candidates(inputs: &AttackInputs, candidates: &[Candidate], swaps:
             influence: first.influence.clone(),
             trigger: &inputs.trigger_ids,
             cache: influence_cache,
+            workers,
         },
     )?;
     objective.verify(&inputs.poisons_enc, swaps)
