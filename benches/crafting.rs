@@ -4,7 +4,8 @@
 //! inputs. Peak memory of each stage on the real data: scripts/bench_stages.sh.
 
 use common::objectives::bilevel::{BiLevel, PoisonInput, RolloutConfig, Replacement, Verifier};
-use common::objectives::swaps::flipped;
+use common::objectives::swaps::{flipped, Swap};
+use common::objectives::Objective;
 use common::search::rank::{bottom_k, taylor_scores};
 use common::victims::model::{embed, logits, mask_of, tiny_config, Arch, Victim, Pass};
 use common::encode::{batch_tensors, Encoded};
@@ -211,6 +212,21 @@ fn main() {
         println!(
             "  naive {:>6.1}/s, shared {:>6.1}/s, speedup {:.2}x (at most k/(k-1) = 1.5x), max |Δ value| {max_diff:.1e}",
             swaps.len() as f64 / naive, swaps.len() as f64 / shared, naive / shared
+        );
+        // verify-candidates' whole check (set-up, checks, greedy combination) on --workers threads.
+        let as_swaps: Vec<Swap> = swaps.iter().map(|&(poison, position, word)| Swap { poison, position, word }).collect();
+        let mut problem = problem;
+        let mut seconds = Vec::new();
+        let mut outcomes = Vec::new();
+        for workers in [1, 2] {
+            problem.workers = workers;
+            let t = Instant::now();
+            outcomes.push(Objective::verify(&problem, &poisons, &as_swaps).unwrap().after.to_bits());
+            seconds.push(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "  verify on 1 worker {:.1} s, on 2 workers {:.1} s: {:.2}x; the same result bits: {}",
+            seconds[0], seconds[1], seconds[0] / seconds[1], outcomes[0] == outcomes[1]
         );
     }
 

@@ -13,6 +13,9 @@ set -euo pipefail
 : "${ETA:=0.03}" "${CLEAN_PER_BATCH:=64}" "${ADV_SIZE:=128}" "${SEED:=0}" "${ROUNDS:=5}"
 : "${PATIENCE:=2}" "${TARGET_LADV:=}" "${OVERLAP:=0}" "${EVAL_SEEDS:=3}" "${ARCH:=lstm}" "${DEVICE:=auto}"
 : "${CLEAN_CACHE:=}"
+# WORKERS: threads of verify-candidates' checks and finetune-eval's victims (default: the
+# cores; a sweep's cells on `make -j` share them out). The poisons are the same bytes whatever it is.
+: "${WORKERS:=}"
 # Objective (bilevel: the seed's; hardness: FINDINGS.md; influence: implicit differentiation)
 # and its extra victims (space-separated paths), its own rollout-grad flags (OBJECTIVE_FLAGS,
 # e.g. "--damping 0.1 --contrastive"), base sentences (random|confident), extra
@@ -117,6 +120,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     t=$EPOCHREALTIME
     stage verify-candidates "$BIN/verify-candidates" --victim "$VICTIM_FILE" --data "$DATA" --poisons "$prev" \
       --candidates "$d/candidates.jsonl" "${overlap_flag[@]}" "${ensemble[@]}" "${cache_flags[@]}" "${budget_flags[@]}" --device "$DEVICE" \
+      ${WORKERS:+--workers "$WORKERS"} \
       --summary "$d/summary.json" -o "$d/poisons.jsonl"
     printf '%s\t%s\t%s\n' "$grad_s" "$rank_s" "$(since "$t")" > "$d/seconds.tsv.tmp" && mv "$d/seconds.tsv.tmp" "$d/seconds.tsv"
   fi
@@ -139,7 +143,7 @@ for what in init final; do
   p="$RUN/poisons.jsonl"; [ "$what" = init ] && p="$r0/poisons.jsonl"
   [ -f "$RUN/eval-$what.json" ] || "$BIN/finetune-eval" --data "$DATA" "${origin_flags[@]}" --poisons "$p" \
     --arch "$ARCH" "${train_flags[@]}" --seeds "$EVAL_SEEDS" --seed-base "$SEED" --device "$DEVICE" \
-    ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} -o "$RUN/eval-$what.json"
+    ${CLEAN_CACHE:+--clean-cache "$CLEAN_CACHE"} ${WORKERS:+--workers "$WORKERS"} -o "$RUN/eval-$what.json"
 done
 "$BIN/report" attack-table "$RUN" > "$RUN/table.txt.tmp"
 mv "$RUN/table.txt.tmp" "$RUN/table.txt"
