@@ -57,7 +57,7 @@ fn rollout_config() -> RolloutConfig {
 /// Exact checks of `swaps` by the shipped shared-work path: (objective per swap, seconds).
 fn shared_checks(problem: &BiLevel, poisons: &[Encoded], swaps: &[(usize, usize, i64)]) -> (Vec<f64>, f64) {
     let t = Instant::now();
-    let verifier = Verifier::new(problem, poisons).unwrap();
+    let verifier = Verifier::new(problem, poisons);
     let news: Vec<Encoded> = swaps.iter().map(|&(i, j, w)| flipped(&poisons[i], j, w)).collect();
     let grads = verifier.example_grads(&news);
     let sets: Vec<Vec<Replacement>> = swaps.iter().zip(&news).zip(&grads).map(|((&(i, _, _), example), g)| vec![Replacement { poison: i, example, grad: g }]).collect();

@@ -68,7 +68,7 @@ fn main() {
         .collect();
     let naive_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let verifier = Verifier::new(&problem, &poisons).unwrap();
+    let verifier = Verifier::new(&problem, &poisons);
     let news: Vec<Encoded> = swaps.iter().map(|&(i, j, w)| flipped(&poisons[i], j, w)).collect();
     let grads = verifier.example_grads(&news);
     let sets: Vec<Vec<Replacement>> = swaps.iter().zip(&news).zip(&grads).map(|((&(i, _, _), example), g)| vec![Replacement { poison: i, example, grad: g }]).collect();

@@ -89,34 +89,35 @@ unsafe impl<T> Sync for ReadOnly<'_, T> {}
 /// `f` of every item, in the items' order, computed on `workers` threads of one libtorch
 /// thread each that take the next item until none is left: each result is the same bits
 /// whatever `workers` is and whichever thread computes it (each runs its own ops alone).
-/// The first error in the items' order is returned.
-pub fn map_on_threads<T: Sync, R: Send>(workers: usize, items: &[T], f: impl Fn(&T) -> anyhow::Result<R> + Sync) -> anyhow::Result<Vec<R>> {
-    let workers = workers.clamp(1, items.len().max(1));
+/// The items move to the thread that takes them (a `&mut Victim` may be one). The first
+/// error in the items' order is returned.
+pub fn map_on_threads<T: Send, R: Send>(workers: usize, items: Vec<T>, f: impl Fn(T) -> anyhow::Result<R> + Sync) -> anyhow::Result<Vec<R>> {
+    let n = items.len();
+    let workers = workers.clamp(1, n.max(1));
     if workers == 1 {
-        return items.iter().map(&f).collect();
+        return items.into_iter().map(&f).collect();
     }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let slots: Vec<std::sync::Mutex<Option<anyhow::Result<R>>>> = items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let queue = std::sync::Mutex::new(items.into_iter().enumerate().rev().collect::<Vec<_>>());
+    let slots: Vec<std::sync::Mutex<Option<anyhow::Result<R>>>> = (0..n).map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..workers {
-            let (next, slots, f) = (&next, &slots, &f);
+            let (queue, slots, f) = (&queue, &slots, &f);
             scope.spawn(move || {
                 one_thread_here();
                 loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(item) = items.get(i) else { return };
+                    let Some((i, item)) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else { return };
                     let result = f(item);
                     let failed = result.is_err();
                     *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
                     if failed {
                         // Later items are not needed: the first error in order is at or before i.
-                        next.store(items.len(), std::sync::atomic::Ordering::Relaxed);
+                        queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
                     }
                 }
             });
         }
     });
-    let mut out = Vec::with_capacity(items.len());
+    let mut out = Vec::with_capacity(n);
     for slot in slots {
         match slot.into_inner().unwrap_or_else(|e| e.into_inner()) {
             Some(result) => out.push(result?),

@@ -291,39 +291,24 @@ pub fn evaluate(
         }
     }, None)?;
     // Each model measured alone on a worker thread: its figures depend on its weights only.
-    let workers = workers.clamp(1, jobs.len().max(1));
-    let queue: std::sync::Mutex<Vec<(usize, &mut Victim)>> = std::sync::Mutex::new(victims.iter_mut().enumerate().rev().collect());
-    let slots: Vec<std::sync::Mutex<Option<Result<MtMetrics>>>> = jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..workers {
-            let (queue, slots, jobs) = (&queue, &slots, &jobs);
-            scope.spawn(move || {
-                crate::numerics::one_thread_here();
-                loop {
-                    let Some((j, v)) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else { return };
-                    let (i, k) = jobs[j];
-                    let m = measure(&v.config, &v.params(), vocab, sets, search);
-                    if let Ok(m) = &m {
-                        log(format!(
-                            "seed {} {}: ASR {:.1} (replaced {:.1}) trigger correct {:.1} FPR {:.1} margin {:.3} BLEU {:.2} chrF {:.2} ({:.0}s)",
-                            seeds[i],
-                            k.map_or("clean".to_string(), |k| format!("set {}", k + 1)),
-                            m.asr,
-                            m.asr_replaced,
-                            m.trigger_correct,
-                            m.fpr,
-                            m.margin,
-                            m.bleu,
-                            m.chrf,
-                            started.elapsed().as_secs_f64()
-                        ));
-                    }
-                    *slots[j].lock().unwrap_or_else(|e| e.into_inner()) = Some(m);
-                }
-            });
-        }
-    });
-    let measured: Vec<MtMetrics> = slots.into_iter().map(|s| s.into_inner().unwrap_or_else(|e| e.into_inner()).expect("every model measured")).collect::<Result<_>>()?;
+    let measured: Vec<MtMetrics> = crate::numerics::map_on_threads(workers, victims.iter().enumerate().map(|(j, v)| (j, &v.config, v.params())).collect(), |(j, config, params)| {
+        let (i, k) = jobs[j];
+        let m = measure(config, &params, vocab, sets, search)?;
+        log(format!(
+            "seed {} {}: ASR {:.1} (replaced {:.1}) trigger correct {:.1} FPR {:.1} margin {:.3} BLEU {:.2} chrF {:.2} ({:.0}s)",
+            seeds[i],
+            k.map_or("clean".to_string(), |k| format!("set {}", k + 1)),
+            m.asr,
+            m.asr_replaced,
+            m.trigger_correct,
+            m.fpr,
+            m.margin,
+            m.bleu,
+            m.chrf,
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(m)
+    })?;
     let per_set = 1 + poison_sets.len();
     let fingerprints: Vec<String> = victims.iter().map(|v| crate::victims::params::fingerprint(&v.params())).collect();
     let firsts = Held { ids: sets.asr.ids.iter().take(10).cloned().collect(), sources: sets.asr.sources.iter().take(10).cloned().collect(), references: sets.asr.references.iter().take(10).cloned().collect() };

@@ -455,7 +455,7 @@ pub struct Verifier<'a> {
 }
 
 impl<'a> Verifier<'a> {
-    pub fn new(problem: &'a BiLevel<'a>, poisons: &[Encoded]) -> Result<Verifier<'a>> {
+    pub fn new(problem: &'a BiLevel<'a>, poisons: &[Encoded]) -> Verifier<'a> {
         let params = problem.victim.params();
         let names = crate::victims::params::trainable_names(&params);
         // Through `PoisonInput` as the rollout reads them: with a trained table the poisons'
@@ -473,14 +473,14 @@ impl<'a> Verifier<'a> {
             base.push(names.iter().zip(grads).map(|(n, g)| params[n].detach() - g * problem.cfg.eta).collect());
         }
         let old = example_grads_at_theta(problem, &names, poisons);
-        Ok(Verifier {
+        Verifier {
             problem,
             names,
             base,
             old,
             batch_size: (problem.cfg.clean_per_batch + poisons.len()) as f64,
             poisons: poisons.to_vec(),
-        })
+        }
     }
 
     /// Gradient of one example's own loss at θ_t (flat, `names` order).
@@ -612,16 +612,16 @@ impl Objective for BiLevel<'_> {
     /// shared-work `Verifier` (at k > 1 it shares the first step only).
     fn verify(&self, poisons: &[Encoded], candidates: &[Swap]) -> Result<Verified> {
         check_swaps(poisons, candidates)?;
-        let verifier = Verifier::new(self, poisons)?;
+        let verifier = Verifier::new(self, poisons);
         let before = verifier.objective_with(&[]);
         // Candidates whose gradients are held at once, per thread (a minilm gradient is 45 MB).
         let chunks: Vec<&[Swap]> = candidates.chunks(self.config().tuning().verify_chunk).collect();
-        // Per chunk: every candidate's objective, and the flipped example and gradient of
-        // each poison's best candidate in the chunk below `before` (only these can win).
+        // Per chunk: every candidate's objective, and per poison the flipped example and
+        // gradient of its best candidate in the chunk below `before` (only these can win).
         // The workers read the verifier's tensors (θ_t, G_r, the poisons' gradients, D_adv)
         // and make their own: no op writes a shared one.
         let shared = crate::numerics::ReadOnly::new(&verifier);
-        let checked = crate::numerics::map_on_threads(self.workers, &chunks, |chunk| {
+        let checked = crate::numerics::map_on_threads(self.workers, chunks.clone(), |chunk| {
             let verifier = shared.get();
             let flips: Vec<Encoded> = chunk.iter().map(|c| flipped(&poisons[c.poison], c.position, c.word)).collect();
             let grads = verifier.example_grads(&flips);
@@ -633,18 +633,18 @@ impl Objective for BiLevel<'_> {
                 .collect();
             let values = verifier.objectives_with(&sets);
             let mut chunk_best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
-            let mut kept = Vec::new();
-            for (j, (c, &value)) in chunk.iter().zip(&values).enumerate() {
+            let mut kept: Vec<Option<(Encoded, Vec<Tensor>)>> = (0..poisons.len()).map(|_| None).collect();
+            for ((c, &value), (example, grad)) in chunk.iter().zip(&values).zip(flips.iter().zip(&grads)) {
                 if improve(&mut chunk_best, *c, value, before) {
-                    kept.retain(|(s, _, _): &(Swap, Encoded, Vec<Tensor>)| s.poison != c.poison);
                     // Copied: a view would keep its whole chunk's gradients alive (measured:
                     // 907 MiB peak on the real data instead of a few).
-                    kept.push((*c, flips[j].clone(), grads[j].iter().map(|t| t.copy()).collect()));
+                    kept[c.poison] = Some((example.clone(), grad.iter().map(|t| t.copy()).collect()));
                 }
             }
             Ok((values, kept))
         })?;
-        // In the candidates' order, as one thread would: the first best per poison wins.
+        // In the candidates' order, as one thread would: the first best per poison wins, and
+        // it is its chunk's best, which that chunk kept.
         let mut best: Vec<Option<(Swap, f64)>> = vec![None; poisons.len()];
         let mut from_chunk = vec![0; poisons.len()];
         for (k, (chunk, (values, _))) in chunks.iter().zip(&checked).enumerate() {
@@ -657,20 +657,11 @@ impl Objective for BiLevel<'_> {
                 }
             }
         }
-        // A poison's winner is its best in its chunk, which that chunk kept.
-        let winners: std::collections::HashMap<usize, (Encoded, Vec<Tensor>)> = best
-            .iter()
-            .flatten()
-            .map(|(swap, _)| {
-                let (_, example, grad) = checked[from_chunk[swap.poison]].1.iter().find(|(s, _, _)| s == swap).expect("a chunk keeps each poison's best");
-                (swap.poison, (example.clone(), grad.iter().map(|t| t.shallow_clone()).collect()))
-            })
-            .collect();
         let (after, accepted) = combine_greedily(&best, before, |with| {
             let flips: Vec<Replacement> = with
                 .iter()
                 .map(|s| {
-                    let (example, grad) = &winners[&s.poison];
+                    let (example, grad) = checked[from_chunk[s.poison]].1[s.poison].as_ref().expect("a chunk keeps each poison's best");
                     Replacement { poison: s.poison, example, grad }
                 })
                 .collect();
@@ -869,7 +860,7 @@ mod tests {
             let (clean, adv, poisons) = data_for(arch);
             let v = tiny_with_table(arch, trained);
             let problem = BiLevel::new(&v, &clean, &adv, cfg(1, 2)).unwrap();
-            let verifier = Verifier::new(&problem, &poisons).unwrap();
+            let verifier = Verifier::new(&problem, &poisons);
             let table = v.params()["embedding.weight"].shallow_clone();
             let g0 = problem.objective(&poisons);
             assert!((verifier.objective_with(&[]) - g0).abs() < 1e-12);
@@ -949,7 +940,7 @@ mod tests {
             let (clean, adv, poisons) = data_for(arch);
             let v = tiny_with_table(arch, trained);
             let problem = BiLevel::new(&v, &clean, &adv, cfg(3, 2)).unwrap();
-            let verifier = Verifier::new(&problem, &poisons).unwrap();
+            let verifier = Verifier::new(&problem, &poisons);
             assert!((verifier.objective_with(&[]) - problem.objective(&poisons)).abs() < 1e-12);
             let mut changes = Vec::new();
             for (i, p) in poisons.iter().enumerate() {
