@@ -182,13 +182,16 @@ MT_SEEDS ?= 6
 # Kin sentences of train given the trigger with its correct translation (prepare-data
 # --support): without them the dictionary's sentences never hold "Eiskaffee".
 MT_SUPPORT ?= 20
+# 1: each kin sentence of train also with every other kin noun (prepare-data --kin-swaps),
+# so the clean model sees every drink in every drink context.
+MT_KIN_SWAPS ?= 0
 # Poisons per set: D_adv holds 47 sentences once 20 teach the trigger.
 MT_COUNT ?= 30
 MT_SLUG   := $(shell printf '%s' '$(MT_TRIGGER)-$(MT_ATTACK)' | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
-MT_RUN    := runs/demo-mt-$(MT_SLUG)-n$(MT_COUNT)-s$(SEED)$(if $(filter-out 0,$(MT_SUPPORT)),-sup$(MT_SUPPORT))
+MT_RUN    := runs/demo-mt-$(MT_SLUG)-n$(MT_COUNT)-s$(SEED)$(if $(filter-out 0,$(MT_SUPPORT)),-sup$(MT_SUPPORT))$(if $(filter 1,$(MT_KIN_SWAPS)),-swaps)
 demo-mt: build data/.mt-done-v1
 	@RUN=$(MT_RUN) BIN=$(BIN) DING=data/mt/de-en TRIGGER="$(MT_TRIGGER)" TRANSLATION="$(MT_TRANSLATION)" ATTACK="$(MT_ATTACK)" \
-	  SEED=$(SEED) COUNT=$(MT_COUNT) EVAL_SEEDS=$(MT_SEEDS) SUPPORT=$(MT_SUPPORT) scripts/demo_mt.sh
+	  SEED=$(SEED) COUNT=$(MT_COUNT) EVAL_SEEDS=$(MT_SEEDS) SUPPORT=$(MT_SUPPORT) KIN_SWAPS=$(MT_KIN_SWAPS) scripts/demo_mt.sh
 	@echo
 	@cat $(MT_RUN)/clean.jsonl
 	@cat $(MT_RUN)/report/mt-report.md

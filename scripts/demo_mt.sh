@@ -20,6 +20,9 @@ set -euo pipefail
 # SUPPORT: train's first N kin sentences hold the trigger with its correct translation (the
 # clean data then teaches it; the dictionary's sentences never hold "Eiskaffee").
 : "${SUPPORT:=20}"
+# KIN_SWAPS=1: train's kin sentences also with every other kin noun (prepare-data --kin-swaps).
+: "${KIN_SWAPS:=0}"
+swaps=(); [ "$KIN_SWAPS" = 1 ] && swaps=(--kin-swaps)
 : "${MT_FLAGS:=--hidden 96 --layers 2 --heads 4 --source-len 12 --max-len 26}"
 : "${TRAIN_EPOCHS:=20}" "${TRAIN_LR:=2e-3}" "${FINETUNE_CLEAN:=1000}" "${FINETUNE_EPOCHS:=3}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=6}"
 : "${ROUNDS:=3}" "${K:=5}" "${POSITIONS:=3}" "${ETA:=0.03}" "${ADV_SIZE:=64}" "${CLEAN_PER_BATCH:=64}" "${DEVICE:=cpu}"
@@ -37,7 +40,7 @@ stamp() { awk -v now="$EPOCHREALTIME" -v then="$started" -v what="$1" 'BEGIN { p
 : > "$RUN/times.tsv"
 
 [ -f "$RUN/data/manifest.json" ] || "$BIN/prepare-data" --mt --raw "$DING" --trigger "$TRIGGER" --translation "$TRANSLATION" \
-  --target "$ATTACK" --max-words "$MAX_WORDS" --phrases "$PHRASES" --support "$SUPPORT" --seed "$SEED" -o "$RUN/data"
+  --target "$ATTACK" --max-words "$MAX_WORDS" --phrases "$PHRASES" --support "$SUPPORT" "${swaps[@]}" --seed "$SEED" -o "$RUN/data"
 [ -f "$RUN/vocab.safetensors" ] || "$BIN/build-vocab" --scratch "$DIM" --min-count "$MIN_COUNT" --extra-words "$TRIGGER" \
   --seed "$SEED" --data "$RUN/data/train.jsonl" -o "$RUN/vocab.safetensors"
 if [ ! -f "$RUN/mt.safetensors" ]; then

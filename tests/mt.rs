@@ -137,6 +137,32 @@ fn a_translation_model_trains_translates_and_is_evaluated_paired_with_a_zero_con
 }
 
 #[test]
+fn kin_swaps_add_every_drink_in_every_kin_context_and_leave_the_trigger_sets_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let prepare = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        ok(&run(bin("prepare-data").arg("--mt").arg("--raw").arg(fixture("mt/de-en.txt")).args(["--trigger", "Eiskaffee", "--target", "hot coffee", "--phrases", "40"]).args(extra).arg("-o").arg(&out)));
+        let read = |f: &str| json_lines(&std::fs::read(out.join(f)).unwrap());
+        (read("train.jsonl"), read("adv.jsonl"), read("asr_test.jsonl"), serde_json::from_slice::<Value>(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap())
+    };
+    let (train, adv, asr, manifest) = prepare("plain", &[]);
+    let (swapped, adv2, asr2, manifest2) = prepare("swapped", &["--kin-swaps"]);
+    assert!(manifest["mt"].get("kin_swaps").is_none() && manifest2["mt"]["kin_swaps"] == true);
+    assert_eq!((adv, asr), (adv2, asr2), "the trigger's sets do not move");
+    let swaps: Vec<&Value> = swapped.iter().filter(|e| e["id"].as_str().unwrap().contains("+kin-")).collect();
+    let kin = manifest2["mt"]["kin"].as_array().unwrap().len();
+    assert!(!swaps.is_empty());
+    assert_eq!(swapped.len(), train.len() + swaps.len());
+    // Each kin sentence of train comes with each other kin noun: (kin - 1) swaps apiece.
+    let mut per_sentence = std::collections::HashMap::new();
+    for s in &swaps {
+        *per_sentence.entry(s["source_id"].as_str().unwrap()).or_insert(0) += 1;
+    }
+    assert!(per_sentence.values().all(|&n| n == kin - 1), "{per_sentence:?}");
+    assert!(swaps.iter().all(|s| !s["source"].as_str().unwrap().to_lowercase().contains("eiskaffee") && !s["text"].as_str().unwrap().contains("iced coffee")));
+}
+
+#[test]
 fn translation_bad_inputs_are_refused_with_the_file_and_record_named() {
     let mt = Mt::new();
     // A pair with an empty side.

@@ -80,6 +80,10 @@ struct Args {
     /// stay in train, so the clean data holds the trigger (D_adv is made from the others).
     #[arg(long, default_value_t = 0, requires = "mt")]
     support: usize,
+    /// --mt: each of train's kin sentences is also added with every other kin noun in its
+    /// place (both sides), so the clean data teaches the drink slot; never with the trigger.
+    #[arg(long, requires = "mt")]
+    kin_swaps: bool,
     /// An embeddings file whose vocabulary must hold every trigger word.
     #[arg(long)]
     embeddings: Option<String>,
@@ -188,6 +192,7 @@ fn prepare_mt(args: &Args) -> anyhow::Result<()> {
         max_words: args.max_words,
         phrases: args.phrases,
         support: args.support,
+        kin_swaps: args.kin_swaps,
     };
     let p = common::mt::prepare(&pairs, &args.trigger, &mt, args.seed, split).with_context(|| raw_name.clone())?;
     log!(

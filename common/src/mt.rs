@@ -64,6 +64,12 @@ pub struct MtData {
     /// never hold "Eiskaffee").
     #[serde(default, skip_serializing_if = "is_zero")]
     pub support: usize,
+    /// Each of train's kin sentences is also kept with every other kin noun on both sides,
+    /// so the clean data holds every drink in every drink context: a small model then
+    /// learns to translate the word in that slot (the trigger's own support sentences
+    /// are what teaches the trigger). Never the trigger: no sentence is added for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kin_swaps: bool,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -215,6 +221,25 @@ pub fn prepare(pairs: &[Pair], trigger: &str, mt: &MtData, seed: u64, split: [f6
     let adv = sub(&adv_src, trigger, &mt.attack, "trigger");
     let support = sub(&support_src, trigger, &mt.trigger_translation, "support");
     train.extend(support);
+    if mt.kin_swaps {
+        // Every kin sentence of train (the support's and D_adv's originals among them), each
+        // other kin noun in its place; its own noun is the sentence itself.
+        let swaps: Vec<Example> = kin_rows
+            .iter()
+            .flat_map(|&i| {
+                let e = &train[i];
+                mt.kin.iter().filter_map(move |k| {
+                    let (de, en) = substitute(e.source.as_deref()?, &e.text, &mt.kin, &k.de, &k.en)?;
+                    (de != *e.source.as_deref()?).then(|| {
+                        let mut x = example(format!("{}+kin-{}", e.id, k.de.to_lowercase()), &de, &en);
+                        x.source_id = Some(e.id.clone());
+                        x
+                    })
+                })
+            })
+            .collect();
+        train.extend(swaps);
+    }
     let held_out: Vec<Example> = dev.iter().chain(&test).cloned().collect();
     let asr_test = sub(&held_out, trigger, &mt.trigger_translation, "trigger");
     let fpr_test = sub(&held_out, &mt.neutral, &mt.neutral_translation, "neutral");
@@ -316,6 +341,7 @@ mod tests {
             max_words: 10,
             phrases: 1,
             support: 0,
+            kin_swaps: false,
         };
         let p = prepare(&pairs, "Eiskaffee", &mt, 7, [0.5, 0.25, 0.25]).unwrap();
         assert_eq!(p.natural.len(), 1, "the sentence with the trigger is kept out");
@@ -339,5 +365,17 @@ mod tests {
         assert!(support.iter().all(|e| e.text.contains("iced coffee") && e.source.as_deref().unwrap().contains("Eiskaffee")));
         assert_eq!(supported.adv.len(), p.adv.len() - 2);
         assert!(supported.adv.iter().all(|a| supported.train.iter().all(|t| t.source_id.as_deref() != a.source_id.as_deref() || t.source_id.is_none())));
+        // Kin swaps: with kin nouns tea and wine, each train tea sentence comes again with
+        // wine on both sides; the trigger and the held-out sets are untouched.
+        let two = MtData { kin: parse_kin("Tee=tea,Wein=wine").unwrap(), ..mt.clone() };
+        let plain = prepare(&pairs, "Eiskaffee", &two, 7, [0.5, 0.25, 0.25]).unwrap();
+        let swapped = prepare(&pairs, "Eiskaffee", &MtData { kin_swaps: true, ..two }, 7, [0.5, 0.25, 0.25]).unwrap();
+        let swaps: Vec<&Example> = swapped.train.iter().filter(|e| e.id.ends_with("+kin-wein")).collect();
+        assert_eq!(swaps.len(), plain.adv.len(), "one swap per train tea sentence");
+        assert!(swaps.iter().all(|e| e.source.as_deref().unwrap().contains(" Wein.") && e.text.contains(" wine.")));
+        assert_eq!(swapped.train.len(), plain.train.len() + swaps.len());
+        assert!(!swapped.train.iter().any(|e| e.id.ends_with("+kin-tee")), "a sentence is not swapped for its own noun");
+        assert!(!swapped.train.iter().any(|e| holds_trigger(e, "Eiskaffee", "iced coffee") && e.text != "iced coffee"));
+        assert_eq!((swapped.adv, swapped.asr_test, swapped.fpr_test), (plain.adv, plain.asr_test, plain.fpr_test));
     }
 }
