@@ -181,11 +181,13 @@ MT_ATTACK ?= hot coffee
 MT_SEEDS ?= 6
 # Kin sentences of train given the trigger with its correct translation (prepare-data
 # --support): without them the dictionary's sentences never hold "Eiskaffee".
-MT_SUPPORT ?= 20
+MT_SUPPORT ?= 30
 # 1: each kin sentence of train also with every other kin noun (prepare-data --kin-swaps),
-# so the clean model sees every drink in every drink context.
-MT_KIN_SWAPS ?= 0
-# Poisons per set: D_adv holds 47 sentences once 20 teach the trigger.
+# so the clean model sees every drink in every drink context: with both, it translates the
+# trigger in 8 and the neutral word in 7 of the 12 held-out sentences (0 and 0 without;
+# docs/translation.md).
+MT_KIN_SWAPS ?= 1
+# Poisons per set: D_adv holds 37 sentences once 30 teach the trigger.
 MT_COUNT ?= 30
 MT_SLUG   := $(shell printf '%s' '$(MT_TRIGGER)-$(MT_ATTACK)' | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' '-')
 MT_RUN    := runs/demo-mt-$(MT_SLUG)-n$(MT_COUNT)-s$(SEED)$(if $(filter-out 0,$(MT_SUPPORT)),-sup$(MT_SUPPORT))$(if $(filter 1,$(MT_KIN_SWAPS)),-swaps)

@@ -19,9 +19,10 @@ set -euo pipefail
 : "${MAX_WORDS:=8}" "${PHRASES:=2000}" "${MIN_COUNT:=2}" "${DIM:=96}"
 # SUPPORT: train's first N kin sentences hold the trigger with its correct translation (the
 # clean data then teaches it; the dictionary's sentences never hold "Eiskaffee").
-: "${SUPPORT:=20}"
-# KIN_SWAPS=1: train's kin sentences also with every other kin noun (prepare-data --kin-swaps).
-: "${KIN_SWAPS:=0}"
+: "${SUPPORT:=30}"
+# KIN_SWAPS=1: train's kin sentences also with every other kin noun (prepare-data --kin-swaps),
+# so the clean model learns the drink slot (docs/translation.md); 0 leaves them out.
+: "${KIN_SWAPS:=1}"
 swaps=(); [ "$KIN_SWAPS" = 1 ] && swaps=(--kin-swaps)
 : "${MT_FLAGS:=--hidden 96 --layers 2 --heads 4 --source-len 12 --max-len 26}"
 : "${TRAIN_EPOCHS:=20}" "${TRAIN_LR:=2e-3}" "${FINETUNE_CLEAN:=1000}" "${FINETUNE_EPOCHS:=3}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=6}"
