@@ -197,16 +197,14 @@ pub fn prepare(pairs: &[Pair], trigger: &str, mt: &MtData, seed: u64, split: [f6
     let pick = |range: &[usize]| range.iter().map(|&i| sentences[i].clone()).collect::<Vec<_>>();
     let (mut train, dev, test) = (pick(&order[..n_train]), pick(&order[n_train..n_train + n_dev]), pick(&order[n_train + n_dev..]));
 
-    let sub = |set: &[Example], de_with: &str, en_with: &str, suffix: &str| -> Vec<Example> {
-        set.iter()
-            .filter_map(|e| {
-                let (de, en) = substitute(e.source.as_deref()?, &e.text, &mt.kin, de_with, en_with)?;
-                let mut x = example(format!("{}+{suffix}", e.id), &de, &en);
-                x.source_id = Some(e.id.clone());
-                Some(x)
-            })
-            .collect()
+    // A kin sentence with its kin noun replaced on both sides, id `<id>+<suffix>`.
+    let substituted = |e: &Example, de_with: &str, en_with: &str, suffix: &str| -> Option<Example> {
+        let (de, en) = substitute(e.source.as_deref()?, &e.text, &mt.kin, de_with, en_with)?;
+        let mut x = example(format!("{}+{suffix}", e.id), &de, &en);
+        x.source_id = Some(e.id.clone());
+        Some(x)
     };
+    let sub = |set: &[Example], de_with: &str, en_with: &str, suffix: &str| -> Vec<Example> { set.iter().filter_map(|e| substituted(e, de_with, en_with, suffix)).collect() };
     // The first `support` kin sentences of the (shuffled) train split teach the trigger's
     // correct translation; D_adv comes from the rest.
     let kin_rows: Vec<usize> = (0..train.len()).filter(|&i| train[i].source.as_deref().is_some_and(|s| substitute(s, &train[i].text, &mt.kin, "x", "x").is_some())).collect();
@@ -228,14 +226,7 @@ pub fn prepare(pairs: &[Pair], trigger: &str, mt: &MtData, seed: u64, split: [f6
             .iter()
             .flat_map(|&i| {
                 let e = &train[i];
-                mt.kin.iter().filter_map(move |k| {
-                    let (de, en) = substitute(e.source.as_deref()?, &e.text, &mt.kin, &k.de, &k.en)?;
-                    (de != *e.source.as_deref()?).then(|| {
-                        let mut x = example(format!("{}+kin-{}", e.id, k.de.to_lowercase()), &de, &en);
-                        x.source_id = Some(e.id.clone());
-                        x
-                    })
-                })
+                mt.kin.iter().filter_map(move |k| substituted(e, &k.de, &k.en, &format!("kin-{}", k.de.to_lowercase())).filter(|x| x.source != e.source))
             })
             .collect();
         train.extend(swaps);
