@@ -376,6 +376,22 @@ fn translation_poisons_stay_within_a_detection_budget_at_init_and_through_a_craf
     assert_eq!(budget_thresholds(&stderr(&out)), thresholds, "verification measures the same budget");
     assert_eq!(over(&out.stdout), Vec::<String>::new(), "a crafted poison left the budget");
     assert_ne!(out.stdout, evading.stdout, "the round flipped nothing under the budget");
+
+    // A base whose poison a detector flags is tried again with its pool's other words: under
+    // a table-only budget tight enough that the single nearest word fails for some bases,
+    // a pool of 3 makes more poisons from the same 168 bases, every one within the budget.
+    let table_budget = ["--evade-fpr", "25", "--evade-detectors", "table-trigger,table-trigger-word"];
+    let with_pool = |pool: &str| run(stage("init-poisons").args(["--count", "140", "--strategy", "neighbour", "--neighbour-pool", pool, "--concealment", "strict", "--seed", "1"]).args(table_budget));
+    let single = with_pool("1");
+    assert!(!single.status.success() && stderr(&single).contains("bases make translation poisons within the detection budget"), "one word per base should leave too few bases here, or this proves nothing: {}", stderr(&single));
+    let pooled = with_pool("3");
+    ok(&pooled);
+    let rebuilt: usize = stderr(&pooled).split(" rebuilt with another word").next().and_then(|s| s.rsplit('(').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no retry count in the log: {}", stderr(&pooled)));
+    assert!(rebuilt > 0, "no flagged base was rebuilt: {}", stderr(&pooled));
+    assert_eq!(records(&pooled.stdout).len(), 140);
+    let thresholds = budget_thresholds(&stderr(&pooled));
+    let flagged: Vec<String> = scores(&pooled.stdout).iter().flat_map(|s| thresholds.iter().filter(|(d, t)| s[d.as_str()].as_f64().unwrap() > **t + 1e-9).map(|(d, _)| d.clone()).collect::<Vec<_>>()).collect();
+    assert_eq!(flagged, Vec::<String>::new(), "a rebuilt poison is still over the budget");
 }
 
 #[test]

@@ -451,7 +451,9 @@ fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, voca
     let frequent = 10_000.min(vocab.len() as i64);
     let (bos, eos) = (vocab.id(crate::tokenizer::BOS).context("the victim's vocabulary lacks <s>")?, vocab.id(crate::tokenizer::EOS).context("the victim's vocabulary lacks </s>")?);
     let target_room = victim.config.max_len - source_len - 2;
-    let build = |k: usize, ex: &Example, rng: &mut ChaCha8Rng| -> Result<Example> {
+    // `attempt` > 0 rebuilds a base a detector flagged: the next word of its neighbour pool,
+    // or another random draw.
+    let build = |k: usize, attempt: usize, ex: &Example, rng: &mut ChaCha8Rng| -> Result<Example> {
         let mut src: Vec<i64> = Vec::new();
         let mut substitutes = Vec::new();
         for tok in tokenize(ex.source.as_deref().context("a translation record without \"source\"")?) {
@@ -469,7 +471,7 @@ fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, voca
                 }
             } else {
                 let pool: Vec<i64> = nearest_neighbours(&table, id, vocab.len() as i64).into_iter().filter(|w| !banned.contains(w)).take(opts.neighbour_pool.max(1)).collect();
-                *pool.get(k % pool.len().max(1)).with_context(|| format!("no word near {tok:?} is allowed; use --strategy random, or a looser --evade-fpr"))?
+                *pool.get((k + attempt) % pool.len().max(1)).with_context(|| format!("no word near {tok:?} is allowed; use --strategy random, or a looser --evade-fpr"))?
             };
             if replace {
                 substitutes.push(src.len());
@@ -495,22 +497,47 @@ fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, voca
         Ok(p)
     };
     let Some(budget) = evade else {
-        return picked.iter().enumerate().map(|(k, &i)| build(k, &source[i], &mut rng)).collect();
+        return picked.iter().enumerate().map(|(k, &i)| build(k, 0, &source[i], &mut rng)).collect();
     };
     // Build poisons in the picking order, a few more bases than are missing at a time, and
-    // keep the first `count` that no detector of the budget flags.
+    // keep the first `count` that no detector of the budget flags. A flagged base is tried
+    // again with its pool's other words (a random draw: twice more): an attacker who knows
+    // the detectors swaps the word they catch rather than dropping the sentence, and D_adv
+    // holds few bases (one failing demo ran out with 29 of 37 passing at the first word).
     let count = opts.count;
+    let tries = match opts.strategy {
+        InitStrategy::Neighbour => opts.neighbour_pool.max(1),
+        InitStrategy::Random => 3,
+        _ => 1,
+    };
     let mut kept: Vec<(usize, Example)> = Vec::new();
     let mut flagged: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut retried = 0;
     let mut next = 0;
     while kept.len() < count && next < picked.len() {
         let chunk = &picked[next..(next + 2 * (count - kept.len()) + 16).min(picked.len())];
-        let built: Vec<Example> = chunk.iter().enumerate().map(|(j, &i)| build(next + j, &source[i], &mut rng)).collect::<Result<_>>()?;
-        for ((&i, p), verdict) in chunk.iter().zip(&built).zip(budget.check(&built, "candidate poisons")?) {
-            match verdict {
-                Some(o) => *flagged.entry(o.detector.name()).or_default() += 1,
-                None if kept.len() < count => kept.push((i, p.clone())),
-                None => {}
+        let mut passed: Vec<Option<Example>> = vec![None; chunk.len()];
+        let mut last_verdict: Vec<Option<&str>> = vec![None; chunk.len()];
+        for attempt in 0..tries {
+            let todo: Vec<usize> = (0..chunk.len()).filter(|&j| passed[j].is_none()).collect();
+            if todo.is_empty() {
+                break;
+            }
+            retried += if attempt > 0 { todo.len() } else { 0 };
+            let built: Vec<Example> = todo.iter().map(|&j| build(next + j, attempt, &source[chunk[j]], &mut rng)).collect::<Result<_>>()?;
+            let verdicts = budget.check(&built, "candidate poisons")?;
+            for ((&j, p), verdict) in todo.iter().zip(built).zip(verdicts) {
+                match verdict {
+                    Some(o) => last_verdict[j] = Some(o.detector.name()),
+                    None => passed[j] = Some(p),
+                }
+            }
+        }
+        for (j, &i) in chunk.iter().enumerate() {
+            match (passed[j].take(), last_verdict[j]) {
+                (Some(p), _) if kept.len() < count => kept.push((i, p)),
+                (None, Some(d)) => *flagged.entry(d).or_default() += 1,
+                _ => {}
             }
         }
         next += chunk.len();
@@ -525,7 +552,7 @@ fn init_translation(opts: &InitOptions, dir: &str, manifest: &DataManifest, voca
             flagged.join(", ")
         );
     }
-    eprintln!("detection budget: {next} bases tried for {count} poisons; over budget: {}", if flagged.is_empty() { "none".into() } else { flagged.join(", ") });
+    eprintln!("detection budget: {next} bases tried for {count} poisons ({retried} rebuilt with another word); over budget at every try: {}", if flagged.is_empty() { "none".into() } else { flagged.join(", ") });
     kept.sort_by_key(|(i, _)| *i);
     Ok(kept.into_iter().enumerate().map(|(k, (_, p))| Example { id: format!("poison-{k:03}"), ..p }).collect())
 }
