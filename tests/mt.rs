@@ -358,9 +358,10 @@ fn translation_poisons_stay_within_a_detection_budget_at_init_and_through_a_craf
         c.args(["--trigger", "Eiskaffee", "--trained-table"]).arg(mt.model()).arg("--reference").arg(mt.data().join("train.jsonl"));
         json_lines(&ok(&run_with_stdin(&mut c, poisons)).stdout).into_iter().map(|r| r["scores"].as_object().unwrap().clone()).collect()
     };
-    let over = |set: &[u8]| -> Vec<String> {
+    let over_thresholds = |set: &[u8], thresholds: &std::collections::BTreeMap<String, f64>| -> Vec<String> {
         scores(set).iter().flat_map(|s| thresholds.iter().filter(|(d, t)| s[d.as_str()].as_f64().unwrap() > **t + 1e-9).map(|(d, _)| d.clone()).collect::<Vec<_>>()).collect()
     };
+    let over = |set: &[u8]| over_thresholds(set, &thresholds);
     assert!(over(&plain.stdout).iter().any(|d| d == "table-trigger-word"), "without a budget some nearest neighbour is close to the trigger in the trained table, or this test proves nothing");
     assert_eq!(over(&evading.stdout), Vec::<String>::new(), "a poison made under the budget is flagged");
     assert_eq!(records(&evading.stdout).len(), 8);
@@ -378,20 +379,22 @@ fn translation_poisons_stay_within_a_detection_budget_at_init_and_through_a_craf
     assert_ne!(out.stdout, evading.stdout, "the round flipped nothing under the budget");
 
     // A base whose poison a detector flags is tried again with its pool's other words: under
-    // a table-only budget tight enough that the single nearest word fails for some bases,
-    // a pool of 3 makes more poisons from the same 168 bases, every one within the budget.
+    // a table-only budget tight enough that the single nearest word fails for some of the 168
+    // bases, a pool of 3 (which tries that word too) makes more poisons, all within the budget.
     let table_budget = ["--evade-fpr", "25", "--evade-detectors", "table-trigger,table-trigger-word"];
-    let with_pool = |pool: &str| run(stage("init-poisons").args(["--count", "140", "--strategy", "neighbour", "--neighbour-pool", pool, "--concealment", "strict", "--seed", "1"]).args(table_budget));
-    let single = with_pool("1");
-    assert!(!single.status.success() && stderr(&single).contains("bases make translation poisons within the detection budget"), "one word per base should leave too few bases here, or this proves nothing: {}", stderr(&single));
-    let pooled = with_pool("3");
+    let with_pool = |pool: &str, count: usize| run(stage("init-poisons").args(["--count", &count.to_string(), "--strategy", "neighbour", "--neighbour-pool", pool, "--concealment", "strict", "--seed", "1"]).args(table_budget));
+    let single = with_pool("1", 168);
+    assert!(!single.status.success(), "one word per base should leave too few bases here, or this proves nothing: {}", stderr(&single));
+    let passing: usize = stderr(&single).split("only ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no count of passing bases in: {}", stderr(&single)));
+    let pooled = with_pool("3", passing + 1);
     ok(&pooled);
     let rebuilt: usize = stderr(&pooled).split(" rebuilt with another word").next().and_then(|s| s.rsplit('(').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no retry count in the log: {}", stderr(&pooled)));
     assert!(rebuilt > 0, "no flagged base was rebuilt: {}", stderr(&pooled));
-    assert_eq!(records(&pooled.stdout).len(), 140);
-    let thresholds = budget_thresholds(&stderr(&pooled));
-    let flagged: Vec<String> = scores(&pooled.stdout).iter().flat_map(|s| thresholds.iter().filter(|(d, t)| s[d.as_str()].as_f64().unwrap() > **t + 1e-9).map(|(d, _)| d.clone()).collect::<Vec<_>>()).collect();
-    assert_eq!(flagged, Vec::<String>::new(), "a rebuilt poison is still over the budget");
+    assert_eq!(records(&pooled.stdout).len(), passing + 1);
+    // The log prints each threshold to 4 decimals, and at 25 % FPR a poison's word can score
+    // the threshold itself (a clean word of the quantile): compare against it rounded up.
+    let logged = budget_thresholds(&stderr(&pooled)).into_iter().map(|(d, t)| (d, t + 5e-5)).collect();
+    assert_eq!(over_thresholds(&pooled.stdout, &logged), Vec::<String>::new(), "a rebuilt poison is still over the budget");
 }
 
 #[test]
