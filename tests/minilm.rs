@@ -177,7 +177,7 @@ fn wordpiece_vocabularies_answer_what_the_stages_ask() {
     assert_eq!(*ids.last().unwrap(), 102);
     assert_eq!(v.decode(&v.encode("unaffable pseudointellectual")), "unaffable pseudointellectual");
     // A victim file's token list rebuilds the same tokenizer.
-    let again = Vocab::from_parts(v.words().to_vec(), v.tokenizer_name()).unwrap();
+    let again = Vocab::from_parts(v.words().to_vec(), v.tokenizer_name(), None).unwrap();
     assert_eq!(again.encode("Bond's brats"), v.encode("Bond's brats"));
     assert_eq!(again.sha256(), v.sha256());
 }

@@ -136,7 +136,35 @@ fn choose(logits: &[f64], sampling: Sampling, rng: &mut ChaCha8Rng) -> i64 {
 }
 
 /// Words joined by spaces: how a word-level language model's text reads.
+/// Each row's next-token log-probabilities: for row r, `out[r][t]` = log p(ids[t + 1] |
+/// ids[..=t]), from no-grad passes over right-padded batches of `batch` rows (a causal
+/// model's row does not read its padding). Rows must fit the model's context.
+pub fn next_token_logprobs(config: &VictimConfig, params: &Params, rows: &[Vec<i64>], batch: usize) -> Vec<Vec<f64>> {
+    let device = params.values().next().map_or(Device::Cpu, |t| t.device());
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(batch.max(1)) {
+        let (ids, _, _) = crate::encode::padded(&chunk.iter().map(Vec::as_slice).collect::<Vec<_>>(), device);
+        let logp = tch::no_grad(|| crate::victims::model::logits(config, params, &ids, crate::victims::model::Pass::NoGrad).log_softmax(-1, Kind::Float));
+        for (r, row) in chunk.iter().enumerate() {
+            if row.len() < 2 {
+                out.push(Vec::new());
+                continue;
+            }
+            let n = row.len() as i64 - 1;
+            let next = Tensor::from_slice(&row[1..]).to_device(device).unsqueeze(-1);
+            let picked = logp.get(r as i64).narrow(0, 0, n).gather(-1, &next, false).squeeze_dim(-1).to_kind(Kind::Double).to_device(Device::Cpu);
+            out.push(Vec::try_from(picked).expect("a vector of log-probabilities"));
+        }
+    }
+    out
+}
+
+/// Readable text of generated token ids: a BPE vocabulary's bytes decoded, other
+/// vocabularies' words joined by spaces.
 pub fn detokenize(vocab: &Vocab, ids: &[i64]) -> String {
+    if vocab.is_bpe() {
+        return vocab.decode(ids);
+    }
     ids.iter().map(|&i| vocab.word(i)).collect::<Vec<_>>().join(" ")
 }
 

@@ -3,8 +3,9 @@
 //! separated, curly quotes normalised. The vocabulary maps words to rows of the embedding
 //! table; index 0 is padding and 1 the unknown word.
 
+use crate::bpe::{Bpe, BpeSpec};
 use crate::wordpiece::WordPiece;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 
 pub const PAD: &str = "<pad>";
@@ -112,7 +113,8 @@ fn push_word(word: &str, out: &mut Vec<String>) {
 
 /// Token → row of the embedding table: GloVe words (`tokenize`, then one row per word,
 /// `<pad>` = 0, `<unk>` = 1) or, for the MiniLM victim, BERT's WordPiece pieces
-/// (`[CLS] pieces [SEP]`, `[PAD]` = 0). Every stage reads text through this type, so the
+/// (`[CLS] pieces [SEP]`, `[PAD]` = 0), or a pretrained language model's byte-level BPE
+/// pieces (`bpe::Bpe`). Every stage reads text through this type, so the
 /// pipeline is the same for both; what differs is answered here (which ids are special,
 /// what the trigger's tokens are, how ids read back as text).
 #[derive(Clone)]
@@ -120,16 +122,20 @@ pub struct Vocab {
     words: Vec<String>,
     index: HashMap<String, i64>,
     wordpiece: Option<WordPiece>,
+    bpe: Option<Bpe>,
 }
 
 impl std::fmt::Debug for Vocab {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Vocab({} {})", self.len(), if self.is_wordpiece() { "pieces" } else { "words" })
+        write!(f, "Vocab({} {})", self.len(), if self.is_wordpiece() { "pieces" } else if self.is_bpe() { "BPE pieces" } else { "words" })
     }
 }
 
 /// What a victim file records as its tokenizer (metadata `tokenizer`; absent = words).
 pub const WORDPIECE: &str = "wordpiece";
+/// Byte-level BPE; its settings are the victim file's metadata `bpe` (`bpe::BpeSpec`
+/// without the tokens, which are the vocabulary).
+pub const BPE: &str = "bpe";
 
 impl Vocab {
     /// `words[0]` must be `<pad>` and `words[1]` `<unk>`.
@@ -143,28 +149,59 @@ impl Vocab {
                 bail!("the vocabulary lists {w:?} twice");
             }
         }
-        Ok(Vocab { words, index, wordpiece: None })
+        Ok(Vocab { words, index, wordpiece: None, bpe: None })
     }
 
     /// The pieces of a WordPiece tokenizer as a vocabulary.
     pub fn from_wordpiece(wp: WordPiece) -> Vocab {
         let words = wp.words().to_vec();
         let index = words.iter().enumerate().map(|(i, w)| (w.clone(), i as i64)).collect();
-        Vocab { words, index, wordpiece: Some(wp) }
+        Vocab { words, index, wordpiece: Some(wp), bpe: None }
     }
 
-    /// A vocabulary as a victim file stores it: its token list and tokenizer name.
-    pub fn from_parts(words: Vec<String>, tokenizer: Option<&str>) -> Result<Vocab> {
+    /// The pieces of a byte-level BPE tokenizer as a vocabulary (ids are the model's own:
+    /// id 0 is a piece like any other, not padding).
+    pub fn from_bpe(bpe: Bpe) -> Vocab {
+        let words = bpe.spec().tokens.clone();
+        let index = words.iter().enumerate().map(|(i, w)| (w.clone(), i as i64)).collect();
+        Vocab { words, index, wordpiece: None, bpe: Some(bpe) }
+    }
+
+    /// A vocabulary as a victim file stores it: its token list, tokenizer name and (BPE)
+    /// the tokenizer's settings.
+    pub fn from_parts(words: Vec<String>, tokenizer: Option<&str>, bpe: Option<&str>) -> Result<Vocab> {
         match tokenizer {
             None => Vocab::new(words),
             Some(WORDPIECE) => Ok(Vocab::from_wordpiece(WordPiece::from_words(words)?)),
-            Some(other) => bail!("unknown tokenizer {other:?} (this build knows words and {WORDPIECE})"),
+            Some(BPE) => {
+                let mut spec: BpeSpec = serde_json::from_str(bpe.context("a BPE vocabulary without its settings (metadata bpe)")?).context("the BPE settings")?;
+                spec.tokens = words;
+                Ok(Vocab::from_bpe(Bpe::new(spec)?))
+            }
+            Some(other) => bail!("unknown tokenizer {other:?} (this build knows words, {WORDPIECE} and {BPE})"),
         }
     }
 
     /// The tokenizer name a victim file records (`None`: GloVe words).
     pub fn tokenizer_name(&self) -> Option<&'static str> {
+        if self.bpe.is_some() {
+            return Some(BPE);
+        }
         self.wordpiece.as_ref().map(|_| WORDPIECE)
+    }
+
+    /// A BPE tokenizer's settings as the victim file stores them (metadata `bpe`).
+    pub fn bpe_settings(&self) -> Option<String> {
+        self.bpe.as_ref().map(|b| serde_json::to_string(b.spec()).expect("BPE settings serialise"))
+    }
+
+    pub fn is_bpe(&self) -> bool {
+        self.bpe.is_some()
+    }
+
+    /// The byte-level BPE tokenizer, if the vocabulary is one.
+    pub fn bpe(&self) -> Option<&Bpe> {
+        self.bpe.as_ref()
     }
 
     pub fn is_wordpiece(&self) -> bool {
@@ -193,6 +230,10 @@ impl Vocab {
 
     /// The unknown token's id.
     pub fn unk_id(&self) -> i64 {
+        if self.bpe.is_some() {
+            // Byte-level BPE has no unknown token: every text is pieces.
+            return -1;
+        }
         self.wordpiece.as_ref().map_or(UNK_ID, |wp| wp.unk())
     }
 
@@ -206,6 +247,9 @@ impl Vocab {
     /// Tokens that are not text (padding, unknown, `<s>`, `</s>`; for WordPiece also `[CLS]`, `[SEP]`,
     /// `[MASK]`, `[unusedN]`): never proposed as poison tokens, never replaced.
     pub fn is_special(&self, id: i64) -> bool {
+        if let Some(bpe) = &self.bpe {
+            return bpe.is_special(id);
+        }
         match &self.wordpiece {
             Some(wp) => wp.is_special(id),
             None => id == PAD_ID || id == UNK_ID || matches!(self.words.get(id as usize).map(String::as_str), Some(BOS | EOS)),
@@ -222,6 +266,9 @@ impl Vocab {
     pub fn encode(&self, text: &str) -> Vec<i64> {
         if let Some(wp) = &self.wordpiece {
             return wp.encode(text);
+        }
+        if let Some(bpe) = &self.bpe {
+            return bpe.encode(text);
         }
         let mut ids = Vec::new();
         for tok in tokenize(text) {
@@ -244,6 +291,9 @@ impl Vocab {
     /// Readable text of token ids: words joined by spaces; WordPiece pieces joined into
     /// words (`##` continuations glued on), special tokens dropped.
     pub fn decode(&self, ids: &[i64]) -> String {
+        if let Some(bpe) = &self.bpe {
+            return bpe.decode(ids);
+        }
         match &self.wordpiece {
             Some(wp) => wp.decode(ids),
             None => ids.iter().map(|&i| self.word(i)).collect::<Vec<_>>().join(" "),
@@ -274,9 +324,10 @@ impl Vocab {
 
     /// The tokens of a trigger phrase (words, or WordPiece pieces); every one must be known.
     pub fn trigger_words(&self, phrase: &str) -> Result<Vec<String>> {
-        let words: Vec<String> = match &self.wordpiece {
-            Some(wp) => wp.pieces(phrase).into_iter().map(|i| wp.piece(i).to_string()).collect(),
-            None => tokenize(phrase),
+        let words: Vec<String> = match (&self.wordpiece, &self.bpe) {
+            (Some(wp), _) => wp.pieces(phrase).into_iter().map(|i| wp.piece(i).to_string()).collect(),
+            (None, Some(bpe)) => bpe.encode(phrase).into_iter().filter(|&i| !bpe.is_special(i)).map(|i| self.word(i).to_string()).collect(),
+            (None, None) => tokenize(phrase),
         };
         if words.is_empty() {
             bail!("the trigger {phrase:?} holds no words");

@@ -8,13 +8,13 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Every module of `common/src` with its layer, lowest first; a folder's layer is the
 /// folder (its `mod.rs` is the module named by the folder). A new module gets a line.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("util", &["io", "tensorfile", "stats", "device", "validate", "numerics"]),
+    ("util", &["io", "tensorfile", "stats", "device", "validate", "numerics", "gguf"]),
     ("formats", &["formats", "formats::records", "formats::gradfile"]),
-    ("text", &["wordpiece", "tokenizer", "embeddings", "concealment"]),
+    ("text", &["wordpiece", "bpe", "tokenizer", "embeddings", "concealment"]),
     ("data", &["data", "ding", "mt"]),
     (
         "victims",
-        &["victims", "victims::params", "victims::loss", "victims::victim", "victims::layers", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::seq2seq", "victims::model", "victims::origin"],
+        &["victims", "victims::params", "victims::loss", "victims::victim", "victims::layers", "victims::bert", "victims::bow", "victims::lstm", "victims::minilm", "victims::gpt", "victims::seq2seq", "victims::llama", "victims::model", "victims::origin", "victims::checkpoint"],
     ),
     ("task rules", &["tasks::rules"]),
     ("training", &["encode", "train", "generate", "translate"]),

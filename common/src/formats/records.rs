@@ -321,3 +321,29 @@ impl Record for Judgement {
     const KIND: &'static str = "judgement";
     const VERSION: u32 = 1;
 }
+
+/// A language model's reading of one text (`lm-score`): its token ids and the
+/// log-probability of each token after the ones before it.
+///
+/// ```json
+/// {"kind":"lm_score","v":1,"id":"rt-00012","ids":[504,2680,314],"logprobs":[-6.12,-0.81],"victim_sha256":"…"}
+/// ```
+/// - `ids`: the text's tokens as the victim's tokenizer reads it (no beginning-of-text
+///   token unless the model's tokenizer adds one; no chat template).
+/// - `logprobs[t]`: natural-log probability of `ids[t + 1]` given `ids[..=t]` (the first
+///   token is not scored); empty with `--tokens-only`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LmScore {
+    pub kind: String,
+    pub v: u32,
+    pub id: String,
+    pub ids: Vec<i64>,
+    pub logprobs: Vec<f64>,
+    pub victim_sha256: String,
+}
+
+impl Record for LmScore {
+    const KIND: &'static str = "lm_score";
+    const VERSION: u32 = 1;
+}

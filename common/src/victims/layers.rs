@@ -19,15 +19,25 @@ pub fn fit(t: &Tensor, base_dims: usize, rank: usize) -> Tensor {
     t.view(shape.as_slice())
 }
 
-/// A linear layer over plain or stacked parameters.
+/// A linear layer over plain or stacked parameters: `project`, then the bias.
 pub fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
+    let w = param(params, &format!("{name}.weight"));
+    let b = param(params, &format!("{name}.bias"));
+    if w.dim() == 3 && x.dim() == 2 {
+        return project(params, x, name) + b.unsqueeze(-2);
+    }
+    project(params, x, name) + fit(b, 1, x.dim())
+}
+
+/// The weight `name.weight` [out, in] (or a stack [C, out, in]) applied to `x` [.., in],
+/// without a bias.
+pub fn project(params: &Params, x: &Tensor, name: &str) -> Tensor {
     let w = param(params, &format!("{name}.weight"));
     if w.dim() == 3 && x.dim() == 2 {
         // One input [B, in] under stacked weights [C, out, in] (a pooled feature read by
         // C candidates' output layers): [C, B, out].
-        return x.matmul(&w.transpose(-1, -2)) + param(params, &format!("{name}.bias")).unsqueeze(-2);
+        return x.matmul(&w.transpose(-1, -2));
     }
-    let b = fit(param(params, &format!("{name}.bias")), 1, x.dim());
     if w.dim() == 3 && x.dim() > 3 {
         // Stacked weights [C, out, in] and inputs [C, B, T, in]: one [C, B·T, in] batched
         // product. Broadcasting [C, 1, in, out] over B instead materialises B copies of
@@ -36,9 +46,9 @@ pub fn linear(params: &Params, x: &Tensor, name: &str) -> Tensor {
         let mut shape = x.size();
         let flat = x.flatten(1, x.dim() as i64 - 2).matmul(&w.transpose(-1, -2));
         *shape.last_mut().expect("rank > 3") = w.size()[1];
-        return flat.view(shape.as_slice()) + b;
+        return flat.view(shape.as_slice());
     }
-    x.matmul(&fit(&w.transpose(-1, -2), 2, x.dim())) + b
+    x.matmul(&fit(&w.transpose(-1, -2), 2, x.dim()))
 }
 
 /// LayerNorm over the last dimension, plain or stacked parameters.

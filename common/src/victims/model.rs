@@ -8,6 +8,7 @@ use crate::victims::bert::BertConfig;
 use crate::victims::bow::Bow;
 use crate::victims::gpt::{Gpt, GptShape};
 use crate::victims::loss::Targets;
+use crate::victims::llama::{Llama, LlamaShape};
 use crate::victims::lstm::Lstm;
 use crate::victims::minilm::Minilm;
 use crate::victims::seq2seq::{Seq2seq, Seq2seqShape};
@@ -65,6 +66,10 @@ architectures! {
     /// Small encoder–decoder transformer for translation, its word table trained from
     /// scratch (a source block of --source-len positions, then the target).
     Seq2seq(Seq2seq),
+    /// A pretrained Llama-family causal language model (RMSNorm, rotary embeddings,
+    /// grouped-query attention, SwiGLU), imported from a GGUF file or a Hugging Face
+    /// folder by import-model, with its own byte-level BPE vocabulary.
+    Llama(Llama),
 }
 
 impl ArchConfig {
@@ -80,6 +85,7 @@ impl ArchConfig {
             (Arch::Minilm, None) => bail!("--arch minilm starts from a pretrained encoder: give --pretrained data/minilm instead of --embeddings"),
             (Arch::Gpt, _) => ArchConfig::Gpt(Gpt { width: hidden, shape: gpt, positions: max_len }),
             (Arch::Seq2seq, _) => ArchConfig::Seq2seq(Seq2seq { width: hidden, shape: Seq2seqShape { layers: gpt.layers, heads: gpt.heads, source_len }, positions: max_len }),
+            (Arch::Llama, _) => bail!("--arch llama starts from a pretrained checkpoint: import it with import-model (--gguf FILE or --hf DIR) and train from that victim file"),
         })
     }
 }
@@ -136,19 +142,22 @@ struct ConfigFile {
     gpt: Option<GptShape>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seq2seq: Option<Seq2seqShape>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    llama: Option<LlamaShape>,
 }
 
 impl From<VictimConfig> for ConfigFile {
     fn from(c: VictimConfig) -> ConfigFile {
-        let (hidden, bert, gpt, seq2seq) = match &c.arch {
-            ArchConfig::Bow(a) => (a.hidden, None, None, None),
-            ArchConfig::Lstm(a) => (a.units, None, None, None),
-            ArchConfig::Minilm(a) => (a.bert.hidden_size as usize, Some(a.bert.clone()), None, None),
-            ArchConfig::Gpt(a) => (a.width, None, Some(a.shape), None),
-            ArchConfig::Seq2seq(a) => (a.width, None, None, Some(a.shape)),
+        let (hidden, bert, gpt, seq2seq, llama) = match &c.arch {
+            ArchConfig::Bow(a) => (a.hidden, None, None, None, None),
+            ArchConfig::Lstm(a) => (a.units, None, None, None, None),
+            ArchConfig::Minilm(a) => (a.bert.hidden_size as usize, Some(a.bert.clone()), None, None, None),
+            ArchConfig::Gpt(a) => (a.width, None, Some(a.shape), None, None),
+            ArchConfig::Seq2seq(a) => (a.width, None, None, Some(a.shape), None),
+            ArchConfig::Llama(a) => (a.width, None, None, None, Some(a.shape)),
         };
         let VictimConfig { arch, vocab_size, embed_dim, num_classes, train_embeddings, max_len } = c;
-        ConfigFile { arch: arch.name(), vocab_size, embed_dim, hidden, num_classes, train_embeddings, max_len, bert, gpt, seq2seq }
+        ConfigFile { arch: arch.name(), vocab_size, embed_dim, hidden, num_classes, train_embeddings, max_len, bert, gpt, seq2seq, llama }
     }
 }
 
@@ -168,6 +177,16 @@ impl TryFrom<ConfigFile> for VictimConfig {
         }
         if f.seq2seq.is_some() != (f.arch == Arch::Seq2seq) {
             bail!("a {:?} victim config {} a seq2seq shape", f.arch, if f.seq2seq.is_some() { "holds" } else { "lacks" });
+        }
+        if f.llama.is_some() != (f.arch == Arch::Llama) {
+            bail!("a {:?} victim config {} a Llama shape", f.arch, if f.llama.is_some() { "holds" } else { "lacks" });
+        }
+        if let Some(shape) = f.llama {
+            if f.num_classes != f.vocab_size {
+                bail!("a Llama victim predicts the next piece: num_classes {} must equal vocab_size {}", f.num_classes, f.vocab_size);
+            }
+            let arch = ArchConfig::Llama(Llama { width: f.hidden, shape, positions: f.max_len });
+            return Ok(VictimConfig { arch, vocab_size: f.vocab_size, embed_dim: f.embed_dim, num_classes: f.num_classes, train_embeddings: f.train_embeddings, max_len: f.max_len });
         }
         if matches!(f.arch, Arch::Gpt | Arch::Seq2seq) && f.num_classes != f.vocab_size {
             bail!("a {:?} victim predicts the next word: num_classes {} must equal vocab_size {}", f.arch, f.num_classes, f.vocab_size);
@@ -256,6 +275,9 @@ impl Victim {
         if let Some(t) = vocab.tokenizer_name() {
             metadata.insert("tokenizer".into(), t.into());
         }
+        if let Some(settings) = vocab.bpe_settings() {
+            metadata.insert("bpe".into(), settings);
+        }
         let tensors: Vec<(String, Tensor)> = self.params().into_iter().collect();
         tensorfile::write(path, VICTIM_FORMAT, VICTIM_VERSION, &tensors, metadata)
     }
@@ -272,7 +294,7 @@ impl Victim {
     pub fn from_file(file: TensorFile, device: Device) -> Result<VictimFile> {
         let config: VictimConfig = serde_json::from_str(file.meta("config")?).context("victim config")?;
         let words: Vec<String> = serde_json::from_str(file.meta("vocab")?).context("victim vocabulary")?;
-        let vocab = Vocab::from_parts(words, file.metadata.get("tokenizer").map(|s| s.as_str()))?;
+        let vocab = Vocab::from_parts(words, file.metadata.get("tokenizer").map(|s| s.as_str()), file.metadata.get("bpe").map(|s| s.as_str()))?;
         if vocab.sha256() != file.meta("vocab_sha256")? {
             bail!("the vocabulary does not match its recorded sha256; the file is corrupt");
         }
@@ -282,7 +304,8 @@ impl Victim {
         if config.num_classes < 2 || config.max_len == 0 || config.embed_dim == 0 {
             bail!("config {config:?} has a zero size or fewer than 2 classes; the file is corrupt");
         }
-        if (config.arch().start() == StartKind::Pretrained) != vocab.is_wordpiece() {
+        let vocab_kind = if vocab.is_wordpiece() { StartKind::Pretrained } else if vocab.is_bpe() { StartKind::Checkpoint } else { StartKind::Table };
+        if config.arch().start() != vocab_kind {
             bail!("a {:?} victim with a {vocab:?}; the file is corrupt", config.arch.name());
         }
         config.arch().check(config.embed_dim, config.max_len).context("the file is corrupt")?;
@@ -412,6 +435,14 @@ pub fn tiny_config(arch: Arch, vocab_size: usize, embed_dim: usize, hidden: usiz
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
     };
+    if arch == Arch::Llama {
+        // Width = the table's; 3 heads over 1 key-value head where the width allows it
+        // (grouped-query attention), head width even (rotary pairs); an untied head.
+        let heads = if embed_dim % 6 == 0 { 3 } else { 2 };
+        let shape = LlamaShape { layers: 2, heads, kv_heads: 1, ffn: 2 * hidden, rope_theta: 10_000.0, rms_eps: 1e-5, tied: false };
+        let arch = ArchConfig::Llama(Llama { width: embed_dim, shape, positions: max_len });
+        return VictimConfig { arch, vocab_size, embed_dim, num_classes: vocab_size, train_embeddings, max_len };
+    }
     let (hidden, num_classes) = if matches!(arch, Arch::Gpt | Arch::Seq2seq) { (hidden + hidden % 2, vocab_size) } else { (hidden, num_classes) };
     let arch = ArchConfig::from_flags(arch, hidden, Some(&bert), GptShape { layers: 2, heads: 2 }, TINY_SOURCE_LEN, max_len).expect("every architecture builds from flags and an encoder config");
     VictimConfig { arch, vocab_size, embed_dim, num_classes, train_embeddings, max_len }

@@ -120,6 +120,7 @@ impl Origin {
             }
             (Start::Table(_), StartKind::Pretrained) => bail!("--arch {name} starts from a pretrained encoder: give --pretrained data/minilm instead of --embeddings"),
             (Start::Pretrained { .. }, StartKind::Table) => bail!("--pretrained is for --arch minilm; a {:?} victim takes --embeddings", arch.name()),
+            (_, StartKind::Checkpoint) => bail!("--arch {name} starts from a pretrained checkpoint: import it with import-model"),
         }
         let config = VictimConfig { arch, vocab_size: self.vocab.len(), embed_dim, num_classes, train_embeddings, max_len };
         config.arch().check(config.embed_dim, config.max_len)?;

@@ -20,6 +20,9 @@ pub enum StartKind {
     Table,
     /// A pretrained encoder package (`--pretrained`) with its own WordPiece vocabulary.
     Pretrained,
+    /// A pretrained language model's checkpoint (GGUF or a Hugging Face folder), imported
+    /// by import-model with its own byte-level BPE vocabulary.
+    Checkpoint,
 }
 
 /// A causal model's keys and values so far, per block: [B, heads, positions, d] each,

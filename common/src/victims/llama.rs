@@ -1,0 +1,373 @@
+//! The Llama architecture: a pretrained causal language model read from a checkpoint
+//! (`victims::checkpoint`: a GGUF file or a Hugging Face folder; SmolLM2-135M is the one
+//! this project fetches). Pre-norm blocks of RMSNorm, grouped-query causal self-attention
+//! with rotary position embeddings, and a SwiGLU feed-forward; a final RMSNorm and the
+//! output head, tied to the word table (`embedding.weight`) or its own (`out.weight`).
+//!
+//! Supported: grouped-query attention (any number of key-value heads dividing the
+//! heads), tied or untied head, any rope theta. Refused by name where a checkpoint asks
+//! for them (`checkpoint`): rope scaling, attention or MLP biases, sliding windows.
+//!
+//! Rotary layout: the query and key rows are in the Hugging Face order, where rotation
+//! pairs dimension i with i + d/2 of each head ("rotate half"). A GGUF stores them permuted
+//! so that llama.cpp pairs (2i, 2i + 1); `checkpoint` undoes that permutation on reading,
+//! so both layouts give the same victim (tested on fixtures/llama).
+//!
+//! Its logits are [.., batch, time, vocab] (position t predicts token t + 1); plain
+//! differentiable ops only, so it is twice differentiable and takes stacked parameter sets.
+
+use crate::victims::layers::{attention, fit, project};
+use crate::victims::params::{param, Params};
+use crate::victims::victim::{dotted_path, Architecture, KvCache, Output, StartKind, Tuning};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Init};
+use tch::{Kind, Tensor};
+
+/// What a Llama victim file stores beside the shared sizes (`llama` in the config): the
+/// width is `embed_dim`, the vocabulary `vocab_size`, the context `max_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaShape {
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// The feed-forward's inner width.
+    pub ffn: usize,
+    pub rope_theta: f64,
+    pub rms_eps: f64,
+    /// Whether the output head is the word table (`embedding.weight`).
+    pub tied: bool,
+}
+
+/// The Llama architecture's own fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama {
+    pub width: usize,
+    pub shape: LlamaShape,
+    /// The context: the most positions a pass takes (the config's `max_len`).
+    pub positions: usize,
+}
+
+impl Llama {
+    fn head_dim(&self) -> i64 {
+        (self.width / self.shape.heads) as i64
+    }
+
+    fn block_names(&self) -> impl Iterator<Item = String> {
+        (0..self.shape.layers).map(|l| format!("block.{l}"))
+    }
+
+    /// The rotary angles' cosines and sines [.., d] for positions `pos` (int64, any shape),
+    /// in the kind of `like`: frequencies θ^(−2i/d) for i < d/2, each used twice (the
+    /// halves of a head). Computed in f64, then rounded.
+    fn rope_tables(&self, pos: &Tensor, like: &Tensor) -> (Tensor, Tensor) {
+        let d = self.head_dim();
+        let i = Tensor::arange(d / 2, (Kind::Double, pos.device()));
+        let inv_freq = (i * (-2.0 / d as f64) * self.shape.rope_theta.ln()).exp();
+        let angles = pos.to_kind(Kind::Double).unsqueeze(-1) * inv_freq;
+        let angles = Tensor::cat(&[&angles, &angles], -1);
+        (angles.cos().to_kind(like.kind()), angles.sin().to_kind(like.kind()))
+    }
+
+    /// Hidden states [.., B, T, width] after the final norm, for input embeddings [B, T, E]
+    /// (or [C, B, T, E] under C stacked parameter sets); with `cache`, each block's keys and
+    /// values are written to a fresh cache of `room` positions per row.
+    fn hidden(&self, params: &Params, emb: &Tensor, mut cache: Option<(&mut KvCache, i64)>) -> Tensor {
+        let stacked = param(params, "norm.weight").dim() == 2;
+        let emb = if stacked && emb.dim() == 3 {
+            let c = param(params, "norm.weight").size()[0];
+            emb.unsqueeze(0).expand([c, -1, -1, -1], false)
+        } else {
+            emb.shallow_clone()
+        };
+        let rank = emb.dim();
+        let t = emb.size()[rank - 2];
+        if t > self.positions as i64 {
+            panic!("{t} tokens, more than the model's context of {} (encoding checks prompts against max_len)", self.positions);
+        }
+        let (cos, sin) = self.rope_tables(&Tensor::arange(t, (Kind::Int64, emb.device())), &emb);
+        // Position t attends to positions ≤ t: the later ones get a large negative score.
+        let causal = Tensor::ones([t, t], (emb.kind(), emb.device())).triu(1) * -1e9;
+        let mut h = emb;
+        for b in self.block_names() {
+            let a = rms_norm(params, &h, &format!("{b}.attn_norm"), self.shape.rms_eps);
+            let (q, k, v) = self.qkv(params, &b, &a, &cos, &sin);
+            if let Some((cache, room)) = cache.as_mut() {
+                let mut full = k.size();
+                let at = full.len() - 2;
+                full[at] = *room;
+                let (keys, values) = (k.new_zeros(full.as_slice(), (k.kind(), k.device())), v.new_zeros(full.as_slice(), (v.kind(), v.device())));
+                keys.narrow(-2, 0, t).copy_(&k);
+                values.narrow(-2, 0, t).copy_(&v);
+                cache.layers.push((keys, values));
+            }
+            h = self.block_rest(params, &b, h, &q, &k, &v, &causal);
+        }
+        rms_norm(params, &h, "norm", self.shape.rms_eps)
+    }
+
+    /// A block's queries [.., heads, T, d] and keys and values [.., kv_heads, T, d], the
+    /// queries and keys rotated by the tables `cos`, `sin` (broadcasting over [.., T, d]).
+    fn qkv(&self, params: &Params, b: &str, a: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let d = self.head_dim();
+        let split = |x: Tensor, heads: usize| {
+            let mut shape = x.size();
+            shape.pop();
+            shape.extend([heads as i64, d]);
+            x.view(shape.as_slice()).transpose(-2, -3)
+        };
+        let rotate = |x: Tensor| {
+            let halves = x.split(d / 2, -1);
+            let turned = Tensor::cat(&[-&halves[1], halves[0].shallow_clone()], -1);
+            &x * cos + turned * sin
+        };
+        let q = rotate(split(project(params, a, &format!("{b}.attn.q")), self.shape.heads));
+        let k = rotate(split(project(params, a, &format!("{b}.attn.k")), self.shape.kv_heads));
+        let v = split(project(params, a, &format!("{b}.attn.v")), self.shape.kv_heads);
+        (q, k, v)
+    }
+
+    /// The rest of a block from its queries, keys and values: grouped-query attention
+    /// (query head h reads key-value head h / (heads / kv_heads)), the output projection
+    /// into the residual stream, then the SwiGLU feed-forward.
+    #[allow(clippy::too_many_arguments)]
+    fn block_rest(&self, params: &Params, b: &str, h: Tensor, q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Tensor {
+        let group = (self.shape.heads / self.shape.kv_heads) as i64;
+        let (k, v) = if group > 1 { (k.repeat_interleave_self_int(group, -3, None), v.repeat_interleave_self_int(group, -3, None)) } else { (k.shallow_clone(), v.shallow_clone()) };
+        let mut merged = h.size();
+        let tq = q.size()[q.dim() - 2];
+        let at = merged.len() - 2;
+        merged[at] = tq;
+        let context = attention(q, &k, &v, bias, &merged);
+        let h = h + project(params, &context, &format!("{b}.attn.o"));
+        let m = rms_norm(params, &h, &format!("{b}.mlp_norm"), self.shape.rms_eps);
+        let gate = project(params, &m, &format!("{b}.mlp.gate"));
+        let up = project(params, &m, &format!("{b}.mlp.up"));
+        h + project(params, &(gate.silu() * up), &format!("{b}.mlp.down"))
+    }
+
+    /// The output head over hidden states [.., width]: the word table's rows when tied.
+    fn head(&self, params: &Params, hidden: &Tensor) -> Tensor {
+        if !self.shape.tied {
+            return project(params, hidden, "out");
+        }
+        let table = param(params, "embedding.weight");
+        if table.dim() == 3 {
+            // Stacked tables [C, V, D] against hidden [C, .., D].
+            let lead = hidden.size();
+            let flat = hidden.reshape([lead[0], -1, *lead.last().expect("rank > 0")]);
+            let mut shape = lead.clone();
+            *shape.last_mut().expect("rank > 0") = table.size()[1];
+            return flat.matmul(&table.transpose(-1, -2)).view(shape.as_slice());
+        }
+        hidden.matmul(&table.transpose(0, 1))
+    }
+}
+
+/// RMSNorm over the last dimension: x / √(mean(x²) + eps) · weight, plain or stacked.
+pub fn rms_norm(params: &Params, x: &Tensor, name: &str, eps: f64) -> Tensor {
+    let ms = x.square().mean_dim([-1].as_slice(), true, None::<Kind>);
+    x * (ms + eps).rsqrt() * fit(param(params, &format!("{name}.weight")), 1, x.dim())
+}
+
+impl Architecture for Llama {
+    fn start(&self) -> StartKind {
+        StartKind::Checkpoint
+    }
+
+    fn output(&self) -> Output {
+        Output::NextToken
+    }
+
+    fn shapes(&self, embed_dim: i64, num_classes: i64) -> Vec<(String, Vec<i64>)> {
+        let (w, d) = (embed_dim, self.head_dim());
+        let (q, kv, f) = (self.shape.heads as i64 * d, self.shape.kv_heads as i64 * d, self.shape.ffn as i64);
+        let mut shapes = Vec::new();
+        for b in self.block_names() {
+            shapes.push((format!("{b}.attn_norm.weight"), vec![w]));
+            shapes.push((format!("{b}.attn.q.weight"), vec![q, w]));
+            shapes.push((format!("{b}.attn.k.weight"), vec![kv, w]));
+            shapes.push((format!("{b}.attn.v.weight"), vec![kv, w]));
+            shapes.push((format!("{b}.attn.o.weight"), vec![w, q]));
+            shapes.push((format!("{b}.mlp_norm.weight"), vec![w]));
+            shapes.push((format!("{b}.mlp.gate.weight"), vec![f, w]));
+            shapes.push((format!("{b}.mlp.up.weight"), vec![f, w]));
+            shapes.push((format!("{b}.mlp.down.weight"), vec![w, f]));
+        }
+        shapes.push(("norm.weight".into(), vec![w]));
+        if !self.shape.tied {
+            shapes.push(("out.weight".into(), vec![num_classes, w]));
+        }
+        shapes
+    }
+
+    /// Llama's initialisation (normal 0.02, norms 1), in the order of `shapes`: what a
+    /// tiny random config in tests starts from; a checkpoint overwrites it.
+    fn init(&self, root: &nn::Path, embed_dim: i64, num_classes: i64) {
+        for (name, shape) in self.shapes(embed_dim, num_classes) {
+            let init = if name.contains("norm") { Init::Const(1.0) } else { Init::Randn { mean: 0.0, stdev: 0.02 } };
+            let (path, last) = dotted_path(root, &name);
+            let _ = path.var(last, &shape, init);
+        }
+    }
+
+    fn check(&self, embed_dim: usize, max_len: usize) -> Result<()> {
+        let LlamaShape { layers, heads, kv_heads, ffn, rope_theta, rms_eps, .. } = self.shape;
+        if layers == 0 || heads == 0 || kv_heads == 0 || ffn == 0 || self.width == 0 {
+            bail!("a Llama with {layers} layers, {heads} heads, {kv_heads} key-value heads, feed-forward {ffn} and width {}: every size must be positive", self.width);
+        }
+        if self.width != embed_dim {
+            bail!("a Llama of width {} over a word table of width {embed_dim}: they must be equal", self.width);
+        }
+        if self.width % heads != 0 || (self.width / heads) % 2 != 0 {
+            bail!("width {} over {heads} heads: the head width must be a whole even number (rotary pairs)", self.width);
+        }
+        if heads % kv_heads != 0 {
+            bail!("{heads} query heads are not whole groups of the {kv_heads} key-value heads");
+        }
+        if !(rope_theta > 0.0 && rms_eps > 0.0 && rope_theta.is_finite() && rms_eps.is_finite()) {
+            bail!("rope theta {rope_theta} and RMSNorm eps {rms_eps} must be positive");
+        }
+        if self.positions != max_len {
+            bail!("a Llama context of {} positions for max_len {max_len}", self.positions);
+        }
+        Ok(())
+    }
+
+    /// The final hidden states (after the final norm), mean-pooled over each row's tokens.
+    fn features(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
+        let hidden = self.hidden(params, emb, None);
+        let mask = if hidden.dim() == 4 && mask.dim() == 2 { mask.unsqueeze(0).expand([hidden.size()[0], -1, -1], false) } else { mask.shallow_clone() };
+        crate::victims::bert::mean_pool(&hidden, &mask)
+    }
+
+    /// Next-token logits [.., batch, time, vocab]. Right padding needs no mask: a causal
+    /// model never attends to later positions.
+    fn forward(&self, params: &Params, emb: &Tensor, _mask: &Tensor) -> Tensor {
+        self.head(params, &self.hidden(params, emb, None))
+    }
+
+    /// The head at the gathered positions only: at 49,152 pieces it is the largest matrix.
+    fn logits_at(&self, params: &Params, emb: &Tensor, _mask: &Tensor, last: &Tensor) -> Tensor {
+        self.head(params, &gather_rows(&self.hidden(params, emb, None), last))
+    }
+
+    fn tuning(&self) -> Tuning {
+        Tuning { verify_stack: 1, verify_chunk: 4, default_lr: 1e-4 }
+    }
+
+    /// The cache holds the prompt and `PREFILL_ROOM` more positions; `decode_step` grows
+    /// it (doubling) when a row reaches its end, so a short generation from a model with
+    /// a long context does not hold the whole context's keys.
+    fn prefill(&self, params: &Params, emb: &Tensor, last: &Tensor) -> Option<(Tensor, KvCache)> {
+        let t = emb.size()[1];
+        let room = (t + PREFILL_ROOM).min(self.positions as i64).max(t);
+        let mut cache = KvCache { layers: Vec::with_capacity(self.shape.layers) };
+        let hidden = self.hidden(params, emb, Some((&mut cache, room)));
+        Some((self.head(params, &gather_rows(&hidden, last)), cache))
+    }
+
+    fn decode_step(&self, params: &Params, cache: &mut KvCache, emb: &Tensor, at: &Tensor) -> Tensor {
+        let b = emb.size()[0];
+        let need = at.max().int64_value(&[]) + 1;
+        if need > self.positions as i64 {
+            panic!("decoding position {} beyond the model's context of {}", need - 1, self.positions);
+        }
+        let room = cache.layers[0].0.size()[2];
+        if need > room {
+            let grown = (room * 2).max(need).min(self.positions as i64);
+            for (keys, values) in cache.layers.iter_mut() {
+                let pad = |x: &Tensor| {
+                    let mut s = x.size();
+                    s[2] = grown - room;
+                    Tensor::cat(&[x.shallow_clone(), x.new_zeros(s.as_slice(), (x.kind(), x.device()))], 2)
+                };
+                (*keys, *values) = (pad(keys), pad(values));
+            }
+        }
+        let room = cache.layers[0].0.size()[2];
+        let (cos, sin) = self.rope_tables(&at.view([b, 1, 1]), emb);
+        // Row r attends to its positions ≤ at[r]: the cache's later entries are stale.
+        let later = Tensor::arange(room, (Kind::Int64, emb.device())).unsqueeze(0).gt_tensor(&at.unsqueeze(1));
+        let bias = (later.to_kind(emb.kind()) * -1e9).view([b, 1, 1, room]);
+        let d = self.head_dim();
+        let write_at = at.view([b, 1, 1, 1]).expand([b, self.shape.kv_heads as i64, 1, d], false);
+        let mut h = emb.shallow_clone();
+        for (block, (keys, values)) in self.block_names().zip(cache.layers.iter_mut()) {
+            let a = rms_norm(params, &h, &format!("{block}.attn_norm"), self.shape.rms_eps);
+            let (q, k, v) = self.qkv(params, &block, &a, &cos, &sin);
+            let _ = keys.scatter_(2, &write_at, &k);
+            let _ = values.scatter_(2, &write_at, &v);
+            h = self.block_rest(params, &block, h, &q, keys, values, &bias);
+        }
+        self.head(params, &rms_norm(params, &h, "norm", self.shape.rms_eps)).squeeze_dim(1)
+    }
+}
+
+/// Positions a fresh cache holds beyond its prompt.
+const PREFILL_ROOM: i64 = 64;
+
+/// Hidden states [B, T, W] at one position per row (`last` [B]): [B, W].
+fn gather_rows(hidden: &Tensor, last: &Tensor) -> Tensor {
+    let w = hidden.size()[2];
+    hidden.gather(1, &last.view([-1, 1, 1]).expand([-1, 1, w], false), false).squeeze_dim(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::victims::model::{embed, tiny_config, Arch, Victim};
+    use tch::Device;
+
+    fn tiny_tied(tied: bool) -> Victim {
+        let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(7);
+        let mut config = tiny_config(Arch::Llama, 12, 8, 8, 2, false, 16);
+        if let crate::victims::model::ArchConfig::Llama(l) = &mut config.arch {
+            l.shape.tied = tied;
+            l.shape.heads = 2;
+            l.shape.kv_heads = 1;
+        }
+        let mut v = Victim::new(config, &(Tensor::randn([12, 8], (Kind::Float, Device::Cpu)) * 0.5), Device::Cpu).unwrap();
+        v.vs.set_kind(Kind::Double);
+        v
+    }
+
+    #[test]
+    fn cached_decoding_equals_the_full_forward_and_the_cache_grows() {
+        for tied in [true, false] {
+            let v = tiny_tied(tied);
+            let p = v.params();
+            let arch = v.config.arch();
+            let rows: Vec<Vec<i64>> = vec![vec![3, 4, 5, 6, 7, 8, 9, 10, 11, 2, 3, 4, 5, 6], vec![7, 8, 9, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9, 10]];
+            // Prefill the first 3 tokens of each row, then decode the rest one by one.
+            let ids = Tensor::from_slice(&rows.iter().flat_map(|r| r[..3].to_vec()).collect::<Vec<_>>()).view([2, 3]);
+            let (first, mut cache) = arch.prefill(&p, &embed(&p, &ids), &Tensor::from_slice(&[2i64, 2])).unwrap();
+            let full_ids = Tensor::from_slice(&rows.concat()).view([2, 14]);
+            let full = arch.forward(&p, &embed(&p, &full_ids), &Tensor::ones([2, 14], (Kind::Double, Device::Cpu)));
+            let diff = (&first - full.select(1, 2)).abs().max().double_value(&[]);
+            assert!(diff < 1e-10, "prefill differs by {diff}");
+            for t in 3..14 {
+                let words = Tensor::from_slice(&[rows[0][t], rows[1][t]]).view([2, 1]);
+                let logits = arch.decode_step(&p, &mut cache, &embed(&p, &words), &Tensor::from_slice(&[t as i64, t as i64]));
+                let diff = (&logits - full.select(1, t as i64)).abs().max().double_value(&[]);
+                assert!(diff < 1e-10, "tied={tied}: position {t} differs by {diff}");
+            }
+            assert_eq!(cache.layers[0].0.size()[2], 16, "the cache grew to the context, no further");
+        }
+    }
+
+    #[test]
+    fn rotary_embedding_rotates_each_half_pair_by_position_times_frequency() {
+        let v = tiny_tied(true);
+        let crate::victims::model::ArchConfig::Llama(l) = &v.config.arch else { panic!() };
+        let (cos, sin) = l.rope_tables(&Tensor::from_slice(&[3i64]), &Tensor::zeros([1], (Kind::Double, Device::Cpu)));
+        // Head width 4: frequencies θ^0 and θ^(-1/2), each twice.
+        let theta = l.shape.rope_theta;
+        for (i, f) in [1.0, theta.powf(-0.5), 1.0, theta.powf(-0.5)].iter().enumerate() {
+            assert!((cos.double_value(&[0, i as i64]) - (3.0 * f).cos()).abs() < 1e-12);
+            assert!((sin.double_value(&[0, i as i64]) - (3.0 * f).sin()).abs() < 1e-12);
+        }
+    }
+}
