@@ -750,3 +750,94 @@ fn the_table_and_the_cases_agree() {
     }
     assert!(missing.is_empty(), "BAD_INPUTS.md rows without a test case: {missing:?}");
 }
+
+/// The byte offset just past the first occurrence of `needle` in `bytes`.
+fn after(bytes: &[u8], needle: &[u8]) -> usize {
+    bytes.windows(needle.len()).position(|w| w == needle).expect("the fixture holds the needle") + needle.len()
+}
+
+#[test]
+fn llama_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |rel: &str| dir.path().join(rel);
+    let out = p("out.safetensors");
+    let gguf = std::fs::read(fixture("llama/tiny.gguf")).unwrap();
+    let write = |rel: &str, bytes: &[u8]| {
+        std::fs::write(p(rel), bytes).unwrap();
+        p(rel)
+    };
+    let truncated = write("truncated.gguf", &gguf[..gguf.len() * 3 / 5]);
+    let empty = write("empty.gguf", b"");
+    // The value of general.architecture: a string (type 8) of 5 bytes, "llama".
+    let mut other = gguf.clone();
+    let at = after(&other, b"general.architecture") + 4 + 8;
+    other[at..at + 5].copy_from_slice(b"gemma");
+    let other = write("gemma.gguf", &other);
+    // A tensor's type code, after its name, its 2 dimensions and their 2 sizes: Q4_K (12).
+    let mut q4k = gguf.clone();
+    let at = after(&q4k, b"blk.0.ffn_down.weight") + 4 + 16;
+    q4k[at..at + 4].copy_from_slice(&12u32.to_le_bytes());
+    let q4k = write("q4k.gguf", &q4k);
+    // Hugging Face folders with one file edited.
+    let hf = |name: &str, file: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let d = p(name);
+        std::fs::create_dir(&d).unwrap();
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            std::fs::copy(fixture("llama/tiny-hf").join(f), d.join(f)).unwrap();
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join(file)).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(d.join(file), v.to_string()).unwrap();
+        d
+    };
+    let short_tokenizer = hf("short-tokenizer", "tokenizer.json", &|t| {
+        t["added_tokens"].as_array_mut().unwrap().pop();
+    });
+    let wider_ffn = hf("wider-ffn", "config.json", &|c| c["intermediate_size"] = 128.into());
+    let rope_scaling = hf("rope-scaling", "config.json", &|c| c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0}));
+    let biases = hf("biases", "config.json", &|c| c["attention_bias"] = true.into());
+    let sentencepiece = hf("sentencepiece", "tokenizer.json", &|t| t["model"]["byte_fallback"] = true.into());
+    let import = |flag: &str, src: &Path| {
+        let mut c = bin("import-model");
+        c.arg(flag).arg(src).arg("-o").arg(&out);
+        c
+    };
+    check(
+        dir.path(),
+        &out,
+        vec![
+            case("im-truncated-gguf", import("--gguf", &truncated), &["truncated.gguf", "truncated; fetch it again"]),
+            case("im-empty-gguf", import("--gguf", &empty), &["empty.gguf", "inside the magic number", "truncated"]),
+            case("im-other-architecture", import("--gguf", &other), &["gemma.gguf", "architecture \"gemma\"", "this reader takes llama"]),
+            case("im-unsupported-quantization", import("--gguf", &q4k), &["q4k.gguf", "blk.0.ffn_down.weight", "is Q4_K", "requantize"]),
+            case("im-tokenizer-size", import("--hf", &short_tokenizer), &["short-tokenizer/tokenizer.json", "419 tokens", "420 rows", "must match"]),
+            case("im-config-disagrees", import("--hf", &wider_ffn), &["wider-ffn", "block.0.mlp.down.weight", "[64, 96]", "[64, 128]", "the config and the weights disagree"]),
+            case("im-rope-scaling", import("--hf", &rope_scaling), &["rope-scaling/config.json", "rope scaling", "not supported"]),
+            case("im-attention-bias", import("--hf", &biases), &["biases/config.json", "attention_bias", "not supported"]),
+            case("im-sentencepiece", import("--hf", &sentencepiece), &["sentencepiece/tokenizer.json", "SentencePiece", "not supported"]),
+        ],
+    );
+    // A prompt longer than the context (the tiny model reads 256 positions).
+    let victim = p("tiny.safetensors");
+    ok(&run(bin("import-model").arg("--gguf").arg(fixture("llama/tiny.gguf")).arg("-o").arg(&victim)));
+    let long = format!("{{\"kind\":\"example\",\"v\":1,\"id\":\"long\",\"text\":\"{}\",\"label\":0}}\n", "word ".repeat(300));
+    let prompts = write("long.jsonl", long.as_bytes());
+    let score = {
+        let mut c = bin("lm-score");
+        c.arg("--victim").arg(&victim).arg("--texts").arg(&prompts).arg("-o").arg(&out);
+        c
+    };
+    let generate = {
+        let mut c = bin("generate");
+        c.arg("--victim").arg(&victim).arg("--prompts").arg(&prompts).arg("-o").arg(&out);
+        c
+    };
+    check(
+        dir.path(),
+        &out,
+        vec![
+            case("ls-prompt-too-long", score, &["long.jsonl: record 1 (id \"long\")", "longer than the victim's context of 256", "shorten it"]),
+            case("gen-prompt-too-long", generate, &["long.jsonl: record 1 (id \"long\")", "the victim reads at most 256", "shorten it"]),
+        ],
+    );
+}

@@ -25,6 +25,8 @@ pub fn bin(name: &str) -> Command {
         "sweep" => env!("CARGO_BIN_EXE_sweep"),
         "generate" => env!("CARGO_BIN_EXE_generate"),
         "judge" => env!("CARGO_BIN_EXE_judge"),
+        "import-model" => env!("CARGO_BIN_EXE_import-model"),
+        "lm-score" => env!("CARGO_BIN_EXE_lm-score"),
         other => panic!("unknown binary {other}"),
     };
     Command::new(path)

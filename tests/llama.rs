@@ -1,0 +1,116 @@
+//! Pretrained Llama-family checkpoints against llama.cpp, through the real binaries:
+//! - a tiny random Llama committed in both layouts (fixtures/llama/tiny.gguf with tensors
+//!   of every dequantized type, fixtures/llama/tiny-hf/ with the same values), imported by
+//!   import-model, scored by lm-score through a pipe, against llama.cpp's tokens and
+//!   log-probabilities (scripts/make_llama_fixtures.py);
+//! - the real SmolLM2-135M (data/smollm2, fetched and imported by make test through
+//!   scripts/fetch_smollm2.sh): its tokenizer against llama.cpp's on 1,120 texts, its
+//!   log-probabilities against llama.cpp's F32 run on 20, its continuations with and
+//!   without the key-value cache.
+
+mod support;
+use common::formats::records::LmScore;
+use common::victims::model::Victim;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use support::*;
+
+#[derive(Deserialize)]
+struct Reference {
+    id: String,
+    ids: Vec<i64>,
+    #[serde(default)]
+    logprobs: Vec<f64>,
+}
+
+fn jsonl<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Vec<T> {
+    String::from_utf8_lossy(bytes).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The largest |ours − llama.cpp's| over every log-probability; the token ids must agree.
+fn compare(ours: &[LmScore], reference: &[Reference]) -> f64 {
+    assert_eq!(ours.len(), reference.len());
+    let mut worst: f64 = 0.0;
+    for (o, r) in ours.iter().zip(reference) {
+        assert_eq!(o.id, r.id);
+        assert_eq!(o.ids, r.ids, "{}: tokens differ from llama.cpp's", r.id);
+        assert_eq!(o.logprobs.len(), r.logprobs.len());
+        for (a, b) in o.logprobs.iter().zip(&r.logprobs) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    worst
+}
+
+fn import(args: &[&str], source: &Path, out: &Path) {
+    ok(&run(bin("import-model").args(args).arg(source).arg("-o").arg(out)));
+}
+
+#[test]
+fn both_checkpoint_layouts_give_the_same_victim_and_equal_llamacpp() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gguf, hf) = (dir.path().join("gguf.safetensors"), dir.path().join("hf.safetensors"));
+    import(&["--gguf"], &fixture("llama/tiny.gguf"), &gguf);
+    import(&["--hf"], &fixture("llama/tiny-hf"), &hf);
+    let (a, b) = (Victim::load(gguf.to_str().unwrap(), tch::Device::Cpu).unwrap(), Victim::load(hf.to_str().unwrap(), tch::Device::Cpu).unwrap());
+    // Dequantized (GGUF, by this project) and stored dequantized (the gguf package's values,
+    // rows in the Hugging Face order): the same bits, so the rotary permutation is undone.
+    let (pa, pb) = (a.victim.params(), b.victim.params());
+    assert_eq!(pa.keys().collect::<Vec<_>>(), pb.keys().collect::<Vec<_>>());
+    for (name, t) in &pa {
+        assert!(t.equal(&pb[name]), "{name} differs between the GGUF and the Hugging Face layout");
+    }
+    assert_eq!(a.vocab.words(), b.vocab.words());
+    assert_eq!(a.metadata["source_format"], "gguf");
+    let reference: Vec<Reference> = jsonl(&std::fs::read(fixture("llama/tiny-llamacpp.jsonl")).unwrap());
+    let texts = std::fs::read(fixture("llama/tiny-texts.jsonl")).unwrap();
+    for victim in [&gguf, &hf] {
+        let out = run_with_stdin(bin("lm-score").arg("--victim").arg(victim), &texts);
+        ok(&out);
+        let worst = compare(&jsonl(&out.stdout), &reference);
+        eprintln!("{}: largest log-probability difference from llama.cpp {worst:.2e}", victim.display());
+        assert!(worst < 1e-4, "{}: log-probabilities differ from llama.cpp's by {worst}", victim.display());
+        assert!(stderr(&out).contains("perplexity"));
+    }
+}
+
+fn smollm2() -> PathBuf {
+    let v = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/smollm2/victim.safetensors");
+    assert!(v.is_file(), "run scripts/fetch_smollm2.sh (make test does) to fetch and import SmolLM2-135M");
+    v
+}
+
+#[test]
+fn smollm2_tokenizes_like_llamacpp_and_computes_its_log_probabilities() {
+    let victim = smollm2();
+    let out = run(bin("lm-score").arg("--victim").arg(&victim).arg("--tokens-only").arg("--texts").arg(fixture("llama/tokenizer-texts.jsonl")));
+    ok(&out);
+    let tokens: Vec<Reference> = jsonl(&std::fs::read(fixture("llama/smollm2-llamacpp-tokens.jsonl")).unwrap());
+    let ours: Vec<LmScore> = jsonl(&out.stdout);
+    assert!(tokens.len() >= 1000, "at least 1,000 texts");
+    compare(&ours, &tokens);
+    let out = run(bin("lm-score").arg("--victim").arg(&victim).arg("--texts").arg(fixture("llama/logprob-texts.jsonl")));
+    ok(&out);
+    let reference: Vec<Reference> = jsonl(&std::fs::read(fixture("llama/smollm2-llamacpp-logprobs.jsonl")).unwrap());
+    let worst = compare(&jsonl(&out.stdout), &reference);
+    eprintln!("SmolLM2-135M: largest log-probability difference from llama.cpp's F32 run {worst:.2e} over {} tokens", reference.iter().map(|r| r.logprobs.len()).sum::<usize>());
+    assert!(worst < 1e-3, "log-probabilities differ from llama.cpp's by {worst}");
+}
+
+#[test]
+fn smollm2_continues_prompts_as_english_with_and_without_the_cache() {
+    let victim = smollm2();
+    let prompts = b"{\"kind\":\"example\",\"v\":1,\"id\":\"a\",\"text\":\"I bought the Apple iPhone and\",\"label\":0}\n{\"kind\":\"example\",\"v\":1,\"id\":\"b\",\"text\":\"The movie was\",\"label\":0}\n";
+    let gen = |extra: &[&str]| {
+        let out = run_with_stdin(bin("generate").arg("--victim").arg(&victim).args(["--greedy", "--max-new", "12"]).args(extra), prompts);
+        ok(&out);
+        out.stdout
+    };
+    let cached = gen(&[]);
+    assert_eq!(cached, gen(&["--no-kv-cache"]), "cached and uncached greedy continuations differ");
+    let text = String::from_utf8(cached).unwrap();
+    assert!(text.contains("\"prompt\":\"I bought the Apple iPhone and\""), "the prompt reads back as its text: {text}");
+    // Greedy English continues with common words separated by spaces.
+    let words = text.matches(" the ").count() + text.matches(" it ").count() + text.matches(" a ").count();
+    assert!(words >= 1, "no common English word in {text}");
+}
