@@ -79,7 +79,7 @@ DEMO_ENV  = RUN=$(DEMO_RUN) VICTIMS_DIR=$(DEMO_BASE) BUDGET_FPR=$(BUDGET_FPR) DA
   CLEAN_PER_BATCH=$(CLEAN_PER_BATCH) ETA=$(ETA) CONCEALMENT=$(CONCEALMENT)
 ATTACK_RUN := runs/attack-$(SLUG)-$(ATTACK_ARCH)-n$(COUNT)-$(INIT)$(if $(filter 1,$(OVERLAP)),-overlap)-s$(SEED)
 
-.PHONY: all setup data build demo price demo-lm demo-mt lm-dose defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures clean help
+.PHONY: all setup data build demo price demo-lm demo-mt lm-dose defend sweep cell slurm-gres victims attack test test-cluster bench objective-benchmark fixtures compare-llamacpp clean help
 all: demo
 
 help:
@@ -92,6 +92,7 @@ help:
 	@echo "make victims # clean victims of each architecture in ARCHS: accuracy and the trigger's clean ASR"
 	@echo "make attack # the crafting loop (rollout-grad | rank-candidates | verify-candidates), then finetune-eval"
 	@echo "make test   # setup + build, unit and integration tests on committed fixtures"
+	@echo "make compare-llamacpp # the pretrained SmolLM2-135M victim against llama.cpp: tokens, log-probabilities, perplexity (builds llama.cpp once, ~8 min)"
 	@echo "make bench  # cost ratios of a crafting round and every stage's time and peak memory (BENCHMARKS.md)"
 	@echo "make objective-benchmark # how each objective ranks ../shared/objective-benchmark's poison sets against their measured net ASR (after make demo)"
 	@echo "variables: TRIGGER='$(TRIGGER)' TARGET=$(TARGET) SEED=$(SEED) TOP_N=$(TOP_N) ARCHS='$(ARCHS)' SEEDS=$(SEEDS) DEVICE=$(DEVICE)"
@@ -310,7 +311,17 @@ data/.mt-done-v1:
 data/.minilm-done-v1: | .venv/.setup-done-v1
 	mkdir -p data && flock data/.minilm.lock bash -c 'test -f $@ || scripts/fetch_minilm.sh'
 
-test: build data/.minilm-done-v1
+# The pretrained language model (SmolLM2-135M from its pinned package, both hashes checked,
+# imported into data/smollm2/victim.safetensors; scripts/fetch_smollm2.sh).
+data/.smollm2-done-v1: | build .venv/.setup-done-v1
+	mkdir -p data && flock data/.smollm2.lock bash -c 'test -f $@ || BIN=$(BIN) scripts/fetch_smollm2.sh'
+
+# The whole comparison of the Llama victim with llama.cpp on SmolLM2 (docs/pretrained.md):
+# builds llama.cpp once (about 8 minutes), then tokens, log-probabilities, perplexity.
+compare-llamacpp: build data/.smollm2-done-v1 $(DATA_DIR)/manifest.json
+	@BIN=$(BIN) DATA=$(DATA_DIR) OUT=runs/compare-llamacpp scripts/compare_llamacpp.sh
+
+test: build data/.minilm-done-v1 data/.smollm2-done-v1
 	cargo test --release --workspace
 	# The benchmarks compile (they are run by make bench, not here): a refactor that breaks
 	# one fails the tests instead of the next make bench.
@@ -349,9 +360,10 @@ bench: build $(DATA_DIR)/manifest.json $(EMB) data/.mt-done-v1
 
 # Regenerates fixtures/ from the real data and the MiniLM package (its reference
 # tokenizer and encoder run in a venv of their own, scripts/make_minilm_fixtures.sh).
-fixtures: data/.fetch-done-v1
+fixtures: data/.fetch-done-v1 data/.smollm2-done-v1
 	.venv/bin/python scripts/make_fixtures.py
 	scripts/make_minilm_fixtures.sh
+	scripts/make_llama_fixtures.sh
 
 clean:
 	rm -rf runs target

@@ -19,6 +19,8 @@ echo "test_cpu_paths: $avx2" >&2
 env $avx2 cargo test --release -q -p common --test determinism
 env $avx2 cargo test --release -q --test pipeline an_empty_poison_set_reads_exactly_zero
 env $avx2 cargo test --release -q --test lm
+# The Llama victim's agreement with llama.cpp (tolerances, not bits) on another code path.
+env $avx2 cargo test --release -q --test llama
 echo "test_cpu_paths: $generic" >&2
 env $generic cargo test --release -q -p common --test determinism
 echo "test_cpu_paths: the exact claims hold under every emulated CPU ($((SECONDS - t0)) s)" >&2

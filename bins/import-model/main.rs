@@ -16,7 +16,7 @@ use std::time::Instant;
 /// Examples:
 ///   import-model --gguf data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf -o data/smollm2/victim.safetensors
 ///   import-model --hf path/to/SmolLM2-135M -o victim.safetensors
-///   import-model --gguf model.gguf --context 512 -o - | lm-score --victim - ...   (not stdin twice)
+///   import-model --gguf model.gguf --context 512 -o victim.safetensors
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment, args_override_self = true)]
 struct Args {
@@ -50,10 +50,17 @@ fn main() {
         let imported = checkpoint::import(&path, args.context, device::parse_device("cpu")?)?;
         let config = &imported.victim.config;
         let params: usize = imported.victim.params().values().map(|t| t.numel()).sum();
+        let common::victims::model::ArchConfig::Llama(llama) = &config.arch else { unreachable!("checkpoints are llama victims") };
+        let s = llama.shape;
         log!(
-            "{path}: {:?} of {} parameters, vocabulary {}, context {}, read in {:.1}s",
-            config.arch,
-            params,
+            "{path}: a Llama of {params} parameters ({} layers, width {}, {} heads over {} key-value heads, feed-forward {}, rope theta {}, {} head), vocabulary {}, context {}; read in {:.1}s",
+            s.layers,
+            llama.width,
+            s.heads,
+            s.kv_heads,
+            s.ffn,
+            s.rope_theta,
+            if s.tied { "tied" } else { "untied" },
             imported.vocab.len(),
             config.max_len,
             start.elapsed().as_secs_f64()
