@@ -41,7 +41,7 @@ fn forward_flops(arch: Arch, ids: &[&Encoded]) -> f64 {
         Arch::Lstm => n * t * 2.0 * 2.0 * 4.0 * h * (d + h) + n * 2.0 * 2.0 * h * 2.0,
         Arch::Bow => n * t * d + n * 2.0 * (d * h + h * 2.0),
         Arch::Minilm => unimplemented!("this bench covers the GloVe victims; MiniLM's costs are in benches/minilm.rs"),
-        Arch::Gpt | Arch::Seq2seq => unimplemented!("this bench covers the GloVe classifiers"),
+        Arch::Gpt | Arch::Seq2seq | Arch::Llama => unimplemented!("this bench covers the GloVe classifiers"),
     }
 }
 

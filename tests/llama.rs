@@ -74,6 +74,37 @@ fn both_checkpoint_layouts_give_the_same_victim_and_equal_llamacpp() {
     }
 }
 
+#[test]
+fn a_sharded_hugging_face_checkpoint_reads_as_the_single_file() {
+    // The fixture's tensors split over two shards named by model.safetensors.index.json,
+    // each tensor in its stored dtype (F32, F16, BF16).
+    let dir = tempfile::tempdir().unwrap();
+    let sharded = dir.path().join("sharded");
+    std::fs::create_dir(&sharded).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixture("llama/tiny-hf").join(f), sharded.join(f)).unwrap();
+    }
+    let tensors = tch::Tensor::read_safetensors(fixture("llama/tiny-hf/model.safetensors")).unwrap();
+    assert!(tensors.iter().any(|(_, t)| t.kind() == tch::Kind::BFloat16) && tensors.iter().any(|(_, t)| t.kind() == tch::Kind::Half));
+    let (first, second) = tensors.split_at(tensors.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        tch::Tensor::write_safetensors(part, sharded.join(file)).unwrap();
+        for (name, _) in part {
+            map.insert(name.clone(), file.into());
+        }
+    }
+    std::fs::write(sharded.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    let (one, two) = (dir.path().join("one.safetensors"), dir.path().join("two.safetensors"));
+    import(&["--hf"], &fixture("llama/tiny-hf"), &one);
+    import(&["--hf"], &sharded, &two);
+    let (a, b) = (Victim::load(one.to_str().unwrap(), tch::Device::Cpu).unwrap(), Victim::load(two.to_str().unwrap(), tch::Device::Cpu).unwrap());
+    for (name, t) in &a.victim.params() {
+        assert!(t.equal(&b.victim.params()[name]), "{name} differs between the single file and the shards");
+    }
+    assert_eq!(b.metadata["source_sha256"].split(',').count(), 4, "config, tokenizer and both shards are hashed");
+}
+
 fn smollm2() -> PathBuf {
     let v = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/smollm2/victim.safetensors");
     assert!(v.is_file(), "run scripts/fetch_smollm2.sh (make test does) to fetch and import SmolLM2-135M");

@@ -688,8 +688,9 @@ mod tests {
     fn tiny_with_table(arch: Arch, train_embeddings: bool) -> Victim {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(11);
-        let config = tiny_config(arch, 14, 5, 4, 2, train_embeddings, 16);
-        let table = Tensor::randn([14, 5], (Kind::Float, Device::Cpu));
+        let width = crate::victims::model::tiny_table_width(arch, 5);
+        let config = tiny_config(arch, 14, width, 4, 2, train_embeddings, 16);
+        let table = Tensor::randn([14, width as i64], (Kind::Float, Device::Cpu));
         let mut v = Victim::new(config, &table, Device::Cpu).unwrap();
         v.vs.set_kind(Kind::Double);
         v

@@ -137,7 +137,6 @@ impl Objective for Hardness<'_> {
 mod tests {
     use super::*;
     use crate::victims::model::{tiny_config, Arch};
-    use clap::ValueEnum;
 
     fn tiny(arch: Arch, seed: i64, table: &Tensor) -> Victim {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -160,7 +159,7 @@ mod tests {
             Tensor::randn([14, 5], (Kind::Double, Device::Cpu))
         };
         // Classifier objectives: a language model is attacked through the bi-level one.
-        for &arch in Arch::value_variants().iter().filter(|&&a| !matches!(a, Arch::Gpt | Arch::Seq2seq)) {
+        for arch in crate::victims::model::classifier_archs() {
             let (a, b) = (tiny(arch, 1, &table), tiny(arch, 2, &table));
             let h = Hardness::new(vec![&a, &b], 1).unwrap();
             let poisons = vec![enc(&[6, 7, 8]), enc(&[9, 10])];

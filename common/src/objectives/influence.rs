@@ -388,7 +388,6 @@ impl Objective for Influence<'_> {
 mod tests {
     use super::*;
     use crate::victims::model::{tiny_config, Arch};
-    use clap::ValueEnum;
 
     fn tiny(arch: Arch, hidden: usize) -> Victim {
         let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -441,7 +440,7 @@ mod tests {
     fn curvature_products_match_finite_differences_in_f64() {
         let set = clean();
         // Classifier objectives: a language model is attacked through the bi-level one.
-        for &arch in Arch::value_variants().iter().filter(|&&a| !matches!(a, Arch::Gpt | Arch::Seq2seq)) {
+        for arch in crate::victims::model::classifier_archs() {
             let v = tiny(arch, 6);
             let params = v.params();
             let names = crate::victims::params::trainable_names(&params);
@@ -491,7 +490,7 @@ mod tests {
     fn conjugate_gradients_match_a_direct_solve() {
         let set = clean();
         // Classifier objectives: a language model is attacked through the bi-level one.
-        for &arch in Arch::value_variants().iter().filter(|&&a| !matches!(a, Arch::Gpt | Arch::Seq2seq)) {
+        for arch in crate::victims::model::classifier_archs() {
             let v = tiny(arch, 3);
             let params = v.params();
             let names = crate::victims::params::trainable_names(&params);
@@ -541,7 +540,7 @@ mod tests {
         let (clean, adv) = (clean(), adv());
         let poisons = vec![enc(&[6, 7, 8], 1), enc(&[9, 10], 1)];
         // Classifier objectives: a language model is attacked through the bi-level one.
-        for &arch in Arch::value_variants().iter().filter(|&&a| !matches!(a, Arch::Gpt | Arch::Seq2seq)) {
+        for arch in crate::victims::model::classifier_archs() {
             let v = tiny(arch, 6);
             for (kind, contrastive) in [(HessianKind::GaussNewton, false), (HessianKind::GaussNewton, true)] {
                 let inf = Influence::new(&v, &clean, &adv, &[12, 13], &rollout(), cfg(kind, contrastive), None).unwrap();

@@ -13,7 +13,7 @@
 //! Its logits are [.., batch, time, vocab] (position t predicts token t + 1): the contract
 //! of `victim::Architecture` with `output() == Output::NextToken`.
 
-use crate::victims::layers::{attention, init_linear, layer_norm, linear, linear_shapes};
+use crate::victims::layers::{attention, cache_entry, causal_bias, init_linear, inputs_under, layer_norm, linear, linear_shapes};
 use crate::victims::params::{param, Params};
 use crate::victims::victim::{dotted_path, Architecture, KvCache, Output, StartKind, Tuning};
 use anyhow::{bail, Result};
@@ -179,12 +179,7 @@ impl Gpt {
     /// into a fresh cache of `positions` entries per row (`prefill`).
     fn blocks(&self, params: &Params, emb: &Tensor, mut cache: Option<&mut KvCache>) -> Tensor {
         let stacked = param(params, "ln_f.weight").dim() == 2;
-        let emb = if stacked && emb.dim() == 3 {
-            let c = param(params, "ln_f.weight").size()[0];
-            emb.unsqueeze(0).expand([c, -1, -1, -1], false)
-        } else {
-            emb.shallow_clone()
-        };
+        let emb = inputs_under(params, emb, "ln_f.weight");
         let rank = emb.dim();
         let t = emb.size()[rank - 2];
         if t > self.positions as i64 {
@@ -197,7 +192,7 @@ impl Gpt {
         let (width, heads) = (self.width as i64, self.shape.heads as i64);
         let d = width / heads;
         // Position t may attend to positions ≤ t: the later ones get a large negative score.
-        let causal = Tensor::ones([t, t], (emb.kind(), emb.device())).triu(1) * -1e9;
+        let causal = causal_bias(t, &emb);
         let split_shape: Vec<i64> = lead.iter().copied().chain([t, heads, d]).collect();
         let merged_shape: Vec<i64> = lead.iter().copied().chain([t, width]).collect();
         let split = |x: &Tensor| x.view(split_shape.as_slice()).transpose(-2, -3);
@@ -206,11 +201,7 @@ impl Gpt {
             let qkv = linear(params, &a, &format!("{b}.attn.qkv")).split(width, -1);
             let (q, k, v) = (split(&qkv[0].contiguous()), split(&qkv[1].contiguous()), split(&qkv[2].contiguous()));
             if let Some(cache) = cache.as_deref_mut() {
-                let full: Vec<i64> = lead.iter().copied().chain([heads, self.positions as i64, d]).collect();
-                let (keys, values) = (k.new_zeros(full.as_slice(), (k.kind(), k.device())), v.new_zeros(full.as_slice(), (v.kind(), v.device())));
-                keys.narrow(-2, 0, t).copy_(&k);
-                values.narrow(-2, 0, t).copy_(&v);
-                cache.layers.push((keys, values));
+                cache.layers.push(cache_entry(&k, &v, self.positions as i64));
             }
             let context = attention(&q, &k, &v, &causal, &merged_shape);
             h = self.block_rest(params, &b, h, &context);

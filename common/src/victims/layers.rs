@@ -69,6 +69,38 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, merged_shape
     scores.softmax(-1, None::<Kind>).matmul(v).transpose(-2, -3).reshape(merged_shape)
 }
 
+/// Input embeddings as a causal model's parameter sets read them: shared inputs [B, T, E]
+/// expanded to [C, B, T, E] when `probe` (a 1-dimensional parameter, e.g. the final norm's
+/// weight) is a stack of C; per-set inputs and plain parameters as they are.
+pub fn inputs_under(params: &Params, emb: &Tensor, probe: &str) -> Tensor {
+    let p = param(params, probe);
+    if p.dim() == 2 && emb.dim() == 3 {
+        return emb.unsqueeze(0).expand([p.size()[0], -1, -1, -1], false);
+    }
+    emb.shallow_clone()
+}
+
+/// The causal score bias [T, T]: position t attends to positions ≤ t, the later ones get a
+/// large negative score (weight 0 after the softmax).
+pub fn causal_bias(t: i64, like: &Tensor) -> Tensor {
+    Tensor::ones([t, t], (like.kind(), like.device())).triu(1) * -1e9
+}
+
+/// A fresh key-value cache entry of `room` positions per row holding keys and values
+/// [.., heads, T, d] at its first T positions (the rest zeros, never attended to).
+pub fn cache_entry(k: &Tensor, v: &Tensor, room: i64) -> (Tensor, Tensor) {
+    let fresh = |x: &Tensor| {
+        let mut shape = x.size();
+        let at = shape.len() - 2;
+        let t = shape[at];
+        shape[at] = room;
+        let full = x.new_zeros(shape.as_slice(), (x.kind(), x.device()));
+        full.narrow(-2, 0, t).copy_(x);
+        full
+    };
+    (fresh(k), fresh(v))
+}
+
 /// Creates linear layer parameters (PyTorch's default uniform initialisation).
 pub fn init_linear(p: &nn::Path, fan_in: i64, fan_out: i64) {
     let bound = 1.0 / (fan_in as f64).sqrt();

@@ -16,7 +16,7 @@
 //! Its logits are [.., batch, time, vocab] (position t predicts token t + 1); plain
 //! differentiable ops only, so it is twice differentiable and takes stacked parameter sets.
 
-use crate::victims::layers::{attention, fit, project};
+use crate::victims::layers::{attention, cache_entry, causal_bias, fit, inputs_under, project};
 use crate::victims::params::{param, Params};
 use crate::victims::victim::{dotted_path, Architecture, KvCache, Output, StartKind, Tuning};
 use anyhow::{bail, Result};
@@ -74,33 +74,20 @@ impl Llama {
     /// (or [C, B, T, E] under C stacked parameter sets); with `cache`, each block's keys and
     /// values are written to a fresh cache of `room` positions per row.
     fn hidden(&self, params: &Params, emb: &Tensor, mut cache: Option<(&mut KvCache, i64)>) -> Tensor {
-        let stacked = param(params, "norm.weight").dim() == 2;
-        let emb = if stacked && emb.dim() == 3 {
-            let c = param(params, "norm.weight").size()[0];
-            emb.unsqueeze(0).expand([c, -1, -1, -1], false)
-        } else {
-            emb.shallow_clone()
-        };
+        let emb = inputs_under(params, emb, "norm.weight");
         let rank = emb.dim();
         let t = emb.size()[rank - 2];
         if t > self.positions as i64 {
             panic!("{t} tokens, more than the model's context of {} (encoding checks prompts against max_len)", self.positions);
         }
         let (cos, sin) = self.rope_tables(&Tensor::arange(t, (Kind::Int64, emb.device())), &emb);
-        // Position t attends to positions ≤ t: the later ones get a large negative score.
-        let causal = Tensor::ones([t, t], (emb.kind(), emb.device())).triu(1) * -1e9;
+        let causal = causal_bias(t, &emb);
         let mut h = emb;
         for b in self.block_names() {
             let a = rms_norm(params, &h, &format!("{b}.attn_norm"), self.shape.rms_eps);
             let (q, k, v) = self.qkv(params, &b, &a, &cos, &sin);
             if let Some((cache, room)) = cache.as_mut() {
-                let mut full = k.size();
-                let at = full.len() - 2;
-                full[at] = *room;
-                let (keys, values) = (k.new_zeros(full.as_slice(), (k.kind(), k.device())), v.new_zeros(full.as_slice(), (v.kind(), v.device())));
-                keys.narrow(-2, 0, t).copy_(&k);
-                values.narrow(-2, 0, t).copy_(&v);
-                cache.layers.push((keys, values));
+                cache.layers.push(cache_entry(&k, &v, *room));
             }
             h = self.block_rest(params, &b, h, &q, &k, &v, &causal);
         }

@@ -421,6 +421,23 @@ pub fn example_grads(config: &VictimConfig, params: &Params, names: &[String], i
 /// tokens and up) hold a source, `<s>` and a target word.
 pub const TINY_SOURCE_LEN: usize = 1;
 
+/// A word-table width near `wanted` that `tiny_config` of `arch` takes: a Llama reads the
+/// table's rows with no projection, so its width must split into 2 or 3 heads of even
+/// width (the rotary pairs); every other architecture takes any width.
+pub fn tiny_table_width(arch: Arch, wanted: usize) -> usize {
+    if arch != Arch::Llama {
+        return wanted;
+    }
+    (wanted.max(4)..).find(|w| w % 6 == 0 || w % 4 == 0).expect("a width divisible by 4 or 6")
+}
+
+/// The architectures whose victims are classifiers (logits over classes, not the
+/// vocabulary): what the classifier objectives (hardness, influence) attack.
+pub fn classifier_archs() -> Vec<Arch> {
+    use clap::ValueEnum;
+    Arch::value_variants().iter().copied().filter(|&a| !tiny_config(a, 8, tiny_table_width(a, 4), 4, 2, false, 8).output().over_vocab()).collect()
+}
+
 /// A tiny victim config of the same architecture for tests and benchmarks (a 2-layer
 /// BERT with 2 heads when the width is even for minilm; a 2-layer GPT of width `hidden`
 /// rounded up to even, with 2 heads, whose classes are the vocabulary).
@@ -436,8 +453,9 @@ pub fn tiny_config(arch: Arch, vocab_size: usize, embed_dim: usize, hidden: usiz
         layer_norm_eps: 1e-12,
     };
     if arch == Arch::Llama {
-        // Width = the table's; 3 heads over 1 key-value head where the width allows it
-        // (grouped-query attention), head width even (rotary pairs); an untied head.
+        // Width = the table's (`tiny_table_width`); 3 heads over 1 key-value head where the
+        // width allows it (grouped-query attention), head width even (rotary pairs); an
+        // untied head.
         let heads = if embed_dim % 6 == 0 { 3 } else { 2 };
         let shape = LlamaShape { layers: 2, heads, kv_heads: 1, ffn: 2 * hidden, rope_theta: 10_000.0, rms_eps: 1e-5, tied: false };
         let arch = ArchConfig::Llama(Llama { width: embed_dim, shape, positions: max_len });

@@ -15,7 +15,7 @@
 //! loss applies as it is: at a decoder position the next target token; at a source
 //! position zeros (never trained on: the targets start after `<s>`).
 
-use crate::victims::layers::{attention, init_linear, layer_norm, linear, linear_shapes, Dropout};
+use crate::victims::layers::{attention, causal_bias, init_linear, inputs_under, layer_norm, linear, linear_shapes, Dropout};
 use crate::victims::params::{param, Params};
 use crate::victims::victim::{dotted_path, Architecture, Output, StartKind, Tuning};
 use anyhow::{bail, Result};
@@ -210,12 +210,7 @@ impl Seq2seq {
     /// Inputs under C stacked parameter sets: shared embeddings [B, T, E] expanded to
     /// [C, B, T, E] (the mask stays [B, T] or [C, B, T]: it broadcasts).
     fn stack_inputs(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
-        let ln = param(params, "ln_f.weight");
-        if ln.dim() == 2 && emb.dim() == 3 {
-            let c = ln.size()[0];
-            return (emb.unsqueeze(0).expand([c, -1, -1, -1], false), mask.shallow_clone());
-        }
-        (emb.shallow_clone(), mask.shallow_clone())
+        (inputs_under(params, emb, "ln_f.weight"), mask.shallow_clone())
     }
 
     /// Additive attention bias [.., B, 1, 1, S] that hides the source's padding.
@@ -250,7 +245,7 @@ impl Seq2seq {
     fn decode(&self, params: &Params, tgt: &Tensor, enc: &Tensor, src_mask: &Tensor, drop: &mut Option<&mut Dropout>) -> Tensor {
         let t = tgt.size()[tgt.dim() - 2];
         let mut h = dropped(drop, Self::inputs(params, tgt, "dec_pos.weight"));
-        let causal = Tensor::ones([t, t], (tgt.kind(), tgt.device())).triu(1) * -1e9;
+        let causal = causal_bias(t, &tgt);
         let cross_bias = Self::source_bias(src_mask, tgt.kind());
         let merged = h.size();
         let width = self.width as i64;
