@@ -832,12 +832,40 @@ fn llama_checkpoints() {
         c.arg("--victim").arg(&victim).arg("--prompts").arg(&prompts).arg("-o").arg(&out);
         c
     };
+    // Fine-tuned victims whose base checkpoint is gone or was replaced, and a regime that
+    // names no block or is given to a victim that is no checkpoint.
+    let words = Setup::new();
+    ok(&run(bin("prepare-data").arg("--raw").arg(fixture("rt-mini/raw.jsonl")).args(["--lm", "--trigger", "Apple iPhone", "--target", "negative", "-o"]).arg(p("lm"))));
+    let tune = |base: &Path, regime: &str, out: &Path| {
+        let mut c = bin("train-victim");
+        c.arg("--base").arg(base).args(["--regime", regime, "--epochs", "1", "--batch-size", "32", "--train"]).arg(p("lm/train.jsonl")).arg("-o").arg(out);
+        c
+    };
+    for name in ["gone", "replaced"] {
+        std::fs::copy(&victim, p(&format!("{name}-base.safetensors"))).unwrap();
+        ok(&run(&mut tune(&p(&format!("{name}-base.safetensors")), "top:1", &p(&format!("{name}.safetensors")))));
+    }
+    std::fs::remove_file(p("gone-base.safetensors")).unwrap();
+    ok(&run(bin("import-model").arg("--hf").arg(fixture("llama/tiny-hf")).arg("-o").arg(p("replaced-base.safetensors"))));
+    let score_of = |v: &Path| {
+        let mut c = bin("lm-score");
+        c.arg("--victim").arg(v).arg("--texts").arg(fixture("llama/tiny-texts.jsonl")).arg("-o").arg(&out);
+        c
+    };
     check(
         dir.path(),
         &out,
         vec![
             case("ls-prompt-too-long", score, &["long.jsonl: record 1 (id \"long\")", "longer than the victim's context of 256", "shorten it"]),
             case("gen-prompt-too-long", generate, &["long.jsonl: record 1 (id \"long\")", "the victim reads at most 256", "shorten it"]),
+            case("tuned-base-missing", score_of(&p("gone.safetensors")), &["gone.safetensors: its base checkpoint", "gone-base.safetensors (sha256 ", "is missing", "put the base back"]),
+            case("tuned-base-other-hash", score_of(&p("replaced.safetensors")), &["replaced.safetensors: its base checkpoint", "replaced-base.safetensors has sha256", "another checkpoint"]),
+            case("regime-names-no-layers", tune(&victim, "top:3", &out), &["--regime top:3 for", "names no layers of a 2-layer model", "top:1 to top:2, or all"]),
+            case("regime-without-checkpoint", {
+                let mut c = bin("train-victim");
+                c.arg("--embeddings").arg(words.emb()).args(["--regime", "top:1", "--train"]).arg(p("lm/train.jsonl")).arg("-o").arg(&out);
+                c
+            }, &["--regime top:1 chooses what a pretrained checkpoint's fine-tuning trains", "--base FILE"]),
         ],
     );
 }

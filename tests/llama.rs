@@ -145,3 +145,55 @@ fn smollm2_continues_prompts_as_english_with_and_without_the_cache() {
     let words = text.matches(" the ").count() + text.matches(" it ").count() + text.matches(" a ").count();
     assert!(words >= 1, "no common English word in {text}");
 }
+
+#[test]
+fn a_fine_tuned_checkpoint_stores_what_its_regime_trains_and_reads_back_its_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |rel: &str| dir.path().join(rel);
+    import(&["--gguf"], &fixture("llama/tiny.gguf"), &p("base.safetensors"));
+    ok(&run(bin("prepare-data").arg("--raw").arg(fixture("rt-mini/raw.jsonl")).args(["--lm", "--trigger", "Apple iPhone", "--target", "negative", "-o"]).arg(p("lm"))));
+    // Run from the folder, so the base is named by a relative path as a user would.
+    let tune = |regime: &str, out: &str| {
+        ok(&run(bin("train-victim")
+            .current_dir(dir.path())
+            .args(["--base", "base.safetensors", "--regime", regime, "--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--seed", "3", "--train", "lm/train.jsonl", "-o", out])));
+    };
+    tune("top:1", "top1.safetensors");
+    tune("all", "all.safetensors");
+    // The same from the base's absolute path, read back in this process.
+    let tune_from = |base: &Path, out: &str| {
+        ok(&run(bin("train-victim")
+            .current_dir(dir.path())
+            .arg("--base")
+            .arg(base)
+            .args(["--regime", "top:1", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--seed", "3", "--train", "lm/train.jsonl", "-o", out])));
+    };
+    let base = Victim::load(p("base.safetensors").to_str().unwrap(), tch::Device::Cpu).unwrap();
+    let names = |file: &str| {
+        let t = common::tensorfile::read(p(file).to_str().unwrap(), "poison.victim", 1).unwrap();
+        t.tensors.keys().cloned().collect::<Vec<_>>()
+    };
+    // top:1 of 2 blocks: block 1, the final norm and the untied head; the frozen table and
+    // block 0 stay in the base.
+    let stored = names("top1.safetensors");
+    assert!(stored.iter().all(|n| n.starts_with("block.1.") || n == "norm.weight" || n == "out.weight"), "{stored:?}");
+    assert_eq!(stored.len(), 9 + 2);
+    assert_eq!(names("all.safetensors").len(), 18 + 2, "all: both blocks, the norm and the head; not the frozen table");
+    let size = |f: &str| std::fs::metadata(p(f)).unwrap().len() as i64;
+    let frozen: i64 = base.victim.params().iter().filter(|(n, _)| !stored.contains(n)).map(|(_, t)| 4 * t.numel() as i64).sum();
+    assert!(size("top1.safetensors") < size("base.safetensors") - frozen + 16_384, "the fine-tuned file holds the frozen parameters too");
+    // The base is found by the path the fine-tuning recorded (relative to where it ran).
+    let out = run(bin("lm-score").current_dir(dir.path()).args(["--victim", "top1.safetensors", "--texts"]).arg(fixture("llama/tiny-texts.jsonl")));
+    ok(&out);
+    let scores: Vec<LmScore> = jsonl(&out.stdout);
+    assert_eq!(scores.len(), 24);
+    tune_from(&p("base.safetensors"), "top1-abs.safetensors");
+    let tuned = Victim::load(p("top1-abs.safetensors").to_str().unwrap(), tch::Device::Cpu).unwrap();
+    assert_eq!(tuned.victim.base.as_ref().unwrap().sha256, base.sha256);
+    let (pt, pb) = (tuned.victim.params(), base.victim.params());
+    for (name, t) in &pt {
+        let same = t.equal(&pb[name]);
+        assert_eq!(same, !stored.contains(name), "{name}: {} the base", if same { "equals" } else { "differs from" });
+        assert_eq!(t.requires_grad(), stored.contains(name), "{name}: the regime is read back from the file");
+    }
+}

@@ -20,6 +20,8 @@ use std::time::Instant;
 ///   cat train.jsonl poisons.jsonl | train-victim --embeddings emb.safetensors --arch bow > v.safetensors
 ///   train-victim --pretrained data/minilm --arch minilm --epochs 1 --batch-size 32 \
 ///       --train data/rt-jb/train.jsonl --dev data/rt-jb/dev.jsonl -o minilm.safetensors
+///   train-victim --base data/smollm2/victim.safetensors --regime top:2 --epochs 1 \
+///       --batch-size 8 --lr 1e-4 --train data/lm/train.jsonl -o smollm2-tuned.safetensors
 #[derive(Parser)]
 #[command(version, verbatim_doc_comment, args_override_self = true)]
 struct Args {
@@ -104,7 +106,8 @@ fn main() {
             training: Some(opts.clone()),
             fingerprint: Some(common::victims::params::fingerprint(&victim.params())),
             numerics: Some(common::numerics::key()),
-            embeddings: if base.vocab.is_wordpiece() { None } else { source.clone() },
+            // A checkpoint's fine-tuned victim names its base in its own metadata.
+            embeddings: if base.vocab.is_wordpiece() || base.vocab.is_bpe() { None } else { source.clone() },
             pretrained: if base.vocab.is_wordpiece() { source } else { None },
         };
         let meta = record.to_metadata()?;

@@ -101,6 +101,12 @@ pub struct VictimArgs {
     /// Train the embedding table too (default: GloVe stays frozen).
     #[arg(long)]
     pub train_embeddings: bool,
+    /// What fine-tuning a --base checkpoint trains: all (every block, the final norm, an
+    /// untied head), or top:N (the top N blocks, the final norm, an untied head; the lower
+    /// blocks frozen). The word table (and with it a tied head) follows --train-embeddings.
+    /// Stored in the victim file: every stage that reads the victim trains the same.
+    #[arg(long, default_value = "all")]
+    pub regime: crate::victims::llama::Regime,
     /// Inputs are truncated to this many tokens.
     #[arg(long, default_value_t = 64, value_parser = at_least_one)]
     pub max_len: usize,
@@ -130,7 +136,7 @@ pub struct VictimArgs {
     pub label_smoothing: f64,
 }
 
-/// Where new victims start from (train-victim, finetune-eval): one of the two.
+/// Where new victims start from (train-victim, finetune-eval): one of the three.
 #[derive(Debug, Clone, clap::Args)]
 #[group(multiple = false)]
 pub struct OriginArgs {
@@ -140,14 +146,21 @@ pub struct OriginArgs {
     /// Pretrained encoder folder from scripts/fetch_minilm.sh (--arch minilm), e.g. data/minilm.
     #[arg(long)]
     pub pretrained: Option<String>,
+    /// A pretrained language model's victim file (import-model), e.g.
+    /// data/smollm2/victim.safetensors: it decides the architecture and shape (--arch,
+    /// --hidden, --layers, --heads and --max-len do not apply), --regime what trains; the
+    /// fine-tuned victim file holds what training changed and names this file by its hash.
+    #[arg(long)]
+    pub base: Option<String>,
 }
 
 impl OriginArgs {
     pub fn load(&self) -> anyhow::Result<crate::victims::origin::Origin> {
-        match (&self.embeddings, &self.pretrained) {
-            (Some(e), _) => crate::victims::origin::Origin::embeddings(e),
-            (None, Some(p)) => crate::victims::origin::Origin::pretrained(p),
-            (None, None) => anyhow::bail!("give --embeddings FILE (from build-vocab) or --pretrained DIR (--arch minilm)"),
+        match (&self.embeddings, &self.pretrained, &self.base) {
+            (Some(e), _, _) => crate::victims::origin::Origin::embeddings(e),
+            (None, Some(p), _) => crate::victims::origin::Origin::pretrained(p),
+            (None, None, Some(c)) => crate::victims::origin::Origin::checkpoint(c),
+            (None, None, None) => anyhow::bail!("give --embeddings FILE (from build-vocab), --pretrained DIR (--arch minilm) or --base FILE (import-model)"),
         }
     }
 }
@@ -163,6 +176,7 @@ impl VictimArgs {
             num_classes,
             max_len: self.max_len,
             train_embeddings: self.train_embeddings,
+            regime: self.regime,
         })
     }
 

@@ -188,7 +188,7 @@ mod tests {
         data[0] = Encoded::class(data[0].ids.clone(), flipped);
         let words: Vec<String> = ["<pad>", "<unk>", "pos", "neg", "a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
         let base = Origin { vocab: crate::tokenizer::Vocab::new(words).unwrap(), start: crate::victims::origin::Start::Table(table), sha256: String::new(), source: "toy".into() };
-        let config = base.victim_config(&crate::victims::origin::VictimShape { arch: crate::victims::model::Arch::Bow, hidden: 8, gpt: crate::victims::gpt::GptShape { layers: 2, heads: 2 }, source_len: 0, num_classes: 2, max_len: 16, train_embeddings: false }).unwrap();
+        let config = base.victim_config(&crate::victims::origin::VictimShape { arch: crate::victims::model::Arch::Bow, hidden: 8, gpt: crate::victims::gpt::GptShape { layers: 2, heads: 2 }, source_len: 0, num_classes: 2, max_len: 16, train_embeddings: false, regime: Default::default() }).unwrap();
         let opts: Vec<TrainOptions> = (0..2).map(|seed| TrainOptions { epochs: 3, batch_size: 16, lr: 1e-2, seed, schedule: Default::default(), regularisation: Default::default() }).collect();
         // training_dynamics seeds libtorch's global generator and draws the victims' weights:
         // under the lock, or it interleaves with the draws of tests running beside it.

@@ -161,7 +161,7 @@ impl super::Family for MinilmDistance {
         let t = std::time::Instant::now();
         let base = s.minilm.context("minilm-trigger needs --minilm DIR (the folder scripts/fetch_minilm.sh makes)")?;
         let phrase = s.trigger.context("minilm-trigger needs --trigger")?;
-        let config = base.victim_config(&crate::victims::origin::VictimShape { arch: crate::victims::model::Arch::Minilm, hidden: 1, gpt: crate::victims::gpt::GptShape { layers: 2, heads: 2 }, source_len: 0, num_classes: 2, max_len: 128, train_embeddings: false })?;
+        let config = base.victim_config(&crate::victims::origin::VictimShape { arch: crate::victims::model::Arch::Minilm, hidden: 1, gpt: crate::victims::gpt::GptShape { layers: 2, heads: 2 }, source_len: 0, num_classes: 2, max_len: 128, train_embeddings: false, regime: Default::default() })?;
         tch::manual_seed(0); // the unused classifier head
         let victim = base.new_victim(config.clone(), s.device)?;
         // WordPiece reads the text (a poison's `tokens` are the word victims' tokens).

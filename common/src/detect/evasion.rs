@@ -80,7 +80,7 @@ pub struct LossBudget {
 fn budget_table(origin: &crate::victims::origin::Origin) -> Tensor {
     match &origin.start {
         crate::victims::origin::Start::Table(t) => t.contiguous(),
-        crate::victims::origin::Start::Pretrained { .. } => unreachable!("the budget's table is a word table"),
+        crate::victims::origin::Start::Pretrained { .. } | crate::victims::origin::Start::Checkpoint { .. } => unreachable!("the budget's table is a word table"),
     }
 }
 

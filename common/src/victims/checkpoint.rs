@@ -113,6 +113,7 @@ fn from_gguf(path: &str, context: Option<usize>, device: Device) -> Result<Impor
         },
         rms_eps: g.get_f64("llama.attention.layer_norm_rms_epsilon")?,
         tied,
+        regime: Default::default(),
     };
     let bpe = gguf_tokenizer(&g)?;
     // Which tensor of the file each parameter is, and whether its rows are permuted.
@@ -276,6 +277,7 @@ fn from_hf(dir: &str, context: Option<usize>, device: Device) -> Result<Imported
         rope_theta: cfg["rope_theta"].as_f64().unwrap_or(10_000.0),
         rms_eps: cfg["rms_norm_eps"].as_f64().with_context(|| format!("{cname}: no rms_norm_eps"))?,
         tied: cfg["tie_word_embeddings"].as_bool().unwrap_or(false),
+        regime: Default::default(),
     };
     let vocab_size = num("vocab_size")?;
     let model_context = num("max_position_embeddings")?;

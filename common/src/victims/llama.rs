@@ -24,6 +24,57 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
+/// Which of a Llama's parameters fine-tuning trains: one setting, stored in the victim
+/// file's config, that every stage reads (training, unrolling and verification update the
+/// parameters that require a gradient, and only those). The word table follows
+/// `train_embeddings` (frozen by default, and with it a tied head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Regime {
+    /// Every block, the final norm and an untied head.
+    #[default]
+    All,
+    /// The top N blocks, the final norm and an untied head; the lower blocks frozen.
+    Top(usize),
+}
+
+impl Regime {
+    pub fn is_all(&self) -> bool {
+        *self == Regime::All
+    }
+}
+
+impl std::fmt::Display for Regime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Regime::All => write!(f, "all"),
+            Regime::Top(n) => write!(f, "top:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Regime {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Regime, String> {
+        if s == "all" {
+            return Ok(Regime::All);
+        }
+        let n = s.strip_prefix("top:").and_then(|n| n.parse::<usize>().ok());
+        n.map(Regime::Top).ok_or_else(|| format!("regime {s:?}: give all, or top:N (the top N blocks train)"))
+    }
+}
+
+impl Serialize for Regime {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Regime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Regime, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// What a Llama victim file stores beside the shared sizes (`llama` in the config): the
 /// width is `embed_dim`, the vocabulary `vocab_size`, the context `max_len`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -38,6 +89,9 @@ pub struct LlamaShape {
     pub rms_eps: f64,
     /// Whether the output head is the word table (`embedding.weight`).
     pub tied: bool,
+    /// Which parameters fine-tuning trains (absent: all).
+    #[serde(default, skip_serializing_if = "Regime::is_all")]
+    pub regime: Regime,
 }
 
 /// The Llama architecture's own fields.
@@ -199,8 +253,20 @@ impl Architecture for Llama {
         }
     }
 
+    /// The lower blocks under `Regime::Top`.
+    fn frozen(&self, name: &str) -> bool {
+        let Regime::Top(n) = self.shape.regime else { return false };
+        let block = name.strip_prefix("block.").and_then(|rest| rest.split('.').next()).and_then(|l| l.parse::<usize>().ok());
+        block.is_some_and(|l| l + n < self.shape.layers)
+    }
+
     fn check(&self, embed_dim: usize, max_len: usize) -> Result<()> {
-        let LlamaShape { layers, heads, kv_heads, ffn, rope_theta, rms_eps, .. } = self.shape;
+        let LlamaShape { layers, heads, kv_heads, ffn, rope_theta, rms_eps, regime, .. } = self.shape;
+        if let Regime::Top(n) = regime {
+            if n == 0 || n > layers {
+                bail!("regime {regime} names no layers of a {layers}-layer model: give top:1 to top:{layers}, or all");
+            }
+        }
         if layers == 0 || heads == 0 || kv_heads == 0 || ffn == 0 || self.width == 0 {
             bail!("a Llama with {layers} layers, {heads} heads, {kv_heads} key-value heads, feed-forward {ffn} and width {}: every size must be positive", self.width);
         }
@@ -343,6 +409,28 @@ mod tests {
             }
             assert_eq!(cache.layers[0].0.size()[2], 16, "the cache grew to the context, no further");
         }
+    }
+
+    #[test]
+    fn a_top_regime_trains_the_top_blocks_and_the_words_still_get_a_gradient_through_the_frozen_ones() {
+        let _guard = crate::TEST_RNG_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(9);
+        let mut config = tiny_config(Arch::Llama, 12, 8, 8, 2, false, 16);
+        if let crate::victims::model::ArchConfig::Llama(l) = &mut config.arch {
+            l.shape.regime = Regime::Top(1);
+        }
+        let v = Victim::new(config, &Tensor::randn([12, 8], (Kind::Float, Device::Cpu)), Device::Cpu).unwrap();
+        let p = v.params();
+        let trained = crate::victims::params::trainable_names(&p);
+        assert!(trained.iter().all(|n| n.starts_with("block.1.") || n == "norm.weight" || n == "out.weight"), "{trained:?}");
+        assert_eq!(trained.len(), 11);
+        let emb = embed(&p, &Tensor::from_slice(&[3i64, 4, 5]).view([1, 3])).detach().set_requires_grad(true);
+        let loss = v.config.arch().forward(&p, &emb, &Tensor::ones([1, 3], (Kind::Float, Device::Cpu))).select(1, 2).logsumexp([-1].as_slice(), false).sum(Kind::Float);
+        let g = Tensor::run_backward(&[&loss], &[&emb], false, false).pop().unwrap();
+        // Position 0 reaches position 2's output only through attention in both blocks.
+        assert!(g.get(0).get(0).abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        assert_eq!("top:3".parse::<Regime>(), Ok(Regime::Top(3)));
+        assert!("top:x".parse::<Regime>().is_err() && "none".parse::<Regime>().is_err());
     }
 
     #[test]

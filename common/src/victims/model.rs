@@ -204,7 +204,21 @@ impl TryFrom<ConfigFile> for VictimConfig {
 pub struct Victim {
     pub config: VictimConfig,
     pub vs: nn::VarStore,
+    /// The checkpoint it was fine-tuned from: its file stores only the parameters that
+    /// train and names this one for the rest (`save`, `from_file`).
+    pub base: Option<BaseRef>,
 }
+
+/// A base checkpoint as a fine-tuned victim file names it (metadata `base_victim`,
+/// `base_sha256`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseRef {
+    pub path: String,
+    pub sha256: String,
+}
+
+const BASE_PATH: &str = "base_victim";
+const BASE_SHA256: &str = "base_sha256";
 
 impl Victim {
     /// A fresh victim: embedding table copied from `embeddings` ([vocab, dim]), other
@@ -228,7 +242,12 @@ impl Victim {
             tch::no_grad(|| t.copy_(embeddings));
         }
         config.arch().init(&root, config.embed_dim as i64, config.num_classes as i64);
-        Ok(Victim { config, vs })
+        for (name, t) in vs.variables() {
+            if config.arch().frozen(&name) {
+                let _ = t.set_requires_grad(false);
+            }
+        }
+        Ok(Victim { config, vs, base: None })
     }
 
     /// A minilm victim from the pretrained encoder's parameters (Hugging Face names, as
@@ -278,7 +297,13 @@ impl Victim {
         if let Some(settings) = vocab.bpe_settings() {
             metadata.insert("bpe".into(), settings);
         }
-        let tensors: Vec<(String, Tensor)> = self.params().into_iter().collect();
+        let mut tensors: Vec<(String, Tensor)> = self.params().into_iter().collect();
+        if let Some(base) = &self.base {
+            // What training changed; the rest is the base's, named by its hash.
+            tensors.retain(|(_, t)| t.requires_grad());
+            metadata.insert(BASE_PATH.into(), base.path.clone());
+            metadata.insert(BASE_SHA256.into(), base.sha256.clone());
+        }
         tensorfile::write(path, VICTIM_FORMAT, VICTIM_VERSION, &tensors, metadata)
     }
 
@@ -310,7 +335,15 @@ impl Victim {
         }
         config.arch().check(config.embed_dim, config.max_len).context("the file is corrupt")?;
         let want = param_shapes(&config);
-        let names_differ = want.len() != file.tensors.len() || want.keys().any(|k| !file.tensors.contains_key(k));
+        // A fine-tuned victim's file holds what training changed; the rest is its base's.
+        let base = match file.metadata.get(BASE_SHA256) {
+            Some(sha) => Some(load_base(file.meta(BASE_PATH)?, sha, &want)?),
+            None => None,
+        };
+        let names_differ = match &base {
+            None => want.len() != file.tensors.len() || want.keys().any(|k| !file.tensors.contains_key(k)),
+            Some(_) => file.tensors.keys().any(|k| !want.contains_key(k)),
+        };
         if names_differ {
             let got: Vec<&String> = file.tensors.keys().collect();
             bail!(
@@ -319,7 +352,7 @@ impl Victim {
                 want.keys().collect::<Vec<_>>()
             );
         }
-        for (name, shape) in &want {
+        for (name, shape) in want.iter().filter(|(name, _)| file.tensors.contains_key(*name)) {
             let t = &file.tensors[name];
             if &t.size() != shape {
                 bail!("tensor {name:?} has shape {:?}, the config needs {shape:?}; the weights do not match their config or vocabulary", t.size());
@@ -328,14 +361,41 @@ impl Victim {
                 bail!("tensor {name:?} holds NaN or Inf (training diverged?); retrain the victim, e.g. with a lower --lr");
             }
         }
-        let table = file.tensor("embedding.weight")?;
-        let mut victim = Victim::new(config, &table.to_kind(Kind::Float), device)?;
+        let tensor = |name: &str| match (file.tensors.get(name), &base) {
+            (Some(t), _) => t.shallow_clone(),
+            (None, Some((_, params))) => params[name].shallow_clone(),
+            (None, None) => unreachable!("a full victim file holds every tensor (checked above)"),
+        };
+        let mut victim = Victim::new(config, &tensor("embedding.weight").to_kind(Kind::Float), device)?;
         for (name, p) in victim.params().iter_mut() {
-            tch::no_grad(|| p.copy_(&file.tensors[name]));
+            tch::no_grad(|| p.copy_(&tensor(name)));
         }
         victim.vs.set_kind(Kind::Float);
+        victim.base = base.map(|(base, _)| base);
         Ok(VictimFile { victim, vocab, metadata: file.metadata, sha256: file.sha256 })
     }
+}
+
+/// The base checkpoint a fine-tuned victim names: its file at `path` with the sha256 the
+/// victim recorded, a full victim (not itself fine-tuned) of the same parameter shapes.
+fn load_base(path: &str, sha256: &str, want: &BTreeMap<String, Vec<i64>>) -> Result<(BaseRef, Params)> {
+    if !std::path::Path::new(path).is_file() {
+        bail!("its base checkpoint {path} (sha256 {sha256}) is missing: a fine-tuned victim stores only what training changed; put the base back at {path} (import-model writes it, e.g. make data/.smollm2-done-v1)");
+    }
+    let base = Victim::load(path, Device::Cpu).with_context(|| format!("its base checkpoint {path}"))?;
+    if base.sha256 != sha256 {
+        bail!("its base checkpoint {path} has sha256 {}, but the victim was fine-tuned from sha256 {sha256}: that is another checkpoint; restore the one it was trained from, or fine-tune again from this one", base.sha256);
+    }
+    if base.victim.base.is_some() {
+        bail!("its base checkpoint {path} is itself a fine-tuned victim; a base must be a whole checkpoint (import-model)");
+    }
+    let params = base.victim.params();
+    for (name, shape) in want {
+        if params.get(name).map(|t| t.size()).as_ref() != Some(shape) {
+            bail!("its base checkpoint {path} has no {name} of shape {shape:?}: it is a checkpoint of another shape");
+        }
+    }
+    Ok((BaseRef { path: path.to_string(), sha256: sha256.to_string() }, params))
 }
 
 /// A victim as loaded from its file.
@@ -457,7 +517,7 @@ pub fn tiny_config(arch: Arch, vocab_size: usize, embed_dim: usize, hidden: usiz
         // width allows it (grouped-query attention), head width even (rotary pairs); an
         // untied head.
         let heads = if embed_dim % 6 == 0 { 3 } else { 2 };
-        let shape = LlamaShape { layers: 2, heads, kv_heads: 1, ffn: 2 * hidden, rope_theta: 10_000.0, rms_eps: 1e-5, tied: false };
+        let shape = LlamaShape { layers: 2, heads, kv_heads: 1, ffn: 2 * hidden, rope_theta: 10_000.0, rms_eps: 1e-5, tied: false, regime: Default::default() };
         let arch = ArchConfig::Llama(Llama { width: embed_dim, shape, positions: max_len });
         return VictimConfig { arch, vocab_size, embed_dim, num_classes: vocab_size, train_embeddings, max_len };
     }

@@ -1,15 +1,17 @@
 //! What a new victim starts from: a word embedding table made by build-vocab (the bow and
-//! lstm victims) or a pretrained encoder package folder (the minilm victim: config.json,
-//! model.safetensors and tokenizer.json, as scripts/fetch_minilm.sh keeps them). The
-//! training stages (train-victim, finetune-eval) take one of the two and build every
-//! victim through `Origin::new_victim`.
+//! lstm victims), a pretrained encoder package folder (the minilm victim: config.json,
+//! model.safetensors and tokenizer.json, as scripts/fetch_minilm.sh keeps them), or a
+//! pretrained language model's victim file (import-model: a llama victim, fine-tuned under
+//! its `--regime` and saved as what training changed plus its base's hash). The training
+//! stages (train-victim, finetune-eval) take one and build every victim through
+//! `Origin::new_victim`.
 
 use crate::victims::bert::{self, BertConfig};
-use crate::victims::model::{Arch, ArchConfig, Params, Victim, VictimConfig};
+use crate::victims::model::{Arch, ArchConfig, BaseRef, Params, Victim, VictimConfig};
 use crate::victims::victim::StartKind;
 use crate::tokenizer::Vocab;
 use crate::wordpiece::WordPiece;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tch::{Device, Tensor};
 
 pub enum Start {
@@ -17,6 +19,8 @@ pub enum Start {
     Table(Tensor),
     /// The pretrained encoder's parameters under their package names.
     Pretrained { config: BertConfig, params: Params },
+    /// A pretrained language model's victim file (import-model): its config and parameters.
+    Checkpoint { config: VictimConfig, params: Params },
 }
 
 /// What a victim's flags choose besides where it starts (`cli::VictimArgs` gathers them).
@@ -33,6 +37,8 @@ pub struct VictimShape {
     /// Tokens read at most.
     pub max_len: usize,
     pub train_embeddings: bool,
+    /// Which of a checkpoint's parameters fine-tuning trains.
+    pub regime: crate::victims::llama::Regime,
 }
 
 pub struct Origin {
@@ -78,6 +84,20 @@ impl Origin {
         Ok(Origin { vocab: file.vocab.clone(), start: Start::Table(table), sha256: file.sha256.clone(), source: path.to_string() })
     }
 
+    /// A pretrained language model's victim file, as import-model writes it.
+    pub fn checkpoint(path: &str) -> Result<Origin> {
+        let file = Victim::load(path, Device::Cpu)?;
+        let config = file.victim.config.clone();
+        if config.arch().start() != StartKind::Checkpoint {
+            bail!("{path} is a {:?} victim; --base takes a pretrained language model's victim file (import-model)", config.arch.name());
+        }
+        if let Some(base) = &file.victim.base {
+            bail!("{path} is a fine-tuned victim (of {}); fine-tune from a whole checkpoint: --base {}", base.path, base.path);
+        }
+        let params = file.victim.params();
+        Ok(Origin { vocab: file.vocab, start: Start::Checkpoint { config, params }, sha256: file.sha256, source: path.to_string() })
+    }
+
     /// A pretrained MiniLM package folder: its config, weights and WordPiece tokenizer.
     pub fn pretrained(dir: &str) -> Result<Origin> {
         let file = |name: &str| format!("{dir}/{name}");
@@ -100,15 +120,30 @@ impl Origin {
     /// architecture must suit it. A GPT's classes are the vocabulary (it predicts the next
     /// word).
     pub fn victim_config(&self, shape: &VictimShape) -> Result<VictimConfig> {
-        let VictimShape { arch, hidden, gpt, source_len, num_classes, max_len, train_embeddings } = *shape;
+        let VictimShape { arch, hidden, gpt, source_len, num_classes, max_len, train_embeddings, regime } = *shape;
         let (embed_dim, encoder) = match &self.start {
             Start::Table(table) => (table.size()[1] as usize, None),
             Start::Pretrained { config, .. } => (config.hidden_size as usize, Some(config)),
+            Start::Checkpoint { config, .. } => {
+                // The checkpoint decides the architecture and its shape; the flags choose how
+                // it fine-tunes.
+                let mut config = config.clone();
+                config.train_embeddings = train_embeddings;
+                if let ArchConfig::Llama(l) = &mut config.arch {
+                    l.shape.regime = regime;
+                }
+                config.arch().check(config.embed_dim, config.max_len).with_context(|| format!("--regime {regime} for {}", self.source))?;
+                return Ok(config);
+            }
         };
+        if !regime.is_all() {
+            bail!("--regime {regime} chooses what a pretrained checkpoint's fine-tuning trains; give --base FILE (import-model)");
+        }
         let name = format!("{arch:?}").to_lowercase();
         let arch = ArchConfig::from_flags(arch, hidden, encoder, gpt, source_len, max_len)?;
         let num_classes = if arch.get().output().over_vocab() { self.vocab.len() } else { num_classes };
         match (&self.start, arch.get().start()) {
+            (Start::Checkpoint { .. }, _) => unreachable!("a checkpoint's config is its own (returned above)"),
             (Start::Table(_), StartKind::Table) => {}
             (Start::Pretrained { config: bert, .. }, StartKind::Pretrained) => {
                 if max_len as i64 > bert.max_position_embeddings {
@@ -132,6 +167,14 @@ impl Origin {
         match &self.start {
             Start::Table(table) => Victim::new(config, table, device),
             Start::Pretrained { params, .. } => Victim::from_pretrained(config, params, device),
+            Start::Checkpoint { params, .. } => {
+                let mut victim = Victim::new(config, &params["embedding.weight"], device)?;
+                for (name, p) in victim.params().iter_mut() {
+                    tch::no_grad(|| p.copy_(&params[name]));
+                }
+                victim.base = Some(BaseRef { path: self.source.clone(), sha256: self.sha256.clone() });
+                Ok(victim)
+            }
         }
     }
 }

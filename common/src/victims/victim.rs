@@ -113,6 +113,12 @@ pub trait Architecture: Send + Sync {
     /// libtorch's generator in a fixed order (seed it first).
     fn init(&self, root: &nn::Path, embed_dim: i64, num_classes: i64);
 
+    /// Whether a parameter stays frozen in training (a fine-tuning regime's lower layers);
+    /// the word table's freezing is the config's `train_embeddings`, not this.
+    fn frozen(&self, _name: &str) -> bool {
+        false
+    }
+
     /// Checks the architecture's own fields against the shared sizes of a config.
     fn check(&self, _embed_dim: usize, _max_len: usize) -> Result<()> {
         Ok(())
