@@ -345,10 +345,12 @@ objective-benchmark: build $(DATA_DIR)/manifest.json
 	  { echo "make objective-benchmark scores against the demo's victim: run make demo first ($(DEMO_BASE))" >&2; exit 1; }
 	@RUN=$(DEMO_BASE) DATA=$(DATA_DIR) BIN=$(BIN) OUT=runs/objective-benchmark scripts/objective_benchmark.sh
 
-bench: build $(DATA_DIR)/manifest.json $(EMB) data/.mt-done-v1
+bench: build $(DATA_DIR)/manifest.json $(EMB) data/.mt-done-v1 data/.smollm2-done-v1
 	cargo bench --bench crafting
 	@echo
 	cargo bench --bench lm
+	@echo
+	cargo bench --bench llama
 	@echo
 	cargo bench --bench training
 	@echo
