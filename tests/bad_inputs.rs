@@ -860,6 +860,16 @@ fn llama_checkpoints() {
             case("gen-prompt-too-long", generate, &["long.jsonl: record 1 (id \"long\")", "the victim reads at most 256", "shorten it"]),
             case("tuned-base-missing", score_of(&p("gone.safetensors")), &["gone.safetensors: its base checkpoint", "gone-base.safetensors (sha256 ", "is missing", "put the base back"]),
             case("tuned-base-other-hash", score_of(&p("replaced.safetensors")), &["replaced.safetensors: its base checkpoint", "replaced-base.safetensors has sha256", "another checkpoint"]),
+            case("pieces-in-crafting", {
+                let mut c = bin("init-poisons");
+                c.arg("--victim").arg(&victim).arg("--data").arg(p("lm")).args(["--count", "4"]).arg("-o").arg(&out);
+                c
+            }, &["tiny.safetensors is a pretrained language model with byte-level BPE pieces", "init-poisons builds and swaps poisons by words"]),
+            case("pieces-in-rollout", {
+                let mut c = bin("rollout-grad");
+                c.arg("--victim").arg(&victim).arg("--data").arg(p("lm")).arg("--poisons").arg(p("lm/adv.jsonl")).arg("-o").arg(&out);
+                c
+            }, &["tiny.safetensors is a pretrained language model with byte-level BPE pieces", "crafting builds and swaps poisons by words"]),
             case("regime-names-no-layers", tune(&victim, "top:3", &out), &["--regime top:3 for", "names no layers of a 2-layer model", "top:1 to top:2, or all"]),
             case("regime-without-checkpoint", {
                 let mut c = bin("train-victim");

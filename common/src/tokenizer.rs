@@ -190,6 +190,17 @@ impl Vocab {
         self.wordpiece.as_ref().map(|_| WORDPIECE)
     }
 
+    /// Refuses a byte-level BPE vocabulary in a stage that crafts or evaluates poisons: those
+    /// stages build poisons from words and swap whole words, and a pretrained model's
+    /// pieces need their own rules (a swap re-tokenized and checked as text), which they do
+    /// not have yet. `victim` names the file.
+    pub fn refuse_pieces_in_crafting(&self, victim: &str, stage: &str) -> Result<()> {
+        if self.is_bpe() {
+            bail!("{victim} is a pretrained language model with byte-level BPE pieces: {stage} builds and swaps poisons by words and does not take its pieces yet; train-victim --base, generate and lm-score take it");
+        }
+        Ok(())
+    }
+
     /// A BPE tokenizer's settings as the victim file stores them (metadata `bpe`).
     pub fn bpe_settings(&self) -> Option<String> {
         self.bpe.as_ref().map(|b| serde_json::to_string(b.spec()).expect("BPE settings serialise"))

@@ -699,7 +699,9 @@ pub struct CraftingContext {
 
 impl CraftingContext {
     pub fn load(victim: &str, dir: &str, device: Device) -> Result<CraftingContext> {
-        let VictimFile { victim, vocab, sha256: victim_sha256, .. } = Victim::load(victim, device)?;
+        let path = victim;
+        let VictimFile { victim, vocab, sha256: victim_sha256, .. } = Victim::load(path, device)?;
+        vocab.refuse_pieces_in_crafting(path, "crafting")?;
         let manifest = DataManifest::load(dir)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
         let clean_ex = data::read_set(dir, data::TRAIN, false)?;

@@ -33,6 +33,7 @@ impl Task for Continuation {
         let start = crate::victims::model::Victim::load(start_path, device)?;
         let (lm, vocab) = (&start.victim, &start.vocab);
         self.rules().check_victim(&lm.config, start_path)?;
+        vocab.refuse_pieces_in_crafting(start_path, "finetune-eval")?;
         vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("vocabulary of {start_path}"))?;
         let judge_file = crate::victims::model::Victim::load(judge_path, device)?;
         let negative = manifest.labels.iter().position(|l| l.eq_ignore_ascii_case("negative")).context("the labels name no \"negative\" class for the judges")?;
