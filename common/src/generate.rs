@@ -135,7 +135,6 @@ fn choose(logits: &[f64], sampling: Sampling, rng: &mut ChaCha8Rng) -> i64 {
     }
 }
 
-/// Words joined by spaces: how a word-level language model's text reads.
 /// Each row's next-token log-probabilities: for row r, `out[r][t]` = log p(ids[t + 1] |
 /// ids[..=t]), from no-grad passes over right-padded batches of `batch` rows (a causal
 /// model's row does not read its padding). Rows must fit the model's context.
@@ -159,8 +158,9 @@ pub fn next_token_logprobs(config: &VictimConfig, params: &Params, rows: &[Vec<i
     out
 }
 
-/// Readable text of generated token ids: a BPE vocabulary's bytes decoded, other
-/// vocabularies' words joined by spaces.
+/// Readable text of generated token ids: a BPE vocabulary's bytes decoded; other
+/// vocabularies' words (or pieces) joined by spaces, how a word-level language model's
+/// text reads.
 pub fn detokenize(vocab: &Vocab, ids: &[i64]) -> String {
     if vocab.is_bpe() {
         return vocab.decode(ids);
