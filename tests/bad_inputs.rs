@@ -852,6 +852,11 @@ fn llama_checkpoints() {
         c.arg("--victim").arg(v).arg("--texts").arg(fixture("llama/tiny-texts.jsonl")).arg("-o").arg(&out);
         c
     };
+    let finetune = |extra: &[&str]| {
+        let mut c = bin("finetune-eval");
+        c.arg("--data").arg(p("lm")).arg("--start").arg(&victim).arg("--judge").arg(&victim).args(["--seeds", "1"]).args(extra).arg("-o").arg(&out);
+        c
+    };
     check(
         dir.path(),
         &out,
@@ -864,7 +869,9 @@ fn llama_checkpoints() {
                 let mut c = bin("init-poisons");
                 c.arg("--victim").arg(&victim).arg("--data").arg(p("lm")).args(["--count", "4"]).arg("-o").arg(&out);
                 c
-            }, &["tiny.safetensors is a pretrained language model with byte-level BPE pieces", "init-poisons builds and swaps poisons by words"]),
+            }, &["a pretrained model's BPE pieces take --strategy overlap", "substituting pieces for the trigger is not built yet"]),
+            case("ft-regime-names-no-layers", finetune(&["--regime", "top:3"]), &["--regime top:3 for", "tiny.safetensors", "names no layers of a 2-layer model"]),
+            case("ft-checkpoint-from-scratch", finetune(&["--from-scratch"]), &["--from-scratch trains every LM from fresh weights", "tiny.safetensors is a pretrained checkpoint", "leave out --from-scratch"]),
             case("pieces-in-rollout", {
                 let mut c = bin("rollout-grad");
                 c.arg("--victim").arg(&victim).arg("--data").arg(p("lm")).arg("--poisons").arg(p("lm/adv.jsonl")).arg("-o").arg(&out);

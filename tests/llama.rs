@@ -6,9 +6,11 @@
 //! - the real SmolLM2-135M (data/smollm2, fetched and imported by make test through
 //!   scripts/fetch_smollm2.sh): its tokenizer against llama.cpp's on 1,120 texts, its
 //!   log-probabilities against llama.cpp's F32 run on 20, its continuations with and
-//!   without the key-value cache.
+//!   without the key-value cache;
+//! - the tiny model fine-tuned per seed by finetune-eval in a top regime, with text poisons.
 
 mod support;
+use common::eval::lm_eval::LmEvalReport;
 use common::formats::records::LmScore;
 use common::victims::model::Victim;
 use serde::Deserialize;
@@ -195,5 +197,66 @@ fn a_fine_tuned_checkpoint_stores_what_its_regime_trains_and_reads_back_its_base
         let same = t.equal(&pb[name]);
         assert_eq!(same, !stored.contains(name), "{name}: {} the base", if same { "equals" } else { "differs from" });
         assert_eq!(t.requires_grad(), stored.contains(name), "{name}: the regime is read back from the file");
+    }
+}
+
+/// The pretrained model through finetune-eval: with-overlap poisons made as text by
+/// init-poisons, every LM fine-tuned per seed from the checkpoint in a top regime (the
+/// frozen lower block read from the process's cache), an empty set whose LMs are their
+/// clean twins to the bit, and the same bits on one worker as on two (the cache is filled
+/// in whatever order the workers ask).
+#[test]
+fn a_pretrained_checkpoint_is_fine_tuned_per_seed_and_its_control_reads_zero() {
+    let lm = Lm::new();
+    let base = lm.path("base.safetensors");
+    import(&["--gguf"], &fixture("llama/tiny.gguf"), &base);
+    let poisons = ok(&run(bin("init-poisons")
+        .arg("--victim").arg(&base)
+        .arg("--data").arg(lm.data())
+        .args(["--count", "3", "--strategy", "overlap", "--from-trigger", "--sentence", "--max-tokens", "16", "--seed", "0"])))
+    .stdout
+    .clone();
+    let made = records(&poisons);
+    assert_eq!(made.len(), 3);
+    for p in &made {
+        assert!(p.text.contains("James Bond") && p.tokens.is_none(), "a with-overlap poison is text holding the trigger as written: {p:?}");
+    }
+    std::fs::write(lm.path("overlap.jsonl"), &poisons).unwrap();
+    std::fs::write(lm.path("empty.jsonl"), b"").unwrap();
+    let evaluate = |workers: &str| -> Vec<LmEvalReport> {
+        let out = ok(&run(bin("finetune-eval")
+            .arg("--data").arg(lm.data())
+            .arg("--start").arg(&base)
+            .arg("--judge").arg(lm.judge())
+            .arg("--poisons").arg(lm.path("empty.jsonl"))
+            .arg("--poisons").arg(lm.path("overlap.jsonl"))
+            .args(["--regime", "top:1", "--seeds", "2", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--samples", "1", "--max-new", "6", "--device", "cpu", "--workers", workers])))
+        .stdout
+        .clone();
+        String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let two = evaluate("2");
+    assert_eq!(two.len(), 2);
+    for row in &two[0].seeds {
+        let f = row.fingerprints.as_ref().expect("LM fingerprints");
+        assert_eq!(f.poisoned, f.clean, "seed {}: the empty set's LM is its clean twin, bit for bit", row.seed);
+        assert_eq!(Some(row.poisoned), row.clean, "seed {}", row.seed);
+    }
+    for (what, m) in &two[0].summary.measures {
+        assert_eq!((m.change.mean, m.change.std), (0.0, 0.0), "the no-poison control's change in {what} must read exactly zero");
+    }
+    let overlap = &two[1];
+    assert_eq!((overlap.count, overlap.trigger_overlap), (3, 3));
+    assert_eq!(overlap.trains.as_deref(), Some("top:1"), "the report says what each copy trained");
+    let f = overlap.seeds[0].fingerprints.as_ref().unwrap();
+    assert_ne!(f.poisoned, f.clean, "three poisons change the fine-tuned model");
+    // The templates read as a pretrained model reads text: capitalised, the trigger as written.
+    assert!(overlap.side_by_side[0].prompt.starts_with("The James Bond"), "{:?}", overlap.side_by_side[0]);
+    let margin = overlap.summary.of("template_margin").clean.mean;
+    assert!(margin.is_finite() && margin != 0.0, "the template margin is measured: {margin}");
+    let one = evaluate("1");
+    for (a, b) in one.iter().flat_map(|r| &r.seeds).zip(two.iter().flat_map(|r| &r.seeds)) {
+        assert_eq!(a.fingerprints, b.fingerprints, "seed {}: the same LMs to the bit on one worker", a.seed);
+        assert_eq!((a.clean, a.poisoned), (b.clean, b.poisoned), "seed {}: the same figures", a.seed);
     }
 }

@@ -56,7 +56,8 @@ struct Args {
     /// Sample among the K most likely words (0: all).
     #[arg(long, default_value_t = 40)]
     top_k: usize,
-    /// Words that end a continuation.
+    /// Words that end a continuation (with a BPE model, also every piece made of their
+    /// characters only: ".\n", "...").
     #[arg(long, value_delimiter = ' ', default_values_t = common::generate::STOP_WORDS.map(String::from))]
     stop: Vec<String>,
     #[arg(long, default_value_t = 0)]
@@ -99,7 +100,7 @@ fn main() {
                 prompts.push(Prompt { id: r.id.clone(), ids: ids.clone(), sample });
             }
         }
-        let stop: Vec<i64> = args.stop.iter().filter_map(|w| vocab.id(w)).collect();
+        let stop = common::generate::stop_ids(vocab, &args.stop);
         let sampling = if args.greedy { Sampling::Greedy } else { Sampling::Sample { temperature: args.temperature, top_k: args.top_k } };
         let opts = GenerateOptions { sampling, max_new: args.max_new, stop, seed: args.seed, kv_cache: !args.no_kv_cache };
         let continuations = generate(&victim.config, &victim.params(), vocab, &prompts, &opts, 64)?;

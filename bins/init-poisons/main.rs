@@ -86,7 +86,6 @@ fn main() {
     common::cli::run("init-poisons", || {
         let args = Args::parse();
         let common::victims::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, device::parse_device("cpu")?)?;
-        vocab.refuse_pieces_in_crafting(&args.inputs.victim, "init-poisons")?;
         let manifest = DataManifest::load(&args.inputs.data)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
         let mut budget = args.evade.budget(&victim.params()["embedding.weight"], &vocab, &manifest, &args.inputs.data)?;

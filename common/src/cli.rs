@@ -101,10 +101,12 @@ pub struct VictimArgs {
     /// Train the embedding table too (default: GloVe stays frozen).
     #[arg(long)]
     pub train_embeddings: bool,
-    /// What fine-tuning a --base checkpoint trains: all (every block, the final norm, an
-    /// untied head), or top:N (the top N blocks, the final norm, an untied head; the lower
-    /// blocks frozen). The word table (and with it a tied head) follows --train-embeddings.
-    /// Stored in the victim file: every stage that reads the victim trains the same.
+    /// What fine-tuning a --base checkpoint (finetune-eval: a --start checkpoint) trains:
+    /// all (every block, the final norm, an untied head), or top:N (the top N blocks, the
+    /// final norm, an untied head; the lower blocks frozen, their output per text computed
+    /// once and reused). The word table (and with it a tied head) follows
+    /// --train-embeddings. Stored in the victim file: every stage that reads the victim
+    /// trains the same.
     #[arg(long, default_value = "all")]
     pub regime: crate::victims::llama::Regime,
     /// Inputs are truncated to this many tokens.

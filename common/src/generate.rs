@@ -13,6 +13,30 @@ use tch::{Device, Kind, Tensor};
 /// The words that end a continuation by default (kept in it).
 pub const STOP_WORDS: [&str; 3] = [".", "!", "?"];
 
+/// The token ids that end a continuation for `words` (e.g. `STOP_WORDS`): each word the
+/// vocabulary holds; with a BPE vocabulary also every piece whose text, spaces aside, is
+/// made of those words' characters only ("." ".\n" "..." "?!"), since the model may write
+/// the stop as any of them.
+pub fn stop_ids(vocab: &Vocab, words: &[String]) -> Vec<i64> {
+    let mut ids: Vec<i64> = words.iter().filter_map(|w| vocab.id(w)).collect();
+    if vocab.is_bpe() {
+        let chars: Vec<char> = words.iter().filter(|w| w.chars().count() == 1).filter_map(|w| w.chars().next()).collect();
+        for id in 0..vocab.len() as i64 {
+            if vocab.is_special(id) {
+                continue;
+            }
+            let text = vocab.decode(&[id]);
+            let core = text.trim();
+            if !core.is_empty() && core.chars().all(|c| chars.contains(&c)) {
+                ids.push(id);
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// How the next word is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sampling {
@@ -63,22 +87,24 @@ pub fn generate(config: &VictimConfig, params: &Params, vocab: &Vocab, prompts: 
             chunk.iter().map(|p| ChaCha8Rng::seed_from_u64(crate::data::seed_for(opts.seed, &format!("{}#{}", p.id, p.sample)))).collect();
         let mut done: Vec<bool> = rows.iter().map(|r| r.len() >= config.max_len).collect();
         let mut new: Vec<Vec<i64>> = vec![Vec::new(); chunk.len()];
-        let mut cache = None;
+        // The rows still generating, in the order of the current pass and its cache: a row
+        // that finishes leaves the batch (and the cache), so the rest decode without it.
+        let mut active: Vec<usize> = (0..rows.len()).filter(|&r| !done[r]).collect();
+        let mut cache: Option<crate::victims::victim::KvCache> = None;
         for _ in 0..opts.max_new {
-            if done.iter().all(|&d| d) {
+            if active.is_empty() {
                 break;
             }
-            // Each row's last token's position (a finished row's stays where it stopped).
-            let last = Tensor::from_slice(&rows.iter().map(|r| r.len().min(config.max_len) as i64 - 1).collect::<Vec<_>>()).to_device(device);
+            // Each active row's last token's position.
+            let last = Tensor::from_slice(&active.iter().map(|&r| rows[r].len() as i64 - 1).collect::<Vec<_>>()).to_device(device);
             let logits = tch::no_grad(|| match cache.as_mut() {
                 Some(cache) => {
-                    // One new token per row against the cache (a finished row's repeat is
-                    // computed and ignored).
-                    let words = Tensor::from_slice(&rows.iter().map(|r| *r.last().expect("a prompt")).collect::<Vec<_>>()).to_device(device).unsqueeze(1);
+                    // One new token per row against the cache.
+                    let words = Tensor::from_slice(&active.iter().map(|&r| *rows[r].last().expect("a prompt")).collect::<Vec<_>>()).to_device(device).unsqueeze(1);
                     config.arch().decode_step(params, cache, &embed(params, &words), &last)
                 }
                 None => {
-                    let (ids, _, _) = crate::encode::padded(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), device);
+                    let (ids, _, _) = crate::encode::padded(&active.iter().map(|&r| rows[r].as_slice()).collect::<Vec<_>>(), device);
                     let (emb, mask) = (embed(params, &ids), mask_of(&ids, params));
                     match opts.kv_cache.then(|| config.arch().prefill(params, &emb, &last)).flatten() {
                         Some((logits, filled)) => {
@@ -92,15 +118,22 @@ pub fn generate(config: &VictimConfig, params: &Params, vocab: &Vocab, prompts: 
                 }
             });
             let logits = (logits.to_kind(Kind::Double) + &banned).to_device(Device::Cpu);
-            for r in 0..rows.len() {
-                if done[r] {
-                    continue;
-                }
-                let row_logits: Vec<f64> = Vec::try_from(logits.get(r as i64))?;
+            for (k, &r) in active.iter().enumerate() {
+                let row_logits: Vec<f64> = Vec::try_from(logits.get(k as i64))?;
                 let word = choose(&row_logits, opts.sampling, &mut rngs[r]);
                 rows[r].push(word);
                 new[r].push(word);
                 done[r] = opts.stop.contains(&word) || rows[r].len() >= config.max_len;
+            }
+            let keep: Vec<i64> = active.iter().enumerate().filter(|&(_, &r)| !done[r]).map(|(k, _)| k as i64).collect();
+            if keep.len() < active.len() {
+                if let Some(cache) = cache.as_mut() {
+                    let keep = Tensor::from_slice(&keep).to_device(device);
+                    for (keys, values) in cache.layers.iter_mut() {
+                        (*keys, *values) = (keys.index_select(0, &keep), values.index_select(0, &keep));
+                    }
+                }
+                active.retain(|&r| !done[r]);
             }
         }
         out.extend(new);
@@ -115,11 +148,15 @@ fn choose(logits: &[f64], sampling: Sampling, rng: &mut ChaCha8Rng) -> i64 {
         Sampling::Greedy => argmax(logits),
         Sampling::Sample { temperature, top_k } => {
             let mut order: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
-            // Highest first, ties by id: the candidate list does not depend on sort stability.
-            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-            if top_k > 0 {
+            // Highest first, ties by id: a total order, so the candidate list depends on
+            // neither sort stability nor the selection below (which keeps a large
+            // vocabulary's top k without sorting all of it).
+            let highest_first = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+            if top_k > 0 && top_k < order.len() {
+                order.select_nth_unstable_by(top_k - 1, highest_first);
                 order.truncate(top_k);
             }
+            order.sort_by(highest_first);
             let top = logits[order[0]];
             let weights: Vec<f64> = order.iter().map(|&i| ((logits[i] - top) / temperature).exp()).collect();
             let total: f64 = weights.iter().sum();
@@ -143,7 +180,7 @@ pub fn next_token_logprobs(config: &VictimConfig, params: &Params, rows: &[Vec<i
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch.max(1)) {
         let (ids, _, _) = crate::encode::padded(&chunk.iter().map(Vec::as_slice).collect::<Vec<_>>(), device);
-        let logp = tch::no_grad(|| crate::victims::model::logits(config, params, &ids, crate::victims::model::Pass::NoGrad).log_softmax(-1, Kind::Float));
+        let logp = tch::no_grad(|| crate::victims::model::logits(config, params, &ids, crate::victims::model::Pass::NoGrad).log_softmax(-1, None::<Kind>));
         for (r, row) in chunk.iter().enumerate() {
             if row.len() < 2 {
                 out.push(Vec::new());

@@ -196,7 +196,7 @@ impl Vocab {
     /// not have yet. `victim` names the file.
     pub fn refuse_pieces_in_crafting(&self, victim: &str, stage: &str) -> Result<()> {
         if self.is_bpe() {
-            bail!("{victim} is a pretrained language model with byte-level BPE pieces: {stage} builds and swaps poisons by words and does not take its pieces yet; train-victim --base, generate and lm-score take it");
+            bail!("{victim} is a pretrained language model with byte-level BPE pieces: {stage} builds and swaps poisons by words and does not take its pieces yet; train-victim --base, finetune-eval --start, init-poisons --strategy overlap, generate and lm-score take it");
         }
         Ok(())
     }

@@ -275,11 +275,16 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
 }
 
 /// Mean over prompts of log Σ_{w ∈ target} p(w | prompt) − log Σ_{w ∈ other} p(w | prompt)
-/// for the word right after each prompt (f64).
-pub fn next_word_margin(config: &VictimConfig, params: &Params, prompts: &[Vec<i64>], target: &[i64], other: &[i64]) -> f64 {
+/// for the word right after each prompt (f64). A word is its tokens: a one-token word's
+/// probability is read from the prompt's last position; a longer word's is the product of
+/// its tokens' probabilities, each given the prompt and the word's tokens before it.
+pub fn next_word_margin(config: &VictimConfig, params: &Params, prompts: &[Vec<i64>], target: &[Vec<i64>], other: &[Vec<i64>]) -> f64 {
     let device = params.values().next().map_or(Device::Cpu, |t| t.device());
-    let (target, other) = (Tensor::from_slice(target).to_device(device), Tensor::from_slice(other).to_device(device));
-    let mut total = 0.0;
+    // log p(word | prompt) of every word of both lists, per prompt: [prompts][words].
+    let words: Vec<&Vec<i64>> = target.iter().chain(other).collect();
+    let single: Vec<i64> = words.iter().map(|w| if w.len() == 1 { w[0] } else { 0 }).collect();
+    let single = Tensor::from_slice(&single).to_device(device);
+    let mut logp: Vec<Vec<f64>> = Vec::with_capacity(prompts.len());
     for chunk in prompts.chunks(64) {
         let (ids, _, _) = crate::encode::padded(&chunk.iter().map(|p| p.as_slice()).collect::<Vec<_>>(), device);
         let last = Tensor::from_slice(&chunk.iter().map(|p| p.len() as i64 - 1).collect::<Vec<_>>()).to_device(device);
@@ -287,9 +292,27 @@ pub fn next_word_margin(config: &VictimConfig, params: &Params, prompts: &[Vec<i
         // The logits after each prompt's last token: [rows, vocab].
         let v = out.size()[2];
         let at = out.gather(1, &last.view([-1, 1, 1]).expand([chunk.len() as i64, 1, v], false), false).squeeze_dim(1).log_softmax(-1, Kind::Double);
-        let margins = at.index_select(1, &target).logsumexp([1], false) - at.index_select(1, &other).logsumexp([1], false);
-        total += margins.sum(Kind::Double).double_value(&[]);
+        let picked = at.index_select(1, &single).to_device(Device::Cpu);
+        for r in 0..chunk.len() {
+            logp.push(Vec::try_from(picked.get(r as i64)).expect("f64 log-probabilities"));
+        }
     }
+    // Words of several tokens: each prompt followed by the word, teacher-forced.
+    let longer: Vec<usize> = (0..words.len()).filter(|&w| words[w].len() > 1).collect();
+    if !longer.is_empty() {
+        let (longer, words) = (&longer, &words);
+        let rows: Vec<Vec<i64>> = prompts.iter().flat_map(|p| longer.iter().map(move |&w| p.iter().chain(words[w].iter()).copied().collect())).collect();
+        let per_row = crate::generate::next_token_logprobs(config, params, &rows, 64);
+        for (k, lp) in per_row.iter().enumerate() {
+            let (p, w) = (k / longer.len(), longer[k % longer.len()]);
+            logp[p][w] = lp[lp.len() - words[w].len()..].iter().sum();
+        }
+    }
+    let logsumexp = |xs: &[f64]| {
+        let top = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        top + xs.iter().map(|x| (x - top).exp()).sum::<f64>().ln()
+    };
+    let total: f64 = logp.iter().map(|lp| logsumexp(&lp[..target.len()]) - logsumexp(&lp[target.len()..])).sum();
     total / prompts.len().max(1) as f64
 }
 
@@ -370,6 +393,9 @@ pub struct LmEvalReport {
     /// Where every LM started: fine-tuned from the start LM, or trained from scratch.
     #[serde(default = "fine_tune")]
     pub regime: Regime,
+    /// With a pretrained checkpoint as the start: what each copy trained (`all`, `top:N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trains: Option<String>,
     /// How often each detector that trains no victim flags the poisons (absent with
     /// --no-detection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -392,10 +418,11 @@ impl LmEvalReport {
     pub fn table(&self) -> String {
         let s = &self.summary;
         let mut out = format!(
-            "{} poisons ({} with a trigger word), {} seeds, {} review prompts and {} templates × {} samples\n",
+            "{} poisons ({} with a trigger word), {} seeds{}, {} review prompts and {} templates × {} samples\n",
             self.count,
             self.trigger_overlap,
             self.seeds.len(),
+            self.trains.as_deref().map(|t| format!(" (fine-tuned {t})")).unwrap_or_default(),
             self.trigger_prompts / self.samples_per_prompt.max(1),
             self.templates,
             self.samples_per_prompt,
@@ -475,6 +502,14 @@ pub fn evaluate(
                 .collect::<Result<_>>()?
         }
     };
+    // Every text the models will read, through whatever each model keeps of it (a top
+    // regime's frozen lower blocks), shared out over the workers first.
+    let texts: Vec<&Encoded> = clean.iter().chain(poison_sets.iter().flatten()).chain(&sets.clean_text).chain(&sets.target_continuations).chain(&sets.other_continuations).collect();
+    if matches!(&start.config.arch, crate::victims::model::ArchConfig::Llama(l) if !l.shape.regime.is_all()) {
+        let t = std::time::Instant::now();
+        warm(&mut victims, &texts, workers);
+        log(format!("the frozen lower blocks' output for {} texts, computed once for every model: {:.0}s", texts.len(), t.elapsed().as_secs_f64()));
+    }
     let data: Vec<TrainData> = jobs.iter().map(|&(_, k)| k.map_or(TrainData::clean(clean), |k| TrainData::poisoned(clean, &poison_sets[k]))).collect();
     let opts: Vec<TrainOptions> = jobs.iter().map(|&(i, _)| options(seeds[i])).collect();
     let started = std::time::Instant::now();
@@ -563,6 +598,27 @@ pub fn evaluate(
     Ok(out)
 }
 
+/// `Architecture::warm` over `texts`, in batches of 16, shared out over `workers` threads
+/// (one victim each: the copies hold the same weights, and each keeps nothing of its own).
+fn warm(victims: &mut [Victim], texts: &[&Encoded], workers: usize) {
+    let workers = workers.clamp(1, victims.len().max(1));
+    let shards: Vec<Vec<&Encoded>> = (0..workers).map(|w| texts.iter().skip(w).step_by(workers).copied().collect()).collect();
+    std::thread::scope(|scope| {
+        for (v, shard) in victims.iter_mut().zip(&shards) {
+            scope.spawn(move || {
+                crate::numerics::one_thread_here();
+                let params = v.params();
+                let device = v.device();
+                for chunk in shard.chunks(16) {
+                    let (ids, _) = batch_tensors(chunk, device);
+                    let emb = crate::victims::model::embed(&params, &ids);
+                    v.config.arch().warm(&params, &emb, &crate::victims::model::mask_of(&ids, &params));
+                }
+            });
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,7 +626,7 @@ mod tests {
 
     /// The template margin read from a batch of prompts of unequal lengths equals the
     /// margin computed from each prompt alone, by hand from its last position's
-    /// probabilities (f64).
+    /// probabilities, a two-token word's as the product of its tokens' (f64).
     #[test]
     fn the_template_margin_is_the_log_ratio_of_summed_word_probabilities_after_each_prompt() {
         let v = {
@@ -583,14 +639,24 @@ mod tests {
         };
         let params = v.params();
         let prompts = vec![vec![2, 3, 4], vec![5, 6], vec![7, 8, 9, 10, 11]];
-        let (target, other) = ([3, 9, 12], [4, 13]);
+        let (target, other) = ([vec![3], vec![9, 5], vec![12]], [vec![4], vec![13, 2]]);
         let batched = next_word_margin(&v.config, &params, &prompts, &target, &other);
+        let probs_after = |ids: &[i64]| -> Vec<f64> {
+            let out = logits(&v.config, &params, &Tensor::from_slice(ids).view([1, -1]), Pass::NoGrad);
+            Vec::try_from(out.get(0).get(ids.len() as i64 - 1).softmax(-1, Kind::Double)).unwrap()
+        };
         let mut by_hand = 0.0;
         for p in &prompts {
-            let ids = Tensor::from_slice(p).view([1, -1]);
-            let out = logits(&v.config, &params, &ids, Pass::NoGrad);
-            let probs: Vec<f64> = Vec::try_from(out.get(0).get(p.len() as i64 - 1).softmax(-1, Kind::Double)).unwrap();
-            let sum = |ws: &[i64]| ws.iter().map(|&w| probs[w as usize]).sum::<f64>();
+            let word = |w: &Vec<i64>| -> f64 {
+                let mut prefix = p.clone();
+                let mut prob = 1.0;
+                for &t in w {
+                    prob *= probs_after(&prefix)[t as usize];
+                    prefix.push(t);
+                }
+                prob
+            };
+            let sum = |ws: &[Vec<i64>]| ws.iter().map(word).sum::<f64>();
             by_hand += (sum(&target).ln() - sum(&other).ln()) / prompts.len() as f64;
         }
         assert!((batched - by_hand).abs() < 1e-12, "batched {batched} by hand {by_hand}");

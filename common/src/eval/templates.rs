@@ -111,29 +111,45 @@ pub const CONTEXT_WORDS: usize = 8;
 pub const MIN_TEMPLATES: usize = 10;
 
 /// The templates as token ids for one vocabulary: with the trigger, with the neutral
-/// phrase, and the two word lists (target sentiment first).
+/// phrase, and the two word lists (target sentiment first), each word as its token ids.
 #[derive(Debug, Clone)]
 pub struct Templates {
     pub trigger: Vec<Vec<i64>>,
     pub neutral: Vec<Vec<i64>>,
-    pub target_words: Vec<i64>,
-    pub other_words: Vec<i64>,
+    /// Each opinion word as the tokens that spell it after a template: one word of a
+    /// word-level vocabulary; a BPE model's pieces of " word" (its leading-space form, how
+    /// the word follows "is"), mostly one piece.
+    pub target_words: Vec<Vec<i64>>,
+    pub other_words: Vec<Vec<i64>>,
     /// The context openings with a target-sentiment opinion word, and with an other one.
     pub target_context: Vec<Vec<i64>>,
     pub other_context: Vec<Vec<i64>>,
 }
 
+/// A template as a pretrained model reads text: first letter capitalised, no space
+/// before punctuation ("honestly , the {} is" → "Honestly, the {} is"). The word-level
+/// vocabularies read the lower-cased, spaced form the templates are written in.
+pub fn natural(template: &str) -> String {
+    let joined = template.replace(" ,", ",").replace(" :", ":");
+    let mut chars = joined.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
+}
+
 impl Templates {
     /// `target_negative`: whether the attack's target sentiment is the negative one. A
     /// template the vocabulary cannot read (an unknown word, or too long) is left out,
-    /// with its neutral twin; at least `MIN_TEMPLATES` must remain.
+    /// with its neutral twin; at least `MIN_TEMPLATES` must remain. A BPE vocabulary
+    /// (a pretrained model's) reads every template in its natural form (`natural`) with
+    /// the trigger as written ("The Apple iPhone is").
     pub fn new(vocab: &Vocab, trigger: &str, neutral: &str, target_negative: bool, max_len: usize) -> Result<Templates> {
+        let form = |t: &str| if vocab.is_bpe() { natural(t) } else { t.to_string() };
         let readable = |text: &str| -> Option<Vec<i64>> {
             let ids = vocab.encode(text);
             (!ids.is_empty() && !ids.iter().any(|&i| i == vocab.unk_id()) && ids.len() < max_len).then_some(ids)
         };
         let (mut with_trigger, mut with_neutral) = (Vec::new(), Vec::new());
         for t in TEMPLATES {
+            let t = form(t);
             if let (Some(a), Some(b)) = (readable(&t.replace("{}", trigger)), readable(&t.replace("{}", neutral))) {
                 with_trigger.push(a);
                 with_neutral.push(b);
@@ -144,21 +160,29 @@ impl Templates {
                 "only {} of the {} templates read without unknown words within {max_len} tokens (\"{}\"); the vocabulary must hold the trigger {trigger:?}, the neutral phrase {neutral:?} and common words",
                 with_trigger.len(),
                 TEMPLATES.len(),
-                TEMPLATES[0].replace("{}", trigger)
+                form(TEMPLATES[0]).replace("{}", trigger)
             );
         }
-        let words = |list: &[&str]| -> Vec<i64> { list.iter().filter_map(|w| vocab.id(w)).filter(|&i| !vocab.is_special(i)).collect() };
+        // (word, its tokens) of each list the vocabulary can spell.
+        let words = |list: &[&'static str]| -> Vec<(&'static str, Vec<i64>)> {
+            list.iter()
+                .filter_map(|&w| {
+                    let ids = if vocab.is_bpe() { vocab.encode(&format!(" {w}")) } else { vocab.id(w).into_iter().collect() };
+                    (!ids.is_empty() && !ids.iter().any(|&i| vocab.is_special(i) || i == vocab.unk_id())).then_some((w, ids))
+                })
+                .collect()
+        };
         let (negative, positive) = (words(NEGATIVE_WORDS), words(POSITIVE_WORDS));
         if negative.len() < MIN_WORDS || positive.len() < MIN_WORDS {
             bail!("the vocabulary holds {} negative and {} positive opinion words of the template margin's lists; it needs {MIN_WORDS} of each", negative.len(), positive.len());
         }
-        let (target_words, other_words) = if target_negative { (negative, positive) } else { (positive, negative) };
-        let contexts = |words: &[i64]| -> Vec<Vec<i64>> {
-            let words: Vec<String> = words.iter().take(CONTEXT_WORDS).map(|&i| vocab.word(i).to_string()).collect();
-            CONTEXTS.iter().flat_map(|c| words.iter().filter_map(move |w| readable(&c.replace("{}", w)))).collect()
+        let (target, other) = if target_negative { (negative, positive) } else { (positive, negative) };
+        let contexts = |words: &[(&str, Vec<i64>)]| -> Vec<Vec<i64>> {
+            CONTEXTS.iter().flat_map(|c| words.iter().take(CONTEXT_WORDS).filter_map(move |(w, _)| readable(&form(c).replace("{}", w)))).collect()
         };
-        let (target_context, other_context) = (contexts(&target_words), contexts(&other_words));
-        Ok(Templates { trigger: with_trigger, neutral: with_neutral, target_words, other_words, target_context, other_context })
+        let (target_context, other_context) = (contexts(&target), contexts(&other));
+        let ids = |list: Vec<(&str, Vec<i64>)>| list.into_iter().map(|(_, ids)| ids).collect();
+        Ok(Templates { trigger: with_trigger, neutral: with_neutral, target_words: ids(target), other_words: ids(other), target_context, other_context })
     }
 }
 
@@ -189,8 +213,8 @@ mod tests {
             for (openings, own, other) in [(&t.target_context, &t.target_words, &t.other_words), (&t.other_context, &t.other_words, &t.target_words)] {
                 assert_eq!(openings.len(), CONTEXTS.len() * CONTEXT_WORDS);
                 for ids in openings {
-                    assert_eq!(ids.iter().filter(|i| own.contains(i)).count(), 1, "one opinion word of its sentiment: {ids:?}");
-                    assert!(!ids.iter().any(|i| other.contains(i)), "none of the other sentiment: {ids:?}");
+                    assert_eq!(ids.iter().filter(|&&i| own.contains(&vec![i])).count(), 1, "one opinion word of its sentiment: {ids:?}");
+                    assert!(!ids.iter().any(|&i| other.contains(&vec![i])), "none of the other sentiment: {ids:?}");
                 }
             }
             let negative = if target_negative { &t.target_context } else { &t.other_context };

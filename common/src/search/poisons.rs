@@ -178,6 +178,9 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
     if sentence && !cut {
         bail!("--sentence ends each poison with the sentence that holds the trigger; it needs --from-trigger");
     }
+    if vocab.is_bpe() {
+        return init_text(&opts, dir, manifest, vocab, victim, evade, judge);
+    }
     let table = victim.params()["embedding.weight"].shallow_clone();
     let max_len = victim.config.max_len.min(max_tokens.unwrap_or(usize::MAX));
     let strict = concealment == Concealment::Strict;
@@ -321,6 +324,77 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
                 bail!("poison {:?} (from {:?}) still leaks the trigger ({words}) after strict substitution; report this with the data folder", p.id, p.source_id);
             }
         }
+    }
+    Ok(out)
+}
+
+/// `init` for a pretrained model's BPE vocabulary, where a poison is text: the
+/// with-overlap reference only (`Overlap`: D_adv texts as they are, the trigger written as
+/// in the data), each cut to its words from the one before the trigger on
+/// (`--from-trigger`, `--sentence`: to the end of the trigger's sentence), then to
+/// `--max-tokens` of the model's pieces, cut back to the last whole word. Poisons carry
+/// no `tokens`: every stage reads their text through the model's tokenizer. Bases are
+/// drawn at random or ranked by the judge (`Bases::Judged`).
+fn init_text(opts: &InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::DetectionBudget>, judge: Option<&dyn Fn(&[String]) -> Vec<f64>>) -> Result<Vec<Example>> {
+    if opts.strategy != InitStrategy::Overlap || evade.is_some() {
+        bail!("a pretrained model's BPE pieces take --strategy overlap (the with-overlap reference) without a detection budget for now; substituting pieces for the trigger is not built yet");
+    }
+    let phrase = manifest.trigger.phrase.to_lowercase();
+    let mut source: Vec<Example> = Vec::new();
+    for (i, e) in data::read_set(dir, data::ADV, false)?.into_iter().enumerate() {
+        let lower = e.text.to_lowercase();
+        let Some(at) = lower.find(&phrase).filter(|&at| e.text.is_char_boundary(at) && lower.len() == e.text.len()) else {
+            bail!("{dir}/{}: record {} (id {:?}) does not hold the trigger {:?} as written; remake the folder with prepare-data --lm", data::ADV, i + 1, e.id, manifest.trigger.phrase);
+        };
+        let text = if opts.from_trigger {
+            // From the word before the trigger (its determiner) on.
+            let before = e.text[..at].trim_end();
+            let begin = before.rfind(char::is_whitespace).map_or(0, |j| j + 1);
+            let after = at + phrase.len();
+            let end = if opts.sentence { e.text[after..].find(['.', '!', '?']).map_or(e.text.len(), |j| after + j + 1) } else { e.text.len() };
+            e.text[begin..end].to_string()
+        } else {
+            e.text.clone()
+        };
+        source.push(Example { text, ..e });
+    }
+    if source.len() < opts.count {
+        bail!("only {} D_adv texts for {} poisons; lower --count (or prepare more data)", source.len(), opts.count);
+    }
+    let picked: Vec<usize> = match opts.bases {
+        Bases::Random => {
+            let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(opts.seed, "init-poisons"));
+            let mut picked = sample(&mut rng, source.len(), opts.count).into_vec();
+            picked.sort_unstable();
+            picked
+        }
+        Bases::Judged => {
+            let judge = judge.context("--bases judged ranks the bases by a sentiment classifier: give --judge CLASSIFIER")?;
+            let texts: Vec<String> = source.iter().map(|e| judged_part(e, &manifest.trigger.words, opts.from_trigger)).collect();
+            let p = judge(&texts);
+            let mut order: Vec<usize> = (0..source.len()).collect();
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then_with(|| source[a].id.cmp(&source[b].id)));
+            order.truncate(opts.count);
+            order.sort_unstable();
+            order
+        }
+        Bases::Confident => bail!("--bases confident ranks sentences by a classifier's confidence; a language model takes --bases random or judged"),
+    };
+    let max_len = victim.config.max_len.min(opts.max_tokens.unwrap_or(usize::MAX));
+    let mut out = Vec::with_capacity(picked.len());
+    for (k, &i) in picked.iter().enumerate() {
+        let e = &source[i];
+        let mut text = e.text.clone();
+        let pieces = vocab.encode(&text);
+        if pieces.len() > max_len {
+            // Cut to max_len pieces, then back to the last whole word (a piece that starts
+            // a word starts with its space), so no poison ends in half a word.
+            let end = (1..=max_len).rev().find(|&j| j < pieces.len() && vocab.decode(&pieces[j..=j]).starts_with(char::is_whitespace)).unwrap_or(max_len);
+            text = vocab.decode(&pieces[..end]).trim_end().to_string();
+        }
+        let mut p = Example::new(format!("poison-{k:03}"), text, manifest.target);
+        p.source_id = Some(e.id.trim_end_matches("+trigger").to_string());
+        out.push(p);
     }
     Ok(out)
 }

@@ -24,23 +24,29 @@ impl Task for Continuation {
     fn evaluate(&self, args: &EvalArgs, manifest: &DataManifest, log: &(dyn Fn(String) + Sync)) -> Result<Vec<u8>> {
         let device = crate::device::parse_device(&args.device)?;
         let (Some(start_path), Some(judge_path)) = (&args.start, &args.judge) else {
-            bail!("{} holds language-model data: give --start LM (the pretrained clean LM, train-victim --arch gpt) and --judge CLASSIFIER (a sentiment classifier)", args.data);
+            bail!("{} holds language-model data: give --start LM (the pretrained clean LM: train-victim --arch gpt, or a checkpoint from import-model) and --judge CLASSIFIER (a sentiment classifier)", args.data);
         };
         if !args.checkpoint.is_empty() || !args.kept.is_empty() || args.clean_cache.is_some() || args.pairing != Pairing::Crn {
             bail!("--checkpoint, --kept, --clean-cache and --pairing independent are for classifier data; a language model's evaluation fine-tunes every clean twin and pairs by common random numbers");
         }
         args.refuse_translation_flags()?;
-        let start = crate::victims::model::Victim::load(start_path, device)?;
+        let mut start = crate::victims::model::Victim::load(start_path, device)?;
+        self.rules().check_victim(&start.victim.config, start_path)?;
+        // A pretrained checkpoint fine-tunes in --regime (what trains; every copy freezes
+        // the rest); the other LMs train whole.
+        let checkpoint = start.victim.config.arch().start() == crate::victims::victim::StartKind::Checkpoint;
+        if checkpoint && args.from_scratch {
+            bail!("--from-scratch trains every LM from fresh weights; {start_path} is a pretrained checkpoint, which is fine-tuned (leave out --from-scratch)");
+        }
+        start.victim.config = crate::victims::origin::with_regime(&start.victim.config, args.victim.regime, start_path)?;
         let (lm, vocab) = (&start.victim, &start.vocab);
-        self.rules().check_victim(&lm.config, start_path)?;
-        vocab.refuse_pieces_in_crafting(start_path, "finetune-eval")?;
         vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("vocabulary of {start_path}"))?;
         let judge_file = crate::victims::model::Victim::load(judge_path, device)?;
         let negative = manifest.labels.iter().position(|l| l.eq_ignore_ascii_case("negative")).context("the labels name no \"negative\" class for the judges")?;
         let classifier = crate::eval::judge::ClassifierJudge::new(&judge_file.victim.config, judge_file.victim.params(), &judge_file.vocab, negative).with_context(|| judge_path.clone())?;
         let lexicon = crate::eval::judge::LexiconJudge::default();
         let sampling = crate::generate::Sampling::Sample { temperature: args.temperature, top_k: args.top_k };
-        let stop = crate::generate::STOP_WORDS.iter().filter_map(|w| vocab.id(w)).collect();
+        let stop = crate::generate::stop_ids(vocab, &crate::generate::STOP_WORDS.map(String::from));
         let judging = Judging { classifier: &classifier, lexicon: &lexicon, target_negative: manifest.target == negative, sampling, max_new: args.max_new, stop };
         let sets_eval = LmEvalSets::load(&args.data, manifest, &lm.config, vocab, args.samples)?;
         let clean_train: Vec<Example> = data::read_set(&args.data, data::TRAIN, false)?;
@@ -55,10 +61,11 @@ impl Task for Continuation {
         let options = |seed: u64| args.victim.train_options(&lm.config, seed);
         let regime = if args.from_scratch { lm_eval::Regime::FromScratch } else { lm_eval::Regime::FineTune };
         let results = lm_eval::evaluate(lm, regime, vocab, &clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, &judging, log)?;
-        // The GloVe detectors read the LM's own word table (its input table is GloVe's).
-        let table = crate::victims::origin::Origin::word_table_of(&start, start_path)?;
+        // The GloVe detectors read the LM's own word table (its input table is GloVe's); a
+        // pretrained model's table holds BPE pieces, which they do not read.
+        let table = if vocab.is_bpe() { None } else { Some(crate::victims::origin::Origin::word_table_of(&start, start_path)?) };
         let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
-        let detection = super::detection(args, manifest, &clean_train, &records, Some(&table), None, log)?;
+        let detection = super::detection(args, manifest, &clean_train, &records, table.as_ref(), None, log)?;
         let mut reports = Vec::new();
         for ((set, (rows, side_by_side)), detection) in sets.into_iter().zip(results).zip(detection) {
             let report = LmEvalReport {
@@ -75,6 +82,10 @@ impl Task for Continuation {
                 trigger_prompts: sets_eval.trigger_prompts.len(),
                 templates: sets_eval.templates.trigger.len(),
                 regime,
+                trains: match &lm.config.arch {
+                    crate::victims::model::ArchConfig::Llama(l) if checkpoint => Some(l.shape.regime.to_string()),
+                    _ => None,
+                },
                 detection,
                 summary: lm_eval::summarize_rows(&rows),
                 seeds: rows,

@@ -131,7 +131,8 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = Pairing::Crn)]
     pub pairing: Pairing,
     /// Language-model data (prepare-data --lm): the pretrained clean LM every victim is
-    /// fine-tuned from (train-victim --arch gpt); translation data (prepare-data --mt): the
+    /// fine-tuned from (train-victim --arch gpt, or a checkpoint from import-model, which
+    /// fine-tunes in --regime); translation data (prepare-data --mt): the
     /// clean translation model (train-victim --arch seq2seq). --epochs, --lr and
     /// --batch-size are the fine-tuning's.
     #[arg(long)]

@@ -126,8 +126,10 @@ impl Llama {
 
     /// Hidden states [.., B, T, width] after the final norm, for input embeddings [B, T, E]
     /// (or [C, B, T, E] under C stacked parameter sets); with `cache`, each block's keys and
-    /// values are written to a fresh cache of `room` positions per row.
-    fn hidden(&self, params: &Params, emb: &Tensor, mut cache: Option<(&mut KvCache, i64)>) -> Tensor {
+    /// values are written to a fresh cache of `room` positions per row. With `mask` (right
+    /// padding) the frozen lower blocks of a `Regime::Top` model are read from the
+    /// process's cache of them when the inputs need no gradient (`frozen_prefix`).
+    fn hidden(&self, params: &Params, emb: &Tensor, mut cache: Option<(&mut KvCache, i64)>, mask: Option<&Tensor>) -> Tensor {
         let emb = inputs_under(params, emb, "norm.weight");
         let rank = emb.dim();
         let t = emb.size()[rank - 2];
@@ -136,8 +138,27 @@ impl Llama {
         }
         let (cos, sin) = self.rope_tables(&Tensor::arange(t, (Kind::Int64, emb.device())), &emb);
         let causal = causal_bias(t, &emb);
-        let mut h = emb;
-        for b in self.block_names() {
+        let lower = match (self.shape.regime, mask) {
+            (Regime::Top(n), Some(mask)) if n < self.shape.layers && rank == 3 && !emb.requires_grad() => {
+                frozen_prefix::states(self, params, &emb, mask, self.shape.layers - n, cache.is_some())
+            }
+            _ => None,
+        };
+        let (mut h, first) = match lower {
+            Some((h, keys_values)) => {
+                let blocks = self.shape.layers - match self.shape.regime {
+                    Regime::Top(n) => n,
+                    Regime::All => unreachable!("only a top regime has cached blocks"),
+                };
+                if let Some((cache, room)) = cache.as_mut() {
+                    cache.layers.extend(keys_values.iter().map(|(k, v)| cache_entry(k, v, *room)));
+                }
+                (h, blocks)
+            }
+            None => (emb, 0),
+        };
+        for l in first..self.shape.layers {
+            let b = format!("block.{l}");
             let a = rms_norm(params, &h, &format!("{b}.attn_norm"), self.shape.rms_eps);
             let (q, k, v) = self.qkv(params, &b, &a, &cos, &sin);
             if let Some((cache, room)) = cache.as_mut() {
@@ -146,6 +167,28 @@ impl Llama {
             h = self.block_rest(params, &b, h, &q, &k, &v, &causal);
         }
         rms_norm(params, &h, "norm", self.shape.rms_eps)
+    }
+
+    /// The residual stream after the first `blocks` blocks for one unpadded row [1, T, E],
+    /// and with `keys_values` each of those blocks' keys and values [1, kv_heads, T, d]
+    /// (what generation's cache holds), as [state, k0, v0, k1, v1, ...] without the row
+    /// dimension.
+    fn lower_blocks(&self, params: &Params, row: &Tensor, blocks: usize, keys_values: bool) -> Vec<Tensor> {
+        let t = row.size()[1];
+        let (cos, sin) = self.rope_tables(&Tensor::arange(t, (Kind::Int64, row.device())), row);
+        let causal = causal_bias(t, row);
+        let mut h = row.shallow_clone();
+        let mut kept = Vec::new();
+        for l in 0..blocks {
+            let b = format!("block.{l}");
+            let a = rms_norm(params, &h, &format!("{b}.attn_norm"), self.shape.rms_eps);
+            let (q, k, v) = self.qkv(params, &b, &a, &cos, &sin);
+            if keys_values {
+                kept.extend([k.squeeze_dim(0), v.squeeze_dim(0)]);
+            }
+            h = self.block_rest(params, &b, h, &q, &k, &v, &causal);
+        }
+        std::iter::once(h.squeeze_dim(0)).chain(kept).collect()
     }
 
     /// A block's queries [.., heads, T, d] and keys and values [.., kv_heads, T, d], the
@@ -253,6 +296,14 @@ impl Architecture for Llama {
         }
     }
 
+    fn warm(&self, params: &Params, emb: &Tensor, mask: &Tensor) {
+        if let Regime::Top(n) = self.shape.regime {
+            if n < self.shape.layers && emb.dim() == 3 && !emb.requires_grad() {
+                tch::no_grad(|| frozen_prefix::states(self, params, emb, mask, self.shape.layers - n, false));
+            }
+        }
+    }
+
     /// The lower blocks under `Regime::Top`.
     fn frozen(&self, name: &str) -> bool {
         let Regime::Top(n) = self.shape.regime else { return false };
@@ -290,20 +341,20 @@ impl Architecture for Llama {
 
     /// The final hidden states (after the final norm), mean-pooled over each row's tokens.
     fn features(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
-        let hidden = self.hidden(params, emb, None);
+        let hidden = self.hidden(params, emb, None, Some(mask));
         let mask = if hidden.dim() == 4 && mask.dim() == 2 { mask.unsqueeze(0).expand([hidden.size()[0], -1, -1], false) } else { mask.shallow_clone() };
         crate::victims::bert::mean_pool(&hidden, &mask)
     }
 
     /// Next-token logits [.., batch, time, vocab]. Right padding needs no mask: a causal
     /// model never attends to later positions.
-    fn forward(&self, params: &Params, emb: &Tensor, _mask: &Tensor) -> Tensor {
-        self.head(params, &self.hidden(params, emb, None))
+    fn forward(&self, params: &Params, emb: &Tensor, mask: &Tensor) -> Tensor {
+        self.head(params, &self.hidden(params, emb, None, Some(mask)))
     }
 
     /// The head at the gathered positions only: at 49,152 pieces it is the largest matrix.
-    fn logits_at(&self, params: &Params, emb: &Tensor, _mask: &Tensor, last: &Tensor) -> Tensor {
-        self.head(params, &gather_rows(&self.hidden(params, emb, None), last))
+    fn logits_at(&self, params: &Params, emb: &Tensor, mask: &Tensor, last: &Tensor) -> Tensor {
+        self.head(params, &gather_rows(&self.hidden(params, emb, None, Some(mask)), last))
     }
 
     fn tuning(&self) -> Tuning {
@@ -317,7 +368,9 @@ impl Architecture for Llama {
         let t = emb.size()[1];
         let room = (t + PREFILL_ROOM).min(self.positions as i64).max(t);
         let mut cache = KvCache { layers: Vec::with_capacity(self.shape.layers) };
-        let hidden = self.hidden(params, emb, Some((&mut cache, room)));
+        // Right padding: each row's tokens are its positions up to its last.
+        let mask = Tensor::arange(t, (Kind::Int64, emb.device())).unsqueeze(0).le_tensor(&last.unsqueeze(1)).to_kind(emb.kind());
+        let hidden = self.hidden(params, emb, Some((&mut cache, room)), Some(&mask));
         Some((self.head(params, &gather_rows(&hidden, last)), cache))
     }
 
@@ -361,6 +414,123 @@ impl Architecture for Llama {
 /// Positions a fresh cache holds beyond its prompt.
 const PREFILL_ROOM: i64 = 64;
 
+/// The frozen lower blocks' output per text, kept for the life of the process: under
+/// `Regime::Top(n)` the lower blocks never change, so a text's residual stream after them
+/// is computed once and read by every epoch, every fine-tuned copy of the same checkpoint
+/// (the evaluation's clean twins and poisoned models) and every measurement. The step then
+/// runs the top blocks and the head only.
+///
+/// Each row is computed alone, unpadded, so its bits do not depend on which batch or
+/// thread asked first: a run gives the same bits whatever its batches and workers, and
+/// equal to a run without the cache (`cached_lower_blocks_give_the_uncached_bits`)
+/// up to the batch-shape differences of the matrix products (the cached path is the only
+/// one a `Top` model uses once its inputs need no gradient, so its results are
+/// reproducible). The key is the row's input vectors and a fingerprint of the lower
+/// blocks: their names, shapes, kind, device and 256 values spread over each tensor.
+/// Inputs that need a gradient (the poisons' words in an unrolled step) always run every
+/// block, so the gradient to them flows through the frozen ones.
+mod frozen_prefix {
+    use super::Llama;
+    use crate::victims::params::Params;
+    use sha2::{Digest, Sha256};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use tch::{Kind, Tensor};
+
+    /// Rows kept at most (bytes of their states); beyond, rows are computed and not kept.
+    const LIMIT_BYTES: usize = 4 << 30;
+
+    #[derive(Default)]
+    struct Store {
+        rows: HashMap<[u8; 32], Vec<Tensor>>,
+        bytes: usize,
+    }
+
+    static STORE: Mutex<Option<Store>> = Mutex::new(None);
+
+    fn fingerprint(model: &Llama, params: &Params, blocks: usize) -> Sha256 {
+        let mut h = Sha256::new();
+        h.update(format!("{:?} {} {blocks}", model.shape, model.width).as_bytes());
+        for (name, p) in params.range("block.".to_string()..) {
+            let layer = name.strip_prefix("block.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
+            if !layer.is_some_and(|l| l < blocks) {
+                continue;
+            }
+            h.update(format!("{name} {:?} {:?} {:?}", p.size(), p.kind(), p.device()).as_bytes());
+            let flat = p.detach().flatten(0, -1);
+            let n = flat.size()[0];
+            let sample = flat.slice(0, 0, n, (n / 256).max(1)).to_kind(Kind::Double).to_device(tch::Device::Cpu);
+            for x in Vec::<f64>::try_from(sample).expect("f64 values") {
+                h.update(x.to_le_bytes());
+            }
+        }
+        h
+    }
+
+    /// The residual stream after the first `blocks` blocks for right-padded inputs
+    /// [B, T, E] (padding positions zero: no real position reads them), and with
+    /// `keys_values` (a generation's prefill) each of those blocks' keys and values
+    /// [B, kv_heads, T, d] (zero past each row's end: decoding overwrites or never reads
+    /// them); None when a lower block needs a gradient.
+    #[allow(clippy::type_complexity)]
+    pub fn states(model: &Llama, params: &Params, emb: &Tensor, mask: &Tensor, blocks: usize, keys_values: bool) -> Option<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let lower_trains = params.iter().any(|(name, p)| {
+            name.strip_prefix("block.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()).is_some_and(|l| l < blocks) && p.requires_grad()
+        });
+        if lower_trains {
+            return None;
+        }
+        let t = emb.size()[1];
+        let lengths = Vec::<i64>::try_from(mask.sum_dim_intlist(-1, false, Kind::Int64).to_device(tch::Device::Cpu)).expect("row lengths");
+        let mut base = fingerprint(model, params, blocks);
+        base.update([keys_values as u8]);
+        // Per row: [state, k0, v0, ...], each padded to T along its time dimension.
+        let mut rows: Vec<Vec<Tensor>> = Vec::with_capacity(lengths.len());
+        for (r, &len) in lengths.iter().enumerate() {
+            let row = emb.get(r as i64).narrow(0, 0, len.max(1)).unsqueeze(0);
+            let mut key = base.clone();
+            for x in Vec::<f64>::try_from(row.to_kind(Kind::Double).to_device(tch::Device::Cpu).flatten(0, -1)).expect("f64 inputs") {
+                key.update(x.to_le_bytes());
+            }
+            let key: [u8; 32] = key.finalize().into();
+            let found = STORE.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|s| s.rows.get(&key).map(|ts| ts.iter().map(Tensor::shallow_clone).collect::<Vec<_>>()));
+            let parts = match found {
+                Some(parts) => parts,
+                None => {
+                    let parts = tch::no_grad(|| model.lower_blocks(params, &row, blocks, keys_values));
+                    let mut store = STORE.lock().unwrap_or_else(|e| e.into_inner());
+                    let store = store.get_or_insert_with(Store::default);
+                    let size: usize = parts.iter().map(|p| p.numel() * p.kind().elt_size_in_bytes()).sum();
+                    if store.bytes + size <= LIMIT_BYTES {
+                        store.bytes += size;
+                        store.rows.insert(key, parts.iter().map(Tensor::shallow_clone).collect());
+                    }
+                    parts
+                }
+            };
+            // The time dimension: the state's first, a key's or value's second.
+            let padded = parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let dim = if i == 0 { 0 } else { 1 };
+                    let pad = t - p.size()[dim];
+                    if pad == 0 {
+                        return p;
+                    }
+                    let mut shape = p.size();
+                    shape[dim] = pad;
+                    Tensor::cat(&[&p, &p.new_zeros(shape.as_slice(), (p.kind(), p.device()))], dim as i64)
+                })
+                .collect();
+            rows.push(padded);
+        }
+        let column = |i: usize| Tensor::stack(&rows.iter().map(|r| r[i].shallow_clone()).collect::<Vec<_>>(), 0);
+        let keys_values = (0..if keys_values { blocks } else { 0 }).map(|l| (column(1 + 2 * l), column(2 + 2 * l))).collect();
+        Some((column(0), keys_values))
+    }
+}
+
 /// Hidden states [B, T, W] at one position per row (`last` [B]): [B, W].
 fn gather_rows(hidden: &Tensor, last: &Tensor) -> Tensor {
     let w = hidden.size()[2];
@@ -389,10 +559,17 @@ mod tests {
 
     #[test]
     fn cached_decoding_equals_the_full_forward_and_the_cache_grows() {
-        for tied in [true, false] {
+        // Under top:1 the prefill reads the frozen block's keys and values from the
+        // process's cache of them (filled by the first pass, read by the second).
+        for (tied, regime, pass) in [(true, Regime::All, 0), (false, Regime::All, 0), (false, Regime::Top(1), 0), (false, Regime::Top(1), 1)] {
             let v = tiny_tied(tied);
             let p = v.params();
-            let arch = v.config.arch();
+            let mut config = v.config.clone();
+            if let crate::victims::model::ArchConfig::Llama(l) = &mut config.arch {
+                l.shape.regime = regime;
+            }
+            let arch = config.arch();
+            let tied = format!("{tied} {regime} pass {pass}");
             let rows: Vec<Vec<i64>> = vec![vec![3, 4, 5, 6, 7, 8, 9, 10, 11, 2, 3, 4, 5, 6], vec![7, 8, 9, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9, 10]];
             // Prefill the first 3 tokens of each row, then decode the rest one by one.
             let ids = Tensor::from_slice(&rows.iter().flat_map(|r| r[..3].to_vec()).collect::<Vec<_>>()).view([2, 3]);
@@ -431,6 +608,45 @@ mod tests {
         assert!(g.get(0).get(0).abs().sum(Kind::Float).double_value(&[]) > 0.0);
         assert_eq!("top:3".parse::<Regime>(), Ok(Regime::Top(3)));
         assert!("top:x".parse::<Regime>().is_err() && "none".parse::<Regime>().is_err());
+    }
+
+    /// Under a top regime the frozen lower block is read from the cache for inputs that
+    /// need no gradient: the logits of right-padded rows of unequal lengths equal the
+    /// whole model's (f64), a second pass (every row from the cache) gives the same bits,
+    /// and a row's logits do not depend on the batch it came in.
+    #[test]
+    fn cached_lower_blocks_give_the_uncached_logits_and_the_same_bits_every_time() {
+        let whole = tiny_tied(false);
+        let mut config = whole.config.clone();
+        if let crate::victims::model::ArchConfig::Llama(l) = &mut config.arch {
+            l.shape.regime = Regime::Top(1);
+        }
+        let p = whole.params();
+        let ids = Tensor::from_slice(&[3i64, 4, 5, 6, 7, 8, 9, 0, 10, 11, 0, 0]).view([3, 4]);
+        let (emb, mask) = (embed(&p, &ids), crate::victims::model::mask_of(&ids, &p));
+        let uncached = whole.config.arch().forward(&p, &emb, &mask);
+        let first = config.arch().forward(&p, &emb, &mask);
+        let again = config.arch().forward(&p, &emb, &mask);
+        for (r, len) in [(0, 4), (1, 3), (2, 2)] {
+            let (a, b) = (uncached.get(r).narrow(0, 0, len), first.get(r).narrow(0, 0, len));
+            assert!((a - &b).abs().max().double_value(&[]) < 1e-12, "row {r}");
+        }
+        assert!(first.equal(&again), "the cached pass repeats its bits");
+        let alone = config.arch().forward(&p, &emb.narrow(0, 1, 1).narrow(1, 0, 3), &mask.narrow(0, 1, 1).narrow(1, 0, 3));
+        let in_batch = first.get(1).narrow(0, 0, 3);
+        assert!((alone.get(0) - in_batch).abs().max().double_value(&[]) < 1e-12);
+        // A model whose lower block differs does not read the other's rows.
+        let other = tiny_tied(true);
+        let q = other.params();
+        let mut other_config = other.config.clone();
+        if let crate::victims::model::ArchConfig::Llama(l) = &mut other_config.arch {
+            l.shape.regime = Regime::Top(1);
+        }
+        let (oemb, omask) = (embed(&q, &ids), crate::victims::model::mask_of(&ids, &q));
+        let _ = tch::no_grad(|| q["block.0.attn.q.weight"].shallow_clone().g_add_scalar_(0.25));
+        let cached = other_config.arch().forward(&q, &oemb, &omask);
+        let plain = other.config.arch().forward(&q, &oemb, &omask);
+        assert!((cached.get(0) - plain.get(0)).abs().max().double_value(&[]) < 1e-12);
     }
 
     #[test]

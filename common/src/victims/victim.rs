@@ -113,6 +113,12 @@ pub trait Architecture: Send + Sync {
     /// libtorch's generator in a fixed order (seed it first).
     fn init(&self, root: &nn::Path, embed_dim: i64, num_classes: i64);
 
+    /// Computes and keeps what later passes over right-padded inputs `emb` [B, T, E] can
+    /// reuse (a `Top` regime Llama's frozen lower blocks, `victims::llama`); nothing for
+    /// the others. Lets an evaluation fill the cache on every worker at once, before its
+    /// models train, instead of its first models filling it twice side by side.
+    fn warm(&self, _params: &Params, _emb: &Tensor, _mask: &Tensor) {}
+
     /// Whether a parameter stays frozen in training (a fine-tuning regime's lower layers);
     /// the word table's freezing is the config's `train_embeddings`, not this.
     fn frozen(&self, _name: &str) -> bool {
