@@ -154,6 +154,18 @@ fn judged_part(ex: &Example, trigger: &[String], cut: bool) -> String {
     }
 }
 
+/// The `wanted` bases of `source` the judge finds most clearly of the target sentiment,
+/// most first (ties by id), each read as `judged_part` reads it.
+fn judged_order(source: &[Example], judge: Option<&dyn Fn(&[String]) -> Vec<f64>>, manifest: &DataManifest, cut: bool, wanted: usize) -> Result<Vec<usize>> {
+    let judge = judge.context("--bases judged ranks the bases by a sentiment classifier: give --judge CLASSIFIER")?;
+    let texts: Vec<String> = source.iter().map(|e| judged_part(e, &manifest.trigger.words, cut)).collect();
+    let p = judge(&texts);
+    let mut order: Vec<usize> = (0..source.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then_with(|| source[a].id.cmp(&source[b].id)));
+    order.truncate(wanted);
+    Ok(order)
+}
+
 /// Where the trigger's words first occur in `words` (case-insensitive).
 fn trigger_at(words: &[String], trigger: &[String]) -> Option<usize> {
     let lower: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
@@ -238,15 +250,7 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
             order.truncate(wanted);
             order
         }
-        Bases::Judged => {
-            let judge = judge.context("--bases judged ranks the bases by a sentiment classifier: give --judge CLASSIFIER")?;
-            let texts: Vec<String> = source.iter().map(|e| judged_part(e, &manifest.trigger.words, cut)).collect();
-            let p = judge(&texts);
-            let mut order: Vec<usize> = (0..source.len()).collect();
-            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then_with(|| source[a].id.cmp(&source[b].id)));
-            order.truncate(wanted);
-            order
-        }
+        Bases::Judged => judged_order(&source, judge, manifest, cut, wanted)?,
     };
     let mut banned = banned_ids(vocab, manifest, false, concealment)?;
     // An evasion budget bans the words the embedding detector would flag; a base's own
@@ -369,12 +373,7 @@ fn init_text(opts: &InitOptions, dir: &str, manifest: &DataManifest, vocab: &Voc
             picked
         }
         Bases::Judged => {
-            let judge = judge.context("--bases judged ranks the bases by a sentiment classifier: give --judge CLASSIFIER")?;
-            let texts: Vec<String> = source.iter().map(|e| judged_part(e, &manifest.trigger.words, opts.from_trigger)).collect();
-            let p = judge(&texts);
-            let mut order: Vec<usize> = (0..source.len()).collect();
-            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then_with(|| source[a].id.cmp(&source[b].id)));
-            order.truncate(opts.count);
+            let mut order = judged_order(&source, judge, manifest, opts.from_trigger, opts.count)?;
             order.sort_unstable();
             order
         }

@@ -138,18 +138,12 @@ impl Llama {
         }
         let (cos, sin) = self.rope_tables(&Tensor::arange(t, (Kind::Int64, emb.device())), &emb);
         let causal = causal_bias(t, &emb);
-        let lower = match (self.shape.regime, mask) {
-            (Regime::Top(n), Some(mask)) if n < self.shape.layers && rank == 3 && !emb.requires_grad() => {
-                frozen_prefix::states(self, params, &emb, mask, self.shape.layers - n, cache.is_some())
-            }
+        let lower = match (self.cached_blocks(&emb), mask) {
+            (Some(blocks), Some(mask)) => frozen_prefix::states(self, params, &emb, mask, blocks, cache.is_some()).map(|found| (found, blocks)),
             _ => None,
         };
         let (mut h, first) = match lower {
-            Some((h, keys_values)) => {
-                let blocks = self.shape.layers - match self.shape.regime {
-                    Regime::Top(n) => n,
-                    Regime::All => unreachable!("only a top regime has cached blocks"),
-                };
+            Some(((h, keys_values), blocks)) => {
                 if let Some((cache, room)) = cache.as_mut() {
                     cache.layers.extend(keys_values.iter().map(|(k, v)| cache_entry(k, v, *room)));
                 }
@@ -158,15 +152,32 @@ impl Llama {
             None => (emb, 0),
         };
         for l in first..self.shape.layers {
-            let b = format!("block.{l}");
-            let a = rms_norm(params, &h, &format!("{b}.attn_norm"), self.shape.rms_eps);
-            let (q, k, v) = self.qkv(params, &b, &a, &cos, &sin);
+            let (k, v);
+            (h, k, v) = self.block(params, l, h, &cos, &sin, &causal);
             if let Some((cache, room)) = cache.as_mut() {
                 cache.layers.push(cache_entry(&k, &v, *room));
             }
-            h = self.block_rest(params, &b, h, &q, &k, &v, &causal);
         }
         rms_norm(params, &h, "norm", self.shape.rms_eps)
+    }
+
+    /// Block `l` over the residual stream `h`: the new stream and the block's keys and
+    /// values (what a generation's cache holds).
+    fn block(&self, params: &Params, l: usize, h: Tensor, cos: &Tensor, sin: &Tensor, causal: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let b = format!("block.{l}");
+        let a = rms_norm(params, &h, &format!("{b}.attn_norm"), self.shape.rms_eps);
+        let (q, k, v) = self.qkv(params, &b, &a, cos, sin);
+        let h = self.block_rest(params, &b, h, &q, &k, &v, causal);
+        (h, k, v)
+    }
+
+    /// How many lower blocks a pass over `emb` reads from the frozen blocks' cache: those a
+    /// `Regime::Top` leaves frozen, when the inputs need no gradient (plain, not stacked).
+    fn cached_blocks(&self, emb: &Tensor) -> Option<usize> {
+        match self.shape.regime {
+            Regime::Top(n) if n < self.shape.layers && emb.dim() == 3 && !emb.requires_grad() => Some(self.shape.layers - n),
+            _ => None,
+        }
     }
 
     /// The residual stream after the first `blocks` blocks for one unpadded row [1, T, E],
@@ -180,13 +191,11 @@ impl Llama {
         let mut h = row.shallow_clone();
         let mut kept = Vec::new();
         for l in 0..blocks {
-            let b = format!("block.{l}");
-            let a = rms_norm(params, &h, &format!("{b}.attn_norm"), self.shape.rms_eps);
-            let (q, k, v) = self.qkv(params, &b, &a, &cos, &sin);
+            let (k, v);
+            (h, k, v) = self.block(params, l, h, &cos, &sin, &causal);
             if keys_values {
                 kept.extend([k.squeeze_dim(0), v.squeeze_dim(0)]);
             }
-            h = self.block_rest(params, &b, h, &q, &k, &v, &causal);
         }
         std::iter::once(h.squeeze_dim(0)).chain(kept).collect()
     }
@@ -297,18 +306,15 @@ impl Architecture for Llama {
     }
 
     fn warm(&self, params: &Params, emb: &Tensor, mask: &Tensor) {
-        if let Regime::Top(n) = self.shape.regime {
-            if n < self.shape.layers && emb.dim() == 3 && !emb.requires_grad() {
-                tch::no_grad(|| frozen_prefix::states(self, params, emb, mask, self.shape.layers - n, false));
-            }
+        if let Some(blocks) = self.cached_blocks(emb) {
+            tch::no_grad(|| frozen_prefix::states(self, params, emb, mask, blocks, false));
         }
     }
 
     /// The lower blocks under `Regime::Top`.
     fn frozen(&self, name: &str) -> bool {
         let Regime::Top(n) = self.shape.regime else { return false };
-        let block = name.strip_prefix("block.").and_then(|rest| rest.split('.').next()).and_then(|l| l.parse::<usize>().ok());
-        block.is_some_and(|l| l + n < self.shape.layers)
+        block_of(name).is_some_and(|l| l + n < self.shape.layers)
     }
 
     fn check(&self, embed_dim: usize, max_len: usize) -> Result<()> {
@@ -411,6 +417,11 @@ impl Architecture for Llama {
     }
 }
 
+/// The block a parameter belongs to ("block.3.attn.q.weight" → 3).
+fn block_of(name: &str) -> Option<usize> {
+    name.strip_prefix("block.").and_then(|rest| rest.split('.').next()).and_then(|l| l.parse().ok())
+}
+
 /// Positions a fresh cache holds beyond its prompt.
 const PREFILL_ROOM: i64 = 64;
 
@@ -422,7 +433,8 @@ const PREFILL_ROOM: i64 = 64;
 ///
 /// Each row is computed alone, unpadded, so its bits do not depend on which batch or
 /// thread asked first: a run gives the same bits whatever its batches and workers, and
-/// equal to a run without the cache (`cached_lower_blocks_give_the_uncached_bits`)
+/// equal to a run without the cache
+/// (`cached_lower_blocks_give_the_uncached_logits_and_the_same_bits_every_time`)
 /// up to the batch-shape differences of the matrix products (the cached path is the only
 /// one a `Top` model uses once its inputs need no gradient, so its results are
 /// reproducible). The key is the row's input vectors and a fingerprint of the lower
@@ -430,7 +442,7 @@ const PREFILL_ROOM: i64 = 64;
 /// Inputs that need a gradient (the poisons' words in an unrolled step) always run every
 /// block, so the gradient to them flows through the frozen ones.
 mod frozen_prefix {
-    use super::Llama;
+    use super::{block_of, Llama};
     use crate::victims::params::Params;
     use sha2::{Digest, Sha256};
     use std::collections::HashMap;
@@ -451,11 +463,7 @@ mod frozen_prefix {
     fn fingerprint(model: &Llama, params: &Params, blocks: usize) -> Sha256 {
         let mut h = Sha256::new();
         h.update(format!("{:?} {} {blocks}", model.shape, model.width).as_bytes());
-        for (name, p) in params.range("block.".to_string()..) {
-            let layer = name.strip_prefix("block.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok());
-            if !layer.is_some_and(|l| l < blocks) {
-                continue;
-            }
+        for (name, p) in params.iter().filter(|(name, _)| block_of(name).is_some_and(|l| l < blocks)) {
             h.update(format!("{name} {:?} {:?} {:?}", p.size(), p.kind(), p.device()).as_bytes());
             let flat = p.detach().flatten(0, -1);
             let n = flat.size()[0];
@@ -474,10 +482,7 @@ mod frozen_prefix {
     /// them); None when a lower block needs a gradient.
     #[allow(clippy::type_complexity)]
     pub fn states(model: &Llama, params: &Params, emb: &Tensor, mask: &Tensor, blocks: usize, keys_values: bool) -> Option<(Tensor, Vec<(Tensor, Tensor)>)> {
-        let lower_trains = params.iter().any(|(name, p)| {
-            name.strip_prefix("block.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()).is_some_and(|l| l < blocks) && p.requires_grad()
-        });
-        if lower_trains {
+        if params.iter().any(|(name, p)| block_of(name).is_some_and(|l| l < blocks) && p.requires_grad()) {
             return None;
         }
         let t = emb.size()[1];
