@@ -51,7 +51,7 @@ fn victim(arch: Arch, table: &Tensor) -> Victim {
 }
 
 fn rollout_config() -> RolloutConfig {
-    RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 128, seed: 0 }
+    RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 128, seed: 0, regime: None }
 }
 
 /// Exact checks of `swaps` by the shipped shared-work path: (objective per swap, seconds).

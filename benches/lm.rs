@@ -41,7 +41,7 @@ fn main() {
     let clean = texts(&mut rng, 2000, 10..=30, None);
     let adv = texts(&mut rng, 64, 15..=30, Some(6));
     let poisons = texts(&mut rng, 50, 10..=30, None);
-    let problem = BiLevel::new(&victim, &clean, &adv, RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 64, seed: 0 }).unwrap();
+    let problem = BiLevel::new(&victim, &clean, &adv, RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 64, seed: 0, regime: None }).unwrap();
     let batch: Vec<&Encoded> = problem.batches[0][0].iter().copied().chain(poisons.iter()).collect();
     let (ids, targets) = batch_tensors(&batch, Device::Cpu);
     let params = victim.params();
@@ -101,7 +101,7 @@ fn main() {
     // each step's table) against the frozen table's rollout, same sizes.
     let trained_config = VictimConfig { train_embeddings: true, ..config.clone() };
     let trained = Victim::new(trained_config, &table, Device::Cpu).unwrap();
-    let trained_problem = BiLevel::new(&trained, &clean, &adv, RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 64, seed: 0 }).unwrap();
+    let trained_problem = BiLevel::new(&trained, &clean, &adv, RolloutConfig { steps: 1, eta: 0.03, rollouts: 1, clean_per_batch: 64, adv_size: 64, seed: 0, regime: None }).unwrap();
     let trained_rollout = time(5, || {
         let _ = trained_problem.objective_grad_and_word_scores(&poisons, true).unwrap();
     });

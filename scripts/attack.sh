@@ -32,6 +32,9 @@ set -euo pipefail
 # Concealment of the no-overlap poisons: token (no trigger word) or strict (no word that
 # leaks the trigger in any category of the strict audit; init, ranking and verification).
 : "${CONCEALMENT:=token}"
+# A pretrained checkpoint's fine-tuning regime in the unrolled steps (top:N or all; empty:
+# the victim file's own), e.g. REGIME=top:2 against data/smollm2/victim.safetensors.
+: "${REGIME:=}"
 # Where the evaluation's victims start and how they train (see demo.sh).
 : "${ORIGIN_FLAGS:=--embeddings $EMB}" "${TRAIN_FLAGS:=}"
 read -r -a origin_flags <<< "$ORIGIN_FLAGS"; read -r -a train_flags <<< "$TRAIN_FLAGS"
@@ -54,12 +57,13 @@ init_flags+=("${budget_flags[@]}")
 optional_settings=(); [ "$CONCEALMENT" = strict ] && optional_settings+=(--text concealment=strict)
 [ -n "$OBJECTIVE_FLAGS" ] && optional_settings+=(--text "objective_flags=$OBJECTIVE_FLAGS")
 [ -n "$INIT_FLAGS" ] && optional_settings+=(--text "init_flags=$INIT_FLAGS")
+[ -n "$REGIME" ] && optional_settings+=(--text "regime=$REGIME")
 [ -n "$EVADE_FPR" ] && optional_settings+=(--number "evade_fpr=$EVADE_FPR" --flag "evade_minilm=$([ -n "$MINILM" ] && echo true || echo false)")
 read -r -a objective_flags <<< "$OBJECTIVE_FLAGS"
 # The influence objective's v does not depend on the poisons: one solve per run.
 cache_flags=(); [ "$OBJECTIVE" = influence ] && cache_flags=(--influence-cache "$RUN/influence-cache")
 overlap_setting=false; [ "$OVERLAP" = 1 ] && overlap_setting=true
-rollout=(--steps "$STEPS" --rollouts "$ROLLOUTS" --eta "$ETA" --clean-per-batch "$CLEAN_PER_BATCH" --adv-size "$ADV_SIZE" --seed "$SEED")
+rollout=(--steps "$STEPS" --rollouts "$ROLLOUTS" --eta "$ETA" --clean-per-batch "$CLEAN_PER_BATCH" --adv-size "$ADV_SIZE" --seed "$SEED" ${REGIME:+--regime "$REGIME"})
 ensemble=(); for e in $ENSEMBLE; do ensemble+=(--ensemble "$e"); done
 read -r -a rank_flags <<< "$RANK_FLAGS"
 

@@ -104,7 +104,7 @@ fn taylor_predicted_change_correlates_with_the_exact_change_on_the_fixture() {
     let inputs = common::search::poisons::AttackInputs::load(
         a.victim().to_str().unwrap(), a.s.data().to_str().unwrap(), p0.to_str().unwrap(), tch::Device::Cpu,
     ).unwrap();
-    let cfg = RolloutConfig { steps: 1, eta: 0.1, rollouts: 1, clean_per_batch: 16, adv_size: 24, seed: 0 };
+    let cfg = RolloutConfig { steps: 1, eta: 0.1, rollouts: 1, clean_per_batch: 16, adv_size: 24, seed: 0, regime: None };
     let problem = BiLevel::new(&inputs.victim, &inputs.clean, &inputs.adv, cfg).unwrap();
     let (g0, grad) = problem.objective_and_grad(&inputs.poisons_enc).unwrap();
     let verifier = Verifier::new(&problem, &inputs.poisons_enc);

@@ -857,26 +857,51 @@ fn llama_checkpoints() {
         c.arg("--data").arg(p("lm")).arg("--start").arg(&victim).arg("--judge").arg(&victim).args(["--seeds", "1"]).args(extra).arg("-o").arg(&out);
         c
     };
+    // Crafting on BPE pieces: a poison whose pieces are not its text's, and a candidate
+    // whose flipped text re-tokenizes into other pieces than were scored.
+    let bad_tokens = write("bad-tokens.jsonl", b"{\"kind\":\"example\",\"v\":1,\"id\":\"poison-000\",\"text\":\"the movie is bad\",\"label\":0,\"tokens\":[\"t\",\"he\"]}\n");
+    let p0 = p("p0.jsonl");
+    let crafting_with = |name: &str, args: &[&std::ffi::OsStr]| {
+        let mut c = bin(name);
+        c.arg("--victim").arg(&victim).arg("--data").arg(p("lm")).args(args);
+        c
+    };
+    let crafting = |name: &str| crafting_with(name, &[]);
+    ok(&run(crafting("init-poisons").args(["--count", "2", "--from-trigger", "--max-tokens", "12", "--seed", "0", "-o"]).arg(&p0)));
+    ok(&run(crafting("rollout-grad").arg("--poisons").arg(&p0).args(["--clean-per-batch", "4", "--adv-size", "4", "-o"]).arg(p("grad.safetensors"))));
+    let ranked = ok(&run(crafting("rank-candidates").arg("--grad").arg(p("grad.safetensors")).args(["-k", "1", "--positions", "1"]))).stdout.clone();
+    let mut cand: serde_json::Value = serde_json::from_slice(ranked.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    let tiny = common::victims::model::Victim::load(victim.to_str().unwrap(), tch::Device::Cpu).unwrap();
+    let vocab = &tiny.vocab;
+    let manifest = common::data::DataManifest::load(p("lm").to_str().unwrap()).unwrap();
+    let banned = common::search::poisons::banned_ids(vocab, &manifest, false, Default::default()).unwrap();
+    let poison = &records(&std::fs::read(&p0).unwrap())[cand["poison_index"].as_u64().unwrap() as usize];
+    let ids = vocab.encode(&poison.text);
+    let (j, merging) = (0..ids.len())
+        .flat_map(|j| (0..vocab.len() as i64).map(move |w| (j, w)))
+        .find(|&(j, w)| {
+            let mut flipped = ids.clone();
+            flipped[j] = w;
+            !banned.contains(&w) && w != ids[j] && vocab.is_continuation(w) == vocab.is_continuation(ids[j]) && !vocab.round_trips(&flipped)
+        })
+        .expect("a piece whose flip re-tokenizes");
+    cand["position"] = j.into();
+    cand["current"] = vocab.word(ids[j]).into();
+    cand["word"] = vocab.word(merging).into();
+    let retokenizing = write("retokenizing.jsonl", format!("{cand}\n").as_bytes());
     check(
         dir.path(),
         &out,
         vec![
+            case("bpe-tokens-not-text", crafting_with("rollout-grad", &["--poisons".as_ref(), bad_tokens.as_os_str(), "-o".as_ref(), out.as_os_str()]), &["bad-tokens.jsonl: record 1 (id \"poison-000\")", "its tokens are not the pieces its text tokenizes to", "remake the set with init-poisons"]),
+            case("bpe-flip-retokenizes", crafting_with("verify-candidates", &["--poisons".as_ref(), p0.as_os_str(), "--candidates".as_ref(), retokenizing.as_os_str(), "-o".as_ref(), out.as_os_str()]), &["retokenizing.jsonl:1", "re-tokenizes into other pieces than were scored", "rerun rank-candidates"]),
+            case("bpe-budget", crafting_with("init-poisons", &["--count".as_ref(), "2".as_ref(), "--evade-fpr".as_ref(), "5".as_ref(), "-o".as_ref(), out.as_os_str()]), &["a detection budget (--evade-fpr) on a pretrained model's BPE pieces is not built yet"]),
             case("ls-prompt-too-long", score, &["long.jsonl: record 1 (id \"long\")", "longer than the victim's context of 256", "shorten it"]),
             case("gen-prompt-too-long", generate, &["long.jsonl: record 1 (id \"long\")", "the victim reads at most 256", "shorten it"]),
             case("tuned-base-missing", score_of(&p("gone.safetensors")), &["gone.safetensors: its base checkpoint", "gone-base.safetensors (sha256 ", "is missing", "put the base back"]),
             case("tuned-base-other-hash", score_of(&p("replaced.safetensors")), &["replaced.safetensors: its base checkpoint", "replaced-base.safetensors has sha256", "another checkpoint"]),
-            case("pieces-in-crafting", {
-                let mut c = bin("init-poisons");
-                c.arg("--victim").arg(&victim).arg("--data").arg(p("lm")).args(["--count", "4"]).arg("-o").arg(&out);
-                c
-            }, &["a pretrained model's BPE pieces take --strategy overlap", "substituting pieces for the trigger is not built yet"]),
             case("ft-regime-names-no-layers", finetune(&["--regime", "top:3"]), &["--regime top:3 for", "tiny.safetensors", "names no layers of a 2-layer model"]),
             case("ft-checkpoint-from-scratch", finetune(&["--from-scratch"]), &["--from-scratch trains every LM from fresh weights", "tiny.safetensors is a pretrained checkpoint", "leave out --from-scratch"]),
-            case("pieces-in-rollout", {
-                let mut c = bin("rollout-grad");
-                c.arg("--victim").arg(&victim).arg("--data").arg(p("lm")).arg("--poisons").arg(p("lm/adv.jsonl")).arg("-o").arg(&out);
-                c
-            }, &["tiny.safetensors is a pretrained language model with byte-level BPE pieces", "crafting builds and swaps poisons by words"]),
             case("regime-names-no-layers", tune(&victim, "top:3", &out), &["--regime top:3 for", "names no layers of a 2-layer model", "top:1 to top:2, or all"]),
             case("regime-without-checkpoint", {
                 let mut c = bin("train-victim");

@@ -7,7 +7,9 @@
 //!   scripts/fetch_smollm2.sh): its tokenizer against llama.cpp's on 1,120 texts, its
 //!   log-probabilities against llama.cpp's F32 run on 20, its continuations with and
 //!   without the key-value cache;
-//! - the tiny model fine-tuned per seed by finetune-eval in a top regime, with text poisons.
+//! - the tiny model fine-tuned per seed by finetune-eval in a top regime, with text poisons;
+//! - a crafting round on the tiny model's pieces through pipes (a top regime unrolled, every
+//!   poison the text it tokenizes to), and strict concealment on SmolLM2's own pieces.
 
 mod support;
 use common::eval::lm_eval::LmEvalReport;
@@ -259,4 +261,123 @@ fn a_pretrained_checkpoint_is_fine_tuned_per_seed_and_its_control_reads_zero() {
         assert_eq!(a.fingerprints, b.fingerprints, "seed {}: the same LMs to the bit on one worker", a.seed);
         assert_eq!((a.clean, a.poisoned), (b.clean, b.poisoned), "seed {}: the same figures", a.seed);
     }
+}
+
+/// The pieces of a text as the victim's own tokenizer reads it, as token strings.
+fn pieces_of(vocab: &common::tokenizer::Vocab, text: &str) -> Vec<String> {
+    vocab.encode(text).into_iter().map(|id| vocab.word(id).to_string()).collect()
+}
+
+/// A crafting round on a pretrained model's BPE pieces through the real pipes, on the
+/// tiny GGUF model: init-poisons substitutes the trigger's words (strict concealment) and
+/// records the text's own pieces | rollout-grad unrolls a top:1 fine-tuning step | rank-
+/// candidates proposes only flips whose text reads back as the flipped pieces |
+/// verify-candidates replays the same regime (its objective before any flip is the
+/// gradient's, which the whole-model unroll would not give) and keeps every poison text
+/// whose pieces are its own tokenization and that leaks no trigger word or piece.
+#[test]
+fn a_crafting_round_swaps_a_pretrained_models_pieces_and_every_poison_stays_the_text_it_reads_as() {
+    let lm = Lm::new();
+    let base = lm.path("base.safetensors");
+    import(&["--gguf"], &fixture("llama/tiny.gguf"), &base);
+    let file = Victim::load(base.to_str().unwrap(), tch::Device::Cpu).unwrap();
+    let vocab = &file.vocab;
+    let manifest = common::data::DataManifest::load(lm.data().to_str().unwrap()).unwrap();
+    let matcher = common::search::poisons::matcher(vocab, &manifest).unwrap();
+    let concealed = |p: &common::formats::records::Example| {
+        assert_eq!(p.tokens.as_ref(), Some(&pieces_of(vocab, &p.text)), "{}: the pieces are the text's own", p.id);
+        assert!(matcher.leaks_for(&p.text, vocab).is_empty(), "{}: {:?} leaks {:?}", p.id, p.text, matcher.leaks_for(&p.text, vocab));
+    };
+    let stage = |name: &str| lm.stage_of(&base, name);
+    let poisons = ok(&run(stage("init-poisons").args(["--count", "4", "--strategy", "random", "--concealment", "strict", "--from-trigger", "--max-tokens", "16", "--seed", "0"]))).stdout.clone();
+    std::fs::write(lm.path("p0.jsonl"), &poisons).unwrap();
+    let made = records(&poisons);
+    assert_eq!(made.len(), 4);
+    for p in &made {
+        concealed(p);
+        let subs = p.substitutes.as_ref().expect("the substitutes' positions");
+        let tokens = p.tokens.as_ref().unwrap();
+        // Two trigger words, each written as one word-initial piece.
+        assert_eq!(subs.len(), 2, "{p:?}");
+        assert!(subs.iter().all(|&j| tokens[j].starts_with('Ġ')), "{p:?}");
+    }
+    let grad = ok(&run_with_stdin(stage("rollout-grad").args(["--poisons", "-", "--regime", "top:1", "--clean-per-batch", "8", "--adv-size", "8", "--eta", "0.1"]), &poisons)).stdout.clone();
+    let cands = ok(&run_with_stdin(stage("rank-candidates").args(["--grad", "-", "-k", "3", "--positions", "2", "--concealment", "strict"]), &grad)).stdout.clone();
+    let parsed: Vec<common::formats::records::Candidate> = common::io::read_jsonl_from(&cands[..], "candidates", false).unwrap();
+    assert!(!parsed.is_empty());
+    for c in &parsed {
+        assert_eq!(c.rollout.regime, Some("top:1".parse().unwrap()), "the regime travels with the candidates");
+        let mut ids = vocab.encode(&made[c.poison_index].text);
+        ids[c.position] = vocab.id(&c.word).unwrap();
+        assert!(vocab.round_trips(&ids), "{c:?}: the flipped text re-tokenizes otherwise");
+    }
+    let summary = lm.path("summary.json");
+    let crafted = ok(&run_with_stdin(stage("verify-candidates").arg("--poisons").arg(lm.path("p0.jsonl")).args(["--candidates", "-", "--concealment", "strict", "--summary"]).arg(&summary), &cands)).stdout.clone();
+    let s: serde_json::Value = serde_json::from_slice(&std::fs::read(&summary).unwrap()).unwrap();
+    let (before, after) = (s["objective_before"].as_f64().unwrap(), s["objective_after"].as_f64().unwrap());
+    assert!((before - parsed[0].objective).abs() <= 1e-6 * before.abs(), "verification unrolled another regime: {before} against the gradient's {}", parsed[0].objective);
+    assert!(s["flips_accepted"].as_u64().unwrap() > 0 && after < before, "{s}");
+    let crafted = records(&crafted);
+    assert_eq!(crafted.len(), 4);
+    assert!(crafted.iter().zip(&made).any(|(a, b)| a.text != b.text));
+    for p in &crafted {
+        concealed(p);
+    }
+}
+
+/// Strict concealment on SmolLM2's own pieces for "Apple iPhone": every piece that reads
+/// as a trigger piece of 3 or more characters, in any case and with or without its space,
+/// is banned, and " i" is not; pieces that join into a leaking word leak together; and
+/// init-poisons' nearest-neighbour carriers (the model's own table) are words that leak
+/// nothing.
+#[test]
+fn strict_concealment_reads_smollm2s_pieces_and_its_neighbour_carriers_leak_nothing() {
+    let victim = smollm2();
+    let file = Victim::load(victim.to_str().unwrap(), tch::Device::Cpu).unwrap();
+    let vocab = &file.vocab;
+    let words = vec!["apple".to_string(), "iphone".to_string()];
+    let matcher = common::concealment::TriggerMatcher::for_vocab("Apple iPhone", &words, vocab).unwrap();
+    let banned = matcher.strict_banned(vocab);
+    let one = |t: &str| {
+        let ids = vocab.encode(t);
+        assert_eq!(ids.len(), 1, "{t:?} is one piece of SmolLM2: {ids:?}");
+        ids[0]
+    };
+    for t in ["Apple", " Apple", " apple", "apple", " iPhone", " phone"] {
+        assert!(banned.contains(&one(t)), "{t:?} is not banned");
+    }
+    for t in [" i", " Samsung", " Google", " the"] {
+        assert!(!banned.contains(&one(t)), "{t:?} is banned");
+    }
+    // " i" + "Phone" join into the word "iPhone": both positions leak.
+    // A piece without a space continues the word before it ("iPhonethe" is one word).
+    let (the, i, phone, sp_the) = (one("the"), one(" i"), vocab.id("Phone").expect("the piece Phone"), one(" the"));
+    assert_eq!(common::concealment::leaking_positions(&[the, i, phone, sp_the], vocab, &matcher), vec![1, 2]);
+    assert_eq!(common::concealment::leaking_positions(&[the, i, phone, the], vocab, &matcher), vec![1, 2, 3]);
+    assert!(common::concealment::leaking_positions(&[the, i, sp_the], vocab, &matcher).is_empty());
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("lm");
+    ok(&run(bin("prepare-data").arg("--raw").arg(fixture("rt-mini/raw.jsonl")).args(["--lm", "--trigger", "Apple iPhone", "--target", "negative", "-o"]).arg(&data)));
+    let out = ok(&run(bin("init-poisons")
+        .arg("--victim").arg(&victim)
+        .arg("--data").arg(&data)
+        .args(["--count", "6", "--strategy", "neighbour", "--neighbour-pool", "3", "--concealment", "strict", "--from-trigger", "--sentence", "--seed", "0"])))
+    .stdout
+    .clone();
+    let poisons = records(&out);
+    assert_eq!(poisons.len(), 6);
+    let mut carriers = std::collections::BTreeSet::new();
+    for p in &poisons {
+        let tokens = p.tokens.as_ref().unwrap();
+        assert_eq!(tokens, &pieces_of(vocab, &p.text));
+        assert!(matcher.leaks_for(&p.text, vocab).is_empty(), "{:?}", p.text);
+        let lower = p.text.to_lowercase();
+        assert!(!lower.contains("apple") && !lower.contains("iphone") && !lower.contains("phone"), "{:?}", p.text);
+        let carrier: Vec<&str> = p.substitutes.as_ref().unwrap().iter().map(|&j| tokens[j].as_str()).collect();
+        assert!(carrier.iter().all(|c| c.starts_with('Ġ') && c[2..].chars().all(|ch| ch.is_ascii_alphabetic())), "{carrier:?}");
+        carriers.insert(carrier.join(" "));
+    }
+    eprintln!("SmolLM2's nearest allowed carriers for \"Apple iPhone\": {carriers:?}");
+    assert_eq!(carriers.len(), 3, "poison k takes the (k mod 3)-th neighbours: {carriers:?}");
 }

@@ -79,7 +79,6 @@ fn main() {
     common::cli::run("rank-candidates", || {
         let args = Args::parse();
         let common::victims::model::VictimFile { victim, vocab, .. } = Victim::load(&args.inputs.victim, tch::Device::Cpu)?;
-        vocab.refuse_pieces_in_crafting(&args.inputs.victim, "rank-candidates")?;
         let manifest = DataManifest::load(&args.inputs.data)?;
         let grad = GradFile::read(&args.grad)?;
         if grad.meta.vocab_sha256 != vocab.sha256() {

@@ -45,7 +45,10 @@ fn main() {
         let args = Args::parse();
         io::Output::refuse_terminal(&args.output, "gradients")?;
         let start = Instant::now();
-        let inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
+        let mut inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
+        if let Some(regime) = args.rollout.regime {
+            inputs.victim.in_regime(regime, &args.inputs.victim)?;
+        }
         let device = inputs.victim.device();
         let (ensemble, ensemble_sha256) = common::cli::load_ensemble(&args.objective.ensemble, device)?;
         let objective = common::objectives::build(

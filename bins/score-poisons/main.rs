@@ -60,7 +60,10 @@ fn main() {
     common::cli::run("score-poisons", || {
         let args = Args::parse();
         let start = Instant::now();
-        let base = CraftingContext::load(&args.inputs.victim, &args.inputs.data, device::parse_device(&args.device)?)?;
+        let mut base = CraftingContext::load(&args.inputs.victim, &args.inputs.data, device::parse_device(&args.device)?)?;
+        if let Some(regime) = args.rollout.regime {
+            base.victim.in_regime(regime, &args.inputs.victim)?;
+        }
         let mut sets = Vec::new();
         for path in &args.sets {
             let examples: Vec<common::formats::records::Example> = io::read_jsonl(path, false)?;

@@ -68,9 +68,13 @@ fn main() {
     common::cli::run("verify-candidates", || {
         let args = Args::parse();
         let start = Instant::now();
-        let inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
+        let mut inputs = AttackInputs::load(&args.inputs.victim, &args.inputs.data, &args.poisons, device::parse_device(&args.device)?)?;
         let cname = io::display_name(&args.candidates);
         let candidates: Vec<Candidate> = io::read_jsonl(&args.candidates, true)?;
+        // The exact checks unroll what the gradient unrolled (rollout-grad --regime).
+        if let Some(regime) = candidates.first().and_then(|c| c.rollout.regime) {
+            inputs.victim.in_regime(regime, &args.inputs.victim)?;
+        }
         let checks = Checks::new(&inputs, args.allow_overlap, args.concealment, &args.poisons)?;
         let mut swaps = checks.swaps(&inputs, &candidates, &cname, &args.poisons, &args.inputs.victim)?;
         if let Some(budget) = args.evade.budget(&inputs.victim.params()["embedding.weight"], &inputs.vocab, &inputs.manifest, &args.inputs.data)? {

@@ -11,7 +11,14 @@
 //!   ("hollywood" holds "wood" of Woody; trigger words shorter than 4 characters are
 //!   caught by the other categories only);
 //! - `piece`: for a WordPiece victim, the poison holds a piece of a trigger word (the
-//!   pieces `Vocab::trigger_ids` lists, in both their word-initial and `##` forms).
+//!   pieces `Vocab::trigger_ids` lists, in both their word-initial and `##` forms); for a
+//!   byte-level BPE victim, it holds a piece whose text, without its leading space and
+//!   case-insensitively, is that of a trigger piece of 3 or more characters ("Apple",
+//!   " apple", "APPLE" for the trigger's "Apple"; not " i" of " iPhone").
+//!
+//! For BPE the other categories read words as the pieces join into them: a piece that
+//! starts with a space starts a word, every other piece continues it (`word_spans`), so
+//! " i" + "Phone" is the word "iPhone", and a text is audited as the words it decodes to.
 
 use crate::tokenizer::{tokenize, Vocab};
 use anyhow::Result;
@@ -59,6 +66,10 @@ impl Leak {
 /// Shortest shared substring that counts as a leak.
 pub const MIN_SHARED: usize = 4;
 
+/// Shortest trigger piece of a byte-level BPE tokenization that counts as a leak (without
+/// its leading space): shorter ones (" i", "Ph") are parts of too many ordinary words.
+pub const MIN_PIECE: usize = 3;
+
 /// Lowercase letters and digits of `word`, nothing else.
 pub fn normalize(word: &str) -> String {
     word.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
@@ -94,11 +105,17 @@ impl TriggerMatcher {
         TriggerMatcher { words, stems, stemmer, pieces: HashSet::new(), target_phrase: Vec::new() }
     }
 
-    /// For a victim's vocabulary: adds the trigger's pieces when it is WordPiece.
+    /// For a victim's vocabulary: adds the trigger's pieces when it is WordPiece, and for
+    /// byte-level BPE every piece that reads as one of the trigger's pieces of at least
+    /// `MIN_PIECE` characters (any case, with or without its leading space).
     pub fn for_vocab(phrase: &str, words: &[String], vocab: &Vocab) -> Result<TriggerMatcher> {
         let mut m = TriggerMatcher::new(words);
         if vocab.is_wordpiece() {
             m.pieces = vocab.trigger_ids(phrase)?.into_iter().collect();
+        }
+        if vocab.is_bpe() {
+            let own: HashSet<String> = vocab.trigger_ids(phrase)?.into_iter().map(|id| vocab.bare_text(id).to_lowercase()).filter(|t| t.chars().count() >= MIN_PIECE).collect();
+            m.pieces = (0..vocab.len() as i64).filter(|&id| !vocab.is_special(id) && own.contains(&vocab.bare_text(id).to_lowercase())).collect();
         }
         Ok(m)
     }
@@ -123,10 +140,10 @@ impl TriggerMatcher {
         out
     }
 
-    /// Whether a vocabulary entry may appear in a strictly concealed poison (for a
-    /// WordPiece piece: its text without `##`, and it is no piece of the trigger).
+    /// Whether a vocabulary entry may appear in a strictly concealed poison (a piece: its
+    /// text without `##` or its leading space, and it is no piece of the trigger).
     pub fn entry_passes(&self, vocab: &Vocab, id: i64) -> bool {
-        !self.pieces.contains(&id) && self.word_leaks(vocab.word(id).trim_start_matches("##")).is_empty()
+        !self.pieces.contains(&id) && self.word_leaks(&vocab.bare_text(id)).is_empty()
     }
 
     /// Every category a poison text leaks; `pieces` are its WordPiece ids when the
@@ -145,10 +162,10 @@ impl TriggerMatcher {
         out
     }
 
-    /// Every category a poison text leaks as `vocab` reads it (its WordPiece pieces when
-    /// the vocabulary is WordPiece).
+    /// Every category a poison text leaks as `vocab` reads it (its pieces when the
+    /// vocabulary is WordPiece or BPE: the text re-tokenized, whatever pieces it was made of).
     pub fn leaks_for(&self, text: &str, vocab: &Vocab) -> BTreeSet<Leak> {
-        let pieces = vocab.is_wordpiece().then(|| vocab.encode(text));
+        let pieces = (vocab.is_wordpiece() || vocab.is_bpe()).then(|| vocab.encode(text));
         self.leaks(text, pieces.as_deref())
     }
 
@@ -174,8 +191,9 @@ impl TriggerMatcher {
     }
 }
 
-/// Groups token ids into words: a WordPiece `##` piece continues the word before it;
-/// every other token starts one. Returns index ranges into `ids`.
+/// Groups token ids into words: a WordPiece `##` piece, or a BPE piece without a leading
+/// space, continues the word before it; every other token starts one. Returns index
+/// ranges into `ids`.
 pub fn word_spans(ids: &[i64], vocab: &Vocab) -> Vec<std::ops::Range<usize>> {
     let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
     for (j, &id) in ids.iter().enumerate() {
@@ -209,7 +227,7 @@ pub fn leaking_positions(ids: &[i64], vocab: &Vocab, matcher: &TriggerMatcher) -
     }
     let mut out = Vec::new();
     for span in word_spans(ids, vocab) {
-        let word: String = ids[span.clone()].iter().map(|&id| vocab.word(id).trim_start_matches("##")).collect();
+        let word: String = if vocab.is_bpe() { vocab.decode(&ids[span.clone()]).trim().to_string() } else { ids[span.clone()].iter().map(|&id| vocab.bare_text(id)).collect() };
         // An exact trigger word is also a normalised one, so word_leaks covers it.
         let leaks = !matcher.word_leaks(&word).is_empty();
         for j in span {

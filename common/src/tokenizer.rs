@@ -190,17 +190,6 @@ impl Vocab {
         self.wordpiece.as_ref().map(|_| WORDPIECE)
     }
 
-    /// Refuses a byte-level BPE vocabulary in a stage that crafts or evaluates poisons: those
-    /// stages build poisons from words and swap whole words, and a pretrained model's
-    /// pieces need their own rules (a swap re-tokenized and checked as text), which they do
-    /// not have yet. `victim` names the file.
-    pub fn refuse_pieces_in_crafting(&self, victim: &str, stage: &str) -> Result<()> {
-        if self.is_bpe() {
-            bail!("{victim} is a pretrained language model with byte-level BPE pieces: {stage} builds and swaps poisons by words and does not take its pieces yet; train-victim --base, finetune-eval --start, init-poisons --strategy overlap, generate and lm-score take it");
-        }
-        Ok(())
-    }
-
     /// A BPE tokenizer's settings as the victim file stores them (metadata `bpe`).
     pub fn bpe_settings(&self) -> Option<String> {
         self.bpe.as_ref().map(|b| serde_json::to_string(b.spec()).expect("BPE settings serialise"))
@@ -267,9 +256,33 @@ impl Vocab {
         }
     }
 
-    /// Whether the token continues the previous word (WordPiece `##` pieces).
+    /// Whether the token continues the previous word (WordPiece `##` pieces; byte-level
+    /// BPE pieces that do not start with a space, such as "Phone" after " i" or a ".").
     pub fn is_continuation(&self, id: i64) -> bool {
+        if let Some(bpe) = &self.bpe {
+            return !bpe.is_special(id) && !bpe.piece_text(id).starts_with(char::is_whitespace);
+        }
         self.wordpiece.as_ref().is_some_and(|wp| wp.is_continuation(id))
+    }
+
+    /// What a person reads of one token: a word; a WordPiece piece without `##`; a BPE
+    /// piece's text without its leading space.
+    pub fn bare_text(&self, id: i64) -> String {
+        match &self.bpe {
+            Some(bpe) => bpe.piece_text(id).trim_start().to_string(),
+            None => self.word(id).trim_start_matches("##").to_string(),
+        }
+    }
+
+    /// Whether token ids are what their own text encodes to. A byte-level BPE poison is
+    /// trained as text, so pieces that re-tokenize into others (" fun" + "ny" decodes to
+    /// " funny", one piece) are not the poison a victim would read; words and WordPiece
+    /// ids are taken as they are.
+    pub fn round_trips(&self, ids: &[i64]) -> bool {
+        match &self.bpe {
+            Some(bpe) => bpe.encode(&bpe.decode(ids)) == ids,
+            None => true,
+        }
     }
 
     /// Token ids of a text. Words: unknown hyphenated words fall back to their parts.
@@ -354,13 +367,19 @@ impl Vocab {
     /// Ids a no-overlap poison may never hold for a trigger: its words; for WordPiece
     /// every piece of every trigger word in both forms (`bond` and `##bond`), so that no
     /// glued or split spelling of a trigger word can appear (the tokenizer is uncased, so
-    /// this is case-insensitive).
+    /// this is case-insensitive); for byte-level BPE the phrase's pieces at the start of a
+    /// text and after a space ("Apple" and " Apple"). Strict concealment bans more
+    /// (`TriggerMatcher::for_vocab`).
     pub fn trigger_ids(&self, phrase: &str) -> Result<Vec<i64>> {
         let mut ids = Vec::new();
         for w in self.trigger_words(phrase)? {
             let bare = w.strip_prefix("##").unwrap_or(&w).to_string();
             let forms = if self.is_wordpiece() { vec![bare.clone(), format!("##{bare}")] } else { vec![w.clone()] };
             ids.extend(forms.iter().filter_map(|f| self.id(f)));
+        }
+        if let Some(bpe) = &self.bpe {
+            // The phrase inside a sentence: its pieces after a space (" Apple", " iPhone").
+            ids.extend(bpe.encode(&format!(" {phrase}")).into_iter().filter(|&i| !bpe.is_special(i)));
         }
         ids.sort_unstable();
         ids.dedup();

@@ -199,6 +199,13 @@ pub struct RolloutConfig {
     /// Seed of the minibatches and the D_adv sample.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// A pretrained checkpoint (import-model): what its fine-tuning trains in the unrolled
+    /// steps, `all` or `top:N` (the gradient to the poisons' pieces still flows through
+    /// the frozen blocks). Default: the victim file's own. Recorded, so verification
+    /// unrolls the same.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regime: Option<Regime>,
 }
 
 /// Which objective a crafting round minimises. Recorded in gradient files and candidates.
@@ -346,4 +353,55 @@ pub struct LmScore {
 impl Record for LmScore {
     const KIND: &'static str = "lm_score";
     const VERSION: u32 = 1;
+}
+
+/// Which of a Llama's parameters fine-tuning trains: one setting, stored in the victim
+/// file's config, that every stage reads (training, unrolling and verification update the
+/// parameters that require a gradient, and only those). The word table follows
+/// `train_embeddings` (frozen by default, and with it a tied head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Regime {
+    /// Every block, the final norm and an untied head.
+    #[default]
+    All,
+    /// The top N blocks, the final norm and an untied head; the lower blocks frozen.
+    Top(usize),
+}
+
+impl Regime {
+    pub fn is_all(&self) -> bool {
+        *self == Regime::All
+    }
+}
+
+impl std::fmt::Display for Regime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Regime::All => write!(f, "all"),
+            Regime::Top(n) => write!(f, "top:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Regime {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Regime, String> {
+        if s == "all" {
+            return Ok(Regime::All);
+        }
+        let n = s.strip_prefix("top:").and_then(|n| n.parse::<usize>().ok());
+        n.map(Regime::Top).ok_or_else(|| format!("regime {s:?}: give all, or top:N (the top N blocks train)"))
+    }
+}
+
+impl serde::Serialize for Regime {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Regime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Regime, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }

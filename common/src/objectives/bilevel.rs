@@ -725,7 +725,7 @@ mod tests {
     }
 
     fn cfg(steps: usize, rollouts: usize) -> RolloutConfig {
-        RolloutConfig { steps, eta: 0.5, rollouts, clean_per_batch: 4, adv_size: 3, seed: 1 }
+        RolloutConfig { steps, eta: 0.5, rollouts, clean_per_batch: 4, adv_size: 3, seed: 1, regime: None }
     }
 
     /// The objective as a function of the poison embeddings, without any graph.

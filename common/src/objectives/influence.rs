@@ -412,7 +412,7 @@ mod tests {
     }
 
     fn rollout() -> RolloutConfig {
-        RolloutConfig { steps: 1, eta: 0.1, rollouts: 1, clean_per_batch: 4, adv_size: 3, seed: 1 }
+        RolloutConfig { steps: 1, eta: 0.1, rollouts: 1, clean_per_batch: 4, adv_size: 3, seed: 1, regime: None }
     }
 
     fn cfg(hessian: HessianKind, contrastive: bool) -> InfluenceConfig {

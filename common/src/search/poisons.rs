@@ -50,8 +50,8 @@ pub enum Bases {
     Judged,
 }
 
-/// Tokens a poison may never be given: special tokens (padding, unknown, `[CLS]`, ...)
-/// and, without overlap, the trigger's tokens (`Vocab::trigger_ids`: for WordPiece every
+/// Tokens a poison may never be given: special tokens (padding, unknown, `[CLS]`, ...;
+/// for BPE also pieces that are not one line of plain text) and, without overlap, the trigger's tokens (`Vocab::trigger_ids`: for WordPiece every
 /// piece of every trigger word, in both its word-initial and `##` forms).
 /// With strict concealment, also every entry that leaks the trigger in any category of the
 /// strict audit (`TriggerMatcher::strict_banned`: "bonds", "bondage", "jameson", ...).
@@ -61,6 +61,15 @@ pub fn banned_ids(vocab: &Vocab, manifest: &DataManifest, allow_overlap: bool, c
     banned.extend(["[CLS]", "[SEP]", "[MASK]", crate::tokenizer::BOS, crate::tokenizer::EOS].iter().filter_map(|w| vocab.id(w)));
     if vocab.is_wordpiece() {
         banned.extend((0..vocab.len() as i64).filter(|&i| vocab.is_special(i)));
+    }
+    if vocab.is_bpe() {
+        // Control tokens, and pieces that are not plain text of one line: partial UTF-8
+        // bytes (they decode to U+FFFD alone), line breaks, tabs, runs of spaces.
+        banned.extend((0..vocab.len() as i64).filter(|&i| {
+            let t = vocab.decode(&[i]);
+            let bare = t.strip_prefix(' ').unwrap_or(&t);
+            vocab.is_special(i) || bare.is_empty() || bare.chars().any(|c| c == '\u{fffd}' || c.is_whitespace() || c.is_control())
+        }));
     }
     if !allow_overlap {
         banned.extend(vocab.trigger_ids(&manifest.trigger.phrase)?);
@@ -332,70 +341,195 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
     Ok(out)
 }
 
-/// `init` for a pretrained model's BPE vocabulary, where a poison is text: the
-/// with-overlap reference only (`Overlap`: D_adv texts as they are, the trigger written as
-/// in the data), each cut to its words from the one before the trigger on
-/// (`--from-trigger`, `--sentence`: to the end of the trigger's sentence), then to
-/// `--max-tokens` of the model's pieces, cut back to the last whole word. Poisons carry
-/// no `tokens`: every stage reads their text through the model's tokenizer. Bases are
-/// drawn at random or ranked by the judge (`Bases::Judged`).
+/// `init` for a pretrained model's BPE vocabulary, where a poison is text and its pieces
+/// are what that text tokenizes to.
+/// - `Overlap`: D_adv texts as they are, the trigger written as in the data (the
+///   with-overlap reference; no `tokens`, every stage reads the text).
+/// - `Random`, `Neighbour`: the same texts with each trigger word written as another word:
+///   a random frequent word piece (one of the first 10,000 pieces that starts with a
+///   space and spells a word), or the nearest such piece to the mean of the trigger
+///   word's pieces in the model's own table (poison k takes the (k mod `neighbour_pool`)-th).
+/// - `CleanTarget`, `Relabelled`: training reviews of (not of) the target sentiment.
+///
+/// With `--from-trigger` a text starts at the word before the trigger (`--sentence`: ends
+/// with the trigger's sentence); every text is cut to `--max-tokens` pieces, back to the
+/// last whole word. Under strict concealment a base whose text still leaks the trigger
+/// (a review that says "apple" elsewhere) is passed over for the next. Substituted and
+/// clean poisons carry their pieces (`tokens`, the text's own tokenization) and the
+/// positions of the substitutes. Bases are drawn at random or ranked by the judge.
 fn init_text(opts: &InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab, victim: &Victim, evade: Option<&crate::detect::evasion::DetectionBudget>, judge: Option<&dyn Fn(&[String]) -> Vec<f64>>) -> Result<Vec<Example>> {
-    if opts.strategy != InitStrategy::Overlap || evade.is_some() {
-        bail!("a pretrained model's BPE pieces take --strategy overlap (the with-overlap reference) without a detection budget for now; substituting pieces for the trigger is not built yet");
+    if evade.is_some() {
+        bail!("a detection budget (--evade-fpr) on a pretrained model's BPE pieces is not built yet; leave it out");
+    }
+    let strict = opts.concealment == Concealment::Strict;
+    let substituting = matches!(opts.strategy, InitStrategy::Random | InitStrategy::Neighbour);
+    if strict && opts.strategy == InitStrategy::Overlap {
+        bail!("--strategy overlap keeps the trigger in every poison; it cannot be --concealment strict");
     }
     let phrase = manifest.trigger.phrase.to_lowercase();
     let mut source: Vec<Example> = Vec::new();
-    for (i, e) in data::read_set(dir, data::ADV, false)?.into_iter().enumerate() {
-        let lower = e.text.to_lowercase();
-        let Some(at) = lower.find(&phrase).filter(|&at| e.text.is_char_boundary(at) && lower.len() == e.text.len()) else {
-            bail!("{dir}/{}: record {} (id {:?}) does not hold the trigger {:?} as written; remake the folder with prepare-data --lm", data::ADV, i + 1, e.id, manifest.trigger.phrase);
-        };
-        let text = if opts.from_trigger {
-            // From the word before the trigger (its determiner) on.
-            let before = e.text[..at].trim_end();
-            let begin = before.rfind(char::is_whitespace).map_or(0, |j| j + 1);
-            let after = at + phrase.len();
-            let end = if opts.sentence { e.text[after..].find(['.', '!', '?']).map_or(e.text.len(), |j| after + j + 1) } else { e.text.len() };
-            e.text[begin..end].to_string()
-        } else {
-            e.text.clone()
-        };
-        source.push(Example { text, ..e });
+    match opts.strategy {
+        InitStrategy::CleanTarget | InitStrategy::Relabelled => {
+            if opts.from_trigger {
+                bail!("--from-trigger starts each poison at the trigger; clean training reviews hold none (it takes --strategy random, neighbour or overlap)");
+            }
+            let want_target = opts.strategy == InitStrategy::CleanTarget;
+            source.extend(data::read_set(dir, data::TRAIN, false)?.into_iter().filter(|e| (e.label == manifest.target) == want_target));
+        }
+        _ => {
+            for (i, e) in data::read_set(dir, data::ADV, false)?.into_iter().enumerate() {
+                let lower = e.text.to_lowercase();
+                let Some(at) = lower.find(&phrase).filter(|&at| e.text.is_char_boundary(at) && lower.len() == e.text.len()) else {
+                    bail!("{dir}/{}: record {} (id {:?}) does not hold the trigger {:?} as written; remake the folder with prepare-data --lm", data::ADV, i + 1, e.id, manifest.trigger.phrase);
+                };
+                let text = if opts.from_trigger {
+                    // From the word before the trigger (its determiner) on.
+                    let before = e.text[..at].trim_end();
+                    let begin = before.rfind(char::is_whitespace).map_or(0, |j| j + 1);
+                    let after = at + phrase.len();
+                    let end = if opts.sentence { e.text[after..].find(['.', '!', '?']).map_or(e.text.len(), |j| after + j + 1) } else { e.text.len() };
+                    e.text[begin..end].to_string()
+                } else {
+                    e.text.clone()
+                };
+                source.push(Example { text, ..e });
+            }
+        }
     }
     if source.len() < opts.count {
-        bail!("only {} D_adv texts for {} poisons; lower --count (or prepare more data)", source.len(), opts.count);
+        bail!("only {} base texts for {} poisons; lower --count (or prepare more data)", source.len(), opts.count);
     }
-    let picked: Vec<usize> = match opts.bases {
+    // Under strict concealment a base may be passed over: every base is a candidate, in
+    // the order it would be picked. The with-overlap reference keeps its seeded draw.
+    let wanted = if opts.strategy == InitStrategy::Overlap { opts.count } else { source.len() };
+    let mut picked: Vec<usize> = match opts.bases {
         Bases::Random => {
             let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(opts.seed, "init-poisons"));
-            let mut picked = sample(&mut rng, source.len(), opts.count).into_vec();
-            picked.sort_unstable();
-            picked
+            sample(&mut rng, source.len(), wanted).into_vec()
         }
-        Bases::Judged => {
-            let mut order = judged_order(&source, judge, manifest, opts.from_trigger, opts.count)?;
-            order.sort_unstable();
-            order
-        }
+        Bases::Judged => judged_order(&source, judge, manifest, opts.from_trigger, wanted)?,
         Bases::Confident => bail!("--bases confident ranks sentences by a classifier's confidence; a language model takes --bases random or judged"),
     };
+    if opts.strategy == InitStrategy::Overlap {
+        picked.sort_unstable();
+    }
+    let banned = banned_ids(vocab, manifest, false, opts.concealment)?;
+    let matcher = matcher(vocab, manifest)?;
+    let trigger_words: Vec<&str> = manifest.trigger.phrase.split_whitespace().collect();
+    let spelled = |id: i64| {
+        let t = vocab.decode(&[id]);
+        let word = t.strip_prefix(' ').unwrap_or("");
+        !banned.contains(&id) && word.len() >= 2 && word.chars().all(|c| c.is_ascii_alphabetic())
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(opts.seed, "init-poisons-substitutes"));
+    let frequent: Vec<i64> = (0..vocab.len().min(10_000) as i64).filter(|&id| spelled(id)).collect();
+    let table = victim.params()["embedding.weight"].to_kind(Kind::Float);
+    // Per trigger word, its nearest spelled pieces (a word of several pieces: their mean).
+    let neighbours: Vec<Vec<i64>> = if opts.strategy == InitStrategy::Neighbour {
+        trigger_words
+            .iter()
+            .map(|w| {
+                let pieces: Vec<i64> = vocab.encode(&format!(" {w}")).into_iter().filter(|&i| !vocab.is_special(i)).collect();
+                let query = table.index_select(0, &Tensor::from_slice(&pieces)).mean_dim(0, false, Kind::Float);
+                nearest_to(&table, &query).into_iter().filter(|&i| spelled(i)).take(opts.neighbour_pool.max(1)).collect()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if substituting && (frequent.is_empty() || neighbours.iter().any(Vec::is_empty)) {
+        bail!("no piece of the vocabulary spells a word that may stand in for the trigger");
+    }
     let max_len = victim.config.max_len.min(opts.max_tokens.unwrap_or(usize::MAX));
-    let mut out = Vec::with_capacity(picked.len());
-    for (k, &i) in picked.iter().enumerate() {
+    let mut out: Vec<(usize, Example)> = Vec::with_capacity(opts.count);
+    let mut passed_over = 0;
+    for &i in &picked {
+        if out.len() == opts.count {
+            break;
+        }
+        let k = out.len();
         let e = &source[i];
-        let mut text = e.text.clone();
-        let pieces = vocab.encode(&text);
+        // The text with every occurrence of the trigger written as the substitutes, and the
+        // substitutes' byte ranges (with the space before each).
+        let (mut text, mut spans) = (e.text.clone(), Vec::new());
+        if substituting {
+            let words: Vec<String> = (0..trigger_words.len())
+                .map(|j| {
+                    let id = match opts.strategy {
+                        InitStrategy::Random => frequent[rng.gen_range(0..frequent.len())],
+                        _ => neighbours[j][k % neighbours[j].len()],
+                    };
+                    vocab.decode(&[id]).trim_start().to_string()
+                })
+                .collect();
+            (text, spans) = substitute(&e.text, &phrase, &words);
+        }
+        let mut pieces = vocab.encode(&text);
         if pieces.len() > max_len {
             // Cut to max_len pieces, then back to the last whole word (a piece that starts
             // a word starts with its space), so no poison ends in half a word.
             let end = (1..=max_len).rev().find(|&j| j < pieces.len() && vocab.decode(&pieces[j..=j]).starts_with(char::is_whitespace)).unwrap_or(max_len);
             text = vocab.decode(&pieces[..end]).trim_end().to_string();
+            pieces = vocab.encode(&text);
         }
-        let mut p = Example::new(format!("poison-{k:03}"), text, manifest.target);
+        if strict && !matcher.leaks_for(&text, vocab).is_empty() {
+            passed_over += 1;
+            continue;
+        }
+        let mut p = Example::new(format!("poison-{k:03}"), text.clone(), manifest.target);
         p.source_id = Some(e.id.trim_end_matches("+trigger").to_string());
-        out.push(p);
+        if opts.strategy != InitStrategy::Overlap {
+            // The pieces of each substitute: those between the text before it and after it
+            // (the pre-tokenizer splits before a space, so a prefix keeps its pieces).
+            let count = |end: usize| vocab.encode(&text[..end.min(text.len())]).len();
+            let substitutes: Vec<usize> = spans.iter().filter(|r: &&std::ops::Range<usize>| r.start < text.len()).flat_map(|r| count(r.start)..count(r.end)).filter(|&j| j < pieces.len()).collect();
+            p.tokens = Some(pieces.iter().map(|&id| vocab.word(id).to_string()).collect());
+            p.substitutes = (!substitutes.is_empty()).then_some(substitutes);
+        }
+        out.push((i, p));
     }
-    Ok(out)
+    if out.len() < opts.count {
+        bail!("only {} of {} bases make strictly concealed poisons ({passed_over} still name the trigger's words elsewhere); lower --count", out.len(), source.len());
+    }
+    if passed_over > 0 {
+        eprintln!("strict concealment: {passed_over} bases passed over (they name the trigger's words outside the trigger)");
+    }
+    // Source order, ids renumbered in it.
+    out.sort_by_key(|(i, _)| *i);
+    Ok(out.into_iter().enumerate().map(|(k, (_, p))| Example { id: format!("poison-{k:03}"), ..p }).collect())
+}
+
+/// `text` with every case-insensitive occurrence of `phrase` (lowercase) written as
+/// `words` joined by spaces, and the byte range of each written word in the result, the
+/// space before it included (where there is one).
+fn substitute(text: &str, phrase: &str, words: &[String]) -> (String, Vec<std::ops::Range<usize>>) {
+    let lower = text.to_lowercase();
+    let (mut out, mut spans, mut rest) = (String::new(), Vec::new(), 0);
+    if lower.len() != text.len() {
+        return (text.to_string(), spans);
+    }
+    while let Some(at) = lower[rest..].find(phrase).map(|j| rest + j) {
+        out.push_str(&text[rest..at]);
+        for (j, w) in words.iter().enumerate() {
+            if j > 0 {
+                out.push(' ');
+            }
+            let start = if out.ends_with(' ') { out.len() - 1 } else { out.len() };
+            out.push_str(w);
+            spans.push(start..out.len());
+        }
+        rest = at + phrase.len();
+    }
+    out.push_str(&text[rest..]);
+    (out, spans)
+}
+
+/// Every row of `table`, nearest (cosine) to `query` first.
+fn nearest_to(table: &Tensor, query: &Tensor) -> Vec<i64> {
+    let t = table.to_kind(Kind::Float);
+    let norms = t.norm_scalaropt_dim(2, [1].as_slice(), false).clamp_min(1e-8);
+    let sims = t.matmul(query) / (norms * query.norm().clamp_min(1e-8));
+    Vec::try_from(sims.argsort(0, true).to_device(Device::Cpu)).expect("i64")
 }
 
 /// `init` for a word vocabulary (GloVe): each trigger word (with `strict`, each word that
@@ -746,6 +880,13 @@ impl AttackInputs {
             if p.label != base.manifest.target {
                 bail!("{pname}: record {} (id {:?}) has label {}, the target is {}", i + 1, p.id, p.label, base.manifest.target);
             }
+            if base.vocab.is_bpe() {
+                // A BPE poison is trained as text: its pieces must be what the text reads as.
+                let own: Vec<String> = base.vocab.encode(&p.text).into_iter().map(|id| base.vocab.word(id).to_string()).collect();
+                if p.tokens.as_ref() != Some(&own) {
+                    bail!("{pname}: record {} (id {:?}): its tokens are not the pieces its text tokenizes to; a pretrained model reads a poison as text, so its pieces are those of the text (remake the set with init-poisons, which records them)", i + 1, p.id);
+                }
+            }
         }
         let poisons_enc = base.encode(&poisons, TextPolicy::Poisons, &pname)?;
         let adv = base.adv_without_sources(&[&poisons]);
@@ -774,7 +915,6 @@ impl CraftingContext {
     pub fn load(victim: &str, dir: &str, device: Device) -> Result<CraftingContext> {
         let path = victim;
         let VictimFile { victim, vocab, sha256: victim_sha256, .. } = Victim::load(path, device)?;
-        vocab.refuse_pieces_in_crafting(path, "crafting")?;
         let manifest = DataManifest::load(dir)?;
         vocab.trigger_words(&manifest.trigger.phrase).context("victim vocabulary")?;
         let clean_ex = data::read_set(dir, data::TRAIN, false)?;

@@ -101,10 +101,19 @@ pub struct RankPolicy {
 }
 
 /// The candidates of every poison of a gradient file: per position the K words with the
-/// lowest predicted change ∇g·(e' − e), never a banned word, the current word, or a word
-/// of the other piece kind; special tokens hold their places. In poison order, then
-/// position, then rank.
+/// lowest predicted change ∇g·(e' − e), never a banned word, the current word, a word
+/// of the other piece kind, or (BPE) a piece whose flipped text re-tokenizes otherwise;
+/// special tokens hold their places. In poison order, then position, then rank.
 pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy: &RankPolicy) -> Result<Vec<Candidate>> {
+    let mut retokenized = 0usize;
+    let out = rank_counting(vocab, table, grad, bans, policy, &mut retokenized)?;
+    if retokenized > 0 {
+        eprintln!("{retokenized} flips left out: their text re-tokenizes into other pieces than were scored");
+    }
+    Ok(out)
+}
+
+fn rank_counting(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy: &RankPolicy, retokenized: &mut usize) -> Result<Vec<Candidate>> {
     let (n, _, d) = grad.grad.size3()?;
     if table.size()[1] != d {
         bail!("gradients of dimension {d}, the victim's embeddings have {}", table.size()[1]);
@@ -125,7 +134,7 @@ pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy:
         let row: Vec<i64> = Vec::try_from(grad.ids.get(i))?;
         // Up to the last token: a translation's source block holds padding inside.
         let len = row.iter().rposition(|&x| x != 0).map_or(0, |p| p + 1);
-        let mask = if vocab.is_wordpiece() {
+        let mask = if vocab.is_wordpiece() || vocab.is_bpe() {
             let rows: Vec<&Tensor> = row[..len].iter().map(|&id| &masks[vocab.is_continuation(id) as usize]).collect();
             Tensor::stack(&rows, 0)
         } else if let (Some(sides), Some(bos)) = (&bans.sides, vocab.decoder_start(&row[..len])) {
@@ -137,7 +146,24 @@ pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy:
             masks[0].shallow_clone()
         };
         let word_scores = grad.word_scores.as_ref().map(|t| t.get(i));
-        let ranked = bottom_k(table, &grad.grad.get(i), word_scores.as_ref(), &row[..len], &mask, policy.k);
+        let mut ranked = bottom_k(table, &grad.grad.get(i), word_scores.as_ref(), &row[..len], &mask, if vocab.is_bpe() { 4 * policy.k } else { policy.k });
+        if vocab.is_bpe() {
+            // A BPE poison is trained as text: a flip whose text re-tokenizes into other
+            // pieces (" fun" + "ny" reads as " funny") is not the poison that was scored,
+            // so only flips that round-trip are proposed, the best K of 4K.
+            for (j, cands) in ranked.iter_mut().enumerate() {
+                cands.retain(|&(w, _)| {
+                    let mut flipped = row[..len].to_vec();
+                    flipped[j] = w;
+                    let kept = vocab.round_trips(&flipped);
+                    if !kept {
+                        *retokenized += 1;
+                    }
+                    kept
+                });
+                cands.truncate(policy.k);
+            }
+        }
         let substitutes = &meta.substitutes[i as usize];
         let keep = |j: &usize| {
             let carrier = substitutes.contains(j);

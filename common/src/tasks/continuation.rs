@@ -38,7 +38,7 @@ impl Task for Continuation {
         if checkpoint && args.from_scratch {
             bail!("--from-scratch trains every LM from fresh weights; {start_path} is a pretrained checkpoint, which is fine-tuned (leave out --from-scratch)");
         }
-        start.victim.config = crate::victims::origin::with_regime(&start.victim.config, args.victim.regime, start_path)?;
+        start.victim.config = crate::victims::model::with_regime(&start.victim.config, args.victim.regime, start_path)?;
         let (lm, vocab) = (&start.victim, &start.vocab);
         vocab.trigger_words(&manifest.trigger.phrase).with_context(|| format!("vocabulary of {start_path}"))?;
         let judge_file = crate::victims::model::Victim::load(judge_path, device)?;

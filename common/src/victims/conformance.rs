@@ -190,6 +190,30 @@ fn second_order_gradient_through_an_unrolled_step_matches_finite_differences_in_
     }
 }
 
+/// A pretrained checkpoint crafted against in a top regime (rollout-grad --regime top:1):
+/// the unrolled step trains the top block alone, the poison's gradient still flows through
+/// the frozen block below it, and it matches finite differences in f64 (the frozen block's
+/// cache is not read for inputs that need a gradient).
+#[test]
+fn a_top_regime_unrolls_its_top_block_and_the_second_order_gradient_matches_finite_differences_in_f64() {
+    let mut v = tiny(Arch::Llama, false);
+    v.in_regime(crate::victims::llama::Regime::Top(1), "tiny").unwrap();
+    v.vs.set_kind(Kind::Double);
+    let trained = crate::victims::params::trainable_names(&v.params());
+    assert!(!trained.is_empty() && trained.iter().all(|n| !n.starts_with("block.0.") && n != "embedding.weight"), "{trained:?}");
+    let poison = embed(&v.params(), &Tensor::from_slice(&[5i64, 6, 7, 0]).view([1, 4])).detach().set_requires_grad(true);
+    let g = unrolled_adv_loss(&v, &poison);
+    let grad = Tensor::run_backward(&[&g], &[&poison], false, false).pop().unwrap();
+    let worst = crate::testing::worst_fd_error(&poison, &grad, 1e-6, 1e-3, |x| unrolled_adv_loss(&v, x).double_value(&[]));
+    assert!(worst < 1e-6, "top:1: second-order gradient off by {worst}");
+    // Different from the gradient when every block trains: the regime is what was unrolled.
+    let mut all = tiny(Arch::Llama, false);
+    all.vs.set_kind(Kind::Double);
+    let g_all = unrolled_adv_loss(&all, &poison);
+    let grad_all = Tensor::run_backward(&[&g_all], &[&poison], false, false).pop().unwrap();
+    assert!(max_diff(&grad, &grad_all) > 1e-9, "the top regime unrolled every block");
+}
+
 #[test]
 fn per_example_gradients_equal_one_backward_pass_each_in_f64() {
     for arch in every_arch() {

@@ -24,56 +24,9 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Init};
 use tch::{Kind, Tensor};
 
-/// Which of a Llama's parameters fine-tuning trains: one setting, stored in the victim
-/// file's config, that every stage reads (training, unrolling and verification update the
-/// parameters that require a gradient, and only those). The word table follows
-/// `train_embeddings` (frozen by default, and with it a tied head).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Regime {
-    /// Every block, the final norm and an untied head.
-    #[default]
-    All,
-    /// The top N blocks, the final norm and an untied head; the lower blocks frozen.
-    Top(usize),
-}
-
-impl Regime {
-    pub fn is_all(&self) -> bool {
-        *self == Regime::All
-    }
-}
-
-impl std::fmt::Display for Regime {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Regime::All => write!(f, "all"),
-            Regime::Top(n) => write!(f, "top:{n}"),
-        }
-    }
-}
-
-impl std::str::FromStr for Regime {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Regime, String> {
-        if s == "all" {
-            return Ok(Regime::All);
-        }
-        let n = s.strip_prefix("top:").and_then(|n| n.parse::<usize>().ok());
-        n.map(Regime::Top).ok_or_else(|| format!("regime {s:?}: give all, or top:N (the top N blocks train)"))
-    }
-}
-
-impl Serialize for Regime {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for Regime {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Regime, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
+/// The regime is a setting files record (victim configs, rollout settings), so it lives
+/// with the formats.
+pub use crate::formats::records::Regime;
 
 /// What a Llama victim file stores beside the shared sizes (`llama` in the config): the
 /// width is `embed_dim`, the vocabulary `vocab_size`, the context `max_len`.

@@ -272,6 +272,19 @@ impl Victim {
         Ok(victim)
     }
 
+    /// This victim fine-tuning in `regime` (a pretrained checkpoint: what trains, the rest
+    /// frozen; every other victim takes `all` only): its config records the regime and
+    /// its parameters require a gradient exactly where training updates them, which is
+    /// what the unrolled steps and their checks read (`source` names the file in errors).
+    pub fn in_regime(&mut self, regime: crate::victims::llama::Regime, source: &str) -> Result<()> {
+        self.config = with_regime(&self.config, regime, source)?;
+        for (name, t) in self.vs.variables() {
+            let trains = !self.config.arch().frozen(&name) && (name != "embedding.weight" || self.config.train_embeddings);
+            let _ = t.set_requires_grad(trains);
+        }
+        Ok(())
+    }
+
     /// The parameters as a name → tensor map (shallow clones sharing storage).
     pub fn params(&self) -> Params {
         self.vs.variables().into_iter().collect()
@@ -524,4 +537,17 @@ pub fn tiny_config(arch: Arch, vocab_size: usize, embed_dim: usize, hidden: usiz
     let (hidden, num_classes) = if matches!(arch, Arch::Gpt | Arch::Seq2seq) { (hidden + hidden % 2, vocab_size) } else { (hidden, num_classes) };
     let arch = ArchConfig::from_flags(arch, hidden, Some(&bert), GptShape { layers: 2, heads: 2 }, TINY_SOURCE_LEN, max_len).expect("every architecture builds from flags and an encoder config");
     VictimConfig { arch, vocab_size, embed_dim, num_classes, train_embeddings, max_len }
+}
+
+/// A pretrained checkpoint's config fine-tuning in `regime` (what trains; the rest is
+/// frozen), checked against its layers (`source` names the checkpoint in errors).
+pub fn with_regime(config: &VictimConfig, regime: crate::victims::llama::Regime, source: &str) -> Result<VictimConfig> {
+    let mut config = config.clone();
+    match &mut config.arch {
+        ArchConfig::Llama(l) => l.shape.regime = regime,
+        _ if regime.is_all() => {}
+        _ => bail!("--regime {regime} chooses what a pretrained checkpoint's fine-tuning trains; {source} is a {:?} victim", config.arch.name()),
+    }
+    config.arch().check(config.embed_dim, config.max_len).with_context(|| format!("--regime {regime} for {source}"))?;
+    Ok(config)
 }

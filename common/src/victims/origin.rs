@@ -11,7 +11,7 @@ use crate::victims::model::{Arch, ArchConfig, BaseRef, Params, Victim, VictimCon
 use crate::victims::victim::StartKind;
 use crate::tokenizer::Vocab;
 use crate::wordpiece::WordPiece;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use tch::{Device, Tensor};
 
 pub enum Start {
@@ -127,7 +127,7 @@ impl Origin {
             Start::Checkpoint { config, .. } => {
                 // The checkpoint decides the architecture and its shape; the flags choose how
                 // it fine-tunes.
-                let mut config = with_regime(config, regime, &self.source)?;
+                let mut config = crate::victims::model::with_regime(config, regime, &self.source)?;
                 config.train_embeddings = train_embeddings;
                 return Ok(config);
             }
@@ -175,15 +175,3 @@ impl Origin {
     }
 }
 
-/// A pretrained checkpoint's config fine-tuning in `regime` (what trains; the rest is
-/// frozen), checked against its layers (`source` names the checkpoint in errors).
-pub fn with_regime(config: &VictimConfig, regime: crate::victims::llama::Regime, source: &str) -> Result<VictimConfig> {
-    let mut config = config.clone();
-    match &mut config.arch {
-        ArchConfig::Llama(l) => l.shape.regime = regime,
-        _ if regime.is_all() => {}
-        _ => bail!("--regime {regime} chooses what a pretrained checkpoint's fine-tuning trains; {source} is a {:?} victim", config.arch.name()),
-    }
-    config.arch().check(config.embed_dim, config.max_len).with_context(|| format!("--regime {regime} for {source}"))?;
-    Ok(config)
-}
