@@ -472,7 +472,9 @@ fn init_text(opts: &InitOptions, dir: &str, manifest: &DataManifest, vocab: &Voc
             text = vocab.decode(&pieces[..end]).trim_end().to_string();
             pieces = vocab.encode(&text);
         }
-        if strict && !matcher.leaks_for(&text, vocab).is_empty() {
+        // Strict: no leak of any category. Otherwise at least the trigger is gone (a text
+        // whose case folding changes its length keeps it: `substitute` leaves it as it was).
+        if (strict && !matcher.leaks_for(&text, vocab).is_empty()) || (substituting && text.to_lowercase().contains(&phrase)) {
             passed_over += 1;
             continue;
         }
@@ -489,10 +491,10 @@ fn init_text(opts: &InitOptions, dir: &str, manifest: &DataManifest, vocab: &Voc
         out.push((i, p));
     }
     if out.len() < opts.count {
-        bail!("only {} of {} bases make strictly concealed poisons ({passed_over} still name the trigger's words elsewhere); lower --count", out.len(), source.len());
+        bail!("only {} of {} bases make concealed poisons ({passed_over} still name the trigger's words); lower --count", out.len(), source.len());
     }
     if passed_over > 0 {
-        eprintln!("strict concealment: {passed_over} bases passed over (they name the trigger's words outside the trigger)");
+        eprintln!("{passed_over} bases passed over (they still name the trigger's words after substitution)");
     }
     // Source order, ids renumbered in it.
     out.sort_by_key(|(i, _)| *i);
