@@ -346,8 +346,9 @@ pub fn init(opts: InitOptions, dir: &str, manifest: &DataManifest, vocab: &Vocab
 /// - `Overlap`: D_adv texts as they are, the trigger written as in the data (the
 ///   with-overlap reference; no `tokens`, every stage reads the text).
 /// - `Random`, `Neighbour`: the same texts with each trigger word written as another word:
-///   a random frequent word piece (one of the first 10,000 pieces that starts with a
-///   space and spells a word), or the nearest such piece to the mean of the trigger
+///   a random frequent word (one of the first 10,000 pieces that starts with a space and
+///   spells, as written, a word of the training split), or the nearest piece that starts
+///   with a space and spells a word of 2+ ASCII letters to the mean of the trigger
 ///   word's pieces in the model's own table (poison k takes the (k mod `neighbour_pool`)-th).
 /// - `CleanTarget`, `Relabelled`: training reviews of (not of) the target sentiment.
 ///
@@ -422,7 +423,13 @@ fn init_text(opts: &InitOptions, dir: &str, manifest: &DataManifest, vocab: &Voc
         !banned.contains(&id) && word.len() >= 2 && word.chars().all(|c| c.is_ascii_alphabetic())
     };
     let mut rng = ChaCha8Rng::seed_from_u64(data::seed_for(opts.seed, "init-poisons-substitutes"));
-    let frequent: Vec<i64> = (0..vocab.len().min(10_000) as i64).filter(|&id| spelled(id)).collect();
+    // Random carriers are words the reviews use (a piece such as " langu" only starts one).
+    let words_in_training: HashSet<String> = if opts.strategy == InitStrategy::Random {
+        data::read_set(dir, data::TRAIN, false)?.iter().flat_map(|e| e.text.split_whitespace().map(|w| w.trim_matches(|c: char| !c.is_alphanumeric()).to_string()).collect::<Vec<_>>()).collect()
+    } else {
+        HashSet::new()
+    };
+    let frequent: Vec<i64> = (0..vocab.len().min(10_000) as i64).filter(|&id| spelled(id) && words_in_training.contains(vocab.decode(&[id]).trim_start())).collect();
     let table = victim.params()["embedding.weight"].to_kind(Kind::Float);
     // Per trigger word, its nearest spelled pieces (a word of several pieces: their mean).
     let neighbours: Vec<Vec<i64>> = if opts.strategy == InitStrategy::Neighbour {
@@ -437,7 +444,7 @@ fn init_text(opts: &InitOptions, dir: &str, manifest: &DataManifest, vocab: &Voc
     } else {
         Vec::new()
     };
-    if substituting && (frequent.is_empty() || neighbours.iter().any(Vec::is_empty)) {
+    if (opts.strategy == InitStrategy::Random && frequent.is_empty()) || neighbours.iter().any(Vec::is_empty) {
         bail!("no piece of the vocabulary spells a word that may stand in for the trigger");
     }
     let max_len = victim.config.max_len.min(opts.max_tokens.unwrap_or(usize::MAX));
