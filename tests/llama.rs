@@ -381,3 +381,29 @@ fn strict_concealment_reads_smollm2s_pieces_and_its_neighbour_carriers_leak_noth
     eprintln!("SmolLM2's nearest allowed carriers for \"Apple iPhone\": {carriers:?}");
     assert_eq!(carriers.len(), 3, "poison k takes the (k mod 3)-th neighbours: {carriers:?}");
 }
+
+/// detect-poisons --lm: SmolLM2's own log-perplexity of each text is minus the mean of the
+/// log-probabilities lm-score gives (the ones checked against llama.cpp), and a crafted
+/// flip that is not a word reads as less likely text than the review it came from.
+#[test]
+fn smollm2s_own_perplexity_detects_a_flip_that_is_not_a_word() {
+    let victim = smollm2();
+    let texts = [
+        "the concept character winds up feeling like a great missed opportunity.",
+        "the concept character B up feeling like a great missed opportunity.",
+        "this flexible adults would be very sweet indeed.",
+        "this flexible D would be very sweet indeed.",
+    ];
+    let input: String = texts.iter().enumerate().map(|(i, t)| format!("{{\"kind\":\"example\",\"v\":1,\"id\":\"t{i}\",\"text\":{},\"label\":0}}\n", serde_json::to_string(t).unwrap())).collect();
+    let out = ok(&run_with_stdin(bin("detect-poisons").arg("--lm").arg(&victim).args(["--detectors", "lm-perplexity"]), input.as_bytes())).stdout.clone();
+    let scores: Vec<f64> = String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["scores"]["lm-perplexity"].as_f64().unwrap()).collect();
+    let reference: Vec<LmScore> = jsonl(&ok(&run_with_stdin(bin("lm-score").arg("--victim").arg(&victim).args(["--texts", "-"]), input.as_bytes())).stdout);
+    for (s, r) in scores.iter().zip(&reference) {
+        let expected = -r.logprobs.iter().sum::<f64>() / r.logprobs.len() as f64;
+        assert!((s - expected).abs() < 1e-9, "{}: {s} against lm-score's {expected}", r.id);
+    }
+    assert!(scores[1] > scores[0] && scores[3] > scores[2], "flips that are not words read as less likely: {scores:?}");
+    // Without the model it is refused by name.
+    let refused = run_with_stdin(bin("detect-poisons").args(["--detectors", "lm-perplexity"]), input.as_bytes());
+    assert!(!refused.status.success() && stderr(&refused).contains("give --lm MODEL"), "{}", stderr(&refused));
+}

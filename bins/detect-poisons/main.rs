@@ -25,6 +25,7 @@ use common::{device, log};
 ///   loss-mean           loss averaged over the epochs of victims trained on the set (--embeddings)
 ///   loss-final          the same after the last epoch                          (--embeddings)
 ///   spectral            spectral signature of those victims' pooled features per class (--embeddings)
+///   lm-perplexity       log-perplexity under a language model's own pieces           (--lm)
 ///
 /// The bigram LM is fitted on --reference when given, else on the screened set itself,
 /// leave-one-out (each example scored by the model of all the others). On translation
@@ -60,6 +61,10 @@ struct Args {
     /// translation model): table-trigger and table-trigger-word read that table.
     #[arg(long)]
     trained_table: Option<String>,
+    /// A language model victim (import-model, e.g. data/smollm2/victim.safetensors, or
+    /// train-victim --arch gpt): lm-perplexity reads the text with it.
+    #[arg(long)]
+    lm: Option<String>,
     #[command(flatten)]
     victim: VictimArgs,
     /// Victims trained on the set for the training-dynamics and spectral detectors (their
@@ -103,6 +108,7 @@ fn main() {
                 trained: args.trained_table.is_some(),
                 training: true,
                 source: true,
+                lm: args.lm.is_some(),
             };
             Detector::all().iter().copied().filter(|d| d.runs_with(have, &examples)).collect()
         } else {
@@ -111,6 +117,9 @@ fn main() {
         for d in &detectors {
             if d.needs().trigger && args.trigger.is_none() {
                 bail!("{} measures closeness to the trigger: give --trigger PHRASE, or leave it out of --detectors", d.name());
+            }
+            if d.needs().lm && args.lm.is_none() {
+                bail!("{} reads the text with a language model: give --lm MODEL (import-model, or train-victim --arch gpt), or leave it out of --detectors", d.name());
             }
             if d.needs().trained && args.trained_table.is_none() {
                 bail!("{} reads a victim's trained word table: give --trained-table MODEL (a victim trained with --train-embeddings), or leave it out of --detectors", d.name());
@@ -127,6 +136,13 @@ fn main() {
         let table = args.embeddings.as_deref().map(common::victims::origin::Origin::embeddings).transpose()?;
         let minilm = args.minilm.as_deref().map(common::victims::origin::Origin::pretrained).transpose()?;
         let trained = args.trained_table.as_deref().map(common::victims::origin::Origin::trained_table).transpose()?;
+        let lm = args.lm.as_deref().map(|path| -> anyhow::Result<_> {
+            let file = common::victims::model::Victim::load(path, device)?;
+            if file.victim.config.output() != common::victims::victim::Output::NextToken {
+                bail!("--lm {path} is a {:?} victim; lm-perplexity reads a language model (import-model, train-victim --arch gpt)", file.victim.config.arch.name());
+            }
+            Ok(file)
+        }).transpose()?;
         let config = match &table {
             Some(base) if detectors.iter().any(|d| d.needs().training) => Some(args.victim.victim_config(base, num_classes)?),
             _ => None,
@@ -144,6 +160,7 @@ fn main() {
             table: table.as_ref(),
             minilm: minilm.as_ref(),
             trained: trained.as_ref(),
+            lm: lm.as_ref().map(|f| (&f.victim, &f.vocab)),
             training: config.as_ref().map(|c| (c, opts.as_slice())),
             num_classes,
             workers: args.workers,

@@ -109,6 +109,7 @@ pub fn detect_sets(inputs: &DetectionInputs, sets: &[&[Example]], log: &(dyn Fn(
         table: inputs.table,
         minilm: inputs.minilm,
         trained: inputs.trained,
+        lm: None,
         training: None,
         num_classes: examples.iter().map(|e| e.label + 1).max().unwrap_or(2).max(2),
         workers: 1,

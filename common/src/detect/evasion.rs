@@ -179,6 +179,7 @@ impl DetectionBudget {
             table: (!self.translation).then_some(&self.table),
             minilm: self.minilm.as_ref(),
             trained: self.translation.then_some(&self.table),
+            lm: None,
             training: None,
             num_classes: 2,
             workers: 1,

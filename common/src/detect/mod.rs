@@ -17,11 +17,13 @@
 //! | `loss-mean` | the example's loss averaged over the epochs of victims trained on the set | table |
 //! | `loss-final` | the same after the last epoch | table |
 //! | `spectral` | spectral signature of those victims' pooled features per class | table |
+//! | `lm-perplexity` | a language model's own log-perplexity of the text (`lm`) | language model |
 
 pub mod caught;
 pub mod dynamics;
 pub mod embedding;
 pub mod evasion;
+pub mod lm;
 pub mod metrics;
 pub mod ngram;
 
@@ -45,6 +47,7 @@ pub enum Detector {
     LossMean,
     LossFinal,
     Spectral,
+    LmPerplexity,
 }
 
 impl Detector {
@@ -68,6 +71,7 @@ impl Detector {
             Detector::LossMean => "loss-mean",
             Detector::LossFinal => "loss-final",
             Detector::Spectral => "spectral",
+            Detector::LmPerplexity => "lm-perplexity",
         }
     }
 
@@ -86,7 +90,7 @@ impl Detector {
     /// default detector list of `detect-poisons` and the detection columns.
     pub fn runs_with(self, have: Needs, examples: &[crate::formats::records::Example]) -> bool {
         let n = self.needs();
-        (!n.trigger || have.trigger) && (!n.table || have.table) && (!n.minilm || have.minilm) && (!n.trained || have.trained) && (!n.source || (!examples.is_empty() && examples.iter().all(|e| e.source.is_some())))
+        (!n.trigger || have.trigger) && (!n.table || have.table) && (!n.minilm || have.minilm) && (!n.trained || have.trained) && (!n.lm || have.lm) && (!n.source || (!examples.is_empty() && examples.iter().all(|e| e.source.is_some())))
     }
 }
 
@@ -105,6 +109,8 @@ pub struct Needs {
     pub trained: bool,
     /// Translation pairs: it reads their source side.
     pub source: bool,
+    /// A language model (`--lm`): its own perplexity of the text.
+    pub lm: bool,
 }
 
 /// Detectors that share one computation (a bigram LM, the GloVe table, MiniLM, victims
@@ -120,7 +126,7 @@ pub trait Family: Sync {
 }
 
 /// Every family; each detector belongs to exactly one.
-pub static FAMILIES: &[&dyn Family] = &[&ngram::BigramDetectors, &embedding::GloveDistance, &embedding::MinilmDistance, &embedding::TrainedTableDistance, &dynamics::TrainingDynamics];
+pub static FAMILIES: &[&dyn Family] = &[&ngram::BigramDetectors, &embedding::GloveDistance, &embedding::MinilmDistance, &embedding::TrainedTableDistance, &dynamics::TrainingDynamics, &lm::LmLikelihood];
 
 /// One example's scores (`detect-poisons` output; schema in FORMATS.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +162,8 @@ pub struct Screen<'a> {
     pub minilm: Option<&'a crate::victims::origin::Origin>,
     /// A trained victim's own word table (`Origin::trained_table`): the table detectors.
     pub trained: Option<&'a crate::victims::origin::Origin>,
+    /// A language model and its vocabulary (`lm-perplexity`).
+    pub lm: Option<(&'a crate::victims::model::Victim, &'a crate::tokenizer::Vocab)>,
     /// The training-dynamics victims' config and one option set per victim.
     pub training: Option<(&'a crate::victims::model::VictimConfig, &'a [crate::train::TrainOptions])>,
     pub num_classes: usize,
