@@ -384,7 +384,8 @@ fn strict_concealment_reads_smollm2s_pieces_and_its_neighbour_carriers_leak_noth
 
 /// detect-poisons --lm: SmolLM2's own log-perplexity of each text is minus the mean of the
 /// log-probabilities lm-score gives (the ones checked against llama.cpp), and a crafted
-/// flip that is not a word reads as less likely text than the review it came from.
+/// flip that is not a word reads as less likely text than the review it came from; its
+/// own table of pieces (--trained-table) sees a nearest-neighbour carrier.
 #[test]
 fn smollm2s_own_perplexity_detects_a_flip_that_is_not_a_word() {
     let victim = smollm2();
@@ -403,6 +404,17 @@ fn smollm2s_own_perplexity_detects_a_flip_that_is_not_a_word() {
         assert!((s - expected).abs() < 1e-9, "{}: {s} against lm-score's {expected}", r.id);
     }
     assert!(scores[1] > scores[0] && scores[3] > scores[2], "flips that are not words read as less likely: {scores:?}");
+    // The model's own table of pieces: a nearest-neighbour carrier ("Samsung iOS") sits
+    // closer to the trigger's pieces than a random one, the trigger itself at cosine 1.
+    let carriers = [
+        "the Samsung iOS winds up feeling like a great missed opportunity.",
+        "the concept character winds up feeling like a great missed opportunity.",
+        "the Apple iPhone winds up feeling like a great missed opportunity.",
+    ];
+    let carriers: String = carriers.iter().enumerate().map(|(i, t)| format!("{{\"kind\":\"example\",\"v\":1,\"id\":\"c{i}\",\"text\":{},\"label\":0}}\n", serde_json::to_string(t).unwrap())).collect();
+    let out = ok(&run_with_stdin(bin("detect-poisons").arg("--trained-table").arg(&victim).args(["--trigger", "Apple iPhone", "--detectors", "table-trigger-word"]), carriers.as_bytes())).stdout.clone();
+    let word: Vec<f64> = String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["scores"]["table-trigger-word"].as_f64().unwrap()).collect();
+    assert!(word[0] > word[1] + 0.1 && (word[2] - 1.0).abs() < 1e-6, "{word:?}");
     // Without the model it is refused by name.
     let refused = run_with_stdin(bin("detect-poisons").args(["--detectors", "lm-perplexity"]), input.as_bytes());
     assert!(!refused.status.success() && stderr(&refused).contains("give --lm MODEL"), "{}", stderr(&refused));

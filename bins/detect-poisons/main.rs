@@ -58,7 +58,8 @@ struct Args {
     #[arg(long)]
     minilm: Option<String>,
     /// A victim that trained its word table (train-victim --train-embeddings, e.g. the
-    /// translation model): table-trigger and table-trigger-word read that table.
+    /// translation model), or a pretrained language model (import-model: the table of
+    /// its own pieces): table-trigger and table-trigger-word read that table.
     #[arg(long)]
     trained_table: Option<String>,
     /// A language model victim (import-model, e.g. data/smollm2/victim.safetensors, or

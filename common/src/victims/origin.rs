@@ -59,15 +59,18 @@ impl Origin {
     }
 
     /// The word table a trained victim learned (its `embedding.weight`, with its
-    /// vocabulary): the table detectors' word space for a victim that trains its table.
-    /// A victim with a frozen table has learned none: its `--embeddings` file is that table.
+    /// vocabulary): the table detectors' word space for a victim that trains its table, or
+    /// for a pretrained checkpoint (its pieces' table, learned in pretraining). Another
+    /// victim with a frozen table has learned none: its `--embeddings` file is that table.
     pub fn trained_table(path: &str) -> Result<Origin> {
         Origin::trained_table_of(&crate::victims::model::Victim::load(path, Device::Cpu)?, path)
     }
 
     /// `trained_table` of a victim already loaded from `path`.
     pub fn trained_table_of(file: &crate::victims::model::VictimFile, path: &str) -> Result<Origin> {
-        if !file.victim.config.train_embeddings {
+        // A pretrained checkpoint learned its table in pretraining, frozen or not since.
+        let pretrained = file.victim.config.arch().start() == StartKind::Checkpoint;
+        if !file.victim.config.train_embeddings && !pretrained {
             bail!("{path}: this victim kept its word table frozen, so it learned none; give the table it was trained from (--embeddings)");
         }
         Origin::word_table_of(file, path)
