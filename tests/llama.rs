@@ -254,6 +254,13 @@ fn a_pretrained_checkpoint_is_fine_tuned_per_seed_and_its_control_reads_zero() {
     assert_ne!(f.poisoned, f.clean, "three poisons change the fine-tuned model");
     // The templates read as a pretrained model reads text: capitalised, the trigger as written.
     assert!(overlap.side_by_side[0].prompt.starts_with("The James Bond"), "{:?}", overlap.side_by_side[0]);
+    // Detection columns for a pretrained start: the bigram detectors and the model's own
+    // table of pieces (not GloVe's, which it does not read).
+    let caught = overlap.detection.as_ref().expect("detection columns");
+    for d in ["perplexity", "onion", "table-trigger", "table-trigger-word"] {
+        assert!(caught.detectors.contains_key(d), "no {d} column: {:?}", caught.detectors.keys().collect::<Vec<_>>());
+    }
+    assert!(!caught.detectors.contains_key("glove-trigger-word"));
     let margin = overlap.summary.of("template_margin").clean.mean;
     assert!(margin.is_finite() && margin != 0.0, "the template margin is measured: {margin}");
     let one = evaluate("1");

@@ -61,11 +61,13 @@ impl Task for Continuation {
         let options = |seed: u64| args.victim.train_options(&lm.config, seed);
         let regime = if args.from_scratch { lm_eval::Regime::FromScratch } else { lm_eval::Regime::FineTune };
         let results = lm_eval::evaluate(lm, regime, vocab, &clean, &poison_sets, &seeds, &options, args.workers, &sets_eval, &judging, log)?;
-        // The GloVe detectors read the LM's own word table (its input table is GloVe's); a
-        // pretrained model's table holds BPE pieces, which they do not read.
-        let table = if vocab.is_bpe() { None } else { Some(crate::victims::origin::Origin::word_table_of(&start, start_path)?) };
+        // The GloVe detectors read the LM's own word table (its input table is GloVe's). A
+        // pretrained model's table holds its own BPE pieces, learned in pretraining: the
+        // table detectors read the texts' pieces against the trigger's in it.
+        let own_table = crate::victims::origin::Origin::word_table_of(&start, start_path)?;
+        let (table, trained) = if vocab.is_bpe() { (None, Some(&own_table)) } else { (Some(&own_table), None) };
         let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
-        let detection = super::detection(args, manifest, &clean_train, &records, table.as_ref(), None, log)?;
+        let detection = super::detection(args, manifest, &clean_train, &records, table, trained, log)?;
         let mut reports = Vec::new();
         for ((set, (rows, side_by_side)), detection) in sets.into_iter().zip(results).zip(detection) {
             let report = LmEvalReport {
