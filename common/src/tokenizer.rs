@@ -285,6 +285,17 @@ impl Vocab {
         }
     }
 
+    /// `round_trips` of `ids` with position `position` flipped to `word` (what a
+    /// candidate proposes; cheap for words and WordPiece, which always round-trip).
+    pub fn flip_round_trips(&self, ids: &[i64], position: usize, word: i64) -> bool {
+        if self.bpe.is_none() {
+            return true;
+        }
+        let mut flipped = ids.to_vec();
+        flipped[position] = word;
+        self.round_trips(&flipped)
+    }
+
     /// Token ids of a text. Words: unknown hyphenated words fall back to their parts.
     /// WordPiece: `[CLS]`, the pieces, `[SEP]`.
     pub fn encode(&self, text: &str) -> Vec<i64> {

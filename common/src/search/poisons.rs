@@ -110,13 +110,8 @@ pub fn strict_violation(p: &Example, vocab: &Vocab, matcher: &TriggerMatcher) ->
 
 /// Every row among the first `among` but `word` itself, nearest (cosine) first.
 pub fn nearest_neighbours(table: &Tensor, word: i64, among: i64) -> Vec<i64> {
-    let t = table.narrow(0, 0, among.min(table.size()[0])).to_kind(Kind::Float);
-    let norms = t.norm_scalaropt_dim(2, [1].as_slice(), false).clamp_min(1e-8);
-    let q = table.get(word).to_kind(Kind::Float);
-    let sims = t.matmul(&q) / (norms * q.norm().clamp_min(1e-8));
-    let order = sims.argsort(0, true);
-    let order: Vec<i64> = Vec::try_from(order.to_device(Device::Cpu)).expect("i64");
-    order.into_iter().filter(|i| *i != word).collect()
+    let rows = table.narrow(0, 0, among.min(table.size()[0]));
+    nearest_to(&rows, &table.get(word).to_kind(Kind::Float)).into_iter().filter(|i| *i != word).collect()
 }
 
 /// How `init` makes a poison set (init-poisons' flags).
@@ -533,7 +528,7 @@ fn substitute(text: &str, phrase: &str, words: &[String]) -> (String, Vec<std::o
     (out, spans)
 }
 
-/// Every row of `table`, nearest (cosine) to `query` first.
+/// Every row of `table`, nearest (cosine) to `query` (f32) first.
 fn nearest_to(table: &Tensor, query: &Tensor) -> Vec<i64> {
     let t = table.to_kind(Kind::Float);
     let norms = t.norm_scalaropt_dim(2, [1].as_slice(), false).clamp_min(1e-8);

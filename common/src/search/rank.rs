@@ -105,16 +105,8 @@ pub struct RankPolicy {
 /// of the other piece kind, or (BPE) a piece whose flipped text re-tokenizes otherwise;
 /// special tokens hold their places. In poison order, then position, then rank.
 pub fn rank(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy: &RankPolicy) -> Result<Vec<Candidate>> {
-    let mut retokenized = 0usize;
-    let out = rank_counting(vocab, table, grad, bans, policy, &mut retokenized)?;
-    if retokenized > 0 {
-        eprintln!("{retokenized} flips left out: their text re-tokenizes into other pieces than were scored");
-    }
-    Ok(out)
-}
-
-fn rank_counting(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, policy: &RankPolicy, retokenized: &mut usize) -> Result<Vec<Candidate>> {
     let (n, _, d) = grad.grad.size3()?;
+    let mut retokenized = 0usize;
     if table.size()[1] != d {
         bail!("gradients of dimension {d}, the victim's embeddings have {}", table.size()[1]);
     }
@@ -152,15 +144,9 @@ fn rank_counting(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, po
             // pieces (" fun" + "ny" reads as " funny") is not the poison that was scored,
             // so only flips that round-trip are proposed, the best K of 4K.
             for (j, cands) in ranked.iter_mut().enumerate() {
-                cands.retain(|&(w, _)| {
-                    let mut flipped = row[..len].to_vec();
-                    flipped[j] = w;
-                    let kept = vocab.round_trips(&flipped);
-                    if !kept {
-                        *retokenized += 1;
-                    }
-                    kept
-                });
+                let before = cands.len();
+                cands.retain(|&(w, _)| vocab.flip_round_trips(&row[..len], j, w));
+                retokenized += before - cands.len();
                 cands.truncate(policy.k);
             }
         }
@@ -210,6 +196,9 @@ fn rank_counting(vocab: &Vocab, table: &Tensor, grad: &GradFile, bans: &Bans, po
                 influence: meta.influence.clone(),
             });
         }
+    }
+    if retokenized > 0 {
+        eprintln!("{retokenized} flips left out: their text re-tokenizes into other pieces than were scored");
     }
     Ok(out)
 }

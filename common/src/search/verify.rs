@@ -85,12 +85,8 @@ impl Checks {
             if vocab.id(&c.current).is_some_and(|id| vocab.is_continuation(id) != vocab.is_continuation(word)) {
                 bail!("{}: {:?} would replace {:?}: a flip keeps a piece word-initial or `##` (rerun rank-candidates)", at(), c.word, c.current);
             }
-            if vocab.is_bpe() {
-                let mut flipped = inputs.poisons_enc[c.poison_index].ids.clone();
-                flipped[c.position] = word;
-                if !vocab.round_trips(&flipped) {
-                    bail!("{}: {:?} at position {} of {:?} makes a text that re-tokenizes into other pieces than were scored; rerun rank-candidates (it proposes only flips that read back as themselves)", at(), c.word, c.position, c.poison_id);
-                }
+            if !vocab.flip_round_trips(&inputs.poisons_enc[c.poison_index].ids, c.position, word) {
+                bail!("{}: {:?} at position {} of {:?} makes a text that re-tokenizes into other pieces than were scored; rerun rank-candidates (it proposes only flips that read back as themselves)", at(), c.word, c.position, c.poison_id);
             }
             swaps.push(Swap { poison: c.poison_index, position: c.position, word });
         }

@@ -105,6 +105,13 @@ pub struct VictimConfig {
 }
 
 impl VictimConfig {
+    /// Whether training updates parameter `name`: the word table only with
+    /// `train_embeddings`, every other parameter unless the architecture freezes it (a
+    /// top regime's lower blocks).
+    pub fn trains(&self, name: &str) -> bool {
+        !self.arch().frozen(name) && (name != "embedding.weight" || self.train_embeddings)
+    }
+
     /// The architecture's functions.
     pub fn arch(&self) -> &dyn Architecture {
         self.arch.get()
@@ -243,7 +250,7 @@ impl Victim {
         }
         config.arch().init(&root, config.embed_dim as i64, config.num_classes as i64);
         for (name, t) in vs.variables() {
-            if config.arch().frozen(&name) {
+            if !config.trains(&name) {
                 let _ = t.set_requires_grad(false);
             }
         }
@@ -279,8 +286,7 @@ impl Victim {
     pub fn in_regime(&mut self, regime: crate::victims::llama::Regime, source: &str) -> Result<()> {
         self.config = with_regime(&self.config, regime, source)?;
         for (name, t) in self.vs.variables() {
-            let trains = !self.config.arch().frozen(&name) && (name != "embedding.weight" || self.config.train_embeddings);
-            let _ = t.set_requires_grad(trains);
+            let _ = t.set_requires_grad(self.config.trains(&name));
         }
         Ok(())
     }
