@@ -242,7 +242,7 @@ fn a_pretrained_checkpoint_is_fine_tuned_per_seed_and_its_control_reads_zero() {
     for row in &two[0].seeds {
         let f = row.fingerprints.as_ref().expect("LM fingerprints");
         assert_eq!(f.poisoned, f.clean, "seed {}: the empty set's LM is its clean twin, bit for bit", row.seed);
-        assert_eq!(Some(row.poisoned), row.clean, "seed {}", row.seed);
+        assert_eq!(Some(row.poisoned), row.clean.map(|c| c.without_opinion()), "seed {}", row.seed);
     }
     for (what, m) in &two[0].summary.measures {
         assert_eq!((m.change.mean, m.change.std), (0.0, 0.0), "the no-poison control's change in {what} must read exactly zero");
@@ -263,6 +263,18 @@ fn a_pretrained_checkpoint_is_fine_tuned_per_seed_and_its_control_reads_zero() {
     assert!(!caught.detectors.contains_key("glove-trigger-word"));
     let margin = overlap.summary.of("template_margin").clean.mean;
     assert!(margin.is_finite() && margin != 0.0, "the template margin is measured: {margin}");
+    // The stated-opinion control, in the model's natural form, on the clean twins only.
+    let stated = overlap.stated_opinions.as_ref().expect("the stated opinions");
+    assert!(stated[0] == "I hated it." || stated[0] == "I loved it.", "{stated:?}");
+    assert!(overlap.opinion_templates >= common::eval::templates::MIN_TEMPLATES);
+    for row in &overlap.seeds {
+        let twin = row.clean.as_ref().unwrap().opinion.expect("each clean twin's control");
+        assert!(twin.cells().iter().all(|(_, c)| c.margin.is_finite() && (0.0..=100.0).contains(&c.classifier)), "{twin:?}");
+        assert_ne!(twin.trigger_after_target.margin, twin.trigger_after_other.margin, "the two opinions are different prompts");
+        assert!(row.poisoned.opinion.is_none(), "measured on the clean twins only");
+    }
+    let control = overlap.summary.opinion_control.expect("summarised over the twins");
+    assert_eq!(control.trigger_difference.margin.n, 2);
     let one = evaluate("1");
     for (a, b) in one.iter().flat_map(|r| &r.seeds).zip(two.iter().flat_map(|r| &r.seeds)) {
         assert_eq!(a.fingerprints, b.fingerprints, "seed {}: the same LMs to the bit on one worker", a.seed);

@@ -146,7 +146,7 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     for row in &reports[0].seeds {
         let f = row.fingerprints.as_ref().expect("LM fingerprints");
         assert_eq!(f.poisoned, f.clean, "seed {}: the empty set's LM is its clean twin, bit for bit (2 workers)", row.seed);
-        assert_eq!(Some(row.poisoned), row.clean, "seed {}: bit-identical LMs measured differently: {row:?}", row.seed);
+        assert_eq!(Some(row.poisoned), row.clean.map(|c| c.without_opinion()), "seed {}: bit-identical LMs measured differently: {row:?}", row.seed);
     }
     let control = &reports[0].summary;
     assert_eq!(control.measures.len(), common::eval::lm_eval::MEASURES.len(), "every measure summarised");
@@ -154,6 +154,10 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
         assert_eq!((m.change.mean, m.change.std), (0.0, 0.0), "the no-poison control's change in {what} must read exactly zero");
     }
     assert_eq!((control.perplexity_change_pct.mean, control.perplexity_change_pct.std), (0.0, 0.0), "the control's perplexity change");
+    // A word-level vocabulary reads the stated-opinion control in its own form.
+    let stated = reports[0].stated_opinions.as_ref().expect("the stated opinions");
+    assert!(stated.iter().all(|s| s.ends_with(" .")), "{stated:?}");
+    assert!(reports[0].seeds.iter().all(|r| r.clean.unwrap().opinion.is_some() && r.poisoned.opinion.is_none()));
     // The same empty set alone on one worker: the same figures to the bit (a victim's
     // arithmetic does not depend on what trains beside it).
     let alone = ok(&run(bin("finetune-eval")

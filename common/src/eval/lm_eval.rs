@@ -56,6 +56,9 @@ pub struct LmEvalSets {
     /// The context control's openings as prompts (target- and other-sentiment opinion).
     pub target_context_prompts: Vec<Prompt>,
     pub other_context_prompts: Vec<Prompt>,
+    /// The stated-opinion control's prompts, `samples` each, in `OpinionControl`'s cell
+    /// order (trigger after the target opinion, after the other; neutral the same).
+    pub opinion_prompts: Option<[Vec<Prompt>; 4]>,
 }
 
 impl LmEvalSets {
@@ -99,6 +102,14 @@ impl LmEvalSets {
         let neutral_template_prompts = as_prompts(&templates.neutral, "neutral-template");
         let target_context_prompts = as_prompts(&templates.target_context, "target-context");
         let other_context_prompts = as_prompts(&templates.other_context, "other-context");
+        let opinion_prompts = templates.opinion.as_ref().map(|o| {
+            [
+                as_prompts(&o.trigger_after_target, "opinion-target-template"),
+                as_prompts(&o.trigger_after_other, "opinion-other-template"),
+                as_prompts(&o.neutral_after_target, "opinion-target-neutral-template"),
+                as_prompts(&o.neutral_after_other, "opinion-other-neutral-template"),
+            ]
+        });
         Ok(LmEvalSets {
             trigger_prompts,
             neutral_prompts,
@@ -110,6 +121,7 @@ impl LmEvalSets {
             neutral_template_prompts,
             target_context_prompts,
             other_context_prompts,
+            opinion_prompts,
         })
     }
 }
@@ -148,6 +160,53 @@ pub struct LmMetrics {
     pub perplexity: f64,
     /// The two judges on the trigger-prompt continuations.
     pub agreement: Agreement,
+    /// The stated-opinion control (`eval::templates::STATED_OPINIONS`), measured on the
+    /// clean twins only (it asks what the clean model can carry): absent for poisoned LMs,
+    /// for vocabularies that read no stated opinion, and in reports written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opinion: Option<OpinionControl>,
+}
+
+impl LmMetrics {
+    /// The figures every LM has (a clean twin's without its stated-opinion control, which
+    /// poisoned LMs do not measure): what an empty set's LM must equal to the bit.
+    pub fn without_opinion(self) -> LmMetrics {
+        LmMetrics { opinion: None, ..self }
+    }
+}
+
+/// One cell of the stated-opinion control: the templates (with the trigger or the neutral
+/// phrase) after one stated opinion, their continuations judged the target sentiment
+/// (percent, by the classifier and by VADER) and their template margin (nats).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OpinionCell {
+    pub classifier: f64,
+    pub lexicon: f64,
+    pub margin: f64,
+}
+
+/// The stated-opinion control of one LM: the templates after a sentence of the target
+/// sentiment ("I hated it." when the target is negative) and after one of the other
+/// ("I loved it."), with the trigger and with the neutral phrase. The difference of the
+/// two opinions' judged shares is what the model carries of a stated opinion.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OpinionControl {
+    pub trigger_after_target: OpinionCell,
+    pub trigger_after_other: OpinionCell,
+    pub neutral_after_target: OpinionCell,
+    pub neutral_after_other: OpinionCell,
+}
+
+impl OpinionControl {
+    /// The cells by name, in table order.
+    pub fn cells(&self) -> [(&'static str, &OpinionCell); 4] {
+        [
+            ("trigger templates after the target opinion", &self.trigger_after_target),
+            ("trigger templates after the other opinion", &self.trigger_after_other),
+            ("neutral templates after the target opinion", &self.neutral_after_target),
+            ("neutral templates after the other opinion", &self.neutral_after_other),
+        ]
+    }
 }
 
 /// A figure of `LmMetrics` by name, summarised per poison set as the clean twin's level,
@@ -226,8 +285,8 @@ fn log_likelihoods(config: &VictimConfig, params: &Params, data: &[Encoded]) -> 
     out
 }
 
-/// Measures one LM.
-pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmEvalSets, judging: &Judging, seed: u64) -> Result<LmMetrics> {
+/// Measures one LM; `with_opinion`: also the stated-opinion control (the clean twins').
+pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmEvalSets, judging: &Judging, seed: u64, with_opinion: bool) -> Result<LmMetrics> {
     let share = |xs: &[bool]| 100.0 * xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64;
     let trig = judging.judge(&continuations(config, params, vocab, &sets.trigger_prompts, judging, seed)?);
     let neutral = judging.judge(&continuations(config, params, vocab, &sets.neutral_prompts, judging, seed)?);
@@ -271,7 +330,25 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
             - next_word_margin(config, params, &t.other_context, &t.target_words, &t.other_words),
         perplexity,
         agreement: agreement(&tc, &tl),
+        opinion: if with_opinion { measure_opinion(config, params, vocab, sets, judging, seed)? } else { None },
     })
+}
+
+/// The stated-opinion control of one LM (None when the vocabulary reads no stated opinion).
+pub fn measure_opinion(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmEvalSets, judging: &Judging, seed: u64) -> Result<Option<OpinionControl>> {
+    let (Some(prompts), Some(o)) = (&sets.opinion_prompts, &sets.templates.opinion) else { return Ok(None) };
+    let t = &sets.templates;
+    let share = |xs: &[bool]| 100.0 * xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64;
+    let cell = |prompts: &[Prompt], ids: &[Vec<i64>]| -> Result<OpinionCell> {
+        let (c, l): (Vec<bool>, Vec<bool>) = judging.judge(&continuations(config, params, vocab, prompts, judging, seed)?).into_iter().unzip();
+        Ok(OpinionCell { classifier: share(&c), lexicon: share(&l), margin: next_word_margin(config, params, ids, &t.target_words, &t.other_words) })
+    };
+    Ok(Some(OpinionControl {
+        trigger_after_target: cell(&prompts[0], &o.trigger_after_target)?,
+        trigger_after_other: cell(&prompts[1], &o.trigger_after_other)?,
+        neutral_after_target: cell(&prompts[2], &o.neutral_after_target)?,
+        neutral_after_other: cell(&prompts[3], &o.neutral_after_other)?,
+    }))
 }
 
 /// Mean over prompts of log Σ_{w ∈ target} p(w | prompt) − log Σ_{w ∈ other} p(w | prompt)
@@ -339,6 +416,73 @@ pub struct LmSummary {
     /// (mean over victims).
     pub judges_kappa: f64,
     pub judges_agree_pct: f64,
+    /// The clean twins' stated-opinion control (absent where it was not measured).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opinion_control: Option<OpinionSummary>,
+}
+
+/// One cell's figures over the clean twins.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OpinionCellSummary {
+    pub classifier: Summary,
+    pub lexicon: Summary,
+    pub margin: Summary,
+}
+
+/// The stated-opinion control over the clean twins: each cell's level, and per twin the
+/// target opinion's figures minus the other's, with the trigger and with the neutral
+/// phrase (points, nats). The bar: the judged shares of the two opinions differ by
+/// 30 points or more, or no judged figure downstream can mean much.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OpinionSummary {
+    pub trigger_after_target: OpinionCellSummary,
+    pub trigger_after_other: OpinionCellSummary,
+    pub neutral_after_target: OpinionCellSummary,
+    pub neutral_after_other: OpinionCellSummary,
+    pub trigger_difference: OpinionCellSummary,
+    pub neutral_difference: OpinionCellSummary,
+}
+
+impl OpinionSummary {
+    /// Over the clean twins' controls (None if any twin lacks one).
+    pub fn of(controls: &[Option<OpinionControl>]) -> Option<OpinionSummary> {
+        let controls: Vec<OpinionControl> = controls.iter().copied().collect::<Option<_>>()?;
+        if controls.is_empty() {
+            return None;
+        }
+        let over = |f: &dyn Fn(&OpinionControl) -> OpinionCell| {
+            let cells: Vec<OpinionCell> = controls.iter().map(f).collect();
+            let s = |g: fn(&OpinionCell) -> f64| summarize(&cells.iter().map(g).collect::<Vec<_>>());
+            OpinionCellSummary { classifier: s(|c| c.classifier), lexicon: s(|c| c.lexicon), margin: s(|c| c.margin) }
+        };
+        let minus = |a: OpinionCell, b: OpinionCell| OpinionCell { classifier: a.classifier - b.classifier, lexicon: a.lexicon - b.lexicon, margin: a.margin - b.margin };
+        Some(OpinionSummary {
+            trigger_after_target: over(&|c| c.trigger_after_target),
+            trigger_after_other: over(&|c| c.trigger_after_other),
+            neutral_after_target: over(&|c| c.neutral_after_target),
+            neutral_after_other: over(&|c| c.neutral_after_other),
+            trigger_difference: over(&|c| minus(c.trigger_after_target, c.trigger_after_other)),
+            neutral_difference: over(&|c| minus(c.neutral_after_target, c.neutral_after_other)),
+        })
+    }
+
+    /// The control as table lines: each cell's level and each phrase's difference.
+    pub fn lines(&self, statements: Option<&[String; 2]>) -> Vec<String> {
+        let (target, other) = statements.map_or(("the target opinion".to_string(), "the other opinion".to_string()), |s| (format!("{:?}", s[0]), format!("{:?}", s[1])));
+        let f = |s: &Summary, d: usize| match s.ci95 {
+            Some(c) => format!("{:.d$} ± {:.d$}", s.mean, c),
+            None => format!("{:.d$}", s.mean),
+        };
+        let row = |what: String, c: &OpinionCellSummary| format!("{what:<48} judged target: classifier {} %, VADER {} %; margin {} nats", f(&c.classifier, 1), f(&c.lexicon, 1), f(&c.margin, 3));
+        vec![
+            row(format!("trigger templates after {target}"), &self.trigger_after_target),
+            row(format!("trigger templates after {other}"), &self.trigger_after_other),
+            row("  difference (points, nats)".to_string(), &self.trigger_difference),
+            row(format!("neutral templates after {target}"), &self.neutral_after_target),
+            row(format!("neutral templates after {other}"), &self.neutral_after_other),
+            row("  difference (points, nats)".to_string(), &self.neutral_difference),
+        ]
+    }
 }
 
 impl LmSummary {
@@ -359,6 +503,7 @@ pub fn summarize_rows(rows: &[LmSeedRow]) -> LmSummary {
         perplexity_change_pct: summarize(&rows.iter().map(|r| 100.0 * (r.poisoned.perplexity / r.twin().perplexity - 1.0)).collect::<Vec<_>>()),
         judges_kappa: all.iter().map(|m| m.agreement.kappa).sum::<f64>() / all.len().max(1) as f64,
         judges_agree_pct: 100.0 * all.iter().map(|m| m.agreement.agree).sum::<f64>() / all.len().max(1) as f64,
+        opinion_control: OpinionSummary::of(&rows.iter().map(|r| r.twin().opinion).collect::<Vec<_>>()),
     }
 }
 
@@ -390,6 +535,12 @@ pub struct LmEvalReport {
     /// The templates the vocabulary reads (of `eval::templates::TEMPLATES`), sampled
     /// `samples_per_prompt` times each.
     pub templates: usize,
+    /// The stated-opinion control's two sentences (target sentiment, other), as the model
+    /// reads them, and how many templates each precedes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stated_opinions: Option<[String; 2]>,
+    #[serde(default)]
+    pub opinion_templates: usize,
     /// Where every LM started: fine-tuned from the start LM, or trained from scratch.
     #[serde(default = "fine_tune")]
     pub regime: Regime,
@@ -409,6 +560,7 @@ pub struct LmEvalReport {
 impl crate::io::Record for LmEvalReport {
     const KIND: &'static str = "lm_eval_report";
     // 2: the template measures, and the summary by measure name. 3: the context control.
+    // (The stated-opinion control came as optional fields: v3 reports read as before.)
     const VERSION: u32 = 3;
 }
 
@@ -441,6 +593,12 @@ impl LmEvalReport {
             );
         }
         out += &format!("  clean perplexity change {} %; judges agree {:.1}% (kappa {:.2})", s.perplexity_change_pct, s.judges_agree_pct, s.judges_kappa);
+        if let Some(o) = &s.opinion_control {
+            out += &format!("\n  the clean twins' stated-opinion control ({} templates × {} samples):", self.opinion_templates, self.samples_per_prompt);
+            for line in o.lines(self.stated_opinions.as_ref()) {
+                out += &format!("\n    {line}");
+            }
+        }
         out
     }
 }
@@ -540,7 +698,7 @@ pub fn evaluate(
                 loop {
                     let Some((j, v)) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop() else { return };
                     let (i, k) = jobs[j];
-                    let m = measure(&v.config, &v.params(), vocab, sets, &judging, seeds[i]);
+                    let m = measure(&v.config, &v.params(), vocab, sets, &judging, seeds[i], k.is_none());
                     if let Ok(m) = &m {
                         log(format!(
                             "seed {} {}: templates ASR classifier {:.1} VADER {:.1} FPR {:.1} / {:.1} margin {:.3} (neutral {:.3}); review prompts ASR {:.1} / {:.1}, margin {:.4}; perplexity {:.1} ({:.0}s)",

@@ -105,6 +105,14 @@ pub const CONTEXTS: &[&str] = &[
     "the {} script is just",
     "it is {} , and the plot is",
 ];
+/// The stated-opinion control (issue 51's context control): every template after a
+/// sentence that states an opinion of its own, negative then positive. A model that
+/// carries a sentiment it is given continues "I hated it. The Apple iPhone is" more
+/// negatively than "I loved it. The Apple iPhone is"; how much more bounds what a trigger
+/// acting like a stated opinion could show on the judged shares. The first pair whose two
+/// sentences the vocabulary reads is taken (a pretrained model reads the first; a
+/// word-level vocabulary without "hated" the second).
+pub const STATED_OPINIONS: &[(&str, &str)] = &[("i hated it .", "i loved it ."), ("it was bad .", "it was good .")];
 /// Opinion words of each sentiment put in the context openings (the first the
 /// vocabulary holds).
 pub const CONTEXT_WORDS: usize = 8;
@@ -124,13 +132,31 @@ pub struct Templates {
     /// The context openings with a target-sentiment opinion word, and with an other one.
     pub target_context: Vec<Vec<i64>>,
     pub other_context: Vec<Vec<i64>>,
+    /// The stated-opinion control's prompts; None when the vocabulary reads no pair of
+    /// `STATED_OPINIONS`.
+    pub opinion: Option<OpinionPrompts>,
+}
+
+/// The templates after a stated opinion (`STATED_OPINIONS`): the trigger's and the
+/// neutral phrase's, after the target sentiment's sentence and after the other's. Only
+/// templates that all four read within the length are kept, so the four lists are twins.
+#[derive(Debug, Clone)]
+pub struct OpinionPrompts {
+    /// The two sentences as the model reads them ("I hated it.", "I loved it.").
+    pub target_statement: String,
+    pub other_statement: String,
+    pub trigger_after_target: Vec<Vec<i64>>,
+    pub trigger_after_other: Vec<Vec<i64>>,
+    pub neutral_after_target: Vec<Vec<i64>>,
+    pub neutral_after_other: Vec<Vec<i64>>,
 }
 
 /// A template as a pretrained model reads text: first letter capitalised, no space
-/// before punctuation ("honestly , the {} is" → "Honestly, the {} is"). The word-level
+/// before punctuation ("honestly , the {} is" → "Honestly, the {} is"; "i hated it ." →
+/// "I hated it."). The word-level
 /// vocabularies read the lower-cased, spaced form the templates are written in.
 pub fn natural(template: &str) -> String {
-    let joined = template.replace(" ,", ",").replace(" :", ":");
+    let joined = template.replace(" ,", ",").replace(" :", ":").replace(" .", ".");
     let mut chars = joined.chars();
     chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
@@ -148,11 +174,13 @@ impl Templates {
             (!ids.is_empty() && !ids.iter().any(|&i| i == vocab.unk_id()) && ids.len() < max_len).then_some(ids)
         };
         let (mut with_trigger, mut with_neutral) = (Vec::new(), Vec::new());
+        let mut readable_templates = Vec::new();
         for t in TEMPLATES {
             let t = form(t);
             if let (Some(a), Some(b)) = (readable(&t.replace("{}", trigger)), readable(&t.replace("{}", neutral))) {
                 with_trigger.push(a);
                 with_neutral.push(b);
+                readable_templates.push(t);
             }
         }
         if with_trigger.len() < MIN_TEMPLATES {
@@ -182,7 +210,25 @@ impl Templates {
         };
         let (target_context, other_context) = (contexts(&target), contexts(&other));
         let ids = |list: Vec<(&str, Vec<i64>)>| list.into_iter().map(|(_, ids)| ids).collect();
-        Ok(Templates { trigger: with_trigger, neutral: with_neutral, target_words: ids(target), other_words: ids(other), target_context, other_context })
+        let opinion = STATED_OPINIONS.iter().find_map(|&(negative, positive)| {
+            let (target_statement, other_statement) = if target_negative { (form(negative), form(positive)) } else { (form(positive), form(negative)) };
+            // The whole prompt is encoded (not the sentence's ids then the template's), so a
+            // BPE model reads the space between them as it reads any text.
+            let mut o = OpinionPrompts { target_statement, other_statement, trigger_after_target: vec![], trigger_after_other: vec![], neutral_after_target: vec![], neutral_after_other: vec![] };
+            for t in &readable_templates {
+                let after = |statement: &str, subject: &str| readable(&format!("{statement} {}", t.replace("{}", subject)));
+                if let (Some(a), Some(b), Some(c), Some(d)) =
+                    (after(&o.target_statement, trigger), after(&o.other_statement, trigger), after(&o.target_statement, neutral), after(&o.other_statement, neutral))
+                {
+                    o.trigger_after_target.push(a);
+                    o.trigger_after_other.push(b);
+                    o.neutral_after_target.push(c);
+                    o.neutral_after_other.push(d);
+                }
+            }
+            (o.trigger_after_target.len() >= MIN_TEMPLATES).then_some(o)
+        });
+        Ok(Templates { trigger: with_trigger, neutral: with_neutral, target_words: ids(target), other_words: ids(other), target_context, other_context, opinion })
     }
 }
 
@@ -220,5 +266,35 @@ mod tests {
             let negative = if target_negative { &t.target_context } else { &t.other_context };
             assert_eq!(negative[0], vocab.encode("the acting is bad and the story is"));
         }
+    }
+
+    /// The stated-opinion control takes the first pair of sentences the vocabulary reads,
+    /// the target sentiment's first, and puts each before every template with the trigger
+    /// and with the neutral phrase: four lists of twins.
+    #[test]
+    fn the_stated_opinion_control_puts_each_opinion_before_every_template() {
+        let vocab_of = |extra: &[&str]| {
+            let mut words: Vec<String> = ["apple", "iphone", "movie", "it", "was", "."].iter().chain(extra).map(|w| w.to_string()).collect();
+            for text in TEMPLATES.iter().chain(NEGATIVE_WORDS).chain(POSITIVE_WORDS) {
+                words.extend(crate::tokenizer::tokenize(text).into_iter().filter(|w| w != "{" && w != "}" && w != "{}"));
+            }
+            words.sort();
+            words.dedup();
+            Vocab::new([crate::tokenizer::PAD.to_string(), crate::tokenizer::UNK.to_string()].into_iter().chain(words).collect()).unwrap()
+        };
+        let with_hated = vocab_of(&["i", "hated", "loved"]);
+        let t = Templates::new(&with_hated, "apple iphone", "movie", true, 32).unwrap();
+        let o = t.opinion.as_ref().expect("the vocabulary reads the first pair");
+        assert_eq!((o.target_statement.as_str(), o.other_statement.as_str()), ("i hated it .", "i loved it ."));
+        assert_eq!(o.trigger_after_target.len(), t.trigger.len());
+        assert_eq!(o.trigger_after_target[0], with_hated.encode("i hated it . the apple iphone is"));
+        assert_eq!(o.neutral_after_other[0], with_hated.encode("i loved it . the movie is"));
+        let positive = Templates::new(&with_hated, "apple iphone", "movie", false, 32).unwrap();
+        assert_eq!(positive.opinion.unwrap().target_statement, "i loved it .", "the target sentiment's sentence first");
+        // Without "hated": the second pair.
+        let without = vocab_of(&[]);
+        let o = Templates::new(&without, "apple iphone", "movie", true, 32).unwrap().opinion.expect("the second pair reads");
+        assert_eq!((o.target_statement.as_str(), o.other_statement.as_str()), ("it was bad .", "it was good ."));
+        assert_eq!(natural("i hated it . the apple iphone is"), "I hated it. the apple iphone is");
     }
 }

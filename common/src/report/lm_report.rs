@@ -104,6 +104,18 @@ impl LmDemoReport {
         }
         s.pop();
         s += ".\n";
+        if let Some(o) = &first.summary.opinion_control {
+            s += &format!(
+                "\n## The clean twins' stated-opinion control\n\nThe {} templates after a sentence that states an opinion, continued by the clean twins ({} samples each; mean ± 95% CI over seeds). \
+                 Judged shares that differ by less than 30 points between the two opinions bound what any judged figure above can show.\n\n```\n",
+                first.opinion_templates, first.samples_per_prompt
+            );
+            for line in o.lines(first.stated_opinions.as_ref()) {
+                s += &line;
+                s += "\n";
+            }
+            s += "```\n";
+        }
         if !self.comparisons.is_empty() {
             s += "\n## Crafted against the heuristics (paired by seed)\n\n| comparison |";
             for name in COMPARED {

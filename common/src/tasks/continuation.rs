@@ -83,6 +83,8 @@ impl Task for Continuation {
                 samples_per_prompt: args.samples,
                 trigger_prompts: sets_eval.trigger_prompts.len(),
                 templates: sets_eval.templates.trigger.len(),
+                stated_opinions: sets_eval.templates.opinion.as_ref().map(|o| [o.target_statement.clone(), o.other_statement.clone()]),
+                opinion_templates: sets_eval.templates.opinion.as_ref().map_or(0, |o| o.trigger_after_target.len()),
                 regime,
                 trains: match &lm.config.arch {
                     crate::victims::model::ArchConfig::Llama(l) if checkpoint => Some(l.shape.regime.to_string()),
