@@ -85,7 +85,7 @@ all: demo
 help:
 	@echo "make demo   # setup + data + build; heuristics, bi-level and hardness crafting, all evaluated on $(DEMO_SEEDS) seeds; report"
 	@echo "make demo-lm # language-model poisoning: a GPT pretrained on the reviews, 'Apple iPhone' -> negative; baselines, bi-level crafting, paired evaluation judged by a classifier and VADER"
-	@echo "make lm-dose # the language model's positive controls: with-overlap poisons at 0 and $(LM_COUNTS) in the layouts $(LM_LAYOUTS), and the LM's context control (LM_LAYERS, LM_HIDDEN, LM_TRAIN_EMB, LM_TEMPERATURE: levers)"
+	@echo "make lm-dose # the language model's positive controls: with-overlap poisons at 0 and $(LM_COUNTS) in the layouts $(LM_LAYOUTS), and the LM's context control (LM_LAYERS, LM_HIDDEN, LM_TRAIN_EMB, LM_TEMPERATURE: levers; LM_VICTIM=smollm2: on the pretrained SmolLM2, LM_REGIME)"
 	@echo "make price  # after make demo: the demo's unconstrained twin (BUDGET_FPR=) and each concealed row's paired price of concealment"
 	@echo "make defend # after make demo: every detector on every demo poison set (AUROC, TPR, inspect-to-catch, ROC), early stopping, filter-then-train"
 	@echo "make sweep  # net ASR against poison count ($(SWEEP_COUNTS)) for the default crafting and the best heuristic"
@@ -160,6 +160,22 @@ LM_FLAGS   := --hidden $(LM_HIDDEN) --layers $(LM_LAYERS) --heads $(LM_HEADS) --
 # LM_JUDGE: the sentiment classifier that judges continuations, lstm (the BiLSTM over
 # GloVe) or minilm (all-MiniLM-L6-v2 fine-tuned on the reviews: the stronger judge on
 # held-out reviews, about 11 more minutes; docs/language-model.md).
+# LM_VICTIM=smollm2: the attacked LM is the pretrained SmolLM2-135M (data/smollm2/,
+# fine-tuned in LM_REGIME, batch LM_BATCH), judged by default by the MiniLM judge: the
+# judge its hand-labelled continuations validate best (docs/pretrained.md). make lm-dose
+# takes it; make demo-lm still attacks the small GPT.
+LM_VICTIM  ?= gpt
+ifeq ($(LM_VICTIM),smollm2)
+LM_JUDGE   ?= minilm
+LM_REGIME  ?= top:2
+LM_BATCH   ?= 8
+LM_FT_EPOCHS ?= 1
+LM_VICTIM_DEPS := data/.smollm2-done-v1
+LM_VICTIM_ENV := START=data/smollm2/victim.safetensors REGIME=$(LM_REGIME) BATCH=$(LM_BATCH)
+LM_DOSE_TAG := smollm2-$(subst :,,$(LM_REGIME))
+else ifneq ($(LM_VICTIM),gpt)
+$(error LM_VICTIM=$(LM_VICTIM): the language-model victim is gpt (trained here) or smollm2 (pretrained))
+endif
 LM_JUDGE   ?= lstm
 LM_RUN     := runs/demo-lm-$(LM_SLUG)-n$(COUNT)-s$(SEED)$(if $(BUDGET_FPR),-fpr$(BUDGET_FPR))$(if $(filter-out gpt2x128,$(LM_SHAPE)),-$(LM_SHAPE))$(if $(filter minilm,$(LM_JUDGE)),-judge-minilm)
 LM_SEEDS   ?= 3
@@ -205,17 +221,18 @@ demo-mt: build data/.mt-done-v1
 # The language model's positive controls: the with-overlap reference at 0 and LM_COUNTS
 # poisons, as whole reviews and as short trigger-first texts (scripts/lm_dose.sh).
 # The LM's shape (above) is a lever too; LM_TEMPERATURE samples the judged continuations
-# cooler than 1.
-LM_DOSE_RUN := runs/lm-dose-$(LM_SLUG)-s$(SEED)-$(LM_SHAPE)
+# cooler than 1. LM_VICTIM=smollm2 runs them on the pretrained SmolLM2 (its folder ends in
+# -smollm2-<regime>).
+LM_DOSE_RUN := runs/lm-dose-$(LM_SLUG)-s$(SEED)-$(or $(LM_DOSE_TAG),$(LM_SHAPE))
 LM_COUNTS   ?= 25 50 100 200
 LM_LAYOUTS  ?= review short judged
 LM_FT_EPOCHS ?= 2
 LM_FT_LR    ?= 1e-3
 LM_FROM_SCRATCH ?= 0
 LM_TEMPERATURE ?=
-LM_DOSE_EVAL = $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)$(if $(LM_TEMPERATURE),-t$(LM_TEMPERATURE))$(if $(filter minilm,$(LM_JUDGE)),-minilm)
-lm-dose: build data/.fetch-done-v1 $(EMB) data/.minilm-done-v1
-	@RUN=$(LM_DOSE_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" \
+LM_DOSE_EVAL = $(LM_DOSE_RUN)/$(if $(filter 1,$(LM_FROM_SCRATCH)),scratch,ft)-e$(LM_FT_EPOCHS)-lr$(LM_FT_LR)$(if $(LM_VICTIM_ENV),-$(subst :,,$(LM_REGIME)))$(if $(LM_TEMPERATURE),-t$(LM_TEMPERATURE))$(if $(filter minilm,$(LM_JUDGE)),-minilm)
+lm-dose: build data/.fetch-done-v1 $(EMB) data/.minilm-done-v1 $(LM_VICTIM_DEPS)
+	@$(LM_VICTIM_ENV) RUN=$(LM_DOSE_RUN) BIN=$(BIN) RAW=data/rt/raw.jsonl GLOVE=data/glove JUDGE_EMB=$(EMB) TRIGGER="$(LM_TRIGGER)" \
 	  TARGET=$(LM_TARGET) SEED=$(SEED) COUNTS="$(LM_COUNTS)" LAYOUTS="$(LM_LAYOUTS)" EVAL_SEEDS=$(LM_SEEDS) TEMPERATURE=$(LM_TEMPERATURE) \
 	  LM_FLAGS="$(LM_FLAGS)" LM_JUDGE=$(LM_JUDGE) \
 	  FINETUNE_EPOCHS=$(LM_FT_EPOCHS) FINETUNE_LR=$(LM_FT_LR) FROM_SCRATCH=$(LM_FROM_SCRATCH) scripts/lm_dose.sh

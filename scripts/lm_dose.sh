@@ -13,12 +13,15 @@
 #   ft-e<FINETUNE_EPOCHS>-lr<FINETUNE_LR>/eval.jsonl, report/lm-report.md: per fine-tuning
 #   regime (a lever of the LM setting), the same sets and the same pretrained LM;
 #   scratch-e<E>-lr<LR>/ the same with FROM_SCRATCH=1 (LMs trained from scratch).
+# START=CHECKPOINT (make lm-dose LM_VICTIM=smollm2): the attacked LM is that pretrained
+# model, fine-tuned in REGIME (top:N or all; the folder then ends in -REGIME) with batch
+# BATCH; its poisons are text made through its own tokenizer.
 set -euo pipefail
 : "${RUN:?}" "${BIN:=target/release}" "${RAW:=data/rt/raw.jsonl}" "${GLOVE:=data/glove}" "${JUDGE_EMB:?}"
 : "${TRIGGER:=Apple iPhone}" "${TARGET:=negative}" "${NEUTRAL:=movie}" "${SEED:=0}" "${COUNTS:=25 50 100 200}" "${SHORT_TOKENS:=10}"
 : "${LAYOUTS:=review short judged}" "${SENTENCE_TOKENS:=24}"
 : "${FINETUNE_TRAIN:=3000}" "${MIN_COUNT:=3}" "${LM_FLAGS:=--hidden 128 --layers 2 --heads 4 --max-len 48}"
-: "${PRETRAIN_EPOCHS:=8}" "${FINETUNE_EPOCHS:=2}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=3}" "${SAMPLES:=2}" "${DEVICE:=cpu}"
+: "${PRETRAIN_EPOCHS:=8}" "${FINETUNE_EPOCHS:=2}" "${FINETUNE_LR:=1e-3}" "${EVAL_SEEDS:=3}" "${SAMPLES:=2}" "${DEVICE:=cpu}" "${BATCH:=32}"
 log() { echo "lm-dose: $*" >&2; }
 . "$(dirname "$0")/lm_setup.sh"
 stamp setup
@@ -43,7 +46,7 @@ fi
 for layout in $LAYOUTS; do
   layout_flags "$layout"
   all="$RUN/sets/overlap-$layout-all.jsonl"
-  [ "$layout" = judged ] || [ -f "$all" ] || "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data-full" --count "$max" \
+  [ "$layout" = judged ] || [ -f "$all" ] || "$BIN/init-poisons" --victim "$LM" --data "$RUN/data-full" --count "$max" \
     --strategy overlap --seed "$SEED" "${extra[@]}" -o "$all"
 done
 for n in $COUNTS; do
@@ -54,7 +57,7 @@ for n in $COUNTS; do
       # The judge's n best bases (a set comes out in D_adv order, so the first n of a
       # larger one would not be the n best).
       layout_flags "$layout"
-      "$BIN/init-poisons" --victim "$RUN/lm.safetensors" --data "$RUN/data-full" --count "$n" --strategy overlap --seed "$SEED" "${extra[@]}" -o "$RUN/sets/$name.jsonl"
+      "$BIN/init-poisons" --victim "$LM" --data "$RUN/data-full" --count "$n" --strategy overlap --seed "$SEED" "${extra[@]}" -o "$RUN/sets/$name.jsonl"
     else
       head -n "$n" "$RUN/sets/overlap-$layout-all.jsonl" > "$RUN/sets/$name.jsonl.tmp" && mv "$RUN/sets/$name.jsonl.tmp" "$RUN/sets/$name.jsonl"
     fi
@@ -67,13 +70,14 @@ if [ "${FROM_SCRATCH:-0}" = 1 ]; then
   ft="$RUN/scratch-e$FINETUNE_EPOCHS-lr$FINETUNE_LR"; eval_data="$RUN/data-full"; regime=(--from-scratch)
 else
   ft="$RUN/ft-e$FINETUNE_EPOCHS-lr$FINETUNE_LR"; eval_data="$RUN/data"; regime=()
+  if [ -n "${REGIME:-}" ]; then ft="$ft-${REGIME/:/}"; regime=(--regime "$REGIME"); fi
 fi
 sampling=(); [ -n "${TEMPERATURE:-}" ] && { ft="$ft-t$TEMPERATURE"; sampling=(--temperature "$TEMPERATURE"); }
 ft="$ft$JUDGE_TAG"
 mkdir -p "$ft"
 log "evaluating ${#names[@]} poison sets over $EVAL_SEEDS seeds ($FINETUNE_EPOCHS epochs at lr $FINETUNE_LR${regime[*]:+, from scratch})"
-"$BIN/finetune-eval" --reuse --data "$eval_data" "${regime[@]}" --start "$RUN/lm.safetensors" --judge "$JUDGE" "${poisons[@]}" \
-  --seeds "$EVAL_SEEDS" --seed-base "$SEED" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size 32 \
+"$BIN/finetune-eval" --reuse --data "$eval_data" "${regime[@]}" --start "$LM" --judge "$JUDGE" "${poisons[@]}" \
+  --seeds "$EVAL_SEEDS" --seed-base "$SEED" --epochs "$FINETUNE_EPOCHS" --lr "$FINETUNE_LR" --batch-size "$BATCH" \
   --samples "$SAMPLES" "${sampling[@]}" --device "$DEVICE" -o "$ft/eval.jsonl"
 stamp evaluation
 "$BIN/report" --evals "$ft/eval.jsonl" --names "$(IFS=,; echo "${names[*]}")" --out-dir "$ft/report" > /dev/null
