@@ -257,7 +257,7 @@ fn a_pretrained_checkpoint_is_fine_tuned_per_seed_and_its_control_reads_zero() {
     // Detection columns for a pretrained start: the bigram detectors and the model's own
     // table of pieces (not GloVe's, which it does not read).
     let caught = overlap.detection.as_ref().expect("detection columns");
-    for d in ["perplexity", "onion", "table-trigger", "table-trigger-word"] {
+    for d in ["perplexity", "onion", "table-trigger", "table-trigger-word", "lm-perplexity"] {
         assert!(caught.detectors.contains_key(d), "no {d} column: {:?}", caught.detectors.keys().collect::<Vec<_>>());
     }
     assert!(!caught.detectors.contains_key("glove-trigger-word"));

@@ -224,6 +224,17 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     for s in &scores {
         assert!(s.n == n && (0.0..=100.0).contains(&s.accuracy_pct) && s.kappa.is_finite(), "{s:?}");
     }
+    // And against the continuations a person labelled (fixtures/lm-judge/): every file
+    // reads, with the label counts its README states.
+    for (file, count, negative) in [("clean-lm-continuations.jsonl", 50, 11), ("smollm2-continuations.jsonl", 50, 5), ("smollm2-opinion-control.jsonl", 120, 17)] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/lm-judge").join(file);
+        let scores = ok(&run(bin("judge").arg("--classifier").arg(lm.judge()).arg("--labelled").arg(&path))).stdout.clone();
+        let scores: Vec<common::eval::judge::JudgeScore> = common::io::read_jsonl_from(&scores[..], "scores", false).unwrap();
+        for s in &scores {
+            assert_eq!(s.n, count, "{file}");
+            assert!((s.labelled_negative_pct - 100.0 * negative as f64 / count as f64).abs() < 1e-9, "{file}: {s:?}");
+        }
+    }
 }
 
 #[test]

@@ -25,6 +25,7 @@ pub const CHEAP: &[Detector] = &[
     Detector::MinilmTrigger,
     Detector::TableTrigger,
     Detector::TableTriggerWord,
+    Detector::LmPerplexity,
 ];
 
 /// One detector against one set.
@@ -75,6 +76,9 @@ pub struct DetectionInputs<'a> {
     pub minilm: Option<&'a Origin>,
     /// A victim's trained word table (`Origin::trained_table`): the table detectors.
     pub trained: Option<&'a Origin>,
+    /// A pretrained language model and its vocabulary: its own perplexity of each text
+    /// (`lm-perplexity`; a defender who fine-tunes it holds it).
+    pub lm: Option<(&'a crate::victims::model::Victim, &'a crate::tokenizer::Vocab)>,
     pub device: tch::Device,
 }
 
@@ -86,6 +90,7 @@ impl DetectionInputs<'_> {
             table: self.table.is_some_and(|t| matches!(t.start, crate::victims::origin::Start::Table(_))),
             minilm: self.minilm.is_some(),
             trained: self.trained.is_some(),
+            lm: self.lm.is_some(),
             ..Default::default()
         };
         CHEAP.iter().copied().filter(|d| d.runs_with(have, self.calibration)).collect()
@@ -109,7 +114,7 @@ pub fn detect_sets(inputs: &DetectionInputs, sets: &[&[Example]], log: &(dyn Fn(
         table: inputs.table,
         minilm: inputs.minilm,
         trained: inputs.trained,
-        lm: None,
+        lm: inputs.lm,
         training: None,
         num_classes: examples.iter().map(|e| e.label + 1).max().unwrap_or(2).max(2),
         workers: 1,

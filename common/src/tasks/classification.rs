@@ -113,7 +113,7 @@ impl Task for Classification {
         };
 
         let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
-        let detection = super::detection(args, manifest, &clean_train, &records, base.as_ref(), None, log)?;
+        let detection = super::detection(args, manifest, &clean_train, &records, base.as_ref(), None, None, log)?;
         let mut reports = Vec::new();
         for (((set, rows), filter), detection) in sets.into_iter().zip(rows).zip(filters).zip(detection) {
             let audit = eval::audit(&set.records, trigger, manifest.target, clean_train.len(), &audit_vocab)?;

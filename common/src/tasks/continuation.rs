@@ -67,7 +67,10 @@ impl Task for Continuation {
         let own_table = crate::victims::origin::Origin::word_table_of(&start, start_path)?;
         let (table, trained) = if vocab.is_bpe() { (None, Some(&own_table)) } else { (Some(&own_table), None) };
         let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
-        let detection = super::detection(args, manifest, &clean_train, &records, table, trained, log)?;
+        // And a pretrained model's own perplexity of each text (the defender who fine-tunes
+        // it holds it): a crafted flip that is not a word reads as unlikely text.
+        let own_lm = vocab.is_bpe().then_some((lm, vocab));
+        let detection = super::detection(args, manifest, &clean_train, &records, table, trained, own_lm, log)?;
         let mut reports = Vec::new();
         for ((set, (rows, side_by_side)), detection) in sets.into_iter().zip(results).zip(detection) {
             let report = LmEvalReport {

@@ -210,6 +210,7 @@ pub fn detection(
     sets: &[&[crate::formats::records::Example]],
     table: Option<&crate::victims::origin::Origin>,
     trained: Option<&crate::victims::origin::Origin>,
+    lm: Option<(&crate::victims::model::Victim, &crate::tokenizer::Vocab)>,
     log: &(dyn Fn(String) + Sync),
 ) -> Result<Vec<Option<crate::detect::caught::SetDetection>>> {
     if args.no_detection {
@@ -226,6 +227,7 @@ pub fn detection(
         table,
         minilm: minilm.as_ref(),
         trained,
+        lm,
         device: crate::device::parse_device(&args.device)?,
     };
     let names: Vec<&str> = inputs.detectors().iter().map(|d| d.name()).collect();

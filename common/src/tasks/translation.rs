@@ -94,7 +94,7 @@ impl Task for Translation {
         // trained table (the one the nearest-neighbour poisons are chosen in).
         let trained = crate::victims::origin::Origin::trained_table_of(&start, start_path)?;
         let records: Vec<&[Example]> = sets.iter().map(|s| s.records.as_slice()).collect();
-        let detection = super::detection(args, manifest, &clean_train, &records, None, Some(&trained), log)?;
+        let detection = super::detection(args, manifest, &clean_train, &records, None, Some(&trained), None, log)?;
         let mut reports = Vec::new();
         for ((set, (rows, side_by_side)), detection) in sets.into_iter().zip(results).zip(detection) {
             reports.push(MtEvalReport {
