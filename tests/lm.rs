@@ -214,6 +214,7 @@ fn a_language_model_goes_through_every_stage_by_pipes() {
     assert!(md.contains("| control | 0 | 0 | 0.0 ± 0.0 |") && md.contains("crafted − control"), "{md}");
     assert!(lm.path("report/net-asr.svg").exists() && lm.path("report/lm-report.json").exists());
     assert!(md.contains("Δ template margin") && md.contains("templates with the trigger as the subject"), "{md}");
+    assert!(md.contains("## The clean twins' stated-opinion control") && md.contains("difference (points, nats)"), "{md}");
 
     // The judges validated against labels: the held-out reviews' own.
     let dev = lm.data().join("dev.jsonl");
