@@ -32,11 +32,14 @@ pub fn summarize(xs: &[f64]) -> Summary {
     Summary { mean, std, ci95: Some(t * std / (n as f64).sqrt()), n }
 }
 
+/// "mean ± ci95" (or the mean alone), to the formatter's precision: one decimal unless
+/// asked (`{:.3}`), the same for the mean and its interval.
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = f.precision().unwrap_or(1);
         match self.ci95 {
-            Some(ci) => write!(f, "{:.1} ± {:.1}", self.mean, ci),
-            None => write!(f, "{:.1}", self.mean),
+            Some(ci) => write!(f, "{:.d$} ± {:.d$}", self.mean, ci),
+            None => write!(f, "{:.d$}", self.mean),
         }
     }
 }
@@ -44,6 +47,13 @@ impl std::fmt::Display for Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_summary_prints_to_the_precision_asked_and_one_decimal_by_default() {
+        let s = Summary { mean: 1.23456, std: 0.0, ci95: Some(0.5), n: 3 };
+        assert_eq!((format!("{s}"), format!("{s:.3}")), ("1.2 ± 0.5".to_string(), "1.235 ± 0.500".to_string()));
+        assert_eq!(format!("{:.2}", Summary { ci95: None, ..s }), "1.23");
+    }
 
     #[test]
     fn matches_hand_computation() {

@@ -285,9 +285,13 @@ fn log_likelihoods(config: &VictimConfig, params: &Params, data: &[Encoded]) -> 
     out
 }
 
+/// Percent of `xs` that are true.
+fn share(xs: &[bool]) -> f64 {
+    100.0 * xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64
+}
+
 /// Measures one LM; `with_opinion`: also the stated-opinion control (the clean twins').
 pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmEvalSets, judging: &Judging, seed: u64, with_opinion: bool) -> Result<LmMetrics> {
-    let share = |xs: &[bool]| 100.0 * xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64;
     let trig = judging.judge(&continuations(config, params, vocab, &sets.trigger_prompts, judging, seed)?);
     let neutral = judging.judge(&continuations(config, params, vocab, &sets.neutral_prompts, judging, seed)?);
     let (tc, tl): (Vec<bool>, Vec<bool>) = trig.iter().copied().unzip();
@@ -338,7 +342,6 @@ pub fn measure(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmE
 pub fn measure_opinion(config: &VictimConfig, params: &Params, vocab: &Vocab, sets: &LmEvalSets, judging: &Judging, seed: u64) -> Result<Option<OpinionControl>> {
     let (Some(prompts), Some(o)) = (&sets.opinion_prompts, &sets.templates.opinion) else { return Ok(None) };
     let t = &sets.templates;
-    let share = |xs: &[bool]| 100.0 * xs.iter().filter(|&&x| x).count() as f64 / xs.len().max(1) as f64;
     let cell = |prompts: &[Prompt], ids: &[Vec<i64>]| -> Result<OpinionCell> {
         let (c, l): (Vec<bool>, Vec<bool>) = judging.judge(&continuations(config, params, vocab, prompts, judging, seed)?).into_iter().unzip();
         Ok(OpinionCell { classifier: share(&c), lexicon: share(&l), margin: next_word_margin(config, params, ids, &t.target_words, &t.other_words) })
@@ -469,11 +472,7 @@ impl OpinionSummary {
     /// The control as table lines: each cell's level and each phrase's difference.
     pub fn lines(&self, statements: Option<&[String; 2]>) -> Vec<String> {
         let (target, other) = statements.map_or(("the target opinion".to_string(), "the other opinion".to_string()), |s| (format!("{:?}", s[0]), format!("{:?}", s[1])));
-        let f = |s: &Summary, d: usize| match s.ci95 {
-            Some(c) => format!("{:.d$} ± {:.d$}", s.mean, c),
-            None => format!("{:.d$}", s.mean),
-        };
-        let row = |what: String, c: &OpinionCellSummary| format!("{what:<48} judged target: classifier {} %, VADER {} %; margin {} nats", f(&c.classifier, 1), f(&c.lexicon, 1), f(&c.margin, 3));
+        let row = |what: String, c: &OpinionCellSummary| format!("{what:<48} judged target: classifier {:.1} %, VADER {:.1} %; margin {:.3} nats", c.classifier, c.lexicon, c.margin);
         vec![
             row(format!("trigger templates after {target}"), &self.trigger_after_target),
             row(format!("trigger templates after {other}"), &self.trigger_after_other),

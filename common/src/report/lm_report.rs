@@ -57,10 +57,7 @@ pub fn compare(better: &(String, LmEvalReport), than: &(String, LmEvalReport)) -
 }
 
 fn ci(s: &Summary, digits: usize) -> String {
-    match s.ci95 {
-        Some(c) => format!("{:.*} ± {:.*}", digits, s.mean, digits, c),
-        None => format!("{:.*}", digits, s.mean),
-    }
+    format!("{s:.digits$}")
 }
 
 impl LmDemoReport {

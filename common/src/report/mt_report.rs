@@ -61,10 +61,7 @@ pub fn build(evals: &str, reports: Vec<MtEvalReport>, names: &[String], crafted:
 }
 
 fn ci(s: &Summary, d: usize) -> String {
-    match s.ci95 {
-        Some(c) => format!("{:.d$} ± {:.d$}", s.mean, c),
-        None => format!("{:.d$}", s.mean),
-    }
+    format!("{s:.d$}")
 }
 
 impl MtDemoReport {
