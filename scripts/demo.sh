@@ -116,6 +116,33 @@ craft_influence() { # run-folder count slots(rest|carrier|both) [extra objective
     RANK_FLAGS="--min-count 5 --exclude-neighbours 50${slots:+ $slots} --per-poison 8"
 }
 
+# The carriers (the words standing for the trigger's) of a set chosen by retraining
+# (select-carriers): SELECT_RETRAIN candidates × SELECT_SEEDS attacker seeds from
+# SELECT_SEED_BASE (apart from the evaluation's seeds) plus their clean twins, at most 40
+# victims; within the run's budget. The clean twins are kept in the run's selection cache,
+# so the second selection on the same bases trains none.
+: "${SELECT_RETRAIN:=9}" "${SELECT_SEEDS:=3}" "${SELECT_SEED_BASE:=1000}"
+select_carriers() { # dir stem input-poisons [candidates-from selection.json]
+  local out="$1/select-$2"
+  [ -f "$out/poisons.jsonl" ] && return
+  mkdir -p "$out"
+  budget_flags "$RUN_BUDGET"
+  "$BIN/select-carriers" --victim "$V" --data "$DATA" "${origin_flags[@]}" --arch "$ARCH" "${train_flags[@]}" --poisons "$3" \
+    --concealment "$CONCEALMENT" "${budget[@]}" --retrain "$SELECT_RETRAIN" --seeds "$SELECT_SEEDS" --seed-base "$SELECT_SEED_BASE" \
+    --eta "${ETA:-0.03}" --clean-per-batch "${CLEAN_PER_BATCH:-64}" --adv-size "${ADV_SIZE:-128}" --seed "$SEED" --device "$DEVICE" \
+    --clean-cache "$VICTIMS_DIR/selection-cache" ${4:+--candidates-from "$4"} --selection "$out/selection.json.tmp" -o "$out/poisons.jsonl.tmp"
+  mv "$out/selection.json.tmp" "$out/selection.json" && mv "$out/poisons.jsonl.tmp" "$out/poisons.jsonl"
+}
+# Where variant NAME's poison set is in DIR (file stem STEM).
+variant_poisons() { # name dir stem
+  local kind; read -r kind _ < <("$BIN/report" recipe "$1")
+  case $kind in
+    craft) echo "$2/craft-$3/poisons.jsonl" ;;
+    select-carriers) echo "$2/select-$3/poisons.jsonl" ;;
+    *) echo "$2/init-$3.jsonl" ;;
+  esac
+}
+
 # Makes variant NAME's poison set in DIR (where `report variants-file` lists it) with COUNT
 # poisons: `report recipe` says how (common/src/report/catalogue.rs).
 make_variant() { # name dir count [stem: file name, default name]
@@ -139,6 +166,11 @@ make_variant() { # name dir count [stem: file name, default name]
         *) log "no crafting recipe for objective $a"; exit 1 ;;
       esac ;;
     select-by-influence) select_by_influence "$2/init-$stem.jsonl" "$3" ;;
+    select-carriers) # from-variant candidates-from-variant(- = propose)
+      make_variant "$a" "$2" "$3" "${stem/#$1/$a}"
+      [ "$b" = - ] || make_variant "$b" "$2" "$3" "${stem/#$1/$b}"
+      select_carriers "$2" "$stem" "$(variant_poisons "$a" "$2" "${stem/#$1/$a}")" \
+        "$([ "$b" = - ] || echo "$2/select-${stem/#$1/$b}/selection.json")" ;;
     *) log "variant $1: unknown recipe $kind"; exit 1 ;;
   esac
 }
@@ -174,11 +206,14 @@ t_bilevel=$EPOCHREALTIME
 make_variant bilevel "$RUN" "$COUNT"
 t_influence=$EPOCHREALTIME
 make_variant influence "$RUN" "$COUNT"
+t_select=$EPOCHREALTIME
+make_variant hardness-carriers "$RUN" "$COUNT"
+make_variant confident-carriers "$RUN" "$COUNT"
 t_eval=$EPOCHREALTIME
 title="Concealed poisons, $COUNT no-overlap poisons unless marked"
 [ -n "$RUN_BUDGET" ] && title="$title; every concealed row within the detection budget at $RUN_BUDGET% FPR"
 variants_file "$RUN/variants.json" --title "$title" --dir "$RUN" demo
 evaluate "$RUN" "$RUN/variants.json"
 t_end=$EPOCHREALTIME
-awk -v s="$t_start" -v c="$t_craft" -v b="$t_bilevel" -v i="$t_influence" -v e="$t_eval" -v z="$t_end" 'BEGIN { printf "victims and initial poisons %.0f s, hardness crafting %.0f s, bi-level crafting %.0f s, influence crafting %.0f s, evaluation %.0f s (this invocation; finished steps are skipped)\n", c - s, b - c, i - b, e - i, z - e }' > "$RUN/times.txt.tmp" && mv "$RUN/times.txt.tmp" "$RUN/times.txt"
+awk -v s="$t_start" -v c="$t_craft" -v b="$t_bilevel" -v i="$t_influence" -v l="$t_select" -v e="$t_eval" -v z="$t_end" 'BEGIN { printf "victims and initial poisons %.0f s, hardness crafting %.0f s, bi-level crafting %.0f s, influence crafting %.0f s, carriers by retraining %.0f s, evaluation %.0f s (this invocation; finished steps are skipped)\n", c - s, b - c, i - b, l - i, e - l, z - e }' > "$RUN/times.txt.tmp" && mv "$RUN/times.txt.tmp" "$RUN/times.txt"
 "$BIN/report" --variants "$RUN/variants.json" --evals "$RUN/evals.jsonl" --out-dir "$RUN" > /dev/null

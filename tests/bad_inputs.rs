@@ -586,6 +586,44 @@ fn verify_candidates() {
 }
 
 #[test]
+fn select_carriers() {
+    let w = World::new();
+    let out = w.p("out.jsonl");
+    let sc = |poisons: &Path, extra: &[&str]| {
+        let mut c = w.craft("select-carriers");
+        c.arg("--embeddings").arg(w.s.emb()).args(["--arch", "bow", "--epochs", "3", "--device", "cpu", "--retrain", "2", "--seeds", "1"])
+            .args(["--clean-per-batch", "16", "--adv-size", "24", "--poisons"]).arg(poisons).args(extra).arg("-o").arg(&out);
+        c
+    };
+    // A set without carriers (training sentences), a vocabulary other than the victim's, and
+    // a selection whose candidate writes a trigger word.
+    ok(&run(w.craft("init-poisons").args(["--count", "6", "--strategy", "clean-target"]).arg("-o").arg(w.p("benign.jsonl"))));
+    ok(&run(bin("build-vocab").arg("--words").arg(fixture("glove-mini/words.txt")).arg("--vectors").arg(fixture("glove-mini/vectors.npy"))
+        .args(["--top-n", "1500", "--data"]).arg(fixture("rt-mini/raw.jsonl")).arg("-o").arg(w.p("other-emb.safetensors"))));
+    let candidate = common::formats::records::CarrierCandidate { words: vec!["bond".into(), "who".into()], from: vec!["given".into(); 2], bilevel: None, closeness: None, over_budget: None, d_adv_asr: vec![50.0] };
+    let leaking = common::formats::records::CarrierSelection {
+        kind: "carrier_selection".into(), v: 1, poisons: "p.jsonl".into(), poisons_sha256: String::new(), victim_sha256: String::new(),
+        trigger_words: vec!["james".into(), "bond".into()], current: vec!["john".into(), "who".into()], selected: vec!["john".into(), "who".into()],
+        candidates_from: None, candidates: vec![candidate], attacker_seeds: vec![1000], clean_d_adv_asr: vec![10.0], d_adv_size: 10,
+        victims_trained: 2, max_victims: 40, poisons_sha256_after: String::new(), seconds: 1.0,
+    };
+    let leaking = w.write("leaking.json", serde_json::to_string_pretty(&leaking).unwrap());
+    let other_emb = |c: &mut Command| {
+        // Replace --embeddings: the last one given wins.
+        c.arg("--embeddings").arg(w.p("other-emb.safetensors"));
+    };
+    check(w.dir(), &out, vec![
+        case("sc-over-victim-budget", sc(&w.p("p.jsonl"), &["--retrain", "20", "--seeds", "3"]), &["is 63 victims, over --max-victims 40", "retrain fewer"]),
+        case("sc-no-carriers", sc(&w.p("benign.jsonl"), &[]), &["no poison holds a stand-in for the trigger word", "init-poisons --strategy neighbour"]),
+        case("sc-not-a-selection", sc(&w.p("p.jsonl"), &["--candidates-from", w.p("p.jsonl").to_str().unwrap()]), &["p.jsonl: not a selection written by select-carriers"]),
+        case("sc-given-carrier-leaks", sc(&w.p("p.jsonl"), &["--candidates-from", leaking.to_str().unwrap()]), &["leaking.json: carrier \"bond\" may not stand in a poison here"]),
+        case("sc-other-vocabulary", { let mut c = sc(&w.p("p.jsonl"), &[]); other_emb(&mut c); c }, &["other-emb.safetensors has another vocabulary than the victim"]),
+        case("sc-malformed-poisons", sc(&w.write("bad.jsonl", "{\"kind\":\"example\"\n"), &[]), &["bad.jsonl:1", "malformed JSON"]),
+        case("sc-empty-poisons", sc(&w.write("empty.jsonl", ""), &[]), &["empty.jsonl"]),
+    ]);
+}
+
+#[test]
 fn score_poisons() {
     let w = World::new();
     let out = w.p("out.jsonl");

@@ -229,3 +229,86 @@ fn poisons_within_the_loss_budget_pass_the_training_loss_detector_of_the_same_vi
     assert_eq!(over(&s, &within, &thresholds(&s, 0.10)), Vec::<String>::new(), "and the cheap detectors' budget still holds");
     assert_eq!(records(&within).len(), 8);
 }
+
+/// select-carriers between two stages through real pipes: init-poisons | select-carriers |
+/// finetune-eval. It keeps every poison strictly concealed and within the detection budget,
+/// changes only the carrier slots, keeps the retrained choice with the best mean D_adv ASR
+/// (the set's own carriers always retrained first), trains what its record says with the
+/// attacker's seeds, gives the same bytes again, and a second selection from the first's
+/// candidates retrains exactly those with the clean twins from the shared cache.
+#[test]
+fn carriers_chosen_by_retraining_stay_concealed_within_budget_and_keep_the_best_retrained_choice() {
+    use common::formats::records::CarrierSelection;
+    let s = Setup::new();
+    let victim = s.path("v.safetensors");
+    ok(&run(s.train_victim().arg("--train").arg(s.data().join("train.jsonl")).arg("-o").arg(&victim)));
+    let stage = |name: &str| {
+        let mut c = bin(name);
+        c.arg("--victim").arg(&victim).arg("--data").arg(s.data());
+        c
+    };
+    let init = ok(&run(stage("init-poisons").args(["--count", "8", "--bases", "confident", "--strategy", "neighbour", "--concealment", "strict", "--evade-fpr", "10"]))).stdout.clone();
+    std::fs::write(s.path("init.jsonl"), &init).unwrap();
+    let cache = s.path("selection-cache");
+    let select = |poisons: &str, record: &str, extra: &[&str]| {
+        let mut c = stage("select-carriers");
+        c.arg("--embeddings").arg(s.emb()).args(["--arch", "bow", "--epochs", "3", "--device", "cpu", "--evade-fpr", "10", "--retrain", "4", "--seeds", "2"])
+            .args(["--clean-per-batch", "16", "--adv-size", "24", "--eta", "0.1", "--poisons", poisons]).arg("--clean-cache").arg(&cache)
+            .arg("--selection").arg(s.path(record)).args(extra);
+        c
+    };
+    let record = |name: &str| -> CarrierSelection { common::io::parse_record(&std::fs::read_to_string(s.path(name)).unwrap()).unwrap() };
+    // init-poisons | select-carriers | finetune-eval, three processes joined by pipes.
+    let mut init_p = stage("init-poisons").args(["--count", "8", "--bases", "confident", "--strategy", "neighbour", "--concealment", "strict", "--evade-fpr", "10"])
+        .stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut sel_p = select("-", "sel.json", &[]).stdin(init_p.stdout.take().unwrap()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let eval = bin("finetune-eval").arg("--data").arg(s.data()).arg("--embeddings").arg(s.emb()).args(["--arch", "bow", "--epochs", "3", "--seeds", "1", "--device", "cpu", "--poisons", "-"])
+        .stdin(sel_p.stdout.take().unwrap()).output().unwrap();
+    let sel_out = sel_p.wait_with_output().unwrap();
+    assert!(init_p.wait().unwrap().success() && sel_out.status.success(), "{}", String::from_utf8_lossy(&sel_out.stderr));
+    ok(&eval);
+    let first = record("sel.json");
+    let chosen = ok(&run(&mut select(s.path("init.jsonl").to_str().unwrap(), "sel-again.json", &[]))).stdout.clone();
+    let again = record("sel-again.json");
+    assert_eq!(CarrierSelection { seconds: 0.0, poisons: String::new(), victims_trained: 0, ..first.clone() }, CarrierSelection { seconds: 0.0, poisons: String::new(), victims_trained: 0, ..again.clone() }, "the same selection again");
+    assert_eq!(again.poisons_sha256_after, common::objectives::swaps::poison_set_sha256(&records(&chosen)));
+
+    // What was retrained, and what was kept.
+    let retrained: Vec<&common::formats::records::CarrierCandidate> = first.candidates.iter().filter(|c| !c.d_adv_asr.is_empty()).collect();
+    assert!(retrained.len() >= 2 && retrained.len() <= 4, "{} retrained", retrained.len());
+    assert_eq!(retrained[0].words, first.current, "the set's own carriers are retrained first");
+    assert!(first.candidates.len() > retrained.len(), "more choices considered than retrained");
+    assert_eq!(first.attacker_seeds, vec![1000, 1001]);
+    assert_eq!(first.victims_trained, retrained.len() * 2 + 2, "each candidate × seed, and a clean twin per seed");
+    assert!(retrained.iter().all(|c| c.d_adv_asr.len() == 2 && c.over_budget.is_none()));
+    let mean = |c: &common::formats::records::CarrierCandidate| c.d_adv_asr.iter().sum::<f64>() / 2.0;
+    let best = retrained.iter().fold(retrained[0], |b, c| if mean(c) > mean(b) { c } else { b });
+    assert_eq!(first.selected, best.words, "the highest mean D_adv ASR is kept");
+    let from_gradient = first.candidates.iter().any(|c| c.from.iter().any(|f| f == "gradient"));
+    assert!(from_gradient && first.candidates.iter().any(|c| c.from.iter().any(|f| f == "neighbour")), "candidates from both sources");
+
+    // Only carrier slots change, each trigger word's slots to one kept word; still strictly
+    // concealed (verify-candidates refuses a leaking set) and within the budget.
+    let (before, after) = (records(&init), records(&chosen));
+    for (b, a) in before.iter().zip(&after) {
+        let (tb, ta) = (b.tokens.as_ref().unwrap(), a.tokens.as_ref().unwrap());
+        for (k, (x, y)) in tb.iter().zip(ta).enumerate() {
+            if x != y {
+                assert!(b.substitutes.as_ref().unwrap().contains(&k) && first.selected.contains(y), "{}: position {k} {x} -> {y}", b.id);
+            }
+        }
+    }
+    ok(&run_with_stdin(stage("verify-candidates").args(["--device", "cpu", "--concealment", "strict", "--poisons"]).arg(s.path("init.jsonl")), b""));
+    std::fs::write(s.path("chosen.jsonl"), &chosen).unwrap();
+    ok(&run_with_stdin(stage("verify-candidates").args(["--device", "cpu", "--concealment", "strict", "--poisons"]).arg(s.path("chosen.jsonl")), b""));
+    assert_eq!(over(&s, &chosen, &thresholds(&s, 0.10)), Vec::<String>::new(), "a chosen carrier left the budget");
+
+    // The same candidates for another set: exactly the first's retrained ones that fit the
+    // budget, in its order, the clean twins read from the cache.
+    ok(&run(&mut select(s.path("chosen.jsonl").to_str().unwrap(), "sel-given.json", &["--candidates-from", s.path("sel.json").to_str().unwrap()])));
+    let given = record("sel-given.json");
+    assert_eq!(given.candidates.iter().map(|c| c.words.clone()).collect::<Vec<_>>(), retrained.iter().map(|c| c.words.clone()).collect::<Vec<_>>());
+    let n = given.candidates.iter().filter(|c| !c.d_adv_asr.is_empty()).count();
+    assert_eq!(given.victims_trained, n * 2, "no clean twin trained again");
+    assert_eq!(given.candidates_from.as_deref(), s.path("sel.json").to_str());
+}

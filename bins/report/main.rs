@@ -335,7 +335,7 @@ fn defend(variants_paths: &[String], eval_paths: &[String], scores_dir: &str, fi
 
 fn poison_list(variants: &Variants, report: &Report) -> anyhow::Result<String> {
     let mut out = format!("# Poisons: {}\n\nChanged words in **bold**.\n\n", report.title);
-    for v in variants.variants.iter().filter(|v| v.role == Role::Crafted) {
+    for v in variants.variants.iter().filter(|v| v.role == Role::Crafted || v.selection.is_some()) {
         if let (Some(init), Some(p)) = (&v.initial, &v.poisons) {
             let a: Vec<Example> = io::read_jsonl(init, false)?;
             let b: Vec<Example> = io::read_jsonl(p, false)?;

@@ -18,6 +18,7 @@ pub fn bin(name: &str) -> Command {
         "rollout-grad" => env!("CARGO_BIN_EXE_rollout-grad"),
         "rank-candidates" => env!("CARGO_BIN_EXE_rank-candidates"),
         "verify-candidates" => env!("CARGO_BIN_EXE_verify-candidates"),
+        "select-carriers" => env!("CARGO_BIN_EXE_select-carriers"),
         "score-poisons" => env!("CARGO_BIN_EXE_score-poisons"),
         "detect-poisons" => env!("CARGO_BIN_EXE_detect-poisons"),
         "filter-set" => env!("CARGO_BIN_EXE_filter-set"),

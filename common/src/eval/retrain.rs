@@ -42,12 +42,19 @@ pub struct CleanCache<'a> {
     pub data_files: serde_json::Value,
     /// The hash of the embeddings or pretrained weights the victims start from.
     pub base_sha256: &'a str,
+    /// What the cached figures measure when it is not the data folder's evaluation sets
+    /// (select-carriers measures ASR on the attacker's D_adv): part of the key, so a cache
+    /// never hands one stage's figures to another.
+    pub measures: Option<String>,
 }
 
 impl CleanCache<'_> {
     fn path(&self, config: &VictimConfig, opts: &TrainOptions, device: Device) -> Result<String> {
-        let k = serde_json::json!({"files": self.data_files, "embeddings": self.base_sha256, "victim": config, "training": opts,
+        let mut k = serde_json::json!({"files": self.data_files, "embeddings": self.base_sha256, "victim": config, "training": opts,
             "trainer": train::TRAINER_VERSION, "device": format!("{device:?}"), "numerics": crate::numerics::key()});
+        if let Some(m) = &self.measures {
+            k["measures"] = serde_json::Value::String(m.clone());
+        }
         Ok(format!("{}/clean-{}.json", self.dir, crate::io::sha256_hex(serde_json::to_string(&k)?.as_bytes())))
     }
 }
@@ -67,6 +74,9 @@ pub struct Retraining<'a> {
     /// Threads that train victims side by side, one victim each at a time.
     pub workers: usize,
     pub clean_cache: Option<CleanCache<'a>>,
+    /// Measure every victim after every epoch too (early stopping's curve); false: after
+    /// the last epoch only (`Measured::epochs` is then empty).
+    pub measure_epochs: bool,
 }
 
 /// A victim's figures after training and after every epoch, and its
@@ -83,6 +93,8 @@ pub struct Measured {
 pub struct Retrained {
     pub clean: Vec<Measured>,
     pub poisoned: Vec<Vec<Measured>>,
+    /// Clean twins read from the cache instead of trained.
+    pub clean_from_cache: usize,
 }
 
 /// Trains and measures the clean victim of every seed (unless cached) and a poisoned
@@ -106,10 +118,12 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
         .collect();
     let cache_path = |seed: u64| -> Result<Option<String>> { r.clean_cache.as_ref().map(|c| c.path(r.config, &(r.options)(seed), r.device)).transpose() };
     let mut clean_m: Vec<Option<Measured>> = Vec::new();
+    let mut clean_from_cache = 0;
     for &seed in seeds {
         // A file that does not parse (an older cache without per-epoch figures) is retrained.
         let cached = cache_path(seed)?.and_then(|k| std::fs::read_to_string(&k).ok()).and_then(|t| serde_json::from_str::<Measured>(&t).ok());
         if cached.is_some() {
+            clean_from_cache += 1;
             log(format!("seed {seed} clean: from the cache"));
         }
         clean_m.push(cached);
@@ -149,7 +163,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
             done += 1;
             log(format!("trained {done}/{} victims {:.0}s", jobs.len(), start.elapsed().as_secs_f64()));
         }
-    }, Some(&observe))?;
+    }, if r.measure_epochs { Some(&observe) } else { None })?;
     let per_epoch = per_epoch.into_inner().unwrap_or_else(|e| e.into_inner());
     let mut poisoned_m: Vec<Vec<Option<Measured>>> = vec![vec![None; seeds.len()]; poison_sets.len()];
     for ((&(i, k), v), epochs) in jobs.iter().zip(&victims).zip(per_epoch) {
@@ -172,6 +186,7 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
     Ok(Retrained {
         clean: clean_m.into_iter().map(|m| m.expect("every clean victim trained or cached")).collect(),
         poisoned: poisoned_m.into_iter().map(|set| set.into_iter().map(|m| m.expect("every poisoned victim trained")).collect()).collect(),
+        clean_from_cache,
     })
 }
 

@@ -155,6 +155,71 @@ impl Record for VerifySummary {
     const VERSION: u32 = 1;
 }
 
+/// One carrier choice select-carriers considered: the words that stand for the trigger's
+/// words in every poison of the set (one word per trigger word, in the phrase's order).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CarrierCandidate {
+    pub words: Vec<String>,
+    /// Where each word came from: `current` (what the set held), `neighbour` (the trigger
+    /// word's nearest allowed neighbours) or `gradient` (the bi-level gradient's ranking
+    /// summed over the word's slots), one per word; `given` for pairs read from another
+    /// selection (`--candidates-from`).
+    pub from: Vec<String>,
+    /// The bi-level objective (L_adv after the unrolled steps) of the set with these
+    /// carriers: one of the two orders candidates are retrained in; null for given ones.
+    pub bilevel: Option<f64>,
+    /// The mean cosine of each carrier to its trigger word in the victim's table: the other
+    /// order (the nearest-neighbour heuristic's own criterion); null for given ones.
+    pub closeness: Option<f64>,
+    /// Null when every poison with these carriers is within the detection budget (or there
+    /// is none); else what flags one (`detector` on poison id).
+    pub over_budget: Option<String>,
+    /// ASR (percent) on the attacker's D_adv of the victim retrained on the training split ∪
+    /// the set with these carriers, per attacker seed; empty when not retrained.
+    pub d_adv_asr: Vec<f64>,
+}
+
+/// What select-carriers did (`--selection FILE`, pretty JSON): every carrier choice it
+/// considered, which it retrained with which seeds, and the one it kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CarrierSelection {
+    pub kind: String,
+    pub v: u32,
+    /// The poison set the carriers were chosen for, and its hash.
+    pub poisons: String,
+    pub poisons_sha256: String,
+    /// The attacked victim that proposed and ranked the candidates.
+    pub victim_sha256: String,
+    pub trigger_words: Vec<String>,
+    /// The carriers the input set held, and the ones kept.
+    pub current: Vec<String>,
+    pub selected: Vec<String>,
+    /// The selection the candidates were read from (`--candidates-from`), if any.
+    pub candidates_from: Option<String>,
+    /// Every candidate, in the order they were considered for retraining: the set's own
+    /// carriers, then the best by closeness and the best by the bi-level objective in turn.
+    pub candidates: Vec<CarrierCandidate>,
+    /// The attacker's retraining seeds: disjoint from every evaluation seed.
+    pub attacker_seeds: Vec<u64>,
+    /// ASR (percent) on D_adv of the clean victim of each attacker seed.
+    pub clean_d_adv_asr: Vec<f64>,
+    /// D_adv sentences the retrained victims are measured on (D_adv without the poisons' bases).
+    pub d_adv_size: usize,
+    /// Victims retrained for this selection (clean twins read from the cache not counted),
+    /// and the most it may retrain.
+    pub victims_trained: usize,
+    pub max_victims: usize,
+    pub poisons_sha256_after: String,
+    pub seconds: f64,
+}
+
+impl Record for CarrierSelection {
+    const KIND: &'static str = "carrier_selection";
+    const VERSION: u32 = 1;
+}
+
 /// One objective's value for one poison set (score-poisons).
 /// {"kind":"objective_score","v":1,"set":"confident","objective":"influence","value":0.91,"poisons":50}
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

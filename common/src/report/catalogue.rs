@@ -32,6 +32,9 @@ pub enum Recipe {
     /// Every D_adv sentence made a strictly concealed poison, then the COUNT with the
     /// lowest influence terms (`score-poisons --select`).
     SelectByInfluence,
+    /// Variant `from`'s set with its carriers chosen by retraining (`select-carriers`):
+    /// among candidates it proposes, or among those variant `candidates_from` retrained.
+    SelectCarriers { from: &'static str, candidates_from: Option<&'static str> },
 }
 
 /// One variant of the catalogue.
@@ -69,10 +72,12 @@ pub const CATALOGUE: &[Variant] = &[
     Variant { name: "influence-bases", label: "bases chosen by influence + neighbours", role: Role::Crafted, recipe: Recipe::SelectByInfluence },
     Variant { name: "confident-evading", label: "confident bases + neighbours, evading", role: Role::Heuristic, recipe: Recipe::Init { bases: "confident", strategy: "neighbour", concealment: None, evading: true } },
     Variant { name: "hardness-evading", label: "crafted: hardness, evading", role: Role::Crafted, recipe: Recipe::Craft { objective: "hardness", slots: Slots::Rest, contrastive: false, evading: true } },
+    Variant { name: "hardness-carriers", label: "crafted: hardness + carriers by retraining", role: Role::Crafted, recipe: Recipe::SelectCarriers { from: "hardness", candidates_from: None } },
+    Variant { name: "confident-carriers", label: "confident bases + carriers by retraining", role: Role::Heuristic, recipe: Recipe::SelectCarriers { from: "confident", candidates_from: Some("hardness-carriers") } },
 ];
 
 /// The variants the demo's main table compares, in its order.
-pub const DEMO: &[&str] = &["none", "benign", "relabelled", "unoptimised", "neighbour", "confident", "overlap", "bilevel", "influence", "hardness"];
+pub const DEMO: &[&str] = &["none", "benign", "relabelled", "unoptimised", "neighbour", "confident", "confident-carriers", "overlap", "bilevel", "influence", "hardness", "hardness-carriers"];
 
 /// The variants a sweep cell may compute besides the benign control, which every cell has.
 pub fn sweepable() -> impl Iterator<Item = &'static Variant> {
@@ -105,6 +110,7 @@ impl Variant {
                 format!("craft {objective} {slots} {} {}", yes(contrastive), yes(evading))
             }
             Recipe::SelectByInfluence => "select-by-influence".into(),
+            Recipe::SelectCarriers { from, candidates_from } => format!("select-carriers {from} {}", candidates_from.unwrap_or("-")),
         }
     }
 
@@ -151,8 +157,18 @@ pub fn variants_file(title: &str, names: &[String], layout: &Layout) -> Result<V
                 None => label,
             };
             let dir = layout.dir;
+            let mut selection = None;
             let (poisons, initial, rounds) = match v.recipe {
                 Recipe::None => (None, None, None),
+                Recipe::SelectCarriers { from, .. } => {
+                    selection = Some(format!("{dir}/select-{stem}/selection.json"));
+                    let from_stem = stem.replacen(name.as_str(), from, 1);
+                    let initial = match find(from)?.recipe {
+                        Recipe::Craft { .. } => format!("{dir}/craft-{from_stem}/poisons.jsonl"),
+                        _ => format!("{dir}/init-{from_stem}.jsonl"),
+                    };
+                    (Some(format!("{dir}/select-{stem}/poisons.jsonl")), Some(initial), None)
+                }
                 Recipe::Init { .. } | Recipe::SelectByInfluence => (Some(format!("{dir}/init-{stem}.jsonl")), None, None),
                 Recipe::Craft { .. } => (
                     Some(format!("{dir}/craft-{stem}/poisons.jsonl")),
@@ -160,7 +176,7 @@ pub fn variants_file(title: &str, names: &[String], layout: &Layout) -> Result<V
                     Some(format!("{dir}/craft-{stem}/rounds.tsv")),
                 ),
             };
-            out.push(VariantSpec { name: shown, label, role: v.role, poisons, initial, rounds, series });
+            out.push(VariantSpec { name: shown, label, role: v.role, poisons, initial, rounds, series, selection });
         }
     }
     Ok(Variants { kind: <Variants as crate::io::Record>::KIND.into(), v: <Variants as crate::io::Record>::VERSION, title: title.into(), variants: out })

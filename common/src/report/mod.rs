@@ -81,6 +81,9 @@ pub struct VariantSpec {
     /// Sweep only: the series this point belongs to.
     #[serde(default)]
     pub series: Option<String>,
+    /// The select-carriers record of a set whose carriers were chosen by retraining.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<String>,
 }
 
 /// `variants.json`: the variants of a demo or sweep, in display order.
@@ -157,6 +160,72 @@ pub struct VariantResult {
     /// `detection`; absent for the clean row and reports without it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detection: Option<crate::detect::caught::SetDetection>,
+    /// How the carriers were chosen by retraining (select-carriers), for such a set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<SelectionSummary>,
+}
+
+/// What the report says of a carrier selection: kept and original carriers, the candidates
+/// retrained, the attacker's seeds and victims, and which selection gave its candidates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SelectionSummary {
+    pub file: String,
+    pub selected: Vec<String>,
+    pub current: Vec<String>,
+    pub retrained: usize,
+    pub considered: usize,
+    pub attacker_seeds: Vec<u64>,
+    pub victims_trained: usize,
+    pub max_victims: usize,
+    pub d_adv_size: usize,
+    pub candidates_from: Option<String>,
+    pub seconds: f64,
+}
+
+impl SelectionSummary {
+    /// The summary of selection file `path`; an error when its attacker seeds meet the
+    /// evaluation's `seeds` (the selection would have seen the victims it is judged on).
+    pub fn load(path: &str, seeds: &[u64]) -> Result<SelectionSummary> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the carrier selection {path}"))?;
+        let s: crate::formats::records::CarrierSelection = crate::io::parse_record(&text).with_context(|| path.to_string())?;
+        if let Some(seed) = s.attacker_seeds.iter().find(|x| seeds.contains(x)) {
+            bail!("{path}: the carriers were chosen with attacker seed {seed}, which the evaluation also trains with; select with a --seed-base outside the evaluation's seeds");
+        }
+        Ok(SelectionSummary {
+            file: path.to_string(),
+            selected: s.selected,
+            current: s.current,
+            retrained: s.candidates.iter().filter(|c| !c.d_adv_asr.is_empty()).count(),
+            considered: s.candidates.len(),
+            attacker_seeds: s.attacker_seeds,
+            victims_trained: s.victims_trained,
+            max_victims: s.max_victims,
+            d_adv_size: s.d_adv_size,
+            candidates_from: s.candidates_from,
+            seconds: s.seconds,
+        })
+    }
+
+    /// One line for the table's notes.
+    pub fn describe(&self, label: &str) -> String {
+        let seeds = match (self.attacker_seeds.first(), self.attacker_seeds.last()) {
+            (Some(a), Some(b)) if a != b => format!("{a}–{b}"),
+            (Some(a), _) => a.to_string(),
+            _ => "-".into(),
+        };
+        let from = if self.candidates_from.is_some() { " (the crafted row's candidates)" } else { "" };
+        format!(
+            "{label}: carriers \"{}\" (were \"{}\"), best of {} retrained{from} out of {} considered; {} victims retrained (budget {}), attacker seeds {seeds}, judged by ASR on {} D_adv sentences; {:.0} s",
+            self.selected.join(" "),
+            self.current.join(" "),
+            self.retrained,
+            self.considered,
+            self.victims_trained,
+            self.max_victims,
+            self.d_adv_size,
+            self.seconds
+        )
+    }
 }
 
 /// A set's cheap-detector figures as a cell: the most any of them flags of its poisons at
@@ -274,6 +343,7 @@ pub fn build(variants: &Variants, evals: &[EvalReport]) -> Result<Report> {
                 None => Vec::new(),
             },
             detection,
+            selection: v.selection.as_deref().map(|p| SelectionSummary::load(p, &seeds)).transpose()?,
         });
     }
     // The paired reference: the heuristic with the highest mean net ASR (per series in a sweep,
@@ -365,6 +435,28 @@ impl Report {
         out += "benign control must read 0 within its interval. caught: the most of the poisons any detector that trains\n";
         out += "no victim (perplexity, onion, glove-trigger, glove-trigger-word, minilm-trigger) flags at 1 % and at 5 %\n";
         out += "false positives (thresholds on the clean dev split), and the one that flags most at 1 % (ties: highest AUROC).\n";
+        out += &self.selection_notes();
+        out
+    }
+
+    /// For every set whose carriers were chosen by retraining: how, and each one paired with
+    /// the set that chose among the same candidates.
+    fn selection_notes(&self) -> String {
+        let mut out = String::new();
+        for r in self.variants.iter().filter(|r| r.selection.is_some()) {
+            out += &format!("\n{}", r.selection.as_ref().expect("filtered").describe(&r.label));
+        }
+        for h in &self.variants {
+            let Some(from) = h.selection.as_ref().and_then(|s| s.candidates_from.as_deref()) else { continue };
+            if let Some(c) = self.variants.iter().find(|c| c.selection.as_ref().is_some_and(|s| s.file == from)) {
+                let d: Vec<f64> = c.net_asr_per_seed.iter().zip(&h.net_asr_per_seed).map(|(a, b)| a - b).collect();
+                let d = summarize(&d);
+                out += &format!("\n{} − {}, paired by seed: {:+.1} ± {:.1}", c.label, h.label, d.mean, d.ci95.unwrap_or(0.0));
+            }
+        }
+        if !out.is_empty() {
+            out += "\n";
+        }
         out
     }
 
@@ -679,5 +771,46 @@ mod plot_tests {
         assert!(t[0] <= -7.3 && *t.last().unwrap() >= 3.1 && t.contains(&0.0));
         assert_eq!(tick_label(-0.0), "0");
         assert_eq!(tick_label(2.5), "2.5");
+    }
+}
+
+#[cfg(test)]
+mod selection_tests {
+    use super::SelectionSummary;
+    use crate::formats::records::{CarrierCandidate, CarrierSelection};
+
+    #[test]
+    fn a_selection_whose_attacker_seeds_meet_the_evaluation_seeds_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("selection.json");
+        let candidate = |w: &str, asr: Vec<f64>| CarrierCandidate { words: vec![w.into(), "x".into()], from: vec!["neighbour".into(); 2], bilevel: Some(0.5), closeness: Some(0.7), over_budget: None, d_adv_asr: asr };
+        let record = |seeds: Vec<u64>| CarrierSelection {
+            kind: "carrier_selection".into(),
+            v: 1,
+            poisons: "p.jsonl".into(),
+            poisons_sha256: "a".into(),
+            victim_sha256: "b".into(),
+            trigger_words: vec!["james".into(), "bond".into()],
+            current: vec!["john".into(), "x".into()],
+            selected: vec!["bruce".into(), "x".into()],
+            candidates_from: None,
+            candidates: vec![candidate("john", vec![40.0, 42.0]), candidate("bruce", vec![50.0, 52.0]), candidate("paul", vec![])],
+            attacker_seeds: seeds,
+            clean_d_adv_asr: vec![30.0, 31.0],
+            d_adv_size: 100,
+            victims_trained: 6,
+            max_victims: 40,
+            poisons_sha256_after: "c".into(),
+            seconds: 3.0,
+        };
+        let write = |r: &CarrierSelection| std::fs::write(&path, serde_json::to_string_pretty(r).unwrap()).unwrap();
+        let p = path.to_str().unwrap();
+        write(&record(vec![1000, 1001]));
+        let s = SelectionSummary::load(p, &[0, 1, 2]).unwrap();
+        assert_eq!((s.retrained, s.considered, s.victims_trained), (2, 3, 6));
+        assert!(s.describe("row").contains("carriers \"bruce x\" (were \"john x\"), best of 2 retrained out of 3 considered; 6 victims retrained (budget 40), attacker seeds 1000–1001"), "{}", s.describe("row"));
+        write(&record(vec![2, 3]));
+        let e = SelectionSummary::load(p, &[0, 1, 2]).unwrap_err().to_string();
+        assert!(e.contains("attacker seed 2, which the evaluation also trains with"), "{e}");
     }
 }

@@ -231,13 +231,19 @@ impl Sides {
 }
 
 fn rare_words(vocab: &Vocab, dir: &str, min_count: usize) -> Result<Vec<i64>> {
+    let counts = training_counts(vocab, dir)?;
+    Ok((0..vocab.len() as i64).filter(|&i| counts[i as usize] < min_count).collect())
+}
+
+/// How often each vocabulary id occurs in the clean training split of data folder `dir`.
+pub fn training_counts(vocab: &Vocab, dir: &str) -> Result<Vec<usize>> {
     let mut counts = vec![0usize; vocab.len()];
     for e in crate::data::read_set(dir, crate::data::TRAIN, false)? {
         for id in vocab.encode(&e.text) {
             counts[id as usize] += 1;
         }
     }
-    Ok((0..vocab.len() as i64).filter(|&i| counts[i as usize] < min_count).collect())
+    Ok(counts)
 }
 
 /// Taylor scores of every vocabulary word at one poison position: `∇g · e'` for each

@@ -102,9 +102,10 @@ impl Task for Classification {
                 pairing: args.pairing,
                 workers: args.workers,
                 clean_cache: match &args.clean_cache {
-                    Some(dir) => Some(CleanCache { dir, data_files: serde_json::to_value(&manifest.files)?, base_sha256: emb_sha }),
+                    Some(dir) => Some(CleanCache { dir, data_files: serde_json::to_value(&manifest.files)?, base_sha256: emb_sha, measures: None }),
                     None => None,
                 },
+                measure_epochs: true,
             };
             let retrained = retrain(&retraining, &poison_sets, &clean_removed, &|line| log(line))?;
             let rows = seed_rows(&retrained, &seeds, &sets, &log_metrics);
