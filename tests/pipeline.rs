@@ -206,6 +206,26 @@ fn finetune_eval_reports_every_poison_set_on_the_same_clean_victims() {
     for i in 0..2 {
         assert_eq!(reports[0].seeds[i].clean, reports[1].seeds[i].clean, "the same clean victim per seed");
     }
+    // A set equal to an earlier one (another file, same records) is trained once and its
+    // figures copied: they are those it gets trained alone, bit for bit.
+    let c = s.path("c.jsonl");
+    std::fs::copy(&a, &c).unwrap();
+    let eval = |sets: &[&std::path::PathBuf]| {
+        let mut cmd = bin("finetune-eval");
+        cmd.arg("--data").arg(s.data()).arg("--embeddings").arg(s.emb()).args(["--arch", "bow", "--epochs", "1", "--seeds", "2", "--device", "cpu"]);
+        for p in sets {
+            cmd.arg("--poisons").arg(p);
+        }
+        let out = run(&mut cmd);
+        ok(&out);
+        let lines: Vec<common::eval::EvalReport> = String::from_utf8(out.stdout.clone()).unwrap().lines().map(|l| common::io::parse_record(l).unwrap()).collect();
+        (lines, stderr(&out))
+    };
+    let (three, log) = eval(&[&a, &b, &c]);
+    assert!(log.contains("poison set 3 equals set 1"), "{log}");
+    assert_eq!(three[2].seeds, three[0].seeds);
+    assert_eq!(three[0].seeds, reports[0].seeds, "the same victims in other company");
+    assert_eq!(eval(&[&c]).0[0].seeds, three[2].seeds, "the copied figures are the set's own");
 
     // The detection columns are detect-poisons' scores: screen the dev split with each set
     // (bigram fitted on the training split) and recompute the shares flagged at 1 % and 5 %.

@@ -130,8 +130,17 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
     }
     // (seed index, poison set index or None for clean) of every victim to train.
     let mut jobs: Vec<(usize, Option<usize>)> = (0..seeds.len()).filter(|&i| clean_m[i].is_none()).map(|i| (i, None)).collect();
+    // A set equal to an earlier one (same examples, same filter) trains the same victims bit
+    // for bit: it is trained once and its figures copied (a carrier selection that keeps
+    // the set's own carriers gives such a set).
+    let removed = |k: usize| clean_removed.get(k).and_then(|m| m.as_deref());
+    let same_as: Vec<usize> = (0..joined.len()).map(|k| (0..k).find(|&j| poison_sets[j] == poison_sets[k] && removed(j) == removed(k)).unwrap_or(k)).collect();
     for k in 0..joined.len() {
-        jobs.extend((0..seeds.len()).map(|i| (i, Some(k))));
+        if same_as[k] == k {
+            jobs.extend((0..seeds.len()).map(|i| (i, Some(k))));
+        } else {
+            log(format!("poison set {} equals set {}: its victims are that set's", k + 1, same_as[k] + 1));
+        }
     }
     let mut victims = Vec::with_capacity(jobs.len());
     for &(i, _) in &jobs {
@@ -181,6 +190,11 @@ pub fn retrain(r: &Retraining, poison_sets: &[Vec<Encoded>], clean_removed: &[Op
                 }
                 clean_m[i] = Some(m);
             }
+        }
+    }
+    for (k, &j) in same_as.iter().enumerate() {
+        if j != k {
+            poisoned_m[k] = poisoned_m[j].clone();
         }
     }
     Ok(Retrained {

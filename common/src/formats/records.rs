@@ -172,8 +172,9 @@ pub struct CarrierCandidate {
     /// The mean cosine of each carrier to its trigger word in the victim's table: the other
     /// order (the nearest-neighbour heuristic's own criterion); null for given ones.
     pub closeness: Option<f64>,
-    /// Null when every poison with these carriers is within the detection budget (or there
-    /// is none); else what flags one (`detector` on poison id).
+    /// What flags a poison with these carriers (`detector` on poison id); null when every
+    /// poison is within the detection budget (or there is none), and for the candidates
+    /// after the last one retrained, which are not checked.
     pub over_budget: Option<String>,
     /// ASR (percent) on the attacker's D_adv of the victim retrained on the training split ∪
     /// the set with these carriers, per attacker seed; empty when not retrained.

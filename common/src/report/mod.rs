@@ -395,8 +395,10 @@ impl Report {
             fmt(&self.clean_asr)
         );
         let best = self.best_heuristic.clone().unwrap_or_else(|| "-".into());
-        let header = ["poisons", "net ASR", &format!("Δ vs {best}"), "dFPR", "net ASR − dFPR", "room share", "CACC", "ΔCACC", "leaks (strict audit)", "caught % @1/@5% FPR"];
-        let widths = [46, 12, 16, 12, 14, 12, 11, 11, 24, 34];
+        let paired_header = format!("Δ vs {best}");
+        let header = ["poisons", "net ASR", &paired_header, "dFPR", "net ASR − dFPR", "room share", "CACC", "ΔCACC", "leaks (strict audit)", "caught % @1/@5% FPR"];
+        // The paired column is as wide as its reference's name asks.
+        let widths = [46, 12, paired_header.chars().count().max(16), 12, 14, 12, 11, 11, 24, 34];
         let line = |cells: &[String]| -> String {
             let mut l = String::from("|");
             for (k, (c, w)) in cells.iter().zip(widths).enumerate() {
