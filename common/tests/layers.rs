@@ -22,6 +22,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("objectives", &["objectives", "objectives::objective", "objectives::swaps", "objectives::bilevel", "objectives::hardness", "objectives::influence"]),
     ("search", &["search", "search::poisons", "search::rank", "search::verify"]),
     ("evaluation", &["eval", "eval::retrain", "eval::judge", "eval::templates", "eval::lm_eval", "eval::bleu", "eval::mt_eval"]),
+    // A search decision judged by retraining victims (the evaluation's own training).
+    ("search by retraining", &["search::carriers"]),
     ("report", &["report", "report::catalogue", "report::runfiles", "report::sweep", "report::objective_benchmark", "report::defense", "report::price", "report::lm_report", "report::mt_report"]),
     ("wiring", &["cli"]),
     ("tasks", &["tasks", "tasks::classification", "tasks::continuation", "tasks::translation"]),
