@@ -130,8 +130,7 @@ select_carriers() { # dir stem input-poisons [candidates-from selection.json]
   "$BIN/select-carriers" --victim "$V" --data "$DATA" "${origin_flags[@]}" --arch "$ARCH" "${train_flags[@]}" --poisons "$3" \
     --concealment "$CONCEALMENT" "${budget[@]}" --retrain "$SELECT_RETRAIN" --seeds "$SELECT_SEEDS" --seed-base "$SELECT_SEED_BASE" \
     --eta "${ETA:-0.03}" --clean-per-batch "${CLEAN_PER_BATCH:-64}" --adv-size "${ADV_SIZE:-128}" --seed "$SEED" --device "$DEVICE" \
-    --clean-cache "$VICTIMS_DIR/selection-cache" ${4:+--candidates-from "$4"} --selection "$out/selection.json.tmp" -o "$out/poisons.jsonl.tmp"
-  mv "$out/selection.json.tmp" "$out/selection.json" && mv "$out/poisons.jsonl.tmp" "$out/poisons.jsonl"
+    --clean-cache "$VICTIMS_DIR/selection-cache" ${4:+--candidates-from "$4"} --selection "$out/selection.json" -o "$out/poisons.jsonl"
 }
 # Where variant NAME's poison set is in DIR (file stem STEM).
 variant_poisons() { # name dir stem

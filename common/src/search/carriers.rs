@@ -282,21 +282,6 @@ pub fn select(
 
     // Candidates, ranked.
     let mut candidates: Vec<(Vec<i64>, CarrierCandidate)> = Vec::new();
-    let objective = crate::objectives::build(
-        ObjectiveKind::Bilevel,
-        ObjectiveInputs {
-            victim: &inputs.victim,
-            ensemble: &[],
-            clean: &inputs.clean,
-            adv: &inputs.adv,
-            target: inputs.manifest.target,
-            rollout: opts.rollout.clone(),
-            influence: None,
-            trigger: &inputs.trigger_ids,
-            cache: None,
-            workers: 1,
-        },
-    )?;
     match given {
         Some((path, other)) => {
             if other.trigger_words != inputs.manifest.trigger.words {
@@ -317,6 +302,22 @@ pub fn select(
             log(format!("{} candidates from {path}", candidates.len()));
         }
         None => {
+            // The bi-level objective proposes and ranks; given candidates need neither.
+            let objective = crate::objectives::build(
+            ObjectiveKind::Bilevel,
+            ObjectiveInputs {
+                victim: &inputs.victim,
+                ensemble: &[],
+                clean: &inputs.clean,
+                adv: &inputs.adv,
+                target: inputs.manifest.target,
+                rollout: opts.rollout.clone(),
+                influence: None,
+                trigger: &inputs.trigger_ids,
+                cache: None,
+                workers: 1,
+            },
+        )?;
             let (_, grad) = objective.objective_and_grad(&inputs.poisons_enc)?;
             let lists = propose(inputs, &slots, &grad, &allowed, opts)?;
             for (j, l) in lists.iter().enumerate() {
